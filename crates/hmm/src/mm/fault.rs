@@ -1,0 +1,326 @@
+//! The CPU fault path (`handle_mm_fault`): one dispatch over entry kinds.
+//!
+//! | entry | access | action |
+//! |---|---|---|
+//! | none, private anon | read | map the zero page read-only |
+//! | none, private anon | write | allocate a zeroed page, map it writable |
+//! | none, shared | any | find or add the page in the shared object, map it |
+//! | present read-only | write, shared VMA | make writable in place |
+//! | present read-only | write, private VMA | reuse if anon-exclusive, else copy on write (CLEAR) |
+//! | migration | any | wait for the migration (folio lock), retry |
+//! | device-exclusive | any | restore the CPU mapping after a one-page CLEAR |
+//! | device-private | any | SIGBUS until device memory exists to migrate it back |
+//!
+//! Allocation and copying happen with no page-table lock held; the entry is re-checked after
+//! re-locking and a lost race simply returns (the caller retries the access), as the
+//! kernel's `pte_same` checks do.
+
+use bitflags::bitflags;
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::{NotifierEvent, NotifierRange};
+use crate::pgtable::{Cursor, Pte, PteFlags, Slot, WalkMode};
+use crate::phys::FrameFlags;
+use crate::stats::FaultKind;
+
+use super::error::{FaultError, SegvCause};
+use super::vma::{Backing, Vma};
+use super::{Mm, MmState};
+
+bitflags! {
+    /// Why a fault is taken (`FAULT_FLAG_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct FaultFlags: u32 {
+        /// A write access.
+        #[doc(alias = "FAULT_FLAG_WRITE")]
+        const WRITE = 1 << 0;
+        /// On behalf of another agent (GUP, a device through `hmm_range_fault`).
+        #[doc(alias = "FAULT_FLAG_REMOTE")]
+        const REMOTE = 1 << 1;
+    }
+}
+
+/// Checks the VMA allows the access (`access_error`).
+pub(super) fn check_access(
+    vma: Option<&Vma>,
+    addr: VirtAddr,
+    write: bool,
+) -> Result<&Vma, FaultError> {
+    let vma = vma.ok_or(FaultError::Segv {
+        addr,
+        cause: SegvCause::MapErr,
+    })?;
+    let allowed = if write {
+        vma.flags().contains(super::VmFlags::WRITE)
+    } else {
+        vma.is_accessible()
+    };
+    if allowed {
+        Ok(vma)
+    } else {
+        Err(FaultError::Segv {
+            addr,
+            cause: SegvCause::AccErr,
+        })
+    }
+}
+
+pub(super) fn handle_mm_fault(
+    mm: &Mm,
+    st: &MmState,
+    addr: VirtAddr,
+    flags: FaultFlags,
+) -> Result<(), FaultError> {
+    let write = flags.contains(FaultFlags::WRITE);
+    let vma = check_access(st.vmas.find(addr), addr, write)?;
+    let mut c = st.pt.cursor(VaRange::page_of(addr), WalkMode::Populate);
+    let pte = match c.current().expect("a one-page walk yields a slot") {
+        Slot::Pte(p) => p.get(),
+        Slot::Pmd(p) => unreachable!("PMD leaf at {:?} before THP support", p.range()),
+        Slot::Hole(_) => unreachable!("populate walks yield no holes"),
+    };
+    let f = Fault {
+        mm,
+        vma,
+        addr,
+        write,
+    };
+    match pte {
+        Pte::None => f.do_anonymous_or_shared(&mut c),
+        Pte::Present { pfn, flags } => {
+            if write && !flags.contains(PteFlags::WRITE) {
+                f.do_wp_page(&mut c, pte, pfn)
+            } else {
+                // Spurious: another thread resolved it first.
+                Ok(())
+            }
+        }
+        Pte::Migration { pfn, .. } => {
+            // migration_entry_wait: pin the folio under the PTL, sleep on its lock.
+            let frame = mm.phys().frame(pfn);
+            let pinned = frame.try_get();
+            c.unlock();
+            if let Ok(pinned) = pinned {
+                pinned.folio().meta().wait_unlocked();
+            }
+            mm.counters.fault(FaultKind::MigrationWait);
+            Ok(())
+        }
+        Pte::DeviceExclusive { pfn, flags } => f.restore_exclusive(&mut c, pte, pfn, flags),
+        Pte::DevicePrivate { .. } => Err(FaultError::Bus { addr }),
+    }
+}
+
+struct Fault<'a> {
+    mm: &'a Mm,
+    vma: &'a Vma,
+    addr: VirtAddr,
+    write: bool,
+}
+
+impl Fault<'_> {
+    fn page(&self) -> VaRange {
+        VaRange::page_of(self.addr)
+    }
+
+    /// `do_anonymous_page` / `do_shared_fault`.
+    fn do_anonymous_or_shared(&self, c: &mut Cursor<'_>) -> Result<(), FaultError> {
+        let mm = self.mm;
+        let vm_write = self.vma.flags().contains(super::VmFlags::WRITE);
+        match self.vma.backing() {
+            Backing::Shmem(obj) => {
+                c.unlock();
+                let (pfn, allocated) = obj
+                    .get_page(self.vma.pgoff_of(self.addr))
+                    .map_err(|_| FaultError::Oom { addr: self.addr })?;
+                if allocated {
+                    mm.counters.frame_allocated();
+                }
+                let mapping = crate::phys::Frame::from_raw(mm.phys(), pfn);
+                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                if !p.get().is_none() {
+                    drop(mapping);
+                    return Ok(());
+                }
+                let mut flags = PteFlags::YOUNG;
+                if vm_write {
+                    flags |= PteFlags::WRITE;
+                }
+                if self.write {
+                    flags |= PteFlags::DIRTY;
+                }
+                mapping.meta().inc_mapcount();
+                p.set(Pte::Present {
+                    pfn: mapping.into_raw(),
+                    flags,
+                });
+                mm.counters.fault(super::super::stats::FaultKind::Shared);
+                Ok(())
+            }
+            Backing::Anon if !self.write => {
+                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                if p.get().is_none() {
+                    p.set(Pte::Present {
+                        pfn: mm.phys().zero_pfn(),
+                        flags: PteFlags::YOUNG,
+                    });
+                    mm.counters.fault(FaultKind::AnonReadZero);
+                }
+                Ok(())
+            }
+            Backing::Anon => {
+                c.unlock();
+                let frame = mm
+                    .phys()
+                    .alloc_zeroed(
+                        0,
+                        FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+                    )
+                    .map_err(|_| FaultError::Oom { addr: self.addr })?;
+                mm.counters.frame_allocated();
+                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                if !p.get().is_none() {
+                    c.unlock();
+                    mm.release_frame(frame);
+                    return Ok(());
+                }
+                frame.meta().inc_mapcount();
+                p.set(Pte::Present {
+                    pfn: frame.into_raw(),
+                    flags: PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG,
+                });
+                mm.counters.fault(FaultKind::AnonWrite);
+                Ok(())
+            }
+        }
+    }
+
+    /// `do_wp_page`: a write to a present read-only entry of a writable VMA.
+    fn do_wp_page(
+        &self,
+        c: &mut Cursor<'_>,
+        orig: Pte,
+        pfn: crate::addr::Pfn,
+    ) -> Result<(), FaultError> {
+        let mm = self.mm;
+        let phys = mm.phys();
+        let make_writable = |c: &mut Cursor<'_>| {
+            let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+            if p.get() == orig {
+                let flags = orig.flags() | PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG;
+                p.set(Pte::Present { pfn, flags });
+            }
+        };
+        if matches!(self.vma.backing(), Backing::Shmem(_)) {
+            make_writable(c);
+            mm.counters.fault(FaultKind::WpReuse);
+            return Ok(());
+        }
+        if !phys.is_zero_pfn(pfn) {
+            let folio = phys.frame(pfn).folio();
+            let meta = folio.meta();
+            // wp_can_reuse_anon_folio: exclusive, or the only reference is our mapping.
+            let reusable = meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+                || (meta.refcount() == 1 && meta.mapcount() == 1 && meta.pincount() == 0);
+            if reusable {
+                meta.set_flags(FrameFlags::ANON_EXCLUSIVE);
+                make_writable(c);
+                mm.counters.fault(FaultKind::WpReuse);
+                return Ok(());
+            }
+        }
+        // wp_page_copy: hold the old page, copy with no lock held, then replace under a
+        // one-page CLEAR invalidation.
+        let old = (!phys.is_zero_pfn(pfn)).then(|| phys.frame(pfn).get());
+        c.unlock();
+        let new = phys
+            .alloc(
+                0,
+                FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+            )
+            .map_err(|_| FaultError::Oom { addr: self.addr })?;
+        mm.counters.frame_allocated();
+        match &old {
+            Some(old) => new.copy_from(old),
+            None => new.zero(),
+        }
+        let range = NotifierRange::new(
+            mm.id(),
+            self.page(),
+            NotifierEvent::Clear,
+            Some(self.vma.info()),
+        );
+        let inv = mm.notifiers().invalidate_range_start(range);
+        let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+        if p.get() != orig {
+            c.unlock();
+            inv.end();
+            mm.release_frame(new);
+            drop(old);
+            return Ok(());
+        }
+        new.meta().inc_mapcount();
+        let soft_dirty = orig.flags() & PteFlags::SOFT_DIRTY;
+        p.set(Pte::Present {
+            pfn: new.into_raw(),
+            flags: PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG | soft_dirty,
+        });
+        c.unlock();
+        // ptep_clear_flush: one flush of one page.
+        mm.counters.tlb_flush(1);
+        inv.end();
+        if let Some(old) = old {
+            old.meta().dec_mapcount();
+            // Drop the mapping's reference (the handle's own goes with it).
+            let _ = phys.frame(pfn).put();
+            mm.release_frame(old);
+        }
+        mm.counters.fault(FaultKind::Cow);
+        Ok(())
+    }
+
+    /// `remove_device_exclusive_entry`: restore the CPU mapping of a page a device held
+    /// for exclusive access, after a one-page CLEAR invalidation with no owner.
+    fn restore_exclusive(
+        &self,
+        c: &mut Cursor<'_>,
+        orig: Pte,
+        pfn: crate::addr::Pfn,
+        flags: PteFlags,
+    ) -> Result<(), FaultError> {
+        let mm = self.mm;
+        let Ok(folio) = mm.phys().frame(pfn).try_get() else {
+            return Ok(());
+        };
+        c.unlock();
+        folio.folio().meta().lock();
+        let range = NotifierRange::new(
+            mm.id(),
+            self.page(),
+            NotifierEvent::Clear,
+            Some(self.vma.info()),
+        );
+        let inv = mm.notifiers().invalidate_range_start(range);
+        if let Some(Slot::Pte(p)) = c.current() {
+            if p.get() == orig {
+                let meta = folio.folio().meta();
+                let mut new = flags & PteFlags::SOFT_DIRTY;
+                if self.vma.flags().contains(super::VmFlags::WRITE)
+                    && meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+                {
+                    new |= PteFlags::WRITE;
+                    if meta.flags().contains(FrameFlags::DIRTY) {
+                        new |= PteFlags::DIRTY;
+                    }
+                }
+                p.set(Pte::Present { pfn, flags: new });
+                mm.counters.fault(FaultKind::DeviceExclusive);
+            }
+        }
+        c.unlock();
+        folio.folio().meta().unlock();
+        inv.end();
+        mm.release_frame(folio);
+        Ok(())
+    }
+}

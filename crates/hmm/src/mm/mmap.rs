@@ -1,0 +1,127 @@
+//! `mmap` of anonymous memory, private or shared.
+
+use bitflags::bitflags;
+
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
+use crate::prot::{Prot, VmFlags};
+
+use super::error::MmError;
+use super::shmem::ShmemObject;
+use super::vma::{Backing, Vma};
+use super::{page_align_len, Mm, MMAP_BASE, MMAP_MIN_ADDR};
+
+bitflags! {
+    /// `MAP_*` flags of an anonymous mapping.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct MapFlags: u32 {
+        /// `MAP_SHARED`: writes are shared with every mapping of the object.
+        const SHARED = 1 << 0;
+        /// `MAP_PRIVATE`: copy on write.
+        const PRIVATE = 1 << 1;
+        /// `MAP_FIXED`: map exactly at the address, replacing what is there.
+        const FIXED = 1 << 4;
+        /// `MAP_FIXED_NOREPLACE`: map exactly at the address, fail if occupied.
+        const FIXED_NOREPLACE = 1 << 20;
+    }
+}
+
+impl Mm {
+    /// Maps `len` bytes (rounded up to pages) of anonymous memory (`mmap` with
+    /// `MAP_ANONYMOUS`). With `FIXED`/`FIXED_NOREPLACE` the mapping is placed at `addr`;
+    /// otherwise `addr` is a hint and the highest free gap below [`MMAP_BASE`] is used,
+    /// 2 MiB aligned for lengths of at least 2 MiB (as Linux does for THP).
+    ///
+    /// Errors: `Inval` for zero length, neither or both of `SHARED`/`PRIVATE`, an unaligned
+    /// fixed address; `NoMem` for a length or range beyond the address space or no gap;
+    /// `Perm` for a fixed address below [`MMAP_MIN_ADDR`]; `Exists` for
+    /// `FIXED_NOREPLACE` over a mapping. A `FIXED` mapping over existing ones unmaps them
+    /// first (UNMAP).
+    #[doc(alias = "do_mmap")]
+    pub fn mmap(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+    ) -> Result<VirtAddr, MmError> {
+        let shared = flags.contains(MapFlags::SHARED);
+        if shared == flags.contains(MapFlags::PRIVATE) {
+            return Err(MmError::Inval {
+                what: "exactly one of MAP_SHARED and MAP_PRIVATE",
+            });
+        }
+        if len == 0 {
+            return Err(MmError::Inval { what: "zero length" });
+        }
+        let len = page_align_len(len)
+            .filter(|&l| l <= TASK_SIZE)
+            .ok_or(MmError::NoMem {
+                what: "length exceeds the address space",
+            })?;
+        let fixed = flags.intersects(MapFlags::FIXED | MapFlags::FIXED_NOREPLACE);
+        let mut st = self.lock.write();
+        let start = if fixed {
+            let a = addr.ok_or(MmError::Inval {
+                what: "MAP_FIXED needs an address",
+            })?;
+            if !a.is_page_aligned() {
+                return Err(MmError::Inval {
+                    what: "unaligned fixed address",
+                });
+            }
+            if a.as_u64() > TASK_SIZE - len {
+                return Err(MmError::NoMem {
+                    what: "fixed range beyond the address space",
+                });
+            }
+            if a.as_u64() < MMAP_MIN_ADDR {
+                return Err(MmError::Perm {
+                    what: "address below mmap_min_addr",
+                });
+            }
+            a
+        } else {
+            let hint = addr
+                .map(|a| a.page_down())
+                .filter(|a| a.as_u64() >= MMAP_MIN_ADDR && a.as_u64() <= TASK_SIZE - len)
+                .filter(|a| {
+                    let r = VaRange::from_len(*a, len).expect("checked above");
+                    st.vmas.overlapping(r).next().is_none()
+                });
+            match hint {
+                Some(a) => a,
+                None => {
+                    let align = if len >= PMD_SIZE { PMD_SIZE } else { PAGE_SIZE };
+                    st.vmas
+                        .find_gap_topdown(
+                            len,
+                            align,
+                            VirtAddr::new(MMAP_MIN_ADDR),
+                            VirtAddr::new(MMAP_BASE),
+                        )
+                        .ok_or(MmError::NoMem {
+                            what: "no free gap in the address space",
+                        })?
+                }
+            }
+        };
+        let range = VaRange::from_len(start, len).expect("validated range");
+        let occupied = st.vmas.overlapping(range).next().map(|v| v.start().max(start));
+        if let Some(addr) = occupied {
+            if flags.contains(MapFlags::FIXED_NOREPLACE) {
+                return Err(MmError::Exists { addr });
+            }
+            self.do_munmap(&mut st, range);
+        }
+        let mut vm_flags =
+            VmFlags::from_prot(prot) | VmFlags::MAYREAD | VmFlags::MAYWRITE | VmFlags::MAYEXEC;
+        let backing = if shared {
+            vm_flags |= VmFlags::SHARED;
+            Backing::Shmem(ShmemObject::new(self.phys.clone()))
+        } else {
+            Backing::Anon
+        };
+        st.vmas.insert(Vma::new(range, vm_flags, 0, backing));
+        Ok(start)
+    }
+}

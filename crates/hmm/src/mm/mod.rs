@@ -1,0 +1,240 @@
+//! Address spaces: [`Mm`] with its VMAs, page table, mmap lock, notifiers and counters; the
+//! operations on it (one per file: `mmap`, `munmap`, `mprotect`, `madvise`); the CPU fault
+//! path (`fault`) and CPU loads and stores (`access`).
+//!
+//! # Locking
+//!
+//! Lock order (the kernel's): **mmap lock → shmem object lock → folio lock → page-table
+//! lock (PMD lock → PTE lock)**. Notifier callbacks run with the mmap lock held and no
+//! page-table lock held; they may take a driver's mirror lock, so a driver never holds its
+//! mirror lock while calling into this module.
+//!
+//! * The mmap lock ([`Mm::mmap_read`]) is a real reader-writer lock around the VMAs and the
+//!   page table. `mmap`, `munmap` and `mprotect` take it for writing; faults, CPU accesses
+//!   and `madvise(DONTNEED)` for reading, so they run concurrently and serialise on
+//!   page-table locks.
+//! * A CPU access copies bytes while holding the page-table lock of the entry it
+//!   translated. Every path that removes or restricts an entry takes that lock and flushes
+//!   before it frees the frame ([`tlb`]), so an access never touches a frame after its
+//!   mapping is gone: the lock plays the part of the TLB shootdown's IPI.
+//!
+//! # Reference counting of mapped frames
+//!
+//! Every present entry mapping a frame (other than the zero pages) holds one reference and
+//! one map count on it. A shared object holds one more reference on each of its pages.
+//! [`Mm::audit`] checks all of it.
+
+mod access;
+mod audit;
+mod error;
+mod fault;
+mod madvise;
+mod mmap;
+mod mprotect;
+mod munmap;
+mod shmem;
+mod tlb;
+mod vma;
+mod zap;
+
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockReadGuard};
+
+pub use access::Scalar;
+pub use audit::{AuditError, AuditReport};
+pub use error::{FaultError, MmError, SegvCause};
+pub use fault::FaultFlags;
+pub use madvise::Advice;
+pub use mmap::MapFlags;
+pub use vma::{Vma, VmaKind};
+
+pub use crate::prot::{Prot, VmFlags};
+
+use crate::addr::{VirtAddr, PAGE_SIZE};
+use crate::notifier::{
+    IntervalNotifier, IntervalNotifierOps, MmId, MmNotifiers, MmuNotifier, MmuNotifierHandle,
+    NotifierError,
+};
+use crate::pgtable::PageTable;
+use crate::phys::{Frame, Freed, PhysMem};
+use crate::stats::{MmCounters, MmStats};
+use vma::VmaTree;
+
+/// The lowest address a mapping may use (`vm.mmap_min_addr`).
+#[doc(alias = "mmap_min_addr")]
+pub const MMAP_MIN_ADDR: u64 = 0x10000;
+/// Where top-down address selection starts (`mm->mmap_base`).
+#[doc(alias = "mmap_base")]
+pub const MMAP_BASE: u64 = 0x7f00_0000_0000;
+
+/// What the mmap lock protects.
+pub(crate) struct MmState {
+    pub(crate) vmas: VmaTree,
+    pub(crate) pt: PageTable,
+}
+
+/// An address space (`struct mm_struct`).
+pub struct Mm {
+    id: MmId,
+    phys: Arc<PhysMem>,
+    lock: RwLock<MmState>,
+    notifiers: Arc<MmNotifiers>,
+    counters: MmCounters,
+}
+
+/// The mmap lock held for reading; VMAs and page table can be read through it.
+pub struct MmapReadGuard<'a> {
+    mm: &'a Mm,
+    state: RwLockReadGuard<'a, MmState>,
+}
+
+impl MmapReadGuard<'_> {
+    /// The VMA containing `addr` (`vma_lookup`).
+    pub fn vma_lookup(&self, addr: VirtAddr) -> Option<&Vma> {
+        self.state.vmas.find(addr)
+    }
+
+    /// The address space.
+    pub fn mm(&self) -> &Mm {
+        self.mm
+    }
+
+    /// The page table (walk it with [`PageTable::cursor`]).
+    pub fn page_table(&self) -> &PageTable {
+        &self.state.pt
+    }
+
+    /// Resolves a fault at `addr` (`handle_mm_fault`): afterwards the entry satisfies the
+    /// access, or a concurrent change won and the caller retries.
+    pub fn handle_mm_fault(&self, addr: VirtAddr, flags: FaultFlags) -> Result<(), FaultError> {
+        fault::handle_mm_fault(self.mm, &self.state, addr, flags)
+    }
+}
+
+impl std::fmt::Debug for MmapReadGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmapReadGuard")
+            .field("mm", &self.mm.id)
+            .finish()
+    }
+}
+
+impl Mm {
+    /// A new, empty address space on `phys`.
+    pub fn new(phys: Arc<PhysMem>) -> Arc<Mm> {
+        let id = MmId::new_unique();
+        Arc::new(Mm {
+            id,
+            phys,
+            lock: RwLock::new(MmState {
+                vmas: VmaTree::default(),
+                pt: PageTable::new(),
+            }),
+            notifiers: MmNotifiers::new(id),
+            counters: MmCounters::default(),
+        })
+    }
+
+    /// The address space's id, as carried in notifier ranges.
+    pub fn id(&self) -> MmId {
+        self.id
+    }
+
+    /// The RAM it allocates from.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
+    }
+
+    /// Its notifier subscriptions.
+    pub fn notifiers(&self) -> &Arc<MmNotifiers> {
+        &self.notifiers
+    }
+
+    /// Registers a full-mm notifier (`mmu_notifier_register`).
+    #[doc(alias = "mmu_notifier_register")]
+    pub fn register_notifier(
+        &self,
+        notifier: Arc<dyn MmuNotifier>,
+    ) -> Result<MmuNotifierHandle, NotifierError> {
+        self.notifiers.register(notifier)
+    }
+
+    /// Registers an interval notifier over `[start, start + len)`
+    /// (`mmu_interval_notifier_insert`).
+    #[doc(alias = "mmu_interval_notifier_insert")]
+    pub fn interval_notifier_insert(
+        &self,
+        start: VirtAddr,
+        len: u64,
+        ops: Arc<dyn IntervalNotifierOps>,
+    ) -> Result<IntervalNotifier, NotifierError> {
+        self.notifiers.interval_insert(start, len, ops)
+    }
+
+    /// Takes the mmap lock for reading (`mmap_read_lock`).
+    #[doc(alias = "mmap_read_lock")]
+    pub fn mmap_read(&self) -> MmapReadGuard<'_> {
+        MmapReadGuard {
+            mm: self,
+            state: self.lock.read(),
+        }
+    }
+
+    /// A snapshot of every counter.
+    ///
+    /// Takes the mmap lock for reading (recursively), so it may be called while holding an
+    /// [`MmapReadGuard`] but not from inside a write-locked operation.
+    pub fn stats(&self) -> MmStats {
+        let walk = self.lock.read_recursive().pt.stats();
+        self.counters.snapshot(walk, self.notifiers.stats())
+    }
+
+    /// The current VMAs.
+    pub fn vmas(&self) -> Vec<Vma> {
+        self.lock.read().vmas.iter().cloned().collect()
+    }
+
+    /// Drops a reference taken for the mm, counting a free.
+    pub(crate) fn release_frame(&self, frame: Frame<'_>) {
+        let pfn = frame.into_raw();
+        if self.phys.frame(pfn).put() == Freed::Yes {
+            self.counters.frames_freed(1);
+        }
+    }
+}
+
+impl Drop for Mm {
+    /// Tears the address space down (`exit_mmap`): RELEASE to notifiers, then every
+    /// mapping is zapped and every frame released.
+    fn drop(&mut self) {
+        self.notifiers.release();
+        let state = self.lock.get_mut();
+        let vmas = state.vmas.take_all();
+        let mut tlb = tlb::TlbGather::new(self);
+        let state = self.lock.read();
+        for v in &vmas {
+            zap::zap_range(self, &state.pt, v.range(), &mut tlb);
+        }
+        drop(state);
+        tlb.finish();
+        drop(vmas);
+    }
+}
+
+impl std::fmt::Debug for Mm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mm")
+            .field("id", &self.id)
+            .field("vmas", &self.lock.read_recursive().vmas.iter().count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Rounds a byte length up to whole pages, or `None` on overflow.
+fn page_align_len(len: u64) -> Option<u64> {
+    len.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1))
+}
+
+#[cfg(test)]
+mod tests;

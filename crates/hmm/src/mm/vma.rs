@@ -1,0 +1,293 @@
+//! Virtual memory areas and the ordered set of them (`struct vm_area_struct`, the maple
+//! tree). All of it is protected by the mmap lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
+use crate::notifier::VmaInfo;
+use crate::prot::{Prot, VmFlags};
+
+use super::shmem::ShmemObject;
+
+/// What backs a VMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum VmaKind {
+    /// Private anonymous memory: zero page on read, fresh pages on write, COW.
+    AnonPrivate,
+    /// Shared anonymous memory: pages live in a shared object; writes are never copied.
+    AnonShared,
+}
+
+/// A virtual memory area.
+#[derive(Clone)]
+pub struct Vma {
+    range: VaRange,
+    flags: VmFlags,
+    /// Page offset of `range.start()` in the backing object.
+    pgoff: u64,
+    backing: Backing,
+}
+
+#[derive(Clone)]
+pub(crate) enum Backing {
+    Anon,
+    Shmem(Arc<ShmemObject>),
+}
+
+impl Vma {
+    pub(crate) fn new(range: VaRange, flags: VmFlags, pgoff: u64, backing: Backing) -> Self {
+        Vma {
+            range,
+            flags,
+            pgoff,
+            backing,
+        }
+    }
+
+    /// The range the VMA covers.
+    pub fn range(&self) -> VaRange {
+        self.range
+    }
+
+    /// Start address.
+    pub fn start(&self) -> VirtAddr {
+        self.range.start()
+    }
+
+    /// End address (exclusive).
+    pub fn end(&self) -> VirtAddr {
+        self.range.end()
+    }
+
+    /// The VMA's flags.
+    pub fn flags(&self) -> VmFlags {
+        self.flags
+    }
+
+    /// The access the VMA allows.
+    pub fn prot(&self) -> Prot {
+        self.flags.prot()
+    }
+
+    /// What backs it.
+    pub fn kind(&self) -> VmaKind {
+        match self.backing {
+            Backing::Anon => VmaKind::AnonPrivate,
+            Backing::Shmem(_) => VmaKind::AnonShared,
+        }
+    }
+
+    /// Whether the VMA is private anonymous memory (`vma_is_anonymous`).
+    #[doc(alias = "vma_is_anonymous")]
+    pub fn is_anonymous(&self) -> bool {
+        matches!(self.backing, Backing::Anon)
+    }
+
+    /// Whether any access is allowed (`vma_is_accessible`).
+    #[doc(alias = "vma_is_accessible")]
+    pub fn is_accessible(&self) -> bool {
+        self.flags.intersects(VmFlags::ACCESS)
+    }
+
+    /// The description carried in notifier ranges.
+    pub fn info(&self) -> VmaInfo {
+        VmaInfo {
+            range: self.range,
+            flags: self.flags,
+        }
+    }
+
+    pub(crate) fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    pub(crate) fn set_flags(&mut self, flags: VmFlags) {
+        self.flags = flags;
+    }
+
+    /// Page offset in the backing object of `addr`.
+    pub(crate) fn pgoff_of(&self, addr: VirtAddr) -> u64 {
+        self.pgoff + (addr.offset_from(self.start()).expect("address in VMA") >> PAGE_SHIFT)
+    }
+
+    /// Whether `next` may be merged onto the end of `self`.
+    fn can_merge(&self, next: &Vma) -> bool {
+        self.end() == next.start()
+            && self.flags == next.flags
+            && match (&self.backing, &next.backing) {
+                (Backing::Anon, Backing::Anon) => true,
+                (Backing::Shmem(a), Backing::Shmem(b)) => {
+                    Arc::ptr_eq(a, b) && self.pgoff + self.range.npages() == next.pgoff
+                }
+                _ => false,
+            }
+    }
+}
+
+impl std::fmt::Debug for Vma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vma")
+            .field("range", &self.range)
+            .field("flags", &self.flags)
+            .field("kind", &self.kind())
+            .finish()
+    }
+}
+
+/// The VMAs of an address space, ordered and non-overlapping.
+#[derive(Default)]
+pub(crate) struct VmaTree {
+    map: BTreeMap<VirtAddr, Vma>,
+}
+
+impl VmaTree {
+    /// The VMA containing `addr` (`vma_lookup`).
+    pub(crate) fn find(&self, addr: VirtAddr) -> Option<&Vma> {
+        self.map
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.range.contains(addr))
+    }
+
+    /// VMAs intersecting `range`, in order.
+    pub(crate) fn overlapping(&self, range: VaRange) -> impl Iterator<Item = &Vma> {
+        let first = self
+            .map
+            .range(..range.start())
+            .next_back()
+            .filter(|(_, v)| v.end() > range.start())
+            .map(|(k, _)| *k)
+            .unwrap_or(range.start());
+        self.map
+            .range(first..range.end())
+            .map(|(_, v)| v)
+            .filter(move |v| v.range.overlaps(&range))
+    }
+
+    /// The first address of `range` not covered by a VMA, if any.
+    pub(crate) fn first_hole(&self, range: VaRange) -> Option<VirtAddr> {
+        let mut at = range.start();
+        for v in self.overlapping(range) {
+            if v.start() > at {
+                return Some(at);
+            }
+            at = v.end();
+        }
+        (at < range.end()).then_some(at)
+    }
+
+    /// Splits the VMA strictly containing `addr` (if any) at `addr`.
+    pub(crate) fn split_at(&mut self, addr: VirtAddr) {
+        let Some(v) = self.find(addr) else { return };
+        if v.start() == addr {
+            return;
+        }
+        let mut low = v.clone();
+        let mut high = v.clone();
+        low.range = VaRange::new(v.start(), addr).expect("split inside VMA");
+        high.range = VaRange::new(addr, v.end()).expect("split inside VMA");
+        high.pgoff = v.pgoff_of(addr);
+        self.map.insert(low.start(), low);
+        self.map.insert(high.start(), high);
+    }
+
+    /// Splits at both ends of `range` and returns mutable access to the VMAs inside it.
+    pub(crate) fn isolate(&mut self, range: VaRange) -> impl Iterator<Item = &mut Vma> {
+        self.split_at(range.start());
+        self.split_at(range.end());
+        self.map.range_mut(range.start()..range.end()).map(|(_, v)| v)
+    }
+
+    /// Removes every part of every VMA inside `range` and returns the removed parts.
+    pub(crate) fn remove_range(&mut self, range: VaRange) -> Vec<Vma> {
+        let keys: Vec<VirtAddr> = self.isolate(range).map(|v| v.start()).collect();
+        keys.iter()
+            .map(|k| self.map.remove(k).expect("isolated VMA"))
+            .collect()
+    }
+
+    /// Inserts a VMA over free space, merging with compatible neighbours.
+    pub(crate) fn insert(&mut self, vma: Vma) {
+        debug_assert!(self.overlapping(vma.range).next().is_none(), "overlap");
+        let start = vma.start();
+        self.map.insert(start, vma);
+        self.merge_around(start);
+    }
+
+    /// Merges the VMA starting at `start` with compatible neighbours.
+    pub(crate) fn merge_around(&mut self, start: VirtAddr) {
+        let mut key = start;
+        if let Some((&pk, prev)) = self.map.range(..key).next_back() {
+            if prev.can_merge(&self.map[&key]) {
+                let cur = self.map.remove(&key).expect("present");
+                let prev = self.map.get_mut(&pk).expect("present");
+                prev.range = VaRange::new(prev.start(), cur.end()).expect("merged range");
+                key = pk;
+            }
+        }
+        let end = self.map[&key].end();
+        if let Some(next) = self.map.get(&end) {
+            if self.map[&key].can_merge(next) {
+                let next = self.map.remove(&end).expect("present");
+                let cur = self.map.get_mut(&key).expect("present");
+                cur.range = VaRange::new(cur.start(), next.end()).expect("merged range");
+            }
+        }
+    }
+
+    /// The end of the VMA below `addr` (or zero) and the start of the VMA at or above
+    /// `end` (or `limit`): the gap a range lies in.
+    pub(crate) fn gap_around(&self, range: VaRange, limit: VirtAddr) -> VaRange {
+        let floor = self
+            .map
+            .range(..range.start())
+            .next_back()
+            .map_or(VirtAddr::ZERO, |(_, v)| v.end().min(range.start()));
+        let ceiling = self
+            .map
+            .range(range.end()..)
+            .next()
+            .map_or(limit, |(k, _)| *k);
+        VaRange::new(floor, ceiling.max(range.end())).expect("gap contains range")
+    }
+
+    /// The highest `len`-byte gap aligned to `align` that ends at or below `top` and starts
+    /// at or above `bottom` (the kernel's top-down `vm_unmapped_area`).
+    pub(crate) fn find_gap_topdown(
+        &self,
+        len: u64,
+        align: u64,
+        bottom: VirtAddr,
+        top: VirtAddr,
+    ) -> Option<VirtAddr> {
+        let mut gap_end = top;
+        let fits = |gap_start: VirtAddr, gap_end: VirtAddr| {
+            let s = gap_end.checked_sub(len)?.align_down(align);
+            (s >= gap_start && s >= bottom).then_some(s)
+        };
+        for (_, v) in self.map.range(..top).rev() {
+            if v.end() < gap_end {
+                if let Some(s) = fits(v.end(), gap_end) {
+                    return Some(s);
+                }
+            }
+            gap_end = gap_end.min(v.start());
+            if gap_end <= bottom {
+                return None;
+            }
+        }
+        fits(bottom, gap_end)
+    }
+
+    /// All VMAs in order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Vma> {
+        self.map.values()
+    }
+
+    /// Removes and returns every VMA.
+    pub(crate) fn take_all(&mut self) -> Vec<Vma> {
+        std::mem::take(&mut self.map).into_values().collect()
+    }
+}

@@ -1,0 +1,78 @@
+//! Clearing entries over a range (`zap_page_range`, `unmap_page_range`), shared by munmap,
+//! madvise(DONTNEED) and teardown.
+
+use crate::addr::VaRange;
+use crate::pgtable::{PageTable, Pte, PteFlags, Slot};
+use crate::phys::FrameFlags;
+
+use super::tlb::TlbGather;
+use super::Mm;
+
+/// Clears every entry in `range`, moving the references they held into `tlb` (released
+/// after its flush). The caller has started the notifier invalidation.
+#[doc(alias = "zap_pte_range")]
+pub(crate) fn zap_range(mm: &Mm, pt: &PageTable, range: VaRange, tlb: &mut TlbGather<'_>) {
+    let phys = mm.phys();
+    let mut c = pt.cursor(range, crate::pgtable::WalkMode::Lookup);
+    while let Some(slot) = c.next() {
+        match slot {
+            Slot::Hole(_) => {}
+            Slot::Pte(p) => {
+                let page = VaRange::page_of(p.va());
+                match p.get() {
+                    Pte::None => {}
+                    Pte::Present { pfn, flags } => {
+                        p.set(Pte::None);
+                        if !flags.contains(PteFlags::PROTNONE) {
+                            tlb.add_range(page);
+                        }
+                        if phys.is_zero_pfn(pfn) {
+                            continue;
+                        }
+                        let f = phys.frame(pfn);
+                        if flags.contains(PteFlags::DIRTY) {
+                            f.folio().meta().set_flags(FrameFlags::DIRTY);
+                        }
+                        f.meta().dec_mapcount();
+                        tlb.defer_put(pfn);
+                    }
+                    Pte::Migration { .. } => {
+                        // A migration entry holds no reference; the migrator does.
+                        p.set(Pte::None);
+                    }
+                    Pte::DeviceExclusive { pfn, .. } => {
+                        p.set(Pte::None);
+                        phys.frame(pfn).meta().dec_mapcount();
+                        tlb.defer_put(pfn);
+                    }
+                    Pte::DevicePrivate { pfn, .. } => {
+                        unreachable!("device-private entry {pfn:?} without device memory")
+                    }
+                }
+            }
+            Slot::Pmd(p) => {
+                let leaf = p.range();
+                assert!(
+                    range.contains_range(&leaf),
+                    "partial zap of a PMD leaf at {leaf:?} needs a THP split"
+                );
+                match p.replace(Pte::None) {
+                    Pte::None => {}
+                    Pte::Present { pfn, flags } => {
+                        if !flags.contains(PteFlags::PROTNONE) {
+                            tlb.add_range(leaf);
+                        }
+                        if !phys.is_huge_zero_pfn(pfn) {
+                            phys.frame(pfn).meta().dec_mapcount();
+                            tlb.defer_put(pfn);
+                        }
+                    }
+                    Pte::Migration { .. } => {}
+                    Pte::DeviceExclusive { .. } | Pte::DevicePrivate { .. } => {
+                        unreachable!("no device entries at PMD level without device memory")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! The page-table cursor: the one walker every operation uses.
+//!
+//! A [`Cursor`] visits the slots of a virtual range in address order and yields each as a
+//! [`Slot`]: a [`PteSlot`] (a PTE, under its PTE-table lock), a [`PmdSlot`] (a PMD leaf,
+//! under the PMD lock), or a [`Slot::Hole`] (no table there; lookup walks only).
+//!
+//! # Locking protocol
+//!
+//! * The caller holds the mmap lock (the cursor borrows the [`PageTable`], which lives
+//!   inside it), so no table is freed while the cursor runs.
+//! * The cursor is the lock guard of the slot it last yielded. Consecutive PTEs of one table
+//!   are yielded under one lock acquisition; moving to another table (or a PMD leaf)
+//!   releases the old lock first, so a cursor holds at most one page-table lock.
+//! * A yielded slot borrows the cursor, so it cannot outlive the lock. To do blocking work
+//!   (allocate, call notifiers, wait on a folio), call [`Cursor::unlock`]; then
+//!   [`Cursor::current`] re-locks the same slot (one walk, not two), and the caller must
+//!   re-check the entry, which may have changed meanwhile (the kernel's `pte_same`).
+//! * After taking a table's lock the cursor re-checks that the PMD word still points to that
+//!   table, so a concurrent PMD change is never missed.
+//!
+//! Every cursor counts one walk; every yielded slot counts one entry visited.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::MutexGuard;
+
+use super::entry::{word_is_huge, Huge, Pte};
+use super::radix::{PmdTable, PteTable, PMD_TABLE};
+use super::PageTable;
+use crate::addr::{VaRange, VirtAddr, PAGE_SIZE, PGDIR_SHIFT, PMD_SIZE, PUD_SHIFT};
+
+/// Whether a walk allocates missing tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkMode {
+    /// Report missing tables as [`Slot::Hole`].
+    Lookup,
+    /// Allocate missing tables down to the PTE level (PMD leaves are still yielded as such).
+    Populate,
+}
+
+/// One slot visited by a [`Cursor`].
+#[derive(Debug)]
+pub enum Slot<'c> {
+    /// No page table covers this part of the range (only in [`WalkMode::Lookup`]).
+    Hole(VaRange),
+    /// A PMD leaf, under the PMD lock.
+    Pmd(PmdSlot<'c>),
+    /// A PTE, under its table's lock.
+    Pte(PteSlot<'c>),
+}
+
+/// A PTE under its table lock.
+#[derive(Debug)]
+pub struct PteSlot<'c> {
+    va: VirtAddr,
+    entry: &'c AtomicU64,
+}
+
+impl PteSlot<'_> {
+    /// The virtual address the PTE maps.
+    pub fn va(&self) -> VirtAddr {
+        self.va
+    }
+
+    /// The current entry.
+    pub fn get(&self) -> Pte {
+        Pte::decode(self.entry.load(Ordering::Acquire))
+    }
+
+    /// Stores an entry.
+    #[doc(alias = "set_pte_at")]
+    pub fn set(&self, pte: Pte) {
+        self.entry.store(pte.encode(Huge::Pte), Ordering::Release);
+    }
+
+    /// Stores an entry and returns the previous one.
+    #[doc(alias = "ptep_get_and_clear")]
+    pub fn replace(&self, pte: Pte) -> Pte {
+        Pte::decode(self.entry.swap(pte.encode(Huge::Pte), Ordering::AcqRel))
+    }
+}
+
+/// A PMD leaf under the PMD lock.
+#[derive(Debug)]
+pub struct PmdSlot<'c> {
+    base: VirtAddr,
+    entry: &'c AtomicU64,
+}
+
+impl PmdSlot<'_> {
+    /// The 2 MiB range the leaf maps (it may extend beyond the walked range).
+    pub fn range(&self) -> VaRange {
+        VaRange::from_len(self.base, PMD_SIZE).expect("PMD range is valid")
+    }
+
+    /// The current entry.
+    pub fn get(&self) -> Pte {
+        Pte::decode(self.entry.load(Ordering::Acquire))
+    }
+
+    /// Stores a leaf entry; [`Pte::None`] clears the slot.
+    #[doc(alias = "set_pmd_at")]
+    pub fn set(&self, pte: Pte) {
+        self.entry.store(pte.encode(Huge::Pmd), Ordering::Release);
+    }
+
+    /// Stores a leaf entry and returns the previous one.
+    #[doc(alias = "pmdp_huge_get_and_clear")]
+    pub fn replace(&self, pte: Pte) -> Pte {
+        Pte::decode(self.entry.swap(pte.encode(Huge::Pmd), Ordering::AcqRel))
+    }
+}
+
+/// The page-table lock a cursor holds; the guards are held only for their `Drop`.
+enum Held<'a> {
+    None,
+    Pte {
+        table: &'a PteTable,
+        _guard: MutexGuard<'a, ()>,
+    },
+    Pmd {
+        _guard: MutexGuard<'a, ()>,
+    },
+}
+
+/// A walk over a virtual range; see the [module docs](self).
+pub struct Cursor<'a> {
+    pt: &'a PageTable,
+    next: VirtAddr,
+    end: VirtAddr,
+    mode: WalkMode,
+    last: Option<VirtAddr>,
+    held: Held<'a>,
+    entries: u64,
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(pt: &'a PageTable, range: VaRange, mode: WalkMode) -> Self {
+        pt.counters.walks.fetch_add(1, Ordering::Relaxed);
+        Cursor {
+            pt,
+            next: range.start(),
+            end: range.end(),
+            mode,
+            last: None,
+            held: Held::None,
+            entries: 0,
+        }
+    }
+
+    /// The address the next call to [`next`](Self::next) starts from.
+    pub fn position(&self) -> VirtAddr {
+        self.next
+    }
+
+    /// Releases the page-table lock held for the last slot.
+    pub fn unlock(&mut self) {
+        self.held = Held::None;
+    }
+
+    /// Re-yields the last slot, re-taking its lock; before the first slot, yields the first.
+    pub fn current(&mut self) -> Option<Slot<'_>> {
+        if let Some(last) = self.last {
+            self.next = last;
+        }
+        self.next()
+    }
+
+    /// Skips the rest of the walk up to `addr` (which must not go backwards).
+    pub fn skip_to(&mut self, addr: VirtAddr) {
+        debug_assert!(addr >= self.next, "cursor cannot move backwards");
+        self.next = addr.min(self.end);
+    }
+
+    /// Visits the next slot, or returns `None` at the end of the range.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Slot<'_>> {
+        loop {
+            if self.next >= self.end {
+                self.held = Held::None;
+                return None;
+            }
+            let va = self.next;
+            let populate = self.mode == WalkMode::Populate;
+            let pgd_slot = &self.pt.pgd.tables[va.table_index(4)];
+            let pud = match pgd_slot.get() {
+                Some(t) => t,
+                None if populate => pgd_slot.get_or_init(|| self.pt.new_pud_table()),
+                None => return Some(self.hole(va, PGDIR_SHIFT)),
+            };
+            let pud_slot = &pud.tables[va.table_index(3)];
+            let pmdt: &'a PmdTable = match pud_slot.get() {
+                Some(t) => t,
+                None if populate => pud_slot.get_or_init(|| self.pt.new_pmd_table()),
+                None => return Some(self.hole(va, PUD_SHIFT)),
+            };
+            let i = va.table_index(2);
+            let word = pmdt.entries[i].load(Ordering::Acquire);
+            if word == 0 {
+                if !populate {
+                    return Some(self.hole(va, crate::addr::PMD_SHIFT));
+                }
+                self.held = Held::None;
+                let _pmd_lock = pmdt.lock.lock();
+                if pmdt.entries[i].load(Ordering::Acquire) == 0 {
+                    pmdt.tables[i].get_or_init(|| self.pt.new_pte_table());
+                    pmdt.entries[i].store(PMD_TABLE, Ordering::Release);
+                }
+                continue;
+            }
+            if word_is_huge(word) {
+                self.held = Held::None;
+                let guard = pmdt.lock.lock();
+                if !word_is_huge(pmdt.entries[i].load(Ordering::Acquire)) {
+                    continue;
+                }
+                self.held = Held::Pmd { _guard: guard };
+                let base = va.align_down(PMD_SIZE);
+                self.advance(va, base.checked_add(PMD_SIZE).expect("PMD end"));
+                return Some(Slot::Pmd(PmdSlot {
+                    base,
+                    entry: &pmdt.entries[i],
+                }));
+            }
+            debug_assert_eq!(word, PMD_TABLE, "corrupt PMD word {word:#x}");
+            let table: &'a PteTable = pmdt.tables[i]
+                .get()
+                .expect("a PMD_TABLE word has its table installed");
+            let same = matches!(self.held, Held::Pte { table: t, .. } if std::ptr::eq(t, table));
+            if !same {
+                self.held = Held::None;
+                let guard = table.lock.lock();
+                if pmdt.entries[i].load(Ordering::Acquire) != PMD_TABLE {
+                    continue;
+                }
+                self.held = Held::Pte {
+                    table,
+                    _guard: guard,
+                };
+            }
+            self.advance(va, va.page_down().checked_add(PAGE_SIZE).expect("page end"));
+            return Some(Slot::Pte(PteSlot {
+                va: va.page_down(),
+                entry: &table.entries[va.table_index(1)],
+            }));
+        }
+    }
+
+    fn advance(&mut self, va: VirtAddr, next: VirtAddr) {
+        self.last = Some(va);
+        self.next = next;
+        self.entries += 1;
+    }
+
+    fn hole(&mut self, va: VirtAddr, shift: u32) -> Slot<'_> {
+        self.held = Held::None;
+        let size = 1u64 << shift;
+        let end = va
+            .align_down(size)
+            .checked_add(size)
+            .map_or(self.end, |e| e.min(self.end));
+        self.advance(va, end);
+        Slot::Hole(VaRange::new(va, end).expect("hole is a non-empty page range"))
+    }
+}
+
+impl Drop for Cursor<'_> {
+    fn drop(&mut self) {
+        self.pt
+            .counters
+            .entries
+            .fetch_add(self.entries, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Cursor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cursor")
+            .field("next", &self.next)
+            .field("end", &self.end)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}

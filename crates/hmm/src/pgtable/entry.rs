@@ -1,0 +1,343 @@
+//! Page-table entry encodings.
+//!
+//! An entry is a `u64` in the table; [`Pte`] is its decoded, comparable form, and every walk
+//! `match`es on it exhaustively. The same encoding serves PTEs and PMD leaves (a PMD leaf
+//! additionally carries `PSE`).
+//!
+//! ```text
+//! present / PROT_NONE:   pfn[12..52] | SOFT_DIRTY 11 | PROTNONE 8 | PSE 7 | DIRTY 6 | YOUNG 5 | WRITE 1 | PRESENT 0
+//! non-present (swap-like): pfn[12..52] | SOFT_DIRTY 11 | PSE 7 | DIRTY 6 | YOUNG 5 | type[1..5] | 0
+//! none:                  0
+//! ```
+//!
+//! A PROT_NONE entry has `PRESENT` clear and `PROTNONE` set, as on x86-64: the kernel treats
+//! it as present (it maps a page) but the CPU cannot access it. Non-present entries have
+//! `PRESENT` and `PROTNONE` clear and a non-zero type:
+//!
+//! | type | entry | target |
+//! |---|---|---|
+//! | 1 | migration, readable | [`Pfn`] |
+//! | 2 | migration, readable-exclusive | [`Pfn`] |
+//! | 3 | migration, writable | [`Pfn`] |
+//! | 4 | device-private, readable | [`DevicePfn`] |
+//! | 5 | device-private, writable | [`DevicePfn`] |
+//! | 6 | device-exclusive | [`Pfn`] |
+//!
+//! Migration entries keep `YOUNG`, `DIRTY` and `SOFT_DIRTY` of the entry they replaced
+//! (the kernel's `SWP_MIG_YOUNG`/`SWP_MIG_DIRTY`, `pte_swp_soft_dirty`).
+
+use bitflags::bitflags;
+
+use crate::addr::{DevicePfn, Pfn, PAGE_SHIFT};
+
+bitflags! {
+    /// Flag bits of an entry, at their bit positions in the encoded word.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub struct PteFlags: u64 {
+        /// Writable (present entries; for device-private entries: the writable type).
+        const WRITE = 1 << 1;
+        /// Accessed.
+        #[doc(alias = "_PAGE_ACCESSED")]
+        const YOUNG = 1 << 5;
+        /// Written since the bit was cleared.
+        #[doc(alias = "_PAGE_DIRTY")]
+        const DIRTY = 1 << 6;
+        /// Present but inaccessible (PROT_NONE); present entries only.
+        #[doc(alias = "_PAGE_PROTNONE")]
+        const PROTNONE = 1 << 8;
+        /// Soft-dirty tracking bit.
+        #[doc(alias = "_PAGE_SOFT_DIRTY")]
+        const SOFT_DIRTY = 1 << 11;
+    }
+}
+
+const PRESENT: u64 = 1 << 0;
+const PSE: u64 = 1 << 7;
+const TYPE_SHIFT: u32 = 1;
+const TYPE_MASK: u64 = 0xf << TYPE_SHIFT;
+const PFN_MASK: u64 = ((1u64 << 40) - 1) << PAGE_SHIFT;
+/// Flags a non-present entry may carry.
+const SWP_FLAGS: PteFlags = PteFlags::YOUNG
+    .union(PteFlags::DIRTY)
+    .union(PteFlags::SOFT_DIRTY);
+
+/// The access a migration entry remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationKind {
+    /// The page was mapped read-only and shared.
+    #[doc(alias = "make_readable_migration_entry")]
+    Read,
+    /// The page was mapped read-only and anon-exclusive.
+    #[doc(alias = "make_readable_exclusive_migration_entry")]
+    ReadExclusive,
+    /// The page was mapped writable.
+    #[doc(alias = "make_writable_migration_entry")]
+    Write,
+}
+
+/// A decoded page-table entry (PTE or PMD leaf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pte {
+    /// Nothing mapped.
+    #[doc(alias = "pte_none")]
+    None,
+    /// A mapping of a CPU-addressable frame; with `PROTNONE` it maps the frame but denies
+    /// every access.
+    Present {
+        /// The mapped frame (for a PMD leaf: the head of the 2 MiB folio).
+        pfn: Pfn,
+        /// Write, young, dirty, soft-dirty, protnone.
+        flags: PteFlags,
+    },
+    /// The page is being migrated; CPU accesses wait for the migration to end.
+    Migration {
+        /// The page being migrated.
+        pfn: Pfn,
+        /// The access the entry had before.
+        kind: MigrationKind,
+        /// Young, dirty, soft-dirty of the entry it replaced.
+        flags: PteFlags,
+    },
+    /// The page lives in device-private memory; a CPU access faults into the owner's
+    /// `migrate_to_ram`.
+    DevicePrivate {
+        /// The device frame.
+        pfn: DevicePfn,
+        /// `WRITE` if the entry is writable; soft-dirty.
+        flags: PteFlags,
+    },
+    /// A device holds the page for exclusive (atomic) access; a CPU access revokes it.
+    DeviceExclusive {
+        /// The page.
+        pfn: Pfn,
+        /// Young, dirty, soft-dirty.
+        flags: PteFlags,
+    },
+}
+
+impl Pte {
+    /// Decodes an entry word.
+    ///
+    /// # Panics
+    ///
+    /// Panics on a word this module never produces (an unknown non-present type).
+    #[track_caller]
+    pub fn decode(word: u64) -> Pte {
+        if word == 0 {
+            return Pte::None;
+        }
+        let flags_all = PteFlags::from_bits_truncate(word);
+        if word & PRESENT != 0 || flags_all.contains(PteFlags::PROTNONE) {
+            return Pte::Present {
+                pfn: Pfn::new((word & PFN_MASK) >> PAGE_SHIFT),
+                flags: flags_all,
+            };
+        }
+        let target = (word & PFN_MASK) >> PAGE_SHIFT;
+        let flags = flags_all & SWP_FLAGS;
+        match (word & TYPE_MASK) >> TYPE_SHIFT {
+            1 => Pte::Migration {
+                pfn: Pfn::new(target),
+                kind: MigrationKind::Read,
+                flags,
+            },
+            2 => Pte::Migration {
+                pfn: Pfn::new(target),
+                kind: MigrationKind::ReadExclusive,
+                flags,
+            },
+            3 => Pte::Migration {
+                pfn: Pfn::new(target),
+                kind: MigrationKind::Write,
+                flags,
+            },
+            4 => Pte::DevicePrivate {
+                pfn: DevicePfn::new(target),
+                flags: flags & PteFlags::SOFT_DIRTY,
+            },
+            5 => Pte::DevicePrivate {
+                pfn: DevicePfn::new(target),
+                flags: (flags & PteFlags::SOFT_DIRTY) | PteFlags::WRITE,
+            },
+            6 => Pte::DeviceExclusive {
+                pfn: Pfn::new(target),
+                flags,
+            },
+            t => panic!("corrupt page-table entry {word:#x} (type {t})"),
+        }
+    }
+
+    /// Encodes the entry; `huge` marks a PMD leaf.
+    pub fn encode(self, huge: Huge) -> u64 {
+        let pse = if huge == Huge::Pmd { PSE } else { 0 };
+        let swp = |ty: u64, target: u64, flags: PteFlags| {
+            (target << PAGE_SHIFT) | (ty << TYPE_SHIFT) | (flags & SWP_FLAGS).bits() | pse
+        };
+        match self {
+            Pte::None => 0,
+            Pte::Present { pfn, flags } => {
+                let present = if flags.contains(PteFlags::PROTNONE) {
+                    0
+                } else {
+                    PRESENT
+                };
+                (pfn.as_u64() << PAGE_SHIFT) | flags.bits() | present | pse
+            }
+            Pte::Migration { pfn, kind, flags } => {
+                let ty = match kind {
+                    MigrationKind::Read => 1,
+                    MigrationKind::ReadExclusive => 2,
+                    MigrationKind::Write => 3,
+                };
+                swp(ty, pfn.as_u64(), flags)
+            }
+            Pte::DevicePrivate { pfn, flags } => {
+                let ty = if flags.contains(PteFlags::WRITE) { 5 } else { 4 };
+                swp(ty, pfn.as_u64(), flags & PteFlags::SOFT_DIRTY)
+            }
+            Pte::DeviceExclusive { pfn, flags } => swp(6, pfn.as_u64(), flags),
+        }
+    }
+
+    /// Whether the entry is none.
+    pub fn is_none(&self) -> bool {
+        matches!(self, Pte::None)
+    }
+
+    /// Whether the entry maps a frame the CPU may access (present and not PROT_NONE).
+    #[doc(alias = "pte_present")]
+    pub fn is_accessible(&self) -> bool {
+        matches!(self, Pte::Present { flags, .. } if !flags.contains(PteFlags::PROTNONE))
+    }
+
+    /// Whether the entry is a present, writable mapping.
+    #[doc(alias = "pte_write")]
+    pub fn is_writable(&self) -> bool {
+        matches!(self, Pte::Present { flags, .. }
+            if flags.contains(PteFlags::WRITE) && !flags.contains(PteFlags::PROTNONE))
+    }
+
+    /// The CPU-addressable frame the entry refers to (present, migration, device-exclusive).
+    pub fn pfn(&self) -> Option<Pfn> {
+        match *self {
+            Pte::Present { pfn, .. }
+            | Pte::Migration { pfn, .. }
+            | Pte::DeviceExclusive { pfn, .. } => Some(pfn),
+            Pte::None | Pte::DevicePrivate { .. } => None,
+        }
+    }
+
+    /// The flags of the entry.
+    pub fn flags(&self) -> PteFlags {
+        match *self {
+            Pte::None => PteFlags::empty(),
+            Pte::Present { flags, .. }
+            | Pte::Migration { flags, .. }
+            | Pte::DevicePrivate { flags, .. }
+            | Pte::DeviceExclusive { flags, .. } => flags,
+        }
+    }
+}
+
+/// Whether an encoded entry is a PMD leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Huge {
+    /// A PTE.
+    Pte,
+    /// A 2 MiB PMD leaf.
+    Pmd,
+}
+
+/// Whether an encoded PMD word is a leaf (as opposed to none or a table pointer).
+pub(crate) fn word_is_huge(word: u64) -> bool {
+    word & PSE != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_flag_sets() -> impl Iterator<Item = PteFlags> {
+        (0..32u32).map(|bits| {
+            let mut f = PteFlags::empty();
+            for (i, flag) in [
+                PteFlags::WRITE,
+                PteFlags::YOUNG,
+                PteFlags::DIRTY,
+                PteFlags::PROTNONE,
+                PteFlags::SOFT_DIRTY,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if bits & (1 << i) != 0 {
+                    f |= flag;
+                }
+            }
+            f
+        })
+    }
+
+    #[test]
+    fn every_entry_kind_round_trips() {
+        let pfn = Pfn::new(0xab_cdef);
+        let mut entries = vec![Pte::None];
+        for flags in all_flag_sets() {
+            entries.push(Pte::Present { pfn, flags });
+            let swp = flags & SWP_FLAGS;
+            for kind in [
+                MigrationKind::Read,
+                MigrationKind::ReadExclusive,
+                MigrationKind::Write,
+            ] {
+                entries.push(Pte::Migration {
+                    pfn,
+                    kind,
+                    flags: swp,
+                });
+            }
+            entries.push(Pte::DeviceExclusive { pfn, flags: swp });
+            entries.push(Pte::DevicePrivate {
+                pfn: DevicePfn::new(Pfn::LIMIT - 1),
+                flags: flags & (PteFlags::WRITE | PteFlags::SOFT_DIRTY),
+            });
+        }
+        for e in entries {
+            for huge in [Huge::Pte, Huge::Pmd] {
+                let w = e.encode(huge);
+                assert_eq!(Pte::decode(w), e, "{e:?} as {w:#x}");
+                assert_eq!(word_is_huge(w), huge == Huge::Pmd && !e.is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn accessors() {
+        let pfn = Pfn::new(7);
+        let rw = Pte::Present {
+            pfn,
+            flags: PteFlags::WRITE,
+        };
+        assert!(rw.is_accessible() && rw.is_writable());
+        let none = Pte::Present {
+            pfn,
+            flags: PteFlags::WRITE | PteFlags::PROTNONE,
+        };
+        assert!(!none.is_accessible() && !none.is_writable());
+        assert_eq!(none.pfn(), Some(pfn));
+        let dp = Pte::DevicePrivate {
+            pfn: DevicePfn::new(1),
+            flags: PteFlags::WRITE,
+        };
+        assert_eq!(dp.pfn(), None);
+        assert!(!dp.is_accessible());
+        assert!(Pte::None.is_none());
+        assert_eq!(Pte::decode(0), Pte::None);
+    }
+
+    #[test]
+    #[should_panic(expected = "corrupt page-table entry")]
+    fn unknown_type_panics() {
+        Pte::decode(9 << TYPE_SHIFT);
+    }
+}

@@ -1,0 +1,364 @@
+//! Per-frame metadata (the model's `struct page`): reference count, map count, pin count,
+//! flags, order, and the sleeping folio lock.
+//!
+//! # Reference-count states
+//!
+//! | `refcount` | state |
+//! |---|---|
+//! | 0 | free (owned by the allocator), or a tail page of a compound folio (the head counts) |
+//! | ≥ 1 | in use: one reference per page-table mapping (present or non-present entry), one per live [`Frame`](super::Frame) handle, one per pin, one per page-cache slot |
+//!
+//! A frame goes back to its allocator when its refcount drops from 1 to 0
+//! ([`FrameRef::put`](super::FrameRef::put)); taking a reference on a frame that may be
+//! concurrently freed uses [`try_get`](FrameMeta::try_get) (the kernel's
+//! `get_page_unless_zero`), which fails on a free frame.
+//!
+//! # The folio lock
+//!
+//! `LOCKED` in `flags` is the folio lock. `trylock` is a compare-and-swap; `lock` sleeps on
+//! a hashed wait queue (the kernel's `folio_waitqueue`) and is woken by `unlock`. The
+//! `WAITERS` bit (the kernel's `PG_waiters`) keeps the uncontended unlock to one atomic
+//! operation. A waiter sets `WAITERS` and re-checks `LOCKED` while holding its bucket's
+//! mutex, and `unlock` takes that mutex before notifying, so no wake-up is lost.
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
+
+use bitflags::bitflags;
+use parking_lot::{Condvar, Mutex};
+
+bitflags! {
+    /// Flags of a frame (the kernel's page flags that the model needs).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct FrameFlags: u32 {
+        /// The folio lock is held.
+        #[doc(alias = "PG_locked")]
+        const LOCKED = 1 << 0;
+        /// Someone may be sleeping on the folio lock.
+        #[doc(alias = "PG_waiters")]
+        const WAITERS = 1 << 1;
+        /// Contents differ from the backing store.
+        #[doc(alias = "PG_dirty")]
+        const DIRTY = 1 << 2;
+        /// Anonymous memory.
+        const ANON = 1 << 3;
+        /// Anonymous and mapped by exactly one process, so a write fault may reuse it
+        /// instead of copying.
+        #[doc(alias = "PG_anon_exclusive")]
+        const ANON_EXCLUSIVE = 1 << 4;
+        /// Contents are valid.
+        #[doc(alias = "PG_uptodate")]
+        const UPTODATE = 1 << 5;
+        /// Head page of a compound (order > 0) folio.
+        #[doc(alias = "PG_head")]
+        const HEAD = 1 << 6;
+        /// Tail page of a compound folio.
+        const TAIL = 1 << 7;
+        /// Never allocated or freed: the zero pages.
+        #[doc(alias = "PG_reserved")]
+        const RESERVED = 1 << 8;
+    }
+}
+
+/// The metadata of one frame.
+///
+/// For a compound folio the head page's `refcount` and `flags` describe the whole folio;
+/// `mapcount` is kept per page (a PMD mapping counts on the head page).
+#[derive(Debug, Default)]
+pub struct FrameMeta {
+    refcount: AtomicU32,
+    mapcount: AtomicI32,
+    pincount: AtomicU32,
+    flags: AtomicU32,
+    order: AtomicU8,
+}
+
+/// Why a reference could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum GetFrameError {
+    /// The frame is free (refcount 0).
+    #[error("frame is free")]
+    Unused,
+}
+
+impl FrameMeta {
+    /// The reference count.
+    #[doc(alias = "page_ref_count")]
+    pub fn refcount(&self) -> u32 {
+        self.refcount.load(Ordering::Acquire)
+    }
+
+    /// Number of page-table entries mapping this page.
+    #[doc(alias = "page_mapcount")]
+    pub fn mapcount(&self) -> i32 {
+        self.mapcount.load(Ordering::Acquire)
+    }
+
+    /// Number of pins (`pin_user_pages`).
+    #[doc(alias = "folio_maybe_dma_pinned")]
+    pub fn pincount(&self) -> u32 {
+        self.pincount.load(Ordering::Acquire)
+    }
+
+    /// Current flags.
+    pub fn flags(&self) -> FrameFlags {
+        FrameFlags::from_bits_retain(self.flags.load(Ordering::Acquire))
+    }
+
+    /// Folio order (0 or 9); meaningful on the head page.
+    pub fn order(&self) -> u32 {
+        u32::from(self.order.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_order(&self, order: u32) {
+        self.order.store(order as u8, Ordering::Relaxed);
+    }
+
+    /// Sets flags (never `LOCKED`/`WAITERS`, which belong to the lock).
+    pub fn set_flags(&self, f: FrameFlags) {
+        debug_assert!(!f.intersects(FrameFlags::LOCKED | FrameFlags::WAITERS));
+        self.flags.fetch_or(f.bits(), Ordering::AcqRel);
+    }
+
+    /// Clears flags (never `LOCKED`/`WAITERS`).
+    pub fn clear_flags(&self, f: FrameFlags) {
+        debug_assert!(!f.intersects(FrameFlags::LOCKED | FrameFlags::WAITERS));
+        self.flags.fetch_and(!f.bits(), Ordering::AcqRel);
+    }
+
+    /// Resets flags to `f` on allocation, keeping nothing of the previous user.
+    pub(crate) fn init(&self, f: FrameFlags, order: u32) {
+        self.flags.store(f.bits(), Ordering::Release);
+        self.set_order(order);
+        self.mapcount.store(0, Ordering::Relaxed);
+        self.pincount.store(0, Ordering::Relaxed);
+        self.refcount.store(1, Ordering::Release);
+    }
+
+    /// Resets a tail page of a compound folio: no reference of its own (the head counts).
+    pub(crate) fn init_tail(&self) {
+        self.flags.store(FrameFlags::TAIL.bits(), Ordering::Release);
+        self.set_order(0);
+        self.mapcount.store(0, Ordering::Relaxed);
+        self.pincount.store(0, Ordering::Relaxed);
+        self.refcount.store(0, Ordering::Release);
+    }
+
+    /// Takes a reference on a frame known to be in use (the caller holds one already, or
+    /// holds a lock that keeps a mapping alive).
+    #[doc(alias = "folio_get")]
+    pub fn get(&self) {
+        let old = self.refcount.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(old > 0, "get on a free frame");
+    }
+
+    /// Takes a reference unless the frame is free.
+    #[doc(alias = "get_page_unless_zero")]
+    pub fn try_get(&self) -> Result<(), GetFrameError> {
+        self.refcount
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |c| {
+                (c != 0).then_some(c + 1)
+            })
+            .map(|_| ())
+            .map_err(|_| GetFrameError::Unused)
+    }
+
+    /// Drops a reference; returns true when it was the last one and the frame must be freed.
+    #[must_use = "the last reference must free the frame"]
+    pub(crate) fn put_testzero(&self) -> bool {
+        let old = self.refcount.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "put on a free frame");
+        old == 1
+    }
+
+    /// Adds one mapping.
+    pub fn inc_mapcount(&self) {
+        self.mapcount.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes one mapping; returns the new map count.
+    pub fn dec_mapcount(&self) -> i32 {
+        let new = self.mapcount.fetch_sub(1, Ordering::Relaxed) - 1;
+        debug_assert!(new >= 0, "mapcount underflow");
+        new
+    }
+
+    /// Adds a pin (the caller also holds a reference for it).
+    pub fn inc_pincount(&self) {
+        self.pincount.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Removes a pin.
+    pub fn dec_pincount(&self) {
+        let old = self.pincount.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "unpin of an unpinned frame");
+    }
+
+    /// Tries to take the folio lock without sleeping.
+    #[doc(alias = "folio_trylock")]
+    pub fn trylock(&self) -> bool {
+        self.flags.fetch_or(FrameFlags::LOCKED.bits(), Ordering::Acquire) & FrameFlags::LOCKED.bits()
+            == 0
+    }
+
+    /// Whether the folio lock is held (by anyone).
+    #[doc(alias = "folio_test_locked")]
+    pub fn is_locked(&self) -> bool {
+        self.flags().contains(FrameFlags::LOCKED)
+    }
+
+    /// Takes the folio lock, sleeping until it is free.
+    #[doc(alias = "folio_lock")]
+    pub fn lock(&self) {
+        while !self.trylock() {
+            self.wait_unlocked();
+        }
+    }
+
+    /// Sleeps until the folio lock is (momentarily) free, without taking it: the kernel's
+    /// `folio_wait_locked`, used to wait for a migration to finish.
+    #[doc(alias = "folio_wait_locked")]
+    pub fn wait_unlocked(&self) {
+        let bucket = self.bucket();
+        let mut guard = bucket.mutex.lock();
+        loop {
+            self.flags
+                .fetch_or(FrameFlags::WAITERS.bits(), Ordering::AcqRel);
+            if !self.is_locked() {
+                return;
+            }
+            bucket.cond.wait(&mut guard);
+        }
+    }
+
+    /// Releases the folio lock and wakes sleepers.
+    ///
+    /// # Panics
+    ///
+    /// Panics if the lock is not held.
+    #[doc(alias = "folio_unlock")]
+    #[track_caller]
+    pub fn unlock(&self) {
+        let old = self
+            .flags
+            .fetch_and(!FrameFlags::LOCKED.bits(), Ordering::Release);
+        assert!(old & FrameFlags::LOCKED.bits() != 0, "unlock of an unlocked folio");
+        if old & FrameFlags::WAITERS.bits() != 0 {
+            let bucket = self.bucket();
+            let _guard = bucket.mutex.lock();
+            self.flags
+                .fetch_and(!FrameFlags::WAITERS.bits(), Ordering::Relaxed);
+            bucket.cond.notify_all();
+        }
+    }
+
+    fn bucket(&self) -> &'static WaitBucket {
+        let addr = std::ptr::from_ref(self) as usize;
+        // Fibonacci hashing of the metadata address, like the kernel's hash_ptr.
+        let h = (addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - WAIT_TABLE_BITS);
+        &WAIT_TABLE[h as usize]
+    }
+}
+
+const WAIT_TABLE_BITS: u32 = 8;
+
+struct WaitBucket {
+    mutex: Mutex<()>,
+    cond: Condvar,
+}
+
+static WAIT_TABLE: [WaitBucket; 1 << WAIT_TABLE_BITS] = [const {
+    WaitBucket {
+        mutex: Mutex::new(()),
+        cond: Condvar::new(),
+    }
+}; 1 << WAIT_TABLE_BITS];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn refcount_transitions() {
+        let m = FrameMeta::default();
+        assert_eq!(m.try_get(), Err(GetFrameError::Unused));
+        m.init(FrameFlags::ANON, 0);
+        assert_eq!(m.refcount(), 1);
+        m.try_get().unwrap();
+        m.get();
+        assert_eq!(m.refcount(), 3);
+        assert!(!m.put_testzero());
+        assert!(!m.put_testzero());
+        assert!(m.put_testzero());
+        assert_eq!(m.try_get(), Err(GetFrameError::Unused));
+    }
+
+    #[test]
+    fn flags_and_counts() {
+        let m = FrameMeta::default();
+        m.init(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE, 9);
+        assert_eq!(m.order(), 9);
+        m.set_flags(FrameFlags::DIRTY);
+        m.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+        assert_eq!(m.flags(), FrameFlags::ANON | FrameFlags::DIRTY);
+        m.inc_mapcount();
+        m.inc_mapcount();
+        assert_eq!(m.dec_mapcount(), 1);
+        m.inc_pincount();
+        assert_eq!(m.pincount(), 1);
+        m.dec_pincount();
+        assert_eq!(m.pincount(), 0);
+    }
+
+    #[test]
+    fn trylock_excludes() {
+        let m = FrameMeta::default();
+        assert!(m.trylock());
+        assert!(!m.trylock());
+        assert!(m.is_locked());
+        m.unlock();
+        assert!(!m.is_locked());
+    }
+
+    #[test]
+    #[should_panic(expected = "unlock of an unlocked folio")]
+    fn unlock_unlocked_panics() {
+        FrameMeta::default().unlock();
+    }
+
+    #[test]
+    fn lock_sleeps_and_wakes() {
+        // Many threads increment a plain counter under the folio lock; any lost wake-up
+        // would hang, any broken exclusion would lose increments.
+        let m = Arc::new((FrameMeta::default(), AtomicU32::new(0)));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        m.0.lock();
+                        let v = m.1.load(Ordering::Relaxed);
+                        m.1.store(v + 1, Ordering::Relaxed);
+                        m.0.unlock();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.1.load(Ordering::Relaxed), 8000);
+        assert!(!m.0.is_locked());
+    }
+
+    #[test]
+    fn wait_unlocked_returns_after_unlock() {
+        let m = Arc::new(FrameMeta::default());
+        assert!(m.trylock());
+        let m2 = Arc::clone(&m);
+        let t = std::thread::spawn(move || m2.wait_unlocked());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        m.unlock();
+        t.join().unwrap();
+    }
+}

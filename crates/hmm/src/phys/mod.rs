@@ -1,0 +1,223 @@
+//! Physical memory: frames holding real bytes, their metadata (`struct page`), the zero
+//! pages, and the frame allocator.
+//!
+//! [`PhysMem`] is the system RAM of one simulated machine: an arena of 4 KiB frames lazily
+//! committed by the host, a [`FrameMeta`] per frame, and an allocator for order-0 and order-9
+//! (2 MiB) folios. Frames are named by [`Pfn`]s and handled through [`FrameRef`] (borrowed,
+//! no reference held) and [`Frame`] (owns one reference, dropped on `Drop`).
+//!
+//! Two frames are reserved at start: the *huge zero page* (the order-9 folio at pfn 0) and
+//! the *zero page* (pfn 512). Read faults on empty anonymous memory map them; they are never
+//! written and never freed.
+//!
+//! This module is the only place with `unsafe` code (in `arena`); every block carries its
+//! `// SAFETY:` argument.
+
+mod alloc;
+#[allow(unsafe_code)]
+mod arena;
+mod frame;
+mod io;
+mod meta;
+mod region;
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+pub use alloc::AllocError;
+pub use frame::{Frame, FrameRef, Freed};
+pub use meta::{FrameFlags, FrameMeta, GetFrameError};
+
+use crate::addr::{Pfn, PMD_ORDER, PMD_SIZE};
+use alloc::BLOCK_FRAMES;
+use region::Region;
+
+/// Which memory a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Zone {
+    /// Ordinary system RAM.
+    System,
+    /// Device-private memory of the pagemap with this id: not CPU addressable.
+    DevicePrivate {
+        /// The pagemap's id.
+        pagemap: u32,
+    },
+    /// Device-coherent memory of the pagemap with this id: CPU addressable.
+    DeviceCoherent {
+        /// The pagemap's id.
+        pagemap: u32,
+    },
+}
+
+/// Configuration of system RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhysConfig {
+    /// Bytes of RAM: a multiple of 2 MiB, at least 4 MiB (the first 2 MiB block holds the
+    /// huge zero page, the second the zero page).
+    pub size_bytes: u64,
+    /// Commit the whole arena on the host at creation, so that no host page fault is
+    /// measured later.
+    pub prefault: bool,
+}
+
+impl PhysConfig {
+    /// `size_bytes` of RAM, committed lazily.
+    pub const fn with_size(size_bytes: u64) -> Self {
+        PhysConfig {
+            size_bytes,
+            prefault: false,
+        }
+    }
+}
+
+impl Default for PhysConfig {
+    /// 256 MiB, committed lazily.
+    fn default() -> Self {
+        Self::with_size(256 << 20)
+    }
+}
+
+/// Errors creating physical memory.
+#[derive(Debug, Error)]
+pub enum PhysError {
+    /// The size is not a multiple of 2 MiB or is below 4 MiB.
+    #[error("RAM size {size_bytes:#x} must be a multiple of 2 MiB and at least 4 MiB")]
+    Inval {
+        /// The rejected size.
+        size_bytes: u64,
+    },
+    /// The host refused the arena mapping.
+    #[error("mapping the frame arena failed: {0}")]
+    Map(#[from] std::io::Error),
+}
+
+/// Counters of the frame allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct PhysStats {
+    /// Frames in RAM (including the reserved zero pages).
+    pub nr_frames: u64,
+    /// Frames currently free.
+    pub nr_free: u64,
+    /// Folio allocations since start.
+    pub nr_alloc_ops: u64,
+    /// Folio frees since start.
+    pub nr_free_ops: u64,
+}
+
+/// System RAM: frames with real bytes, metadata and an allocator.
+#[derive(Debug)]
+pub struct PhysMem {
+    region: Region,
+}
+
+/// The pfn of the zero page.
+const ZERO_PFN: Pfn = Pfn::new(BLOCK_FRAMES as u64);
+/// The pfn of the huge zero page's head.
+const HUGE_ZERO_PFN: Pfn = Pfn::new(0);
+
+impl PhysMem {
+    /// Creates system RAM.
+    pub fn new(config: PhysConfig) -> Result<Arc<PhysMem>, PhysError> {
+        if config.size_bytes % PMD_SIZE != 0 || config.size_bytes < 2 * PMD_SIZE {
+            return Err(PhysError::Inval {
+                size_bytes: config.size_bytes,
+            });
+        }
+        let blocks = usize::try_from(config.size_bytes / PMD_SIZE).map_err(|_| PhysError::Inval {
+            size_bytes: config.size_bytes,
+        })?;
+        let region = Region::new(blocks)?;
+        region.reserve(HUGE_ZERO_PFN.as_usize(), PMD_ORDER);
+        region.reserve(ZERO_PFN.as_usize(), 0);
+        if config.prefault {
+            region.prefault();
+        }
+        Ok(Arc::new(PhysMem { region }))
+    }
+
+    /// The shared zero page.
+    #[doc(alias = "ZERO_PAGE")]
+    pub fn zero_pfn(&self) -> Pfn {
+        ZERO_PFN
+    }
+
+    /// The head of the shared huge zero page (an order-9 folio).
+    #[doc(alias = "huge_zero_folio")]
+    pub fn huge_zero_pfn(&self) -> Pfn {
+        HUGE_ZERO_PFN
+    }
+
+    /// Whether `pfn` is the zero page.
+    pub fn is_zero_pfn(&self, pfn: Pfn) -> bool {
+        pfn == ZERO_PFN
+    }
+
+    /// Whether `pfn` belongs to the huge zero page.
+    pub fn is_huge_zero_pfn(&self, pfn: Pfn) -> bool {
+        pfn.as_u64() < BLOCK_FRAMES as u64
+    }
+
+    /// Number of frames.
+    pub fn nr_frames(&self) -> u64 {
+        self.region.nr_frames() as u64
+    }
+
+    /// Whether `pfn` names a frame of this RAM.
+    pub fn contains(&self, pfn: Pfn) -> bool {
+        pfn.as_usize() < self.region.nr_frames()
+    }
+
+    /// Allocator counters.
+    pub fn stats(&self) -> PhysStats {
+        let (a, f) = self.region.alloc_free_ops();
+        PhysStats {
+            nr_frames: self.nr_frames(),
+            nr_free: self.region.nr_free() as u64,
+            nr_alloc_ops: a,
+            nr_free_ops: f,
+        }
+    }
+
+    /// Number of frames neither free nor reserved.
+    pub fn nr_in_use(&self) -> u64 {
+        // The two zero pages are the only reserved frames.
+        self.nr_frames() - self.region.nr_free() as u64 - (BLOCK_FRAMES as u64 + 1)
+    }
+
+    /// Allocates a folio of `2^order` frames (`order` 0 or 9) holding one reference, with
+    /// `flags` set. Its contents are whatever its previous user left: use
+    /// [`alloc_zeroed`](Self::alloc_zeroed) or overwrite it.
+    #[doc(alias = "folio_alloc")]
+    pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
+        let first = self.region.alloc(order, flags)?;
+        Ok(Frame::adopt(self, Pfn::new(first as u64)))
+    }
+
+    /// Allocates a zero-filled folio (see [`alloc`](Self::alloc)).
+    pub fn alloc_zeroed(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
+        let f = self.alloc(order, flags)?;
+        for i in 0..1u64 << order {
+            io::zero(self.region.words(f.pfn().as_usize() + i as usize));
+        }
+        Ok(f)
+    }
+
+    /// A borrowed view of frame `pfn`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `pfn` is not a frame of this RAM (see [`contains`](Self::contains)).
+    #[track_caller]
+    pub fn frame(&self, pfn: Pfn) -> FrameRef<'_> {
+        assert!(self.contains(pfn), "{pfn:?} is not a frame of this RAM");
+        FrameRef::new(self, pfn)
+    }
+
+    pub(crate) fn region(&self) -> &Region {
+        &self.region
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+//! A memory region: an arena of frames, their metadata and their allocator.
+//!
+//! System RAM is one region ([`PhysMem`](super::PhysMem)); each device's memory will be
+//! another, so the allocation, refcount and free logic is written once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::alloc::{AllocError, BlockAllocator, BLOCK_FRAMES};
+use super::arena::Arena;
+use super::io::FrameWords;
+use super::meta::{FrameFlags, FrameMeta};
+use crate::addr::PMD_ORDER;
+
+/// Frames, metadata and allocator of one region. Indices are region-relative frame numbers.
+pub(crate) struct Region {
+    arena: Arena,
+    meta: Box<[FrameMeta]>,
+    alloc: Mutex<BlockAllocator>,
+    nr_alloc_ops: AtomicU64,
+    nr_free_ops: AtomicU64,
+}
+
+impl Region {
+    /// A region of `blocks` 2 MiB blocks.
+    pub(crate) fn new(blocks: usize) -> std::io::Result<Region> {
+        let frames = blocks * BLOCK_FRAMES;
+        Ok(Region {
+            arena: Arena::new(frames)?,
+            meta: (0..frames).map(|_| FrameMeta::default()).collect(),
+            alloc: Mutex::new(BlockAllocator::new(blocks)),
+            nr_alloc_ops: AtomicU64::new(0),
+            nr_free_ops: AtomicU64::new(0),
+        })
+    }
+
+    /// Number of frames.
+    pub(crate) fn nr_frames(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Number of free frames.
+    pub(crate) fn nr_free(&self) -> usize {
+        self.alloc.lock().free_frames()
+    }
+
+    /// Folios handed out and folios returned since creation.
+    pub(crate) fn alloc_free_ops(&self) -> (u64, u64) {
+        (
+            self.nr_alloc_ops.load(Ordering::Relaxed),
+            self.nr_free_ops.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Metadata of frame `i`.
+    #[inline]
+    #[track_caller]
+    pub(crate) fn meta(&self, i: usize) -> &FrameMeta {
+        &self.meta[i]
+    }
+
+    /// Contents of frame `i`.
+    #[inline]
+    #[track_caller]
+    pub(crate) fn words(&self, i: usize) -> &FrameWords {
+        self.arena.frame(i)
+    }
+
+    /// Commits the whole arena on the host now.
+    pub(crate) fn prefault(&self) {
+        self.arena.prefault();
+    }
+
+    /// Permanently reserves `2^order` frames at `first` (zero pages), refcount 1, flags
+    /// `RESERVED | UPTODATE`.
+    pub(crate) fn reserve(&self, first: usize, order: u32) {
+        let mut a = self.alloc.lock();
+        for i in first..first + (1 << order) {
+            a.reserve(i);
+        }
+        self.init_folio(first, order, FrameFlags::RESERVED | FrameFlags::UPTODATE);
+    }
+
+    /// Allocates a folio of `2^order` frames with refcount 1 and `flags`; contents are
+    /// whatever the previous user left.
+    pub(crate) fn alloc(&self, order: u32, flags: FrameFlags) -> Result<usize, AllocError> {
+        let first = self.alloc.lock().alloc(order)?;
+        self.init_folio(first, order, flags);
+        self.nr_alloc_ops.fetch_add(1, Ordering::Relaxed);
+        Ok(first)
+    }
+
+    fn init_folio(&self, first: usize, order: u32, flags: FrameFlags) {
+        if order == 0 {
+            self.meta[first].init(flags, 0);
+            return;
+        }
+        debug_assert_eq!(order, PMD_ORDER);
+        for m in &self.meta[first + 1..first + (1 << order)] {
+            m.init_tail();
+        }
+        self.meta[first].init(flags | FrameFlags::HEAD, order);
+    }
+
+    /// The head frame of the folio containing frame `i`.
+    #[inline]
+    pub(crate) fn head_of(&self, i: usize) -> usize {
+        if self.meta[i].flags().contains(FrameFlags::TAIL) {
+            i & !(BLOCK_FRAMES - 1)
+        } else {
+            i
+        }
+    }
+
+    /// Drops one reference on the folio containing frame `i`, freeing it on the last one;
+    /// returns whether it did.
+    #[track_caller]
+    pub(crate) fn put(&self, i: usize) -> bool {
+        let head = self.head_of(i);
+        let m = &self.meta[head];
+        if m.put_testzero() {
+            let flags = m.flags();
+            assert!(
+                !flags.contains(FrameFlags::RESERVED),
+                "last reference dropped on a reserved frame"
+            );
+            assert!(
+                !flags.contains(FrameFlags::LOCKED),
+                "frame {head} freed while locked"
+            );
+            let order = m.order();
+            debug_assert_eq!(m.mapcount(), 0, "frame {head} freed while mapped");
+            if order > 0 {
+                for t in &self.meta[head + 1..head + (1 << order)] {
+                    t.clear_flags(FrameFlags::TAIL);
+                }
+            }
+            m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+            self.alloc.lock().free(head, order);
+            self.nr_free_ops.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("frames", &self.nr_frames())
+            .field("free", &self.nr_free())
+            .finish()
+    }
+}

@@ -1,0 +1,108 @@
+use super::*;
+use crate::addr::PMD_NR;
+
+fn ram(mib: u64) -> Arc<PhysMem> {
+    PhysMem::new(PhysConfig::with_size(mib << 20)).unwrap()
+}
+
+#[test]
+fn config_is_validated() {
+    assert!(matches!(
+        PhysMem::new(PhysConfig::with_size(2 << 20)),
+        Err(PhysError::Inval { .. })
+    ));
+    assert!(matches!(
+        PhysMem::new(PhysConfig::with_size((4 << 20) + 4096)),
+        Err(PhysError::Inval { .. })
+    ));
+}
+
+#[test]
+fn zero_pages_are_reserved() {
+    let p = ram(4);
+    assert_eq!(p.nr_in_use(), 0);
+    assert!(p.is_zero_pfn(p.zero_pfn()));
+    assert!(p.is_huge_zero_pfn(Pfn::new(511)));
+    assert!(!p.is_huge_zero_pfn(p.zero_pfn()));
+    let z = p.frame(p.zero_pfn());
+    assert!(z.meta().flags().contains(FrameFlags::RESERVED));
+    assert!(z.is_zero());
+    // Every other frame of the second block is allocatable.
+    let frames: Vec<_> = (0..PMD_NR - 1)
+        .map(|_| p.alloc(0, FrameFlags::ANON).unwrap())
+        .collect();
+    assert!(frames.iter().all(|f| !p.is_zero_pfn(f.pfn())));
+    assert_eq!(p.alloc(0, FrameFlags::ANON).unwrap_err(), AllocError { order: 0 });
+    assert_eq!(p.nr_in_use(), PMD_NR - 1);
+    drop(frames);
+    assert_eq!(p.nr_in_use(), 0);
+}
+
+#[test]
+fn frames_return_on_last_put() {
+    let p = ram(8);
+    let f = p.alloc_zeroed(0, FrameFlags::ANON).unwrap();
+    assert!(f.is_zero());
+    f.write(10, b"data");
+    let g = f.get();
+    assert_eq!(f.folio().meta().refcount(), 2);
+    drop(f);
+    assert_eq!(p.nr_in_use(), 1);
+    let raw = g.into_raw();
+    assert_eq!(p.nr_in_use(), 1);
+    let mut b = [0u8; 4];
+    p.frame(raw).read(10, &mut b);
+    assert_eq!(&b, b"data");
+    drop(Frame::from_raw(&p, raw));
+    assert_eq!(p.nr_in_use(), 0);
+    assert_eq!(p.frame(raw).try_get().unwrap_err(), GetFrameError::Unused);
+    let s = p.stats();
+    assert_eq!((s.nr_alloc_ops, s.nr_free_ops), (1, 1));
+}
+
+#[test]
+fn huge_folios_count_on_the_head() {
+    let p = ram(8);
+    let f = p.alloc_zeroed(PMD_ORDER, FrameFlags::ANON).unwrap();
+    let head = f.pfn();
+    assert!(head.is_aligned_to_order(PMD_ORDER));
+    assert_eq!(p.nr_in_use(), PMD_NR);
+    let tail = p.frame(head.checked_add(7).unwrap());
+    assert!(tail.meta().flags().contains(FrameFlags::TAIL));
+    assert_eq!(tail.folio().pfn(), head);
+    tail.write(0, b"x");
+    let extra = tail.get();
+    assert_eq!(f.meta().refcount(), 2);
+    drop(f);
+    drop(extra);
+    assert_eq!(p.nr_in_use(), 0);
+    assert!(!tail.meta().flags().contains(FrameFlags::TAIL));
+}
+
+#[test]
+fn contents_are_shared_between_threads() {
+    let p = ram(8);
+    let f = p.alloc_zeroed(0, FrameFlags::ANON).unwrap();
+    let pfn = f.pfn();
+    std::thread::scope(|s| {
+        for t in 0..2u8 {
+            let p = &p;
+            s.spawn(move || {
+                // Interleaved single-byte writes to the same words must not lose bytes.
+                for i in 0..2048usize {
+                    p.frame(pfn).write(i * 2 + usize::from(t), &[t + 1]);
+                }
+            });
+        }
+    });
+    let mut all = vec![0u8; 4096];
+    f.read(0, &mut all);
+    assert!(all.chunks(2).all(|c| c == [1, 2]));
+}
+
+#[test]
+#[should_panic(expected = "is not a frame of this RAM")]
+fn frame_out_of_range_panics() {
+    let p = ram(4);
+    let _ = p.frame(Pfn::new(4 * 512));
+}

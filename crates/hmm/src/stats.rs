@@ -1,0 +1,174 @@
+//! Counters every operation reports: page-table walks, TLB flushes, notifier invalidations
+//! by event, faults by kind, frames allocated and freed.
+//!
+//! [`MmStats`] is a snapshot of one address space's counters; [`MmStats::since`] gives the
+//! cost of whatever ran between two snapshots. The counters are relaxed atomics: a snapshot
+//! taken while other threads run is a consistent count of *each* counter, not of all of
+//! them together.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::notifier::NotifierStats;
+use crate::pgtable::WalkStats;
+
+/// Kinds of CPU fault the fault path resolves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FaultKind {
+    /// Read of an empty private anonymous page: mapped the zero page.
+    AnonReadZero,
+    /// Write to an empty private anonymous page: allocated a zeroed page.
+    AnonWrite,
+    /// Write to a read-only page that was copied (copy on write).
+    Cow,
+    /// Write to a read-only page that was reused in place.
+    WpReuse,
+    /// Fault on a shared mapping (page found in or added to the shared object).
+    Shared,
+    /// Fault on a migration entry that waited for the migration.
+    MigrationWait,
+    /// Fault on a device-exclusive entry that restored the CPU mapping.
+    DeviceExclusive,
+}
+
+const NR_FAULT_KINDS: usize = 7;
+
+/// Faults by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct FaultStats {
+    /// Read faults that mapped the zero page.
+    pub anon_read_zero: u64,
+    /// Write faults that allocated a fresh zeroed page.
+    pub anon_write: u64,
+    /// Write faults that copied a page (COW).
+    pub cow: u64,
+    /// Write faults that reused a read-only page in place.
+    pub wp_reuse: u64,
+    /// Faults on shared mappings.
+    pub shared: u64,
+    /// Faults that waited on a migration entry.
+    pub migration_wait: u64,
+    /// Faults that revoked device-exclusive access.
+    pub device_exclusive: u64,
+}
+
+impl FaultStats {
+    /// All faults.
+    pub fn total(&self) -> u64 {
+        self.anon_read_zero
+            + self.anon_write
+            + self.cow
+            + self.wp_reuse
+            + self.shared
+            + self.migration_wait
+            + self.device_exclusive
+    }
+}
+
+/// A snapshot of an address space's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MmStats {
+    /// Page-table walks, entries visited, table counts.
+    pub walk: WalkStats,
+    /// Notifier invalidations by event and callbacks made.
+    pub notifier: NotifierStats,
+    /// CPU faults by kind.
+    pub faults: FaultStats,
+    /// TLB flush operations (a range flush counts once).
+    pub tlb_flush_ops: u64,
+    /// Pages covered by those flushes.
+    pub tlb_flush_pages: u64,
+    /// Frames this address space allocated.
+    pub frames_allocated: u64,
+    /// Frames freed by this address space dropping their last reference.
+    pub frames_freed: u64,
+}
+
+impl MmStats {
+    /// What happened between `earlier` and `self` (table counts are kept as in `self`).
+    pub fn since(&self, earlier: &MmStats) -> MmStats {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let (w, ew) = (&self.walk, &earlier.walk);
+        let (n, en) = (&self.notifier, &earlier.notifier);
+        let (f, ef) = (&self.faults, &earlier.faults);
+        MmStats {
+            walk: WalkStats {
+                walks: d(w.walks, ew.walks),
+                entries_visited: d(w.entries_visited, ew.entries_visited),
+                ..*w
+            },
+            notifier: NotifierStats {
+                invalidations: std::array::from_fn(|i| {
+                    d(n.invalidations[i], en.invalidations[i])
+                }),
+                interval_callbacks: d(n.interval_callbacks, en.interval_callbacks),
+                mm_callbacks: d(n.mm_callbacks, en.mm_callbacks),
+            },
+            faults: FaultStats {
+                anon_read_zero: d(f.anon_read_zero, ef.anon_read_zero),
+                anon_write: d(f.anon_write, ef.anon_write),
+                cow: d(f.cow, ef.cow),
+                wp_reuse: d(f.wp_reuse, ef.wp_reuse),
+                shared: d(f.shared, ef.shared),
+                migration_wait: d(f.migration_wait, ef.migration_wait),
+                device_exclusive: d(f.device_exclusive, ef.device_exclusive),
+            },
+            tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
+            tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
+            frames_allocated: d(self.frames_allocated, earlier.frames_allocated),
+            frames_freed: d(self.frames_freed, earlier.frames_freed),
+        }
+    }
+}
+
+/// The live counters of an address space (page-table and notifier counters live with
+/// their owners).
+#[derive(Debug, Default)]
+pub(crate) struct MmCounters {
+    faults: [AtomicU64; NR_FAULT_KINDS],
+    tlb_flush_ops: AtomicU64,
+    tlb_flush_pages: AtomicU64,
+    frames_allocated: AtomicU64,
+    frames_freed: AtomicU64,
+}
+
+impl MmCounters {
+    pub(crate) fn fault(&self, kind: FaultKind) {
+        self.faults[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn tlb_flush(&self, pages: u64) {
+        self.tlb_flush_ops.fetch_add(1, Relaxed);
+        self.tlb_flush_pages.fetch_add(pages, Relaxed);
+    }
+
+    pub(crate) fn frame_allocated(&self) {
+        self.frames_allocated.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn frames_freed(&self, n: u64) {
+        self.frames_freed.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, walk: WalkStats, notifier: NotifierStats) -> MmStats {
+        let f = |k: FaultKind| self.faults[k as usize].load(Relaxed);
+        MmStats {
+            walk,
+            notifier,
+            faults: FaultStats {
+                anon_read_zero: f(FaultKind::AnonReadZero),
+                anon_write: f(FaultKind::AnonWrite),
+                cow: f(FaultKind::Cow),
+                wp_reuse: f(FaultKind::WpReuse),
+                shared: f(FaultKind::Shared),
+                migration_wait: f(FaultKind::MigrationWait),
+                device_exclusive: f(FaultKind::DeviceExclusive),
+            },
+            tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
+            tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),
+            frames_allocated: self.frames_allocated.load(Relaxed),
+            frames_freed: self.frames_freed.load(Relaxed),
+        }
+    }
+}
