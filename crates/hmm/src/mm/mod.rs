@@ -236,5 +236,3 @@ fn page_align_len(len: u64) -> Option<u64> {
     len.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1))
 }
 
-#[cfg(test)]
-mod tests;
