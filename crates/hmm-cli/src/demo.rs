@@ -169,7 +169,10 @@ fn print_report(r: &Report, buf: VirtAddr, refused: bool) {
         println!("== {}", s.step);
         const SHOWN: usize = 3;
         for e in s.events.iter().take(SHOWN) {
-            println!("   notifier: {:<27} [{}, {}) {} pages", e.event, e.start, e.end, e.pages);
+            println!(
+                "   notifier: {:<27} [{}, {}) {} pages",
+                e.event, e.start, e.end, e.pages
+            );
         }
         if s.events.len() > SHOWN {
             println!("   notifier: ... and {} more", s.events.len() - SHOWN);

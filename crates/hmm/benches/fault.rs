@@ -8,6 +8,8 @@
 //! The kernel baseline needs `mmap`/`madvise`/`munmap` from libc: the only `unsafe` outside
 //! the frame arena, each block with its argument.
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -31,7 +33,12 @@ fn model(mm: &Mm, touch: Touch, iters: u64) -> Duration {
     while left > 0 {
         let n = left.min(BATCH);
         let a = mm
-            .mmap(None, n * PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+            .mmap(
+                None,
+                n * PAGE_SIZE,
+                Prot::READ | Prot::WRITE,
+                MapFlags::PRIVATE,
+            )
             .expect("mmap");
         let t = Instant::now();
         for i in 0..n {
@@ -76,14 +83,14 @@ fn kernel(touch: Touch, iters: u64) -> Duration {
         let base = p.cast::<u8>();
         let t = Instant::now();
         for i in 0..n {
-            // SAFETY: `i * PAGE_SIZE < len`, inside the readable and writable mapping.
-            unsafe {
-                let b = base.add(i * PAGE_SIZE as usize);
-                match touch {
-                    Touch::Write => std::ptr::write_volatile(b, 1),
-                    Touch::Read => {
-                        black_box(std::ptr::read_volatile(b));
-                    }
+            // SAFETY: `i * PAGE_SIZE < len`, so the pointer stays inside the mapping.
+            let b = unsafe { base.add(i * PAGE_SIZE as usize) };
+            match touch {
+                // SAFETY: `b` points into the live, writable mapping.
+                Touch::Write => unsafe { std::ptr::write_volatile(b, 1) },
+                Touch::Read => {
+                    // SAFETY: `b` points into the live, readable mapping.
+                    black_box(unsafe { std::ptr::read_volatile(b) });
                 }
             }
         }

@@ -315,7 +315,9 @@ impl VaRange {
         VaRange {
             start,
             // The page below USER_VA_END ends at USER_VA_END at most.
-            end: start.checked_add(PAGE_SIZE).unwrap_or(VirtAddr(USER_VA_END)),
+            end: start
+                .checked_add(PAGE_SIZE)
+                .unwrap_or(VirtAddr(USER_VA_END)),
         }
     }
 

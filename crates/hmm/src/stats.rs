@@ -99,9 +99,7 @@ impl MmStats {
                 ..*w
             },
             notifier: NotifierStats {
-                invalidations: std::array::from_fn(|i| {
-                    d(n.invalidations[i], en.invalidations[i])
-                }),
+                invalidations: std::array::from_fn(|i| d(n.invalidations[i], en.invalidations[i])),
                 interval_callbacks: d(n.interval_callbacks, en.interval_callbacks),
                 mm_callbacks: d(n.mm_callbacks, en.mm_callbacks),
             },

@@ -43,9 +43,12 @@ fn mmap_rejects_bad_arguments() {
             MapFlags::PRIVATE | MapFlags::FIXED,
         ));
         inval(m.mm.mmap(None, PAGE_SIZE, RW, MapFlags::PRIVATE | MapFlags::FIXED));
-        let nomem = m.mm.mmap(None, u64::MAX, RW, MapFlags::PRIVATE).unwrap_err();
+        let nomem =
+            m.mm.mmap(None, u64::MAX, RW, MapFlags::PRIVATE)
+                .unwrap_err();
         assert_eq!(nomem.errno(), libc::ENOMEM);
-        let nomem = m.mm.mmap(None, TASK_SIZE + PAGE_SIZE, RW, MapFlags::PRIVATE);
+        let nomem =
+            m.mm.mmap(None, TASK_SIZE + PAGE_SIZE, RW, MapFlags::PRIVATE);
         assert_eq!(nomem.unwrap_err().errno(), libc::ENOMEM);
         let beyond = m.mm.mmap(
             Some(VirtAddr::new(TASK_SIZE)),
@@ -82,7 +85,11 @@ fn munmap_rejects_bad_arguments() {
             (VirtAddr::new(TASK_SIZE), 2 * PAGE_SIZE),
             (VirtAddr::new(USER_VA_END), PAGE_SIZE),
         ] {
-            assert_eq!(m.mm.munmap(addr, len).unwrap_err().errno(), libc::EINVAL, "{addr} {len}");
+            assert_eq!(
+                m.mm.munmap(addr, len).unwrap_err().errno(),
+                libc::EINVAL,
+                "{addr} {len}"
+            );
         }
     });
 }
@@ -91,7 +98,8 @@ fn munmap_rejects_bad_arguments() {
 fn mprotect_rejects_bad_arguments_and_holes() {
     let (m, a) = populated();
     unchanged(&m, || {
-        let e = m.mm.mprotect(a.checked_add(8).unwrap(), PAGE_SIZE, Prot::READ);
+        let e =
+            m.mm.mprotect(a.checked_add(8).unwrap(), PAGE_SIZE, Prot::READ);
         assert_eq!(e.unwrap_err().errno(), libc::EINVAL);
         let e = m.mm.mprotect(a, u64::MAX - 100, Prot::READ);
         assert_eq!(e.unwrap_err().errno(), libc::ENOMEM);
@@ -110,7 +118,8 @@ fn mprotect_rejects_bad_arguments_and_holes() {
 fn madvise_rejects_bad_arguments_and_holes() {
     let (m, a) = populated();
     unchanged(&m, || {
-        let e = m.mm.madvise(a.checked_add(1).unwrap(), PAGE_SIZE, Advice::DontNeed);
+        let e =
+            m.mm.madvise(a.checked_add(1).unwrap(), PAGE_SIZE, Advice::DontNeed);
         assert_eq!(e.unwrap_err().errno(), libc::EINVAL);
         let e = m.mm.madvise(a, u64::MAX, Advice::DontNeed);
         assert_eq!(e.unwrap_err().errno(), libc::EINVAL);

@@ -25,7 +25,10 @@ fn read_fault_maps_the_zero_page_and_write_fault_allocates() {
         [(NotifierEvent::Clear, a.as_u64(), a.as_u64() + PAGE_SIZE)]
     );
     let s = m.mm.stats();
-    assert_eq!((s.faults.cow, s.frames_allocated, s.tlb_flush_ops), (1, 1, 1));
+    assert_eq!(
+        (s.faults.cow, s.frames_allocated, s.tlb_flush_ops),
+        (1, 1, 1)
+    );
     // A first write to an empty page allocates without any invalidation.
     m.mm.write_val(page(a, 1), 7u32).unwrap();
     assert!(m.events().is_empty());
@@ -74,7 +77,10 @@ fn faults_outside_vmas_or_against_prot_are_segv_and_change_nothing() {
     ));
     // A read spanning into the hole fails as a whole, without faulting the first page.
     let mut buf = [0u8; 16];
-    assert!(m.mm.read(page(a, 2).checked_sub(8).unwrap(), &mut buf).is_err());
+    assert!(m
+        .mm
+        .read(page(a, 2).checked_sub(8).unwrap(), &mut buf)
+        .is_err());
     let after = m.mm.stats().since(&before);
     assert_eq!(after.faults.total(), 0);
     assert_eq!(m.phys.nr_in_use(), 0);
@@ -125,7 +131,10 @@ fn munmap_raises_unmap_frees_frames_and_splits_vmas() {
     assert_eq!(m.phys.nr_in_use(), 0);
     assert!(m.mm.vmas().is_empty());
     let w = m.mm.stats().walk;
-    assert_eq!((w.nr_pte_tables, w.nr_pmd_tables, w.nr_pud_tables), (0, 0, 0));
+    assert_eq!(
+        (w.nr_pte_tables, w.nr_pmd_tables, w.nr_pud_tables),
+        (0, 0, 0)
+    );
 }
 
 #[test]
@@ -134,7 +143,8 @@ fn mprotect_raises_protection_vma_and_restricts_access() {
     let a = m.map(4, RW, MapFlags::PRIVATE);
     m.mm.write_val(page(a, 1), 42u64).unwrap();
     let before = m.mm.stats();
-    m.mm.mprotect(page(a, 1), 2 * PAGE_SIZE, Prot::READ).unwrap();
+    m.mm.mprotect(page(a, 1), 2 * PAGE_SIZE, Prot::READ)
+        .unwrap();
     let ev = m.rec.take();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].event, NotifierEvent::ProtectionVma);
@@ -224,9 +234,8 @@ fn fixed_mappings_replace_or_refuse() {
     let m = Machine::new(16);
     let a = m.map(4, RW, MapFlags::PRIVATE);
     m.mm.write_val(page(a, 1), 5u8).unwrap();
-    let err = m
-        .mm
-        .mmap(
+    let err =
+        m.mm.mmap(
             Some(page(a, 1)),
             PAGE_SIZE,
             RW,
@@ -234,9 +243,13 @@ fn fixed_mappings_replace_or_refuse() {
         )
         .unwrap_err();
     assert_eq!(err.errno(), libc::EEXIST);
-    let b = m
-        .mm
-        .mmap(Some(page(a, 1)), PAGE_SIZE, RW, MapFlags::PRIVATE | MapFlags::FIXED)
+    let b =
+        m.mm.mmap(
+            Some(page(a, 1)),
+            PAGE_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+        )
         .unwrap();
     assert_eq!(b, page(a, 1));
     assert_eq!(
@@ -255,9 +268,13 @@ fn large_mappings_are_pmd_aligned_and_hints_are_honoured() {
     let big = m.mm.mmap(None, 4 << 20, RW, MapFlags::PRIVATE).unwrap();
     assert!(big.is_aligned(2 << 20));
     let hint = VirtAddr::new(0x1000_0000);
-    let h = m.mm.mmap(Some(hint), PAGE_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    let h =
+        m.mm.mmap(Some(hint), PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
     assert_eq!(h, hint);
-    let again = m.mm.mmap(Some(hint), PAGE_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    let again =
+        m.mm.mmap(Some(hint), PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
     assert_ne!(again, hint);
 }
 

@@ -16,20 +16,50 @@ const PAGES: u64 = 24;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Mmap { at: u64, n: u64, prot: u32, shared: bool },
-    Munmap { at: u64, n: u64 },
-    Mprotect { at: u64, n: u64, prot: u32 },
-    DontNeed { at: u64, n: u64 },
-    Write { at: u64, off: u64, len: u64, byte: u8 },
-    Read { at: u64, off: u64, len: u64 },
+    Mmap {
+        at: u64,
+        n: u64,
+        prot: u32,
+        shared: bool,
+    },
+    Munmap {
+        at: u64,
+        n: u64,
+    },
+    Mprotect {
+        at: u64,
+        n: u64,
+        prot: u32,
+    },
+    DontNeed {
+        at: u64,
+        n: u64,
+    },
+    Write {
+        at: u64,
+        off: u64,
+        len: u64,
+        byte: u8,
+    },
+    Read {
+        at: u64,
+        off: u64,
+        len: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let at = 0..PAGES;
     let n = 1..6u64;
     prop_oneof![
-        (at.clone(), n.clone(), 0..4u32, any::<bool>())
-            .prop_map(|(at, n, prot, shared)| Op::Mmap { at, n, prot, shared }),
+        (at.clone(), n.clone(), 0..4u32, any::<bool>()).prop_map(|(at, n, prot, shared)| {
+            Op::Mmap {
+                at,
+                n,
+                prot,
+                shared,
+            }
+        }),
         (at.clone(), n.clone()).prop_map(|(at, n)| Op::Munmap { at, n }),
         (at.clone(), n.clone(), 0..4u32).prop_map(|(at, n, prot)| Op::Mprotect { at, n, prot }),
         (at.clone(), n.clone()).prop_map(|(at, n)| Op::DontNeed { at, n }),
@@ -108,12 +138,25 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let base = VirtAddr::new(BASE);
     for op in ops {
         match op {
-            Op::Mmap { at, n, prot, shared } => {
+            Op::Mmap {
+                at,
+                n,
+                prot,
+                shared,
+            } => {
                 let n = n.min(PAGES - at);
-                let flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
-                let got = m
-                    .mm
-                    .mmap(Some(page(base, at)), n * PAGE_SIZE, prot_of(prot), flags | MapFlags::FIXED)
+                let flags = if shared {
+                    MapFlags::SHARED
+                } else {
+                    MapFlags::PRIVATE
+                };
+                let got =
+                    m.mm.mmap(
+                        Some(page(base, at)),
+                        n * PAGE_SIZE,
+                        prot_of(prot),
+                        flags | MapFlags::FIXED,
+                    )
                     .unwrap();
                 prop_assert_eq!(got, page(base, at));
                 model.unmap(at, n);
@@ -121,7 +164,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 model.next_object += 1;
                 for (i, p) in (at..at + n).enumerate() {
                     let shared = shared.then_some((obj, i as u64));
-                    model.pages.insert(p, ModelPage { prot: prot_of(prot), shared });
+                    model.pages.insert(
+                        p,
+                        ModelPage {
+                            prot: prot_of(prot),
+                            shared,
+                        },
+                    );
                 }
             }
             Op::Munmap { at, n } => {
@@ -143,7 +192,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::DontNeed { at, n } => {
                 let n = n.min(PAGES - at);
-                let r = m.mm.madvise(page(base, at), n * PAGE_SIZE, Advice::DontNeed);
+                let r =
+                    m.mm.madvise(page(base, at), n * PAGE_SIZE, Advice::DontNeed);
                 if model.all_mapped(at, n) {
                     prop_assert!(r.is_ok());
                     for p in at..at + n {
@@ -168,7 +218,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Err((addr, cause)) => prop_assert_eq!(
                         r,
-                        Err(FaultError::Segv { addr: VirtAddr::new(addr), cause })
+                        Err(FaultError::Segv {
+                            addr: VirtAddr::new(addr),
+                            cause
+                        })
                     ),
                 }
             }
@@ -188,13 +241,18 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Err((addr, cause)) => prop_assert_eq!(
                         r,
-                        Err(FaultError::Segv { addr: VirtAddr::new(addr), cause })
+                        Err(FaultError::Segv {
+                            addr: VirtAddr::new(addr),
+                            cause
+                        })
                     ),
                 }
             }
         }
     }
-    let report = m.mm.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let report =
+        m.mm.audit()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(m.phys.nr_in_use(), report.frames_referenced);
     let phys = m.phys.clone();
     drop(m);

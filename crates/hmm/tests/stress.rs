@@ -144,8 +144,7 @@ fn concurrent_first_touch_of_the_same_pages_allocates_once() {
     for i in 0..256 {
         assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), 1);
         assert_eq!(
-            m.mm
-                .read_val::<u64>(page(a, i).checked_add(8).unwrap())
+            m.mm.read_val::<u64>(page(a, i).checked_add(8).unwrap())
                 .unwrap(),
             2
         );

@@ -140,7 +140,11 @@ impl Mm {
                     satisfies(pte, write).then(|| {
                         touch(&pte, write, |new| p.set(new));
                         let off = va.page_offset() as usize;
-                        (pte.pfn().expect("present"), off, (PAGE_SIZE as usize - off).min(len - done))
+                        (
+                            pte.pfn().expect("present"),
+                            off,
+                            (PAGE_SIZE as usize - off).min(len - done),
+                        )
                     })
                 }
                 Slot::Pmd(p) => {

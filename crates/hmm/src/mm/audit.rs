@@ -69,7 +69,10 @@ impl Mm {
             if let Pte::Present { pfn, flags } = pte {
                 report.present_entries += 1;
                 if flags.contains(PteFlags::PROTNONE) == vma.is_accessible() {
-                    problems.push(format!("{va}: {pte:?} disagrees with VMA {:?}", vma.flags()));
+                    problems.push(format!(
+                        "{va}: {pte:?} disagrees with VMA {:?}",
+                        vma.flags()
+                    ));
                 }
                 if pte.is_writable() && !vma.flags().contains(VmFlags::WRITE) {
                     problems.push(format!("{va}: writable entry in a read-only VMA"));
@@ -114,7 +117,10 @@ impl Mm {
             let f = phys.frame(pfn);
             let meta = f.meta();
             if meta.mapcount() != n {
-                problems.push(format!("{pfn}: mapcount {} but {n} entries", meta.mapcount()));
+                problems.push(format!(
+                    "{pfn}: mapcount {} but {n} entries",
+                    meta.mapcount()
+                ));
             }
             let in_object = st.vmas.iter().any(|v| match v.backing() {
                 Backing::Shmem(obj) => obj.holds(pfn),
@@ -128,7 +134,13 @@ impl Mm {
         }
         let anon_mapped = maps
             .keys()
-            .filter(|p| phys.frame(**p).folio().meta().flags().contains(FrameFlags::ANON))
+            .filter(|p| {
+                phys.frame(**p)
+                    .folio()
+                    .meta()
+                    .flags()
+                    .contains(FrameFlags::ANON)
+            })
             .count() as u64;
         report.frames_referenced = anon_mapped + object_pages;
         if problems.is_empty() {

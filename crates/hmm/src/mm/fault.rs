@@ -137,7 +137,9 @@ impl Fault<'_> {
                     mm.counters.frame_allocated();
                 }
                 let mapping = crate::phys::Frame::from_raw(mm.phys(), pfn);
-                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                let Some(Slot::Pte(p)) = c.current() else {
+                    unreachable!()
+                };
                 if !p.get().is_none() {
                     drop(mapping);
                     return Ok(());
@@ -158,7 +160,9 @@ impl Fault<'_> {
                 Ok(())
             }
             Backing::Anon if !self.write => {
-                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                let Some(Slot::Pte(p)) = c.current() else {
+                    unreachable!()
+                };
                 if p.get().is_none() {
                     p.set(Pte::Present {
                         pfn: mm.phys().zero_pfn(),
@@ -178,7 +182,9 @@ impl Fault<'_> {
                     )
                     .map_err(|_| FaultError::Oom { addr: self.addr })?;
                 mm.counters.frame_allocated();
-                let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+                let Some(Slot::Pte(p)) = c.current() else {
+                    unreachable!()
+                };
                 if !p.get().is_none() {
                     c.unlock();
                     mm.release_frame(frame);
@@ -205,7 +211,9 @@ impl Fault<'_> {
         let mm = self.mm;
         let phys = mm.phys();
         let make_writable = |c: &mut Cursor<'_>| {
-            let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+            let Some(Slot::Pte(p)) = c.current() else {
+                unreachable!()
+            };
             if p.get() == orig {
                 let flags = orig.flags() | PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG;
                 p.set(Pte::Present { pfn, flags });
@@ -251,7 +259,9 @@ impl Fault<'_> {
             Some(self.vma.info()),
         );
         let inv = mm.notifiers().invalidate_range_start(range);
-        let Some(Slot::Pte(p)) = c.current() else { unreachable!() };
+        let Some(Slot::Pte(p)) = c.current() else {
+            unreachable!()
+        };
         if p.get() != orig {
             c.unlock();
             inv.end();

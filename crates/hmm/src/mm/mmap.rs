@@ -51,7 +51,9 @@ impl Mm {
             });
         }
         if len == 0 {
-            return Err(MmError::Inval { what: "zero length" });
+            return Err(MmError::Inval {
+                what: "zero length",
+            });
         }
         let len = page_align_len(len)
             .filter(|&l| l <= TASK_SIZE)
@@ -106,7 +108,11 @@ impl Mm {
             }
         };
         let range = VaRange::from_len(start, len).expect("validated range");
-        let occupied = st.vmas.overlapping(range).next().map(|v| v.start().max(start));
+        let occupied = st
+            .vmas
+            .overlapping(range)
+            .next()
+            .map(|v| v.start().max(start));
         if let Some(addr) = occupied {
             if flags.contains(MapFlags::FIXED_NOREPLACE) {
                 return Err(MmError::Exists { addr });

@@ -235,4 +235,3 @@ impl std::fmt::Debug for Mm {
 fn page_align_len(len: u64) -> Option<u64> {
     len.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1))
 }
-

@@ -66,7 +66,12 @@ impl Mm {
         for v in &changed {
             self.change_protection(&st.pt, v);
         }
-        for v in st.vmas.overlapping(range).map(|v| v.start()).collect::<Vec<_>>() {
+        for v in st
+            .vmas
+            .overlapping(range)
+            .map(|v| v.start())
+            .collect::<Vec<_>>()
+        {
             if st.vmas.find(v).is_some_and(|x| x.start() == v) {
                 st.vmas.merge_around(v);
             }
@@ -120,7 +125,11 @@ impl Mm {
                     } else {
                         MigrationKind::Read
                     };
-                    Pte::Migration { pfn, kind, flags: f }
+                    Pte::Migration {
+                        pfn,
+                        kind,
+                        flags: f,
+                    }
                 }
                 Pte::DevicePrivate { pfn, flags: f } => Pte::DevicePrivate {
                     pfn,

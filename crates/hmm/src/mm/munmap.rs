@@ -46,9 +46,7 @@ impl Mm {
         inv.end();
         tlb.finish();
         let removed = st.vmas.remove_range(range);
-        let gap = st
-            .vmas
-            .gap_around(range, VirtAddr::new(USER_VA_END));
+        let gap = st.vmas.gap_around(range, VirtAddr::new(USER_VA_END));
         st.pt.free_tables(gap);
         // Shared objects whose last VMA went are released here, after the flush.
         drop(removed);
@@ -63,7 +61,9 @@ fn user_range(addr: VirtAddr, len: u64) -> Result<VaRange, MmError> {
         });
     }
     if len == 0 {
-        return Err(MmError::Inval { what: "zero length" });
+        return Err(MmError::Inval {
+            what: "zero length",
+        });
     }
     let len = page_align_len(len)
         .filter(|&l| addr.as_u64() <= TASK_SIZE && l <= TASK_SIZE - addr.as_u64())

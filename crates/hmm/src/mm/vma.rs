@@ -197,7 +197,9 @@ impl VmaTree {
     pub(crate) fn isolate(&mut self, range: VaRange) -> impl Iterator<Item = &mut Vma> {
         self.split_at(range.start());
         self.split_at(range.end());
-        self.map.range_mut(range.start()..range.end()).map(|(_, v)| v)
+        self.map
+            .range_mut(range.start()..range.end())
+            .map(|(_, v)| v)
     }
 
     /// Removes every part of every VMA inside `range` and returns the removed parts.

@@ -67,8 +67,7 @@ pub trait IntervalNotifierOps: Send + Sync {
     /// driver's lock, call `sub.set_seq(cur_seq)` and stop using device mappings of the
     /// range — unless the event is one the driver may ignore (its own `MIGRATE`). Return
     /// `false` only if `range` is not blockable and the work would sleep.
-    fn invalidate(&self, sub: &IntervalSub, range: &NotifierRange, cur_seq: InvalidateSeq)
-        -> bool;
+    fn invalidate(&self, sub: &IntervalSub, range: &NotifierRange, cur_seq: InvalidateSeq) -> bool;
 }
 
 /// An interval subscription, as seen by its callback and by the driver's read loop.
@@ -131,7 +130,10 @@ impl std::fmt::Debug for IntervalSub {
         f.debug_struct("IntervalSub")
             .field("id", &self.id)
             .field("range", &self.range)
-            .field("invalidate_seq", &self.invalidate_seq.load(Ordering::Relaxed))
+            .field(
+                "invalidate_seq",
+                &self.invalidate_seq.load(Ordering::Relaxed),
+            )
             .finish_non_exhaustive()
     }
 }

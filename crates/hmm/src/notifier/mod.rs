@@ -196,7 +196,10 @@ impl MmNotifiers {
     #[doc(alias = "mmu_notifier_invalidate_range_start")]
     #[track_caller]
     pub fn invalidate_range_start(&self, range: NotifierRange) -> Invalidation<'_> {
-        assert!(range.is_blockable(), "blockable start with a non-blockable range");
+        assert!(
+            range.is_blockable(),
+            "blockable start with a non-blockable range"
+        );
         self.start(range)
             .expect("blockable invalidations cannot be refused")
     }
@@ -353,7 +356,9 @@ impl Drop for MmuNotifierHandle {
 
 impl std::fmt::Debug for MmuNotifierHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MmuNotifierHandle").field("id", &self.id).finish()
+        f.debug_struct("MmuNotifierHandle")
+            .field("id", &self.id)
+            .finish()
     }
 }
 

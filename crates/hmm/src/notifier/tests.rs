@@ -51,16 +51,20 @@ fn r(mm: MmId, start: u64, pages: u64, event: NotifierEvent) -> NotifierRange {
 fn collision_makes_read_retry_fire_and_idle_does_not() {
     let subs = MmNotifiers::new(MmId::new_unique());
     let d = driver(false);
-    let sub = subs.interval_insert(VirtAddr::new(0x10000), 4 * PAGE_SIZE, d.clone()).unwrap();
+    let sub = subs
+        .interval_insert(VirtAddr::new(0x10000), 4 * PAGE_SIZE, d.clone())
+        .unwrap();
     let seq = sub.read_begin();
     assert_eq!(seq.as_u64() % 2, 1, "an idle subscription's seq is odd");
     assert!(!sub.read_retry(seq));
     // A range that misses the interval changes nothing.
-    subs.invalidate_range_start(r(subs.mm(), 0x20000, 1, NotifierEvent::Clear)).end();
+    subs.invalidate_range_start(r(subs.mm(), 0x20000, 1, NotifierEvent::Clear))
+        .end();
     assert!(!sub.read_retry(seq));
     assert!(d.lock.lock().is_empty());
     // A hit does.
-    subs.invalidate_range_start(r(subs.mm(), 0x13000, 1, NotifierEvent::Unmap)).end();
+    subs.invalidate_range_start(r(subs.mm(), 0x13000, 1, NotifierEvent::Unmap))
+        .end();
     assert!(sub.read_retry(seq));
     assert!(sub.check_retry(seq));
     assert_eq!(*d.lock.lock(), [NotifierEvent::Unmap]);
@@ -76,7 +80,9 @@ fn collision_makes_read_retry_fire_and_idle_does_not() {
 fn own_migrate_event_is_skipped_without_retry() {
     let subs = MmNotifiers::new(MmId::new_unique());
     let d = driver(false);
-    let sub = subs.interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone()).unwrap();
+    let sub = subs
+        .interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone())
+        .unwrap();
     let seq = sub.read_begin();
     let mine = r(subs.mm(), 0x10000, 1, NotifierEvent::Migrate).with_owner(Some(d.owner));
     let inv = subs.invalidate_range_start(mine);
@@ -96,7 +102,9 @@ fn own_migrate_event_is_skipped_without_retry() {
 fn read_begin_sleeps_until_the_invalidation_ends() {
     let subs = MmNotifiers::new(MmId::new_unique());
     let d = driver(false);
-    let sub = subs.interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d).unwrap();
+    let sub = subs
+        .interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d)
+        .unwrap();
     let inv = subs.invalidate_range_start(r(subs.mm(), 0x10000, 1, NotifierEvent::Clear));
     let returned = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -116,10 +124,14 @@ fn read_begin_sleeps_until_the_invalidation_ends() {
 fn inserts_and_removes_are_deferred_during_an_invalidation() {
     let subs = MmNotifiers::new(MmId::new_unique());
     let d = driver(false);
-    let a = subs.interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone()).unwrap();
+    let a = subs
+        .interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone())
+        .unwrap();
     let inv = subs.invalidate_range_start(r(subs.mm(), 0x10000, 1, NotifierEvent::Clear));
     // Inserted during a hitting invalidation: deferred, and its first read_begin waits.
-    let b = subs.interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone()).unwrap();
+    let b = subs
+        .interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d.clone())
+        .unwrap();
     assert_eq!(subs.nr_intervals(), 1);
     let removed = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -128,12 +140,16 @@ fn inserts_and_removes_are_deferred_during_an_invalidation() {
             removed.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!removed.load(std::sync::atomic::Ordering::SeqCst), "remove waits");
+        assert!(
+            !removed.load(std::sync::atomic::Ordering::SeqCst),
+            "remove waits"
+        );
         inv.end();
     });
     assert_eq!(subs.nr_intervals(), 1);
     let seq = b.read_begin();
-    subs.invalidate_range_start(r(subs.mm(), 0x10000, 1, NotifierEvent::Clear)).end();
+    subs.invalidate_range_start(r(subs.mm(), 0x10000, 1, NotifierEvent::Clear))
+        .end();
     assert!(b.read_retry(seq));
     // Only `b` saw the second invalidation.
     assert_eq!(d.lock.lock().len(), 2);
@@ -147,7 +163,9 @@ fn nonblocking_invalidation_can_be_refused_and_backs_out() {
     let rec = Arc::new(Recorder::new());
     let _h = subs.register(rec.clone()).unwrap();
     let d = driver(true);
-    let sub = subs.interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d).unwrap();
+    let sub = subs
+        .interval_insert(VirtAddr::new(0x10000), PAGE_SIZE, d)
+        .unwrap();
     let err = subs
         .invalidate_range_start_nonblock(r(subs.mm(), 0x10000, 1, NotifierEvent::Clear))
         .unwrap_err();
@@ -167,12 +185,18 @@ fn interval_insert_validates_and_release_ends_everything() {
         Err(NotifierError::Overflow { .. })
     ));
     assert!(matches!(
-        subs.interval_insert(VirtAddr::new(crate::addr::USER_VA_END - 4096), 8192, d.clone()),
+        subs.interval_insert(
+            VirtAddr::new(crate::addr::USER_VA_END - 4096),
+            8192,
+            d.clone()
+        ),
         Err(NotifierError::Overflow { .. })
     ));
     let rec = Arc::new(Recorder::new());
     let _h = subs.register(rec.clone()).unwrap();
-    let sub = subs.interval_insert(VirtAddr::new(0x1234), 10, d.clone()).unwrap();
+    let sub = subs
+        .interval_insert(VirtAddr::new(0x1234), 10, d.clone())
+        .unwrap();
     assert_eq!(sub.range().len_bytes(), PAGE_SIZE);
     subs.release();
     assert_eq!(*d.lock.lock(), [NotifierEvent::Release]);
@@ -189,11 +213,13 @@ fn unregister_calls_release_once() {
     let subs = MmNotifiers::new(MmId::new_unique());
     let rec = Arc::new(Recorder::new());
     let h = subs.register(rec.clone()).unwrap();
-    subs.invalidate_range_start(r(subs.mm(), 0x1000, 1, NotifierEvent::SoftDirty)).end();
+    subs.invalidate_range_start(r(subs.mm(), 0x1000, 1, NotifierEvent::SoftDirty))
+        .end();
     assert_eq!(rec.ranges().len(), 1);
     h.unregister();
     assert_eq!(rec.releases().len(), 1);
-    subs.invalidate_range_start(r(subs.mm(), 0x1000, 1, NotifierEvent::SoftDirty)).end();
+    subs.invalidate_range_start(r(subs.mm(), 0x1000, 1, NotifierEvent::SoftDirty))
+        .end();
     assert_eq!(rec.ranges().len(), 1);
     subs.release();
     assert_eq!(rec.releases().len(), 1);

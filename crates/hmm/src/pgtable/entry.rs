@@ -192,7 +192,11 @@ impl Pte {
                 swp(ty, pfn.as_u64(), flags)
             }
             Pte::DevicePrivate { pfn, flags } => {
-                let ty = if flags.contains(PteFlags::WRITE) { 5 } else { 4 };
+                let ty = if flags.contains(PteFlags::WRITE) {
+                    5
+                } else {
+                    4
+                };
                 swp(ty, pfn.as_u64(), flags & PteFlags::SOFT_DIRTY)
             }
             Pte::DeviceExclusive { pfn, flags } => swp(6, pfn.as_u64(), flags),

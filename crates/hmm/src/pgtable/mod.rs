@@ -112,13 +112,17 @@ impl PageTable {
             if !overlaps(g_base, PGDIR_SHIFT, &range) {
                 continue;
             }
-            let Some(pud) = pud_slot.get_mut() else { continue };
+            let Some(pud) = pud_slot.get_mut() else {
+                continue;
+            };
             for (u, pmd_slot) in pud.tables.iter_mut().enumerate() {
                 let u_base = g_base + ((u as u64) << PUD_SHIFT);
                 if !overlaps(u_base, PUD_SHIFT, &range) {
                     continue;
                 }
-                let Some(pmdt) = pmd_slot.get_mut() else { continue };
+                let Some(pmdt) = pmd_slot.get_mut() else {
+                    continue;
+                };
                 for i in 0..ENTRIES_PER_TABLE {
                     let m_base = u_base + ((i as u64) << PMD_SHIFT);
                     let word = *pmdt.entries[i].get_mut();

@@ -36,7 +36,9 @@ fn populate_then_lookup_matches_the_oracle() {
     let mut c = pt.cursor(r, WalkMode::Populate);
     let mut n = 0;
     while let Some(s) = c.next() {
-        let Slot::Pte(p) = s else { panic!("populate yields PTEs") };
+        let Slot::Pte(p) = s else {
+            panic!("populate yields PTEs")
+        };
         p.set(present(100 + n));
         n += 1;
     }
@@ -81,7 +83,10 @@ fn pmd_leaves_are_yielded_once_and_walk_continues() {
             std::sync::atomic::Ordering::Release,
         );
     }
-    let mut c = pt.cursor(range(PMD_SIZE - PAGE_SIZE, PMD_SIZE + 2 * PAGE_SIZE), WalkMode::Lookup);
+    let mut c = pt.cursor(
+        range(PMD_SIZE - PAGE_SIZE, PMD_SIZE + 2 * PAGE_SIZE),
+        WalkMode::Lookup,
+    );
     let mut kinds = Vec::new();
     while let Some(s) = c.next() {
         kinds.push(match s {
@@ -147,11 +152,16 @@ fn free_tables_only_frees_empty_covered_spans() {
     drop(c);
     // Covering everything frees the rest, up to the top.
     assert_eq!(
-        pt.free_tables(VaRange::new(VirtAddr::ZERO, VirtAddr::new(crate::addr::USER_VA_END)).unwrap()),
+        pt.free_tables(
+            VaRange::new(VirtAddr::ZERO, VirtAddr::new(crate::addr::USER_VA_END)).unwrap()
+        ),
         3
     );
     let s = pt.stats();
-    assert_eq!((s.nr_pte_tables, s.nr_pmd_tables, s.nr_pud_tables), (0, 0, 0));
+    assert_eq!(
+        (s.nr_pte_tables, s.nr_pmd_tables, s.nr_pud_tables),
+        (0, 0, 0)
+    );
     assert!(pt.reference_entries().is_empty());
 }
 

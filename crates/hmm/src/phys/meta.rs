@@ -196,7 +196,9 @@ impl FrameMeta {
     /// Tries to take the folio lock without sleeping.
     #[doc(alias = "folio_trylock")]
     pub fn trylock(&self) -> bool {
-        self.flags.fetch_or(FrameFlags::LOCKED.bits(), Ordering::Acquire) & FrameFlags::LOCKED.bits()
+        self.flags
+            .fetch_or(FrameFlags::LOCKED.bits(), Ordering::Acquire)
+            & FrameFlags::LOCKED.bits()
             == 0
     }
 
@@ -241,7 +243,10 @@ impl FrameMeta {
         let old = self
             .flags
             .fetch_and(!FrameFlags::LOCKED.bits(), Ordering::Release);
-        assert!(old & FrameFlags::LOCKED.bits() != 0, "unlock of an unlocked folio");
+        assert!(
+            old & FrameFlags::LOCKED.bits() != 0,
+            "unlock of an unlocked folio"
+        );
         if old & FrameFlags::WAITERS.bits() != 0 {
             let bucket = self.bucket();
             let _guard = bucket.mutex.lock();

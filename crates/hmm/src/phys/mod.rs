@@ -124,9 +124,10 @@ impl PhysMem {
                 size_bytes: config.size_bytes,
             });
         }
-        let blocks = usize::try_from(config.size_bytes / PMD_SIZE).map_err(|_| PhysError::Inval {
-            size_bytes: config.size_bytes,
-        })?;
+        let blocks =
+            usize::try_from(config.size_bytes / PMD_SIZE).map_err(|_| PhysError::Inval {
+                size_bytes: config.size_bytes,
+            })?;
         let region = Region::new(blocks)?;
         region.reserve(HUGE_ZERO_PFN.as_usize(), PMD_ORDER);
         region.reserve(ZERO_PFN.as_usize(), 0);

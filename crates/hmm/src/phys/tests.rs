@@ -32,7 +32,10 @@ fn zero_pages_are_reserved() {
         .map(|_| p.alloc(0, FrameFlags::ANON).unwrap())
         .collect();
     assert!(frames.iter().all(|f| !p.is_zero_pfn(f.pfn())));
-    assert_eq!(p.alloc(0, FrameFlags::ANON).unwrap_err(), AllocError { order: 0 });
+    assert_eq!(
+        p.alloc(0, FrameFlags::ANON).unwrap_err(),
+        AllocError { order: 0 }
+    );
     assert_eq!(p.nr_in_use(), PMD_NR - 1);
     drop(frames);
     assert_eq!(p.nr_in_use(), 0);
