@@ -156,7 +156,7 @@ impl Fault<'_> {
                     pfn: mapping.into_raw(),
                     flags,
                 });
-                mm.counters.fault(super::super::stats::FaultKind::Shared);
+                mm.counters.fault(FaultKind::Shared);
                 Ok(())
             }
             Backing::Anon if !self.write => {

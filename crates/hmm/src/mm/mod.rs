@@ -15,7 +15,7 @@
 //!   page-table locks.
 //! * A CPU access copies bytes while holding the page-table lock of the entry it
 //!   translated. Every path that removes or restricts an entry takes that lock and flushes
-//!   before it frees the frame ([`tlb`]), so an access never touches a frame after its
+//!   before it frees the frame (`mm::tlb`, the kernel's `mmu_gather`), so an access never touches a frame after its
 //!   mapping is gone: the lock plays the part of the TLB shootdown's IPI.
 //!
 //! # Reference counting of mapped frames

@@ -123,7 +123,12 @@ enum Held<'a> {
     },
 }
 
-/// A walk over a virtual range; see the [module docs](self).
+/// A walk over a virtual range.
+///
+/// The cursor is the lock guard of the slot it last yielded: it holds at most one
+/// page-table lock, released when it moves to another table, on [`unlock`](Self::unlock)
+/// and on drop. [`current`](Self::current) re-takes the last slot within the same walk;
+/// the caller re-checks the entry. Each cursor counts one walk, each slot one entry.
 pub struct Cursor<'a> {
     pt: &'a PageTable,
     next: VirtAddr,
