@@ -58,7 +58,6 @@ fn model(mm: &Mm, touch: Touch, iters: u64) -> Duration {
 }
 
 /// Times `iters` first-touch faults of the host kernel, `BATCH` pages per fresh mapping.
-#[allow(unsafe_code)]
 fn kernel(touch: Touch, iters: u64) -> Duration {
     let mut total = Duration::ZERO;
     let mut left = iters;
