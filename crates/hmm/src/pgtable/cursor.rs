@@ -153,11 +153,6 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// The address the next call to [`next`](Self::next) starts from.
-    pub fn position(&self) -> VirtAddr {
-        self.next
-    }
-
     /// Releases the page-table lock held for the last slot.
     pub fn unlock(&mut self) {
         self.held = Held::None;
@@ -169,12 +164,6 @@ impl<'a> Cursor<'a> {
             self.next = last;
         }
         self.next()
-    }
-
-    /// Skips the rest of the walk up to `addr` (which must not go backwards).
-    pub fn skip_to(&mut self, addr: VirtAddr) {
-        debug_assert!(addr >= self.next, "cursor cannot move backwards");
-        self.next = addr.min(self.end);
     }
 
     /// Visits the next slot, or returns `None` at the end of the range.
