@@ -41,6 +41,9 @@ bitflags! {
         const MAYWRITE = 1 << 5;
         /// `mprotect` may add exec.
         const MAYEXEC = 1 << 6;
+        /// Every page counts as soft-dirty (set on new VMAs, cleared by
+        /// [`Mm::clear_soft_dirty`](crate::mm::Mm::clear_soft_dirty)); ignored when merging.
+        const SOFTDIRTY = 1 << 27;
         /// Pages are inserted by a driver (`vm_insert_page`); no anonymous faults.
         const MIXEDMAP = 1 << 28;
         /// `MADV_HUGEPAGE`.

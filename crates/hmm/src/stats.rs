@@ -30,9 +30,13 @@ pub(crate) enum FaultKind {
     MigrationWait,
     /// Fault on a device-exclusive entry that restored the CPU mapping.
     DeviceExclusive,
+    /// Write to an empty PMD: allocated a zeroed THP (`thp_fault_alloc`).
+    ThpAnon,
+    /// Read of an empty PMD: mapped the huge zero page.
+    ThpZero,
 }
 
-const NR_FAULT_KINDS: usize = 7;
+const NR_FAULT_KINDS: usize = 9;
 
 /// Faults by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -51,6 +55,10 @@ pub struct FaultStats {
     pub migration_wait: u64,
     /// Faults that revoked device-exclusive access.
     pub device_exclusive: u64,
+    /// Write faults that allocated a zeroed THP (`thp_fault_alloc`).
+    pub thp_anon: u64,
+    /// Read faults that mapped the huge zero page.
+    pub thp_zero: u64,
 }
 
 impl FaultStats {
@@ -63,6 +71,8 @@ impl FaultStats {
             + self.shared
             + self.migration_wait
             + self.device_exclusive
+            + self.thp_anon
+            + self.thp_zero
     }
 }
 
@@ -83,6 +93,10 @@ pub struct MmStats {
     pub frames_allocated: u64,
     /// Frames freed by this address space dropping their last reference.
     pub frames_freed: u64,
+    /// PMD leaves split into PTEs (`thp_split_pmd`).
+    pub thp_split_pmd: u64,
+    /// THPs made by `MADV_COLLAPSE` (`thp_collapse_alloc`).
+    pub thp_collapse: u64,
 }
 
 impl MmStats {
@@ -111,11 +125,15 @@ impl MmStats {
                 shared: d(f.shared, ef.shared),
                 migration_wait: d(f.migration_wait, ef.migration_wait),
                 device_exclusive: d(f.device_exclusive, ef.device_exclusive),
+                thp_anon: d(f.thp_anon, ef.thp_anon),
+                thp_zero: d(f.thp_zero, ef.thp_zero),
             },
             tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
             tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
             frames_allocated: d(self.frames_allocated, earlier.frames_allocated),
             frames_freed: d(self.frames_freed, earlier.frames_freed),
+            thp_split_pmd: d(self.thp_split_pmd, earlier.thp_split_pmd),
+            thp_collapse: d(self.thp_collapse, earlier.thp_collapse),
         }
     }
 }
@@ -129,6 +147,8 @@ pub(crate) struct MmCounters {
     tlb_flush_pages: AtomicU64,
     frames_allocated: AtomicU64,
     frames_freed: AtomicU64,
+    thp_split_pmd: AtomicU64,
+    thp_collapse: AtomicU64,
 }
 
 impl MmCounters {
@@ -149,6 +169,14 @@ impl MmCounters {
         self.frames_freed.fetch_add(n, Relaxed);
     }
 
+    pub(crate) fn thp_split_pmd(&self) {
+        self.thp_split_pmd.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn thp_collapse(&self) {
+        self.thp_collapse.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn snapshot(&self, walk: WalkStats, notifier: NotifierStats) -> MmStats {
         let f = |k: FaultKind| self.faults[k as usize].load(Relaxed);
         MmStats {
@@ -162,11 +190,15 @@ impl MmCounters {
                 shared: f(FaultKind::Shared),
                 migration_wait: f(FaultKind::MigrationWait),
                 device_exclusive: f(FaultKind::DeviceExclusive),
+                thp_anon: f(FaultKind::ThpAnon),
+                thp_zero: f(FaultKind::ThpZero),
             },
             tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
             tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),
             frames_allocated: self.frames_allocated.load(Relaxed),
             frames_freed: self.frames_freed.load(Relaxed),
+            thp_split_pmd: self.thp_split_pmd.load(Relaxed),
+            thp_collapse: self.thp_collapse.load(Relaxed),
         }
     }
 }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, USER_VA_END};
-use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::addr::{Pfn, VaRange, VirtAddr, PMD_ORDER, PMD_SIZE, USER_VA_END};
+use crate::pgtable::{Huge, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
 use super::vma::Backing;
-use super::Mm;
+use super::{rmap, Mm};
 
 /// What an audit found in a consistent address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -23,7 +23,7 @@ pub struct AuditReport {
     pub present_entries: u64,
     /// Entries mapping the zero page.
     pub zero_page_entries: u64,
-    /// Distinct frames this address space holds references on: mapped frames and pages
+    /// Folios this address space holds references on: mapped anonymous folios and pages
     /// of its shared objects.
     pub frames_referenced: u64,
 }
@@ -37,11 +37,20 @@ pub struct AuditError {
 }
 
 impl Mm {
-    /// Checks, under the mmap lock held for writing (so nothing moves):
-    /// every entry lies in a VMA and agrees with its protection; a writable private page
-    /// is anon-exclusive; each frame's map count equals the entries mapping it and its
-    /// reference count equals the references this address space accounts for (mappings,
-    /// plus one per shared-object page).
+    /// Checks, under the mmap lock held for writing (so nothing in this address space
+    /// moves): every entry lies in a VMA and agrees with its protection; a writable private
+    /// page is anon-exclusive; a PMD leaf maps a whole THP inside one VMA. Then, for every
+    /// folio this address space maps, across *all* address spaces that map it (found
+    /// through the reverse map, which must find this one's entries):
+    /// each page's map count equals the PTEs mapping it, the folio's entire map count
+    /// equals the PMD leaves mapping it, and its reference count equals its mappings plus
+    /// its pins plus one if a shared object holds it.
+    ///
+    /// Run it when the system is quiet: references held outside address spaces (live
+    /// [`UserPages`](super::UserPages) from `get_user_pages` without `PIN`, frames a caller
+    /// holds) are reported as mismatches. It takes the mmap lock of every other address
+    /// space in the fork family for reading, so two audits of one family must not run at
+    /// the same time.
     pub fn audit(&self) -> Result<AuditReport, AuditError> {
         let st = self.lock.write();
         let phys = self.phys();
@@ -50,14 +59,15 @@ impl Mm {
             vmas: st.vmas.iter().count() as u64,
             ..AuditReport::default()
         };
-        let mut maps: HashMap<Pfn, i32> = HashMap::new();
+        // Folio head -> entries of this address space that map it.
+        let mut folios: HashMap<Pfn, Vec<(VirtAddr, Pte)>> = HashMap::new();
         let all = VaRange::new(VirtAddr::ZERO, VirtAddr::new(USER_VA_END)).expect("whole space");
         let mut c = st.pt.cursor(all, WalkMode::Lookup);
         while let Some(slot) = c.next() {
-            let (va, pte) = match slot {
+            let (va, pte, huge) = match slot {
                 Slot::Hole(_) => continue,
-                Slot::Pte(p) => (p.va(), p.get()),
-                Slot::Pmd(p) => (p.range().start(), p.get()),
+                Slot::Pte(p) => (p.va(), p.get(), false),
+                Slot::Pmd(p) => (p.range().start(), p.get(), true),
             };
             if pte.is_none() {
                 continue;
@@ -66,6 +76,11 @@ impl Mm {
                 problems.push(format!("{va}: entry {pte:?} outside any VMA"));
                 continue;
             };
+            if huge
+                && !VaRange::from_len(va, PMD_SIZE).is_ok_and(|r| vma.range().contains_range(&r))
+            {
+                problems.push(format!("{va}: PMD leaf not inside VMA {:?}", vma.range()));
+            }
             if let Pte::Present { pfn, flags } = pte {
                 report.present_entries += 1;
                 if flags.contains(PteFlags::PROTNONE) == vma.is_accessible() {
@@ -77,29 +92,39 @@ impl Mm {
                 if pte.is_writable() && !vma.flags().contains(VmFlags::WRITE) {
                     problems.push(format!("{va}: writable entry in a read-only VMA"));
                 }
-                if phys.is_zero_pfn(pfn) {
+                let zero = if huge {
+                    phys.is_huge_zero_pfn(pfn)
+                } else {
+                    phys.is_zero_pfn(pfn)
+                };
+                if zero {
                     report.zero_page_entries += 1;
                     if flags.contains(PteFlags::WRITE) {
                         problems.push(format!("{va}: writable zero page"));
                     }
                     continue;
                 }
-                let folio = phys.frame(pfn).folio().meta().flags();
-                if folio.contains(FrameFlags::RESERVED) {
+                let folio = phys.frame(pfn).folio();
+                let fflags = folio.meta().flags();
+                if fflags.contains(FrameFlags::RESERVED) {
                     problems.push(format!("{va}: maps reserved frame {pfn}"));
                 }
+                if huge && (folio.pfn() != pfn || folio.meta().order() != PMD_ORDER) {
+                    problems.push(format!("{va}: PMD leaf maps {pfn}, not a THP head"));
+                }
                 if vma.is_anonymous() {
-                    if !folio.contains(FrameFlags::ANON) {
+                    if !fflags.contains(FrameFlags::ANON) {
                         problems.push(format!("{va}: private page {pfn} not anonymous"));
                     }
-                    if pte.is_writable() && !folio.contains(FrameFlags::ANON_EXCLUSIVE) {
+                    if pte.is_writable() && !fflags.contains(FrameFlags::ANON_EXCLUSIVE) {
                         problems.push(format!("{va}: writable page {pfn} not anon-exclusive"));
                     }
                 }
             }
             if let Some(pfn) = pte.pfn() {
-                if !matches!(pte, Pte::Migration { .. }) && !phys.is_zero_pfn(pfn) {
-                    *maps.entry(pfn).or_default() += 1;
+                if !matches!(pte, Pte::Migration { .. }) {
+                    let head = phys.frame(pfn).folio().pfn();
+                    folios.entry(head).or_default().push((va, pte));
                 }
             }
         }
@@ -113,36 +138,64 @@ impl Mm {
                 }
             }
         }
-        for (&pfn, &n) in &maps {
-            let f = phys.frame(pfn);
-            let meta = f.meta();
-            if meta.mapcount() != n {
+        let mut anon_folios = 0u64;
+        for (&head, ours) in &folios {
+            let fm = phys.frame(head).meta();
+            let nr = 1u64 << fm.order();
+            if fm.flags().contains(FrameFlags::ANON) {
+                anon_folios += 1;
+            }
+            let everywhere = rmap::collect(phys, head, Some((self, &st)));
+            for (va, pte) in ours {
+                let found = everywhere
+                    .iter()
+                    .any(|e| e.mm == self.id && e.addr == *va && e.entry == *pte);
+                if !found {
+                    problems.push(format!("{va}: {pte:?} not found by the reverse map"));
+                }
+            }
+            let mut pte_maps = vec![0i32; nr as usize];
+            let mut pmd_maps = 0i32;
+            for e in everywhere
+                .iter()
+                .filter(|e| !matches!(e.entry, Pte::Migration { .. }))
+            {
+                let pfn = e.entry.pfn().expect("system entry");
+                match e.level {
+                    Huge::Pmd => pmd_maps += 1,
+                    Huge::Pte => pte_maps[(pfn.as_u64() - head.as_u64()) as usize] += 1,
+                }
+            }
+            for (i, &n) in pte_maps.iter().enumerate() {
+                let page = phys.frame(Pfn::new(head.as_u64() + i as u64));
+                if page.meta().mapcount() != n {
+                    problems.push(format!(
+                        "{}: mapcount {} but {n} PTEs",
+                        page.pfn(),
+                        page.meta().mapcount()
+                    ));
+                }
+            }
+            if fm.entire_mapcount() != pmd_maps {
                 problems.push(format!(
-                    "{pfn}: mapcount {} but {n} entries",
-                    meta.mapcount()
+                    "{head}: entire mapcount {} but {pmd_maps} PMD leaves",
+                    fm.entire_mapcount()
                 ));
             }
             let in_object = st.vmas.iter().any(|v| match v.backing() {
-                Backing::Shmem(obj) => obj.holds(pfn),
+                Backing::Shmem(obj) => obj.holds(head),
                 Backing::Anon => false,
             });
-            let expected = n as u32 + u32::from(in_object) + f.folio().meta().pincount();
-            let refs = f.folio().meta().refcount();
-            if refs != expected {
-                problems.push(format!("{pfn}: refcount {refs}, expected {expected}"));
+            let mappings: i32 = pte_maps.iter().sum::<i32>() + pmd_maps;
+            let expected = mappings as u32 + u32::from(in_object) + fm.pincount();
+            if fm.refcount() != expected {
+                problems.push(format!(
+                    "{head}: refcount {}, expected {expected}",
+                    fm.refcount()
+                ));
             }
         }
-        let anon_mapped = maps
-            .keys()
-            .filter(|p| {
-                phys.frame(**p)
-                    .folio()
-                    .meta()
-                    .flags()
-                    .contains(FrameFlags::ANON)
-            })
-            .count() as u64;
-        report.frames_referenced = anon_mapped + object_pages;
+        report.frames_referenced = anon_folios + object_pages;
         if problems.is_empty() {
             Ok(report)
         } else {

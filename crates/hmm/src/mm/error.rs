@@ -31,6 +31,19 @@ pub enum MmError {
         /// Why.
         what: &'static str,
     },
+    /// `-EAGAIN`: a transient condition (a pinned, referenced or locked page); retrying
+    /// may succeed.
+    #[error("resource temporarily unavailable (EAGAIN): {what}")]
+    Again {
+        /// Why.
+        what: &'static str,
+    },
+    /// `-EFAULT`: an address that is not mapped, or not with the access asked for.
+    #[error("bad address {addr} (EFAULT)")]
+    Fault {
+        /// The first address that failed.
+        addr: VirtAddr,
+    },
     /// `-EEXIST`: `MAP_FIXED_NOREPLACE` over an existing mapping.
     #[error("a mapping exists at {addr} (EEXIST)")]
     Exists {
@@ -47,6 +60,8 @@ impl MmError {
             MmError::NoMem { .. } => libc::ENOMEM,
             MmError::Perm { .. } => libc::EPERM,
             MmError::Access { .. } => libc::EACCES,
+            MmError::Again { .. } => libc::EAGAIN,
+            MmError::Fault { .. } => libc::EFAULT,
             MmError::Exists { .. } => libc::EEXIST,
         }
     }

@@ -24,6 +24,7 @@ use crate::phys::FrameFlags;
 use crate::stats::FaultKind;
 
 use super::error::{FaultError, SegvCause};
+use super::thp::{self, dirty_flags};
 use super::vma::{Backing, Vma};
 use super::{Mm, MmState};
 
@@ -37,6 +38,10 @@ bitflags! {
         /// On behalf of another agent (GUP, a device through `hmm_range_fault`).
         #[doc(alias = "FAULT_FLAG_REMOTE")]
         const REMOTE = 1 << 1;
+        /// Make a shared anonymous page exclusive without making it writable (a read-only
+        /// pin must not see a later copy on write).
+        #[doc(alias = "FAULT_FLAG_UNSHARE")]
+        const UNSHARE = 1 << 2;
     }
 }
 
@@ -73,10 +78,17 @@ pub(super) fn handle_mm_fault(
 ) -> Result<(), FaultError> {
     let write = flags.contains(FaultFlags::WRITE);
     let vma = check_access(st.vmas.find(addr), addr, write)?;
+    if thp::huge_fault(mm, st, vma, addr, write)? {
+        return Ok(());
+    }
     let mut c = st.pt.cursor(VaRange::page_of(addr), WalkMode::Populate);
     let pte = match c.current().expect("a one-page walk yields a slot") {
         Slot::Pte(p) => p.get(),
-        Slot::Pmd(p) => unreachable!("PMD leaf at {:?} before THP support", p.range()),
+        Slot::Pmd(p) => {
+            let leaf = p.get();
+            drop(c);
+            return thp::huge_pmd_fault(mm, st, vma, addr, flags, leaf);
+        }
         Slot::Hole(_) => unreachable!("populate walks yield no holes"),
     };
     let f = Fault {
@@ -84,11 +96,13 @@ pub(super) fn handle_mm_fault(
         vma,
         addr,
         write,
+        unshare: flags.contains(FaultFlags::UNSHARE) && !write,
     };
     match pte {
         Pte::None => f.do_anonymous_or_shared(&mut c),
-        Pte::Present { pfn, flags } => {
-            if write && !flags.contains(PteFlags::WRITE) {
+        Pte::Present { pfn, flags: pf } => {
+            if (write && !pf.contains(PteFlags::WRITE)) || (f.unshare && must_unshare(mm, vma, pfn))
+            {
                 f.do_wp_page(&mut c, pte, pfn)
             } else {
                 // Spurious: another thread resolved it first.
@@ -111,11 +125,28 @@ pub(super) fn handle_mm_fault(
     }
 }
 
+/// Whether a read-only pin of `pfn` in `vma` must first make the page exclusive
+/// (`gup_must_unshare`): an anonymous page that is not anon-exclusive.
+pub(super) fn must_unshare(mm: &Mm, vma: &Vma, pfn: crate::addr::Pfn) -> bool {
+    let phys = mm.phys();
+    vma.is_anonymous()
+        && !phys.is_zero_pfn(pfn)
+        && !phys.is_huge_zero_pfn(pfn)
+        && !phys
+            .frame(pfn)
+            .folio()
+            .meta()
+            .flags()
+            .contains(FrameFlags::ANON_EXCLUSIVE)
+}
+
 struct Fault<'a> {
     mm: &'a Mm,
     vma: &'a Vma,
     addr: VirtAddr,
     write: bool,
+    /// `FAULT_FLAG_UNSHARE` on a read: the page becomes exclusive, not writable.
+    unshare: bool,
 }
 
 impl Fault<'_> {
@@ -145,11 +176,14 @@ impl Fault<'_> {
                     return Ok(());
                 }
                 let mut flags = PteFlags::YOUNG;
-                if vm_write {
+                // A read fault maps a clean page writable unless soft-dirty tracking
+                // must see the first write (vma_wants_writenotify).
+                let tracking = !self.vma.flags().contains(super::VmFlags::SOFTDIRTY);
+                if vm_write && (self.write || !tracking) {
                     flags |= PteFlags::WRITE;
                 }
                 if self.write {
-                    flags |= PteFlags::DIRTY;
+                    flags |= dirty_flags();
                 }
                 mapping.meta().inc_mapcount();
                 p.set(Pte::Present {
@@ -182,6 +216,7 @@ impl Fault<'_> {
                     )
                     .map_err(|_| FaultError::Oom { addr: self.addr })?;
                 mm.counters.frame_allocated();
+                mm.new_anon_rmap(&frame, self.vma, self.addr);
                 let Some(Slot::Pte(p)) = c.current() else {
                     unreachable!()
                 };
@@ -193,7 +228,7 @@ impl Fault<'_> {
                 frame.meta().inc_mapcount();
                 p.set(Pte::Present {
                     pfn: frame.into_raw(),
-                    flags: PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG,
+                    flags: PteFlags::WRITE | dirty_flags(),
                 });
                 mm.counters.fault(FaultKind::AnonWrite);
                 Ok(())
@@ -201,7 +236,8 @@ impl Fault<'_> {
         }
     }
 
-    /// `do_wp_page`: a write to a present read-only entry of a writable VMA.
+    /// `do_wp_page`: a write to a present read-only entry of a writable VMA, or an unshare
+    /// request (which leaves the entry's write permission as it was).
     fn do_wp_page(
         &self,
         c: &mut Cursor<'_>,
@@ -210,12 +246,13 @@ impl Fault<'_> {
     ) -> Result<(), FaultError> {
         let mm = self.mm;
         let phys = mm.phys();
+        let unshare = self.unshare;
         let make_writable = |c: &mut Cursor<'_>| {
             let Some(Slot::Pte(p)) = c.current() else {
                 unreachable!()
             };
-            if p.get() == orig {
-                let flags = orig.flags() | PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG;
+            if p.get() == orig && !unshare {
+                let flags = orig.flags() | PteFlags::WRITE | dirty_flags();
                 p.set(Pte::Present { pfn, flags });
             }
         };
@@ -248,6 +285,7 @@ impl Fault<'_> {
             )
             .map_err(|_| FaultError::Oom { addr: self.addr })?;
         mm.counters.frame_allocated();
+        mm.new_anon_rmap(&new, self.vma, self.addr);
         match &old {
             Some(old) => new.copy_from(old),
             None => new.zero(),
@@ -270,10 +308,14 @@ impl Fault<'_> {
             return Ok(());
         }
         new.meta().inc_mapcount();
-        let soft_dirty = orig.flags() & PteFlags::SOFT_DIRTY;
+        let flags = if unshare {
+            PteFlags::YOUNG | (orig.flags() & (PteFlags::DIRTY | PteFlags::SOFT_DIRTY))
+        } else {
+            PteFlags::WRITE | dirty_flags()
+        };
         p.set(Pte::Present {
             pfn: new.into_raw(),
-            flags: PteFlags::WRITE | PteFlags::DIRTY | PteFlags::YOUNG | soft_dirty,
+            flags,
         });
         c.unlock();
         // ptep_clear_flush: one flush of one page.
@@ -313,17 +355,12 @@ impl Fault<'_> {
         let inv = mm.notifiers().invalidate_range_start(range);
         if let Some(Slot::Pte(p)) = c.current() {
             if p.get() == orig {
-                let meta = folio.folio().meta();
-                let mut new = flags & PteFlags::SOFT_DIRTY;
-                if self.vma.flags().contains(super::VmFlags::WRITE)
-                    && meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
-                {
-                    new |= PteFlags::WRITE;
-                    if meta.flags().contains(FrameFlags::DIRTY) {
-                        new |= PteFlags::DIRTY;
-                    }
-                }
-                p.set(Pte::Present { pfn, flags: new });
+                p.set(super::fork::restore_exclusive(
+                    mm.phys(),
+                    self.vma,
+                    pfn,
+                    flags,
+                ));
                 mm.counters.fault(FaultKind::DeviceExclusive);
             }
         }

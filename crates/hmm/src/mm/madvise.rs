@@ -1,28 +1,49 @@
-//! `madvise`.
+//! `madvise`: DONTNEED, FREE, HUGEPAGE, NOHUGEPAGE, COLLAPSE.
 
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{NotifierEvent, NotifierRange};
+use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::phys::FrameFlags;
+use crate::prot::VmFlags;
 
 use super::error::MmError;
 use super::tlb::TlbGather;
-use super::{page_align_len, zap, Mm};
+use super::vma::Vma;
+use super::{page_align_len, thp, zap, Mm, MmState};
 
 /// Advice for [`Mm::madvise`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Advice {
-    /// `MADV_DONTNEED`: drop the pages; private anonymous memory reads back as zeros,
-    /// shared memory keeps its contents in the shared object.
+    /// `MADV_DONTNEED`: drop the pages now (CLEAR per VMA); private anonymous memory reads
+    /// back as zeros, shared memory keeps its contents in the shared object. Mmap lock
+    /// held for reading.
     #[doc(alias = "MADV_DONTNEED")]
     DontNeed,
+    /// `MADV_FREE`: private anonymous pages may be discarded instead of kept, unless written
+    /// again first. Entries are made clean and old and exclusive folios marked lazy-free
+    /// (CLEAR per VMA); [`Mm::reclaim_lazyfree`] discards the ones still clean. `Inval` on
+    /// shared memory. Mmap lock held for reading.
+    #[doc(alias = "MADV_FREE")]
+    Free,
+    /// `MADV_HUGEPAGE`: allow THPs on fault in [`ThpMode::Madvise`](super::ThpMode).
+    #[doc(alias = "MADV_HUGEPAGE")]
+    HugePage,
+    /// `MADV_NOHUGEPAGE`: no THPs on fault; existing ones stay.
+    #[doc(alias = "MADV_NOHUGEPAGE")]
+    NoHugePage,
+    /// `MADV_COLLAPSE`: make every aligned 2 MiB of private anonymous memory one THP now,
+    /// copying its bytes (see [`thp`](super::thp) for the errors).
+    #[doc(alias = "MADV_COLLAPSE")]
+    Collapse,
 }
 
 impl Mm {
-    /// Gives advice about `[addr, addr + len)` (len rounded up to pages). Runs under the
-    /// mmap lock held for reading, concurrently with faults.
+    /// Gives advice about `[addr, addr + len)` (len rounded up to pages).
     ///
-    /// Errors: `Inval` for an unaligned address or a range that overflows; `NoMem` for a
-    /// range not entirely mapped. Unlike Linux, which applies the advice to the mapped parts
-    /// and then fails, a range with a hole changes nothing (see DESIGN.md).
+    /// Errors: `Inval` for an unaligned address, a range that overflows, or advice the
+    /// memory does not support; `NoMem` for a range not entirely mapped. Unlike Linux,
+    /// which applies the advice to the mapped parts and then fails, a range with a hole
+    /// changes nothing (see DESIGN.md).
     #[doc(alias = "do_madvise")]
     pub fn madvise(&self, addr: VirtAddr, len: u64, advice: Advice) -> Result<(), MmError> {
         if !addr.is_page_aligned() {
@@ -38,15 +59,21 @@ impl Mm {
             .ok_or(MmError::Inval {
                 what: "range overflows the address space",
             })?;
-        let guard = self.mmap_read();
-        let st = &*guard.state;
-        if st.vmas.first_hole(range).is_some() {
-            return Err(MmError::NoMem {
-                what: "range not fully mapped",
-            });
-        }
+        let unmapped = MmError::NoMem {
+            what: "range not fully mapped",
+        };
         match advice {
-            Advice::DontNeed => {
+            Advice::DontNeed | Advice::Free => {
+                let guard = self.mmap_read();
+                let st = &*guard.state;
+                if st.vmas.first_hole(range).is_some() {
+                    return Err(unmapped);
+                }
+                if advice == Advice::Free && st.vmas.overlapping(range).any(|v| !v.is_anonymous()) {
+                    return Err(MmError::Inval {
+                        what: "MADV_FREE needs private anonymous memory",
+                    });
+                }
                 let mut tlb = TlbGather::new(self);
                 for v in st.vmas.overlapping(range) {
                     let seg = v.range().intersect(&range).expect("overlapping VMA");
@@ -56,12 +83,166 @@ impl Mm {
                         NotifierEvent::Clear,
                         Some(v.info()),
                     ));
-                    zap::zap_range(self, &st.pt, seg, &mut tlb);
+                    if advice == Advice::DontNeed {
+                        zap::zap_range(self, &st.pt, Some(v.info()), seg, &mut tlb);
+                    } else {
+                        self.free_range(st, v, seg, &mut tlb);
+                    }
                     inv.end();
                 }
                 tlb.finish();
+                Ok(())
+            }
+            Advice::HugePage | Advice::NoHugePage => {
+                let mut st = self.lock.write();
+                if st.vmas.first_hole(range).is_some() {
+                    return Err(unmapped);
+                }
+                let (set, clear) = if advice == Advice::HugePage {
+                    (VmFlags::HUGEPAGE, VmFlags::NOHUGEPAGE)
+                } else {
+                    (VmFlags::NOHUGEPAGE, VmFlags::HUGEPAGE)
+                };
+                st.vmas.update_flags(range, |f| (f - clear) | set);
+                Ok(())
+            }
+            Advice::Collapse => {
+                let st = self.lock.write();
+                if st.vmas.first_hole(range).is_some() {
+                    return Err(unmapped);
+                }
+                thp::collapse(self, &st, range)
             }
         }
-        Ok(())
+    }
+
+    /// `madvise_free_pte_range` over `range` of `vma`: exclusive folios become lazy-free and
+    /// their entries clean and old; a THP the range covers only in part is split first.
+    fn free_range(&self, st: &MmState, vma: &Vma, range: VaRange, tlb: &mut TlbGather<'_>) {
+        let phys = self.phys();
+        let mut c = st.pt.cursor(range, WalkMode::Lookup);
+        let mut retry = false;
+        loop {
+            let slot = if retry { c.current() } else { c.next() };
+            retry = false;
+            let Some(slot) = slot else { break };
+            let (old, r) = match &slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
+                Slot::Pmd(p) => (p.get(), p.range()),
+            };
+            if matches!(slot, Slot::Pmd(_)) && !range.contains_range(&r) {
+                c.unlock();
+                thp::split_pmd(self, &st.pt, Some(vma.info()), r.start(), tlb);
+                retry = true;
+                continue;
+            }
+            let Pte::Present { pfn, flags } = old else {
+                continue;
+            };
+            if phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn) {
+                continue;
+            }
+            let folio = phys.frame(pfn).folio();
+            let fm = folio.meta();
+            if !fm.flags().contains(FrameFlags::ANON_EXCLUSIVE) {
+                continue;
+            }
+            fm.clear_flags(FrameFlags::DIRTY);
+            fm.set_flags(FrameFlags::LAZYFREE);
+            let new = Pte::Present {
+                pfn,
+                flags: flags - PteFlags::DIRTY - PteFlags::YOUNG,
+            };
+            if new != old {
+                match slot {
+                    Slot::Pte(p) => p.set(new),
+                    Slot::Pmd(p) => p.set(new),
+                    Slot::Hole(_) => unreachable!(),
+                }
+                tlb.add_range(r);
+            }
+        }
+    }
+
+    /// Discards lazy-free pages (`MADV_FREE`) that have not been written since, as reclaim
+    /// would under memory pressure: each such entry is cleared under a one-entry CLEAR
+    /// invalidation and the folio freed; later reads see zeros. Returns the pages
+    /// discarded. A page written after `MADV_FREE` (dirty entry) loses its lazy-free mark
+    /// and is kept.
+    #[doc(alias = "shrink_folio_list")]
+    pub fn reclaim_lazyfree(&self) -> u64 {
+        let guard = self.mmap_read();
+        let st = &*guard.state;
+        let phys = self.phys();
+        let mut discarded = 0;
+        let mut tlb = TlbGather::new(self);
+        for v in st.vmas.iter().filter(|v| v.is_anonymous()) {
+            let mut c = st.pt.cursor(v.range(), WalkMode::Lookup);
+            let mut retry = false;
+            loop {
+                let slot = if retry { c.current() } else { c.next() };
+                retry = false;
+                let Some(slot) = slot else { break };
+                let (entry, r) = match &slot {
+                    Slot::Hole(_) => continue,
+                    Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
+                    Slot::Pmd(p) => (p.get(), p.range()),
+                };
+                let Pte::Present { pfn, flags } = entry else {
+                    continue;
+                };
+                if phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn) {
+                    continue;
+                }
+                let fm = phys.frame(pfn).folio().meta();
+                if !fm.flags().contains(FrameFlags::LAZYFREE) {
+                    continue;
+                }
+                let discard = !flags.contains(PteFlags::DIRTY)
+                    && !fm.flags().contains(FrameFlags::DIRTY)
+                    && fm.pincount() == 0;
+                if !discard {
+                    fm.clear_flags(FrameFlags::LAZYFREE);
+                    continue;
+                }
+                // try_to_unmap with the CLEAR event, one entry at a time.
+                c.unlock();
+                let inv = self.notifiers.invalidate_range_start(NotifierRange::new(
+                    self.id,
+                    r,
+                    NotifierEvent::Clear,
+                    Some(v.info()),
+                ));
+                retry = true;
+                if let Some(slot) = c.current() {
+                    let (now, huge) = match &slot {
+                        Slot::Pte(p) => (p.get(), false),
+                        Slot::Pmd(p) => (p.get(), true),
+                        Slot::Hole(_) => (Pte::None, false),
+                    };
+                    if now == entry {
+                        match slot {
+                            Slot::Pte(p) => p.set(Pte::None),
+                            Slot::Pmd(p) => p.set(Pte::None),
+                            Slot::Hole(_) => unreachable!(),
+                        }
+                        if huge {
+                            fm.dec_entire_mapcount();
+                        } else {
+                            phys.frame(pfn).meta().dec_mapcount();
+                        }
+                        tlb.add_range(r);
+                        tlb.defer_put(pfn);
+                        discarded += r.npages();
+                    }
+                    retry = false;
+                }
+                c.unlock();
+                inv.end();
+            }
+        }
+        tlb.finish();
+        discarded
     }
 }

@@ -2,7 +2,7 @@
 
 use bitflags::bitflags;
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
 use super::error::MmError;
@@ -119,15 +119,21 @@ impl Mm {
             }
             self.do_munmap(&mut st, range);
         }
-        let mut vm_flags =
-            VmFlags::from_prot(prot) | VmFlags::MAYREAD | VmFlags::MAYWRITE | VmFlags::MAYEXEC;
-        let backing = if shared {
+        let mut vm_flags = VmFlags::from_prot(prot)
+            | VmFlags::MAYREAD
+            | VmFlags::MAYWRITE
+            | VmFlags::MAYEXEC
+            | VmFlags::SOFTDIRTY;
+        let (backing, pgoff) = if shared {
             vm_flags |= VmFlags::SHARED;
-            Backing::Shmem(ShmemObject::new(self.phys.clone()))
+            let obj = ShmemObject::new(self.phys.clone());
+            obj.mappers.add(&self.this);
+            (Backing::Shmem(obj), 0)
         } else {
-            Backing::Anon
+            // Anonymous memory is indexed by its first address (see `rmap`).
+            (Backing::Anon, start.as_u64() >> PAGE_SHIFT)
         };
-        st.vmas.insert(Vma::new(range, vm_flags, 0, backing));
+        st.vmas.insert(Vma::new(range, vm_flags, pgoff, backing));
         Ok(start)
     }
 }

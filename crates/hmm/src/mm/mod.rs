@@ -28,16 +28,21 @@ mod access;
 mod audit;
 mod error;
 mod fault;
+mod fork;
+mod gup;
 mod madvise;
 mod mmap;
 mod mprotect;
 mod munmap;
+mod pagemap;
+pub mod rmap;
 mod shmem;
+mod thp;
 mod tlb;
 mod vma;
 mod zap;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::{RwLock, RwLockReadGuard};
 
@@ -45,8 +50,12 @@ pub use access::Scalar;
 pub use audit::{AuditError, AuditReport};
 pub use error::{FaultError, MmError, SegvCause};
 pub use fault::FaultFlags;
+pub use gup::{GupFlags, UserPages};
 pub use madvise::Advice;
 pub use mmap::MapFlags;
+pub use pagemap::{PagemapEntry, SwapKind};
+pub use rmap::{folio_mappings, RmapEntry};
+pub use thp::ThpMode;
 pub use vma::{Vma, VmaKind};
 
 pub use crate::prot::{Prot, VmFlags};
@@ -59,6 +68,7 @@ use crate::notifier::{
 use crate::pgtable::PageTable;
 use crate::phys::{Frame, Freed, PhysMem};
 use crate::stats::{MmCounters, MmStats};
+use rmap::AnonVma;
 use vma::VmaTree;
 
 /// The lowest address a mapping may use (`vm.mmap_min_addr`).
@@ -77,10 +87,15 @@ pub(crate) struct MmState {
 /// An address space (`struct mm_struct`).
 pub struct Mm {
     id: MmId,
+    /// This address space, weakly (what reverse maps hold).
+    this: Weak<Mm>,
+    /// The fork family its anonymous folios belong to.
+    anon_vma: Arc<AnonVma>,
     phys: Arc<PhysMem>,
     lock: RwLock<MmState>,
     notifiers: Arc<MmNotifiers>,
     counters: MmCounters,
+    thp: thp::ThpSetting,
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
@@ -123,9 +138,16 @@ impl std::fmt::Debug for MmapReadGuard<'_> {
 impl Mm {
     /// A new, empty address space on `phys`.
     pub fn new(phys: Arc<PhysMem>) -> Arc<Mm> {
+        Self::new_in_family(phys, Arc::default())
+    }
+
+    /// A new, empty address space whose anonymous folios belong to `anon_vma`.
+    fn new_in_family(phys: Arc<PhysMem>, anon_vma: Arc<AnonVma>) -> Arc<Mm> {
         let id = MmId::new_unique();
-        Arc::new(Mm {
+        let mm = Arc::new_cyclic(|this| Mm {
             id,
+            this: this.clone(),
+            anon_vma,
             phys,
             lock: RwLock::new(MmState {
                 vmas: VmaTree::default(),
@@ -133,7 +155,10 @@ impl Mm {
             }),
             notifiers: MmNotifiers::new(id),
             counters: MmCounters::default(),
-        })
+            thp: thp::ThpSetting::default(),
+        });
+        mm.anon_vma.mms.add(&mm.this);
+        mm
     }
 
     /// The address space's id, as carried in notifier ranges.
@@ -195,6 +220,22 @@ impl Mm {
         self.lock.read().vmas.iter().cloned().collect()
     }
 
+    /// Makes a new anonymous folio part of this address space's reverse map at `addr` of
+    /// `vma` (`folio_add_new_anon_rmap`).
+    #[doc(alias = "folio_add_new_anon_rmap")]
+    pub(crate) fn new_anon_rmap(
+        &self,
+        frame: &crate::phys::FrameRef<'_>,
+        vma: &Vma,
+        addr: VirtAddr,
+    ) {
+        let owner: Weak<AnonVma> = Arc::downgrade(&self.anon_vma);
+        frame.meta().set_mapping(
+            owner,
+            vma.pgoff_of(addr.align_down(PAGE_SIZE << frame.meta().order())),
+        );
+    }
+
     /// Drops a reference taken for the mm, counting a free.
     pub(crate) fn release_frame(&self, frame: Frame<'_>) {
         let pfn = frame.into_raw();
@@ -214,7 +255,7 @@ impl Drop for Mm {
         let mut tlb = tlb::TlbGather::new(self);
         let state = self.lock.read();
         for v in &vmas {
-            zap::zap_range(self, &state.pt, v.range(), &mut tlb);
+            zap::zap_range(self, &state.pt, Some(v.info()), v.range(), &mut tlb);
         }
         drop(state);
         tlb.finish();

@@ -3,14 +3,14 @@
 
 use crate::addr::{VaRange, VirtAddr, TASK_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{MigrationKind, PageTable, Pte, PteFlags, PteSlot, Slot, WalkMode};
+use crate::pgtable::{MigrationKind, PageTable, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::{Prot, VmFlags};
 
 use super::error::MmError;
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
-use super::{page_align_len, Mm};
+use super::{page_align_len, thp, Mm};
 
 impl Mm {
     /// Changes the protection of `[addr, addr + len)` (len rounded up to pages).
@@ -54,128 +54,128 @@ impl Mm {
                 });
             }
         }
-        let changed: Vec<Vma> = st
+        let changed = st
             .vmas
-            .isolate(range)
-            .filter(|v| v.flags() & VmFlags::ACCESS != want)
-            .map(|v| {
-                v.set_flags((v.flags() - VmFlags::ACCESS) | want);
-                v.clone()
-            })
-            .collect();
+            .update_flags(range, |f| (f - VmFlags::ACCESS) | want);
         for v in &changed {
             self.change_protection(&st.pt, v);
-        }
-        for v in st
-            .vmas
-            .overlapping(range)
-            .map(|v| v.start())
-            .collect::<Vec<_>>()
-        {
-            if st.vmas.find(v).is_some_and(|x| x.start() == v) {
-                st.vmas.merge_around(v);
-            }
-        }
-        if let Some(after) = st.vmas.find(range.end()).map(|v| v.start()) {
-            st.vmas.merge_around(after);
         }
         Ok(())
     }
 
     /// `change_protection` over one VMA (already carrying its new flags). The
     /// PROTECTION_VMA invalidation starts at the first populated slot, as the kernel starts
-    /// it at the first non-empty PMD.
+    /// it at the first non-empty PMD. A PMD leaf the VMA covers only in part is split.
     fn change_protection(&self, pt: &PageTable, vma: &Vma) {
-        let phys = self.phys();
-        let flags = vma.flags();
-        let accessible = vma.is_accessible();
-        let writable = flags.contains(VmFlags::WRITE);
-        let shared = matches!(vma.backing(), Backing::Shmem(_));
-        let process = |p: &PteSlot<'_>, tlb: &mut TlbGather<'_>| {
-            let old = p.get();
-            let new = match old {
-                Pte::None => return,
-                Pte::Present { pfn, flags: f } => {
-                    let mut nf = f - PteFlags::WRITE - PteFlags::PROTNONE;
-                    if !accessible {
-                        nf |= PteFlags::PROTNONE;
-                    } else if writable && !phys.is_zero_pfn(pfn) {
-                        // MM_CP_TRY_CHANGE_WRITABLE: shared pages, or anon-exclusive ones.
-                        let exclusive = phys
-                            .frame(pfn)
-                            .folio()
-                            .meta()
-                            .flags()
-                            .contains(FrameFlags::ANON_EXCLUSIVE);
-                        if shared || exclusive {
-                            nf |= PteFlags::WRITE;
-                        }
-                    }
-                    Pte::Present { pfn, flags: nf }
-                }
-                Pte::Migration {
-                    pfn,
-                    kind: MigrationKind::Write,
-                    flags: f,
-                } => {
-                    // "A protection check is difficult so just be safe and disable write."
-                    let folio = phys.frame(pfn).folio();
-                    let kind = if folio.meta().flags().contains(FrameFlags::ANON) {
-                        MigrationKind::ReadExclusive
-                    } else {
-                        MigrationKind::Read
-                    };
-                    Pte::Migration {
-                        pfn,
-                        kind,
-                        flags: f,
-                    }
-                }
-                Pte::DevicePrivate { pfn, flags: f } => Pte::DevicePrivate {
-                    pfn,
-                    flags: f - PteFlags::WRITE,
-                },
-                Pte::Migration { .. } | Pte::DeviceExclusive { .. } => old,
-            };
-            if new != old {
-                p.set(new);
-                if old.is_accessible() {
-                    tlb.add_range(VaRange::page_of(p.va()));
-                }
-            }
-        };
         let mut c = pt.cursor(vma.range(), WalkMode::Lookup);
         let mut inv = None;
         let mut tlb = TlbGather::new(self);
-        while let Some(slot) = c.next() {
-            let p = match slot {
+        let mut retry = false;
+        loop {
+            let slot = if retry { c.current() } else { c.next() };
+            retry = false;
+            let Some(slot) = slot else { break };
+            let (old, range) = match &slot {
                 Slot::Hole(_) => continue,
-                Slot::Pmd(p) => unreachable!("PMD leaf at {:?} before THP support", p.range()),
-                Slot::Pte(p) => p,
+                Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
+                Slot::Pmd(p) => (p.get(), p.range()),
             };
-            if inv.is_some() {
-                process(&p, &mut tlb);
+            if old.is_none() {
                 continue;
             }
-            // Start the invalidation with no page-table lock held, then re-take the slot.
-            let va = p.va();
-            c.unlock();
-            let r = VaRange::new(va, vma.end()).expect("inside VMA");
-            inv = Some(self.notifiers.invalidate_range_start(NotifierRange::new(
-                self.id,
-                r,
-                NotifierEvent::ProtectionVma,
-                Some(vma.info()),
-            )));
-            let Some(Slot::Pte(p)) = c.current() else {
-                unreachable!("the table stays while the mmap lock is held for writing")
-            };
-            process(&p, &mut tlb);
+            if inv.is_none() {
+                // Start the invalidation with no page-table lock held, then re-take the slot.
+                let start = range.start().max(vma.start());
+                c.unlock();
+                let r = VaRange::new(start, vma.end()).expect("inside VMA");
+                inv = Some(self.notifiers.invalidate_range_start(NotifierRange::new(
+                    self.id,
+                    r,
+                    NotifierEvent::ProtectionVma,
+                    Some(vma.info()),
+                )));
+                retry = true;
+                continue;
+            }
+            if matches!(slot, Slot::Pmd(_)) && !vma.range().contains_range(&range) {
+                c.unlock();
+                thp::split_pmd(self, pt, Some(vma.info()), range.start(), &mut tlb);
+                retry = true;
+                continue;
+            }
+            let new = self.protect_entry(vma, old);
+            if new != old {
+                match slot {
+                    Slot::Pte(p) => p.set(new),
+                    Slot::Pmd(p) => p.set(new),
+                    Slot::Hole(_) => unreachable!(),
+                }
+                if old.is_accessible() {
+                    tlb.add_range(range);
+                }
+            }
         }
         drop(c);
         tlb.finish();
         if let Some(inv) = inv {
             inv.end();
+        }
+    }
+
+    /// The entry `old` becomes under `vma`'s new protection.
+    fn protect_entry(&self, vma: &Vma, old: Pte) -> Pte {
+        let phys = self.phys();
+        let flags = vma.flags();
+        match old {
+            Pte::None => old,
+            Pte::Present { pfn, flags: f } => {
+                let mut nf = f - PteFlags::WRITE - PteFlags::PROTNONE;
+                if !vma.is_accessible() {
+                    nf |= PteFlags::PROTNONE;
+                } else if flags.contains(VmFlags::WRITE)
+                    && !phys.is_zero_pfn(pfn)
+                    && !phys.is_huge_zero_pfn(pfn)
+                {
+                    // can_change_pte_writable: shared pages, or anon-exclusive ones, and
+                    // not while soft-dirty tracking waits for this page's first write.
+                    let shared = matches!(vma.backing(), Backing::Shmem(_));
+                    let exclusive = phys
+                        .frame(pfn)
+                        .folio()
+                        .meta()
+                        .flags()
+                        .contains(FrameFlags::ANON_EXCLUSIVE);
+                    let tracking =
+                        !flags.contains(VmFlags::SOFTDIRTY) && !f.contains(PteFlags::SOFT_DIRTY);
+                    if (shared || exclusive) && !tracking {
+                        nf |= PteFlags::WRITE;
+                    }
+                }
+                Pte::Present { pfn, flags: nf }
+            }
+            Pte::Migration {
+                pfn,
+                kind: MigrationKind::Write,
+                flags: f,
+            } => {
+                // "A protection check is difficult so just be safe and disable write."
+                let folio = phys.frame(pfn).folio();
+                let kind = if folio.meta().flags().contains(FrameFlags::ANON) {
+                    MigrationKind::ReadExclusive
+                } else {
+                    MigrationKind::Read
+                };
+                Pte::Migration {
+                    pfn,
+                    kind,
+                    flags: f,
+                }
+            }
+            Pte::DevicePrivate { pfn, flags: f } => Pte::DevicePrivate {
+                pfn,
+                flags: f - PteFlags::WRITE,
+            },
+            Pte::Migration { .. } | Pte::DeviceExclusive { .. } => old,
         }
     }
 }

@@ -28,10 +28,10 @@ impl Mm {
             return;
         };
         let info = first.info();
-        let segments: Vec<VaRange> = st
+        let segments: Vec<_> = st
             .vmas
             .overlapping(range)
-            .filter_map(|v| v.range().intersect(&range))
+            .filter_map(|v| Some((v.range().intersect(&range)?, v.info())))
             .collect();
         let inv = self.notifiers.invalidate_range_start(NotifierRange::new(
             self.id,
@@ -40,8 +40,8 @@ impl Mm {
             Some(info),
         ));
         let mut tlb = TlbGather::new(self);
-        for seg in segments {
-            zap::zap_range(self, &st.pt, seg, &mut tlb);
+        for (seg, info) in segments {
+            zap::zap_range(self, &st.pt, Some(info), seg, &mut tlb);
         }
         inv.end();
         tlb.finish();

@@ -6,24 +6,31 @@
 //! before one is taken.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
 use crate::addr::Pfn;
 use crate::phys::{AllocError, FrameFlags, PhysMem};
 
+use super::rmap::MmSet;
+
 /// A shared memory object.
 pub(crate) struct ShmemObject {
+    this: Weak<ShmemObject>,
     phys: Arc<PhysMem>,
     pages: Mutex<BTreeMap<u64, Pfn>>,
+    /// Address spaces that map it (the kernel's `i_mmap`).
+    pub(crate) mappers: MmSet,
 }
 
 impl ShmemObject {
     pub(crate) fn new(phys: Arc<PhysMem>) -> Arc<Self> {
-        Arc::new(ShmemObject {
+        Arc::new_cyclic(|this| ShmemObject {
+            this: this.clone(),
             phys,
             pages: Mutex::new(BTreeMap::new()),
+            mappers: MmSet::default(),
         })
     }
 
@@ -40,6 +47,8 @@ impl ShmemObject {
             .phys
             .alloc_zeroed(0, FrameFlags::UPTODATE | FrameFlags::DIRTY)?;
         let pfn = f.pfn();
+        let owner: Weak<ShmemObject> = self.this.clone();
+        f.meta().set_mapping(owner, pgoff);
         // One reference for the object, one for the caller's mapping.
         f.meta().get();
         pages.insert(pgoff, f.into_raw());

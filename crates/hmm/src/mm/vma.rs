@@ -102,8 +102,10 @@ impl Vma {
         &self.backing
     }
 
-    pub(crate) fn set_flags(&mut self, flags: VmFlags) {
-        self.flags = flags;
+    /// Page offset of the VMA's start in its backing object (for anonymous memory, the
+    /// start's page number when it was mapped; see [`super::rmap`]).
+    pub(crate) fn pgoff(&self) -> u64 {
+        self.pgoff
     }
 
     /// Page offset in the backing object of `addr`.
@@ -114,12 +116,11 @@ impl Vma {
     /// Whether `next` may be merged onto the end of `self`.
     fn can_merge(&self, next: &Vma) -> bool {
         self.end() == next.start()
-            && self.flags == next.flags
+            && self.flags - VmFlags::SOFTDIRTY == next.flags - VmFlags::SOFTDIRTY
+            && self.pgoff + self.range.npages() == next.pgoff
             && match (&self.backing, &next.backing) {
                 (Backing::Anon, Backing::Anon) => true,
-                (Backing::Shmem(a), Backing::Shmem(b)) => {
-                    Arc::ptr_eq(a, b) && self.pgoff + self.range.npages() == next.pgoff
-                }
+                (Backing::Shmem(a), Backing::Shmem(b)) => Arc::ptr_eq(a, b),
                 _ => false,
             }
     }
@@ -226,6 +227,7 @@ impl VmaTree {
                 let cur = self.map.remove(&key).expect("present");
                 let prev = self.map.get_mut(&pk).expect("present");
                 prev.range = VaRange::new(prev.start(), cur.end()).expect("merged range");
+                prev.flags |= cur.flags & VmFlags::SOFTDIRTY;
                 key = pk;
             }
         }
@@ -235,8 +237,37 @@ impl VmaTree {
                 let next = self.map.remove(&end).expect("present");
                 let cur = self.map.get_mut(&key).expect("present");
                 cur.range = VaRange::new(cur.start(), next.end()).expect("merged range");
+                cur.flags |= next.flags & VmFlags::SOFTDIRTY;
             }
         }
+    }
+
+    /// Sets the flags of every VMA part inside `range` to `update(flags)`, splitting at the
+    /// ends and merging afterwards (`vma_modify_flags`). Returns the parts that changed,
+    /// with their new flags, before merging.
+    pub(crate) fn update_flags(
+        &mut self,
+        range: VaRange,
+        update: impl Fn(VmFlags) -> VmFlags,
+    ) -> Vec<Vma> {
+        let changed: Vec<Vma> = self
+            .isolate(range)
+            .filter_map(|v| {
+                let new = update(v.flags);
+                (new != v.flags).then(|| {
+                    v.flags = new;
+                    v.clone()
+                })
+            })
+            .collect();
+        let mut starts: Vec<VirtAddr> = self.overlapping(range).map(Vma::start).collect();
+        starts.extend(self.find(range.end()).map(Vma::start));
+        for s in starts {
+            if self.map.contains_key(&s) {
+                self.merge_around(s);
+            }
+        }
+        changed
     }
 
     /// The end of the VMA below `addr` (or zero) and the start of the VMA at or above

@@ -5,16 +5,29 @@ use crate::addr::VaRange;
 use crate::pgtable::{PageTable, Pte, PteFlags, Slot};
 use crate::phys::FrameFlags;
 
+use super::thp;
 use super::tlb::TlbGather;
 use super::Mm;
+use crate::notifier::VmaInfo;
 
-/// Clears every entry in `range`, moving the references they held into `tlb` (released
-/// after its flush). The caller has started the notifier invalidation.
+/// Clears every entry in `range` of `vma`, moving the references they held into `tlb`
+/// (released after its flush). The caller has started the notifier invalidation. A PMD leaf
+/// that `range` covers only in part is split first (with its own CLEAR invalidation).
 #[doc(alias = "zap_pte_range")]
-pub(crate) fn zap_range(mm: &Mm, pt: &PageTable, range: VaRange, tlb: &mut TlbGather<'_>) {
+pub(crate) fn zap_range(
+    mm: &Mm,
+    pt: &PageTable,
+    vma: Option<VmaInfo>,
+    range: VaRange,
+    tlb: &mut TlbGather<'_>,
+) {
     let phys = mm.phys();
     let mut c = pt.cursor(range, crate::pgtable::WalkMode::Lookup);
-    while let Some(slot) = c.next() {
+    let mut retry = false;
+    loop {
+        let slot = if retry { c.current() } else { c.next() };
+        retry = false;
+        let Some(slot) = slot else { break };
         match slot {
             Slot::Hole(_) => {}
             Slot::Pte(p) => {
@@ -52,10 +65,12 @@ pub(crate) fn zap_range(mm: &Mm, pt: &PageTable, range: VaRange, tlb: &mut TlbGa
             }
             Slot::Pmd(p) => {
                 let leaf = p.range();
-                assert!(
-                    range.contains_range(&leaf),
-                    "partial zap of a PMD leaf at {leaf:?} needs a THP split"
-                );
+                if !range.contains_range(&leaf) {
+                    c.unlock();
+                    thp::split_pmd(mm, pt, vma, leaf.start(), tlb);
+                    retry = true;
+                    continue;
+                }
                 match p.replace(Pte::None) {
                     Pte::None => {}
                     Pte::Present { pfn, flags } => {
@@ -63,7 +78,11 @@ pub(crate) fn zap_range(mm: &Mm, pt: &PageTable, range: VaRange, tlb: &mut TlbGa
                             tlb.add_range(leaf);
                         }
                         if !phys.is_huge_zero_pfn(pfn) {
-                            phys.frame(pfn).meta().dec_mapcount();
+                            let fm = phys.frame(pfn).meta();
+                            if flags.contains(PteFlags::DIRTY) {
+                                fm.set_flags(FrameFlags::DIRTY);
+                            }
+                            fm.dec_entire_mapcount();
                             tlb.defer_put(pfn);
                         }
                     }

@@ -166,6 +166,19 @@ impl<'a> Cursor<'a> {
         self.next()
     }
 
+    /// Moves the walk forward to `va` (which must not be behind it or past the end); the
+    /// next slot yielded is the one containing `va`. The lock held stays held if `va` is in
+    /// the same table.
+    pub fn seek(&mut self, va: VirtAddr) {
+        assert!(
+            va >= self.next && va < self.end,
+            "seek to {va} outside {}..{}",
+            self.next,
+            self.end
+        );
+        self.next = va;
+    }
+
     /// Visits the next slot, or returns `None` at the end of the range.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Slot<'_>> {

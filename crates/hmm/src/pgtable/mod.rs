@@ -7,12 +7,14 @@
 
 mod cursor;
 mod entry;
+mod pmd;
 mod radix;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cursor::{Cursor, PmdSlot, PteSlot, Slot, WalkMode};
 pub use entry::{Huge, MigrationKind, Pte, PteFlags};
+pub use pmd::{PmdEntry, PmdGuard};
 
 #[cfg(test)]
 use crate::addr::VirtAddr;

@@ -21,7 +21,9 @@
 //! operation. A waiter sets `WAITERS` and re-checks `LOCKED` while holding its bucket's
 //! mutex, and `unlock` takes that mutex before notifying, so no wake-up is lost.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU8, Ordering};
+use std::any::Any;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 
 use bitflags::bitflags;
 use parking_lot::{Condvar, Mutex};
@@ -53,23 +55,48 @@ bitflags! {
         const HEAD = 1 << 6;
         /// Tail page of a compound folio.
         const TAIL = 1 << 7;
+        /// `MADV_FREE` was applied: reclaim may discard the folio while it stays clean (the
+        /// kernel clears `PG_swapbacked` for this).
+        const LAZYFREE = 1 << 9;
         /// Never allocated or freed: the zero pages.
         #[doc(alias = "PG_reserved")]
         const RESERVED = 1 << 8;
     }
 }
 
+/// What a folio belongs to (the kernel's `folio->mapping`): the anonymous family or the
+/// file whose reverse map finds its mappings. The layer above stores its own types here and
+/// downcasts them; a weak reference, so a folio never keeps its owner alive.
+pub type FolioMapping = Weak<dyn Any + Send + Sync>;
+
 /// The metadata of one frame.
 ///
-/// For a compound folio the head page's `refcount` and `flags` describe the whole folio;
-/// `mapcount` is kept per page (a PMD mapping counts on the head page).
-#[derive(Debug, Default)]
+/// For a compound folio the head page's `refcount`, `flags`, `pincount` and mapping describe
+/// the whole folio; `mapcount` is kept per page and counts PTE mappings of that page, while
+/// the head's `entire_mapcount` counts PMD mappings of the whole folio.
+#[derive(Default)]
 pub struct FrameMeta {
     refcount: AtomicU32,
     mapcount: AtomicI32,
+    entire_mapcount: AtomicI32,
     pincount: AtomicU32,
     flags: AtomicU32,
     order: AtomicU8,
+    index: AtomicU64,
+    mapping: parking_lot::Mutex<Option<FolioMapping>>,
+}
+
+impl std::fmt::Debug for FrameMeta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameMeta")
+            .field("refcount", &self.refcount())
+            .field("mapcount", &self.mapcount())
+            .field("entire_mapcount", &self.entire_mapcount())
+            .field("pincount", &self.pincount())
+            .field("flags", &self.flags())
+            .field("order", &self.order())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a reference could not be taken.
@@ -91,6 +118,43 @@ impl FrameMeta {
     #[doc(alias = "page_mapcount")]
     pub fn mapcount(&self) -> i32 {
         self.mapcount.load(Ordering::Acquire)
+    }
+
+    /// Number of PMD mappings of the whole folio (head page only).
+    #[doc(alias = "folio_entire_mapcount")]
+    pub fn entire_mapcount(&self) -> i32 {
+        self.entire_mapcount.load(Ordering::Acquire)
+    }
+
+    /// Adds one PMD mapping of the folio.
+    pub fn inc_entire_mapcount(&self) {
+        self.entire_mapcount.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Removes one PMD mapping; returns the new count.
+    pub fn dec_entire_mapcount(&self) -> i32 {
+        let new = self.entire_mapcount.fetch_sub(1, Ordering::Relaxed) - 1;
+        debug_assert!(new >= 0, "entire mapcount underflow");
+        new
+    }
+
+    /// Records what the folio belongs to and its page index there (`folio->mapping`,
+    /// `folio->index`).
+    pub fn set_mapping(&self, mapping: FolioMapping, index: u64) {
+        self.index.store(index, Ordering::Relaxed);
+        *self.mapping.lock() = Some(mapping);
+    }
+
+    /// What the folio belongs to, if that still exists, and its page index there.
+    #[doc(alias = "folio_mapping")]
+    pub fn mapping(&self) -> Option<(Arc<dyn Any + Send + Sync>, u64)> {
+        let m = self.mapping.lock().as_ref()?.upgrade()?;
+        Some((m, self.index.load(Ordering::Relaxed)))
+    }
+
+    /// Forgets the mapping (the folio is being freed).
+    pub(crate) fn clear_mapping(&self) {
+        *self.mapping.lock() = None;
     }
 
     /// Number of pins (`pin_user_pages`).
@@ -130,7 +194,9 @@ impl FrameMeta {
         self.flags.store(f.bits(), Ordering::Release);
         self.set_order(order);
         self.mapcount.store(0, Ordering::Relaxed);
+        self.entire_mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
+        *self.mapping.lock() = None;
         self.refcount.store(1, Ordering::Release);
     }
 
@@ -139,7 +205,9 @@ impl FrameMeta {
         self.flags.store(FrameFlags::TAIL.bits(), Ordering::Release);
         self.set_order(0);
         self.mapcount.store(0, Ordering::Relaxed);
+        self.entire_mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
+        *self.mapping.lock() = None;
         self.refcount.store(0, Ordering::Release);
     }
 
@@ -148,6 +216,12 @@ impl FrameMeta {
     #[doc(alias = "folio_get")]
     pub fn get(&self) {
         let old = self.refcount.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(old > 0, "get on a free frame");
+    }
+
+    /// Takes `n` more references on a frame known to be in use.
+    pub(crate) fn get_many(&self, n: u32) {
+        let old = self.refcount.fetch_add(n, Ordering::Relaxed);
         debug_assert!(old > 0, "get on a free frame");
     }
 

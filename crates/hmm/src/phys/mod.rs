@@ -27,7 +27,7 @@ use thiserror::Error;
 
 pub use alloc::AllocError;
 pub use frame::{Frame, FrameRef, Freed};
-pub use meta::{FrameFlags, FrameMeta, GetFrameError};
+pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
 
 use crate::addr::{Pfn, PMD_ORDER, PMD_SIZE};
 use alloc::BLOCK_FRAMES;

@@ -137,6 +137,7 @@ impl Region {
                 }
             }
             m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+            m.clear_mapping();
             self.alloc.lock().free(head, order);
             self.nr_free_ops.fetch_add(1, Ordering::Relaxed);
             return true;

@@ -1,0 +1,343 @@
+//! `fork`: a child address space that shares its parent's anonymous pages copy-on-write
+//! (the kernel's `dup_mmap` and `copy_page_range`).
+//!
+//! # Protocol
+//!
+//! The parent's mmap lock is held for writing for the whole copy, so no fault, access or
+//! device walk of the parent runs meanwhile; the child is locked too, though nothing can
+//! see it yet except reverse-map walks of its family, which wait.
+//!
+//! * Shared VMAs are copied without their entries: the child faults them in from the shared
+//!   object (`vma_needs_copy` is false for them).
+//! * A private VMA's entries are copied. If the VMA is a COW mapping (private and
+//!   `MAYWRITE`) and holds any entry, one `PROTECTION_PAGE` invalidation covering the VMA
+//!   brackets the copy, because writable entries become read-only in the parent.
+//! * Present anonymous pages are shared: one more reference and map count, the folio loses
+//!   `ANON_EXCLUSIVE`, and writable entries are write-protected in parent and child, so the
+//!   first write on either side copies (or reuses, once the other side is gone). The child's
+//!   entries start old (not young).
+//! * An anon-exclusive page that may be pinned (`pincount > 0`) is copied into the child at
+//!   once instead (`copy_present_page`): a pin holder must keep seeing the parent's page.
+//! * Migration entries are copied; writable and readable-exclusive ones become readable in
+//!   both. Device-exclusive entries are first restored to present entries in the parent
+//!   (`try_restore_exclusive_pte`), then copied as present.
+//! * PMD leaves: the huge zero page and anonymous THPs are shared at PMD level; a THP that
+//!   may be pinned is split and copied page by page.
+//! * One TLB flush of the parent ends the fork (`flush_tlb_mm`).
+
+use std::sync::Arc;
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
+use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
+use crate::phys::{AllocError, FrameFlags};
+use crate::prot::VmFlags;
+
+use super::error::MmError;
+use super::tlb::TlbGather;
+use super::vma::{Backing, Vma};
+use super::{thp, Mm, MmState};
+
+impl Mm {
+    /// Creates a child address space with a copy of this one's mappings (`fork`). Private
+    /// memory is shared copy-on-write; shared memory stays shared.
+    ///
+    /// Errors: `NoMem` if a page that must be copied at once (a pinned anonymous page)
+    /// cannot be allocated; the child is torn down and the parent keeps every byte (its
+    /// entries may have been write-protected, which costs a later reuse fault at most).
+    #[doc(alias = "dup_mm")]
+    #[doc(alias = "dup_mmap")]
+    pub fn fork(&self) -> Result<Arc<Mm>, MmError> {
+        let parent = self.lock.write();
+        let child = Mm::new_in_family(self.phys.clone(), self.anon_vma.clone());
+        let copied = {
+            let mut dst = child.lock.write();
+            let mut tlb = TlbGather::new(self);
+            let mut result = Ok(());
+            for v in parent.vmas.iter() {
+                dst.vmas.insert(v.clone());
+                match v.backing() {
+                    Backing::Shmem(obj) => obj.mappers.add(&child.this),
+                    Backing::Anon => {
+                        result = self.copy_page_range(&parent, &child, &dst, v, &mut tlb);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tlb.finish();
+            result
+        };
+        drop(parent);
+        match copied {
+            Ok(()) => Ok(child),
+            Err(_) => Err(MmError::NoMem {
+                what: "no memory to copy a pinned page for the child",
+            }),
+        }
+    }
+
+    /// Copies the entries of one private VMA into `child`.
+    fn copy_page_range(
+        &self,
+        src: &MmState,
+        child: &Mm,
+        dst: &MmState,
+        vma: &Vma,
+        tlb: &mut TlbGather<'_>,
+    ) -> Result<(), AllocError> {
+        let cow = vma.flags().contains(VmFlags::MAYWRITE);
+        let mut inv: Option<Invalidation<'_>> = None;
+        let mut sc = src.pt.cursor(vma.range(), WalkMode::Lookup);
+        let mut dc = dst.pt.cursor(vma.range(), WalkMode::Populate);
+        let mut result = Ok(());
+        let mut retry = false;
+        loop {
+            let slot = if retry { sc.current() } else { sc.next() };
+            retry = false;
+            let Some(slot) = slot else { break };
+            let (va, entry) = match &slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.va(), p.get()),
+                Slot::Pmd(p) => (p.range().start(), p.get()),
+            };
+            if entry.is_none() {
+                continue;
+            }
+            if cow && inv.is_none() {
+                // One PROTECTION_PAGE for the VMA, started with no page-table lock held.
+                sc.unlock();
+                inv = Some(self.notifiers.invalidate_range_start(NotifierRange::new(
+                    self.id,
+                    vma.range(),
+                    NotifierEvent::ProtectionPage,
+                    Some(vma.info()),
+                )));
+                retry = true;
+                continue;
+            }
+            let copy = CopyCtx {
+                parent: self,
+                child,
+                vma,
+                cow,
+            };
+            match slot {
+                Slot::Hole(_) => unreachable!(),
+                Slot::Pte(p) => {
+                    dc.seek(va);
+                    let Some(Slot::Pte(d)) = dc.next() else {
+                        unreachable!("populate walks yield PTEs where the source has a table")
+                    };
+                    let (src_new, dst_new) = match copy.pte(p.get(), tlb, va) {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    };
+                    if src_new != entry {
+                        p.set(src_new);
+                    }
+                    d.set(dst_new);
+                }
+                Slot::Pmd(p) => {
+                    let leaf = p.range();
+                    match copy.pmd(&p, tlb) {
+                        Some(dst_new) => {
+                            sc.unlock();
+                            dc.unlock();
+                            let pmd = dst.pt.lock_pmd(leaf.start(), WalkMode::Populate);
+                            pmd.expect("populated").set_leaf(dst_new);
+                        }
+                        None => {
+                            // A pinned THP: split it in the parent and copy its PTEs.
+                            sc.unlock();
+                            thp::split_pmd(self, &src.pt, Some(vma.info()), leaf.start(), tlb);
+                            retry = true;
+                        }
+                    }
+                }
+            }
+        }
+        drop(sc);
+        drop(dc);
+        if let Some(inv) = inv {
+            inv.end();
+        }
+        result
+    }
+}
+
+struct CopyCtx<'a> {
+    parent: &'a Mm,
+    child: &'a Mm,
+    vma: &'a Vma,
+    cow: bool,
+}
+
+impl CopyCtx<'_> {
+    /// The new parent entry and the child's entry for one PTE (`copy_present_pte`,
+    /// `copy_nonpresent_pte`).
+    fn pte(
+        &self,
+        entry: Pte,
+        tlb: &mut TlbGather<'_>,
+        va: VirtAddr,
+    ) -> Result<(Pte, Pte), AllocError> {
+        let phys = self.parent.phys();
+        match entry {
+            Pte::None => Ok((entry, entry)),
+            Pte::Present { pfn, flags } => {
+                let child_flags = flags - PteFlags::YOUNG;
+                if phys.is_zero_pfn(pfn) {
+                    return Ok((
+                        entry,
+                        Pte::Present {
+                            pfn,
+                            flags: child_flags,
+                        },
+                    ));
+                }
+                let page = phys.frame(pfn);
+                let folio = page.folio();
+                let fm = folio.meta();
+                if fm.flags().contains(FrameFlags::ANON_EXCLUSIVE) && fm.pincount() > 0 {
+                    // copy_present_page: the child gets its own copy now.
+                    let new = phys.alloc(
+                        0,
+                        FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+                    )?;
+                    self.child.counters.frame_allocated();
+                    new.copy_from(&page);
+                    self.child.new_anon_rmap(&new, self.vma, va);
+                    new.meta().inc_mapcount();
+                    let mut nf = PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY;
+                    if !self.vma.is_accessible() {
+                        nf |= PteFlags::PROTNONE;
+                    } else if self.vma.flags().contains(VmFlags::WRITE) {
+                        nf |= PteFlags::WRITE;
+                    }
+                    return Ok((
+                        entry,
+                        Pte::Present {
+                            pfn: new.into_raw(),
+                            flags: nf,
+                        },
+                    ));
+                }
+                fm.get();
+                page.meta().inc_mapcount();
+                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                if self.cow && flags.contains(PteFlags::WRITE) {
+                    tlb.add_range(VaRange::page_of(va));
+                    let wp = Pte::Present {
+                        pfn,
+                        flags: flags - PteFlags::WRITE,
+                    };
+                    let child = Pte::Present {
+                        pfn,
+                        flags: child_flags - PteFlags::WRITE,
+                    };
+                    return Ok((wp, child));
+                }
+                Ok((
+                    entry,
+                    Pte::Present {
+                        pfn,
+                        flags: child_flags,
+                    },
+                ))
+            }
+            Pte::Migration { pfn, kind, flags } => {
+                let kind = if self.cow { MigrationKind::Read } else { kind };
+                let e = Pte::Migration { pfn, kind, flags };
+                Ok((e, e))
+            }
+            Pte::DeviceExclusive { pfn, flags } => {
+                // try_restore_exclusive_pte, then copy as present. The entry keeps the
+                // reference and map count it held; the PTE lock serialises the change.
+                let restored = restore_exclusive(phys, self.vma, pfn, flags);
+                let (p, c) = self.pte(restored, tlb, va)?;
+                Ok((p, c))
+            }
+            Pte::DevicePrivate { pfn, .. } => {
+                unreachable!("device-private entry {pfn:?} without device memory")
+            }
+        }
+    }
+
+    /// The child's entry for a PMD leaf (`copy_huge_pmd`), updating the parent's; `None`
+    /// when the THP may be pinned and must be split and copied by PTE instead.
+    fn pmd(&self, p: &crate::pgtable::PmdSlot<'_>, tlb: &mut TlbGather<'_>) -> Option<Pte> {
+        let phys = self.parent.phys();
+        let entry = p.get();
+        match entry {
+            Pte::Present { pfn, flags } => {
+                let child_flags = flags - PteFlags::YOUNG;
+                if phys.is_huge_zero_pfn(pfn) {
+                    return Some(Pte::Present {
+                        pfn,
+                        flags: child_flags,
+                    });
+                }
+                let fm = phys.frame(pfn).meta();
+                if fm.pincount() > 0 {
+                    return None;
+                }
+                fm.get();
+                fm.inc_entire_mapcount();
+                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                if self.cow && flags.contains(PteFlags::WRITE) {
+                    tlb.add_range(p.range());
+                    p.set(Pte::Present {
+                        pfn,
+                        flags: flags - PteFlags::WRITE,
+                    });
+                    return Some(Pte::Present {
+                        pfn,
+                        flags: child_flags - PteFlags::WRITE,
+                    });
+                }
+                Some(Pte::Present {
+                    pfn,
+                    flags: child_flags,
+                })
+            }
+            Pte::Migration { pfn, kind, flags } => {
+                let kind = if self.cow { MigrationKind::Read } else { kind };
+                let e = Pte::Migration { pfn, kind, flags };
+                p.set(e);
+                Some(e)
+            }
+            Pte::None => Some(Pte::None),
+            Pte::DeviceExclusive { .. } | Pte::DevicePrivate { .. } => {
+                unreachable!("no device entries at PMD level without device memory")
+            }
+        }
+    }
+}
+
+/// The present entry a device-exclusive entry stands for (`restore_exclusive_pte`):
+/// writable if the VMA is and the page is anon-exclusive.
+pub(super) fn restore_exclusive(
+    phys: &crate::phys::PhysMem,
+    vma: &Vma,
+    pfn: crate::addr::Pfn,
+    flags: PteFlags,
+) -> Pte {
+    let meta = phys.frame(pfn).folio().meta();
+    let mut new = flags & PteFlags::SOFT_DIRTY;
+    if !vma.is_accessible() {
+        new |= PteFlags::PROTNONE;
+    } else if vma.flags().contains(VmFlags::WRITE)
+        && meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+    {
+        new |= PteFlags::WRITE;
+        if meta.flags().contains(FrameFlags::DIRTY) {
+            new |= PteFlags::DIRTY;
+        }
+    }
+    Pte::Present { pfn, flags: new }
+}

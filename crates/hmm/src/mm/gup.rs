@@ -1,0 +1,245 @@
+//! `get_user_pages` and `pin_user_pages`: fault pages in and hold them (the kernel's
+//! `mm/gup.c`).
+//!
+//! For each page the walk checks the entry under its lock; if it does not satisfy the
+//! request it runs the fault path (`FAULT_FLAG_REMOTE`, plus `WRITE` or `UNSHARE`) and
+//! looks again, in the same walk. A satisfied entry gets one folio reference (`FOLL_GET`)
+//! or one reference and one pin (`FOLL_PIN`), taken under the page-table lock, so the page
+//! cannot be freed between the check and the reference.
+//!
+//! * A write request breaks COW first, so the page held is the one the process sees.
+//! * A read-only pin of a shared anonymous page unshares it first (`gup_must_unshare`): a
+//!   pinned page must be anon-exclusive, or a later COW would leave the pin holder looking
+//!   at a page the process no longer maps.
+//! * Pins are what later operations check: `fork` copies pinned exclusive pages instead of
+//!   sharing them, `MADV_COLLAPSE` and `MADV_FREE` reclaim skip them, and migration will
+//!   refuse them.
+//!
+//! Unlike the kernel, which returns how many pages it got before the first failure, a
+//! failure here releases what was taken and returns the error (see DESIGN.md).
+
+use std::sync::Arc;
+
+use bitflags::bitflags;
+
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, USER_VA_END};
+use crate::pgtable::{Pte, Slot, WalkMode};
+use crate::phys::{FrameFlags, PhysMem};
+
+use super::error::{FaultError, MmError};
+use super::fault::{check_access, handle_mm_fault, must_unshare, FaultFlags};
+use super::Mm;
+
+bitflags! {
+    /// `FOLL_*` flags.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GupFlags: u32 {
+        /// The caller will write to the pages (`FOLL_WRITE`).
+        #[doc(alias = "FOLL_WRITE")]
+        const WRITE = 1 << 0;
+        /// Pin rather than just reference (`FOLL_PIN`): the pages are in use for DMA.
+        #[doc(alias = "FOLL_PIN")]
+        const PIN = 1 << 1;
+        /// The pin lasts indefinitely (`FOLL_LONGTERM`); requires `PIN`.
+        #[doc(alias = "FOLL_LONGTERM")]
+        const LONGTERM = 1 << 2;
+    }
+}
+
+/// Pages held by [`Mm::get_user_pages`] / [`Mm::pin_user_pages`]. Dropping it releases
+/// them (`put_page` / `unpin_user_pages`); the address space may be gone by then.
+#[must_use = "dropping the pages releases them at once"]
+pub struct UserPages {
+    phys: Arc<PhysMem>,
+    pfns: Vec<Pfn>,
+    flags: GupFlags,
+}
+
+impl UserPages {
+    /// The page frames, in address order.
+    pub fn pfns(&self) -> &[Pfn] {
+        &self.pfns
+    }
+
+    /// Number of pages held.
+    pub fn len(&self) -> usize {
+        self.pfns.len()
+    }
+
+    /// Whether no page is held.
+    pub fn is_empty(&self) -> bool {
+        self.pfns.is_empty()
+    }
+
+    /// Whether the pages are pinned (`FOLL_PIN`) rather than referenced.
+    pub fn is_pinned(&self) -> bool {
+        self.flags.contains(GupFlags::PIN)
+    }
+
+    /// Reads from page `i` at `offset`, as a device doing DMA would.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `i` is out of range or the access leaves the page.
+    pub fn read(&self, i: usize, offset: usize, buf: &mut [u8]) {
+        self.phys.frame(self.pfns[i]).read(offset, buf);
+    }
+
+    /// Writes to page `i` at `offset` and marks the folio dirty
+    /// (`unpin_user_pages_dirty_lock` would).
+    ///
+    /// # Panics
+    ///
+    /// Panics if the pages were taken without `WRITE`, `i` is out of range, or the access
+    /// leaves the page.
+    pub fn write(&self, i: usize, offset: usize, data: &[u8]) {
+        assert!(
+            self.flags.contains(GupFlags::WRITE),
+            "pages taken without FOLL_WRITE"
+        );
+        let f = self.phys.frame(self.pfns[i]);
+        f.write(offset, data);
+        f.folio().meta().set_flags(FrameFlags::DIRTY);
+    }
+
+    /// Releases the pages now (the same as dropping).
+    #[doc(alias = "unpin_user_pages")]
+    #[doc(alias = "put_page")]
+    pub fn release(self) {}
+}
+
+impl Drop for UserPages {
+    fn drop(&mut self) {
+        for pfn in self.pfns.drain(..) {
+            let f = self.phys.frame(pfn);
+            if self.flags.contains(GupFlags::PIN) {
+                f.folio().meta().dec_pincount();
+            }
+            let _ = f.put();
+        }
+    }
+}
+
+impl std::fmt::Debug for UserPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserPages")
+            .field("pages", &self.pfns.len())
+            .field("flags", &self.flags)
+            .finish()
+    }
+}
+
+impl Mm {
+    /// Faults in and references `npages` pages from `start` (`get_user_pages`; with
+    /// [`GupFlags::PIN`], `pin_user_pages`).
+    ///
+    /// Errors: `Inval` for an unaligned start, zero pages, a range beyond the address
+    /// space, or `LONGTERM` without `PIN`; `Fault` (EFAULT) where a page is not mapped or
+    /// does not allow the access; `NoMem` when a fault runs out of memory. Nothing is held
+    /// after an error.
+    #[doc(alias = "get_user_pages_remote")]
+    pub fn get_user_pages(
+        &self,
+        start: VirtAddr,
+        npages: u64,
+        flags: GupFlags,
+    ) -> Result<UserPages, MmError> {
+        if flags.contains(GupFlags::LONGTERM) && !flags.contains(GupFlags::PIN) {
+            return Err(MmError::Inval {
+                what: "FOLL_LONGTERM without FOLL_PIN",
+            });
+        }
+        if !start.is_page_aligned() || npages == 0 {
+            return Err(MmError::Inval {
+                what: "unaligned start or no pages",
+            });
+        }
+        let range = npages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|l| VaRange::from_len(start, l).ok())
+            .filter(|r| r.end().as_u64() <= USER_VA_END)
+            .ok_or(MmError::Inval {
+                what: "range beyond the address space",
+            })?;
+        let write = flags.contains(GupFlags::WRITE);
+        let pin = flags.contains(GupFlags::PIN);
+        let mut held = UserPages {
+            phys: self.phys.clone(),
+            pfns: Vec::with_capacity(npages as usize),
+            flags,
+        };
+        let guard = self.mmap_read();
+        let st = &*guard.state;
+        let phys = self.phys();
+        let mut fault = FaultFlags::REMOTE;
+        if write {
+            fault |= FaultFlags::WRITE;
+        } else if pin {
+            fault |= FaultFlags::UNSHARE;
+        }
+        let mut c = st.pt.cursor(range, WalkMode::Lookup);
+        let mut retry = false;
+        let mut va = range.start();
+        while va < range.end() {
+            let vma = check_access(st.vmas.find(va), va, write).map_err(|e| fault_error(va, e))?;
+            let slot = if retry { c.current() } else { c.next() };
+            let slot = slot.expect("walk covers the range");
+            let next_page = va.checked_add(PAGE_SIZE).expect("inside the range");
+            // The entry, the address its pfn maps, and the end of what it can serve.
+            let (entry, base, end) = match &slot {
+                Slot::Hole(_) => (Pte::None, va, next_page),
+                Slot::Pte(p) => (p.get(), p.va(), next_page),
+                Slot::Pmd(p) => (p.get(), p.range().start(), p.range().end().min(range.end())),
+            };
+            let ok = if write {
+                entry.is_writable()
+            } else {
+                entry.is_accessible()
+            };
+            let head = entry.pfn().filter(|_| ok);
+            match head {
+                Some(pfn) if !(pin && !write && must_unshare(self, vma, pfn)) => {
+                    let folio = phys.frame(pfn).folio();
+                    for page in VaRange::new(va, end).expect("non-empty").pages() {
+                        let off = page.offset_from(base).expect("inside the leaf") / PAGE_SIZE;
+                        folio.meta().get();
+                        if pin {
+                            folio.meta().inc_pincount();
+                        }
+                        held.pfns.push(Pfn::new(pfn.as_u64() + off));
+                    }
+                    va = end;
+                    retry = false;
+                }
+                _ => {
+                    c.unlock();
+                    handle_mm_fault(self, st, va, fault).map_err(|e| fault_error(va, e))?;
+                    retry = true;
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Pins `npages` pages from `start` (`pin_user_pages`): [`get_user_pages`] with
+    /// [`GupFlags::PIN`].
+    ///
+    /// [`get_user_pages`]: Self::get_user_pages
+    pub fn pin_user_pages(
+        &self,
+        start: VirtAddr,
+        npages: u64,
+        flags: GupFlags,
+    ) -> Result<UserPages, MmError> {
+        self.get_user_pages(start, npages, flags | GupFlags::PIN)
+    }
+}
+
+fn fault_error(addr: VirtAddr, e: FaultError) -> MmError {
+    match e {
+        FaultError::Oom { .. } => MmError::NoMem {
+            what: "out of memory while faulting pages in",
+        },
+        FaultError::Segv { .. } | FaultError::Bus { .. } => MmError::Fault { addr },
+    }
+}

@@ -1,0 +1,172 @@
+//! The reverse map: from a folio to every (address space, address) that maps it (the
+//! kernel's `rmap_walk`).
+//!
+//! As in the kernel, a folio does not list its mappings. It records what it belongs to and
+//! its page index there (`folio->mapping`, `folio->index`, see
+//! [`FrameMeta::set_mapping`](crate::phys::FrameMeta::set_mapping)):
+//!
+//! * an anonymous folio belongs to the [`AnonVma`] of its address space's fork family (the
+//!   kernel's root `anon_vma`), and its index is the VMA's page offset at the faulting
+//!   address. Anonymous VMAs get `pgoff = start >> PAGE_SHIFT` at `mmap` and keep it across
+//!   splits, `mremap` and `fork`, so `addr = vma.start + (index - vma.pgoff) * PAGE_SIZE`
+//!   holds in every address space that maps the folio;
+//! * a shared-memory page belongs to its [`ShmemObject`](super::shmem::ShmemObject), and its
+//!   index is its offset in the object (the kernel's `i_mmap` walk).
+//!
+//! A walk visits each live member address space, computes the address in every VMA whose
+//! page offsets cover the folio, and reads the entries there. The family is shared by a
+//! parent and all its fork descendants (the kernel gives each child its own `anon_vma`
+//! chained to the root; sharing the root visits more address spaces but finds the same
+//! mappings, since each candidate is checked against the entry).
+//!
+//! # Locking
+//!
+//! A walk takes each visited address space's mmap lock for reading with `read_recursive`,
+//! which never waits behind a queued writer: a walker that already holds its own mmap lock
+//! cannot deadlock against another walker in the same way. The address space the caller
+//! has already locked is passed in as `held` and not locked again. No operation that holds
+//! an mmap lock for writing waits for a folio lock or another address space, so the walk
+//! may run with a folio locked.
+
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT};
+use crate::notifier::MmId;
+use crate::pgtable::{Huge, Pte, Slot, WalkMode};
+use crate::phys::PhysMem;
+
+use super::shmem::ShmemObject;
+use super::vma::{Backing, Vma};
+use super::{Mm, MmState};
+
+/// A set of address spaces, held weakly (an `anon_vma`'s or a file's list of mappers).
+#[derive(Default)]
+pub(crate) struct MmSet(Mutex<Vec<Weak<Mm>>>);
+
+impl MmSet {
+    /// Adds `mm`, pruning members that have exited.
+    pub(crate) fn add(&self, mm: &Weak<Mm>) {
+        let mut v = self.0.lock();
+        v.retain(|m| m.strong_count() > 0 && !m.ptr_eq(mm));
+        v.push(mm.clone());
+    }
+
+    /// The live members.
+    fn members(&self) -> Vec<Arc<Mm>> {
+        self.0.lock().iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// The anonymous-memory family of an address space and its fork descendants (the
+/// kernel's root `anon_vma`).
+#[doc(alias = "anon_vma")]
+#[derive(Default)]
+pub(crate) struct AnonVma {
+    pub(crate) mms: MmSet,
+}
+
+/// One mapping found by [`folio_mappings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RmapEntry {
+    /// The address space.
+    pub mm: MmId,
+    /// The virtual address of the entry (for a PMD leaf, the start of its 2 MiB).
+    pub addr: VirtAddr,
+    /// The entry: present, migration or device-exclusive.
+    pub entry: Pte,
+    /// Whether it is a PTE or a PMD leaf.
+    pub level: Huge,
+}
+
+/// Calls `visit` with every address space and virtual range where the folio headed by
+/// `head` (of `nr` pages, with `index` and owner as recorded in its metadata) may be
+/// mapped. `held` is an address space whose mmap lock the caller holds.
+pub(crate) fn rmap_walk(
+    phys: &PhysMem,
+    head: Pfn,
+    held: Option<(&Mm, &MmState)>,
+    mut visit: impl FnMut(&Mm, &MmState, &Vma, VaRange),
+) {
+    let meta = phys.frame(head).meta();
+    let Some((owner, index)) = meta.mapping() else {
+        return;
+    };
+    let nr = 1u64 << meta.order();
+    let (members, object) = if let Ok(anon) = owner.clone().downcast::<AnonVma>() {
+        (anon.mms.members(), None)
+    } else if let Ok(obj) = owner.downcast::<ShmemObject>() {
+        (obj.mappers.members(), Some(obj))
+    } else {
+        return;
+    };
+    let mut scan = |mm: &Mm, st: &MmState| {
+        for v in st.vmas.iter() {
+            let ours = match (v.backing(), &object) {
+                (Backing::Anon, None) => true,
+                (Backing::Shmem(o), Some(obj)) => Arc::ptr_eq(o, obj),
+                _ => false,
+            };
+            let (lo, hi) = (v.pgoff(), v.pgoff() + v.range().npages());
+            let (from, to) = (index.max(lo), (index + nr).min(hi));
+            if !ours || from >= to {
+                continue;
+            }
+            let start = v
+                .start()
+                .checked_add((from - lo) << PAGE_SHIFT)
+                .expect("inside the VMA");
+            let r = VaRange::from_len(start, (to - from) << PAGE_SHIFT).expect("inside the VMA");
+            visit(mm, st, v, r);
+        }
+    };
+    for mm in members {
+        match held {
+            Some((h, st)) if std::ptr::eq(h, &*mm) => scan(h, st),
+            _ => {
+                let st = mm.lock.read_recursive();
+                scan(&mm, &st);
+            }
+        }
+    }
+}
+
+/// Every mapping of the folio containing `pfn`, in every address space: present entries,
+/// migration entries and device-exclusive entries that refer to any of its pages.
+#[doc(alias = "rmap_walk")]
+pub fn folio_mappings(phys: &PhysMem, pfn: Pfn) -> Vec<RmapEntry> {
+    collect(phys, pfn, None)
+}
+
+pub(crate) fn collect(phys: &PhysMem, pfn: Pfn, held: Option<(&Mm, &MmState)>) -> Vec<RmapEntry> {
+    let head = phys.frame(pfn).folio().pfn();
+    let nr = 1u64 << phys.frame(head).meta().order();
+    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + nr;
+    let mut out = Vec::new();
+    rmap_walk(phys, head, held, |mm, st, _vma, range| {
+        let mut c = st.pt.cursor(range, WalkMode::Lookup);
+        while let Some(slot) = c.next() {
+            let (addr, entry, level) = match slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
+                Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
+            };
+            let system = matches!(
+                entry,
+                Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. }
+            );
+            if system && entry.pfn().is_some_and(in_folio) {
+                out.push(RmapEntry {
+                    mm: mm.id(),
+                    addr,
+                    entry,
+                    level,
+                });
+            }
+        }
+    });
+    out.sort_by_key(|e| (e.mm, e.addr));
+    out.dedup();
+    out
+}

@@ -1,0 +1,430 @@
+//! Transparent huge pages: 2 MiB anonymous folios mapped by PMD leaves (the kernel's
+//! `mm/huge_memory.c` and `mm/khugepaged.c`).
+//!
+//! * **Where.** A private anonymous VMA may get a PMD leaf for a 2 MiB-aligned range that
+//!   lies wholly inside it, if the address space's [`ThpMode`] allows it: `Always` unless
+//!   the VMA has `NOHUGEPAGE`, `Madvise` only with `HUGEPAGE` (`MADV_HUGEPAGE`), `Never`
+//!   not at all.
+//! * **Fault.** A read of an empty PMD maps the huge zero page; a write allocates a zeroed
+//!   order-9 folio (with no lock held) and maps it writable. If the allocation fails the
+//!   fault falls back to 4 KiB pages (`VM_FAULT_FALLBACK`).
+//! * **Write to a read-only leaf.** An anon-exclusive THP (or one whose only reference is
+//!   this mapping) is made writable in place; the huge zero page and shared THPs are split
+//!   at PMD level and the write is resolved by the PTE path (`do_huge_pmd_wp_page`).
+//! * **PMD split.** Under one CLEAR invalidation of the 2 MiB, the leaf becomes a PTE table
+//!   of 512 entries (the deposited table): each PTE maps its subpage with the leaf's flags,
+//!   taking a map count on that page and a reference on the folio; the folio loses its PMD
+//!   mapping. The huge zero page splits into 512 mappings of the 4 KiB zero page; a PMD
+//!   migration entry into 512 migration entries. Partial munmap, mprotect, madvise and
+//!   mremap split first; `fork` splits THPs that may be pinned.
+//! * **Collapse.** `MADV_COLLAPSE` ([`super::Advice::Collapse`]) replaces the PTEs of an
+//!   aligned 2 MiB range by one new THP holding a copy of their bytes (empty PTEs read as
+//!   zeros), under one CLEAR invalidation, with the mmap lock held for writing
+//!   (`collapse_huge_page`).
+//!
+//! Map counts of a THP: each PTE mapping counts on its page, each PMD mapping on the head's
+//! entire map count; every mapping of either kind holds one reference on the folio.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::addr::{Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
+use crate::notifier::{NotifierEvent, NotifierRange, VmaInfo};
+use crate::pgtable::{PageTable, PmdEntry, Pte, PteFlags, WalkMode};
+use crate::phys::FrameFlags;
+use crate::prot::VmFlags;
+use crate::stats::FaultKind;
+
+use super::error::{FaultError, MmError};
+use super::fault::{must_unshare, FaultFlags};
+use super::tlb::TlbGather;
+use super::vma::{Backing, Vma};
+use super::{Mm, MmState};
+
+/// When anonymous memory gets transparent huge pages
+/// (`/sys/kernel/mm/transparent_hugepage/enabled`, here per address space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[repr(u8)]
+pub enum ThpMode {
+    /// In every eligible VMA that is not `NOHUGEPAGE`.
+    Always,
+    /// Only in VMAs with `MADV_HUGEPAGE` (the default here, as on many distributions).
+    #[default]
+    Madvise,
+    /// Never on fault (`MADV_COLLAPSE` still works).
+    Never,
+}
+
+/// The THP mode of an address space, changeable at run time.
+#[derive(Debug)]
+pub(crate) struct ThpSetting(AtomicU8);
+
+impl Default for ThpSetting {
+    fn default() -> Self {
+        ThpSetting(AtomicU8::new(ThpMode::default() as u8))
+    }
+}
+
+impl ThpSetting {
+    pub(crate) fn get(&self) -> ThpMode {
+        match self.0.load(Ordering::Relaxed) {
+            0 => ThpMode::Always,
+            2 => ThpMode::Never,
+            _ => ThpMode::Madvise,
+        }
+    }
+
+    pub(crate) fn set(&self, mode: ThpMode) {
+        self.0.store(mode as u8, Ordering::Relaxed);
+    }
+}
+
+impl Mm {
+    /// Sets when anonymous memory of this address space gets THPs on fault.
+    pub fn set_thp_mode(&self, mode: ThpMode) {
+        self.thp.set(mode);
+    }
+
+    /// The THP mode.
+    pub fn thp_mode(&self) -> ThpMode {
+        self.thp.get()
+    }
+}
+
+/// The 2 MiB range around `addr` if a fault there may map a THP
+/// (`thp_vma_allowable_order` and `thp_vma_suitable_order`).
+pub(super) fn fault_range(mm: &Mm, vma: &Vma, addr: VirtAddr) -> Option<VaRange> {
+    let allowed = match mm.thp.get() {
+        ThpMode::Always => !vma.flags().contains(VmFlags::NOHUGEPAGE),
+        ThpMode::Madvise => vma.flags().contains(VmFlags::HUGEPAGE),
+        ThpMode::Never => false,
+    };
+    if !allowed {
+        return None;
+    }
+    suitable_range(vma, addr)
+}
+
+/// The aligned 2 MiB range around `addr`, if it lies inside a private anonymous VMA.
+fn suitable_range(vma: &Vma, addr: VirtAddr) -> Option<VaRange> {
+    if !matches!(vma.backing(), Backing::Anon) {
+        return None;
+    }
+    let r = VaRange::from_len(addr.align_down(PMD_SIZE), PMD_SIZE).ok()?;
+    vma.range().contains_range(&r).then_some(r)
+}
+
+/// Handles a fault at PMD level where THPs are allowed: returns `Ok(true)` when resolved
+/// (or raced, for the caller to retry the access), `Ok(false)` to use the PTE path.
+pub(super) fn huge_fault(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    addr: VirtAddr,
+    write: bool,
+) -> Result<bool, FaultError> {
+    let Some(range) = fault_range(mm, vma, addr) else {
+        return Ok(false);
+    };
+    let pmd = st
+        .pt
+        .lock_pmd(range.start(), WalkMode::Populate)
+        .expect("populate");
+    match pmd.get() {
+        PmdEntry::Table => Ok(false),
+        PmdEntry::Leaf(leaf) => {
+            drop(pmd);
+            let flags = if write {
+                FaultFlags::WRITE
+            } else {
+                FaultFlags::empty()
+            };
+            huge_pmd_fault(mm, st, vma, addr, flags, leaf).map(|()| true)
+        }
+        PmdEntry::None if !write => {
+            pmd.set_leaf(Pte::Present {
+                pfn: mm.phys().huge_zero_pfn(),
+                flags: PteFlags::YOUNG,
+            });
+            mm.counters.fault(FaultKind::ThpZero);
+            Ok(true)
+        }
+        PmdEntry::None => {
+            drop(pmd);
+            // do_huge_pmd_anonymous_page: allocate and zero with no lock held.
+            let Ok(folio) = mm.phys().alloc_zeroed(
+                PMD_ORDER,
+                FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+            ) else {
+                return Ok(false);
+            };
+            mm.counters.frame_allocated();
+            mm.new_anon_rmap(&folio, vma, range.start());
+            let pmd = st
+                .pt
+                .lock_pmd(range.start(), WalkMode::Populate)
+                .expect("populate");
+            if pmd.get() != PmdEntry::None {
+                drop(pmd);
+                mm.release_frame(folio);
+                return Ok(true);
+            }
+            folio.meta().inc_entire_mapcount();
+            pmd.set_leaf(Pte::Present {
+                pfn: folio.into_raw(),
+                flags: dirty_flags() | PteFlags::WRITE,
+            });
+            mm.counters.fault(FaultKind::ThpAnon);
+            Ok(true)
+        }
+    }
+}
+
+/// Young, dirty and soft-dirty: what a write fault sets (`pte_mkdirty` sets soft-dirty).
+pub(super) fn dirty_flags() -> PteFlags {
+    PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY
+}
+
+/// A fault on an existing PMD leaf (`do_huge_pmd_wp_page`, `pmd_migration_entry_wait`).
+pub(super) fn huge_pmd_fault(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    addr: VirtAddr,
+    fault: FaultFlags,
+    leaf: Pte,
+) -> Result<(), FaultError> {
+    let phys = mm.phys();
+    let base = addr.align_down(PMD_SIZE);
+    let write = fault.contains(FaultFlags::WRITE);
+    match leaf {
+        Pte::None => Ok(()),
+        Pte::Present { pfn, flags } => {
+            let unshare = fault.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn);
+            if !unshare && (!write || flags.contains(PteFlags::WRITE)) {
+                return Ok(());
+            }
+            if !phys.is_huge_zero_pfn(pfn) {
+                let fm = phys.frame(pfn).meta();
+                let reusable = fm.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+                    || (fm.refcount() == 1 && fm.pincount() == 0);
+                if reusable {
+                    let pmd = st.pt.lock_pmd(base, WalkMode::Lookup).expect("leaf exists");
+                    if pmd.get() == PmdEntry::Leaf(leaf) {
+                        fm.set_flags(FrameFlags::ANON_EXCLUSIVE);
+                        if write {
+                            pmd.set_leaf(Pte::Present {
+                                pfn,
+                                flags: flags | dirty_flags() | PteFlags::WRITE,
+                            });
+                        }
+                        mm.counters.fault(FaultKind::WpReuse);
+                    }
+                    return Ok(());
+                }
+            }
+            // Fall back: split, and let the PTE path copy the one page written.
+            let mut tlb = TlbGather::new(mm);
+            split_pmd(mm, &st.pt, Some(vma.info()), base, &mut tlb);
+            Ok(())
+        }
+        Pte::Migration { pfn, .. } => {
+            if let Ok(pinned) = phys.frame(pfn).try_get() {
+                pinned.folio().meta().wait_unlocked();
+                mm.release_frame(pinned);
+            }
+            mm.counters.fault(FaultKind::MigrationWait);
+            Ok(())
+        }
+        Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
+            unreachable!("no device entries at PMD level without device memory")
+        }
+    }
+}
+
+/// Splits the PMD leaf at `base` (if there still is one) into 512 PTEs under a CLEAR
+/// invalidation of its 2 MiB (`__split_huge_pmd`). The caller holds the mmap lock and no
+/// page-table lock.
+#[doc(alias = "__split_huge_pmd")]
+pub(super) fn split_pmd(
+    mm: &Mm,
+    pt: &PageTable,
+    vma: Option<VmaInfo>,
+    base: VirtAddr,
+    tlb: &mut TlbGather<'_>,
+) {
+    let range = VaRange::from_len(base, PMD_SIZE).expect("aligned PMD");
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        range,
+        NotifierEvent::Clear,
+        vma,
+    ));
+    if let Some(pmd) = pt.lock_pmd(base, WalkMode::Lookup) {
+        let phys = mm.phys();
+        let zero = phys.zero_pfn();
+        let sub = |pfn: Pfn, i: u64| Pfn::new(pfn.as_u64() + i);
+        let old = pmd.split(|i, leaf| match leaf {
+            Pte::Present { pfn, flags } if phys.is_huge_zero_pfn(pfn) => Pte::Present {
+                pfn: zero,
+                flags: flags - PteFlags::WRITE,
+            },
+            Pte::Present { pfn, flags } => Pte::Present {
+                pfn: sub(pfn, i as u64),
+                flags,
+            },
+            Pte::Migration { pfn, kind, flags } => Pte::Migration {
+                pfn: sub(pfn, i as u64),
+                kind,
+                flags,
+            },
+            Pte::None | Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
+                unreachable!("no such PMD leaf")
+            }
+        });
+        if let Some(Pte::Present { pfn, flags }) = old {
+            if !phys.is_huge_zero_pfn(pfn) {
+                let fm = phys.frame(pfn).meta();
+                for i in 0..PMD_NR {
+                    phys.frame(sub(pfn, i)).meta().inc_mapcount();
+                }
+                fm.get_many(PMD_NR as u32 - 1);
+                fm.dec_entire_mapcount();
+            }
+            if !flags.contains(PteFlags::PROTNONE) {
+                tlb.add_range(range);
+            }
+        }
+        if old.is_some() {
+            mm.counters.thp_split_pmd();
+        }
+    }
+    inv.end();
+}
+
+/// `MADV_COLLAPSE` over `range` (already checked to lie in VMAs): every aligned 2 MiB
+/// inside it becomes one THP holding the same bytes. With the mmap lock held for writing.
+///
+/// As in the kernel (`madvise_collapse`), every candidate is tried and the call fails if
+/// any was not collapsed, with the errno of the last failure: `NoMem` when no THP could be
+/// allocated; `Again` for a pinned, referenced or locked page; `Inval` for a range with no
+/// aligned 2 MiB in a private anonymous VMA, an empty PMD, or a non-present entry
+/// (migration, device).
+pub(super) fn collapse(mm: &Mm, st: &MmState, range: VaRange) -> Result<(), MmError> {
+    let inval = MmError::Inval {
+        what: "nothing to collapse: no aligned 2 MiB of private anonymous memory",
+    };
+    let mut last = None;
+    let mut candidates = 0;
+    let mut at = range.start().align_up(PMD_SIZE).unwrap_or(range.end());
+    while let Some(end) = at.checked_add(PMD_SIZE).filter(|&e| e <= range.end()) {
+        let vma = st.vmas.find(at).expect("range checked to be mapped");
+        match suitable_range(vma, at) {
+            Some(r) => {
+                candidates += 1;
+                if let Err(e) = collapse_one(mm, st, vma, r) {
+                    last = Some(e);
+                }
+            }
+            None => last = Some(inval),
+        }
+        at = end;
+    }
+    match (candidates, last) {
+        (0, _) => Err(inval),
+        (_, Some(e)) => Err(e),
+        (_, None) => Ok(()),
+    }
+}
+
+fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), MmError> {
+    let phys = mm.phys();
+    let again = MmError::Again {
+        what: "a page is pinned, referenced or locked",
+    };
+    let not_present = MmError::Inval {
+        what: "empty PMD or non-present entry",
+    };
+    // Scan (hpage_collapse_scan_pmd). Nothing in this address space changes meanwhile: the
+    // mmap lock is held for writing.
+    let ptes = match st.pt.lock_pmd(range.start(), WalkMode::Lookup) {
+        None => return Err(not_present),
+        Some(pmd) => match pmd.get() {
+            PmdEntry::Leaf(_) => return Ok(()),
+            PmdEntry::None => return Err(not_present),
+            PmdEntry::Table => pmd.ptes().expect("table"),
+        },
+    };
+    for pte in &ptes {
+        match *pte {
+            Pte::None => {}
+            Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {}
+            Pte::Present { pfn, .. } => {
+                let page = phys.frame(pfn);
+                let fm = page.folio().meta();
+                // is_refcount_suitable: every reference is a mapping.
+                let stray = fm.order() == 0 && fm.refcount() as i32 != page.meta().mapcount();
+                if fm.pincount() > 0 || fm.is_locked() || stray {
+                    return Err(again);
+                }
+            }
+            Pte::Migration { .. } | Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
+                return Err(not_present)
+            }
+        }
+    }
+    let new = phys
+        .alloc(
+            PMD_ORDER,
+            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+        )
+        .map_err(|_| MmError::NoMem {
+            what: "no free 2 MiB folio",
+        })?;
+    mm.counters.frame_allocated();
+    mm.new_anon_rmap(&new, vma, range.start());
+    // __collapse_huge_page_copy: every byte, zeros for empty entries.
+    let mut flags = dirty_flags();
+    for (i, pte) in ptes.iter().enumerate() {
+        let dst = phys.frame(Pfn::new(new.pfn().as_u64() + i as u64));
+        match *pte {
+            Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
+            _ => dst.zero(),
+        }
+    }
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        range,
+        NotifierEvent::Clear,
+        Some(vma.info()),
+    ));
+    let pmd = st
+        .pt
+        .lock_pmd(range.start(), WalkMode::Populate)
+        .expect("populate");
+    let mut tlb = TlbGather::new(mm);
+    if !vma.is_accessible() {
+        flags |= PteFlags::PROTNONE;
+    } else if vma.flags().contains(VmFlags::WRITE) {
+        flags |= PteFlags::WRITE;
+    }
+    new.meta().inc_entire_mapcount();
+    let leaf = Pte::Present {
+        pfn: new.into_raw(),
+        flags,
+    };
+    pmd.collapse(leaf);
+    tlb.add_range(range);
+    drop(pmd);
+    for pte in ptes {
+        if let Pte::Present { pfn, .. } = pte {
+            if !phys.is_zero_pfn(pfn) {
+                phys.frame(pfn).meta().dec_mapcount();
+                tlb.defer_put(pfn);
+            }
+        }
+    }
+    tlb.finish();
+    inv.end();
+    mm.counters.thp_collapse();
+    Ok(())
+}
