@@ -78,7 +78,7 @@ pub(super) fn handle_mm_fault(
 ) -> Result<(), FaultError> {
     let write = flags.contains(FaultFlags::WRITE);
     let vma = check_access(st.vmas.find(addr), addr, write)?;
-    if thp::huge_fault(mm, st, vma, addr, write)? {
+    if thp::huge_fault(mm, st, vma, addr, flags)? {
         return Ok(());
     }
     let mut c = st.pt.cursor(VaRange::page_of(addr), WalkMode::Populate);

@@ -120,8 +120,9 @@ pub(super) fn huge_fault(
     st: &MmState,
     vma: &Vma,
     addr: VirtAddr,
-    write: bool,
+    fault: FaultFlags,
 ) -> Result<bool, FaultError> {
+    let write = fault.contains(FaultFlags::WRITE);
     let Some(range) = fault_range(mm, vma, addr) else {
         return Ok(false);
     };
@@ -133,12 +134,7 @@ pub(super) fn huge_fault(
         PmdEntry::Table => Ok(false),
         PmdEntry::Leaf(leaf) => {
             drop(pmd);
-            let flags = if write {
-                FaultFlags::WRITE
-            } else {
-                FaultFlags::empty()
-            };
-            huge_pmd_fault(mm, st, vma, addr, flags, leaf).map(|()| true)
+            huge_pmd_fault(mm, st, vma, addr, fault, leaf).map(|()| true)
         }
         PmdEntry::None if !write => {
             pmd.set_leaf(Pte::Present {

@@ -1,0 +1,138 @@
+//! `get_user_pages` / `pin_user_pages`: fault-in, references and pins, COW breaking,
+//! unsharing for read-only pins, release, and bad input.
+
+mod common;
+
+use common::{page, Machine, RW};
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::mm::{GupFlags, MapFlags, MmError, Prot};
+
+#[test]
+fn gup_faults_pages_in_and_holds_references() {
+    let m = Machine::new(16);
+    let a = m.map(4, RW, MapFlags::PRIVATE);
+    let pages = m.mm.get_user_pages(a, 4, GupFlags::WRITE).unwrap();
+    assert_eq!(pages.len(), 4);
+    assert!(!pages.is_pinned());
+    assert_eq!(m.mm.stats().faults.anon_write, 4);
+    for (i, pfn) in pages.pfns().iter().enumerate() {
+        let f = m.phys.frame(*pfn);
+        assert_eq!(
+            (f.meta().refcount(), f.meta().pincount()),
+            (2, 0),
+            "page {i}"
+        );
+    }
+    // Device-style writes through the held pages are what the process reads.
+    pages.write(2, 8, &42u64.to_le_bytes());
+    assert_eq!(
+        m.mm.read_val::<u64>(page(a, 2).checked_add(8).unwrap())
+            .unwrap(),
+        42
+    );
+    // The audit sees references it cannot account for while they are held.
+    assert!(m.mm.audit().is_err());
+    drop(pages);
+    m.mm.audit().unwrap();
+    // After munmap the references keep the frames alive until released.
+    let pages = m.mm.get_user_pages(a, 4, GupFlags::empty()).unwrap();
+    m.mm.munmap(a, 4 * PAGE_SIZE).unwrap();
+    assert_eq!(m.phys.nr_in_use(), 4);
+    let mut b = [0u8; 8];
+    pages.read(2, 8, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 42);
+    pages.release();
+    assert_eq!(m.phys.nr_in_use(), 0);
+}
+
+#[test]
+fn pins_count_and_write_pins_break_cow() {
+    let m = Machine::new(16);
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    m.mm.write_val(a, 1u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    let shared = m.mm.pagemap(a, 1).unwrap()[0].pfn;
+    let pin =
+        m.mm.pin_user_pages(a, 1, GupFlags::WRITE | GupFlags::LONGTERM)
+            .unwrap();
+    assert!(pin.is_pinned());
+    assert_ne!(
+        Some(pin.pfns()[0].as_u64()),
+        shared,
+        "COW broken before pinning"
+    );
+    assert_eq!(m.phys.frame(pin.pfns()[0]).meta().pincount(), 1);
+    m.mm.audit().unwrap();
+    pin.write(0, 0, &2u64.to_le_bytes());
+    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 2);
+    assert_eq!(child.read_val::<u64>(a).unwrap(), 1);
+    // A read pin of the zero page is allowed and needs no fault afterwards.
+    let z =
+        m.mm.pin_user_pages(page(a, 1), 1, GupFlags::empty())
+            .unwrap();
+    assert_eq!(z.pfns()[0], m.phys.zero_pfn());
+    drop((pin, z));
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+}
+
+#[test]
+fn read_pin_of_a_shared_anonymous_page_unshares_it() {
+    let m = Machine::new(16);
+    let a = m.map(1, RW, MapFlags::PRIVATE);
+    m.mm.write_val(a, 10u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    m.events();
+    let pin = m.mm.pin_user_pages(a, 1, GupFlags::empty()).unwrap();
+    assert_eq!(m.mm.stats().faults.cow, 1, "unshare copies");
+    assert_eq!(m.events().len(), 1, "one CLEAR for the replaced page");
+    let e = m.mm.pagemap(a, 1).unwrap()[0];
+    assert!(e.exclusive);
+    assert_eq!(e.pfn, Some(pin.pfns()[0].as_u64()));
+    // The unshared page is still read-only; a write reuses it, so the pin stays coherent.
+    m.mm.write_val(a, 11u64).unwrap();
+    let s = m.mm.stats();
+    assert_eq!((s.faults.cow, s.faults.wp_reuse), (1, 1));
+    let mut b = [0u8; 8];
+    pin.read(0, 0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 11);
+    assert_eq!(child.read_val::<u64>(a).unwrap(), 10);
+    drop(pin);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn gup_bad_input_is_a_typed_error_and_holds_nothing() {
+    let m = Machine::new(16);
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    let ro = m.map(1, Prot::READ, MapFlags::PRIVATE);
+    let cases: [(VirtAddr, u64, GupFlags); 5] = [
+        (a.checked_add(1).unwrap(), 1, GupFlags::empty()),
+        (a, 0, GupFlags::empty()),
+        (a, 1, GupFlags::LONGTERM),
+        (a, u64::MAX / 2, GupFlags::empty()),
+        (
+            VirtAddr::new(hmm::addr::USER_VA_END - PAGE_SIZE),
+            2,
+            GupFlags::empty(),
+        ),
+    ];
+    for (start, n, f) in cases {
+        let err = m.mm.get_user_pages(start, n, f).unwrap_err();
+        assert!(
+            matches!(err, MmError::Inval { .. }),
+            "{start} {n} {f:?}: {err}"
+        );
+    }
+    // Past the end of the mapping: EFAULT, and the pages faulted before are released.
+    let err = m.mm.get_user_pages(a, 3, GupFlags::WRITE).unwrap_err();
+    assert_eq!(err, MmError::Fault { addr: page(a, 2) });
+    assert_eq!(err.errno(), libc::EFAULT);
+    let err = m.mm.pin_user_pages(ro, 1, GupFlags::WRITE).unwrap_err();
+    assert!(matches!(err, MmError::Fault { .. }));
+    m.mm.audit().unwrap();
+    for pfn in m.mm.pagemap(a, 2).unwrap().iter().filter_map(|e| e.pfn) {
+        let f = m.phys.frame(hmm::addr::Pfn::new(pfn));
+        assert_eq!(f.meta().refcount(), 1);
+    }
+}
