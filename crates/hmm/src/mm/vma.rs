@@ -102,6 +102,17 @@ impl Vma {
         &self.backing
     }
 
+    /// A copy of the part starting at `old_start` placed at `target` (`copy_vma`): same
+    /// flags and backing, the page offset of `old_start`.
+    pub(crate) fn moved(&self, old_start: VirtAddr, target: VaRange) -> Vma {
+        Vma {
+            range: target,
+            flags: self.flags,
+            pgoff: self.pgoff_of(old_start),
+            backing: self.backing.clone(),
+        }
+    }
+
     /// Page offset of the VMA's start in its backing object (for anonymous memory, the
     /// start's page number when it was mapped; see [`super::rmap`]).
     pub(crate) fn pgoff(&self) -> u64 {
@@ -240,6 +251,15 @@ impl VmaTree {
                 cur.flags |= next.flags & VmFlags::SOFTDIRTY;
             }
         }
+    }
+
+    /// Extends the VMA starting at `start` to `end` over free space (`vma_expand`), merging
+    /// with the next VMA if compatible.
+    pub(crate) fn extend(&mut self, start: VirtAddr, end: VirtAddr) {
+        let v = self.map.get_mut(&start).expect("VMA at start");
+        debug_assert!(end >= v.end());
+        v.range = VaRange::new(start, end).expect("extended range");
+        self.merge_around(start);
     }
 
     /// Sets the flags of every VMA part inside `range` to `update(flags)`, splitting at the

@@ -1,0 +1,300 @@
+//! `mremap`: shrink, grow in place, move (MAYMOVE, FIXED, DONTUNMAP), partial ranges,
+//! THP leaves, shared memory, the UNMAP events, and bad input.
+
+mod common;
+
+use common::{page, Machine, RW};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{folio_mappings, Advice, MapFlags, MmError, MremapFlags, Prot};
+use hmm::notifier::NotifierEvent;
+
+const NR: u64 = PMD_SIZE / PAGE_SIZE;
+
+fn fill(m: &Machine, a: VirtAddr, pages: u64) {
+    for i in 0..pages {
+        m.mm.write_val(page(a, i), 0xa000 + i).unwrap();
+    }
+}
+
+fn check(m: &Machine, a: VirtAddr, pages: impl Iterator<Item = (u64, u64)>) {
+    for (at, was) in pages {
+        assert_eq!(
+            m.mm.read_val::<u64>(page(a, at)).unwrap(),
+            0xa000 + was,
+            "page {at}"
+        );
+    }
+}
+
+#[test]
+fn shrink_unmaps_the_tail_and_grow_extends_in_place() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    fill(&m, a, 8);
+    m.events();
+    let r =
+        m.mm.mremap(a, 8 * PAGE_SIZE, 4 * PAGE_SIZE, MremapFlags::empty(), None)
+            .unwrap();
+    assert_eq!(r, a);
+    assert_eq!(
+        m.events(),
+        [(
+            NotifierEvent::Unmap,
+            page(a, 4).as_u64(),
+            page(a, 8).as_u64()
+        )]
+    );
+    assert_eq!(m.phys.nr_in_use(), 4);
+    let r =
+        m.mm.mremap(a, 4 * PAGE_SIZE, 8 * PAGE_SIZE, MremapFlags::empty(), None)
+            .unwrap();
+    assert_eq!(r, a);
+    assert!(m.events().is_empty());
+    check(&m, a, (0..4).map(|i| (i, i)));
+    assert_eq!(m.mm.read_val::<u64>(page(a, 6)).unwrap(), 0);
+    assert_eq!(m.mm.vmas().len(), 1);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn grow_without_room_needs_maymove_and_then_moves_every_entry() {
+    let m = Machine::new(16);
+    let a = m.map(4, RW, MapFlags::PRIVATE);
+    // Block growth with a mapping right after.
+    m.mm.mmap(
+        Some(page(a, 4)),
+        PAGE_SIZE,
+        Prot::READ,
+        MapFlags::PRIVATE | MapFlags::FIXED,
+    )
+    .unwrap();
+    fill(&m, a, 3);
+    // PROT_NONE entries move too.
+    m.mm.mprotect(a, 4 * PAGE_SIZE, Prot::NONE).unwrap();
+    let r =
+        m.mm.mremap(a, 4 * PAGE_SIZE, 8 * PAGE_SIZE, MremapFlags::empty(), None);
+    assert!(matches!(r, Err(MmError::NoMem { .. })), "{r:?}");
+    // A range across two VMAs is EFAULT.
+    let r =
+        m.mm.mremap(a, 5 * PAGE_SIZE, 8 * PAGE_SIZE, MremapFlags::MAYMOVE, None);
+    assert_eq!(r, Err(MmError::Fault { addr: a }));
+    let before = m.mm.pagemap(a, 4).unwrap();
+    m.events();
+    let n =
+        m.mm.mremap(a, 4 * PAGE_SIZE, 8 * PAGE_SIZE, MremapFlags::MAYMOVE, None)
+            .unwrap();
+    assert_ne!(n, a);
+    // UNMAP of the old range while moving, and again when unmapping it.
+    let ev = m.events();
+    assert_eq!(ev.len(), 2);
+    assert!(ev
+        .iter()
+        .all(|e| *e == (NotifierEvent::Unmap, a.as_u64(), page(a, 4).as_u64())));
+    assert!(m.mm.read_val::<u8>(a).is_err());
+    // Same frames, now soft-dirty, at the new place; no copy.
+    let after = m.mm.pagemap(n, 4).unwrap();
+    for i in 0..4 {
+        assert_eq!(after[i].pfn, before[i].pfn, "page {i}");
+        assert!(after[i].soft_dirty);
+    }
+    m.mm.mprotect(n, 8 * PAGE_SIZE, RW).unwrap();
+    check(&m, n, (0..3).map(|i| (i, i)));
+    assert_eq!(m.mm.stats().faults.cow, 0);
+    // The reverse map finds the moved pages at their new address.
+    let pfn = hmm::addr::Pfn::new(after[0].pfn.unwrap());
+    assert_eq!(folio_mappings(&m.phys, pfn)[0].addr, n);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn fixed_move_of_part_of_a_vma_replaces_the_target() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    let b = m.map(4, RW, MapFlags::PRIVATE);
+    fill(&m, a, 8);
+    m.mm.write_val(b, 1u8).unwrap();
+    // Move pages 2..6 of `a` onto `b`, shrinking to 3 pages (page 5 is unmapped).
+    let n =
+        m.mm.mremap(
+            page(a, 2),
+            4 * PAGE_SIZE,
+            3 * PAGE_SIZE,
+            MremapFlags::MAYMOVE | MremapFlags::FIXED,
+            Some(b),
+        )
+        .unwrap();
+    assert_eq!(n, b);
+    check(&m, b, (0..3).map(|i| (i, i + 2)));
+    assert_eq!(
+        m.mm.read_val::<u64>(page(b, 3)).unwrap(),
+        0,
+        "rest of b still mapped"
+    );
+    check(&m, a, [(0, 0), (1, 1), (6, 6), (7, 7)].into_iter());
+    assert!(m.mm.read_val::<u8>(page(a, 3)).is_err());
+    assert_eq!(m.phys.nr_in_use(), 7);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn dontunmap_leaves_the_old_vma_empty() {
+    let m = Machine::new(16);
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    fill(&m, a, 2);
+    let n =
+        m.mm.mremap(
+            a,
+            2 * PAGE_SIZE,
+            2 * PAGE_SIZE,
+            MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP,
+            None,
+        )
+        .unwrap();
+    check(&m, n, (0..2).map(|i| (i, i)));
+    assert_eq!(
+        m.mm.read_val::<u64>(a).unwrap(),
+        0,
+        "old VMA still mapped, empty"
+    );
+    assert_eq!(m.mm.vmas().len(), 2);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn thp_leaves_move_whole_when_aligned_and_split_otherwise() {
+    let m = Machine::new(64);
+    let a = m.map(2 * NR, RW, MapFlags::PRIVATE);
+    m.mm.madvise(a, 2 * PMD_SIZE, Advice::HugePage).unwrap();
+    fill(&m, a, 2 * NR);
+    let n =
+        m.mm.mremap(a, 2 * PMD_SIZE, 2 * PMD_SIZE, MremapFlags::MAYMOVE, None)
+            .unwrap();
+    assert!(n.is_aligned(PMD_SIZE));
+    assert_eq!(m.mm.stats().thp_split_pmd, 0);
+    assert!(m
+        .mm
+        .pagemap(n, 2 * NR)
+        .unwrap()
+        .iter()
+        .all(|e| e.order == 9));
+    check(&m, n, (0..2 * NR).map(|i| (i, i)));
+    m.mm.audit().unwrap();
+    // Moving half a leaf, or to a misaligned place, splits.
+    let dst = m.map(NR + 1, RW, MapFlags::PRIVATE);
+    let dst = page(dst, 1);
+    m.mm.mremap(
+        n,
+        PMD_SIZE,
+        PMD_SIZE,
+        MremapFlags::MAYMOVE | MremapFlags::FIXED,
+        Some(dst),
+    )
+    .unwrap();
+    assert_eq!(m.mm.stats().thp_split_pmd, 1);
+    check(&m, dst, (0..NR).map(|i| (i, i)));
+    let half = m.map(NR / 2, RW, MapFlags::PRIVATE);
+    m.mm.mremap(
+        page(n, NR),
+        PMD_SIZE / 2,
+        PMD_SIZE / 2,
+        MremapFlags::MAYMOVE | MremapFlags::FIXED,
+        Some(half),
+    )
+    .unwrap();
+    assert_eq!(m.mm.stats().thp_split_pmd, 2);
+    check(&m, half, (0..NR / 2).map(|i| (i, NR + i)));
+    check(
+        &m,
+        page(n, NR + NR / 2),
+        (0..NR / 2).map(|i| (i, NR + NR / 2 + i)),
+    );
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn shared_memory_moves_and_stays_shared() {
+    let m = Machine::new(16);
+    let s = m.map(2, RW, MapFlags::SHARED);
+    m.mm.write_val(s, 5u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    let n =
+        m.mm.mremap(
+            s,
+            2 * PAGE_SIZE,
+            4 * PAGE_SIZE,
+            MremapFlags::MAYMOVE,
+            Some(s),
+        )
+        .unwrap();
+    m.mm.write_val(n, 6u64).unwrap();
+    assert_eq!(child.read_val::<u64>(s).unwrap(), 6);
+    m.mm.write_val(page(n, 3), 7u64).unwrap();
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+}
+
+#[test]
+fn mremap_bad_input_changes_nothing() {
+    let m = Machine::new(16);
+    let a = m.map(4, RW, MapFlags::PRIVATE);
+    let b = m.map(4, RW, MapFlags::PRIVATE);
+    fill(&m, a, 4);
+    fill(&m, b, 4);
+    let p = PAGE_SIZE;
+    let mm = &m.mm;
+    let f = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    let cases: Vec<(Result<VirtAddr, MmError>, i32)> = vec![
+        (
+            mm.mremap(a.checked_add(1).unwrap(), p, p, MremapFlags::MAYMOVE, None),
+            libc::EINVAL,
+        ),
+        (mm.mremap(a, p, 0, MremapFlags::MAYMOVE, None), libc::EINVAL),
+        (mm.mremap(a, 0, p, MremapFlags::MAYMOVE, None), libc::EINVAL),
+        (
+            mm.mremap(a, p, p, MremapFlags::FIXED, Some(b)),
+            libc::EINVAL,
+        ),
+        (
+            mm.mremap(a, p, p, MremapFlags::DONTUNMAP, None),
+            libc::EINVAL,
+        ),
+        (
+            mm.mremap(
+                a,
+                p,
+                2 * p,
+                MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP,
+                None,
+            ),
+            libc::EINVAL,
+        ),
+        (mm.mremap(a, p, p, f, None), libc::EINVAL),
+        (
+            mm.mremap(a, 2 * p, 2 * p, f, Some(page(a, 1))),
+            libc::EINVAL,
+        ),
+        (
+            mm.mremap(a, p, p, f, Some(b.checked_add(8).unwrap())),
+            libc::EINVAL,
+        ),
+        (
+            mm.mremap(a, p, p, f, Some(VirtAddr::new(0x1000))),
+            libc::EPERM,
+        ),
+        (
+            mm.mremap(a, 5 * p, 5 * p, MremapFlags::MAYMOVE, None),
+            libc::EFAULT,
+        ),
+        (mm.mremap(page(a, 3), 2 * p, p, f, Some(b)), libc::EFAULT),
+        (
+            mm.mremap(a, u64::MAX, p, MremapFlags::MAYMOVE, None),
+            libc::EINVAL,
+        ),
+    ];
+    for (i, (r, errno)) in cases.into_iter().enumerate() {
+        assert_eq!(r.map_err(|e| e.errno()), Err(errno), "case {i}");
+    }
+    check(&m, a, (0..4).map(|i| (i, i)));
+    check(&m, b, (0..4).map(|i| (i, i)));
+    m.mm.audit().unwrap();
+}
