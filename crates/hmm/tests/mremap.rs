@@ -228,7 +228,11 @@ fn shared_memory_moves_and_stays_shared() {
         .unwrap();
     m.mm.write_val(n, 6u64).unwrap();
     assert_eq!(child.read_val::<u64>(s).unwrap(), 6);
-    m.mm.write_val(page(n, 3), 7u64).unwrap();
+    // The object keeps the size it was created with: past it is SIGBUS, as in Linux.
+    assert_eq!(
+        m.mm.write_val(page(n, 3), 7u64),
+        Err(hmm::mm::FaultError::Bus { addr: page(n, 3) })
+    );
     m.mm.audit().unwrap();
     child.audit().unwrap();
 }

@@ -112,13 +112,14 @@ impl Mm {
                 if huge && (folio.pfn() != pfn || folio.meta().order() != PMD_ORDER) {
                     problems.push(format!("{va}: PMD leaf maps {pfn}, not a THP head"));
                 }
-                if vma.is_anonymous() {
-                    if !fflags.contains(FrameFlags::ANON) {
-                        problems.push(format!("{va}: private page {pfn} not anonymous"));
-                    }
-                    if pte.is_writable() && !fflags.contains(FrameFlags::ANON_EXCLUSIVE) {
-                        problems.push(format!("{va}: writable page {pfn} not anon-exclusive"));
-                    }
+                if vma.is_anonymous() && !fflags.contains(FrameFlags::ANON) {
+                    problems.push(format!("{va}: private page {pfn} not anonymous"));
+                }
+                if !vma.is_shared()
+                    && pte.is_writable()
+                    && !fflags.contains(FrameFlags::ANON_EXCLUSIVE)
+                {
+                    problems.push(format!("{va}: writable page {pfn} not anon-exclusive"));
                 }
             }
             if let Some(pfn) = pte.pfn() {

@@ -24,6 +24,7 @@ use crate::phys::FrameFlags;
 use crate::stats::FaultKind;
 
 use super::error::{FaultError, SegvCause};
+use super::shmem::PageError;
 use super::thp::{self, dirty_flags};
 use super::vma::{Backing, Vma};
 use super::{Mm, MmState};
@@ -154,32 +155,64 @@ impl Fault<'_> {
         VaRange::page_of(self.addr)
     }
 
-    /// `do_anonymous_page` / `do_shared_fault`.
+    /// `do_anonymous_page`, `do_read_fault`, `do_shared_fault`, `do_cow_fault`.
     fn do_anonymous_or_shared(&self, c: &mut Cursor<'_>) -> Result<(), FaultError> {
         let mm = self.mm;
         let vm_write = self.vma.flags().contains(super::VmFlags::WRITE);
         match self.vma.backing() {
             Backing::Shmem(obj) => {
                 c.unlock();
-                let (pfn, allocated) = obj
-                    .get_page(self.vma.pgoff_of(self.addr))
-                    .map_err(|_| FaultError::Oom { addr: self.addr })?;
+                let pgoff = self.vma.pgoff_of(self.addr);
+                let (pfn, allocated) = obj.get_page(pgoff).map_err(|e| match e {
+                    PageError::Eof => FaultError::Bus { addr: self.addr },
+                    PageError::NoMem(_) => FaultError::Oom { addr: self.addr },
+                })?;
                 if allocated {
                     mm.counters.frame_allocated();
                 }
-                let mapping = crate::phys::Frame::from_raw(mm.phys(), pfn);
+                let cached = crate::phys::Frame::from_raw(mm.phys(), pfn);
+                let shared = self.vma.is_shared();
+                // do_cow_fault: a write to a private mapping maps a copy, never the file page.
+                let (mapping, kind) = if self.write && !shared {
+                    let copy = mm
+                        .phys()
+                        .alloc(
+                            0,
+                            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+                        )
+                        .map_err(|_| FaultError::Oom { addr: self.addr })?;
+                    mm.counters.frame_allocated();
+                    copy.copy_from(&cached);
+                    mm.new_anon_rmap(&copy, self.vma, self.addr);
+                    drop(cached);
+                    (copy, FaultKind::Cow)
+                } else {
+                    (cached, FaultKind::Shared)
+                };
                 let Some(Slot::Pte(p)) = c.current() else {
                     unreachable!()
                 };
-                if !p.get().is_none() {
-                    drop(mapping);
-                    return Ok(());
+                // Re-check under the page-table lock: a racing truncation sets the size
+                // before it zaps (see `shmem`).
+                if !p.get().is_none() || !obj.in_size(pgoff) {
+                    c.unlock();
+                    mm.release_frame(mapping);
+                    return if obj.in_size(pgoff) {
+                        Ok(())
+                    } else {
+                        Err(FaultError::Bus { addr: self.addr })
+                    };
                 }
                 let mut flags = PteFlags::YOUNG;
-                // A read fault maps a clean page writable unless soft-dirty tracking
-                // must see the first write (vma_wants_writenotify).
+                // A shared read fault maps a clean page writable unless soft-dirty tracking
+                // must see the first write (vma_wants_writenotify); a private one never.
                 let tracking = !self.vma.flags().contains(super::VmFlags::SOFTDIRTY);
-                if vm_write && (self.write || !tracking) {
+                let writable = if shared {
+                    self.write || !tracking
+                } else {
+                    self.write
+                };
+                if vm_write && writable {
                     flags |= PteFlags::WRITE;
                 }
                 if self.write {
@@ -190,7 +223,7 @@ impl Fault<'_> {
                     pfn: mapping.into_raw(),
                     flags,
                 });
-                mm.counters.fault(FaultKind::Shared);
+                mm.counters.fault(kind);
                 Ok(())
             }
             Backing::Anon if !self.write => {
@@ -256,7 +289,7 @@ impl Fault<'_> {
                 p.set(Pte::Present { pfn, flags });
             }
         };
-        if matches!(self.vma.backing(), Backing::Shmem(_)) {
+        if self.vma.is_shared() {
             make_writable(c);
             mm.counters.fault(FaultKind::WpReuse);
             return Ok(());
@@ -264,9 +297,12 @@ impl Fault<'_> {
         if !phys.is_zero_pfn(pfn) {
             let folio = phys.frame(pfn).folio();
             let meta = folio.meta();
-            // wp_can_reuse_anon_folio: exclusive, or the only reference is our mapping.
-            let reusable = meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
-                || (meta.refcount() == 1 && meta.mapcount() == 1 && meta.pincount() == 0);
+            // wp_can_reuse_anon_folio: exclusive, or the only reference is our mapping. A
+            // file page in a private mapping is always copied.
+            let anon = meta.flags().contains(FrameFlags::ANON);
+            let reusable = anon
+                && (meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+                    || (meta.refcount() == 1 && meta.mapcount() == 1 && meta.pincount() == 0));
             if reusable {
                 meta.set_flags(FrameFlags::ANON_EXCLUSIVE);
                 make_writable(c);

@@ -8,8 +8,9 @@
 //! see it yet except reverse-map walks of its family, which wait.
 //!
 //! * Shared VMAs are copied without their entries: the child faults them in from the shared
-//!   object (`vma_needs_copy` is false for them).
-//! * A private VMA's entries are copied. If the VMA is a COW mapping (private and
+//!   object or file (`vma_needs_copy` is false for them).
+//! * A private VMA's entries are copied (anonymous memory and private file mappings, whose
+//!   file pages are shared read-only like anonymous ones). If the VMA is a COW mapping (private and
 //!   `MAYWRITE`) and holds any entry, one `PROTECTION_PAGE` invalidation covering the VMA
 //!   brackets the copy, because writable entries become read-only in the parent.
 //! * Present anonymous pages are shared: one more reference and map count, the folio loses
@@ -56,13 +57,13 @@ impl Mm {
             let mut result = Ok(());
             for v in parent.vmas.iter() {
                 dst.vmas.insert(v.clone());
-                match v.backing() {
-                    Backing::Shmem(obj) => obj.mappers.add(&child.this),
-                    Backing::Anon => {
-                        result = self.copy_page_range(&parent, &child, &dst, v, &mut tlb);
-                        if result.is_err() {
-                            break;
-                        }
+                if let Backing::Shmem(obj) = v.backing() {
+                    obj.mappers.add(&child.this);
+                }
+                if !v.is_shared() {
+                    result = self.copy_page_range(&parent, &child, &dst, v, &mut tlb);
+                    if result.is_err() {
+                        break;
                     }
                 }
             }

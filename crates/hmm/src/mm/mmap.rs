@@ -2,6 +2,8 @@
 
 use bitflags::bitflags;
 
+use std::sync::Arc;
+
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
@@ -25,6 +27,9 @@ bitflags! {
     }
 }
 
+/// The largest page offset a file mapping may reach.
+const MAX_PGOFF: u64 = u64::MAX >> PAGE_SHIFT >> 1;
+
 impl Mm {
     /// Maps `len` bytes (rounded up to pages) of anonymous memory (`mmap` with
     /// `MAP_ANONYMOUS`). With `FIXED`/`FIXED_NOREPLACE` the mapping is placed at `addr`;
@@ -43,6 +48,49 @@ impl Mm {
         len: u64,
         prot: Prot,
         flags: MapFlags,
+    ) -> Result<VirtAddr, MmError> {
+        self.do_mmap(addr, len, prot, flags, None)
+    }
+
+    /// `mmap` of `file` at byte `offset` (page-aligned); see [`mmap`](Self::mmap) for the
+    /// placement rules and errors, plus `Inval` for an unaligned or overflowing offset.
+    /// `MAP_SHARED` writes go to the file's pages; `MAP_PRIVATE` maps them read-only and a
+    /// write copies the page into anonymous memory. Access at or beyond the end of file
+    /// raises SIGBUS ([`FaultError::Bus`](super::FaultError::Bus)).
+    pub fn mmap_file(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+        file: &super::MemFile,
+        offset: u64,
+    ) -> Result<VirtAddr, MmError> {
+        if offset % PAGE_SIZE != 0
+            || !offset
+                .checked_add(len)
+                .is_some_and(|e| e >> PAGE_SHIFT <= MAX_PGOFF)
+        {
+            return Err(MmError::Inval {
+                what: "unaligned or overflowing file offset",
+            });
+        }
+        self.do_mmap(
+            addr,
+            len,
+            prot,
+            flags,
+            Some((file.object(), offset >> PAGE_SHIFT)),
+        )
+    }
+
+    fn do_mmap(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+        file: Option<(&Arc<ShmemObject>, u64)>,
     ) -> Result<VirtAddr, MmError> {
         let shared = flags.contains(MapFlags::SHARED);
         if shared == flags.contains(MapFlags::PRIVATE) {
@@ -124,14 +172,21 @@ impl Mm {
             | VmFlags::MAYWRITE
             | VmFlags::MAYEXEC
             | VmFlags::SOFTDIRTY;
-        let (backing, pgoff) = if shared {
+        if shared {
             vm_flags |= VmFlags::SHARED;
-            let obj = ShmemObject::new(self.phys.clone());
-            obj.mappers.add(&self.this);
-            (Backing::Shmem(obj), 0)
-        } else {
+        }
+        let (backing, pgoff) = match file {
+            Some((obj, pgoff)) => {
+                obj.mappers.add(&self.this);
+                (Backing::Shmem(obj.clone()), pgoff)
+            }
+            None if shared => {
+                let obj = ShmemObject::new(self.phys.clone(), len, true);
+                obj.mappers.add(&self.this);
+                (Backing::Shmem(obj), 0)
+            }
             // Anonymous memory is indexed by its first address (see `rmap`).
-            (Backing::Anon, start.as_u64() >> PAGE_SHIFT)
+            None => (Backing::Anon, start.as_u64() >> PAGE_SHIFT),
         };
         st.vmas.insert(Vma::new(range, vm_flags, pgoff, backing));
         Ok(start)

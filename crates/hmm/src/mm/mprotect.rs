@@ -9,7 +9,7 @@ use crate::prot::{Prot, VmFlags};
 
 use super::error::MmError;
 use super::tlb::TlbGather;
-use super::vma::{Backing, Vma};
+use super::vma::Vma;
 use super::{page_align_len, thp, Mm};
 
 impl Mm {
@@ -138,7 +138,7 @@ impl Mm {
                 {
                     // can_change_pte_writable: shared pages, or anon-exclusive ones, and
                     // not while soft-dirty tracking waits for this page's first write.
-                    let shared = matches!(vma.backing(), Backing::Shmem(_));
+                    let shared = vma.is_shared();
                     let exclusive = phys
                         .frame(pfn)
                         .folio()

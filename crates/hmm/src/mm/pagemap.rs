@@ -13,11 +13,11 @@ use serde::Serialize;
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, USER_VA_END};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
 use super::error::MmError;
 use super::tlb::TlbGather;
-use super::vma::Backing;
 use super::Mm;
 
 /// What a non-present entry is (the swap type the kernel reports for it).
@@ -46,7 +46,7 @@ pub struct PagemapEntry {
     pub soft_dirty: bool,
     /// The page is mapped exactly once (`PM_MMAP_EXCLUSIVE`).
     pub exclusive: bool,
-    /// A page of a shared object rather than anonymous memory (`PM_FILE`).
+    /// A page of a file or shared memory rather than anonymous memory (`PM_FILE`).
     pub file: bool,
     /// The order of the mapping: 0 for a PTE, 9 for a PMD leaf (not in the kernel's
     /// pagemap; `/proc/kpageflags` has `THP`).
@@ -113,7 +113,6 @@ impl Mm {
         for v in st.vmas.overlapping(range) {
             let seg = v.range().intersect(&range).expect("overlapping");
             let vma_dirty = v.flags().contains(VmFlags::SOFTDIRTY);
-            let file = !matches!(v.backing(), Backing::Anon);
             let first = range.page_index(seg.start());
             for e in &mut out[first..first + seg.npages() as usize] {
                 e.soft_dirty = vma_dirty;
@@ -151,14 +150,15 @@ impl Mm {
                             if !zero {
                                 let meta = phys.frame(page).meta();
                                 let folio = phys.frame(page).folio().meta();
-                                e.file = file;
+                                e.file = !folio.flags().contains(FrameFlags::ANON);
                                 e.exclusive = meta.mapcount() + folio.entire_mapcount() == 1;
                             }
                         }
                         Pte::Migration { pfn, .. } => {
                             e.swap = Some(SwapKind::Migration);
                             e.pfn = Some(pfn.as_u64() + sub);
-                            e.file = file;
+                            let folio = phys.frame(pfn).folio();
+                            e.file = !folio.meta().flags().contains(FrameFlags::ANON);
                         }
                         Pte::DevicePrivate { pfn, .. } => {
                             e.swap = Some(SwapKind::DevicePrivate);

@@ -54,7 +54,7 @@ impl MmSet {
     }
 
     /// The live members.
-    fn members(&self) -> Vec<Arc<Mm>> {
+    pub(crate) fn members(&self) -> Vec<Arc<Mm>> {
         self.0.lock().iter().filter_map(Weak::upgrade).collect()
     }
 }
@@ -103,10 +103,11 @@ pub(crate) fn rmap_walk(
     };
     let mut scan = |mm: &Mm, st: &MmState| {
         for v in st.vmas.iter() {
+            // Anonymous pages live in private VMAs, file pages in VMAs of their file.
             let ours = match (v.backing(), &object) {
-                (Backing::Anon, None) => true,
+                (_, None) => !v.is_shared(),
                 (Backing::Shmem(o), Some(obj)) => Arc::ptr_eq(o, obj),
-                _ => false,
+                (Backing::Anon, Some(_)) => false,
             };
             let (lo, hi) = (v.pgoff(), v.pgoff() + v.range().npages());
             let (from, to) = (index.max(lo), (index + nr).min(hi));

@@ -1,58 +1,179 @@
-//! Shared anonymous memory: the object behind `MAP_SHARED | MAP_ANONYMOUS` (the kernel's
-//! shmem file), a page cache indexed by page offset.
+//! In-memory files (the kernel's tmpfs/shmem inode): a page cache indexed by page offset,
+//! a size, and the address spaces that map the file. Shared anonymous memory
+//! (`MAP_SHARED | MAP_ANONYMOUS`) is an unnamed one of these, sized to the mapping
+//! (`shmem_zero_setup`); [`MemFile`](super::MemFile) is the named kind.
 //!
-//! The object holds one reference on each of its pages; each mapping of a page holds
-//! another. Lock order: the object's lock is taken before any page-table lock and released
-//! before one is taken.
+//! The object holds one reference on each cached page; each mapping of a page holds
+//! another. Holes read as zeros; a fault or a write allocates the page (zero-filled).
+//! Pages at or beyond the end of file cannot be faulted in (SIGBUS).
+//!
+//! Lock order: the object's lock is taken before any page-table lock and released before
+//! one is taken. The size is an atomic read without the lock by faults, which re-check it
+//! under the page-table lock before they install an entry; truncation stores the new size
+//! before it zaps the mappings, so a fault either sees the new size or is zapped.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::addr::Pfn;
-use crate::phys::{AllocError, FrameFlags, PhysMem};
+use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE};
+use crate::phys::{AllocError, Frame, FrameFlags, PhysMem};
 
 use super::rmap::MmSet;
 
-/// A shared memory object.
+/// Why a page could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PageError {
+    /// At or beyond the end of file.
+    Eof,
+    /// No memory for a new page.
+    NoMem(AllocError),
+}
+
+/// An in-memory file or shared anonymous memory object.
 pub(crate) struct ShmemObject {
     this: Weak<ShmemObject>,
     phys: Arc<PhysMem>,
+    /// Unnamed shared anonymous memory (as opposed to a [`MemFile`](super::MemFile)).
+    anonymous: bool,
+    size: AtomicU64,
     pages: Mutex<BTreeMap<u64, Pfn>>,
     /// Address spaces that map it (the kernel's `i_mmap`).
     pub(crate) mappers: MmSet,
 }
 
 impl ShmemObject {
-    pub(crate) fn new(phys: Arc<PhysMem>) -> Arc<Self> {
+    /// A new object of `size` bytes.
+    pub(crate) fn new(phys: Arc<PhysMem>, size: u64, anonymous: bool) -> Arc<Self> {
         Arc::new_cyclic(|this| ShmemObject {
             this: this.clone(),
             phys,
+            anonymous,
+            size: AtomicU64::new(size),
             pages: Mutex::new(BTreeMap::new()),
             mappers: MmSet::default(),
         })
     }
 
+    /// Whether this is unnamed shared anonymous memory.
+    pub(crate) fn is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// The size in bytes (`i_size`).
+    pub(crate) fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Whether page `pgoff` lies before the end of file.
+    pub(crate) fn in_size(&self, pgoff: u64) -> bool {
+        pgoff < self.size().div_ceil(PAGE_SIZE)
+    }
+
     /// The page at `pgoff`, allocated zero-filled if missing; the caller receives one new
-    /// reference for its mapping. Returns whether the page was allocated.
+    /// reference. Returns whether the page was allocated.
     #[doc(alias = "shmem_get_folio")]
-    pub(crate) fn get_page(&self, pgoff: u64) -> Result<(Pfn, bool), AllocError> {
+    pub(crate) fn get_page(&self, pgoff: u64) -> Result<(Pfn, bool), PageError> {
         let mut pages = self.pages.lock();
+        if !self.in_size(pgoff) {
+            return Err(PageError::Eof);
+        }
         if let Some(&pfn) = pages.get(&pgoff) {
             self.phys.frame(pfn).meta().get();
             return Ok((pfn, false));
         }
         let f = self
             .phys
-            .alloc_zeroed(0, FrameFlags::UPTODATE | FrameFlags::DIRTY)?;
+            .alloc_zeroed(0, FrameFlags::UPTODATE | FrameFlags::DIRTY)
+            .map_err(PageError::NoMem)?;
         let pfn = f.pfn();
         let owner: Weak<ShmemObject> = self.this.clone();
         f.meta().set_mapping(owner, pgoff);
-        // One reference for the object, one for the caller's mapping.
+        // One reference for the object, one for the caller.
         f.meta().get();
         pages.insert(pgoff, f.into_raw());
         Ok((pfn, true))
+    }
+
+    /// Copies bytes from `offset` into `buf`, stopping at the end of file; returns how
+    /// many. Holes read as zeros and allocate nothing.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> usize {
+        let size = self.size();
+        if offset >= size {
+            return 0;
+        }
+        let n = buf.len().min((size - offset) as usize);
+        let mut done = 0;
+        while done < n {
+            let at = offset + done as u64;
+            let in_page = (at % PAGE_SIZE) as usize;
+            let k = (PAGE_SIZE as usize - in_page).min(n - done);
+            let held = self.lookup(at >> PAGE_SHIFT);
+            match held {
+                Some(page) => page.read(in_page, &mut buf[done..done + k]),
+                None => buf[done..done + k].fill(0),
+            }
+            done += k;
+        }
+        n
+    }
+
+    /// Copies `data` to `offset`, allocating pages and extending the file as needed.
+    /// Returns the number of pages allocated.
+    pub(crate) fn write_at(&self, offset: u64, data: &[u8]) -> Result<u64, AllocError> {
+        let end = offset + data.len() as u64;
+        let mut allocated = 0;
+        let mut done = 0;
+        // Allocation past the old size must not fail on EOF: grow first.
+        self.size.fetch_max(end, Ordering::AcqRel);
+        while done < data.len() {
+            let at = offset + done as u64;
+            let in_page = (at % PAGE_SIZE) as usize;
+            let k = (PAGE_SIZE as usize - in_page).min(data.len() - done);
+            let (pfn, new) = match self.get_page(at >> PAGE_SHIFT) {
+                Ok(p) => p,
+                Err(PageError::NoMem(e)) => return Err(e),
+                Err(PageError::Eof) => unreachable!("size grown above"),
+            };
+            allocated += u64::from(new);
+            let page = Frame::from_raw(&self.phys, pfn);
+            page.write(in_page, &data[done..done + k]);
+            page.meta().set_flags(FrameFlags::DIRTY);
+            drop(page);
+            done += k;
+        }
+        Ok(allocated)
+    }
+
+    /// A reference on the cached page at `pgoff`, if any.
+    fn lookup(&self, pgoff: u64) -> Option<Frame<'_>> {
+        let pages = self.pages.lock();
+        pages.get(&pgoff).map(|&pfn| self.phys.frame(pfn).get())
+    }
+
+    /// Sets the size to `size`. The caller unmaps pages beyond it from every mapping
+    /// first when shrinking, then calls [`drop_pages_from`](Self::drop_pages_from).
+    pub(crate) fn set_size(&self, size: u64) -> u64 {
+        let _pages = self.pages.lock();
+        self.size.swap(size, Ordering::AcqRel)
+    }
+
+    /// Removes pages from `pgoff` on from the cache and zeroes the part of the last page
+    /// beyond the end of file (`truncate_inode_pages_range`); returns the pages removed.
+    pub(crate) fn drop_pages_from(&self, pgoff: u64) -> Vec<Pfn> {
+        let mut pages = self.pages.lock();
+        let removed: Vec<Pfn> = pages.split_off(&pgoff).into_values().collect();
+        let size = self.size();
+        if size % PAGE_SIZE != 0 {
+            if let Some(&pfn) = pages.get(&(size >> PAGE_SHIFT)) {
+                let from = (size % PAGE_SIZE) as usize;
+                let zeros = vec![0u8; PAGE_SIZE as usize - from];
+                self.phys.frame(pfn).write(from, &zeros);
+            }
+        }
+        removed
     }
 
     /// Number of pages held.
@@ -63,6 +184,11 @@ impl ShmemObject {
     /// Whether the object holds `pfn` (for audits).
     pub(crate) fn holds(&self, pfn: Pfn) -> bool {
         self.pages.lock().values().any(|&p| p == pfn)
+    }
+
+    /// The RAM its pages live in.
+    pub(crate) fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
     }
 }
 
@@ -77,6 +203,7 @@ impl Drop for ShmemObject {
 impl std::fmt::Debug for ShmemObject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShmemObject")
+            .field("size", &self.size())
             .field("pages", &self.nr_pages())
             .finish()
     }

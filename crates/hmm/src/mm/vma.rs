@@ -17,6 +17,10 @@ pub enum VmaKind {
     AnonPrivate,
     /// Shared anonymous memory: pages live in a shared object; writes are never copied.
     AnonShared,
+    /// A private mapping of a file: its pages read-only, written pages copied.
+    FilePrivate,
+    /// A shared mapping of a file: writes go to the file.
+    FileShared,
 }
 
 /// A virtual memory area.
@@ -72,13 +76,20 @@ impl Vma {
 
     /// What backs it.
     pub fn kind(&self) -> VmaKind {
-        match self.backing {
+        match &self.backing {
             Backing::Anon => VmaKind::AnonPrivate,
-            Backing::Shmem(_) => VmaKind::AnonShared,
+            Backing::Shmem(o) if o.is_anonymous() => VmaKind::AnonShared,
+            Backing::Shmem(_) if self.is_shared() => VmaKind::FileShared,
+            Backing::Shmem(_) => VmaKind::FilePrivate,
         }
     }
 
-    /// Whether the VMA is private anonymous memory (`vma_is_anonymous`).
+    /// Whether the mapping is shared (`VM_SHARED`): writes go to the backing object.
+    pub fn is_shared(&self) -> bool {
+        self.flags.contains(VmFlags::SHARED)
+    }
+
+    /// Whether the VMA is anonymous memory with no backing object (`vma_is_anonymous`).
     #[doc(alias = "vma_is_anonymous")]
     pub fn is_anonymous(&self) -> bool {
         matches!(self.backing, Backing::Anon)
