@@ -1,6 +1,7 @@
-//! First-touch faults per 4 KiB page: the model's write fault (allocate + zero + map) and
-//! zero-page read fault, against this machine's kernel doing the same (anonymous `mmap` +
-//! touch) in the same run.
+//! First-touch faults: per 4 KiB page, the model's write fault (allocate + zero + map) and
+//! zero-page read fault; per 2 MiB, the model's THP write fault (allocate + zero 2 MiB +
+//! map a PMD leaf). Each against this machine's kernel doing the same (anonymous `mmap` +
+//! touch, with `MADV_NOHUGEPAGE` or `MADV_HUGEPAGE`) in the same run.
 //!
 //! `cargo bench -p hmm --bench fault`. The model's RAM is prefaulted on the host first, so
 //! the model's figures do not include the host's own first-touch of the arena.
@@ -14,11 +15,13 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hmm::addr::PAGE_SIZE;
-use hmm::mm::{MapFlags, Mm, Prot};
+use hmm::addr::{PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::phys::{PhysConfig, PhysMem};
 
 const BATCH: u64 = 1024;
+/// THPs per fresh mapping.
+const THP_BATCH: u64 = 16;
 
 #[derive(Clone, Copy)]
 enum Touch {
@@ -101,6 +104,82 @@ fn kernel(touch: Touch, iters: u64) -> Duration {
     total
 }
 
+/// Times `iters` THP first-touch write faults in the model, `THP_BATCH` per mapping.
+fn model_thp(mm: &Mm, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(THP_BATCH);
+        let len = n * PMD_SIZE;
+        let a = mm
+            .mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+            .expect("mmap");
+        mm.madvise(a, len, Advice::HugePage).expect("madvise");
+        let t = Instant::now();
+        for i in 0..n {
+            let at = a.checked_add(i * PMD_SIZE).expect("in mapping");
+            mm.write_val(at, 1u8).expect("write");
+        }
+        total += t.elapsed();
+        assert_eq!(mm.pagemap(a, 1).expect("pagemap")[0].order, 9, "got a THP");
+        mm.munmap(a, len).expect("munmap");
+        left -= n;
+    }
+    total
+}
+
+/// Times `iters` THP first-touch write faults of the host kernel, `THP_BATCH` per
+/// 2 MiB-aligned `MADV_HUGEPAGE` mapping. Returns the time and the THPs the kernel
+/// actually mapped (from `/proc/self/smaps_rollup`), so a fallback to 4 KiB is visible.
+fn kernel_thp(iters: u64) -> (Duration, u64) {
+    let mut total = Duration::ZERO;
+    let mut huge = 0;
+    let mut left = iters;
+    let pmd = PMD_SIZE as usize;
+    while left > 0 {
+        let n = left.min(THP_BATCH) as usize;
+        let len = n * pmd;
+        // SAFETY: a fresh private anonymous mapping one PMD larger than needed, so that a
+        // 2 MiB-aligned range of `len` lies inside it; checked before use, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + pmd,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+        let skip = (pmd - (p as usize) % pmd) % pmd;
+        // SAFETY: `skip < pmd`, so the aligned start and `len` bytes after it are inside.
+        let base = unsafe { p.cast::<u8>().add(skip) };
+        // SAFETY: `base`/`len` lies inside the mapping; the advice only affects THP.
+        unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
+        let t = Instant::now();
+        for i in 0..n {
+            // SAFETY: `i * pmd < len`: inside the live, writable mapping.
+            unsafe { std::ptr::write_volatile(base.add(i * pmd), 1) };
+        }
+        total += t.elapsed();
+        huge += anon_huge_bytes() / PMD_SIZE;
+        // SAFETY: unmaps exactly the mapping created above; no reference into it remains.
+        unsafe { libc::munmap(p, len + pmd) };
+        left -= n as u64;
+    }
+    (total, huge)
+}
+
+/// `AnonHugePages` of this process, in bytes.
+fn anon_huge_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
 fn first_touch(c: &mut Criterion) {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: 64 << 20,
@@ -127,5 +206,28 @@ fn first_touch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, first_touch);
+fn first_touch_thp(c: &mut Criterion) {
+    let phys = PhysMem::new(PhysConfig {
+        size_bytes: (THP_BATCH + 2) * PMD_SIZE,
+        prefault: true,
+    })
+    .expect("RAM");
+    let mm = Mm::new(phys);
+    model_thp(&mm, THP_BATCH);
+    let (_, got) = kernel_thp(THP_BATCH);
+    if got < THP_BATCH {
+        eprintln!("note: the host kernel mapped {got} of {THP_BATCH} THPs (fallback to 4 KiB)");
+    }
+    let mut g = c.benchmark_group("first_touch_fault_2m");
+    g.throughput(Throughput::Bytes(PMD_SIZE));
+    g.bench_function("model_thp_write", |b| {
+        b.iter_custom(|iters| model_thp(&mm, iters))
+    });
+    g.bench_function("kernel_thp_write", |b| {
+        b.iter_custom(|iters| kernel_thp(iters).0)
+    });
+    g.finish();
+}
+
+criterion_group!(benches, first_touch, first_touch_thp);
 criterion_main!(benches);
