@@ -159,8 +159,10 @@ fn kernel_thp(iters: u64) -> (Duration, u64) {
         unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };
         let t = Instant::now();
         for i in 0..n {
-            // SAFETY: `i * pmd < len`: inside the live, writable mapping.
-            unsafe { std::ptr::write_volatile(base.add(i * pmd), 1) };
+            // SAFETY: `i * pmd < len`, so the pointer stays inside the mapping.
+            let b = unsafe { base.add(i * pmd) };
+            // SAFETY: `b` points into the live, writable mapping.
+            unsafe { std::ptr::write_volatile(b, 1) };
         }
         total += t.elapsed();
         huge += anon_huge_bytes() / PMD_SIZE;

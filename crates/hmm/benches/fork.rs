@@ -93,8 +93,10 @@ fn populate_host() {
     // SAFETY: `p`/`len` is the mapping just created; the advice only affects THP.
     unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
     for i in (0..len).step_by(PAGE_SIZE as usize) {
-        // SAFETY: `i < len`: inside the live, writable mapping.
-        unsafe { std::ptr::write_volatile(p.cast::<u8>().add(i), 1) };
+        // SAFETY: `i < len`, so the pointer stays inside the mapping.
+        let b = unsafe { p.cast::<u8>().add(i) };
+        // SAFETY: `b` points into the live, writable mapping.
+        unsafe { std::ptr::write_volatile(b, 1) };
     }
 }
 
