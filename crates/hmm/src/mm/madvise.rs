@@ -32,7 +32,9 @@ pub enum Advice {
     #[doc(alias = "MADV_NOHUGEPAGE")]
     NoHugePage,
     /// `MADV_COLLAPSE`: make every aligned 2 MiB of private anonymous memory one THP now,
-    /// copying its bytes (see [`thp`](super::thp) for the errors).
+    /// copying its bytes. Fails with `Again` for pinned, referenced or locked pages,
+    /// `Inval` for an empty PMD, a non-present entry or no eligible range, `NoMem` when no
+    /// THP can be allocated (the last failure wins; the other ranges are still collapsed).
     #[doc(alias = "MADV_COLLAPSE")]
     Collapse,
 }

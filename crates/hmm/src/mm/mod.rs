@@ -37,7 +37,7 @@ mod mprotect;
 mod mremap;
 mod munmap;
 mod pagemap;
-pub mod rmap;
+mod rmap;
 mod shmem;
 mod thp;
 mod tlb;
