@@ -1,18 +1,28 @@
-//! Property test: random sequences of mmap / munmap / mprotect / madvise / read / write
-//! agree with a byte-level reference model, and every run ends with a clean audit.
+//! Property test: random sequences of mmap (anonymous and file, private and shared) /
+//! munmap / mprotect / mremap / madvise (DONTNEED, HUGEPAGE, COLLAPSE) / fork / exit /
+//! pread / pwrite / CPU reads and writes, over several processes, agree with a byte-level
+//! reference model; THPs are on in some runs. Every run ends with a clean audit of every
+//! address space and, once all are gone, no frame in use.
 
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use common::{page, Machine};
-use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{Advice, FaultError, MapFlags, Prot, SegvCause};
+use common::page;
+use hmm::addr::{VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{Advice, FaultError, MapFlags, MemFile, Mm, MremapFlags, Prot, SegvCause, ThpMode};
+use hmm::phys::{PhysConfig, PhysMem};
 
-const BASE: u64 = 0x1000_0000;
-const PAGES: u64 = 24;
+/// The region the operations touch: three 2 MiB-aligned PMDs.
+const BASE: u64 = 0x4000_0000;
+const PAGES: u64 = 3 * 512;
+/// Pages of the one file, which is created with this size and never resized.
+const FILE_PAGES: u64 = 64;
+const FILE: u64 = 0;
+const MAX_PROCS: usize = 3;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -21,6 +31,13 @@ enum Op {
         n: u64,
         prot: u32,
         shared: bool,
+    },
+    MmapFile {
+        at: u64,
+        n: u64,
+        prot: u32,
+        shared: bool,
+        pgoff: u64,
     },
     Munmap {
         at: u64,
@@ -31,9 +48,21 @@ enum Op {
         n: u64,
         prot: u32,
     },
+    Mremap {
+        at: u64,
+        n: u64,
+        to: u64,
+    },
     DontNeed {
         at: u64,
         n: u64,
+    },
+    HugePage {
+        at: u64,
+        n: u64,
+    },
+    Collapse {
+        pmd: u64,
     },
     Write {
         at: u64,
@@ -46,55 +75,137 @@ enum Op {
         off: u64,
         len: u64,
     },
+    Pwrite {
+        pgoff: u64,
+        off: u64,
+        len: u64,
+        byte: u8,
+    },
+    Pread {
+        pgoff: u64,
+        off: u64,
+        len: u64,
+    },
+    Fork,
+    Exit,
+}
+
+/// One operation, on process `proc % live processes`.
+#[derive(Debug, Clone)]
+struct Step {
+    proc: usize,
+    op: Op,
+}
+
+/// A page index, mostly near the three PMD boundaries so that operations meet each other.
+fn at() -> BoxedStrategy<u64> {
+    prop_oneof![
+        3 => 0..24u64,
+        3 => 500..530u64,
+        3 => 1010..1040u64,
+        1 => 0..PAGES,
+    ]
+    .boxed()
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let at = 0..PAGES;
-    let n = 1..6u64;
+    let at = at();
+    // Mostly small mappings, sometimes big enough for THPs.
+    let n = prop_oneof![2 => 1..8u64, 1 => 256..1024u64];
+    let small = 1..8u64;
     prop_oneof![
-        (at.clone(), n.clone(), 0..4u32, any::<bool>()).prop_map(|(at, n, prot, shared)| {
-            Op::Mmap {
-                at,
-                n,
-                prot,
-                shared,
-            }
-        }),
-        (at.clone(), n.clone()).prop_map(|(at, n)| Op::Munmap { at, n }),
-        (at.clone(), n.clone(), 0..4u32).prop_map(|(at, n, prot)| Op::Mprotect { at, n, prot }),
-        (at.clone(), n.clone()).prop_map(|(at, n)| Op::DontNeed { at, n }),
-        (at.clone(), 0..PAGE_SIZE, 1..3 * PAGE_SIZE, any::<u8>())
+        3 => (at.clone(), n.clone(), 0..4u32, any::<bool>())
+            .prop_map(|(at, n, prot, shared)| Op::Mmap { at, n, prot, shared }),
+        2 => (at.clone(), small.clone(), 0..4u32, any::<bool>(), 0..FILE_PAGES)
+            .prop_map(|(at, n, prot, shared, pgoff)| Op::MmapFile { at, n, prot, shared, pgoff }),
+        1 => (at.clone(), n.clone()).prop_map(|(at, n)| Op::Munmap { at, n }),
+        1 => (at.clone(), n.clone(), 0..4u32).prop_map(|(at, n, prot)| Op::Mprotect { at, n, prot }),
+        1 => (at.clone(), n.clone(), at.clone()).prop_map(|(at, n, to)| Op::Mremap { at, n, to }),
+        1 => (at.clone(), n.clone()).prop_map(|(at, n)| Op::DontNeed { at, n }),
+        2 => (at.clone(), n).prop_map(|(at, n)| Op::HugePage { at, n }),
+        2 => (0..PAGES / 512).prop_map(|pmd| Op::Collapse { pmd }),
+        6 => (at.clone(), 0..PAGE_SIZE, 1..3 * PAGE_SIZE, any::<u8>())
             .prop_map(|(at, off, len, byte)| Op::Write { at, off, len, byte }),
-        (at, 0..PAGE_SIZE, 1..3 * PAGE_SIZE).prop_map(|(at, off, len)| Op::Read { at, off, len }),
+        6 => (at, 0..PAGE_SIZE, 1..3 * PAGE_SIZE).prop_map(|(at, off, len)| Op::Read { at, off, len }),
+        1 => (0..FILE_PAGES, 0..PAGE_SIZE, 1..2 * PAGE_SIZE, any::<u8>())
+            .prop_map(|(pgoff, off, len, byte)| Op::Pwrite { pgoff, off, len, byte }),
+        1 => (0..FILE_PAGES, 0..PAGE_SIZE, 1..2 * PAGE_SIZE)
+            .prop_map(|(pgoff, off, len)| Op::Pread { pgoff, off, len }),
+        1 => Just(Op::Fork),
+        1 => Just(Op::Exit),
     ]
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (0..MAX_PROCS, op()).prop_map(|(proc, op)| Step { proc, op })
 }
 
 fn prot_of(p: u32) -> Prot {
     Prot::from_bits_truncate(p)
 }
 
-/// One page of the model: its protection and where its bytes live.
-#[derive(Clone)]
+/// Where a model page's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    /// Private: its own copy once written; before that zeros, or the file page if any.
+    Private { file: Option<u64> },
+    /// Shared: object `(id, index)` (id [`FILE`] is the file).
+    Object(u64, u64),
+}
+
+#[derive(Debug, Clone, Copy)]
 struct ModelPage {
     prot: Prot,
-    /// `Some((object, page offset))` for shared memory.
-    shared: Option<(u64, u64)>,
+    source: Source,
+}
+
+/// One process: its address space and its view.
+struct Proc {
+    mm: Arc<Mm>,
+    pages: HashMap<u64, ModelPage>,
+    private: HashMap<u64, Vec<u8>>,
 }
 
 #[derive(Default)]
-struct Model {
-    pages: HashMap<u64, ModelPage>,
-    private: HashMap<u64, Vec<u8>>,
-    objects: HashMap<(u64, u64), Vec<u8>>,
-    next_object: u64,
+struct Objects {
+    bytes: HashMap<(u64, u64), Vec<u8>>,
+    next: u64,
 }
 
-impl Model {
-    fn bytes(&mut self, p: u64) -> &mut Vec<u8> {
-        let zero = || vec![0u8; PAGE_SIZE as usize];
-        match self.pages[&p].shared {
-            Some(key) => self.objects.entry(key).or_insert_with(zero),
-            None => self.private.entry(p).or_insert_with(zero),
+impl Objects {
+    fn page(&mut self, key: (u64, u64)) -> &mut Vec<u8> {
+        self.bytes
+            .entry(key)
+            .or_insert_with(|| vec![0; PAGE_SIZE as usize])
+    }
+}
+
+impl Proc {
+    fn byte(&self, objects: &Objects, p: u64, at: usize) -> u8 {
+        if let Some(b) = self.private.get(&p) {
+            return b[at];
+        }
+        let key = match self.pages[&p].source {
+            Source::Private { file: None } => return 0,
+            Source::Private { file: Some(pgoff) } => (FILE, pgoff),
+            Source::Object(id, i) => (id, i),
+        };
+        objects.bytes.get(&key).map_or(0, |b| b[at])
+    }
+
+    fn set_byte(&mut self, objects: &mut Objects, p: u64, at: usize, v: u8) {
+        match self.pages[&p].source {
+            Source::Object(id, i) => objects.page((id, i))[at] = v,
+            Source::Private { file } => {
+                if !self.private.contains_key(&p) {
+                    let init = match file {
+                        Some(pgoff) => objects.page((FILE, pgoff)).clone(),
+                        None => vec![0; PAGE_SIZE as usize],
+                    };
+                    self.private.insert(p, init);
+                }
+                self.private.get_mut(&p).unwrap()[at] = v;
+            }
         }
     }
 
@@ -111,9 +222,8 @@ impl Model {
 
     /// The access check the real system does first: the first failing address.
     fn check(&self, start: u64, len: u64, write: bool) -> Result<(), (u64, SegvCause)> {
-        let end = start + len;
         let mut a = start;
-        while a < end {
+        while a < start + len {
             let p = (a - BASE) / PAGE_SIZE;
             let Some(mp) = self.pages.get(&p) else {
                 return Err((a, SegvCause::MapErr));
@@ -130,90 +240,189 @@ impl Model {
         }
         Ok(())
     }
+
+    /// Whether the real system has `[at, at + n)` inside one VMA.
+    fn in_one_vma(&self, at: u64, n: u64) -> bool {
+        let r = VaRange::from_len(page(VirtAddr::new(BASE), at), n * PAGE_SIZE).unwrap();
+        self.mm.vmas().iter().any(|v| v.range().contains_range(&r))
+    }
 }
 
-fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let m = Machine::new(16);
-    let mut model = Model::default();
+/// Runs `steps`; with `premap`, process 0 starts with the whole region mapped private and
+/// writable with `MADV_HUGEPAGE`, so that THPs are common.
+fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
+    let phys = PhysMem::new(PhysConfig::with_size(64 << 20)).unwrap();
+    let file = MemFile::new(&phys);
+    file.truncate(FILE_PAGES * PAGE_SIZE).unwrap();
+    let first = Mm::new(phys.clone());
+    if thp {
+        first.set_thp_mode(ThpMode::Always);
+    }
+    let mut procs = vec![Proc {
+        mm: first,
+        pages: HashMap::new(),
+        private: HashMap::new(),
+    }];
+    let mut objects = Objects {
+        next: FILE + 1,
+        ..Objects::default()
+    };
     let base = VirtAddr::new(BASE);
-    for op in ops {
+    let clamp = |at: u64, n: u64| n.min(PAGES - at);
+    let premap = premap.then_some(Step {
+        proc: 0,
+        op: Op::Mmap {
+            at: 0,
+            n: PAGES,
+            prot: 3,
+            shared: false,
+        },
+    });
+    let advise = premap.as_ref().map(|_| Step {
+        proc: 0,
+        op: Op::HugePage { at: 0, n: PAGES },
+    });
+    for Step { proc, op } in premap.into_iter().chain(advise).chain(steps) {
+        let me = proc % procs.len();
         match op {
             Op::Mmap {
                 at,
                 n,
                 prot,
                 shared,
+            }
+            | Op::MmapFile {
+                at,
+                n,
+                prot,
+                shared,
+                ..
             } => {
-                let n = n.min(PAGES - at);
-                let flags = if shared {
-                    MapFlags::SHARED
-                } else {
-                    MapFlags::PRIVATE
+                let n = clamp(at, n);
+                let flags = MapFlags::FIXED
+                    | if shared {
+                        MapFlags::SHARED
+                    } else {
+                        MapFlags::PRIVATE
+                    };
+                let (addr, len, prot) = (Some(page(base, at)), n * PAGE_SIZE, prot_of(prot));
+                let file_pgoff = match op {
+                    Op::MmapFile { pgoff, .. } => Some(pgoff.min(FILE_PAGES - n.min(FILE_PAGES))),
+                    _ => None,
                 };
-                let got =
-                    m.mm.mmap(
-                        Some(page(base, at)),
-                        n * PAGE_SIZE,
-                        prot_of(prot),
-                        flags | MapFlags::FIXED,
-                    )
-                    .unwrap();
-                prop_assert_eq!(got, page(base, at));
-                model.unmap(at, n);
-                let obj = model.next_object;
-                model.next_object += 1;
+                let pr = &mut procs[me];
+                let got = match file_pgoff {
+                    Some(pgoff) if n <= FILE_PAGES => {
+                        pr.mm
+                            .mmap_file(addr, len, prot, flags, &file, pgoff * PAGE_SIZE)
+                    }
+                    Some(_) => continue,
+                    None => pr.mm.mmap(addr, len, prot, flags),
+                };
+                prop_assert_eq!(got, Ok(page(base, at)));
+                pr.unmap(at, n);
+                let obj = objects.next;
+                objects.next += 1;
                 for (i, p) in (at..at + n).enumerate() {
-                    let shared = shared.then_some((obj, i as u64));
-                    model.pages.insert(
-                        p,
-                        ModelPage {
-                            prot: prot_of(prot),
-                            shared,
+                    let i = i as u64;
+                    let source = match (file_pgoff, shared) {
+                        (Some(pgoff), true) => Source::Object(FILE, pgoff + i),
+                        (Some(pgoff), false) => Source::Private {
+                            file: Some(pgoff + i),
                         },
-                    );
+                        (None, true) => Source::Object(obj, i),
+                        (None, false) => Source::Private { file: None },
+                    };
+                    pr.pages.insert(p, ModelPage { prot, source });
                 }
             }
             Op::Munmap { at, n } => {
-                let n = n.min(PAGES - at);
-                m.mm.munmap(page(base, at), n * PAGE_SIZE).unwrap();
-                model.unmap(at, n);
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                pr.mm.munmap(page(base, at), n * PAGE_SIZE).unwrap();
+                pr.unmap(at, n);
             }
             Op::Mprotect { at, n, prot } => {
-                let n = n.min(PAGES - at);
-                let r = m.mm.mprotect(page(base, at), n * PAGE_SIZE, prot_of(prot));
-                if model.all_mapped(at, n) {
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let r = pr.mm.mprotect(page(base, at), n * PAGE_SIZE, prot_of(prot));
+                if pr.all_mapped(at, n) {
                     prop_assert!(r.is_ok());
                     for p in at..at + n {
-                        model.pages.get_mut(&p).unwrap().prot = prot_of(prot);
+                        pr.pages.get_mut(&p).unwrap().prot = prot_of(prot);
                     }
                 } else {
                     prop_assert_eq!(r.unwrap_err().errno(), libc::ENOMEM);
+                }
+            }
+            Op::Mremap { at, n, to } => {
+                let n = clamp(at, n).min(PAGES - to);
+                let pr = &mut procs[me];
+                let one_vma = pr.in_one_vma(at, n);
+                let r = pr.mm.mremap(
+                    page(base, at),
+                    n * PAGE_SIZE,
+                    n * PAGE_SIZE,
+                    MremapFlags::MAYMOVE | MremapFlags::FIXED,
+                    Some(page(base, to)),
+                );
+                let overlap = at < to + n && to < at + n;
+                if overlap {
+                    prop_assert_eq!(r.unwrap_err().errno(), libc::EINVAL);
+                } else if !one_vma {
+                    prop_assert_eq!(r.unwrap_err().errno(), libc::EFAULT);
+                } else {
+                    prop_assert_eq!(r, Ok(page(base, to)));
+                    pr.unmap(to, n);
+                    for i in 0..n {
+                        let mp = pr.pages.remove(&(at + i)).unwrap();
+                        pr.pages.insert(to + i, mp);
+                        if let Some(b) = pr.private.remove(&(at + i)) {
+                            pr.private.insert(to + i, b);
+                        }
+                    }
                 }
             }
             Op::DontNeed { at, n } => {
-                let n = n.min(PAGES - at);
-                let r =
-                    m.mm.madvise(page(base, at), n * PAGE_SIZE, Advice::DontNeed);
-                if model.all_mapped(at, n) {
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let r = pr
+                    .mm
+                    .madvise(page(base, at), n * PAGE_SIZE, Advice::DontNeed);
+                if pr.all_mapped(at, n) {
                     prop_assert!(r.is_ok());
                     for p in at..at + n {
-                        model.private.remove(&p);
+                        pr.private.remove(&p);
                     }
                 } else {
                     prop_assert_eq!(r.unwrap_err().errno(), libc::ENOMEM);
                 }
+            }
+            Op::HugePage { at, n } => {
+                let n = clamp(at, n);
+                let pr = &procs[me];
+                let r = pr
+                    .mm
+                    .madvise(page(base, at), n * PAGE_SIZE, Advice::HugePage);
+                prop_assert_eq!(r.is_ok(), pr.all_mapped(at, n));
+            }
+            Op::Collapse { pmd } => {
+                // Success depends on what is mapped; the bytes must not change either way.
+                let _ = procs[me]
+                    .mm
+                    .madvise(page(base, pmd * 512), PMD_SIZE, Advice::Collapse);
             }
             Op::Write { at, off, len, byte } => {
                 let start = BASE + at * PAGE_SIZE + off;
                 let len = len.min(BASE + PAGES * PAGE_SIZE - start);
-                let data = vec![byte; len as usize];
-                let r = m.mm.write(VirtAddr::new(start), &data);
-                match model.check(start, len, true) {
+                let pr = &mut procs[me];
+                let r = pr.mm.write(VirtAddr::new(start), &vec![byte; len as usize]);
+                match pr.check(start, len, true) {
                     Ok(()) => {
                         prop_assert!(r.is_ok(), "{:?}", r);
                         for a in start..start + len {
                             let p = (a - BASE) / PAGE_SIZE;
-                            model.bytes(p)[((a - BASE) % PAGE_SIZE) as usize] = byte;
+                            pr.set_byte(&mut objects, p, ((a - BASE) % PAGE_SIZE) as usize, byte);
                         }
                     }
                     Err((addr, cause)) => prop_assert_eq!(
@@ -228,14 +437,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Read { at, off, len } => {
                 let start = BASE + at * PAGE_SIZE + off;
                 let len = len.min(BASE + PAGES * PAGE_SIZE - start);
+                let pr = &procs[me];
                 let mut buf = vec![0u8; len as usize];
-                let r = m.mm.read(VirtAddr::new(start), &mut buf);
-                match model.check(start, len, false) {
+                let r = pr.mm.read(VirtAddr::new(start), &mut buf);
+                match pr.check(start, len, false) {
                     Ok(()) => {
                         prop_assert!(r.is_ok(), "{:?}", r);
                         for (i, a) in (start..start + len).enumerate() {
                             let p = (a - BASE) / PAGE_SIZE;
-                            let want = model.bytes(p)[((a - BASE) % PAGE_SIZE) as usize];
+                            let want = pr.byte(&objects, p, ((a - BASE) % PAGE_SIZE) as usize);
                             prop_assert_eq!(buf[i], want, "byte at {:#x}", a);
                         }
                     }
@@ -248,14 +458,57 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     ),
                 }
             }
+            Op::Pwrite {
+                pgoff,
+                off,
+                len,
+                byte,
+            } => {
+                let start = pgoff * PAGE_SIZE + off;
+                let len = len.min(FILE_PAGES * PAGE_SIZE - start);
+                prop_assert_eq!(
+                    file.pwrite(start, &vec![byte; len as usize]),
+                    Ok(len as usize)
+                );
+                for a in start..start + len {
+                    objects.page((FILE, a / PAGE_SIZE))[(a % PAGE_SIZE) as usize] = byte;
+                }
+            }
+            Op::Pread { pgoff, off, len } => {
+                let start = pgoff * PAGE_SIZE + off;
+                let len = len.min(FILE_PAGES * PAGE_SIZE - start);
+                let mut buf = vec![0u8; len as usize];
+                prop_assert_eq!(file.pread(start, &mut buf), len as usize);
+                for (i, a) in (start..start + len).enumerate() {
+                    let want = objects
+                        .bytes
+                        .get(&(FILE, a / PAGE_SIZE))
+                        .map_or(0, |b| b[(a % PAGE_SIZE) as usize]);
+                    prop_assert_eq!(buf[i], want, "file byte {}", a);
+                }
+            }
+            Op::Fork if procs.len() < MAX_PROCS => {
+                let pr = &procs[me];
+                let child = Proc {
+                    mm: pr.mm.fork().unwrap(),
+                    pages: pr.pages.clone(),
+                    private: pr.private.clone(),
+                };
+                procs.push(child);
+            }
+            Op::Exit if procs.len() > 1 => {
+                procs.remove(me);
+            }
+            Op::Fork | Op::Exit => {}
         }
     }
-    let report =
-        m.mm.audit()
+    for pr in &procs {
+        pr.mm
+            .audit()
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert_eq!(m.phys.nr_in_use(), report.frames_referenced);
-    let phys = m.phys.clone();
-    drop(m);
+    }
+    drop(procs);
+    drop(file);
     prop_assert_eq!(phys.nr_in_use(), 0);
     Ok(())
 }
@@ -266,7 +519,11 @@ proptest! {
     ))]
 
     #[test]
-    fn random_operations_agree_with_the_reference_model(ops in prop::collection::vec(op(), 1..60)) {
-        run(ops)?;
+    fn random_operations_agree_with_the_reference_model(
+        steps in prop::collection::vec(step(), 1..80),
+        thp in any::<bool>(),
+        premap in any::<bool>(),
+    ) {
+        run(steps, thp, premap)?;
     }
 }

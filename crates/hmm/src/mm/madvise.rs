@@ -105,6 +105,7 @@ impl Mm {
                 } else {
                     (VmFlags::NOHUGEPAGE, VmFlags::HUGEPAGE)
                 };
+                thp::split_at_vma_bounds(self, &st, range);
                 st.vmas.update_flags(range, |f| (f - clear) | set);
                 Ok(())
             }

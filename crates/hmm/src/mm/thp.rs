@@ -297,6 +297,25 @@ pub(super) fn split_pmd(
     inv.end();
 }
 
+/// Splits PMD leaves that a VMA split at the ends of `range` would cut
+/// (`vma_adjust_trans_huge`): no leaf may straddle two VMAs.
+pub(super) fn split_at_vma_bounds(mm: &Mm, st: &MmState, range: VaRange) {
+    let mut tlb = TlbGather::new(mm);
+    for at in [range.start(), range.end()] {
+        if at.is_aligned(PMD_SIZE) {
+            continue;
+        }
+        let leaf = st
+            .pt
+            .lock_pmd(at, WalkMode::Lookup)
+            .is_some_and(|pmd| matches!(pmd.get(), PmdEntry::Leaf(_)));
+        if leaf {
+            let vma = st.vmas.find(at).map(Vma::info);
+            split_pmd(mm, &st.pt, vma, at.align_down(PMD_SIZE), &mut tlb);
+        }
+    }
+}
+
 /// `MADV_COLLAPSE` over `range` (already checked to lie in VMAs): every aligned 2 MiB
 /// inside it becomes one THP holding the same bytes. With the mmap lock held for writing.
 ///
