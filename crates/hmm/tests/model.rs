@@ -197,14 +197,11 @@ impl Proc {
         match self.pages[&p].source {
             Source::Object(id, i) => objects.page((id, i))[at] = v,
             Source::Private { file } => {
-                if !self.private.contains_key(&p) {
-                    let init = match file {
-                        Some(pgoff) => objects.page((FILE, pgoff)).clone(),
-                        None => vec![0; PAGE_SIZE as usize],
-                    };
-                    self.private.insert(p, init);
-                }
-                self.private.get_mut(&p).unwrap()[at] = v;
+                let page = self.private.entry(p).or_insert_with(|| match file {
+                    Some(pgoff) => objects.page((FILE, pgoff)).clone(),
+                    None => vec![0; PAGE_SIZE as usize],
+                });
+                page[at] = v;
             }
         }
     }
