@@ -41,6 +41,8 @@ bitflags! {
         const MAYWRITE = 1 << 5;
         /// `mprotect` may add exec.
         const MAYEXEC = 1 << 6;
+        /// Mapped with 2 MiB pages of the hugetlb pool (`VM_HUGETLB`).
+        const HUGETLB = 1 << 26;
         /// Every page counts as soft-dirty (set on new VMAs, cleared by
         /// [`Mm::clear_soft_dirty`](crate::mm::Mm::clear_soft_dirty)); ignored when merging.
         const SOFTDIRTY = 1 << 27;

@@ -34,9 +34,11 @@ pub(crate) enum FaultKind {
     ThpAnon,
     /// Read of an empty PMD: mapped the huge zero page.
     ThpZero,
+    /// Fault that allocated a hugetlb page.
+    Hugetlb,
 }
 
-const NR_FAULT_KINDS: usize = 9;
+const NR_FAULT_KINDS: usize = 10;
 
 /// Faults by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -59,6 +61,8 @@ pub struct FaultStats {
     pub thp_anon: u64,
     /// Read faults that mapped the huge zero page.
     pub thp_zero: u64,
+    /// Faults that allocated a hugetlb page.
+    pub hugetlb: u64,
 }
 
 impl FaultStats {
@@ -73,6 +77,7 @@ impl FaultStats {
             + self.device_exclusive
             + self.thp_anon
             + self.thp_zero
+            + self.hugetlb
     }
 }
 
@@ -127,6 +132,7 @@ impl MmStats {
                 device_exclusive: d(f.device_exclusive, ef.device_exclusive),
                 thp_anon: d(f.thp_anon, ef.thp_anon),
                 thp_zero: d(f.thp_zero, ef.thp_zero),
+                hugetlb: d(f.hugetlb, ef.hugetlb),
             },
             tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
             tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
@@ -192,6 +198,7 @@ impl MmCounters {
                 device_exclusive: f(FaultKind::DeviceExclusive),
                 thp_anon: f(FaultKind::ThpAnon),
                 thp_zero: f(FaultKind::ThpZero),
+                hugetlb: f(FaultKind::Hugetlb),
             },
             tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
             tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),

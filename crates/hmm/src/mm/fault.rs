@@ -24,6 +24,7 @@ use crate::phys::FrameFlags;
 use crate::stats::FaultKind;
 
 use super::error::{FaultError, SegvCause};
+use super::hugetlb;
 use super::shmem::PageError;
 use super::thp::{self, dirty_flags};
 use super::vma::{Backing, Vma};
@@ -79,6 +80,9 @@ pub(super) fn handle_mm_fault(
 ) -> Result<(), FaultError> {
     let write = flags.contains(FaultFlags::WRITE);
     let vma = check_access(st.vmas.find(addr), addr, write)?;
+    if hugetlb::is_hugetlb(vma) {
+        return hugetlb::fault(mm, st, vma, addr, flags);
+    }
     if thp::huge_fault(mm, st, vma, addr, flags)? {
         return Ok(());
     }

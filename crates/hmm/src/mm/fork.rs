@@ -37,7 +37,7 @@ use crate::prot::VmFlags;
 use super::error::MmError;
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
-use super::{thp, Mm, MmState};
+use super::{hugetlb, thp, Mm, MmState};
 
 impl Mm {
     /// Creates a child address space with a copy of this one's mappings (`fork`). Private
@@ -145,7 +145,14 @@ impl Mm {
                 }
                 Slot::Pmd(p) => {
                     let leaf = p.range();
-                    match copy.pmd(&p, tlb) {
+                    let copied = match copy.pmd(&p, tlb) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    };
+                    match copied {
                         Some(dst_new) => {
                             sc.unlock();
                             dc.unlock();
@@ -269,23 +276,32 @@ impl CopyCtx<'_> {
         }
     }
 
-    /// The child's entry for a PMD leaf (`copy_huge_pmd`), updating the parent's; `None`
-    /// when the THP may be pinned and must be split and copied by PTE instead.
-    fn pmd(&self, p: &crate::pgtable::PmdSlot<'_>, tlb: &mut TlbGather<'_>) -> Option<Pte> {
+    /// The child's entry for a PMD leaf (`copy_huge_pmd`, `copy_hugetlb_page_range`),
+    /// updating the parent's; `None` when a THP may be pinned and must be split and copied
+    /// by PTE instead. A pinned hugetlb page is copied whole at once.
+    fn pmd(
+        &self,
+        p: &crate::pgtable::PmdSlot<'_>,
+        tlb: &mut TlbGather<'_>,
+    ) -> Result<Option<Pte>, AllocError> {
         let phys = self.parent.phys();
         let entry = p.get();
-        match entry {
+        Ok(match entry {
             Pte::Present { pfn, flags } => {
                 let child_flags = flags - PteFlags::YOUNG;
                 if phys.is_huge_zero_pfn(pfn) {
-                    return Some(Pte::Present {
+                    return Ok(Some(Pte::Present {
                         pfn,
                         flags: child_flags,
-                    });
+                    }));
                 }
                 let fm = phys.frame(pfn).meta();
+                let exclusive = fm.flags().contains(FrameFlags::ANON_EXCLUSIVE);
+                if fm.pincount() > 0 && exclusive && hugetlb::is_hugetlb(self.vma) {
+                    return self.copy_hugetlb_page(pfn, p.range().start()).map(Some);
+                }
                 if fm.pincount() > 0 {
-                    return None;
+                    return Ok(None);
                 }
                 fm.get();
                 fm.inc_entire_mapcount();
@@ -296,10 +312,10 @@ impl CopyCtx<'_> {
                         pfn,
                         flags: flags - PteFlags::WRITE,
                     });
-                    return Some(Pte::Present {
+                    return Ok(Some(Pte::Present {
                         pfn,
                         flags: child_flags - PteFlags::WRITE,
-                    });
+                    }));
                 }
                 Some(Pte::Present {
                     pfn,
@@ -316,7 +332,35 @@ impl CopyCtx<'_> {
             Pte::DeviceExclusive { .. } | Pte::DevicePrivate { .. } => {
                 unreachable!("no device entries at PMD level without device memory")
             }
+        })
+    }
+
+    /// A copy of the pinned hugetlb page `pfn` mapped at `va`, for the child, from pool
+    /// pages nobody reserved (a child has no reservations).
+    fn copy_hugetlb_page(&self, pfn: crate::addr::Pfn, va: VirtAddr) -> Result<Pte, AllocError> {
+        let phys = self.parent.phys();
+        let flags = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
+        let new = phys
+            .hugetlb_alloc(false, flags)
+            .ok_or(AllocError { order: 9 })?;
+        self.child.counters.frame_allocated();
+        for i in 0..crate::addr::PMD_NR {
+            let src = phys.frame(crate::addr::Pfn::new(pfn.as_u64() + i));
+            phys.frame(crate::addr::Pfn::new(new.pfn().as_u64() + i))
+                .copy_from(&src);
         }
+        self.child.new_anon_rmap(&new, self.vma, va);
+        new.meta().inc_entire_mapcount();
+        let mut nf = PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY;
+        if !self.vma.is_accessible() {
+            nf |= PteFlags::PROTNONE;
+        } else if self.vma.flags().contains(VmFlags::WRITE) {
+            nf |= PteFlags::WRITE;
+        }
+        Ok(Pte::Present {
+            pfn: new.into_raw(),
+            flags: nf,
+        })
     }
 }
 

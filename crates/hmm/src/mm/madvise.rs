@@ -9,7 +9,7 @@ use crate::prot::VmFlags;
 use super::error::MmError;
 use super::tlb::TlbGather;
 use super::vma::Vma;
-use super::{page_align_len, thp, zap, Mm, MmState};
+use super::{hugetlb, page_align_len, thp, zap, Mm, MmState};
 
 /// Advice for [`Mm::madvise`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +71,7 @@ impl Mm {
                 if st.vmas.first_hole(range).is_some() {
                     return Err(unmapped);
                 }
+                hugetlb::check_range(&st.vmas, range)?;
                 if advice == Advice::Free && st.vmas.overlapping(range).any(|v| !v.is_anonymous()) {
                     return Err(MmError::Inval {
                         what: "MADV_FREE needs private anonymous memory",
@@ -100,6 +101,7 @@ impl Mm {
                 if st.vmas.first_hole(range).is_some() {
                     return Err(unmapped);
                 }
+                hugetlb::check_range(&st.vmas, range)?;
                 let (set, clear) = if advice == Advice::HugePage {
                     (VmFlags::HUGEPAGE, VmFlags::NOHUGEPAGE)
                 } else {

@@ -10,7 +10,7 @@ use crate::prot::{Prot, VmFlags};
 use super::error::MmError;
 use super::shmem::ShmemObject;
 use super::vma::{Backing, Vma};
-use super::{page_align_len, Mm, MMAP_BASE, MMAP_MIN_ADDR};
+use super::{hugetlb, Mm, MMAP_BASE, MMAP_MIN_ADDR};
 
 bitflags! {
     /// `MAP_*` flags of an anonymous mapping.
@@ -24,6 +24,9 @@ bitflags! {
         const FIXED = 1 << 4;
         /// `MAP_FIXED_NOREPLACE`: map exactly at the address, fail if occupied.
         const FIXED_NOREPLACE = 1 << 20;
+        /// `MAP_HUGETLB`: 2 MiB pages from the hugetlb pool, all reserved at `mmap` (the
+        /// length is rounded up to 2 MiB).
+        const HUGETLB = 1 << 18;
     }
 }
 
@@ -103,7 +106,16 @@ impl Mm {
                 what: "zero length",
             });
         }
-        let len = page_align_len(len)
+        let hugetlb = flags.contains(MapFlags::HUGETLB);
+        if hugetlb && file.is_some() {
+            return Err(MmError::Inval {
+                what: "MAP_HUGETLB with a file",
+            });
+        }
+        let page = if hugetlb { PMD_SIZE } else { PAGE_SIZE };
+        let len = len
+            .checked_add(page - 1)
+            .map(|l| l & !(page - 1))
             .filter(|&l| l <= TASK_SIZE)
             .ok_or(MmError::NoMem {
                 what: "length exceeds the address space",
@@ -114,7 +126,7 @@ impl Mm {
             let a = addr.ok_or(MmError::Inval {
                 what: "MAP_FIXED needs an address",
             })?;
-            if !a.is_page_aligned() {
+            if !a.is_aligned(page) {
                 return Err(MmError::Inval {
                     what: "unaligned fixed address",
                 });
@@ -132,7 +144,7 @@ impl Mm {
             a
         } else {
             let hint = addr
-                .map(|a| a.page_down())
+                .map(|a| a.align_down(page))
                 .filter(|a| a.as_u64() >= MMAP_MIN_ADDR && a.as_u64() <= TASK_SIZE - len)
                 .filter(|a| {
                     let r = VaRange::from_len(*a, len).expect("checked above");
@@ -165,7 +177,7 @@ impl Mm {
             if flags.contains(MapFlags::FIXED_NOREPLACE) {
                 return Err(MmError::Exists { addr });
             }
-            self.do_munmap(&mut st, range);
+            hugetlb::check_range(&st.vmas, range)?;
         }
         let mut vm_flags = VmFlags::from_prot(prot)
             | VmFlags::MAYREAD
@@ -175,6 +187,23 @@ impl Mm {
         if shared {
             vm_flags |= VmFlags::SHARED;
         }
+        // A hugetlb mapping reserves its pages before anything changes (Linux
+        // unmaps a MAP_FIXED target first).
+        let huge_obj = if hugetlb {
+            let owner = (!shared).then_some(self.id);
+            let obj =
+                ShmemObject::new_hugetlb(self.phys.clone(), len, owner).ok_or(MmError::NoMem {
+                    what: "not enough free huge pages in the pool",
+                })?;
+            vm_flags |= VmFlags::HUGETLB;
+            Some(obj)
+        } else {
+            None
+        };
+        if occupied.is_some() {
+            self.do_munmap(&mut st, range);
+        }
+        let file = file.or(huge_obj.as_ref().map(|o| (o, 0)));
         let (backing, pgoff) = match file {
             Some((obj, pgoff)) => {
                 obj.mappers.add(&self.this);

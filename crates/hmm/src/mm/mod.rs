@@ -31,6 +31,7 @@ mod fault;
 mod file;
 mod fork;
 mod gup;
+mod hugetlb;
 mod madvise;
 mod mmap;
 mod mprotect;

@@ -10,7 +10,7 @@ use crate::prot::{Prot, VmFlags};
 use super::error::MmError;
 use super::tlb::TlbGather;
 use super::vma::Vma;
-use super::{page_align_len, thp, Mm};
+use super::{hugetlb, page_align_len, thp, Mm};
 
 impl Mm {
     /// Changes the protection of `[addr, addr + len)` (len rounded up to pages).
@@ -43,6 +43,7 @@ impl Mm {
                 what: "range not fully mapped",
             });
         }
+        hugetlb::check_range(&st.vmas, range)?;
         let want = VmFlags::from_prot(prot);
         for v in st.vmas.overlapping(range) {
             let may = VmFlags::from_bits_truncate(

@@ -26,7 +26,7 @@ use crate::pgtable::{Huge, PmdEntry, Pte, PteFlags, Slot, WalkMode};
 use super::error::MmError;
 use super::tlb::TlbGather;
 use super::vma::Vma;
-use super::{page_align_len, thp, Mm, MmState, MMAP_BASE, MMAP_MIN_ADDR};
+use super::{hugetlb, page_align_len, thp, Mm, MmState, MMAP_BASE, MMAP_MIN_ADDR};
 
 bitflags! {
     /// `MREMAP_*` flags.
@@ -118,7 +118,11 @@ impl Mm {
             .filter(|v| v.range().contains_range(&old))
             .cloned()
             .ok_or(MmError::Fault { addr: old_addr })?;
+        if hugetlb::is_hugetlb(&vma) {
+            return Err(inval("mremap of hugetlb memory"));
+        }
         if let Some(target) = target {
+            hugetlb::check_range(&st.vmas, target)?;
             self.do_munmap(&mut st, target);
             let keep = old_len.min(new_len);
             if old_len > new_len {

@@ -5,7 +5,7 @@ use crate::notifier::{NotifierEvent, NotifierRange};
 
 use super::error::MmError;
 use super::tlb::TlbGather;
-use super::{page_align_len, zap, Mm, MmState};
+use super::{hugetlb, page_align_len, zap, Mm, MmState};
 
 impl Mm {
     /// Unmaps `[addr, addr + len)` (len rounded up to pages). Holes are fine.
@@ -16,6 +16,7 @@ impl Mm {
     pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
         let range = user_range(addr, len)?;
         let mut st = self.lock.write();
+        hugetlb::check_range(&st.vmas, range)?;
         self.do_munmap(&mut st, range);
         Ok(())
     }

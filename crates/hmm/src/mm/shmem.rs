@@ -12,13 +12,14 @@
 //! under the page-table lock before they install an entry; truncation stores the new size
 //! before it zaps the mappings, so a fault either sees the new size or is zapped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE};
+use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use crate::notifier::MmId;
 use crate::phys::{AllocError, Frame, FrameFlags, PhysMem};
 
 use super::rmap::MmSet;
@@ -42,11 +43,31 @@ pub(crate) struct ShmemObject {
     pages: Mutex<BTreeMap<u64, Pfn>>,
     /// Address spaces that map it (the kernel's `i_mmap`).
     pub(crate) mappers: MmSet,
+    /// For a hugetlbfs file: its reservations.
+    hugetlb: Option<HugetlbResv>,
+}
+
+/// The reservations of a hugetlb mapping (the kernel's `resv_map`): the 2 MiB indices not
+/// yet faulted in, each holding one pool reservation.
+struct HugetlbResv {
+    reserved: Mutex<BTreeSet<u64>>,
+    /// For a private mapping, the address space whose faults may use them (the
+    /// `HPAGE_RESV_OWNER`); a fork child's faults may not.
+    owner: Option<MmId>,
 }
 
 impl ShmemObject {
     /// A new object of `size` bytes.
     pub(crate) fn new(phys: Arc<PhysMem>, size: u64, anonymous: bool) -> Arc<Self> {
+        Self::build(phys, size, anonymous, None)
+    }
+
+    fn build(
+        phys: Arc<PhysMem>,
+        size: u64,
+        anonymous: bool,
+        hugetlb: Option<HugetlbResv>,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|this| ShmemObject {
             this: this.clone(),
             phys,
@@ -54,7 +75,41 @@ impl ShmemObject {
             size: AtomicU64::new(size),
             pages: Mutex::new(BTreeMap::new()),
             mappers: MmSet::default(),
+            hugetlb,
         })
+    }
+
+    /// A hugetlbfs file of `size` bytes (a multiple of 2 MiB) with every page reserved in
+    /// the pool (`hugetlb_file_setup` with `hugetlb_reserve_pages`); `owner` for a private
+    /// mapping. `None` if the pool cannot promise the pages.
+    pub(crate) fn new_hugetlb(
+        phys: Arc<PhysMem>,
+        size: u64,
+        owner: Option<MmId>,
+    ) -> Option<Arc<Self>> {
+        let n = size / PMD_SIZE;
+        if !phys.hugetlb_reserve(n) {
+            return None;
+        }
+        let resv = HugetlbResv {
+            reserved: Mutex::new((0..n).collect()),
+            owner,
+        };
+        Some(Self::build(phys, size, true, Some(resv)))
+    }
+
+    /// Whether this is a hugetlbfs file.
+    pub(crate) fn is_hugetlb(&self) -> bool {
+        self.hugetlb.is_some()
+    }
+
+    /// A zeroed 2 MiB pool page for the huge index `idx` with `flags`, against its
+    /// reservation if `mm` may use it, else from unreserved pages; `None` if there is none.
+    pub(crate) fn hugetlb_alloc(&self, idx: u64, mm: MmId, flags: FrameFlags) -> Option<Frame<'_>> {
+        let resv = self.hugetlb.as_ref().expect("a hugetlb file");
+        let may = resv.owner.map_or(true, |o| o == mm);
+        let use_resv = may && resv.reserved.lock().remove(&idx);
+        self.phys.hugetlb_alloc(use_resv, flags)
     }
 
     /// Whether this is unnamed shared anonymous memory.
@@ -80,14 +135,25 @@ impl ShmemObject {
         if !self.in_size(pgoff) {
             return Err(PageError::Eof);
         }
+        let pgoff = if self.is_hugetlb() {
+            pgoff - pgoff % PMD_NR
+        } else {
+            pgoff
+        };
         if let Some(&pfn) = pages.get(&pgoff) {
             self.phys.frame(pfn).meta().get();
             return Ok((pfn, false));
         }
-        let f = self
-            .phys
-            .alloc_zeroed(0, FrameFlags::UPTODATE | FrameFlags::DIRTY)
-            .map_err(PageError::NoMem)?;
+        let flags = FrameFlags::UPTODATE | FrameFlags::DIRTY;
+        let f = if self.is_hugetlb() {
+            let resv = self.hugetlb.as_ref().expect("a hugetlb file");
+            let use_resv = resv.reserved.lock().remove(&(pgoff / PMD_NR));
+            self.phys
+                .hugetlb_alloc(use_resv, flags)
+                .ok_or(PageError::NoMem(AllocError { order: 9 }))?
+        } else {
+            self.phys.alloc_zeroed(0, flags).map_err(PageError::NoMem)?
+        };
         let pfn = f.pfn();
         let owner: Weak<ShmemObject> = self.this.clone();
         f.meta().set_mapping(owner, pgoff);
@@ -196,6 +262,10 @@ impl Drop for ShmemObject {
     fn drop(&mut self) {
         for (_, pfn) in std::mem::take(self.pages.get_mut()) {
             let _ = self.phys.frame(pfn).put();
+        }
+        if let Some(resv) = &self.hugetlb {
+            self.phys
+                .hugetlb_unreserve(resv.reserved.lock().len() as u64);
         }
     }
 }

@@ -58,6 +58,9 @@ bitflags! {
         /// `MADV_FREE` was applied: reclaim may discard the folio while it stays clean (the
         /// kernel clears `PG_swapbacked` for this).
         const LAZYFREE = 1 << 9;
+        /// A page of the hugetlb pool: its last `put` returns it to the pool.
+        #[doc(alias = "PG_hugetlb")]
+        const HUGETLB = 1 << 10;
         /// Never allocated or freed: the zero pages.
         #[doc(alias = "PG_reserved")]
         const RESERVED = 1 << 8;

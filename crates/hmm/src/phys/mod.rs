@@ -17,6 +17,7 @@ mod alloc;
 #[allow(unsafe_code)]
 mod arena;
 mod frame;
+mod hugetlb;
 mod io;
 mod meta;
 mod region;
@@ -27,6 +28,7 @@ use thiserror::Error;
 
 pub use alloc::AllocError;
 pub use frame::{Frame, FrameRef, Freed};
+pub use hugetlb::HugetlbStats;
 pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
 
 use crate::addr::{Pfn, PMD_ORDER, PMD_SIZE};
@@ -180,10 +182,44 @@ impl PhysMem {
         }
     }
 
-    /// Number of frames neither free nor reserved.
+    /// Number of frames in use: neither free, nor reserved (the zero pages), nor free in
+    /// the hugetlb pool.
     pub fn nr_in_use(&self) -> u64 {
-        // The two zero pages are the only reserved frames.
-        self.nr_frames() - self.region.nr_free() as u64 - (BLOCK_FRAMES as u64 + 1)
+        let pool_free = self.region.hugetlb_stats().free * BLOCK_FRAMES as u64;
+        self.nr_frames() - self.region.nr_free() as u64 - (BLOCK_FRAMES as u64 + 1) - pool_free
+    }
+
+    /// Sets the size of the hugetlb pool of 2 MiB pages (`nr_hugepages`); returns the size
+    /// reached, which is smaller when RAM has no more whole free 2 MiB blocks or when pages
+    /// in use or reserved keep it from shrinking.
+    #[doc(alias = "nr_hugepages")]
+    pub fn set_nr_hugepages(&self, n: u64) -> u64 {
+        self.region.hugetlb_resize(n)
+    }
+
+    /// The hugetlb pool's counts.
+    pub fn hugetlb(&self) -> HugetlbStats {
+        self.region.hugetlb_stats()
+    }
+
+    /// Reserves `n` pool pages for a mapping; false if the pool cannot promise them.
+    pub(crate) fn hugetlb_reserve(&self, n: u64) -> bool {
+        self.region.hugetlb_reserve(n)
+    }
+
+    /// Gives back `n` reservations.
+    pub(crate) fn hugetlb_unreserve(&self, n: u64) {
+        self.region.hugetlb_unreserve(n);
+    }
+
+    /// Takes a zero-filled pool page with `flags`, against a reservation or from the
+    /// unreserved free pages.
+    pub(crate) fn hugetlb_alloc(&self, reserved: bool, flags: FrameFlags) -> Option<Frame<'_>> {
+        let head = self.region.hugetlb_alloc(reserved, flags)?;
+        for i in 0..BLOCK_FRAMES {
+            io::zero(self.region.words(head + i));
+        }
+        Some(Frame::adopt(self, Pfn::new(head as u64)))
     }
 
     /// Allocates a folio of `2^order` frames (`order` 0 or 9) holding one reference, with

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 
 use super::alloc::{AllocError, BlockAllocator, BLOCK_FRAMES};
 use super::arena::Arena;
+use super::hugetlb::{HugetlbPool, HugetlbStats};
 use super::io::FrameWords;
 use super::meta::{FrameFlags, FrameMeta};
 use crate::addr::PMD_ORDER;
@@ -18,6 +19,7 @@ pub(crate) struct Region {
     arena: Arena,
     meta: Box<[FrameMeta]>,
     alloc: Mutex<BlockAllocator>,
+    hugetlb: Mutex<HugetlbPool>,
     nr_alloc_ops: AtomicU64,
     nr_free_ops: AtomicU64,
 }
@@ -30,6 +32,7 @@ impl Region {
             arena: Arena::new(frames)?,
             meta: (0..frames).map(|_| FrameMeta::default()).collect(),
             alloc: Mutex::new(BlockAllocator::new(blocks)),
+            hugetlb: Mutex::new(HugetlbPool::default()),
             nr_alloc_ops: AtomicU64::new(0),
             nr_free_ops: AtomicU64::new(0),
         })
@@ -131,6 +134,13 @@ impl Region {
             );
             let order = m.order();
             debug_assert_eq!(m.mapcount(), 0, "frame {head} freed while mapped");
+            if flags.contains(FrameFlags::HUGETLB) {
+                m.clear_mapping();
+                m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+                m.set_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
+                self.hugetlb.lock().free.push(head);
+                return true;
+            }
             if order > 0 {
                 for t in &self.meta[head + 1..head + (1 << order)] {
                     t.clear_flags(FrameFlags::TAIL);
@@ -143,6 +153,77 @@ impl Region {
             return true;
         }
         false
+    }
+}
+
+impl Region {
+    /// Grows or shrinks the hugetlb pool towards `target` pages; returns the new size.
+    /// Growing stops when no whole free 2 MiB block is left; shrinking frees only free,
+    /// unreserved pages.
+    pub(crate) fn hugetlb_resize(&self, target: u64) -> u64 {
+        let mut pool = self.hugetlb.lock();
+        while pool.total < target {
+            let Ok(head) = self.alloc.lock().alloc(PMD_ORDER) else {
+                break;
+            };
+            self.init_folio(head, PMD_ORDER, FrameFlags::HUGETLB);
+            // Pool pages are not in use: refcount 0, as the allocator's free pages.
+            assert!(self.meta[head].put_testzero());
+            pool.free.push(head);
+            pool.total += 1;
+        }
+        while pool.total > target && pool.free.len() as u64 > pool.reserved {
+            let head = pool.free.pop().expect("free page");
+            self.meta[head].clear_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
+            for t in &self.meta[head + 1..head + BLOCK_FRAMES] {
+                t.clear_flags(FrameFlags::TAIL);
+            }
+            self.alloc.lock().free(head, PMD_ORDER);
+            pool.total -= 1;
+        }
+        pool.total
+    }
+
+    /// Reserves `n` free pool pages; false (and nothing reserved) if there are not enough.
+    pub(crate) fn hugetlb_reserve(&self, n: u64) -> bool {
+        let mut pool = self.hugetlb.lock();
+        if pool.free.len() as u64 - pool.reserved < n {
+            return false;
+        }
+        pool.reserved += n;
+        true
+    }
+
+    /// Gives back `n` reservations.
+    pub(crate) fn hugetlb_unreserve(&self, n: u64) {
+        let mut pool = self.hugetlb.lock();
+        assert!(pool.reserved >= n, "unreserving more than reserved");
+        pool.reserved -= n;
+    }
+
+    /// Takes a pool page (refcount 1, `flags` set), against a reservation or from the
+    /// unreserved free pages; `None` if there is none.
+    pub(crate) fn hugetlb_alloc(&self, reserved: bool, flags: FrameFlags) -> Option<usize> {
+        let mut pool = self.hugetlb.lock();
+        if reserved {
+            assert!(
+                pool.reserved > 0,
+                "allocation against a missing reservation"
+            );
+            pool.reserved -= 1;
+        } else if pool.free.len() as u64 <= pool.reserved {
+            return None;
+        }
+        let head = pool.free.pop().expect("reserved pages are free");
+        drop(pool);
+        self.init_folio(head, PMD_ORDER, flags | FrameFlags::HUGETLB);
+        self.nr_alloc_ops.fetch_add(1, Ordering::Relaxed);
+        Some(head)
+    }
+
+    /// The pool's counts.
+    pub(crate) fn hugetlb_stats(&self) -> HugetlbStats {
+        self.hugetlb.lock().stats()
     }
 }
 

@@ -1,0 +1,236 @@
+//! hugetlb: the pool, reservations at mmap, faults, COW after fork, pinned pages at fork,
+//! shared hugetlb memory, alignment rules, and pages returning to the pool.
+
+mod common;
+
+use common::{page, Machine, RW};
+use hmm::addr::{PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{Advice, FaultError, GupFlags, MapFlags, MmError, MremapFlags, Prot};
+use hmm::notifier::NotifierEvent;
+use hmm::phys::HugetlbStats;
+
+const NR: u64 = PMD_SIZE / PAGE_SIZE;
+
+fn pool(total: u64, free: u64, reserved: u64) -> HugetlbStats {
+    HugetlbStats {
+        total,
+        free,
+        reserved,
+    }
+}
+
+#[test]
+fn pool_sizing_and_reservation_at_mmap() {
+    let m = Machine::new(16);
+    assert_eq!(m.phys.set_nr_hugepages(3), 3);
+    assert_eq!(m.phys.hugetlb(), pool(3, 3, 0));
+    assert_eq!(m.phys.nr_in_use(), 0, "free pool pages are not in use");
+    let a =
+        m.mm.mmap(
+            None,
+            2 * PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::HUGETLB,
+        )
+        .unwrap();
+    assert!(a.is_aligned(PMD_SIZE));
+    assert_eq!(m.phys.hugetlb(), pool(3, 3, 2));
+    // Only one unreserved page is left: a 2-page mapping fails cleanly.
+    let err =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::SHARED | MapFlags::HUGETLB)
+            .unwrap_err();
+    assert!(matches!(err, MmError::NoMem { .. }));
+    assert_eq!(m.mm.vmas().len(), 1);
+    // A length is rounded up to 2 MiB.
+    let b =
+        m.mm.mmap(None, PAGE_SIZE, RW, MapFlags::SHARED | MapFlags::HUGETLB)
+            .unwrap();
+    assert_eq!(
+        m.mm.vmas()
+            .iter()
+            .find(|v| v.start() == b)
+            .unwrap()
+            .range()
+            .npages(),
+        NR
+    );
+    assert_eq!(m.phys.hugetlb(), pool(3, 3, 3));
+    // Reserved pages keep the pool from shrinking.
+    assert_eq!(m.phys.set_nr_hugepages(0), 3);
+    m.mm.munmap(b, PMD_SIZE).unwrap();
+    m.mm.munmap(a, 2 * PMD_SIZE).unwrap();
+    assert_eq!(m.phys.hugetlb(), pool(3, 3, 0));
+    assert_eq!(m.phys.set_nr_hugepages(0), 0);
+    // An empty pool fails every hugetlb mapping and leaves what was there.
+    let c = m.map(NR, RW, MapFlags::PRIVATE);
+    assert!(c.is_aligned(PMD_SIZE));
+    m.mm.write_val(c, 1u8).unwrap();
+    assert!(matches!(
+        m.mm.mmap(
+            Some(c),
+            PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::HUGETLB | MapFlags::FIXED
+        ),
+        Err(MmError::NoMem { .. })
+    ));
+    assert_eq!(m.mm.read_val::<u8>(c).unwrap(), 1);
+    assert!(matches!(
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB),
+        Err(MmError::NoMem { .. })
+    ));
+}
+
+#[test]
+fn faults_map_whole_zeroed_pages_and_free_them_back_to_the_pool() {
+    let m = Machine::new(16);
+    m.phys.set_nr_hugepages(2);
+    let a =
+        m.mm.mmap(
+            None,
+            2 * PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::HUGETLB,
+        )
+        .unwrap();
+    assert_eq!(m.mm.read_val::<u64>(page(a, 7)).unwrap(), 0);
+    m.mm.write_val(page(a, 8), 5u64).unwrap();
+    m.mm.write_val(page(a, NR + 1), 6u64).unwrap();
+    let s = m.mm.stats();
+    assert_eq!(
+        (s.faults.hugetlb, s.faults.wp_reuse),
+        (2, 1),
+        "read, then reuse on write"
+    );
+    assert_eq!(m.phys.hugetlb(), pool(2, 0, 0));
+    assert_eq!(m.phys.nr_in_use(), 2 * NR);
+    let pm = m.mm.pagemap(a, 2 * NR).unwrap();
+    assert!(pm.iter().all(|e| e.present && e.order == 9 && e.exclusive));
+    m.mm.audit().unwrap();
+    m.mm.munmap(a, 2 * PMD_SIZE).unwrap();
+    assert_eq!(m.phys.hugetlb(), pool(2, 2, 0));
+    assert_eq!(m.phys.nr_in_use(), 0);
+}
+
+#[test]
+fn fork_shares_then_copies_the_whole_page_and_sigbus_when_the_pool_is_dry() {
+    let m = Machine::new(32);
+    m.phys.set_nr_hugepages(2);
+    let a =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
+    for i in 0..NR {
+        m.mm.write_val(page(a, i), i).unwrap();
+    }
+    let child = m.mm.fork().unwrap();
+    m.events();
+    child.write_val(page(a, 3), 33u64).unwrap();
+    assert_eq!(child.stats().faults.cow, 1);
+    assert!(
+        m.events().is_empty(),
+        "the child's CLEAR goes to the child's notifiers"
+    );
+    for i in 0..NR {
+        let want = if i == 3 { 33 } else { i };
+        assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), want);
+        assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i);
+    }
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+    // A second child shares the parent's page; the pool has no free page for its copy.
+    let c2 = m.mm.fork().unwrap();
+    assert_eq!(m.phys.hugetlb().free, 0);
+    assert_eq!(c2.write_val(a, 1u8), Err(FaultError::Bus { addr: a }));
+    drop(child);
+    c2.write_val(a, 1u8).unwrap();
+    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 0);
+    drop(c2);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn pinned_hugetlb_page_is_copied_at_fork() {
+    let m = Machine::new(32);
+    m.phys.set_nr_hugepages(2);
+    let a =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
+    m.mm.write_val(page(a, 9), 9u64).unwrap();
+    let pin = m.mm.pin_user_pages(page(a, 9), 1, GupFlags::WRITE).unwrap();
+    let child = m.mm.fork().unwrap();
+    assert_eq!(child.stats().frames_allocated, 1);
+    assert_ne!(
+        child.pagemap(a, 1).unwrap()[0].pfn,
+        m.mm.pagemap(a, 1).unwrap()[0].pfn
+    );
+    pin.write(0, 0, &10u64.to_le_bytes());
+    assert_eq!(m.mm.read_val::<u64>(page(a, 9)).unwrap(), 10);
+    assert_eq!(child.read_val::<u64>(page(a, 9)).unwrap(), 9);
+    drop(pin);
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+}
+
+#[test]
+fn shared_hugetlb_is_shared_across_fork() {
+    let m = Machine::new(32);
+    m.phys.set_nr_hugepages(1);
+    let a =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::SHARED | MapFlags::HUGETLB)
+            .unwrap();
+    m.mm.write_val(page(a, 1), 1u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    child.write_val(page(a, 2), 2u64).unwrap();
+    assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 2);
+    assert_eq!(child.read_val::<u64>(page(a, 1)).unwrap(), 1);
+    assert!(m.mm.pagemap(a, 1).unwrap()[0].file);
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+    drop(child);
+    m.mm.munmap(a, PMD_SIZE).unwrap();
+    assert_eq!(m.phys.hugetlb(), pool(1, 1, 0));
+}
+
+#[test]
+fn operations_may_not_cut_a_hugetlb_page() {
+    let m = Machine::new(16);
+    m.phys.set_nr_hugepages(2);
+    let a =
+        m.mm.mmap(
+            None,
+            2 * PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::HUGETLB,
+        )
+        .unwrap();
+    m.mm.write_val(a, 1u8).unwrap();
+    let mid = page(a, 3);
+    let inval = |r: Result<(), MmError>| matches!(r, Err(MmError::Inval { .. }));
+    assert!(inval(m.mm.munmap(mid, PAGE_SIZE)));
+    assert!(inval(m.mm.mprotect(mid, PAGE_SIZE, Prot::READ)));
+    assert!(inval(m.mm.madvise(mid, PAGE_SIZE, Advice::DontNeed)));
+    assert!(inval(m.mm.madvise(a, PMD_SIZE, Advice::Free)));
+    assert!(inval(m.mm.madvise(a, PMD_SIZE, Advice::Collapse)));
+    assert!(matches!(
+        m.mm.mremap(a, PMD_SIZE, PMD_SIZE, MremapFlags::MAYMOVE, None),
+        Err(MmError::Inval { .. })
+    ));
+    assert!(matches!(
+        m.mm.mmap(
+            Some(page(a, 1)),
+            PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::HUGETLB | MapFlags::FIXED
+        ),
+        Err(MmError::Inval { .. })
+    ));
+    assert_eq!(m.mm.read_val::<u8>(a).unwrap(), 1);
+    // Whole pages are fine: protect one, drop the other.
+    m.mm.mprotect(a, PMD_SIZE, Prot::READ).unwrap();
+    assert!(m.mm.write_val(a, 2u8).is_err());
+    m.events();
+    m.mm.madvise(page(a, NR), PMD_SIZE, Advice::DontNeed)
+        .unwrap();
+    assert_eq!(m.events()[0].0, NotifierEvent::Clear);
+    m.mm.audit().unwrap();
+}
