@@ -183,10 +183,12 @@ impl Mm {
                     fm.entire_mapcount()
                 ));
             }
-            let in_object = st.vmas.iter().any(|v| match v.backing() {
-                Backing::Shmem(obj) => obj.holds(head),
-                Backing::Anon => false,
-            });
+            // A file's page cache and a driver each hold one reference of their own.
+            let in_object = match fm.mapping().map(|(o, _)| rmap::Owner::of(o)) {
+                Some(rmap::Owner::File(obj)) => obj.holds(head),
+                Some(rmap::Owner::Driver(_)) => true,
+                _ => false,
+            };
             let mappings: i32 = pte_maps.iter().sum::<i32>() + pmd_maps;
             let expected = mappings as u32 + u32::from(in_object) + fm.pincount();
             if fm.refcount() != expected {

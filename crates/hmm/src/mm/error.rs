@@ -38,6 +38,12 @@ pub enum MmError {
         /// Why.
         what: &'static str,
     },
+    /// `-EBUSY`: something is in the way (an entry already mapped).
+    #[error("device or resource busy (EBUSY): {what}")]
+    Busy {
+        /// What.
+        what: &'static str,
+    },
     /// `-EFAULT`: an address that is not mapped, or not with the access asked for.
     #[error("bad address {addr} (EFAULT)")]
     Fault {
@@ -62,6 +68,7 @@ impl MmError {
             MmError::Access { .. } => libc::EACCES,
             MmError::Again { .. } => libc::EAGAIN,
             MmError::Fault { .. } => libc::EFAULT,
+            MmError::Busy { .. } => libc::EBUSY,
             MmError::Exists { .. } => libc::EEXIST,
         }
     }

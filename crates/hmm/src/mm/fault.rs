@@ -23,6 +23,7 @@ use crate::pgtable::{Cursor, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::stats::FaultKind;
 
+use super::driver::VmFault;
 use super::error::{FaultError, SegvCause};
 use super::hugetlb;
 use super::shmem::PageError;
@@ -164,19 +165,49 @@ impl Fault<'_> {
         let mm = self.mm;
         let vm_write = self.vma.flags().contains(super::VmFlags::WRITE);
         match self.vma.backing() {
-            Backing::Shmem(obj) => {
+            backing @ (Backing::Shmem(_) | Backing::Driver(_)) => {
                 c.unlock();
                 let pgoff = self.vma.pgoff_of(self.addr);
-                let (pfn, allocated) = obj.get_page(pgoff).map_err(|e| match e {
-                    PageError::Eof => FaultError::Bus { addr: self.addr },
-                    PageError::NoMem(_) => FaultError::Oom { addr: self.addr },
-                })?;
-                if allocated {
-                    mm.counters.frame_allocated();
-                }
-                let cached = crate::phys::Frame::from_raw(mm.phys(), pfn);
+                let bus = FaultError::Bus { addr: self.addr };
+                let oom = FaultError::Oom { addr: self.addr };
+                let page = match backing {
+                    Backing::Shmem(obj) => {
+                        let (pfn, allocated) = obj.get_page(pgoff).map_err(|e| match e {
+                            PageError::Eof => bus,
+                            PageError::NoMem(_) => oom,
+                        })?;
+                        if allocated {
+                            mm.counters.frame_allocated();
+                        }
+                        crate::phys::Frame::from_raw(mm.phys(), pfn)
+                    }
+                    Backing::Driver(d) => {
+                        let pfn = d.ops.fault(pgoff, self.write).map_err(|e| match e {
+                            VmFault::Sigbus => bus,
+                            VmFault::Oom => oom,
+                        })?;
+                        // A driver handing out something that is not one of its pages is
+                        // a driver bug; the access gets SIGBUS rather than corrupt memory.
+                        if !mm.phys().contains(pfn) {
+                            return Err(bus);
+                        }
+                        let frame = mm.phys().frame(pfn);
+                        let flags = frame.folio().meta().flags();
+                        if flags.intersects(FrameFlags::ANON | FrameFlags::RESERVED) {
+                            return Err(bus);
+                        }
+                        let page = frame.try_get().map_err(|_| bus)?;
+                        d.adopt(&page, pgoff);
+                        page
+                    }
+                    Backing::Anon => unreachable!(),
+                };
+                let in_size = || match backing {
+                    Backing::Shmem(obj) => obj.in_size(pgoff),
+                    _ => true,
+                };
                 let shared = self.vma.is_shared();
-                // do_cow_fault: a write to a private mapping maps a copy, never the file page.
+                // do_cow_fault: a write to a private mapping maps a copy, never the page.
                 let (mapping, kind) = if self.write && !shared {
                     let copy = mm
                         .phys()
@@ -184,28 +215,24 @@ impl Fault<'_> {
                             0,
                             FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
                         )
-                        .map_err(|_| FaultError::Oom { addr: self.addr })?;
+                        .map_err(|_| oom)?;
                     mm.counters.frame_allocated();
-                    copy.copy_from(&cached);
+                    copy.copy_from(&page);
                     mm.new_anon_rmap(&copy, self.vma, self.addr);
-                    drop(cached);
+                    mm.release_frame(page);
                     (copy, FaultKind::Cow)
                 } else {
-                    (cached, FaultKind::Shared)
+                    (page, FaultKind::Shared)
                 };
                 let Some(Slot::Pte(p)) = c.current() else {
                     unreachable!()
                 };
                 // Re-check under the page-table lock: a racing truncation sets the size
                 // before it zaps (see `shmem`).
-                if !p.get().is_none() || !obj.in_size(pgoff) {
+                if !p.get().is_none() || !in_size() {
                     c.unlock();
                     mm.release_frame(mapping);
-                    return if obj.in_size(pgoff) {
-                        Ok(())
-                    } else {
-                        Err(FaultError::Bus { addr: self.addr })
-                    };
+                    return if in_size() { Ok(()) } else { Err(bus) };
                 }
                 let mut flags = PteFlags::YOUNG;
                 // A shared read fault maps a clean page writable unless soft-dirty tracking

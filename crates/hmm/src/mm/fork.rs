@@ -57,10 +57,13 @@ impl Mm {
             let mut result = Ok(());
             for v in parent.vmas.iter() {
                 dst.vmas.insert(v.clone());
-                if let Backing::Shmem(obj) = v.backing() {
-                    obj.mappers.add(&child.this);
+                match v.backing() {
+                    Backing::Shmem(obj) => obj.mappers.add(&child.this),
+                    Backing::Driver(d) => d.mappers.add(&child.this),
+                    Backing::Anon => {}
                 }
-                if !v.is_shared() {
+                // vma_needs_copy: private memory, and driver mappings (VM_COPY_ON_FORK).
+                if !v.is_shared() || v.flags().contains(VmFlags::MIXEDMAP) {
                     result = self.copy_page_range(&parent, &child, &dst, v, &mut tlb);
                     if result.is_err() {
                         break;
@@ -88,7 +91,8 @@ impl Mm {
         vma: &Vma,
         tlb: &mut TlbGather<'_>,
     ) -> Result<(), AllocError> {
-        let cow = vma.flags().contains(VmFlags::MAYWRITE);
+        // is_cow_mapping: private and may become writable.
+        let cow = !vma.is_shared() && vma.flags().contains(VmFlags::MAYWRITE);
         let mut inv: Option<Invalidation<'_>> = None;
         let mut sc = src.pt.cursor(vma.range(), WalkMode::Lookup);
         let mut dc = dst.pt.cursor(vma.range(), WalkMode::Populate);

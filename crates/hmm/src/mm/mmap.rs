@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
+use super::driver::DriverMapping;
 use super::error::MmError;
 use super::shmem::ShmemObject;
 use super::vma::{Backing, Vma};
@@ -28,6 +29,16 @@ bitflags! {
         /// length is rounded up to 2 MiB).
         const HUGETLB = 1 << 18;
     }
+}
+
+/// What a new mapping maps.
+enum Source<'a> {
+    /// Anonymous memory (a shared object for `MAP_SHARED`).
+    Anon,
+    /// A file from a page offset.
+    File(&'a Arc<ShmemObject>, u64),
+    /// A driver's pages.
+    Driver(Arc<DriverMapping>),
 }
 
 /// The largest page offset a file mapping may reach.
@@ -52,7 +63,7 @@ impl Mm {
         prot: Prot,
         flags: MapFlags,
     ) -> Result<VirtAddr, MmError> {
-        self.do_mmap(addr, len, prot, flags, None)
+        self.do_mmap(addr, len, prot, flags, Source::Anon)
     }
 
     /// `mmap` of `file` at byte `offset` (page-aligned); see [`mmap`](Self::mmap) for the
@@ -83,8 +94,20 @@ impl Mm {
             len,
             prot,
             flags,
-            Some((file.object(), offset >> PAGE_SHIFT)),
+            Source::File(file.object(), offset >> PAGE_SHIFT),
         )
+    }
+
+    /// `mmap` with a driver's backing (see `driver`).
+    pub(super) fn do_mmap_driver(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+        mapping: Arc<DriverMapping>,
+    ) -> Result<VirtAddr, MmError> {
+        self.do_mmap(addr, len, prot, flags, Source::Driver(mapping))
     }
 
     fn do_mmap(
@@ -93,7 +116,7 @@ impl Mm {
         len: u64,
         prot: Prot,
         flags: MapFlags,
-        file: Option<(&Arc<ShmemObject>, u64)>,
+        source: Source<'_>,
     ) -> Result<VirtAddr, MmError> {
         let shared = flags.contains(MapFlags::SHARED);
         if shared == flags.contains(MapFlags::PRIVATE) {
@@ -107,9 +130,9 @@ impl Mm {
             });
         }
         let hugetlb = flags.contains(MapFlags::HUGETLB);
-        if hugetlb && file.is_some() {
+        if hugetlb && !matches!(source, Source::Anon) {
             return Err(MmError::Inval {
-                what: "MAP_HUGETLB with a file",
+                what: "MAP_HUGETLB with a file or driver",
             });
         }
         let page = if hugetlb { PMD_SIZE } else { PAGE_SIZE };
@@ -203,19 +226,27 @@ impl Mm {
         if occupied.is_some() {
             self.do_munmap(&mut st, range);
         }
-        let file = file.or(huge_obj.as_ref().map(|o| (o, 0)));
-        let (backing, pgoff) = match file {
-            Some((obj, pgoff)) => {
+        let source = match (&huge_obj, source) {
+            (Some(obj), _) => Source::File(obj, 0),
+            (None, source) => source,
+        };
+        let (backing, pgoff) = match source {
+            Source::File(obj, pgoff) => {
                 obj.mappers.add(&self.this);
                 (Backing::Shmem(obj.clone()), pgoff)
             }
-            None if shared => {
+            Source::Driver(mapping) => {
+                vm_flags |= VmFlags::MIXEDMAP;
+                mapping.mappers.add(&self.this);
+                (Backing::Driver(mapping), 0)
+            }
+            Source::Anon if shared => {
                 let obj = ShmemObject::new(self.phys.clone(), len, true);
                 obj.mappers.add(&self.this);
                 (Backing::Shmem(obj), 0)
             }
             // Anonymous memory is indexed by its first address (see `rmap`).
-            None => (Backing::Anon, start.as_u64() >> PAGE_SHIFT),
+            Source::Anon => (Backing::Anon, start.as_u64() >> PAGE_SHIFT),
         };
         st.vmas.insert(Vma::new(range, vm_flags, pgoff, backing));
         Ok(start)

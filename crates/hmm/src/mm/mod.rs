@@ -26,6 +26,7 @@
 
 mod access;
 mod audit;
+mod driver;
 mod error;
 mod fault;
 mod file;
@@ -51,6 +52,7 @@ use parking_lot::{RwLock, RwLockReadGuard};
 
 pub use access::Scalar;
 pub use audit::{AuditError, AuditReport};
+pub use driver::{VmFault, VmOps};
 pub use error::{FaultError, MmError, SegvCause};
 pub use fault::FaultFlags;
 pub use file::MemFile;

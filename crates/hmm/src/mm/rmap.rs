@@ -37,6 +37,7 @@ use crate::notifier::MmId;
 use crate::pgtable::{Huge, Pte, Slot, WalkMode};
 use crate::phys::PhysMem;
 
+use super::driver::DriverMapping;
 use super::shmem::ShmemObject;
 use super::vma::{Backing, Vma};
 use super::{Mm, MmState};
@@ -67,6 +68,32 @@ pub(crate) struct AnonVma {
     pub(crate) mms: MmSet,
 }
 
+/// What a folio belongs to, downcast from its metadata.
+pub(crate) enum Owner {
+    Anon(Arc<AnonVma>),
+    File(Arc<ShmemObject>),
+    Driver(Arc<DriverMapping>),
+    /// Nothing the reverse map knows (a page that was never mapped).
+    Unknown,
+}
+
+impl Owner {
+    pub(crate) fn of(owner: Arc<dyn std::any::Any + Send + Sync>) -> Owner {
+        let owner = match owner.downcast::<AnonVma>() {
+            Ok(a) => return Owner::Anon(a),
+            Err(o) => o,
+        };
+        let owner = match owner.downcast::<ShmemObject>() {
+            Ok(f) => return Owner::File(f),
+            Err(o) => o,
+        };
+        match owner.downcast::<DriverMapping>() {
+            Ok(d) => Owner::Driver(d),
+            Err(_) => Owner::Unknown,
+        }
+    }
+}
+
 /// One mapping found by [`folio_mappings`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RmapEntry {
@@ -94,20 +121,21 @@ pub(crate) fn rmap_walk(
         return;
     };
     let nr = 1u64 << meta.order();
-    let (members, object) = if let Ok(anon) = owner.clone().downcast::<AnonVma>() {
-        (anon.mms.members(), None)
-    } else if let Ok(obj) = owner.downcast::<ShmemObject>() {
-        (obj.mappers.members(), Some(obj))
-    } else {
-        return;
+    let owner = Owner::of(owner);
+    let members = match &owner {
+        Owner::Anon(anon) => anon.mms.members(),
+        Owner::File(obj) => obj.mappers.members(),
+        Owner::Driver(d) => d.mappers.members(),
+        Owner::Unknown => return,
     };
     let mut scan = |mm: &Mm, st: &MmState| {
         for v in st.vmas.iter() {
-            // Anonymous pages live in private VMAs, file pages in VMAs of their file.
-            let ours = match (v.backing(), &object) {
-                (_, None) => !v.is_shared(),
-                (Backing::Shmem(o), Some(obj)) => Arc::ptr_eq(o, obj),
-                (Backing::Anon, Some(_)) => false,
+            // Anonymous pages live in private VMAs, other pages in VMAs of their owner.
+            let ours = match (v.backing(), &owner) {
+                (_, Owner::Anon(_)) => !v.is_shared(),
+                (Backing::Shmem(o), Owner::File(obj)) => Arc::ptr_eq(o, obj),
+                (Backing::Driver(o), Owner::Driver(d)) => Arc::ptr_eq(o, d),
+                _ => false,
             };
             let (lo, hi) = (v.pgoff(), v.pgoff() + v.range().npages());
             let (from, to) = (index.max(lo), (index + nr).min(hi));

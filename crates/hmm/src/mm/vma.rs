@@ -8,6 +8,7 @@ use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
 use crate::notifier::VmaInfo;
 use crate::prot::{Prot, VmFlags};
 
+use super::driver::DriverMapping;
 use super::shmem::ShmemObject;
 
 /// What backs a VMA.
@@ -21,6 +22,8 @@ pub enum VmaKind {
     FilePrivate,
     /// A shared mapping of a file: writes go to the file.
     FileShared,
+    /// A driver's mapping of its own pages (`VM_MIXEDMAP`).
+    Driver,
 }
 
 /// A virtual memory area.
@@ -37,6 +40,7 @@ pub struct Vma {
 pub(crate) enum Backing {
     Anon,
     Shmem(Arc<ShmemObject>),
+    Driver(Arc<DriverMapping>),
 }
 
 impl Vma {
@@ -81,6 +85,7 @@ impl Vma {
             Backing::Shmem(o) if o.is_anonymous() => VmaKind::AnonShared,
             Backing::Shmem(_) if self.is_shared() => VmaKind::FileShared,
             Backing::Shmem(_) => VmaKind::FilePrivate,
+            Backing::Driver(_) => VmaKind::Driver,
         }
     }
 
@@ -143,6 +148,7 @@ impl Vma {
             && match (&self.backing, &next.backing) {
                 (Backing::Anon, Backing::Anon) => true,
                 (Backing::Shmem(a), Backing::Shmem(b)) => Arc::ptr_eq(a, b),
+                (Backing::Driver(a), Backing::Driver(b)) => Arc::ptr_eq(a, b),
                 _ => false,
             }
     }
