@@ -1,5 +1,6 @@
 //! Multi-threaded stress: CPU threads fault and write while others munmap, mprotect and
-//! madvise. Ends with no lost data and every frame accounted for.
+//! madvise, or fork, pin, collapse and split THPs. Ends with no lost data and every frame
+//! accounted for.
 //!
 //! `HMM_STRESS_ITERS` scales the run (default 3000 operations per thread).
 
@@ -8,8 +9,8 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{page, Machine, RW};
-use hmm::addr::PAGE_SIZE;
-use hmm::mm::{Advice, MapFlags, Prot};
+use hmm::addr::{PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{Advice, GupFlags, MapFlags, Prot, ThpMode};
 
 const STABLE: u64 = 64;
 const CHURN: u64 = 32;
@@ -154,4 +155,106 @@ fn concurrent_first_touch_of_the_same_pages_allocates_once() {
     // Racing faults that lost free their frame again.
     assert_eq!(s.frames_allocated - s.frames_freed, 256);
     m.mm.audit().unwrap();
+}
+
+#[test]
+fn writers_survive_fork_pins_collapse_and_thp_splits() {
+    let m = Machine::new(128);
+    m.mm.set_thp_mode(ThpMode::Always);
+    const HUGE: u64 = 4 * 512;
+    let huge = m.map(HUGE, RW, MapFlags::PRIVATE);
+    assert!(huge.is_aligned(PMD_SIZE));
+    // With MADV_HUGEPAGE on the whole region, the NOHUGEPAGE/HUGEPAGE flip below leaves
+    // the VMA as it was (it merges back), so the region keeps getting THPs.
+    m.mm.madvise(huge, HUGE * PAGE_SIZE, Advice::HugePage)
+        .unwrap();
+    let stop = AtomicBool::new(false);
+    let n = iters();
+    let finals = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let mm = &m.mm;
+                s.spawn(move || {
+                    let mut rng = Rng(0x51 + t);
+                    let mut last = vec![0u64; HUGE as usize];
+                    for v in 1..=n {
+                        let i = rng.below(HUGE / 2) * 2 + t;
+                        let word = (t << 56) | v;
+                        mm.write_val(page(huge, i), word).unwrap();
+                        assert_eq!(mm.read_val::<u64>(page(huge, i)).unwrap(), word);
+                        last[i as usize] = word;
+                    }
+                    last
+                })
+            })
+            .collect();
+        let mm = &m.mm;
+        let stop = &stop;
+        s.spawn(move || {
+            let mut rng = Rng(7);
+            let mut pins = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match rng.below(6) {
+                    0 => {
+                        // A short-lived child: its snapshot holds writers' words only, and
+                        // its own writes stay its own.
+                        let child = mm.fork().unwrap();
+                        let i = rng.below(HUGE);
+                        let seen = child.read_val::<u64>(page(huge, i)).unwrap();
+                        assert!(seen == 0 || seen >> 56 == i % 2, "foreign word {seen:#x}");
+                        child.write_val(page(huge, i), u64::MAX).unwrap();
+                        assert_eq!(child.read_val::<u64>(page(huge, i)).unwrap(), u64::MAX);
+                        // (No audit here: the parent keeps changing the shared folios, and
+                        // an audit wants a quiet system.)
+                    }
+                    1 => {
+                        let i = rng.below(HUGE - 4);
+                        let flags = if rng.below(2) == 0 {
+                            GupFlags::WRITE
+                        } else {
+                            GupFlags::empty()
+                        };
+                        pins.push(mm.pin_user_pages(page(huge, i), 4, flags).unwrap());
+                        if pins.len() > 4 {
+                            pins.remove(0);
+                        }
+                    }
+                    2 => {
+                        let pmd = rng.below(HUGE / 512);
+                        let _ = mm.madvise(page(huge, pmd * 512), PMD_SIZE, Advice::Collapse);
+                    }
+                    3 => {
+                        // Splits a THP (and back), keeping the data.
+                        let at = page(huge, rng.below(HUGE - 1));
+                        mm.madvise(at, PAGE_SIZE, Advice::NoHugePage).unwrap();
+                        mm.madvise(at, PAGE_SIZE, Advice::HugePage).unwrap();
+                    }
+                    4 => mm.clear_soft_dirty(),
+                    _ => drop(pins.pop()),
+                }
+            }
+        });
+        let finals: Vec<Vec<u64>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        stop.store(true, Ordering::Relaxed);
+        finals
+    });
+    for (t, last) in finals.iter().enumerate() {
+        for i in (t as u64..HUGE).step_by(2) {
+            assert_eq!(
+                m.mm.read_val::<u64>(page(huge, i)).unwrap(),
+                last[i as usize],
+                "lost write in page {i}"
+            );
+        }
+    }
+    m.mm.audit().unwrap();
+    let st = m.mm.stats();
+    eprintln!(
+        "thp faults {}, PMD splits {}, collapses {}, COW {}",
+        st.faults.thp_anon, st.thp_split_pmd, st.thp_collapse, st.faults.cow
+    );
+    assert!(st.faults.thp_anon > 0, "the run made THPs");
+    let phys = m.phys.clone();
+    drop(m);
+    assert_eq!(phys.nr_in_use(), 0, "frames leaked");
 }
