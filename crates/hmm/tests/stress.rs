@@ -216,7 +216,7 @@ fn writers_survive_fork_pins_collapse_and_thp_splits() {
                         };
                         pins.push(mm.pin_user_pages(page(huge, i), 4, flags).unwrap());
                         if pins.len() > 4 {
-                            pins.remove(0);
+                            pins.remove(0).release();
                         }
                     }
                     2 => {
