@@ -102,6 +102,8 @@ pub struct MmStats {
     pub thp_split_pmd: u64,
     /// THPs made by `MADV_COLLAPSE` (`thp_collapse_alloc`).
     pub thp_collapse: u64,
+    /// THPs split into small pages after part of them was unmapped (`thp_split_page`).
+    pub thp_split_folio: u64,
 }
 
 impl MmStats {
@@ -140,6 +142,7 @@ impl MmStats {
             frames_freed: d(self.frames_freed, earlier.frames_freed),
             thp_split_pmd: d(self.thp_split_pmd, earlier.thp_split_pmd),
             thp_collapse: d(self.thp_collapse, earlier.thp_collapse),
+            thp_split_folio: d(self.thp_split_folio, earlier.thp_split_folio),
         }
     }
 }
@@ -155,6 +158,7 @@ pub(crate) struct MmCounters {
     frames_freed: AtomicU64,
     thp_split_pmd: AtomicU64,
     thp_collapse: AtomicU64,
+    thp_split_folio: AtomicU64,
 }
 
 impl MmCounters {
@@ -177,6 +181,10 @@ impl MmCounters {
 
     pub(crate) fn thp_split_pmd(&self) {
         self.thp_split_pmd.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn thp_split_folio(&self) {
+        self.thp_split_folio.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn thp_collapse(&self) {
@@ -206,6 +214,7 @@ impl MmCounters {
             frames_freed: self.frames_freed.load(Relaxed),
             thp_split_pmd: self.thp_split_pmd.load(Relaxed),
             thp_collapse: self.thp_collapse.load(Relaxed),
+            thp_split_folio: self.thp_split_folio.load(Relaxed),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{page, Machine, RW};
 use hmm::addr::{PAGE_SIZE, PMD_SIZE};
@@ -169,16 +169,24 @@ fn writers_survive_fork_pins_collapse_and_thp_splits() {
     m.mm.madvise(huge, HUGE * PAGE_SIZE, Advice::HugePage)
         .unwrap();
     let stop = AtomicBool::new(false);
+    // Writers go on until the churn thread has done at least this much, however small n.
+    let churned = AtomicU64::new(0);
+    const MIN_CHURN: u64 = 200;
     let n = iters();
     let finals = std::thread::scope(|s| {
         let writers: Vec<_> = (0..2u64)
             .map(|t| {
                 let mm = &m.mm;
+                let churned = &churned;
                 s.spawn(move || {
                     let mut rng = Rng(0x51 + t);
                     let mut last = vec![0u64; HUGE as usize];
-                    for v in 1..=n {
-                        let i = rng.below(HUGE / 2) * 2 + t;
+                    let mut v = 0;
+                    while v < n || churned.load(Ordering::Relaxed) < MIN_CHURN {
+                        v += 1;
+                        // Writer t owns the pages i with i % 4 == t; pages with i % 4 == 3
+                        // are dropped by the churn thread, which splits the THPs.
+                        let i = rng.below(HUGE / 4) * 4 + t;
                         let word = (t << 56) | v;
                         mm.write_val(page(huge, i), word).unwrap();
                         assert_eq!(mm.read_val::<u64>(page(huge, i)).unwrap(), word);
@@ -190,18 +198,25 @@ fn writers_survive_fork_pins_collapse_and_thp_splits() {
             .collect();
         let mm = &m.mm;
         let stop = &stop;
+        let churned = &churned;
         s.spawn(move || {
             let mut rng = Rng(7);
             let mut pins = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                match rng.below(6) {
+                churned.fetch_add(1, Ordering::Relaxed);
+                match rng.below(7) {
+                    6 => {
+                        let i = rng.below(HUGE / 4) * 4 + 3;
+                        mm.madvise(page(huge, i), PAGE_SIZE, Advice::DontNeed)
+                            .unwrap();
+                    }
                     0 => {
                         // A short-lived child: its snapshot holds writers' words only, and
                         // its own writes stay its own.
                         let child = mm.fork().unwrap();
                         let i = rng.below(HUGE);
                         let seen = child.read_val::<u64>(page(huge, i)).unwrap();
-                        assert!(seen == 0 || seen >> 56 == i % 2, "foreign word {seen:#x}");
+                        assert!(seen == 0 || seen >> 56 == i % 4, "foreign word {seen:#x}");
                         child.write_val(page(huge, i), u64::MAX).unwrap();
                         assert_eq!(child.read_val::<u64>(page(huge, i)).unwrap(), u64::MAX);
                         // (No audit here: the parent keeps changing the shared folios, and
@@ -239,7 +254,7 @@ fn writers_survive_fork_pins_collapse_and_thp_splits() {
         finals
     });
     for (t, last) in finals.iter().enumerate() {
-        for i in (t as u64..HUGE).step_by(2) {
+        for i in (t as u64..HUGE).step_by(4) {
             assert_eq!(
                 m.mm.read_val::<u64>(page(huge, i)).unwrap(),
                 last[i as usize],
@@ -250,8 +265,8 @@ fn writers_survive_fork_pins_collapse_and_thp_splits() {
     m.mm.audit().unwrap();
     let st = m.mm.stats();
     eprintln!(
-        "thp faults {}, PMD splits {}, collapses {}, COW {}",
-        st.faults.thp_anon, st.thp_split_pmd, st.thp_collapse, st.faults.cow
+        "thp faults {}, PMD splits {}, folio splits {}, collapses {}, COW {}",
+        st.faults.thp_anon, st.thp_split_pmd, st.thp_split_folio, st.thp_collapse, st.faults.cow
     );
     assert!(st.faults.thp_anon > 0, "the run made THPs");
     let phys = m.phys.clone();

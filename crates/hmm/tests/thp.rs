@@ -110,22 +110,71 @@ fn partial_munmap_splits_and_keeps_the_rest() {
     fill(&m, a, NR, 0x1000);
     m.events();
     m.mm.munmap(page(a, 100), 10 * PAGE_SIZE).unwrap();
-    let ev = m.events();
-    assert_eq!(ev[0].0, NotifierEvent::Unmap);
+    // UNMAP, CLEAR of the 2 MiB for the PMD split, then the folio split's CLEAR for each
+    // VMA part still mapping it.
     assert_eq!(
-        ev[1],
-        (NotifierEvent::Clear, a.as_u64(), a.as_u64() + PMD_SIZE)
+        m.events(),
+        [
+            (
+                NotifierEvent::Unmap,
+                page(a, 100).as_u64(),
+                page(a, 110).as_u64()
+            ),
+            (NotifierEvent::Clear, a.as_u64(), a.as_u64() + PMD_SIZE),
+            (NotifierEvent::Clear, a.as_u64(), page(a, 100).as_u64()),
+            (
+                NotifierEvent::Clear,
+                page(a, 110).as_u64(),
+                page(a, NR).as_u64()
+            ),
+        ]
     );
-    assert_eq!(m.mm.stats().thp_split_pmd, 1);
+    let s = m.mm.stats();
+    assert_eq!((s.thp_split_pmd, s.thp_split_folio), (1, 1));
     check(&m, a, (0..100).chain(110..NR), 0x1000);
     assert!(m.mm.read_val::<u8>(page(a, 105)).is_err());
     let pm = m.mm.pagemap(a, NR).unwrap();
     assert!(pm.iter().all(|e| e.order == 0));
     m.mm.audit().unwrap();
-    // The folio stays whole until its last page goes.
-    assert_eq!(m.phys.nr_in_use(), NR);
+    // The folio was split: the unmapped pages are free, each other page is its own folio.
+    assert_eq!(m.phys.nr_in_use(), NR - 10);
+    let f = m.phys.frame(hmm::addr::Pfn::new(pm[5].pfn.unwrap()));
+    assert_eq!((f.meta().order(), f.folio().pfn()), (0, f.pfn()));
+    m.mm.munmap(a, 50 * PAGE_SIZE).unwrap();
+    assert_eq!(m.phys.nr_in_use(), NR - 60);
     m.mm.munmap(a, PMD_SIZE).unwrap();
     assert_eq!(m.phys.nr_in_use(), 0);
+}
+
+#[test]
+fn a_pinned_or_shared_thp_is_not_split_but_keeps_its_bytes() {
+    let m = Machine::new(32);
+    let a = huge_map(&m, 1);
+    fill(&m, a, NR, 0x2000);
+    let pin =
+        m.mm.pin_user_pages(page(a, 300), 1, GupFlags::empty())
+            .unwrap();
+    m.mm.munmap(page(a, 10), PAGE_SIZE).unwrap();
+    assert_eq!(m.mm.stats().thp_split_folio, 0);
+    assert_eq!(m.phys.nr_in_use(), NR);
+    m.mm.audit().unwrap();
+    drop(pin);
+    // Shared with a child: a page unmapped in one address space is still mapped in the
+    // other, so nothing is queued; once both unmap it, the split unmaps and remaps the
+    // folio in both.
+    let child = m.mm.fork().unwrap();
+    m.mm.munmap(page(a, 20), PAGE_SIZE).unwrap();
+    assert_eq!(m.mm.stats().thp_split_folio, 0);
+    child.munmap(page(a, 20), PAGE_SIZE).unwrap();
+    assert_eq!(child.stats().thp_split_folio, 1);
+    check(&m, a, (0..10).chain(11..20).chain(21..NR), 0x2000);
+    for i in (0..10).chain(11..20).chain(21..NR) {
+        assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), 0x2000 + i);
+    }
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+    drop(child);
+    assert_eq!(m.phys.nr_in_use(), NR - 2);
 }
 
 #[test]

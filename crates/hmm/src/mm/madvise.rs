@@ -94,6 +94,7 @@ impl Mm {
                     inv.end();
                 }
                 tlb.finish();
+                self.deferred_split_scan(st);
                 Ok(())
             }
             Advice::HugePage | Advice::NoHugePage => {

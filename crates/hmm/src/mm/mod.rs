@@ -103,6 +103,8 @@ pub struct Mm {
     notifiers: Arc<MmNotifiers>,
     counters: MmCounters,
     thp: thp::ThpSetting,
+    /// THPs partly unmapped, to split (`deferred_split_queue`); each holds a reference.
+    deferred_split: parking_lot::Mutex<Vec<crate::addr::Pfn>>,
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
@@ -163,6 +165,7 @@ impl Mm {
             notifiers: MmNotifiers::new(id),
             counters: MmCounters::default(),
             thp: thp::ThpSetting::default(),
+            deferred_split: parking_lot::Mutex::new(Vec::new()),
         });
         mm.anon_vma.mms.add(&mm.this);
         mm
@@ -267,6 +270,11 @@ impl Drop for Mm {
         drop(state);
         tlb.finish();
         drop(vmas);
+        // Folios this exit left partly mapped elsewhere stay whole (a dying address space
+        // does not split them for the others).
+        for pfn in std::mem::take(self.deferred_split.get_mut()) {
+            let _ = self.phys.frame(pfn).put();
+        }
     }
 }
 

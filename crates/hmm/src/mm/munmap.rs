@@ -51,6 +51,7 @@ impl Mm {
         st.pt.free_tables(gap);
         // Shared objects whose last VMA went are released here, after the flush.
         drop(removed);
+        self.deferred_split_scan(st);
     }
 }
 

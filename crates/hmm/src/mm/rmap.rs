@@ -107,6 +107,28 @@ pub struct RmapEntry {
     pub level: Huge,
 }
 
+/// Where a folio's pages live in its owner: what a walk needs, captured so that it stays
+/// valid while the folio itself is being split.
+pub(crate) struct FolioRange {
+    owner: Owner,
+    index: u64,
+    nr: u64,
+}
+
+impl FolioRange {
+    /// The owner, index and size recorded in the metadata of the folio headed by `head`;
+    /// `None` for a folio that belongs to nothing.
+    pub(crate) fn of(phys: &PhysMem, head: Pfn) -> Option<FolioRange> {
+        let meta = phys.frame(head).meta();
+        let (owner, index) = meta.mapping()?;
+        Some(FolioRange {
+            owner: Owner::of(owner),
+            index,
+            nr: 1u64 << meta.order(),
+        })
+    }
+}
+
 /// Calls `visit` with every address space and virtual range where the folio headed by
 /// `head` (of `nr` pages, with `index` and owner as recorded in its metadata) may be
 /// mapped. `held` is an address space whose mmap lock the caller holds.
@@ -114,15 +136,21 @@ pub(crate) fn rmap_walk(
     phys: &PhysMem,
     head: Pfn,
     held: Option<(&Mm, &MmState)>,
+    visit: impl FnMut(&Mm, &MmState, &Vma, VaRange),
+) {
+    if let Some(r) = FolioRange::of(phys, head) {
+        rmap_walk_range(&r, held, visit);
+    }
+}
+
+/// [`rmap_walk`] over a captured [`FolioRange`].
+pub(crate) fn rmap_walk_range(
+    r: &FolioRange,
+    held: Option<(&Mm, &MmState)>,
     mut visit: impl FnMut(&Mm, &MmState, &Vma, VaRange),
 ) {
-    let meta = phys.frame(head).meta();
-    let Some((owner, index)) = meta.mapping() else {
-        return;
-    };
-    let nr = 1u64 << meta.order();
-    let owner = Owner::of(owner);
-    let members = match &owner {
+    let (owner, index, nr) = (&r.owner, r.index, r.nr);
+    let members = match owner {
         Owner::Anon(anon) => anon.mms.members(),
         Owner::File(obj) => obj.mappers.members(),
         Owner::Driver(d) => d.mappers.members(),
@@ -131,7 +159,7 @@ pub(crate) fn rmap_walk(
     let mut scan = |mm: &Mm, st: &MmState| {
         for v in st.vmas.iter() {
             // Anonymous pages live in private VMAs, other pages in VMAs of their owner.
-            let ours = match (v.backing(), &owner) {
+            let ours = match (v.backing(), owner) {
                 (_, Owner::Anon(_)) => !v.is_shared(),
                 (Backing::Shmem(o), Owner::File(obj)) => Arc::ptr_eq(o, obj),
                 (Backing::Driver(o), Owner::Driver(d)) => Arc::ptr_eq(o, d),

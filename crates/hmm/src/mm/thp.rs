@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange, VmaInfo};
-use crate::pgtable::{PageTable, PmdEntry, Pte, PteFlags, WalkMode};
+use crate::pgtable::{MigrationKind, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 use crate::stats::FaultKind;
@@ -38,7 +38,7 @@ use super::error::{FaultError, MmError};
 use super::fault::{must_unshare, FaultFlags};
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
-use super::{Mm, MmState};
+use super::{rmap, Mm, MmState};
 
 /// When anonymous memory gets transparent huge pages
 /// (`/sys/kernel/mm/transparent_hugepage/enabled`, here per address space).
@@ -442,4 +442,189 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
     inv.end();
     mm.counters.thp_collapse();
     Ok(())
+}
+
+/// Splits the anonymous THP `folio` (the caller's reference) into 512 order-0 folios
+/// (`split_huge_page`), keeping every mapping and byte; returns whether it did. With the
+/// folio locked: every mapping in every address space (through the reverse map) becomes a
+/// migration entry under a CLEAR invalidation of its range (PMD leaves are split first);
+/// the reference count must then be the caller's alone (`folio_ref_freeze`), or the
+/// entries are restored and the split fails (a pin, a GUP reference, a waiter); the
+/// metadata is split; the migration entries become present entries of the new folios.
+#[doc(alias = "split_huge_page")]
+pub(super) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
+    let phys = mm.phys();
+    let head = folio.pfn();
+    let fm = folio.meta();
+    let splittable = fm.order() == PMD_ORDER
+        && fm.flags().contains(FrameFlags::ANON)
+        && !fm.flags().contains(FrameFlags::HUGETLB)
+        && fm.pincount() == 0;
+    if !splittable || !fm.trylock() {
+        return false;
+    }
+    let Some(range) = rmap::FolioRange::of(phys, head) else {
+        fm.unlock();
+        return false;
+    };
+    let held = Some((mm, st));
+    rmap::rmap_walk_range(&range, held, |m, s, vma, r| {
+        unmap_for_split(m, s, vma, r, head)
+    });
+    let frozen = fm.freeze(1);
+    if frozen {
+        phys.split_frozen(head);
+    }
+    rmap::rmap_walk_range(&range, held, |_, s, vma, r| {
+        remap_after_split(phys, s, vma, r, head, frozen)
+    });
+    if !frozen {
+        fm.unlock();
+        return false;
+    }
+    // The caller's reference became the head's; every page has one and is locked.
+    let _ = folio.into_raw();
+    let mut freed = 0;
+    for i in (0..PMD_NR).rev() {
+        let page = phys.frame(Pfn::new(head.as_u64() + i));
+        page.meta().unlock();
+        if page.put() == crate::phys::Freed::Yes {
+            freed += 1;
+        }
+    }
+    mm.counters.frames_freed(freed);
+    mm.counters.thp_split_folio();
+    true
+}
+
+/// `try_to_migrate_one` for a split: every entry of `range` mapping a page of the folio at
+/// `head` becomes a migration entry; PMD leaves mapping it are split first.
+fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) {
+    let phys = mm.phys();
+    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + PMD_NR;
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        range,
+        NotifierEvent::Clear,
+        Some(vma.info()),
+    ));
+    let mut tlb = TlbGather::new(mm);
+    let mut c = st.pt.cursor(range, WalkMode::Lookup);
+    let mut retry = false;
+    loop {
+        let slot = if retry { c.current() } else { c.next() };
+        retry = false;
+        let Some(slot) = slot else { break };
+        match slot {
+            Slot::Hole(_) => {}
+            Slot::Pmd(p) => {
+                if matches!(p.get(), Pte::Present { pfn, .. } if pfn == head) {
+                    let base = p.range().start();
+                    c.unlock();
+                    split_pmd(mm, &st.pt, Some(vma.info()), base, &mut tlb);
+                    retry = true;
+                }
+            }
+            Slot::Pte(p) => {
+                let (pfn, flags, writable) = match p.get() {
+                    Pte::Present { pfn, flags } if in_folio(pfn) => {
+                        (pfn, flags, flags.contains(PteFlags::WRITE))
+                    }
+                    Pte::DeviceExclusive { pfn, flags } if in_folio(pfn) => (pfn, flags, false),
+                    _ => continue,
+                };
+                let exclusive = phys
+                    .frame(head)
+                    .meta()
+                    .flags()
+                    .contains(FrameFlags::ANON_EXCLUSIVE);
+                let kind = if writable {
+                    MigrationKind::Write
+                } else if exclusive {
+                    MigrationKind::ReadExclusive
+                } else {
+                    MigrationKind::Read
+                };
+                let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+                p.set(Pte::Migration {
+                    pfn,
+                    kind,
+                    flags: keep,
+                });
+                if flags.contains(PteFlags::DIRTY) {
+                    phys.frame(head).meta().set_flags(FrameFlags::DIRTY);
+                }
+                phys.frame(pfn).meta().dec_mapcount();
+                tlb.add_range(VaRange::page_of(p.va()));
+                tlb.defer_put(pfn);
+            }
+        }
+    }
+    drop(c);
+    tlb.finish();
+    inv.end();
+}
+
+/// `remove_migration_pte`: the migration entries of `range` for the folio at `head`
+/// become present entries again, of the split pages if `split`, else of the folio.
+fn remap_after_split(
+    phys: &crate::phys::PhysMem,
+    st: &MmState,
+    vma: &Vma,
+    range: VaRange,
+    head: Pfn,
+    split: bool,
+) {
+    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + PMD_NR;
+    let mut c = st.pt.cursor(range, WalkMode::Lookup);
+    while let Some(slot) = c.next() {
+        let Slot::Pte(p) = slot else { continue };
+        let Pte::Migration { pfn, kind, flags } = p.get() else {
+            continue;
+        };
+        if !in_folio(pfn) {
+            continue;
+        }
+        let mut nf = flags;
+        if !vma.is_accessible() {
+            nf |= PteFlags::PROTNONE;
+        } else if kind == MigrationKind::Write {
+            nf |= PteFlags::WRITE;
+        }
+        let page = phys.frame(pfn);
+        page.meta().inc_mapcount();
+        if split {
+            page.meta().get();
+        } else {
+            phys.frame(head).meta().get();
+        }
+        p.set(Pte::Present { pfn, flags: nf });
+    }
+}
+
+impl Mm {
+    /// Queues the THP at `head` for a split after this operation: part of it was unmapped
+    /// (`deferred_split_folio`). The queue holds a reference.
+    pub(super) fn defer_split(&self, head: Pfn) {
+        let mut queue = self.deferred_split.lock();
+        if !queue.contains(&head) {
+            queue.push(self.phys().frame(head).get().into_raw());
+        }
+    }
+
+    /// Splits the queued THPs now, with the mmap lock held (`deferred_split_scan`, run
+    /// at once instead of under memory pressure). A folio that cannot be split (pinned,
+    /// locked, referenced) stays whole.
+    pub(super) fn deferred_split_scan(&self, st: &MmState) {
+        let queued = std::mem::take(&mut *self.deferred_split.lock());
+        for pfn in queued {
+            let folio = crate::phys::Frame::from_raw(self.phys(), pfn);
+            if folio.meta().refcount() == 1 {
+                // Unmapped meanwhile: nothing to split.
+                self.release_frame(folio);
+            } else {
+                split_folio(self, st, folio);
+            }
+        }
+    }
 }

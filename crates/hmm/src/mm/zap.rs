@@ -43,10 +43,19 @@ pub(crate) fn zap_range(
                             continue;
                         }
                         let f = phys.frame(pfn);
+                        let folio = f.folio();
                         if flags.contains(PteFlags::DIRTY) {
-                            f.folio().meta().set_flags(FrameFlags::DIRTY);
+                            folio.meta().set_flags(FrameFlags::DIRTY);
                         }
-                        f.meta().dec_mapcount();
+                        let left = f.meta().dec_mapcount();
+                        if folio.meta().order() > 0
+                            && left == 0
+                            && folio.meta().entire_mapcount() == 0
+                        {
+                            // A page of a large folio is no longer mapped: the folio may be
+                            // partly mapped now; queue it for a split.
+                            mm.defer_split(folio.pfn());
+                        }
                         tlb.defer_put(pfn);
                     }
                     Pte::Migration { .. } => {

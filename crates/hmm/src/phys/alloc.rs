@@ -145,6 +145,17 @@ impl BlockAllocator {
         }
     }
 
+    /// Turns the allocated order-9 block at `first` into 512 allocated order-0 frames (a
+    /// folio split): each can then be freed on its own.
+    pub(crate) fn split_allocated(&mut self, first: usize) {
+        assert_eq!(first % BLOCK_FRAMES, 0, "misaligned folio split");
+        let st = &mut self.blocks[first / BLOCK_FRAMES];
+        assert!(!st.split, "split of a block already split");
+        st.split = true;
+        st.free = 0;
+        st.bitmap = [0; BLOCK_FRAMES / 64];
+    }
+
     /// Marks frame `index` as permanently in use (reserved frames such as the zero page).
     pub(crate) fn reserve(&mut self, index: usize) {
         let b = index / BLOCK_FRAMES;

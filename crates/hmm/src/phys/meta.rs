@@ -239,6 +239,45 @@ impl FrameMeta {
             .map_err(|_| GetFrameError::Unused)
     }
 
+    /// Sets the refcount from `expected` to 0 if nobody else holds a reference
+    /// (`folio_ref_freeze`); a frozen folio refuses `try_get`.
+    #[doc(alias = "folio_ref_freeze")]
+    pub(crate) fn freeze(&self, expected: u32) -> bool {
+        self.refcount
+            .compare_exchange(expected, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    }
+
+    /// Gives a frozen (or tail) frame `n` references.
+    pub(crate) fn unfreeze(&self, n: u32) {
+        debug_assert_eq!(self.refcount(), 0, "unfreeze of a live frame");
+        self.refcount.store(n, Ordering::Release);
+    }
+
+    /// Turns a tail page of a folio being split into a locked order-0 folio with one
+    /// reference, `flags` (which must not hold `LOCKED`/`WAITERS`/`TAIL`) and the
+    /// mapping of `head` at offset `offset`. The reference is stored before `TAIL` is
+    /// cleared, so a racing `folio()` lookup finds either the frozen head or a live page.
+    pub(crate) fn become_split_page(&self, head: &FrameMeta, offset: u64, flags: FrameFlags) {
+        self.inherit_mapping(head, offset);
+        self.pincount.store(0, Ordering::Relaxed);
+        self.entire_mapcount.store(0, Ordering::Relaxed);
+        self.set_order(0);
+        self.refcount.store(1, Ordering::Release);
+        self.flags
+            .store((flags | FrameFlags::LOCKED).bits(), Ordering::Release);
+    }
+
+    /// Copies the mapping of `head`, at `head`'s index plus `offset`.
+    fn inherit_mapping(&self, head: &FrameMeta, offset: u64) {
+        let m = head.mapping.lock().clone();
+        self.index.store(
+            head.index.load(Ordering::Relaxed) + offset,
+            Ordering::Relaxed,
+        );
+        *self.mapping.lock() = m;
+    }
+
     /// Drops a reference; returns true when it was the last one and the frame must be freed.
     #[must_use = "the last reference must free the frame"]
     pub(crate) fn put_testzero(&self) -> bool {

@@ -251,6 +251,11 @@ impl PhysMem {
         FrameRef::new(self, pfn)
     }
 
+    /// See [`Region::split_frozen`].
+    pub(crate) fn split_frozen(&self, head: Pfn) {
+        self.region.split_frozen(head.as_usize());
+    }
+
     pub(crate) fn region(&self) -> &Region {
         &self.region
     }

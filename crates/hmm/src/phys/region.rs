@@ -157,6 +157,29 @@ impl Region {
 }
 
 impl Region {
+    /// Splits the frozen (refcount 0), locked, unmapped order-9 folio at `head` into 512
+    /// locked order-0 folios with one reference each, keeping the head's page flags and
+    /// mapping (`__split_huge_page`). The caller maps them back, then unlocks and drops
+    /// the references.
+    pub(crate) fn split_frozen(&self, head: usize) {
+        let hm = &self.meta[head];
+        assert_eq!(hm.order(), PMD_ORDER, "split of a small folio");
+        assert_eq!(hm.refcount(), 0, "split of an unfrozen folio");
+        assert!(hm.is_locked(), "split of an unlocked folio");
+        let keep = hm.flags()
+            - FrameFlags::LOCKED
+            - FrameFlags::WAITERS
+            - FrameFlags::HEAD
+            - FrameFlags::TAIL;
+        self.alloc.lock().split_allocated(head);
+        for (i, m) in self.meta[head + 1..head + BLOCK_FRAMES].iter().enumerate() {
+            m.become_split_page(hm, i as u64 + 1, keep);
+        }
+        hm.set_order(0);
+        hm.clear_flags(FrameFlags::HEAD);
+        hm.unfreeze(1);
+    }
+
     /// Grows or shrinks the hugetlb pool towards `target` pages; returns the new size.
     /// Growing stops when no whole free 2 MiB block is left; shrinking frees only free,
     /// unreserved pages.
