@@ -126,12 +126,9 @@ impl Mm {
         let phys = self.phys();
         let mut c = st.pt.cursor(pages, WalkMode::Lookup);
         let mut done = 0usize;
-        let mut retry = false;
         while done < len {
             let va = addr.checked_add(done as u64).expect("inside the access");
-            let slot = if retry { c.current() } else { c.next() };
-            let slot = slot.expect("walk covers the access");
-            retry = false;
+            let slot = c.next().expect("walk covers the access");
             // (frame, offset in it, bytes) that this entry can serve, if it satisfies us.
             let served = match slot {
                 Slot::Hole(_) => None,
@@ -174,7 +171,7 @@ impl Mm {
                 None => {
                     c.unlock();
                     handle_mm_fault(self, st, va, flags)?;
-                    retry = true;
+                    c.again();
                 }
             }
         }

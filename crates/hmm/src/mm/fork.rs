@@ -97,11 +97,7 @@ impl Mm {
         let mut sc = src.pt.cursor(vma.range(), WalkMode::Lookup);
         let mut dc = dst.pt.cursor(vma.range(), WalkMode::Populate);
         let mut result = Ok(());
-        let mut retry = false;
-        loop {
-            let slot = if retry { sc.current() } else { sc.next() };
-            retry = false;
-            let Some(slot) = slot else { break };
+        while let Some(slot) = sc.next() {
             let (va, entry) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.va(), p.get()),
@@ -119,7 +115,7 @@ impl Mm {
                     NotifierEvent::ProtectionPage,
                     Some(vma.info()),
                 )));
-                retry = true;
+                sc.again();
                 continue;
             }
             let copy = CopyCtx {
@@ -167,7 +163,7 @@ impl Mm {
                             // A pinned THP: split it in the parent and copy its PTEs.
                             sc.unlock();
                             thp::split_pmd(self, &src.pt, Some(vma.info()), leaf.start(), tlb);
-                            retry = true;
+                            sc.again();
                         }
                     }
                 }

@@ -178,12 +178,10 @@ impl Mm {
             fault |= FaultFlags::UNSHARE;
         }
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
-        let mut retry = false;
         let mut va = range.start();
         while va < range.end() {
             let vma = check_access(st.vmas.find(va), va, write).map_err(|e| fault_error(va, e))?;
-            let slot = if retry { c.current() } else { c.next() };
-            let slot = slot.expect("walk covers the range");
+            let slot = c.next().expect("walk covers the range");
             let next_page = va.checked_add(PAGE_SIZE).expect("inside the range");
             // The entry, the address its pfn maps, and the end of what it can serve.
             let (entry, base, end) = match &slot {
@@ -209,12 +207,11 @@ impl Mm {
                         held.pfns.push(Pfn::new(pfn.as_u64() + off));
                     }
                     va = end;
-                    retry = false;
                 }
                 _ => {
                     c.unlock();
                     handle_mm_fault(self, st, va, fault).map_err(|e| fault_error(va, e))?;
-                    retry = true;
+                    c.again();
                 }
             }
         }

@@ -127,11 +127,7 @@ impl Mm {
     fn free_range(&self, st: &MmState, vma: &Vma, range: VaRange, tlb: &mut TlbGather<'_>) {
         let phys = self.phys();
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
-        let mut retry = false;
-        loop {
-            let slot = if retry { c.current() } else { c.next() };
-            retry = false;
-            let Some(slot) = slot else { break };
+        while let Some(slot) = c.next() {
             let (old, r) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
@@ -140,7 +136,7 @@ impl Mm {
             if matches!(slot, Slot::Pmd(_)) && !range.contains_range(&r) {
                 c.unlock();
                 thp::split_pmd(self, &st.pt, Some(vma.info()), r.start(), tlb);
-                retry = true;
+                c.again();
                 continue;
             }
             let Pte::Present { pfn, flags } = old else {
@@ -185,11 +181,7 @@ impl Mm {
         let mut tlb = TlbGather::new(self);
         for v in st.vmas.iter().filter(|v| v.is_anonymous()) {
             let mut c = st.pt.cursor(v.range(), WalkMode::Lookup);
-            let mut retry = false;
-            loop {
-                let slot = if retry { c.current() } else { c.next() };
-                retry = false;
-                let Some(slot) = slot else { break };
+            while let Some(slot) = c.next() {
                 let (entry, r) = match &slot {
                     Slot::Hole(_) => continue,
                     Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
@@ -220,7 +212,6 @@ impl Mm {
                     NotifierEvent::Clear,
                     Some(v.info()),
                 ));
-                retry = true;
                 if let Some(slot) = c.current() {
                     let (now, huge) = match &slot {
                         Slot::Pte(p) => (p.get(), false),
@@ -242,7 +233,6 @@ impl Mm {
                         tlb.defer_put(pfn);
                         discarded += r.npages();
                     }
-                    retry = false;
                 }
                 c.unlock();
                 inv.end();

@@ -71,11 +71,7 @@ impl Mm {
         let mut c = pt.cursor(vma.range(), WalkMode::Lookup);
         let mut inv = None;
         let mut tlb = TlbGather::new(self);
-        let mut retry = false;
-        loop {
-            let slot = if retry { c.current() } else { c.next() };
-            retry = false;
-            let Some(slot) = slot else { break };
+        while let Some(slot) = c.next() {
             let (old, range) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
@@ -95,13 +91,13 @@ impl Mm {
                     NotifierEvent::ProtectionVma,
                     Some(vma.info()),
                 )));
-                retry = true;
+                c.again();
                 continue;
             }
             if matches!(slot, Slot::Pmd(_)) && !vma.range().contains_range(&range) {
                 c.unlock();
                 thp::split_pmd(self, pt, Some(vma.info()), range.start(), &mut tlb);
-                retry = true;
+                c.again();
                 continue;
             }
             let new = self.protect_entry(vma, old);

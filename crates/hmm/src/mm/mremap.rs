@@ -223,11 +223,7 @@ fn take_entries(
 ) -> Vec<(u64, Pte, Huge)> {
     let mut out = Vec::new();
     let mut c = st.pt.cursor(old, WalkMode::Lookup);
-    let mut retry = false;
-    loop {
-        let slot = if retry { c.current() } else { c.next() };
-        retry = false;
-        let Some(slot) = slot else { break };
+    while let Some(slot) = c.next() {
         match slot {
             Slot::Hole(_) => {}
             Slot::Pte(p) => {
@@ -258,7 +254,7 @@ fn take_entries(
                 } else {
                     c.unlock();
                     thp::split_pmd(mm, &st.pt, Some(vma.info()), leaf.start(), tlb);
-                    retry = true;
+                    c.again();
                 }
             }
         }

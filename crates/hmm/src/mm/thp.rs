@@ -510,11 +510,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
     ));
     let mut tlb = TlbGather::new(mm);
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
-    let mut retry = false;
-    loop {
-        let slot = if retry { c.current() } else { c.next() };
-        retry = false;
-        let Some(slot) = slot else { break };
+    while let Some(slot) = c.next() {
         match slot {
             Slot::Hole(_) => {}
             Slot::Pmd(p) => {
@@ -522,7 +518,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
                     let base = p.range().start();
                     c.unlock();
                     split_pmd(mm, &st.pt, Some(vma.info()), base, &mut tlb);
-                    retry = true;
+                    c.again();
                 }
             }
             Slot::Pte(p) => {

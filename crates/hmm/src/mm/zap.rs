@@ -23,11 +23,7 @@ pub(crate) fn zap_range(
 ) {
     let phys = mm.phys();
     let mut c = pt.cursor(range, crate::pgtable::WalkMode::Lookup);
-    let mut retry = false;
-    loop {
-        let slot = if retry { c.current() } else { c.next() };
-        retry = false;
-        let Some(slot) = slot else { break };
+    while let Some(slot) = c.next() {
         match slot {
             Slot::Hole(_) => {}
             Slot::Pte(p) => {
@@ -77,7 +73,7 @@ pub(crate) fn zap_range(
                 if !range.contains_range(&leaf) {
                     c.unlock();
                     thp::split_pmd(mm, pt, vma, leaf.start(), tlb);
-                    retry = true;
+                    c.again();
                     continue;
                 }
                 match p.replace(Pte::None) {

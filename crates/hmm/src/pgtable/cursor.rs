@@ -160,10 +160,17 @@ impl<'a> Cursor<'a> {
 
     /// Re-yields the last slot, re-taking its lock; before the first slot, yields the first.
     pub fn current(&mut self) -> Option<Slot<'_>> {
+        self.again();
+        self.next()
+    }
+
+    /// Makes the next [`next`](Self::next) yield the last slot again (after the caller
+    /// unlocked it and changed the table there, e.g. split a PMD leaf): the walk goes on
+    /// from where it was, in the same walk.
+    pub fn again(&mut self) {
         if let Some(last) = self.last {
             self.next = last;
         }
-        self.next()
     }
 
     /// Moves the walk forward to `va` (which must not be behind it or past the end); the
