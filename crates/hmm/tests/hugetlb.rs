@@ -11,6 +11,17 @@ use hmm::phys::HugetlbStats;
 
 const NR: u64 = PMD_SIZE / PAGE_SIZE;
 
+/// A hugetlb mapping of `pmds` 2 MiB pages.
+fn huge(m: &Machine, pmds: u64, shared: bool) -> hmm::addr::VirtAddr {
+    let kind = if shared {
+        MapFlags::SHARED
+    } else {
+        MapFlags::PRIVATE
+    };
+    m.mm.mmap(None, pmds * PMD_SIZE, RW, kind | MapFlags::HUGETLB)
+        .unwrap()
+}
+
 fn pool(total: u64, free: u64, reserved: u64) -> HugetlbStats {
     HugetlbStats {
         total,
@@ -25,14 +36,7 @@ fn pool_sizing_and_reservation_at_mmap() {
     assert_eq!(m.phys.set_nr_hugepages(3), 3);
     assert_eq!(m.phys.hugetlb(), pool(3, 3, 0));
     assert_eq!(m.phys.nr_in_use(), 0, "free pool pages are not in use");
-    let a =
-        m.mm.mmap(
-            None,
-            2 * PMD_SIZE,
-            RW,
-            MapFlags::PRIVATE | MapFlags::HUGETLB,
-        )
-        .unwrap();
+    let a = huge(&m, 2, false);
     assert!(a.is_aligned(PMD_SIZE));
     assert_eq!(m.phys.hugetlb(), pool(3, 3, 2));
     // Only one unreserved page is left: a 2-page mapping fails cleanly.
@@ -85,14 +89,7 @@ fn pool_sizing_and_reservation_at_mmap() {
 fn faults_map_whole_zeroed_pages_and_free_them_back_to_the_pool() {
     let m = Machine::new(16);
     m.phys.set_nr_hugepages(2);
-    let a =
-        m.mm.mmap(
-            None,
-            2 * PMD_SIZE,
-            RW,
-            MapFlags::PRIVATE | MapFlags::HUGETLB,
-        )
-        .unwrap();
+    let a = huge(&m, 2, false);
     assert_eq!(m.mm.read_val::<u64>(page(a, 7)).unwrap(), 0);
     m.mm.write_val(page(a, 8), 5u64).unwrap();
     m.mm.write_val(page(a, NR + 1), 6u64).unwrap();
@@ -116,9 +113,7 @@ fn faults_map_whole_zeroed_pages_and_free_them_back_to_the_pool() {
 fn fork_shares_then_copies_the_whole_page_and_sigbus_when_the_pool_is_dry() {
     let m = Machine::new(32);
     m.phys.set_nr_hugepages(2);
-    let a =
-        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
-            .unwrap();
+    let a = huge(&m, 1, false);
     for i in 0..NR {
         m.mm.write_val(page(a, i), i).unwrap();
     }
@@ -152,9 +147,7 @@ fn fork_shares_then_copies_the_whole_page_and_sigbus_when_the_pool_is_dry() {
 fn pinned_hugetlb_page_is_copied_at_fork() {
     let m = Machine::new(32);
     m.phys.set_nr_hugepages(2);
-    let a =
-        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
-            .unwrap();
+    let a = huge(&m, 1, false);
     m.mm.write_val(page(a, 9), 9u64).unwrap();
     let pin = m.mm.pin_user_pages(page(a, 9), 1, GupFlags::WRITE).unwrap();
     let child = m.mm.fork().unwrap();
@@ -175,9 +168,7 @@ fn pinned_hugetlb_page_is_copied_at_fork() {
 fn shared_hugetlb_is_shared_across_fork() {
     let m = Machine::new(32);
     m.phys.set_nr_hugepages(1);
-    let a =
-        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::SHARED | MapFlags::HUGETLB)
-            .unwrap();
+    let a = huge(&m, 1, true);
     m.mm.write_val(page(a, 1), 1u64).unwrap();
     let child = m.mm.fork().unwrap();
     child.write_val(page(a, 2), 2u64).unwrap();
@@ -195,14 +186,7 @@ fn shared_hugetlb_is_shared_across_fork() {
 fn operations_may_not_cut_a_hugetlb_page() {
     let m = Machine::new(16);
     m.phys.set_nr_hugepages(2);
-    let a =
-        m.mm.mmap(
-            None,
-            2 * PMD_SIZE,
-            RW,
-            MapFlags::PRIVATE | MapFlags::HUGETLB,
-        )
-        .unwrap();
+    let a = huge(&m, 2, false);
     m.mm.write_val(a, 1u8).unwrap();
     let mid = page(a, 3);
     let inval = |r: Result<(), MmError>| matches!(r, Err(MmError::Inval { .. }));

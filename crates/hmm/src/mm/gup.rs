@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bitflags::bitflags;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, USER_VA_END};
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE};
 use crate::pgtable::{Pte, Slot, WalkMode};
 use crate::phys::{FrameFlags, PhysMem};
 
@@ -149,18 +149,7 @@ impl Mm {
                 what: "FOLL_LONGTERM without FOLL_PIN",
             });
         }
-        if !start.is_page_aligned() || npages == 0 {
-            return Err(MmError::Inval {
-                what: "unaligned start or no pages",
-            });
-        }
-        let range = npages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|l| VaRange::from_len(start, l).ok())
-            .filter(|r| r.end().as_u64() <= USER_VA_END)
-            .ok_or(MmError::Inval {
-                what: "range beyond the address space",
-            })?;
+        let range = super::page_range(start, npages)?;
         let write = flags.contains(GupFlags::WRITE);
         let pin = flags.contains(GupFlags::PIN);
         let mut held = UserPages {

@@ -287,6 +287,23 @@ impl std::fmt::Debug for Mm {
     }
 }
 
+/// The range of `npages` pages from `start`: `Inval` for an unaligned start, no pages, or a
+/// range beyond the address space.
+fn page_range(start: VirtAddr, npages: u64) -> Result<crate::addr::VaRange, MmError> {
+    if !start.is_page_aligned() || npages == 0 {
+        return Err(MmError::Inval {
+            what: "unaligned address or no pages",
+        });
+    }
+    npages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|l| crate::addr::VaRange::from_len(start, l).ok())
+        .filter(|r| r.end().as_u64() <= crate::addr::USER_VA_END)
+        .ok_or(MmError::Inval {
+            what: "range beyond the address space",
+        })
+}
+
 /// Rounds a byte length up to whole pages, or `None` on overflow.
 fn page_align_len(len: u64) -> Option<u64> {
     len.checked_add(PAGE_SIZE - 1).map(|l| l & !(PAGE_SIZE - 1))

@@ -94,18 +94,7 @@ impl Mm {
     /// address space.
     #[doc(alias = "pagemap_read")]
     pub fn pagemap(&self, addr: VirtAddr, npages: u64) -> Result<Vec<PagemapEntry>, MmError> {
-        if !addr.is_page_aligned() || npages == 0 {
-            return Err(MmError::Inval {
-                what: "unaligned address or no pages",
-            });
-        }
-        let range = npages
-            .checked_mul(PAGE_SIZE)
-            .and_then(|l| VaRange::from_len(addr, l).ok())
-            .filter(|r| r.end().as_u64() <= USER_VA_END)
-            .ok_or(MmError::Inval {
-                what: "range beyond the address space",
-            })?;
+        let range = super::page_range(addr, npages)?;
         let guard = self.mmap_read();
         let st = &*guard.state;
         let phys = self.phys();
