@@ -51,6 +51,7 @@ impl Mm {
     pub fn fork(&self) -> Result<Arc<Mm>, MmError> {
         let parent = self.lock.write();
         let child = Mm::new_in_family(self.phys.clone(), self.anon_vma.clone());
+        child.set_thp_mode(self.thp_mode());
         let copied = {
             let mut dst = child.lock.write();
             let mut tlb = TlbGather::new(self);
