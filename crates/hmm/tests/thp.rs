@@ -95,7 +95,11 @@ fn thp_mode_and_vma_eligibility() {
     let e = m.map(NR, RW, MapFlags::SHARED);
     m.mm.write_val(e, 1u8).unwrap();
     assert_eq!(m.mm.stats().faults.thp_anon, 1);
-    assert_eq!(m.mm.fork().unwrap().thp_mode(), ThpMode::Always, "inherited");
+    assert_eq!(
+        m.mm.fork().unwrap().thp_mode(),
+        ThpMode::Always,
+        "inherited"
+    );
     m.mm.set_thp_mode(ThpMode::Never);
     let f = m.map(NR, RW, MapFlags::PRIVATE);
     m.mm.madvise(f, PMD_SIZE, Advice::HugePage).unwrap();
