@@ -35,4 +35,6 @@ pub mod notifier;
 pub mod pgtable;
 pub mod phys;
 pub mod prot;
+pub mod range_fault;
 pub mod stats;
+pub mod zone_device;

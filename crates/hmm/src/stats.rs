@@ -36,9 +36,11 @@ pub(crate) enum FaultKind {
     ThpZero,
     /// Fault that allocated a hugetlb page.
     Hugetlb,
+    /// Fault on a device-private entry that called the owner's `migrate_to_ram`.
+    DevicePrivate,
 }
 
-const NR_FAULT_KINDS: usize = 10;
+const NR_FAULT_KINDS: usize = 11;
 
 /// Faults by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -63,6 +65,8 @@ pub struct FaultStats {
     pub thp_zero: u64,
     /// Faults that allocated a hugetlb page.
     pub hugetlb: u64,
+    /// Faults on device-private entries that called the owner's `migrate_to_ram`.
+    pub device_private: u64,
 }
 
 impl FaultStats {
@@ -78,6 +82,7 @@ impl FaultStats {
             + self.thp_anon
             + self.thp_zero
             + self.hugetlb
+            + self.device_private
     }
 }
 
@@ -135,6 +140,7 @@ impl MmStats {
                 thp_anon: d(f.thp_anon, ef.thp_anon),
                 thp_zero: d(f.thp_zero, ef.thp_zero),
                 hugetlb: d(f.hugetlb, ef.hugetlb),
+                device_private: d(f.device_private, ef.device_private),
             },
             tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
             tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
@@ -207,6 +213,7 @@ impl MmCounters {
                 thp_anon: f(FaultKind::ThpAnon),
                 thp_zero: f(FaultKind::ThpZero),
                 hugetlb: f(FaultKind::Hugetlb),
+                device_private: f(FaultKind::DevicePrivate),
             },
             tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
             tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),

@@ -23,6 +23,8 @@ pub struct AuditReport {
     pub present_entries: u64,
     /// Entries mapping the zero page.
     pub zero_page_entries: u64,
+    /// Device-private entries (PTEs and PMDs).
+    pub device_private_entries: u64,
     /// Folios this address space holds references on: mapped anonymous folios and pages
     /// of its shared objects.
     pub frames_referenced: u64,
@@ -60,7 +62,7 @@ impl Mm {
             ..AuditReport::default()
         };
         // Folio head -> entries of this address space that map it.
-        let mut folios: HashMap<Pfn, Vec<(VirtAddr, Pte)>> = HashMap::new();
+        let mut folios: HashMap<u64, Vec<(VirtAddr, Pte)>> = HashMap::new();
         let all = VaRange::new(VirtAddr::ZERO, VirtAddr::new(USER_VA_END)).expect("whole space");
         let mut c = st.pt.cursor(all, WalkMode::Lookup);
         while let Some(slot) = c.next() {
@@ -122,9 +124,24 @@ impl Mm {
                     problems.push(format!("{va}: writable page {pfn} not anon-exclusive"));
                 }
             }
-            if let Some(pfn) = pte.pfn() {
+            if let Pte::DevicePrivate { pfn, flags } = pte {
+                report.device_private_entries += 1;
+                if !phys.contains_device(pfn) {
+                    problems.push(format!("{va}: {pte:?} names no live device-private frame"));
+                    continue;
+                }
+                if !vma.is_anonymous() {
+                    problems.push(format!("{va}: device-private entry in a non-anonymous VMA"));
+                }
+                if flags.contains(PteFlags::WRITE) && !vma.flags().contains(VmFlags::WRITE) {
+                    problems.push(format!(
+                        "{va}: writable device-private entry, read-only VMA"
+                    ));
+                }
+            }
+            if let Some(nr) = pte.frame_nr() {
                 if !matches!(pte, Pte::Migration { .. }) {
-                    let head = phys.frame(pfn).folio().pfn();
+                    let head = phys.frame_nr(nr).folio().nr();
                     folios.entry(head).or_default().push((va, pte));
                 }
             }
@@ -141,12 +158,12 @@ impl Mm {
         }
         let mut anon_folios = 0u64;
         for (&head, ours) in &folios {
-            let fm = phys.frame(head).meta();
+            let fm = phys.frame_nr(head).meta();
             let nr = 1u64 << fm.order();
             if fm.flags().contains(FrameFlags::ANON) {
                 anon_folios += 1;
             }
-            let everywhere = rmap::collect(phys, head, Some((self, &st)));
+            let everywhere = rmap::collect(phys.frame_nr(head), Some((self, &st)));
             for (va, pte) in ours {
                 let found = everywhere
                     .iter()
@@ -161,31 +178,31 @@ impl Mm {
                 .iter()
                 .filter(|e| !matches!(e.entry, Pte::Migration { .. }))
             {
-                let pfn = e.entry.pfn().expect("system entry");
+                let nr = e.entry.frame_nr().expect("a frame entry");
                 match e.level {
                     Huge::Pmd => pmd_maps += 1,
-                    Huge::Pte => pte_maps[(pfn.as_u64() - head.as_u64()) as usize] += 1,
+                    Huge::Pte => pte_maps[(nr - head) as usize] += 1,
                 }
             }
             for (i, &n) in pte_maps.iter().enumerate() {
-                let page = phys.frame(Pfn::new(head.as_u64() + i as u64));
+                let page = phys.frame_nr(head + i as u64);
                 if page.meta().mapcount() != n {
                     problems.push(format!(
-                        "{}: mapcount {} but {n} PTEs",
-                        page.pfn(),
+                        "frame {:#x}: mapcount {} but {n} PTEs",
+                        page.nr(),
                         page.meta().mapcount()
                     ));
                 }
             }
             if fm.entire_mapcount() != pmd_maps {
                 problems.push(format!(
-                    "{head}: entire mapcount {} but {pmd_maps} PMD leaves",
+                    "frame {head:#x}: entire mapcount {} but {pmd_maps} PMD leaves",
                     fm.entire_mapcount()
                 ));
             }
             // A file's page cache and a driver each hold one reference of their own.
             let in_object = match fm.mapping().map(|(o, _)| rmap::Owner::of(o)) {
-                Some(rmap::Owner::File(obj)) => obj.holds(head),
+                Some(rmap::Owner::File(obj)) => obj.holds(Pfn::new(head)),
                 Some(rmap::Owner::Driver(_)) => true,
                 _ => false,
             };
@@ -193,7 +210,7 @@ impl Mm {
             let expected = mappings as u32 + u32::from(in_object) + fm.pincount();
             if fm.refcount() != expected {
                 problems.push(format!(
-                    "{head}: refcount {}, expected {expected}",
+                    "frame {head:#x}: refcount {}, expected {expected}",
                     fm.refcount()
                 ));
             }

@@ -9,7 +9,7 @@
 //! | present read-only | write, private VMA | reuse if anon-exclusive, else copy on write (CLEAR) |
 //! | migration | any | wait for the migration (folio lock), retry |
 //! | device-exclusive | any | restore the CPU mapping after a one-page CLEAR |
-//! | device-private | any | SIGBUS until device memory exists to migrate it back |
+//! | device-private | any | the owner's `migrate_to_ram` (see `device`) |
 //!
 //! Allocation and copying happen with no page-table lock held; the entry is re-checked after
 //! re-locking and a lost race simply returns (the caller retries the access), as the
@@ -92,6 +92,18 @@ pub(super) fn handle_mm_fault(
         Slot::Pte(p) => p.get(),
         Slot::Pmd(p) => {
             let leaf = p.get();
+            if let Pte::DevicePrivate { pfn, .. } = leaf {
+                return super::device::do_device_private_fault(
+                    mm,
+                    st,
+                    vma,
+                    addr,
+                    flags,
+                    &mut c,
+                    pfn,
+                    crate::pgtable::Huge::Pmd,
+                );
+            }
             drop(c);
             return thp::huge_pmd_fault(mm, st, vma, addr, flags, leaf);
         }
@@ -127,7 +139,16 @@ pub(super) fn handle_mm_fault(
             Ok(())
         }
         Pte::DeviceExclusive { pfn, flags } => f.restore_exclusive(&mut c, pte, pfn, flags),
-        Pte::DevicePrivate { .. } => Err(FaultError::Bus { addr }),
+        Pte::DevicePrivate { pfn, .. } => super::device::do_device_private_fault(
+            mm,
+            st,
+            vma,
+            addr,
+            flags,
+            &mut c,
+            pfn,
+            crate::pgtable::Huge::Pte,
+        ),
     }
 }
 

@@ -271,8 +271,27 @@ impl CopyCtx<'_> {
                 let (p, c) = self.pte(restored, tlb, va)?;
                 Ok((p, c))
             }
-            Pte::DevicePrivate { pfn, .. } => {
-                unreachable!("device-private entry {pfn:?} without device memory")
+            Pte::DevicePrivate { pfn, flags } => {
+                // copy_nonpresent_pte: the page cannot be pinned, so it is always shared;
+                // a writable entry becomes readable on both sides in a COW mapping (no
+                // flush: the CPU never mapped it). Soft-dirty is not kept.
+                let page = phys.device_frame(pfn);
+                page.folio().meta().get();
+                page.meta().inc_mapcount();
+                page.folio().meta().clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                let e = if self.cow {
+                    Pte::DevicePrivate {
+                        pfn,
+                        flags: flags - PteFlags::WRITE,
+                    }
+                } else {
+                    entry
+                };
+                let child = Pte::DevicePrivate {
+                    pfn,
+                    flags: e.flags() - PteFlags::SOFT_DIRTY,
+                };
+                Ok((e, child))
             }
         }
     }
@@ -330,9 +349,10 @@ impl CopyCtx<'_> {
                 Some(e)
             }
             Pte::None => Some(Pte::None),
-            Pte::DeviceExclusive { .. } | Pte::DevicePrivate { .. } => {
-                unreachable!("no device entries at PMD level without device memory")
+            Pte::DevicePrivate { .. } => {
+                unreachable!("device-private PMDs are split before fork copies them")
             }
+            Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
         })
     }
 

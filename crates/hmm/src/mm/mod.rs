@@ -26,6 +26,7 @@
 
 mod access;
 mod audit;
+mod device;
 mod driver;
 mod error;
 mod fault;
@@ -52,6 +53,7 @@ use parking_lot::{RwLock, RwLockReadGuard};
 
 pub use access::Scalar;
 pub use audit::{AuditError, AuditReport};
+pub use device::DeviceFault;
 pub use driver::{VmFault, VmOps};
 pub use error::{FaultError, MmError, SegvCause};
 pub use fault::FaultFlags;
@@ -61,7 +63,7 @@ pub use madvise::Advice;
 pub use mmap::MapFlags;
 pub use mremap::MremapFlags;
 pub use pagemap::{PagemapEntry, SwapKind};
-pub use rmap::{folio_mappings, RmapEntry};
+pub use rmap::{device_folio_mappings, folio_mappings, RmapEntry};
 pub use thp::ThpMode;
 pub use vma::{Vma, VmaKind};
 
@@ -108,12 +110,34 @@ pub struct Mm {
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
+///
+/// Either this guard took the lock ([`Mm::mmap_read`]), or it stands for a lock a caller
+/// up the stack holds: the fault path hands such a guard to a driver's `migrate_to_ram`
+/// ([`DeviceFault::mmap`]), which runs with the faulting access's lock held, as in the
+/// kernel.
 pub struct MmapReadGuard<'a> {
     mm: &'a Mm,
-    state: RwLockReadGuard<'a, MmState>,
+    state: StateRef<'a>,
 }
 
-impl MmapReadGuard<'_> {
+/// The state under the mmap lock, owned by a guard or borrowed from a holder's guard.
+enum StateRef<'a> {
+    Locked(RwLockReadGuard<'a, MmState>),
+    Held(&'a MmState),
+}
+
+impl std::ops::Deref for StateRef<'_> {
+    type Target = MmState;
+
+    fn deref(&self) -> &MmState {
+        match self {
+            StateRef::Locked(g) => g,
+            StateRef::Held(s) => s,
+        }
+    }
+}
+
+impl<'a> MmapReadGuard<'a> {
     /// The VMA containing `addr` (`vma_lookup`).
     pub fn vma_lookup(&self, addr: VirtAddr) -> Option<&Vma> {
         self.state.vmas.find(addr)
@@ -133,6 +157,18 @@ impl MmapReadGuard<'_> {
     /// access, or a concurrent change won and the caller retries.
     pub fn handle_mm_fault(&self, addr: VirtAddr, flags: FaultFlags) -> Result<(), FaultError> {
         fault::handle_mm_fault(self.mm, &self.state, addr, flags)
+    }
+
+    /// A guard standing for the lock a caller up the stack holds over `state`.
+    pub(crate) fn held(mm: &'a Mm, state: &'a MmState) -> Self {
+        MmapReadGuard {
+            mm,
+            state: StateRef::Held(state),
+        }
+    }
+
+    pub(crate) fn state(&self) -> &MmState {
+        &self.state
     }
 }
 
@@ -212,7 +248,7 @@ impl Mm {
     pub fn mmap_read(&self) -> MmapReadGuard<'_> {
         MmapReadGuard {
             mm: self,
-            state: self.lock.read(),
+            state: StateRef::Locked(self.lock.read()),
         }
     }
 

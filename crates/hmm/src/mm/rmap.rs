@@ -32,10 +32,10 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT};
+use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::notifier::MmId;
 use crate::pgtable::{Huge, Pte, Slot, WalkMode};
-use crate::phys::PhysMem;
+use crate::phys::{FrameRef, PhysMem, Zone};
 
 use super::driver::DriverMapping;
 use super::shmem::ShmemObject;
@@ -118,8 +118,8 @@ pub(crate) struct FolioRange {
 impl FolioRange {
     /// The owner, index and size recorded in the metadata of the folio headed by `head`;
     /// `None` for a folio that belongs to nothing.
-    pub(crate) fn of(phys: &PhysMem, head: Pfn) -> Option<FolioRange> {
-        let meta = phys.frame(head).meta();
+    pub(crate) fn of(head: FrameRef<'_>) -> Option<FolioRange> {
+        let meta = head.meta();
         let (owner, index) = meta.mapping()?;
         Some(FolioRange {
             owner: Owner::of(owner),
@@ -133,12 +133,11 @@ impl FolioRange {
 /// `head` (of `nr` pages, with `index` and owner as recorded in its metadata) may be
 /// mapped. `held` is an address space whose mmap lock the caller holds.
 pub(crate) fn rmap_walk(
-    phys: &PhysMem,
-    head: Pfn,
+    head: FrameRef<'_>,
     held: Option<(&Mm, &MmState)>,
     visit: impl FnMut(&Mm, &MmState, &Vma, VaRange),
 ) {
-    if let Some(r) = FolioRange::of(phys, head) {
+    if let Some(r) = FolioRange::of(head) {
         rmap_walk_range(&r, held, visit);
     }
 }
@@ -193,15 +192,23 @@ pub(crate) fn rmap_walk_range(
 /// migration entries and device-exclusive entries that refer to any of its pages.
 #[doc(alias = "rmap_walk")]
 pub fn folio_mappings(phys: &PhysMem, pfn: Pfn) -> Vec<RmapEntry> {
-    collect(phys, pfn, None)
+    collect(phys.frame(pfn), None)
 }
 
-pub(crate) fn collect(phys: &PhysMem, pfn: Pfn, held: Option<(&Mm, &MmState)>) -> Vec<RmapEntry> {
-    let head = phys.frame(pfn).folio().pfn();
-    let nr = 1u64 << phys.frame(head).meta().order();
-    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + nr;
+/// Every mapping of the device-private folio containing `pfn`, in every address space:
+/// the device-private entries that refer to any of its pages.
+pub fn device_folio_mappings(phys: &PhysMem, pfn: DevicePfn) -> Vec<RmapEntry> {
+    collect(phys.device_frame(pfn), None)
+}
+
+/// Every entry referring to a page of the folio containing `page`.
+pub(crate) fn collect(page: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> Vec<RmapEntry> {
+    let head = page.folio();
+    let (first, nr) = (head.nr(), 1u64 << head.meta().order());
+    let private = matches!(head.zone(), Zone::DevicePrivate { .. });
+    let in_folio = |n: u64| n >= first && n < first + nr;
     let mut out = Vec::new();
-    rmap_walk(phys, head, held, |mm, st, _vma, range| {
+    rmap_walk(head, held, |mm, st, _vma, range| {
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
             let (addr, entry, level) = match slot {
@@ -209,11 +216,16 @@ pub(crate) fn collect(phys: &PhysMem, pfn: Pfn, held: Option<(&Mm, &MmState)>) -
                 Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
                 Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
             };
-            let system = matches!(
-                entry,
-                Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. }
-            );
-            if system && entry.pfn().is_some_and(in_folio) {
+            // CPU pfns and device pfns share one numbering: match the entry kinds that can
+            // refer to a frame of this zone.
+            let kind_matches = match entry {
+                Pte::DevicePrivate { .. } => private,
+                Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => {
+                    !private
+                }
+                Pte::None => false,
+            };
+            if kind_matches && entry.frame_nr().is_some_and(in_folio) {
                 out.push(RmapEntry {
                     mm: mm.id(),
                     addr,

@@ -231,9 +231,8 @@ pub(super) fn huge_pmd_fault(
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())
         }
-        Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
-            unreachable!("no device entries at PMD level without device memory")
-        }
+        Pte::DevicePrivate { .. } => unreachable!("handled by the device fault path"),
+        Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
     }
 }
 
@@ -463,7 +462,7 @@ pub(super) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
     if !splittable || !fm.trylock() {
         return false;
     }
-    let Some(range) = rmap::FolioRange::of(phys, head) else {
+    let Some(range) = rmap::FolioRange::of(folio.folio()) else {
         fm.unlock();
         return false;
     };

@@ -5,7 +5,7 @@
 //! flush — counted once, with the pages of the span — and only after it releases the frames.
 //! A frame is therefore never reused while a stale translation to it could exist.
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT};
+use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::phys::Freed;
 
 use super::Mm;
@@ -15,7 +15,8 @@ use super::Mm;
 pub(crate) struct TlbGather<'a> {
     mm: &'a Mm,
     span: Option<(VirtAddr, VirtAddr)>,
-    frames: Vec<Pfn>,
+    /// Frame numbers (CPU or device pfns: one numbering) to release.
+    frames: Vec<u64>,
 }
 
 impl<'a> TlbGather<'a> {
@@ -37,7 +38,12 @@ impl<'a> TlbGather<'a> {
 
     /// Drop one reference on `pfn` after the flush.
     pub(crate) fn defer_put(&mut self, pfn: Pfn) {
-        self.frames.push(pfn);
+        self.frames.push(pfn.as_u64());
+    }
+
+    /// Drop one reference on the device-private frame `pfn` after the flush.
+    pub(crate) fn defer_put_device(&mut self, pfn: DevicePfn) {
+        self.frames.push(pfn.as_u64());
     }
 
     /// Flushes and releases (also done on drop).
@@ -53,8 +59,8 @@ impl Drop for TlbGather<'_> {
         }
         let phys = self.mm.phys();
         let mut freed = 0;
-        for pfn in self.frames.drain(..) {
-            if phys.frame(pfn).put() == Freed::Yes {
+        for nr in self.frames.drain(..) {
+            if phys.frame_nr(nr).put() == Freed::Yes {
                 freed += 1;
             }
         }

@@ -64,7 +64,11 @@ pub(crate) fn zap_range(
                         tlb.defer_put(pfn);
                     }
                     Pte::DevicePrivate { pfn, .. } => {
-                        unreachable!("device-private entry {pfn:?} without device memory")
+                        // Not CPU-mapped: nothing to flush. The entry held a reference and
+                        // a map count on the device page.
+                        p.set(Pte::None);
+                        phys.device_frame(pfn).meta().dec_mapcount();
+                        tlb.defer_put_device(pfn);
                     }
                 }
             }
@@ -92,8 +96,12 @@ pub(crate) fn zap_range(
                         }
                     }
                     Pte::Migration { .. } => {}
-                    Pte::DeviceExclusive { .. } | Pte::DevicePrivate { .. } => {
-                        unreachable!("no device entries at PMD level without device memory")
+                    Pte::DevicePrivate { pfn, .. } => {
+                        phys.device_frame(pfn).meta().dec_entire_mapcount();
+                        tlb.defer_put_device(pfn);
+                    }
+                    Pte::DeviceExclusive { .. } => {
+                        unreachable!("device-exclusive entries are PTEs")
                     }
                 }
             }

@@ -85,6 +85,11 @@ impl IntervalSub {
         self.range
     }
 
+    /// The address space watched.
+    pub fn mm(&self) -> super::MmId {
+        self.subs.mm()
+    }
+
     /// Starts a read-side critical section; sleeps while an invalidation of this interval
     /// is in progress.
     #[doc(alias = "mmu_interval_read_begin")]

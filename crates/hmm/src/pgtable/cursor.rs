@@ -173,14 +173,15 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// Moves the walk forward to `va` (which must not be behind it or past the end); the
-    /// next slot yielded is the one containing `va`. The lock held stays held if `va` is in
-    /// the same table.
+    /// Moves the walk to `va`, which must not be behind the start of the last slot
+    /// yielded (a walk may re-enter the rest of a hole it was given whole) nor past the
+    /// end; the next slot yielded is the one containing `va`. The lock held stays held if
+    /// `va` is in the same table.
     pub fn seek(&mut self, va: VirtAddr) {
+        let floor = self.last.unwrap_or(self.next);
         assert!(
-            va >= self.next && va < self.end,
-            "seek to {va} outside {}..{}",
-            self.next,
+            va >= floor && va < self.end,
+            "seek to {va} outside {floor}..{}",
             self.end
         );
         self.next = va;

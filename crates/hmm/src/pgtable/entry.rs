@@ -231,6 +231,18 @@ impl Pte {
         }
     }
 
+    /// The number of the frame the entry refers to, whatever its kind: CPU pfns and device
+    /// pfns share one numbering (see [`crate::phys`]).
+    pub fn frame_nr(&self) -> Option<u64> {
+        match *self {
+            Pte::Present { pfn, .. }
+            | Pte::Migration { pfn, .. }
+            | Pte::DeviceExclusive { pfn, .. } => Some(pfn.as_u64()),
+            Pte::DevicePrivate { pfn, .. } => Some(pfn.as_u64()),
+            Pte::None => None,
+        }
+    }
+
     /// The flags of the entry.
     pub fn flags(&self) -> PteFlags {
         match *self {

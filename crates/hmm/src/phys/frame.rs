@@ -10,42 +10,82 @@ use std::fmt;
 
 use super::io;
 use super::meta::{FrameMeta, GetFrameError};
+use super::region::Region;
 use super::{PhysMem, Zone};
-use crate::addr::Pfn;
+use crate::addr::{DevicePfn, Pfn};
 
 /// A borrowed view of one frame; holds no reference.
+///
+/// The frame may be system RAM or device memory: it names its region and its number in
+/// the machine's one frame-number space, which CPU-addressable frames ([`Pfn`]) and
+/// device-private frames ([`DevicePfn`]) share, as in the kernel.
 #[derive(Clone, Copy)]
 pub struct FrameRef<'a> {
-    phys: &'a PhysMem,
-    pfn: Pfn,
+    region: &'a Region,
+    nr: u64,
 }
 
 impl<'a> FrameRef<'a> {
-    pub(super) fn new(phys: &'a PhysMem, pfn: Pfn) -> Self {
-        FrameRef { phys, pfn }
+    pub(crate) fn new(region: &'a Region, nr: u64) -> Self {
+        debug_assert!(nr >= region.base() && nr - region.base() < region.nr_frames() as u64);
+        FrameRef { region, nr }
     }
 
-    /// The frame number.
+    #[inline]
+    fn index(&self) -> usize {
+        (self.nr - self.region.base()) as usize
+    }
+
+    /// The frame number of a CPU-addressable frame (system RAM or device-coherent).
+    ///
+    /// # Panics
+    ///
+    /// Panics on a device-private frame, which has a [`DevicePfn`] instead.
+    #[track_caller]
     pub fn pfn(&self) -> Pfn {
-        self.pfn
+        assert!(
+            !matches!(self.zone(), Zone::DevicePrivate { .. }),
+            "a device-private frame has no CPU pfn"
+        );
+        Pfn::new(self.nr)
+    }
+
+    /// The frame number of a device-private frame.
+    ///
+    /// # Panics
+    ///
+    /// Panics on a CPU-addressable frame.
+    #[track_caller]
+    pub fn device_pfn(&self) -> DevicePfn {
+        assert!(
+            matches!(self.zone(), Zone::DevicePrivate { .. }),
+            "only device-private frames have a device pfn"
+        );
+        DevicePfn::new(self.nr)
+    }
+
+    /// The frame number, whatever the zone.
+    pub(crate) fn nr(&self) -> u64 {
+        self.nr
     }
 
     /// The frame's zone.
+    #[doc(alias = "page_zonenum")]
     pub fn zone(&self) -> Zone {
-        Zone::System
+        self.region.zone()
     }
 
     /// This page's own metadata.
     pub fn meta(&self) -> &'a FrameMeta {
-        self.phys.region().meta(self.pfn.as_usize())
+        self.region.meta(self.index())
     }
 
     /// The head page of the folio this page belongs to.
     #[doc(alias = "page_folio")]
     pub fn folio(&self) -> FrameRef<'a> {
         FrameRef::new(
-            self.phys,
-            Pfn::new(self.phys.region().head_of(self.pfn.as_usize()) as u64),
+            self.region,
+            self.region.base() + self.region.head_of(self.index()) as u64,
         )
     }
 
@@ -65,11 +105,11 @@ impl<'a> FrameRef<'a> {
 
     /// Drops a reference the caller owns without a handle (one moved out of an entry).
     /// Returns [`Freed::Yes`] when it was the last reference and the folio went back to
-    /// the allocator.
+    /// its allocator (for device memory, after the pagemap's `folio_free`).
     #[doc(alias = "folio_put")]
     #[track_caller]
     pub fn put(self) -> Freed {
-        if self.phys.region().put(self.pfn.as_usize()) {
+        if self.region.put(self.index()) {
             Freed::Yes
         } else {
             Freed::No
@@ -114,7 +154,7 @@ impl<'a> FrameRef<'a> {
     }
 
     fn words(&self) -> &'a io::FrameWords {
-        self.phys.region().words(self.pfn.as_usize())
+        self.region.words(self.index())
     }
 }
 
@@ -122,7 +162,8 @@ impl fmt::Debug for FrameRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.meta();
         f.debug_struct("Frame")
-            .field("pfn", &self.pfn)
+            .field("nr", &self.nr)
+            .field("zone", &self.zone())
             .field("refcount", &self.folio().meta().refcount())
             .field("mapcount", &m.mapcount())
             .field("flags", &m.flags())
@@ -138,16 +179,34 @@ pub struct Frame<'a> {
 
 impl<'a> Frame<'a> {
     /// Wraps a reference the caller owns (a fresh allocation).
-    pub(super) fn adopt(phys: &'a PhysMem, pfn: Pfn) -> Self {
+    pub(crate) fn adopt(region: &'a Region, nr: u64) -> Self {
         Frame {
-            r: FrameRef::new(phys, pfn),
+            r: FrameRef::new(region, nr),
         }
     }
 
     /// Moves the reference out of the handle, to be owned by a page-table entry or another
     /// structure that stores the bare pfn.
+    ///
+    /// # Panics
+    ///
+    /// Panics on a device-private frame (see [`into_raw_device`](Self::into_raw_device)).
+    #[track_caller]
     pub fn into_raw(self) -> Pfn {
-        let pfn = self.r.pfn;
+        let pfn = self.r.pfn();
+        std::mem::forget(self);
+        pfn
+    }
+
+    /// [`into_raw`](Self::into_raw) for a device-private frame, which a device-private entry
+    /// stores.
+    ///
+    /// # Panics
+    ///
+    /// Panics on a CPU-addressable frame.
+    #[track_caller]
+    pub fn into_raw_device(self) -> DevicePfn {
+        let pfn = self.r.device_pfn();
         std::mem::forget(self);
         pfn
     }
@@ -164,6 +223,18 @@ impl<'a> Frame<'a> {
     #[track_caller]
     pub fn from_raw(phys: &'a PhysMem, pfn: Pfn) -> Self {
         Frame { r: phys.frame(pfn) }
+    }
+
+    /// [`from_raw`](Self::from_raw) for a device-private frame.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `pfn` is not a device-private frame of a live pagemap of `phys`.
+    #[track_caller]
+    pub fn from_raw_device(phys: &'a PhysMem, pfn: DevicePfn) -> Self {
+        Frame {
+            r: phys.device_frame(pfn),
+        }
     }
 }
 

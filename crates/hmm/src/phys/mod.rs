@@ -10,6 +10,18 @@
 //! the *zero page* (pfn 512). Read faults on empty anonymous memory map them; they are never
 //! written and never freed.
 //!
+//! # One frame-number space
+//!
+//! Device memory ([`crate::zone_device`]) lives in the same machine: each device pagemap is
+//! a region of its own, placed in a *section* of the frame-number space that system RAM
+//! does not use (the kernel's `request_free_mem_region`). Section 0 (frames below
+//! 2^[`SECTION_SHIFT`]) is RAM; sections 1 to [`NR_SECTIONS`]` - 1` are given to pagemaps
+//! in order and never reused, so a frame number found in a stale entry can never name a
+//! frame of a newer pagemap. A device-coherent frame has a [`Pfn`] (CPU-addressable,
+//! mapped by present entries); a device-private frame has a [`DevicePfn`] of the same
+//! space, which only device-private entries hold. Looking up a RAM frame is one compare;
+//! a device frame adds one load of its section's slot.
+//!
 //! This module is the only place with `unsafe` code (in `arena`); every block carries its
 //! `// SAFETY:` argument.
 
@@ -22,7 +34,8 @@ mod io;
 mod meta;
 mod region;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
@@ -31,9 +44,16 @@ pub use frame::{Frame, FrameRef, Freed};
 pub use hugetlb::HugetlbStats;
 pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
 
-use crate::addr::{Pfn, PMD_ORDER, PMD_SIZE};
+use crate::addr::{DevicePfn, Pfn, PMD_ORDER, PMD_SIZE};
+use crate::zone_device::DevPagemap;
 use alloc::BLOCK_FRAMES;
-use region::Region;
+pub(crate) use region::{FreeHook, Region};
+
+/// Frames per section of the frame-number space: 2^26 frames, 256 GiB. System RAM and each
+/// device pagemap are at most one section.
+pub const SECTION_SHIFT: u32 = 26;
+/// Sections of the frame-number space: section 0 is RAM, the others hold one pagemap each.
+pub const NR_SECTIONS: usize = 1024;
 
 /// Which memory a frame belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -107,10 +127,13 @@ pub struct PhysStats {
     pub nr_free_ops: u64,
 }
 
-/// System RAM: frames with real bytes, metadata and an allocator.
+/// The machine's memory: system RAM (frames with real bytes, metadata and an allocator)
+/// and the device pagemaps registered on it.
 #[derive(Debug)]
 pub struct PhysMem {
     region: Region,
+    sections: Box<[OnceLock<Arc<DevPagemap>>]>,
+    next_section: AtomicUsize,
 }
 
 /// The pfn of the zero page.
@@ -121,7 +144,10 @@ const HUGE_ZERO_PFN: Pfn = Pfn::new(0);
 impl PhysMem {
     /// Creates system RAM.
     pub fn new(config: PhysConfig) -> Result<Arc<PhysMem>, PhysError> {
-        if config.size_bytes % PMD_SIZE != 0 || config.size_bytes < 2 * PMD_SIZE {
+        if config.size_bytes % PMD_SIZE != 0
+            || config.size_bytes < 2 * PMD_SIZE
+            || config.size_bytes >> crate::addr::PAGE_SHIFT > 1 << SECTION_SHIFT
+        {
             return Err(PhysError::Inval {
                 size_bytes: config.size_bytes,
             });
@@ -130,13 +156,63 @@ impl PhysMem {
             usize::try_from(config.size_bytes / PMD_SIZE).map_err(|_| PhysError::Inval {
                 size_bytes: config.size_bytes,
             })?;
-        let region = Region::new(blocks)?;
+        let region = Region::new(blocks, 0, Zone::System, None)?;
         region.reserve(HUGE_ZERO_PFN.as_usize(), PMD_ORDER);
         region.reserve(ZERO_PFN.as_usize(), 0);
         if config.prefault {
             region.prefault();
         }
-        Ok(Arc::new(PhysMem { region }))
+        Ok(Arc::new(PhysMem {
+            region,
+            sections: (0..NR_SECTIONS).map(|_| OnceLock::new()).collect(),
+            next_section: AtomicUsize::new(1),
+        }))
+    }
+
+    /// Takes the next free section for a pagemap; `None` when all are used.
+    pub(crate) fn take_section(&self) -> Option<usize> {
+        self.next_section
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s < NR_SECTIONS).then_some(s + 1)
+            })
+            .ok()
+    }
+
+    /// Installs `pagemap` in the section it was given.
+    pub(crate) fn install_pagemap(&self, section: usize, pagemap: Arc<DevPagemap>) {
+        assert!(
+            self.sections[section].set(pagemap).is_ok(),
+            "section {section} installed twice"
+        );
+    }
+
+    /// The pagemap whose frames include number `nr`, if one was ever installed there (it
+    /// may since have been removed).
+    pub fn pagemap_of(&self, nr: u64) -> Option<&Arc<DevPagemap>> {
+        let section = usize::try_from(nr >> SECTION_SHIFT).ok()?;
+        let pgmap = self.sections.get(section)?.get()?;
+        pgmap.contains_nr(nr).then_some(pgmap)
+    }
+
+    /// Every pagemap installed so far, in section order (removed ones included).
+    pub fn pagemaps(&self) -> impl Iterator<Item = &Arc<DevPagemap>> {
+        self.sections.iter().filter_map(|s| s.get())
+    }
+
+    /// A borrowed view of frame number `nr`, whatever its zone.
+    ///
+    /// # Panics
+    ///
+    /// Panics if no region of this machine has frame `nr`.
+    #[track_caller]
+    pub(crate) fn frame_nr(&self, nr: u64) -> FrameRef<'_> {
+        if nr < self.region.nr_frames() as u64 {
+            return FrameRef::new(&self.region, nr);
+        }
+        let pgmap = self
+            .pagemap_of(nr)
+            .unwrap_or_else(|| panic!("frame {nr:#x} is in no region of this machine"));
+        FrameRef::new(pgmap.region(), nr)
     }
 
     /// The shared zero page.
@@ -166,9 +242,24 @@ impl PhysMem {
         self.region.nr_frames() as u64
     }
 
-    /// Whether `pfn` names a frame of this RAM.
+    /// Whether `pfn` names a CPU-addressable frame: system RAM, or device-coherent memory
+    /// of a pagemap that is still registered.
     pub fn contains(&self, pfn: Pfn) -> bool {
         pfn.as_usize() < self.region.nr_frames()
+            || self
+                .pagemap_of(pfn.as_u64())
+                .is_some_and(|p| p.is_live() && !p.is_private())
+    }
+
+    /// Whether `pfn` names a frame of system RAM.
+    pub fn is_ram(&self, pfn: Pfn) -> bool {
+        pfn.as_usize() < self.region.nr_frames()
+    }
+
+    /// Whether `pfn` names a device-private frame of a registered pagemap.
+    pub fn contains_device(&self, pfn: DevicePfn) -> bool {
+        self.pagemap_of(pfn.as_u64())
+            .is_some_and(|p| p.is_live() && p.is_private())
     }
 
     /// Allocator counters.
@@ -219,7 +310,7 @@ impl PhysMem {
         for i in 0..BLOCK_FRAMES {
             io::zero(self.region.words(head + i));
         }
-        Some(Frame::adopt(self, Pfn::new(head as u64)))
+        Some(Frame::adopt(&self.region, head as u64))
     }
 
     /// Allocates a folio of `2^order` frames (`order` 0 or 9) holding one reference, with
@@ -228,7 +319,7 @@ impl PhysMem {
     #[doc(alias = "folio_alloc")]
     pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
         let first = self.region.alloc(order, flags)?;
-        Ok(Frame::adopt(self, Pfn::new(first as u64)))
+        Ok(Frame::adopt(&self.region, first as u64))
     }
 
     /// Allocates a zero-filled folio (see [`alloc`](Self::alloc)).
@@ -240,24 +331,39 @@ impl PhysMem {
         Ok(f)
     }
 
-    /// A borrowed view of frame `pfn`.
+    /// A borrowed view of the CPU-addressable frame `pfn` (RAM or device-coherent).
     ///
     /// # Panics
     ///
-    /// Panics if `pfn` is not a frame of this RAM (see [`contains`](Self::contains)).
+    /// Panics if `pfn` is not such a frame of this machine (see
+    /// [`contains`](Self::contains)).
     #[track_caller]
     pub fn frame(&self, pfn: Pfn) -> FrameRef<'_> {
-        assert!(self.contains(pfn), "{pfn:?} is not a frame of this RAM");
-        FrameRef::new(self, pfn)
+        if pfn.as_usize() < self.region.nr_frames() {
+            return FrameRef::new(&self.region, pfn.as_u64());
+        }
+        match self.pagemap_of(pfn.as_u64()) {
+            Some(p) if !p.is_private() => FrameRef::new(p.region(), pfn.as_u64()),
+            _ => panic!("{pfn:?} is not a CPU-addressable frame of this machine"),
+        }
+    }
+
+    /// A borrowed view of the device-private frame `pfn`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `pfn` is not a device-private frame of a pagemap of this machine.
+    #[track_caller]
+    pub fn device_frame(&self, pfn: DevicePfn) -> FrameRef<'_> {
+        match self.pagemap_of(pfn.as_u64()) {
+            Some(p) if p.is_private() => FrameRef::new(p.region(), pfn.as_u64()),
+            _ => panic!("{pfn:?} is not a device-private frame of this machine"),
+        }
     }
 
     /// See [`Region::split_frozen`].
     pub(crate) fn split_frozen(&self, head: Pfn) {
         self.region.split_frozen(head.as_usize());
-    }
-
-    pub(crate) fn region(&self) -> &Region {
-        &self.region
     }
 }
 

@@ -1,7 +1,10 @@
 //! A memory region: an arena of frames, their metadata and their allocator.
 //!
-//! System RAM is one region ([`PhysMem`](super::PhysMem)); each device's memory will be
-//! another, so the allocation, refcount and free logic is written once.
+//! System RAM is one region ([`PhysMem`](super::PhysMem)); each device pagemap
+//! ([`DevPagemap`](crate::zone_device::DevPagemap)) is another, so the allocation, refcount
+//! and free logic is written once. A region covers the frame numbers `base..base + frames`
+//! of the machine's one physical frame-number space, and every frame in it is of one
+//! [`Zone`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,10 +15,19 @@ use super::arena::Arena;
 use super::hugetlb::{HugetlbPool, HugetlbStats};
 use super::io::FrameWords;
 use super::meta::{FrameFlags, FrameMeta};
+use super::FrameRef;
+use super::Zone;
 use crate::addr::PMD_ORDER;
+
+/// Called with the head and the order of a folio whose last reference went, after it is
+/// back in the allocator (the kernel's `dev_pagemap_ops.folio_free`).
+pub(crate) type FreeHook = Box<dyn Fn(FrameRef<'_>, u32) + Send + Sync>;
 
 /// Frames, metadata and allocator of one region. Indices are region-relative frame numbers.
 pub(crate) struct Region {
+    base: u64,
+    zone: Zone,
+    on_free: Option<FreeHook>,
     arena: Arena,
     meta: Box<[FrameMeta]>,
     alloc: Mutex<BlockAllocator>,
@@ -25,10 +37,18 @@ pub(crate) struct Region {
 }
 
 impl Region {
-    /// A region of `blocks` 2 MiB blocks.
-    pub(crate) fn new(blocks: usize) -> std::io::Result<Region> {
+    /// A region of `blocks` 2 MiB blocks of `zone`, starting at frame number `base`.
+    pub(crate) fn new(
+        blocks: usize,
+        base: u64,
+        zone: Zone,
+        on_free: Option<FreeHook>,
+    ) -> std::io::Result<Region> {
         let frames = blocks * BLOCK_FRAMES;
         Ok(Region {
+            base,
+            zone,
+            on_free,
             arena: Arena::new(frames)?,
             meta: (0..frames).map(|_| FrameMeta::default()).collect(),
             alloc: Mutex::new(BlockAllocator::new(blocks)),
@@ -36,6 +56,18 @@ impl Region {
             nr_alloc_ops: AtomicU64::new(0),
             nr_free_ops: AtomicU64::new(0),
         })
+    }
+
+    /// The frame number of index 0.
+    #[inline]
+    pub(crate) fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The zone of every frame.
+    #[inline]
+    pub(crate) fn zone(&self) -> Zone {
+        self.zone
     }
 
     /// Number of frames.
@@ -150,6 +182,9 @@ impl Region {
             m.clear_mapping();
             self.alloc.lock().free(head, order);
             self.nr_free_ops.fetch_add(1, Ordering::Relaxed);
+            if let Some(hook) = &self.on_free {
+                hook(FrameRef::new(self, self.base + head as u64), order);
+            }
             return true;
         }
         false
@@ -253,6 +288,8 @@ impl Region {
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Region")
+            .field("base", &self.base)
+            .field("zone", &self.zone)
             .field("frames", &self.nr_frames())
             .field("free", &self.nr_free())
             .finish()

@@ -104,7 +104,7 @@ fn contents_are_shared_between_threads() {
 }
 
 #[test]
-#[should_panic(expected = "is not a frame of this RAM")]
+#[should_panic(expected = "is not a CPU-addressable frame of this machine")]
 fn frame_out_of_range_panics() {
     let p = ram(4);
     let _ = p.frame(Pfn::new(4 * 512));
