@@ -194,18 +194,24 @@ impl PhysMem {
         pgmap.contains_nr(nr).then_some(pgmap)
     }
 
+    /// The pagemap with id `id` (its section), if one was ever installed there.
+    pub fn pagemap(&self, id: u32) -> Option<&Arc<DevPagemap>> {
+        self.sections.get(id as usize)?.get()
+    }
+
     /// Every pagemap installed so far, in section order (removed ones included).
     pub fn pagemaps(&self) -> impl Iterator<Item = &Arc<DevPagemap>> {
         self.sections.iter().filter_map(|s| s.get())
     }
 
-    /// A borrowed view of frame number `nr`, whatever its zone.
+    /// A borrowed view of frame number `nr`, whatever its zone: what a device that stored
+    /// the number of an [`HmmPfn`](crate::range_fault::HmmPfn) uses to reach the page.
     ///
     /// # Panics
     ///
     /// Panics if no region of this machine has frame `nr`.
     #[track_caller]
-    pub(crate) fn frame_nr(&self, nr: u64) -> FrameRef<'_> {
+    pub fn frame_nr(&self, nr: u64) -> FrameRef<'_> {
         if nr < self.region.nr_frames() as u64 {
             return FrameRef::new(&self.region, nr);
         }

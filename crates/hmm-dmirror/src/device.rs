@@ -1,0 +1,236 @@
+//! The simulated devices and their memory (`struct dmirror_device`, `struct
+//! dmirror_chunk`).
+//!
+//! The driver has [`DMIRROR_NDEVICES`] devices: 0 and 1 with device-private memory, 2 and 3
+//! with device-coherent memory (the kernel needs special-purpose RAM for those; here they
+//! are simulated like the others). Each device has its own [`Owner`], so one device never
+//! treats another's pages as its own. Device memory is a list of chunks, each a
+//! [`DevPagemap`] of the device's kind and owner, created on demand up to a capacity; the
+//! chunks' allocators are the free lists, and `folio_free` counts returned pages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use hmm::notifier::Owner;
+use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
+use parking_lot::Mutex;
+
+/// Number of devices (`DMIRROR_NDEVICES`).
+pub const DMIRROR_NDEVICES: usize = 4;
+
+/// Bytes per memory chunk by default (`DEVMEM_CHUNK_SIZE`, 256 MiB).
+pub const DEVMEM_CHUNK_SIZE: u64 = 256 << 20;
+
+/// How the driver's devices are sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmirrorConfig {
+    /// Bytes per memory chunk (a multiple of 2 MiB).
+    pub chunk_bytes: u64,
+    /// Chunks a device may create at most (its memory capacity is `chunk_bytes` times this).
+    pub max_chunks: usize,
+}
+
+impl Default for DmirrorConfig {
+    /// 256 MiB chunks, up to 4 per device (1 GiB of device memory each), committed lazily.
+    fn default() -> Self {
+        DmirrorConfig {
+            chunk_bytes: DEVMEM_CHUNK_SIZE,
+            max_chunks: 4,
+        }
+    }
+}
+
+/// The loaded driver: its devices on one machine (the `test_hmm` module).
+#[derive(Debug)]
+pub struct DmirrorDriver {
+    devices: Vec<Arc<DmirrorDevice>>,
+}
+
+impl DmirrorDriver {
+    /// Loads the driver on `phys` (`hmm_dmirror_init`): devices 0 and 1 device-private,
+    /// 2 and 3 device-coherent, each with its own owner.
+    pub fn new(phys: &Arc<PhysMem>, config: DmirrorConfig) -> DmirrorDriver {
+        let devices = (0..DMIRROR_NDEVICES)
+            .map(|minor| {
+                let kind = if minor < 2 {
+                    MemoryType::DevicePrivate
+                } else {
+                    MemoryType::DeviceCoherent
+                };
+                DmirrorDevice::new(phys, minor, kind, config)
+            })
+            .collect();
+        DmirrorDriver { devices }
+    }
+
+    /// Device `minor` (`/dev/hmm_dmirror<minor>`).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `minor` is not below [`DMIRROR_NDEVICES`].
+    #[track_caller]
+    pub fn device(&self, minor: usize) -> &Arc<DmirrorDevice> {
+        &self.devices[minor]
+    }
+
+    /// All devices.
+    pub fn devices(&self) -> &[Arc<DmirrorDevice>] {
+        &self.devices
+    }
+}
+
+/// One simulated device (`struct dmirror_device`).
+pub struct DmirrorDevice {
+    minor: usize,
+    kind: MemoryType,
+    owner: Owner,
+    phys: Arc<PhysMem>,
+    config: DmirrorConfig,
+    /// The ids of the device's memory chunks (`devmem_chunks`, under `devmem_lock`); the
+    /// machine owns the pagemaps.
+    chunks: Mutex<Vec<u32>>,
+    ops: Arc<DeviceOps>,
+}
+
+/// The pagemap ops of a device's chunks; holds the device weakly (the machine owns its
+/// pagemaps and, through them, these ops).
+struct DeviceOps {
+    device: Mutex<Weak<DmirrorDevice>>,
+    /// Pages handed out (`calloc`).
+    calloc: AtomicU64,
+    /// Pages given back (`cfree`).
+    cfree: AtomicU64,
+}
+
+impl DevPagemapOps for DeviceOps {
+    fn folio_free(&self, _folio: FrameRef<'_>, order: u32) {
+        self.cfree.fetch_add(1 << order, Ordering::Relaxed);
+    }
+}
+
+impl DmirrorDevice {
+    fn new(
+        phys: &Arc<PhysMem>,
+        minor: usize,
+        kind: MemoryType,
+        config: DmirrorConfig,
+    ) -> Arc<Self> {
+        let ops = Arc::new(DeviceOps {
+            device: Mutex::new(Weak::new()),
+            calloc: AtomicU64::new(0),
+            cfree: AtomicU64::new(0),
+        });
+        let dev = Arc::new(DmirrorDevice {
+            minor,
+            kind,
+            owner: Owner::new_unique(),
+            phys: Arc::clone(phys),
+            config,
+            chunks: Mutex::new(Vec::new()),
+            ops,
+        });
+        *dev.ops.device.lock() = Arc::downgrade(&dev);
+        dev
+    }
+
+    /// The device number.
+    pub fn minor(&self) -> usize {
+        self.minor
+    }
+
+    /// Private or coherent memory.
+    pub fn kind(&self) -> MemoryType {
+        self.kind
+    }
+
+    /// The owner cookie of every chunk of this device (the kernel uses the
+    /// `dmirror_device` pointer).
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// The machine.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
+    }
+
+    /// Whether `frame` is memory of this device.
+    pub fn owns(&self, frame: &FrameRef<'_>) -> bool {
+        match frame.zone() {
+            Zone::DevicePrivate { pagemap } | Zone::DeviceCoherent { pagemap } => self
+                .phys
+                .pagemap(pagemap)
+                .is_some_and(|p| p.owner() == self.owner),
+            Zone::System => false,
+        }
+    }
+
+    /// Allocates device memory: a folio of `2^order` pages (0 or 9), locked and referenced
+    /// as `zone_device_folio_init` leaves it, from the first chunk with room, creating a
+    /// chunk when none has (`dmirror_allocate_chunk`). Fails when the device is at its
+    /// capacity.
+    pub fn alloc(&self, order: u32) -> Result<Frame<'_>, AllocError> {
+        let mut chunks = self.chunks.lock();
+        for &id in chunks.iter() {
+            if let Ok(f) = self.chunk(id).alloc(order, FrameFlags::empty()) {
+                self.ops.calloc.fetch_add(1 << order, Ordering::Relaxed);
+                return Ok(f);
+            }
+        }
+        if chunks.len() >= self.config.max_chunks {
+            return Err(AllocError { order });
+        }
+        let config = PagemapConfig {
+            kind: self.kind,
+            owner: self.owner,
+            size_bytes: self.config.chunk_bytes,
+        };
+        let ops: Arc<dyn DevPagemapOps> = self.ops.clone();
+        let id = memremap_pages(&self.phys, config, ops)
+            .map_err(|_| AllocError { order })?
+            .id();
+        chunks.push(id);
+        let f = self.chunk(id).alloc(order, FrameFlags::empty())?;
+        self.ops.calloc.fetch_add(1 << order, Ordering::Relaxed);
+        Ok(f)
+    }
+
+    /// Chunk `id`, borrowed from the machine that owns it.
+    fn chunk(&self, id: u32) -> &DevPagemap {
+        self.phys.pagemap(id).expect("a chunk of this device")
+    }
+
+    /// Device pages handed out and given back so far (`calloc`, `cfree`).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.ops.calloc.load(Ordering::Relaxed),
+            self.ops.cfree.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Pages of device memory in use now.
+    pub fn nr_in_use(&self) -> u64 {
+        self.chunks
+            .lock()
+            .iter()
+            .map(|&id| self.chunk(id).nr_in_use())
+            .sum()
+    }
+
+    /// Memory chunks created so far.
+    pub fn nr_chunks(&self) -> usize {
+        self.chunks.lock().len()
+    }
+}
+
+impl std::fmt::Debug for DmirrorDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmirrorDevice")
+            .field("minor", &self.minor)
+            .field("kind", &self.kind)
+            .field("owner", &self.owner)
+            .field("chunks", &self.nr_chunks())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,548 @@
+//! A mirror: one open of a device by one process (`struct dmirror`), with its own device
+//! page table, an interval notifier over the whole address space, and the commands.
+//!
+//! # Locking
+//!
+//! The mirror lock (the kernel's `dmirror->mutex`) guards the device page table. The
+//! interval notifier's `invalidate` takes it (or, for a non-blockable range, tries it and
+//! refuses) before any CPU entry in the range changes, records the sequence and erases the
+//! range. Device accesses copy bytes while holding it, so a frame is never read or written
+//! by the device after the CPU side let go of it. The mirror lock is never held while
+//! calling into `hmm` (faults, `hmm_range_fault`, CPU copies to the user buffer), because
+//! those may invalidate and the callback would wait for it: lock order is mmap lock →
+//! (notifier) → mirror lock.
+//!
+//! The callback ignores `MIGRATE` events that carry this device's owner: the migration code
+//! keeps the table consistent itself (the seed series' owner filter). Every other event
+//! erases exactly `[start, end)` (the kernel also erases the page at `end`, a quirk not
+//! kept).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
+use hmm::mm::{MapFlags, Mm, MmError, Prot, VmFault, VmOps};
+use hmm::notifier::{
+    IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
+    NotifierRange, Owner,
+};
+use hmm::phys::{FrameFlags, PhysMem, Zone};
+use hmm::range_fault::{
+    fault_and_commit, HmmPfn, HmmPfnFlags, HmmRange, HMM_RANGE_DEFAULT_TIMEOUT,
+};
+use parking_lot::Mutex;
+
+use crate::device::DmirrorDevice;
+use crate::dpt::{DevicePageTable, DptEntry, DptTag};
+use crate::uapi::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd};
+
+/// Pages per `hmm_range_fault` call of the device fault and snapshot paths.
+const RANGE_CHUNK: u64 = 32;
+
+/// What a mirror has done, counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct MirrorStats {
+    /// Invalidation callbacks that cleared part of the device page table (device TLB
+    /// invalidations).
+    pub invalidations: u64,
+    /// Device entries those callbacks erased.
+    pub pages_invalidated: u64,
+    /// `MIGRATE` callbacks with this device's owner, skipped without invalidating.
+    pub migrate_skips: u64,
+    /// Calls of the device fault routine (`dmirror_fault`).
+    pub device_faults: u64,
+    /// Device entries stored by faults.
+    pub pages_mapped: u64,
+    /// Pages the device read or wrote.
+    pub pages_accessed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    invalidations: AtomicU64,
+    pages_invalidated: AtomicU64,
+    migrate_skips: AtomicU64,
+    device_faults: AtomicU64,
+    pages_mapped: AtomicU64,
+    pages_accessed: AtomicU64,
+}
+
+/// What the notifier callback shares with the mirror.
+struct Shared {
+    owner: Owner,
+    /// The mirror lock and the table it guards.
+    pt: Mutex<DevicePageTable>,
+    counters: Counters,
+}
+
+impl IntervalNotifierOps for Shared {
+    fn invalidate(&self, sub: &IntervalSub, range: &NotifierRange, cur_seq: InvalidateSeq) -> bool {
+        // The migrating driver updates its own table: skip its own MIGRATE events.
+        if range.event == NotifierEvent::Migrate && range.owner == Some(self.owner) {
+            self.counters.migrate_skips.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let mut pt = if range.is_blockable() {
+            self.pt.lock()
+        } else {
+            match self.pt.try_lock() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
+        sub.set_seq(cur_seq);
+        let erased = pt.erase(
+            range.start().as_u64() >> PAGE_SHIFT,
+            range.end().as_u64() >> PAGE_SHIFT,
+        );
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .pages_invalidated
+            .fetch_add(erased, Ordering::Relaxed);
+        true
+    }
+}
+
+/// A notifier that only records the sequence (`dmirror_mrn_ops`), for snapshots.
+struct SeqOnly;
+
+impl IntervalNotifierOps for SeqOnly {
+    fn invalidate(&self, sub: &IntervalSub, _: &NotifierRange, cur_seq: InvalidateSeq) -> bool {
+        sub.set_seq(cur_seq);
+        true
+    }
+}
+
+/// One open of a device by a process.
+pub struct Dmirror {
+    device: Arc<DmirrorDevice>,
+    mm: Weak<Mm>,
+    shared: Arc<Shared>,
+    notifier: IntervalNotifier,
+    flags: AtomicU64,
+}
+
+impl Dmirror {
+    /// Opens `device` for the process `mm` (`dmirror_fops_open`): a mirror with an empty
+    /// device page table and an interval notifier over the whole address space. The
+    /// mirror holds the address space weakly, as the kernel's holds no `mm_users`.
+    pub fn open(device: &Arc<DmirrorDevice>, mm: &Arc<Mm>) -> Result<Arc<Dmirror>, DmirrorError> {
+        let shared = Arc::new(Shared {
+            owner: device.owner(),
+            pt: Mutex::new(DevicePageTable::default()),
+            counters: Counters::default(),
+        });
+        let ops: Arc<dyn IntervalNotifierOps> = shared.clone();
+        let notifier = mm
+            .interval_notifier_insert(VirtAddr::new(0), USER_VA_END, ops)
+            .map_err(|_| DmirrorError::NoMem)?;
+        Ok(Arc::new(Dmirror {
+            device: Arc::clone(device),
+            mm: Arc::downgrade(mm),
+            shared,
+            notifier,
+            flags: AtomicU64::new(0),
+        }))
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<DmirrorDevice> {
+        &self.device
+    }
+
+    /// The mirror's counters.
+    pub fn stats(&self) -> MirrorStats {
+        let c = &self.shared.counters;
+        MirrorStats {
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            pages_invalidated: c.pages_invalidated.load(Ordering::Relaxed),
+            migrate_skips: c.migrate_skips.load(Ordering::Relaxed),
+            device_faults: c.device_faults.load(Ordering::Relaxed),
+            pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
+            pages_accessed: c.pages_accessed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Pages the device page table maps now.
+    pub fn nr_mapped(&self) -> usize {
+        self.shared.pt.lock().len()
+    }
+
+    /// The device's entry for the page at `addr`, if it maps it.
+    pub fn lookup(&self, addr: VirtAddr) -> Option<DptEntry> {
+        self.shared.pt.lock().get(addr.as_u64() >> PAGE_SHIFT)
+    }
+
+    /// The test flags set by [`DmirrorCmd::Flags`].
+    pub fn flags(&self) -> u64 {
+        self.flags.load(Ordering::Relaxed)
+    }
+
+    /// Runs a command (`dmirror_fops_unlocked_ioctl`). `cmd.ptr` is a virtual address of
+    /// the same process: data moves between it and the device as `copy_to_user` /
+    /// `copy_from_user` would. The common checks come first (`addr` page aligned,
+    /// `npages` non-zero and not overflowing, else `Inval`), then `cpages` and `faults`
+    /// start at zero. On success the outputs are written back to `cmd`; on failure `cmd`
+    /// is left as it was, as the kernel does not copy the block back.
+    pub fn ioctl(&self, which: DmirrorCmd, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let range = check_range(cmd.addr, cmd.npages)?;
+        let mut out = HmmDmirrorCmd {
+            cpages: 0,
+            faults: 0,
+            ..*cmd
+        };
+        match which {
+            DmirrorCmd::Read => self.cmd_read(range, &mut out)?,
+            DmirrorCmd::Write => self.cmd_write(range, &mut out)?,
+            DmirrorCmd::Snapshot => self.cmd_snapshot(range, &mut out)?,
+            DmirrorCmd::Flags => self.flags.store(cmd.npages, Ordering::Relaxed),
+        }
+        *cmd = out;
+        Ok(())
+    }
+
+    /// [`ioctl`](Self::ioctl) by request number; an unknown number is `Inval`.
+    pub fn ioctl_raw(&self, request: u32, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let which = DmirrorCmd::from_ioctl(request).ok_or(DmirrorError::Inval {
+            what: "unknown command",
+        })?;
+        self.ioctl(which, cmd)
+    }
+
+    fn mm(&self) -> Result<Arc<Mm>, DmirrorError> {
+        self.mm.upgrade().ok_or(DmirrorError::Inval {
+            what: "the process has exited",
+        })
+    }
+
+    fn phys(&self) -> &PhysMem {
+        self.device.phys()
+    }
+
+    /// `dmirror_read`: copy from the device's mappings, faulting the rest of the range at
+    /// the first page it lacks, then copy to the user buffer.
+    fn cmd_read(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        self.access_loop(&mm, range, cmd, DeviceAccess::Read(&mut bounce))?;
+        mm.write(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &bounce,
+        )
+        .map_err(|_| DmirrorError::Fault)
+    }
+
+    /// `dmirror_write`: copy from the user buffer first, then into the device's writable
+    /// mappings, faulting with write at the first page it cannot write.
+    fn cmd_write(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        mm.read(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &mut bounce,
+        )
+        .map_err(|_| DmirrorError::Fault)?;
+        self.access_loop(&mm, range, cmd, DeviceAccess::Write(&bounce))
+    }
+
+    fn access_loop(
+        &self,
+        mm: &Mm,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+        mut access: DeviceAccess<'_>,
+    ) -> Result<(), DmirrorError> {
+        let write = matches!(access, DeviceAccess::Write(_));
+        loop {
+            let r = {
+                let pt = self.shared.pt.lock();
+                self.device_access(&pt, range, &mut cmd.cpages, &mut access)
+            };
+            match r {
+                Err(DmirrorError::NoEnt) => {}
+                other => return other,
+            }
+            let from = range
+                .start()
+                .checked_add(cmd.cpages << PAGE_SHIFT)
+                .expect("inside the range");
+            self.device_fault(mm, from, range.end(), write)?;
+            cmd.faults += 1;
+        }
+    }
+
+    /// Copies pages from `*cpages` on between the device's mappings and the bounce buffer,
+    /// under the mirror lock; `NoEnt` at the first page it cannot use.
+    fn device_access(
+        &self,
+        pt: &DevicePageTable,
+        range: VaRange,
+        cpages: &mut u64,
+        access: &mut DeviceAccess<'_>,
+    ) -> Result<(), DmirrorError> {
+        let first = range.start().as_u64() >> PAGE_SHIFT;
+        while *cpages < range.npages() {
+            let entry = pt.get(first + *cpages).ok_or(DmirrorError::NoEnt)?;
+            let frame = self.phys().frame_nr(entry.frame_nr);
+            let off = (*cpages * PAGE_SIZE) as usize;
+            let page = off..off + PAGE_SIZE as usize;
+            match access {
+                DeviceAccess::Read(buf) => frame.read(0, &mut buf[page]),
+                DeviceAccess::Write(buf) => {
+                    if !entry.tag.is_writable() {
+                        return Err(DmirrorError::NoEnt);
+                    }
+                    frame.write(0, &buf[page]);
+                }
+            }
+            *cpages += 1;
+            self.shared
+                .counters
+                .pages_accessed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The device fault routine (`dmirror_fault`): mirror `[start, end)` in chunks of 32
+    /// pages through the driver loop, storing what `hmm_range_fault` returns in the device
+    /// page table under the mirror lock. A process that has exited has nothing to fault.
+    fn device_fault(
+        &self,
+        mm: &Mm,
+        start: VirtAddr,
+        end: VirtAddr,
+        write: bool,
+    ) -> Result<(), DmirrorError> {
+        self.shared
+            .counters
+            .device_faults
+            .fetch_add(1, Ordering::Relaxed);
+        let mut flags = HmmPfnFlags::REQ_FAULT;
+        if write {
+            flags |= HmmPfnFlags::REQ_WRITE;
+        }
+        let mut pfns = [HmmPfn::default(); RANGE_CHUNK as usize];
+        let mut at = start;
+        while at < end {
+            let n = ((end.as_u64() - at.as_u64()) >> PAGE_SHIFT).min(RANGE_CHUNK);
+            let next = at.checked_add(n << PAGE_SHIFT).expect("inside the range");
+            let mut range = HmmRange {
+                notifier: &self.notifier,
+                notifier_seq: self.notifier.read_begin(),
+                start: at,
+                end: next,
+                hmm_pfns: &mut pfns[..n as usize],
+                default_flags: flags,
+                pfn_flags_mask: HmmPfnFlags::empty(),
+                dev_private_owner: Some(self.device.owner()),
+            };
+            fault_and_commit(
+                mm,
+                &mut range,
+                HMM_RANGE_DEFAULT_TIMEOUT,
+                &self.shared.pt,
+                |pt, r| self.store(pt, r),
+            )?;
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// `dmirror_do_fault`: store each page the walk returned, tagged writable if the CPU
+    /// mapping is. A page of this device is stored as itself: it holds the data.
+    fn store(&self, pt: &mut DevicePageTable, r: &HmmRange<'_>) {
+        let first = r.start.as_u64() >> PAGE_SHIFT;
+        for (i, p) in r.hmm_pfns.iter().enumerate() {
+            // A fault was requested for every page, so every word is valid on success.
+            debug_assert!(p.is_valid() && !p.is_error(), "{p:?}");
+            let tag = if p.is_writable() {
+                DptTag::Write
+            } else {
+                DptTag::Read
+            };
+            pt.store(
+                first + i as u64,
+                DptEntry {
+                    frame_nr: p.frame_nr(),
+                    tag,
+                },
+            );
+        }
+        self.shared
+            .counters
+            .pages_mapped
+            .fetch_add(r.hmm_pfns.len() as u64, Ordering::Relaxed);
+    }
+
+    /// `dmirror_snapshot`: one byte per page describing the CPU mapping, 32 pages at a
+    /// time under a temporary interval notifier, no faults; copied to the user buffer.
+    fn cmd_snapshot(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        let mut bytes = vec![0u8; range.npages() as usize];
+        let mut pfns = [HmmPfn::default(); RANGE_CHUNK as usize];
+        let mut at = range.start();
+        while at < range.end() {
+            let n = ((range.end().as_u64() - at.as_u64()) >> PAGE_SHIFT).min(RANGE_CHUNK);
+            let next = at.checked_add(n << PAGE_SHIFT).expect("inside the range");
+            let notifier = mm
+                .interval_notifier_insert(at, n << PAGE_SHIFT, Arc::new(SeqOnly))
+                .map_err(|_| DmirrorError::NoMem)?;
+            let mut r = HmmRange {
+                notifier: &notifier,
+                notifier_seq: notifier.read_begin(),
+                start: at,
+                end: next,
+                hmm_pfns: &mut pfns[..n as usize],
+                default_flags: HmmPfnFlags::empty(),
+                pfn_flags_mask: HmmPfnFlags::empty(),
+                dev_private_owner: Some(self.device.owner()),
+            };
+            let done = cmd.cpages as usize;
+            fault_and_commit(
+                &mm,
+                &mut r,
+                HMM_RANGE_DEFAULT_TIMEOUT,
+                &self.shared.pt,
+                |_, r| {
+                    for (i, p) in r.hmm_pfns.iter().enumerate() {
+                        bytes[done + i] = self.prot_byte(*p);
+                    }
+                },
+            )?;
+            cmd.cpages += n;
+            at = next;
+        }
+        mm.write(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &bytes,
+        )
+        .map_err(|_| DmirrorError::Fault)
+    }
+
+    /// `dmirror_mkentry`: the snapshot byte of one word.
+    fn prot_byte(&self, p: HmmPfn) -> u8 {
+        if p.is_error() {
+            return prot::ERROR;
+        }
+        let Some(frame) = p.frame(self.phys()) else {
+            return prot::NONE;
+        };
+        let mut b = match frame.zone() {
+            Zone::DevicePrivate { .. } if self.device.owns(&frame) => prot::DEV_PRIVATE_LOCAL,
+            Zone::DevicePrivate { .. } => prot::DEV_PRIVATE_REMOTE,
+            Zone::DeviceCoherent { .. } if self.device.owns(&frame) => prot::DEV_COHERENT_LOCAL,
+            Zone::DeviceCoherent { .. } => prot::DEV_COHERENT_REMOTE,
+            Zone::System if self.phys().is_zero_pfn(Pfn::new(p.frame_nr())) => prot::ZERO,
+            Zone::System => prot::NONE,
+        };
+        b |= if p.is_writable() {
+            prot::WRITE
+        } else {
+            prot::READ
+        };
+        if p.map_order() == PMD_ORDER {
+            b |= prot::PMD;
+        }
+        b
+    }
+
+    /// The driver's own `mmap` (`dmirror_fops_mmap`): a driver mapping (`VM_MIXEDMAP`) of
+    /// `len` bytes with a zeroed page of the driver's inserted at every address.
+    pub fn mmap(&self, len: u64, prot: Prot, flags: MapFlags) -> Result<VirtAddr, DmirrorError> {
+        let mm = self.mm()?;
+        let npages = len.div_ceil(PAGE_SIZE);
+        let phys = Arc::clone(self.device.phys());
+        let mut pages = Vec::with_capacity(npages as usize);
+        for _ in 0..npages {
+            let f = phys
+                .alloc_zeroed(0, FrameFlags::UPTODATE)
+                .map_err(|_| DmirrorError::NoMem)?;
+            pages.push(f.into_raw());
+        }
+        let ops = Arc::new(DriverPages {
+            phys: Arc::clone(&phys),
+            pages,
+        });
+        let addr = mm
+            .mmap_driver(None, len, prot, flags, ops.clone())
+            .map_err(mm_error)?;
+        for (i, &pfn) in ops.pages.iter().enumerate() {
+            let va = addr
+                .checked_add(i as u64 * PAGE_SIZE)
+                .expect("inside the mapping");
+            mm.vm_insert_page(va, pfn).map_err(mm_error)?;
+        }
+        Ok(addr)
+    }
+}
+
+impl std::fmt::Debug for Dmirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dmirror")
+            .field("device", &self.device.minor())
+            .field("mapped", &self.nr_mapped())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which way a device access copies.
+enum DeviceAccess<'b> {
+    Read(&'b mut [u8]),
+    Write(&'b [u8]),
+}
+
+/// The pages behind a driver mapping: the driver keeps a reference on each for as long as
+/// the mapping exists.
+struct DriverPages {
+    phys: Arc<PhysMem>,
+    pages: Vec<Pfn>,
+}
+
+impl VmOps for DriverPages {
+    fn fault(&self, pgoff: u64, _write: bool) -> Result<Pfn, VmFault> {
+        self.pages
+            .get(pgoff as usize)
+            .copied()
+            .ok_or(VmFault::Sigbus)
+    }
+}
+
+impl Drop for DriverPages {
+    fn drop(&mut self) {
+        for &pfn in &self.pages {
+            let _ = self.phys.frame(pfn).put();
+        }
+    }
+}
+
+/// The checks every command starts with: `addr` page aligned, and
+/// `addr + npages * PAGE_SIZE` above `addr` and inside the address space.
+fn check_range(addr: u64, npages: u64) -> Result<VaRange, DmirrorError> {
+    let inval = |what| DmirrorError::Inval { what };
+    let start = VirtAddr::try_new(addr).map_err(|_| inval("address out of range"))?;
+    if !start.is_page_aligned() {
+        return Err(inval("unaligned address"));
+    }
+    let len = npages
+        .checked_mul(PAGE_SIZE)
+        .filter(|&l| l > 0)
+        .ok_or(inval("no pages, or too many"))?;
+    VaRange::from_len(start, len)
+        .ok()
+        .filter(|r| r.end().as_u64() <= USER_VA_END)
+        .ok_or(inval("range overflows the address space"))
+}
+
+fn mm_error(e: MmError) -> DmirrorError {
+    match e {
+        MmError::NoMem { .. } => DmirrorError::NoMem,
+        MmError::Fault { .. } => DmirrorError::Fault,
+        MmError::Perm { .. } | MmError::Access { .. } => DmirrorError::Perm,
+        MmError::Busy { .. } | MmError::Again { .. } => DmirrorError::Busy,
+        MmError::Inval { what } => DmirrorError::Inval { what },
+        MmError::Exists { .. } => DmirrorError::Inval {
+            what: "mapping exists",
+        },
+    }
+}

@@ -1,0 +1,174 @@
+//! The driver's user interface, as `lib/test_hmm_uapi.h` defines it: the command block,
+//! the command numbers, the snapshot bytes, the flags, and the errors as errnos.
+
+use hmm::range_fault::HmmError;
+use thiserror::Error;
+
+/// The argument of every command (`struct hmm_dmirror_cmd`, five 64-bit words).
+#[doc(alias = "hmm_dmirror_cmd")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct HmmDmirrorCmd {
+    /// In: the virtual address the device accesses.
+    pub addr: u64,
+    /// In: the user buffer (a virtual address of the same process) data is copied to or
+    /// from; for SNAPSHOT, the byte array.
+    pub ptr: u64,
+    /// In: pages.
+    pub npages: u64,
+    /// Out: pages processed.
+    pub cpages: u64,
+    /// Out: device faults taken (calls of the fault routine, not pages).
+    pub faults: u64,
+}
+
+/// A command (`HMM_DMIRROR_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum DmirrorCmd {
+    /// The device reads `npages` at `addr` into `ptr`, faulting missing pages.
+    #[doc(alias = "HMM_DMIRROR_READ")]
+    Read,
+    /// The device writes `npages` from `ptr` at `addr`, faulting pages it cannot write.
+    #[doc(alias = "HMM_DMIRROR_WRITE")]
+    Write,
+    /// One byte per page at `ptr` describing the CPU mapping (`HMM_DMIRROR_PROT_*`).
+    #[doc(alias = "HMM_DMIRROR_SNAPSHOT")]
+    Snapshot,
+    /// Sets the mirror's test flags to `npages` ([`HMM_DMIRROR_FLAG_FAIL_ALLOC`]).
+    #[doc(alias = "HMM_DMIRROR_FLAGS")]
+    Flags,
+}
+
+impl DmirrorCmd {
+    /// The command's number in the ioctl (`_IOWR('H', nr, struct hmm_dmirror_cmd)`).
+    pub fn nr(self) -> u32 {
+        match self {
+            DmirrorCmd::Read => 0x00,
+            DmirrorCmd::Write => 0x01,
+            DmirrorCmd::Snapshot => 0x04,
+            DmirrorCmd::Flags => 0x08,
+        }
+    }
+
+    /// The full ioctl request number: `0xC0284800 + nr`.
+    pub fn ioctl(self) -> u32 {
+        IOCTL_BASE + self.nr()
+    }
+
+    /// The command an ioctl request number names, if this driver has it.
+    pub fn from_ioctl(request: u32) -> Option<DmirrorCmd> {
+        [
+            DmirrorCmd::Read,
+            DmirrorCmd::Write,
+            DmirrorCmd::Snapshot,
+            DmirrorCmd::Flags,
+        ]
+        .into_iter()
+        .find(|c| c.ioctl() == request)
+    }
+}
+
+/// `_IOWR('H', 0, struct hmm_dmirror_cmd)`: direction read|write, size 40, type 'H'.
+const IOCTL_BASE: u32 = 0xC028_4800;
+
+/// `HMM_DMIRROR_FLAG_FAIL_ALLOC`: the next device or system allocation of a migration
+/// fails once.
+pub const HMM_DMIRROR_FLAG_FAIL_ALLOC: u64 = 1 << 0;
+
+/// Snapshot bytes (`enum hmm_dmirror_prot`). Type values are not independent bits
+/// (`DEV_PRIVATE_REMOTE` is `0x30`).
+pub mod prot {
+    /// No access possible (no VMA, no read permission).
+    pub const ERROR: u8 = 0xff;
+    /// Not present (not faulted in, or another device's private page).
+    pub const NONE: u8 = 0x00;
+    /// Valid, read-only.
+    pub const READ: u8 = 0x01;
+    /// Valid and writable.
+    pub const WRITE: u8 = 0x02;
+    /// Part of a PMD mapping.
+    pub const PMD: u8 = 0x04;
+    /// Part of a PUD mapping.
+    pub const PUD: u8 = 0x08;
+    /// The shared zero page.
+    pub const ZERO: u8 = 0x10;
+    /// A device-private page of this device.
+    pub const DEV_PRIVATE_LOCAL: u8 = 0x20;
+    /// A device-private page of another device.
+    pub const DEV_PRIVATE_REMOTE: u8 = 0x30;
+    /// A device-coherent page of this device.
+    pub const DEV_COHERENT_LOCAL: u8 = 0x40;
+    /// A device-coherent page of another device.
+    pub const DEV_COHERENT_REMOTE: u8 = 0x50;
+}
+
+/// Why a command failed; [`errno`](Self::errno) gives the kernel's value. On failure the
+/// command block is not copied back (its outputs are unchanged), as in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error, serde::Serialize)]
+pub enum DmirrorError {
+    /// Bad argument: unaligned address, no pages, overflow, unknown command (`-EINVAL`).
+    #[error("invalid argument: {what}")]
+    Inval {
+        /// What was wrong.
+        what: &'static str,
+    },
+    /// A page is not mapped by the device (`-ENOENT`).
+    #[error("page not mapped by the device")]
+    NoEnt,
+    /// The range or the user buffer cannot be accessed (`-EFAULT`).
+    #[error("bad address")]
+    Fault,
+    /// Invalidations kept colliding until the timeout (`-EBUSY`).
+    #[error("busy: the range kept being invalidated")]
+    Busy,
+    /// Write to memory the process may only read (`-EPERM`).
+    #[error("permission denied")]
+    Perm,
+    /// Out of memory (`-ENOMEM`).
+    #[error("out of memory")]
+    NoMem,
+}
+
+impl DmirrorError {
+    /// The negative errno the kernel driver returns.
+    pub fn errno(self) -> i32 {
+        match self {
+            DmirrorError::Inval { .. } => -22,
+            DmirrorError::NoEnt => -2,
+            DmirrorError::Fault => -14,
+            DmirrorError::Busy => -16,
+            DmirrorError::Perm => -1,
+            DmirrorError::NoMem => -12,
+        }
+    }
+}
+
+impl From<HmmError> for DmirrorError {
+    fn from(e: HmmError) -> Self {
+        match e {
+            HmmError::Busy => DmirrorError::Busy,
+            HmmError::Fault { .. } => DmirrorError::Fault,
+            HmmError::Perm { .. } => DmirrorError::Perm,
+            HmmError::NoMem { .. } => DmirrorError::NoMem,
+            HmmError::Inval { what } => DmirrorError::Inval { what },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel() {
+        assert_eq!(DmirrorCmd::Read.ioctl(), 0xC028_4800);
+        assert_eq!(DmirrorCmd::Write.ioctl(), 0xC028_4801);
+        assert_eq!(DmirrorCmd::Snapshot.ioctl(), 0xC028_4804);
+        assert_eq!(DmirrorCmd::Flags.ioctl(), 0xC028_4808);
+        assert_eq!(
+            DmirrorCmd::from_ioctl(0xC028_4804),
+            Some(DmirrorCmd::Snapshot)
+        );
+        assert_eq!(DmirrorCmd::from_ioctl(0xC028_48FF), None);
+        assert_eq!(std::mem::size_of::<HmmDmirrorCmd>(), 40);
+    }
+}

@@ -1,0 +1,327 @@
+//! dmirror's commands: the kernel's outputs and errors, device memory, its own mmap, the
+//! invalidation counters, and a munmap racing device reads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::mm::{MapFlags, Mm, Prot};
+use hmm::phys::{PhysConfig, PhysMem};
+use hmm::zone_device::MemoryType;
+use hmm_dmirror::{
+    prot, Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd,
+    HMM_DMIRROR_FLAG_FAIL_ALLOC,
+};
+
+const RW: Prot = Prot::READ.union(Prot::WRITE);
+
+struct Rig {
+    phys: Arc<PhysMem>,
+    driver: DmirrorDriver,
+    mm: Arc<Mm>,
+    mirror: Arc<Dmirror>,
+    /// A user buffer for command data.
+    buf: VirtAddr,
+}
+
+fn rig() -> Rig {
+    let phys = PhysMem::new(PhysConfig::with_size(32 << 20)).unwrap();
+    let driver = DmirrorDriver::new(
+        &phys,
+        DmirrorConfig {
+            chunk_bytes: 4 << 20,
+            max_chunks: 2,
+        },
+    );
+    let mm = Mm::new(phys.clone());
+    let mirror = Dmirror::open(driver.device(0), &mm).unwrap();
+    let buf = mm
+        .mmap(None, 64 * PAGE_SIZE, RW, MapFlags::PRIVATE)
+        .unwrap();
+    Rig {
+        phys,
+        driver,
+        mm,
+        mirror,
+        buf,
+    }
+}
+
+fn cmd(addr: VirtAddr, ptr: VirtAddr, npages: u64) -> HmmDmirrorCmd {
+    HmmDmirrorCmd {
+        addr: addr.as_u64(),
+        ptr: ptr.as_u64(),
+        npages,
+        ..HmmDmirrorCmd::default()
+    }
+}
+
+#[test]
+fn read_and_write_report_pages_and_fault_calls() {
+    let r = rig();
+    let a =
+        r.mm.mmap(None, 16 * PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let data: Vec<u8> = (0..16 * PAGE_SIZE).map(|i| (i % 251) as u8).collect();
+    r.mm.write(a, &data).unwrap();
+    let mut c = cmd(a, r.buf, 16);
+    r.mirror.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    assert_eq!(
+        (c.cpages, c.faults),
+        (16, 1),
+        "one fault call covers the range"
+    );
+    let mut back = vec![0u8; data.len()];
+    r.mm.read(r.buf, &mut back).unwrap();
+    assert_eq!(back, data);
+    // Mapped now: no fault.
+    let mut c = cmd(a, r.buf, 16);
+    r.mirror.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    assert_eq!((c.cpages, c.faults), (16, 0));
+    assert_eq!(r.mirror.nr_mapped(), 16);
+
+    // Write: pages mapped read-only (the zero page) need a write fault.
+    let b =
+        r.mm.mmap(None, 4 * PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let mut c = cmd(b, r.buf, 4);
+    r.mirror.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    r.mm.write(r.buf, &[0x77; 4 * PAGE_SIZE as usize]).unwrap();
+    let mut c = cmd(b, r.buf, 4);
+    r.mirror.ioctl(DmirrorCmd::Write, &mut c).unwrap();
+    assert_eq!((c.cpages, c.faults), (4, 1));
+    assert_eq!(r.mm.read_val::<u8>(b).unwrap(), 0x77);
+    let s = r.mirror.stats();
+    assert_eq!(s.device_faults, 3);
+    r.mm.audit().unwrap();
+}
+
+#[test]
+fn errors_leave_the_command_block_unchanged() {
+    let r = rig();
+    let a =
+        r.mm.mmap(None, 4 * PAGE_SIZE, Prot::READ, MapFlags::PRIVATE)
+            .unwrap();
+    let stale = HmmDmirrorCmd {
+        cpages: 99,
+        faults: 98,
+        ..cmd(a, r.buf, 4)
+    };
+    let mut c = stale;
+    assert_eq!(
+        r.mirror.ioctl(DmirrorCmd::Write, &mut c),
+        Err(DmirrorError::Perm)
+    );
+    assert_eq!(c, stale, "not copied back on failure");
+    assert_eq!(DmirrorError::Perm.errno(), -1);
+
+    let inval = |e: Result<(), DmirrorError>| matches!(e, Err(DmirrorError::Inval { .. }));
+    for (addr, npages) in [
+        (a.as_u64() + 1, 1),
+        (a.as_u64(), 0),
+        (a.as_u64(), u64::MAX / PAGE_SIZE),
+        (!(PAGE_SIZE - 1), 1),
+    ] {
+        let mut c = HmmDmirrorCmd {
+            addr,
+            ptr: r.buf.as_u64(),
+            npages,
+            ..HmmDmirrorCmd::default()
+        };
+        for which in [DmirrorCmd::Read, DmirrorCmd::Write, DmirrorCmd::Snapshot] {
+            assert!(
+                inval(r.mirror.ioctl(which, &mut c)),
+                "{which:?} {addr:#x} {npages}"
+            );
+        }
+    }
+    let mut c = cmd(a, r.buf, 1);
+    assert!(inval(r.mirror.ioctl_raw(0xC028_48FF, &mut c)));
+    r.mirror
+        .ioctl_raw(DmirrorCmd::Read.ioctl(), &mut c)
+        .unwrap();
+    // A user buffer that is not mapped.
+    let mut c = cmd(a, VirtAddr::new(0x1000), 1);
+    assert_eq!(
+        r.mirror.ioctl(DmirrorCmd::Read, &mut c),
+        Err(DmirrorError::Fault)
+    );
+    assert_eq!(DmirrorError::Fault.errno(), -14);
+}
+
+#[test]
+fn flags_set_the_test_flags() {
+    let r = rig();
+    let mut c = cmd(r.buf, r.buf, HMM_DMIRROR_FLAG_FAIL_ALLOC);
+    r.mirror.ioctl(DmirrorCmd::Flags, &mut c).unwrap();
+    assert_eq!(r.mirror.flags(), HMM_DMIRROR_FLAG_FAIL_ALLOC);
+    assert_eq!((c.cpages, c.faults), (0, 0));
+}
+
+#[test]
+fn invalidations_clear_exactly_the_range_and_are_counted() {
+    let r = rig();
+    let a =
+        r.mm.mmap(None, 8 * PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    r.mm.write(a, &[1; 8 * PAGE_SIZE as usize]).unwrap();
+    let mut c = cmd(a, r.buf, 8);
+    r.mirror.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    let before = r.mirror.stats();
+    r.mm.munmap(a.checked_add(2 * PAGE_SIZE).unwrap(), 2 * PAGE_SIZE)
+        .unwrap();
+    let s = r.mirror.stats();
+    assert_eq!(s.invalidations - before.invalidations, 1);
+    assert_eq!(s.pages_invalidated - before.pages_invalidated, 2);
+    assert!(r.mirror.lookup(a.checked_add(PAGE_SIZE).unwrap()).is_some());
+    assert!(
+        r.mirror
+            .lookup(a.checked_add(4 * PAGE_SIZE).unwrap())
+            .is_some(),
+        "end is exclusive"
+    );
+    assert_eq!(r.mirror.nr_mapped(), 6);
+}
+
+#[test]
+fn the_drivers_own_mmap_is_a_mixedmap_the_device_can_read() {
+    let r = rig();
+    let m = r.mirror.mmap(4 * PAGE_SIZE, RW, MapFlags::SHARED).unwrap();
+    let vma = r.mm.vmas().into_iter().find(|v| v.start() == m).unwrap();
+    assert!(vma.flags().contains(hmm::prot::VmFlags::MIXEDMAP));
+    assert_eq!(r.mm.read_val::<u64>(m).unwrap(), 0, "zeroed pages");
+    r.mm.write_val(m.checked_add(PAGE_SIZE).unwrap(), 0xdead_beef_u64)
+        .unwrap();
+    let mut c = cmd(m, r.buf, 4);
+    r.mirror.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    assert_eq!(c.faults, 1);
+    let mut got = [0u8; 8];
+    r.mm.read(r.buf.checked_add(PAGE_SIZE).unwrap(), &mut got)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(got), 0xdead_beef);
+    let mut c = cmd(m, r.buf, 4);
+    r.mirror.ioctl(DmirrorCmd::Snapshot, &mut c).unwrap();
+    let mut snap = [0u8; 4];
+    r.mm.read(r.buf, &mut snap).unwrap();
+    assert_eq!(snap, [prot::WRITE; 4]);
+    r.mm.audit().unwrap();
+    r.mm.munmap(m, 4 * PAGE_SIZE).unwrap();
+}
+
+#[test]
+fn device_memory_comes_in_chunks_up_to_capacity() {
+    let r = rig();
+    for kind in [MemoryType::DevicePrivate, MemoryType::DeviceCoherent] {
+        let dev = r
+            .driver
+            .devices()
+            .iter()
+            .find(|d| d.kind() == kind)
+            .unwrap()
+            .clone();
+        let mut held = Vec::new();
+        // Two chunks of 4 MiB: four 2 MiB folios, then nothing.
+        for _ in 0..4 {
+            held.push(dev.alloc(9).unwrap());
+        }
+        assert!(dev.alloc(0).is_err(), "capacity reached");
+        assert_eq!(dev.nr_chunks(), 2);
+        assert!(held.iter().all(|f| dev.owns(f)));
+        for f in held {
+            f.meta().unlock();
+        }
+        let (calloc, cfree) = dev.counts();
+        assert_eq!((calloc, cfree), (2048, 2048));
+        assert_eq!(dev.nr_in_use(), 0);
+    }
+    let d0 = r.driver.device(0);
+    let d1 = r.driver.device(1);
+    assert_ne!(d0.owner(), d1.owner());
+    let f = d1.alloc(0).unwrap();
+    assert!(!d0.owns(&f) && d1.owns(&f));
+    f.meta().unlock();
+}
+
+#[test]
+fn commands_after_exit_are_einval() {
+    let r = rig();
+    let a = r.buf;
+    drop(r.mm);
+    let mut c = cmd(a, a, 1);
+    assert!(matches!(
+        r.mirror.ioctl(DmirrorCmd::Snapshot, &mut c),
+        Err(DmirrorError::Inval { .. })
+    ));
+    assert_eq!(r.phys.nr_in_use(), 0, "exit freed every frame");
+    assert_eq!(r.mirror.nr_mapped(), 0, "RELEASE cleared the device table");
+}
+
+#[test]
+fn device_reads_racing_munmap_never_see_stale_data() {
+    // A CPU thread maps, fills with version v, and unmaps, again and again at the same
+    // address; a device thread reads. Every page a successful read returns must hold
+    // zeros (mapped, not yet written) or version v of that page for a v that was live at
+    // some point during the read: never a version unmapped before the read began.
+    let r = rig();
+    const N: u64 = 8;
+    let a =
+        r.mm.mmap(None, N * PAGE_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    r.mm.munmap(a, N * PAGE_SIZE).unwrap();
+    let version = AtomicU64::new(1);
+    let stop = AtomicBool::new(false);
+    let page_of = |v: u64, i: u64| -> Vec<u8> {
+        let tag = (v * 0x9e37 + i) as u32;
+        (0..PAGE_SIZE as usize / 4)
+            .flat_map(|_| tag.to_le_bytes())
+            .collect()
+    };
+    let (mut ok, mut failed) = (0u64, 0u64);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let v = version.load(Ordering::SeqCst);
+                r.mm.mmap(
+                    Some(a),
+                    N * PAGE_SIZE,
+                    RW,
+                    MapFlags::PRIVATE | MapFlags::FIXED,
+                )
+                .unwrap();
+                for i in 0..N {
+                    r.mm.write(a.checked_add(i * PAGE_SIZE).unwrap(), &page_of(v, i))
+                        .unwrap();
+                }
+                r.mm.munmap(a, N * PAGE_SIZE).unwrap();
+                version.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        for _ in 0..300 {
+            let v0 = version.load(Ordering::SeqCst);
+            let mut c = cmd(a, r.buf, N);
+            let res = r.mirror.ioctl(DmirrorCmd::Read, &mut c);
+            let v1 = version.load(Ordering::SeqCst);
+            match res {
+                Ok(()) => {
+                    ok += 1;
+                    let mut got = vec![0u8; (N * PAGE_SIZE) as usize];
+                    r.mm.read(r.buf, &mut got).unwrap();
+                    for i in 0..N {
+                        let p = &got[(i * PAGE_SIZE) as usize..((i + 1) * PAGE_SIZE) as usize];
+                        let fine = p.iter().all(|&b| b == 0)
+                            || (v0..=v1).any(|v| p == page_of(v, i).as_slice());
+                        assert!(
+                            fine,
+                            "page {i} holds data not live during the read ({v0}..={v1})"
+                        );
+                    }
+                }
+                Err(DmirrorError::Fault) => failed += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(ok + failed == 300);
+    r.mm.audit().unwrap();
+}
