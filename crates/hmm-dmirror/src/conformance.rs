@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
-use hmm::mm::{Advice, MapFlags, Mm, Prot, ThpMode};
+use hmm::mm::{Advice, MapFlags, MemFile, Mm, Prot, ThpMode};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm::zone_device::MemoryType;
 
@@ -103,6 +103,14 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "two_devices_mirror_independently",
         run: two_devices_mirror_independently,
+    },
+    Scenario {
+        name: "file_mappings_are_coherent_with_the_file",
+        run: file_mappings_are_coherent_with_the_file,
+    },
+    Scenario {
+        name: "hugetlb_pages",
+        run: hugetlb_pages,
     },
 ];
 
@@ -410,6 +418,75 @@ fn two_devices_mirror_independently(f: &dyn MirrorFactory) -> Result<(), String>
         "device 0 read"
     );
     mm.audit().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn file_mappings_are_coherent_with_the_file(f: &dyn MirrorFactory) -> Result<(), String> {
+    let (phys, mm) = f.machine(16);
+    let d = f.open(&phys, &mm, 0);
+    let file = MemFile::new(&phys);
+    let data = pattern(4, 17);
+    file.pwrite(0, &data).map_err(|e| e.to_string())?;
+    let len = 4 * PAGE_SIZE;
+    let shared = mm
+        .mmap_file(None, len, RW, MapFlags::SHARED, &file, 0)
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        d.read(shared, 4).map_err(|e| e.to_string())? == data,
+        "device read of file"
+    );
+    let data2 = pattern(4, 18);
+    d.write(shared, &data2).map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; data2.len()];
+    file.pread(0, &mut back);
+    ensure!(back == data2, "the file misses the device's write");
+    // A private mapping: the device's write copies, the file keeps its contents.
+    let private = mm
+        .mmap_file(None, len, RW, MapFlags::PRIVATE, &file, 0)
+        .map_err(|e| e.to_string())?;
+    let snap = d.snapshot(private, 4).map_err(|e| e.to_string())?;
+    ensure!(
+        snap.iter().all(|&b| b == prot::NONE),
+        "not faulted yet: {snap:x?}"
+    );
+    ensure!(
+        d.read(private, 4).map_err(|e| e.to_string())? == data2,
+        "private read"
+    );
+    let snap = d.snapshot(private, 4).map_err(|e| e.to_string())?;
+    ensure!(
+        snap.iter().all(|&b| b == prot::READ),
+        "private file pages are read-only"
+    );
+    d.write(private, &data).map_err(|e| e.to_string())?;
+    file.pread(0, &mut back);
+    ensure!(back == data2, "a private write reached the file");
+    ensure!(cpu_read(&mm, private, data.len())? == data, "private copy");
+    // Truncation drops the device's mappings with the CPU's.
+    file.truncate(0).map_err(|e| e.to_string())?;
+    let r = d.read(shared, 1).map(|v| v.len());
+    ensure!(r == Err(DmirrorError::Fault), "read past EOF: {r:?}");
+    mm.audit().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn hugetlb_pages(f: &dyn MirrorFactory) -> Result<(), String> {
+    let (phys, mm) = f.machine(16);
+    let d = f.open(&phys, &mm, 0);
+    ensure!(phys.set_nr_hugepages(1) == 1, "no hugetlb page");
+    let a = mm
+        .mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+        .map_err(|e| e.to_string())?;
+    let data = pattern(4, 19);
+    d.write(a, &data).map_err(|e| e.to_string())?;
+    ensure!(cpu_read(&mm, a, data.len())? == data, "hugetlb bytes");
+    let snap = d.snapshot(a, 4).map_err(|e| e.to_string())?;
+    ensure!(
+        snap.iter().all(|&b| b == prot::WRITE | prot::PMD),
+        "hugetlb is PMD-mapped: {snap:x?}"
+    );
+    mm.munmap(a, PMD_SIZE).map_err(|e| e.to_string())?;
+    ensure!(phys.hugetlb().free == 1, "the page went back to the pool");
     Ok(())
 }
 

@@ -284,11 +284,6 @@ impl Walk<'_, '_> {
             .unwrap_or(Need::None)
     }
 
-    fn set(&mut self, va: VirtAddr, out: impl Fn(HmmPfn) -> HmmPfn) {
-        let i = self.index(va);
-        self.range.hmm_pfns[i] = out(self.range.hmm_pfns[i]);
-    }
-
     /// Writes `out(input)` for every page of `r` and moves `last` past it.
     fn fill(&mut self, r: VaRange, out: impl Fn(u64, HmmPfn) -> HmmPfn) {
         let (a, b) = (self.index(r.start()), self.index(r.end()));
@@ -362,6 +357,7 @@ fn walk(mmap: &MmapReadGuard<'_>, w: &mut Walk<'_, '_>, todo: VaRange) -> Result
     let phys = mmap.mm().phys();
     let owner = w.range.dev_private_owner;
     let mut c = mmap.page_table().cursor(todo, WalkMode::Lookup);
+    c.set_batch(true);
     // The VMA of the current position, looked up once per VMA.
     let mut vma: Option<&Vma> = None;
     loop {
@@ -413,42 +409,50 @@ fn walk(mmap: &MmapReadGuard<'_>, w: &mut Walk<'_, '_>, todo: VaRange) -> Result
                 }
             }
             Slot::Pte(p) => {
-                let pte = p.get();
-                let va = p.va();
-                let i = w.index(va);
-                let req = w.request(i);
-                let (cpu, nr) = match pte {
-                    Pte::None => (HmmPfnFlags::empty(), 0),
-                    Pte::Present { pfn, flags } => {
-                        if flags.contains(PteFlags::PROTNONE) {
-                            (HmmPfnFlags::empty(), 0)
-                        } else {
+                // A run of PTEs of one table (the walk is batched), clipped to the VMA.
+                let base = p.va();
+                let in_vma = ((v.end().as_u64() - base.as_u64()) >> PAGE_SHIFT) as usize;
+                let n = p.len().min(in_vma);
+                let mut wait = None;
+                for k in 0..n {
+                    let va = base.checked_add(k as u64 * PAGE_SIZE).expect("in the run");
+                    let pte = p.get_at(k);
+                    let i = w.index(va);
+                    let req = w.request(i);
+                    let (cpu, nr) = match pte {
+                        Pte::Present { pfn, flags } if !flags.contains(PteFlags::PROTNONE) => {
                             (cpu_flags(flags), pfn.as_u64())
                         }
+                        Pte::DevicePrivate { pfn, flags }
+                            if owner.is_some()
+                                && phys.pagemap_of(pfn.as_u64()).map(|p| p.owner()) == owner =>
+                        {
+                            (cpu_flags(flags), pfn.as_u64())
+                        }
+                        Pte::Migration { .. }
+                            if Walk::need(req, HmmPfnFlags::empty()) != Need::None =>
+                        {
+                            wait = Some(pte);
+                            break;
+                        }
+                        _ => (HmmPfnFlags::empty(), 0),
+                    };
+                    match Walk::need(req, cpu) {
+                        Need::None => {
+                            w.range.hmm_pfns[i] = HmmPfn::output(nr, cpu, 0, w.range.hmm_pfns[i]);
+                            w.last = va.checked_add(PAGE_SIZE).expect("below end");
+                        }
+                        need => return fault_step(v, VaRange::page_of(va), need),
                     }
-                    Pte::DevicePrivate { pfn, flags }
-                        if owner.is_some()
-                            && phys.pagemap_of(pfn.as_u64()).map(|p| p.owner()) == owner =>
-                    {
-                        (cpu_flags(flags), pfn.as_u64())
-                    }
-                    Pte::Migration { .. }
-                        if Walk::need(req, HmmPfnFlags::empty()) != Need::None =>
-                    {
-                        c.unlock();
-                        migration_wait(mmap, pte);
-                        return Ok(Step::Again);
-                    }
-                    Pte::DevicePrivate { .. }
-                    | Pte::Migration { .. }
-                    | Pte::DeviceExclusive { .. } => (HmmPfnFlags::empty(), 0),
-                };
-                match Walk::need(req, cpu) {
-                    Need::None => {
-                        w.set(va, |i| HmmPfn::output(nr, cpu, 0, i));
-                        w.last = va.checked_add(PAGE_SIZE).expect("below end");
-                    }
-                    need => return fault_step(v, VaRange::page_of(va), need),
+                }
+                if let Some(entry) = wait {
+                    c.unlock();
+                    migration_wait(mmap, entry);
+                    return Ok(Step::Again);
+                }
+                if n < p.len() {
+                    // The VMA ends inside the run: go on from its end.
+                    c.seek(w.last);
                 }
             }
             Slot::Pmd(p) => {

@@ -27,7 +27,9 @@ use parking_lot::MutexGuard;
 use super::entry::{word_is_huge, Huge, Pte};
 use super::radix::{PmdTable, PteTable, PMD_TABLE};
 use super::PageTable;
-use crate::addr::{VaRange, VirtAddr, PAGE_SIZE, PGDIR_SHIFT, PMD_SIZE, PUD_SHIFT};
+use crate::addr::{
+    VaRange, VirtAddr, ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PGDIR_SHIFT, PMD_SIZE, PUD_SHIFT,
+};
 
 /// Whether a walk allocates missing tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,34 +51,50 @@ pub enum Slot<'c> {
     Pte(PteSlot<'c>),
 }
 
-/// A PTE under its table lock.
+/// A PTE under its table lock; in a batched walk ([`Cursor::set_batch`]), the run of
+/// consecutive PTEs of one table that starts with it.
 #[derive(Debug)]
 pub struct PteSlot<'c> {
     va: VirtAddr,
-    entry: &'c AtomicU64,
+    entries: &'c [AtomicU64],
 }
 
 impl PteSlot<'_> {
-    /// The virtual address the PTE maps.
+    /// The virtual address the (first) PTE maps.
     pub fn va(&self) -> VirtAddr {
         self.va
     }
 
-    /// The current entry.
+    /// The current (first) entry.
     pub fn get(&self) -> Pte {
-        Pte::decode(self.entry.load(Ordering::Acquire))
+        self.get_at(0)
     }
 
-    /// Stores an entry.
+    /// Stores the (first) entry.
     #[doc(alias = "set_pte_at")]
     pub fn set(&self, pte: Pte) {
-        self.entry.store(pte.encode(Huge::Pte), Ordering::Release);
+        self.entries[0].store(pte.encode(Huge::Pte), Ordering::Release);
     }
 
-    /// Stores an entry and returns the previous one.
+    /// Stores the (first) entry and returns the previous one.
     #[doc(alias = "ptep_get_and_clear")]
     pub fn replace(&self, pte: Pte) -> Pte {
-        Pte::decode(self.entry.swap(pte.encode(Huge::Pte), Ordering::AcqRel))
+        Pte::decode(self.entries[0].swap(pte.encode(Huge::Pte), Ordering::AcqRel))
+    }
+
+    /// Number of PTEs in the run: 1 unless the walk is batched.
+    #[allow(clippy::len_without_is_empty)] // a run is never empty
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The `i`-th entry of the run, mapping `va() + i` pages.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `i` is not below [`len`](Self::len).
+    pub fn get_at(&self, i: usize) -> Pte {
+        Pte::decode(self.entries[i].load(Ordering::Acquire))
     }
 }
 
@@ -116,6 +134,8 @@ enum Held<'a> {
     None,
     Pte {
         table: &'a PteTable,
+        /// The 2 MiB-aligned address the table maps.
+        base: VirtAddr,
         _guard: MutexGuard<'a, ()>,
     },
     Pmd {
@@ -137,6 +157,7 @@ pub struct Cursor<'a> {
     last: Option<VirtAddr>,
     held: Held<'a>,
     entries: u64,
+    batch: bool,
 }
 
 impl<'a> Cursor<'a> {
@@ -150,7 +171,35 @@ impl<'a> Cursor<'a> {
             last: None,
             held: Held::None,
             entries: 0,
+            batch: false,
         }
+    }
+
+    /// Makes every PTE slot yielded a run: the PTE at the walk's position and the ones
+    /// after it in the same table, up to the end of the table or of the range, all under
+    /// the one lock (counted as that many entries). For read-mostly walks that handle
+    /// many PTEs per lock, such as `hmm_range_fault`.
+    pub fn set_batch(&mut self, batch: bool) {
+        self.batch = batch;
+    }
+
+    /// The PTE slot for `va` in `table` (whose lock is held): one PTE or, batched, the
+    /// run to the end of the table or of the range.
+    fn pte_slot(&mut self, table: &'a PteTable, va: VirtAddr) -> Slot<'_> {
+        let page = va.page_down();
+        let i = va.table_index(1);
+        let n = if self.batch {
+            let in_range = ((self.end.as_u64() - page.as_u64()) >> PAGE_SHIFT) as usize;
+            (ENTRIES_PER_TABLE - i).min(in_range)
+        } else {
+            1
+        };
+        self.advance(va, page.checked_add(n as u64 * PAGE_SIZE).expect("run end"));
+        self.entries += n as u64 - 1;
+        Slot::Pte(PteSlot {
+            va: page,
+            entries: &table.entries[i..i + n],
+        })
     }
 
     /// Releases the page-table lock held for the last slot.
@@ -190,6 +239,14 @@ impl<'a> Cursor<'a> {
     /// Visits the next slot, or returns `None` at the end of the range.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Slot<'_>> {
+        // Fast path: the next PTE is in the table whose lock is held. Holding it (and the
+        // mmap lock) keeps the PMD word pointing to this table, so no re-walk is needed.
+        if let Held::Pte { table, base, .. } = self.held {
+            let va = self.next;
+            if va < self.end && va.align_down(PMD_SIZE) == base {
+                return Some(self.pte_slot(table, va));
+            }
+        }
         loop {
             if self.next >= self.end {
                 self.held = Held::None;
@@ -250,14 +307,11 @@ impl<'a> Cursor<'a> {
                 }
                 self.held = Held::Pte {
                     table,
+                    base: va.align_down(PMD_SIZE),
                     _guard: guard,
                 };
             }
-            self.advance(va, va.page_down().checked_add(PAGE_SIZE).expect("page end"));
-            return Some(Slot::Pte(PteSlot {
-                va: va.page_down(),
-                entry: &table.entries[va.table_index(1)],
-            }));
+            return Some(self.pte_slot(table, va));
         }
     }
 
