@@ -8,13 +8,21 @@
 //! [`DevPagemap`] of the device's kind and owner, created on demand up to a capacity; the
 //! chunks' allocators are the free lists, and `folio_free` counts returned pages.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+
+use hmm::addr::PAGE_SIZE;
+use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
 use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
+
+use crate::migrate::alloc_and_copy_to_system;
+use crate::mirror::Shared;
 
 /// Number of devices (`DMIRROR_NDEVICES`).
 pub const DMIRROR_NDEVICES: usize = 4;
@@ -93,10 +101,13 @@ pub struct DmirrorDevice {
     ops: Arc<DeviceOps>,
 }
 
-/// The pagemap ops of a device's chunks; holds the device weakly (the machine owns its
-/// pagemaps and, through them, these ops).
+/// The pagemap ops of a device's chunks. They hold no strong reference to the machine
+/// (which owns its pagemaps and, through them, these ops) and reach the mirrors weakly.
 struct DeviceOps {
-    device: Mutex<Weak<DmirrorDevice>>,
+    owner: Owner,
+    /// Open mirrors by id: a device page's `zone_device_data` names the mirror that
+    /// migrated it (the kernel stores the `dmirror` pointer in the backing page).
+    mirrors: Mutex<HashMap<u64, Weak<Shared>>>,
     /// Pages handed out (`calloc`).
     calloc: AtomicU64,
     /// Pages given back (`cfree`).
@@ -107,6 +118,31 @@ impl DevPagemapOps for DeviceOps {
     fn folio_free(&self, _folio: FrameRef<'_>, order: u32) {
         self.cfree.fetch_add(1 << order, Ordering::Relaxed);
     }
+
+    /// `dmirror_devmem_fault`: migrate the faulting page back to system memory, erasing
+    /// the entry of the mirror that migrated it.
+    fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
+        let phys = vmf.mmap().mm().phys();
+        let id = phys.device_frame(vmf.page()).meta().zone_device_data();
+        let mirror = self.mirrors.lock().get(&id).and_then(Weak::upgrade);
+        let start = vmf.address().page_down();
+        let args = MigrateVma {
+            start,
+            end: start.checked_add(PAGE_SIZE).ok_or(VmFault::Sigbus)?,
+            pgmap_owner: Some(self.owner),
+            flags: MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            fault_page: Some(vmf.page()),
+        };
+        let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
+        let copied = alloc_and_copy_to_system(&mut m, mirror.as_deref().map(|s| &s.pt), || {
+            mirror.as_deref().is_some_and(Shared::take_fail_alloc)
+        });
+        if let (Some(s), Ok(c)) = (&mirror, copied) {
+            s.count_copies(0, c.copied);
+        }
+        m.pages().finalize();
+        copied.map(|_| ()).map_err(|_| VmFault::Oom)
+    }
 }
 
 impl DmirrorDevice {
@@ -116,22 +152,32 @@ impl DmirrorDevice {
         kind: MemoryType,
         config: DmirrorConfig,
     ) -> Arc<Self> {
+        let owner = Owner::new_unique();
         let ops = Arc::new(DeviceOps {
-            device: Mutex::new(Weak::new()),
+            owner,
+            mirrors: Mutex::new(HashMap::new()),
             calloc: AtomicU64::new(0),
             cfree: AtomicU64::new(0),
         });
-        let dev = Arc::new(DmirrorDevice {
+        Arc::new(DmirrorDevice {
             minor,
             kind,
-            owner: Owner::new_unique(),
+            owner,
             phys: Arc::clone(phys),
             config,
             chunks: Mutex::new(Vec::new()),
             ops,
-        });
-        *dev.ops.device.lock() = Arc::downgrade(&dev);
-        dev
+        })
+    }
+
+    /// Registers an open mirror, so faults on the device pages it migrated find it.
+    pub(crate) fn register_mirror(&self, id: u64, mirror: Weak<Shared>) {
+        self.ops.mirrors.lock().insert(id, mirror);
+    }
+
+    /// Forgets a mirror that is closing.
+    pub(crate) fn unregister_mirror(&self, id: u64) {
+        self.ops.mirrors.lock().remove(&id);
     }
 
     /// The device number.

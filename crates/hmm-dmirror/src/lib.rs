@@ -38,6 +38,7 @@
 pub mod conformance;
 mod device;
 mod dpt;
+mod migrate;
 mod mirror;
 mod uapi;
 

@@ -17,27 +17,34 @@
 //! erases exactly `[start, end)` (the kernel also erases the page at `end`, a quirk not
 //! kept).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
-use hmm::mm::{MapFlags, Mm, MmError, Prot, VmFault, VmOps};
+use hmm::migrate::{migrate_vma_setup, MigrateError, MigrateVma, MigrateVmaFlags};
+use hmm::mm::{MapFlags, Mm, MmError, MmapReadGuard, Prot, VmFault, VmOps};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
     NotifierRange, Owner,
 };
 use hmm::phys::{FrameFlags, PhysMem, Zone};
+use hmm::prot::VmFlags;
 use hmm::range_fault::{
     fault_and_commit, HmmPfn, HmmPfnFlags, HmmRange, HMM_RANGE_DEFAULT_TIMEOUT,
 };
+use hmm::zone_device::MemoryType;
 use parking_lot::Mutex;
 
 use crate::device::DmirrorDevice;
 use crate::dpt::{DevicePageTable, DptEntry, DptTag};
-use crate::uapi::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd};
+use crate::migrate::{alloc_and_copy_to_device, alloc_and_copy_to_system, map_migrated};
+use crate::uapi::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd, HMM_DMIRROR_FLAG_FAIL_ALLOC};
 
 /// Pages per `hmm_range_fault` call of the device fault and snapshot paths.
 const RANGE_CHUNK: u64 = 32;
+
+/// Pages per migration (`PTRS_PER_PTE`, as the kernel driver's loop).
+const MIGRATE_CHUNK: u64 = 512;
 
 /// What a mirror has done, counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -55,6 +62,12 @@ pub struct MirrorStats {
     pub pages_mapped: u64,
     /// Pages the device read or wrote.
     pub pages_accessed: u64,
+    /// Pages copied from system memory into device memory by migrations.
+    pub pages_copied_to_device: u64,
+    /// Pages copied from device memory back into system memory (commands and CPU faults).
+    pub pages_copied_to_system: u64,
+    /// Device pages zero-filled for holes and zero pages (nothing to copy).
+    pub pages_zero_filled: u64,
 }
 
 #[derive(Default)]
@@ -65,20 +78,53 @@ struct Counters {
     device_faults: AtomicU64,
     pages_mapped: AtomicU64,
     pages_accessed: AtomicU64,
+    pages_copied_to_device: AtomicU64,
+    pages_copied_to_system: AtomicU64,
+    pages_zero_filled: AtomicU64,
 }
 
-/// What the notifier callback shares with the mirror.
-struct Shared {
+/// What the notifier callback, the device's fault handler and the mirror share.
+pub(crate) struct Shared {
+    id: u64,
     owner: Owner,
     /// The mirror lock and the table it guards.
-    pt: Mutex<DevicePageTable>,
+    pub(crate) pt: Mutex<DevicePageTable>,
     counters: Counters,
+    /// The test flags (`HMM_DMIRROR_FLAGS`).
+    flags: AtomicU64,
+    /// Whether MIGRATE events with this device's owner are skipped (the seed series'
+    /// behaviour). Off, they invalidate like any other event: how drivers behaved before
+    /// `pgmap_owner` reached the notifier, kept to measure the difference.
+    filter_own_migrate: AtomicBool,
+}
+
+impl Shared {
+    /// Consumes the one-shot `HMM_DMIRROR_FLAG_FAIL_ALLOC`: true if this allocation must
+    /// fail.
+    pub(crate) fn take_fail_alloc(&self) -> bool {
+        self.flags
+            .fetch_and(!HMM_DMIRROR_FLAG_FAIL_ALLOC, Ordering::Relaxed)
+            & HMM_DMIRROR_FLAG_FAIL_ALLOC
+            != 0
+    }
+
+    /// Counts pages copied by a migration.
+    pub(crate) fn count_copies(&self, to_device: u64, to_system: u64) {
+        let c = &self.counters;
+        c.pages_copied_to_device
+            .fetch_add(to_device, Ordering::Relaxed);
+        c.pages_copied_to_system
+            .fetch_add(to_system, Ordering::Relaxed);
+    }
 }
 
 impl IntervalNotifierOps for Shared {
     fn invalidate(&self, sub: &IntervalSub, range: &NotifierRange, cur_seq: InvalidateSeq) -> bool {
         // The migrating driver updates its own table: skip its own MIGRATE events.
-        if range.event == NotifierEvent::Migrate && range.owner == Some(self.owner) {
+        if range.event == NotifierEvent::Migrate
+            && range.owner == Some(self.owner)
+            && self.filter_own_migrate.load(Ordering::Relaxed)
+        {
             self.counters.migrate_skips.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -119,8 +165,10 @@ pub struct Dmirror {
     mm: Weak<Mm>,
     shared: Arc<Shared>,
     notifier: IntervalNotifier,
-    flags: AtomicU64,
 }
+
+/// Ids of mirrors, for the device pages that name the mirror that migrated them.
+static NEXT_MIRROR_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Dmirror {
     /// Opens `device` for the process `mm` (`dmirror_fops_open`): a mirror with an empty
@@ -128,21 +176,31 @@ impl Dmirror {
     /// mirror holds the address space weakly, as the kernel's holds no `mm_users`.
     pub fn open(device: &Arc<DmirrorDevice>, mm: &Arc<Mm>) -> Result<Arc<Dmirror>, DmirrorError> {
         let shared = Arc::new(Shared {
+            id: NEXT_MIRROR_ID.fetch_add(1, Ordering::Relaxed),
             owner: device.owner(),
             pt: Mutex::new(DevicePageTable::default()),
             counters: Counters::default(),
+            flags: AtomicU64::new(0),
+            filter_own_migrate: AtomicBool::new(true),
         });
         let ops: Arc<dyn IntervalNotifierOps> = shared.clone();
         let notifier = mm
             .interval_notifier_insert(VirtAddr::new(0), USER_VA_END, ops)
             .map_err(|_| DmirrorError::NoMem)?;
+        device.register_mirror(shared.id, Arc::downgrade(&shared));
         Ok(Arc::new(Dmirror {
             device: Arc::clone(device),
             mm: Arc::downgrade(mm),
             shared,
             notifier,
-            flags: AtomicU64::new(0),
         }))
+    }
+
+    /// Turns the owner filter off (`false`) or on: off, the mirror invalidates on its own
+    /// MIGRATE events as drivers did before the notifier carried the migration's owner.
+    /// For measuring what the filter saves; the default is on.
+    pub fn set_owner_filter(&self, on: bool) {
+        self.shared.filter_own_migrate.store(on, Ordering::Relaxed);
     }
 
     /// The device.
@@ -160,6 +218,9 @@ impl Dmirror {
             device_faults: c.device_faults.load(Ordering::Relaxed),
             pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
             pages_accessed: c.pages_accessed.load(Ordering::Relaxed),
+            pages_copied_to_device: c.pages_copied_to_device.load(Ordering::Relaxed),
+            pages_copied_to_system: c.pages_copied_to_system.load(Ordering::Relaxed),
+            pages_zero_filled: c.pages_zero_filled.load(Ordering::Relaxed),
         }
     }
 
@@ -175,7 +236,7 @@ impl Dmirror {
 
     /// The test flags set by [`DmirrorCmd::Flags`].
     pub fn flags(&self) -> u64 {
-        self.flags.load(Ordering::Relaxed)
+        self.shared.flags.load(Ordering::Relaxed)
     }
 
     /// Runs a command (`dmirror_fops_unlocked_ioctl`). `cmd.ptr` is a virtual address of
@@ -194,8 +255,10 @@ impl Dmirror {
         match which {
             DmirrorCmd::Read => self.cmd_read(range, &mut out)?,
             DmirrorCmd::Write => self.cmd_write(range, &mut out)?,
+            DmirrorCmd::MigrateToDev => self.cmd_migrate_to_dev(range, &mut out)?,
+            DmirrorCmd::MigrateToSys => self.cmd_migrate_to_sys(range, &mut out)?,
             DmirrorCmd::Snapshot => self.cmd_snapshot(range, &mut out)?,
-            DmirrorCmd::Flags => self.flags.store(cmd.npages, Ordering::Relaxed),
+            DmirrorCmd::Flags => self.shared.flags.store(cmd.npages, Ordering::Relaxed),
         }
         *cmd = out;
         Ok(())
@@ -375,6 +438,125 @@ impl Dmirror {
             .fetch_add(r.hmm_pfns.len() as u64, Ordering::Relaxed);
     }
 
+    /// Calls `f` with the mmap lock and each piece of `range` a migration may cover: one
+    /// VMA, at most 512 pages (`-EINVAL` for a hole or a VMA without read permission).
+    fn for_each_piece(
+        &self,
+        mm: &Mm,
+        range: VaRange,
+        mut f: impl FnMut(&MmapReadGuard<'_>, &hmm::mm::Vma, VaRange) -> Result<(), DmirrorError>,
+    ) -> Result<(), DmirrorError> {
+        let mmap = mm.mmap_read();
+        let mut at = range.start();
+        while at < range.end() {
+            let vma = mmap
+                .vma_lookup(at)
+                .filter(|v| v.flags().contains(VmFlags::READ))
+                .ok_or(DmirrorError::Inval {
+                    what: "no readable VMA",
+                })?;
+            let chunk_end = at
+                .checked_add(MIGRATE_CHUNK << PAGE_SHIFT)
+                .unwrap_or(range.end());
+            let next = range.end().min(vma.end()).min(chunk_end);
+            f(&mmap, vma, VaRange::new(at, next).expect("non-empty piece"))?;
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// `dmirror_migrate_to_device`: migrate the range's system pages (and holes) to
+    /// device memory, map them in the device's table, then read the range back from that
+    /// table without faulting.
+    fn cmd_migrate_to_dev(
+        &self,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+    ) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        self.for_each_piece(&mm, range, |mmap, vma, piece| {
+            let args = MigrateVma {
+                start: piece.start(),
+                end: piece.end(),
+                pgmap_owner: Some(self.device.owner()),
+                flags: MigrateVmaFlags::SELECT_SYSTEM,
+                fault_page: None,
+            };
+            let mut m = migrate_vma_setup(mmap, args).map_err(|e| match e {
+                MigrateError::Inval { what } => DmirrorError::Inval { what },
+            })?;
+            let vm_write = vma.flags().contains(VmFlags::WRITE);
+            let counts =
+                alloc_and_copy_to_device(&mut m, &self.device, self.shared.id, vm_write, || {
+                    self.shared.take_fail_alloc()
+                });
+            self.shared.count_copies(counts.copied, 0);
+            self.shared
+                .counters
+                .pages_zero_filled
+                .fetch_add(counts.zeroed, Ordering::Relaxed);
+            let p = m.pages();
+            map_migrated(&p, piece.start(), &mut self.shared.pt.lock());
+            let _ = p.finalize();
+            Ok(())
+        })?;
+        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        {
+            let pt = self.shared.pt.lock();
+            self.device_access(
+                &pt,
+                range,
+                &mut cmd.cpages,
+                &mut DeviceAccess::Read(&mut bounce),
+            )?;
+        }
+        mm.write(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &bounce,
+        )
+        .map_err(|_| DmirrorError::Fault)
+    }
+
+    /// `dmirror_migrate_to_system`: migrate this device's pages in the range back to
+    /// system memory; `cpages` counts the pages that moved.
+    fn cmd_migrate_to_sys(
+        &self,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+    ) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        let select = match self.device.kind() {
+            MemoryType::DevicePrivate => MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            MemoryType::DeviceCoherent => MigrateVmaFlags::SELECT_DEVICE_COHERENT,
+        };
+        self.for_each_piece(&mm, range, |mmap, _, piece| {
+            let args = MigrateVma {
+                start: piece.start(),
+                end: piece.end(),
+                pgmap_owner: Some(self.device.owner()),
+                flags: select,
+                fault_page: None,
+            };
+            let mut m = migrate_vma_setup(mmap, args).map_err(|e| match e {
+                MigrateError::Inval { what } => DmirrorError::Inval { what },
+            })?;
+            let copied = alloc_and_copy_to_system(&mut m, Some(&self.shared.pt), || {
+                self.shared.take_fail_alloc()
+            });
+            if let Ok(c) = copied {
+                self.shared.count_copies(0, c.copied);
+            }
+            let p = m.pages();
+            cmd.cpages += p
+                .src()
+                .iter()
+                .filter(|w| w.is_valid() && w.is_migrating())
+                .count() as u64;
+            let _ = p.finalize();
+            copied.map(|_| ()).map_err(|_| DmirrorError::NoMem)
+        })
+    }
+
     /// `dmirror_snapshot`: one byte per page describing the CPU mapping, 32 pages at a
     /// time under a temporary interval notifier, no faults; copied to the user buffer.
     fn cmd_snapshot(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
@@ -474,6 +656,12 @@ impl Dmirror {
             mm.vm_insert_page(va, pfn).map_err(mm_error)?;
         }
         Ok(addr)
+    }
+}
+
+impl Drop for Dmirror {
+    fn drop(&mut self) {
+        self.device.unregister_mirror(self.shared.id);
     }
 }
 

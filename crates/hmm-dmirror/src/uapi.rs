@@ -30,6 +30,15 @@ pub enum DmirrorCmd {
     /// The device writes `npages` from `ptr` at `addr`, faulting pages it cannot write.
     #[doc(alias = "HMM_DMIRROR_WRITE")]
     Write,
+    /// Migrates the range to device memory (system pages and holes), then reads it back
+    /// from the device's table without faulting into `ptr` (`-ENOENT` if a page is not
+    /// there). `cpages`: pages read back.
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_TO_DEV")]
+    MigrateToDev,
+    /// Migrates this device's pages in the range back to system memory. `cpages`: pages
+    /// migrated.
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_TO_SYS")]
+    MigrateToSys,
     /// One byte per page at `ptr` describing the CPU mapping (`HMM_DMIRROR_PROT_*`).
     #[doc(alias = "HMM_DMIRROR_SNAPSHOT")]
     Snapshot,
@@ -44,6 +53,8 @@ impl DmirrorCmd {
         match self {
             DmirrorCmd::Read => 0x00,
             DmirrorCmd::Write => 0x01,
+            DmirrorCmd::MigrateToDev => 0x02,
+            DmirrorCmd::MigrateToSys => 0x03,
             DmirrorCmd::Snapshot => 0x04,
             DmirrorCmd::Flags => 0x08,
         }
@@ -59,6 +70,8 @@ impl DmirrorCmd {
         [
             DmirrorCmd::Read,
             DmirrorCmd::Write,
+            DmirrorCmd::MigrateToDev,
+            DmirrorCmd::MigrateToSys,
             DmirrorCmd::Snapshot,
             DmirrorCmd::Flags,
         ]

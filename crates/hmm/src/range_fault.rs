@@ -528,7 +528,7 @@ fn migration_wait(mmap: &MmapReadGuard<'_>, entry: Pte) {
     let Pte::Migration { pfn, .. } = entry else {
         unreachable!("only migration entries are waited on")
     };
-    if let Ok(page) = mmap.mm().phys().frame(pfn).try_get() {
+    if let Ok(page) = mmap.mm().phys().frame_nr(pfn.nr()).try_get() {
         page.folio().meta().wait_unlocked();
     }
 }

@@ -86,6 +86,20 @@ impl FaultStats {
     }
 }
 
+/// What `migrate_vma` did in an address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct MigrateStats {
+    /// `migrate_vma_setup` calls that collected.
+    pub setups: u64,
+    /// Pages selected, locked and unmapped by setup (`cpages` after the pin check),
+    /// holes and zero pages included.
+    pub pages_collected: u64,
+    /// Pages whose mapping now names the destination (holes filled included).
+    pub pages_migrated: u64,
+    /// Collected pages put back as they were (no destination, pinned, lost a race).
+    pub pages_restored: u64,
+}
+
 /// A snapshot of an address space's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct MmStats {
@@ -109,6 +123,8 @@ pub struct MmStats {
     pub thp_collapse: u64,
     /// THPs split into small pages after part of them was unmapped (`thp_split_page`).
     pub thp_split_folio: u64,
+    /// Migrations.
+    pub migrate: MigrateStats,
 }
 
 impl MmStats {
@@ -149,6 +165,15 @@ impl MmStats {
             thp_split_pmd: d(self.thp_split_pmd, earlier.thp_split_pmd),
             thp_collapse: d(self.thp_collapse, earlier.thp_collapse),
             thp_split_folio: d(self.thp_split_folio, earlier.thp_split_folio),
+            migrate: MigrateStats {
+                setups: d(self.migrate.setups, earlier.migrate.setups),
+                pages_collected: d(
+                    self.migrate.pages_collected,
+                    earlier.migrate.pages_collected,
+                ),
+                pages_migrated: d(self.migrate.pages_migrated, earlier.migrate.pages_migrated),
+                pages_restored: d(self.migrate.pages_restored, earlier.migrate.pages_restored),
+            },
         }
     }
 }
@@ -163,6 +188,10 @@ pub(crate) struct MmCounters {
     frames_allocated: AtomicU64,
     frames_freed: AtomicU64,
     thp_split_pmd: AtomicU64,
+    migrate_setups: AtomicU64,
+    migrate_collected: AtomicU64,
+    migrate_migrated: AtomicU64,
+    migrate_restored: AtomicU64,
     thp_collapse: AtomicU64,
     thp_split_folio: AtomicU64,
 }
@@ -191,6 +220,16 @@ impl MmCounters {
 
     pub(crate) fn thp_split_folio(&self) {
         self.thp_split_folio.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn migrate_setup(&self, collected: u64) {
+        self.migrate_setups.fetch_add(1, Relaxed);
+        self.migrate_collected.fetch_add(collected, Relaxed);
+    }
+
+    pub(crate) fn migrate_done(&self, migrated: u64, restored: u64) {
+        self.migrate_migrated.fetch_add(migrated, Relaxed);
+        self.migrate_restored.fetch_add(restored, Relaxed);
     }
 
     pub(crate) fn thp_collapse(&self) {
@@ -222,6 +261,12 @@ impl MmCounters {
             thp_split_pmd: self.thp_split_pmd.load(Relaxed),
             thp_collapse: self.thp_collapse.load(Relaxed),
             thp_split_folio: self.thp_split_folio.load(Relaxed),
+            migrate: MigrateStats {
+                setups: self.migrate_setups.load(Relaxed),
+                pages_collected: self.migrate_collected.load(Relaxed),
+                pages_migrated: self.migrate_migrated.load(Relaxed),
+                pages_restored: self.migrate_restored.load(Relaxed),
+            },
         }
     }
 }

@@ -129,7 +129,7 @@ pub(super) fn handle_mm_fault(
         }
         Pte::Migration { pfn, .. } => {
             // migration_entry_wait: pin the folio under the PTL, sleep on its lock.
-            let frame = mm.phys().frame(pfn);
+            let frame = mm.phys().frame_nr(pfn.nr());
             let pinned = frame.try_get();
             c.unlock();
             if let Ok(pinned) = pinned {

@@ -74,7 +74,7 @@ pub(super) fn fault(
         }
         PmdEntry::Leaf(Pte::Migration { pfn, .. }) => {
             drop(pmd);
-            if let Ok(pinned) = mm.phys().frame(pfn).try_get() {
+            if let Ok(pinned) = mm.phys().frame_nr(pfn.nr()).try_get() {
                 pinned.folio().meta().wait_unlocked();
                 mm.release_frame(pinned);
             }

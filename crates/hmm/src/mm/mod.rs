@@ -43,7 +43,7 @@ mod pagemap;
 mod rmap;
 mod shmem;
 mod thp;
-mod tlb;
+pub(crate) mod tlb;
 mod vma;
 mod zap;
 
@@ -63,8 +63,10 @@ pub use madvise::Advice;
 pub use mmap::MapFlags;
 pub use mremap::MremapFlags;
 pub use pagemap::{PagemapEntry, SwapKind};
+pub(crate) use rmap::rmap_walk;
 pub use rmap::{device_folio_mappings, folio_mappings, RmapEntry};
 pub use thp::ThpMode;
+pub(crate) use thp::{split_folio, split_pmd};
 pub use vma::{Vma, VmaKind};
 
 pub use crate::prot::{Prot, VmFlags};
@@ -280,6 +282,11 @@ impl Mm {
             owner,
             vma.pgoff_of(addr.align_down(PAGE_SIZE << frame.meta().order())),
         );
+    }
+
+    /// The live counters.
+    pub(crate) fn counters(&self) -> &MmCounters {
+        &self.counters
     }
 
     /// Drops a reference taken for the mm, counting a free.

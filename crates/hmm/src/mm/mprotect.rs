@@ -156,7 +156,7 @@ impl Mm {
                 flags: f,
             } => {
                 // "A protection check is difficult so just be safe and disable write."
-                let folio = phys.frame(pfn).folio();
+                let folio = phys.frame_nr(pfn.nr()).folio();
                 let kind = if folio.meta().flags().contains(FrameFlags::ANON) {
                     MigrationKind::ReadExclusive
                 } else {

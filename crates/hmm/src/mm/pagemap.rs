@@ -145,8 +145,8 @@ impl Mm {
                         }
                         Pte::Migration { pfn, .. } => {
                             e.swap = Some(SwapKind::Migration);
-                            e.pfn = Some(pfn.as_u64() + sub);
-                            let folio = phys.frame(pfn).folio();
+                            e.pfn = Some(pfn.nr() + sub);
+                            let folio = phys.frame_nr(pfn.nr()).folio();
                             e.file = !folio.meta().flags().contains(FrameFlags::ANON);
                         }
                         Pte::DevicePrivate { pfn, .. } => {

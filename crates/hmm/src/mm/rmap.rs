@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 
 use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::notifier::MmId;
-use crate::pgtable::{Huge, Pte, Slot, WalkMode};
+use crate::pgtable::{Huge, MigrationPfn, Pte, Slot, WalkMode};
 use crate::phys::{FrameRef, PhysMem, Zone};
 
 use super::driver::DriverMapping;
@@ -219,7 +219,11 @@ pub(crate) fn collect(page: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> Vec<
             // CPU pfns and device pfns share one numbering: match the entry kinds that can
             // refer to a frame of this zone.
             let kind_matches = match entry {
-                Pte::DevicePrivate { .. } => private,
+                Pte::DevicePrivate { .. }
+                | Pte::Migration {
+                    pfn: MigrationPfn::Device(_),
+                    ..
+                } => private,
                 Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => {
                     !private
                 }

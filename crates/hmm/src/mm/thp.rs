@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange, VmaInfo};
-use crate::pgtable::{MigrationKind, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{
+    MigrationKind, MigrationPfn, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode,
+};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 use crate::stats::FaultKind;
@@ -224,7 +226,7 @@ pub(super) fn huge_pmd_fault(
             Ok(())
         }
         Pte::Migration { pfn, .. } => {
-            if let Ok(pinned) = phys.frame(pfn).try_get() {
+            if let Ok(pinned) = phys.frame_nr(pfn.nr()).try_get() {
                 pinned.folio().meta().wait_unlocked();
                 mm.release_frame(pinned);
             }
@@ -240,7 +242,7 @@ pub(super) fn huge_pmd_fault(
 /// invalidation of its 2 MiB (`__split_huge_pmd`). The caller holds the mmap lock and no
 /// page-table lock.
 #[doc(alias = "__split_huge_pmd")]
-pub(super) fn split_pmd(
+pub(crate) fn split_pmd(
     mm: &Mm,
     pt: &PageTable,
     vma: Option<VmaInfo>,
@@ -268,7 +270,7 @@ pub(super) fn split_pmd(
                 flags,
             },
             Pte::Migration { pfn, kind, flags } => Pte::Migration {
-                pfn: sub(pfn, i as u64),
+                pfn: pfn.offset(i as u64),
                 kind,
                 flags,
             },
@@ -451,7 +453,7 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
 /// entries are restored and the split fails (a pin, a GUP reference, a waiter); the
 /// metadata is split; the migration entries become present entries of the new folios.
 #[doc(alias = "split_huge_page")]
-pub(super) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
+pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
     let phys = mm.phys();
     let head = folio.pfn();
     let fm = folio.meta();
@@ -542,7 +544,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
                 };
                 let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
                 p.set(Pte::Migration {
-                    pfn,
+                    pfn: pfn.into(),
                     kind,
                     flags: keep,
                 });
@@ -574,7 +576,12 @@ fn remap_after_split(
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
     while let Some(slot) = c.next() {
         let Slot::Pte(p) = slot else { continue };
-        let Pte::Migration { pfn, kind, flags } = p.get() else {
+        let Pte::Migration {
+            pfn: MigrationPfn::Cpu(pfn),
+            kind,
+            flags,
+        } = p.get()
+        else {
             continue;
         };
         if !in_folio(pfn) {

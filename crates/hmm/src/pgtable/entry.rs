@@ -22,6 +22,9 @@
 //! | 4 | device-private, readable | [`DevicePfn`] |
 //! | 5 | device-private, writable | [`DevicePfn`] |
 //! | 6 | device-exclusive | [`Pfn`] |
+//! | 7 | migration of a device-private page, readable | [`DevicePfn`] |
+//! | 8 | migration of a device-private page, readable-exclusive | [`DevicePfn`] |
+//! | 9 | migration of a device-private page, writable | [`DevicePfn`] |
 //!
 //! Migration entries keep `YOUNG`, `DIRTY` and `SOFT_DIRTY` of the entry they replaced
 //! (the kernel's `SWP_MIG_YOUNG`/`SWP_MIG_DIRTY`, `pte_swp_soft_dirty`).
@@ -75,6 +78,47 @@ pub enum MigrationKind {
     Write,
 }
 
+/// The page a migration entry stands for: a CPU-addressable page, or a device-private
+/// page being migrated (the kernel's device-private migration entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationPfn {
+    /// System RAM or device-coherent memory.
+    Cpu(Pfn),
+    /// Device-private memory.
+    Device(DevicePfn),
+}
+
+impl MigrationPfn {
+    /// The frame number (CPU and device pfns share one numbering).
+    pub fn nr(self) -> u64 {
+        match self {
+            MigrationPfn::Cpu(p) => p.as_u64(),
+            MigrationPfn::Device(p) => p.as_u64(),
+        }
+    }
+
+    /// The same kind of pfn, `n` frames further (a page of the same folio).
+    ///
+    /// # Panics
+    ///
+    /// Panics past the representable range.
+    #[track_caller]
+    pub fn offset(self, n: u64) -> MigrationPfn {
+        match self {
+            MigrationPfn::Cpu(p) => MigrationPfn::Cpu(p.checked_add(n).expect("pfn in range")),
+            MigrationPfn::Device(p) => {
+                MigrationPfn::Device(p.checked_add(n).expect("pfn in range"))
+            }
+        }
+    }
+}
+
+impl From<Pfn> for MigrationPfn {
+    fn from(p: Pfn) -> Self {
+        MigrationPfn::Cpu(p)
+    }
+}
+
 /// A decoded page-table entry (PTE or PMD leaf).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pte {
@@ -92,7 +136,7 @@ pub enum Pte {
     /// The page is being migrated; CPU accesses wait for the migration to end.
     Migration {
         /// The page being migrated.
-        pfn: Pfn,
+        pfn: MigrationPfn,
         /// The access the entry had before.
         kind: MigrationKind,
         /// Young, dirty, soft-dirty of the entry it replaced.
@@ -135,22 +179,22 @@ impl Pte {
         }
         let target = (word & PFN_MASK) >> PAGE_SHIFT;
         let flags = flags_all & SWP_FLAGS;
+        let migration = |kind, device: bool| Pte::Migration {
+            pfn: if device {
+                MigrationPfn::Device(DevicePfn::new(target))
+            } else {
+                MigrationPfn::Cpu(Pfn::new(target))
+            },
+            kind,
+            flags,
+        };
         match (word & TYPE_MASK) >> TYPE_SHIFT {
-            1 => Pte::Migration {
-                pfn: Pfn::new(target),
-                kind: MigrationKind::Read,
-                flags,
-            },
-            2 => Pte::Migration {
-                pfn: Pfn::new(target),
-                kind: MigrationKind::ReadExclusive,
-                flags,
-            },
-            3 => Pte::Migration {
-                pfn: Pfn::new(target),
-                kind: MigrationKind::Write,
-                flags,
-            },
+            1 => migration(MigrationKind::Read, false),
+            2 => migration(MigrationKind::ReadExclusive, false),
+            3 => migration(MigrationKind::Write, false),
+            7 => migration(MigrationKind::Read, true),
+            8 => migration(MigrationKind::ReadExclusive, true),
+            9 => migration(MigrationKind::Write, true),
             4 => Pte::DevicePrivate {
                 pfn: DevicePfn::new(target),
                 flags: flags & PteFlags::SOFT_DIRTY,
@@ -189,7 +233,11 @@ impl Pte {
                     MigrationKind::ReadExclusive => 2,
                     MigrationKind::Write => 3,
                 };
-                swp(ty, pfn.as_u64(), flags)
+                let ty = match pfn {
+                    MigrationPfn::Cpu(_) => ty,
+                    MigrationPfn::Device(_) => ty + 6,
+                };
+                swp(ty, pfn.nr(), flags)
             }
             Pte::DevicePrivate { pfn, flags } => {
                 let ty = if flags.contains(PteFlags::WRITE) {
@@ -221,13 +269,17 @@ impl Pte {
             if flags.contains(PteFlags::WRITE) && !flags.contains(PteFlags::PROTNONE))
     }
 
-    /// The CPU-addressable frame the entry refers to (present, migration, device-exclusive).
+    /// The CPU-addressable frame the entry refers to (present, migration of a
+    /// CPU-addressable page, device-exclusive).
     pub fn pfn(&self) -> Option<Pfn> {
         match *self {
             Pte::Present { pfn, .. }
-            | Pte::Migration { pfn, .. }
+            | Pte::Migration {
+                pfn: MigrationPfn::Cpu(pfn),
+                ..
+            }
             | Pte::DeviceExclusive { pfn, .. } => Some(pfn),
-            Pte::None | Pte::DevicePrivate { .. } => None,
+            Pte::None | Pte::DevicePrivate { .. } | Pte::Migration { .. } => None,
         }
     }
 
@@ -235,9 +287,8 @@ impl Pte {
     /// pfns share one numbering (see [`crate::phys`]).
     pub fn frame_nr(&self) -> Option<u64> {
         match *self {
-            Pte::Present { pfn, .. }
-            | Pte::Migration { pfn, .. }
-            | Pte::DeviceExclusive { pfn, .. } => Some(pfn.as_u64()),
+            Pte::Present { pfn, .. } | Pte::DeviceExclusive { pfn, .. } => Some(pfn.as_u64()),
+            Pte::Migration { pfn, .. } => Some(pfn.nr()),
             Pte::DevicePrivate { pfn, .. } => Some(pfn.as_u64()),
             Pte::None => None,
         }
@@ -307,7 +358,12 @@ mod tests {
                 MigrationKind::Write,
             ] {
                 entries.push(Pte::Migration {
-                    pfn,
+                    pfn: pfn.into(),
+                    kind,
+                    flags: swp,
+                });
+                entries.push(Pte::Migration {
+                    pfn: MigrationPfn::Device(DevicePfn::new(pfn.as_u64())),
                     kind,
                     flags: swp,
                 });
@@ -354,6 +410,6 @@ mod tests {
     #[test]
     #[should_panic(expected = "corrupt page-table entry")]
     fn unknown_type_panics() {
-        Pte::decode(9 << TYPE_SHIFT);
+        Pte::decode(10 << TYPE_SHIFT);
     }
 }

@@ -13,7 +13,7 @@ mod radix;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cursor::{Cursor, PmdSlot, PteSlot, Slot, WalkMode};
-pub use entry::{Huge, MigrationKind, Pte, PteFlags};
+pub use entry::{Huge, MigrationKind, MigrationPfn, Pte, PteFlags};
 pub use pmd::{PmdEntry, PmdGuard};
 
 #[cfg(test)]

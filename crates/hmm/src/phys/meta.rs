@@ -87,6 +87,7 @@ pub struct FrameMeta {
     order: AtomicU8,
     index: AtomicU64,
     mapping: parking_lot::Mutex<Option<FolioMapping>>,
+    zone_device_data: AtomicU64,
 }
 
 impl std::fmt::Debug for FrameMeta {
@@ -155,6 +156,18 @@ impl FrameMeta {
         Some((m, self.index.load(Ordering::Relaxed)))
     }
 
+    /// The device driver's word for this page (`page->zone_device_data`); 0 until set.
+    #[doc(alias = "folio_zone_device_data")]
+    pub fn zone_device_data(&self) -> u64 {
+        self.zone_device_data.load(Ordering::Relaxed)
+    }
+
+    /// Sets the driver's word for this page (`folio_set_zone_device_data`).
+    #[doc(alias = "folio_set_zone_device_data")]
+    pub fn set_zone_device_data(&self, data: u64) {
+        self.zone_device_data.store(data, Ordering::Relaxed);
+    }
+
     /// Forgets the mapping (the folio is being freed).
     pub(crate) fn clear_mapping(&self) {
         *self.mapping.lock() = None;
@@ -194,6 +207,7 @@ impl FrameMeta {
 
     /// Resets flags to `f` on allocation, keeping nothing of the previous user.
     pub(crate) fn init(&self, f: FrameFlags, order: u32) {
+        self.zone_device_data.store(0, Ordering::Relaxed);
         self.flags.store(f.bits(), Ordering::Release);
         self.set_order(order);
         self.mapcount.store(0, Ordering::Relaxed);

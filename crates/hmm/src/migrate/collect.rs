@@ -1,0 +1,288 @@
+//! The setup stage: the collect walk (`migrate_vma_collect`) and the unmap and pin check
+//! (`migrate_device_unmap`).
+
+use crate::addr::VaRange;
+use crate::mm::tlb::TlbGather;
+use crate::mm::{split_folio, split_pmd};
+use crate::notifier::{NotifierEvent, NotifierRange};
+use crate::pgtable::{MigrationKind, MigrationPfn, Pte, PteFlags, PteSlot, Slot, WalkMode};
+use crate::phys::{FrameFlags, FrameRef, Zone};
+
+use super::commit::{remap_entry, State};
+use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
+
+/// What the walk does after an entry.
+enum Next<'g> {
+    Go,
+    /// The entry maps a page of a large folio: split it, then look again.
+    SplitFolio(FrameRef<'g>),
+}
+
+/// One walk over the range under one MIGRATE invalidation carrying the owner: selects,
+/// locks and unmaps (see the module documentation of `migrate`).
+pub(super) fn collect(s: &mut State<'_, '_>) {
+    let mm = s.mmap.mm();
+    let st = s.mmap.state();
+    let range = NotifierRange::new(mm.id(), s.range, NotifierEvent::Migrate, Some(s.vma.info()))
+        .with_owner(s.owner);
+    let inv = mm.notifiers().invalidate_range_start(range);
+    let mut tlb = TlbGather::new(mm);
+    let anon = s.vma.is_anonymous();
+    let mut c = st.pt.cursor(s.range, WalkMode::Lookup);
+    while let Some(slot) = c.next() {
+        match slot {
+            Slot::Hole(h) => {
+                if anon {
+                    for va in h.pages() {
+                        let i = s.index(va);
+                        s.src[i] = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+                        s.cpages += 1;
+                    }
+                }
+            }
+            Slot::Pmd(p) => {
+                // A THP (or the huge zero page): split the mapping and collect its PTEs.
+                // Device THP (SELECT_COMPOUND) keeps units whole; not built yet, so
+                // PMD-level device entries and migration entries are left alone.
+                if let Pte::Present { .. } = p.get() {
+                    let base = p.range().start();
+                    c.unlock();
+                    split_pmd(mm, &st.pt, Some(s.vma.info()), base, &mut tlb);
+                    c.again();
+                }
+            }
+            Slot::Pte(p) => match collect_pte(s, &p, &mut tlb) {
+                Next::Go => {}
+                Next::SplitFolio(folio) => {
+                    c.unlock();
+                    let held = folio.get();
+                    if split_folio(mm, st, held) {
+                        c.again();
+                    } else {
+                        // The kernel gives up on the rest of the range.
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    drop(c);
+    tlb.finish();
+    inv.end();
+}
+
+/// Collects one PTE under its lock (`migrate_vma_collect_pmd`'s loop body).
+fn collect_pte<'g>(s: &mut State<'g, '_>, p: &PteSlot<'_>, tlb: &mut TlbGather<'_>) -> Next<'g> {
+    let phys = s.phys();
+    let va = p.va();
+    let i = s.index(va);
+    let entry = p.get();
+    let (page, mpfn_write, flags) = match entry {
+        Pte::None => {
+            if s.vma.is_anonymous() {
+                s.src[i] = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+                s.cpages += 1;
+            }
+            return Next::Go;
+        }
+        Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {
+            if s.flags.contains(MigrateVmaFlags::SELECT_SYSTEM) {
+                s.src[i] = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+                s.cpages += 1;
+            }
+            return Next::Go;
+        }
+        Pte::Present { pfn, flags } => {
+            let page = phys.frame(pfn);
+            let wanted = match page.zone() {
+                Zone::System => s.flags.contains(MigrateVmaFlags::SELECT_SYSTEM),
+                Zone::DeviceCoherent { pagemap } => {
+                    s.flags.contains(MigrateVmaFlags::SELECT_DEVICE_COHERENT)
+                        && s.owner_of(pagemap) == s.owner
+                }
+                Zone::DevicePrivate { .. } => unreachable!("present entries map CPU pages"),
+            };
+            if !wanted {
+                return Next::Go;
+            }
+            (page, flags.contains(PteFlags::WRITE), flags)
+        }
+        Pte::DevicePrivate { pfn, flags } => {
+            let page = phys.device_frame(pfn);
+            let Zone::DevicePrivate { pagemap } = page.zone() else {
+                unreachable!("a device pfn names device-private memory")
+            };
+            if !s.flags.contains(MigrateVmaFlags::SELECT_DEVICE_PRIVATE)
+                || s.owner_of(pagemap) != s.owner
+            {
+                return Next::Go;
+            }
+            (page, flags.contains(PteFlags::WRITE), flags)
+        }
+        Pte::Migration { .. } | Pte::DeviceExclusive { .. } => return Next::Go,
+    };
+    let folio = page.folio();
+    let fm = folio.meta();
+    if fm.order() > 0 {
+        if matches!(page.zone(), Zone::System) {
+            return Next::SplitFolio(folio);
+        }
+        // Large device folios are split by device THP support (not built yet).
+        return Next::Go;
+    }
+    // A reference for the migration, then the lock (the fault page is locked already).
+    fm.get();
+    let is_fault_page = s.fault_page == Some(folio.nr());
+    if !is_fault_page && !fm.trylock() {
+        let _ = folio.put();
+        return Next::Go;
+    }
+    let anon_exclusive = fm
+        .flags()
+        .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
+    if anon_exclusive {
+        // folio_try_share_anon_rmap_pte: a pinned exclusive page cannot be shared.
+        if fm.pincount() > 0 {
+            if !is_fault_page {
+                fm.unlock();
+            }
+            let _ = folio.put();
+            return Next::Go;
+        }
+        fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+    }
+    let kind = if mpfn_write {
+        MigrationKind::Write
+    } else if anon_exclusive {
+        MigrationKind::ReadExclusive
+    } else {
+        MigrationKind::Read
+    };
+    let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+    let target = match entry {
+        Pte::DevicePrivate { pfn, .. } => MigrationPfn::Device(pfn),
+        _ => MigrationPfn::Cpu(page.pfn()),
+    };
+    p.set(Pte::Migration {
+        pfn: target,
+        kind,
+        flags: keep,
+    });
+    if flags.contains(PteFlags::DIRTY) {
+        fm.set_flags(FrameFlags::DIRTY);
+    }
+    if matches!(entry, Pte::Present { flags, .. } if !flags.contains(PteFlags::PROTNONE)) {
+        tlb.add_range(VaRange::page_of(va));
+    }
+    // The entry's map count and reference go; the migration holds its own reference.
+    let left = page.meta().dec_mapcount();
+    let _ = folio.put();
+    s.shared[i] = left > 0;
+    let mut mflags = MigratePfnFlags::MIGRATE;
+    if mpfn_write {
+        mflags |= MigratePfnFlags::WRITE;
+    }
+    s.src[i] = MigratePfn::new(folio.nr(), mflags);
+    s.cpages += 1;
+    Next::Go
+}
+
+/// Unmaps collected pages from every other place that maps them (`try_to_migrate`) and
+/// puts back those that cannot migrate: still mapped, or referenced beyond the migration
+/// (a pin, a GUP reference) (`migrate_device_unmap`, `migrate_vma_check_page`).
+pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
+    for i in 0..s.src.len() {
+        let w = s.src[i];
+        if !w.is_valid() || !w.is_migrating() {
+            continue;
+        }
+        let page = s.frame(w.frame_nr());
+        if s.shared[i] {
+            try_to_migrate(s, page);
+        }
+        let fm = page.folio().meta();
+        let file = !fm.flags().contains(FrameFlags::ANON) && fm.mapping().is_some();
+        let expected = 1 + u32::from(s.fault_page == Some(page.nr())) + u32::from(file);
+        if page.meta().mapcount() > 0 || fm.refcount() > expected || fm.pincount() > 0 {
+            s.restore(i);
+        }
+    }
+}
+
+/// Replaces every other mapping of `page` (other address spaces after fork, other
+/// addresses) with a migration entry, through the reverse map, each VMA range under a
+/// CLEAR invalidation (`try_to_migrate_one`).
+fn try_to_migrate(s: &State<'_, '_>, page: FrameRef<'_>) {
+    let held = Some((s.mmap.mm(), s.mmap.state()));
+    let nr = page.nr();
+    let private = matches!(page.zone(), Zone::DevicePrivate { .. });
+    crate::mm::rmap_walk(page.folio(), held, |mm, st, vma, range| {
+        let inv = mm.notifiers().invalidate_range_start(NotifierRange::new(
+            mm.id(),
+            range,
+            NotifierEvent::Clear,
+            Some(vma.info()),
+        ));
+        let mut tlb = TlbGather::new(mm);
+        let mut c = st.pt.cursor(range, WalkMode::Lookup);
+        while let Some(slot) = c.next() {
+            let Slot::Pte(p) = slot else { continue };
+            let entry = p.get();
+            let (target, writable, flags, present) = match entry {
+                Pte::Present { pfn, flags } if !private && pfn.as_u64() == nr => (
+                    MigrationPfn::Cpu(pfn),
+                    flags.contains(PteFlags::WRITE),
+                    flags,
+                    !flags.contains(PteFlags::PROTNONE),
+                ),
+                Pte::DevicePrivate { pfn, flags } if private && pfn.as_u64() == nr => (
+                    MigrationPfn::Device(pfn),
+                    flags.contains(PteFlags::WRITE),
+                    flags,
+                    false,
+                ),
+                _ => continue,
+            };
+            let kind = if writable {
+                MigrationKind::Write
+            } else {
+                MigrationKind::Read
+            };
+            p.set(Pte::Migration {
+                pfn: target,
+                kind,
+                flags: flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY),
+            });
+            if present {
+                tlb.add_range(VaRange::page_of(p.va()));
+            }
+            page.meta().dec_mapcount();
+            let _ = page.put();
+        }
+        drop(c);
+        tlb.finish();
+        inv.end();
+    });
+}
+
+/// Puts the migration entries of `page` back as mappings of `target` in every place
+/// other than the migrating range (which the caller fixes in its own walk), through the
+/// reverse map (`remove_migration_ptes`).
+pub(super) fn remove_migration_ptes_elsewhere(
+    s: &State<'_, '_>,
+    page: FrameRef<'_>,
+    target: FrameRef<'_>,
+) {
+    let held = Some((s.mmap.mm(), s.mmap.state()));
+    let nr = page.nr();
+    crate::mm::rmap_walk(page.folio(), held, |_, st, vma, range| {
+        let mut c = st.pt.cursor(range, WalkMode::Lookup);
+        while let Some(slot) = c.next() {
+            let Slot::Pte(p) = slot else { continue };
+            let entry = p.get();
+            if matches!(entry, Pte::Migration { pfn, .. } if pfn.nr() == nr) {
+                p.set(remap_entry(vma, entry, target));
+            }
+        }
+    });
+}

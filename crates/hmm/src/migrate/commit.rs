@@ -1,0 +1,404 @@
+//! The state a migration carries through its stages, the commit (`migrate_vma_pages`) and
+//! the finalize (`migrate_vma_finalize`, `remove_migration_ptes`).
+
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
+use crate::mm::tlb::TlbGather;
+use crate::mm::{split_pmd, MmapReadGuard, Vma};
+use crate::notifier::{Invalidation, NotifierEvent, NotifierRange, Owner};
+use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
+use crate::phys::{FrameFlags, FrameRef, Freed, PhysMem, Zone};
+use crate::prot::VmFlags;
+
+use super::collect::remove_migration_ptes_elsewhere;
+use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
+use super::{MigrateOutcome, MigrateVma};
+
+/// How far a migration got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Setup done; destinations may be set.
+    Collected,
+    /// `pages` done.
+    Committed,
+    /// Finalized (or moved out): nothing left to do on drop.
+    Done,
+}
+
+/// Everything a migration carries from setup to finalize.
+pub(super) struct State<'g, 'a> {
+    pub(super) mmap: &'g MmapReadGuard<'a>,
+    pub(super) vma: &'g Vma,
+    pub(super) range: VaRange,
+    pub(super) owner: Option<Owner>,
+    pub(super) flags: MigrateVmaFlags,
+    /// The fault page's frame number.
+    pub(super) fault_page: Option<u64>,
+    pub(super) src: Vec<MigratePfn>,
+    pub(super) dst: Vec<MigratePfn>,
+    /// Entry `i`'s page was also mapped elsewhere when it was collected.
+    pub(super) shared: Vec<bool>,
+    pub(super) cpages: u64,
+    stage: Stage,
+}
+
+impl<'g, 'a> State<'g, 'a> {
+    pub(super) fn new(
+        mmap: &'g MmapReadGuard<'a>,
+        vma: &'g Vma,
+        range: VaRange,
+        args: MigrateVma,
+    ) -> Self {
+        let n = range.npages() as usize;
+        State {
+            mmap,
+            vma,
+            range,
+            owner: args.pgmap_owner,
+            flags: args.flags,
+            fault_page: args.fault_page.map(|p| p.as_u64()),
+            src: vec![MigratePfn::default(); n],
+            dst: vec![MigratePfn::default(); n],
+            shared: vec![false; n],
+            cpages: 0,
+            stage: Stage::Collected,
+        }
+    }
+
+    /// Moves the state out, leaving one that does nothing on drop.
+    pub(super) fn take(&mut self) -> Self {
+        let taken = State {
+            mmap: self.mmap,
+            vma: self.vma,
+            range: self.range,
+            owner: self.owner,
+            flags: self.flags,
+            fault_page: self.fault_page,
+            src: std::mem::take(&mut self.src),
+            dst: std::mem::take(&mut self.dst),
+            shared: std::mem::take(&mut self.shared),
+            cpages: self.cpages,
+            stage: self.stage,
+        };
+        self.stage = Stage::Done;
+        taken
+    }
+
+    pub(super) fn phys(&self) -> &'g PhysMem {
+        self.mmap.mm().phys()
+    }
+
+    pub(super) fn frame(&self, nr: u64) -> FrameRef<'g> {
+        self.phys().frame_nr(nr)
+    }
+
+    /// The owner of pagemap `id`.
+    pub(super) fn owner_of(&self, id: u32) -> Option<Owner> {
+        self.phys().pagemap(id).map(|p| p.owner())
+    }
+
+    pub(super) fn index(&self, va: VirtAddr) -> usize {
+        ((va.as_u64() - self.range.start().as_u64()) >> PAGE_SHIFT) as usize
+    }
+
+    fn addr(&self, i: usize) -> VirtAddr {
+        self.range
+            .start()
+            .checked_add((i as u64) << PAGE_SHIFT)
+            .expect("inside the range")
+    }
+
+    /// Puts collected entry `i` back as it was, now (a page that failed the pin check).
+    pub(super) fn restore(&mut self, i: usize) {
+        let page = self.frame(self.src[i].frame_nr());
+        self.remap_own(&[(i, page)]);
+        if self.shared[i] {
+            remove_migration_ptes_elsewhere(self, page, page);
+        }
+        self.release_src(page);
+        self.src[i] = MigratePfn::default();
+        self.cpages -= 1;
+        self.mmap.mm().counters().migrate_done(0, 1);
+    }
+
+    /// Drops the migration's hold on a source page: its lock (unless the fault path holds
+    /// it) and its reference.
+    fn release_src(&self, page: FrameRef<'_>) {
+        if self.fault_page != Some(page.nr()) {
+            page.meta().unlock();
+        }
+        self.put(page);
+    }
+
+    /// Drops one reference, counting a freed RAM frame.
+    fn put(&self, page: FrameRef<'_>) {
+        let ram = matches!(page.zone(), Zone::System);
+        if page.put() == Freed::Yes && ram {
+            self.mmap.mm().counters().frames_freed(1);
+        }
+    }
+
+    /// Replaces the migration entries at the given entries' addresses in the migrating
+    /// range with mappings of the given targets, in one walk.
+    fn remap_own(&self, targets: &[(usize, FrameRef<'_>)]) {
+        let Some(&(first, _)) = targets.first() else {
+            return;
+        };
+        let last = targets.last().expect("non-empty").0;
+        let span = VaRange::new(
+            self.addr(first),
+            self.addr(last)
+                .checked_add(1 << PAGE_SHIFT)
+                .expect("inside the range"),
+        )
+        .expect("non-empty span");
+        let mut c = self.mmap.state().pt.cursor(span, WalkMode::Lookup);
+        let mut k = 0;
+        while let Some(slot) = c.next() {
+            let Slot::Pte(p) = slot else { continue };
+            let i = self.index(p.va());
+            while k < targets.len() && targets[k].0 < i {
+                k += 1;
+            }
+            if k == targets.len() {
+                break;
+            }
+            if targets[k].0 != i {
+                continue;
+            }
+            let src_nr = self.src[i].frame_nr();
+            let entry = p.get();
+            // A concurrent MADV_DONTNEED may have zapped the migration entry.
+            if matches!(entry, Pte::Migration { pfn, .. } if pfn.nr() == src_nr) {
+                p.set(remap_entry(self.vma, entry, targets[k].1));
+            }
+        }
+    }
+}
+
+impl Drop for State<'_, '_> {
+    fn drop(&mut self) {
+        if self.stage != Stage::Done {
+            finalize(self);
+        }
+    }
+}
+
+/// The entry that replaces `migration` (a migration entry) once `target` is the page:
+/// a device-private entry for device-private memory, else a present entry; writable if the
+/// migration entry was, anon-exclusive unless it was a plain read entry
+/// (`remove_migration_pte`). Takes the mapping's reference and map count on `target`.
+pub(super) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>) -> Pte {
+    let Pte::Migration { kind, flags, .. } = migration else {
+        unreachable!("only migration entries are remapped")
+    };
+    let folio = target.folio();
+    folio.meta().get();
+    target.meta().inc_mapcount();
+    if kind != MigrationKind::Read && folio.meta().flags().contains(FrameFlags::ANON) {
+        folio.meta().set_flags(FrameFlags::ANON_EXCLUSIVE);
+    }
+    let write = kind == MigrationKind::Write;
+    match target.zone() {
+        Zone::DevicePrivate { .. } => Pte::DevicePrivate {
+            pfn: target.device_pfn(),
+            flags: if write {
+                PteFlags::WRITE | (flags & PteFlags::SOFT_DIRTY)
+            } else {
+                flags & PteFlags::SOFT_DIRTY
+            },
+        },
+        Zone::System | Zone::DeviceCoherent { .. } => {
+            let mut f = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+            if !vma.is_accessible() {
+                f |= PteFlags::PROTNONE;
+            } else if write {
+                f |= PteFlags::WRITE;
+            }
+            Pte::Present {
+                pfn: target.pfn(),
+                flags: f,
+            }
+        }
+    }
+}
+
+/// `migrate_vma_pages`: entries without a destination stop migrating; holes and zero
+/// pages get theirs inserted under a second MIGRATE invalidation (opened at the first
+/// such entry, to the end of the range); pages get their metadata moved.
+pub(super) fn pages(s: &mut State<'_, '_>) {
+    let mm = s.mmap.mm();
+    let mut inv: Option<Invalidation<'_>> = None;
+    let mut tlb = TlbGather::new(mm);
+    for i in 0..s.src.len() {
+        let (w, d) = (s.src[i], s.dst[i]);
+        if !w.is_migrating() {
+            continue;
+        }
+        if d.is_empty() {
+            s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+            continue;
+        }
+        let va = s.addr(i);
+        let dst = s.frame(d.frame_nr());
+        if !w.is_valid() {
+            if inv.is_none() {
+                let r = VaRange::new(va, s.range.end()).expect("inside the range");
+                inv = Some(
+                    mm.notifiers().invalidate_range_start(
+                        NotifierRange::new(mm.id(), r, NotifierEvent::Migrate, Some(s.vma.info()))
+                            .with_owner(s.owner),
+                    ),
+                );
+            }
+            if !insert_page(s, va, dst, &mut tlb) {
+                s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+            }
+            continue;
+        }
+        let src = s.frame(w.frame_nr());
+        let sm = src.folio().meta();
+        let to_device = !matches!(dst.zone(), Zone::System);
+        // Only anonymous memory moves (file pages would need their page cache slot moved);
+        // the reference count must still be the migration's own (folio_migrate_mapping).
+        let expected = 1 + u32::from(s.fault_page == Some(src.nr()));
+        let anon = sm.flags().contains(FrameFlags::ANON);
+        if !anon || (to_device && dst.folio().meta().order() != 0) || sm.refcount() != expected {
+            s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+            continue;
+        }
+        // folio_migrate_mapping + folio_migrate_flags.
+        let dm = dst.folio().meta();
+        if let Some((owner, index)) = sm.mapping() {
+            dm.set_mapping(std::sync::Arc::downgrade(&owner), index);
+        }
+        let keep = sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY);
+        dm.set_flags(keep | FrameFlags::UPTODATE);
+    }
+    drop(tlb);
+    if let Some(inv) = inv {
+        inv.end();
+    }
+    s.stage = Stage::Committed;
+}
+
+/// Maps `dst` where a hole or the zero page was (`migrate_vma_insert_page`); false if
+/// the entry changed meanwhile (a CPU fault won) or the VMA is not anonymous.
+fn insert_page(
+    s: &State<'_, '_>,
+    va: VirtAddr,
+    dst: FrameRef<'_>,
+    tlb: &mut TlbGather<'_>,
+) -> bool {
+    let mm = s.mmap.mm();
+    let st = s.mmap.state();
+    if !s.vma.is_anonymous() {
+        return false;
+    }
+    let mut c = st.pt.cursor(VaRange::page_of(va), WalkMode::Populate);
+    loop {
+        match c.current().expect("a one-page walk yields a slot") {
+            Slot::Pmd(p) => {
+                let leaf = p.get();
+                let base = p.range().start();
+                let huge_zero =
+                    matches!(leaf, Pte::Present { pfn, .. } if s.phys().is_huge_zero_pfn(pfn));
+                if !huge_zero {
+                    return false;
+                }
+                c.unlock();
+                split_pmd(mm, &st.pt, Some(s.vma.info()), base, tlb);
+            }
+            Slot::Pte(p) => {
+                let old = p.get();
+                let zero = match old {
+                    Pte::None => false,
+                    Pte::Present { pfn, .. } if s.phys().is_zero_pfn(pfn) => true,
+                    _ => return false,
+                };
+                let vm_write = s.vma.flags().contains(VmFlags::WRITE);
+                let dm = dst.folio().meta();
+                dm.set_flags(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE);
+                mm.new_anon_rmap(&dst, s.vma, va);
+                let entry = match dst.zone() {
+                    Zone::DevicePrivate { .. } => Pte::DevicePrivate {
+                        pfn: dst.device_pfn(),
+                        flags: if vm_write {
+                            PteFlags::WRITE
+                        } else {
+                            PteFlags::empty()
+                        },
+                    },
+                    Zone::System | Zone::DeviceCoherent { .. } => Pte::Present {
+                        pfn: dst.pfn(),
+                        flags: if vm_write {
+                            PteFlags::YOUNG | PteFlags::WRITE | PteFlags::DIRTY
+                        } else {
+                            PteFlags::YOUNG
+                        },
+                    },
+                };
+                dm.get();
+                dst.meta().inc_mapcount();
+                p.set(entry);
+                if zero {
+                    tlb.add_range(VaRange::page_of(va));
+                }
+                return true;
+            }
+            Slot::Hole(_) => unreachable!("populate walks yield no holes"),
+        }
+    }
+}
+
+/// `migrate_vma_finalize`: every migration entry becomes a mapping of its destination
+/// (entries still migrating) or of its source (the others), in one walk of the range plus
+/// reverse-map walks for pages mapped elsewhere too; then locks and references go.
+pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
+    let committed = s.stage == Stage::Committed;
+    let mut own = Vec::new();
+    let mut out = MigrateOutcome::default();
+    for i in 0..s.src.len() {
+        let (w, d) = (s.src[i], s.dst[i]);
+        if !w.is_valid() {
+            if !d.is_empty() {
+                // A hole's destination: inserted (the entry holds its own reference) or not.
+                if committed && w.is_migrating() {
+                    out.migrated += 1;
+                }
+                let dst = s.frame(d.frame_nr());
+                dst.meta().unlock();
+                s.put(dst);
+            }
+            continue;
+        }
+        let src = s.frame(w.frame_nr());
+        let target = if committed && w.is_migrating() && !d.is_empty() {
+            out.migrated += 1;
+            s.frame(d.frame_nr())
+        } else {
+            out.restored += 1;
+            src
+        };
+        own.push((i, target));
+    }
+    s.remap_own(&own);
+    for &(i, target) in &own {
+        let src = s.frame(s.src[i].frame_nr());
+        if s.shared[i] {
+            remove_migration_ptes_elsewhere(s, src, target);
+        }
+        s.release_src(src);
+        let d = s.dst[i];
+        if !d.is_empty() {
+            let dst = s.frame(d.frame_nr());
+            dst.meta().unlock();
+            s.put(dst);
+        }
+    }
+    s.mmap
+        .mm()
+        .counters()
+        .migrate_done(out.migrated, out.restored);
+    s.stage = Stage::Done;
+    out
+}

@@ -1,0 +1,249 @@
+//! `migrate_vma`: moving the pages of a range between system memory and device memory.
+//!
+//! A migration is three stages, each a `#[must_use]` type, as in the kernel:
+//!
+//! 1. [`migrate_vma_setup`] **collects**: one walk over `[start, end)` of a single VMA,
+//!    under one `MMU_NOTIFY_MIGRATE` invalidation carrying `pgmap_owner`, selects pages by
+//!    the [`MigrateVmaFlags`] (system pages, this owner's device-private or
+//!    device-coherent pages; holes and the zero page of anonymous memory always), locks
+//!    each selected page (trylock: a locked page is skipped), and replaces its entry with a
+//!    migration entry. Mappings of the page elsewhere (after fork) are then replaced too,
+//!    through the reverse map (`try_to_migrate`, CLEAR), and pinned pages are put back
+//!    (the pin check). The result is [`Migration`]: `src` words ([`MigratePfn`]) and
+//!    `cpages`.
+//! 2. The driver allocates destination pages (locked), copies, and hands each one over
+//!    with [`Migration::set_dst`]. [`Migration::pages`] (`migrate_vma_pages`) then
+//!    commits: a hole or zero page gets its destination inserted (under a second MIGRATE
+//!    invalidation from that page to the end, opened only if there is such an entry); a
+//!    page gets its metadata moved to the destination. No other invalidation is raised.
+//! 3. [`MigrationPages::finalize`] (`migrate_vma_finalize`) replaces every migration entry
+//!    with a mapping of the destination, or of the source where the entry did not migrate,
+//!    unlocks, and drops the migration's references.
+//!
+//! Dropping a stage finalizes it: a [`Migration`] dropped before `pages` puts every source
+//! back and frees the destinations given; nothing is lost.
+//!
+//! # Locking
+//!
+//! The caller holds the mmap lock for reading for the whole migration (the stages borrow
+//! its guard). Between setup and finalize, the selected source pages are locked and
+//! unmapped: a CPU access waits on the page lock (the migration entry), a device fault on
+//! one of them likewise. The collect walk takes page-table locks one at a time and never
+//! sleeps under them; splitting a THP it meets is done with no page-table lock held.
+
+mod collect;
+mod commit;
+mod pfn;
+
+use thiserror::Error;
+
+use crate::addr::{DevicePfn, VaRange, VirtAddr, PAGE_SHIFT};
+use crate::mm::{MmapReadGuard, Vma};
+use crate::notifier::Owner;
+use crate::phys::{Frame, FrameRef};
+use crate::prot::VmFlags;
+
+pub use pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags, MIGRATE_PFN_SHIFT};
+
+/// What to migrate (the caller's fields of `struct migrate_vma`).
+#[doc(alias = "migrate_vma")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateVma {
+    /// First address (page aligned).
+    pub start: VirtAddr,
+    /// End, exclusive (page aligned, above `start`, in the same VMA).
+    pub end: VirtAddr,
+    /// Selects device pages of this owner, and is carried by the MIGRATE invalidations so
+    /// the migrating driver can skip them.
+    pub pgmap_owner: Option<Owner>,
+    /// Which pages to select.
+    pub flags: MigrateVmaFlags,
+    /// The device-private page a `migrate_to_ram` handler is migrating (locked by the
+    /// fault path): the migration neither locks nor unlocks it.
+    pub fault_page: Option<DevicePfn>,
+}
+
+/// Why [`migrate_vma_setup`] refused (`-EINVAL` in every case, as in the kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum MigrateError {
+    /// Bad arguments: unaligned or empty range, no VMA, a range leaving its VMA, a
+    /// hugetlb or driver (`VM_MIXEDMAP`) VMA, or a fault page that is not a locked
+    /// device-private page.
+    #[error("invalid migrate_vma: {what}")]
+    Inval {
+        /// What was wrong.
+        what: &'static str,
+    },
+}
+
+/// Collected pages, waiting for destinations (after `migrate_vma_setup`).
+#[must_use = "dropping a migration puts every page back; call pages() and finalize()"]
+pub struct Migration<'g, 'a> {
+    state: commit::State<'g, 'a>,
+}
+
+/// Committed pages, waiting for finalize (after `migrate_vma_pages`).
+#[must_use = "dropping finalizes; call finalize() to get the outcome"]
+pub struct MigrationPages<'g, 'a> {
+    state: commit::State<'g, 'a>,
+}
+
+/// What a finished migration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct MigrateOutcome {
+    /// Entries that now map the destination (holes filled included).
+    pub migrated: u64,
+    /// Collected entries put back as they were.
+    pub restored: u64,
+}
+
+/// Collects `args.start..args.end` for migration (`migrate_vma_setup`); see the
+/// [module documentation](self).
+pub fn migrate_vma_setup<'g, 'a>(
+    mmap: &'g MmapReadGuard<'a>,
+    args: MigrateVma,
+) -> Result<Migration<'g, 'a>, MigrateError> {
+    let inval = |what| MigrateError::Inval { what };
+    let range =
+        VaRange::new(args.start, args.end).map_err(|_| inval("unaligned or empty range"))?;
+    let vma: &'g Vma = mmap.vma_lookup(range.start()).ok_or(inval("no VMA"))?;
+    if !vma.range().contains_range(&range) {
+        return Err(inval("the range leaves its VMA"));
+    }
+    if vma.flags().intersects(VmFlags::HUGETLB | VmFlags::MIXEDMAP) {
+        return Err(inval("hugetlb or driver VMA"));
+    }
+    if let Some(fp) = args.fault_page {
+        let phys = mmap.mm().phys();
+        if !phys.contains_device(fp) || !phys.device_frame(fp).folio().meta().is_locked() {
+            return Err(inval("fault page not a locked device-private page"));
+        }
+    }
+    let mut state = commit::State::new(mmap, vma, range, args);
+    collect::collect(&mut state);
+    collect::unmap_and_check(&mut state);
+    let m = mmap.mm();
+    m.counters().migrate_setup(state.cpages);
+    Ok(Migration { state })
+}
+
+impl<'g, 'a> Migration<'g, 'a> {
+    /// The mmap lock the migration runs under.
+    pub fn mmap(&self) -> &'g MmapReadGuard<'a> {
+        self.state.mmap
+    }
+
+    /// One word per page of the range: `MIGRATE` for each entry that is migrating
+    /// (`VALID` and a frame number when it has a source page; none for a hole or the zero
+    /// page, which get a zero-filled destination).
+    pub fn src(&self) -> &[MigratePfn] {
+        &self.state.src
+    }
+
+    /// The destination words set so far.
+    pub fn dst(&self) -> &[MigratePfn] {
+        &self.state.dst
+    }
+
+    /// Entries migrating (holes and zero pages included) (`cpages`).
+    pub fn cpages(&self) -> u64 {
+        self.state.cpages
+    }
+
+    /// Entries in the range (`npages`).
+    pub fn npages(&self) -> u64 {
+        self.state.src.len() as u64
+    }
+
+    /// The first address.
+    pub fn start(&self) -> VirtAddr {
+        self.state.range.start()
+    }
+
+    /// The address of entry `i`.
+    pub fn addr(&self, i: usize) -> VirtAddr {
+        self.start()
+            .checked_add((i as u64) << PAGE_SHIFT)
+            .expect("inside the range")
+    }
+
+    /// The source page of entry `i`, to copy from (locked and unmapped: its contents are
+    /// stable); `None` for a hole or the zero page, or an entry not migrating.
+    #[doc(alias = "migrate_pfn_to_page")]
+    pub fn src_page(&self, i: usize) -> Option<FrameRef<'_>> {
+        let s = self.state.src[i];
+        s.is_valid()
+            .then(|| self.state.mmap.mm().phys().frame_nr(s.frame_nr()))
+    }
+
+    /// Gives entry `i` its destination: a folio the caller allocated, filled and locked.
+    /// `write` asks for a writable mapping (`MIGRATE_PFN_WRITE`). The migration owns the
+    /// reference from now on and unlocks the page when it finalizes.
+    ///
+    /// # Panics
+    ///
+    /// Panics if entry `i` is not migrating, already has a destination, or `dst` is not
+    /// locked.
+    #[track_caller]
+    pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
+        assert!(
+            self.state.src[i].is_migrating(),
+            "entry {i} is not migrating"
+        );
+        assert!(self.state.dst[i].is_empty(), "entry {i} has a destination");
+        assert!(dst.meta().is_locked(), "destination pages must be locked");
+        let mut flags = MigratePfnFlags::VALID;
+        if write {
+            flags |= MigratePfnFlags::WRITE;
+        }
+        let nr = dst.nr();
+        std::mem::forget(dst);
+        self.state.dst[i] = MigratePfn::new(nr, flags);
+    }
+
+    /// Commits the entries that have a destination (`migrate_vma_pages`); the others stop
+    /// migrating.
+    #[doc(alias = "migrate_vma_pages")]
+    pub fn pages(mut self) -> MigrationPages<'g, 'a> {
+        commit::pages(&mut self.state);
+        MigrationPages {
+            state: self.state.take(),
+        }
+    }
+}
+
+impl MigrationPages<'_, '_> {
+    /// The source words: `MIGRATE` still set on the entries that will migrate.
+    pub fn src(&self) -> &[MigratePfn] {
+        &self.state.src
+    }
+
+    /// The destination words.
+    pub fn dst(&self) -> &[MigratePfn] {
+        &self.state.dst
+    }
+
+    /// Maps the destinations (or the sources, where an entry did not migrate), unlocks
+    /// and drops the migration's references (`migrate_vma_finalize`).
+    #[doc(alias = "migrate_vma_finalize")]
+    pub fn finalize(mut self) -> MigrateOutcome {
+        commit::finalize(&mut self.state)
+    }
+}
+
+impl std::fmt::Debug for Migration<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("range", &self.state.range)
+            .field("cpages", &self.state.cpages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for MigrationPages<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationPages")
+            .field("range", &self.state.range)
+            .finish_non_exhaustive()
+    }
+}

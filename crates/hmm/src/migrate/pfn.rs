@@ -1,0 +1,126 @@
+//! The words a migration is described by: [`MigratePfn`] (`src`/`dst` entries) and the
+//! selection flags [`MigrateVmaFlags`].
+
+use bitflags::bitflags;
+
+bitflags! {
+    /// Which pages `migrate_vma_setup` selects (`enum migrate_vma_direction`). Holes and
+    /// the zero page of anonymous memory are selected whatever the flags.
+    #[doc(alias = "migrate_vma_direction")]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MigrateVmaFlags: u32 {
+        /// System pages (and the zero page).
+        #[doc(alias = "MIGRATE_VMA_SELECT_SYSTEM")]
+        const SELECT_SYSTEM = 1 << 0;
+        /// Device-private pages whose pagemap owner is `pgmap_owner`.
+        #[doc(alias = "MIGRATE_VMA_SELECT_DEVICE_PRIVATE")]
+        const SELECT_DEVICE_PRIVATE = 1 << 1;
+        /// Device-coherent pages whose pagemap owner is `pgmap_owner`.
+        #[doc(alias = "MIGRATE_VMA_SELECT_DEVICE_COHERENT")]
+        const SELECT_DEVICE_COHERENT = 1 << 2;
+        /// Keep PMD-sized units whole (device THP migration).
+        #[doc(alias = "MIGRATE_VMA_SELECT_COMPOUND")]
+        const SELECT_COMPOUND = 1 << 3;
+    }
+}
+
+bitflags! {
+    /// Flag bits of a [`MigratePfn`] word.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MigratePfnFlags: u64 {
+        /// The frame number is meaningful.
+        #[doc(alias = "MIGRATE_PFN_VALID")]
+        const VALID = 1 << 0;
+        /// The entry is (still) migrating.
+        #[doc(alias = "MIGRATE_PFN_MIGRATE")]
+        const MIGRATE = 1 << 1;
+        /// Source mapped writable / destination to be mapped writable.
+        #[doc(alias = "MIGRATE_PFN_WRITE")]
+        const WRITE = 1 << 3;
+        /// Head of a PMD-sized unit; the next 511 words are 0.
+        #[doc(alias = "MIGRATE_PFN_COMPOUND")]
+        const COMPOUND = 1 << 4;
+    }
+}
+
+/// `MIGRATE_PFN_SHIFT`: the frame number is stored this far up.
+pub const MIGRATE_PFN_SHIFT: u32 = 6;
+
+/// One `src` or `dst` word: a frame number (CPU or device: one numbering) and flags.
+/// A source word of exactly `MIGRATE` (no `VALID`) is a hole or the zero page: the
+/// destination is zero-filled, nothing is copied.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(transparent)]
+pub struct MigratePfn(u64);
+
+impl MigratePfn {
+    /// A word naming frame `nr` (`migrate_pfn`, which sets `VALID`) with `flags`.
+    #[doc(alias = "migrate_pfn")]
+    pub fn new(nr: u64, flags: MigratePfnFlags) -> MigratePfn {
+        MigratePfn((nr << MIGRATE_PFN_SHIFT) | (flags | MigratePfnFlags::VALID).bits())
+    }
+
+    /// A word of flags only (a hole: `MIGRATE` without a page).
+    pub fn flags_only(flags: MigratePfnFlags) -> MigratePfn {
+        MigratePfn((flags - MigratePfnFlags::VALID).bits())
+    }
+
+    /// The raw word.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The flags.
+    pub fn flags(self) -> MigratePfnFlags {
+        MigratePfnFlags::from_bits_truncate(self.0)
+    }
+
+    /// The frame number (meaningful when [`is_valid`](Self::is_valid)).
+    pub fn frame_nr(self) -> u64 {
+        self.0 >> MIGRATE_PFN_SHIFT
+    }
+
+    /// Whether a page is named.
+    pub fn is_valid(self) -> bool {
+        self.flags().contains(MigratePfnFlags::VALID)
+    }
+
+    /// Whether the entry is migrating.
+    pub fn is_migrating(self) -> bool {
+        self.flags().contains(MigratePfnFlags::MIGRATE)
+    }
+
+    /// Whether the word is 0.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub(crate) fn without(self, f: MigratePfnFlags) -> MigratePfn {
+        MigratePfn(self.0 & !f.bits())
+    }
+}
+
+impl std::fmt::Debug for MigratePfn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MigratePfn({:#x}, {:?})", self.frame_nr(), self.flags())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_match_the_kernel_layout() {
+        let w = MigratePfn::new(0x1234, MigratePfnFlags::MIGRATE | MigratePfnFlags::WRITE);
+        assert_eq!(w.as_u64(), (0x1234 << 6) | 0b1011);
+        assert_eq!(w.frame_nr(), 0x1234);
+        assert!(w.is_valid() && w.is_migrating());
+        let hole = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+        assert_eq!(hole.as_u64(), 2);
+        assert!(!hole.is_valid() && hole.is_migrating());
+        assert!(!hole.without(MigratePfnFlags::MIGRATE).is_migrating());
+        assert!(MigratePfn::default().is_empty());
+        assert_eq!(MigrateVmaFlags::SELECT_COMPOUND.bits(), 8);
+    }
+}
