@@ -1,36 +1,30 @@
-//! `hmm demo`: the CPU side of an address space, step by step.
+//! `hmm demo`: the seed story on the built-in simulated devices.
+//!
+//! A process fills a buffer; it is migrated to device 0; the CPU reads half of it back
+//! (each page faults into device 0's `migrate_to_ram`); the whole range is migrated to
+//! device 0 again (OpenCL's `clEnqueueSVMMigrateMem` called twice: seed 002), which must
+//! neither invalidate nor copy the half still on the device; device 1 then tries the same
+//! range, leaves device 0's pages alone, and reads them through faults. Every byte is
+//! checked. The same story with device 0's owner filter off (the behaviour before the seed
+//! series) gives the baseline invalidation count.
 
 use std::error::Error;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::mm::{MapFlags, Mm, Prot};
-use hmm::notifier::{
-    IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent, NotifierRange, Recorder,
-};
+use hmm::notifier::{NotifierEvent, Recorder};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm::stats::MmStats;
+use hmm_dmirror::{
+    Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd, MirrorStats,
+};
 use serde::Serialize;
-
-/// A minimal mirror: an interval notifier that records the seq on every invalidation, as
-/// a device driver would before dropping its device mappings.
-#[derive(Default)]
-struct Mirror {
-    invalidations: AtomicU64,
-}
-
-impl IntervalNotifierOps for Mirror {
-    fn invalidate(&self, sub: &IntervalSub, _range: &NotifierRange, cur: InvalidateSeq) -> bool {
-        sub.set_seq(cur);
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
-        true
-    }
-}
 
 #[derive(Serialize)]
 struct Event {
     event: &'static str,
+    owner: Option<u64>,
     start: String,
     end: String,
     pages: u64,
@@ -39,45 +33,171 @@ struct Event {
 #[derive(Serialize)]
 struct Step {
     step: &'static str,
+    /// What the step's command reported, if it ran one.
+    outcome: String,
     events: Vec<Event>,
     cost: MmStats,
+    /// Device 0's mirror counters over the step.
+    device0: MirrorStats,
 }
 
 #[derive(Serialize)]
 struct Report {
     pages: u64,
     steps: Vec<Step>,
-    mirror_invalidations: u64,
-    mirror_read_retry_after_mprotect: bool,
+    /// Device 0 mirror pages invalidated by the second migration (all of them were
+    /// already on device 0 or came back from the CPU).
+    remigrate_device_invalidations: u64,
+    /// Pages already on device 0 that the second migration copied (or moved).
+    remigrate_pages_copied: u64,
+    /// Pages the second migration copied to device 0 (the half the CPU had taken back).
+    remigrate_pages_migrated: u64,
+    /// The same second migration with the owner filter off: device 0 pages invalidated.
+    baseline_device_invalidations: u64,
+    /// Device 1's migration of the range: pages it could read back, and its error.
+    device1_migrate: String,
     bytes_verified: u64,
     corrupted_bytes: u64,
     frames_in_use_after_munmap: u64,
+    device_pages_in_use_after_munmap: u64,
     total: MmStats,
 }
 
-fn pattern(i: u64) -> u64 {
-    i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x4855_4D00
+/// The byte at offset `i` of the buffer.
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8 ^ (i as u8)
+}
+
+/// A machine with the dmirror driver, one process, its buffer and a user buffer for
+/// device data.
+struct Stage {
+    phys: Arc<PhysMem>,
+    driver: DmirrorDriver,
+    mm: Arc<Mm>,
+    buf: VirtAddr,
+    user: VirtAddr,
+    pages: u64,
+}
+
+impl Stage {
+    fn new(pages: u64) -> Result<Stage, Box<dyn Error>> {
+        let len = pages * PAGE_SIZE;
+        let ram = len.div_ceil(2 << 20) * (2 << 20) * 3 + (8 << 20);
+        let phys = PhysMem::new(PhysConfig::with_size(ram))?;
+        let chunk = len.div_ceil(2 << 20) * (2 << 20);
+        let driver = DmirrorDriver::new(
+            &phys,
+            DmirrorConfig {
+                chunk_bytes: chunk,
+                max_chunks: 2,
+            },
+        );
+        let mm = Mm::new(phys.clone());
+        let rw = Prot::READ | Prot::WRITE;
+        let buf = mm.mmap(None, len, rw, MapFlags::PRIVATE)?;
+        let user = mm.mmap(None, len, rw, MapFlags::PRIVATE)?;
+        Ok(Stage {
+            phys,
+            driver,
+            mm,
+            buf,
+            user,
+            pages,
+        })
+    }
+
+    fn fill(&self) -> Result<(), Box<dyn Error>> {
+        let data: Vec<u8> = (0..self.pages * PAGE_SIZE).map(pattern).collect();
+        self.mm.write(self.buf, &data)?;
+        Ok(())
+    }
+
+    fn cmd(
+        &self,
+        d: &Dmirror,
+        which: DmirrorCmd,
+        npages: u64,
+    ) -> Result<HmmDmirrorCmd, DmirrorError> {
+        let mut c = HmmDmirrorCmd {
+            addr: self.buf.as_u64(),
+            ptr: self.user.as_u64(),
+            npages,
+            ..HmmDmirrorCmd::default()
+        };
+        d.ioctl(which, &mut c).map(|()| c)
+    }
+
+    /// The CPU reads the first `npages` pages back (faulting them out of device memory).
+    fn cpu_read(&self, npages: u64) -> Result<Vec<u8>, Box<dyn Error>> {
+        let mut b = vec![0u8; (npages * PAGE_SIZE) as usize];
+        self.mm.read(self.buf, &mut b)?;
+        Ok(b)
+    }
+
+    /// Device 0's frame for every page (`None` where it maps nothing).
+    fn device_frames(&self, d: &Dmirror) -> Vec<Option<u64>> {
+        (0..self.pages)
+            .map(|i| {
+                let va = self.buf.checked_add(i * PAGE_SIZE).expect("in the buffer");
+                d.lookup(va).map(|e| e.frame_nr)
+            })
+            .collect()
+    }
+}
+
+fn delta(a: &MirrorStats, b: &MirrorStats) -> MirrorStats {
+    MirrorStats {
+        invalidations: a.invalidations - b.invalidations,
+        pages_invalidated: a.pages_invalidated - b.pages_invalidated,
+        migrate_skips: a.migrate_skips - b.migrate_skips,
+        device_faults: a.device_faults - b.device_faults,
+        pages_mapped: a.pages_mapped - b.pages_mapped,
+        pages_accessed: a.pages_accessed - b.pages_accessed,
+        pages_copied_to_device: a.pages_copied_to_device - b.pages_copied_to_device,
+        pages_copied_to_system: a.pages_copied_to_system - b.pages_copied_to_system,
+        pages_zero_filled: a.pages_zero_filled - b.pages_zero_filled,
+    }
+}
+
+/// The second migration's device 0 invalidations with the owner filter off: the
+/// behaviour before the seed series, on a machine of its own.
+fn baseline_invalidations(pages: u64) -> Result<u64, Box<dyn Error>> {
+    let s = Stage::new(pages)?;
+    let d0 = Dmirror::open(s.driver.device(0), &s.mm)?;
+    d0.set_owner_filter(false);
+    s.fill()?;
+    s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    s.cpu_read(pages / 2)?;
+    let before = d0.stats();
+    // Without the filter the device loses its mappings of the pages it already had, so the
+    // read-back fails with ENOENT; only the count matters here.
+    let _ = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages);
+    Ok(delta(&d0.stats(), &before).pages_invalidated)
 }
 
 pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
-    if pages == 0 {
-        return Err("--pages must be at least 1".into());
+    if pages < 2 {
+        return Err("--pages must be at least 2".into());
     }
-    let ram = (pages * PAGE_SIZE).div_ceil(2 << 20) * (2 << 20) + (8 << 20);
-    let phys = PhysMem::new(PhysConfig::with_size(ram))?;
-    let mm = Mm::new(phys.clone());
+    let baseline = baseline_invalidations(pages)?;
+
+    let s = Stage::new(pages)?;
     let rec = Arc::new(Recorder::new());
-    let _rec_handle = mm.register_notifier(rec.clone())?;
-    let len = pages * PAGE_SIZE;
+    let _rec_handle = s.mm.register_notifier(rec.clone())?;
+    let d0 = Dmirror::open(s.driver.device(0), &s.mm)?;
+    let d1 = Dmirror::open(s.driver.device(1), &s.mm)?;
     let mut steps = Vec::new();
-    let mut last = mm.stats();
-    let mut step = |name: &'static str, mm: &Mm| {
-        let now = mm.stats();
+    let mut last = s.mm.stats();
+    let mut last_d0 = d0.stats();
+    let mut step = |name: &'static str, outcome: String, s: &Stage| {
+        let now = s.mm.stats();
+        let now_d0 = d0.stats();
         let events = rec
             .take()
             .into_iter()
             .map(|r| Event {
                 event: r.event.kernel_name(),
+                owner: r.owner.map(|o| o.as_u64()),
                 start: format!("{:#x}", r.start().as_u64()),
                 end: format!("{:#x}", r.end().as_u64()),
                 pages: r.range.npages(),
@@ -85,92 +205,110 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             .collect();
         steps.push(Step {
             step: name,
+            outcome,
             events,
             cost: now.since(&last),
+            device0: delta(&now_d0, &last_d0),
         });
         last = now;
+        last_d0 = now_d0;
     };
 
-    let buf = mm.mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
-    let mirror = Arc::new(Mirror::default());
-    let sub = mm.interval_notifier_insert(buf, len, mirror.clone())?;
-    step("mmap", &mm);
-
-    let mut sum = 0u64;
-    for i in 0..pages {
-        sum = sum.wrapping_add(mm.read_val::<u64>(at(buf, i))?);
-    }
-    if sum != 0 {
-        return Err("fresh anonymous memory did not read as zero".into());
-    }
-    step("read fault (zero page)", &mm);
-
-    for i in 0..pages {
-        mm.write_val(at(buf, i), pattern(i))?;
-    }
-    step("write fault (copy from zero page)", &mm);
-
-    let seq = sub.read_begin();
-    mm.mprotect(buf, len / 2, Prot::READ)?;
-    let retry = sub.read_retry(seq);
-    step("mprotect first half read-only", &mm);
-
-    let refused = mm.write_val(buf, 1u64).is_err();
-    let mut verified = 0u64;
+    s.fill()?;
+    step("CPU fills the buffer", String::new(), &s);
+    let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    step("migrate to device 0", format!("cpages {}", c.cpages), &s);
+    let half = pages / 2;
+    s.cpu_read(half)?;
+    step("CPU reads the first half back", String::new(), &s);
+    let frames = s.device_frames(&d0);
+    let before = d0.stats();
+    let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    let again = delta(&d0.stats(), &before);
+    let moved = frames
+        .iter()
+        .zip(&s.device_frames(&d0))
+        .filter(|(b, a)| b.is_some() && b != a)
+        .count() as u64;
+    step(
+        "migrate to device 0 again",
+        format!("cpages {}", c.cpages),
+        &s,
+    );
+    let device1_migrate = match s.cmd(&d1, DmirrorCmd::MigrateToDev, pages) {
+        Ok(c) => format!("cpages {}", c.cpages),
+        Err(e) => format!("{e} ({}): device 0's pages are not device 1's", e.errno()),
+    };
+    step("device 1 migrates the range", device1_migrate.clone(), &s);
+    let c = s.cmd(&d1, DmirrorCmd::Read, pages)?;
+    let mut via_d1 = vec![0u8; (pages * PAGE_SIZE) as usize];
+    s.mm.read(s.user, &mut via_d1)?;
+    step(
+        "device 1 reads the range",
+        format!("cpages {}, faults {}", c.cpages, c.faults),
+        &s,
+    );
+    let cpu = s.cpu_read(pages)?;
+    step("CPU reads the whole range", String::new(), &s);
     let mut corrupted = 0u64;
-    for i in 0..pages {
-        let mut bytes = [0u8; PAGE_SIZE as usize];
-        mm.read(at(buf, i), &mut bytes)?;
-        let mut expect = [0u8; PAGE_SIZE as usize];
-        expect[..8].copy_from_slice(&pattern(i).to_le_bytes());
-        corrupted += bytes.iter().zip(&expect).filter(|(a, b)| a != b).count() as u64;
-        verified += PAGE_SIZE;
+    for (i, (a, b)) in cpu.iter().zip(&via_d1).enumerate() {
+        let want = pattern(i as u64);
+        corrupted += u64::from(*a != want) + u64::from(*b != want);
     }
-    step("verify every byte", &mm);
-
-    mm.munmap(buf, len)?;
-    step("munmap", &mm);
-    let in_use = phys.nr_in_use();
+    let verified = 2 * pages * PAGE_SIZE;
+    s.mm.munmap(s.buf, pages * PAGE_SIZE)?;
+    s.mm.munmap(s.user, pages * PAGE_SIZE)?;
+    step("munmap", String::new(), &s);
+    let device_in_use: u64 = s.driver.devices().iter().map(|d| d.nr_in_use()).sum();
     let report = Report {
         pages,
         steps,
-        mirror_invalidations: mirror.invalidations.load(Ordering::Relaxed),
-        mirror_read_retry_after_mprotect: retry,
+        remigrate_device_invalidations: again.pages_invalidated,
+        remigrate_pages_copied: moved,
+        remigrate_pages_migrated: again.pages_copied_to_device + again.pages_zero_filled,
+        baseline_device_invalidations: baseline,
+        device1_migrate,
         bytes_verified: verified,
         corrupted_bytes: corrupted,
-        frames_in_use_after_munmap: in_use,
-        total: mm.stats(),
+        frames_in_use_after_munmap: s.phys.nr_in_use(),
+        device_pages_in_use_after_munmap: device_in_use,
+        total: s.mm.stats(),
     };
-    drop(sub);
-
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report, buf, refused);
+        print_report(&report);
     }
-    if corrupted != 0 || in_use != 0 || !refused || !retry {
+    if report.corrupted_bytes != 0
+        || report.frames_in_use_after_munmap != 0
+        || report.device_pages_in_use_after_munmap != 0
+        || report.remigrate_device_invalidations != 0
+        || report.remigrate_pages_copied != 0
+    {
         return Err("demo invariants failed".into());
     }
     Ok(())
 }
 
-fn at(buf: VirtAddr, i: u64) -> VirtAddr {
-    buf.checked_add(i * PAGE_SIZE).expect("inside the buffer")
-}
-
-fn print_report(r: &Report, buf: VirtAddr, refused: bool) {
+fn print_report(r: &Report) {
     println!(
-        "hmm demo: one address space, {} pages ({} KiB) at {buf}\n",
+        "hmm demo: the seed story, {} pages ({} KiB), devices 0 and 1 (device-private)\n",
         r.pages,
         r.pages * PAGE_SIZE / 1024
     );
     for s in &r.steps {
         let c = &s.cost;
-        println!("== {}", s.step);
+        let d = &s.device0;
+        if s.outcome.is_empty() {
+            println!("== {}", s.step);
+        } else {
+            println!("== {}: {}", s.step, s.outcome);
+        }
         const SHOWN: usize = 3;
         for e in s.events.iter().take(SHOWN) {
+            let owner = e.owner.map_or(String::new(), |o| format!(" owner {o}"));
             println!(
-                "   notifier: {:<27} [{}, {}) {} pages",
+                "   notifier: {:<22} [{}, {}) {} pages{owner}",
                 e.event, e.start, e.end, e.pages
             );
         }
@@ -178,26 +316,33 @@ fn print_report(r: &Report, buf: VirtAddr, refused: bool) {
             println!("   notifier: ... and {} more", s.events.len() - SHOWN);
         }
         println!(
-            "   cost: {} walks, {} entries, {} faults (zero {}, alloc {}, cow {}), {} TLB flushes \
-             ({} pages), {} frames allocated, {} freed",
+            "   cpu: {} walks, {} faults ({} on device pages), {} TLB flushes; migrate: {} collected, {} migrated, {} restored",
             c.walk.walks,
-            c.walk.entries_visited,
             c.faults.total(),
-            c.faults.anon_read_zero,
-            c.faults.anon_write,
-            c.faults.cow,
+            c.faults.device_private,
             c.tlb_flush_ops,
-            c.tlb_flush_pages,
-            c.frames_allocated,
-            c.frames_freed,
+            c.migrate.pages_collected,
+            c.migrate.pages_migrated,
+            c.migrate.pages_restored,
+        );
+        println!(
+            "   device 0: {} invalidations ({} pages), {} own MIGRATE skipped, {} pages copied in, {} out, {} zero-filled",
+            d.invalidations,
+            d.pages_invalidated,
+            d.migrate_skips,
+            d.pages_copied_to_device,
+            d.pages_copied_to_system,
+            d.pages_zero_filled,
         );
     }
     println!();
     println!(
-        "mirror: {} invalidations seen by its interval notifier; read_retry after mprotect: {}",
-        r.mirror_invalidations, r.mirror_read_retry_after_mprotect
+        "second migration: {} pages migrated; pages already on device 0: {} invalidated, {} copied (baseline without the owner filter: {} invalidated)",
+        r.remigrate_pages_migrated,
+        r.remigrate_device_invalidations,
+        r.remigrate_pages_copied,
+        r.baseline_device_invalidations
     );
-    println!("write to the read-only half refused with SIGSEGV: {refused}");
     let t = &r.total;
     let by_event: Vec<String> = NotifierEvent::ALL
         .iter()
@@ -206,7 +351,10 @@ fn print_report(r: &Report, buf: VirtAddr, refused: bool) {
         .collect();
     println!("invalidations by event: {}", by_event.join(", "));
     println!(
-        "bytes verified: {}, corrupted: {}, frames in use after munmap: {}",
-        r.bytes_verified, r.corrupted_bytes, r.frames_in_use_after_munmap
+        "bytes verified: {}, corrupted: {}, frames in use after munmap: {} (device: {})",
+        r.bytes_verified,
+        r.corrupted_bytes,
+        r.frames_in_use_after_munmap,
+        r.device_pages_in_use_after_munmap
     );
 }

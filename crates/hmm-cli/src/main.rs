@@ -1,8 +1,10 @@
 //! `hmm`: the command-line front end of hmm-rs.
 //!
-//! `hmm demo` walks through the CPU side of an address space — map, fault, write,
-//! mprotect, munmap — printing the notifier events each step raised and the counters it
-//! cost, and checks every byte it wrote.
+//! `hmm demo` tells the seed story on the built-in simulated devices: a buffer migrated to
+//! device 0, half of it read back by the CPU, the whole range migrated again (which must
+//! cost no device invalidation and no copy for the pages already there), device 1 trying
+//! the same range; it prints the notifier events and counters of each step and checks
+//! every byte.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Walk through map, fault, write, mprotect and munmap, printing events and counters.
+    /// The seed story: migrate to device 0, read half back, migrate again, device 1 tries.
     Demo {
         /// Print one JSON object instead of the narrated walk-through.
         #[arg(long)]
