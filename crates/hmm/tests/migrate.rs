@@ -53,9 +53,11 @@ fn fill(m: &Machine, a: VirtAddr, npages: u64, seed: u8) -> Vec<u8> {
 /// Migrates `npages` from `a` to `dev`, copying; returns the src words after setup.
 fn to_device(m: &Machine, dev: &DevPagemap, a: VirtAddr, npages: u64) -> Vec<MigratePfn> {
     let mmap = m.mm.mmap_read();
-    let mut mig =
-        migrate_vma_setup(&mmap, args(a, npages, dev.owner(), MigrateVmaFlags::SELECT_SYSTEM))
-            .unwrap();
+    let mut mig = migrate_vma_setup(
+        &mmap,
+        args(a, npages, dev.owner(), MigrateVmaFlags::SELECT_SYSTEM),
+    )
+    .unwrap();
     let src = mig.src().to_vec();
     for i in 0..src.len() {
         if !src[i].is_migrating() {
@@ -93,26 +95,38 @@ fn bad_arguments_are_einval() {
     let b = m.map(4, Prot::READ, MapFlags::PRIVATE);
     assert_eq!(b.checked_add(4 * PAGE_SIZE).unwrap(), a, "adjacent VMAs");
     m.phys.set_nr_hugepages(1);
-    let h = m
-        .mm
-        .mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
-        .unwrap();
+    let h =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
     let mmap = m.mm.mmap_read();
     let sel = MigrateVmaFlags::SELECT_SYSTEM;
     let inval = |r: Result<_, MigrateError>| matches!(r, Err(MigrateError::Inval { .. }));
     let mut unaligned = args(a, 1, owner, sel);
     unaligned.start = a.checked_add(1).unwrap();
     assert!(inval(migrate_vma_setup(&mmap, unaligned).map(|_| ())));
-    assert!(inval(migrate_vma_setup(&mmap, args(a, 0, owner, sel)).map(|_| ())));
-    assert!(inval(migrate_vma_setup(&mmap, args(b, 8, owner, sel)).map(|_| ())), "two VMAs");
-    assert!(inval(migrate_vma_setup(&mmap, args(VirtAddr::new(0x10000), 1, owner, sel)).map(|_| ())));
-    assert!(inval(migrate_vma_setup(&mmap, args(h, 1, owner, sel)).map(|_| ())), "hugetlb");
+    assert!(inval(
+        migrate_vma_setup(&mmap, args(a, 0, owner, sel)).map(|_| ())
+    ));
+    assert!(
+        inval(migrate_vma_setup(&mmap, args(b, 8, owner, sel)).map(|_| ())),
+        "two VMAs"
+    );
+    assert!(inval(
+        migrate_vma_setup(&mmap, args(VirtAddr::new(0x10000), 1, owner, sel)).map(|_| ())
+    ));
+    assert!(
+        inval(migrate_vma_setup(&mmap, args(h, 1, owner, sel)).map(|_| ())),
+        "hugetlb"
+    );
     let dev = device(&m, owner);
     let f = dev.alloc(0, FrameFlags::empty()).unwrap();
     let mut fp = args(a, 1, owner, MigrateVmaFlags::SELECT_DEVICE_PRIVATE);
     fp.fault_page = Some(f.device_pfn());
     f.meta().unlock();
-    assert!(inval(migrate_vma_setup(&mmap, fp).map(|_| ())), "unlocked fault page");
+    assert!(
+        inval(migrate_vma_setup(&mmap, fp).map(|_| ())),
+        "unlocked fault page"
+    );
     drop(f);
     drop(mmap);
     assert_eq!(m.mm.stats().migrate.setups, 0);
@@ -147,8 +161,14 @@ fn one_migrate_range_with_the_owner_and_none_from_pages_without_holes() {
     assert_eq!(src.iter().filter(|w| w.is_valid()).count(), 2);
     let ranges = m.rec.take();
     assert_eq!(ranges.len(), 2);
-    assert_eq!((ranges[1].event, ranges[1].owner), (NotifierEvent::Migrate, Some(owner)));
-    assert_eq!((ranges[1].start(), ranges[1].end()), (page(b, 2), page(b, 8)));
+    assert_eq!(
+        (ranges[1].event, ranges[1].owner),
+        (NotifierEvent::Migrate, Some(owner))
+    );
+    assert_eq!(
+        (ranges[1].start(), ranges[1].end()),
+        (page(b, 2), page(b, 8))
+    );
     assert_eq!(device_byte(&m, &m.mm, page(b, 5)), Some(0));
     m.mm.audit().unwrap();
 }
@@ -170,8 +190,7 @@ fn selection_rows_that_do_not_migrate() {
     let locked = m.mm.pagemap(page(a, 1), 1).unwrap()[0].pfn.unwrap();
     let lp = m.phys.frame(hmm::addr::Pfn::new(locked));
     assert!(lp.meta().trylock());
-    let mig =
-        migrate_vma_setup(&mmap, args(a, 8, owner, MigrateVmaFlags::SELECT_SYSTEM)).unwrap();
+    let mig = migrate_vma_setup(&mmap, args(a, 8, owner, MigrateVmaFlags::SELECT_SYSTEM)).unwrap();
     assert_eq!(mig.cpages(), 7);
     assert!(mig.src()[1].is_empty());
     drop(mig);
@@ -182,13 +201,18 @@ fn selection_rows_that_do_not_migrate() {
     let s = m.map(4, RW, MapFlags::SHARED);
     fill(&m, s, 2, 4);
     let src = to_device(&m, &dev, s, 4);
-    assert!(src[2].is_empty() && src[3].is_empty(), "holes of shared memory");
+    assert!(
+        src[2].is_empty() && src[3].is_empty(),
+        "holes of shared memory"
+    );
     assert_eq!(dev.nr_in_use(), 0, "shared pages stay in system memory");
     assert_eq!(m.mm.stats().migrate.pages_migrated, 0);
     // A private file page that was never written stays too.
     let f = MemFile::new(&m.phys);
     f.pwrite(0, &[5; 4096]).unwrap();
-    let p = m.mm.mmap_file(None, PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0).unwrap();
+    let p =
+        m.mm.mmap_file(None, PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
     m.mm.read_val::<u8>(p).unwrap();
     to_device(&m, &dev, p, 1);
     assert_eq!(dev.nr_in_use(), 0);
@@ -204,7 +228,9 @@ fn pins_and_references_keep_pages_in_place() {
     let a = m.map(4, RW, MapFlags::PRIVATE);
     let data = fill(&m, a, 4, 5);
     let pin = m.mm.pin_user_pages(page(a, 0), 1, GupFlags::WRITE).unwrap();
-    let gup = m.mm.get_user_pages(page(a, 1), 1, GupFlags::empty()).unwrap();
+    let gup =
+        m.mm.get_user_pages(page(a, 1), 1, GupFlags::empty())
+            .unwrap();
     let src = to_device(&m, &dev, a, 4);
     // A pinned exclusive page is not collected; a page with an extra reference is, and
     // the pin check puts it back before setup returns: neither is in `src`.
@@ -212,7 +238,10 @@ fn pins_and_references_keep_pages_in_place() {
     assert!(src[2].is_migrating() && src[3].is_migrating());
     assert_eq!(dev.nr_in_use(), 2);
     let s = m.mm.stats().migrate;
-    assert_eq!((s.pages_collected, s.pages_migrated, s.pages_restored), (2, 2, 1));
+    assert_eq!(
+        (s.pages_collected, s.pages_migrated, s.pages_restored),
+        (2, 2, 1)
+    );
     drop(pin);
     drop(gup);
     let mut back = vec![0u8; 2 * PAGE_SIZE as usize];
@@ -256,7 +285,10 @@ fn dropping_a_stage_loses_nothing() {
         let _pages = mig.pages();
     }
     assert_eq!(device_byte(&m, &m.mm, a), Some(data[0]));
-    assert_eq!(m.mm.read_val::<u8>(page(a, 1)).unwrap(), data[PAGE_SIZE as usize]);
+    assert_eq!(
+        m.mm.read_val::<u8>(page(a, 1)).unwrap(),
+        data[PAGE_SIZE as usize]
+    );
     m.mm.audit().unwrap();
 }
 
@@ -303,11 +335,17 @@ fn thp_ranges_are_split_and_keep_every_byte() {
     to_device(&m, &dev, page(t, 100), 8);
     assert_eq!(dev.nr_in_use(), 8);
     assert!(m.mm.stats().thp_split_folio >= 1);
-    assert_eq!(device_byte(&m, &m.mm, page(t, 103)), Some(data[103 * PAGE_SIZE as usize]));
+    assert_eq!(
+        device_byte(&m, &m.mm, page(t, 103)),
+        Some(data[103 * PAGE_SIZE as usize])
+    );
     // The rest of the former THP is still system memory with its bytes.
     let mut back = vec![0u8; 8 * PAGE_SIZE as usize];
     m.mm.read(page(t, 92), &mut back).unwrap();
-    assert_eq!(back, &data[92 * PAGE_SIZE as usize..100 * PAGE_SIZE as usize]);
+    assert_eq!(
+        back,
+        &data[92 * PAGE_SIZE as usize..100 * PAGE_SIZE as usize]
+    );
     m.mm.audit().unwrap();
 }
 
@@ -325,9 +363,9 @@ fn forked_pages_migrate_in_every_address_space() {
     for mm in [&m.mm, &child] {
         assert_eq!(device_byte(&m, mm, a), Some(data[0]));
     }
-    let f: FrameRef<'_> = m.phys.device_frame(DevicePfn::new(
-        m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap(),
-    ));
+    let f: FrameRef<'_> = m
+        .phys
+        .device_frame(DevicePfn::new(m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap()));
     assert_eq!((f.meta().mapcount(), f.meta().refcount()), (2, 2));
     m.mm.audit().unwrap();
     child.audit().unwrap();
