@@ -59,8 +59,8 @@ fn to_device(m: &Machine, dev: &DevPagemap, a: VirtAddr, npages: u64) -> Vec<Mig
     )
     .unwrap();
     let src = mig.src().to_vec();
-    for i in 0..src.len() {
-        if !src[i].is_migrating() {
+    for (i, w) in src.iter().enumerate() {
+        if !w.is_migrating() {
             continue;
         }
         let d = dev.alloc(0, FrameFlags::empty()).unwrap();
@@ -68,8 +68,8 @@ fn to_device(m: &Machine, dev: &DevPagemap, a: VirtAddr, npages: u64) -> Vec<Mig
             Some(s) => d.copy_from(&s),
             None => d.zero(),
         }
-        let w = src[i].flags().contains(MigratePfnFlags::WRITE) || !src[i].is_valid();
-        mig.set_dst(i, d, w);
+        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
+        mig.set_dst(i, d, write);
     }
     mig.pages().finalize();
     src
