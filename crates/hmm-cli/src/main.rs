@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -31,12 +32,74 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         pages: u64,
     },
+    /// Measure, against a baseline taken in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Migration throughput (system to device and back, 4 KiB pages and THPs) against
+    /// memcpy of the same bytes.
+    Migrate {
+        /// Print a JSON array of rows instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Threads migrating slices of the region at once.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Sizes in KiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [512, 2048, 8192, 32768, 65536, 131072, 262144])]
+        sizes_kib: Vec<u64>,
+        /// Rounds per figure (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
+}
+
+fn bench_migrate(
+    json: bool,
+    threads: usize,
+    sizes_kib: &[u64],
+    iters: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if threads == 0 || iters == 0 {
+        return Err("--threads and --iters must be at least 1".into());
+    }
+    let sizes: Vec<u64> = sizes_kib.iter().map(|k| k << 10).collect();
+    let rows = bench::migrate_rows(&sizes, threads, iters, |r| {
+        if !json {
+            eprintln!(
+                "measured {} bytes, thp {}, {}",
+                r.size_bytes(),
+                r.thp(),
+                r.direction()
+            );
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        bench::print_table(&rows);
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { json, pages } => demo::run(pages, json),
+        Command::Bench {
+            what:
+                Bench::Migrate {
+                    json,
+                    threads,
+                    sizes_kib,
+                    iters,
+                },
+        } => bench_migrate(json, threads, &sizes_kib, iters),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -260,6 +260,20 @@ pub(crate) fn split_pmd(
         let phys = mm.phys();
         let zero = phys.zero_pfn();
         let sub = |pfn: Pfn, i: u64| Pfn::new(pfn.as_u64() + i);
+        // Account the 512 PTE mappings before the table is published: a walker takes only
+        // the PTE lock of a published table, so it may zap a PTE at once, and must find
+        // the map count and the reference that PTE holds (the kernel adds them before
+        // `pmd_populate` too).
+        if let PmdEntry::Leaf(Pte::Present { pfn, .. }) = pmd.get() {
+            if !phys.is_huge_zero_pfn(pfn) {
+                let fm = phys.frame(pfn).meta();
+                for i in 0..PMD_NR {
+                    phys.frame(sub(pfn, i)).meta().inc_mapcount();
+                }
+                fm.get_many(PMD_NR as u32 - 1);
+                fm.dec_entire_mapcount();
+            }
+        }
         let old = pmd.split(|i, leaf| match leaf {
             Pte::Present { pfn, flags } if phys.is_huge_zero_pfn(pfn) => Pte::Present {
                 pfn: zero,
@@ -278,15 +292,7 @@ pub(crate) fn split_pmd(
                 unreachable!("no such PMD leaf")
             }
         });
-        if let Some(Pte::Present { pfn, flags }) = old {
-            if !phys.is_huge_zero_pfn(pfn) {
-                let fm = phys.frame(pfn).meta();
-                for i in 0..PMD_NR {
-                    phys.frame(sub(pfn, i)).meta().inc_mapcount();
-                }
-                fm.get_many(PMD_NR as u32 - 1);
-                fm.dec_entire_mapcount();
-            }
+        if let Some(Pte::Present { flags, .. }) = old {
             if !flags.contains(PteFlags::PROTNONE) {
                 tlb.add_range(range);
             }

@@ -1,0 +1,328 @@
+//! `hmm bench migrate`: migration throughput against plain memcpy of the same bytes, in
+//! the same run.
+//!
+//! For each size, with 4 KiB pages or THPs: a private region is filled, migrated to a
+//! device-private pagemap (`sys_to_dev`) and back (`dev_to_sys`) through `migrate_vma`
+//! (setup, copy, pages, finalize, 512 pages per call as the reference driver does), and
+//! a plain `copy_from_slice` of the same number of bytes between two warm buffers is timed
+//! alongside. With 4 KiB pages an untimed round trip comes first, so the device memory is
+//! as warm as the memcpy buffers; with THPs the timed migration to the device is the one
+//! that splits them (device THP migration is not built yet, so they come back as 4 KiB
+//! pages). Each figure is the median of the iterations; every byte is checked after
+//! every round trip. `--threads N` migrates N slices of the region concurrently (and copies
+//! N slices for the baseline).
+
+use std::error::Error;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags};
+use hmm::mm::{Advice, MapFlags, Mm, Prot};
+use hmm::notifier::Owner;
+use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
+use serde::Serialize;
+
+/// Pages per `migrate_vma` call.
+const CHUNK_PAGES: u64 = 512;
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    size_bytes: u64,
+    thp: bool,
+    direction: &'static str,
+    threads: usize,
+    gbps: f64,
+    memcpy_gbps: f64,
+    ratio: f64,
+}
+
+impl Row {
+    pub(crate) fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    pub(crate) fn thp(&self) -> bool {
+        self.thp
+    }
+
+    pub(crate) fn direction(&self) -> &'static str {
+        self.direction
+    }
+}
+
+/// The device of the benchmark: memory only, no CPU faults expected.
+struct BenchDevice;
+
+impl DevPagemapOps for BenchDevice {}
+
+struct Setup {
+    mm: Arc<Mm>,
+    dev: Arc<DevPagemap>,
+    base: VirtAddr,
+    size: u64,
+}
+
+fn setup(size: u64, thp: bool) -> Result<Setup, Box<dyn Error>> {
+    let rounded = size.div_ceil(2 << 20) * (2 << 20);
+    let phys = PhysMem::new(PhysConfig {
+        size_bytes: rounded * 2 + (16 << 20),
+        prefault: true,
+    })?;
+    let dev = memremap_pages(
+        &phys,
+        PagemapConfig {
+            kind: MemoryType::DevicePrivate,
+            owner: Owner::new_unique(),
+            size_bytes: rounded + (4 << 20),
+        },
+        Arc::new(BenchDevice),
+    )?;
+    dev.prefault();
+    let mm = Mm::new(phys);
+    let base = mm.mmap(None, size, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+    let advice = if thp {
+        Advice::HugePage
+    } else {
+        Advice::NoHugePage
+    };
+    mm.madvise(base, size, advice)?;
+    Ok(Setup {
+        mm,
+        dev,
+        base,
+        size,
+    })
+}
+
+fn byte(i: u64) -> u8 {
+    (i ^ (i >> 12).wrapping_mul(31)) as u8
+}
+
+/// Migrates `[start, start + len)` to the device (`to_device`) or back, in chunks.
+fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64, Box<dyn Error>> {
+    let mmap = s.mm.mmap_read();
+    let phys = s.mm.phys();
+    let mut moved = 0;
+    let end = start.checked_add(len).ok_or("range overflows")?;
+    let mut at = start;
+    while at < end {
+        let next = at
+            .checked_add(CHUNK_PAGES * PAGE_SIZE)
+            .map_or(end, |n| n.min(end));
+        let flags = if to_device {
+            MigrateVmaFlags::SELECT_SYSTEM
+        } else {
+            MigrateVmaFlags::SELECT_DEVICE_PRIVATE
+        };
+        let mut m = migrate_vma_setup(
+            &mmap,
+            MigrateVma {
+                start: at,
+                end: next,
+                pgmap_owner: Some(s.dev.owner()),
+                flags,
+                fault_page: None,
+            },
+        )?;
+        for i in 0..m.src().len() {
+            let w = m.src()[i];
+            if !w.is_migrating() {
+                continue;
+            }
+            let dst = if to_device {
+                s.dev.alloc(0, FrameFlags::empty())?
+            } else {
+                let f = phys.alloc(0, FrameFlags::empty())?;
+                assert!(f.meta().trylock(), "a fresh page is unlocked");
+                f
+            };
+            match m.src_page(i) {
+                Some(src) => dst.copy_from(&src),
+                None => dst.zero(),
+            }
+            m.set_dst(
+                i,
+                dst,
+                w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid(),
+            );
+        }
+        moved += m.pages().finalize().migrated;
+        at = next;
+    }
+    Ok(moved)
+}
+
+/// Runs `work(k)` for `k` in `0..n` on `n` threads started together (a barrier), and
+/// returns the slowest thread's time measured from the barrier (thread start-up is not
+/// timed) and the results.
+fn timed_parallel<T: Send>(n: usize, work: impl Fn(usize) -> T + Sync) -> (Duration, Vec<T>) {
+    let barrier = std::sync::Barrier::new(n);
+    let out: Vec<(Duration, T)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
+            .map(|k| {
+                let (work, barrier) = (&work, &barrier);
+                sc.spawn(move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    let r = work(k);
+                    (t.elapsed(), r)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    let slowest = out.iter().map(|(t, _)| *t).max().unwrap_or_default();
+    (slowest, out.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Migrates the region in `threads` equal page-aligned slices at once.
+fn migrate_all(
+    s: &Setup,
+    threads: usize,
+    to_device: bool,
+) -> Result<(Duration, u64), Box<dyn Error>> {
+    let pages = s.size / PAGE_SIZE;
+    let per = pages.div_ceil(threads as u64);
+    let (t, results) = timed_parallel(threads, |k| {
+        let first = (k as u64 * per).min(pages);
+        let n = per.min(pages - first);
+        if n == 0 {
+            return Ok(0);
+        }
+        let start = s.base.checked_add(first * PAGE_SIZE).expect("inside");
+        migrate(s, start, n * PAGE_SIZE, to_device).map_err(|e| e.to_string())
+    });
+    let mut total = 0;
+    for r in results {
+        total += r?;
+    }
+    Ok((t, total))
+}
+
+/// Median time of copying `size` bytes between two warm buffers on `threads` threads.
+fn memcpy_time(size: u64, threads: usize, iters: usize) -> Duration {
+    let src: Vec<u8> = (0..size).map(byte).collect();
+    let per = (size as usize).div_ceil(threads);
+    let dst: Vec<std::sync::Mutex<Vec<u8>>> = src
+        .chunks(per)
+        .map(|c| std::sync::Mutex::new(vec![1u8; c.len()]))
+        .collect();
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let (t, _) = timed_parallel(dst.len(), |k| {
+            let mut d = dst[k].lock().expect("one thread per slice");
+            let len = d.len();
+            d.copy_from_slice(&src[k * per..k * per + len]);
+        });
+        times.push(t);
+    }
+    std::hint::black_box(&dst);
+    median(times)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn gbps(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / t.as_secs_f64() / 1e9
+}
+
+/// `hmm bench migrate`: one row per size, page kind and direction.
+pub(crate) fn migrate_rows(
+    sizes: &[u64],
+    threads: usize,
+    iters: usize,
+    mut progress: impl FnMut(&Row),
+) -> Result<Vec<Row>, Box<dyn Error>> {
+    let mut rows = Vec::new();
+    for &size in sizes {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(format!("size {size} is not a positive multiple of 4 KiB").into());
+        }
+        let memcpy = gbps(size, memcpy_time(size, threads, iters));
+        for thp in [false, true] {
+            let mut to_dev = Vec::new();
+            let mut to_sys = Vec::new();
+            for _ in 0..iters {
+                // A fresh region each round: THPs are split by the migration to the device.
+                let s = setup(size, thp)?;
+                let data: Vec<u8> = (0..size).map(byte).collect();
+                s.mm.write(s.base, &data)?;
+                if !thp {
+                    // One untimed round trip first, so device memory is as warm as the
+                    // memcpy buffers are (a THP round trip would leave 4 KiB pages).
+                    migrate_all(&s, threads, true)?;
+                    migrate_all(&s, threads, false)?;
+                }
+                let (t, n) = migrate_all(&s, threads, true)?;
+                if n != size / PAGE_SIZE {
+                    return Err(
+                        format!("{n} of {} pages reached the device", size / PAGE_SIZE).into(),
+                    );
+                }
+                to_dev.push(t);
+                let (t, n) = migrate_all(&s, threads, false)?;
+                if n != size / PAGE_SIZE {
+                    return Err(format!("{n} of {} pages came back", size / PAGE_SIZE).into());
+                }
+                to_sys.push(t);
+                let mut back = vec![0u8; size as usize];
+                s.mm.read(s.base, &mut back)?;
+                if back != data {
+                    return Err("bytes changed across a round trip".into());
+                }
+            }
+            for (direction, times) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
+                let g = gbps(size, median(times));
+                let row = Row {
+                    size_bytes: size,
+                    thp,
+                    direction,
+                    threads,
+                    gbps: g,
+                    memcpy_gbps: memcpy,
+                    ratio: g / memcpy,
+                };
+                progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Prints rows as a table.
+pub(crate) fn print_table(rows: &[Row]) {
+    println!(
+        "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}",
+        "size", "thp", "direction", "threads", "GB/s", "memcpy GB/s", "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}",
+            human(r.size_bytes),
+            r.thp,
+            r.direction,
+            r.threads,
+            r.gbps,
+            r.memcpy_gbps,
+            r.ratio
+        );
+    }
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
+}

@@ -1,0 +1,108 @@
+//! `migrate_vma` of 2 MiB (512 pages of 4 KiB) from system memory to a device-private
+//! pagemap and back, copying every page: setup, copy, pages, finalize. Throughput in
+//! bytes, so criterion's rate is comparable with memcpy.
+//!
+//! `cargo bench -p hmm --bench migrate`.
+
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags};
+use hmm::mm::{Advice, MapFlags, Mm, Prot};
+use hmm::notifier::Owner;
+use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
+
+const NPAGES: u64 = 512;
+
+struct Dev;
+impl DevPagemapOps for Dev {}
+
+fn migrate(mm: &Mm, dev: &DevPagemap, a: VirtAddr, to_device: bool) {
+    let mmap = mm.mmap_read();
+    let flags = if to_device {
+        MigrateVmaFlags::SELECT_SYSTEM
+    } else {
+        MigrateVmaFlags::SELECT_DEVICE_PRIVATE
+    };
+    let mut m = migrate_vma_setup(
+        &mmap,
+        MigrateVma {
+            start: a,
+            end: a.checked_add(NPAGES * PAGE_SIZE).expect("end"),
+            pgmap_owner: Some(dev.owner()),
+            flags,
+            fault_page: None,
+        },
+    )
+    .expect("setup");
+    for i in 0..m.src().len() {
+        let w = m.src()[i];
+        if !w.is_migrating() {
+            continue;
+        }
+        let dst = if to_device {
+            dev.alloc(0, FrameFlags::empty()).expect("device memory")
+        } else {
+            let f = mm.phys().alloc(0, FrameFlags::empty()).expect("RAM");
+            assert!(f.meta().trylock());
+            f
+        };
+        dst.copy_from(&m.src_page(i).expect("a page"));
+        m.set_dst(i, dst, w.flags().contains(MigratePfnFlags::WRITE));
+    }
+    let out = m.pages().finalize();
+    assert_eq!(out.migrated, NPAGES);
+}
+
+fn bench(c: &mut Criterion) {
+    let phys = PhysMem::new(PhysConfig {
+        size_bytes: 32 << 20,
+        prefault: true,
+    })
+    .expect("RAM");
+    let dev = memremap_pages(
+        &phys,
+        PagemapConfig {
+            kind: MemoryType::DevicePrivate,
+            owner: Owner::new_unique(),
+            size_bytes: 8 << 20,
+        },
+        Arc::new(Dev),
+    )
+    .expect("pagemap");
+    dev.prefault();
+    let mm = Mm::new(phys);
+    let len = NPAGES * PAGE_SIZE;
+    let a = mm
+        .mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+        .expect("mmap");
+    mm.madvise(a, len, Advice::NoHugePage).expect("madvise");
+    for i in 0..NPAGES {
+        mm.write_val(a.checked_add(i * PAGE_SIZE).expect("in"), i)
+            .expect("write");
+    }
+    let mut g = c.benchmark_group("migrate_2m_4k_pages");
+    g.throughput(Throughput::Bytes(len));
+    g.bench_function("round_trip", |b| {
+        b.iter(|| {
+            migrate(&mm, &dev, a, true);
+            migrate(&mm, &dev, a, false);
+        });
+    });
+    let mut src = vec![1u8; len as usize];
+    let mut dst = vec![0u8; len as usize];
+    g.bench_function("memcpy_round_trip", |b| {
+        b.iter(|| {
+            dst.copy_from_slice(&src);
+            src.copy_from_slice(&dst);
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
