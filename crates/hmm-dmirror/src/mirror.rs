@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
+use hmm::exclusive::{make_device_exclusive, ExclusiveError};
 use hmm::migrate::{migrate_vma_setup, MigrateError, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{MapFlags, Mm, MmError, MmapReadGuard, Prot, VmFault, VmOps};
 use hmm::notifier::{
@@ -258,6 +259,8 @@ impl Dmirror {
             DmirrorCmd::MigrateToDev => self.cmd_migrate_to_dev(range, &mut out)?,
             DmirrorCmd::MigrateToSys => self.cmd_migrate_to_sys(range, &mut out)?,
             DmirrorCmd::Snapshot => self.cmd_snapshot(range, &mut out)?,
+            DmirrorCmd::Exclusive => self.cmd_exclusive(range, &mut out)?,
+            DmirrorCmd::CheckExclusive => self.cmd_check_exclusive(range)?,
             DmirrorCmd::Flags => self.shared.flags.store(cmd.npages, Ordering::Relaxed),
         }
         *cmd = out;
@@ -555,6 +558,60 @@ impl Dmirror {
             let _ = p.finalize();
             copied.map(|_| ()).map_err(|_| DmirrorError::NoMem)
         })
+    }
+
+    /// `dmirror_exclusive`: every page made exclusive to the device and mapped for
+    /// atomics, then the range read back from the device's table without faulting.
+    fn cmd_exclusive(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        {
+            let mmap = mm.mmap_read();
+            for va in range.pages() {
+                // dmirror passes no owner: its own EXCLUSIVE event clears the entry, which
+                // it stores again, tagged atomic.
+                let page = make_device_exclusive(&mmap, va, None).map_err(|e| match e {
+                    ExclusiveError::Fault { .. } => DmirrorError::Fault,
+                    ExclusiveError::NotSupported { .. } => DmirrorError::NotSupported,
+                    ExclusiveError::NoMem { .. } => DmirrorError::NoMem,
+                })?;
+                self.shared.pt.lock().store(
+                    va.as_u64() >> PAGE_SHIFT,
+                    DptEntry {
+                        frame_nr: page.page().pfn().as_u64(),
+                        tag: DptTag::Atomic,
+                    },
+                );
+            }
+        }
+        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        {
+            let pt = self.shared.pt.lock();
+            self.device_access(
+                &pt,
+                range,
+                &mut cmd.cpages,
+                &mut DeviceAccess::Read(&mut bounce),
+            )?;
+        }
+        mm.write(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &bounce,
+        )
+        .map_err(|_| DmirrorError::Fault)
+    }
+
+    /// `dmirror_check_atomic`: `Perm` while a page of the range is still mapped for
+    /// atomics.
+    fn cmd_check_exclusive(&self, range: VaRange) -> Result<(), DmirrorError> {
+        let pt = self.shared.pt.lock();
+        let first = range.start().as_u64() >> PAGE_SHIFT;
+        let atomic = (first..first + range.npages())
+            .any(|vpn| pt.get(vpn).is_some_and(|e| e.tag == DptTag::Atomic));
+        if atomic {
+            Err(DmirrorError::Perm)
+        } else {
+            Ok(())
+        }
     }
 
     /// `dmirror_snapshot`: one byte per page describing the CPU mapping, 32 pages at a

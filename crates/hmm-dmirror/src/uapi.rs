@@ -42,6 +42,14 @@ pub enum DmirrorCmd {
     /// One byte per page at `ptr` describing the CPU mapping (`HMM_DMIRROR_PROT_*`).
     #[doc(alias = "HMM_DMIRROR_SNAPSHOT")]
     Snapshot,
+    /// Makes every page exclusive to the device (`make_device_exclusive`), maps it for
+    /// atomics, then reads the range back from the device's table into `ptr`.
+    #[doc(alias = "HMM_DMIRROR_EXCLUSIVE")]
+    Exclusive,
+    /// `EPERM` while any page of the range is still mapped for device atomics (the CPU
+    /// has not revoked it yet).
+    #[doc(alias = "HMM_DMIRROR_CHECK_EXCLUSIVE")]
+    CheckExclusive,
     /// Sets the mirror's test flags to `npages` ([`HMM_DMIRROR_FLAG_FAIL_ALLOC`]).
     #[doc(alias = "HMM_DMIRROR_FLAGS")]
     Flags,
@@ -56,6 +64,8 @@ impl DmirrorCmd {
             DmirrorCmd::MigrateToDev => 0x02,
             DmirrorCmd::MigrateToSys => 0x03,
             DmirrorCmd::Snapshot => 0x04,
+            DmirrorCmd::Exclusive => 0x05,
+            DmirrorCmd::CheckExclusive => 0x06,
             DmirrorCmd::Flags => 0x08,
         }
     }
@@ -73,6 +83,8 @@ impl DmirrorCmd {
             DmirrorCmd::MigrateToDev,
             DmirrorCmd::MigrateToSys,
             DmirrorCmd::Snapshot,
+            DmirrorCmd::Exclusive,
+            DmirrorCmd::CheckExclusive,
             DmirrorCmd::Flags,
         ]
         .into_iter()
@@ -139,6 +151,10 @@ pub enum DmirrorError {
     /// Out of memory (`-ENOMEM`).
     #[error("out of memory")]
     NoMem,
+    /// The memory cannot be used this way (`-EOPNOTSUPP`): exclusive access to memory
+    /// that is not private anonymous.
+    #[error("operation not supported")]
+    NotSupported,
 }
 
 impl DmirrorError {
@@ -151,6 +167,7 @@ impl DmirrorError {
             DmirrorError::Busy => -16,
             DmirrorError::Perm => -1,
             DmirrorError::NoMem => -12,
+            DmirrorError::NotSupported => -95,
         }
     }
 }

@@ -30,6 +30,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod exclusive;
 pub mod migrate;
 pub mod mm;
 pub mod notifier;
