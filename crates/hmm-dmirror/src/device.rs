@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use hmm::addr::PAGE_SIZE;
-use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
@@ -23,6 +23,10 @@ use parking_lot::Mutex;
 
 use crate::migrate::alloc_and_copy_to_system;
 use crate::mirror::Shared;
+use crate::DmirrorError;
+
+/// Eviction passes per chunk before `release` gives up on a page.
+const RELEASE_ATTEMPTS: usize = 8;
 
 /// Number of devices (`DMIRROR_NDEVICES`).
 pub const DMIRROR_NDEVICES: usize = 4;
@@ -49,10 +53,20 @@ impl Default for DmirrorConfig {
     }
 }
 
-/// The loaded driver: its devices on one machine (the `test_hmm` module).
+/// The loaded driver: its devices on one machine (the `test_hmm` module). Dropping it
+/// (module unload) evicts every device page back to system memory.
 #[derive(Debug)]
 pub struct DmirrorDriver {
     devices: Vec<Arc<DmirrorDevice>>,
+}
+
+impl Drop for DmirrorDriver {
+    fn drop(&mut self) {
+        for d in &self.devices {
+            // A page a driver still holds cannot move; it stays where it is.
+            let _ = d.release();
+        }
+    }
 }
 
 impl DmirrorDriver {
@@ -245,6 +259,50 @@ impl DmirrorDevice {
     /// Chunk `id`, borrowed from the machine that owns it.
     fn chunk(&self, id: u32) -> &DevPagemap {
         self.phys.pagemap(id).expect("a chunk of this device")
+    }
+
+    /// Evicts every page of every chunk back to system memory and retires the chunks
+    /// (`dmirror_device_remove_chunks`): each chunk is migrated with
+    /// `migrate_device_range` (every CPU mapping of its pages becomes a mapping of a
+    /// system copy, wherever it is), then unregistered. Pages locked by a concurrent
+    /// migration are retried; `Busy` if some page still cannot be moved after that (a
+    /// driver holding its own reference). Counts start again from zero.
+    #[doc(alias = "dmirror_device_remove_chunks")]
+    pub fn release(&self) -> Result<u64, DmirrorError> {
+        let mut chunks = self.chunks.lock();
+        let mut evicted = 0;
+        for &id in chunks.iter() {
+            let chunk = self.chunk(id);
+            for _ in 0..RELEASE_ATTEMPTS {
+                if chunk.nr_in_use() == 0 {
+                    break;
+                }
+                evicted += self.evict_chunk(chunk)?;
+            }
+            chunk.memunmap().map_err(|_| DmirrorError::Busy)?;
+        }
+        chunks.clear();
+        self.ops.calloc.store(0, Ordering::Relaxed);
+        self.ops.cfree.store(0, Ordering::Relaxed);
+        Ok(evicted)
+    }
+
+    /// One eviction pass over `chunk` (`dmirror_device_evict_chunk`).
+    fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
+        let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
+        for i in 0..m.src().len() {
+            let Some(src) = m.src_page(i) else {
+                continue;
+            };
+            let page = self
+                .phys
+                .alloc(0, FrameFlags::empty())
+                .map_err(|_| DmirrorError::NoMem)?;
+            assert!(page.meta().trylock(), "a fresh page is unlocked");
+            page.copy_from(&src);
+            m.set_dst(i, page, true);
+        }
+        Ok(m.pages().finalize().migrated)
     }
 
     /// Device pages handed out and given back so far (`calloc`, `cfree`).

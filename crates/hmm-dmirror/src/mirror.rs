@@ -261,6 +261,9 @@ impl Dmirror {
             DmirrorCmd::Snapshot => self.cmd_snapshot(range, &mut out)?,
             DmirrorCmd::Exclusive => self.cmd_exclusive(range, &mut out)?,
             DmirrorCmd::CheckExclusive => self.cmd_check_exclusive(range)?,
+            DmirrorCmd::Release => {
+                self.device.release()?;
+            }
             DmirrorCmd::Flags => self.shared.flags.store(cmd.npages, Ordering::Relaxed),
         }
         *cmd = out;

@@ -50,6 +50,10 @@ pub enum DmirrorCmd {
     /// has not revoked it yet).
     #[doc(alias = "HMM_DMIRROR_CHECK_EXCLUSIVE")]
     CheckExclusive,
+    /// Evicts all of the device's memory back to system memory and retires its chunks
+    /// (`migrate_device_range`).
+    #[doc(alias = "HMM_DMIRROR_RELEASE")]
+    Release,
     /// Sets the mirror's test flags to `npages` ([`HMM_DMIRROR_FLAG_FAIL_ALLOC`]).
     #[doc(alias = "HMM_DMIRROR_FLAGS")]
     Flags,
@@ -66,6 +70,7 @@ impl DmirrorCmd {
             DmirrorCmd::Snapshot => 0x04,
             DmirrorCmd::Exclusive => 0x05,
             DmirrorCmd::CheckExclusive => 0x06,
+            DmirrorCmd::Release => 0x07,
             DmirrorCmd::Flags => 0x08,
         }
     }
@@ -85,6 +90,7 @@ impl DmirrorCmd {
             DmirrorCmd::Snapshot,
             DmirrorCmd::Exclusive,
             DmirrorCmd::CheckExclusive,
+            DmirrorCmd::Release,
             DmirrorCmd::Flags,
         ]
         .into_iter()

@@ -418,3 +418,66 @@ fn coherent_devices_migrate_with_present_entries() {
     assert!(r.snapshot(&d, a, 4).iter().all(|&b| b == prot::WRITE));
     r.mm.audit().unwrap();
 }
+
+#[test]
+fn release_evicts_every_device_page_wherever_it_is_mapped() {
+    let r = rig();
+    let d = r.open(0);
+    let a = r.map(16);
+    let data = pattern(16, 11);
+    r.mm.write(a, &data).unwrap();
+    r.run(&d, DmirrorCmd::MigrateToDev, a, 16).unwrap();
+    let child = r.mm.fork().unwrap();
+    assert_eq!(r.driver.device(0).nr_in_use(), 16);
+    let before = r.mm.stats();
+    r.run(&d, DmirrorCmd::Release, a, 1).unwrap();
+    let dev = r.driver.device(0);
+    assert_eq!((dev.nr_in_use(), dev.nr_chunks()), (0, 0));
+    assert_eq!(dev.counts(), (0, 0), "counts start again");
+    assert_eq!(
+        d.nr_mapped(),
+        0,
+        "the CLEARs of the eviction erased the device's entries"
+    );
+    // Both processes see system pages with the data, without faulting to the device.
+    for mm in [&r.mm, &child] {
+        let mut b = vec![0u8; data.len()];
+        mm.read(a, &mut b).unwrap();
+        assert_eq!(b, data);
+        assert!(mm.pagemap(a, 16).unwrap().iter().all(|e| e.swap.is_none()));
+    }
+    assert_eq!(r.mm.stats().since(&before).faults.device_private, 0);
+    r.mm.audit().unwrap();
+    child.audit().unwrap();
+    // The device works again afterwards, with a new chunk; the pages the child shares
+    // move for both processes.
+    assert_eq!(r.run(&d, DmirrorCmd::MigrateToDev, a, 4).unwrap().cpages, 4);
+    assert_eq!((dev.nr_in_use(), dev.nr_chunks()), (4, 1));
+    assert_eq!(
+        child.pagemap(a, 1).unwrap()[0].swap,
+        Some(hmm::mm::SwapKind::DevicePrivate)
+    );
+    drop(child);
+    r.mm.audit().unwrap();
+}
+
+#[test]
+fn unloading_the_driver_brings_device_memory_home() {
+    let r = rig();
+    let d = r.open(1);
+    let a = r.map(8);
+    let data = pattern(8, 12);
+    r.mm.write(a, &data).unwrap();
+    r.run(&d, DmirrorCmd::MigrateToDev, a, 8).unwrap();
+    drop(d);
+    let Rig {
+        phys, driver, mm, ..
+    } = r;
+    drop(driver);
+    let mut b = vec![0u8; data.len()];
+    mm.read(a, &mut b).unwrap();
+    assert_eq!(b, data);
+    mm.audit().unwrap();
+    drop(mm);
+    assert_eq!(phys.nr_in_use(), 0);
+}

@@ -3,7 +3,7 @@
 
 use crate::addr::VaRange;
 use crate::mm::tlb::TlbGather;
-use crate::mm::{split_folio, split_pmd};
+use crate::mm::{split_folio, split_pmd, Mm, MmState};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{MigrationKind, MigrationPfn, Pte, PteFlags, PteSlot, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, Zone};
@@ -198,7 +198,7 @@ pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
         }
         let page = s.frame(w.frame_nr());
         if s.shared[i] {
-            try_to_migrate(s, page);
+            try_to_migrate(s.held(), page);
         }
         let fm = page.folio().meta();
         let file = !fm.flags().contains(FrameFlags::ANON) && fm.mapping().is_some();
@@ -209,11 +209,10 @@ pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
     }
 }
 
-/// Replaces every other mapping of `page` (other address spaces after fork, other
-/// addresses) with a migration entry, through the reverse map, each VMA range under a
-/// CLEAR invalidation (`try_to_migrate_one`).
-fn try_to_migrate(s: &State<'_, '_>, page: FrameRef<'_>) {
-    let held = Some((s.mmap.mm(), s.mmap.state()));
+/// Replaces every mapping of `page` with a migration entry, through the reverse map,
+/// each VMA range under a CLEAR invalidation (`try_to_migrate_one`). `held` is an address
+/// space whose mmap lock the caller holds.
+pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) {
     let nr = page.nr();
     let private = matches!(page.zone(), Zone::DevicePrivate { .. });
     crate::mm::rmap_walk(page.folio(), held, |mm, st, vma, range| {
@@ -265,15 +264,14 @@ fn try_to_migrate(s: &State<'_, '_>, page: FrameRef<'_>) {
     });
 }
 
-/// Puts the migration entries of `page` back as mappings of `target` in every place
-/// other than the migrating range (which the caller fixes in its own walk), through the
-/// reverse map (`remove_migration_ptes`).
-pub(super) fn remove_migration_ptes_elsewhere(
-    s: &State<'_, '_>,
+/// Puts the migration entries of `page` back as mappings of `target`, wherever the
+/// reverse map finds them (`remove_migration_ptes`). `held` is an address space whose mmap
+/// lock the caller holds.
+pub(super) fn remove_migration_ptes(
+    held: Option<(&Mm, &MmState)>,
     page: FrameRef<'_>,
     target: FrameRef<'_>,
 ) {
-    let held = Some((s.mmap.mm(), s.mmap.state()));
     let nr = page.nr();
     crate::mm::rmap_walk(page.folio(), held, |_, st, vma, range| {
         let mut c = st.pt.cursor(range, WalkMode::Lookup);

@@ -9,9 +9,10 @@ use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, Freed, PhysMem, Zone};
 use crate::prot::VmFlags;
 
-use super::collect::remove_migration_ptes_elsewhere;
+use super::collect::remove_migration_ptes;
 use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
 use super::{MigrateOutcome, MigrateVma};
+use crate::mm::{Mm, MmState};
 
 /// How far a migration got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +84,11 @@ impl<'g, 'a> State<'g, 'a> {
         taken
     }
 
+    /// The migrating address space with its mmap lock held, for reverse-map walks.
+    pub(super) fn held(&self) -> Option<(&'g Mm, &'g MmState)> {
+        Some((self.mmap.mm(), self.mmap.state()))
+    }
+
     pub(super) fn phys(&self) -> &'g PhysMem {
         self.mmap.mm().phys()
     }
@@ -112,7 +118,7 @@ impl<'g, 'a> State<'g, 'a> {
         let page = self.frame(self.src[i].frame_nr());
         self.remap_own(&[(i, page)]);
         if self.shared[i] {
-            remove_migration_ptes_elsewhere(self, page, page);
+            remove_migration_ptes(self.held(), page, page);
         }
         self.release_src(page);
         self.src[i] = MigratePfn::default();
@@ -385,7 +391,7 @@ pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
     for &(i, target) in &own {
         let src = s.frame(s.src[i].frame_nr());
         if s.shared[i] {
-            remove_migration_ptes_elsewhere(s, src, target);
+            remove_migration_ptes(s.held(), src, target);
         }
         s.release_src(src);
         let d = s.dst[i];

@@ -23,6 +23,9 @@
 //! Dropping a stage finalizes it: a [`Migration`] dropped before `pages` puts every source
 //! back and frees the destinations given; nothing is lost.
 //!
+//! [`migrate_device_range`] and [`migrate_device_pfns`] are the same stages for a driver
+//! evicting its own memory by frame number, with no VMA (`migrate_device_*`).
+//!
 //! # Locking
 //!
 //! The caller holds the mmap lock for reading for the whole migration (the stages borrow
@@ -33,6 +36,7 @@
 
 mod collect;
 mod commit;
+mod device;
 mod pfn;
 
 use thiserror::Error;
@@ -43,6 +47,9 @@ use crate::notifier::Owner;
 use crate::phys::{Frame, FrameRef};
 use crate::prot::VmFlags;
 
+pub use device::{
+    migrate_device_pfns, migrate_device_range, DeviceMigration, DeviceMigrationPages,
+};
 pub use pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags, MIGRATE_PFN_SHIFT};
 
 /// What to migrate (the caller's fields of `struct migrate_vma`).
