@@ -25,8 +25,9 @@ use crate::migrate::alloc_and_copy_to_system;
 use crate::mirror::Shared;
 use crate::DmirrorError;
 
-/// Eviction passes per chunk before `release` gives up on a page.
-const RELEASE_ATTEMPTS: usize = 8;
+/// How long `release` keeps retrying pages that are busy (locked by a migration or a CPU
+/// fault in progress) before it gives up with `Busy`.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Number of devices (`DMIRROR_NDEVICES`).
 pub const DMIRROR_NDEVICES: usize = 4;
@@ -271,13 +272,18 @@ impl DmirrorDevice {
     pub fn release(&self) -> Result<u64, DmirrorError> {
         let mut chunks = self.chunks.lock();
         let mut evicted = 0;
+        let deadline = std::time::Instant::now() + RELEASE_TIMEOUT;
         for &id in chunks.iter() {
             let chunk = self.chunk(id);
-            for _ in 0..RELEASE_ATTEMPTS {
+            while chunk.nr_in_use() != 0 {
+                evicted += self.evict_chunk(chunk)?;
                 if chunk.nr_in_use() == 0 {
                     break;
                 }
-                evicted += self.evict_chunk(chunk)?;
+                if std::time::Instant::now() >= deadline {
+                    return Err(DmirrorError::Busy);
+                }
+                std::thread::yield_now();
             }
             chunk.memunmap().map_err(|_| DmirrorError::Busy)?;
         }

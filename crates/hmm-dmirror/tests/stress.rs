@@ -1,5 +1,5 @@
-//! Real threads: a CPU writer/reader, device 0 migrating the range to itself and back,
-//! device 1 reading it. No byte may be lost or stale, no frame leaked, no deadlock.
+//! Real threads: a CPU writer/reader, device 0 migrating the range to itself and back
+//! (and evicting all of its memory now and then), device 1 reading it. No byte may be lost or stale, no frame leaked, no deadlock.
 //! `HMM_STRESS_ITERS=N` sets the number of rounds (default 200).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,15 +79,22 @@ fn cpu_writes_race_migrations_and_device_reads() {
             }
             stop.store(true, Ordering::Release);
         });
-        // Device 0: to itself and back.
+        // Device 0: to itself and back, and now and then evicts all of its memory.
         s.spawn(|| {
+            let mut round = 0u64;
             while !stop.load(Ordering::Acquire) {
+                round += 1;
                 match cmd(&mm, &d0, DmirrorCmd::MigrateToDev, a, buf0) {
                     // The CPU may take pages back before the read-back: ENOENT.
                     Ok(_) | Err(DmirrorError::NoEnt) => {}
                     Err(e) => panic!("migrate to device: {e}"),
                 }
-                cmd(&mm, &d0, DmirrorCmd::MigrateToSys, a, buf0).unwrap();
+                let back = if round % 8 == 0 {
+                    DmirrorCmd::Release
+                } else {
+                    DmirrorCmd::MigrateToSys
+                };
+                cmd(&mm, &d0, back, a, buf0).unwrap();
                 migrations.fetch_add(1, Ordering::Relaxed);
                 // Leave the other device windows to finish a read in.
                 std::thread::sleep(std::time::Duration::from_micros(200));
