@@ -407,6 +407,12 @@ fn coherent_devices_migrate_with_present_entries() {
         .snapshot(&d, a, 4)
         .iter()
         .all(|&b| b == prot::DEV_COHERENT_LOCAL | prot::WRITE));
+    // Device 3 sees device 2's coherent memory as a CPU page of another device.
+    let d3 = r.open(3);
+    assert!(r
+        .snapshot(&d3, a, 4)
+        .iter()
+        .all(|&b| b == prot::DEV_COHERENT_REMOTE | prot::WRITE));
     // The CPU reads coherent memory directly: no fault.
     let before = r.mm.stats();
     let mut b = vec![0u8; data.len()];
