@@ -370,3 +370,37 @@ fn forked_pages_migrate_in_every_address_space() {
     m.mm.audit().unwrap();
     child.audit().unwrap();
 }
+
+#[test]
+fn exclusive_entries_and_unsplittable_thps_are_not_collected() {
+    let m = Machine::new(32);
+    let owner = Owner::new_unique();
+    let dev = device(&m, owner);
+    // A device-exclusive entry gives src 0 (only its holder may touch it).
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    fill(&m, a, 2, 9);
+    {
+        let mmap = m.mm.mmap_read();
+        let _excl = hmm::exclusive::make_device_exclusive(&mmap, a, None).unwrap();
+    }
+    let src = to_device(&m, &dev, a, 2);
+    assert!(src[0].is_empty() && src[1].is_migrating());
+    // A THP that cannot be split (a pin) stops the walk: the rest of the range is skipped.
+    m.mm.set_thp_mode(ThpMode::Always);
+    let t = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    fill(&m, t, 512, 10);
+    let pin =
+        m.mm.pin_user_pages(page(t, 300), 1, GupFlags::empty())
+            .unwrap();
+    let before = dev.nr_in_use();
+    let src = to_device(&m, &dev, page(t, 8), 16);
+    assert!(
+        src.iter().all(|w| w.is_empty()),
+        "nothing after the failed split"
+    );
+    assert_eq!(dev.nr_in_use(), before);
+    drop(pin);
+    let mut b = vec![0u8; 16 * PAGE_SIZE as usize];
+    m.mm.read(page(t, 8), &mut b).unwrap();
+    m.mm.audit().unwrap();
+}

@@ -274,9 +274,7 @@ pub(super) fn pages(s: &mut State<'_, '_>) {
         }
         // folio_migrate_mapping + folio_migrate_flags.
         let dm = dst.folio().meta();
-        if let Some((owner, index)) = sm.mapping() {
-            dm.set_mapping(std::sync::Arc::downgrade(&owner), index);
-        }
+        dm.inherit_mapping(sm, 0);
         let keep = sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY);
         dm.set_flags(keep | FrameFlags::UPTODATE);
     }

@@ -150,9 +150,7 @@ impl<'p> DeviceMigration<'p> {
             }
             let dm = s.phys.frame_nr(d.frame_nr()).meta();
             let sm = src.meta();
-            if let Some((owner, index)) = sm.mapping() {
-                dm.set_mapping(std::sync::Arc::downgrade(&owner), index);
-            }
+            dm.inherit_mapping(sm, 0);
             dm.set_flags(
                 (sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY)) | FrameFlags::UPTODATE,
             );

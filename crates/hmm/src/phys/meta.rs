@@ -282,8 +282,9 @@ impl FrameMeta {
             .store((flags | FrameFlags::LOCKED).bits(), Ordering::Release);
     }
 
-    /// Copies the mapping of `head`, at `head`'s index plus `offset`.
-    fn inherit_mapping(&self, head: &FrameMeta, offset: u64) {
+    /// Copies the mapping of `head`, at `head`'s index plus `offset` (a split page, or the
+    /// destination of a migration).
+    pub(crate) fn inherit_mapping(&self, head: &FrameMeta, offset: u64) {
         let m = head.mapping.lock().clone();
         self.index.store(
             head.index.load(Ordering::Relaxed) + offset,
