@@ -506,21 +506,7 @@ impl Dmirror {
             let _ = p.finalize();
             Ok(())
         })?;
-        let mut bounce = vec![0u8; range.len_bytes() as usize];
-        {
-            let pt = self.shared.pt.lock();
-            self.device_access(
-                &pt,
-                range,
-                &mut cmd.cpages,
-                &mut DeviceAccess::Read(&mut bounce),
-            )?;
-        }
-        mm.write(
-            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
-            &bounce,
-        )
-        .map_err(|_| DmirrorError::Fault)
+        self.read_back(&mm, range, cmd)
     }
 
     /// `dmirror_migrate_to_system`: migrate this device's pages in the range back to
@@ -563,6 +549,32 @@ impl Dmirror {
         })
     }
 
+    /// Reads the range from the device's table into the user buffer without faulting
+    /// (`ENOENT` at the first page the device does not map), as MIGRATE_TO_DEV and
+    /// EXCLUSIVE end.
+    fn read_back(
+        &self,
+        mm: &Mm,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+    ) -> Result<(), DmirrorError> {
+        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        {
+            let pt = self.shared.pt.lock();
+            self.device_access(
+                &pt,
+                range,
+                &mut cmd.cpages,
+                &mut DeviceAccess::Read(&mut bounce),
+            )?;
+        }
+        mm.write(
+            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
+            &bounce,
+        )
+        .map_err(|_| DmirrorError::Fault)
+    }
+
     /// `dmirror_exclusive`: every page made exclusive to the device and mapped for
     /// atomics, then the range read back from the device's table without faulting.
     fn cmd_exclusive(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
@@ -586,21 +598,7 @@ impl Dmirror {
                 );
             }
         }
-        let mut bounce = vec![0u8; range.len_bytes() as usize];
-        {
-            let pt = self.shared.pt.lock();
-            self.device_access(
-                &pt,
-                range,
-                &mut cmd.cpages,
-                &mut DeviceAccess::Read(&mut bounce),
-            )?;
-        }
-        mm.write(
-            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
-            &bounce,
-        )
-        .map_err(|_| DmirrorError::Fault)
+        self.read_back(&mm, range, cmd)
     }
 
     /// `dmirror_check_atomic`: `Perm` while a page of the range is still mapped for

@@ -419,23 +419,15 @@ fn walk(mmap: &MmapReadGuard<'_>, w: &mut Walk<'_, '_>, todo: VaRange) -> Result
                     let pte = p.get_at(k);
                     let i = w.index(va);
                     let req = w.request(i);
-                    let (cpu, nr) = match pte {
-                        Pte::Present { pfn, flags } if !flags.contains(PteFlags::PROTNONE) => {
-                            (cpu_flags(flags), pfn.as_u64())
-                        }
-                        Pte::DevicePrivate { pfn, flags }
-                            if owner.is_some()
-                                && phys.pagemap_of(pfn.as_u64()).map(|p| p.owner()) == owner =>
-                        {
-                            (cpu_flags(flags), pfn.as_u64())
-                        }
-                        Pte::Migration { .. }
-                            if Walk::need(req, HmmPfnFlags::empty()) != Need::None =>
+                    let (cpu, nr) = match usable(phys, owner, pte) {
+                        Some(v) => v,
+                        None if matches!(pte, Pte::Migration { .. })
+                            && Walk::need(req, HmmPfnFlags::empty()) != Need::None =>
                         {
                             wait = Some(pte);
                             break;
                         }
-                        _ => (HmmPfnFlags::empty(), 0),
+                        None => (HmmPfnFlags::empty(), 0),
                     };
                     match Walk::need(req, cpu) {
                         Need::None => {
@@ -458,24 +450,16 @@ fn walk(mmap: &MmapReadGuard<'_>, w: &mut Walk<'_, '_>, todo: VaRange) -> Result
             Slot::Pmd(p) => {
                 let leaf = p.get();
                 let r = VaRange::new(at, p.range().end().min(todo.end())).expect("leaf from `at`");
-                let (cpu, head) = match leaf {
-                    Pte::Present { pfn, flags } if !flags.contains(PteFlags::PROTNONE) => {
-                        (cpu_flags(flags), pfn.as_u64())
-                    }
-                    Pte::DevicePrivate { pfn, flags }
-                        if owner.is_some()
-                            && phys.pagemap_of(pfn.as_u64()).map(|p| p.owner()) == owner =>
-                    {
-                        (cpu_flags(flags), pfn.as_u64())
-                    }
-                    Pte::Migration { .. }
-                        if w.need_range(r, HmmPfnFlags::empty()) != Need::None =>
+                let (cpu, head) = match usable(phys, owner, leaf) {
+                    Some(v) => v,
+                    None if matches!(leaf, Pte::Migration { .. })
+                        && w.need_range(r, HmmPfnFlags::empty()) != Need::None =>
                     {
                         c.unlock();
                         migration_wait(mmap, leaf);
                         return Ok(Step::Again);
                     }
-                    _ => (HmmPfnFlags::empty(), 0),
+                    None => (HmmPfnFlags::empty(), 0),
                 };
                 match w.need_range(r, cpu) {
                     Need::None => {
@@ -501,6 +485,23 @@ fn fault_step(vma: &Vma, r: VaRange, need: Need) -> Result<Step, HmmError> {
         return Err(HmmError::Perm { addr: r.start() });
     }
     Ok(Step::Fault { range: r, write })
+}
+
+/// The CPU flags and frame of an entry the caller may use as it is: an accessible present
+/// entry, or a device-private entry of the caller's own device; `None` for anything that
+/// would need a fault.
+fn usable(phys: &PhysMem, owner: Option<Owner>, entry: Pte) -> Option<(HmmPfnFlags, u64)> {
+    match entry {
+        Pte::Present { pfn, flags } if !flags.contains(PteFlags::PROTNONE) => {
+            Some((cpu_flags(flags), pfn.as_u64()))
+        }
+        Pte::DevicePrivate { pfn, flags }
+            if owner.is_some() && phys.pagemap_of(pfn.as_u64()).map(|p| p.owner()) == owner =>
+        {
+            Some((cpu_flags(flags), pfn.as_u64()))
+        }
+        _ => None,
+    }
 }
 
 /// `VALID`, plus `WRITE` if the entry is writable (`pte_to_hmm_pfn_flags`).

@@ -193,19 +193,8 @@ impl<'g, 'a> Migration<'g, 'a> {
     /// locked.
     #[track_caller]
     pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
-        assert!(
-            self.state.src[i].is_migrating(),
-            "entry {i} is not migrating"
-        );
-        assert!(self.state.dst[i].is_empty(), "entry {i} has a destination");
-        assert!(dst.meta().is_locked(), "destination pages must be locked");
-        let mut flags = MigratePfnFlags::VALID;
-        if write {
-            flags |= MigratePfnFlags::WRITE;
-        }
-        let nr = dst.nr();
-        std::mem::forget(dst);
-        self.state.dst[i] = MigratePfn::new(nr, flags);
+        self.state.dst[i] =
+            MigratePfn::destination(self.state.src[i], self.state.dst[i], dst, write);
     }
 
     /// Commits the entries that have a destination (`migrate_vma_pages`); the others stop

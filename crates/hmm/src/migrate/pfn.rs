@@ -95,6 +95,31 @@ impl MigratePfn {
         self.0 == 0
     }
 
+    /// The destination word for `dst` (locked), taking over its reference: the
+    /// `set_dst` of both migration kinds.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `src` is not migrating, `dst_word` is already set, or `dst` is unlocked.
+    #[track_caller]
+    pub(crate) fn destination(
+        src: MigratePfn,
+        dst_word: MigratePfn,
+        dst: crate::phys::Frame<'_>,
+        write: bool,
+    ) -> MigratePfn {
+        assert!(src.is_migrating(), "the entry is not migrating");
+        assert!(dst_word.is_empty(), "the entry has a destination");
+        assert!(dst.meta().is_locked(), "destination pages must be locked");
+        let mut flags = MigratePfnFlags::VALID;
+        if write {
+            flags |= MigratePfnFlags::WRITE;
+        }
+        let nr = dst.nr();
+        std::mem::forget(dst);
+        MigratePfn::new(nr, flags)
+    }
+
     pub(crate) fn without(self, f: MigratePfnFlags) -> MigratePfn {
         MigratePfn(self.0 & !f.bits())
     }
