@@ -5,7 +5,10 @@
 //! ([`Dmirror`]), one per open of a device by a process, each with its own device page
 //! table kept coherent with the CPU's through an interval notifier and `hmm_range_fault`.
 //! Commands keep the kernel's arguments, outputs and errors ([`HmmDmirrorCmd`],
-//! [`DmirrorCmd`], [`DmirrorError`]); the device's reads and writes move real bytes.
+//! [`DmirrorCmd`], [`DmirrorError`]): READ, WRITE, MIGRATE_TO_DEV, MIGRATE_TO_SYS,
+//! SNAPSHOT, EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE and FLAGS. The device's reads, writes and
+//! migrations move real bytes; a CPU touching a device page faults it back through the
+//! device's `migrate_to_ram`.
 //! [`conformance`] holds driver-independent checks any mirror implementation can run.
 //!
 //! ```

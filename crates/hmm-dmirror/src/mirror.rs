@@ -375,7 +375,7 @@ impl Dmirror {
 
     /// The device fault routine (`dmirror_fault`): mirror `[start, end)` in chunks of 32
     /// pages through the driver loop, storing what `hmm_range_fault` returns in the device
-    /// page table under the mirror lock. A process that has exited has nothing to fault.
+    /// page table under the mirror lock.
     fn device_fault(
         &self,
         mm: &Mm,
