@@ -350,7 +350,9 @@ impl CopyCtx<'_> {
             }
             Pte::None => Some(Pte::None),
             Pte::DevicePrivate { .. } => {
-                unreachable!("device-private PMDs are split before fork copies them")
+                unreachable!(
+                    "no device-private PMD entries exist: device THP migration is not built"
+                )
             }
             Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
         })
