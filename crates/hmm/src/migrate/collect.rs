@@ -151,13 +151,7 @@ fn collect_pte<'g>(s: &mut State<'g, '_>, p: &PteSlot<'_>, tlb: &mut TlbGather<'
         }
         fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
     }
-    let kind = if mpfn_write {
-        MigrationKind::Write
-    } else if anon_exclusive {
-        MigrationKind::ReadExclusive
-    } else {
-        MigrationKind::Read
-    };
+    let kind = MigrationKind::for_mapping(mpfn_write, anon_exclusive);
     let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
     let target = match entry {
         Pte::DevicePrivate { pfn, .. } => MigrationPfn::Device(pfn),
@@ -242,11 +236,7 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
                 ),
                 _ => continue,
             };
-            let kind = if writable {
-                MigrationKind::Write
-            } else {
-                MigrationKind::Read
-            };
+            let kind = MigrationKind::for_mapping(writable, false);
             p.set(Pte::Migration {
                 pfn: target,
                 kind,

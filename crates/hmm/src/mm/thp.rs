@@ -541,13 +541,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
                     .meta()
                     .flags()
                     .contains(FrameFlags::ANON_EXCLUSIVE);
-                let kind = if writable {
-                    MigrationKind::Write
-                } else if exclusive {
-                    MigrationKind::ReadExclusive
-                } else {
-                    MigrationKind::Read
-                };
+                let kind = MigrationKind::for_mapping(writable, exclusive);
                 let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
                 p.set(Pte::Migration {
                     pfn: pfn.into(),

@@ -78,6 +78,20 @@ pub enum MigrationKind {
     Write,
 }
 
+impl MigrationKind {
+    /// The migration entry for a mapping that was `writable`, of a page that was
+    /// `anon_exclusive` (`make_*_migration_entry`).
+    pub fn for_mapping(writable: bool, anon_exclusive: bool) -> MigrationKind {
+        if writable {
+            MigrationKind::Write
+        } else if anon_exclusive {
+            MigrationKind::ReadExclusive
+        } else {
+            MigrationKind::Read
+        }
+    }
+}
+
 /// The page a migration entry stands for: a CPU-addressable page, or a device-private
 /// page being migrated (the kernel's device-private migration entries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
