@@ -42,6 +42,26 @@ fn watch(mm: &Mm) -> (Arc<Mirror>, IntervalNotifier) {
     (mirror, n)
 }
 
+/// A range over `pfns.len()` pages from `start`, every page asking for `default_flags`,
+/// with a fresh notifier sequence.
+fn range<'a>(
+    n: &'a IntervalSub,
+    start: VirtAddr,
+    pfns: &'a mut [HmmPfn],
+    default_flags: HmmPfnFlags,
+) -> HmmRange<'a> {
+    HmmRange {
+        notifier: n,
+        notifier_seq: n.read_begin(),
+        start,
+        end: page(start, pfns.len() as u64),
+        hmm_pfns: pfns,
+        default_flags,
+        pfn_flags_mask: HmmPfnFlags::empty(),
+        dev_private_owner: None,
+    }
+}
+
 /// Mirrors `npages` from `start` with the given requests through the driver loop, which
 /// retries when a fault the call ran invalidates the range itself (a COW does).
 fn run(
@@ -52,16 +72,7 @@ fn run(
     default_flags: HmmPfnFlags,
 ) -> Result<Vec<HmmPfn>, HmmError> {
     let mut pfns = vec![HmmPfn::default(); npages as usize];
-    let mut range = HmmRange {
-        notifier: n,
-        notifier_seq: n.read_begin(),
-        start,
-        end: page(start, npages),
-        hmm_pfns: &mut pfns,
-        default_flags,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut range = range(n, start, &mut pfns, default_flags);
     fault_and_commit(
         mm,
         &mut range,
@@ -81,16 +92,7 @@ fn run_once(
     default_flags: HmmPfnFlags,
 ) -> Result<Vec<HmmPfn>, HmmError> {
     let mut pfns = vec![HmmPfn::default(); npages as usize];
-    let mut range = HmmRange {
-        notifier: n,
-        notifier_seq: n.read_begin(),
-        start,
-        end: page(start, npages),
-        hmm_pfns: &mut pfns,
-        default_flags,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut range = range(n, start, &mut pfns, default_flags);
     let mmap = mm.mmap_read();
     hmm_range_fault(&mmap, &mut range)?;
     Ok(pfns)
@@ -351,16 +353,7 @@ fn bad_arguments_are_inval_and_change_nothing() {
     let other = Mm::new(m.phys.clone());
     let (_m2, n2) = watch(&other);
     let mut pfns = vec![HmmPfn::default(); 1];
-    let mut range = HmmRange {
-        notifier: &n2,
-        notifier_seq: n2.read_begin(),
-        start: a,
-        end: page(a, 1),
-        hmm_pfns: &mut pfns,
-        default_flags: READ,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut range = range(&n2, a, &mut pfns, READ);
     assert!(inval(
         hmm_range_fault(&m.mm.mmap_read(), &mut range).unwrap_err()
     ));
@@ -375,16 +368,9 @@ fn a_collision_before_the_walk_is_busy() {
     let seq = w.1.read_begin();
     m.mm.madvise(a, PAGE_SIZE, Advice::DontNeed).unwrap();
     let mut pfns = vec![HmmPfn::default(); 2];
-    let mut range = HmmRange {
-        notifier: &w.1,
-        notifier_seq: seq,
-        start: a,
-        end: page(a, 2),
-        hmm_pfns: &mut pfns,
-        default_flags: READ,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut range = range(&w.1, a, &mut pfns, READ);
+    // The sequence read before the invalidation, not the fresh one.
+    range.notifier_seq = seq;
     assert_eq!(
         hmm_range_fault(&m.mm.mmap_read(), &mut range).unwrap_err(),
         HmmError::Busy
@@ -414,16 +400,7 @@ fn the_driver_loop_commits_only_consistent_results() {
         let mut committed = 0;
         for _ in 0..200 {
             let mut pfns = vec![HmmPfn::default(); 16];
-            let mut range = HmmRange {
-                notifier: &n,
-                notifier_seq: n.read_begin(),
-                start: a,
-                end: page(a, 16),
-                hmm_pfns: &mut pfns,
-                default_flags: WRITE,
-                pfn_flags_mask: HmmPfnFlags::empty(),
-                dev_private_owner: None,
-            };
+            let mut range = range(&n, a, &mut pfns, WRITE);
             let r = fault_and_commit(
                 &m.mm,
                 &mut range,
@@ -458,16 +435,7 @@ fn the_driver_loop_gives_up_with_busy_after_its_timeout() {
     let (mirror, n) = watch(&m.mm);
     let a = m.map(1, RW, MapFlags::PRIVATE);
     let mut pfns = vec![HmmPfn::default(); 1];
-    let mut range = HmmRange {
-        notifier: &n,
-        notifier_seq: n.read_begin(),
-        start: a,
-        end: page(a, 1),
-        hmm_pfns: &mut pfns,
-        default_flags: WRITE,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut range = range(&n, a, &mut pfns, WRITE);
     let r = fault_and_commit(&m.mm, &mut range, Duration::ZERO, &mirror.lock, |_, _| ());
     assert_eq!(r, Err(HmmError::Busy));
     assert_eq!(m.mm.stats().faults.total(), 0);
