@@ -22,7 +22,7 @@ use std::sync::{Arc, Weak};
 
 use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
 use hmm::exclusive::{make_device_exclusive, ExclusiveError};
-use hmm::migrate::{migrate_vma_setup, MigrateError, MigrateVma, MigrateVmaFlags};
+use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{MapFlags, Mm, MmError, MmapReadGuard, Prot, VmFault, VmOps};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
@@ -488,9 +488,7 @@ impl Dmirror {
                 flags: MigrateVmaFlags::SELECT_SYSTEM,
                 fault_page: None,
             };
-            let mut m = migrate_vma_setup(mmap, args).map_err(|e| match e {
-                MigrateError::Inval { what } => DmirrorError::Inval { what },
-            })?;
+            let mut m = migrate_vma_setup(mmap, args)?;
             let vm_write = vma.flags().contains(VmFlags::WRITE);
             let counts =
                 alloc_and_copy_to_device(&mut m, &self.device, self.shared.id, vm_write, || {
@@ -529,9 +527,7 @@ impl Dmirror {
                 flags: select,
                 fault_page: None,
             };
-            let mut m = migrate_vma_setup(mmap, args).map_err(|e| match e {
-                MigrateError::Inval { what } => DmirrorError::Inval { what },
-            })?;
+            let mut m = migrate_vma_setup(mmap, args)?;
             let copied = alloc_and_copy_to_system(&mut m, Some(&self.shared.pt), || {
                 self.shared.take_fail_alloc()
             });

@@ -1,6 +1,7 @@
 //! The driver's user interface, as `lib/test_hmm_uapi.h` defines it: the command block,
 //! the command numbers, the snapshot bytes, the flags, and the errors as errnos.
 
+use hmm::migrate::MigrateError;
 use hmm::range_fault::HmmError;
 use thiserror::Error;
 
@@ -161,6 +162,9 @@ pub enum DmirrorError {
     /// that is not private anonymous.
     #[error("operation not supported")]
     NotSupported,
+    /// A migrate-on-fault piece leaves its VMA (`-ERANGE`).
+    #[error("range crosses a VMA boundary")]
+    Range,
 }
 
 impl DmirrorError {
@@ -174,6 +178,7 @@ impl DmirrorError {
             DmirrorError::Perm => -1,
             DmirrorError::NoMem => -12,
             DmirrorError::NotSupported => -95,
+            DmirrorError::Range => -34,
         }
     }
 }
@@ -186,6 +191,17 @@ impl From<HmmError> for DmirrorError {
             HmmError::Perm { .. } => DmirrorError::Perm,
             HmmError::NoMem { .. } => DmirrorError::NoMem,
             HmmError::Inval { what } => DmirrorError::Inval { what },
+            HmmError::Range { .. } => DmirrorError::Range,
+        }
+    }
+}
+
+impl From<MigrateError> for DmirrorError {
+    fn from(e: MigrateError) -> Self {
+        match e {
+            MigrateError::Inval { what } => DmirrorError::Inval { what },
+            MigrateError::Fault { .. } => DmirrorError::Fault,
+            MigrateError::NoMem { .. } => DmirrorError::NoMem,
         }
     }
 }

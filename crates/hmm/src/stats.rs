@@ -100,6 +100,35 @@ pub struct MigrateStats {
     pub pages_restored: u64,
 }
 
+/// Passes over a driver's range by the HMM entry points: the figure the migrate-on-fault
+/// work is judged by ("one walk instead of two or three").
+///
+/// A pass visits each page of the range once. When it stops to fault a page (or to wait
+/// on a migration entry) and goes on from that page, that is a *restart* of the same pass,
+/// not a new one: the pages before it are not visited again (the kernel's `-EBUSY` loop
+/// around `walk_page_range` in `hmm_range_fault`). The low-level count of page-table
+/// cursors, which includes the faults' own one-page walks, is [`WalkStats::walks`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct RangeWalkStats {
+    /// Passes by `hmm_range_fault` (plain, or migrating with `HMM_PFN_REQ_MIGRATE`).
+    pub hmm: u64,
+    /// Collect passes by `migrate_vma_setup` (with or without `MIGRATE_VMA_FAULT`).
+    pub migrate: u64,
+    /// Restarts of a pass after a fault or a migration wait.
+    pub restarts: u64,
+    /// Collect passes of `migrate_to_ram` handlers (`migrate_vma_setup` with a
+    /// `fault_page`): part of a CPU fault, not of a driver's range, so not in
+    /// [`total`](Self::total).
+    pub fault_handler: u64,
+}
+
+impl RangeWalkStats {
+    /// All passes.
+    pub fn total(&self) -> u64 {
+        self.hmm + self.migrate
+    }
+}
+
 /// A snapshot of an address space's counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct MmStats {
@@ -125,6 +154,8 @@ pub struct MmStats {
     pub thp_split_folio: u64,
     /// Migrations.
     pub migrate: MigrateStats,
+    /// Passes over drivers' ranges.
+    pub range_walks: RangeWalkStats,
 }
 
 impl MmStats {
@@ -174,6 +205,15 @@ impl MmStats {
                 pages_migrated: d(self.migrate.pages_migrated, earlier.migrate.pages_migrated),
                 pages_restored: d(self.migrate.pages_restored, earlier.migrate.pages_restored),
             },
+            range_walks: RangeWalkStats {
+                hmm: d(self.range_walks.hmm, earlier.range_walks.hmm),
+                migrate: d(self.range_walks.migrate, earlier.range_walks.migrate),
+                restarts: d(self.range_walks.restarts, earlier.range_walks.restarts),
+                fault_handler: d(
+                    self.range_walks.fault_handler,
+                    earlier.range_walks.fault_handler,
+                ),
+            },
         }
     }
 }
@@ -194,6 +234,21 @@ pub(crate) struct MmCounters {
     migrate_restored: AtomicU64,
     thp_collapse: AtomicU64,
     thp_split_folio: AtomicU64,
+    range_walks_hmm: AtomicU64,
+    range_walks_migrate: AtomicU64,
+    range_walk_restarts: AtomicU64,
+    range_walks_fault_handler: AtomicU64,
+}
+
+/// Who made a pass over a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RangeWalker {
+    /// `hmm_range_fault`.
+    Hmm,
+    /// `migrate_vma_setup`.
+    Migrate,
+    /// `migrate_vma_setup` in a `migrate_to_ram` handler.
+    FaultHandler,
 }
 
 impl MmCounters {
@@ -232,6 +287,19 @@ impl MmCounters {
         self.migrate_restored.fetch_add(restored, Relaxed);
     }
 
+    pub(crate) fn range_walk(&self, by: RangeWalker) {
+        match by {
+            RangeWalker::Hmm => &self.range_walks_hmm,
+            RangeWalker::Migrate => &self.range_walks_migrate,
+            RangeWalker::FaultHandler => &self.range_walks_fault_handler,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn range_walk_restart(&self) {
+        self.range_walk_restarts.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn thp_collapse(&self) {
         self.thp_collapse.fetch_add(1, Relaxed);
     }
@@ -266,6 +334,12 @@ impl MmCounters {
                 pages_collected: self.migrate_collected.load(Relaxed),
                 pages_migrated: self.migrate_migrated.load(Relaxed),
                 pages_restored: self.migrate_restored.load(Relaxed),
+            },
+            range_walks: RangeWalkStats {
+                hmm: self.range_walks_hmm.load(Relaxed),
+                migrate: self.range_walks_migrate.load(Relaxed),
+                restarts: self.range_walk_restarts.load(Relaxed),
+                fault_handler: self.range_walks_fault_handler.load(Relaxed),
             },
         }
     }

@@ -1,9 +1,10 @@
-//! The setup stage: the collect walk (`migrate_vma_collect`) and the unmap and pin check
+//! The setup stage: collecting one entry (`migrate_vma_collect_pmd`'s loop body, run by
+//! the one collect walk, `range_fault`'s migrating walk) and the unmap and pin check
 //! (`migrate_device_unmap`).
 
 use crate::addr::VaRange;
 use crate::mm::tlb::TlbGather;
-use crate::mm::{split_folio, split_pmd, Mm, MmState};
+use crate::mm::{Mm, MmState};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{MigrationKind, MigrationPfn, Pte, PteFlags, PteSlot, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, Zone};
@@ -12,71 +13,24 @@ use super::commit::{remap_entry, State};
 use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
 
 /// What the walk does after an entry.
-enum Next<'g> {
+pub(crate) enum Next<'g> {
     Go,
     /// The entry maps a page of a large folio: split it, then look again.
     SplitFolio(FrameRef<'g>),
 }
 
-/// One walk over the range under one MIGRATE invalidation carrying the owner: selects,
-/// locks and unmaps (see the module documentation of `migrate`).
-pub(super) fn collect(s: &mut State<'_, '_>) {
-    let mm = s.mmap.mm();
-    let st = s.mmap.state();
-    let range = NotifierRange::new(mm.id(), s.range, NotifierEvent::Migrate, Some(s.vma.info()))
-        .with_owner(s.owner);
-    let inv = mm.notifiers().invalidate_range_start(range);
-    let mut tlb = TlbGather::new(mm);
-    let anon = s.vma.is_anonymous();
-    let mut c = st.pt.cursor(s.range, WalkMode::Lookup);
-    while let Some(slot) = c.next() {
-        match slot {
-            Slot::Hole(h) => {
-                if anon {
-                    for va in h.pages() {
-                        let i = s.index(va);
-                        s.src[i] = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
-                        s.cpages += 1;
-                    }
-                }
-            }
-            Slot::Pmd(p) => {
-                // A THP (or the huge zero page): split the mapping and collect its PTEs.
-                // Device THP (SELECT_COMPOUND) keeps units whole; not built yet, so
-                // PMD-level device entries and migration entries are left alone.
-                if let Pte::Present { .. } = p.get() {
-                    let base = p.range().start();
-                    c.unlock();
-                    split_pmd(mm, &st.pt, Some(s.vma.info()), base, &mut tlb);
-                    c.again();
-                }
-            }
-            Slot::Pte(p) => match collect_pte(s, &p, &mut tlb) {
-                Next::Go => {}
-                Next::SplitFolio(folio) => {
-                    c.unlock();
-                    let held = folio.get();
-                    if split_folio(mm, st, held) {
-                        c.again();
-                    } else {
-                        // The kernel gives up on the rest of the range.
-                        break;
-                    }
-                }
-            },
-        }
-    }
-    drop(c);
-    tlb.finish();
-    inv.end();
-}
-
-/// Collects one PTE under its lock (`migrate_vma_collect_pmd`'s loop body).
-fn collect_pte<'g>(s: &mut State<'g, '_>, p: &PteSlot<'_>, tlb: &mut TlbGather<'_>) -> Next<'g> {
+/// Collects entry `k` of the run `p` under its lock (`migrate_vma_collect_pmd`'s loop
+/// body); `s.src` says whether it was selected.
+pub(crate) fn collect_pte<'g>(
+    s: &mut State<'g, '_>,
+    p: &PteSlot<'_>,
+    k: usize,
+    tlb: &mut TlbGather<'_>,
+) -> Next<'g> {
     let phys = s.phys();
-    let va = p.va();
+    let va = p.va_at(k);
     let i = s.index(va);
-    let entry = p.get();
+    let entry = p.get_at(k);
     let (page, mpfn_write, flags) = match entry {
         Pte::None => {
             if s.vma.is_anonymous() {
@@ -157,11 +111,14 @@ fn collect_pte<'g>(s: &mut State<'g, '_>, p: &PteSlot<'_>, tlb: &mut TlbGather<'
         Pte::DevicePrivate { pfn, .. } => MigrationPfn::Device(pfn),
         _ => MigrationPfn::Cpu(page.pfn()),
     };
-    p.set(Pte::Migration {
-        pfn: target,
-        kind,
-        flags: keep,
-    });
+    p.set_at(
+        k,
+        Pte::Migration {
+            pfn: target,
+            kind,
+            flags: keep,
+        },
+    );
     if flags.contains(PteFlags::DIRTY) {
         fm.set_flags(FrameFlags::DIRTY);
     }

@@ -37,6 +37,7 @@
 mod collect;
 mod commit;
 mod device;
+mod on_fault;
 mod pfn;
 
 use thiserror::Error;
@@ -46,10 +47,14 @@ use crate::mm::{MmapReadGuard, Vma};
 use crate::notifier::Owner;
 use crate::phys::{Frame, FrameRef};
 use crate::prot::VmFlags;
+use crate::range_fault::HmmError;
 
+pub(crate) use collect::Next;
 pub use device::{
     migrate_device_pfns, migrate_device_range, DeviceMigration, DeviceMigrationPages,
 };
+pub(crate) use on_fault::Collector;
+pub use on_fault::{hmm_range_fault_migrate, migrate_hmm_range_setup, HmmMigrate};
 pub use pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags, MIGRATE_PFN_SHIFT};
 
 /// What to migrate (the caller's fields of `struct migrate_vma`).
@@ -70,9 +75,24 @@ pub struct MigrateVma {
     pub fault_page: Option<DevicePfn>,
 }
 
-/// Why [`migrate_vma_setup`] refused (`-EINVAL` in every case, as in the kernel).
+/// Why [`migrate_vma_setup`] failed: `-EINVAL` for bad arguments, as in the kernel; with
+/// [`MigrateVmaFlags::FAULT`], the errors of the faults too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum MigrateError {
+    /// `MIGRATE_VMA_FAULT`: a page could not be faulted in (`-EFAULT`); every page
+    /// collected before it was put back.
+    #[error("cannot fault the page at {addr}")]
+    Fault {
+        /// The page.
+        addr: VirtAddr,
+    },
+    /// `MIGRATE_VMA_FAULT`: no memory to fault a page in (`-ENOMEM`); every page
+    /// collected before it was put back.
+    #[error("out of memory faulting the page at {addr}")]
+    NoMem {
+        /// The page.
+        addr: VirtAddr,
+    },
     /// Bad arguments: unaligned or empty range, no VMA, a range leaving its VMA, a
     /// hugetlb or driver (`VM_MIXEDMAP`) VMA, or a fault page that is not a locked
     /// device-private page.
@@ -126,8 +146,13 @@ pub fn migrate_vma_setup<'g, 'a>(
             return Err(inval("fault page not a locked device-private page"));
         }
     }
-    let mut state = commit::State::new(mmap, vma, range, args);
-    collect::collect(&mut state);
+    let mut state = on_fault::collect(mmap, vma, args).map_err(|e| match e {
+        HmmError::Fault { addr } | HmmError::Perm { addr } => MigrateError::Fault { addr },
+        HmmError::NoMem { addr } => MigrateError::NoMem { addr },
+        HmmError::Busy | HmmError::Range { .. } | HmmError::Inval { .. } => {
+            unreachable!("a collect walk checks no sequence and gets checked arguments: {e}")
+        }
+    })?;
     collect::unmap_and_check(&mut state);
     let m = mmap.mm();
     m.counters().migrate_setup(state.cpages);

@@ -21,6 +21,12 @@ bitflags! {
         /// Keep PMD-sized units whole (device THP migration).
         #[doc(alias = "MIGRATE_VMA_SELECT_COMPOUND")]
         const SELECT_COMPOUND = 1 << 3;
+        /// Fault in, during the collect walk itself, the pages that cannot migrate as
+        /// they are (another device's private pages, device-exclusive entries): one walk
+        /// instead of `hmm_range_fault` and then the migration (the migrate-on-fault
+        /// series; its RFC used `1 << 3`, which `SELECT_COMPOUND` took since).
+        #[doc(alias = "MIGRATE_VMA_FAULT")]
+        const FAULT = 1 << 4;
     }
 }
 
@@ -120,6 +126,27 @@ impl MigratePfn {
         MigratePfn::new(nr, flags)
     }
 
+    /// The `src` word a migrating `hmm_range_fault` output word stands for (the
+    /// conversion of `migrate_hmm_range_setup`): 0 unless `HMM_PFN_MIGRATE` is set;
+    /// `MIGRATE` alone for a hole or the zero page (no `VALID`); else the frame with
+    /// `MIGRATE`, and `WRITE` if the CPU mapping was writable.
+    #[doc(alias = "migrate_hmm_range_setup")]
+    pub fn from_hmm(word: crate::range_fault::HmmPfn) -> MigratePfn {
+        use crate::range_fault::HmmPfnFlags as H;
+        let f = word.flags();
+        if !f.contains(H::MIGRATE) {
+            return MigratePfn::default();
+        }
+        if !f.contains(H::VALID) {
+            return MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+        }
+        let mut flags = MigratePfnFlags::MIGRATE;
+        if f.contains(H::WRITE) {
+            flags |= MigratePfnFlags::WRITE;
+        }
+        MigratePfn::new(word.frame_nr(), flags)
+    }
+
     pub(crate) fn without(self, f: MigratePfnFlags) -> MigratePfn {
         MigratePfn(self.0 & !f.bits())
     }
@@ -147,5 +174,27 @@ mod tests {
         assert!(!hole.without(MigratePfnFlags::MIGRATE).is_migrating());
         assert!(MigratePfn::default().is_empty());
         assert_eq!(MigrateVmaFlags::SELECT_COMPOUND.bits(), 8);
+        assert!(!MigrateVmaFlags::FAULT.intersects(MigrateVmaFlags::SELECT_COMPOUND));
+    }
+
+    #[test]
+    fn hmm_words_convert_both_ways() {
+        use crate::range_fault::HmmPfn;
+        for src in [
+            MigratePfn::default(),
+            MigratePfn::flags_only(MigratePfnFlags::MIGRATE),
+            MigratePfn::new(0x42, MigratePfnFlags::MIGRATE),
+            MigratePfn::new(0x42, MigratePfnFlags::MIGRATE | MigratePfnFlags::WRITE),
+        ] {
+            let word = HmmPfn::from_migrate(src);
+            assert_eq!(MigratePfn::from_hmm(word), src, "{word:?}");
+        }
+        // A word that is not migrating converts to 0 whatever else it says.
+        let plain = HmmPfn::from_migrate(MigratePfn::new(7, MigratePfnFlags::MIGRATE));
+        assert!(plain.is_migrating());
+        assert_eq!(
+            MigratePfn::from_hmm(HmmPfn::default()),
+            MigratePfn::default()
+        );
     }
 }

@@ -73,7 +73,7 @@ impl PteSlot<'_> {
     /// Stores the (first) entry.
     #[doc(alias = "set_pte_at")]
     pub fn set(&self, pte: Pte) {
-        self.entries[0].store(pte.encode(Huge::Pte), Ordering::Release);
+        self.set_at(0, pte);
     }
 
     /// Stores the (first) entry and returns the previous one.
@@ -95,6 +95,22 @@ impl PteSlot<'_> {
     /// Panics if `i` is not below [`len`](Self::len).
     pub fn get_at(&self, i: usize) -> Pte {
         Pte::decode(self.entries[i].load(Ordering::Acquire))
+    }
+
+    /// Stores the `i`-th entry of the run.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `i` is not below [`len`](Self::len).
+    pub fn set_at(&self, i: usize, pte: Pte) {
+        self.entries[i].store(pte.encode(Huge::Pte), Ordering::Release);
+    }
+
+    /// The virtual address the `i`-th entry of the run maps.
+    pub fn va_at(&self, i: usize) -> VirtAddr {
+        self.va
+            .checked_add(i as u64 * PAGE_SIZE)
+            .expect("inside the run")
     }
 }
 

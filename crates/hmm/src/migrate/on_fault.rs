@@ -1,0 +1,298 @@
+//! Migrate on fault: faulting pages in and preparing them for migration in one walk
+//! (`HMM_PFN_REQ_MIGRATE`, `MIGRATE_VMA_FAULT`, `migrate_hmm_range_setup`).
+//!
+//! A driver that wants pages on its device that are not present, or present in a form it
+//! cannot migrate (another device's private page, a device-exclusive entry, a read-only
+//! page it needs writable), has two kernel recipes: `hmm_range_fault` then `migrate_vma`
+//! (two walks, always), or `migrate_vma`, find what did not move, `hmm_range_fault` those,
+//! `migrate_vma` again (three walks). [`hmm_range_fault_migrate`] does it in one: each page
+//! whose request has `REQ_MIGRATE` is faulted if its request says so, then collected under
+//! the same page-table lock (see `range_fault`'s walk). [`migrate_hmm_range_setup`] then
+//! runs the rest of `migrate_vma_setup` (the unmap of other mappings, the pin check) and
+//! hands back an ordinary [`Migration`]. `migrate_vma_setup` with
+//! [`MigrateVmaFlags::FAULT`] is the same walk with `REQ_FAULT | REQ_MIGRATE` on every
+//! page, and `migrate_vma_setup` without it is that walk with `REQ_MIGRATE` alone: there is
+//! one collect walk.
+//!
+//! # Invalidations the walk raises itself
+//!
+//! The kernel's review of this series found two hazards, and this is how hmm-rs avoids
+//! them:
+//!
+//! 1. **Livelock.** The walk's own faults invalidate the caller's interval notifier (a COW
+//!    break is a CLEAR, another device's `migrate_to_ram` is that device's MIGRATE). A
+//!    walk that returned `Busy` on them would make the caller retry, collect again, fault
+//!    again. A migrating walk therefore makes no collision check at all: a page it
+//!    collected is locked and behind a migration entry from that moment until finalize,
+//!    so no invalidation can make its `MIGRATE` word stale (a concurrent zap of the
+//!    migration entry is handled by finalize, as in the kernel). Only the words the caller
+//!    may *mirror* (`VALID` without `MIGRATE`) depend on the sequence, and the caller
+//!    checks those with `read_retry` under its lock as always: on a collision it skips
+//!    mirroring them (the device faults them later) and goes on with the migration. The
+//!    RFC's answer, tagging the walk's CLEAR events with `owner = current` so the driver
+//!    skips them, was rejected because a skipped `set_seq` breaks concurrent readers of
+//!    the same notifier; here every driver keeps recording every foreign event.
+//! 2. **`read_begin` waiting on itself.** The walk's one `MMU_NOTIFY_MIGRATE`
+//!    invalidation (owner `dev_private_owner`) keeps the address space's invalidation
+//!    sequence odd while it is open, and any invalidation the walk's faults raise on the
+//!    caller's notifier meanwhile makes that notifier wait for it. The invalidation is
+//!    therefore closed before [`hmm_range_fault_migrate`] returns, on every path, and
+//!    nothing inside the walk calls `read_begin`.
+//!
+//! The walk holds the caller's mmap lock for reading throughout, so a concurrent `munmap`
+//! waits for the migration to finish; a concurrent CPU access to a collected page waits
+//! on its migration entry.
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::mm::tlb::TlbGather;
+use crate::mm::{split_folio, split_pmd, MmapReadGuard, Vma};
+use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
+use crate::pgtable::{Pte, PteSlot};
+use crate::phys::FrameRef;
+use crate::prot::VmFlags;
+use crate::range_fault::{check, run_walk, HmmError, HmmPfnFlags, HmmRange, Walk};
+use crate::stats::RangeWalker;
+
+use super::collect::{collect_pte, unmap_and_check, Next};
+use super::commit::State;
+use super::{MigratePfn, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
+
+/// The migration side of a migrating walk: the collected state, the TLB flush it owes,
+/// and its `MIGRATE` invalidation, open from creation to [`finish`](Self::finish) (or
+/// drop, which also puts every collected page back).
+pub(crate) struct Collector<'g, 'a> {
+    tlb: TlbGather<'g>,
+    inv: Invalidation<'g>,
+    state: State<'g, 'a>,
+    /// A folio could not be split: nothing more is collected in this walk.
+    stopped: bool,
+}
+
+impl<'g, 'a> Collector<'g, 'a> {
+    /// Starts collecting `args`' range of `vma` (checked by the caller) under one
+    /// `MIGRATE` invalidation carrying the owner.
+    pub(crate) fn new(mmap: &'g MmapReadGuard<'a>, vma: &'g Vma, args: MigrateVma) -> Self {
+        let mm = mmap.mm();
+        let range = VaRange::new(args.start, args.end).expect("checked by the caller");
+        let inv = mm.notifiers().invalidate_range_start(
+            NotifierRange::new(mm.id(), range, NotifierEvent::Migrate, Some(vma.info()))
+                .with_owner(args.pgmap_owner),
+        );
+        Collector {
+            tlb: TlbGather::new(mm),
+            inv,
+            state: State::new(mmap, vma, range, args),
+            stopped: false,
+        }
+    }
+
+    /// Whether collection stopped at a folio that could not be split.
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Entry `i`'s source word.
+    pub(crate) fn src(&self, i: usize) -> MigratePfn {
+        self.state.src[i]
+    }
+
+    /// Whether `entry` migrates as an empty entry, with no fault first: a hole of
+    /// anonymous memory, or the (huge) zero page when system pages are selected.
+    pub(crate) fn migrates_empty(&self, entry: Pte) -> bool {
+        let phys = self.state.phys();
+        match entry {
+            Pte::None => self.state.vma.is_anonymous(),
+            Pte::Present { pfn, .. } => {
+                (phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn))
+                    && self.state.flags.contains(MigrateVmaFlags::SELECT_SYSTEM)
+            }
+            _ => false,
+        }
+    }
+
+    /// Collects entry `i`, a hole of anonymous memory, as an empty entry.
+    pub(crate) fn collect_empty(&mut self, i: usize) {
+        self.state.src[i] = MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
+        self.state.cpages += 1;
+    }
+
+    /// Collects entry `k` of the run `p` (under its lock) if the rules select it.
+    pub(crate) fn collect(&mut self, p: &PteSlot<'_>, k: usize) -> Next<'g> {
+        collect_pte(&mut self.state, p, k, &mut self.tlb)
+    }
+
+    /// Whether a PMD leaf is a THP (or the huge zero page) to split before collecting.
+    pub(crate) fn wants_split(&self, leaf: Pte) -> bool {
+        matches!(leaf, Pte::Present { .. })
+            && self.state.flags.contains(MigrateVmaFlags::SELECT_SYSTEM)
+    }
+
+    /// Splits the PMD leaf at `base` (no page-table lock held).
+    pub(crate) fn split_pmd(&mut self, base: VirtAddr) {
+        let mm = self.state.mmap.mm();
+        let st = self.state.mmap.state();
+        split_pmd(mm, &st.pt, Some(self.state.vma.info()), base, &mut self.tlb);
+    }
+
+    /// Splits the large folio one of the range's pages belongs to (no page-table lock
+    /// held); if it cannot be split, collection stops.
+    pub(crate) fn split_folio(&mut self, folio: FrameRef<'_>) {
+        let mm = self.state.mmap.mm();
+        if !split_folio(mm, self.state.mmap.state(), folio.get()) {
+            self.stopped = true;
+        }
+    }
+
+    /// Ends the walk: the TLB flush for the entries replaced, the end of the
+    /// invalidation; the collected state goes on.
+    pub(super) fn finish(self) -> State<'g, 'a> {
+        let Collector {
+            tlb, inv, state, ..
+        } = self;
+        tlb.finish();
+        inv.end();
+        state
+    }
+}
+
+/// The one collect walk of `migrate_vma_setup`, faulting if `args.flags` has `FAULT`.
+pub(super) fn collect<'g, 'a>(
+    mmap: &'g MmapReadGuard<'a>,
+    vma: &'g Vma,
+    args: MigrateVma,
+) -> Result<State<'g, 'a>, HmmError> {
+    let mut col = Collector::new(mmap, vma, args);
+    let mut request = HmmPfnFlags::REQ_MIGRATE;
+    if args.flags.contains(MigrateVmaFlags::FAULT) {
+        request |= HmmPfnFlags::REQ_FAULT;
+    }
+    let n = (args.end.as_u64() - args.start.as_u64()) >> crate::addr::PAGE_SHIFT;
+    let mut words = vec![Default::default(); n as usize];
+    let mut w = Walk::new(
+        args.start,
+        args.end,
+        &mut words,
+        request,
+        HmmPfnFlags::empty(),
+        args.pgmap_owner,
+        None,
+        Some(&mut col),
+    );
+    // A migrate_to_ram handler's migration is part of a CPU fault, not a driver's pass.
+    let by = if args.fault_page.is_some() {
+        RangeWalker::FaultHandler
+    } else {
+        RangeWalker::Migrate
+    };
+    run_walk(mmap, &mut w, by)?;
+    Ok(col.finish())
+}
+
+/// Pages a migrating walk collected: locked, unmapped from the walked range behind
+/// migration entries, waiting for [`migrate_hmm_range_setup`]. Dropping it puts every
+/// page back as it was.
+#[must_use = "dropping puts every collected page back; call migrate_hmm_range_setup"]
+pub struct HmmMigrate<'g, 'a> {
+    state: State<'g, 'a>,
+}
+
+impl HmmMigrate<'_, '_> {
+    /// One word per page: what the walk collected, as `migrate_hmm_range_setup` converts
+    /// the range's `HMM_PFN_MIGRATE` words ([`MigratePfn::from_hmm`]).
+    pub fn src(&self) -> &[MigratePfn] {
+        &self.state.src
+    }
+
+    /// Entries collected so far (before the pin check of
+    /// [`migrate_hmm_range_setup`]).
+    pub fn cpages(&self) -> u64 {
+        self.state.cpages
+    }
+}
+
+impl std::fmt::Debug for HmmMigrate<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HmmMigrate")
+            .field("range", &self.state.range)
+            .field("cpages", &self.state.cpages)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mirrors `range` and, in the same walk, prepares for migration every page whose
+/// request (`(input & pfn_flags_mask) | default_flags`) has `REQ_MIGRATE`, selected by
+/// `flags` and `range.dev_private_owner` as `migrate_vma_setup` selects
+/// (`hmm_range_fault` with `HMM_PFN_REQ_MIGRATE`); see the [module documentation](self).
+///
+/// Each page is first faulted if its request says so (`REQ_FAULT`, `REQ_WRITE`: a write
+/// request breaks COW before the page is collected, so it migrates writable); holes and
+/// the zero page of anonymous memory need no fault. A collected page's word is
+/// `MIGRATE` (with `VALID`, the frame and `WRITE` if it has a source page); a page that is
+/// not collected gets the word `hmm_range_fault` would give it, for the caller to mirror
+/// once `read_retry` under its lock says no invalidation collided. The walk counts as one
+/// pass ([`RangeWalkStats::hmm`](crate::stats::RangeWalkStats::hmm)).
+///
+/// # Errors
+///
+/// `Range` if the range is not inside one VMA; `Inval` for bad arguments (as
+/// [`hmm_range_fault`](crate::range_fault::hmm_range_fault)), a hugetlb or driver VMA, or
+/// [`MigrateVmaFlags::FAULT`] (faulting is asked per page with `REQ_FAULT`); `Fault`,
+/// `Perm`, `NoMem` as `hmm_range_fault`, after putting back every page collected. Never
+/// `Busy`.
+#[doc(alias = "HMM_PFN_REQ_MIGRATE")]
+pub fn hmm_range_fault_migrate<'g, 'a>(
+    mmap: &'g MmapReadGuard<'a>,
+    range: &mut HmmRange<'_>,
+    flags: MigrateVmaFlags,
+) -> Result<HmmMigrate<'g, 'a>, HmmError> {
+    let span = check(mmap, range)?;
+    if flags.contains(MigrateVmaFlags::FAULT) {
+        return Err(HmmError::Inval {
+            what: "MIGRATE_VMA_FAULT is migrate_vma_setup's; request REQ_FAULT per page",
+        });
+    }
+    let vma = mmap
+        .vma_lookup(span.start())
+        .ok_or(HmmError::Range { addr: span.start() })?;
+    if !vma.range().contains_range(&span) {
+        return Err(HmmError::Range { addr: vma.end() });
+    }
+    if vma.flags().intersects(VmFlags::HUGETLB | VmFlags::MIXEDMAP) {
+        return Err(HmmError::Inval {
+            what: "hugetlb or driver VMA cannot migrate",
+        });
+    }
+    let args = MigrateVma {
+        start: span.start(),
+        end: span.end(),
+        pgmap_owner: range.dev_private_owner,
+        flags,
+        fault_page: None,
+    };
+    let mut col = Collector::new(mmap, vma, args);
+    let mut w = Walk::new(
+        range.start,
+        range.end,
+        range.hmm_pfns,
+        range.default_flags,
+        range.pfn_flags_mask,
+        range.dev_private_owner,
+        None,
+        Some(&mut col),
+    );
+    run_walk(mmap, &mut w, RangeWalker::Hmm)?;
+    Ok(HmmMigrate {
+        state: col.finish(),
+    })
+}
+
+/// Finishes the setup of the pages a migrating walk collected
+/// (`migrate_hmm_range_setup`): unmaps them from every other place that maps them and
+/// puts back those that are pinned, as `migrate_vma_setup` does after its collect walk.
+/// The result is an ordinary [`Migration`]: set destinations, `pages`, `finalize`.
+pub fn migrate_hmm_range_setup<'g, 'a>(collected: HmmMigrate<'g, 'a>) -> Migration<'g, 'a> {
+    let HmmMigrate { mut state } = collected;
+    unmap_and_check(&mut state);
+    state.mmap.mm().counters().migrate_setup(state.cpages);
+    Migration { state }
+}

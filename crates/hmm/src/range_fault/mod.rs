@@ -1,0 +1,372 @@
+//! `hmm_range_fault`: how a device mirrors a range of a process's page table.
+//!
+//! [`hmm_range_fault`] walks the CPU page table over `[start, end)` and writes one
+//! [`HmmPfn`] word per page: the frame number, `VALID`, `WRITE`, `ERROR` and the order of
+//! the CPU mapping the page belongs to. Each word's *request* is
+//! `(input & pfn_flags_mask) | default_flags`: with `REQ_FAULT` the page must end up valid
+//! (faulted in through the CPU fault path, `REMOTE`), with `REQ_WRITE` also writable (a
+//! write fault: COW, unshare, a new page). Without requests the call is a snapshot and
+//! never faults. Device-private pages whose pagemap owner is `dev_private_owner` are
+//! reported as they are (the caller's own memory); other owners' device-private pages are
+//! faulted back through their `migrate_to_ram` when a fault is requested.
+//!
+//! # Protocol
+//!
+//! The result holds no references: it is valid only until the next invalidation of the
+//! range. A driver therefore runs the interval-notifier loop (§1.5 of the kernel's
+//! documentation), which [`fault_and_commit`] packages:
+//!
+//! 1. `seq = notifier.read_begin()`;
+//! 2. take the mmap lock for reading, [`hmm_range_fault`], drop the lock; `Busy` → 1;
+//! 3. take the driver lock (the one its `invalidate` takes); if
+//!    `notifier.read_retry(seq)` → drop it and go to 1;
+//! 4. program the device page table from the words, under the driver lock.
+//!
+//! Retries stop after a timeout ([`HMM_RANGE_DEFAULT_TIMEOUT`]) with `Busy`.
+//!
+//! # Walks
+//!
+//! One call is one pass over the range ([`RangeWalkStats`](crate::stats::RangeWalkStats)):
+//! one page-table walk if nothing needs a fault. A fault ends the page-table walk: the
+//! pages of that slot are faulted with no page-table lock held, and the pass goes on at the
+//! first page not yet written (entries before it hold their output, entries from it on
+//! their input), as the kernel's `-EBUSY` loop around `walk_page_range` does. A migration
+//! entry that must be faulted is waited on and the pass goes on the same way. Before each
+//! page-table walk the notifier sequence is checked; a collision returns `Busy`.
+//!
+//! The same walk, given `REQ_MIGRATE` requests, also prepares pages for migration:
+//! [`hmm_range_fault_migrate`](crate::migrate::hmm_range_fault_migrate).
+
+use std::time::{Duration, Instant};
+
+use bitflags::bitflags;
+use parking_lot::Mutex;
+use thiserror::Error;
+
+mod walk;
+
+use crate::addr::{VaRange, VirtAddr};
+use crate::migrate::MigratePfn;
+use crate::mm::{Mm, MmapReadGuard};
+use crate::notifier::{IntervalSub, Owner, ReadSeq};
+use crate::phys::{FrameRef, PhysMem};
+use crate::stats::RangeWalker;
+
+pub(crate) use walk::{run as run_walk, Walk};
+
+/// The conventional bound of the `Busy` retry loop (`HMM_RANGE_DEFAULT_TIMEOUT`, 1000 ms).
+pub const HMM_RANGE_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// First bit of the mapping-order field of an [`HmmPfn`] (`HMM_PFN_ORDER_SHIFT`): one
+/// below the kernel's 53, as the migrate-on-fault series moves it to make room for
+/// `HMM_PFN_MIGRATE`.
+pub const HMM_PFN_ORDER_SHIFT: u32 = 52;
+const HMM_PFN_ORDER_MASK: u64 = 0x1f << HMM_PFN_ORDER_SHIFT;
+const HMM_PFN_PFN_MASK: u64 = (1 << HMM_PFN_ORDER_SHIFT) - 1;
+
+bitflags! {
+    /// The flag bits of an [`HmmPfn`] word (`enum hmm_pfn_flags`). Requests share bits with
+    /// the outputs they ask for.
+    #[doc(alias = "hmm_pfn_flags")]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct HmmPfnFlags: u64 {
+        /// Output: the frame number is meaningful and the page at least readable.
+        #[doc(alias = "HMM_PFN_VALID")]
+        const VALID = 1 << 63;
+        /// Output: the CPU mapping is writable.
+        #[doc(alias = "HMM_PFN_WRITE")]
+        const WRITE = 1 << 62;
+        /// Output: the device must not access this page (no VMA, no read permission).
+        #[doc(alias = "HMM_PFN_ERROR")]
+        const ERROR = 1 << 61;
+        /// Sticky: the page is DMA-mapped by the caller; kept from input to output.
+        #[doc(alias = "HMM_PFN_DMA_MAPPED")]
+        const DMA_MAPPED = 1 << 60;
+        /// Sticky: a peer-to-peer page.
+        #[doc(alias = "HMM_PFN_P2PDMA")]
+        const P2PDMA = 1 << 59;
+        /// Sticky: a bus-address peer-to-peer mapping.
+        #[doc(alias = "HMM_PFN_P2PDMA_BUS")]
+        const P2PDMA_BUS = 1 << 58;
+        /// Output of a migrating walk: the page is collected for migration (locked,
+        /// unmapped behind a migration entry); with `VALID` the frame is the source,
+        /// without it the entry is a hole or the zero page (the destination is
+        /// zero-filled). Not a mapping the device may use.
+        #[doc(alias = "HMM_PFN_MIGRATE")]
+        const MIGRATE = 1 << 57;
+        /// Request: prepare the page for migration in the same walk (after faulting it
+        /// if it must be); see [`hmm_range_fault_migrate`](crate::migrate::hmm_range_fault_migrate).
+        #[doc(alias = "HMM_PFN_REQ_MIGRATE")]
+        const REQ_MIGRATE = Self::MIGRATE.bits();
+        /// Request: the page must end up `VALID` (fault it in if needed).
+        #[doc(alias = "HMM_PFN_REQ_FAULT")]
+        const REQ_FAULT = Self::VALID.bits();
+        /// Request: the page must end up `WRITE` (with `REQ_FAULT`).
+        #[doc(alias = "HMM_PFN_REQ_WRITE")]
+        const REQ_WRITE = Self::WRITE.bits();
+    }
+}
+
+/// Bits carried from input to output (`HMM_PFN_INOUT_FLAGS`).
+const INOUT: HmmPfnFlags = HmmPfnFlags::DMA_MAPPED
+    .union(HmmPfnFlags::P2PDMA)
+    .union(HmmPfnFlags::P2PDMA_BUS);
+
+/// One word of `hmm_pfns`: on input, per-page request flags; on output, a frame number,
+/// flags and the CPU mapping order. `0` on output means "not present, but a fault could
+/// make it so".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(transparent)]
+pub struct HmmPfn(u64);
+
+impl HmmPfn {
+    /// A word with just these flags (an input request).
+    pub const fn request(flags: HmmPfnFlags) -> HmmPfn {
+        HmmPfn(flags.bits())
+    }
+
+    /// The raw word.
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The flag bits (order and frame number masked off).
+    pub fn flags(self) -> HmmPfnFlags {
+        HmmPfnFlags::from_bits_truncate(self.0)
+    }
+
+    /// Whether `VALID` is set.
+    pub fn is_valid(self) -> bool {
+        self.flags().contains(HmmPfnFlags::VALID)
+    }
+
+    /// Whether `WRITE` is set.
+    pub fn is_writable(self) -> bool {
+        self.flags().contains(HmmPfnFlags::WRITE)
+    }
+
+    /// Whether `MIGRATE` is set: the page is collected by a migrating walk.
+    pub fn is_migrating(self) -> bool {
+        self.flags().contains(HmmPfnFlags::MIGRATE)
+    }
+
+    /// Whether `ERROR` is set.
+    pub fn is_error(self) -> bool {
+        self.flags().contains(HmmPfnFlags::ERROR)
+    }
+
+    /// The order of the CPU mapping the page belongs to: 0 for a PTE, 9 for a PMD leaf
+    /// (THP, hugetlb, device THP) (`hmm_pfn_to_map_order`). Every page of one large mapping
+    /// carries the same order; the mapping may extend beyond the range.
+    #[doc(alias = "hmm_pfn_to_map_order")]
+    pub fn map_order(self) -> u32 {
+        ((self.0 & HMM_PFN_ORDER_MASK) >> HMM_PFN_ORDER_SHIFT) as u32
+    }
+
+    /// The frame number: a CPU pfn, or a device pfn for the caller's own device-private
+    /// page (the two share one numbering). Meaningful only when valid.
+    pub fn frame_nr(self) -> u64 {
+        self.0 & HMM_PFN_PFN_MASK
+    }
+
+    /// The frame a valid word names (`hmm_pfn_to_page`); `None` if it is not valid.
+    #[doc(alias = "hmm_pfn_to_page")]
+    pub fn frame(self, phys: &PhysMem) -> Option<FrameRef<'_>> {
+        self.is_valid().then(|| phys.frame_nr(self.frame_nr()))
+    }
+
+    fn output(nr: u64, flags: HmmPfnFlags, order: u32, input: HmmPfn) -> HmmPfn {
+        HmmPfn(
+            nr | flags.bits()
+                | (u64::from(order) << HMM_PFN_ORDER_SHIFT)
+                | (input.flags() & INOUT).bits(),
+        )
+    }
+
+    fn with_flags(flags: HmmPfnFlags, input: HmmPfn) -> HmmPfn {
+        Self::output(0, flags, 0, input)
+    }
+
+    /// The word a migrating walk reports for collected `src` word (the inverse of
+    /// [`MigratePfn::from_hmm`]): `MIGRATE`, plus `VALID`, the frame and `WRITE` when it
+    /// has a source page; 0 for a word that is not migrating.
+    pub(crate) fn from_migrate(src: MigratePfn) -> HmmPfn {
+        use crate::migrate::MigratePfnFlags as M;
+        if !src.is_migrating() {
+            return HmmPfn::default();
+        }
+        let mut flags = HmmPfnFlags::MIGRATE;
+        if !src.is_valid() {
+            return HmmPfn(flags.bits());
+        }
+        flags |= HmmPfnFlags::VALID;
+        if src.flags().contains(M::WRITE) {
+            flags |= HmmPfnFlags::WRITE;
+        }
+        HmmPfn(src.frame_nr() | flags.bits())
+    }
+
+    /// This word with the sticky in/out bits of `input`.
+    fn with_inout(self, input: HmmPfn) -> HmmPfn {
+        HmmPfn(self.0 | (input.flags() & INOUT).bits())
+    }
+}
+
+impl std::fmt::Debug for HmmPfn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "HmmPfn({:#x}, {:?}, order {})",
+            self.frame_nr(),
+            self.flags(),
+            self.map_order()
+        )
+    }
+}
+
+/// A range to mirror (`struct hmm_range`).
+#[doc(alias = "hmm_range")]
+#[derive(Debug)]
+pub struct HmmRange<'a> {
+    /// The interval notifier covering the range; its address space is the one walked.
+    pub notifier: &'a IntervalSub,
+    /// What `notifier.read_begin()` returned; the call fails with `Busy` once an
+    /// invalidation collides with it.
+    pub notifier_seq: ReadSeq,
+    /// First address (page aligned).
+    pub start: VirtAddr,
+    /// End address, exclusive (page aligned, above `start`).
+    pub end: VirtAddr,
+    /// One word per page: requests in, results out.
+    pub hmm_pfns: &'a mut [HmmPfn],
+    /// Requests applied to every page.
+    pub default_flags: HmmPfnFlags,
+    /// Which per-page request bits count.
+    pub pfn_flags_mask: HmmPfnFlags,
+    /// Device-private pages of this owner are reported, not faulted.
+    pub dev_private_owner: Option<Owner>,
+}
+
+/// Why [`hmm_range_fault`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum HmmError {
+    /// The range was invalidated (the notifier sequence changed), or the retry loop timed
+    /// out: start over from `read_begin` (`-EBUSY`).
+    #[error("range invalidated during the walk; retry")]
+    Busy,
+    /// A requested fault is impossible: no VMA, no read permission, or the fault path
+    /// raised SIGSEGV/SIGBUS (`-EFAULT`).
+    #[error("cannot fault the page at {addr}")]
+    Fault {
+        /// The page.
+        addr: VirtAddr,
+    },
+    /// A write was requested on a VMA without write permission (`-EPERM`).
+    #[error("write requested on read-only VMA at {addr}")]
+    Perm {
+        /// The page.
+        addr: VirtAddr,
+    },
+    /// No memory to fault the page in (`-ENOMEM`).
+    #[error("out of memory faulting the page at {addr}")]
+    NoMem {
+        /// The page.
+        addr: VirtAddr,
+    },
+    /// A migrating walk's range is not inside one VMA (`-ERANGE`).
+    #[error("a migrating walk must stay inside one VMA: {addr} is not in it")]
+    Range {
+        /// The first page outside the VMA of the range's start.
+        addr: VirtAddr,
+    },
+    /// Bad arguments: unaligned or empty range, a PFN array of the wrong length, a
+    /// notifier of another address space, `REQ_MIGRATE` on a plain walk, or a migrating
+    /// walk over a VMA that cannot migrate (hugetlb, `VM_MIXEDMAP`) (`-EINVAL`).
+    #[error("invalid hmm_range: {what}")]
+    Inval {
+        /// What was wrong.
+        what: &'static str,
+    },
+}
+
+/// Fills `range.hmm_pfns` for `[range.start, range.end)` of the address space the mmap
+/// lock `mmap` belongs to, faulting pages as requested (`hmm_range_fault`). See the
+/// [module documentation](self) for the protocol, the errors and what the output means.
+/// Requests of `REQ_MIGRATE` are refused (`Inval`): a migrating walk hands back locked
+/// pages and is [`hmm_range_fault_migrate`](crate::migrate::hmm_range_fault_migrate).
+pub fn hmm_range_fault(mmap: &MmapReadGuard<'_>, range: &mut HmmRange<'_>) -> Result<(), HmmError> {
+    check(mmap, range)?;
+    if (range.default_flags | range.pfn_flags_mask).contains(HmmPfnFlags::REQ_MIGRATE) {
+        return Err(HmmError::Inval {
+            what: "REQ_MIGRATE needs hmm_range_fault_migrate",
+        });
+    }
+    let mut w = Walk::new(
+        range.start,
+        range.end,
+        range.hmm_pfns,
+        range.default_flags,
+        range.pfn_flags_mask,
+        range.dev_private_owner,
+        Some((range.notifier, range.notifier_seq)),
+        None,
+    );
+    walk::run(mmap, &mut w, RangeWalker::Hmm)
+}
+
+/// The argument checks every walk of a range makes (`-EINVAL`).
+pub(crate) fn check(mmap: &MmapReadGuard<'_>, range: &HmmRange<'_>) -> Result<VaRange, HmmError> {
+    if range.notifier.mm() != mmap.mm().id() {
+        return Err(HmmError::Inval {
+            what: "the notifier watches another address space",
+        });
+    }
+    let span = VaRange::new(range.start, range.end).map_err(|_| HmmError::Inval {
+        what: "unaligned or empty range",
+    })?;
+    if range.hmm_pfns.len() as u64 != span.npages() {
+        return Err(HmmError::Inval {
+            what: "hmm_pfns length differs from the number of pages",
+        });
+    }
+    Ok(span)
+}
+
+/// Mirrors `range` with the documented driver loop and commits the result under the
+/// driver's lock: `read_begin`, [`hmm_range_fault`] under the mmap lock, then `commit`
+/// with `driver_lock` held, but only once `read_retry` confirms no invalidation collided.
+/// `Busy` results and collisions are retried until `timeout` (usually
+/// [`HMM_RANGE_DEFAULT_TIMEOUT`]) passes, then `Busy` is returned; other errors at once.
+///
+/// `driver_lock` must be the lock the notifier's `invalidate` takes, and must not be held by
+/// the caller (a fault may invalidate, and `invalidate` would wait for it).
+#[doc(alias = "dmirror_range_fault")]
+pub fn fault_and_commit<T, R>(
+    mm: &Mm,
+    range: &mut HmmRange<'_>,
+    timeout: Duration,
+    driver_lock: &Mutex<T>,
+    commit: impl FnOnce(&mut T, &HmmRange<'_>) -> R,
+) -> Result<R, HmmError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(HmmError::Busy);
+        }
+        range.notifier_seq = range.notifier.read_begin();
+        let result = {
+            let mmap = mm.mmap_read();
+            hmm_range_fault(&mmap, range)
+        };
+        match result {
+            Err(HmmError::Busy) => continue,
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+        let mut guard = driver_lock.lock();
+        if range.notifier.read_retry(range.notifier_seq) {
+            continue;
+        }
+        return Ok(commit(&mut guard, range));
+    }
+}
