@@ -27,14 +27,32 @@ pub(crate) struct CopyCounts {
 /// the source (or zeroed for a hole), tagged with the mirror that migrated it. A source
 /// already in device memory is skipped; an allocation failure (or the one-shot
 /// `fail_alloc`) skips the entry.
+///
+/// The mirror skipped the migration's own MIGRATE invalidation, so its table may still map
+/// the system pages being moved: those entries are erased (under `pt`) before any byte is
+/// copied, or a device write through them between the copy and the commit would be lost.
+/// The pages already on this device are not collected and keep their entries.
 pub(crate) fn alloc_and_copy_to_device(
     m: &mut Migration<'_, '_>,
     device: &DmirrorDevice,
     mirror_id: u64,
     vm_write: bool,
+    pt: &parking_lot::Mutex<DevicePageTable>,
     mut fail_alloc: impl FnMut() -> bool,
 ) -> CopyCounts {
     let mut counts = CopyCounts::default();
+    {
+        let mut pt = pt.lock();
+        for i in 0..m.src().len() {
+            if m.src()[i].is_migrating()
+                && m.src_page(i)
+                    .is_some_and(|p| matches!(p.zone(), Zone::System))
+            {
+                let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
+                pt.erase(vpn, vpn + 1);
+            }
+        }
+    }
     for i in 0..m.src().len() {
         let w = m.src()[i];
         if !w.is_migrating() {

@@ -22,7 +22,10 @@ use std::sync::{Arc, Weak};
 
 use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
 use hmm::exclusive::{make_device_exclusive, ExclusiveError};
-use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::migrate::{
+    hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigrateVma,
+    MigrateVmaFlags, Migration,
+};
 use hmm::mm::{MapFlags, Mm, MmError, MmapReadGuard, Prot, VmFault, VmOps};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
@@ -258,6 +261,7 @@ impl Dmirror {
             DmirrorCmd::Write => self.cmd_write(range, &mut out)?,
             DmirrorCmd::MigrateToDev => self.cmd_migrate_to_dev(range, &mut out)?,
             DmirrorCmd::MigrateToSys => self.cmd_migrate_to_sys(range, &mut out)?,
+            DmirrorCmd::MigrateOnFaultToDev => self.cmd_migrate_on_fault_to_dev(range, &mut out)?,
             DmirrorCmd::Snapshot => self.cmd_snapshot(range, &mut out)?,
             DmirrorCmd::Exclusive => self.cmd_exclusive(range, &mut out)?,
             DmirrorCmd::CheckExclusive => self.cmd_check_exclusive(range)?,
@@ -425,18 +429,7 @@ impl Dmirror {
         for (i, p) in r.hmm_pfns.iter().enumerate() {
             // A fault was requested for every page, so every word is valid on success.
             debug_assert!(p.is_valid() && !p.is_error(), "{p:?}");
-            let tag = if p.is_writable() {
-                DptTag::Write
-            } else {
-                DptTag::Read
-            };
-            pt.store(
-                first + i as u64,
-                DptEntry {
-                    frame_nr: p.frame_nr(),
-                    tag,
-                },
-            );
+            pt.store(first + i as u64, dpt_entry(*p));
         }
         self.shared
             .counters
@@ -488,23 +481,84 @@ impl Dmirror {
                 flags: MigrateVmaFlags::SELECT_SYSTEM,
                 fault_page: None,
             };
-            let mut m = migrate_vma_setup(mmap, args)?;
-            let vm_write = vma.flags().contains(VmFlags::WRITE);
-            let counts =
-                alloc_and_copy_to_device(&mut m, &self.device, self.shared.id, vm_write, || {
-                    self.shared.take_fail_alloc()
-                });
-            self.shared.count_copies(counts.copied, 0);
-            self.shared
-                .counters
-                .pages_zero_filled
-                .fetch_add(counts.zeroed, Ordering::Relaxed);
-            let p = m.pages();
-            map_migrated(&p, piece.start(), &mut self.shared.pt.lock());
-            let _ = p.finalize();
+            let m = migrate_vma_setup(mmap, args)?;
+            self.finish_to_device(m, vma, piece);
             Ok(())
         })?;
         self.read_back(&mm, range, cmd)
+    }
+
+    /// `dmirror_migrate_on_fault_to_device` (the migrate-on-fault series): one walk per
+    /// piece faults in what cannot migrate as it is and collects everything
+    /// ([`hmm_range_fault_migrate`]); the pages it reports valid but did not collect (this
+    /// device's own pages, pinned pages) are mirrored if no invalidation collided, as the
+    /// device fault does; the rest migrates as MIGRATE_TO_DEV does. Never retried: a
+    /// collision only means those few pages are not mirrored now.
+    fn cmd_migrate_on_fault_to_dev(
+        &self,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+    ) -> Result<(), DmirrorError> {
+        let mm = self.mm()?;
+        let mut pfns = Vec::new();
+        self.for_each_piece(&mm, range, |mmap, vma, piece| {
+            pfns.clear();
+            pfns.resize(piece.npages() as usize, HmmPfn::default());
+            let mut r = HmmRange {
+                notifier: &self.notifier,
+                notifier_seq: self.notifier.read_begin(),
+                start: piece.start(),
+                end: piece.end(),
+                hmm_pfns: &mut pfns,
+                default_flags: HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE,
+                pfn_flags_mask: HmmPfnFlags::empty(),
+                dev_private_owner: Some(self.device.owner()),
+            };
+            let collected = hmm_range_fault_migrate(mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM)?;
+            {
+                let mut pt = self.shared.pt.lock();
+                if !self.notifier.read_retry(r.notifier_seq) {
+                    let first = piece.start().as_u64() >> PAGE_SHIFT;
+                    let mut mapped = 0;
+                    for (i, p) in r.hmm_pfns.iter().enumerate() {
+                        if p.is_valid() && !p.is_migrating() {
+                            pt.store(first + i as u64, dpt_entry(*p));
+                            mapped += 1;
+                        }
+                    }
+                    self.shared
+                        .counters
+                        .pages_mapped
+                        .fetch_add(mapped, Ordering::Relaxed);
+                }
+            }
+            self.finish_to_device(migrate_hmm_range_setup(collected), vma, piece);
+            Ok(())
+        })?;
+        self.read_back(&mm, range, cmd)
+    }
+
+    /// The rest of a migration to this device once collected: allocate and copy, commit,
+    /// map the new pages in the device's table, finalize (`dmirror_migrate_alloc_and_copy`,
+    /// `dmirror_migrate_finalize_and_map`).
+    fn finish_to_device(&self, mut m: Migration<'_, '_>, vma: &hmm::mm::Vma, piece: VaRange) {
+        let vm_write = vma.flags().contains(VmFlags::WRITE);
+        let counts = alloc_and_copy_to_device(
+            &mut m,
+            &self.device,
+            self.shared.id,
+            vm_write,
+            &self.shared.pt,
+            || self.shared.take_fail_alloc(),
+        );
+        self.shared.count_copies(counts.copied, 0);
+        self.shared
+            .counters
+            .pages_zero_filled
+            .fetch_add(counts.zeroed, Ordering::Relaxed);
+        let p = m.pages();
+        map_migrated(&p, piece.start(), &mut self.shared.pt.lock());
+        let _ = p.finalize();
     }
 
     /// `dmirror_migrate_to_system`: migrate this device's pages in the range back to
@@ -760,6 +814,19 @@ impl Drop for DriverPages {
 
 /// The checks every command starts with: `addr` page aligned, and
 /// `addr + npages * PAGE_SIZE` above `addr` and inside the address space.
+/// The device entry for a valid word: the frame, writable if the CPU mapping is.
+fn dpt_entry(p: HmmPfn) -> DptEntry {
+    let tag = if p.is_writable() {
+        DptTag::Write
+    } else {
+        DptTag::Read
+    };
+    DptEntry {
+        frame_nr: p.frame_nr(),
+        tag,
+    }
+}
+
 fn check_range(addr: u64, npages: u64) -> Result<VaRange, DmirrorError> {
     let inval = |what| DmirrorError::Inval { what };
     let start = VirtAddr::try_new(addr).map_err(|_| inval("address out of range"))?;

@@ -58,6 +58,13 @@ pub enum DmirrorCmd {
     /// Sets the mirror's test flags to `npages` ([`HMM_DMIRROR_FLAG_FAIL_ALLOC`]).
     #[doc(alias = "HMM_DMIRROR_FLAGS")]
     Flags,
+    /// Migrates the range to device memory in one walk that also faults in what cannot
+    /// migrate as it is (another device's pages, device-exclusive entries)
+    /// (`hmm_range_fault` with `REQ_FAULT | REQ_MIGRATE`, then
+    /// `migrate_hmm_range_setup`), then reads it back as MIGRATE_TO_DEV does. Number
+    /// 0x0a: 0x09 is READ_UNLOCKABLE in mm-new.
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV")]
+    MigrateOnFaultToDev,
 }
 
 impl DmirrorCmd {
@@ -73,6 +80,7 @@ impl DmirrorCmd {
             DmirrorCmd::CheckExclusive => 0x06,
             DmirrorCmd::Release => 0x07,
             DmirrorCmd::Flags => 0x08,
+            DmirrorCmd::MigrateOnFaultToDev => 0x0a,
         }
     }
 
@@ -93,6 +101,7 @@ impl DmirrorCmd {
             DmirrorCmd::CheckExclusive,
             DmirrorCmd::Release,
             DmirrorCmd::Flags,
+            DmirrorCmd::MigrateOnFaultToDev,
         ]
         .into_iter()
         .find(|c| c.ioctl() == request)
@@ -216,6 +225,7 @@ mod tests {
         assert_eq!(DmirrorCmd::Write.ioctl(), 0xC028_4801);
         assert_eq!(DmirrorCmd::Snapshot.ioctl(), 0xC028_4804);
         assert_eq!(DmirrorCmd::Flags.ioctl(), 0xC028_4808);
+        assert_eq!(DmirrorCmd::MigrateOnFaultToDev.ioctl(), 0xC028_480A);
         assert_eq!(
             DmirrorCmd::from_ioctl(0xC028_4804),
             Some(DmirrorCmd::Snapshot)
