@@ -1,98 +1,13 @@
 //! Migration through dmirror: to the device and back, CPU faults on device pages, holes,
 //! re-migration (seed 002), two devices, fork, pins, allocation failures, bad input.
 
-use std::sync::Arc;
+mod common;
 
-use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{GupFlags, MapFlags, Mm, Prot};
+use common::{page, pattern, rig, Rig};
+use hmm::addr::PAGE_SIZE;
+use hmm::mm::{GupFlags, MapFlags, Prot};
 use hmm::notifier::NotifierEvent;
-use hmm::phys::{PhysConfig, PhysMem};
-use hmm_dmirror::{
-    prot, Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd,
-    HMM_DMIRROR_FLAG_FAIL_ALLOC,
-};
-
-const RW: Prot = Prot::READ.union(Prot::WRITE);
-
-struct Rig {
-    phys: Arc<PhysMem>,
-    driver: DmirrorDriver,
-    mm: Arc<Mm>,
-    /// A user buffer for command data (64 pages).
-    buf: VirtAddr,
-}
-
-fn rig() -> Rig {
-    let phys = PhysMem::new(PhysConfig::with_size(32 << 20)).unwrap();
-    let driver = DmirrorDriver::new(
-        &phys,
-        DmirrorConfig {
-            chunk_bytes: 4 << 20,
-            max_chunks: 2,
-        },
-    );
-    let mm = Mm::new(phys.clone());
-    let buf = mm
-        .mmap(None, 64 * PAGE_SIZE, RW, MapFlags::PRIVATE)
-        .unwrap();
-    Rig {
-        phys,
-        driver,
-        mm,
-        buf,
-    }
-}
-
-impl Rig {
-    fn open(&self, minor: usize) -> Arc<Dmirror> {
-        Dmirror::open(self.driver.device(minor), &self.mm).unwrap()
-    }
-
-    fn map(&self, npages: u64) -> VirtAddr {
-        self.mm
-            .mmap(None, npages * PAGE_SIZE, RW, MapFlags::PRIVATE)
-            .unwrap()
-    }
-
-    fn run(
-        &self,
-        d: &Dmirror,
-        which: DmirrorCmd,
-        addr: VirtAddr,
-        npages: u64,
-    ) -> Result<HmmDmirrorCmd, DmirrorError> {
-        let mut c = HmmDmirrorCmd {
-            addr: addr.as_u64(),
-            ptr: self.buf.as_u64(),
-            npages,
-            ..HmmDmirrorCmd::default()
-        };
-        d.ioctl(which, &mut c).map(|()| c)
-    }
-
-    fn snapshot(&self, d: &Dmirror, addr: VirtAddr, npages: u64) -> Vec<u8> {
-        self.run(d, DmirrorCmd::Snapshot, addr, npages).unwrap();
-        let mut b = vec![0u8; npages as usize];
-        self.mm.read(self.buf, &mut b).unwrap();
-        b
-    }
-
-    fn buf_bytes(&self, len: usize) -> Vec<u8> {
-        let mut b = vec![0u8; len];
-        self.mm.read(self.buf, &mut b).unwrap();
-        b
-    }
-}
-
-fn pattern(npages: u64, seed: u8) -> Vec<u8> {
-    (0..npages * PAGE_SIZE)
-        .map(|i| (i as u8).wrapping_mul(7) ^ ((i / PAGE_SIZE) as u8) ^ seed)
-        .collect()
-}
-
-fn page(a: VirtAddr, i: u64) -> VirtAddr {
-    a.checked_add(i * PAGE_SIZE).unwrap()
-}
+use hmm_dmirror::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd, HMM_DMIRROR_FLAG_FAIL_ALLOC};
 
 #[test]
 fn migrate_to_device_and_fault_back() {
