@@ -147,6 +147,8 @@ enum Step {
     Done,
     /// Fault `range` (with write if asked), then walk again from `last`.
     Fault { range: VaRange, write: bool },
+    /// Fault these pages (with write where asked), then walk again from `last`.
+    FaultPages(Vec<(VirtAddr, bool)>),
     /// A migration entry was waited on: walk again from `last`.
     Again,
 }
@@ -175,21 +177,31 @@ pub(crate) fn run(
             Step::Done => return Ok(()),
             Step::Again => {}
             Step::Fault { range: r, write } => {
-                let mut flags = FaultFlags::REMOTE;
-                if write {
-                    flags |= FaultFlags::WRITE;
-                }
                 for va in r.pages() {
-                    mmap.handle_mm_fault(va, flags).map_err(|e| match e {
-                        FaultError::Oom { addr } => HmmError::NoMem { addr },
-                        FaultError::Segv { addr, .. } | FaultError::Bus { addr } => {
-                            HmmError::Fault { addr }
-                        }
-                    })?;
+                    fault(mmap, va, write)?;
+                }
+            }
+            Step::FaultPages(pages) => {
+                for (va, write) in pages {
+                    fault(mmap, va, write)?;
                 }
             }
         }
     }
+}
+
+/// Faults the page at `va` for the walk (`handle_mm_fault` with `REMOTE`).
+fn fault(mmap: &MmapReadGuard<'_>, va: VirtAddr, write: bool) -> Result<(), HmmError> {
+    let mut flags = FaultFlags::REMOTE;
+    if write {
+        flags |= FaultFlags::WRITE;
+    }
+    mmap.handle_mm_fault(va, flags)
+        .map(|_| ())
+        .map_err(|e| match e {
+            FaultError::Oom { addr } => HmmError::NoMem { addr },
+            FaultError::Segv { addr, .. } | FaultError::Bus { addr } => HmmError::Fault { addr },
+        })
 }
 
 /// One page-table walk over `todo` (`walk_page_range` with `hmm_walk_ops`).
@@ -303,9 +315,8 @@ fn walk(
                         }
                         None => (HmmPfnFlags::empty(), 0),
                     };
-                    let need = Walk::need(req, cpu);
-                    if need != Need::None {
-                        return fault_step(v, VaRange::page_of(va), need);
+                    if Walk::need(req, cpu) != Need::None {
+                        return fault_run(phys, w, v, &p, k, n);
                     }
                     if migrating {
                         let col = w.collect.as_deref_mut().expect("migrating");
@@ -390,6 +401,46 @@ enum RunStop<'g> {
     Wait(Pte),
     /// At a page of a large folio to split before collecting.
     Split(crate::phys::FrameRef<'g>),
+}
+
+/// The faults to run for a run of PTEs whose entry `k` needs one (`hmm_vma_fault` from
+/// that page to the end of the run, as the kernel faults to the end of the PMD range): each
+/// page of `k..n` that needs a fault, with its own need, up to a migration entry (waited on
+/// when the walk comes back to it). `Perm` if a write is needed on a VMA without write
+/// permission, checked before any fault.
+fn fault_run(
+    phys: &PhysMem,
+    w: &Walk<'_, '_, '_>,
+    vma: &Vma,
+    p: &crate::pgtable::PteSlot<'_>,
+    k: usize,
+    n: usize,
+) -> Result<Step, HmmError> {
+    let mut pages = Vec::new();
+    for j in k..n {
+        let va = p.va_at(j);
+        let pte = p.get_at(j);
+        let i = w.index(va);
+        if w.migrating(i) && w.collect.as_ref().is_some_and(|c| c.migrates_empty(pte)) {
+            continue;
+        }
+        let cpu = match usable(phys, w.owner, pte) {
+            Some((cpu, _)) => cpu,
+            None if matches!(pte, Pte::Migration { .. }) && j > k => break,
+            None => HmmPfnFlags::empty(),
+        };
+        match Walk::need(w.request(i), cpu) {
+            Need::None => {}
+            need => {
+                let write = need == Need::WriteFault;
+                if write && !vma.flags().contains(VmFlags::WRITE) {
+                    return Err(HmmError::Perm { addr: va });
+                }
+                pages.push((va, write));
+            }
+        }
+    }
+    Ok(Step::FaultPages(pages))
 }
 
 /// The fault to run for `r` of `vma` (`hmm_vma_fault`): `Perm` for a write on a VMA
