@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags};
+use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
 use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
@@ -117,7 +117,7 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
         } else {
             MigrateVmaFlags::SELECT_DEVICE_PRIVATE
         };
-        let mut m = migrate_vma_setup(
+        let m = migrate_vma_setup(
             &mmap,
             MigrateVma {
                 start: at,
@@ -127,32 +127,44 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
                 fault_page: None,
             },
         )?;
-        for i in 0..m.src().len() {
-            let w = m.src()[i];
-            if !w.is_migrating() {
-                continue;
-            }
-            let dst = if to_device {
-                s.dev.alloc(0, FrameFlags::empty())?
-            } else {
-                let f = phys.alloc(0, FrameFlags::empty())?;
-                assert!(f.meta().trylock(), "a fresh page is unlocked");
-                f
-            };
-            match m.src_page(i) {
-                Some(src) => dst.copy_from(&src),
-                None => dst.zero(),
-            }
-            m.set_dst(
-                i,
-                dst,
-                w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid(),
-            );
-        }
-        moved += m.pages().finalize().migrated;
+        moved += copy_and_commit(m, phys, to_device.then_some(&*s.dev))?;
         at = next;
     }
     Ok(moved)
+}
+
+/// Gives every migrating entry of `m` a destination, on `device` or (`None`) in system
+/// memory, holding the source's bytes (zeros for a hole), then commits and finalizes;
+/// returns the pages migrated.
+pub(crate) fn copy_and_commit(
+    mut m: Migration<'_, '_>,
+    phys: &PhysMem,
+    device: Option<&DevPagemap>,
+) -> Result<u64, Box<dyn Error>> {
+    for i in 0..m.src().len() {
+        let w = m.src()[i];
+        if !w.is_migrating() {
+            continue;
+        }
+        let dst = match device {
+            Some(dev) => dev.alloc(0, FrameFlags::empty())?,
+            None => {
+                let f = phys.alloc(0, FrameFlags::empty())?;
+                assert!(f.meta().trylock(), "a fresh page is unlocked");
+                f
+            }
+        };
+        match m.src_page(i) {
+            Some(src) => dst.copy_from(&src),
+            None => dst.zero(),
+        }
+        m.set_dst(
+            i,
+            dst,
+            w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid(),
+        );
+    }
+    Ok(m.pages().finalize().migrated)
 }
 
 /// Runs `work(k)` for `k` in `0..n` on `n` threads started together (a barrier), and
@@ -226,7 +238,7 @@ fn memcpy_time(size: u64, threads: usize, iters: usize) -> Duration {
     median(times)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }

@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod walks;
 
 use clap::{Parser, Subcommand};
 
@@ -57,6 +58,22 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// Page-table passes and time per page to bring a range to a device when part of it
+    /// must be faulted first: fault then migrate, migrate-fault-migrate, and one walk.
+    Walks {
+        /// Print a JSON array of rows instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Pages in the range.
+        #[arg(long, default_value_t = 2048)]
+        pages: u64,
+        /// Fractions of the pages held by another device.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.01, 0.1, 0.25, 0.5, 1.0])]
+        fractions: Vec<f64>,
+        /// Rounds per figure (the median is reported).
+        #[arg(long, default_value_t = 15)]
+        iters: usize,
+    },
 }
 
 fn bench_migrate(
@@ -87,6 +104,25 @@ fn bench_migrate(
     Ok(())
 }
 
+fn bench_walks(
+    json: bool,
+    pages: u64,
+    fractions: &[f64],
+    iters: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = walks::walk_rows(pages, fractions, iters, |r| {
+        if !json {
+            eprintln!("measured {} at fraction {}", r.method(), r.fraction());
+        }
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        walks::print_table(&rows);
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -100,6 +136,15 @@ fn main() -> std::process::ExitCode {
                     iters,
                 },
         } => bench_migrate(json, threads, &sizes_kib, iters),
+        Command::Bench {
+            what:
+                Bench::Walks {
+                    json,
+                    pages,
+                    fractions,
+                    iters,
+                },
+        } => bench_walks(json, pages, &fractions, iters),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
