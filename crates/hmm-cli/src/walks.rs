@@ -415,7 +415,7 @@ pub(crate) fn walk_rows(
         let held = held(npages, fraction);
         let mut tallies: Vec<Tally> = METHODS.iter().map(|_| Tally::default()).collect();
         // One untimed round of each method first (warm caches, device memory touched).
-        for timed in std::iter::once(false).chain(std::iter::repeat_n(true, iters)) {
+        for timed in (0..=iters).map(|r| r > 0) {
             for (method, tally) in METHODS.iter().zip(&mut tallies) {
                 round += 1;
                 rig.prepare(round, &held)?;
