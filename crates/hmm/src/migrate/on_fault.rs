@@ -1,47 +1,6 @@
-//! Migrate on fault: faulting pages in and preparing them for migration in one walk
-//! (`HMM_PFN_REQ_MIGRATE`, `MIGRATE_VMA_FAULT`, `migrate_hmm_range_setup`).
-//!
-//! A driver that wants pages on its device that are not present, or present in a form it
-//! cannot migrate (another device's private page, a device-exclusive entry, a read-only
-//! page it needs writable), has two kernel recipes: `hmm_range_fault` then `migrate_vma`
-//! (two walks, always), or `migrate_vma`, find what did not move, `hmm_range_fault` those,
-//! `migrate_vma` again (three walks). [`hmm_range_fault_migrate`] does it in one: each page
-//! whose request has `REQ_MIGRATE` is faulted if its request says so, then collected under
-//! the same page-table lock (see `range_fault`'s walk). [`migrate_hmm_range_setup`] then
-//! runs the rest of `migrate_vma_setup` (the unmap of other mappings, the pin check) and
-//! hands back an ordinary [`Migration`]. `migrate_vma_setup` with
-//! [`MigrateVmaFlags::FAULT`] is the same walk with `REQ_FAULT | REQ_MIGRATE` on every
-//! page, and `migrate_vma_setup` without it is that walk with `REQ_MIGRATE` alone: there is
-//! one collect walk.
-//!
-//! # Invalidations the walk raises itself
-//!
-//! The kernel's review of this series found two hazards, and this is how hmm-rs avoids
-//! them:
-//!
-//! 1. **Livelock.** The walk's own faults invalidate the caller's interval notifier (a COW
-//!    break is a CLEAR, another device's `migrate_to_ram` is that device's MIGRATE). A
-//!    walk that returned `Busy` on them would make the caller retry, collect again, fault
-//!    again. A migrating walk therefore makes no collision check at all: a page it
-//!    collected is locked and behind a migration entry from that moment until finalize,
-//!    so no invalidation can make its `MIGRATE` word stale (a concurrent zap of the
-//!    migration entry is handled by finalize, as in the kernel). Only the words the caller
-//!    may *mirror* (`VALID` without `MIGRATE`) depend on the sequence, and the caller
-//!    checks those with `read_retry` under its lock as always: on a collision it skips
-//!    mirroring them (the device faults them later) and goes on with the migration. The
-//!    RFC's answer, tagging the walk's CLEAR events with `owner = current` so the driver
-//!    skips them, was rejected because a skipped `set_seq` breaks concurrent readers of
-//!    the same notifier; here every driver keeps recording every foreign event.
-//! 2. **`read_begin` waiting on itself.** The walk's one `MMU_NOTIFY_MIGRATE`
-//!    invalidation (owner `dev_private_owner`) keeps the address space's invalidation
-//!    sequence odd while it is open, and any invalidation the walk's faults raise on the
-//!    caller's notifier meanwhile makes that notifier wait for it. The invalidation is
-//!    therefore closed before [`hmm_range_fault_migrate`] returns, on every path, and
-//!    nothing inside the walk calls `read_begin`.
-//!
-//! The walk holds the caller's mmap lock for reading throughout, so a concurrent `munmap`
-//! waits for the migration to finish; a concurrent CPU access to a collected page waits
-//! on its migration entry.
+//! Migrate on fault: the collector the walk of `range_fault` drives, the one collect walk
+//! of `migrate_vma_setup`, and the public `hmm_range_fault_migrate` /
+//! `migrate_hmm_range_setup` (see the `migrate` module's documentation).
 
 use crate::addr::{VaRange, VirtAddr};
 use crate::mm::tlb::TlbGather;
@@ -222,7 +181,8 @@ impl std::fmt::Debug for HmmMigrate<'_, '_> {
 /// Mirrors `range` and, in the same walk, prepares for migration every page whose
 /// request (`(input & pfn_flags_mask) | default_flags`) has `REQ_MIGRATE`, selected by
 /// `flags` and `range.dev_private_owner` as `migrate_vma_setup` selects
-/// (`hmm_range_fault` with `HMM_PFN_REQ_MIGRATE`); see the [module documentation](self).
+/// (`hmm_range_fault` with `HMM_PFN_REQ_MIGRATE`); see
+/// [migrate on fault](crate::migrate#migrate-on-fault).
 ///
 /// Each page is first faulted if its request says so (`REQ_FAULT`, `REQ_WRITE`: a write
 /// request breaks COW before the page is collected, so it migrates writable); holes and
