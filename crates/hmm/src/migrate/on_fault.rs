@@ -199,6 +199,71 @@ impl std::fmt::Debug for HmmMigrate<'_, '_> {
 /// [`MigrateVmaFlags::FAULT`] (faulting is asked per page with `REQ_FAULT`); `Fault`,
 /// `Perm`, `NoMem` as `hmm_range_fault`, after putting back every page collected. Never
 /// `Busy`.
+///
+/// # Example
+///
+/// A range with written pages and holes goes to a device in one walk:
+///
+/// ```
+/// use std::sync::Arc;
+/// use hmm::addr::PAGE_SIZE;
+/// use hmm::migrate::{hmm_range_fault_migrate, migrate_hmm_range_setup, MigrateVmaFlags};
+/// use hmm::mm::{MapFlags, Mm, Prot};
+/// use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierRange, Owner};
+/// use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+/// use hmm::range_fault::{HmmPfn, HmmPfnFlags, HmmRange};
+/// use hmm::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig};
+///
+/// struct Device;
+/// impl DevPagemapOps for Device {}
+/// struct Mirror;
+/// impl IntervalNotifierOps for Mirror {
+///     fn invalidate(&self, sub: &IntervalSub, _: &NotifierRange, seq: InvalidateSeq) -> bool {
+///         sub.set_seq(seq);
+///         true
+///     }
+/// }
+///
+/// let phys = PhysMem::new(PhysConfig::with_size(16 << 20))?;
+/// let owner = Owner::new_unique();
+/// let config = PagemapConfig { kind: MemoryType::DevicePrivate, owner, size_bytes: 4 << 20 };
+/// let dev = memremap_pages(&phys, config, Arc::new(Device))?;
+/// let mm = Mm::new(phys.clone());
+/// let len = 8 * PAGE_SIZE;
+/// let a = mm.mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+/// mm.write(a, b"pages 0 and 1 are written, 2..8 are holes")?;
+/// mm.write(a.checked_add(PAGE_SIZE).unwrap(), b"page 1")?;
+/// let notifier = mm.interval_notifier_insert(a, len, Arc::new(Mirror))?;
+///
+/// let mmap = mm.mmap_read();
+/// let mut pfns = [HmmPfn::default(); 8];
+/// let mut range = HmmRange {
+///     notifier: &notifier,
+///     notifier_seq: notifier.read_begin(),
+///     start: a,
+///     end: a.checked_add(len).unwrap(),
+///     hmm_pfns: &mut pfns,
+///     default_flags: HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE,
+///     pfn_flags_mask: HmmPfnFlags::empty(),
+///     dev_private_owner: Some(owner),
+/// };
+/// let collected = hmm_range_fault_migrate(&mmap, &mut range, MigrateVmaFlags::SELECT_SYSTEM)?;
+/// assert!(range.hmm_pfns.iter().all(|w| w.is_migrating()));
+/// assert!(range.hmm_pfns[0].is_valid() && !range.hmm_pfns[2].is_valid()); // page, hole
+///
+/// let mut m = migrate_hmm_range_setup(collected);
+/// for i in 0..8 {
+///     let d = dev.alloc(0, FrameFlags::empty())?;
+///     match m.src_page(i) {
+///         Some(src) => d.copy_from(&src),
+///         None => d.zero(),
+///     }
+///     m.set_dst(i, d, true);
+/// }
+/// assert_eq!(m.pages().finalize().migrated, 8);
+/// assert_eq!(mm.stats().range_walks.hmm, 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[doc(alias = "HMM_PFN_REQ_MIGRATE")]
 pub fn hmm_range_fault_migrate<'g, 'a>(
     mmap: &'g MmapReadGuard<'a>,
