@@ -186,6 +186,36 @@ impl Rig {
         self.dev0.owner()
     }
 
+    /// A migration of the whole range by device 0 with `flags`.
+    fn args(&self, flags: MigrateVmaFlags) -> MigrateVma {
+        MigrateVma {
+            start: self.base,
+            end: self.end(),
+            pgmap_owner: Some(self.owner()),
+            flags,
+            fault_page: None,
+        }
+    }
+
+    /// The whole range with device 0's notifier, owner and a fresh sequence.
+    fn range<'a>(
+        &'a self,
+        pfns: &'a mut [HmmPfn],
+        default_flags: HmmPfnFlags,
+        pfn_flags_mask: HmmPfnFlags,
+    ) -> HmmRange<'a> {
+        HmmRange {
+            notifier: &self.notifier,
+            notifier_seq: self.notifier.read_begin(),
+            start: self.base,
+            end: self.end(),
+            hmm_pfns: pfns,
+            default_flags,
+            pfn_flags_mask,
+            dev_private_owner: Some(self.owner()),
+        }
+    }
+
     /// Fills the range with round `round`'s bytes and moves the pages `held` picks to
     /// device 1.
     fn prepare(&self, round: u64, held: &[bool]) -> Result<(), Box<dyn Error>> {
@@ -236,16 +266,7 @@ impl Rig {
     /// Brings every page of device 0 back to system memory.
     fn reset(&self) -> Result<(), Box<dyn Error>> {
         let mmap = self.mm.mmap_read();
-        let m = migrate_vma_setup(
-            &mmap,
-            MigrateVma {
-                start: self.base,
-                end: self.end(),
-                pgmap_owner: Some(self.owner()),
-                flags: MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
-                fault_page: None,
-            },
-        )?;
+        let m = migrate_vma_setup(&mmap, self.args(MigrateVmaFlags::SELECT_DEVICE_PRIVATE))?;
         copy_and_commit(m, &self.phys, None)?;
         Ok(())
     }
@@ -258,16 +279,7 @@ impl Rig {
         let mut retries = 0;
         loop {
             pfns.copy_from_slice(requests);
-            let mut range = HmmRange {
-                notifier: &self.notifier,
-                notifier_seq: self.notifier.read_begin(),
-                start: self.base,
-                end: self.end(),
-                hmm_pfns: &mut pfns,
-                default_flags: HmmPfnFlags::empty(),
-                pfn_flags_mask: HmmPfnFlags::REQ_FAULT,
-                dev_private_owner: Some(self.owner()),
-            };
+            let mut range = self.range(&mut pfns, HmmPfnFlags::empty(), HmmPfnFlags::REQ_FAULT);
             let mmap = self.mm.mmap_read();
             match hmm_range_fault(&mmap, &mut range) {
                 Ok(()) => return Ok(retries),
@@ -281,16 +293,7 @@ impl Rig {
     /// indices of the pages that did not move.
     fn migrate(&self) -> Result<(u64, Vec<usize>), Box<dyn Error>> {
         let mmap = self.mm.mmap_read();
-        let m = migrate_vma_setup(
-            &mmap,
-            MigrateVma {
-                start: self.base,
-                end: self.end(),
-                pgmap_owner: Some(self.owner()),
-                flags: MigrateVmaFlags::SELECT_SYSTEM,
-                fault_page: None,
-            },
-        )?;
+        let m = migrate_vma_setup(&mmap, self.args(MigrateVmaFlags::SELECT_SYSTEM))?;
         let left: Vec<usize> = (0..m.src().len())
             .filter(|&i| !m.src()[i].is_migrating())
             .collect();
@@ -303,16 +306,7 @@ impl Rig {
         let mut pfns = vec![HmmPfn::default(); self.npages as usize];
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
-            let mut range = HmmRange {
-                notifier: &self.notifier,
-                notifier_seq: self.notifier.read_begin(),
-                start: self.base,
-                end: self.end(),
-                hmm_pfns: &mut pfns,
-                default_flags: HmmPfnFlags::empty(),
-                pfn_flags_mask: HmmPfnFlags::empty(),
-                dev_private_owner: Some(self.owner()),
-            };
+            let mut range = self.range(&mut pfns, HmmPfnFlags::empty(), HmmPfnFlags::empty());
             let mmap = self.mm.mmap_read();
             let t = Instant::now();
             hmm_range_fault(&mmap, &mut range)?;
@@ -346,16 +340,11 @@ impl Rig {
             "one_walk" => {
                 let mut pfns = vec![HmmPfn::default(); self.npages as usize];
                 let mmap = self.mm.mmap_read();
-                let mut range = HmmRange {
-                    notifier: &self.notifier,
-                    notifier_seq: self.notifier.read_begin(),
-                    start: self.base,
-                    end: self.end(),
-                    hmm_pfns: &mut pfns,
-                    default_flags: HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE,
-                    pfn_flags_mask: HmmPfnFlags::empty(),
-                    dev_private_owner: Some(self.owner()),
-                };
+                let mut range = self.range(
+                    &mut pfns,
+                    HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE,
+                    HmmPfnFlags::empty(),
+                );
                 let collected =
                     hmm_range_fault_migrate(&mmap, &mut range, MigrateVmaFlags::SELECT_SYSTEM)?;
                 copy_and_commit(

@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{page, pattern, rig};
+use common::{iters, page, pattern, rig, word};
 use hmm::addr::PAGE_SIZE;
 use hmm::mm::{MapFlags, Prot};
 use hmm_dmirror::{prot, DmirrorCmd, DmirrorError};
@@ -103,18 +103,6 @@ fn bad_input_is_typed_and_moves_nothing() {
             .errno(),
         -22
     );
-}
-
-fn iters() -> u64 {
-    std::env::var("HMM_STRESS_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
-}
-
-/// Page `i` at version `v`: the first word is `i << 32 | v`.
-fn word(i: u64, v: u64) -> u64 {
-    (i << 32) | v
 }
 
 #[test]

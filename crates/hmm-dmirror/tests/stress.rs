@@ -2,8 +2,11 @@
 //! (and evicting all of its memory now and then), device 1 reading it. No byte may be lost or stale, no frame leaked, no deadlock.
 //! `HMM_STRESS_ITERS=N` sets the number of rounds (default 200).
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use common::{iters, word};
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::mm::{MapFlags, Mm, Prot};
 use hmm::phys::{PhysConfig, PhysMem};
@@ -11,18 +14,6 @@ use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorErro
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 const N: u64 = 32;
-
-fn iters() -> u64 {
-    std::env::var("HMM_STRESS_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
-}
-
-/// Page `i` at version `v`: the first word is `i << 32 | v`.
-fn word(i: u64, v: u64) -> u64 {
-    (i << 32) | v
-}
 
 fn cmd(
     mm: &Mm,

@@ -3,34 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{page, Machine, RW};
+use common::{copy_to, device, fill, page, Machine, RW};
 use hmm::addr::{DevicePfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
-use hmm::migrate::{
-    migrate_vma_setup, MigrateError, MigratePfn, MigratePfnFlags, MigrateVma, MigrateVmaFlags,
-};
+use hmm::migrate::{migrate_vma_setup, MigrateError, MigratePfn, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{GupFlags, MapFlags, MemFile, Mm, Prot, ThpMode};
 use hmm::notifier::{NotifierEvent, Owner};
 use hmm::phys::{FrameFlags, FrameRef};
-use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
-
-struct NoOps;
-impl DevPagemapOps for NoOps {}
-
-/// A device-private pagemap of 8 MiB with owner `owner`.
-fn device(m: &Machine, owner: Owner) -> Arc<DevPagemap> {
-    memremap_pages(
-        &m.phys,
-        PagemapConfig {
-            kind: MemoryType::DevicePrivate,
-            owner,
-            size_bytes: 8 << 20,
-        },
-        Arc::new(NoOps),
-    )
-    .unwrap()
-}
+use hmm::zone_device::DevPagemap;
 
 fn args(start: VirtAddr, npages: u64, owner: Owner, flags: MigrateVmaFlags) -> MigrateVma {
     MigrateVma {
@@ -42,36 +21,16 @@ fn args(start: VirtAddr, npages: u64, owner: Owner, flags: MigrateVmaFlags) -> M
     }
 }
 
-fn fill(m: &Machine, a: VirtAddr, npages: u64, seed: u8) -> Vec<u8> {
-    let data: Vec<u8> = (0..npages * PAGE_SIZE)
-        .map(|i| (i as u8) ^ ((i / PAGE_SIZE) as u8).wrapping_mul(13) ^ seed)
-        .collect();
-    m.mm.write(a, &data).unwrap();
-    data
-}
-
 /// Migrates `npages` from `a` to `dev`, copying; returns the src words after setup.
 fn to_device(m: &Machine, dev: &DevPagemap, a: VirtAddr, npages: u64) -> Vec<MigratePfn> {
     let mmap = m.mm.mmap_read();
-    let mut mig = migrate_vma_setup(
+    let mig = migrate_vma_setup(
         &mmap,
         args(a, npages, dev.owner(), MigrateVmaFlags::SELECT_SYSTEM),
     )
     .unwrap();
     let src = mig.src().to_vec();
-    for (i, w) in src.iter().enumerate() {
-        if !w.is_migrating() {
-            continue;
-        }
-        let d = dev.alloc(0, FrameFlags::empty()).unwrap();
-        match mig.src_page(i) {
-            Some(s) => d.copy_from(&s),
-            None => d.zero(),
-        }
-        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
-        mig.set_dst(i, d, write);
-    }
-    mig.pages().finalize();
+    copy_to(dev, mig);
     src
 }
 

@@ -6,39 +6,21 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{page, Machine, RW};
+use common::{copy_to, device, fill, page, Machine, RW};
 use hmm::addr::{DevicePfn, Pfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::exclusive::make_device_exclusive;
 use hmm::migrate::{
-    hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigratePfn,
-    MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration,
+    hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigratePfn, MigrateVma,
+    MigrateVmaFlags,
 };
 use hmm::mm::{MapFlags, Mm, Prot, SwapKind};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
     NotifierRange, Owner,
 };
-use hmm::phys::FrameFlags;
 use hmm::range_fault::{hmm_range_fault, HmmError, HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::stats::MmStats;
-use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
-
-struct NoOps;
-impl DevPagemapOps for NoOps {}
-
-fn device(m: &Machine, owner: Owner) -> Arc<DevPagemap> {
-    memremap_pages(
-        &m.phys,
-        PagemapConfig {
-            kind: MemoryType::DevicePrivate,
-            owner,
-            size_bytes: 8 << 20,
-        },
-        Arc::new(NoOps),
-    )
-    .unwrap()
-}
 
 /// A driver's notifier: records every event's sequence except its own MIGRATE, as a
 /// driver with the owner filter does; counts what it recorded.
@@ -70,33 +52,6 @@ fn watch(mm: &Mm, owner: Owner) -> (Arc<Mirror>, IntervalNotifier) {
     (mirror, n)
 }
 
-fn fill(m: &Machine, a: VirtAddr, npages: u64, seed: u8) -> Vec<u8> {
-    let data: Vec<u8> = (0..npages * PAGE_SIZE)
-        .map(|i| (i as u8) ^ ((i / PAGE_SIZE) as u8).wrapping_mul(29) ^ seed)
-        .collect();
-    m.mm.write(a, &data).unwrap();
-    data
-}
-
-/// Gives every migrating entry a device page holding the source's bytes (zeros for an
-/// empty entry), then commits and finalizes.
-fn copy_to(dev: &DevPagemap, mut mig: Migration<'_, '_>) -> u64 {
-    for i in 0..mig.src().len() {
-        let w = mig.src()[i];
-        if !w.is_migrating() {
-            continue;
-        }
-        let d = dev.alloc(0, FrameFlags::empty()).unwrap();
-        match mig.src_page(i) {
-            Some(s) => d.copy_from(&s),
-            None => d.zero(),
-        }
-        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
-        mig.set_dst(i, d, write);
-    }
-    mig.pages().finalize().migrated
-}
-
 /// The bytes of the page at `a` if it is on a device, `None` if not.
 fn device_page(m: &Machine, a: VirtAddr) -> Option<Vec<u8>> {
     let e = m.mm.pagemap(a, 1).unwrap()[0];
@@ -123,6 +78,27 @@ fn any_locked(m: &Machine, a: VirtAddr, npages: u64) -> bool {
 
 fn delta(m: &Machine, before: &MmStats) -> MmStats {
     m.mm.stats().since(before)
+}
+
+/// A range over `pfns.len()` pages from `start` with a fresh sequence of `n`.
+fn range<'a>(
+    n: &'a IntervalSub,
+    start: VirtAddr,
+    pfns: &'a mut [HmmPfn],
+    default_flags: HmmPfnFlags,
+    pfn_flags_mask: HmmPfnFlags,
+    dev_private_owner: Option<Owner>,
+) -> HmmRange<'a> {
+    HmmRange {
+        notifier: n,
+        notifier_seq: n.read_begin(),
+        start,
+        end: page(start, pfns.len() as u64),
+        hmm_pfns: pfns,
+        default_flags,
+        pfn_flags_mask,
+        dev_private_owner,
+    }
 }
 
 const MIGRATE_FAULT: HmmPfnFlags = HmmPfnFlags::REQ_MIGRATE.union(HmmPfnFlags::REQ_FAULT);
@@ -159,16 +135,14 @@ fn one_walk_faults_what_cannot_move_and_collects_everything() {
     for w in &mut pfns[12..] {
         *w = HmmPfn::request(HmmPfnFlags::REQ_WRITE);
     }
-    let mut r = HmmRange {
-        notifier: &watched.1,
-        notifier_seq: watched.1.read_begin(),
-        start: a,
-        end: page(a, 16),
-        hmm_pfns: &mut pfns,
-        default_flags: MIGRATE_FAULT,
-        pfn_flags_mask: HmmPfnFlags::REQ_WRITE,
-        dev_private_owner: Some(owner),
-    };
+    let mut r = range(
+        &watched.1,
+        a,
+        &mut pfns,
+        MIGRATE_FAULT,
+        HmmPfnFlags::REQ_WRITE,
+        Some(owner),
+    );
     let collected = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM)
         .expect("a migrating walk is never Busy");
     let seq = r.notifier_seq;
@@ -316,16 +290,7 @@ fn bad_arguments_are_typed_errors_and_change_nothing() {
     assert!(matches!(run(a, 0, sel), Err(HmmError::Inval { .. })));
     // A plain walk refuses migrate requests.
     let mut pfns = vec![HmmPfn::default(); 4];
-    let mut r = HmmRange {
-        notifier: &n,
-        notifier_seq: n.read_begin(),
-        start: a,
-        end: page(a, 4),
-        hmm_pfns: &mut pfns,
-        default_flags: MIGRATE_FAULT,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    };
+    let mut r = range(&n, a, &mut pfns, MIGRATE_FAULT, HmmPfnFlags::empty(), None);
     assert!(matches!(
         hmm_range_fault(&mmap, &mut r),
         Err(HmmError::Inval { .. })
@@ -351,16 +316,14 @@ fn an_error_after_collecting_puts_every_page_back() {
     let mmap = m.mm.mmap_read();
     let mut pfns = vec![HmmPfn::default(); 4];
     pfns[2] = HmmPfn::request(HmmPfnFlags::REQ_WRITE);
-    let mut r = HmmRange {
-        notifier: &n,
-        notifier_seq: n.read_begin(),
-        start: a,
-        end: page(a, 4),
-        hmm_pfns: &mut pfns,
-        default_flags: MIGRATE_FAULT,
-        pfn_flags_mask: HmmPfnFlags::REQ_WRITE,
-        dev_private_owner: Some(owner),
-    };
+    let mut r = range(
+        &n,
+        a,
+        &mut pfns,
+        MIGRATE_FAULT,
+        HmmPfnFlags::REQ_WRITE,
+        Some(owner),
+    );
     let e = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap_err();
     assert_eq!(e, HmmError::Perm { addr: page(a, 2) });
     drop(mmap);
@@ -385,16 +348,14 @@ fn dropping_the_collected_pages_puts_them_back() {
     {
         let mmap = m.mm.mmap_read();
         let mut pfns = vec![HmmPfn::default(); 8];
-        let mut r = HmmRange {
-            notifier: &n,
-            notifier_seq: n.read_begin(),
-            start: a,
-            end: page(a, 8),
-            hmm_pfns: &mut pfns,
-            default_flags: MIGRATE_FAULT,
-            pfn_flags_mask: HmmPfnFlags::empty(),
-            dev_private_owner: Some(owner),
-        };
+        let mut r = range(
+            &n,
+            a,
+            &mut pfns,
+            MIGRATE_FAULT,
+            HmmPfnFlags::empty(),
+            Some(owner),
+        );
         let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
         assert_eq!(c.cpages(), 8);
         assert!(m.mm.pagemap(a, 8).unwrap().iter().all(|e| !e.present));
@@ -441,16 +402,14 @@ fn pages_the_walk_does_not_select_get_plain_words() {
             .unwrap();
     let mmap = m.mm.mmap_read();
     let mut pfns = vec![HmmPfn::default(); 4];
-    let mut r = HmmRange {
-        notifier: &n,
-        notifier_seq: n.read_begin(),
-        start: a,
-        end: page(a, 4),
-        hmm_pfns: &mut pfns,
-        default_flags: MIGRATE_FAULT,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: Some(owner),
-    };
+    let mut r = range(
+        &n,
+        a,
+        &mut pfns,
+        MIGRATE_FAULT,
+        HmmPfnFlags::empty(),
+        Some(owner),
+    );
     let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
     // The device's own pages are reported as they are, for the caller to keep mapped.
     for w in &r.hmm_pfns[..2] {

@@ -90,3 +90,16 @@ pub fn pattern(npages: u64, seed: u8) -> Vec<u8> {
 pub fn page(a: VirtAddr, i: u64) -> VirtAddr {
     a.checked_add(i * PAGE_SIZE).unwrap()
 }
+
+/// Rounds of a stress test: `HMM_STRESS_ITERS`, default 200.
+pub fn iters() -> u64 {
+    std::env::var("HMM_STRESS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+/// Page `i` at version `v`: the first word is `i << 32 | v`.
+pub fn word(i: u64, v: u64) -> u64 {
+    (i << 32) | v
+}

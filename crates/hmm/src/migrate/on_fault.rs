@@ -295,16 +295,7 @@ pub fn hmm_range_fault_migrate<'g, 'a>(
         fault_page: None,
     };
     let mut col = Collector::new(mmap, vma, args);
-    let mut w = Walk::new(
-        range.start,
-        range.end,
-        range.hmm_pfns,
-        range.default_flags,
-        range.pfn_flags_mask,
-        range.dev_private_owner,
-        None,
-        Some(&mut col),
-    );
+    let mut w = Walk::of_range(range, Some(&mut col));
     run_walk(mmap, &mut w, RangeWalker::Hmm)?;
     Ok(HmmMigrate {
         state: col.finish(),

@@ -301,16 +301,7 @@ pub fn hmm_range_fault(mmap: &MmapReadGuard<'_>, range: &mut HmmRange<'_>) -> Re
             what: "REQ_MIGRATE needs hmm_range_fault_migrate",
         });
     }
-    let mut w = Walk::new(
-        range.start,
-        range.end,
-        range.hmm_pfns,
-        range.default_flags,
-        range.pfn_flags_mask,
-        range.dev_private_owner,
-        Some((range.notifier, range.notifier_seq)),
-        None,
-    );
+    let mut w = Walk::of_range(range, None);
     walk::run(mmap, &mut w, RangeWalker::Hmm)
 }
 

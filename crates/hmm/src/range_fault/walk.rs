@@ -23,7 +23,7 @@ use crate::phys::PhysMem;
 use crate::prot::VmFlags;
 use crate::stats::RangeWalker;
 
-use super::{HmmError, HmmPfn, HmmPfnFlags};
+use super::{HmmError, HmmPfn, HmmPfnFlags, HmmRange};
 
 /// What the fault needed for one page, from its request and the CPU state
 /// (`hmm_pte_need_fault`).
@@ -74,6 +74,27 @@ impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
             collect,
             last: start,
         }
+    }
+
+    /// The pass `hmm_range_fault` makes over `range`: plain (with the early collision
+    /// check) without a collector, migrating (with none) with one.
+    pub(crate) fn of_range(
+        range: &'r mut HmmRange<'_>,
+        collect: Option<&'r mut Collector<'g, 'a>>,
+    ) -> Self {
+        let seq = collect
+            .is_none()
+            .then_some((range.notifier, range.notifier_seq));
+        Walk::new(
+            range.start,
+            range.end,
+            range.hmm_pfns,
+            range.default_flags,
+            range.pfn_flags_mask,
+            range.dev_private_owner,
+            seq,
+            collect,
+        )
     }
 
     fn index(&self, va: VirtAddr) -> usize {

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::migrate::{MigratePfnFlags, Migration};
 use hmm::mm::{MapFlags, Mm, Prot};
-use hmm::notifier::{MmuNotifierHandle, NotifierEvent, NotifierRange, Recorder};
-use hmm::phys::{PhysConfig, PhysMem};
+use hmm::notifier::{MmuNotifierHandle, NotifierEvent, NotifierRange, Owner, Recorder};
+use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
 /// A small machine: `mib` MiB of RAM and one address space with a recorder attached.
 pub struct Machine {
@@ -48,4 +50,50 @@ pub const RW: Prot = Prot::READ.union(Prot::WRITE);
 #[track_caller]
 pub fn page(base: VirtAddr, i: u64) -> VirtAddr {
     base.checked_add(i * PAGE_SIZE).unwrap()
+}
+
+/// A pagemap with no callbacks (no CPU fault may reach it).
+pub struct NoOps;
+impl DevPagemapOps for NoOps {}
+
+/// A device-private pagemap of 8 MiB with owner `owner`.
+pub fn device(m: &Machine, owner: Owner) -> Arc<DevPagemap> {
+    memremap_pages(
+        &m.phys,
+        PagemapConfig {
+            kind: MemoryType::DevicePrivate,
+            owner,
+            size_bytes: 8 << 20,
+        },
+        Arc::new(NoOps),
+    )
+    .unwrap()
+}
+
+/// Writes a pattern (different per page and per `seed`) to `npages` at `a`; returns it.
+pub fn fill(m: &Machine, a: VirtAddr, npages: u64, seed: u8) -> Vec<u8> {
+    let data: Vec<u8> = (0..npages * PAGE_SIZE)
+        .map(|i| (i as u8) ^ ((i / PAGE_SIZE) as u8).wrapping_mul(13) ^ seed)
+        .collect();
+    m.mm.write(a, &data).unwrap();
+    data
+}
+
+/// Gives every migrating entry a page of `dev` holding the source's bytes (zeros for an
+/// empty entry), then commits and finalizes; returns the pages migrated.
+pub fn copy_to(dev: &DevPagemap, mut mig: Migration<'_, '_>) -> u64 {
+    for i in 0..mig.src().len() {
+        let w = mig.src()[i];
+        if !w.is_migrating() {
+            continue;
+        }
+        let d = dev.alloc(0, FrameFlags::empty()).unwrap();
+        match mig.src_page(i) {
+            Some(s) => d.copy_from(&s),
+            None => d.zero(),
+        }
+        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
+        mig.set_dst(i, d, write);
+    }
+    mig.pages().finalize().migrated
 }
