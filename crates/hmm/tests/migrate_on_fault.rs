@@ -64,6 +64,19 @@ fn device_page(m: &Machine, a: VirtAddr) -> Option<Vec<u8>> {
     })
 }
 
+/// Checks that the pages at `a` are mapped again, unlocked, hold `data`, and that the
+/// address space audits clean: a collection that was put back left nothing behind.
+#[track_caller]
+fn assert_put_back(m: &Machine, a: VirtAddr, data: &[u8]) {
+    let npages = data.len() as u64 / PAGE_SIZE;
+    assert!(m.mm.pagemap(a, npages).unwrap().iter().all(|e| e.present));
+    assert!(!any_locked(m, a, npages));
+    let mut b = vec![0u8; data.len()];
+    m.mm.read(a, &mut b).unwrap();
+    assert_eq!(b, data);
+    m.mm.audit().unwrap();
+}
+
 /// Whether any page of `[a, a + npages)` is locked (a collected page not put back).
 fn any_locked(m: &Machine, a: VirtAddr, npages: u64) -> bool {
     m.mm.pagemap(a, npages).unwrap().iter().any(|e| {
@@ -330,12 +343,7 @@ fn an_error_after_collecting_puts_every_page_back() {
     let d = delta(&m, &before);
     assert_eq!(d.range_walks.hmm, 1);
     assert_eq!(d.migrate.pages_restored, 2, "pages 0 and 1 were collected");
-    assert!(!any_locked(&m, a, 4));
-    assert!(m.mm.pagemap(a, 4).unwrap().iter().all(|e| e.present));
-    let mut b = vec![0u8; 4 * PAGE_SIZE as usize];
-    m.mm.read(a, &mut b).unwrap();
-    assert_eq!(b, data);
-    m.mm.audit().unwrap();
+    assert_put_back(&m, a, &data);
 }
 
 #[test]
@@ -360,12 +368,7 @@ fn dropping_the_collected_pages_puts_them_back() {
         assert_eq!(c.cpages(), 8);
         assert!(m.mm.pagemap(a, 8).unwrap().iter().all(|e| !e.present));
     }
-    assert!(m.mm.pagemap(a, 8).unwrap().iter().all(|e| e.present));
-    assert!(!any_locked(&m, a, 8));
-    let mut b = vec![0u8; 8 * PAGE_SIZE as usize];
-    m.mm.read(a, &mut b).unwrap();
-    assert_eq!(b, data);
-    m.mm.audit().unwrap();
+    assert_put_back(&m, a, &data);
 }
 
 #[test]

@@ -386,7 +386,8 @@ fn walk(
                     None => (HmmPfnFlags::empty(), 0),
                 };
                 let need = w.need_range(r, cpu);
-                let migrating = (w.index(r.start())..w.index(r.end())).any(|i| w.migrating(i));
+                let migrating = w.collect.is_some()
+                    && (w.index(r.start())..w.index(r.end())).any(|i| w.migrating(i));
                 if migrating {
                     let col = w.collect.as_deref_mut().expect("migrating");
                     // A THP is split and its pages collected one by one (device THP,
