@@ -11,9 +11,15 @@
 mod bench;
 mod demo;
 mod selftest;
-mod walks;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use bench::plot::{plot, Figures};
+use bench::progress::Progress;
+use bench::{all, fault, machine, migrate, range_fault, walks};
 
 /// hmm-rs: Linux HMM device-memory management as a real userspace system.
 #[derive(Debug, Parser)]
@@ -44,14 +50,24 @@ enum Command {
     },
 }
 
+/// How a benchmark reports.
+#[derive(Debug, Args)]
+struct Output {
+    /// Print JSON instead of a table (the machine and build go to standard error).
+    #[arg(long)]
+    json: bool,
+    /// Write charts (SVG and PNG) into this folder.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Bench {
     /// Migration throughput (system to device and back, 4 KiB pages and THPs) against
     /// memcpy of the same bytes.
     Migrate {
-        /// Print a JSON array of rows instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         /// Threads migrating slices of the region at once.
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -65,66 +81,169 @@ enum Bench {
     /// Page-table passes and time per page to bring a range to a device when part of it
     /// must be faulted first: fault then migrate, migrate-fault-migrate, and one walk.
     Walks {
-        /// Print a JSON array of rows instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         /// Pages in the range.
         #[arg(long, default_value_t = 2048)]
         pages: u64,
         /// Fractions of the pages held by another device.
         #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.01, 0.1, 0.25, 0.5, 1.0])]
         fractions: Vec<f64>,
-        /// Rounds per figure (the median is reported).
+        /// Rounds per figure (the fastest and the median are reported).
         #[arg(long, default_value_t = 15)]
         iters: usize,
     },
+    /// Fault latency: first-touch anonymous faults and the CPU fault on a device-private
+    /// page (the `migrate_to_ram` round trip), against the host kernel's first-touch fault.
+    Fault {
+        #[command(flatten)]
+        out: Output,
+        /// Faults per 4 KiB scenario.
+        #[arg(long, default_value_t = 4096)]
+        pages: u64,
+        /// THP faults (2 MiB each).
+        #[arg(long, default_value_t = 64)]
+        thps: u64,
+    },
+    /// `hmm_range_fault` in ns per page (snapshot and fault modes, 4 KiB and THP), against
+    /// the host kernel's page-table walk (`/proc/self/pagemap`).
+    RangeFault {
+        #[command(flatten)]
+        out: Output,
+        /// Pages in the region.
+        #[arg(long, default_value_t = 16384)]
+        pages: u64,
+        /// Rounds per figure (the median and the fastest are reported).
+        #[arg(long, default_value_t = 9)]
+        iters: usize,
+    },
+    /// Every scenario in turn, with the machine and the build named: the README's figures.
+    All {
+        #[command(flatten)]
+        out: Output,
+        /// Every scenario small: shows that it works, measures nothing worth quoting.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
-fn bench_migrate(
-    json: bool,
-    threads: usize,
-    sizes_kib: &[u64],
-    iters: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
-    if threads == 0 || iters == 0 {
-        return Err("--threads and --iters must be at least 1".into());
-    }
-    let sizes: Vec<u64> = sizes_kib.iter().map(|k| k << 10).collect();
-    let rows = bench::migrate_rows(&sizes, threads, iters, |r| {
-        if !json {
-            eprintln!(
-                "measured {} bytes, thp {}, {}",
-                r.size_bytes(),
-                r.thp(),
-                r.direction()
-            );
-        }
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+/// Prints `rows` as JSON or as a table headed by the machine and build, then plots.
+fn report<T: Serialize>(
+    out: &Output,
+    rows: &[T],
+    table: fn(&[T]),
+    figures: Figures<'_>,
+) -> bench::Result<()> {
+    if out.json {
+        eprintln!("{}", machine::Machine::this().line());
+        eprintln!("{}", machine::Build::this().line());
+        println!("{}", serde_json::to_string_pretty(rows)?);
     } else {
-        bench::print_table(&rows);
+        machine::print_header();
+        table(rows);
+    }
+    write_plots(out, &figures)
+}
+
+fn write_plots(out: &Output, figures: &Figures<'_>) -> bench::Result<()> {
+    if let Some(dir) = &out.plot {
+        for f in plot(dir, figures)? {
+            eprintln!("wrote {}", f.display());
+        }
     }
     Ok(())
 }
 
-fn bench_walks(
-    json: bool,
-    pages: u64,
-    fractions: &[f64],
-    iters: usize,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let rows = walks::walk_rows(pages, fractions, iters, |r| {
-        if !json {
-            eprintln!("measured {} at fraction {}", r.method(), r.fraction());
+fn bench(what: Bench) -> bench::Result<()> {
+    match what {
+        Bench::Migrate {
+            out,
+            threads,
+            sizes_kib,
+            iters,
+        } => {
+            if threads == 0 || iters == 0 {
+                return Err("--threads and --iters must be at least 1".into());
+            }
+            let sizes: Vec<u64> = sizes_kib.iter().map(|k| k << 10).collect();
+            let bar = Progress::new("migrate", 4 * sizes.len() as u64);
+            let rows = migrate::migrate_rows(&sizes, threads, iters, |r| {
+                bar.doing(format!("{} bytes, thp {}", r.size_bytes(), r.thp()));
+                bar.step();
+            })?;
+            drop(bar);
+            let figures = Figures {
+                migrate: &rows,
+                ..Figures::default()
+            };
+            report(&out, &rows, migrate::print_table, figures)
         }
-    })?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        walks::print_table(&rows);
+        Bench::Walks {
+            out,
+            pages,
+            fractions,
+            iters,
+        } => {
+            let bar = Progress::new("walks", (walks::METHODS.len() * fractions.len()) as u64);
+            let rows = walks::walk_rows(pages, &fractions, iters, |r| {
+                bar.doing(format!("fraction {}", r.fraction()));
+                bar.step();
+            })?;
+            drop(bar);
+            let figures = Figures {
+                walks: &rows,
+                ..Figures::default()
+            };
+            report(&out, &rows, walks::print_table, figures)
+        }
+        Bench::Fault { out, pages, thps } => {
+            let bar = Progress::new("fault", fault::ROWS);
+            let rows = fault::fault_rows(pages, thps, |s| {
+                bar.doing(s);
+                bar.step();
+            })?;
+            drop(bar);
+            let figures = Figures {
+                fault: &rows,
+                ..Figures::default()
+            };
+            report(&out, &rows, fault::print_table, figures)
+        }
+        Bench::RangeFault { out, pages, iters } => {
+            let bar = Progress::new("range-fault", range_fault::ROWS);
+            let rows = range_fault::range_fault_rows(pages, iters, |s| {
+                bar.doing(s);
+                bar.step();
+            })?;
+            drop(bar);
+            let figures = Figures {
+                range_fault: &rows,
+                ..Figures::default()
+            };
+            report(&out, &rows, range_fault::print_table, figures)
+        }
+        Bench::All { out, quick } => {
+            let r = all::run(if quick {
+                all::Plan::quick()
+            } else {
+                all::Plan::full()
+            })?;
+            if out.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                all::print(&r);
+            }
+            write_plots(
+                &out,
+                &Figures {
+                    migrate: &r.migrate,
+                    walks: &r.walks,
+                    fault: &r.fault,
+                    range_fault: &r.range_fault,
+                },
+            )
+        }
     }
-    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,24 +254,7 @@ fn main() -> std::process::ExitCode {
             0 => Ok(()),
             n => Err(format!("{n} scenarios failed").into()),
         },
-        Command::Bench {
-            what:
-                Bench::Migrate {
-                    json,
-                    threads,
-                    sizes_kib,
-                    iters,
-                },
-        } => bench_migrate(json, threads, &sizes_kib, iters),
-        Command::Bench {
-            what:
-                Bench::Walks {
-                    json,
-                    pages,
-                    fractions,
-                    iters,
-                },
-        } => bench_walks(json, pages, &fractions, iters),
+        Command::Bench { what } => bench(what),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -63,3 +63,121 @@ fn bench_walks_counts_one_pass_for_one_walk() {
     let (ok, _) = hmm(&["bench", "walks", "--fractions", "1.5", "--iters", "1"]);
     assert!(!ok);
 }
+
+#[test]
+fn bench_all_quick_reports_every_scenario_and_plots_it() {
+    let dir = std::env::temp_dir().join(format!("hmm-cli-plots-{}", std::process::id()));
+    let (ok, out) = hmm(&[
+        "bench",
+        "all",
+        "--quick",
+        "--json",
+        "--plot",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(!r["machine"]["cpu"].as_str().unwrap().is_empty());
+    assert!(!r["build"]["commit"].as_str().unwrap().is_empty());
+    assert_eq!(r["build"]["version"], env!("CARGO_PKG_VERSION"));
+
+    let migrate = r["migrate"].as_array().unwrap();
+    // Two sizes on one thread and one on two, each 4 KiB and THP, both directions.
+    assert_eq!(migrate.len(), 12);
+    for row in migrate {
+        let (g, m) = (
+            row["gbps"].as_f64().unwrap(),
+            row["memcpy_gbps"].as_f64().unwrap(),
+        );
+        assert!(g > 0.0 && m > 0.0, "{row}");
+        assert!(
+            (row["ratio"].as_f64().unwrap() - g / m).abs() < 1e-9,
+            "{row}"
+        );
+    }
+    assert!(migrate.iter().any(|row| row["threads"] == 2));
+
+    let walks = r["walks"].as_array().unwrap();
+    assert_eq!(walks.len(), 6);
+    for row in walks.iter().filter(|w| w["method"] == "one_walk") {
+        assert_eq!(row["walks"], 1, "{row}");
+    }
+
+    let fault = r["fault"].as_array().unwrap();
+    let scenarios: Vec<&str> = fault
+        .iter()
+        .map(|f| f["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        scenarios,
+        [
+            "anon_write_4k",
+            "anon_read_zero_page_4k",
+            "anon_write_thp",
+            "device_private_read_4k"
+        ]
+    );
+    for row in fault {
+        let (median, p99) = (
+            row["median_ns"].as_f64().unwrap(),
+            row["p99_ns"].as_f64().unwrap(),
+        );
+        assert!(median > 0.0 && p99 >= median, "{row}");
+        assert!(row["kernel_median_ns"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert_eq!(fault[2]["faults"], 4);
+    assert_eq!(fault[0]["faults"], 256);
+
+    let range = r["range_fault"].as_array().unwrap();
+    assert_eq!(range.len(), 8);
+    for row in range {
+        assert_eq!(row["pages"], 1024);
+        assert!(row["ns_per_page"].as_f64().unwrap() >= row["min_ns_per_page"].as_f64().unwrap());
+    }
+
+    for name in [
+        "migrate-threads-1",
+        "migrate-threads-2",
+        "walks",
+        "fault",
+        "range-fault",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).expect("an SVG");
+        assert!(svg.contains("<svg") && svg.contains("</svg>"), "{name}.svg");
+        let png = std::fs::read(dir.join(format!("{name}.png"))).expect("a PNG");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}.png");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_tables_name_the_machine_and_the_build() {
+    let (ok, out) = hmm(&["bench", "range-fault", "--pages", "64", "--iters", "1"]);
+    assert!(ok, "{out}");
+    let mut lines = out.lines();
+    assert!(lines.next().unwrap().starts_with("machine: "), "{out}");
+    assert!(lines.next().unwrap().starts_with("build: hmm "), "{out}");
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("_4k") || l.contains("_thp"))
+            .count(),
+        8
+    );
+}
+
+#[test]
+fn bench_bad_arguments_are_errors() {
+    for args in [
+        &["bench", "fault", "--pages", "0"][..],
+        &["bench", "fault", "--thps", "0"],
+        &["bench", "range-fault", "--iters", "0"],
+        &["bench", "migrate", "--sizes-kib", "3"],
+        // Two threads would share the one THP.
+        &["bench", "migrate", "--threads", "2", "--sizes-kib", "2048"],
+        &["bench", "walks", "--pages", "0"],
+    ] {
+        let (ok, out) = hmm(args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+    }
+}

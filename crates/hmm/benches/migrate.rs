@@ -1,15 +1,18 @@
-//! `migrate_vma` of 2 MiB (512 pages of 4 KiB) from system memory to a device-private
-//! pagemap and back, copying every page: setup, copy, pages, finalize. Throughput in
-//! bytes, so criterion's rate is comparable with memcpy.
+//! `migrate_vma` of 2 MiB from system memory to a device-private pagemap and back,
+//! copying every page: setup, copy, pages, finalize. Two groups: 512 pages of 4 KiB, and
+//! one THP (which the migration to the device splits, device THP being unbuilt, so each
+//! round maps a fresh THP untimed). Throughput in bytes, with memcpy of the same bytes in
+//! the same group as the baseline.
 //!
 //! `cargo bench -p hmm --bench migrate`.
 
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
@@ -95,6 +98,36 @@ fn bench(c: &mut Criterion) {
     });
     let mut src = vec![1u8; len as usize];
     let mut dst = vec![0u8; len as usize];
+    g.bench_function("memcpy_round_trip", |b| {
+        b.iter(|| {
+            dst.copy_from_slice(&src);
+            src.copy_from_slice(&dst);
+        });
+    });
+    g.finish();
+
+    // One THP per round: mapped and written untimed, split by the timed migration.
+    let mut g = c.benchmark_group("migrate_2m_thp");
+    g.throughput(Throughput::Bytes(PMD_SIZE));
+    g.bench_function("round_trip", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = mm
+                    .mmap(None, PMD_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+                    .expect("mmap");
+                mm.madvise(t, PMD_SIZE, Advice::HugePage).expect("madvise");
+                mm.write(t, &src).expect("write");
+                assert_eq!(mm.pagemap(t, 1).expect("pagemap")[0].order, 9, "a THP");
+                let start = Instant::now();
+                migrate(&mm, &dev, t, true);
+                migrate(&mm, &dev, t, false);
+                total += start.elapsed();
+                mm.munmap(t, PMD_SIZE).expect("munmap");
+            }
+            total
+        });
+    });
     g.bench_function("memcpy_round_trip", |b| {
         b.iter(|| {
             dst.copy_from_slice(&src);

@@ -24,12 +24,14 @@ use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use serde::Serialize;
 
+use super::median;
+
 /// Pages per `migrate_vma` call.
 const CHUNK_PAGES: u64 = 512;
 
 /// One measurement.
 #[derive(Debug, Clone, Serialize)]
-pub(crate) struct Row {
+pub(crate) struct MigrateRow {
     size_bytes: u64,
     thp: bool,
     direction: &'static str,
@@ -39,7 +41,7 @@ pub(crate) struct Row {
     ratio: f64,
 }
 
-impl Row {
+impl MigrateRow {
     pub(crate) fn size_bytes(&self) -> u64 {
         self.size_bytes
     }
@@ -50,6 +52,18 @@ impl Row {
 
     pub(crate) fn direction(&self) -> &'static str {
         self.direction
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub(crate) fn gbps(&self) -> f64 {
+        self.gbps
+    }
+
+    pub(crate) fn memcpy_gbps(&self) -> f64 {
+        self.memcpy_gbps
     }
 }
 
@@ -238,11 +252,6 @@ fn memcpy_time(size: u64, threads: usize, iters: usize) -> Duration {
     median(times)
 }
 
-pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn gbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
 }
@@ -252,12 +261,20 @@ pub(crate) fn migrate_rows(
     sizes: &[u64],
     threads: usize,
     iters: usize,
-    mut progress: impl FnMut(&Row),
-) -> Result<Vec<Row>, Box<dyn Error>> {
+    mut progress: impl FnMut(&MigrateRow),
+) -> Result<Vec<MigrateRow>, Box<dyn Error>> {
     let mut rows = Vec::new();
     for &size in sizes {
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(format!("size {size} is not a positive multiple of 4 KiB").into());
+        }
+        // Threads sharing a THP would race to split it, and the loser would skip pages.
+        let slice = (size / PAGE_SIZE).div_ceil(threads as u64) * PAGE_SIZE;
+        if threads > 1 && slice % (2 << 20) != 0 {
+            return Err(format!(
+                "size {size} does not split into {threads} slices of whole 2 MiB units"
+            )
+            .into());
         }
         let memcpy = gbps(size, memcpy_time(size, threads, iters));
         for thp in [false, true] {
@@ -294,7 +311,7 @@ pub(crate) fn migrate_rows(
             }
             for (direction, times) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
                 let g = gbps(size, median(times));
-                let row = Row {
+                let row = MigrateRow {
                     size_bytes: size,
                     thp,
                     direction,
@@ -312,7 +329,7 @@ pub(crate) fn migrate_rows(
 }
 
 /// Prints rows as a table.
-pub(crate) fn print_table(rows: &[Row]) {
+pub(crate) fn print_table(rows: &[MigrateRow]) {
     println!(
         "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}",
         "size", "thp", "direction", "threads", "GB/s", "memcpy GB/s", "ratio"
@@ -331,7 +348,7 @@ pub(crate) fn print_table(rows: &[Row]) {
     }
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     if bytes >= 1 << 20 {
         format!("{} MiB", bytes >> 20)
     } else {

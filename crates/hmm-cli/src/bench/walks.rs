@@ -45,7 +45,8 @@ use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, HmmDmirrorC
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::bench::{copy_and_commit, median};
+use super::median;
+use super::migrate::copy_and_commit;
 
 /// The methods, in the order they take turns.
 pub(crate) const METHODS: [&str; 3] = ["fault_then_migrate", "migrate_fault_migrate", "one_walk"];
@@ -81,6 +82,18 @@ impl WalkRow {
 
     pub(crate) fn fraction(&self) -> f64 {
         self.nonpresent_fraction
+    }
+
+    pub(crate) fn walks(&self) -> u64 {
+        self.walks
+    }
+
+    pub(crate) fn ns_per_page(&self) -> f64 {
+        self.ns_per_page
+    }
+
+    pub(crate) fn pass_ns_per_page(&self) -> f64 {
+        self.pass_ns_per_page
     }
 }
 

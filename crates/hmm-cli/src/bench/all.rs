@@ -1,0 +1,164 @@
+//! `hmm bench all`: every scenario in turn, on one machine and one build, with one report.
+//!
+//! The full plan takes a few minutes on a 2-core machine (the budget is 10):
+//! migration from 512 KiB to 256 MiB on one thread and from 64 MiB up on two, the walks
+//! at six fractions, 4096 faults of each 4 KiB kind and 64 THP faults, and
+//! `hmm_range_fault` over 64 MiB. `--quick` runs every scenario small, as CI does, to
+//! show that it works, not to measure. `--json` prints one object:
+//! `{machine, build, plan, seconds, migrate, walks, fault, range_fault}`, the last four
+//! being the row arrays of the single scenarios.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::fault::{self, FaultRow};
+use super::machine::{Build, Machine};
+use super::migrate::{self, MigrateRow};
+use super::progress::Progress;
+use super::range_fault::{self, RangeFaultRow};
+use super::walks::{self, WalkRow, METHODS};
+use super::Result;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+/// What `bench all` measures.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Plan {
+    migrate_sizes: Vec<u64>,
+    /// Sizes also measured on two threads (the scaling goal).
+    migrate_sizes_two_threads: Vec<u64>,
+    migrate_iters: usize,
+    walk_pages: u64,
+    walk_fractions: Vec<f64>,
+    walk_iters: usize,
+    fault_pages: u64,
+    fault_thps: u64,
+    range_fault_pages: u64,
+    range_fault_iters: usize,
+}
+
+impl Plan {
+    /// The documented run behind the README's figures.
+    pub(crate) fn full() -> Plan {
+        Plan {
+            migrate_sizes: vec![
+                512 * KIB,
+                2 * MIB,
+                8 * MIB,
+                32 * MIB,
+                64 * MIB,
+                128 * MIB,
+                256 * MIB,
+            ],
+            migrate_sizes_two_threads: vec![64 * MIB, 128 * MIB, 256 * MIB],
+            migrate_iters: 3,
+            walk_pages: 2048,
+            walk_fractions: vec![0.0, 0.01, 0.1, 0.25, 0.5, 1.0],
+            walk_iters: 15,
+            fault_pages: 4096,
+            fault_thps: 64,
+            range_fault_pages: 16384,
+            range_fault_iters: 9,
+        }
+    }
+
+    /// Every scenario, small: a smoke run.
+    pub(crate) fn quick() -> Plan {
+        Plan {
+            migrate_sizes: vec![512 * KIB, 2 * MIB],
+            migrate_sizes_two_threads: vec![4 * MIB],
+            migrate_iters: 1,
+            walk_pages: 256,
+            walk_fractions: vec![0.0, 0.5],
+            walk_iters: 1,
+            fault_pages: 256,
+            fault_thps: 4,
+            range_fault_pages: 1024,
+            range_fault_iters: 1,
+        }
+    }
+
+    /// Rows the plan measures, for the progress bar.
+    fn rows(&self) -> u64 {
+        4 * (self.migrate_sizes.len() + self.migrate_sizes_two_threads.len()) as u64
+            + (METHODS.len() * self.walk_fractions.len()) as u64
+            + fault::ROWS
+            + range_fault::ROWS
+    }
+}
+
+/// The report of `bench all`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    machine: Machine,
+    build: Build,
+    plan: Plan,
+    /// Wall-clock time of the whole run.
+    seconds: f64,
+    pub(crate) migrate: Vec<MigrateRow>,
+    pub(crate) walks: Vec<WalkRow>,
+    pub(crate) fault: Vec<FaultRow>,
+    pub(crate) range_fault: Vec<RangeFaultRow>,
+}
+
+/// Runs `plan`, showing progress on a terminal.
+pub(crate) fn run(plan: Plan) -> Result<Report> {
+    let start = Instant::now();
+    let bar = Progress::new("bench all", plan.rows());
+    let mut migrate = Vec::new();
+    for (threads, sizes) in [
+        (1, &plan.migrate_sizes),
+        (2, &plan.migrate_sizes_two_threads),
+    ] {
+        bar.doing(format!("migrate, {threads} thread(s)"));
+        migrate.extend(migrate::migrate_rows(
+            sizes,
+            threads,
+            plan.migrate_iters,
+            |_| bar.step(),
+        )?);
+    }
+    bar.doing("walks");
+    let walks = walks::walk_rows(
+        plan.walk_pages,
+        &plan.walk_fractions,
+        plan.walk_iters,
+        |_| bar.step(),
+    )?;
+    let fault = fault::fault_rows(plan.fault_pages, plan.fault_thps, |s| {
+        bar.doing(format!("fault: {s}"));
+        bar.step();
+    })?;
+    let range_fault =
+        range_fault::range_fault_rows(plan.range_fault_pages, plan.range_fault_iters, |s| {
+            bar.doing(format!("range-fault: {s}"));
+            bar.step();
+        })?;
+    Ok(Report {
+        machine: Machine::this(),
+        build: Build::this(),
+        plan,
+        seconds: start.elapsed().as_secs_f64(),
+        migrate,
+        walks,
+        fault,
+        range_fault,
+    })
+}
+
+/// Prints every table of `report`, headed by the machine and the build.
+pub(crate) fn print(report: &Report) {
+    println!("{}", report.machine.line());
+    println!("{}", report.build.line());
+    println!("run took {:.0} s\n", report.seconds);
+    println!("== migrate: migrate_vma against memcpy of the same bytes");
+    migrate::print_table(&report.migrate);
+    println!("\n== walks: bringing a partly-faulted range to a device");
+    walks::print_table(&report.walks);
+    println!("\n== fault: latency against the host kernel's first-touch fault");
+    fault::print_table(&report.fault);
+    println!("\n== range-fault: hmm_range_fault against the host kernel's pagemap walk");
+    range_fault::print_table(&report.range_fault);
+}
