@@ -32,11 +32,12 @@ fn main() {
     println!("cargo:rustc-env=HMM_BUILD_TARGET={}", env("TARGET"));
     println!("cargo:rustc-env=HMM_BUILD_PROFILE={}", env("PROFILE"));
     println!("cargo:rustc-env=HMM_BUILD_OPT_LEVEL={}", env("OPT_LEVEL"));
-    // The commit changes with HEAD, the dirty mark with the index and the sources. Only
-    // paths that exist are named: cargo reruns the script every build for a missing one.
+    // The commit changes with HEAD (and its log, appended to on every commit), the dirty
+    // mark with the index and the sources. Only paths that exist are named: cargo reruns
+    // the script on every build for a missing one.
     println!("cargo:rerun-if-changed=src");
     if let Some(git) = output("git", &["rev-parse", "--absolute-git-dir"]) {
-        for f in ["HEAD", "index"] {
+        for f in ["HEAD", "logs/HEAD", "index"] {
             let p = std::path::Path::new(&git).join(f);
             if p.exists() {
                 println!("cargo:rerun-if-changed={}", p.display());
