@@ -8,7 +8,8 @@
 //! alongside. With 4 KiB pages an untimed round trip comes first, so the device memory is
 //! as warm as the memcpy buffers; with THPs the timed migration to the device is the one
 //! that splits them (device THP migration is not built yet, so they come back as 4 KiB
-//! pages). Each figure is the median of the iterations; every byte is checked after
+//! pages). Each figure is the median of the iterations (at least 9 for the memcpy, which
+//! costs little); every byte is checked after
 //! every round trip. `--threads N` migrates N slices of the region concurrently (and copies
 //! N slices for the baseline).
 
@@ -276,7 +277,8 @@ pub(crate) fn migrate_rows(
             )
             .into());
         }
-        let memcpy = gbps(size, memcpy_time(size, threads, iters));
+        // The copy is cheap next to the migrations: more rounds for a steadier baseline.
+        let memcpy = gbps(size, memcpy_time(size, threads, iters.max(9)));
         for thp in [false, true] {
             let mut to_dev = Vec::new();
             let mut to_sys = Vec::new();
