@@ -11,6 +11,7 @@
 mod bench;
 mod demo;
 mod selftest;
+mod stress;
 
 use std::path::PathBuf;
 
@@ -43,6 +44,27 @@ enum Command {
     /// Run the driver conformance scenarios on the built-in simulated devices (private and
     /// coherent); ends with `N passed, M failed` and fails if any failed.
     Selftest,
+    /// Everything at once on real threads (CPU and device accesses, migrations, munmap,
+    /// mprotect, mremap, fork and exit), with the invariants checked while it runs and at
+    /// the end; fails if any is broken.
+    Stress {
+        /// How long the workload runs.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// CPU threads reading and writing (device, migration and churn threads come on
+        /// top).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Seed of every thread's choice of operations.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Pages in the stressed region (rounded up to whole 16-page slots).
+        #[arg(long, default_value_t = 1024)]
+        pages: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure, against a baseline taken in the same run.
     Bench {
         #[command(subcommand)]
@@ -255,6 +277,27 @@ fn main() -> std::process::ExitCode {
             n => Err(format!("{n} scenarios failed").into()),
         },
         Command::Bench { what } => bench(what),
+        Command::Stress {
+            seconds,
+            threads,
+            seed,
+            pages,
+            json,
+        } => stress::run(stress::Config {
+            seconds,
+            threads,
+            seed,
+            pages,
+            json,
+        })
+        .and_then(|r| {
+            r.emit();
+            if r.clean() {
+                Ok(())
+            } else {
+                Err("the stress run broke an invariant".into())
+            }
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -181,3 +181,51 @@ fn bench_bad_arguments_are_errors() {
         assert!(!ok, "{args:?} succeeded: {out}");
     }
 }
+
+#[test]
+fn stress_runs_every_operation_and_breaks_nothing() {
+    let (ok, out) = hmm(&[
+        "stress",
+        "--seconds",
+        "2",
+        "--threads",
+        "2",
+        "--seed",
+        "7",
+        "--pages",
+        "256",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    for key in [
+        "corrupted_bytes",
+        "leaked_frames",
+        "stale_mirror_entries",
+        "invariant_failures",
+        "unexpected_errors",
+        "deadlocks",
+    ] {
+        assert_eq!(r[key], 0, "{key}: {r}");
+    }
+    assert!(r["checks"].as_u64().unwrap() >= 2, "{r}");
+    let kinds = r["ops_by_kind"].as_object().unwrap();
+    assert_eq!(kinds.len(), 11);
+    for (kind, n) in kinds {
+        assert!(n.as_u64().unwrap() > 0, "no {kind} in {r}");
+    }
+    assert_eq!(
+        r["ops"].as_u64().unwrap(),
+        kinds.values().map(|n| n.as_u64().unwrap()).sum::<u64>()
+    );
+    assert_eq!(r["config"]["seed"], 7);
+
+    for args in [
+        &["stress", "--threads", "0"][..],
+        &["stress", "--seconds", "0"],
+        &["stress", "--seconds", "-1"],
+    ] {
+        let (ok, out) = hmm(args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+    }
+}

@@ -1,0 +1,737 @@
+//! `hmm stress`: everything at once on real threads, with the invariants checked while it
+//! runs and at the end.
+//!
+//! One process maps a region of slots (16 pages each, every page carrying its index and a
+//! version, see [`region`]), mirrored by two dmirror devices. Then, for `--seconds`:
+//!
+//! - `--threads` CPU threads read pages (all 4096 bytes compared with the version the
+//!   page must have) and write them (the next version);
+//! - one thread per device reads runs of pages through the device (dmirror READ) and
+//!   writes them (dmirror WRITE), checking and bumping versions the same way;
+//! - a migration thread moves runs of pages to either device (MIGRATE_TO_DEV and
+//!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
+//! - a churn thread takes a slot for itself and write-protects it (a CPU store must
+//!   fail), moves it (`mremap`), unmaps and re-maps it (rewriting its pages), or forks the
+//!   process, checks the slot in the child, writes there, and exits the child.
+//!
+//! Every ~second the checker stops the world (every operation holds the world lock for
+//! reading) and checks: that no device maps a frame the CPU page table does not map at
+//! the same address (a frame freed or reused while a mirror still maps it would show
+//! here), that the address space's [`audit`](hmm::mm::Mm::audit) passes, that every
+//! allocated frame is referenced by the address space (allocated = mapped + free; nothing
+//! is in flight while the world is stopped), and that every page holds its bytes. At the
+//! end the devices and the process are torn down and every frame must be free again. A
+//! watchdog (see [`watchdog`]) reports threads that stop making progress.
+//!
+//! The run is seeded: `--seed` fixes each thread's choice of operations (the interleaving
+//! is the machine's).
+
+mod region;
+mod watchdog;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::mm::{Advice, MapFlags, Mm, MremapFlags, Prot, SwapKind};
+use hmm::phys::{PhysConfig, PhysMem};
+use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use region::{content, mix, page_va, wrong_bytes, Region, SLOT_BYTES, SLOT_PAGES};
+use watchdog::Heart;
+
+const RW: Prot = Prot::READ.union(Prot::WRITE);
+const PAGE: usize = PAGE_SIZE as usize;
+/// Pages one device command or migration covers at most.
+const RUN: u64 = 8;
+/// How long a thread may make no progress before it counts as deadlocked.
+const STALL: Duration = Duration::from_secs(20);
+/// Time between stop-the-world checks.
+const CHECK_EVERY: Duration = Duration::from_millis(1000);
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Config {
+    pub(crate) seconds: f64,
+    pub(crate) threads: usize,
+    pub(crate) seed: u64,
+    pub(crate) pages: u64,
+    /// Print JSON (also what a deadlock report is printed as).
+    #[serde(skip)]
+    pub(crate) json: bool,
+}
+
+/// What a run did and found.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    config: Config,
+    /// Wall-clock time of the workload (set-up and teardown excluded).
+    seconds: f64,
+    ops: u64,
+    ops_by_kind: BTreeMap<&'static str, u64>,
+    /// Stop-the-world checks run (the final one included).
+    checks: u64,
+    /// Bytes that differed from what the page had to hold, over every read and check.
+    corrupted_bytes: u64,
+    /// Frames still allocated after the process and the devices were torn down.
+    leaked_frames: u64,
+    /// Device mappings of a frame the CPU did not map at that address, or left behind.
+    stale_mirror_entries: u64,
+    /// Audit and frame-accounting failures at the checks.
+    invariant_failures: u64,
+    /// Operations that failed where they must not have.
+    unexpected_errors: u64,
+    deadlocks: u64,
+    /// The first failures, in words.
+    failures: Vec<String>,
+}
+
+impl Report {
+    /// Whether the run found nothing wrong.
+    pub(crate) fn clean(&self) -> bool {
+        self.corrupted_bytes == 0
+            && self.leaked_frames == 0
+            && self.stale_mirror_entries == 0
+            && self.invariant_failures == 0
+            && self.unexpected_errors == 0
+            && self.deadlocks == 0
+    }
+
+    /// Prints the report: one JSON object, or lines for a person.
+    pub(crate) fn emit(&self) {
+        if self.config.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(self).expect("a report serializes")
+            );
+        } else {
+            self.print();
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "{} ops in {:.1} s on {} CPU threads, 2 device threads, a migrator and a churner (seed {})",
+            self.ops, self.seconds, self.config.threads, self.config.seed
+        );
+        for (kind, n) in &self.ops_by_kind {
+            println!("  {kind:>18} {n}");
+        }
+        println!(
+            "{} checks; corrupted bytes {}, leaked frames {}, stale mirror entries {}, invariant failures {}, unexpected errors {}, deadlocks {}",
+            self.checks,
+            self.corrupted_bytes,
+            self.leaked_frames,
+            self.stale_mirror_entries,
+            self.invariant_failures,
+            self.unexpected_errors,
+            self.deadlocks
+        );
+        for f in &self.failures {
+            println!("  {f}");
+        }
+    }
+}
+
+/// The operations, for counting.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    CpuRead,
+    CpuWrite,
+    DeviceRead,
+    DeviceWrite,
+    MigrateToDev,
+    MigrateOnFault,
+    MigrateToSys,
+    Mprotect,
+    Mremap,
+    Remap,
+    ForkExit,
+}
+
+const OPS: [(&str, Op); 11] = [
+    ("cpu_read", Op::CpuRead),
+    ("cpu_write", Op::CpuWrite),
+    ("device_read", Op::DeviceRead),
+    ("device_write", Op::DeviceWrite),
+    ("migrate_to_dev", Op::MigrateToDev),
+    ("migrate_on_fault", Op::MigrateOnFault),
+    ("migrate_to_sys", Op::MigrateToSys),
+    ("mprotect", Op::Mprotect),
+    ("mremap", Op::Mremap),
+    ("munmap_mmap", Op::Remap),
+    ("fork_exit", Op::ForkExit),
+];
+
+/// A seeded generator (SplitMix64): each thread its own, so a seed fixes every thread's
+/// choices.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64, thread: u64) -> Rng {
+        Rng(mix(seed ^ mix(thread + 1)))
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        mix(self.0) % n
+    }
+}
+
+/// Everything the threads share.
+struct Shared {
+    phys: Arc<PhysMem>,
+    mm: Arc<Mm>,
+    devs: [Arc<Dmirror>; 2],
+    region: Region,
+    world: RwLock<()>,
+    stop: AtomicBool,
+    ops: [AtomicU64; OPS.len()],
+    corrupted: AtomicU64,
+    stale: AtomicU64,
+    invariants: AtomicU64,
+    errors: AtomicU64,
+    failures: Mutex<Vec<String>>,
+    /// Frames allocated before the process existed (the zero pages).
+    baseline_allocated: u64,
+}
+
+impl Shared {
+    fn count(&self, op: Op) {
+        self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn note(&self, what: String) {
+        let mut f = self.failures.lock();
+        if f.len() < 20 {
+            f.push(what);
+        }
+    }
+
+    fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.note(what);
+    }
+
+    /// Compares `got` with page `index` at `version`.
+    fn check(&self, got: &[u8], index: u64, version: u64, by: &str) {
+        let bad = wrong_bytes(got, index, version);
+        if bad > 0 {
+            self.corrupted.fetch_add(bad, Ordering::Relaxed);
+            let (gi, gv) = (word(got, 0), word(got, 1));
+            self.note(format!(
+                "{by}: page {index} v{version} has {bad} wrong bytes (it reads as page {gi} v{gv})"
+            ));
+        }
+    }
+
+    fn allocated(&self) -> u64 {
+        let s = self.phys.stats();
+        s.nr_frames - s.nr_free
+    }
+}
+
+fn word(page: &[u8], k: usize) -> u64 {
+    u64::from_le_bytes(page[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+}
+
+/// A CPU thread: single-page reads and writes.
+fn cpu(sh: &Shared, heart: &Heart, mut rng: Rng) {
+    let mut buf = vec![0u8; PAGE];
+    while !sh.stop.load(Ordering::Relaxed) {
+        let _world = sh.world.read();
+        let s = rng.below(sh.region.slots.len() as u64) as usize;
+        let k = rng.below(SLOT_PAGES);
+        let slot = &sh.region.slots[s];
+        let base = slot.base.read();
+        let mut v = slot.pages[k as usize].lock();
+        let (va, index) = (page_va(*base, k), Region::index(s, k));
+        if rng.below(2) == 0 {
+            heart.doing("cpu write");
+            match sh.mm.write(va, &content(index, *v + 1)) {
+                Ok(()) => *v += 1,
+                Err(e) => sh.error(format!("cpu write of page {index}: {e}")),
+            }
+            sh.count(Op::CpuWrite);
+        } else {
+            heart.doing("cpu read");
+            match sh.mm.read(va, &mut buf) {
+                Ok(()) => sh.check(&buf, index, *v, "cpu read"),
+                Err(e) => sh.error(format!("cpu read of page {index}: {e}")),
+            }
+            sh.count(Op::CpuRead);
+        }
+        heart.beat();
+    }
+}
+
+/// A device thread: dmirror READ and WRITE of runs of pages, through a buffer of the
+/// process at `buf`.
+fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
+    let dev = &sh.devs[d];
+    let mut bytes = vec![0u8; (RUN * PAGE_SIZE) as usize];
+    while !sh.stop.load(Ordering::Relaxed) {
+        let _world = sh.world.read();
+        let s = rng.below(sh.region.slots.len() as u64) as usize;
+        let n = 1 + rng.below(RUN);
+        let k0 = rng.below(SLOT_PAGES - n + 1);
+        let slot = &sh.region.slots[s];
+        let base = slot.base.read();
+        let mut versions: Vec<_> = (k0..k0 + n)
+            .map(|k| slot.pages[k as usize].lock())
+            .collect();
+        let data = &mut bytes[..(n * PAGE_SIZE) as usize];
+        let mut cmd = HmmDmirrorCmd {
+            addr: page_va(*base, k0).as_u64(),
+            ptr: buf.as_u64(),
+            npages: n,
+            ..HmmDmirrorCmd::default()
+        };
+        if rng.below(2) == 0 {
+            heart.doing("device write");
+            for (j, v) in versions.iter().enumerate() {
+                let index = Region::index(s, k0 + j as u64);
+                data[j * PAGE..(j + 1) * PAGE].copy_from_slice(&content(index, **v + 1));
+            }
+            let r = sh
+                .mm
+                .write(buf, data)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    dev.ioctl(DmirrorCmd::Write, &mut cmd)
+                        .map_err(|e| e.to_string())
+                });
+            match r {
+                Ok(()) => versions.iter_mut().for_each(|v| **v += 1),
+                Err(e) => sh.error(format!("device {d} write of slot {s}: {e}")),
+            }
+            sh.count(Op::DeviceWrite);
+        } else {
+            heart.doing("device read");
+            let r = dev
+                .ioctl(DmirrorCmd::Read, &mut cmd)
+                .map_err(|e| e.to_string())
+                .and_then(|()| sh.mm.read(buf, data).map_err(|e| e.to_string()));
+            match r {
+                Ok(()) => {
+                    for (j, v) in versions.iter().enumerate() {
+                        let index = Region::index(s, k0 + j as u64);
+                        sh.check(&data[j * PAGE..(j + 1) * PAGE], index, **v, "device read");
+                    }
+                }
+                Err(e) => sh.error(format!("device {d} read of slot {s}: {e}")),
+            }
+            sh.count(Op::DeviceRead);
+        }
+        heart.beat();
+    }
+}
+
+/// The migration thread: runs of pages to a device and back, racing every access.
+fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        let _world = sh.world.read();
+        let s = rng.below(sh.region.slots.len() as u64) as usize;
+        let n = 1 + rng.below(RUN);
+        let k0 = rng.below(SLOT_PAGES - n + 1);
+        let base = sh.region.slots[s].base.read();
+        let d = rng.below(2) as usize;
+        let (which, op) = match rng.below(3) {
+            0 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
+            1 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
+            _ => (DmirrorCmd::MigrateToSys, Op::MigrateToSys),
+        };
+        heart.doing(match op {
+            Op::MigrateToSys => "migrate to system",
+            _ => "migrate to a device",
+        });
+        let mut cmd = HmmDmirrorCmd {
+            addr: page_va(*base, k0).as_u64(),
+            ptr: buf.as_u64(),
+            npages: n,
+            ..HmmDmirrorCmd::default()
+        };
+        match sh.devs[d].ioctl(which, &mut cmd) {
+            // A CPU access may take pages back before the read-back: ENOENT, as the
+            // kernel's test driver says.
+            Ok(()) | Err(DmirrorError::NoEnt) => {}
+            Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
+        }
+        sh.count(op);
+        heart.beat();
+    }
+}
+
+/// Reads every page of slot `s` at `base` in `mm` and checks it.
+fn check_slot(sh: &Shared, mm: &Mm, s: usize, base: VirtAddr, versions: &[u64], by: &str) {
+    let mut buf = vec![0u8; PAGE];
+    for (k, v) in versions.iter().enumerate() {
+        let index = Region::index(s, k as u64);
+        match mm.read(page_va(base, k as u64), &mut buf) {
+            Ok(()) => sh.check(&buf, index, *v, by),
+            Err(e) => sh.error(format!("{by}: read of page {index}: {e}")),
+        }
+    }
+}
+
+/// The churn thread: takes one slot for itself and changes its mapping.
+fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        let _world = sh.world.read();
+        let s = rng.below(sh.region.slots.len() as u64) as usize;
+        let slot = &sh.region.slots[s];
+        let mut base = slot.base.write();
+        let versions: Vec<u64> = slot.pages.iter().map(|v| *v.lock()).collect();
+        let r: Result<Op, String> = match rng.below(4) {
+            0 => {
+                heart.doing("mprotect");
+                (|| {
+                    sh.mm
+                        .mprotect(*base, SLOT_BYTES, Prot::READ)
+                        .map_err(|e| e.to_string())?;
+                    if sh.mm.write_val(*base, 0u8).is_ok() {
+                        return Err(format!("a store to read-only slot {s} succeeded"));
+                    }
+                    check_slot(sh, &sh.mm, s, *base, &versions, "read-only slot");
+                    sh.mm
+                        .mprotect(*base, SLOT_BYTES, RW)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Op::Mprotect)
+                })()
+            }
+            1 => {
+                heart.doing("mremap");
+                (|| {
+                    // A free place to move to: map it, then move over it.
+                    let to = sh
+                        .mm
+                        .mmap(None, SLOT_BYTES, RW, MapFlags::PRIVATE)
+                        .map_err(|e| e.to_string())?;
+                    *base = sh
+                        .mm
+                        .mremap(
+                            *base,
+                            SLOT_BYTES,
+                            SLOT_BYTES,
+                            MremapFlags::MAYMOVE | MremapFlags::FIXED,
+                            Some(to),
+                        )
+                        .map_err(|e| e.to_string())?;
+                    Ok(Op::Mremap)
+                })()
+            }
+            2 => {
+                heart.doing("munmap and mmap");
+                (|| {
+                    sh.mm.munmap(*base, SLOT_BYTES).map_err(|e| e.to_string())?;
+                    let at = sh
+                        .mm
+                        .mmap(None, SLOT_BYTES, RW, MapFlags::PRIVATE)
+                        .map_err(|e| e.to_string())?;
+                    sh.mm
+                        .madvise(at, SLOT_BYTES, Advice::NoHugePage)
+                        .map_err(|e| e.to_string())?;
+                    *base = at;
+                    for (k, v) in versions.iter().enumerate() {
+                        let index = Region::index(s, k as u64);
+                        sh.mm
+                            .write(page_va(at, k as u64), &content(index, *v))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Ok(Op::Remap)
+                })()
+            }
+            _ => {
+                heart.doing("fork and exit");
+                (|| {
+                    let child = sh.mm.fork().map_err(|e| e.to_string())?;
+                    check_slot(sh, &child, s, *base, &versions, "forked child");
+                    // The child's store is its own: the parent's page keeps its bytes.
+                    child.write(*base, &[0xee; 64]).map_err(|e| e.to_string())?;
+                    drop(child);
+                    Ok(Op::ForkExit)
+                })()
+            }
+        };
+        match r {
+            Ok(op) => {
+                check_slot(sh, &sh.mm, s, *base, &versions, "churned slot");
+                sh.count(op);
+            }
+            Err(e) => sh.error(format!("churn of slot {s}: {e}")),
+        }
+        heart.beat();
+    }
+}
+
+/// The stop-the-world check. Returns nothing; failures are counted in `sh`.
+fn check_world(sh: &Shared) {
+    let _world = sh.world.write();
+    // Mirrors first: reading the pages below brings device pages home.
+    let bases: Vec<VirtAddr> = sh.region.slots.iter().map(|s| *s.base.read()).collect();
+    for (d, dev) in sh.devs.iter().enumerate() {
+        let mut found = 0;
+        for (s, base) in bases.iter().enumerate() {
+            let map = match sh.mm.pagemap(*base, SLOT_PAGES) {
+                Ok(m) => m,
+                Err(e) => {
+                    sh.error(format!("pagemap of slot {s}: {e}"));
+                    continue;
+                }
+            };
+            for (k, cpu) in map.iter().enumerate() {
+                let Some(e) = dev.lookup(page_va(*base, k as u64)) else {
+                    continue;
+                };
+                found += 1;
+                let same = cpu.pfn == Some(e.frame_nr)
+                    && (cpu.present || cpu.swap == Some(SwapKind::DevicePrivate));
+                if !same {
+                    sh.stale.fetch_add(1, Ordering::Relaxed);
+                    sh.note(format!(
+                        "device {d} maps frame {} at page {} of slot {s}, the CPU maps {:?}",
+                        e.frame_nr, k, cpu.pfn
+                    ));
+                }
+            }
+        }
+        let all = dev.nr_mapped() as u64;
+        if all != found {
+            sh.stale.fetch_add(all - found.min(all), Ordering::Relaxed);
+            sh.note(format!(
+                "device {d} maps {all} pages, {found} of them inside the region"
+            ));
+        }
+    }
+    match sh.mm.audit() {
+        Ok(report) => {
+            // Device-private pages are the devices' memory, not RAM.
+            let allocated = sh.allocated() - sh.baseline_allocated;
+            let in_ram = report.frames_referenced - report.device_private_entries;
+            if allocated != in_ram {
+                sh.invariants.fetch_add(1, Ordering::Relaxed);
+                sh.note(format!(
+                    "{allocated} frames of RAM allocated, {in_ram} referenced by the process ({report:?})"
+                ));
+            }
+        }
+        Err(e) => {
+            sh.invariants.fetch_add(1, Ordering::Relaxed);
+            sh.note(format!("audit: {e}"));
+        }
+    }
+    for (s, (slot, base)) in sh.region.slots.iter().zip(&bases).enumerate() {
+        let versions: Vec<u64> = slot.pages.iter().map(|v| *v.lock()).collect();
+        check_slot(sh, &sh.mm, s, *base, &versions, "check");
+    }
+}
+
+/// The report of the run so far.
+fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[String]) -> Report {
+    let ops_by_kind: BTreeMap<&'static str, u64> = OPS
+        .iter()
+        .map(|(name, op)| (*name, sh.ops[*op as usize].load(Ordering::Relaxed)))
+        .collect();
+    let mut failures = sh.failures.lock().clone();
+    failures.extend(stuck.iter().map(|s| format!("stuck: {s}")));
+    Report {
+        config,
+        seconds: started.elapsed().as_secs_f64(),
+        ops: ops_by_kind.values().sum(),
+        ops_by_kind,
+        checks,
+        corrupted_bytes: sh.corrupted.load(Ordering::Relaxed),
+        leaked_frames: 0,
+        stale_mirror_entries: sh.stale.load(Ordering::Relaxed),
+        invariant_failures: sh.invariants.load(Ordering::Relaxed),
+        unexpected_errors: sh.errors.load(Ordering::Relaxed),
+        deadlocks: u64::from(!stuck.is_empty()),
+        failures,
+    }
+}
+
+/// The process, its region (every page at version 0), the two devices mirroring it and
+/// the buffers of the device and migration threads.
+fn build(
+    cfg: &Config,
+) -> Result<(Shared, DmirrorDriver, Vec<VirtAddr>), Box<dyn std::error::Error>> {
+    let nslots = cfg.pages.div_ceil(SLOT_PAGES).max(1);
+    let bytes = nslots * SLOT_BYTES;
+    let phys = PhysMem::new(PhysConfig::with_size(
+        (2 * bytes).div_ceil(2 << 20) * (2 << 20) + (64 << 20),
+    ))?;
+    let baseline_allocated = {
+        let s = phys.stats();
+        s.nr_frames - s.nr_free
+    };
+    let driver = DmirrorDriver::new(
+        &phys,
+        DmirrorConfig {
+            chunk_bytes: bytes.div_ceil(2 << 20) * (2 << 20),
+            max_chunks: 2,
+        },
+    );
+    let mm = Mm::new(phys.clone());
+    let base = mm.mmap(None, bytes, RW, MapFlags::PRIVATE)?;
+    mm.madvise(base, bytes, Advice::NoHugePage)?;
+    let bases = (0..nslots).map(|s| base.checked_add(s * SLOT_BYTES).expect("inside"));
+    let region = Region::new(nslots, bases);
+    for (s, slot) in region.slots.iter().enumerate() {
+        for k in 0..SLOT_PAGES {
+            mm.write(
+                page_va(*slot.base.read(), k),
+                &content(Region::index(s, k), 0),
+            )?;
+        }
+    }
+    // One buffer per device thread and one for the migrator.
+    let bufs: Vec<VirtAddr> = (0..3)
+        .map(|_| mm.mmap(None, RUN * PAGE_SIZE, RW, MapFlags::PRIVATE))
+        .collect::<Result<_, _>>()?;
+    let devs = [
+        Dmirror::open(driver.device(0), &mm)?,
+        Dmirror::open(driver.device(1), &mm)?,
+    ];
+    let sh = Shared {
+        phys,
+        mm,
+        devs,
+        region,
+        world: RwLock::new(()),
+        stop: AtomicBool::new(false),
+        ops: Default::default(),
+        corrupted: AtomicU64::new(0),
+        stale: AtomicU64::new(0),
+        invariants: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        failures: Mutex::new(Vec::new()),
+        baseline_allocated,
+    };
+
+    Ok((sh, driver, bufs))
+}
+
+/// Runs the stress for `cfg`; returns its report (`Err` only if set-up fails).
+pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
+    if cfg.threads == 0 || cfg.seconds.is_nan() || cfg.seconds <= 0.0 {
+        return Err("--threads and --seconds must be positive".into());
+    }
+    let (sh, driver, bufs) = build(&cfg)?;
+    let phys = sh.phys.clone();
+    let baseline_allocated = sh.baseline_allocated;
+    let mut hearts: Vec<Heart> = (0..cfg.threads)
+        .map(|t| Heart::new(format!("cpu {t}")))
+        .collect();
+    hearts.extend(["device 0", "device 1", "migrator", "churn", "checker"].map(Heart::new));
+    let done = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut checks = 0u64;
+    let stuck =
+        std::thread::scope(|scope| {
+            let (sh, hearts, done) = (&sh, &hearts, &done);
+            let dog = scope.spawn(move || watchdog::watch(hearts, done, STALL));
+            let t = cfg.threads;
+            let mut workers = Vec::new();
+            for (i, heart) in hearts[..t].iter().enumerate() {
+                workers.push(scope.spawn(move || cpu(sh, heart, Rng::new(cfg.seed, i as u64))));
+            }
+            for d in 0..2 {
+                let buf = bufs[d];
+                workers.push(scope.spawn(move || {
+                    device(
+                        sh,
+                        d,
+                        buf,
+                        &hearts[t + d],
+                        Rng::new(cfg.seed, (t + d) as u64),
+                    )
+                }));
+            }
+            let mbuf = bufs[2];
+            workers.push(scope.spawn(move || {
+                migrator(sh, mbuf, &hearts[t + 2], Rng::new(cfg.seed, (t + 2) as u64))
+            }));
+            workers.push(
+                scope.spawn(move || churn(sh, &hearts[t + 3], Rng::new(cfg.seed, (t + 3) as u64))),
+            );
+            let checker = &hearts[t + 4];
+            let deadline = started + Duration::from_secs_f64(cfg.seconds);
+            let mut next = Instant::now() + CHECK_EVERY;
+            while Instant::now() < deadline && !dog.is_finished() {
+                std::thread::sleep(Duration::from_millis(50));
+                checker.beat();
+                if Instant::now() >= next {
+                    checker.doing("stop-the-world check");
+                    check_world(sh);
+                    checks += 1;
+                    next = Instant::now() + CHECK_EVERY;
+                }
+            }
+            if dog.is_finished() {
+                // Deadlocked threads can be neither joined nor torn down: report and leave.
+                let stuck = dog.join().expect("watchdog");
+                report(sh, cfg.clone(), checks, started, &stuck).emit();
+                std::process::exit(2);
+            }
+            sh.stop.store(true, Ordering::Relaxed);
+            for w in workers {
+                w.join().expect("a stress thread panicked");
+            }
+            checker.doing("final check");
+            check_world(sh);
+            checks += 1;
+            done.store(true, Ordering::Release);
+            dog.join().expect("watchdog")
+        });
+    debug_assert!(stuck.is_empty(), "a deadlock exits above");
+    let mut report = report(&sh, cfg, checks, started, &stuck);
+    // Teardown: the mirrors, the process, the devices' memory; then every frame must be
+    // free again.
+    let Shared { mm, devs, .. } = sh;
+    drop(devs);
+    drop(mm);
+    drop(driver);
+    let s = phys.stats();
+    report.leaked_frames = (s.nr_frames - s.nr_free).saturating_sub(baseline_allocated);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_check_finds_a_corrupted_page_and_an_unaccounted_frame() {
+        let cfg = Config {
+            seconds: 1.0,
+            threads: 1,
+            seed: 1,
+            pages: 32,
+            json: false,
+        };
+        let (sh, _driver, _bufs) = build(&cfg).unwrap();
+        check_world(&sh);
+        assert_eq!(sh.corrupted.load(Ordering::Relaxed), 0);
+        assert_eq!(sh.invariants.load(Ordering::Relaxed), 0);
+        assert_eq!(sh.stale.load(Ordering::Relaxed), 0);
+
+        // A byte changed behind the harness's back.
+        let page = page_va(*sh.region.slots[1].base.read(), 3);
+        sh.mm
+            .write_val(page.checked_add(100).unwrap(), 0x5au8)
+            .unwrap();
+        check_world(&sh);
+        assert_eq!(sh.corrupted.load(Ordering::Relaxed), 1);
+
+        // A frame allocated that nothing maps.
+        let held = sh.phys.alloc(0, hmm::phys::FrameFlags::empty()).unwrap();
+        check_world(&sh);
+        assert_eq!(sh.invariants.load(Ordering::Relaxed), 1);
+        drop(held);
+        assert!(sh.failures.lock().len() >= 2);
+    }
+}
