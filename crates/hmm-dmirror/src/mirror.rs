@@ -124,14 +124,6 @@ impl Shared {
 
 impl IntervalNotifierOps for Shared {
     fn invalidate(&self, sub: &IntervalSub, range: &NotifierRange, cur_seq: InvalidateSeq) -> bool {
-        // The migrating driver updates its own table: skip its own MIGRATE events.
-        if range.event == NotifierEvent::Migrate
-            && range.owner == Some(self.owner)
-            && self.filter_own_migrate.load(Ordering::Relaxed)
-        {
-            self.counters.migrate_skips.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
         let mut pt = if range.is_blockable() {
             self.pt.lock()
         } else {
@@ -141,6 +133,17 @@ impl IntervalNotifierOps for Shared {
             }
         };
         sub.set_seq(cur_seq);
+        // The migrating driver updates its own table: its own MIGRATE events erase
+        // nothing. The sequence still moves (above), so that a device fault that read the
+        // page table before the migration changed it retries instead of mapping the page
+        // the migration is taking away.
+        if range.event == NotifierEvent::Migrate
+            && range.owner == Some(self.owner)
+            && self.filter_own_migrate.load(Ordering::Relaxed)
+        {
+            self.counters.migrate_skips.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
         let erased = pt.erase(
             range.start().as_u64() >> PAGE_SHIFT,
             range.end().as_u64() >> PAGE_SHIFT,
@@ -493,7 +496,10 @@ impl Dmirror {
     /// ([`hmm_range_fault_migrate`]); the pages it reports valid but did not collect (this
     /// device's own pages, pinned pages) are mirrored if no invalidation collided, as the
     /// device fault does; the rest migrates as MIGRATE_TO_DEV does. Never retried: a
-    /// collision only means those few pages are not mirrored now.
+    /// collision only means those few pages are not mirrored now. The walk's own MIGRATE
+    /// event is such a collision when it collected anything (the mirror records the
+    /// sequence of its own events too), so in practice the
+    /// uncollected pages are mirrored here only when nothing migrates.
     fn cmd_migrate_on_fault_to_dev(
         &self,
         range: VaRange,

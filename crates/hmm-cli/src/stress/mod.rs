@@ -198,6 +198,8 @@ struct Shared {
     failures: Mutex<Vec<String>>,
     /// Frames allocated before the process existed (the zero pages).
     baseline_allocated: u64,
+    /// Per page (global index), who wrote its current version, for the failure messages.
+    last_writer: Vec<Mutex<&'static str>>,
 }
 
 impl Shared {
@@ -223,8 +225,9 @@ impl Shared {
         if bad > 0 {
             self.corrupted.fetch_add(bad, Ordering::Relaxed);
             let (gi, gv) = (word(got, 0), word(got, 1));
+            let writer = *self.last_writer[index as usize].lock();
             self.note(format!(
-                "{by}: page {index} v{version} has {bad} wrong bytes (it reads as page {gi} v{gv})"
+                "{by}: page {index} v{version} (written by {writer}) has {bad} wrong bytes (it reads as page {gi} v{gv})"
             ));
         }
     }
@@ -253,7 +256,10 @@ fn cpu(sh: &Shared, heart: &Heart, mut rng: Rng) {
         if rng.below(2) == 0 {
             heart.doing("cpu write");
             match sh.mm.write(va, &content(index, *v + 1)) {
-                Ok(()) => *v += 1,
+                Ok(()) => {
+                    *v += 1;
+                    *sh.last_writer[index as usize].lock() = "a cpu write";
+                }
                 Err(e) => sh.error(format!("cpu write of page {index}: {e}")),
             }
             sh.count(Op::CpuWrite);
@@ -306,7 +312,17 @@ fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
                         .map_err(|e| e.to_string())
                 });
             match r {
-                Ok(()) => versions.iter_mut().for_each(|v| **v += 1),
+                Ok(()) => {
+                    for (j, v) in versions.iter_mut().enumerate() {
+                        **v += 1;
+                        let index = Region::index(s, k0 + j as u64);
+                        *sh.last_writer[index as usize].lock() = if d == 0 {
+                            "a device 0 write"
+                        } else {
+                            "a device 1 write"
+                        };
+                    }
+                }
                 Err(e) => sh.error(format!("device {d} write of slot {s}: {e}")),
             }
             sh.count(Op::DeviceWrite);
@@ -610,6 +626,9 @@ fn build(
         errors: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
         baseline_allocated,
+        last_writer: (0..nslots * SLOT_PAGES)
+            .map(|_| Mutex::new("set-up"))
+            .collect(),
     };
 
     Ok((sh, driver, bufs))
