@@ -189,10 +189,57 @@ impl Drop for IntervalNotifier {
     }
 }
 
+/// The subscriptions by `(start, id)`, with the multiset of their lengths: an interval
+/// that overlaps `[s, e)` starts in `[s - longest, e)`, so a lookup scans only those
+/// (`O(log n + k)` when lengths are alike, as the kernel's augmented interval tree is;
+/// one whole-address-space subscription makes it a scan of everything before `e`).
+#[derive(Default)]
+struct Intervals {
+    by_start: BTreeMap<(u64, u64), Arc<IntervalSub>>,
+    lens: BTreeMap<u64, usize>,
+}
+
+impl Intervals {
+    fn insert(&mut self, sub: Arc<IntervalSub>) {
+        *self.lens.entry(sub.range.len_bytes()).or_default() += 1;
+        let old = self.by_start.insert(sub.key(), sub);
+        debug_assert!(old.is_none(), "a subscription is inserted once");
+    }
+
+    fn remove(&mut self, key: &(u64, u64)) -> Option<Arc<IntervalSub>> {
+        let sub = self.by_start.remove(key)?;
+        let len = sub.range.len_bytes();
+        match self.lens.get_mut(&len) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.lens.remove(&len);
+            }
+        }
+        Some(sub)
+    }
+
+    fn contains_key(&self, key: &(u64, u64)) -> bool {
+        self.by_start.contains_key(key)
+    }
+
+    fn len(&self) -> usize {
+        self.by_start.len()
+    }
+
+    /// The subscriptions overlapping `[s, e)`.
+    fn overlapping(&self, s: u64, e: u64) -> impl Iterator<Item = &Arc<IntervalSub>> {
+        let longest = self.lens.last_key_value().map_or(0, |(l, _)| *l);
+        self.by_start
+            .range((s.saturating_sub(longest), 0)..(e, 0))
+            .map(|(_, sub)| sub)
+            .filter(move |sub| sub.range.end().as_u64() > s)
+    }
+}
+
 pub(crate) struct ItreeState {
     invalidate_seq: u64,
     active_invalidate_ranges: u64,
-    tree: BTreeMap<(u64, u64), Arc<IntervalSub>>,
+    tree: Intervals,
     deferred: Vec<Arc<IntervalSub>>,
 }
 
@@ -215,7 +262,7 @@ impl Itree {
             state: Mutex::new(ItreeState {
                 invalidate_seq: 2,
                 active_invalidate_ranges: 0,
-                tree: BTreeMap::new(),
+                tree: Intervals::default(),
                 deferred: Vec::new(),
             }),
             wq: Condvar::new(),
@@ -247,7 +294,7 @@ impl Itree {
                 st.deferred.push(Arc::clone(&sub));
             } else {
                 st.invalidate_seq |= 1;
-                st.tree.insert(sub.key(), Arc::clone(&sub));
+                st.tree.insert(Arc::clone(&sub));
             }
             sub.invalidate_seq
                 .store(st.invalidate_seq, Ordering::Release);
@@ -255,7 +302,7 @@ impl Itree {
             debug_assert!(!st.is_invalidating());
             sub.invalidate_seq
                 .store(st.invalidate_seq - 1, Ordering::Release);
-            st.tree.insert(sub.key(), Arc::clone(&sub));
+            st.tree.insert(Arc::clone(&sub));
         }
         IntervalNotifier { sub }
     }
@@ -270,12 +317,7 @@ impl Itree {
             let mut st = self.state.lock();
             st.active_invalidate_ranges += 1;
             let (s, e) = (range.start().as_u64(), range.end().as_u64());
-            let hits: Vec<Arc<IntervalSub>> = st
-                .tree
-                .range(..(e, 0))
-                .filter(|(_, sub)| sub.range.end().as_u64() > s)
-                .map(|(_, sub)| Arc::clone(sub))
-                .collect();
+            let hits: Vec<Arc<IntervalSub>> = st.tree.overlapping(s, e).map(Arc::clone).collect();
             if !hits.is_empty() {
                 st.invalidate_seq |= 1;
             }
@@ -305,7 +347,7 @@ impl Itree {
         st.invalidate_seq += 1;
         for sub in std::mem::take(&mut st.deferred) {
             if st.tree.remove(&sub.key()).is_none() {
-                st.tree.insert(sub.key(), sub);
+                st.tree.insert(sub);
             }
         }
         drop(st);

@@ -224,3 +224,55 @@ fn unregister_calls_release_once() {
     subs.release();
     assert_eq!(rec.releases().len(), 1);
 }
+
+#[test]
+fn lookups_find_every_overlapping_interval_of_any_length() {
+    let subs = MmNotifiers::new(MmId::new_unique());
+    let mm = subs.mm();
+    let base = 0x100_0000u64;
+    // (first page, pages): short ones, a long one starting far before the probe, one
+    // ending exactly where the probe starts, one starting exactly where it ends.
+    let spans = [
+        (0, 1),
+        (10, 2),
+        (11, 1),
+        (12, 1),
+        (0, 64),
+        (8, 2),
+        (14, 3),
+        (40, 1),
+    ];
+    let drivers: Vec<_> = spans.iter().map(|_| driver(false)).collect();
+    let mut held: Vec<_> = spans
+        .iter()
+        .zip(&drivers)
+        .map(|((p, n), d)| {
+            subs.interval_insert(
+                VirtAddr::new(base + p * PAGE_SIZE),
+                n * PAGE_SIZE,
+                d.clone(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let probe = |first: u64, pages: u64| -> Vec<usize> {
+        for d in &drivers {
+            d.lock.lock().clear();
+        }
+        subs.invalidate_range_start(r(mm, base + first * PAGE_SIZE, pages, NotifierEvent::Clear))
+            .end();
+        (0..drivers.len())
+            .filter(|&i| !drivers[i].lock.lock().is_empty())
+            .collect()
+    };
+    // Pages 10..14 overlap (10,2), (11,1), (12,1), (0,64); not (8,2) (ends at 10) nor
+    // (14,3) (starts at 14).
+    assert_eq!(probe(10, 4), [1, 2, 3, 4]);
+    assert_eq!(probe(40, 1), [4, 7]);
+    assert_eq!(probe(100, 1), Vec::<usize>::new());
+    // Without the long interval the lookup narrows, and still finds the short ones.
+    held.remove(4).remove();
+    assert_eq!(probe(10, 4), [1, 2, 3]);
+    assert_eq!(probe(0, 1), [0]);
+    assert_eq!(probe(40, 1), [7]);
+}
