@@ -1,50 +1,38 @@
 //! dmirror's commands: the kernel's outputs and errors, device memory, its own mmap, the
 //! invalidation counters, and a munmap racing device reads.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use common::RW;
+
 use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{MapFlags, Mm, Prot};
-use hmm::phys::{PhysConfig, PhysMem};
+use hmm::mm::{MapFlags, Prot};
 use hmm::zone_device::MemoryType;
 use hmm_dmirror::{
-    prot, Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd,
-    HMM_DMIRROR_FLAG_FAIL_ALLOC,
+    prot, Dmirror, DmirrorCmd, DmirrorError, HmmDmirrorCmd, HMM_DMIRROR_FLAG_FAIL_ALLOC,
 };
 
-const RW: Prot = Prot::READ.union(Prot::WRITE);
-
+/// The shared rig with device 0 opened by its process.
 struct Rig {
-    phys: Arc<PhysMem>,
-    driver: DmirrorDriver,
-    mm: Arc<Mm>,
+    rig: common::Rig,
     mirror: Arc<Dmirror>,
-    /// A user buffer for command data.
-    buf: VirtAddr,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = common::Rig;
+
+    fn deref(&self) -> &common::Rig {
+        &self.rig
+    }
 }
 
 fn rig() -> Rig {
-    let phys = PhysMem::new(PhysConfig::with_size(32 << 20)).unwrap();
-    let driver = DmirrorDriver::new(
-        &phys,
-        DmirrorConfig {
-            chunk_bytes: 4 << 20,
-            max_chunks: 2,
-        },
-    );
-    let mm = Mm::new(phys.clone());
-    let mirror = Dmirror::open(driver.device(0), &mm).unwrap();
-    let buf = mm
-        .mmap(None, 64 * PAGE_SIZE, RW, MapFlags::PRIVATE)
-        .unwrap();
-    Rig {
-        phys,
-        driver,
-        mm,
-        mirror,
-        buf,
-    }
+    let rig = common::rig();
+    let mirror = rig.open(0);
+    Rig { rig, mirror }
 }
 
 fn cmd(addr: VirtAddr, ptr: VirtAddr, npages: u64) -> HmmDmirrorCmd {
@@ -244,16 +232,16 @@ fn device_memory_comes_in_chunks_up_to_capacity() {
 
 #[test]
 fn commands_after_exit_are_einval() {
-    let r = rig();
-    let a = r.buf;
-    drop(r.mm);
+    let Rig { rig, mirror } = rig();
+    let a = rig.buf;
+    drop(rig.mm);
     let mut c = cmd(a, a, 1);
     assert!(matches!(
-        r.mirror.ioctl(DmirrorCmd::Snapshot, &mut c),
+        mirror.ioctl(DmirrorCmd::Snapshot, &mut c),
         Err(DmirrorError::Inval { .. })
     ));
-    assert_eq!(r.phys.nr_in_use(), 0, "exit freed every frame");
-    assert_eq!(r.mirror.nr_mapped(), 0, "RELEASE cleared the device table");
+    assert_eq!(rig.phys.nr_in_use(), 0, "exit freed every frame");
+    assert_eq!(mirror.nr_mapped(), 0, "RELEASE cleared the device table");
 }
 
 #[test]
