@@ -149,22 +149,27 @@ enum Bench {
     },
 }
 
-/// Prints `rows` as JSON or as a table headed by the machine and build, then plots.
-fn report<T: Serialize>(
+/// Measures one scenario with a progress bar of `steps` (name, total), then prints its
+/// rows as JSON or as a table headed by the machine and build, and plots them.
+fn scenario<T: Serialize>(
     out: &Output,
-    rows: &[T],
+    steps: (&str, u64),
+    measure: impl FnOnce(&Progress) -> bench::Result<Vec<T>>,
     table: fn(&[T]),
-    figures: Figures<'_>,
+    figures: fn(&[T]) -> Figures<'_>,
 ) -> bench::Result<()> {
+    let bar = Progress::new(steps.0, steps.1);
+    let rows = measure(&bar)?;
+    drop(bar);
     if out.json {
         eprintln!("{}", machine::Machine::this().line());
         eprintln!("{}", machine::Build::this().line());
-        println!("{}", serde_json::to_string_pretty(rows)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         machine::print_header();
-        table(rows);
+        table(&rows);
     }
-    write_plots(out, &figures)
+    write_plots(out, &figures(&rows))
 }
 
 fn write_plots(out: &Output, figures: &Figures<'_>) -> bench::Result<()> {
@@ -188,62 +193,72 @@ fn bench(what: Bench) -> bench::Result<()> {
                 return Err("--threads and --iters must be at least 1".into());
             }
             let sizes: Vec<u64> = sizes_kib.iter().map(|k| k << 10).collect();
-            let bar = Progress::new("migrate", 4 * sizes.len() as u64);
-            let rows = migrate::migrate_rows(&sizes, threads, iters, |r| {
-                bar.doing(format!("{} bytes, thp {}", r.size_bytes(), r.thp()));
-                bar.step();
-            })?;
-            drop(bar);
-            let figures = Figures {
-                migrate: &rows,
-                ..Figures::default()
-            };
-            report(&out, &rows, migrate::print_table, figures)
+            scenario(
+                &out,
+                ("migrate", 4 * sizes.len() as u64),
+                |bar| {
+                    migrate::migrate_rows(&sizes, threads, iters, |r| {
+                        bar.doing(format!("{} bytes, thp {}", r.size_bytes(), r.thp()));
+                        bar.step();
+                    })
+                },
+                migrate::print_table,
+                |migrate| Figures {
+                    migrate,
+                    ..Figures::default()
+                },
+            )
         }
         Bench::Walks {
             out,
             pages,
             fractions,
             iters,
-        } => {
-            let bar = Progress::new("walks", (walks::METHODS.len() * fractions.len()) as u64);
-            let rows = walks::walk_rows(pages, &fractions, iters, |r| {
-                bar.doing(format!("fraction {}", r.fraction()));
-                bar.step();
-            })?;
-            drop(bar);
-            let figures = Figures {
-                walks: &rows,
+        } => scenario(
+            &out,
+            ("walks", (walks::METHODS.len() * fractions.len()) as u64),
+            |bar| {
+                walks::walk_rows(pages, &fractions, iters, |r| {
+                    bar.doing(format!("fraction {}", r.fraction()));
+                    bar.step();
+                })
+            },
+            walks::print_table,
+            |walks| Figures {
+                walks,
                 ..Figures::default()
-            };
-            report(&out, &rows, walks::print_table, figures)
-        }
-        Bench::Fault { out, pages, thps } => {
-            let bar = Progress::new("fault", fault::ROWS);
-            let rows = fault::fault_rows(pages, thps, |s| {
-                bar.doing(s);
-                bar.step();
-            })?;
-            drop(bar);
-            let figures = Figures {
-                fault: &rows,
+            },
+        ),
+        Bench::Fault { out, pages, thps } => scenario(
+            &out,
+            ("fault", fault::ROWS),
+            |bar| {
+                fault::fault_rows(pages, thps, |s| {
+                    bar.doing(s);
+                    bar.step();
+                })
+            },
+            fault::print_table,
+            |fault| Figures {
+                fault,
                 ..Figures::default()
-            };
-            report(&out, &rows, fault::print_table, figures)
-        }
-        Bench::RangeFault { out, pages, iters } => {
-            let bar = Progress::new("range-fault", range_fault::ROWS);
-            let rows = range_fault::range_fault_rows(pages, iters, |s| {
-                bar.doing(s);
-                bar.step();
-            })?;
-            drop(bar);
-            let figures = Figures {
-                range_fault: &rows,
+            },
+        ),
+        Bench::RangeFault { out, pages, iters } => scenario(
+            &out,
+            ("range-fault", range_fault::ROWS),
+            |bar| {
+                range_fault::range_fault_rows(pages, iters, |s| {
+                    bar.doing(s);
+                    bar.step();
+                })
+            },
+            range_fault::print_table,
+            |range_fault| Figures {
+                range_fault,
                 ..Figures::default()
-            };
-            report(&out, &rows, range_fault::print_table, figures)
-        }
+            },
+        ),
         Bench::All { out, quick } => {
             let r = all::run(if quick {
                 all::Plan::quick()
