@@ -233,8 +233,8 @@ fn bench(what: Bench) -> bench::Result<()> {
             &out,
             ("fault", fault::ROWS),
             |bar| {
-                fault::fault_rows(pages, thps, |s| {
-                    bar.doing(s);
+                fault::fault_rows(pages, thps, |r| {
+                    bar.doing(r.scenario());
                     bar.step();
                 })
             },
@@ -248,8 +248,8 @@ fn bench(what: Bench) -> bench::Result<()> {
             &out,
             ("range-fault", range_fault::ROWS),
             |bar| {
-                range_fault::range_fault_rows(pages, iters, |s| {
-                    bar.doing(s);
+                range_fault::range_fault_rows(pages, iters, |r| {
+                    bar.doing(r.scenario());
                     bar.step();
                 })
             },

@@ -127,13 +127,13 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
         plan.walk_iters,
         |_| bar.step(),
     )?;
-    let fault = fault::fault_rows(plan.fault_pages, plan.fault_thps, |s| {
-        bar.doing(format!("fault: {s}"));
+    let fault = fault::fault_rows(plan.fault_pages, plan.fault_thps, |r| {
+        bar.doing(format!("fault: {}", r.scenario()));
         bar.step();
     })?;
     let range_fault =
-        range_fault::range_fault_rows(plan.range_fault_pages, plan.range_fault_iters, |s| {
-            bar.doing(format!("range-fault: {s}"));
+        range_fault::range_fault_rows(plan.range_fault_pages, plan.range_fault_iters, |r| {
+            bar.doing(format!("range-fault: {}", r.scenario()));
             bar.step();
         })?;
     Ok(Report {

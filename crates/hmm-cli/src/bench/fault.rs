@@ -224,11 +224,12 @@ fn model_device_private(mm: &Arc<Mm>, d0: &Dmirror, n: u64) -> Result<Vec<Durati
 /// Rows measured per [`fault_rows`] call.
 pub(crate) const ROWS: u64 = 4;
 
-/// `hmm bench fault`: `pages` faults of each 4 KiB scenario and `thps` of the THP one.
+/// `hmm bench fault`: `pages` faults of each 4 KiB scenario and `thps` of the THP one;
+/// `progress` sees each row as it is measured.
 pub(crate) fn fault_rows(
     pages: u64,
     thps: u64,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(&FaultRow),
 ) -> Result<Vec<FaultRow>> {
     if pages == 0 || thps == 0 {
         return Err("--pages and --thps must be at least 1".into());
@@ -252,9 +253,12 @@ pub(crate) fn fault_rows(
     model_device_private(&mm, &d0, BATCH.min(pages))?;
 
     let mut rows = Vec::with_capacity(ROWS as usize);
-    progress("anon_write_4k");
+    let mut push = |r: FaultRow| {
+        progress(&r);
+        rows.push(r);
+    };
     let kernel_write = host::first_touch(Touch::Write, pages, BATCH)?;
-    rows.push(row(
+    push(row(
         "anon_write_4k",
         PAGE_SIZE,
         model_first_touch(&mm, Touch::Write, pages)?,
@@ -262,8 +266,7 @@ pub(crate) fn fault_rows(
         kernel_write.clone(),
         None,
     ));
-    progress("anon_read_zero_page_4k");
-    rows.push(row(
+    push(row(
         "anon_read_zero_page_4k",
         PAGE_SIZE,
         model_first_touch(&mm, Touch::Read, pages)?,
@@ -271,9 +274,8 @@ pub(crate) fn fault_rows(
         host::first_touch(Touch::Read, pages, BATCH)?,
         None,
     ));
-    progress("anon_write_thp");
     let (kernel_thp, mapped) = host::first_touch_thp(thps, THP_BATCH)?;
-    rows.push(row(
+    push(row(
         "anon_write_thp",
         PMD_SIZE,
         model_first_touch_thp(&mm, thps)?,
@@ -281,8 +283,7 @@ pub(crate) fn fault_rows(
         kernel_thp,
         Some(mapped),
     ));
-    progress("device_private_read_4k");
-    rows.push(row(
+    push(row(
         "device_private_read_4k",
         PAGE_SIZE,
         model_device_private(&mm, &d0, pages)?,

@@ -169,7 +169,7 @@ pub(crate) const ROWS: u64 = 2 * SCENARIOS.len() as u64;
 pub(crate) fn range_fault_rows(
     pages: u64,
     iters: usize,
-    mut progress: impl FnMut(&str),
+    mut progress: impl FnMut(&RangeFaultRow),
 ) -> Result<Vec<RangeFaultRow>> {
     if pages == 0 || iters == 0 {
         return Err("--pages and --iters must be at least 1".into());
@@ -183,7 +183,6 @@ pub(crate) fn range_fault_rows(
         let empty = Region::new(pages, thp)?;
         for (name, on_populated, flags) in SCENARIOS {
             let scenario = format!("{name}_{}", if thp { "thp" } else { "4k" });
-            progress(&scenario);
             let region = if on_populated { &populated } else { &empty };
             let mut times = Vec::with_capacity(iters);
             // One untimed round first: caches and the model's allocator warm.
@@ -209,6 +208,7 @@ pub(crate) fn range_fault_rows(
                 kernel_pagemap_ns_per_page: kernel,
                 ratio: kernel.map(|k| ns / k),
             });
+            progress(rows.last().expect("just pushed"));
         }
     }
     Ok(rows)
