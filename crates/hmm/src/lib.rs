@@ -39,4 +39,5 @@ pub mod phys;
 pub mod prot;
 pub mod range_fault;
 pub mod stats;
+pub mod sync;
 pub mod zone_device;

@@ -135,7 +135,7 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use parking_lot::Mutex;
+    use crate::sync::Mutex;
 
     use super::*;
     use crate::addr::{VaRange, PAGE_SIZE};

@@ -79,6 +79,7 @@ pub(super) fn handle_mm_fault(
     addr: VirtAddr,
     flags: FaultFlags,
 ) -> Result<(), FaultError> {
+    crate::sync::retry_point();
     let write = flags.contains(FaultFlags::WRITE);
     let vma = check_access(st.vmas.find(addr), addr, write)?;
     if hugetlb::is_hugetlb(vma) {

@@ -49,7 +49,7 @@ mod zap;
 
 use std::sync::{Arc, Weak};
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use crate::sync::{RwLock, RwLockReadGuard};
 
 pub use access::Scalar;
 pub use audit::{AuditError, AuditReport};
@@ -108,7 +108,7 @@ pub struct Mm {
     counters: MmCounters,
     thp: thp::ThpSetting,
     /// THPs partly unmapped, to split (`deferred_split_queue`); each holds a reference.
-    deferred_split: parking_lot::Mutex<Vec<crate::addr::Pfn>>,
+    deferred_split: crate::sync::Mutex<Vec<crate::addr::Pfn>>,
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
@@ -203,7 +203,7 @@ impl Mm {
             notifiers: MmNotifiers::new(id),
             counters: MmCounters::default(),
             thp: thp::ThpSetting::default(),
-            deferred_split: parking_lot::Mutex::new(Vec::new()),
+            deferred_split: crate::sync::Mutex::new(Vec::new()),
         });
         mm.anon_vma.mms.add(&mm.this);
         mm

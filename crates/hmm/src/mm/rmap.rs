@@ -30,7 +30,7 @@
 
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::notifier::MmId;

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE};
 use crate::notifier::MmId;

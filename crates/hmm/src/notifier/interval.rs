@@ -26,11 +26,11 @@
 //! during an invalidation is deferred and [`IntervalNotifier::remove`] sleeps until that
 //! invalidation ends, after which no callback runs.
 
+use crate::sync::atomic::{AtomicU64, Ordering};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex};
 
 use super::range::NotifierRange;
 use super::{MmNotifiers, NotifierError};
@@ -311,7 +311,7 @@ impl Itree {
     pub(crate) fn invalidate_start(
         &self,
         range: &NotifierRange,
-        calls: &AtomicU64,
+        calls: &std::sync::atomic::AtomicU64,
     ) -> Result<(), NotifierError> {
         let (hits, cur_seq) = {
             let mut st = self.state.lock();

@@ -27,7 +27,7 @@ mod recorder;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use crate::sync::RwLock;
 use thiserror::Error;
 
 pub use interval::{IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, ReadSeq};

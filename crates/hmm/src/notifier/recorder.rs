@@ -1,7 +1,7 @@
 //! [`Recorder`]: a full-mm notifier that keeps every range it is told about, for tests,
 //! the demo and tracing.
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use super::{MmId, MmuNotifier, NotifierError, NotifierRange};
 

@@ -20,9 +20,9 @@
 //!
 //! Every cursor counts one walk; every yielded slot counts one entry visited.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::MutexGuard;
+use crate::sync::MutexGuard;
 
 use super::entry::{word_is_huge, Huge, Pte};
 use super::radix::{PmdTable, PteTable, PMD_TABLE};

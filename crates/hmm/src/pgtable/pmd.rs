@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use parking_lot::MutexGuard;
+use crate::sync::MutexGuard;
 
 use super::entry::{word_is_huge, Huge, Pte};
 use super::radix::{PmdTable, PMD_TABLE};

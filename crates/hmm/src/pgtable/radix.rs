@@ -15,10 +15,10 @@
 //! entries; every PMD table has one lock (the split PMD lock, one per 1 GiB) guarding its 512
 //! words. Lock order: PMD lock → PTE lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use crate::addr::ENTRIES_PER_TABLE;
 

@@ -21,12 +21,12 @@
 //! operation. A waiter sets `WAITERS` and re-checks `LOCKED` while holding its bucket's
 //! mutex, and `unlock` takes that mutex before notifying, so no wake-up is lost.
 
+use crate::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::any::Any;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 
+use crate::sync::{Condvar, Mutex};
 use bitflags::bitflags;
-use parking_lot::{Condvar, Mutex};
 
 bitflags! {
     /// Flags of a frame (the kernel's page flags that the model needs).
@@ -86,7 +86,7 @@ pub struct FrameMeta {
     flags: AtomicU32,
     order: AtomicU8,
     index: AtomicU64,
-    mapping: parking_lot::Mutex<Option<FolioMapping>>,
+    mapping: crate::sync::Mutex<Option<FolioMapping>>,
     zone_device_data: AtomicU64,
 }
 

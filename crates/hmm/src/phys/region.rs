@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 
 use super::alloc::{AllocError, BlockAllocator, BLOCK_FRAMES};
 use super::arena::Arena;

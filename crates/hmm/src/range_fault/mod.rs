@@ -39,8 +39,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::sync::Mutex;
 use bitflags::bitflags;
-use parking_lot::Mutex;
 use thiserror::Error;
 
 mod walk;

@@ -1,0 +1,270 @@
+//! The synchronization primitives hmm's protocols are built on, in one place so that a
+//! model checker can take their place.
+//!
+//! Normally these are `parking_lot`'s locks and the standard library's atomics. With the
+//! `shuttle` feature they are [shuttle](https://docs.rs/shuttle)'s, behind the same API:
+//! every lock, condition-variable and atomic operation becomes a scheduling point that
+//! shuttle's schedulers permute, so a test run under `shuttle::check_random` or
+//! `shuttle::check_pct` explores interleavings of the real mm, notifier and migration code
+//! (see `crates/hmm/tests/shuttle.rs`). Shuttle treats every atomic ordering as `SeqCst`:
+//! it finds interleaving bugs, not weak-memory ones.
+//!
+//! What goes through this module: the mmap lock, page-table locks, the PTE words, the frame
+//! metadata (refcount, mapcount, pincount, flags with the folio lock) and the folio wait
+//! queues, the interval-notifier state and sequence, the notifier lists. What does not:
+//! frame contents (data, not synchronization: one scheduling point per word would drown the
+//! search) and statistics counters.
+//!
+//! A build with the `shuttle` feature can run only inside a shuttle execution; it exists for
+//! the model checks and nothing else.
+
+#[cfg(not(feature = "shuttle"))]
+pub use parking_lot::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+#[cfg(not(feature = "shuttle"))]
+pub use std::thread::yield_now;
+
+/// A point where a thread may be retrying work that another thread must finish first: a
+/// fault, re-executed like the faulting instruction until the page is ready (a migration
+/// holds it, a driver could not migrate it back yet). Nothing in a normal build; with
+/// `shuttle` a yield, without which shuttle's PCT scheduler would run a retrying
+/// highest-priority thread for ever and never the thread it waits for.
+#[inline(always)]
+pub fn retry_point() {
+    #[cfg(feature = "shuttle")]
+    shuttle::thread::yield_now();
+}
+
+/// Atomics that take part in hmm's protocols.
+pub mod atomic {
+    #[cfg(feature = "shuttle")]
+    pub use shuttle::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+    #[cfg(not(feature = "shuttle"))]
+    pub use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
+}
+
+#[cfg(feature = "shuttle")]
+pub use shuttle::thread::yield_now;
+
+#[cfg(feature = "shuttle")]
+pub use model::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// `parking_lot`'s API over shuttle's `std`-shaped primitives. Poisoning is ignored, as
+/// `parking_lot` has none.
+#[cfg(feature = "shuttle")]
+mod model {
+    use std::collections::HashMap;
+    use std::ops::{Deref, DerefMut};
+    use std::sync::PoisonError;
+
+    use shuttle::current::{me, TaskId};
+
+    /// A mutex (`parking_lot::Mutex`'s API).
+    #[derive(Default)]
+    pub struct Mutex<T>(shuttle::sync::Mutex<T>);
+
+    /// A held [`Mutex`].
+    pub struct MutexGuard<'a, T>(Option<shuttle::sync::MutexGuard<'a, T>>);
+
+    impl<T> Mutex<T> {
+        /// A new unlocked mutex.
+        pub const fn new(value: T) -> Self {
+            Self(shuttle::sync::Mutex::new(value))
+        }
+
+        /// Takes the lock, sleeping while another thread holds it.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            MutexGuard(Some(self.0.lock().unwrap_or_else(PoisonError::into_inner)))
+        }
+
+        /// Takes the lock if it is free.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            match self.0.try_lock() {
+                Ok(g) => Some(MutexGuard(Some(g))),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(MutexGuard(Some(p.into_inner()))),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+
+        /// The value, through exclusive access.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// The value, consuming the mutex.
+        pub fn into_inner(self) -> T {
+            self.0.into_inner().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    impl<T: std::fmt::Debug> std::fmt::Debug for Mutex<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Mutex { .. }")
+        }
+    }
+
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            self.0.as_ref().expect("guard taken by a condvar wait")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.0.as_mut().expect("guard taken by a condvar wait")
+        }
+    }
+
+    /// A condition variable (`parking_lot::Condvar`'s API).
+    #[derive(Default)]
+    pub struct Condvar(shuttle::sync::Condvar);
+
+    impl Condvar {
+        /// A new condition variable.
+        pub const fn new() -> Self {
+            Self(shuttle::sync::Condvar::new())
+        }
+
+        /// Releases the guard's lock, sleeps until notified, and takes the lock again.
+        pub fn wait<T>(&self, guard: &mut MutexGuard<'_, T>) {
+            let g = guard.0.take().expect("guard taken by a condvar wait");
+            guard.0 = Some(self.0.wait(g).unwrap_or_else(PoisonError::into_inner));
+        }
+
+        /// Wakes every waiter.
+        pub fn notify_all(&self) {
+            self.0.notify_all();
+        }
+
+        /// Wakes one waiter.
+        pub fn notify_one(&self) {
+            self.0.notify_one();
+        }
+    }
+
+    /// A reader-writer lock (`parking_lot::RwLock`'s API, `read_recursive` included).
+    ///
+    /// Shuttle's lock decides who may enter; a `std` lock, never contended once shuttle let
+    /// a thread in, holds the data. `read_recursive` by a thread that already reads skips
+    /// shuttle's lock (which would report a self-deadlock): no writer can be inside while
+    /// that thread reads, which is all `parking_lot` promises.
+    #[derive(Default)]
+    pub struct RwLock<T> {
+        gate: shuttle::sync::RwLock<()>,
+        data: std::sync::RwLock<T>,
+        readers: std::sync::Mutex<HashMap<TaskId, usize>>,
+    }
+
+    /// A read-held [`RwLock`].
+    pub struct RwLockReadGuard<'a, T> {
+        data: Option<std::sync::RwLockReadGuard<'a, T>>,
+        gate: Option<shuttle::sync::RwLockReadGuard<'a, ()>>,
+        readers: &'a std::sync::Mutex<HashMap<TaskId, usize>>,
+    }
+
+    /// A write-held [`RwLock`].
+    pub struct RwLockWriteGuard<'a, T> {
+        // Declared first, so dropped before the gate.
+        data: std::sync::RwLockWriteGuard<'a, T>,
+        _gate: shuttle::sync::RwLockWriteGuard<'a, ()>,
+    }
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock.
+        pub fn new(value: T) -> Self {
+            Self {
+                gate: shuttle::sync::RwLock::new(()),
+                data: std::sync::RwLock::new(value),
+                readers: std::sync::Mutex::new(HashMap::new()),
+            }
+        }
+
+        fn reading<'a>(
+            &'a self,
+            gate: Option<shuttle::sync::RwLockReadGuard<'a, ()>>,
+        ) -> RwLockReadGuard<'a, T> {
+            *self
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(me())
+                .or_default() += 1;
+            RwLockReadGuard {
+                data: Some(self.data.read().unwrap_or_else(PoisonError::into_inner)),
+                gate,
+                readers: &self.readers,
+            }
+        }
+
+        /// Takes the lock for reading.
+        pub fn read(&self) -> RwLockReadGuard<'_, T> {
+            let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+            self.reading(Some(gate))
+        }
+
+        /// Takes the lock for reading even when this thread already reads.
+        pub fn read_recursive(&self) -> RwLockReadGuard<'_, T> {
+            let nested = self
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&me())
+                .is_some_and(|&n| n > 0);
+            if nested {
+                self.reading(None)
+            } else {
+                self.read()
+            }
+        }
+
+        /// The value, through exclusive access.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.data.get_mut().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// Takes the lock for writing.
+        pub fn write(&self) -> RwLockWriteGuard<'_, T> {
+            let gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+            RwLockWriteGuard {
+                data: self.data.write().unwrap_or_else(PoisonError::into_inner),
+                _gate: gate,
+            }
+        }
+    }
+
+    impl<T> Deref for RwLockReadGuard<'_, T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            self.data.as_ref().expect("a released guard")
+        }
+    }
+
+    impl<T> Drop for RwLockReadGuard<'_, T> {
+        fn drop(&mut self) {
+            // The data first: once the gate is released (a scheduling point) a writer may run
+            // and must find the data lock free.
+            self.data.take();
+            let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = readers.get_mut(&me()).expect("a reader that never read");
+            *n -= 1;
+            drop(readers);
+            self.gate.take();
+        }
+    }
+
+    impl<T> Deref for RwLockWriteGuard<'_, T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            &self.data
+        }
+    }
+
+    impl<T> DerefMut for RwLockWriteGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            &mut self.data
+        }
+    }
+}
