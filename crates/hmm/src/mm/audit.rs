@@ -130,8 +130,18 @@ impl Mm {
                     problems.push(format!("{va}: {pte:?} names no live device-private frame"));
                     continue;
                 }
-                if !vma.is_anonymous() {
-                    problems.push(format!("{va}: device-private entry in a non-anonymous VMA"));
+                // Only anonymous folios migrate to device memory: those of anonymous VMAs
+                // and the COW copies in private file mappings (as in Linux).
+                let anon = phys
+                    .device_frame(pfn)
+                    .folio()
+                    .meta()
+                    .flags()
+                    .contains(FrameFlags::ANON);
+                if vma.is_shared() || !anon {
+                    problems.push(format!(
+                        "{va}: device-private entry of a non-anonymous folio or in a shared VMA"
+                    ));
                 }
                 if flags.contains(PteFlags::WRITE) && !vma.flags().contains(VmFlags::WRITE) {
                     problems.push(format!(

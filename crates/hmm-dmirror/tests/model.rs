@@ -1,20 +1,30 @@
-//! Property test: random sequences of mmap (anonymous and file, private and shared) /
-//! munmap / mprotect / mremap / madvise (DONTNEED, HUGEPAGE, COLLAPSE) / fork / exit /
-//! pread / pwrite / CPU reads and writes, over several processes, agree with a byte-level
-//! reference model; THPs are on in some runs. Every run ends with a clean audit of every
-//! address space and, once all are gone, no frame in use.
-
-mod common;
+//! Differential fuzzing against a flat reference model: random sequences of mmap
+//! (anonymous and file, private and shared) / munmap / mprotect / mremap / madvise
+//! (DONTNEED, HUGEPAGE, COLLAPSE) / fork / exit / pread / pwrite / CPU reads and writes /
+//! device reads and writes through two dmirror devices / migrations to either device and
+//! back (MIGRATE_TO_DEV, MIGRATE_ON_FAULT_TO_DEV, MIGRATE_TO_SYS) / device-exclusive
+//! access, over several processes, run against hmm-rs and against a model that is nothing
+//! but each process's bytes and protections. Every result is compared: bytes the CPU or a
+//! device reads, errors, and for a failed device write the pages it may have written (a
+//! prefix of the range, each page all old or all new, as `dmirror_write` leaves it). THPs
+//! are on in some runs. Every run ends with a clean audit of every address space and, once
+//! all are gone, no frame of RAM or device memory in use.
+//!
+//! `HMM_PROPTEST_CASES=N` sets the number of runs (default 256, up to 120 operations
+//! each); the long run of the README, `HMM_PROPTEST_CASES=20000 cargo test --release -p
+//! hmm-dmirror --test model -- --nocapture`, is over a million operations and prints how
+//! many.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
 
-use common::page;
 use hmm::addr::{VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::mm::{Advice, FaultError, MapFlags, MemFile, Mm, MremapFlags, Prot, SegvCause, ThpMode};
 use hmm::phys::{PhysConfig, PhysMem};
+use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, HmmDmirrorCmd};
 
 /// The region the operations touch: three 2 MiB-aligned PMDs.
 const BASE: u64 = 0x4000_0000;
@@ -23,6 +33,27 @@ const PAGES: u64 = 3 * 512;
 const FILE_PAGES: u64 = 64;
 const FILE: u64 = 0;
 const MAX_PROCS: usize = 3;
+/// The devices, and the most pages one device command covers.
+const DEVICES: usize = 2;
+const DEV_PAGES: u64 = 8;
+/// Every process's buffer for device commands (`cmd.ptr`), outside the region: mapped by the
+/// first process before anything else and inherited by every child.
+const OUT: u64 = BASE + 4 * PMD_SIZE;
+
+/// Operations run, over every case.
+static OPS: AtomicU64 = AtomicU64::new(0);
+/// Device commands that succeeded and were compared with the model: READ, WRITE,
+/// migrations, EXCLUSIVE (so that a run whose device commands all failed shows).
+static DEVICE_OK: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+fn device_ok(kind: usize) {
+    DEVICE_OK[kind].fetch_add(1, Ordering::Relaxed);
+}
+
+#[track_caller]
+fn page(base: VirtAddr, i: u64) -> VirtAddr {
+    base.checked_add(i * PAGE_SIZE).unwrap()
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -88,6 +119,49 @@ enum Op {
     },
     Fork,
     Exit,
+    /// The device reads `n` pages at `at` into the process's buffer.
+    DevRead {
+        dev: usize,
+        at: u64,
+        n: u64,
+    },
+    /// The device writes `n` pages of `byte` at `at`, from the process's buffer.
+    DevWrite {
+        dev: usize,
+        at: u64,
+        n: u64,
+        byte: u8,
+    },
+    /// A migration of `n` pages at `at` by device `dev`.
+    Migrate {
+        dev: usize,
+        at: u64,
+        n: u64,
+        how: Migration,
+    },
+    /// EXCLUSIVE: the device takes `n` pages for atomics and reads them back.
+    Exclusive {
+        dev: usize,
+        at: u64,
+        n: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Migration {
+    ToDev,
+    OnFaultToDev,
+    ToSys,
+}
+
+impl Migration {
+    fn cmd(self) -> DmirrorCmd {
+        match self {
+            Migration::ToDev => DmirrorCmd::MigrateToDev,
+            Migration::OnFaultToDev => DmirrorCmd::MigrateOnFaultToDev,
+            Migration::ToSys => DmirrorCmd::MigrateToSys,
+        }
+    }
 }
 
 /// One operation, on process `proc % live processes`.
@@ -126,13 +200,24 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..PAGES / 512).prop_map(|pmd| Op::Collapse { pmd }),
         6 => (at.clone(), 0..PAGE_SIZE, 1..3 * PAGE_SIZE, any::<u8>())
             .prop_map(|(at, off, len, byte)| Op::Write { at, off, len, byte }),
-        6 => (at, 0..PAGE_SIZE, 1..3 * PAGE_SIZE).prop_map(|(at, off, len)| Op::Read { at, off, len }),
+        6 => (at.clone(), 0..PAGE_SIZE, 1..3 * PAGE_SIZE).prop_map(|(at, off, len)| Op::Read { at, off, len }),
         1 => (0..FILE_PAGES, 0..PAGE_SIZE, 1..2 * PAGE_SIZE, any::<u8>())
             .prop_map(|(pgoff, off, len, byte)| Op::Pwrite { pgoff, off, len, byte }),
         1 => (0..FILE_PAGES, 0..PAGE_SIZE, 1..2 * PAGE_SIZE)
             .prop_map(|(pgoff, off, len)| Op::Pread { pgoff, off, len }),
         1 => Just(Op::Fork),
         1 => Just(Op::Exit),
+        3 => (0..DEVICES, at.clone(), 1..=DEV_PAGES)
+            .prop_map(|(dev, at, n)| Op::DevRead { dev, at, n }),
+        3 => (0..DEVICES, at.clone(), 1..=DEV_PAGES, any::<u8>())
+            .prop_map(|(dev, at, n, byte)| Op::DevWrite { dev, at, n, byte }),
+        4 => (0..DEVICES, at.clone(), 1..=DEV_PAGES, prop_oneof![
+                Just(Migration::ToDev),
+                Just(Migration::OnFaultToDev),
+                Just(Migration::ToSys)
+            ])
+            .prop_map(|(dev, at, n, how)| Op::Migrate { dev, at, n, how }),
+        1 => (0..DEVICES, at, 1..=DEV_PAGES).prop_map(|(dev, at, n)| Op::Exclusive { dev, at, n }),
     ]
 }
 
@@ -159,11 +244,12 @@ struct ModelPage {
     source: Source,
 }
 
-/// One process: its address space and its view.
+/// One process: its address space and its view, and its mirrors (opened on first use).
 struct Proc {
     mm: Arc<Mm>,
     pages: HashMap<u64, ModelPage>,
     private: HashMap<u64, Vec<u8>>,
+    mirrors: [Option<Arc<Dmirror>>; DEVICES],
 }
 
 #[derive(Default)]
@@ -238,6 +324,65 @@ impl Proc {
         Ok(())
     }
 
+    /// The error a device access of pages `[at, at + n)` must fail with, if any: the first
+    /// page without a mapping or without read permission is `EFAULT`; for a write, the
+    /// first without write permission is `EPERM` (`hmm_range_fault`'s checks, in order).
+    fn device_check(&self, at: u64, n: u64, write: bool) -> Result<(), (u64, i32)> {
+        for p in at..at + n {
+            match self.pages.get(&p) {
+                None => return Err((p, -libc::EFAULT)),
+                Some(mp) if !mp.prot.contains(Prot::READ) => return Err((p, -libc::EFAULT)),
+                Some(mp) if write && !mp.prot.contains(Prot::WRITE) => {
+                    return Err((p, -libc::EPERM))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's bytes of page `p`.
+    fn page_bytes(&self, objects: &Objects, p: u64) -> Vec<u8> {
+        (0..PAGE_SIZE as usize)
+            .map(|i| self.byte(objects, p, i))
+            .collect()
+    }
+
+    /// This process's mirror on device `dev`.
+    fn mirror(&mut self, driver: &DmirrorDriver, dev: usize) -> Arc<Dmirror> {
+        Arc::clone(
+            self.mirrors[dev]
+                .get_or_insert_with(|| Dmirror::open(driver.device(dev), &self.mm).unwrap()),
+        )
+    }
+
+    /// Runs a device command on `[at, at + n)` with the process's buffer as `ptr`.
+    fn device(
+        &mut self,
+        driver: &DmirrorDriver,
+        dev: usize,
+        cmd: DmirrorCmd,
+        at: u64,
+        n: u64,
+    ) -> Result<(), i32> {
+        let mut c = HmmDmirrorCmd {
+            addr: BASE + at * PAGE_SIZE,
+            ptr: OUT,
+            npages: n,
+            ..Default::default()
+        };
+        self.mirror(driver, dev)
+            .ioctl(cmd, &mut c)
+            .map_err(|e| e.errno())
+    }
+
+    /// The first `n` pages of the process's buffer.
+    fn out(&self, n: u64) -> Vec<u8> {
+        let mut b = vec![0u8; (n * PAGE_SIZE) as usize];
+        self.mm.read(VirtAddr::new(OUT), &mut b).unwrap();
+        b
+    }
+
     /// Whether the real system has `[at, at + n)` inside one VMA.
     fn in_one_vma(&self, at: u64, n: u64) -> bool {
         let r = VaRange::from_len(page(VirtAddr::new(BASE), at), n * PAGE_SIZE).unwrap();
@@ -251,14 +396,24 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
     let phys = PhysMem::new(PhysConfig::with_size(64 << 20)).unwrap();
     let file = MemFile::new(&phys);
     file.truncate(FILE_PAGES * PAGE_SIZE).unwrap();
+    let driver = DmirrorDriver::new(&phys, DmirrorConfig::default());
     let first = Mm::new(phys.clone());
     if thp {
         first.set_thp_mode(ThpMode::Always);
     }
+    let rw = Prot::READ | Prot::WRITE;
+    let out = first.mmap(
+        Some(VirtAddr::new(OUT)),
+        DEV_PAGES * PAGE_SIZE,
+        rw,
+        MapFlags::PRIVATE | MapFlags::FIXED,
+    );
+    prop_assert_eq!(out, Ok(VirtAddr::new(OUT)));
     let mut procs = vec![Proc {
         mm: first,
         pages: HashMap::new(),
         private: HashMap::new(),
+        mirrors: Default::default(),
     }];
     let mut objects = Objects {
         next: FILE + 1,
@@ -280,6 +435,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
         op: Op::HugePage { at: 0, n: PAGES },
     });
     for Step { proc, op } in premap.into_iter().chain(advise).chain(steps) {
+        OPS.fetch_add(1, Ordering::Relaxed);
         let me = proc % procs.len();
         match op {
             Op::Mmap {
@@ -490,6 +646,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                     mm: pr.mm.fork().unwrap(),
                     pages: pr.pages.clone(),
                     private: pr.private.clone(),
+                    mirrors: Default::default(),
                 };
                 procs.push(child);
             }
@@ -497,6 +654,148 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                 procs.remove(me);
             }
             Op::Fork | Op::Exit => {}
+            Op::DevRead { dev, at, n } => {
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let r = pr.device(&driver, dev, DmirrorCmd::Read, at, n);
+                match pr.device_check(at, n, false) {
+                    Ok(()) => {
+                        prop_assert_eq!(r, Ok(()));
+                        device_ok(0);
+                        let got = pr.out(n);
+                        for (i, p) in (at..at + n).enumerate() {
+                            let want = pr.page_bytes(&objects, p);
+                            let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
+                            prop_assert!(got == want.as_slice(), "device {} read page {}", dev, p);
+                        }
+                    }
+                    Err((_, errno)) => prop_assert_eq!(r, Err(errno)),
+                }
+            }
+            Op::DevWrite { dev, at, n, byte } => {
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let data = vec![byte; (n * PAGE_SIZE) as usize];
+                pr.mm.write(VirtAddr::new(OUT), &data).unwrap();
+                let r = pr.device(&driver, dev, DmirrorCmd::Write, at, n);
+                let written = match pr.device_check(at, n, true) {
+                    Ok(()) => {
+                        prop_assert_eq!(r, Ok(()));
+                        device_ok(1);
+                        n
+                    }
+                    Err((bad, errno)) => {
+                        prop_assert_eq!(r, Err(errno));
+                        // dmirror_write writes the pages already mirrored writable before
+                        // it faults the rest: a prefix of those before the bad page, each
+                        // all new or all old.
+                        let mut k = 0;
+                        while at + k < bad {
+                            let p = at + k;
+                            let mut got = vec![0u8; PAGE_SIZE as usize];
+                            pr.mm.read(page(base, p), &mut got).unwrap();
+                            if got.iter().all(|&b| b == byte) && got != pr.page_bytes(&objects, p) {
+                                k += 1;
+                            } else {
+                                break;
+                            }
+                        }
+                        for p in at + k..bad {
+                            let mut got = vec![0u8; PAGE_SIZE as usize];
+                            pr.mm.read(page(base, p), &mut got).unwrap();
+                            prop_assert!(
+                                got == pr.page_bytes(&objects, p),
+                                "page {} half written",
+                                p
+                            );
+                        }
+                        k
+                    }
+                };
+                for p in at..at + written {
+                    for i in 0..PAGE_SIZE as usize {
+                        pr.set_byte(&mut objects, p, i, byte);
+                    }
+                }
+            }
+            Op::Migrate { dev, at, n, how } => {
+                // A migration never changes a byte; what it moved is read back into the
+                // buffer (TO_DEV, ON_FAULT_TO_DEV) and compared. Whether it moves a page
+                // (shared, file, pinned, another device's) the later reads check.
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let r = pr.device(&driver, dev, how.cmd(), at, n);
+                if let Err(errno) = r {
+                    prop_assert!(
+                        [
+                            -libc::EINVAL,
+                            -libc::ENOENT,
+                            -libc::EFAULT,
+                            -libc::EBUSY,
+                            -libc::ENOMEM
+                        ]
+                        .contains(&errno),
+                        "{:?}: errno {}",
+                        how,
+                        errno
+                    );
+                }
+                if r.is_ok() {
+                    device_ok(2);
+                }
+                if r.is_ok() && !matches!(how, Migration::ToSys) {
+                    let got = pr.out(n);
+                    for (i, p) in (at..at + n).enumerate() {
+                        let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
+                        prop_assert!(
+                            got == pr.page_bytes(&objects, p).as_slice(),
+                            "{:?} read back page {}",
+                            how,
+                            p
+                        );
+                    }
+                }
+            }
+            Op::Exclusive { dev, at, n } => {
+                let n = clamp(at, n);
+                let pr = &mut procs[me];
+                let r = pr.device(&driver, dev, DmirrorCmd::Exclusive, at, n);
+                match r {
+                    Ok(()) => {
+                        device_ok(3);
+                        let got = pr.out(n);
+                        for (i, p) in (at..at + n).enumerate() {
+                            let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
+                            prop_assert!(
+                                got == pr.page_bytes(&objects, p).as_slice(),
+                                "exclusive read back page {}",
+                                p
+                            );
+                        }
+                        // The CPU access that read the buffer revoked nothing in the
+                        // region; a CPU read of the range does.
+                        let mut b = vec![0u8; (n * PAGE_SIZE) as usize];
+                        pr.mm.read(page(base, at), &mut b).unwrap();
+                        prop_assert_eq!(
+                            pr.device(&driver, dev, DmirrorCmd::CheckExclusive, at, n),
+                            Ok(())
+                        );
+                    }
+                    Err(errno) => prop_assert!(
+                        [
+                            -libc::EINVAL,
+                            -libc::EFAULT,
+                            -libc::EPERM,
+                            -libc::EBUSY,
+                            -libc::ENOMEM,
+                            -libc::EOPNOTSUPP
+                        ]
+                        .contains(&errno),
+                        "exclusive: errno {}",
+                        errno
+                    ),
+                }
+            }
         }
     }
     for pr in &procs {
@@ -507,20 +806,43 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
     drop(procs);
     drop(file);
     prop_assert_eq!(phys.nr_in_use(), 0);
+    for d in driver.devices() {
+        prop_assert_eq!(d.nr_in_use(), 0, "device {} memory leaked", d.minor());
+    }
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("HMM_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
-    ))]
-
-    #[test]
-    fn random_operations_agree_with_the_reference_model(
-        steps in prop::collection::vec(step(), 1..80),
-        thp in any::<bool>(),
-        premap in any::<bool>(),
-    ) {
-        run(steps, thp, premap)?;
+/// The property, run by hand rather than by `proptest!` so that the total of operations
+/// can be reported (`-- --nocapture` shows it).
+#[test]
+fn random_operations_agree_with_the_reference_model() {
+    let cases = std::env::var("HMM_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let mut config = ProptestConfig::with_cases(cases);
+    config.source_file = Some(file!());
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let cases = (
+        prop::collection::vec(step(), 1..120),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    let result = runner.run(&cases, |(steps, thp, premap)| run(steps, thp, premap));
+    let ok: Vec<u64> = DEVICE_OK
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
+    println!(
+        "{} operations against the model; device commands that succeeded and were compared: \
+         {} READ, {} WRITE, {} migrations, {} EXCLUSIVE",
+        OPS.load(Ordering::Relaxed),
+        ok[0],
+        ok[1],
+        ok[2],
+        ok[3]
+    );
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
