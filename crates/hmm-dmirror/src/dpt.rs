@@ -45,9 +45,11 @@ impl DptTag {
         }
     }
 
-    /// Whether the device may write through an entry with this tag.
+    /// Whether the device may write through an entry with this tag: only a WRITE entry, as
+    /// `dmirror_do_write` checks. A write to a page held for atomics faults it writable
+    /// first, which revokes the exclusive access.
     pub fn is_writable(self) -> bool {
-        matches!(self, DptTag::Write | DptTag::Atomic)
+        matches!(self, DptTag::Write)
     }
 }
 
