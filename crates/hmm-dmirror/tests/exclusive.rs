@@ -209,3 +209,27 @@ fn a_device_write_faults_its_atomic_page_writable_first() {
     assert_eq!(r.mm.read_val::<u8>(a).unwrap(), 9);
     r.mm.audit().unwrap();
 }
+
+/// As in Linux, the page is faulted in writable first and only then must be anonymous: a
+/// private file mapping's page becomes its anonymous COW copy and is made exclusive; the
+/// file does not change. (Found by the differential fuzzer.)
+#[test]
+fn a_private_file_mappings_cow_copy_can_be_exclusive() {
+    let r = rig();
+    let file = hmm::mm::MemFile::new(r.mm.phys());
+    file.truncate(PAGE_SIZE).unwrap();
+    file.pwrite(0, &[5u8; PAGE_SIZE as usize]).unwrap();
+    let a =
+        r.mm.mmap_file(None, PAGE_SIZE, RW, MapFlags::PRIVATE, &file, 0)
+            .unwrap();
+    assert_eq!(run(&r, DmirrorCmd::Exclusive, a, 1).unwrap(), 1);
+    assert_eq!(
+        r.mm.pagemap(a, 1).unwrap()[0].swap,
+        Some(SwapKind::DeviceExclusive)
+    );
+    r.mm.write_val(a, 6u8).unwrap();
+    let mut f = [0u8; 1];
+    file.pread(0, &mut f);
+    assert_eq!(f[0], 5, "the file page never changed");
+    r.mm.audit().unwrap();
+}

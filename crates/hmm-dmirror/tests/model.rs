@@ -341,6 +341,22 @@ impl Proc {
         Ok(())
     }
 
+    /// A write fault broke COW on pages `[from, to)` without writing them (a device write
+    /// or EXCLUSIVE faults each page writable in turn): a private page of a file mapping
+    /// now has its own copy of the file's bytes.
+    fn cow_break(&mut self, objects: &mut Objects, from: u64, to: u64) {
+        for p in from..to {
+            if let Some(ModelPage {
+                source: Source::Private { file: Some(pgoff) },
+                ..
+            }) = self.pages.get(&p)
+            {
+                let bytes = objects.page((FILE, *pgoff)).clone();
+                self.private.entry(p).or_insert(bytes);
+            }
+        }
+    }
+
     /// The model's bytes of page `p`.
     fn page_bytes(&self, objects: &Objects, p: u64) -> Vec<u8> {
         (0..PAGE_SIZE as usize)
@@ -710,13 +726,17 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                                 break;
                             }
                         }
+                        // The rest before the bad page were faulted writable, not written.
+                        pr.cow_break(&mut objects, at + k, bad);
                         for p in at + k..bad {
                             let mut got = vec![0u8; PAGE_SIZE as usize];
                             pr.mm.read(page(base, p), &mut got).unwrap();
                             prop_assert!(
                                 got == pr.page_bytes(&objects, p),
-                                "page {} half written",
-                                p
+                                "page {} half written: got {:?}, model {:?}",
+                                p,
+                                &got[..4],
+                                &pr.page_bytes(&objects, p)[..4]
                             );
                         }
                         k
@@ -770,6 +790,18 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                 let n = clamp(at, n);
                 let pr = &mut procs[me];
                 let r = pr.device(&driver, dev, DmirrorCmd::Exclusive, at, n);
+                // make_device_exclusive faults each page writable in turn (breaking COW)
+                // and stops at the first it cannot fault or that is not anonymous.
+                let bad = (at..at + n)
+                    .find(|p| {
+                        pr.pages.get(p).map_or(true, |mp| {
+                            !mp.prot.contains(Prot::WRITE)
+                                || matches!(mp.source, Source::Object(..))
+                        })
+                    })
+                    .unwrap_or(at + n);
+                prop_assert_eq!(r.is_ok(), bad == at + n, "exclusive: {:?}", r);
+                pr.cow_break(&mut objects, at, bad);
                 match r {
                     Ok(()) => {
                         device_ok(3);

@@ -29,7 +29,9 @@ pub enum ExclusiveError {
         /// The address.
         addr: VirtAddr,
     },
-    /// Not private anonymous memory, or hugetlb (`-EOPNOTSUPP`).
+    /// The page faulted in writable is not anonymous (shared memory, a shared file
+    /// mapping; a private file mapping's COW copy is anonymous), or hugetlb
+    /// (`-EOPNOTSUPP`).
     #[error("{addr} is not private anonymous memory")]
     NotSupported {
         /// The address.
@@ -85,7 +87,7 @@ pub fn make_device_exclusive<'g>(
     if !vma.flags().contains(VmFlags::WRITE) {
         return Err(ExclusiveError::Fault { addr });
     }
-    if !vma.is_anonymous() || vma.flags().contains(VmFlags::HUGETLB) {
+    if vma.flags().contains(VmFlags::HUGETLB) {
         return Err(ExclusiveError::NotSupported { addr });
     }
     let mm = mmap.mm();
