@@ -105,7 +105,7 @@ fn hmm_range_fault_reports_no_frame_of_another_owners_private_page() {
     let n =
         r.mm.interval_notifier_insert(a, 4 * PAGE_SIZE, Arc::new(SetSeq))
             .unwrap();
-    for owner in [None, Some(r.driver.device(1).owner())] {
+    let snapshot = |owner| {
         let mut pfns = [HmmPfn::default(); 4];
         let mut range = HmmRange {
             notifier: &n,
@@ -118,7 +118,10 @@ fn hmm_range_fault_reports_no_frame_of_another_owners_private_page() {
             dev_private_owner: owner,
         };
         hmm_range_fault(&r.mm.mmap_read(), &mut range).unwrap();
-        for p in pfns {
+        pfns
+    };
+    for owner in [None, Some(r.driver.device(1).owner())] {
+        for p in snapshot(owner) {
             assert!(
                 !p.is_valid() && p.frame_nr() == 0,
                 "owner {owner:?} got {p:?}"
@@ -126,18 +129,7 @@ fn hmm_range_fault_reports_no_frame_of_another_owners_private_page() {
         }
     }
     // The owner itself is told the pages are its own.
-    let mut pfns = [HmmPfn::default(); 4];
-    let mut range = HmmRange {
-        notifier: &n,
-        notifier_seq: n.read_begin(),
-        start: a,
-        end: page(a, 4),
-        hmm_pfns: &mut pfns,
-        default_flags: HmmPfnFlags::empty(),
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: Some(r.driver.device(0).owner()),
-    };
-    hmm_range_fault(&r.mm.mmap_read(), &mut range).unwrap();
+    let pfns = snapshot(Some(r.driver.device(0).owner()));
     assert!(pfns.iter().all(|p| p.is_valid()));
 }
 

@@ -392,11 +392,35 @@ impl Proc {
             .map_err(|e| e.errno())
     }
 
-    /// The first `n` pages of the process's buffer.
-    fn out(&self, n: u64) -> Vec<u8> {
-        let mut b = vec![0u8; (n * PAGE_SIZE) as usize];
-        self.mm.read(VirtAddr::new(OUT), &mut b).unwrap();
-        b
+    /// Checks that the process's buffer holds the model's bytes of pages `[at, at + n)`,
+    /// as a device command that read them into it (`what`) left it.
+    fn check_out(
+        &self,
+        objects: &Objects,
+        at: u64,
+        n: u64,
+        what: &str,
+    ) -> Result<(), TestCaseError> {
+        let mut got = vec![0u8; PAGE_SIZE as usize];
+        for i in 0..n {
+            self.mm.read(page(VirtAddr::new(OUT), i), &mut got).unwrap();
+            prop_assert!(
+                got == self.page_bytes(objects, at + i),
+                "{} page {}",
+                what,
+                at + i
+            );
+        }
+        Ok(())
+    }
+
+    /// What the CPU reads at page `p` of the region.
+    fn cpu_page(&self, p: u64) -> Vec<u8> {
+        let mut got = vec![0u8; PAGE_SIZE as usize];
+        self.mm
+            .read(page(VirtAddr::new(BASE), p), &mut got)
+            .unwrap();
+        got
     }
 
     /// Whether the real system has `[at, at + n)` inside one VMA.
@@ -689,12 +713,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                     _ => {
                         prop_assert_eq!(r, Ok(()));
                         device_ok(0);
-                        let got = pr.out(n);
-                        for (i, p) in (at..at + n).enumerate() {
-                            let want = pr.page_bytes(&objects, p);
-                            let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
-                            prop_assert!(got == want.as_slice(), "device {} read page {}", dev, p);
-                        }
+                        pr.check_out(&objects, at, n, &format!("device {dev} read"))?;
                     }
                 }
             }
@@ -714,29 +733,18 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                         prop_assert_eq!(r, Err(errno));
                         // dmirror_write writes the pages already mirrored writable before
                         // it faults the rest: a prefix of those before the bad page, each
-                        // all new or all old.
-                        let mut k = 0;
-                        while at + k < bad {
-                            let p = at + k;
-                            let mut got = vec![0u8; PAGE_SIZE as usize];
-                            pr.mm.read(page(base, p), &mut got).unwrap();
-                            if got.iter().all(|&b| b == byte) && got != pr.page_bytes(&objects, p) {
-                                k += 1;
-                            } else {
-                                break;
-                            }
-                        }
+                        // all new or all old (a page whose old bytes were the new ones
+                        // counts as written: the two are the same).
+                        let k = (at..bad)
+                            .take_while(|&p| pr.cpu_page(p).iter().all(|&b| b == byte))
+                            .count() as u64;
                         // The rest before the bad page were faulted writable, not written.
                         pr.cow_break(&mut objects, at + k, bad);
                         for p in at + k..bad {
-                            let mut got = vec![0u8; PAGE_SIZE as usize];
-                            pr.mm.read(page(base, p), &mut got).unwrap();
                             prop_assert!(
-                                got == pr.page_bytes(&objects, p),
-                                "page {} half written: got {:?}, model {:?}",
-                                p,
-                                &got[..4],
-                                &pr.page_bytes(&objects, p)[..4]
+                                pr.cpu_page(p) == pr.page_bytes(&objects, p),
+                                "page {} half written",
+                                p
                             );
                         }
                         k
@@ -774,16 +782,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                     device_ok(2);
                 }
                 if r.is_ok() && !matches!(how, Migration::ToSys) {
-                    let got = pr.out(n);
-                    for (i, p) in (at..at + n).enumerate() {
-                        let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
-                        prop_assert!(
-                            got == pr.page_bytes(&objects, p).as_slice(),
-                            "{:?} read back page {}",
-                            how,
-                            p
-                        );
-                    }
+                    pr.check_out(&objects, at, n, &format!("{how:?} read back"))?;
                 }
             }
             Op::Exclusive { dev, at, n } => {
@@ -805,15 +804,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                 match r {
                     Ok(()) => {
                         device_ok(3);
-                        let got = pr.out(n);
-                        for (i, p) in (at..at + n).enumerate() {
-                            let got = &got[i * PAGE_SIZE as usize..][..PAGE_SIZE as usize];
-                            prop_assert!(
-                                got == pr.page_bytes(&objects, p).as_slice(),
-                                "exclusive read back page {}",
-                                p
-                            );
-                        }
+                        pr.check_out(&objects, at, n, "EXCLUSIVE read back")?;
                         // The CPU access that read the buffer revoked nothing in the
                         // region; a CPU read of the range does.
                         let mut b = vec![0u8; (n * PAGE_SIZE) as usize];

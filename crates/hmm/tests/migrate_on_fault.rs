@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{copy_to, device, fill, page, Machine, RW};
+use common::{copy_to, device, fill, hmm_range as range, page, Machine, RW};
 use hmm::addr::{DevicePfn, Pfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::exclusive::make_device_exclusive;
 use hmm::migrate::{
@@ -91,27 +91,6 @@ fn any_locked(m: &Machine, a: VirtAddr, npages: u64) -> bool {
 
 fn delta(m: &Machine, before: &MmStats) -> MmStats {
     m.mm.stats().since(before)
-}
-
-/// A range over `pfns.len()` pages from `start` with a fresh sequence of `n`.
-fn range<'a>(
-    n: &'a IntervalSub,
-    start: VirtAddr,
-    pfns: &'a mut [HmmPfn],
-    default_flags: HmmPfnFlags,
-    pfn_flags_mask: HmmPfnFlags,
-    dev_private_owner: Option<Owner>,
-) -> HmmRange<'a> {
-    HmmRange {
-        notifier: n,
-        notifier_seq: n.read_begin(),
-        start,
-        end: page(start, pfns.len() as u64),
-        hmm_pfns: pfns,
-        default_flags,
-        pfn_flags_mask,
-        dev_private_owner,
-    }
 }
 
 const MIGRATE_FAULT: HmmPfnFlags = HmmPfnFlags::REQ_MIGRATE.union(HmmPfnFlags::REQ_FAULT);

@@ -50,16 +50,7 @@ fn range<'a>(
     pfns: &'a mut [HmmPfn],
     default_flags: HmmPfnFlags,
 ) -> HmmRange<'a> {
-    HmmRange {
-        notifier: n,
-        notifier_seq: n.read_begin(),
-        start,
-        end: page(start, pfns.len() as u64),
-        hmm_pfns: pfns,
-        default_flags,
-        pfn_flags_mask: HmmPfnFlags::empty(),
-        dev_private_owner: None,
-    }
+    common::hmm_range(n, start, pfns, default_flags, HmmPfnFlags::empty(), None)
 }
 
 /// Mirrors `npages` from `start` with the given requests through the driver loop, which

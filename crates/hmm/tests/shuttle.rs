@@ -153,18 +153,18 @@ impl World {
         alloc: impl FnMut() -> Option<hmm::phys::Frame<'p>>,
     ) -> u64 {
         let mmap = self.mm.mmap_read();
-        let args = MigrateVma {
+        migrate_vma_setup(&mmap, self.args(a, npages, flags)).map_or(0, |m| copy_into(m, alloc))
+    }
+
+    /// The arguments of a migration of `[a, a + npages)` by this device's driver.
+    fn args(&self, a: VirtAddr, npages: u64, flags: MigrateVmaFlags) -> MigrateVma {
+        MigrateVma {
             start: a,
             end: page(a, npages),
             pgmap_owner: Some(self.owner),
             flags,
             fault_page: None,
-        };
-        let migrated = match migrate_vma_setup(&mmap, args) {
-            Ok(mig) => copy_into(mig, alloc),
-            Err(_) => 0,
-        };
-        migrated
+        }
     }
 
     /// The invariants every schedule ends with, once the buffer at `a` is unmapped: the
@@ -402,13 +402,7 @@ fn fault_against_own_migration(protocol: Protocol) {
     };
     {
         let mmap = w.mm.mmap_read();
-        let args = MigrateVma {
-            start: a,
-            end: page(a, 1),
-            pgmap_owner: Some(w.owner),
-            flags: MigrateVmaFlags::SELECT_SYSTEM,
-            fault_page: None,
-        };
+        let args = w.args(a, 1, MigrateVmaFlags::SELECT_SYSTEM);
         let mut mig = migrate_vma_setup(&mmap, args).unwrap();
         fill_dst(&mut mig, || w.dev.alloc(0, FrameFlags::empty()).ok());
         let pages = mig.pages();

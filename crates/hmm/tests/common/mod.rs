@@ -6,8 +6,11 @@ use std::sync::Arc;
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::migrate::{MigratePfnFlags, Migration};
 use hmm::mm::{MapFlags, Mm, Prot};
-use hmm::notifier::{MmuNotifierHandle, NotifierEvent, NotifierRange, Owner, Recorder};
+use hmm::notifier::{
+    IntervalSub, MmuNotifierHandle, NotifierEvent, NotifierRange, Owner, Recorder,
+};
 use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::range_fault::{HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
 /// A small machine: `mib` MiB of RAM and one address space with a recorder attached.
@@ -96,4 +99,25 @@ pub fn copy_to(dev: &DevPagemap, mut mig: Migration<'_, '_>) -> u64 {
         mig.set_dst(i, d, write);
     }
     mig.pages().finalize().migrated
+}
+
+/// A range over `pfns.len()` pages from `start` with a fresh sequence of `n`.
+pub fn hmm_range<'a>(
+    n: &'a IntervalSub,
+    start: VirtAddr,
+    pfns: &'a mut [HmmPfn],
+    default_flags: HmmPfnFlags,
+    pfn_flags_mask: HmmPfnFlags,
+    dev_private_owner: Option<Owner>,
+) -> HmmRange<'a> {
+    HmmRange {
+        notifier: n,
+        notifier_seq: n.read_begin(),
+        start,
+        end: page(start, pfns.len() as u64),
+        hmm_pfns: pfns,
+        default_flags,
+        pfn_flags_mask,
+        dev_private_owner,
+    }
 }
