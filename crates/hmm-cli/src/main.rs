@@ -61,6 +61,10 @@ enum Command {
         /// Pages in the stressed region (rounded up to whole 16-page slots).
         #[arg(long, default_value_t = 1024)]
         pages: u64,
+        /// Percent of RAM and device-memory allocations that fail (fault injection, 0 to
+        /// 50): every operation must then fail cleanly or succeed, and no byte may be lost.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
+        fail_alloc: u32,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -297,12 +301,14 @@ fn main() -> std::process::ExitCode {
             threads,
             seed,
             pages,
+            fail_alloc,
             json,
         } => stress::run(stress::Config {
             seconds,
             threads,
             seed,
             pages,
+            fail_alloc,
             json,
         })
         .and_then(|r| {

@@ -183,9 +183,11 @@ fn bench_bad_arguments_are_errors() {
 }
 
 #[test]
-fn stress_runs_every_operation_and_breaks_nothing() {
+fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
     let (ok, out) = hmm(&[
         "stress",
+        "--fail-alloc",
+        "10",
         "--seconds",
         "2",
         "--threads",
@@ -209,8 +211,11 @@ fn stress_runs_every_operation_and_breaks_nothing() {
         assert_eq!(r[key], 0, "{key}: {r}");
     }
     assert!(r["checks"].as_u64().unwrap() >= 2, "{r}");
+    for key in ["injected_failures", "oom_failures"] {
+        assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
+    }
     let kinds = r["ops_by_kind"].as_object().unwrap();
-    assert_eq!(kinds.len(), 11);
+    assert_eq!(kinds.len(), 12);
     for (kind, n) in kinds {
         assert!(n.as_u64().unwrap() > 0, "no {kind} in {r}");
     }
@@ -224,6 +229,8 @@ fn stress_runs_every_operation_and_breaks_nothing() {
         &["stress", "--threads", "0"][..],
         &["stress", "--seconds", "0"],
         &["stress", "--seconds", "-1"],
+        &["stress", "--fail-alloc", "51"],
+        &["stress", "--fail-alloc", "-1"],
     ] {
         let (ok, out) = hmm(args);
         assert!(!ok, "{args:?} succeeded: {out}");

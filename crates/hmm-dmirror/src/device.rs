@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use hmm::addr::PAGE_SIZE;
+use hmm::fault_inject::FaultAttr;
 use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
 
@@ -114,6 +115,8 @@ pub struct DmirrorDevice {
     /// machine owns the pagemaps.
     chunks: Mutex<Vec<u32>>,
     ops: Arc<DeviceOps>,
+    /// Fault injection in front of [`alloc`](DmirrorDevice::alloc).
+    fail_alloc: FaultAttr,
 }
 
 /// The pagemap ops of a device's chunks. They hold no strong reference to the machine
@@ -182,6 +185,7 @@ impl DmirrorDevice {
             config,
             chunks: Mutex::new(Vec::new()),
             ops,
+            fail_alloc: FaultAttr::new(),
         })
     }
 
@@ -230,8 +234,11 @@ impl DmirrorDevice {
     /// Allocates device memory: a folio of `2^order` pages (0 or 9), locked and referenced
     /// as `zone_device_folio_init` leaves it, from the first chunk with room, creating a
     /// chunk when none has (`dmirror_allocate_chunk`). Fails when the device is at its
-    /// capacity.
+    /// capacity, or when [`fail_alloc`](Self::fail_alloc) says so.
     pub fn alloc(&self, order: u32) -> Result<Frame<'_>, AllocError> {
+        if self.fail_alloc.should_fail() {
+            return Err(AllocError { order });
+        }
         let mut chunks = self.chunks.lock();
         for &id in chunks.iter() {
             if let Ok(f) = self.chunk(id).alloc(order, FrameFlags::empty()) {
@@ -309,6 +316,14 @@ impl DmirrorDevice {
             m.set_dst(i, page, true);
         }
         Ok(m.pages().finalize().migrated)
+    }
+
+    /// The fault injection in front of the device's memory allocator: every device page a
+    /// migration, a fault or an exclusive grant takes comes through
+    /// [`alloc`](Self::alloc). (The per-mirror `FAIL_ALLOC` flag of the uapi fails one
+    /// migration's allocation; this fails any, on any schedule.)
+    pub fn fail_alloc(&self) -> &FaultAttr {
+        &self.fail_alloc
     }
 
     /// Device pages handed out and given back so far (`calloc`, `cfree`).

@@ -749,13 +749,12 @@ impl Dmirror {
         let mm = self.mm()?;
         let npages = len.div_ceil(PAGE_SIZE);
         let phys = Arc::clone(self.device.phys());
-        let mut pages = Vec::with_capacity(npages as usize);
-        for _ in 0..npages {
-            let f = phys
-                .alloc_zeroed(0, FrameFlags::UPTODATE)
-                .map_err(|_| DmirrorError::NoMem)?;
-            pages.push(f.into_raw());
-        }
+        // All or nothing: on a failure the frames taken so far go back as they drop.
+        let frames: Vec<_> = (0..npages)
+            .map(|_| phys.alloc_zeroed(0, FrameFlags::UPTODATE))
+            .collect::<Result<_, _>>()
+            .map_err(|_| DmirrorError::NoMem)?;
+        let pages = frames.into_iter().map(|f| f.into_raw()).collect();
         let ops = Arc::new(DriverPages {
             phys: Arc::clone(&phys),
             pages,
@@ -818,8 +817,6 @@ impl Drop for DriverPages {
     }
 }
 
-/// The checks every command starts with: `addr` page aligned, and
-/// `addr + npages * PAGE_SIZE` above `addr` and inside the address space.
 /// The device entry for a valid word: the frame, writable if the CPU mapping is.
 fn dpt_entry(p: HmmPfn) -> DptEntry {
     let tag = if p.is_writable() {
@@ -833,6 +830,8 @@ fn dpt_entry(p: HmmPfn) -> DptEntry {
     }
 }
 
+/// The checks every command starts with: `addr` page aligned, and
+/// `addr + npages * PAGE_SIZE` above `addr` and inside the address space.
 fn check_range(addr: u64, npages: u64) -> Result<VaRange, DmirrorError> {
     let inval = |what| DmirrorError::Inval { what };
     let start = VirtAddr::try_new(addr).map_err(|_| inval("address out of range"))?;

@@ -10,33 +10,12 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{page, pattern, rig, Rig, RW};
+use common::{assert_maps_only_what_the_process_maps, page, pattern, rig, Rig, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::mm::{GupFlags, MapFlags, Mm, Prot, SwapKind};
 use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierRange};
 use hmm::range_fault::{hmm_range_fault, HmmPfn, HmmPfnFlags, HmmRange};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorError, DptTag};
-
-/// Every entry `d` holds for `[a, a + n)` maps the frame `mm` maps there (present, or its
-/// own device-private page); returns how many entries it holds.
-fn assert_maps_only_what_the_process_maps(d: &Dmirror, mm: &Mm, a: VirtAddr, n: u64) -> usize {
-    let mut held = 0;
-    for (i, e) in mm.pagemap(a, n).unwrap().into_iter().enumerate() {
-        let va = page(a, i as u64);
-        let Some(entry) = d.lookup(va) else { continue };
-        held += 1;
-        let own_private = e.swap == Some(SwapKind::DevicePrivate)
-            && d.device().owns(&mm.phys().frame_nr(entry.frame_nr));
-        let exclusive = e.swap == Some(SwapKind::DeviceExclusive);
-        assert!(
-            e.pfn == Some(entry.frame_nr) && (e.present || own_private || exclusive),
-            "device {} maps {:#x} at {va}, the process has {e:?}",
-            d.device().minor(),
-            entry.frame_nr
-        );
-    }
-    held
-}
 
 #[test]
 fn a_device_never_maps_another_devices_private_pages() {

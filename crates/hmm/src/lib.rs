@@ -31,6 +31,7 @@
 
 pub mod addr;
 pub mod exclusive;
+pub mod fault_inject;
 pub mod migrate;
 pub mod mm;
 pub mod notifier;

@@ -41,6 +41,9 @@ bitflags! {
         const MAYWRITE = 1 << 5;
         /// `mprotect` may add exec.
         const MAYEXEC = 1 << 6;
+        /// `MADV_DONTFORK`: `fork` leaves the range out of the child (`VM_DONTCOPY`).
+        #[doc(alias = "VM_DONTCOPY")]
+        const DONTCOPY = 1 << 17;
         /// Mapped with 2 MiB pages of the hugetlb pool (`VM_HUGETLB`).
         const HUGETLB = 1 << 26;
         /// Every page counts as soft-dirty (set on new VMAs, cleared by

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use common::{page, Machine, RW};
 use hmm::addr::PAGE_SIZE;
-use hmm::mm::{folio_mappings, GupFlags, MapFlags, Mm, Prot};
+use hmm::mm::{
+    folio_mappings, Advice, FaultError, GupFlags, MapFlags, Mm, MmError, Prot, SegvCause,
+};
 use hmm::notifier::{NotifierEvent, Recorder};
 use hmm::pgtable::Huge;
 
@@ -203,4 +205,84 @@ fn exit_releases_notifiers_and_frames() {
     assert_eq!(phys.nr_in_use(), in_use - 1, "the child's copy is freed");
     drop(m);
     assert_eq!(phys.nr_in_use(), 0);
+}
+
+#[test]
+fn dontfork_leaves_the_range_out_of_the_child_and_the_parent_unprotected() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    for i in 0..8 {
+        m.mm.write_val(page(a, i), 100 + i).unwrap();
+    }
+    // The middle of the VMA: it splits in three.
+    m.mm.madvise(page(a, 2), 4 * PAGE_SIZE, Advice::DontFork)
+        .unwrap();
+    m.events();
+    let child = m.mm.fork().unwrap();
+    // Only the copied VMAs are write-protected: one PROTECTION_PAGE each.
+    assert_eq!(
+        m.events(),
+        [
+            (
+                NotifierEvent::ProtectionPage,
+                a.as_u64(),
+                page(a, 2).as_u64()
+            ),
+            (
+                NotifierEvent::ProtectionPage,
+                page(a, 6).as_u64(),
+                page(a, 8).as_u64()
+            ),
+        ]
+    );
+    for i in 0..8 {
+        let got = child.read_val::<u64>(page(a, i));
+        if (2..6).contains(&i) {
+            assert!(
+                matches!(
+                    got,
+                    Err(FaultError::Segv {
+                        cause: SegvCause::MapErr,
+                        ..
+                    })
+                ),
+                "page {i} is not the child's: {got:?}"
+            );
+        } else {
+            assert_eq!(got.unwrap(), 100 + i);
+        }
+    }
+    // The parent's pages there stayed writable: a store faults not at all.
+    let before = m.mm.stats();
+    for i in 2..6 {
+        m.mm.write_val(page(a, i), 200 + i).unwrap();
+    }
+    let s = m.mm.stats().since(&before);
+    assert_eq!(
+        (s.faults.cow, s.faults.wp_reuse, s.tlb_flush_ops),
+        (0, 0, 0)
+    );
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
+    drop(child);
+    // DOFORK undoes it; the VMA is one again.
+    m.mm.madvise(page(a, 2), 4 * PAGE_SIZE, Advice::DoFork)
+        .unwrap();
+    assert_eq!(m.mm.vmas().len(), 1);
+    let child = m.mm.fork().unwrap();
+    assert_eq!(child.read_val::<u64>(page(a, 3)).unwrap(), 203);
+    // A hole in the range is ENOMEM and changes nothing, an unaligned start EINVAL.
+    assert!(matches!(
+        m.mm.madvise(page(a, 6), 4 * PAGE_SIZE, Advice::DontFork),
+        Err(MmError::NoMem { .. })
+    ));
+    assert!(matches!(
+        m.mm.madvise(
+            page(a, 0).checked_add(1).unwrap(),
+            PAGE_SIZE,
+            Advice::DontFork
+        ),
+        Err(MmError::Inval { .. })
+    ));
+    assert_eq!(m.mm.vmas().len(), 1);
 }

@@ -12,7 +12,17 @@
 //!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
 //! - a churn thread takes a slot for itself and write-protects it (a CPU store must
 //!   fail), moves it (`mremap`), unmaps and re-maps it (rewriting its pages), or forks the
-//!   process, checks the slot in the child, writes there, and exits the child.
+//!   process, checks the slot in the child, writes there, and exits the child;
+//! - now and then the migration thread removes a device's memory instead (RELEASE: every
+//!   page of the device is evicted to RAM and its chunks unregistered, as device removal
+//!   or module unload does), while the other threads go on using it.
+//!
+//! With `--fail-alloc P`, P percent of RAM and device-memory allocations fail (fault
+//! injection, see [`hmm::fault_inject`]). An operation may then fail for lack of memory,
+//! and only that way; what it leaves must still check out: a CPU store or read that fails
+//! changed nothing, a device WRITE that fails leaves each page at its old or its new
+//! version, a migration or removal that fails leaves every page where its bytes are
+//! intact. The harness's own accesses (checks, rewrites of a re-mapped slot) retry.
 //!
 //! Every ~second the checker stops the world (every operation holds the world lock for
 //! reading) and checks: that no device maps a frame the CPU page table does not map at
@@ -35,7 +45,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{Advice, MapFlags, Mm, MremapFlags, Prot, SwapKind};
+use hmm::fault_inject::{FaultAttr, FaultConfig};
+use hmm::mm::{Advice, FaultError, MapFlags, Mm, MremapFlags, Prot, SwapKind};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
 use parking_lot::{Mutex, RwLock};
@@ -60,6 +71,8 @@ pub(crate) struct Config {
     pub(crate) threads: usize,
     pub(crate) seed: u64,
     pub(crate) pages: u64,
+    /// Percent of allocations made to fail.
+    pub(crate) fail_alloc: u32,
     /// Print JSON (also what a deadlock report is printed as).
     #[serde(skip)]
     pub(crate) json: bool,
@@ -85,6 +98,10 @@ pub(crate) struct Report {
     invariant_failures: u64,
     /// Operations that failed where they must not have.
     unexpected_errors: u64,
+    /// Allocations made to fail (RAM and both devices' memory).
+    injected_failures: u64,
+    /// Operations that failed for lack of memory, each checked to have lost nothing.
+    oom_failures: u64,
     deadlocks: u64,
     /// The first failures, in words.
     failures: Vec<String>,
@@ -122,8 +139,11 @@ impl Report {
             println!("  {kind:>18} {n}");
         }
         println!(
-            "{} checks; corrupted bytes {}, leaked frames {}, stale mirror entries {}, invariant failures {}, unexpected errors {}, deadlocks {}",
-            self.checks,
+            "{} checks; {} allocations failed by injection, {} operations failed for lack of memory",
+            self.checks, self.injected_failures, self.oom_failures
+        );
+        println!(
+            "corrupted bytes {}, leaked frames {}, stale mirror entries {}, invariant failures {}, unexpected errors {}, deadlocks {}",
             self.corrupted_bytes,
             self.leaked_frames,
             self.stale_mirror_entries,
@@ -147,13 +167,14 @@ enum Op {
     MigrateToDev,
     MigrateOnFault,
     MigrateToSys,
+    Release,
     Mprotect,
     Mremap,
     Remap,
     ForkExit,
 }
 
-const OPS: [(&str, Op); 11] = [
+const OPS: [(&str, Op); 12] = [
     ("cpu_read", Op::CpuRead),
     ("cpu_write", Op::CpuWrite),
     ("device_read", Op::DeviceRead),
@@ -161,6 +182,7 @@ const OPS: [(&str, Op); 11] = [
     ("migrate_to_dev", Op::MigrateToDev),
     ("migrate_on_fault", Op::MigrateOnFault),
     ("migrate_to_sys", Op::MigrateToSys),
+    ("device_removal", Op::Release),
     ("mprotect", Op::Mprotect),
     ("mremap", Op::Mremap),
     ("munmap_mmap", Op::Remap),
@@ -195,6 +217,8 @@ struct Shared {
     stale: AtomicU64,
     invariants: AtomicU64,
     errors: AtomicU64,
+    /// Operations that failed for lack of memory.
+    oom: AtomicU64,
     failures: Mutex<Vec<String>>,
     /// Frames allocated before the process existed (the zero pages).
     baseline_allocated: u64,
@@ -232,6 +256,35 @@ impl Shared {
         }
     }
 
+    /// Runs a harness access again while it fails for lack of memory (injected).
+    fn retry_oom<T>(&self, mut op: impl FnMut() -> Result<T, FaultError>) -> Result<T, FaultError> {
+        loop {
+            match op() {
+                Err(FaultError::Oom { .. }) => {
+                    self.oom.fetch_add(1, Ordering::Relaxed);
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Counts an operation's failure for lack of memory; false for any other error.
+    fn out_of_memory(&self, oom: bool) -> bool {
+        if oom {
+            self.oom.fetch_add(1, Ordering::Relaxed);
+        }
+        oom
+    }
+
+    /// The fault-injection points: RAM's and each device's.
+    fn fault_attrs(&self) -> [&FaultAttr; 3] {
+        [
+            self.phys.fail_page_alloc(),
+            self.devs[0].device().fail_alloc(),
+            self.devs[1].device().fail_alloc(),
+        ]
+    }
+
     fn allocated(&self) -> u64 {
         let s = self.phys.stats();
         s.nr_frames - s.nr_free
@@ -260,6 +313,8 @@ fn cpu(sh: &Shared, heart: &Heart, mut rng: Rng) {
                     *v += 1;
                     *sh.last_writer[index as usize].lock() = "a cpu write";
                 }
+                // The store faulted and found no memory: nothing was written.
+                Err(e) if sh.out_of_memory(matches!(e, FaultError::Oom { .. })) => {}
                 Err(e) => sh.error(format!("cpu write of page {index}: {e}")),
             }
             sh.count(Op::CpuWrite);
@@ -267,6 +322,7 @@ fn cpu(sh: &Shared, heart: &Heart, mut rng: Rng) {
             heart.doing("cpu read");
             match sh.mm.read(va, &mut buf) {
                 Ok(()) => sh.check(&buf, index, *v, "cpu read"),
+                Err(e) if sh.out_of_memory(matches!(e, FaultError::Oom { .. })) => {}
                 Err(e) => sh.error(format!("cpu read of page {index}: {e}")),
             }
             sh.count(Op::CpuRead);
@@ -303,43 +359,60 @@ fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
                 let index = Region::index(s, k0 + j as u64);
                 data[j * PAGE..(j + 1) * PAGE].copy_from_slice(&content(index, **v + 1));
             }
+            let writer = if d == 0 {
+                "a device 0 write"
+            } else {
+                "a device 1 write"
+            };
             let r = sh
-                .mm
-                .write(buf, data)
+                .retry_oom(|| sh.mm.write(buf, data))
                 .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    dev.ioctl(DmirrorCmd::Write, &mut cmd)
-                        .map_err(|e| e.to_string())
-                });
+                .map(|()| dev.ioctl(DmirrorCmd::Write, &mut cmd));
             match r {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     for (j, v) in versions.iter_mut().enumerate() {
                         **v += 1;
                         let index = Region::index(s, k0 + j as u64);
-                        *sh.last_writer[index as usize].lock() = if d == 0 {
-                            "a device 0 write"
-                        } else {
-                            "a device 1 write"
-                        };
+                        *sh.last_writer[index as usize].lock() = writer;
                     }
                 }
+                Ok(Err(e)) if sh.out_of_memory(e == DmirrorError::NoMem) => {
+                    // The write stopped at a page it could not fault in; the pages
+                    // before it may hold the new version.
+                    for (j, v) in versions.iter_mut().enumerate() {
+                        let k = k0 + j as u64;
+                        let index = Region::index(s, k);
+                        let mut got = vec![0u8; PAGE];
+                        match sh.retry_oom(|| sh.mm.read(page_va(*base, k), &mut got)) {
+                            Ok(()) if wrong_bytes(&got, index, **v + 1) == 0 => {
+                                **v += 1;
+                                *sh.last_writer[index as usize].lock() = writer;
+                            }
+                            Ok(()) => sh.check(&got, index, **v, "after a failed device write"),
+                            Err(e) => sh.error(format!("read of page {index}: {e}")),
+                        }
+                    }
+                }
+                Ok(Err(e)) => sh.error(format!("device {d} write of slot {s}: {e}")),
                 Err(e) => sh.error(format!("device {d} write of slot {s}: {e}")),
             }
             sh.count(Op::DeviceWrite);
         } else {
             heart.doing("device read");
-            let r = dev
-                .ioctl(DmirrorCmd::Read, &mut cmd)
-                .map_err(|e| e.to_string())
-                .and_then(|()| sh.mm.read(buf, data).map_err(|e| e.to_string()));
+            let r = dev.ioctl(DmirrorCmd::Read, &mut cmd).map(|()| {
+                sh.retry_oom(|| sh.mm.read(buf, data))
+                    .map_err(|e| e.to_string())
+            });
             match r {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     for (j, v) in versions.iter().enumerate() {
                         let index = Region::index(s, k0 + j as u64);
                         sh.check(&data[j * PAGE..(j + 1) * PAGE], index, **v, "device read");
                     }
                 }
+                Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
                 Err(e) => sh.error(format!("device {d} read of slot {s}: {e}")),
+                Ok(Err(e)) => sh.error(format!("device {d} read of slot {s}: {e}")),
             }
             sh.count(Op::DeviceRead);
         }
@@ -356,13 +429,15 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
         let k0 = rng.below(SLOT_PAGES - n + 1);
         let base = sh.region.slots[s].base.read();
         let d = rng.below(2) as usize;
-        let (which, op) = match rng.below(3) {
-            0 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
-            1 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
+        let (which, op) = match rng.below(49) {
+            0 => (DmirrorCmd::Release, Op::Release),
+            1..=16 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
+            17..=32 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
             _ => (DmirrorCmd::MigrateToSys, Op::MigrateToSys),
         };
         heart.doing(match op {
             Op::MigrateToSys => "migrate to system",
+            Op::Release => "remove a device's memory",
             _ => "migrate to a device",
         });
         let mut cmd = HmmDmirrorCmd {
@@ -375,6 +450,9 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
             // A CPU access may take pages back before the read-back: ENOENT, as the
             // kernel's test driver says.
             Ok(()) | Err(DmirrorError::NoEnt) => {}
+            // A page the migration (or the eviction) found no memory for stays where it
+            // is, bytes intact.
+            Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
             Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
         }
         sh.count(op);
@@ -387,7 +465,7 @@ fn check_slot(sh: &Shared, mm: &Mm, s: usize, base: VirtAddr, versions: &[u64], 
     let mut buf = vec![0u8; PAGE];
     for (k, v) in versions.iter().enumerate() {
         let index = Region::index(s, k as u64);
-        match mm.read(page_va(base, k as u64), &mut buf) {
+        match sh.retry_oom(|| mm.read(page_va(base, k as u64), &mut buf)) {
             Ok(()) => sh.check(&buf, index, *v, by),
             Err(e) => sh.error(format!("{by}: read of page {index}: {e}")),
         }
@@ -454,8 +532,7 @@ fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
                     *base = at;
                     for (k, v) in versions.iter().enumerate() {
                         let index = Region::index(s, k as u64);
-                        sh.mm
-                            .write(page_va(at, k as u64), &content(index, *v))
+                        sh.retry_oom(|| sh.mm.write(page_va(at, k as u64), &content(index, *v)))
                             .map_err(|e| e.to_string())?;
                     }
                     Ok(Op::Remap)
@@ -467,7 +544,8 @@ fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
                     let child = sh.mm.fork().map_err(|e| e.to_string())?;
                     check_slot(sh, &child, s, *base, &versions, "forked child");
                     // The child's store is its own: the parent's page keeps its bytes.
-                    child.write(*base, &[0xee; 64]).map_err(|e| e.to_string())?;
+                    sh.retry_oom(|| child.write(*base, &[0xee; 64]))
+                        .map_err(|e| e.to_string())?;
                     drop(child);
                     Ok(Op::ForkExit)
                 })()
@@ -565,6 +643,8 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
         stale_mirror_entries: sh.stale.load(Ordering::Relaxed),
         invariant_failures: sh.invariants.load(Ordering::Relaxed),
         unexpected_errors: sh.errors.load(Ordering::Relaxed),
+        injected_failures: sh.fault_attrs().iter().map(|a| a.stats().injected).sum(),
+        oom_failures: sh.oom.load(Ordering::Relaxed),
         deadlocks: u64::from(!stuck.is_empty()),
         failures,
     }
@@ -604,10 +684,16 @@ fn build(
             )?;
         }
     }
-    // One buffer per device thread and one for the migrator.
+    // One buffer per device thread and one for the migrator, left out of forks
+    // (`MADV_DONTFORK`, as drivers ask of their transfer buffers): a fork never makes the
+    // driver's copy to or from them fault, so they never run out of memory.
     let bufs: Vec<VirtAddr> = (0..3)
         .map(|_| mm.mmap(None, RUN * PAGE_SIZE, RW, MapFlags::PRIVATE))
         .collect::<Result<_, _>>()?;
+    for b in &bufs {
+        mm.madvise(*b, RUN * PAGE_SIZE, Advice::DontFork)?;
+        mm.write(*b, &vec![0u8; (RUN * PAGE_SIZE) as usize])?;
+    }
     let devs = [
         Dmirror::open(driver.device(0), &mm)?,
         Dmirror::open(driver.device(1), &mm)?,
@@ -624,6 +710,7 @@ fn build(
         stale: AtomicU64::new(0),
         invariants: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        oom: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
         baseline_allocated,
         last_writer: (0..nslots * SLOT_PAGES)
@@ -639,7 +726,18 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
     if cfg.threads == 0 || cfg.seconds.is_nan() || cfg.seconds <= 0.0 {
         return Err("--threads and --seconds must be positive".into());
     }
+    if cfg.fail_alloc > 50 {
+        return Err("--fail-alloc is a percent from 0 to 50".into());
+    }
     let (sh, driver, bufs) = build(&cfg)?;
+    if cfg.fail_alloc > 0 {
+        for (i, attr) in sh.fault_attrs().into_iter().enumerate() {
+            attr.set(FaultConfig::random(
+                cfg.fail_alloc,
+                mix(cfg.seed ^ i as u64),
+            ))?;
+        }
+    }
     let phys = sh.phys.clone();
     let baseline_allocated = sh.baseline_allocated;
     let mut hearts: Vec<Heart> = (0..cfg.threads)
@@ -700,6 +798,10 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
             for w in workers {
                 w.join().expect("a stress thread panicked");
             }
+            // The final check and the teardown run with every allocation succeeding.
+            for attr in sh.fault_attrs() {
+                attr.disable();
+            }
             checker.doing("final check");
             check_world(sh);
             checks += 1;
@@ -730,6 +832,7 @@ mod tests {
             threads: 1,
             seed: 1,
             pages: 32,
+            fail_alloc: 0,
             json: false,
         };
         let (sh, _driver, _bufs) = build(&cfg).unwrap();

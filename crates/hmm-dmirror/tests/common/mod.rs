@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{MapFlags, Mm, Prot};
+use hmm::mm::{MapFlags, Mm, Prot, SwapKind};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
 
@@ -102,4 +102,25 @@ pub fn iters() -> u64 {
 /// Page `i` at version `v`: the first word is `i << 32 | v`.
 pub fn word(i: u64, v: u64) -> u64 {
     (i << 32) | v
+}
+
+/// Every entry `d` holds for `[a, a + n)` maps the frame `mm` maps there (present, or its
+/// own device-private page); returns how many entries it holds.
+pub fn assert_maps_only_what_the_process_maps(d: &Dmirror, mm: &Mm, a: VirtAddr, n: u64) -> usize {
+    let mut held = 0;
+    for (i, e) in mm.pagemap(a, n).unwrap().into_iter().enumerate() {
+        let va = page(a, i as u64);
+        let Some(entry) = d.lookup(va) else { continue };
+        held += 1;
+        let own_private = e.swap == Some(SwapKind::DevicePrivate)
+            && d.device().owns(&mm.phys().frame_nr(entry.frame_nr));
+        let exclusive = e.swap == Some(SwapKind::DeviceExclusive);
+        assert!(
+            e.pfn == Some(entry.frame_nr) && (e.present || own_private || exclusive),
+            "device {} maps {:#x} at {va}, the process has {e:?}",
+            d.device().minor(),
+            entry.frame_nr
+        );
+    }
+    held
 }

@@ -56,7 +56,12 @@ impl Mm {
             let mut dst = child.lock.write();
             let mut tlb = TlbGather::new(self);
             let mut result = Ok(());
-            for v in parent.vmas.iter() {
+            // dup_mmap skips VM_DONTCOPY (MADV_DONTFORK) VMAs.
+            for v in parent
+                .vmas
+                .iter()
+                .filter(|v| !v.flags().contains(VmFlags::DONTCOPY))
+            {
                 dst.vmas.insert(v.clone());
                 match v.backing() {
                     Backing::Shmem(obj) => obj.mappers.add(&child.this),

@@ -1,4 +1,4 @@
-//! `madvise`: DONTNEED, FREE, HUGEPAGE, NOHUGEPAGE, COLLAPSE.
+//! `madvise`: DONTNEED, FREE, HUGEPAGE, NOHUGEPAGE, COLLAPSE, DONTFORK, DOFORK.
 
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{NotifierEvent, NotifierRange};
@@ -37,6 +37,15 @@ pub enum Advice {
     /// THP can be allocated (the last failure wins; the other ranges are still collapsed).
     #[doc(alias = "MADV_COLLAPSE")]
     Collapse,
+    /// `MADV_DONTFORK`: a child created by [`Mm::fork`] does not get the range at all, so
+    /// the parent's pages are never shared copy-on-write with it. What drivers ask of
+    /// buffers a device writes into: a fork in the middle of a transfer must not leave
+    /// the device writing into a page the parent no longer maps.
+    #[doc(alias = "MADV_DONTFORK")]
+    DontFork,
+    /// `MADV_DOFORK`: undoes [`DontFork`](Self::DontFork).
+    #[doc(alias = "MADV_DOFORK")]
+    DoFork,
 }
 
 impl Mm {
@@ -97,16 +106,17 @@ impl Mm {
                 self.deferred_split_scan(st);
                 Ok(())
             }
-            Advice::HugePage | Advice::NoHugePage => {
+            Advice::HugePage | Advice::NoHugePage | Advice::DontFork | Advice::DoFork => {
                 let mut st = self.lock.write();
                 if st.vmas.first_hole(range).is_some() {
                     return Err(unmapped);
                 }
                 hugetlb::check_range(&st.vmas, range)?;
-                let (set, clear) = if advice == Advice::HugePage {
-                    (VmFlags::HUGEPAGE, VmFlags::NOHUGEPAGE)
-                } else {
-                    (VmFlags::NOHUGEPAGE, VmFlags::HUGEPAGE)
+                let (set, clear) = match advice {
+                    Advice::HugePage => (VmFlags::HUGEPAGE, VmFlags::NOHUGEPAGE),
+                    Advice::NoHugePage => (VmFlags::NOHUGEPAGE, VmFlags::HUGEPAGE),
+                    Advice::DontFork => (VmFlags::DONTCOPY, VmFlags::empty()),
+                    _ => (VmFlags::empty(), VmFlags::DONTCOPY),
                 };
                 thp::split_at_vma_bounds(self, &st, range);
                 st.vmas.update_flags(range, |f| (f - clear) | set);

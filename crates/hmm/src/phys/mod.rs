@@ -45,6 +45,7 @@ pub use hugetlb::HugetlbStats;
 pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
 
 use crate::addr::{DevicePfn, Pfn, PMD_ORDER, PMD_SIZE};
+use crate::fault_inject::FaultAttr;
 use crate::zone_device::DevPagemap;
 use alloc::BLOCK_FRAMES;
 pub(crate) use region::{FreeHook, Region};
@@ -132,6 +133,7 @@ pub struct PhysStats {
 #[derive(Debug)]
 pub struct PhysMem {
     region: Region,
+    fail_page_alloc: FaultAttr,
     sections: Box<[OnceLock<Arc<DevPagemap>>]>,
     next_section: AtomicUsize,
 }
@@ -164,6 +166,7 @@ impl PhysMem {
         }
         Ok(Arc::new(PhysMem {
             region,
+            fail_page_alloc: FaultAttr::new(),
             sections: (0..NR_SECTIONS).map(|_| OnceLock::new()).collect(),
             next_section: AtomicUsize::new(1),
         }))
@@ -324,8 +327,20 @@ impl PhysMem {
     /// [`alloc_zeroed`](Self::alloc_zeroed) or overwrite it.
     #[doc(alias = "folio_alloc")]
     pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
+        if self.fail_page_alloc.should_fail() {
+            return Err(AllocError { order });
+        }
         let first = self.region.alloc(order, flags)?;
         Ok(Frame::adopt(&self.region, first as u64))
+    }
+
+    /// The fault injection in front of [`alloc`](Self::alloc) and
+    /// [`alloc_zeroed`](Self::alloc_zeroed) (the kernel's `fail_page_alloc`): every folio
+    /// of system RAM comes through here, for faults, copies on write, THP, migration
+    /// destinations and driver pages alike. The hugetlb pool's pages are reserved ahead and
+    /// do not (as in the kernel, where they come from the pool, not the page allocator).
+    pub fn fail_page_alloc(&self) -> &FaultAttr {
+        &self.fail_page_alloc
     }
 
     /// Allocates a zero-filled folio (see [`alloc`](Self::alloc)).
