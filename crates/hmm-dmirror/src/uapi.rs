@@ -68,6 +68,20 @@ pub enum DmirrorCmd {
 }
 
 impl DmirrorCmd {
+    /// Every command, in number order.
+    pub const ALL: [DmirrorCmd; 10] = [
+        DmirrorCmd::Read,
+        DmirrorCmd::Write,
+        DmirrorCmd::MigrateToDev,
+        DmirrorCmd::MigrateToSys,
+        DmirrorCmd::Snapshot,
+        DmirrorCmd::Exclusive,
+        DmirrorCmd::CheckExclusive,
+        DmirrorCmd::Release,
+        DmirrorCmd::Flags,
+        DmirrorCmd::MigrateOnFaultToDev,
+    ];
+
     /// The command's number in the ioctl (`_IOWR('H', nr, struct hmm_dmirror_cmd)`).
     pub fn nr(self) -> u32 {
         match self {
@@ -91,20 +105,7 @@ impl DmirrorCmd {
 
     /// The command an ioctl request number names, if this driver has it.
     pub fn from_ioctl(request: u32) -> Option<DmirrorCmd> {
-        [
-            DmirrorCmd::Read,
-            DmirrorCmd::Write,
-            DmirrorCmd::MigrateToDev,
-            DmirrorCmd::MigrateToSys,
-            DmirrorCmd::Snapshot,
-            DmirrorCmd::Exclusive,
-            DmirrorCmd::CheckExclusive,
-            DmirrorCmd::Release,
-            DmirrorCmd::Flags,
-            DmirrorCmd::MigrateOnFaultToDev,
-        ]
-        .into_iter()
-        .find(|c| c.ioctl() == request)
+        DmirrorCmd::ALL.into_iter().find(|c| c.ioctl() == request)
     }
 }
 

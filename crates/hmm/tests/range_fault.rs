@@ -317,41 +317,6 @@ fn shared_and_file_mappings() {
 }
 
 #[test]
-fn bad_arguments_are_inval_and_change_nothing() {
-    let m = Machine::new(16);
-    let w = watch(&m.mm);
-    let a = m.map(2, RW, MapFlags::PRIVATE);
-    let mut pfns = [HmmPfn::default(); 2];
-    let mut bad = |start: VirtAddr, end: VirtAddr, len: usize| {
-        let mut range = HmmRange {
-            notifier: &w.1,
-            notifier_seq: w.1.read_begin(),
-            start,
-            end,
-            hmm_pfns: &mut pfns[..len],
-            default_flags: READ,
-            pfn_flags_mask: HmmPfnFlags::empty(),
-            dev_private_owner: None,
-        };
-        hmm_range_fault(&m.mm.mmap_read(), &mut range).unwrap_err()
-    };
-    let inval = |e: HmmError| matches!(e, HmmError::Inval { .. });
-    assert!(inval(bad(a.checked_add(1).unwrap(), page(a, 2), 2)));
-    assert!(inval(bad(a, a, 0)));
-    assert!(inval(bad(page(a, 2), a, 2)));
-    assert!(inval(bad(a, page(a, 2), 1)));
-    // Another address space's notifier.
-    let other = Mm::new(m.phys.clone());
-    let (_m2, n2) = watch(&other);
-    let mut pfns = vec![HmmPfn::default(); 1];
-    let mut range = range(&n2, a, &mut pfns, READ);
-    assert!(inval(
-        hmm_range_fault(&m.mm.mmap_read(), &mut range).unwrap_err()
-    ));
-    assert_eq!(m.mm.stats().faults.total(), 0);
-}
-
-#[test]
 fn a_collision_before_the_walk_is_busy() {
     let m = Machine::new(16);
     let w = watch(&m.mm);
