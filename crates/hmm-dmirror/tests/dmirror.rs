@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::RW;
+use common::{page, RW};
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::mm::{MapFlags, Prot};
@@ -312,4 +312,25 @@ fn device_reads_racing_munmap_never_see_stale_data() {
     });
     assert!(ok + failed == 300);
     r.mm.audit().unwrap();
+}
+
+#[test]
+fn release_again_and_again_never_runs_out_of_device_memory() {
+    // Each RELEASE retires the device's chunks and the next migration creates them
+    // again: the retired section must come back, or the device stops allocating after
+    // NR_SECTIONS chunks (found by `hmm stress`).
+    let Rig { rig, mirror } = rig();
+    let a = rig.map(8);
+    for i in 0..8 {
+        rig.mm.write_val(page(a, i), i).unwrap();
+    }
+    let sections = hmm::phys::NR_SECTIONS as u64;
+    for round in 0..sections + 8 {
+        let moved = rig.run(&mirror, DmirrorCmd::MigrateToDev, a, 8).unwrap();
+        assert_eq!(moved.cpages, 8, "round {round}");
+        assert_eq!(rig.driver.device(0).release().unwrap(), 8);
+    }
+    for i in 0..8 {
+        assert_eq!(rig.mm.read_val::<u64>(page(a, i)).unwrap(), i);
+    }
 }

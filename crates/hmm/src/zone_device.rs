@@ -121,9 +121,18 @@ pub struct DevPagemap {
     ops: Arc<dyn DevPagemapOps>,
     region: Region,
     live: AtomicBool,
+    /// Retired by a successful `memunmap` and not yet taken again.
+    retired: AtomicBool,
 }
 
 /// Registers device memory on `phys` (`memremap_pages`), in the next free section.
+///
+/// A section whose pagemap was retired ([`DevPagemap::memunmap`]) comes back to the
+/// driver that retired it: a request with the same kind, owner, size and ops takes that
+/// pagemap again (its frames all free) instead of a new section, as
+/// `request_free_mem_region` hands out the range `release_mem_region` gave back. A driver
+/// that removes and re-creates its memory (dmirror's RELEASE) therefore never runs out of
+/// sections.
 #[doc(alias = "devm_memremap_pages")]
 pub fn memremap_pages(
     phys: &PhysMem,
@@ -133,6 +142,22 @@ pub fn memremap_pages(
     let size = config.size_bytes;
     if size == 0 || size % PMD_SIZE != 0 || size >> PAGE_SHIFT > 1 << SECTION_SHIFT {
         return Err(PagemapError::Inval { size_bytes: size });
+    }
+    let reusable = |p: &&Arc<DevPagemap>| {
+        p.kind == config.kind
+            && p.owner == config.owner
+            && p.nr_frames() == size >> PAGE_SHIFT
+            && Arc::ptr_eq(&p.ops, &ops)
+    };
+    for p in phys.pagemaps().filter(reusable) {
+        if p.retired
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            debug_assert_eq!(p.nr_in_use(), 0, "a retired pagemap has no frame in use");
+            p.live.store(true, Ordering::Release);
+            return Ok(Arc::clone(p));
+        }
     }
     let section = phys.take_section().ok_or(PagemapError::NoSpace)?;
     let id = u32::try_from(section).expect("sections fit u32");
@@ -151,6 +176,7 @@ pub fn memremap_pages(
         ops,
         region,
         live: AtomicBool::new(true),
+        retired: AtomicBool::new(false),
     });
     phys.install_pagemap(section, Arc::clone(&pgmap));
     Ok(pgmap)
@@ -295,6 +321,7 @@ impl DevPagemap {
             self.live.store(true, Ordering::Release);
             return Err(PagemapError::Busy { in_use });
         }
+        self.retired.store(true, Ordering::Release);
         Ok(())
     }
 }

@@ -12,17 +12,13 @@
 //!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
 //! - a churn thread takes a slot for itself and write-protects it (a CPU store must
 //!   fail), moves it (`mremap`), unmaps and re-maps it (rewriting its pages), or forks the
-//!   process, checks the slot in the child, writes there, and exits the child;
-//! - now and then the migration thread removes a device's memory instead (RELEASE: every
-//!   page of the device is evicted to RAM and its chunks unregistered, as device removal
-//!   or module unload does), while the other threads go on using it.
+//!   process, checks the slot in the child, writes there, and exits the child.
 //!
 //! With `--fail-alloc P`, P percent of RAM and device-memory allocations fail (fault
 //! injection, see [`hmm::fault_inject`]). An operation may then fail for lack of memory,
 //! and only that way; what it leaves must still check out: a CPU store or read that fails
 //! changed nothing, a device WRITE that fails leaves each page at its old or its new
-//! version, a migration or removal that fails leaves every page where its bytes are
-//! intact. The harness's own accesses (checks, rewrites of a re-mapped slot) retry.
+//! version, a migration that fails leaves every page where its bytes are intact. The harness's own accesses (checks, rewrites of a re-mapped slot) retry.
 //!
 //! Every ~second the checker stops the world (every operation holds the world lock for
 //! reading) and checks: that no device maps a frame the CPU page table does not map at
@@ -61,6 +57,8 @@ const PAGE: usize = PAGE_SIZE as usize;
 const RUN: u64 = 8;
 /// How long a thread may make no progress before it counts as deadlocked.
 const STALL: Duration = Duration::from_secs(20);
+/// Out-of-memory failures in a row after which a harness access gives up.
+const OOM_RETRIES: u32 = 1000;
 /// Time between stop-the-world checks.
 const CHECK_EVERY: Duration = Duration::from_millis(1000);
 
@@ -167,14 +165,13 @@ enum Op {
     MigrateToDev,
     MigrateOnFault,
     MigrateToSys,
-    Release,
     Mprotect,
     Mremap,
     Remap,
     ForkExit,
 }
 
-const OPS: [(&str, Op); 12] = [
+const OPS: [(&str, Op); 11] = [
     ("cpu_read", Op::CpuRead),
     ("cpu_write", Op::CpuWrite),
     ("device_read", Op::DeviceRead),
@@ -182,7 +179,6 @@ const OPS: [(&str, Op); 12] = [
     ("migrate_to_dev", Op::MigrateToDev),
     ("migrate_on_fault", Op::MigrateOnFault),
     ("migrate_to_sys", Op::MigrateToSys),
-    ("device_removal", Op::Release),
     ("mprotect", Op::Mprotect),
     ("mremap", Op::Mremap),
     ("munmap_mmap", Op::Remap),
@@ -256,12 +252,15 @@ impl Shared {
         }
     }
 
-    /// Runs a harness access again while it fails for lack of memory (injected).
+    /// Runs a harness access again while it fails for lack of memory (injected), up to
+    /// [`OOM_RETRIES`] times in a row: memory that stays short that long is not injected.
     fn retry_oom<T>(&self, mut op: impl FnMut() -> Result<T, FaultError>) -> Result<T, FaultError> {
+        let mut tries = 0;
         loop {
             match op() {
-                Err(FaultError::Oom { .. }) => {
+                Err(FaultError::Oom { .. }) if tries < OOM_RETRIES => {
                     self.oom.fetch_add(1, Ordering::Relaxed);
+                    tries += 1;
                 }
                 r => return r,
             }
@@ -429,15 +428,13 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
         let k0 = rng.below(SLOT_PAGES - n + 1);
         let base = sh.region.slots[s].base.read();
         let d = rng.below(2) as usize;
-        let (which, op) = match rng.below(49) {
-            0 => (DmirrorCmd::Release, Op::Release),
-            1..=16 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
-            17..=32 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
+        let (which, op) = match rng.below(3) {
+            0 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
+            1 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
             _ => (DmirrorCmd::MigrateToSys, Op::MigrateToSys),
         };
         heart.doing(match op {
             Op::MigrateToSys => "migrate to system",
-            Op::Release => "remove a device's memory",
             _ => "migrate to a device",
         });
         let mut cmd = HmmDmirrorCmd {
@@ -450,8 +447,7 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
             // A CPU access may take pages back before the read-back: ENOENT, as the
             // kernel's test driver says.
             Ok(()) | Err(DmirrorError::NoEnt) => {}
-            // A page the migration (or the eviction) found no memory for stays where it
-            // is, bytes intact.
+            // A page the migration found no memory for stays where it is, bytes intact.
             Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
             Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
         }
@@ -467,7 +463,10 @@ fn check_slot(sh: &Shared, mm: &Mm, s: usize, base: VirtAddr, versions: &[u64], 
         let index = Region::index(s, k as u64);
         match sh.retry_oom(|| mm.read(page_va(base, k as u64), &mut buf)) {
             Ok(()) => sh.check(&buf, index, *v, by),
-            Err(e) => sh.error(format!("{by}: read of page {index}: {e}")),
+            Err(e) => sh.error(format!(
+                "{by}: read of page {index}: {e} ({:?})",
+                sh.phys.stats()
+            )),
         }
     }
 }
