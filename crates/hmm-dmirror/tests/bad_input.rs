@@ -203,9 +203,23 @@ impl World {
         addr: u64,
         npages: u64,
     ) -> Result<(), DmirrorError> {
+        self.cmd_with_buffer(dev, which, addr, npages, self.r.buf.as_u64())
+            .map(|_| ())
+    }
+
+    /// Runs a command with `ptr` as its user buffer; a failed command must leave its
+    /// command block as it was. Returns the block the command filled in.
+    fn cmd_with_buffer(
+        &self,
+        dev: usize,
+        which: DmirrorCmd,
+        addr: u64,
+        npages: u64,
+        ptr: u64,
+    ) -> Result<HmmDmirrorCmd, DmirrorError> {
         let mut c = HmmDmirrorCmd {
             addr,
-            ptr: self.r.buf.as_u64(),
+            ptr,
             npages,
             ..HmmDmirrorCmd::default()
         };
@@ -214,7 +228,7 @@ impl World {
         if r.is_err() {
             assert_eq!(c, before, "a failed {which:?} wrote to its command block");
         }
-        r
+        r.map(|()| c)
     }
 
     fn range<'a>(&'a self, start: VirtAddr, end: VirtAddr, pfns: &'a mut [HmmPfn]) -> HmmRange<'a> {
@@ -817,40 +831,30 @@ fn dmirror_commands() {
         }
         // A WRITE from a user buffer outside any VMA: EFAULT before the device
         // touches anything.
-        let mut c = HmmDmirrorCmd {
-            addr: a,
-            ptr: 0x10000,
-            npages: 1,
-            ..HmmDmirrorCmd::default()
-        };
         assert_eq!(
-            w.d[1].ioctl(DmirrorCmd::Write, &mut c),
+            w.cmd_with_buffer(1, DmirrorCmd::Write, a, 1, 0x10000),
             Err(DmirrorError::Fault)
         );
     });
     // A READ into a user buffer outside any VMA is EFAULT too, but only once the device
     // has read (and mirrored) the page, as dmirror_read's copy_to_user comes last.
-    let mut c = HmmDmirrorCmd {
-        addr: a,
-        ptr: 0x10000,
-        npages: 1,
-        ..HmmDmirrorCmd::default()
-    };
     assert_eq!(
-        w.d[1].ioctl(DmirrorCmd::Read, &mut c),
+        w.cmd_with_buffer(1, DmirrorCmd::Read, a, 1, 0x10000),
         Err(DmirrorError::Fault)
     );
     // Another device's pages: device 1's MIGRATE_TO_SYS selects only its own pages, so
     // device 0's stay where they are (its MIGRATE event, which is not device 0's own,
     // still clears device 0's table, as the collect walk always announces the range).
     let before = w.r.mm.pagemap(page(w.a, 6), 2).unwrap();
-    let mut c = HmmDmirrorCmd {
-        addr: page(w.a, 6).as_u64(),
-        ptr: w.r.buf.as_u64(),
-        npages: 2,
-        ..HmmDmirrorCmd::default()
-    };
-    w.d[1].ioctl(DmirrorCmd::MigrateToSys, &mut c).unwrap();
+    let c = w
+        .cmd_with_buffer(
+            1,
+            DmirrorCmd::MigrateToSys,
+            page(w.a, 6).as_u64(),
+            2,
+            w.r.buf.as_u64(),
+        )
+        .unwrap();
     assert_eq!(c.cpages, 0, "device 1 moved device 0's pages");
     assert_eq!(w.r.mm.pagemap(page(w.a, 6), 2).unwrap(), before);
     assert_eq!(w.r.driver.device(0).nr_in_use(), 2);
