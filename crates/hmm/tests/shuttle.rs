@@ -14,7 +14,10 @@
 //! 2. a CPU fault against `migrate_vma` on the same page, both ways: no write is lost;
 //! 3. migration against `munmap`: no frame (system or device) leaks, nothing stays locked;
 //! 4. device-exclusive access against a CPU fault: the device's exclusive mapping is
-//!    revoked before the CPU touches the page, and neither side's write is lost.
+//!    revoked before the CPU touches the page, and neither side's write is lost;
+//! 5. a driver evicting its memory (`migrate_device_range`, no mmap lock) against `fork`:
+//!    no migration entry is left behind in the child, whose copy the reverse-map walks
+//!    must find (a missed one waits for ever on a freed page).
 //!
 //! Every schedule ends with `Mm::audit` and a frame count. The budget per check is
 //! `HMM_SHUTTLE_ITERS` schedules per scheduler (default 1000):
@@ -28,7 +31,10 @@ use std::sync::Arc;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE};
 use hmm::exclusive::make_device_exclusive;
-use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
+use hmm::migrate::{
+    migrate_device_range, migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags,
+    Migration,
+};
 use hmm::mm::{Advice, DeviceFault, MapFlags, Mm, Prot, SwapKind, VmFault};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
@@ -544,6 +550,46 @@ fn exclusive_access_is_revoked_before_the_cpu_touches_the_page() {
             "the CPU store was lost"
         );
         drop(Arc::into_inner(mir).unwrap());
+        Arc::into_inner(w).unwrap().teardown(a, 1);
+    });
+}
+
+/// Evicts every page of the device to system memory, as a driver removing its memory
+/// does; returns the pages evicted.
+fn evict(w: &World) -> u64 {
+    let mut m = migrate_device_range(&w.phys, w.dev.frame(0), w.dev.nr_frames());
+    for i in 0..m.src().len() {
+        let Some(src) = m.src_page(i) else { continue };
+        let page = system_page(&w.phys).expect("RAM for the eviction");
+        page.copy_from(&src);
+        m.set_dst(i, page, true);
+    }
+    m.pages().finalize().migrated
+}
+
+#[test]
+fn device_eviction_against_fork_leaves_no_migration_entry() {
+    explore(|| {
+        let w = Arc::new(World::new());
+        let a = w.buffer(1);
+        assert_eq!(w.to_device(a, 1), 1);
+        let evictor = {
+            let w = Arc::clone(&w);
+            thread::spawn(move || evict(&w))
+        };
+        let child = w.mm.fork().unwrap();
+        evictor.join().unwrap();
+        for mm in [&w.mm, &child] {
+            let e = mm.pagemap(a, 1).unwrap()[0];
+            assert_ne!(
+                e.swap,
+                Some(SwapKind::Migration),
+                "a migration entry outlived the eviction"
+            );
+            assert_eq!(mm.read_val::<u64>(a).unwrap(), 1);
+        }
+        child.audit().unwrap();
+        drop(child);
         Arc::into_inner(w).unwrap().teardown(a, 1);
     });
 }

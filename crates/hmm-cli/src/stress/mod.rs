@@ -12,13 +12,17 @@
 //!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
 //! - a churn thread takes a slot for itself and write-protects it (a CPU store must
 //!   fail), moves it (`mremap`), unmaps and re-maps it (rewriting its pages), or forks the
-//!   process, checks the slot in the child, writes there, and exits the child.
+//!   process, checks the slot in the child, writes there, and exits the child;
+//! - now and then the migration thread removes a device's memory instead (RELEASE: every
+//!   page of the device is evicted to RAM and its chunks unregistered, as device removal
+//!   or module unload does), while the other threads go on using it.
 //!
 //! With `--fail-alloc P`, P percent of RAM and device-memory allocations fail (fault
 //! injection, see [`hmm::fault_inject`]). An operation may then fail for lack of memory,
 //! and only that way; what it leaves must still check out: a CPU store or read that fails
 //! changed nothing, a device WRITE that fails leaves each page at its old or its new
-//! version, a migration that fails leaves every page where its bytes are intact. The harness's own accesses (checks, rewrites of a re-mapped slot) retry.
+//! version, a migration or removal that fails leaves every page where its bytes are
+//! intact. The harness's own accesses (checks, rewrites of a re-mapped slot) retry.
 //!
 //! Every ~second the checker stops the world (every operation holds the world lock for
 //! reading) and checks: that no device maps a frame the CPU page table does not map at
@@ -45,7 +49,7 @@ use hmm::fault_inject::{FaultAttr, FaultConfig};
 use hmm::mm::{Advice, FaultError, MapFlags, Mm, MremapFlags, Prot, SwapKind};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use serde::Serialize;
 
 use region::{content, mix, page_va, wrong_bytes, Region, SLOT_BYTES, SLOT_PAGES};
@@ -165,13 +169,14 @@ enum Op {
     MigrateToDev,
     MigrateOnFault,
     MigrateToSys,
+    Release,
     Mprotect,
     Mremap,
     Remap,
     ForkExit,
 }
 
-const OPS: [(&str, Op); 11] = [
+const OPS: [(&str, Op); 12] = [
     ("cpu_read", Op::CpuRead),
     ("cpu_write", Op::CpuWrite),
     ("device_read", Op::DeviceRead),
@@ -179,6 +184,7 @@ const OPS: [(&str, Op); 11] = [
     ("migrate_to_dev", Op::MigrateToDev),
     ("migrate_on_fault", Op::MigrateOnFault),
     ("migrate_to_sys", Op::MigrateToSys),
+    ("device_removal", Op::Release),
     ("mprotect", Op::Mprotect),
     ("mremap", Op::Mremap),
     ("munmap_mmap", Op::Remap),
@@ -428,13 +434,15 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
         let k0 = rng.below(SLOT_PAGES - n + 1);
         let base = sh.region.slots[s].base.read();
         let d = rng.below(2) as usize;
-        let (which, op) = match rng.below(3) {
-            0 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
-            1 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
+        let (which, op) = match rng.below(49) {
+            0 => (DmirrorCmd::Release, Op::Release),
+            1..=16 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
+            17..=32 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
             _ => (DmirrorCmd::MigrateToSys, Op::MigrateToSys),
         };
         heart.doing(match op {
             Op::MigrateToSys => "migrate to system",
+            Op::Release => "remove a device's memory",
             _ => "migrate to a device",
         });
         let mut cmd = HmmDmirrorCmd {
@@ -447,7 +455,8 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
             // A CPU access may take pages back before the read-back: ENOENT, as the
             // kernel's test driver says.
             Ok(()) | Err(DmirrorError::NoEnt) => {}
-            // A page the migration found no memory for stays where it is, bytes intact.
+            // A page the migration (or the eviction) found no memory for stays where it
+            // is, bytes intact.
             Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
             Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
         }
@@ -561,9 +570,9 @@ fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
     }
 }
 
-/// The stop-the-world check. Returns nothing; failures are counted in `sh`.
-fn check_world(sh: &Shared) {
-    let _world = sh.world.write();
+/// The stop-the-world check, under the world lock held for writing. Returns nothing;
+/// failures are counted in `sh`.
+fn check_world(sh: &Shared, _world: RwLockWriteGuard<'_, ()>) {
     // Mirrors first: reading the pages below brings device pages home.
     let bases: Vec<VirtAddr> = sh.region.slots.iter().map(|s| *s.base.read()).collect();
     for (d, dev) in sh.devs.iter().enumerate() {
@@ -782,9 +791,13 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
                 checker.beat();
                 if Instant::now() >= next {
                     checker.doing("stop-the-world check");
-                    check_world(sh);
-                    checks += 1;
-                    next = Instant::now() + CHECK_EVERY;
+                    // Waits for the world in slices, so that a thread stuck while holding
+                    // it for reading is reported by the watchdog instead of hanging here.
+                    if let Some(world) = sh.world.try_write_for(Duration::from_millis(100)) {
+                        check_world(sh, world);
+                        checks += 1;
+                        next = Instant::now() + CHECK_EVERY;
+                    }
                 }
             }
             if dog.is_finished() {
@@ -802,7 +815,7 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
                 attr.disable();
             }
             checker.doing("final check");
-            check_world(sh);
+            check_world(sh, sh.world.write());
             checks += 1;
             done.store(true, Ordering::Release);
             dog.join().expect("watchdog")
@@ -835,7 +848,7 @@ mod tests {
             json: false,
         };
         let (sh, _driver, _bufs) = build(&cfg).unwrap();
-        check_world(&sh);
+        check_world(&sh, sh.world.write());
         assert_eq!(sh.corrupted.load(Ordering::Relaxed), 0);
         assert_eq!(sh.invariants.load(Ordering::Relaxed), 0);
         assert_eq!(sh.stale.load(Ordering::Relaxed), 0);
@@ -845,12 +858,12 @@ mod tests {
         sh.mm
             .write_val(page.checked_add(100).unwrap(), 0x5au8)
             .unwrap();
-        check_world(&sh);
+        check_world(&sh, sh.world.write());
         assert_eq!(sh.corrupted.load(Ordering::Relaxed), 1);
 
         // A frame allocated that nothing maps.
         let held = sh.phys.alloc(0, hmm::phys::FrameFlags::empty()).unwrap();
-        check_world(&sh);
+        check_world(&sh, sh.world.write());
         assert_eq!(sh.invariants.load(Ordering::Relaxed), 1);
         drop(held);
         assert!(sh.failures.lock().len() >= 2);

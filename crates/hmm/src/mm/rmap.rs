@@ -27,6 +27,22 @@
 //! has already locked is passed in as `held` and not locked again. No operation that holds
 //! an mmap lock for writing waits for a folio lock or another address space, so the walk
 //! may run with a folio locked.
+//!
+//! # Fork during a walk
+//!
+//! A walk must not miss an entry that `fork` copies while it runs: a migration entry
+//! copied into a child that `remove_migration_ptes` never visits waits forever on a page
+//! that is freed (found by `hmm stress` with device removal). The kernel closes this with
+//! the anon_vma lock, which the walker holds for its whole walk and `fork` must take to
+//! link the child before it copies a single entry. Here `fork` holds the parent's mmap
+//! lock for writing while it adds the child to the set and copies, and a walker may not
+//! hold the set's lock while it takes an mmap lock (that order is the reverse of
+//! `fork`'s). So the walk goes in rounds: it visits the members it sees, then looks at
+//! the set again and visits the ones that joined meanwhile, until a round finds none.
+//! A child that joined after the walk's first look and before its visit of the parent
+//! is then visited in a later round, after its copy is complete (`fork` holds the
+//! child's lock until then); a child that joined after the visit of the parent copied
+//! what the walk had already written there.
 
 use std::sync::{Arc, Weak};
 
@@ -149,10 +165,10 @@ pub(crate) fn rmap_walk_range(
     mut visit: impl FnMut(&Mm, &MmState, &Vma, VaRange),
 ) {
     let (owner, index, nr) = (&r.owner, r.index, r.nr);
-    let members = match owner {
-        Owner::Anon(anon) => anon.mms.members(),
-        Owner::File(obj) => obj.mappers.members(),
-        Owner::Driver(d) => d.mappers.members(),
+    let set = match owner {
+        Owner::Anon(anon) => &anon.mms,
+        Owner::File(obj) => &obj.mappers,
+        Owner::Driver(d) => &d.mappers,
         Owner::Unknown => return,
     };
     let mut scan = |mm: &Mm, st: &MmState| {
@@ -177,12 +193,26 @@ pub(crate) fn rmap_walk_range(
             visit(mm, st, v, r);
         }
     };
-    for mm in members {
-        match held {
-            Some((h, st)) if std::ptr::eq(h, &*mm) => scan(h, st),
-            _ => {
-                let st = mm.lock.read_recursive();
-                scan(&mm, &st);
+    // Rounds until no new member: a fork that copied an entry from a member before this
+    // walk visited it has joined the set by then (see "Fork during a walk").
+    let mut visited: Vec<MmId> = Vec::new();
+    loop {
+        let fresh: Vec<Arc<Mm>> = set
+            .members()
+            .into_iter()
+            .filter(|m| !visited.contains(&m.id()))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        for mm in fresh {
+            visited.push(mm.id());
+            match held {
+                Some((h, st)) if std::ptr::eq(h, &*mm) => scan(h, st),
+                _ => {
+                    let st = mm.lock.read_recursive();
+                    scan(&mm, &st);
+                }
             }
         }
     }
