@@ -5,8 +5,10 @@ mod common;
 
 use common::{copy_to, device, fill, page, Machine, RW};
 use hmm::addr::{DevicePfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
-use hmm::migrate::{migrate_vma_setup, MigrateError, MigratePfn, MigrateVma, MigrateVmaFlags};
-use hmm::mm::{GupFlags, MapFlags, MemFile, Mm, Prot, ThpMode};
+use hmm::migrate::{
+    migrate_device_range, migrate_vma_setup, MigrateError, MigratePfn, MigrateVma, MigrateVmaFlags,
+};
+use hmm::mm::{GupFlags, MapFlags, MemFile, Mm, Prot, SwapKind, ThpMode};
 use hmm::notifier::{NotifierEvent, Owner};
 use hmm::phys::{FrameFlags, FrameRef};
 use hmm::zone_device::DevPagemap;
@@ -362,4 +364,64 @@ fn exclusive_entries_and_unsplittable_thps_are_not_collected() {
     let mut b = vec![0u8; 16 * PAGE_SIZE as usize];
     m.mm.read(page(t, 8), &mut b).unwrap();
     m.mm.audit().unwrap();
+}
+
+/// A fork while a device eviction holds a page's migration entries (the eviction takes no
+/// mmap lock) makes the page shared: exclusivity lives in the entry during a migration
+/// (`folio_try_share_anon_rmap_pte`), fork turns the entry readable, and whichever way the
+/// eviction ends, neither process may write through to the other.
+#[test]
+fn a_fork_during_a_device_eviction_leaves_the_page_shared() {
+    let m = Machine::new(32);
+    let owner = Owner::new_unique();
+    let dev = device(&m, owner);
+    let a = m.map(1, RW, MapFlags::PRIVATE);
+    m.mm.write_val(a, 0x1111_u64).unwrap();
+    to_device(&m, &dev, a, 1);
+    let dpfn = DevicePfn::new(m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap());
+    let exclusive = |f: FrameRef<'_>| {
+        f.folio()
+            .meta()
+            .flags()
+            .contains(FrameFlags::ANON_EXCLUSIVE)
+    };
+    assert!(exclusive(m.phys.device_frame(dpfn)));
+
+    // The eviction unmaps the page; a fork copies its migration entry; the eviction then
+    // fails (no destination) and puts the page back in both.
+    let eviction = migrate_device_range(&m.phys, dev.frame(0), dev.nr_frames());
+    let child = m.mm.fork().unwrap();
+    drop(eviction);
+    assert!(!exclusive(m.phys.device_frame(dpfn)));
+    for mm in [&m.mm, &child] {
+        assert_eq!(
+            mm.pagemap(a, 1).unwrap()[0].swap,
+            Some(SwapKind::DevicePrivate)
+        );
+        mm.audit().unwrap();
+    }
+
+    // The child migrates the page home (as its migrate_to_ram would): both map the new
+    // page read-only, and the child's store copies it.
+    let mmap = child.mmap_read();
+    let mut mig = migrate_vma_setup(
+        &mmap,
+        args(a, 1, owner, MigrateVmaFlags::SELECT_DEVICE_PRIVATE),
+    )
+    .unwrap();
+    let sys = m.phys.alloc(0, FrameFlags::empty()).unwrap();
+    assert!(sys.meta().trylock());
+    sys.copy_from(&mig.src_page(0).unwrap());
+    mig.set_dst(0, sys, false);
+    assert_eq!(mig.pages().finalize().migrated, 1);
+    drop(mmap);
+    child.write_val(a, 0xeeee_u64).unwrap();
+    assert_eq!(
+        m.mm.read_val::<u64>(a).unwrap(),
+        0x1111,
+        "the child wrote into the parent"
+    );
+    assert_eq!(child.read_val::<u64>(a).unwrap(), 0xeeee);
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
 }

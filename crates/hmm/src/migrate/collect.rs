@@ -161,8 +161,10 @@ pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
 }
 
 /// Replaces every mapping of `page` with a migration entry, through the reverse map,
-/// each VMA range under a CLEAR invalidation (`try_to_migrate_one`). `held` is an address
-/// space whose mmap lock the caller holds.
+/// each VMA range under a CLEAR invalidation (`try_to_migrate_one`). An anon-exclusive
+/// page hands its exclusivity to the entry (writable or readable-exclusive) and loses the
+/// flag, as in the kernel; a pinned one stays mapped. `held` is an address space whose
+/// mmap lock the caller holds.
 pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) {
     let nr = page.nr();
     let private = matches!(page.zone(), Zone::DevicePrivate { .. });
@@ -193,7 +195,21 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
                 ),
                 _ => continue,
             };
-            let kind = MigrationKind::for_mapping(writable, false);
+            // folio_try_share_anon_rmap_pte: exclusivity moves from the page into the
+            // entry (readable-exclusive or writable), so that a fork copying the entry
+            // meanwhile makes it shared; a pinned exclusive page stays mapped (and the
+            // caller puts the page back).
+            let fm = page.folio().meta();
+            let anon_exclusive = fm
+                .flags()
+                .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
+            if anon_exclusive {
+                if fm.pincount() > 0 {
+                    continue;
+                }
+                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+            }
+            let kind = MigrationKind::for_mapping(writable, anon_exclusive);
             p.set(Pte::Migration {
                 pfn: target,
                 kind,

@@ -204,6 +204,18 @@ impl Mm {
                     ));
                 }
             }
+            // An anon-exclusive page is mapped by one entry at most (PageAnonExclusive):
+            // a second mapping would let a write through the first reach both.
+            let exclusive = fm.flags().contains(FrameFlags::ANON_EXCLUSIVE);
+            if let Some(i) = pte_maps.iter().position(|&n| n + pmd_maps > 1) {
+                if exclusive {
+                    problems.push(format!(
+                        "frame {:#x}: anon-exclusive but mapped {} times",
+                        head + i as u64,
+                        pte_maps[i] + pmd_maps
+                    ));
+                }
+            }
             if fm.entire_mapcount() != pmd_maps {
                 problems.push(format!(
                     "frame {head:#x}: entire mapcount {} but {pmd_maps} PMD leaves",
