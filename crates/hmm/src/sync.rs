@@ -34,6 +34,37 @@ pub fn retry_point() {
     shuttle::thread::yield_now();
 }
 
+/// How long [`read_unqueued`] stays parked before it looks at the lock again.
+#[cfg(not(feature = "shuttle"))]
+const UNQUEUED_PARK: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Takes `lock` for reading the way a reverse-map walk must: it gets in whenever any
+/// reader is inside, even with a writer waiting, and it never stays parked in the lock's
+/// queue.
+///
+/// `read_recursive` alone is not enough. It passes a waiting writer only at the moment
+/// of the call: a caller that arrives while a writer *holds* the lock parks, and when that
+/// writer leaves, the lock may wake the next writer and stop there, leaving the reader
+/// parked. If another reader then gets in and waits for something the parked one holds
+/// (a CPU fault waiting on a folio lock a device eviction holds), the writer waits for
+/// that reader, and nobody wakes the parked one: a deadlock of three threads, found by
+/// `hmm stress`. So the park is bounded and the fast path is tried again, which succeeds
+/// whenever a reader is inside. A writer holding the lock never waits for a folio lock
+/// or another address space (DESIGN.md, lock order), so the loop ends.
+pub fn read_unqueued<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    loop {
+        #[cfg(not(feature = "shuttle"))]
+        let got = lock.try_read_recursive_for(UNQUEUED_PARK);
+        #[cfg(feature = "shuttle")]
+        let got = lock.try_read_recursive();
+        if let Some(guard) = got {
+            return guard;
+        }
+        #[cfg(feature = "shuttle")]
+        shuttle::thread::yield_now();
+    }
+}
+
 /// Atomics that take part in hmm's protocols.
 pub mod atomic {
     #[cfg(feature = "shuttle")]
@@ -218,6 +249,27 @@ mod model {
             }
         }
 
+        /// Takes the lock for reading if this thread already reads or no writer is
+        /// inside; never waits.
+        pub fn try_read_recursive(&self) -> Option<RwLockReadGuard<'_, T>> {
+            let nested = self
+                .readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&me())
+                .is_some_and(|&n| n > 0);
+            if nested {
+                return Some(self.reading(None));
+            }
+            match self.gate.try_read() {
+                Ok(gate) => Some(self.reading(Some(gate))),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    Some(self.reading(Some(p.into_inner())))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+
         /// The value, through exclusive access.
         pub fn get_mut(&mut self) -> &mut T {
             self.data.get_mut().unwrap_or_else(PoisonError::into_inner)
@@ -266,5 +318,41 @@ mod model {
         fn deref_mut(&mut self) -> &mut T {
             &mut self.data
         }
+    }
+}
+
+#[cfg(all(test, not(feature = "shuttle")))]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The deadlock `read_unqueued` exists for: a walker parks while a writer holds the
+    /// lock, a second writer queues behind it, the first writer leaves by becoming a
+    /// reader (so a reader is inside and the second writer waits for it), and the walker
+    /// must still get in, as a reader is inside.
+    #[test]
+    fn an_unqueued_reader_gets_in_while_a_writer_waits_for_a_reader() {
+        let lock = RwLock::new(7u32);
+        let lock = &lock;
+        let held = lock.write();
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel();
+            let writer = s.spawn(move || *lock.write() += 1);
+            std::thread::sleep(Duration::from_millis(50));
+            let walker = s.spawn(move || tx.send(*read_unqueued(lock)).unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+            let reader = RwLockWriteGuard::downgrade(held);
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(10)),
+                Ok(7),
+                "the walker stayed parked behind a writer waiting for a reader"
+            );
+            drop(reader);
+            walker.join().unwrap();
+            writer.join().unwrap();
+        });
+        assert_eq!(*lock.read(), 8);
     }
 }

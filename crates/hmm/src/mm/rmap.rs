@@ -21,9 +21,11 @@
 //!
 //! # Locking
 //!
-//! A walk takes each visited address space's mmap lock for reading with `read_recursive`,
-//! which never waits behind a queued writer: a walker that already holds its own mmap lock
-//! cannot deadlock against another walker in the same way. The address space the caller
+//! A walk takes each visited address space's mmap lock for reading with
+//! [`read_unqueued`](crate::sync::read_unqueued), which gets in whenever a reader is
+//! inside, even with a writer waiting, and never stays parked in the lock's queue: a
+//! walker holding folio locks cannot be left waiting behind a writer that waits for a
+//! reader that waits for those folio locks. The address space the caller
 //! has already locked is passed in as `held` and not locked again. No operation that holds
 //! an mmap lock for writing waits for a folio lock or another address space, so the walk
 //! may run with a folio locked.
@@ -210,7 +212,7 @@ pub(crate) fn rmap_walk_range(
             match held {
                 Some((h, st)) if std::ptr::eq(h, &*mm) => scan(h, st),
                 _ => {
-                    let st = mm.lock.read_recursive();
+                    let st = crate::sync::read_unqueued(&mm.lock);
                     scan(&mm, &st);
                 }
             }
