@@ -234,15 +234,18 @@ mod model {
             self.reading(Some(gate))
         }
 
-        /// Takes the lock for reading even when this thread already reads.
-        pub fn read_recursive(&self) -> RwLockReadGuard<'_, T> {
-            let nested = self
-                .readers
+        /// Whether this thread holds the lock for reading already.
+        fn nested(&self) -> bool {
+            self.readers
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&me())
-                .is_some_and(|&n| n > 0);
-            if nested {
+                .is_some_and(|&n| n > 0)
+        }
+
+        /// Takes the lock for reading even when this thread already reads.
+        pub fn read_recursive(&self) -> RwLockReadGuard<'_, T> {
+            if self.nested() {
                 self.reading(None)
             } else {
                 self.read()
@@ -252,13 +255,7 @@ mod model {
         /// Takes the lock for reading if this thread already reads or no writer is
         /// inside; never waits.
         pub fn try_read_recursive(&self) -> Option<RwLockReadGuard<'_, T>> {
-            let nested = self
-                .readers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&me())
-                .is_some_and(|&n| n > 0);
-            if nested {
+            if self.nested() {
                 return Some(self.reading(None));
             }
             match self.gate.try_read() {
