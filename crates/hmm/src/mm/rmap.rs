@@ -25,10 +25,10 @@
 //! [`read_unqueued`](crate::sync::read_unqueued), which gets in whenever a reader is
 //! inside, even with a writer waiting, and never stays parked in the lock's queue: a
 //! walker holding folio locks cannot be left waiting behind a writer that waits for a
-//! reader that waits for those folio locks. The address space the caller
-//! has already locked is passed in as `held` and not locked again. No operation that holds
-//! an mmap lock for writing waits for a folio lock or another address space, so the walk
-//! may run with a folio locked.
+//! reader that waits for those folio locks. The address space the caller has already
+//! locked is passed in as `held` and not locked again. No operation that holds an mmap
+//! lock for writing waits for a folio lock or another address space, so the walk may run
+//! with a folio locked.
 //!
 //! # Fork during a walk
 //!
