@@ -338,6 +338,194 @@ mod tests {
         assert!(r.ops.calls.lock().is_empty());
     }
 
+    /// Puts a device THP behind a device-private PMD (writable) at a 2 MiB-aligned address
+    /// of a fresh mapping, by hand, page `i` starting with byte `i`: what a compound
+    /// migration to the device will leave behind.
+    fn device_thp(r: &Rig) -> (VirtAddr, DevicePfn) {
+        use crate::addr::{PMD_ORDER, PMD_SIZE};
+        let area =
+            r.mm.mmap(
+                None,
+                2 * PMD_SIZE,
+                Prot::READ | Prot::WRITE,
+                MapFlags::PRIVATE,
+            )
+            .unwrap();
+        let base = area.align_up(PMD_SIZE).unwrap();
+        let dev = r
+            .pgmap
+            .alloc(PMD_ORDER, FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE)
+            .unwrap();
+        for i in 0..crate::addr::PMD_NR {
+            r.mm.phys().frame_nr(dev.nr() + i).write(0, &[i as u8]);
+        }
+        let guard = r.mm.mmap_read();
+        let st = guard.state();
+        r.mm.new_anon_rmap(&dev, st.vmas.find(base).unwrap(), base);
+        dev.meta().inc_entire_mapcount();
+        dev.meta().unlock();
+        let dpfn = dev.into_raw_device();
+        st.pt
+            .lock_pmd(base, WalkMode::Populate)
+            .unwrap()
+            .set_leaf(Pte::DevicePrivate {
+                pfn: dpfn,
+                flags: PteFlags::WRITE,
+            });
+        (base, dpfn)
+    }
+
+    /// The PMD slot at `base` of `mm`.
+    fn pmd_at(mm: &Mm, base: VirtAddr) -> crate::pgtable::PmdEntry {
+        let guard = mm.mmap_read();
+        let pmd = guard.state().pt.lock_pmd(base, WalkMode::Lookup).unwrap();
+        pmd.get()
+    }
+
+    #[test]
+    fn a_partial_munmap_splits_a_device_thp_mapping_into_device_private_ptes() {
+        use crate::pgtable::PmdEntry;
+        let r = rig(Mode::CopyBack);
+        let (base, dpfn) = device_thp(&r);
+        r.mm.audit().unwrap();
+        let head = r.mm.phys().device_frame(dpfn);
+        let page = |i: u64| base.checked_add(i * PAGE_SIZE).unwrap();
+
+        r.mm.munmap(page(1), PAGE_SIZE).unwrap();
+        assert_eq!(pmd_at(&r.mm, base), PmdEntry::Table);
+        let map = r.mm.pagemap(base, 3).unwrap();
+        assert_eq!(map[0].swap, Some(crate::mm::SwapKind::DevicePrivate));
+        assert_eq!(map[0].pfn, Some(dpfn.as_u64()));
+        assert_eq!(map[1].swap, None);
+        assert_eq!(map[2].pfn, Some(dpfn.as_u64() + 2));
+        // 511 PTE mappings, each holding a reference on the folio, which stays whole.
+        assert_eq!(head.meta().entire_mapcount(), 0);
+        assert_eq!(head.meta().refcount(), 511);
+        assert_eq!(head.meta().order(), crate::addr::PMD_ORDER);
+        r.mm.audit().unwrap();
+        assert_eq!(r.ops.freed.load(Ordering::Relaxed), 0);
+
+        // A CPU access now faults one page back (a PTE-level migrate_to_ram).
+        assert_eq!(r.mm.read_val::<u8>(page(2)).unwrap(), 2);
+        assert_eq!(r.ops.calls.lock()[0].2, Huge::Pte);
+        assert_eq!(head.meta().refcount(), 510);
+        r.mm.audit().unwrap();
+
+        r.mm.munmap(base, 2 << 20).unwrap();
+        assert_eq!(
+            r.ops.freed.load(Ordering::Relaxed),
+            512,
+            "the folio is freed whole"
+        );
+        assert_eq!(r.pgmap.nr_in_use(), 0);
+    }
+
+    #[test]
+    fn mremap_moves_a_device_thp_whole_and_a_partial_mprotect_splits_it() {
+        use crate::addr::PMD_SIZE;
+        use crate::mm::MremapFlags;
+        use crate::pgtable::PmdEntry;
+        let r = rig(Mode::Sigbus);
+        let (base, dpfn) = device_thp(&r);
+        let area =
+            r.mm.mmap(
+                None,
+                2 * PMD_SIZE,
+                Prot::READ | Prot::WRITE,
+                MapFlags::PRIVATE,
+            )
+            .unwrap();
+        let to = area.align_up(PMD_SIZE).unwrap();
+        let moved =
+            r.mm.mremap(
+                base,
+                PMD_SIZE,
+                PMD_SIZE,
+                MremapFlags::MAYMOVE | MremapFlags::FIXED,
+                Some(to),
+            )
+            .unwrap();
+        assert_eq!(moved, to);
+        // Moved entries are soft-dirty (move_soft_dirty_pte).
+        let writable = Pte::DevicePrivate {
+            pfn: dpfn,
+            flags: PteFlags::WRITE | PteFlags::SOFT_DIRTY,
+        };
+        assert_eq!(pmd_at(&r.mm, to), PmdEntry::Leaf(writable));
+        r.mm.audit().unwrap();
+
+        r.mm.mprotect(to, PAGE_SIZE, Prot::READ).unwrap();
+        assert_eq!(pmd_at(&r.mm, to), PmdEntry::Table);
+        let guard = r.mm.mmap_read();
+        let mut c = guard.page_table().cursor(
+            VaRange::from_len(to, 2 * PAGE_SIZE).unwrap(),
+            WalkMode::Lookup,
+        );
+        let mut entries = Vec::new();
+        while let Some(Slot::Pte(p)) = c.next() {
+            let Pte::DevicePrivate { pfn, flags } = p.get() else {
+                panic!("not device-private: {:?}", p.get())
+            };
+            entries.push(Pte::DevicePrivate {
+                pfn,
+                flags: flags - PteFlags::SOFT_DIRTY,
+            });
+        }
+        drop(c);
+        drop(guard);
+        assert_eq!(
+            entries,
+            [
+                Pte::DevicePrivate {
+                    pfn: dpfn,
+                    flags: PteFlags::empty()
+                },
+                Pte::DevicePrivate {
+                    pfn: DevicePfn::new(dpfn.as_u64() + 1),
+                    flags: PteFlags::WRITE
+                },
+            ]
+        );
+        r.mm.audit().unwrap();
+        assert!(r.ops.calls.lock().is_empty(), "nothing faulted");
+    }
+
+    #[test]
+    fn fork_shares_a_device_thp_read_only() {
+        use crate::pgtable::PmdEntry;
+        let r = rig(Mode::Sigbus);
+        let (base, dpfn) = device_thp(&r);
+        let child = r.mm.fork().unwrap();
+        let read_only = PmdEntry::Leaf(Pte::DevicePrivate {
+            pfn: dpfn,
+            flags: PteFlags::empty(),
+        });
+        for mm in [&r.mm, &child] {
+            assert_eq!(pmd_at(mm, base), read_only);
+            mm.audit().unwrap();
+        }
+        let meta = r.mm.phys().device_frame(dpfn).meta();
+        assert_eq!((meta.refcount(), meta.entire_mapcount()), (2, 2));
+        assert!(!meta.flags().contains(FrameFlags::ANON_EXCLUSIVE));
+        assert_eq!(crate::mm::device_folio_mappings(r.mm.phys(), dpfn).len(), 2);
+
+        // The child splits its own mapping; the parent keeps the PMD.
+        child.munmap(base, PAGE_SIZE).unwrap();
+        assert_eq!(pmd_at(&child, base), PmdEntry::Table);
+        assert_eq!(pmd_at(&r.mm, base), read_only);
+        assert_eq!((meta.refcount(), meta.entire_mapcount()), (1 + 511, 1));
+        child.audit().unwrap();
+        r.mm.audit().unwrap();
+        drop(child);
+        assert_eq!((meta.refcount(), meta.entire_mapcount()), (1, 1));
+        drop(r.mm);
+        assert_eq!(
+            r.ops.freed.load(Ordering::Relaxed),
+            512,
+            "exit frees the device THP"
+        );
+    }
+
     #[test]
     fn fork_shares_device_pages_read_only() {
         let r = rig(Mode::Sigbus);

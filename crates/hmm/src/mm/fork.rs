@@ -22,8 +22,9 @@
 //! * Migration entries are copied; writable and readable-exclusive ones become readable in
 //!   both. Device-exclusive entries are first restored to present entries in the parent
 //!   (`try_restore_exclusive_pte`), then copied as present.
-//! * PMD leaves: the huge zero page and anonymous THPs are shared at PMD level; a THP that
-//!   may be pinned is split and copied page by page.
+//! * PMD leaves: the huge zero page, anonymous THPs and device THPs (device-private PMDs,
+//!   read-only on both sides like their PTEs) are shared at PMD level; a THP that may be
+//!   pinned is split and copied page by page.
 //! * One TLB flush of the parent ends the fork (`flush_tlb_mm`).
 
 use std::sync::Arc;
@@ -354,10 +355,26 @@ impl CopyCtx<'_> {
                 Some(e)
             }
             Pte::None => Some(Pte::None),
-            Pte::DevicePrivate { .. } => {
-                unreachable!(
-                    "no device-private PMD entries exist: device THP migration is not built"
-                )
+            Pte::DevicePrivate { pfn, flags } => {
+                // copy_huge_pmd of a device THP: shared, like the PTE case, and read-only
+                // on both sides in a COW mapping (no flush: the CPU never mapped it).
+                let fm = phys.device_frame(pfn).meta();
+                fm.get();
+                fm.inc_entire_mapcount();
+                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                let e = if self.cow {
+                    Pte::DevicePrivate {
+                        pfn,
+                        flags: flags - PteFlags::WRITE,
+                    }
+                } else {
+                    entry
+                };
+                p.set(e);
+                Some(Pte::DevicePrivate {
+                    pfn,
+                    flags: e.flags() - PteFlags::SOFT_DIRTY,
+                })
             }
             Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
         })

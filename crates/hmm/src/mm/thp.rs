@@ -27,7 +27,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
+use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange, VmaInfo};
 use crate::pgtable::{
     MigrationKind, MigrationPfn, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode,
@@ -240,7 +240,8 @@ pub(super) fn huge_pmd_fault(
 
 /// Splits the PMD leaf at `base` (if there still is one) into 512 PTEs under a CLEAR
 /// invalidation of its 2 MiB (`__split_huge_pmd`). The caller holds the mmap lock and no
-/// page-table lock.
+/// page-table lock. A device THP's PMD becomes 512 device-private PTEs with its
+/// writability; like a THP's, its folio stays whole.
 #[doc(alias = "__split_huge_pmd")]
 pub(crate) fn split_pmd(
     mm: &Mm,
@@ -264,15 +265,20 @@ pub(crate) fn split_pmd(
         // the PTE lock of a published table, so it may zap a PTE at once, and must find
         // the map count and the reference that PTE holds (the kernel adds them before
         // `pmd_populate` too).
-        if let PmdEntry::Leaf(Pte::Present { pfn, .. }) = pmd.get() {
-            if !phys.is_huge_zero_pfn(pfn) {
-                let fm = phys.frame(pfn).meta();
-                for i in 0..PMD_NR {
-                    phys.frame(sub(pfn, i)).meta().inc_mapcount();
-                }
-                fm.get_many(PMD_NR as u32 - 1);
-                fm.dec_entire_mapcount();
+        let head = match pmd.get() {
+            PmdEntry::Leaf(Pte::Present { pfn, .. }) if !phys.is_huge_zero_pfn(pfn) => {
+                Some(phys.frame(pfn))
             }
+            // A device THP (its folio stays whole; the PTEs keep the PMD's writability).
+            PmdEntry::Leaf(Pte::DevicePrivate { pfn, .. }) => Some(phys.device_frame(pfn)),
+            _ => None,
+        };
+        if let Some(head) = head {
+            for i in 0..PMD_NR {
+                phys.frame_nr(head.nr() + i).meta().inc_mapcount();
+            }
+            head.meta().get_many(PMD_NR as u32 - 1);
+            head.meta().dec_entire_mapcount();
         }
         let old = pmd.split(|i, leaf| match leaf {
             Pte::Present { pfn, flags } if phys.is_huge_zero_pfn(pfn) => Pte::Present {
@@ -288,9 +294,11 @@ pub(crate) fn split_pmd(
                 kind,
                 flags,
             },
-            Pte::None | Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
-                unreachable!("no such PMD leaf")
-            }
+            Pte::DevicePrivate { pfn, flags } => Pte::DevicePrivate {
+                pfn: DevicePfn::new(pfn.as_u64() + i as u64),
+                flags,
+            },
+            Pte::None | Pte::DeviceExclusive { .. } => unreachable!("no such PMD leaf"),
         });
         if let Some(Pte::Present { flags, .. }) = old {
             if !flags.contains(PteFlags::PROTNONE) {
