@@ -6,10 +6,11 @@ use crate::addr::VaRange;
 use crate::mm::tlb::TlbGather;
 use crate::mm::{Mm, MmState};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{MigrationKind, MigrationPfn, Pte, PteFlags, PteSlot, Slot, WalkMode};
+use crate::pgtable::{Huge, MigrationKind, MigrationPfn, Pte, PteFlags, PteSlot, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, Zone};
 
 use super::commit::{remap_entry, State};
+use super::compound::folio_mapped;
 use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
 
 /// What the walk does after an entry.
@@ -78,11 +79,7 @@ pub(crate) fn collect_pte<'g>(
     let folio = page.folio();
     let fm = folio.meta();
     if fm.order() > 0 {
-        if matches!(page.zone(), Zone::System) {
-            return Next::SplitFolio(folio);
-        }
-        // Large device folios are split by device THP support (not built yet).
-        return Next::Go;
+        return Next::SplitFolio(folio);
     }
     // A reference for the migration, then the lock (the fault page is locked already).
     fm.get();
@@ -140,7 +137,8 @@ pub(crate) fn collect_pte<'g>(
 
 /// Unmaps collected pages from every other place that maps them (`try_to_migrate`) and
 /// puts back those that cannot migrate: still mapped, or referenced beyond the migration
-/// (a pin, a GUP reference) (`migrate_device_unmap`, `migrate_vma_check_page`).
+/// (a pin, a GUP reference) (`migrate_device_unmap`, `migrate_vma_check_page`). A unit is
+/// checked as one folio.
 pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
     for i in 0..s.src.len() {
         let w = s.src[i];
@@ -154,21 +152,50 @@ pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
         let fm = page.folio().meta();
         let file = !fm.flags().contains(FrameFlags::ANON) && fm.mapping().is_some();
         let expected = 1 + u32::from(s.fault_page == Some(page.nr())) + u32::from(file);
-        if page.meta().mapcount() > 0 || fm.refcount() > expected || fm.pincount() > 0 {
+        if folio_mapped(s.phys(), page.folio()) || fm.refcount() > expected || fm.pincount() > 0 {
             s.restore(i);
         }
     }
 }
 
-/// Replaces every mapping of `page` with a migration entry, through the reverse map,
-/// each VMA range under a CLEAR invalidation (`try_to_migrate_one`). An anon-exclusive
-/// page hands its exclusivity to the entry (writable or readable-exclusive) and loses the
-/// flag, as in the kernel; a pinned one stays mapped. `held` is an address space whose
-/// mmap lock the caller holds.
+/// Which migration entry, if any, replaces `entry` when the folio of `nr` frames from
+/// `head` (`private`: device-private) is being migrated: its target, whether it was
+/// writable, its flags, and whether it was CPU-present.
+fn migration_of(
+    entry: Pte,
+    head: u64,
+    nr: u64,
+    private: bool,
+) -> Option<(MigrationPfn, bool, PteFlags, bool)> {
+    let inside = |n: u64| n >= head && n < head + nr;
+    match entry {
+        Pte::Present { pfn, flags } if !private && inside(pfn.as_u64()) => Some((
+            MigrationPfn::Cpu(pfn),
+            flags.contains(PteFlags::WRITE),
+            flags,
+            !flags.contains(PteFlags::PROTNONE),
+        )),
+        Pte::DevicePrivate { pfn, flags } if private && inside(pfn.as_u64()) => Some((
+            MigrationPfn::Device(pfn),
+            flags.contains(PteFlags::WRITE),
+            flags,
+            false,
+        )),
+        _ => None,
+    }
+}
+
+/// Replaces every mapping of the folio `page` heads, through the reverse map, each VMA
+/// range under a CLEAR invalidation (`try_to_migrate_one`): its PTEs become PTE migration
+/// entries, a PMD leaf mapping it a PMD migration entry. An anon-exclusive folio hands
+/// its exclusivity to the entry (writable or readable-exclusive) and loses the flag, as
+/// in the kernel; a pinned one stays mapped. `held` is an address space whose mmap lock
+/// the caller holds.
 pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) {
-    let nr = page.nr();
+    let folio = page.folio();
+    let (head, nr) = (folio.nr(), 1u64 << folio.meta().order());
     let private = matches!(page.zone(), Zone::DevicePrivate { .. });
-    crate::mm::rmap_walk(page.folio(), held, |mm, st, vma, range| {
+    crate::mm::rmap_walk(folio, held, |mm, st, vma, range| {
         let inv = mm.notifiers().invalidate_range_start(NotifierRange::new(
             mm.id(),
             range,
@@ -178,28 +205,20 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
         let mut tlb = TlbGather::new(mm);
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
-            let Slot::Pte(p) = slot else { continue };
-            let entry = p.get();
-            let (target, writable, flags, present) = match entry {
-                Pte::Present { pfn, flags } if !private && pfn.as_u64() == nr => (
-                    MigrationPfn::Cpu(pfn),
-                    flags.contains(PteFlags::WRITE),
-                    flags,
-                    !flags.contains(PteFlags::PROTNONE),
-                ),
-                Pte::DevicePrivate { pfn, flags } if private && pfn.as_u64() == nr => (
-                    MigrationPfn::Device(pfn),
-                    flags.contains(PteFlags::WRITE),
-                    flags,
-                    false,
-                ),
-                _ => continue,
+            let (entry, span) = match &slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
+                Slot::Pmd(p) => (p.get(), p.range()),
             };
-            // folio_try_share_anon_rmap_pte: exclusivity moves from the page into the
-            // entry (readable-exclusive or writable), so that a fork copying the entry
-            // meanwhile makes it shared; a pinned exclusive page stays mapped (and the
-            // caller puts the page back).
-            let fm = page.folio().meta();
+            let Some((target, writable, flags, present)) = migration_of(entry, head, nr, private)
+            else {
+                continue;
+            };
+            // folio_try_share_anon_rmap_*: exclusivity moves from the folio into the entry
+            // (readable-exclusive or writable), so that a fork copying the entry meanwhile
+            // makes it shared; a pinned exclusive folio stays mapped (and the caller puts
+            // it back).
+            let fm = folio.meta();
             let anon_exclusive = fm
                 .flags()
                 .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
@@ -209,17 +228,26 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
                 }
                 fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
             }
-            let kind = MigrationKind::for_mapping(writable, anon_exclusive);
-            p.set(Pte::Migration {
+            let migration = Pte::Migration {
                 pfn: target,
-                kind,
+                kind: MigrationKind::for_mapping(writable, anon_exclusive),
                 flags: flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY),
-            });
-            if present {
-                tlb.add_range(VaRange::page_of(p.va()));
+            };
+            match &slot {
+                Slot::Pte(p) => {
+                    p.set(migration);
+                    mm.phys().frame_nr(target.nr()).meta().dec_mapcount();
+                }
+                Slot::Pmd(p) => {
+                    p.set(migration);
+                    fm.dec_entire_mapcount();
+                }
+                Slot::Hole(_) => unreachable!(),
             }
-            page.meta().dec_mapcount();
-            let _ = page.put();
+            if present {
+                tlb.add_range(span);
+            }
+            let _ = folio.put();
         }
         drop(c);
         tlb.finish();
@@ -227,22 +255,38 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
     });
 }
 
-/// Puts the migration entries of `page` back as mappings of `target`, wherever the
-/// reverse map finds them (`remove_migration_ptes`). `held` is an address space whose mmap
-/// lock the caller holds.
+/// Puts the migration entries of the folio `page` heads back as mappings of the folio
+/// `target` heads (the same page within it), wherever the reverse map finds them
+/// (`remove_migration_ptes`): PTE entries as PTEs, a PMD entry as a PMD leaf. `held` is
+/// an address space whose mmap lock the caller holds.
 pub(super) fn remove_migration_ptes(
     held: Option<(&Mm, &MmState)>,
     page: FrameRef<'_>,
     target: FrameRef<'_>,
 ) {
-    let nr = page.nr();
-    crate::mm::rmap_walk(page.folio(), held, |_, st, vma, range| {
+    let folio = page.folio();
+    let (head, nr) = (folio.nr(), 1u64 << folio.meta().order());
+    crate::mm::rmap_walk(folio, held, |mm, st, vma, range| {
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
-            let Slot::Pte(p) = slot else { continue };
-            let entry = p.get();
-            if matches!(entry, Pte::Migration { pfn, .. } if pfn.nr() == nr) {
-                p.set(remap_entry(vma, entry, target));
+            let (entry, level) = match &slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.get(), Huge::Pte),
+                Slot::Pmd(p) => (p.get(), Huge::Pmd),
+            };
+            let Pte::Migration { pfn, .. } = entry else {
+                continue;
+            };
+            let n = pfn.nr();
+            if n < head || n >= head + nr || (level == Huge::Pmd && n != head) {
+                continue;
+            }
+            let to = mm.phys().frame_nr(target.nr() + (n - head));
+            let new = remap_entry(vma, entry, to, level);
+            match slot {
+                Slot::Pte(p) => p.set(new),
+                Slot::Pmd(p) => p.set(new),
+                Slot::Hole(_) => unreachable!(),
             }
         }
     });

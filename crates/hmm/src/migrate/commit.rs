@@ -1,15 +1,16 @@
 //! The state a migration carries through its stages, the commit (`migrate_vma_pages`) and
 //! the finalize (`migrate_vma_finalize`, `remove_migration_ptes`).
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange, Owner};
-use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{Huge, MigrationKind, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, Freed, PhysMem, Zone};
 use crate::prot::VmFlags;
 
 use super::collect::remove_migration_ptes;
+use super::compound::{insert_huge, split_unmapped};
 use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
 use super::{MigrateOutcome, MigrateVma};
 use crate::mm::{Mm, MmState};
@@ -106,7 +107,7 @@ impl<'g, 'a> State<'g, 'a> {
         ((va.as_u64() - self.range.start().as_u64()) >> PAGE_SHIFT) as usize
     }
 
-    fn addr(&self, i: usize) -> VirtAddr {
+    pub(super) fn addr(&self, i: usize) -> VirtAddr {
         self.range
             .start()
             .checked_add((i as u64) << PAGE_SHIFT)
@@ -115,7 +116,8 @@ impl<'g, 'a> State<'g, 'a> {
 
     /// Puts collected entry `i` back as it was, now (a page that failed the pin check).
     pub(super) fn restore(&mut self, i: usize) {
-        let page = self.frame(self.src[i].frame_nr());
+        let w = self.src[i];
+        let page = self.frame(w.frame_nr());
         self.remap_own(&[(i, page)]);
         if self.shared[i] {
             remove_migration_ptes(self.held(), page, page);
@@ -123,7 +125,12 @@ impl<'g, 'a> State<'g, 'a> {
         self.release_src(page);
         self.src[i] = MigratePfn::default();
         self.cpages -= 1;
-        self.mmap.mm().counters().migrate_done(0, 1);
+        let pages = if w.flags().contains(MigratePfnFlags::COMPOUND) {
+            PMD_NR
+        } else {
+            1
+        };
+        self.mmap.mm().counters().migrate_done(0, pages);
     }
 
     /// Drops the migration's hold on a source page: its lock (unless the fault path holds
@@ -160,8 +167,15 @@ impl<'g, 'a> State<'g, 'a> {
         let mut c = self.mmap.state().pt.cursor(span, WalkMode::Lookup);
         let mut k = 0;
         while let Some(slot) = c.next() {
-            let Slot::Pte(p) = slot else { continue };
-            let i = self.index(p.va());
+            let (va, entry, level) = match &slot {
+                Slot::Hole(_) => continue,
+                Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
+                Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
+            };
+            if va < self.range.start() {
+                continue;
+            }
+            let i = self.index(va);
             while k < targets.len() && targets[k].0 < i {
                 k += 1;
             }
@@ -172,10 +186,14 @@ impl<'g, 'a> State<'g, 'a> {
                 continue;
             }
             let src_nr = self.src[i].frame_nr();
-            let entry = p.get();
             // A concurrent MADV_DONTNEED may have zapped the migration entry.
             if matches!(entry, Pte::Migration { pfn, .. } if pfn.nr() == src_nr) {
-                p.set(remap_entry(self.vma, entry, targets[k].1));
+                let new = remap_entry(self.vma, entry, targets[k].1, level);
+                match slot {
+                    Slot::Pte(p) => p.set(new),
+                    Slot::Pmd(p) => p.set(new),
+                    Slot::Hole(_) => unreachable!(),
+                }
             }
         }
     }
@@ -189,17 +207,25 @@ impl Drop for State<'_, '_> {
     }
 }
 
-/// The entry that replaces `migration` (a migration entry) once `target` is the page:
-/// a device-private entry for device-private memory, else a present entry; writable if the
-/// migration entry was, anon-exclusive unless it was a plain read entry
-/// (`remove_migration_pte`). Takes the mapping's reference and map count on `target`.
-pub(super) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>) -> Pte {
+/// The entry that replaces `migration` (a migration entry, at PTE or PMD `level`) once
+/// `target` is the page (for a PMD, the head of an order-9 folio): a device-private entry
+/// for device-private memory, else a present entry; writable if the migration entry was,
+/// anon-exclusive unless it was a plain read entry (`remove_migration_pte`,
+/// `remove_migration_pmd`). Takes the mapping's reference and map count (the entire map
+/// count for a PMD) on `target`.
+pub(crate) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>, level: Huge) -> Pte {
     let Pte::Migration { kind, flags, .. } = migration else {
         unreachable!("only migration entries are remapped")
     };
     let folio = target.folio();
     folio.meta().get();
-    target.meta().inc_mapcount();
+    match level {
+        Huge::Pte => target.meta().inc_mapcount(),
+        Huge::Pmd => {
+            debug_assert_eq!(folio.nr(), target.nr(), "a PMD maps a folio head");
+            target.meta().inc_entire_mapcount();
+        }
+    }
     if kind != MigrationKind::Read && folio.meta().flags().contains(FrameFlags::ANON) {
         folio.meta().set_flags(FrameFlags::ANON_EXCLUSIVE);
     }
@@ -230,59 +256,102 @@ pub(super) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>) -> Pt
 
 /// `migrate_vma_pages`: entries without a destination stop migrating; holes and zero
 /// pages get theirs inserted under a second MIGRATE invalidation (opened at the first
-/// such entry, to the end of the range); pages get their metadata moved.
+/// such entry, to the end of the range); pages get their metadata moved. A unit
+/// (`COMPOUND`) moves whole with an order-9 destination, is split for order-0 ones (see
+/// the `compound` module); an order-9 destination for anything but a unit is refused.
 pub(super) fn pages(s: &mut State<'_, '_>) {
     let mm = s.mmap.mm();
     let mut inv: Option<Invalidation<'_>> = None;
     let mut tlb = TlbGather::new(mm);
-    for i in 0..s.src.len() {
+    let mut i = 0;
+    while i < s.src.len() {
         let (w, d) = (s.src[i], s.dst[i]);
+        let unit = w.flags().contains(MigratePfnFlags::COMPOUND);
+        let dst_unit = d.flags().contains(MigratePfnFlags::COMPOUND);
+        let next = i + if unit { PMD_NR as usize } else { 1 };
         if !w.is_migrating() {
+            i += 1;
             continue;
         }
-        if d.is_empty() {
+        if d.is_empty() || (dst_unit && !unit) {
             s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+            i += 1;
+            continue;
+        }
+        if w.is_valid() {
+            if unit && !dst_unit {
+                if !split_unmapped(s, i, &mut tlb) {
+                    s.src[i] = w.without(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND);
+                    i += 1;
+                    continue;
+                }
+                (i..next).for_each(|k| commit_page(s, k));
+            } else {
+                commit_page(s, i);
+            }
+            i = next;
             continue;
         }
         let va = s.addr(i);
-        let dst = s.frame(d.frame_nr());
-        if !w.is_valid() {
-            if inv.is_none() {
-                let r = VaRange::new(va, s.range.end()).expect("inside the range");
-                inv = Some(
-                    mm.notifiers().invalidate_range_start(
-                        NotifierRange::new(mm.id(), r, NotifierEvent::Migrate, Some(s.vma.info()))
-                            .with_owner(s.owner),
-                    ),
-                );
-            }
-            if !insert_page(s, va, dst, &mut tlb) {
+        if inv.is_none() {
+            let r = VaRange::new(va, s.range.end()).expect("inside the range");
+            inv = Some(
+                mm.notifiers().invalidate_range_start(
+                    NotifierRange::new(mm.id(), r, NotifierEvent::Migrate, Some(s.vma.info()))
+                        .with_owner(s.owner),
+                ),
+            );
+        }
+        if unit && dst_unit {
+            if !insert_huge(s, va, s.frame(d.frame_nr()), &mut tlb) {
                 s.src[i] = w.without(MigratePfnFlags::MIGRATE);
             }
-            continue;
+        } else {
+            // A unit with order-0 destinations is filled page by page.
+            for k in i..next {
+                let d = s.dst[k];
+                s.src[k] = if !d.is_empty()
+                    && insert_page(s, s.addr(k), s.frame(d.frame_nr()), &mut tlb)
+                {
+                    MigratePfn::flags_only(MigratePfnFlags::MIGRATE)
+                } else {
+                    MigratePfn::default()
+                };
+            }
         }
-        let src = s.frame(w.frame_nr());
-        let sm = src.folio().meta();
-        let to_device = !matches!(dst.zone(), Zone::System);
-        // Only anonymous memory moves (file pages would need their page cache slot moved);
-        // the reference count must still be the migration's own (folio_migrate_mapping).
-        let expected = 1 + u32::from(s.fault_page == Some(src.nr()));
-        let anon = sm.flags().contains(FrameFlags::ANON);
-        if !anon || (to_device && dst.folio().meta().order() != 0) || sm.refcount() != expected {
-            s.src[i] = w.without(MigratePfnFlags::MIGRATE);
-            continue;
-        }
-        // folio_migrate_mapping + folio_migrate_flags.
-        let dm = dst.folio().meta();
-        dm.inherit_mapping(sm, 0);
-        let keep = sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY);
-        dm.set_flags(keep | FrameFlags::UPTODATE);
+        i = next;
     }
     drop(tlb);
     if let Some(inv) = inv {
         inv.end();
     }
     s.stage = Stage::Committed;
+}
+
+/// Moves the metadata of the page (or whole unit) of entry `i` to its destination
+/// (`folio_migrate_mapping`, `folio_migrate_flags`), or stops the entry migrating: only
+/// anonymous memory moves (file pages would need their page cache slot moved), and the
+/// reference count must still be the migration's own.
+fn commit_page(s: &mut State<'_, '_>, i: usize) {
+    let (w, d) = (s.src[i], s.dst[i]);
+    if !w.is_migrating() {
+        return;
+    }
+    if d.is_empty() {
+        s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+        return;
+    }
+    let src = s.frame(w.frame_nr());
+    let sm = src.meta();
+    let expected = 1 + u32::from(s.fault_page == Some(src.nr()));
+    if !sm.flags().contains(FrameFlags::ANON) || sm.refcount() != expected {
+        s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+        return;
+    }
+    let dm = s.frame(d.frame_nr()).meta();
+    dm.inherit_mapping(sm, 0);
+    let keep = sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY);
+    dm.set_flags(keep | FrameFlags::UPTODATE);
 }
 
 /// Maps `dst` where a hole or the zero page was (`migrate_vma_insert_page`); false if
@@ -363,11 +432,16 @@ pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
     let mut out = MigrateOutcome::default();
     for i in 0..s.src.len() {
         let (w, d) = (s.src[i], s.dst[i]);
+        let pages = if w.flags().contains(MigratePfnFlags::COMPOUND) {
+            PMD_NR
+        } else {
+            1
+        };
         if !w.is_valid() {
             if !d.is_empty() {
                 // A hole's destination: inserted (the entry holds its own reference) or not.
                 if committed && w.is_migrating() {
-                    out.migrated += 1;
+                    out.migrated += pages;
                 }
                 let dst = s.frame(d.frame_nr());
                 dst.meta().unlock();
@@ -377,10 +451,10 @@ pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
         }
         let src = s.frame(w.frame_nr());
         let target = if committed && w.is_migrating() && !d.is_empty() {
-            out.migrated += 1;
+            out.migrated += pages;
             s.frame(d.frame_nr())
         } else {
-            out.restored += 1;
+            out.restored += pages;
             src
         };
         own.push((i, target));

@@ -83,6 +83,7 @@
 
 mod collect;
 mod commit;
+mod compound;
 mod device;
 mod on_fault;
 mod pfn;
@@ -97,6 +98,8 @@ use crate::prot::VmFlags;
 use crate::range_fault::HmmError;
 
 pub(crate) use collect::Next;
+pub(crate) use commit::remap_entry;
+pub(crate) use compound::PmdNext;
 pub use device::{
     migrate_device_pfns, migrate_device_range, DeviceMigration, DeviceMigrationPages,
 };
@@ -162,12 +165,12 @@ pub struct MigrationPages<'g, 'a> {
     state: commit::State<'g, 'a>,
 }
 
-/// What a finished migration did.
+/// What a finished migration did, in pages (a unit of `SELECT_COMPOUND` counts its 512).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct MigrateOutcome {
-    /// Entries that now map the destination (holes filled included).
+    /// Pages that now map the destination (holes filled included).
     pub migrated: u64,
-    /// Collected entries put back as they were.
+    /// Collected pages put back as they were.
     pub restored: u64,
 }
 
@@ -247,26 +250,35 @@ impl<'g, 'a> Migration<'g, 'a> {
     }
 
     /// The source page of entry `i`, to copy from (locked and unmapped: its contents are
-    /// stable); `None` for a hole or the zero page, or an entry not migrating.
+    /// stable); `None` for a hole or the zero page, or an entry not migrating. Inside a
+    /// unit (`COMPOUND`) with a source, entry `i` is its page `i - head`, for a driver
+    /// that copies the unit page by page.
     #[doc(alias = "migrate_pfn_to_page")]
     pub fn src_page(&self, i: usize) -> Option<FrameRef<'_>> {
-        let s = self.state.src[i];
-        s.is_valid()
-            .then(|| self.state.mmap.mm().phys().frame_nr(s.frame_nr()))
+        let s = &self.state;
+        let head = s.unit_head(i).unwrap_or(i);
+        let w = s.src[head];
+        (w.is_valid() && w.is_migrating()).then(|| s.frame(w.frame_nr() + (i - head) as u64))
     }
 
     /// Gives entry `i` its destination: a folio the caller allocated, filled and locked.
     /// `write` asks for a writable mapping (`MIGRATE_PFN_WRITE`). The migration owns the
     /// reference from now on and unlocks the page when it finalizes.
     ///
+    /// A unit (`COMPOUND` source) takes one order-9 folio at its first entry (the word
+    /// gets `COMPOUND`), or order-0 pages at any of its 512 entries (the source is then
+    /// split when the migration commits). An order-9 folio for an entry that is not a
+    /// unit is accepted here and refused by [`pages`](Self::pages).
+    ///
     /// # Panics
     ///
-    /// Panics if entry `i` is not migrating, already has a destination, or `dst` is not
-    /// locked.
+    /// Panics if entry `i` is neither migrating nor inside a migrating unit, already has
+    /// a destination, or `dst` is not locked.
     #[track_caller]
     pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
-        self.state.dst[i] =
-            MigratePfn::destination(self.state.src[i], self.state.dst[i], dst, write);
+        let s = &mut self.state;
+        let src = s.src[s.unit_head(i).unwrap_or(i)];
+        s.dst[i] = MigratePfn::destination(src, s.dst[i], dst, write);
     }
 
     /// Commits the entries that have a destination (`migrate_vma_pages`); the others stop

@@ -6,7 +6,7 @@ use crate::addr::{VaRange, VirtAddr};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_folio, split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
-use crate::pgtable::{Pte, PteSlot};
+use crate::pgtable::{PmdSlot, Pte, PteSlot};
 use crate::phys::FrameRef;
 use crate::prot::VmFlags;
 use crate::range_fault::{check, run_walk, HmmError, HmmPfnFlags, HmmRange, Walk};
@@ -14,6 +14,7 @@ use crate::stats::RangeWalker;
 
 use super::collect::{collect_pte, unmap_and_check, Next};
 use super::commit::State;
+use super::compound::PmdNext;
 use super::{MigratePfn, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
 
 /// The migration side of a migrating walk: the collected state, the TLB flush it owes,
@@ -80,10 +81,22 @@ impl<'g, 'a> Collector<'g, 'a> {
         collect_pte(&mut self.state, p, k, &mut self.tlb)
     }
 
-    /// Whether a PMD leaf is a THP (or the huge zero page) to split before collecting.
-    pub(crate) fn wants_split(&self, leaf: Pte) -> bool {
-        matches!(leaf, Pte::Present { .. })
-            && self.state.flags.contains(MigrateVmaFlags::SELECT_SYSTEM)
+    /// Whether entry `i` may head a unit: `SELECT_COMPOUND`, and its 2 MiB starts there
+    /// and lies inside the range.
+    pub(crate) fn unit_fits(&self, i: usize) -> bool {
+        self.state.unit_fits(i)
+    }
+
+    /// Collects entry `i` and the 511 after it, an empty PMD or the huge zero page of
+    /// anonymous memory, as one empty unit.
+    pub(crate) fn collect_empty_unit(&mut self, i: usize) {
+        self.state.collect_empty_unit(i);
+    }
+
+    /// Collects the PMD leaf `p` (under its lock) whole if `whole` and the rules select
+    /// it; see [`PmdNext`].
+    pub(crate) fn collect_pmd(&mut self, p: &PmdSlot<'_>, whole: bool) -> PmdNext {
+        self.state.collect_pmd(p, whole, &mut self.tlb)
     }
 
     /// Splits the PMD leaf at `base` (no page-table lock held).

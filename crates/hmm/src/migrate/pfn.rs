@@ -102,7 +102,7 @@ impl MigratePfn {
     }
 
     /// The destination word for `dst` (locked), taking over its reference: the
-    /// `set_dst` of both migration kinds.
+    /// `set_dst` of both migration kinds. An order-9 folio gets `COMPOUND`.
     ///
     /// # Panics
     ///
@@ -121,6 +121,9 @@ impl MigratePfn {
         if write {
             flags |= MigratePfnFlags::WRITE;
         }
+        if dst.meta().order() == crate::addr::PMD_ORDER {
+            flags |= MigratePfnFlags::COMPOUND;
+        }
         let nr = dst.nr();
         std::mem::forget(dst);
         MigratePfn::new(nr, flags)
@@ -129,7 +132,8 @@ impl MigratePfn {
     /// The `src` word a migrating `hmm_range_fault` output word stands for (the
     /// conversion of `migrate_hmm_range_setup`): 0 unless `HMM_PFN_MIGRATE` is set;
     /// `MIGRATE` alone for a hole or the zero page (no `VALID`); else the frame with
-    /// `MIGRATE`, and `WRITE` if the CPU mapping was writable.
+    /// `MIGRATE`, and `WRITE` if the CPU mapping was writable; `COMPOUND` for the head of
+    /// a PMD-sized unit (`HMM_PFN_COMPOUND`).
     #[doc(alias = "migrate_hmm_range_setup")]
     pub fn from_hmm(word: crate::range_fault::HmmPfn) -> MigratePfn {
         use crate::range_fault::HmmPfnFlags as H;
@@ -137,10 +141,13 @@ impl MigratePfn {
         if !f.contains(H::MIGRATE) {
             return MigratePfn::default();
         }
-        if !f.contains(H::VALID) {
-            return MigratePfn::flags_only(MigratePfnFlags::MIGRATE);
-        }
         let mut flags = MigratePfnFlags::MIGRATE;
+        if f.contains(H::COMPOUND) {
+            flags |= MigratePfnFlags::COMPOUND;
+        }
+        if !f.contains(H::VALID) {
+            return MigratePfn::flags_only(flags);
+        }
         if f.contains(H::WRITE) {
             flags |= MigratePfnFlags::WRITE;
         }
@@ -185,6 +192,11 @@ mod tests {
             MigratePfn::flags_only(MigratePfnFlags::MIGRATE),
             MigratePfn::new(0x42, MigratePfnFlags::MIGRATE),
             MigratePfn::new(0x42, MigratePfnFlags::MIGRATE | MigratePfnFlags::WRITE),
+            MigratePfn::flags_only(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND),
+            MigratePfn::new(
+                0x200,
+                MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND | MigratePfnFlags::WRITE,
+            ),
         ] {
             let word = HmmPfn::from_migrate(src);
             assert_eq!(MigratePfn::from_hmm(word), src, "{word:?}");

@@ -102,6 +102,16 @@ pub(super) fn do_device_private_fault(
     // The entry holds a reference, and the page-table lock keeps the entry: get() is safe.
     let held = frame.get();
     let folio = held.folio();
+    if level == Huge::Pte && folio.meta().order() > 0 && !folio.meta().is_locked() {
+        // A page of a device THP mapped by PTEs (after a partial munmap, mprotect or
+        // mremap): split the folio first, so that `migrate_to_ram` always gets an order-0
+        // page for a PTE fault, then let the access fault again. (The kernel splits it
+        // inside the driver's `migrate_vma_setup`, moving the fault path's page lock to
+        // the new folio; splitting here, with no page locked, needs no such hand-over.)
+        c.unlock();
+        super::thp::split_folio(mm, st, held);
+        return Ok(());
+    }
     if !folio.meta().trylock() {
         c.unlock();
         folio.meta().wait_unlocked();
@@ -405,18 +415,19 @@ mod tests {
         r.mm.audit().unwrap();
         assert_eq!(r.ops.freed.load(Ordering::Relaxed), 0);
 
-        // A CPU access now faults one page back (a PTE-level migrate_to_ram).
+        // A CPU access now splits the folio (the unmapped page 1 is freed), then faults
+        // one page back (a PTE-level migrate_to_ram of an order-0 page).
         assert_eq!(r.mm.read_val::<u8>(page(2)).unwrap(), 2);
+        assert_eq!(r.ops.calls.lock().len(), 1);
         assert_eq!(r.ops.calls.lock()[0].2, Huge::Pte);
-        assert_eq!(head.meta().refcount(), 510);
+        assert_eq!(head.meta().order(), 0);
+        assert_eq!(head.meta().refcount(), 1);
+        assert_eq!(r.ops.freed.load(Ordering::Relaxed), 2);
+        assert_eq!(r.mm.read_val::<u8>(page(511)).unwrap(), 255);
         r.mm.audit().unwrap();
 
         r.mm.munmap(base, 2 << 20).unwrap();
-        assert_eq!(
-            r.ops.freed.load(Ordering::Relaxed),
-            512,
-            "the folio is freed whole"
-        );
+        assert_eq!(r.ops.freed.load(Ordering::Relaxed), 512);
         assert_eq!(r.pgmap.nr_in_use(), 0);
     }
 

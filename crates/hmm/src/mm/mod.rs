@@ -66,7 +66,7 @@ pub use pagemap::{PagemapEntry, SwapKind};
 pub(crate) use rmap::rmap_walk;
 pub use rmap::{device_folio_mappings, folio_mappings, RmapEntry};
 pub use thp::ThpMode;
-pub(crate) use thp::{split_folio, split_pmd};
+pub(crate) use thp::{split_folio, split_frozen_folio, split_pmd};
 pub use vma::{Vma, VmaKind};
 
 pub use crate::prot::{Prot, VmFlags};

@@ -30,9 +30,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange, VmaInfo};
 use crate::pgtable::{
-    MigrationKind, MigrationPfn, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode,
+    Huge, MigrationKind, MigrationPfn, PageTable, PmdEntry, Pte, PteFlags, Slot, WalkMode,
 };
-use crate::phys::FrameFlags;
+use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
 use crate::prot::VmFlags;
 use crate::stats::FaultKind;
 
@@ -459,18 +459,19 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
     Ok(())
 }
 
-/// Splits the anonymous THP `folio` (the caller's reference) into 512 order-0 folios
-/// (`split_huge_page`), keeping every mapping and byte; returns whether it did. With the
-/// folio locked: every mapping in every address space (through the reverse map) becomes a
-/// migration entry under a CLEAR invalidation of its range (PMD leaves are split first);
-/// the reference count must then be the caller's alone (`folio_ref_freeze`), or the
-/// entries are restored and the split fails (a pin, a GUP reference, a waiter); the
-/// metadata is split; the migration entries become present entries of the new folios.
+/// Splits the anonymous THP or device THP `folio` (the caller's reference) into 512
+/// order-0 folios (`split_huge_page`), keeping every mapping and byte; returns whether it
+/// did. With the folio locked: every mapping in every address space (through the reverse
+/// map) becomes a migration entry under a CLEAR invalidation of its range (PMD leaves are
+/// split first); the reference count must then be the caller's alone
+/// (`folio_ref_freeze`), or the entries are restored and the split fails (a pin, a GUP
+/// reference, a waiter); the metadata is split ([`split_frozen_folio`]); the migration
+/// entries become present (or device-private) entries of the new folios.
 #[doc(alias = "split_huge_page")]
 pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
     let phys = mm.phys();
-    let head = folio.pfn();
-    let fm = folio.meta();
+    let head = folio.folio();
+    let fm = head.meta();
     let splittable = fm.order() == PMD_ORDER
         && fm.flags().contains(FrameFlags::ANON)
         && !fm.flags().contains(FrameFlags::HUGETLB)
@@ -478,7 +479,7 @@ pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
     if !splittable || !fm.trylock() {
         return false;
     }
-    let Some(range) = rmap::FolioRange::of(folio.folio()) else {
+    let Some(range) = rmap::FolioRange::of(head) else {
         fm.unlock();
         return false;
     };
@@ -488,22 +489,22 @@ pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
     });
     let frozen = fm.freeze(1);
     if frozen {
-        phys.split_frozen(head);
+        split_frozen_folio(phys, head, 1);
     }
     rmap::rmap_walk_range(&range, held, |_, s, vma, r| {
-        remap_after_split(phys, s, vma, r, head, frozen)
+        remap_after_split(phys, s, vma, r, head)
     });
     if !frozen {
         fm.unlock();
         return false;
     }
     // The caller's reference became the head's; every page has one and is locked.
-    let _ = folio.into_raw();
+    std::mem::forget(folio);
     let mut freed = 0;
     for i in (0..PMD_NR).rev() {
-        let page = phys.frame(Pfn::new(head.as_u64() + i));
+        let page = phys.frame_nr(head.nr() + i);
         page.meta().unlock();
-        if page.put() == crate::phys::Freed::Yes {
+        if page.put() == crate::phys::Freed::Yes && matches!(page.zone(), Zone::System) {
             freed += 1;
         }
     }
@@ -512,11 +513,48 @@ pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
     true
 }
 
+/// Splits the frozen, locked, unmapped order-9 folio `head` into 512 locked order-0
+/// folios (the tails with one reference each, the head with `head_refs`), and for a
+/// device-private folio lets the pagemap's driver split its per-page data in step
+/// (`folio_split` for each new tail, then once for the head).
+pub(crate) fn split_frozen_folio(phys: &PhysMem, head: FrameRef<'_>, head_refs: u32) {
+    head.split_frozen(head_refs);
+    if let Zone::DevicePrivate { .. } = head.zone() {
+        let pagemap = phys
+            .pagemap_of(head.nr())
+            .expect("a device-private frame has a pagemap");
+        for i in 1..PMD_NR {
+            pagemap
+                .ops()
+                .folio_split(head, Some(phys.frame_nr(head.nr() + i)));
+        }
+        pagemap.ops().folio_split(head, None);
+    }
+}
+
+/// Whether the entry refers to one of the 512 pages from `head` (a THP being split, or
+/// just split). CPU and device frames share one numbering: the entry's kind must match
+/// the zone.
+fn maps_folio(entry: Pte, head: FrameRef<'_>) -> bool {
+    let private = matches!(head.zone(), Zone::DevicePrivate { .. });
+    let kind = match entry {
+        Pte::DevicePrivate { .. }
+        | Pte::Migration {
+            pfn: MigrationPfn::Device(_),
+            ..
+        } => private,
+        Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => !private,
+        Pte::None => false,
+    };
+    kind && entry
+        .frame_nr()
+        .is_some_and(|n| n >= head.nr() && n < head.nr() + PMD_NR)
+}
+
 /// `try_to_migrate_one` for a split: every entry of `range` mapping a page of the folio at
 /// `head` becomes a migration entry; PMD leaves mapping it are split first.
-fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) {
+fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: FrameRef<'_>) {
     let phys = mm.phys();
-    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + PMD_NR;
     let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
         mm.id,
         range,
@@ -529,7 +567,8 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
         match slot {
             Slot::Hole(_) => {}
             Slot::Pmd(p) => {
-                if matches!(p.get(), Pte::Present { pfn, .. } if pfn == head) {
+                let leaf = p.get();
+                if !matches!(leaf, Pte::Migration { .. }) && maps_folio(leaf, head) {
                     let base = p.range().start();
                     c.unlock();
                     split_pmd(mm, &st.pt, Some(vma.info()), base, &mut tlb);
@@ -537,31 +576,47 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
                 }
             }
             Slot::Pte(p) => {
-                let (pfn, flags, writable) = match p.get() {
-                    Pte::Present { pfn, flags } if in_folio(pfn) => {
-                        (pfn, flags, flags.contains(PteFlags::WRITE))
+                let entry = p.get();
+                if !maps_folio(entry, head) {
+                    continue;
+                }
+                let (target, flags, writable, present) = match entry {
+                    Pte::Present { pfn, flags } => (
+                        MigrationPfn::Cpu(pfn),
+                        flags,
+                        flags.contains(PteFlags::WRITE),
+                        true,
+                    ),
+                    Pte::DeviceExclusive { pfn, flags } => {
+                        (MigrationPfn::Cpu(pfn), flags, false, false)
                     }
-                    Pte::DeviceExclusive { pfn, flags } if in_folio(pfn) => (pfn, flags, false),
-                    _ => continue,
+                    Pte::DevicePrivate { pfn, flags } => (
+                        MigrationPfn::Device(pfn),
+                        flags,
+                        flags.contains(PteFlags::WRITE),
+                        false,
+                    ),
+                    Pte::Migration { .. } | Pte::None => continue,
                 };
-                let exclusive = phys
-                    .frame(head)
-                    .meta()
-                    .flags()
-                    .contains(FrameFlags::ANON_EXCLUSIVE);
+                let exclusive = head.meta().flags().contains(FrameFlags::ANON_EXCLUSIVE);
                 let kind = MigrationKind::for_mapping(writable, exclusive);
                 let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
                 p.set(Pte::Migration {
-                    pfn: pfn.into(),
+                    pfn: target,
                     kind,
                     flags: keep,
                 });
                 if flags.contains(PteFlags::DIRTY) {
-                    phys.frame(head).meta().set_flags(FrameFlags::DIRTY);
+                    head.meta().set_flags(FrameFlags::DIRTY);
                 }
-                phys.frame(pfn).meta().dec_mapcount();
-                tlb.add_range(VaRange::page_of(p.va()));
-                tlb.defer_put(pfn);
+                phys.frame_nr(target.nr()).meta().dec_mapcount();
+                match target {
+                    MigrationPfn::Cpu(pfn) => tlb.defer_put(pfn),
+                    MigrationPfn::Device(pfn) => tlb.defer_put_device(pfn),
+                }
+                if present {
+                    tlb.add_range(VaRange::page_of(p.va()));
+                }
             }
         }
     }
@@ -571,44 +626,23 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Pfn) 
 }
 
 /// `remove_migration_pte`: the migration entries of `range` for the folio at `head`
-/// become present entries again, of the split pages if `split`, else of the folio.
+/// become mappings again, of the split pages if the split went through, else of the
+/// folio.
 fn remap_after_split(
     phys: &crate::phys::PhysMem,
     st: &MmState,
     vma: &Vma,
     range: VaRange,
-    head: Pfn,
-    split: bool,
+    head: FrameRef<'_>,
 ) {
-    let in_folio = |p: Pfn| p.as_u64() >= head.as_u64() && p.as_u64() < head.as_u64() + PMD_NR;
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
     while let Some(slot) = c.next() {
         let Slot::Pte(p) = slot else { continue };
-        let Pte::Migration {
-            pfn: MigrationPfn::Cpu(pfn),
-            kind,
-            flags,
-        } = p.get()
-        else {
-            continue;
-        };
-        if !in_folio(pfn) {
-            continue;
+        let entry = p.get();
+        if matches!(entry, Pte::Migration { .. }) && maps_folio(entry, head) {
+            let page = phys.frame_nr(entry.frame_nr().expect("a migration entry names a frame"));
+            p.set(crate::migrate::remap_entry(vma, entry, page, Huge::Pte));
         }
-        let mut nf = flags;
-        if !vma.is_accessible() {
-            nf |= PteFlags::PROTNONE;
-        } else if kind == MigrationKind::Write {
-            nf |= PteFlags::WRITE;
-        }
-        let page = phys.frame(pfn);
-        page.meta().inc_mapcount();
-        if split {
-            page.meta().get();
-        } else {
-            phys.frame(head).meta().get();
-        }
-        p.set(Pte::Present { pfn, flags: nf });
     }
 }
 

@@ -89,6 +89,23 @@ impl<'a> FrameRef<'a> {
         )
     }
 
+    /// Page `k` of the folio this frame heads (`folio_page`): how a driver reaches the
+    /// 512 pages of a THP or device THP to copy them.
+    ///
+    /// # Panics
+    ///
+    /// Panics if this frame is not a folio head or the folio has no page `k`.
+    #[track_caller]
+    pub fn folio_page(&self, k: u64) -> FrameRef<'a> {
+        assert_eq!(self.folio().nr, self.nr, "not a folio head");
+        assert!(
+            k < 1u64 << self.meta().order(),
+            "page {k} outside an order-{} folio",
+            self.meta().order()
+        );
+        FrameRef::new(self.region, self.nr + k)
+    }
+
     /// Takes a reference on the folio, which must be in use.
     #[doc(alias = "folio_get")]
     pub fn get(&self) -> Frame<'a> {
@@ -114,6 +131,13 @@ impl<'a> FrameRef<'a> {
         } else {
             Freed::No
         }
+    }
+
+    /// Splits this frozen, locked, unmapped order-9 folio head into 512 locked order-0
+    /// folios: each tail gets one reference, the head `head_refs` (see
+    /// `Region::split_frozen`).
+    pub(crate) fn split_frozen(&self, head_refs: u32) {
+        self.region.split_frozen(self.index(), head_refs);
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of the frame.

@@ -381,11 +381,6 @@ impl PhysMem {
             _ => panic!("{pfn:?} is not a device-private frame of this machine"),
         }
     }
-
-    /// See [`Region::split_frozen`].
-    pub(crate) fn split_frozen(&self, head: Pfn) {
-        self.region.split_frozen(head.as_usize());
-    }
 }
 
 #[cfg(test)]

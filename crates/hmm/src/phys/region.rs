@@ -193,10 +193,11 @@ impl Region {
 
 impl Region {
     /// Splits the frozen (refcount 0), locked, unmapped order-9 folio at `head` into 512
-    /// locked order-0 folios with one reference each, keeping the head's page flags and
-    /// mapping (`__split_huge_page`). The caller maps them back, then unlocks and drops
+    /// locked order-0 folios, keeping the head's page flags and mapping
+    /// (`__split_huge_page`). Each tail gets one reference, the head `head_refs` (the
+    /// references the freeze found). The caller maps them back, then unlocks and drops
     /// the references.
-    pub(crate) fn split_frozen(&self, head: usize) {
+    pub(crate) fn split_frozen(&self, head: usize, head_refs: u32) {
         let hm = &self.meta[head];
         assert_eq!(hm.order(), PMD_ORDER, "split of a small folio");
         assert_eq!(hm.refcount(), 0, "split of an unfrozen folio");
@@ -212,7 +213,7 @@ impl Region {
         }
         hm.set_order(0);
         hm.clear_flags(FrameFlags::HEAD);
-        hm.unfreeze(1);
+        hm.unfreeze(head_refs);
     }
 
     /// Grows or shrinks the hugetlb pool towards `target` pages; returns the new size.

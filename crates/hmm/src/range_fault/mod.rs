@@ -57,10 +57,10 @@ pub(crate) use walk::{run as run_walk, Walk};
 /// The conventional bound of the `Busy` retry loop (`HMM_RANGE_DEFAULT_TIMEOUT`, 1000 ms).
 pub const HMM_RANGE_DEFAULT_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// First bit of the mapping-order field of an [`HmmPfn`] (`HMM_PFN_ORDER_SHIFT`): one
+/// First bit of the mapping-order field of an [`HmmPfn`] (`HMM_PFN_ORDER_SHIFT`): two
 /// below the kernel's 53, as the migrate-on-fault series moves it to make room for
-/// `HMM_PFN_MIGRATE`.
-pub const HMM_PFN_ORDER_SHIFT: u32 = 52;
+/// `HMM_PFN_MIGRATE` and `HMM_PFN_COMPOUND`.
+pub const HMM_PFN_ORDER_SHIFT: u32 = 51;
 const HMM_PFN_ORDER_MASK: u64 = 0x1f << HMM_PFN_ORDER_SHIFT;
 const HMM_PFN_PFN_MASK: u64 = (1 << HMM_PFN_ORDER_SHIFT) - 1;
 
@@ -98,6 +98,11 @@ bitflags! {
         /// if it must be); see [`hmm_range_fault_migrate`](crate::migrate::hmm_range_fault_migrate).
         #[doc(alias = "HMM_PFN_REQ_MIGRATE")]
         const REQ_MIGRATE = Self::MIGRATE.bits();
+        /// Output of a migrating walk, with `MIGRATE`: the word is the head of a PMD-sized
+        /// unit collected whole (`SELECT_COMPOUND`); the next 511 words are 0
+        /// (`MIGRATE_PFN_COMPOUND` once converted).
+        #[doc(alias = "HMM_PFN_COMPOUND")]
+        const COMPOUND = 1 << 56;
         /// Request: the page must end up `VALID` (fault it in if needed).
         #[doc(alias = "HMM_PFN_REQ_FAULT")]
         const REQ_FAULT = Self::VALID.bits();
@@ -188,14 +193,18 @@ impl HmmPfn {
     }
 
     /// The word a migrating walk reports for collected `src` word (the inverse of
-    /// [`MigratePfn::from_hmm`]): `MIGRATE`, plus `VALID`, the frame and `WRITE` when it
-    /// has a source page; 0 for a word that is not migrating.
+    /// [`MigratePfn::from_hmm`]): `MIGRATE` (and `COMPOUND` for the head of a unit), plus
+    /// `VALID`, the frame and `WRITE` when it has a source page; 0 for a word that is not
+    /// migrating.
     pub(crate) fn from_migrate(src: MigratePfn) -> HmmPfn {
         use crate::migrate::MigratePfnFlags as M;
         if !src.is_migrating() {
             return HmmPfn::default();
         }
         let mut flags = HmmPfnFlags::MIGRATE;
+        if src.flags().contains(M::COMPOUND) {
+            flags |= HmmPfnFlags::COMPOUND;
+        }
         if !src.is_valid() {
             return HmmPfn(flags.bits());
         }

@@ -14,8 +14,8 @@
 //! folio that cannot be split stops collection for the rest of the pass (the kernel gives
 //! up on the rest of the range).
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER};
-use crate::migrate::{Collector, Next};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use crate::migrate::{Collector, Next, PmdNext};
 use crate::mm::{FaultError, FaultFlags, MmapReadGuard, Vma};
 use crate::notifier::{IntervalSub, Owner, ReadSeq};
 use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
@@ -103,6 +103,13 @@ impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
 
     fn request(&self, i: usize) -> HmmPfnFlags {
         (self.pfns[i].flags() & self.pfn_flags_mask) | self.default_flags
+    }
+
+    /// Whether every page of `unit` (inside the range) is to be prepared for migration.
+    fn unit_migrating(&self, unit: VaRange) -> bool {
+        unit.end() <= self.end
+            && unit.start() >= self.start
+            && (self.index(unit.start())..self.index(unit.end())).all(|i| self.migrating(i))
     }
 
     /// Whether page `i` is to be prepared for migration.
@@ -282,18 +289,32 @@ fn walk(
                 let r = VaRange::new(at, h.end().min(v.end())).expect("hole from `at`");
                 if w.collect.is_some() && v.is_anonymous() {
                     // Empty anonymous pages migrate without a fault: the destination is
-                    // zero-filled and inserted by migrate_vma_pages.
-                    for va in r.pages() {
+                    // zero-filled and inserted by migrate_vma_pages; an empty 2 MiB is
+                    // one unit with SELECT_COMPOUND.
+                    let mut va = r.start();
+                    while va < r.end() {
                         let i = w.index(va);
                         if w.migrating(i) {
-                            w.collect.as_mut().expect("migrating").collect_empty(i);
-                            w.put_collected(va);
+                            let unit = VaRange::from_len(va, PMD_SIZE)
+                                .ok()
+                                .filter(|u| u.end() <= r.end() && w.unit_migrating(*u));
+                            let col = w.collect.as_deref_mut().expect("migrating");
+                            if let Some(u) = unit.filter(|_| col.unit_fits(i)) {
+                                col.collect_empty_unit(i);
+                                u.pages().for_each(|va| w.put_collected(va));
+                                va = u.end();
+                            } else {
+                                col.collect_empty(i);
+                                w.put_collected(va);
+                                va = w.last;
+                            }
                             continue;
                         }
                         match Walk::need(w.request(i), HmmPfnFlags::empty()) {
                             Need::None => {
                                 let word = HmmPfn::with_flags(HmmPfnFlags::empty(), w.pfns[i]);
                                 w.put(va, word);
+                                va = w.last;
                             }
                             need => return fault_step(v, VaRange::page_of(va), need),
                         }
@@ -389,16 +410,40 @@ fn walk(
                 let migrating = w.collect.is_some()
                     && (w.index(r.start())..w.index(r.end())).any(|i| w.migrating(i));
                 if migrating {
+                    // A THP or device THP is collected whole as one unit when the unit
+                    // fits and all of it migrates, else split and collected page by page;
+                    // the huge zero page likewise, needing no fault first (it migrates
+                    // empty).
+                    let unit = p.range();
+                    let whole = r == unit && w.unit_migrating(unit);
+                    let i = w.index(at);
                     let col = w.collect.as_deref_mut().expect("migrating");
-                    // A THP is split and its pages collected one by one (device THP,
-                    // which keeps the unit whole, is not built yet); the huge zero page
-                    // needs no fault first (its pages migrate empty).
-                    if col.wants_split(leaf) && (need == Need::None || col.migrates_empty(leaf)) {
-                        let base = p.range().start();
-                        c.unlock();
-                        col.split_pmd(base);
-                        c.seek(at);
-                        continue;
+                    let whole = whole && col.unit_fits(i);
+                    let next = if col.migrates_empty(leaf) {
+                        if whole {
+                            col.collect_empty_unit(i);
+                            PmdNext::Collected
+                        } else {
+                            PmdNext::Split
+                        }
+                    } else if need == Need::None {
+                        col.collect_pmd(&p, whole)
+                    } else {
+                        PmdNext::Skip
+                    };
+                    match next {
+                        PmdNext::Collected => {
+                            r.pages().for_each(|va| w.put_collected(va));
+                            continue;
+                        }
+                        PmdNext::Split => {
+                            c.unlock();
+                            let col = w.collect.as_deref_mut().expect("migrating");
+                            col.split_pmd(unit.start());
+                            c.seek(at);
+                            continue;
+                        }
+                        PmdNext::Skip => {}
                     }
                 }
                 match need {

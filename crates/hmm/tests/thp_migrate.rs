@@ -1,0 +1,492 @@
+//! Device THP migration (`SELECT_COMPOUND`): PMD-sized units moved whole or split on the
+//! way, in both directions, with their bytes, events, counters and frames checked.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{page, Machine, RW};
+use hmm::addr::{DevicePfn, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
+use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
+use hmm::mm::{Advice, GupFlags, MapFlags, SwapKind};
+use hmm::notifier::{NotifierEvent, Owner};
+use hmm::phys::{Frame, FrameFlags, FrameRef};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
+
+const NR: u64 = PMD_NR;
+const SYS: MigrateVmaFlags = MigrateVmaFlags::SELECT_SYSTEM.union(MigrateVmaFlags::SELECT_COMPOUND);
+const DEV: MigrateVmaFlags =
+    MigrateVmaFlags::SELECT_DEVICE_PRIVATE.union(MigrateVmaFlags::SELECT_COMPOUND);
+
+/// Counts what the core tells the driver: frames freed, folio splits.
+#[derive(Default)]
+struct Counting {
+    freed: AtomicU64,
+    split_tails: AtomicU64,
+    split_heads: AtomicU64,
+}
+
+impl DevPagemapOps for Counting {
+    fn folio_free(&self, _folio: FrameRef<'_>, order: u32) {
+        self.freed.fetch_add(1 << order, Ordering::Relaxed);
+    }
+
+    fn folio_split(&self, head: FrameRef<'_>, tail: Option<FrameRef<'_>>) {
+        assert_eq!(head.meta().order(), 0, "told after the split");
+        match tail {
+            Some(_) => self.split_tails.fetch_add(1, Ordering::Relaxed),
+            None => self.split_heads.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+struct Rig {
+    m: Machine,
+    owner: Owner,
+    dev: Arc<DevPagemap>,
+    ops: Arc<Counting>,
+}
+
+fn rig() -> Rig {
+    let m = Machine::new(64);
+    let owner = Owner::new_unique();
+    let ops = Arc::new(Counting::default());
+    let dev = memremap_pages(
+        &m.phys,
+        PagemapConfig {
+            kind: MemoryType::DevicePrivate,
+            owner,
+            size_bytes: 16 << 20,
+        },
+        ops.clone(),
+    )
+    .unwrap();
+    Rig { m, owner, dev, ops }
+}
+
+/// A 2 MiB-aligned private mapping of `pmds` PMDs with MADV_HUGEPAGE.
+fn huge_map(r: &Rig, pmds: u64) -> VirtAddr {
+    let a = r.m.map(pmds * NR, RW, MapFlags::PRIVATE);
+    assert!(a.is_aligned(PMD_SIZE));
+    r.m.mm
+        .madvise(a, pmds * PMD_SIZE, Advice::HugePage)
+        .unwrap();
+    a
+}
+
+/// Writes `tag + i` at the start of page `i` of `pages` pages (a THP per PMD on fault).
+fn fill(r: &Rig, a: VirtAddr, pages: u64, tag: u64) {
+    for i in 0..pages {
+        r.m.mm.write_val(page(a, i), tag + i).unwrap();
+    }
+}
+
+/// Checks the words `fill` wrote, through CPU reads (which fault device pages back).
+fn check(r: &Rig, a: VirtAddr, pages: u64, tag: u64) {
+    for i in 0..pages {
+        assert_eq!(
+            r.m.mm.read_val::<u64>(page(a, i)).unwrap(),
+            tag + i,
+            "page {i}"
+        );
+    }
+}
+
+/// The word at the start of device page `nr`.
+fn device_word(r: &Rig, nr: u64) -> u64 {
+    let mut b = [0u8; 8];
+    r.m.phys.device_frame(DevicePfn::new(nr)).read(0, &mut b);
+    u64::from_le_bytes(b)
+}
+
+fn args(r: &Rig, a: VirtAddr, pages: u64, flags: MigrateVmaFlags) -> MigrateVma {
+    MigrateVma {
+        start: a,
+        end: page(a, pages),
+        pgmap_owner: Some(r.owner),
+        flags,
+        fault_page: None,
+    }
+}
+
+/// Where destinations come from, and how large.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dst {
+    /// One folio of `order` (0 or 9) per unit, in device memory.
+    Device(u32),
+    /// Likewise in system memory.
+    System(u32),
+}
+
+fn alloc<'a>(r: &'a Rig, dst: Dst, order: u32) -> Frame<'a> {
+    match dst {
+        Dst::Device(_) => r.dev.alloc(order, FrameFlags::empty()).unwrap(),
+        Dst::System(_) => {
+            let f = r.m.phys.alloc(order, FrameFlags::empty()).unwrap();
+            assert!(f.meta().trylock());
+            f
+        }
+    }
+}
+
+/// Gives every migrating entry destinations as `dst` says (a unit one order-9 folio or
+/// 512 pages; anything else one page), filled from the source; commits and finalizes.
+fn migrate(r: &Rig, mut mig: Migration<'_, '_>, dst: Dst) -> u64 {
+    let order = match dst {
+        Dst::Device(o) | Dst::System(o) => o,
+    };
+    let mut i = 0;
+    while i < mig.src().len() {
+        let w = mig.src()[i];
+        if !w.is_migrating() {
+            i += 1;
+            continue;
+        }
+        let unit = w.flags().contains(MigratePfnFlags::COMPOUND);
+        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
+        if unit && order == PMD_ORDER {
+            let d = alloc(r, dst, PMD_ORDER);
+            for k in 0..NR as usize {
+                let p = d.folio_page(k as u64);
+                match mig.src_page(i + k) {
+                    Some(s) => p.copy_from(&s),
+                    None => p.zero(),
+                }
+            }
+            mig.set_dst(i, d, write);
+        } else {
+            let n = if unit { NR as usize } else { 1 };
+            for k in i..i + n {
+                let d = alloc(r, dst, 0);
+                match mig.src_page(k) {
+                    Some(s) => d.copy_from(&s),
+                    None => d.zero(),
+                }
+                mig.set_dst(k, d, write);
+            }
+        }
+        i += if unit { NR as usize } else { 1 };
+    }
+    mig.pages().finalize().migrated
+}
+
+/// The MIGRATE ranges recorded since the last look, with their owners.
+fn migrate_events(r: &Rig) -> Vec<(u64, u64, Option<Owner>)> {
+    r.m.rec
+        .take()
+        .iter()
+        .filter(|e| e.event == NotifierEvent::Migrate)
+        .map(|e| (e.start().as_u64(), e.end().as_u64(), e.owner))
+        .collect()
+}
+
+/// Whether every page of `pages` from `a` is a device-private page mapped at `order`,
+/// consecutive from the first.
+fn on_device(r: &Rig, a: VirtAddr, pages: u64, order: u8) -> bool {
+    let map = r.m.mm.pagemap(a, pages).unwrap();
+    map.iter()
+        .all(|e| e.swap == Some(SwapKind::DevicePrivate) && e.order == order)
+        && (order == 0 || map.windows(2).all(|w| w[1].pfn == w[0].pfn.map(|p| p + 1)))
+}
+
+#[test]
+fn a_thp_moves_to_the_device_whole_and_back() {
+    let r = rig();
+    let a = huge_map(&r, 2);
+    let ram = r.m.phys.nr_in_use();
+    fill(&r, a, 2 * NR, 100);
+    assert_eq!(r.m.mm.stats().faults.thp_anon, 2);
+    r.m.rec.take();
+    let before = r.m.mm.stats();
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, 2 * NR, SYS)).unwrap();
+        // One word per unit, the next 511 empty; a unit counts once in cpages.
+        assert_eq!((mig.cpages(), mig.npages()), (2, 2 * NR));
+        let unit = MigratePfnFlags::VALID
+            | MigratePfnFlags::MIGRATE
+            | MigratePfnFlags::WRITE
+            | MigratePfnFlags::COMPOUND;
+        for h in [0, NR as usize] {
+            assert_eq!(mig.src()[h].flags(), unit);
+            assert!(mig.src()[h + 1..h + NR as usize]
+                .iter()
+                .all(|w| w.is_empty()));
+        }
+        let map = r.m.mm.pagemap(a, 2 * NR).unwrap();
+        assert!(map
+            .iter()
+            .all(|e| e.swap == Some(SwapKind::Migration) && e.order == 9));
+        assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), 2 * NR);
+    }
+    // One MIGRATE range, carrying the owner; no split, nothing else.
+    assert_eq!(
+        migrate_events(&r),
+        [(a.as_u64(), page(a, 2 * NR).as_u64(), Some(r.owner))]
+    );
+    let d = r.m.mm.stats().since(&before);
+    assert_eq!(d.thp_split_folio, 0);
+    assert_eq!(d.thp_split_pmd, 0);
+    assert!(on_device(&r, a, 2 * NR, 9));
+    let map = r.m.mm.pagemap(a, 2 * NR).unwrap();
+    for i in 0..2 * NR {
+        assert_eq!(device_word(&r, map[i as usize].pfn.unwrap()), 100 + i);
+    }
+    assert_eq!(r.m.phys.nr_in_use(), ram, "both THPs are freed");
+    r.m.mm.audit().unwrap();
+
+    // Back, whole: two system THPs mapped by PMDs again.
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, 2 * NR, DEV)).unwrap();
+        assert_eq!(mig.cpages(), 2);
+        assert_eq!(migrate(&r, mig, Dst::System(PMD_ORDER)), 2 * NR);
+    }
+    let map = r.m.mm.pagemap(a, 2 * NR).unwrap();
+    assert!(map.iter().all(|e| e.present && e.order == 9 && e.exclusive));
+    let before = r.m.mm.stats();
+    check(&r, a, 2 * NR, 100);
+    fill(&r, a, 2 * NR, 7);
+    assert_eq!(
+        r.m.mm.stats().since(&before).faults.total(),
+        0,
+        "mapped writable"
+    );
+    assert_eq!(r.dev.nr_in_use(), 0);
+    assert_eq!(r.ops.freed.load(Ordering::Relaxed), 2 * NR);
+    assert_eq!(r.ops.split_tails.load(Ordering::Relaxed), 0);
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn order_zero_destinations_split_the_unmapped_source_both_ways() {
+    let r = rig();
+    let a = huge_map(&r, 2);
+    fill(&r, a, 2 * NR, 300);
+    r.m.rec.take();
+    let before = r.m.mm.stats();
+    {
+        // The first unit goes to 512 device pages, the second to one device THP.
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+        assert_eq!(migrate(&r, mig, Dst::Device(0)), NR);
+        let mig = migrate_vma_setup(&mmap, args(&r, page(a, NR), NR, SYS)).unwrap();
+        assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
+    }
+    let d = r.m.mm.stats().since(&before);
+    assert_eq!(d.thp_split_folio, 1, "the unmapped source THP was split");
+    assert!(on_device(&r, a, NR, 0));
+    assert!(on_device(&r, page(a, NR), NR, 9));
+    // The split of the PMD migration entry is the only other event (a CLEAR, as in the
+    // kernel's split_huge_pmd_address).
+    let events = r.m.rec.take();
+    assert!(events
+        .iter()
+        .all(|e| e.event == NotifierEvent::Migrate || e.event == NotifierEvent::Clear));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event == NotifierEvent::Migrate)
+            .count(),
+        2
+    );
+    r.m.mm.audit().unwrap();
+
+    // Back to order-0 system pages: the 512 device pages one by one, the device THP
+    // after a split of its folio (the driver is told of every new page).
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, 2 * NR, DEV)).unwrap();
+        assert_eq!(mig.cpages(), NR + 1, "512 pages and one unit");
+        assert_eq!(migrate(&r, mig, Dst::System(0)), 2 * NR);
+    }
+    assert_eq!(r.ops.split_tails.load(Ordering::Relaxed), NR - 1);
+    assert_eq!(r.ops.split_heads.load(Ordering::Relaxed), 1);
+    let map = r.m.mm.pagemap(a, 2 * NR).unwrap();
+    assert!(map.iter().all(|e| e.present && e.order == 0));
+    check(&r, a, 2 * NR, 300);
+    assert_eq!(r.dev.nr_in_use(), 0);
+    assert_eq!(r.ops.freed.load(Ordering::Relaxed), 2 * NR);
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn an_empty_pmd_and_the_huge_zero_page_are_one_empty_unit() {
+    let r = rig();
+    let a = huge_map(&r, 3);
+    // PMD 1 maps the huge zero page; PMDs 0 and 2 are empty.
+    assert_eq!(r.m.mm.read_val::<u64>(page(a, NR + 3)).unwrap(), 0);
+    r.m.rec.take();
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(&r, a, 3 * NR, SYS)).unwrap();
+    assert_eq!(mig.cpages(), 3);
+    for h in [0, NR, 2 * NR] {
+        assert_eq!(
+            mig.src()[h as usize].flags(),
+            MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND
+        );
+    }
+    // The collect changes nothing in the page table: the huge zero page stays mapped.
+    assert!(r.m.mm.pagemap(page(a, NR), 1).unwrap()[0].present);
+    // Units 0 and 1 get device THPs, unit 2 order-0 pages.
+    let mut mig = mig;
+    for (h, order) in [
+        (0, PMD_ORDER),
+        (NR as usize, PMD_ORDER),
+        (2 * NR as usize, 0),
+    ] {
+        if order == PMD_ORDER {
+            let d = r.dev.alloc(PMD_ORDER, FrameFlags::empty()).unwrap();
+            (0..NR).for_each(|k| d.folio_page(k).zero());
+            mig.set_dst(h, d, true);
+        } else {
+            for k in h..h + NR as usize {
+                let d = r.dev.alloc(0, FrameFlags::empty()).unwrap();
+                d.zero();
+                mig.set_dst(k, d, true);
+            }
+        }
+    }
+    assert_eq!(mig.pages().finalize().migrated, 3 * NR);
+    drop(mmap);
+    // The collect's MIGRATE, and the second one from the first hole to the end.
+    let end = page(a, 3 * NR).as_u64();
+    assert_eq!(
+        migrate_events(&r),
+        [
+            (a.as_u64(), end, Some(r.owner)),
+            (a.as_u64(), end, Some(r.owner))
+        ]
+    );
+    assert!(on_device(&r, a, 2 * NR, 9));
+    assert!(on_device(&r, page(a, 2 * NR), NR, 0));
+    r.m.mm.audit().unwrap();
+    // The device sees zeros; back in system memory too.
+    let map = r.m.mm.pagemap(a, 3 * NR).unwrap();
+    assert!(map.iter().all(|e| device_word(&r, e.pfn.unwrap()) == 0));
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(&r, a, 3 * NR, DEV)).unwrap();
+    assert_eq!(migrate(&r, mig, Dst::System(PMD_ORDER)), 3 * NR);
+    drop(mmap);
+    assert!((0..3 * NR).all(|i| r.m.mm.read_val::<u64>(page(a, i)).unwrap() == 0));
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_unit_not_wholly_inside_the_range_is_split_and_collected_by_page() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 5);
+    let before = r.m.mm.stats();
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(&r, page(a, 1), NR - 1, SYS)).unwrap();
+    assert_eq!(mig.cpages(), NR - 1);
+    assert!(mig
+        .src()
+        .iter()
+        .all(|w| !w.flags().contains(MigratePfnFlags::COMPOUND)));
+    assert_eq!(migrate(&r, mig, Dst::Device(0)), NR - 1);
+    drop(mmap);
+    let d = r.m.mm.stats().since(&before);
+    assert_eq!((d.thp_split_pmd, d.thp_split_folio), (1, 1));
+    assert!(on_device(&r, page(a, 1), NR - 1, 0));
+    assert_eq!(r.m.mm.read_val::<u64>(a).unwrap(), 5);
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_unit_without_a_destination_or_dropped_is_put_back_whole() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 9);
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+    let out = mig.pages().finalize();
+    assert_eq!((out.migrated, out.restored), (0, NR));
+    drop(migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap());
+    drop(mmap);
+    let map = r.m.mm.pagemap(a, NR).unwrap();
+    assert!(map.iter().all(|e| e.present && e.order == 9 && e.exclusive));
+    let before = r.m.mm.stats();
+    check(&r, a, NR, 9);
+    fill(&r, a, NR, 1);
+    assert_eq!(
+        r.m.mm.stats().since(&before).faults.total(),
+        0,
+        "writable again"
+    );
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_pinned_thp_is_not_collected() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 3);
+    let pin =
+        r.m.mm
+            .pin_user_pages(page(a, 7), 1, GupFlags::WRITE)
+            .unwrap();
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+    // The exclusive THP cannot be shared: the kernel splits it instead, and the split
+    // of a pinned folio fails, so nothing is collected.
+    assert_eq!(mig.cpages(), 0);
+    drop(mig);
+    drop(mmap);
+    drop(pin);
+    check(&r, a, NR, 3);
+    r.m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_thp_shared_by_fork_moves_whole_in_both_address_spaces() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 40);
+    let child = r.m.mm.fork().unwrap();
+    assert_eq!(
+        child.pagemap(a, 1).unwrap()[0].order,
+        9,
+        "fork shares the PMD"
+    );
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+        assert_eq!(mig.cpages(), 1);
+        assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
+    }
+    // Both map the device THP, read-only, by a PMD.
+    for mm in [&r.m.mm, &child] {
+        let map = mm.pagemap(a, NR).unwrap();
+        assert!(map
+            .iter()
+            .all(|e| e.swap == Some(SwapKind::DevicePrivate) && e.order == 9));
+        mm.audit().unwrap();
+    }
+    let head = r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap();
+    let folio = r.m.phys.device_frame(DevicePfn::new(head));
+    assert_eq!(folio.meta().entire_mapcount(), 2);
+    assert_eq!(device_word(&r, head + 5), 45);
+    // The child takes it back whole; the parent's PMD follows through the reverse map.
+    {
+        let mmap = child.mmap_read();
+        let mut a2 = args(&r, a, NR, DEV);
+        a2.pgmap_owner = Some(r.owner);
+        let mig = migrate_vma_setup(&mmap, a2).unwrap();
+        assert_eq!(mig.cpages(), 1);
+        assert_eq!(migrate(&r, mig, Dst::System(PMD_ORDER)), NR);
+    }
+    for mm in [&r.m.mm, &child] {
+        let map = mm.pagemap(a, NR).unwrap();
+        assert!(map
+            .iter()
+            .all(|e| e.present && e.order == 9 && !e.exclusive));
+        mm.audit().unwrap();
+    }
+    // A write in the child breaks COW; the parent keeps its bytes.
+    child.write_val(page(a, 3), 0u64).unwrap();
+    check(&r, a, NR, 40);
+    assert_eq!(r.dev.nr_in_use(), 0);
+}
