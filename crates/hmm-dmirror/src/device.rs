@@ -12,12 +12,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::PAGE_SIZE;
+use hmm::addr::{PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use hmm::fault_inject::FaultAttr;
 use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
+use hmm::pgtable::Huge;
 use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
@@ -137,18 +138,30 @@ impl DevPagemapOps for DeviceOps {
         self.cfree.fetch_add(1 << order, Ordering::Relaxed);
     }
 
-    /// `dmirror_devmem_fault`: migrate the faulting page back to system memory, erasing
-    /// the entry of the mirror that migrated it.
+    /// `dmirror_devmem_fault`: migrate the faulting page back to system memory (the
+    /// whole 2 MiB unit for a device-private PMD), erasing the entries of the mirror that
+    /// migrated it.
     fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
         let phys = vmf.mmap().mm().phys();
         let id = phys.device_frame(vmf.page()).meta().zone_device_data();
         let mirror = self.mirrors.lock().get(&id).and_then(Weak::upgrade);
-        let start = vmf.address().page_down();
+        let (start, len, flags) = match vmf.level() {
+            Huge::Pte => (
+                vmf.address().page_down(),
+                PAGE_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            ),
+            Huge::Pmd => (
+                vmf.address().align_down(PMD_SIZE),
+                PMD_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
+            ),
+        };
         let args = MigrateVma {
             start,
-            end: start.checked_add(PAGE_SIZE).ok_or(VmFault::Sigbus)?,
+            end: start.checked_add(len).ok_or(VmFault::Sigbus)?,
             pgmap_owner: Some(self.owner),
-            flags: MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            flags,
             fault_page: Some(vmf.page()),
         };
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
@@ -300,20 +313,39 @@ impl DmirrorDevice {
         Ok(evicted)
     }
 
-    /// One eviction pass over `chunk` (`dmirror_device_evict_chunk`).
+    /// One eviction pass over `chunk` (`dmirror_device_evict_chunk`): a device THP gets a
+    /// system THP, or 512 pages if none can be had (the core then splits the device
+    /// folio).
     fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
         let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
-        for i in 0..m.src().len() {
-            let Some(src) = m.src_page(i) else {
+        let alloc = |order| {
+            let page = self.phys.alloc(order, FrameFlags::empty()).ok()?;
+            assert!(page.meta().trylock(), "a fresh folio is unlocked");
+            Some(page)
+        };
+        let mut i = 0;
+        while i < m.src().len() {
+            let w = m.src()[i];
+            let n = w.npages() as usize;
+            if !w.is_migrating() {
+                i += 1;
                 continue;
-            };
-            let page = self
-                .phys
-                .alloc(0, FrameFlags::empty())
-                .map_err(|_| DmirrorError::NoMem)?;
-            assert!(page.meta().trylock(), "a fresh page is unlocked");
-            page.copy_from(&src);
-            m.set_dst(i, page, true);
+            }
+            if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
+                for k in 0..n {
+                    let src = m.src_page(i + k).expect("a device THP's page");
+                    folio.folio_page(k as u64).copy_from(&src);
+                }
+                m.set_dst(i, folio, true);
+            } else {
+                for k in i..i + n {
+                    let src = m.src_page(k).expect("a migrating page");
+                    let page = alloc(0).ok_or(DmirrorError::NoMem)?;
+                    page.copy_from(&src);
+                    m.set_dst(k, page, true);
+                }
+            }
+            i += n;
         }
         Ok(m.pages().finalize().migrated)
     }

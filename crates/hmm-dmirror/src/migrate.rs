@@ -7,9 +7,9 @@
 //! owner): new device pages are stored when the migration to the device commits, and
 //! entries of pages leaving the device are erased before they are copied back.
 
-use hmm::addr::{VirtAddr, PAGE_SHIFT};
+use hmm::addr::{VirtAddr, PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{MigratePfnFlags, Migration, MigrationPages};
-use hmm::phys::{FrameFlags, Zone};
+use hmm::phys::{FrameFlags, FrameRef, Zone};
 
 use crate::device::DmirrorDevice;
 use crate::dpt::{DevicePageTable, DptEntry, DptTag};
@@ -24,9 +24,11 @@ pub(crate) struct CopyCounts {
 }
 
 /// `dmirror_migrate_alloc_and_copy`: a device page for every migrating entry, filled from
-/// the source (or zeroed for a hole), tagged with the mirror that migrated it. A source
-/// already in device memory is skipped; an allocation failure (or the one-shot
-/// `fail_alloc`) skips the entry.
+/// the source (or zeroed for a hole), tagged with the mirror that migrated it. A unit
+/// (`COMPOUND`: a THP, or an empty 2 MiB) gets one device THP; if that allocation fails
+/// (or the one-shot `fail_alloc` fires) it falls back to 512 device pages, and the core
+/// splits the source. A source already in device memory is skipped; an order-0
+/// allocation failure skips the entry.
 ///
 /// The mirror skipped the migration's own MIGRATE invalidation, so its table may still map
 /// the system pages being moved: those entries are erased (under `pt`) before any byte is
@@ -44,49 +46,70 @@ pub(crate) fn alloc_and_copy_to_device(
     {
         let mut pt = pt.lock();
         for i in 0..m.src().len() {
-            if m.src()[i].is_migrating()
-                && m.src_page(i)
-                    .is_some_and(|p| matches!(p.zone(), Zone::System))
+            if m.src_page(i)
+                .is_some_and(|p| matches!(p.zone(), Zone::System))
             {
                 let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
                 pt.erase(vpn, vpn + 1);
             }
         }
     }
-    for i in 0..m.src().len() {
+    let mut i = 0;
+    while i < m.src().len() {
         let w = m.src()[i];
-        if !w.is_migrating() {
+        let n = w.npages() as usize;
+        if !w.is_migrating()
+            || m.src_page(i)
+                .is_some_and(|p| !matches!(p.zone(), Zone::System))
+        {
+            i += n;
             continue;
         }
-        let src = m.src_page(i);
-        if src.is_some_and(|p| !matches!(p.zone(), Zone::System)) {
-            continue;
-        }
-        if fail_alloc() {
-            continue;
-        }
-        let Ok(dpage) = device.alloc(0) else {
-            continue;
-        };
-        match &src {
-            Some(s) => {
-                dpage.copy_from(s);
-                counts.copied += 1;
+        let write = w.flags().contains(MigratePfnFlags::WRITE) || (!w.is_valid() && vm_write);
+        let large = (n > 1 && !fail_alloc())
+            .then(|| device.alloc(PMD_ORDER).ok())
+            .flatten();
+        if let Some(folio) = large {
+            for k in 0..n {
+                fill(&folio.folio_page(k as u64), m.src_page(i + k), &mut counts);
             }
-            None => {
-                dpage.zero();
-                counts.zeroed += 1;
+            folio.meta().set_zone_device_data(mirror_id);
+            m.set_dst(i, folio, write);
+        } else {
+            for k in i..i + n {
+                if n == 1 && fail_alloc() {
+                    continue;
+                }
+                let Ok(dpage) = device.alloc(0) else {
+                    continue;
+                };
+                fill(&dpage, m.src_page(k), &mut counts);
+                dpage.meta().set_zone_device_data(mirror_id);
+                m.set_dst(k, dpage, write);
             }
         }
-        dpage.meta().set_zone_device_data(mirror_id);
-        let write = w.flags().contains(MigratePfnFlags::WRITE) || (src.is_none() && vm_write);
-        m.set_dst(i, dpage, write);
+        i += n;
     }
     counts
 }
 
+/// Copies `src` into `dst`, or zero-fills it for a hole, and counts which.
+fn fill(dst: &FrameRef<'_>, src: Option<FrameRef<'_>>, counts: &mut CopyCounts) {
+    match src {
+        Some(s) => {
+            dst.copy_from(&s);
+            counts.copied += 1;
+        }
+        None => {
+            dst.zero();
+            counts.zeroed += 1;
+        }
+    }
+}
+
 /// `dmirror_migrate_finalize_and_map`: store the device pages of the entries still
-/// migrating, writable if their destination is.
+/// migrating (all 512 of a device THP), writable if their destination is; returns the
+/// pages mapped.
 pub(crate) fn map_migrated(
     p: &MigrationPages<'_, '_>,
     start: VirtAddr,
@@ -102,14 +125,18 @@ pub(crate) fn map_migrated(
         } else {
             DptTag::Read
         };
-        pt.store(
-            (start.as_u64() >> PAGE_SHIFT) + i as u64,
-            DptEntry {
-                frame_nr: d.frame_nr(),
-                tag,
-            },
-        );
-        mapped += 1;
+        let n = d.npages();
+        let vpn = (start.as_u64() >> PAGE_SHIFT) + i as u64;
+        for k in 0..n {
+            pt.store(
+                vpn + k,
+                DptEntry {
+                    frame_nr: d.frame_nr() + k,
+                    tag,
+                },
+            );
+        }
+        mapped += n;
     }
     mapped
 }
@@ -119,9 +146,11 @@ pub(crate) fn map_migrated(
 pub(crate) struct OutOfMemory;
 
 /// `dmirror_devmem_fault_alloc_and_copy`: a system page for every migrating device page,
-/// the device's entry erased first (under `pt`), then the bytes copied back. An
-/// allocation failure (or the one-shot `fail_alloc`) stops with `OutOfMemory`; the
-/// entries left without a destination stay on the device.
+/// the device's entry erased first (under `pt`), then the bytes copied back. A device THP
+/// gets one system THP; if that allocation fails (or the one-shot `fail_alloc` fires) it
+/// falls back to 512 pages, and the core splits the device folio. An order-0 allocation
+/// failure (or `fail_alloc` on a single page) stops with `OutOfMemory`; the entries left
+/// without a destination stay on the device.
 pub(crate) fn alloc_and_copy_to_system(
     m: &mut Migration<'_, '_>,
     pt: Option<&parking_lot::Mutex<DevicePageTable>>,
@@ -129,29 +158,41 @@ pub(crate) fn alloc_and_copy_to_system(
 ) -> Result<CopyCounts, OutOfMemory> {
     let mut counts = CopyCounts::default();
     let phys = std::sync::Arc::clone(m.mmap().mm().phys());
-    for i in 0..m.src().len() {
+    let alloc = |order| {
+        let page = phys.alloc(order, FrameFlags::empty()).ok()?;
+        assert!(page.meta().trylock(), "a fresh folio is unlocked");
+        Some(page)
+    };
+    let mut i = 0;
+    while i < m.src().len() {
         let w = m.src()[i];
-        if !w.is_migrating() {
+        let n = w.npages() as usize;
+        if !w.is_migrating() || m.src_page(i).is_none() {
+            i += n;
             continue;
         }
-        let Some(spage) = m.src_page(i) else {
-            continue;
-        };
-        if fail_alloc() {
-            return Err(OutOfMemory);
-        }
-        let Ok(page) = phys.alloc(0, FrameFlags::empty()) else {
-            return Err(OutOfMemory);
-        };
-        assert!(page.meta().trylock(), "a fresh page is unlocked");
         if let Some(pt) = pt {
             let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
-            pt.lock().erase(vpn, vpn + 1);
+            pt.lock().erase(vpn, vpn + n as u64);
         }
-        page.copy_from(&spage);
-        counts.copied += 1;
         let write = w.flags().contains(MigratePfnFlags::WRITE);
-        m.set_dst(i, page, write);
+        let large = (n > 1 && !fail_alloc()).then(|| alloc(PMD_ORDER)).flatten();
+        if let Some(folio) = large {
+            for k in 0..n {
+                fill(&folio.folio_page(k as u64), m.src_page(i + k), &mut counts);
+            }
+            m.set_dst(i, folio, write);
+        } else {
+            for k in i..i + n {
+                if n == 1 && fail_alloc() {
+                    return Err(OutOfMemory);
+                }
+                let page = alloc(0).ok_or(OutOfMemory)?;
+                fill(&page, m.src_page(k), &mut counts);
+                m.set_dst(k, page, write);
+            }
+        }
+        i += n;
     }
     Ok(counts)
 }

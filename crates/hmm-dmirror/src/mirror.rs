@@ -481,7 +481,7 @@ impl Dmirror {
                 start: piece.start(),
                 end: piece.end(),
                 pgmap_owner: Some(self.device.owner()),
-                flags: MigrateVmaFlags::SELECT_SYSTEM,
+                flags: MigrateVmaFlags::SELECT_SYSTEM | MigrateVmaFlags::SELECT_COMPOUND,
                 fault_page: None,
             };
             let m = migrate_vma_setup(mmap, args)?;
@@ -520,7 +520,8 @@ impl Dmirror {
                 pfn_flags_mask: HmmPfnFlags::empty(),
                 dev_private_owner: Some(self.device.owner()),
             };
-            let collected = hmm_range_fault_migrate(mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM)?;
+            let select = MigrateVmaFlags::SELECT_SYSTEM | MigrateVmaFlags::SELECT_COMPOUND;
+            let collected = hmm_range_fault_migrate(mmap, &mut r, select)?;
             {
                 let mut pt = self.shared.pt.lock();
                 if !self.notifier.read_retry(r.notifier_seq) {
@@ -575,10 +576,11 @@ impl Dmirror {
         cmd: &mut HmmDmirrorCmd,
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let select = match self.device.kind() {
-            MemoryType::DevicePrivate => MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
-            MemoryType::DeviceCoherent => MigrateVmaFlags::SELECT_DEVICE_COHERENT,
-        };
+        let select = MigrateVmaFlags::SELECT_COMPOUND
+            | match self.device.kind() {
+                MemoryType::DevicePrivate => MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+                MemoryType::DeviceCoherent => MigrateVmaFlags::SELECT_DEVICE_COHERENT,
+            };
         self.for_each_piece(&mm, range, |mmap, _, piece| {
             let args = MigrateVma {
                 start: piece.start(),

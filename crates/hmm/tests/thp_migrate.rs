@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use common::{page, Machine, RW};
 use hmm::addr::{DevicePfn, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
-use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
+use hmm::migrate::{
+    migrate_device_range, migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags,
+    Migration,
+};
 use hmm::mm::{Advice, GupFlags, MapFlags, SwapKind};
 use hmm::notifier::{NotifierEvent, Owner};
 use hmm::phys::{Frame, FrameFlags, FrameRef};
@@ -489,4 +492,67 @@ fn a_thp_shared_by_fork_moves_whole_in_both_address_spaces() {
     child.write_val(page(a, 3), 0u64).unwrap();
     check(&r, a, NR, 40);
     assert_eq!(r.dev.nr_in_use(), 0);
+}
+
+/// Evicts every page of the device (`migrate_device_range`) to system memory, giving a
+/// device THP one order-9 folio or, with `order` 0, 512 pages; returns pages migrated.
+fn evict(r: &Rig, order: u32) -> u64 {
+    let mut m = migrate_device_range(&r.m.phys, r.dev.frame(0), r.dev.nr_frames());
+    let mut i = 0;
+    while i < m.src().len() {
+        let w = m.src()[i];
+        if !w.is_migrating() {
+            i += 1;
+            continue;
+        }
+        let unit = w.flags().contains(MigratePfnFlags::COMPOUND);
+        if unit && order == PMD_ORDER {
+            let d = alloc(r, Dst::System(0), PMD_ORDER);
+            for k in 0..NR {
+                d.folio_page(k)
+                    .copy_from(&m.src_page(i + k as usize).unwrap());
+            }
+            m.set_dst(i, d, true);
+        } else {
+            for k in i..i + if unit { NR as usize } else { 1 } {
+                let d = alloc(r, Dst::System(0), 0);
+                d.copy_from(&m.src_page(k).unwrap());
+                m.set_dst(k, d, true);
+            }
+        }
+        i += if unit { NR as usize } else { 1 };
+    }
+    m.pages().finalize().migrated
+}
+
+#[test]
+fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
+    for order in [PMD_ORDER, 0] {
+        let r = rig();
+        let a = huge_map(&r, 1);
+        fill(&r, a, NR, 60);
+        {
+            let mmap = r.m.mm.mmap_read();
+            let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+            assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
+        }
+        let child = r.m.mm.fork().unwrap();
+        assert!(on_device(&r, a, NR, 9));
+        assert_eq!(evict(&r, order), NR, "order {order}");
+        assert_eq!(r.dev.nr_in_use(), 0);
+        for mm in [&r.m.mm, &child] {
+            let map = mm.pagemap(a, NR).unwrap();
+            let want = if order == PMD_ORDER { 9 } else { 0 };
+            assert!(
+                map.iter().all(|e| e.present && e.order == want),
+                "order {order}"
+            );
+            mm.audit().unwrap();
+        }
+        let splits = if order == PMD_ORDER { 0 } else { NR - 1 };
+        assert_eq!(r.ops.split_tails.load(Ordering::Relaxed), splits);
+        check(&r, a, NR, 60);
+        child.write_val(page(a, 1), 0u64).unwrap();
+        check(&r, a, NR, 60);
+    }
 }

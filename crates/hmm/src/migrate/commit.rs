@@ -1,7 +1,7 @@
 //! The state a migration carries through its stages, the commit (`migrate_vma_pages`) and
 //! the finalize (`migrate_vma_finalize`, `remove_migration_ptes`).
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange, Owner};
@@ -125,12 +125,7 @@ impl<'g, 'a> State<'g, 'a> {
         self.release_src(page);
         self.src[i] = MigratePfn::default();
         self.cpages -= 1;
-        let pages = if w.flags().contains(MigratePfnFlags::COMPOUND) {
-            PMD_NR
-        } else {
-            1
-        };
-        self.mmap.mm().counters().migrate_done(0, pages);
+        self.mmap.mm().counters().migrate_done(0, w.npages());
     }
 
     /// Drops the migration's hold on a source page: its lock (unless the fault path holds
@@ -268,7 +263,7 @@ pub(super) fn pages(s: &mut State<'_, '_>) {
         let (w, d) = (s.src[i], s.dst[i]);
         let unit = w.flags().contains(MigratePfnFlags::COMPOUND);
         let dst_unit = d.flags().contains(MigratePfnFlags::COMPOUND);
-        let next = i + if unit { PMD_NR as usize } else { 1 };
+        let next = i + w.npages() as usize;
         if !w.is_migrating() {
             i += 1;
             continue;
@@ -280,7 +275,7 @@ pub(super) fn pages(s: &mut State<'_, '_>) {
         }
         if w.is_valid() {
             if unit && !dst_unit {
-                if !split_unmapped(s, i, &mut tlb) {
+                if !split_unmapped(s, i) {
                     s.src[i] = w.without(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND);
                     i += 1;
                     continue;
@@ -432,11 +427,7 @@ pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
     let mut out = MigrateOutcome::default();
     for i in 0..s.src.len() {
         let (w, d) = (s.src[i], s.dst[i]);
-        let pages = if w.flags().contains(MigratePfnFlags::COMPOUND) {
-            PMD_NR
-        } else {
-            1
-        };
+        let pages = w.npages();
         if !w.is_valid() {
             if !d.is_empty() {
                 // A hole's destination: inserted (the entry holds its own reference) or not.

@@ -37,8 +37,8 @@
 //! reverse map, in every other one that maps the folio.
 
 use crate::addr::{VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
-use crate::mm::split_pmd;
 use crate::mm::tlb::TlbGather;
+use crate::mm::{split_pmd, Mm, MmState};
 use crate::pgtable::{MigrationKind, MigrationPfn, PmdEntry, PmdSlot, Pte, PteFlags, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
 use crate::prot::VmFlags;
@@ -73,14 +73,18 @@ impl State<'_, '_> {
             && i + PMD_NR as usize <= self.src.len()
     }
 
+    /// Pages collected: `cpages`, with each unit counted as its 512 pages.
+    pub(super) fn collected_pages(&self) -> u64 {
+        self.src
+            .iter()
+            .filter(|w| w.is_migrating())
+            .map(|w| w.npages())
+            .sum()
+    }
+
     /// The index of the head of the unit entry `i` belongs to, if it belongs to one.
     pub(super) fn unit_head(&self, i: usize) -> Option<usize> {
-        let head = self.index(self.addr(i).align_down(PMD_SIZE).max(self.range.start()));
-        self.src[head]
-            .flags()
-            .contains(MigratePfnFlags::COMPOUND)
-            .then_some(head)
-            .filter(|&h| i < h + PMD_NR as usize)
+        super::pfn::unit_head(&self.src, i)
     }
 
     /// Collects entry `i` and the 511 after it as one empty unit (an empty PMD or the huge
@@ -189,51 +193,68 @@ impl State<'_, '_> {
 }
 
 /// Splits the unmapped source of unit `i` for order-0 destinations
-/// (`migrate_vma_split_unmapped_folio`): the PMD migration entries that stand for it (here
-/// and, through the reverse map, in other address spaces) become 512 PTE migration
-/// entries, the folio 512 locked order-0 folios each holding one migration reference, and
-/// the unit's word 512 words. False if the folio is referenced beyond the migration.
-pub(super) fn split_unmapped(s: &mut State<'_, '_>, i: usize, tlb: &mut TlbGather<'_>) -> bool {
+/// (`migrate_vma_split_unmapped_folio`), see [`split_unmapped_folio`]; the unit's word
+/// becomes 512 words. False if the folio is referenced beyond the migration.
+pub(super) fn split_unmapped(s: &mut State<'_, '_>, i: usize) -> bool {
     let w = s.src[i];
     let head = s.frame(w.frame_nr());
-    let fm = head.meta();
     let expected = 1 + u32::from(s.fault_page == Some(head.nr()));
-    if fm.refcount() != expected {
+    if !split_unmapped_folio(s.phys(), s.held(), head, expected) {
         return false;
     }
-    let mm = s.mmap.mm();
-    let st = s.mmap.state();
-    // split_huge_pmd_address(freeze): the migration entry stays a migration entry.
-    split_pmd(mm, &st.pt, Some(s.vma.info()), s.addr(i), tlb);
-    if s.shared[i] {
-        crate::mm::rmap_walk(head, s.held(), |m, st, vma, range| {
-            let mut at = range.start().align_up(PMD_SIZE);
-            while let Some(base) = at.filter(|&a| a < range.end()) {
-                let leaf = st
-                    .pt
-                    .lock_pmd(base, WalkMode::Lookup)
-                    .and_then(|pmd| match pmd.get() {
-                        PmdEntry::Leaf(leaf) => Some(leaf),
-                        _ => None,
-                    });
-                if matches!(leaf, Some(Pte::Migration { pfn, .. }) if pfn.nr() == head.nr()) {
-                    split_pmd(m, &st.pt, Some(vma.info()), base, &mut TlbGather::new(m));
-                }
-                at = base.checked_add(PMD_SIZE);
-            }
-        });
-    }
-    if !fm.freeze(expected) {
-        return false;
-    }
-    crate::mm::split_frozen_folio(s.phys(), head, expected);
-    let flags = w.flags() - MigratePfnFlags::COMPOUND - MigratePfnFlags::VALID;
-    for k in 0..PMD_NR as usize {
-        s.src[i + k] = MigratePfn::new(head.nr() + k as u64, flags);
-        s.shared[i + k] = s.shared[i];
-    }
-    mm.counters().thp_split_folio();
+    expand_unit(&mut s.src, i);
+    let shared = s.shared[i];
+    s.shared[i..i + PMD_NR as usize].fill(shared);
+    s.mmap.mm().counters().thp_split_folio();
     true
+}
+
+/// Splits the locked order-9 folio `head`, unmapped for a migration and holding exactly
+/// `expected` references (the migration's, and the fault path's if it is the fault page):
+/// its PMD migration entries, wherever the reverse map finds them, become 512 PTE
+/// migration entries (`split_huge_pmd_address` with `freeze`, under a CLEAR invalidation
+/// each), then the folio 512 locked order-0 folios, the head keeping `expected`
+/// references and each other page one. False (and nothing changed) if the count is not
+/// `expected`. `held` is an address space whose mmap lock the caller holds.
+pub(super) fn split_unmapped_folio(
+    phys: &PhysMem,
+    held: Option<(&Mm, &MmState)>,
+    head: FrameRef<'_>,
+    expected: u32,
+) -> bool {
+    if head.meta().refcount() != expected {
+        return false;
+    }
+    crate::mm::rmap_walk(head, held, |m, st, vma, range| {
+        let mut at = range.start().align_up(PMD_SIZE);
+        while let Some(base) = at.filter(|&a| a < range.end()) {
+            let leaf = st
+                .pt
+                .lock_pmd(base, WalkMode::Lookup)
+                .and_then(|pmd| match pmd.get() {
+                    PmdEntry::Leaf(leaf) => Some(leaf),
+                    _ => None,
+                });
+            if matches!(leaf, Some(Pte::Migration { pfn, .. }) if pfn.nr() == head.nr()) {
+                split_pmd(m, &st.pt, Some(vma.info()), base, &mut TlbGather::new(m));
+            }
+            at = base.checked_add(PMD_SIZE);
+        }
+    });
+    if !head.meta().freeze(expected) {
+        return false;
+    }
+    crate::mm::split_frozen_folio(phys, head, expected);
+    true
+}
+
+/// Turns the unit word at `i` into the 512 words of its pages, with its flags.
+pub(super) fn expand_unit(src: &mut [MigratePfn], i: usize) {
+    let w = src[i];
+    let flags = w.flags() - MigratePfnFlags::COMPOUND - MigratePfnFlags::VALID;
+    for (k, word) in src[i..i + PMD_NR as usize].iter_mut().enumerate() {
+        *word = MigratePfn::new(w.frame_nr() + k as u64, flags);
+    }
 }
 
 /// Maps the order-9 destination `dst` over the empty PMD (or the huge zero page) of the

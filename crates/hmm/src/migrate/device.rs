@@ -11,11 +11,12 @@
 //! entries were. No mmap lock is held by the caller; the reverse-map walks take each
 //! address space's lock for reading.
 
-use crate::addr::DevicePfn;
+use crate::addr::{DevicePfn, PMD_NR};
 use crate::phys::{Frame, FrameFlags, FrameRef, PhysMem};
 
 use super::collect::{remove_migration_ptes, try_to_migrate};
-use super::pfn::{MigratePfn, MigratePfnFlags};
+use super::compound::{expand_unit, folio_mapped, split_unmapped_folio};
+use super::pfn::{unit_head, MigratePfn, MigratePfnFlags};
 use super::MigrateOutcome;
 
 /// Collected device pages, waiting for destinations.
@@ -78,24 +79,28 @@ fn collect_one(phys: &PhysMem, nr: u64) -> MigratePfn {
     }
     let page = phys.frame_nr(nr);
     let fm = page.meta();
-    // Only a folio head of order 0 (device THP is not built yet) that is in use.
-    if fm.flags().contains(FrameFlags::TAIL) || fm.order() != 0 || fm.try_get().is_err() {
+    // A folio head in use (the words of a device THP's other pages stay 0).
+    if fm.flags().contains(FrameFlags::TAIL) || fm.try_get().is_err() {
         return MigratePfn::default();
     }
     if !fm.trylock() {
         let _ = page.put();
         return MigratePfn::default();
     }
-    if fm.mapcount() > 0 {
+    if folio_mapped(phys, page) {
         try_to_migrate(None, page);
     }
-    if fm.mapcount() > 0 || fm.refcount() > 1 {
+    if folio_mapped(phys, page) || fm.refcount() > 1 {
         remove_migration_ptes(None, page, page);
         fm.unlock();
         let _ = page.put();
         return MigratePfn::default();
     }
-    MigratePfn::new(nr, MigratePfnFlags::MIGRATE)
+    let mut flags = MigratePfnFlags::MIGRATE;
+    if fm.order() > 0 {
+        flags |= MigratePfnFlags::COMPOUND;
+    }
+    MigratePfn::new(nr, flags)
 }
 
 impl<'p> DeviceMigration<'p> {
@@ -104,45 +109,63 @@ impl<'p> DeviceMigration<'p> {
         &self.state.src
     }
 
-    /// The source page of entry `i`, if it is migrating.
+    /// The source page of entry `i`, if it is migrating; inside a device THP (a
+    /// `COMPOUND` word and the 511 empty words after it), its page `i - head`.
     pub fn src_page(&self, i: usize) -> Option<FrameRef<'p>> {
-        let w = self.state.src[i];
+        let head = unit_head(&self.state.src, i).unwrap_or(i);
+        let w = self.state.src[head];
         w.is_migrating()
-            .then(|| self.state.phys.frame_nr(w.frame_nr()))
+            .then(|| self.state.phys.frame_nr(w.frame_nr() + (i - head) as u64))
     }
 
     /// Gives entry `i` its destination (locked, filled); see
-    /// [`Migration::set_dst`](super::Migration::set_dst).
+    /// [`Migration::set_dst`](super::Migration::set_dst): a device THP takes one order-9
+    /// folio at its head, or order-0 pages at its 512 entries (the source is then split
+    /// when the migration commits).
     ///
     /// # Panics
     ///
-    /// Panics if entry `i` is not migrating, has a destination, or `dst` is not locked.
+    /// Panics if entry `i` is neither migrating nor inside a migrating device THP, has a
+    /// destination, or `dst` is not locked.
     #[track_caller]
     pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
-        self.state.dst[i] =
-            MigratePfn::destination(self.state.src[i], self.state.dst[i], dst, write);
+        let s = &mut self.state;
+        let src = s.src[unit_head(&s.src, i).unwrap_or(i)];
+        s.dst[i] = MigratePfn::destination(src, s.dst[i], dst, write);
     }
 
     /// Moves the metadata of every entry that has a destination (`migrate_device_pages`).
+    /// A device THP moves whole to an order-9 destination; for order-0 ones its folio is
+    /// split first, through the reverse map (the kernel refuses that without a VMA; see
+    /// DESIGN.md).
     #[doc(alias = "migrate_device_pages")]
     pub fn pages(mut self) -> DeviceMigrationPages<'p> {
         let s = &mut self.state;
-        for i in 0..s.src.len() {
+        let mut i = 0;
+        while i < s.src.len() {
             let (w, d) = (s.src[i], s.dst[i]);
-            if !w.is_migrating() {
-                continue;
-            }
-            let src = s.phys.frame_nr(w.frame_nr());
-            if d.is_empty() || src.meta().refcount() != 1 {
+            let unit = w.flags().contains(MigratePfnFlags::COMPOUND);
+            let dst_unit = d.flags().contains(MigratePfnFlags::COMPOUND);
+            if !w.is_migrating() || d.is_empty() || (dst_unit && !unit) {
                 s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+                i += 1;
                 continue;
             }
-            let dm = s.phys.frame_nr(d.frame_nr()).meta();
-            let sm = src.meta();
-            dm.inherit_mapping(sm, 0);
-            dm.set_flags(
-                (sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY)) | FrameFlags::UPTODATE,
-            );
+            if unit && !dst_unit {
+                let head = s.phys.frame_nr(w.frame_nr());
+                if !split_unmapped_folio(s.phys, None, head, 1) {
+                    s.src[i] = w.without(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND);
+                    i += 1;
+                    continue;
+                }
+                expand_unit(&mut s.src, i);
+                let n = PMD_NR as usize;
+                (i..i + n).for_each(|k| s.commit(k));
+                i += n;
+            } else {
+                s.commit(i);
+                i += 1;
+            }
         }
         s.committed = true;
         DeviceMigrationPages {
@@ -175,6 +198,21 @@ impl DeviceMigrationPages<'_> {
 }
 
 impl DevState<'_> {
+    /// Moves the metadata of entry `i`'s page (or device THP) to its destination, or
+    /// stops it migrating (no destination, or referenced beyond the migration).
+    fn commit(&mut self, i: usize) {
+        let (w, d) = (self.src[i], self.dst[i]);
+        let src = self.phys.frame_nr(w.frame_nr());
+        if d.is_empty() || src.meta().refcount() != 1 {
+            self.src[i] = w.without(MigratePfnFlags::MIGRATE);
+            return;
+        }
+        let dm = self.phys.frame_nr(d.frame_nr()).meta();
+        let sm = src.meta();
+        dm.inherit_mapping(sm, 0);
+        dm.set_flags((sm.flags() & (FrameFlags::ANON | FrameFlags::DIRTY)) | FrameFlags::UPTODATE);
+    }
+
     fn finalize(&mut self) -> MigrateOutcome {
         let mut out = MigrateOutcome::default();
         for i in 0..self.src.len() {
@@ -184,13 +222,14 @@ impl DevState<'_> {
             }
             let src = self.phys.frame_nr(w.frame_nr());
             let dst = (!d.is_empty()).then(|| self.phys.frame_nr(d.frame_nr()));
+            let pages = 1u64 << src.meta().order();
             let target = match dst {
                 Some(dst) if self.committed && w.is_migrating() => {
-                    out.migrated += 1;
+                    out.migrated += pages;
                     dst
                 }
                 _ => {
-                    out.restored += 1;
+                    out.restored += pages;
                     src
                 }
             };

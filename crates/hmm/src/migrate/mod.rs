@@ -205,7 +205,7 @@ pub fn migrate_vma_setup<'g, 'a>(
     })?;
     collect::unmap_and_check(&mut state);
     let m = mmap.mm();
-    m.counters().migrate_setup(state.cpages);
+    m.counters().migrate_setup(state.collected_pages());
     Ok(Migration { state })
 }
 

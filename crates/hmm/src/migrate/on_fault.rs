@@ -322,6 +322,10 @@ pub fn hmm_range_fault_migrate<'g, 'a>(
 pub fn migrate_hmm_range_setup<'g, 'a>(collected: HmmMigrate<'g, 'a>) -> Migration<'g, 'a> {
     let HmmMigrate { mut state } = collected;
     unmap_and_check(&mut state);
-    state.mmap.mm().counters().migrate_setup(state.cpages);
+    state
+        .mmap
+        .mm()
+        .counters()
+        .migrate_setup(state.collected_pages());
     Migration { state }
 }

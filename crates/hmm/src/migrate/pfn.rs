@@ -96,6 +96,15 @@ impl MigratePfn {
         self.flags().contains(MigratePfnFlags::MIGRATE)
     }
 
+    /// The pages the word stands for: 512 for the head of a unit (`COMPOUND`), else 1.
+    pub fn npages(self) -> u64 {
+        if self.flags().contains(MigratePfnFlags::COMPOUND) {
+            crate::addr::PMD_NR
+        } else {
+            1
+        }
+    }
+
     /// Whether the word is 0.
     pub fn is_empty(self) -> bool {
         self.0 == 0
@@ -157,6 +166,18 @@ impl MigratePfn {
     pub(crate) fn without(self, f: MigratePfnFlags) -> MigratePfn {
         MigratePfn(self.0 & !f.bits())
     }
+}
+
+/// The index of the head of the unit (`COMPOUND` word) entry `i` of `src` belongs to:
+/// `i` itself for a head, the nearest word before `i` for one of the 511 empty words
+/// after a head; `None` for an entry outside any unit.
+pub(crate) fn unit_head(src: &[MigratePfn], i: usize) -> Option<usize> {
+    let lowest = i.saturating_sub(crate::addr::PMD_NR as usize - 1);
+    let h = (lowest..=i).rev().find(|&h| !src[h].is_empty())?;
+    src[h]
+        .flags()
+        .contains(MigratePfnFlags::COMPOUND)
+        .then_some(h)
 }
 
 impl std::fmt::Debug for MigratePfn {

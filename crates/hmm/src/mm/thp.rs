@@ -133,7 +133,8 @@ pub(super) fn huge_fault(
         .lock_pmd(range.start(), WalkMode::Populate)
         .expect("populate");
     match pmd.get() {
-        PmdEntry::Table => Ok(false),
+        // A device THP goes to its owner's migrate_to_ram through the common path.
+        PmdEntry::Table | PmdEntry::Leaf(Pte::DevicePrivate { .. }) => Ok(false),
         PmdEntry::Leaf(leaf) => {
             drop(pmd);
             huge_pmd_fault(mm, st, vma, addr, fault, leaf).map(|()| true)
