@@ -5,19 +5,18 @@
 //! device-private pagemap (`sys_to_dev`) and back (`dev_to_sys`) through `migrate_vma`
 //! (setup, copy, pages, finalize, 512 pages per call as the reference driver does), and
 //! a plain `copy_from_slice` of the same number of bytes between two warm buffers is timed
-//! alongside. With 4 KiB pages an untimed round trip comes first, so the device memory is
-//! as warm as the memcpy buffers; with THPs the timed migration to the device is the one
-//! that splits them (device THP migration is not built yet, so they come back as 4 KiB
-//! pages). Each figure is the median of the iterations (at least 9 for the memcpy, which
-//! costs little); every byte is checked after
-//! every round trip. `--threads N` migrates N slices of the region concurrently (and copies
-//! N slices for the baseline).
+//! alongside. THPs migrate as units (`SELECT_COMPOUND`): each 2 MiB goes to one device THP
+//! and comes back as one system THP. An untimed round trip comes first, so the device
+//! memory is as warm as the memcpy buffers. Each figure is the median of the iterations
+//! (at least 9 for the memcpy, which costs little); every byte is checked after every
+//! round trip. `--threads N` migrates N slices of the region concurrently (and copies N
+//! slices for the baseline).
 
 use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER};
 use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
@@ -127,11 +126,12 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
         let next = at
             .checked_add(CHUNK_PAGES * PAGE_SIZE)
             .map_or(end, |n| n.min(end));
-        let flags = if to_device {
-            MigrateVmaFlags::SELECT_SYSTEM
-        } else {
-            MigrateVmaFlags::SELECT_DEVICE_PRIVATE
-        };
+        let flags = MigrateVmaFlags::SELECT_COMPOUND
+            | if to_device {
+                MigrateVmaFlags::SELECT_SYSTEM
+            } else {
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE
+            };
         let m = migrate_vma_setup(
             &mmap,
             MigrateVma {
@@ -150,28 +150,35 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
 
 /// Gives every migrating entry of `m` a destination, on `device` or (`None`) in system
 /// memory, holding the source's bytes (zeros for a hole), then commits and finalizes;
-/// returns the pages migrated.
+/// returns the pages migrated. A unit (`COMPOUND`) gets one order-9 folio.
 pub(crate) fn copy_and_commit(
     mut m: Migration<'_, '_>,
     phys: &PhysMem,
     device: Option<&DevPagemap>,
 ) -> Result<u64, Box<dyn Error>> {
+    let alloc = |order| -> Result<_, Box<dyn Error>> {
+        Ok(match device {
+            Some(dev) => dev.alloc(order, FrameFlags::empty())?,
+            None => {
+                let f = phys.alloc(order, FrameFlags::empty())?;
+                assert!(f.meta().trylock(), "a fresh folio is unlocked");
+                f
+            }
+        })
+    };
     for i in 0..m.src().len() {
         let w = m.src()[i];
         if !w.is_migrating() {
             continue;
         }
-        let dst = match device {
-            Some(dev) => dev.alloc(0, FrameFlags::empty())?,
-            None => {
-                let f = phys.alloc(0, FrameFlags::empty())?;
-                assert!(f.meta().trylock(), "a fresh page is unlocked");
-                f
+        let n = w.npages();
+        let dst = alloc(if n > 1 { PMD_ORDER } else { 0 })?;
+        for k in 0..n {
+            let page = dst.folio_page(k);
+            match m.src_page(i + k as usize) {
+                Some(src) => page.copy_from(&src),
+                None => page.zero(),
             }
-        };
-        match m.src_page(i) {
-            Some(src) => dst.copy_from(&src),
-            None => dst.zero(),
         }
         m.set_dst(
             i,
@@ -283,16 +290,13 @@ pub(crate) fn migrate_rows(
             let mut to_dev = Vec::new();
             let mut to_sys = Vec::new();
             for _ in 0..iters {
-                // A fresh region each round: THPs are split by the migration to the device.
                 let s = setup(size, thp)?;
                 let data: Vec<u8> = (0..size).map(byte).collect();
                 s.mm.write(s.base, &data)?;
-                if !thp {
-                    // One untimed round trip first, so device memory is as warm as the
-                    // memcpy buffers are (a THP round trip would leave 4 KiB pages).
-                    migrate_all(&s, threads, true)?;
-                    migrate_all(&s, threads, false)?;
-                }
+                // One untimed round trip first, so device memory is as warm as the memcpy
+                // buffers are.
+                migrate_all(&s, threads, true)?;
+                migrate_all(&s, threads, false)?;
                 let (t, n) = migrate_all(&s, threads, true)?;
                 if n != size / PAGE_SIZE {
                     return Err(
