@@ -245,3 +245,30 @@ fn writes_to_a_device_thp_mapping_need_write_permission() {
     r.mm.write_val(a, 1u64).unwrap();
     r.mm.audit().unwrap();
 }
+
+#[test]
+fn a_coherent_device_takes_a_thp_whole_and_gives_it_back() {
+    let r = rig();
+    let d = r.open(2);
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 8000);
+    let c = run(&r, &d, DmirrorCmd::MigrateToDev, a, NR);
+    assert_eq!(c.cpages, NR);
+    let local = prot::DEV_COHERENT_LOCAL | prot::WRITE | prot::PMD;
+    assert!(r.snapshot(&d, a, 8).iter().all(|&b| b == local));
+    // CPU-addressable: read and written in place, no fault.
+    let before = r.mm.stats();
+    check(&r, a, 0..NR, 8000);
+    assert_eq!(r.mm.stats().since(&before).faults.total(), 0);
+    r.mm.audit().unwrap();
+    let c = run(&r, &d, DmirrorCmd::MigrateToSys, a, NR);
+    assert_eq!(c.cpages, 1, "one unit");
+    assert!(is_pmd_mapped_thp(&r, a));
+    assert!(r
+        .snapshot(&d, a, 8)
+        .iter()
+        .all(|&b| b == prot::WRITE | prot::PMD));
+    check(&r, a, 0..NR, 8000);
+    assert_eq!(r.driver.device(2).nr_in_use(), 0);
+    r.mm.audit().unwrap();
+}

@@ -8,8 +8,9 @@
 //! has `COMPOUND`, the 511 words after it are 0 (so that the unit can still be split
 //! later). Three things become units:
 //!
-//! * an anonymous THP mapped by a PMD leaf (with `SELECT_SYSTEM`): the leaf becomes one PMD
-//!   migration entry, the word names the head (`WRITE` if the leaf was writable);
+//! * an anonymous THP mapped by a PMD leaf (with `SELECT_SYSTEM`; a device-coherent THP
+//!   with `SELECT_DEVICE_COHERENT` and the owner): the leaf becomes one PMD migration
+//!   entry, the word names the head (`WRITE` if the leaf was writable);
 //! * a device THP of the owner, mapped by a device-private PMD (with
 //!   `SELECT_DEVICE_PRIVATE`): likewise;
 //! * an empty PMD of an anonymous VMA, or the huge zero page: `MIGRATE | COMPOUND` with no
@@ -108,7 +109,15 @@ impl State<'_, '_> {
         let leaf = p.get();
         let (head, writable, flags, target, present) = match leaf {
             Pte::Present { pfn, flags } => {
-                if !self.flags.contains(MigrateVmaFlags::SELECT_SYSTEM) {
+                let wanted = match phys.frame(pfn).zone() {
+                    Zone::System => self.flags.contains(MigrateVmaFlags::SELECT_SYSTEM),
+                    Zone::DeviceCoherent { pagemap } => {
+                        self.flags.contains(MigrateVmaFlags::SELECT_DEVICE_COHERENT)
+                            && self.owner_of(pagemap) == self.owner
+                    }
+                    Zone::DevicePrivate { .. } => unreachable!("present entries map CPU pages"),
+                };
+                if !wanted {
                     return PmdNext::Skip;
                 }
                 (
