@@ -23,7 +23,7 @@ use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
 
-use crate::migrate::alloc_and_copy_to_system;
+use crate::migrate::{alloc_and_copy_to_system, alloc_locked};
 use crate::mirror::Shared;
 use crate::DmirrorError;
 
@@ -318,11 +318,7 @@ impl DmirrorDevice {
     /// folio).
     fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
         let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
-        let alloc = |order| {
-            let page = self.phys.alloc(order, FrameFlags::empty()).ok()?;
-            assert!(page.meta().trylock(), "a fresh folio is unlocked");
-            Some(page)
-        };
+        let alloc = |order| alloc_locked(&self.phys, order);
         let mut i = 0;
         while i < m.src().len() {
             let w = m.src()[i];

@@ -9,7 +9,7 @@
 
 use hmm::addr::{VirtAddr, PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{MigratePfnFlags, Migration, MigrationPages};
-use hmm::phys::{FrameFlags, FrameRef, Zone};
+use hmm::phys::{Frame, FrameFlags, FrameRef, PhysMem, Zone};
 
 use crate::device::DmirrorDevice;
 use crate::dpt::{DevicePageTable, DptEntry, DptTag};
@@ -141,6 +141,13 @@ pub(crate) fn map_migrated(
     mapped
 }
 
+/// A system folio of `2^order` pages, locked, as a migration destination must be.
+pub(crate) fn alloc_locked(phys: &PhysMem, order: u32) -> Option<Frame<'_>> {
+    let folio = phys.alloc(order, FrameFlags::empty()).ok()?;
+    assert!(folio.meta().trylock(), "a fresh folio is unlocked");
+    Some(folio)
+}
+
 /// Why copying back to system memory stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OutOfMemory;
@@ -158,11 +165,7 @@ pub(crate) fn alloc_and_copy_to_system(
 ) -> Result<CopyCounts, OutOfMemory> {
     let mut counts = CopyCounts::default();
     let phys = std::sync::Arc::clone(m.mmap().mm().phys());
-    let alloc = |order| {
-        let page = phys.alloc(order, FrameFlags::empty()).ok()?;
-        assert!(page.meta().trylock(), "a fresh folio is unlocked");
-        Some(page)
-    };
+    let alloc = |order| alloc_locked(&phys, order);
     let mut i = 0;
     while i < m.src().len() {
         let w = m.src()[i];

@@ -81,27 +81,9 @@ pub(crate) fn collect_pte<'g>(
     if fm.order() > 0 {
         return Next::SplitFolio(folio);
     }
-    // A reference for the migration, then the lock (the fault page is locked already).
-    fm.get();
-    let is_fault_page = s.fault_page == Some(folio.nr());
-    if !is_fault_page && !fm.trylock() {
-        let _ = folio.put();
+    let Ok(anon_exclusive) = s.take_folio(folio) else {
         return Next::Go;
-    }
-    let anon_exclusive = fm
-        .flags()
-        .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
-    if anon_exclusive {
-        // folio_try_share_anon_rmap_pte: a pinned exclusive page cannot be shared.
-        if fm.pincount() > 0 {
-            if !is_fault_page {
-                fm.unlock();
-            }
-            let _ = folio.put();
-            return Next::Go;
-        }
-        fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
-    }
+    };
     let kind = MigrationKind::for_mapping(mpfn_write, anon_exclusive);
     let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
     let target = match entry {
@@ -133,6 +115,44 @@ pub(crate) fn collect_pte<'g>(
     s.src[i] = MigratePfn::new(folio.nr(), mflags);
     s.cpages += 1;
     Next::Go
+}
+
+/// Why [`State::take_folio`] refused a folio.
+pub(super) enum Refused {
+    /// Someone else holds its lock.
+    Locked,
+    /// It is anon-exclusive and pinned: its exclusivity cannot move into an entry.
+    Pinned,
+}
+
+impl State<'_, '_> {
+    /// Takes the migration's reference and the lock on the mapped `folio` (the fault page
+    /// is locked already), and moves anon exclusivity out of it
+    /// (`folio_try_share_anon_rmap_*`); returns whether it was anon-exclusive, for the
+    /// kind of migration entry. A refusal leaves the folio as it was.
+    pub(super) fn take_folio(&self, folio: FrameRef<'_>) -> Result<bool, Refused> {
+        let fm = folio.meta();
+        fm.get();
+        let is_fault_page = self.fault_page == Some(folio.nr());
+        if !is_fault_page && !fm.trylock() {
+            let _ = folio.put();
+            return Err(Refused::Locked);
+        }
+        let anon_exclusive = fm
+            .flags()
+            .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
+        if anon_exclusive {
+            if fm.pincount() > 0 {
+                if !is_fault_page {
+                    fm.unlock();
+                }
+                let _ = folio.put();
+                return Err(Refused::Pinned);
+            }
+            fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+        }
+        Ok(anon_exclusive)
+    }
 }
 
 /// Unmaps collected pages from every other place that maps them (`try_to_migrate`) and

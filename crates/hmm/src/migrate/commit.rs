@@ -383,30 +383,7 @@ fn insert_page(
                     Pte::Present { pfn, .. } if s.phys().is_zero_pfn(pfn) => true,
                     _ => return false,
                 };
-                let vm_write = s.vma.flags().contains(VmFlags::WRITE);
-                let dm = dst.folio().meta();
-                dm.set_flags(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE);
-                mm.new_anon_rmap(&dst, s.vma, va);
-                let entry = match dst.zone() {
-                    Zone::DevicePrivate { .. } => Pte::DevicePrivate {
-                        pfn: dst.device_pfn(),
-                        flags: if vm_write {
-                            PteFlags::WRITE
-                        } else {
-                            PteFlags::empty()
-                        },
-                    },
-                    Zone::System | Zone::DeviceCoherent { .. } => Pte::Present {
-                        pfn: dst.pfn(),
-                        flags: if vm_write {
-                            PteFlags::YOUNG | PteFlags::WRITE | PteFlags::DIRTY
-                        } else {
-                            PteFlags::YOUNG
-                        },
-                    },
-                };
-                dm.get();
-                dst.meta().inc_mapcount();
+                let entry = map_new_anon(s, va, dst, Huge::Pte);
                 p.set(entry);
                 if zero {
                     tlb.add_range(VaRange::page_of(va));
@@ -415,6 +392,40 @@ fn insert_page(
             }
             Slot::Hole(_) => unreachable!("populate walks yield no holes"),
         }
+    }
+}
+
+/// Makes `dst` the new anonymous page (or, at PMD `level`, THP) of the hole at `va` and
+/// returns the entry that maps it: a device-private entry for device-private memory, else
+/// a present one, writable (and dirty) iff the VMA is (`migrate_vma_insert_page`,
+/// `migrate_vma_insert_huge_pmd_page`). Takes the mapping's reference and map count.
+pub(super) fn map_new_anon(s: &State<'_, '_>, va: VirtAddr, dst: FrameRef<'_>, level: Huge) -> Pte {
+    let vm_write = s.vma.flags().contains(VmFlags::WRITE);
+    let dm = dst.folio().meta();
+    dm.set_flags(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE);
+    s.mmap.mm().new_anon_rmap(&dst, s.vma, va);
+    dm.get();
+    match level {
+        Huge::Pte => dst.meta().inc_mapcount(),
+        Huge::Pmd => dm.inc_entire_mapcount(),
+    }
+    match dst.zone() {
+        Zone::DevicePrivate { .. } => Pte::DevicePrivate {
+            pfn: dst.device_pfn(),
+            flags: if vm_write {
+                PteFlags::WRITE
+            } else {
+                PteFlags::empty()
+            },
+        },
+        Zone::System | Zone::DeviceCoherent { .. } => Pte::Present {
+            pfn: dst.pfn(),
+            flags: if vm_write {
+                PteFlags::YOUNG | PteFlags::WRITE | PteFlags::DIRTY
+            } else {
+                PteFlags::YOUNG
+            },
+        },
     }
 }
 

@@ -40,11 +40,13 @@
 use crate::addr::{VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, Mm, MmState};
-use crate::pgtable::{MigrationKind, MigrationPfn, PmdEntry, PmdSlot, Pte, PteFlags, WalkMode};
+use crate::pgtable::{
+    Huge, MigrationKind, MigrationPfn, PmdEntry, PmdSlot, Pte, PteFlags, WalkMode,
+};
 use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
-use crate::prot::VmFlags;
 
-use super::commit::State;
+use super::collect::Refused;
+use super::commit::{map_new_anon, State};
 use super::pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags};
 
 /// What the walk does with a PMD leaf of a migrating range.
@@ -154,27 +156,13 @@ impl State<'_, '_> {
         }
         let fm = head.meta();
         debug_assert_eq!(fm.order(), PMD_ORDER, "a PMD leaf maps a THP head");
-        fm.get();
-        let is_fault_page = self.fault_page == Some(head.nr());
-        if !is_fault_page && !fm.trylock() {
-            let _ = head.put();
-            return PmdNext::Skip;
-        }
-        let anon_exclusive = fm
-            .flags()
-            .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
-        if anon_exclusive {
-            // folio_try_share_anon_rmap_pmd: a pinned exclusive THP cannot be shared; the
-            // kernel then splits it and goes on page by page.
-            if fm.pincount() > 0 {
-                if !is_fault_page {
-                    fm.unlock();
-                }
-                let _ = head.put();
-                return PmdNext::Split;
-            }
-            fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
-        }
+        let anon_exclusive = match self.take_folio(head) {
+            Ok(exclusive) => exclusive,
+            Err(Refused::Locked) => return PmdNext::Skip,
+            // A pinned exclusive THP cannot be shared: the kernel then splits it and goes
+            // on page by page (set_pmd_migration_entry fails).
+            Err(Refused::Pinned) => return PmdNext::Split,
+        };
         p.set(Pte::Migration {
             pfn: target,
             kind: MigrationKind::for_mapping(writable, anon_exclusive),
@@ -276,7 +264,6 @@ pub(super) fn insert_huge(
     dst: FrameRef<'_>,
     tlb: &mut TlbGather<'_>,
 ) -> bool {
-    let mm = s.mmap.mm();
     if !s.vma.is_anonymous() {
         return false;
     }
@@ -291,30 +278,7 @@ pub(super) fn insert_huge(
         PmdEntry::Leaf(Pte::Present { pfn, .. }) if s.phys().is_huge_zero_pfn(pfn) => true,
         _ => return false,
     };
-    let vm_write = s.vma.flags().contains(VmFlags::WRITE);
-    let dm = dst.meta();
-    dm.set_flags(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE);
-    mm.new_anon_rmap(&dst, s.vma, va);
-    let entry = match dst.zone() {
-        Zone::DevicePrivate { .. } => Pte::DevicePrivate {
-            pfn: dst.device_pfn(),
-            flags: if vm_write {
-                PteFlags::WRITE
-            } else {
-                PteFlags::empty()
-            },
-        },
-        Zone::System | Zone::DeviceCoherent { .. } => Pte::Present {
-            pfn: dst.pfn(),
-            flags: if vm_write {
-                PteFlags::YOUNG | PteFlags::WRITE | PteFlags::DIRTY
-            } else {
-                PteFlags::YOUNG
-            },
-        },
-    };
-    dm.get();
-    dm.inc_entire_mapcount();
+    let entry = map_new_anon(s, va, dst, Huge::Pmd);
     pmd.set_leaf(entry);
     if zero {
         tlb.add_range(VaRange::from_len(va, PMD_SIZE).expect("aligned unit"));

@@ -352,16 +352,8 @@ mod tests {
     /// of a fresh mapping, by hand, page `i` starting with byte `i`: what a compound
     /// migration to the device will leave behind.
     fn device_thp(r: &Rig) -> (VirtAddr, DevicePfn) {
-        use crate::addr::{PMD_ORDER, PMD_SIZE};
-        let area =
-            r.mm.mmap(
-                None,
-                2 * PMD_SIZE,
-                Prot::READ | Prot::WRITE,
-                MapFlags::PRIVATE,
-            )
-            .unwrap();
-        let base = area.align_up(PMD_SIZE).unwrap();
+        use crate::addr::PMD_ORDER;
+        let base = aligned_2mib(r);
         let dev = r
             .pgmap
             .alloc(PMD_ORDER, FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE)
@@ -383,6 +375,20 @@ mod tests {
                 flags: PteFlags::WRITE,
             });
         (base, dpfn)
+    }
+
+    /// A 2 MiB-aligned address with 2 MiB of a fresh private mapping behind it.
+    fn aligned_2mib(r: &Rig) -> VirtAddr {
+        use crate::addr::PMD_SIZE;
+        let area =
+            r.mm.mmap(
+                None,
+                2 * PMD_SIZE,
+                Prot::READ | Prot::WRITE,
+                MapFlags::PRIVATE,
+            )
+            .unwrap();
+        area.align_up(PMD_SIZE).unwrap()
     }
 
     /// The PMD slot at `base` of `mm`.
@@ -438,15 +444,7 @@ mod tests {
         use crate::pgtable::PmdEntry;
         let r = rig(Mode::Sigbus);
         let (base, dpfn) = device_thp(&r);
-        let area =
-            r.mm.mmap(
-                None,
-                2 * PMD_SIZE,
-                Prot::READ | Prot::WRITE,
-                MapFlags::PRIVATE,
-            )
-            .unwrap();
-        let to = area.align_up(PMD_SIZE).unwrap();
+        let to = aligned_2mib(&r);
         let moved =
             r.mm.mremap(
                 base,

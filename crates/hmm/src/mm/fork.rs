@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use crate::addr::{VaRange, VirtAddr};
+use crate::addr::{DevicePfn, VaRange, VirtAddr};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
 use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{AllocError, FrameFlags};
@@ -285,21 +285,28 @@ impl CopyCtx<'_> {
                 page.folio().meta().get();
                 page.meta().inc_mapcount();
                 page.folio().meta().clear_flags(FrameFlags::ANON_EXCLUSIVE);
-                let e = if self.cow {
-                    Pte::DevicePrivate {
-                        pfn,
-                        flags: flags - PteFlags::WRITE,
-                    }
-                } else {
-                    entry
-                };
-                let child = Pte::DevicePrivate {
-                    pfn,
-                    flags: e.flags() - PteFlags::SOFT_DIRTY,
-                };
-                Ok((e, child))
+                Ok(self.share_device_private(pfn, flags))
             }
         }
+    }
+
+    /// The parent's and the child's entries for a device-private entry (PTE or PMD) the
+    /// two now share: read-only on both sides in a COW mapping, soft-dirty not kept in the
+    /// child. The caller has taken the child's reference and map count.
+    fn share_device_private(&self, pfn: DevicePfn, flags: PteFlags) -> (Pte, Pte) {
+        let parent = Pte::DevicePrivate {
+            pfn,
+            flags: if self.cow {
+                flags - PteFlags::WRITE
+            } else {
+                flags
+            },
+        };
+        let child = Pte::DevicePrivate {
+            pfn,
+            flags: parent.flags() - PteFlags::SOFT_DIRTY,
+        };
+        (parent, child)
     }
 
     /// The child's entry for a PMD leaf (`copy_huge_pmd`, `copy_hugetlb_page_range`),
@@ -362,19 +369,9 @@ impl CopyCtx<'_> {
                 fm.get();
                 fm.inc_entire_mapcount();
                 fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
-                let e = if self.cow {
-                    Pte::DevicePrivate {
-                        pfn,
-                        flags: flags - PteFlags::WRITE,
-                    }
-                } else {
-                    entry
-                };
+                let (e, child) = self.share_device_private(pfn, flags);
                 p.set(e);
-                Some(Pte::DevicePrivate {
-                    pfn,
-                    flags: e.flags() - PteFlags::SOFT_DIRTY,
-                })
+                Some(child)
             }
             Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
         })

@@ -233,12 +233,30 @@ pub fn device_folio_mappings(phys: &PhysMem, pfn: DevicePfn) -> Vec<RmapEntry> {
     collect(phys.device_frame(pfn), None)
 }
 
+/// Whether `entry` refers to one of the `nr` frames from `first` (of `first`'s zone). CPU
+/// pfns and device pfns share one numbering: only the entry kinds that can refer to a frame
+/// of that zone match.
+pub(crate) fn entry_refers_to(entry: Pte, first: FrameRef<'_>, nr: u64) -> bool {
+    let private = matches!(first.zone(), Zone::DevicePrivate { .. });
+    let kind_matches = match entry {
+        Pte::DevicePrivate { .. }
+        | Pte::Migration {
+            pfn: MigrationPfn::Device(_),
+            ..
+        } => private,
+        Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => !private,
+        Pte::None => false,
+    };
+    kind_matches
+        && entry
+            .frame_nr()
+            .is_some_and(|n| n >= first.nr() && n < first.nr() + nr)
+}
+
 /// Every entry referring to a page of the folio containing `page`.
 pub(crate) fn collect(page: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> Vec<RmapEntry> {
     let head = page.folio();
-    let (first, nr) = (head.nr(), 1u64 << head.meta().order());
-    let private = matches!(head.zone(), Zone::DevicePrivate { .. });
-    let in_folio = |n: u64| n >= first && n < first + nr;
+    let nr = 1u64 << head.meta().order();
     let mut out = Vec::new();
     rmap_walk(head, held, |mm, st, _vma, range| {
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
@@ -248,20 +266,7 @@ pub(crate) fn collect(page: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> Vec<
                 Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
                 Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
             };
-            // CPU pfns and device pfns share one numbering: match the entry kinds that can
-            // refer to a frame of this zone.
-            let kind_matches = match entry {
-                Pte::DevicePrivate { .. }
-                | Pte::Migration {
-                    pfn: MigrationPfn::Device(_),
-                    ..
-                } => private,
-                Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => {
-                    !private
-                }
-                Pte::None => false,
-            };
-            if kind_matches && entry.frame_nr().is_some_and(in_folio) {
+            if entry_refers_to(entry, head, nr) {
                 out.push(RmapEntry {
                     mm: mm.id(),
                     addr,

@@ -534,22 +534,9 @@ pub(crate) fn split_frozen_folio(phys: &PhysMem, head: FrameRef<'_>, head_refs: 
 }
 
 /// Whether the entry refers to one of the 512 pages from `head` (a THP being split, or
-/// just split). CPU and device frames share one numbering: the entry's kind must match
-/// the zone.
+/// just split).
 fn maps_folio(entry: Pte, head: FrameRef<'_>) -> bool {
-    let private = matches!(head.zone(), Zone::DevicePrivate { .. });
-    let kind = match entry {
-        Pte::DevicePrivate { .. }
-        | Pte::Migration {
-            pfn: MigrationPfn::Device(_),
-            ..
-        } => private,
-        Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => !private,
-        Pte::None => false,
-    };
-    kind && entry
-        .frame_nr()
-        .is_some_and(|n| n >= head.nr() && n < head.nr() + PMD_NR)
+    rmap::entry_refers_to(entry, head, PMD_NR)
 }
 
 /// `try_to_migrate_one` for a split: every entry of `range` mapping a page of the folio at
