@@ -556,3 +556,53 @@ fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
         check(&r, a, NR, 60);
     }
 }
+
+#[test]
+fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 70);
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+        assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
+    }
+    let head = r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap();
+    assert_eq!(
+        head % NR,
+        0,
+        "device THPs are 2 MiB aligned in frame numbers"
+    );
+    let pfns = |list: &[u64]| list.iter().map(|&p| DevicePfn::new(p)).collect::<Vec<_>>();
+    // A range ending inside the THP, a list with the head but not its pages after it, a
+    // list with them out of order: nothing collected, nothing moved, nothing lost.
+    let partial = migrate_device_range(&r.m.phys, r.dev.frame(0), NR - 1);
+    assert!(partial.src().iter().all(|w| w.is_empty()));
+    drop(partial);
+    let mut list: Vec<u64> = (head..head + NR).collect();
+    list.swap(5, 6);
+    for l in [vec![head, head + 1], vec![head], list] {
+        let m = hmm::migrate::migrate_device_pfns(&r.m.phys, &pfns(&l));
+        assert!(m.src().iter().all(|w| w.is_empty()), "{} pfns", l.len());
+    }
+    assert!(on_device(&r, a, NR, 9));
+    r.m.mm.audit().unwrap();
+    // The head followed by its pages, in a longer list: one unit, the tails' words 0, and
+    // every page of it reachable through `src_page`.
+    let mut l: Vec<u64> = (head..head + NR).collect();
+    l.push(head + NR);
+    let m = hmm::migrate::migrate_device_pfns(&r.m.phys, &pfns(&l));
+    assert_eq!(m.src()[0].npages(), NR);
+    assert!(m.src()[1..].iter().all(|w| w.is_empty()));
+    for k in 0..NR as usize {
+        assert_eq!(
+            device_word(&r, m.src_page(k).unwrap().device_pfn().as_u64()),
+            70 + k as u64
+        );
+    }
+    assert!(m.src_page(NR as usize).is_none());
+    drop(m);
+    assert_eq!(evict(&r, 0), NR);
+    check(&r, a, NR, 70);
+    r.m.mm.audit().unwrap();
+}

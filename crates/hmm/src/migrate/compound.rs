@@ -37,7 +37,7 @@
 //! source, where the unit did not migrate), in this address space and, through the
 //! reverse map, in every other one that maps the folio.
 
-use crate::addr::{VaRange, VirtAddr, PMD_NR, PMD_ORDER, PMD_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, Mm, MmState};
 use crate::pgtable::{
@@ -85,9 +85,17 @@ impl State<'_, '_> {
             .sum()
     }
 
-    /// The index of the head of the unit entry `i` belongs to, if it belongs to one.
+    /// The index of the head of the unit entry `i` belongs to, if it belongs to one. A
+    /// unit starts at a 2 MiB boundary, so the only candidate is the entry of the boundary
+    /// at or below entry `i`'s address: one look, whatever `i` (a driver copying a unit
+    /// page by page asks 512 times).
     pub(super) fn unit_head(&self, i: usize) -> Option<usize> {
-        super::pfn::unit_head(&self.src, i)
+        let off = (self.addr(i).as_u64() >> PAGE_SHIFT) % PMD_NR;
+        let h = i.checked_sub(off as usize)?;
+        self.src[h]
+            .flags()
+            .contains(MigratePfnFlags::COMPOUND)
+            .then_some(h)
     }
 
     /// Collects entry `i` and the 511 after it as one empty unit (an empty PMD or the huge

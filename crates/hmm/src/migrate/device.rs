@@ -16,7 +16,7 @@ use crate::phys::{Frame, FrameFlags, FrameRef, PhysMem};
 
 use super::collect::{remove_migration_ptes, try_to_migrate};
 use super::compound::{expand_unit, folio_mapped, split_unmapped_folio};
-use super::pfn::{unit_head, MigratePfn, MigratePfnFlags};
+use super::pfn::{MigratePfn, MigratePfnFlags};
 use super::MigrateOutcome;
 
 /// Collected device pages, waiting for destinations.
@@ -33,6 +33,8 @@ pub struct DeviceMigrationPages<'p> {
 
 struct DevState<'p> {
     phys: &'p PhysMem,
+    /// The frame number each entry was asked for.
+    nrs: Vec<u64>,
     src: Vec<MigratePfn>,
     dst: Vec<MigratePfn>,
     committed: bool,
@@ -41,7 +43,7 @@ struct DevState<'p> {
 
 /// Collects the in-use pages of the `npages` device frames from `start` (private or
 /// coherent) (`migrate_device_range`). Free frames, tails of large folios and locked
-/// pages give 0.
+/// pages give 0, and so does a device THP whose 2 MiB the range does not hold whole.
 pub fn migrate_device_range<'p>(
     phys: &'p PhysMem,
     start: FrameRef<'_>,
@@ -51,28 +53,44 @@ pub fn migrate_device_range<'p>(
     collect(phys, (0..npages).map(|i| first + i))
 }
 
-/// Collects the in-use device pages `pfns` (`migrate_device_pfns`).
+/// Collects the in-use device pages `pfns` (`migrate_device_pfns`). A device THP is
+/// collected when its head is followed by its 511 other pages, in order, as in a range;
+/// otherwise its entry gives 0. The words of the 511 stay 0.
 pub fn migrate_device_pfns<'p>(phys: &'p PhysMem, pfns: &[DevicePfn]) -> DeviceMigration<'p> {
     collect(phys, pfns.iter().map(|p| p.as_u64()))
 }
 
 fn collect(phys: &PhysMem, nrs: impl Iterator<Item = u64>) -> DeviceMigration<'_> {
+    let nrs: Vec<u64> = nrs.collect();
+    let n = nrs.len();
     let mut state = DevState {
         phys,
-        src: Vec::new(),
-        dst: Vec::new(),
+        src: vec![MigratePfn::default(); n],
+        dst: vec![MigratePfn::default(); n],
+        nrs,
         committed: false,
         done: false,
     };
-    for nr in nrs {
-        state.src.push(collect_one(phys, nr));
-        state.dst.push(MigratePfn::default());
+    let mut i = 0;
+    while i < n {
+        // Whether a device THP headed here would have its other pages in the entries
+        // after it; checked again under the folio lock, where the order is stable.
+        let unit_fits = {
+            let nrs = &state.nrs;
+            i + PMD_NR as usize <= n
+                && nrs[i] % PMD_NR == 0
+                && (1..PMD_NR as usize).all(|k| nrs[i + k] == nrs[i] + k as u64)
+        };
+        let w = collect_one(phys, state.nrs[i], unit_fits);
+        state.src[i] = w;
+        i += w.npages() as usize;
     }
     DeviceMigration { state }
 }
 
-/// One page: referenced, locked, unmapped everywhere, pin-checked; or 0.
-fn collect_one(phys: &PhysMem, nr: u64) -> MigratePfn {
+/// One page (or device THP, if `unit_fits`): referenced, locked, unmapped everywhere,
+/// pin-checked; or 0.
+fn collect_one(phys: &PhysMem, nr: u64, unit_fits: bool) -> MigratePfn {
     // Device memory of a registered pagemap only.
     if !phys.pagemap_of(nr).is_some_and(|p| p.is_live()) {
         return MigratePfn::default();
@@ -84,6 +102,11 @@ fn collect_one(phys: &PhysMem, nr: u64) -> MigratePfn {
         return MigratePfn::default();
     }
     if !fm.trylock() {
+        let _ = page.put();
+        return MigratePfn::default();
+    }
+    if fm.order() > 0 && !unit_fits {
+        fm.unlock();
         let _ = page.put();
         return MigratePfn::default();
     }
@@ -112,7 +135,7 @@ impl<'p> DeviceMigration<'p> {
     /// The source page of entry `i`, if it is migrating; inside a device THP (a
     /// `COMPOUND` word and the 511 empty words after it), its page `i - head`.
     pub fn src_page(&self, i: usize) -> Option<FrameRef<'p>> {
-        let head = unit_head(&self.state.src, i).unwrap_or(i);
+        let head = self.state.unit_head(i).unwrap_or(i);
         let w = self.state.src[head];
         w.is_migrating()
             .then(|| self.state.phys.frame_nr(w.frame_nr() + (i - head) as u64))
@@ -130,7 +153,7 @@ impl<'p> DeviceMigration<'p> {
     #[track_caller]
     pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
         let s = &mut self.state;
-        let src = s.src[unit_head(&s.src, i).unwrap_or(i)];
+        let src = s.src[s.unit_head(i).unwrap_or(i)];
         s.dst[i] = MigratePfn::destination(src, s.dst[i], dst, write);
     }
 
@@ -173,6 +196,7 @@ impl<'p> DeviceMigration<'p> {
                 s,
                 DevState {
                     phys: s.phys,
+                    nrs: Vec::new(),
                     src: Vec::new(),
                     dst: Vec::new(),
                     committed: true,
@@ -198,6 +222,17 @@ impl DeviceMigrationPages<'_> {
 }
 
 impl DevState<'_> {
+    /// The index of the head of the device THP entry `i` belongs to, if it belongs to
+    /// one: its pages follow the head in frame order and the head's frame number is 2 MiB
+    /// aligned (a pagemap's sections are), so the only candidate is one look away.
+    fn unit_head(&self, i: usize) -> Option<usize> {
+        let off = self.nrs[i] % PMD_NR;
+        let h = i.checked_sub(off as usize)?;
+        (self.src[h].flags().contains(MigratePfnFlags::COMPOUND)
+            && self.nrs[h] + off == self.nrs[i])
+            .then_some(h)
+    }
+
     /// Moves the metadata of entry `i`'s page (or device THP) to its destination, or
     /// stops it migrating (no destination, or referenced beyond the migration).
     fn commit(&mut self, i: usize) {

@@ -168,18 +168,6 @@ impl MigratePfn {
     }
 }
 
-/// The index of the head of the unit (`COMPOUND` word) entry `i` of `src` belongs to:
-/// `i` itself for a head, the nearest word before `i` for one of the 511 empty words
-/// after a head; `None` for an entry outside any unit.
-pub(crate) fn unit_head(src: &[MigratePfn], i: usize) -> Option<usize> {
-    let lowest = i.saturating_sub(crate::addr::PMD_NR as usize - 1);
-    let h = (lowest..=i).rev().find(|&h| !src[h].is_empty())?;
-    src[h]
-        .flags()
-        .contains(MigratePfnFlags::COMPOUND)
-        .then_some(h)
-}
-
 impl std::fmt::Debug for MigratePfn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "MigratePfn({:#x}, {:?})", self.frame_nr(), self.flags())
