@@ -328,16 +328,18 @@ impl DmirrorDevice {
                 continue;
             }
             if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
-                for k in 0..n {
-                    let src = m.src_page(i + k).expect("a device THP's page");
-                    folio.folio_page(k as u64).copy_from(&src);
-                }
+                folio.copy_folio_from(&m.src_page(i).expect("a device THP"));
                 m.set_dst(i, folio, true);
             } else {
                 for k in i..i + n {
                     let src = m.src_page(k).expect("a migrating page");
                     let page = alloc(0).ok_or(DmirrorError::NoMem)?;
-                    page.copy_from(&src);
+                    if n == 1 {
+                        page.copy_folio_from(&src);
+                    } else {
+                        // A page of a device THP the migration will split.
+                        page.copy_from(&src);
+                    }
                     m.set_dst(k, page, true);
                 }
             }

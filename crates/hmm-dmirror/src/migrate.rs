@@ -70,9 +70,7 @@ pub(crate) fn alloc_and_copy_to_device(
             .then(|| device.alloc(PMD_ORDER).ok())
             .flatten();
         if let Some(folio) = large {
-            for k in 0..n {
-                fill(&folio.folio_page(k as u64), m.src_page(i + k), &mut counts);
-            }
+            fill(&folio, m.src_page(i), &mut counts);
             folio.meta().set_zone_device_data(mirror_id);
             m.set_dst(i, folio, write);
         } else {
@@ -93,16 +91,27 @@ pub(crate) fn alloc_and_copy_to_device(
     counts
 }
 
-/// Copies `src` into `dst`, or zero-fills it for a hole, and counts which.
+/// Copies `src` into `dst`, or zero-fills it for a hole, and counts the pages of which.
+/// `dst` is a folio (a page or a device THP) and `src` a folio of its order, streamed as
+/// the device's copy engine would, except a page of a unit the migration will split
+/// (order-0 destinations for a unit), copied alone.
 fn fill(dst: &FrameRef<'_>, src: Option<FrameRef<'_>>, counts: &mut CopyCounts) {
+    let n = 1 << dst.meta().order();
     match src {
-        Some(s) => {
+        Some(s)
+            if s.meta().flags().contains(FrameFlags::TAIL)
+                || s.meta().order() != dst.meta().order() =>
+        {
             dst.copy_from(&s);
             counts.copied += 1;
         }
+        Some(s) => {
+            dst.copy_folio_from(&s);
+            counts.copied += n;
+        }
         None => {
-            dst.zero();
-            counts.zeroed += 1;
+            (0..n).for_each(|k| dst.folio_page(k).zero());
+            counts.zeroed += n;
         }
     }
 }

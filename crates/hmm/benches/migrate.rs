@@ -55,10 +55,7 @@ fn migrate(mm: &Mm, dev: &DevPagemap, a: VirtAddr, to_device: bool) {
             assert!(f.meta().trylock());
             f
         };
-        for k in 0..w.npages() {
-            dst.folio_page(k)
-                .copy_from(&m.src_page(i + k as usize).expect("a page"));
-        }
+        dst.copy_folio_from(&m.src_page(i).expect("a page or THP"));
         m.set_dst(i, dst, w.flags().contains(MigratePfnFlags::WRITE));
     }
     let out = m.pages().finalize();

@@ -173,12 +173,11 @@ pub(crate) fn copy_and_commit(
         }
         let n = w.npages();
         let dst = alloc(if n > 1 { PMD_ORDER } else { 0 })?;
-        for k in 0..n {
-            let page = dst.folio_page(k);
-            match m.src_page(i + k as usize) {
-                Some(src) => page.copy_from(&src),
-                None => page.zero(),
-            }
+        // The source of an entry (a page, or a unit's head) is a whole folio, and the copy
+        // streams it as a copy engine would.
+        match m.src_page(i) {
+            Some(src) => dst.copy_folio_from(&src),
+            None => (0..n).for_each(|k| dst.folio_page(k).zero()),
         }
         m.set_dst(
             i,

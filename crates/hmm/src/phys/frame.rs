@@ -8,9 +8,9 @@
 
 use std::fmt;
 
-use super::io;
 use super::meta::{FrameMeta, GetFrameError};
 use super::region::Region;
+use super::{arena, io};
 use super::{PhysMem, Zone};
 use crate::addr::{DevicePfn, Pfn};
 
@@ -164,6 +164,30 @@ impl<'a> FrameRef<'a> {
     #[doc(alias = "copy_highpage")]
     pub fn copy_from(&self, src: &FrameRef<'_>) {
         io::copy(src.words(), self.words());
+    }
+
+    /// Copies the folio `src` heads into the folio this frame heads, as a device's copy
+    /// engine would (`folio_copy`, the copy of a migration): streaming stores that leave
+    /// the destination out of the CPU caches, all of them visible before the call returns.
+    /// On this machine that is about 1.3× the speed of [`copy_from`](Self::copy_from) per
+    /// byte (`hmm bench migrate`); it suits a destination nobody reads soon (a page moving
+    /// to a device, or back), not a page its faulting CPU is about to write (a COW copy).
+    ///
+    /// # Panics
+    ///
+    /// Panics if either frame is not a folio head or their orders differ.
+    #[doc(alias = "folio_copy")]
+    #[track_caller]
+    pub fn copy_folio_from(&self, src: &FrameRef<'_>) {
+        assert_eq!(self.folio().nr, self.nr, "destination is not a folio head");
+        assert_eq!(src.folio().nr, src.nr, "source is not a folio head");
+        let order = self.meta().order();
+        assert_eq!(order, src.meta().order(), "folios of different orders");
+        let n = 1 << order;
+        arena::stream_copy(
+            src.region.frames_words(src.index(), n),
+            self.region.frames_words(self.index(), n),
+        );
     }
 
     /// Zero-fills the frame.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::addr::PMD_NR;
+use crate::addr::{PMD_NR, PMD_ORDER};
 
 fn ram(mib: u64) -> Arc<PhysMem> {
     PhysMem::new(PhysConfig::with_size(mib << 20)).unwrap()
@@ -108,4 +108,50 @@ fn contents_are_shared_between_threads() {
 fn frame_out_of_range_panics() {
     let p = ram(4);
     let _ = p.frame(Pfn::new(4 * 512));
+}
+
+#[test]
+fn folio_copy_moves_every_page_of_a_folio() {
+    let p = ram(16);
+    let (src, dst) = (
+        p.alloc(PMD_ORDER, FrameFlags::empty()).unwrap(),
+        p.alloc(PMD_ORDER, FrameFlags::empty()).unwrap(),
+    );
+    for k in 0..PMD_NR {
+        src.folio_page(k)
+            .write(8 * (k as usize % 500), &k.to_le_bytes());
+    }
+    dst.copy_folio_from(&src);
+    let mut b = [0u8; 8];
+    for k in 0..PMD_NR {
+        dst.folio_page(k).read(8 * (k as usize % 500), &mut b);
+        assert_eq!(u64::from_le_bytes(b), k, "page {k}");
+    }
+    let (a, z) = (
+        p.alloc(0, FrameFlags::empty()).unwrap(),
+        p.alloc(0, FrameFlags::empty()).unwrap(),
+    );
+    a.write(4090, b"tail!!");
+    z.copy_folio_from(&a);
+    let mut t = [0u8; 6];
+    z.read(4090, &mut t);
+    assert_eq!(&t, b"tail!!");
+}
+
+#[test]
+#[should_panic(expected = "different orders")]
+fn folio_copy_between_orders_panics() {
+    let p = ram(16);
+    let big = p.alloc(PMD_ORDER, FrameFlags::empty()).unwrap();
+    let small = p.alloc(0, FrameFlags::empty()).unwrap();
+    small.copy_folio_from(&big);
+}
+
+#[test]
+#[should_panic(expected = "not a folio head")]
+fn folio_copy_from_a_tail_panics() {
+    let p = ram(16);
+    let big = p.alloc(PMD_ORDER, FrameFlags::empty()).unwrap();
+    let small = p.alloc(0, FrameFlags::empty()).unwrap();
+    small.copy_folio_from(&big.folio_page(1));
 }
