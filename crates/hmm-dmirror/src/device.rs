@@ -19,7 +19,7 @@ use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
 use hmm::pgtable::Huge;
-use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::phys::{copy_folios, AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
 
@@ -319,6 +319,8 @@ impl DmirrorDevice {
     fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
         let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
         let alloc = |order| alloc_locked(&self.phys, order);
+        // Whole folios go to the copy engine in one batch, before the commit.
+        let mut pairs = Vec::new();
         let mut i = 0;
         while i < m.src().len() {
             let w = m.src()[i];
@@ -328,14 +330,14 @@ impl DmirrorDevice {
                 continue;
             }
             if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
-                folio.copy_folio_from(&m.src_page(i).expect("a device THP"));
+                pairs.push((*folio, m.src_page(i).expect("a device THP")));
                 m.set_dst(i, folio, true);
             } else {
                 for k in i..i + n {
                     let src = m.src_page(k).expect("a migrating page");
                     let page = alloc(0).ok_or(DmirrorError::NoMem)?;
                     if n == 1 {
-                        page.copy_folio_from(&src);
+                        pairs.push((*page, src));
                     } else {
                         // A page of a device THP the migration will split.
                         page.copy_from(&src);
@@ -345,6 +347,7 @@ impl DmirrorDevice {
             }
             i += n;
         }
+        copy_folios(&pairs);
         Ok(m.pages().finalize().migrated)
     }
 

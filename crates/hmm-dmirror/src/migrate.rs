@@ -9,7 +9,7 @@
 
 use hmm::addr::{VirtAddr, PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{MigratePfnFlags, Migration, MigrationPages};
-use hmm::phys::{Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::phys::{copy_folios, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 
 use crate::device::DmirrorDevice;
 use crate::dpt::{DevicePageTable, DptEntry, DptTag};
@@ -42,7 +42,6 @@ pub(crate) fn alloc_and_copy_to_device(
     pt: &parking_lot::Mutex<DevicePageTable>,
     mut fail_alloc: impl FnMut() -> bool,
 ) -> CopyCounts {
-    let mut counts = CopyCounts::default();
     {
         let mut pt = pt.lock();
         for i in 0..m.src().len() {
@@ -54,6 +53,7 @@ pub(crate) fn alloc_and_copy_to_device(
             }
         }
     }
+    let mut copier = Copier::default();
     let mut i = 0;
     while i < m.src().len() {
         let w = m.src()[i];
@@ -70,7 +70,7 @@ pub(crate) fn alloc_and_copy_to_device(
             .then(|| device.alloc(PMD_ORDER).ok())
             .flatten();
         if let Some(folio) = large {
-            fill(&folio, m.src_page(i), &mut counts);
+            copier.fill(*folio, m.src_page(i));
             folio.meta().set_zone_device_data(mirror_id);
             m.set_dst(i, folio, write);
         } else {
@@ -81,38 +81,53 @@ pub(crate) fn alloc_and_copy_to_device(
                 let Ok(dpage) = device.alloc(0) else {
                     continue;
                 };
-                fill(&dpage, m.src_page(k), &mut counts);
+                copier.fill(*dpage, m.src_page(k));
                 dpage.meta().set_zone_device_data(mirror_id);
                 m.set_dst(k, dpage, write);
             }
         }
         i += n;
     }
-    counts
+    copier.finish()
 }
 
-/// Copies `src` into `dst`, or zero-fills it for a hole, and counts the pages of which.
-/// `dst` is a folio (a page or a device THP) and `src` a folio of its order, streamed as
-/// the device's copy engine would, except a page of a unit the migration will split
-/// (order-0 destinations for a unit), copied alone.
-fn fill(dst: &FrameRef<'_>, src: Option<FrameRef<'_>>, counts: &mut CopyCounts) {
-    let n = 1 << dst.meta().order();
-    match src {
-        Some(s)
-            if s.meta().flags().contains(FrameFlags::TAIL)
-                || s.meta().order() != dst.meta().order() =>
-        {
-            dst.copy_from(&s);
-            counts.copied += 1;
+/// The copies of one allocate-and-copy pass, handed to the device's copy engine as one
+/// batch ([`copy_folios`]) before the migration commits; holes are zero-filled at once.
+#[derive(Default)]
+struct Copier<'p> {
+    pairs: Vec<(FrameRef<'p>, FrameRef<'p>)>,
+    counts: CopyCounts,
+}
+
+impl<'p> Copier<'p> {
+    /// Fills the folio `dst` (a page or a THP) from `src` (a folio of its order, or a page
+    /// of a unit the migration will split, which is copied at once), or zero-fills it for
+    /// a hole.
+    fn fill(&mut self, dst: FrameRef<'p>, src: Option<FrameRef<'p>>) {
+        let n = 1 << dst.meta().order();
+        match src {
+            Some(s)
+                if s.meta().flags().contains(FrameFlags::TAIL)
+                    || s.meta().order() != dst.meta().order() =>
+            {
+                dst.copy_from(&s);
+                self.counts.copied += 1;
+            }
+            Some(s) => {
+                self.pairs.push((dst, s));
+                self.counts.copied += n;
+            }
+            None => {
+                (0..n).for_each(|k| dst.folio_page(k).zero());
+                self.counts.zeroed += n;
+            }
         }
-        Some(s) => {
-            dst.copy_folio_from(&s);
-            counts.copied += n;
-        }
-        None => {
-            (0..n).for_each(|k| dst.folio_page(k).zero());
-            counts.zeroed += n;
-        }
+    }
+
+    /// Runs the batch; every destination holds its bytes when this returns.
+    fn finish(self) -> CopyCounts {
+        copy_folios(&self.pairs);
+        self.counts
     }
 }
 
@@ -172,11 +187,12 @@ pub(crate) fn alloc_and_copy_to_system(
     pt: Option<&parking_lot::Mutex<DevicePageTable>>,
     mut fail_alloc: impl FnMut() -> bool,
 ) -> Result<CopyCounts, OutOfMemory> {
-    let mut counts = CopyCounts::default();
     let phys = std::sync::Arc::clone(m.mmap().mm().phys());
     let alloc = |order| alloc_locked(&phys, order);
+    let mut copier = Copier::default();
+    let mut out = Ok(());
     let mut i = 0;
-    while i < m.src().len() {
+    while i < m.src().len() && out.is_ok() {
         let w = m.src()[i];
         let n = w.npages() as usize;
         if !w.is_migrating() || m.src_page(i).is_none() {
@@ -190,21 +206,22 @@ pub(crate) fn alloc_and_copy_to_system(
         let write = w.flags().contains(MigratePfnFlags::WRITE);
         let large = (n > 1 && !fail_alloc()).then(|| alloc(PMD_ORDER)).flatten();
         if let Some(folio) = large {
-            for k in 0..n {
-                fill(&folio.folio_page(k as u64), m.src_page(i + k), &mut counts);
-            }
+            copier.fill(*folio, m.src_page(i));
             m.set_dst(i, folio, write);
         } else {
             for k in i..i + n {
-                if n == 1 && fail_alloc() {
-                    return Err(OutOfMemory);
-                }
-                let page = alloc(0).ok_or(OutOfMemory)?;
-                fill(&page, m.src_page(k), &mut counts);
+                let Some(page) = (n > 1 || !fail_alloc()).then(|| alloc(0)).flatten() else {
+                    out = Err(OutOfMemory);
+                    break;
+                };
+                copier.fill(*page, m.src_page(k));
                 m.set_dst(k, page, write);
             }
         }
         i += n;
     }
-    Ok(counts)
+    // The destinations handed over are committed by the caller: they get their bytes
+    // whether or not the pass stopped early.
+    let counts = copier.finish();
+    out.map(|()| counts)
 }

@@ -20,7 +20,7 @@ use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER};
 use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
-use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::phys::{copy_folios, FrameFlags, PhysConfig, PhysMem};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use serde::Serialize;
 
@@ -166,18 +166,18 @@ pub(crate) fn copy_and_commit(
             }
         })
     };
+    // One batched copy of the sources (whole folios: a page or a unit's head), as a
+    // driver hands its copy engine one list, done before the migration commits.
+    let mut pairs = Vec::new();
     for i in 0..m.src().len() {
         let w = m.src()[i];
         if !w.is_migrating() {
             continue;
         }
-        let n = w.npages();
-        let dst = alloc(if n > 1 { PMD_ORDER } else { 0 })?;
-        // The source of an entry (a page, or a unit's head) is a whole folio, and the copy
-        // streams it as a copy engine would.
+        let dst = alloc(if w.npages() > 1 { PMD_ORDER } else { 0 })?;
         match m.src_page(i) {
-            Some(src) => dst.copy_folio_from(&src),
-            None => (0..n).for_each(|k| dst.folio_page(k).zero()),
+            Some(src) => pairs.push((*dst, src)),
+            None => (0..w.npages()).for_each(|k| dst.folio_page(k).zero()),
         }
         m.set_dst(
             i,
@@ -185,6 +185,7 @@ pub(crate) fn copy_and_commit(
             w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid(),
         );
     }
+    copy_folios(&pairs);
     Ok(m.pages().finalize().migrated)
 }
 

@@ -254,7 +254,7 @@ impl<'g, 'a> Migration<'g, 'a> {
     /// unit (`COMPOUND`) with a source, entry `i` is its page `i - head`, for a driver
     /// that copies the unit page by page.
     #[doc(alias = "migrate_pfn_to_page")]
-    pub fn src_page(&self, i: usize) -> Option<FrameRef<'_>> {
+    pub fn src_page(&self, i: usize) -> Option<FrameRef<'g>> {
         let s = &self.state;
         let head = s.unit_head(i).unwrap_or(i);
         let w = s.src[head];

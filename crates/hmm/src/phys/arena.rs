@@ -16,6 +16,8 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::io::FrameWords;
+
 /// Number of 64-bit words in one 4 KiB frame.
 pub(crate) const WORDS_PER_FRAME: usize = 512;
 
@@ -103,17 +105,6 @@ impl Arena {
             .expect("slice has frame length")
     }
 
-    /// The words of the `n` frames from `index`.
-    ///
-    /// # Panics
-    ///
-    /// Panics if a frame is outside the arena.
-    #[inline]
-    #[track_caller]
-    pub(crate) fn frames(&self, index: usize, n: usize) -> &[AtomicU64] {
-        &self.words()[index * WORDS_PER_FRAME..(index + n) * WORDS_PER_FRAME]
-    }
-
     /// Asks the host to commit the whole arena now, so later first touches of frames cost no
     /// host page fault (benchmarks use this to measure the model, not the host). Contents
     /// do not change.
@@ -145,146 +136,150 @@ impl Arena {
     }
 }
 
-/// Copies `src` into `dst` (equal lengths, a multiple of eight words) the way a device's
-/// copy engine writes memory: streaming stores that bypass the CPU caches (`movnti` on
-/// x86-64), then a store fence. Four pages are copied at once, a cache line of each in
-/// turn, as glibc's `memcpy` does for large copies (it keeps more DRAM pages open): that
-/// runs at about the speed of one large `memcpy` of the same bytes, where a page-by-page
-/// copy with ordinary stores reaches about 0.6 of it.
+/// Copies every `(src, dst)` frame pair the way a device's copy engine writes memory:
+/// streaming stores that bypass the CPU caches (`movnti` on x86-64), then one store fence.
+/// Four pairs are copied at once, a cache line of each in turn, as glibc's `memcpy` does
+/// for large copies (more DRAM pages open at once): contiguous or scattered, pages then
+/// move at about the speed of one large `memcpy`, where a page-by-page copy with ordinary
+/// stores reaches about 0.6 of it.
 ///
 /// # Why this is not a data race
 ///
 /// Every access is one aligned 8-byte load or store, which x86-64 performs atomically
-/// (Intel SDM vol. 3A §9.1.1), so the block behaves as the relaxed `AtomicU64` loads and
+/// (Intel SDM vol. 3A §9.1.1), so the blocks behave as the relaxed `AtomicU64` loads and
 /// stores of the portable loop below, whatever other threads do to the same words at the
 /// same time. Streaming stores are weakly ordered, which relaxed stores may be; the
 /// trailing `sfence` makes them globally visible before any later store of this thread,
 /// so a release that follows (a folio unlock, a page-table lock) publishes the bytes as
 /// it would publish relaxed stores. Elsewhere (other targets, Miri) the portable loop runs.
-pub(crate) fn stream_copy(src: &[AtomicU64], dst: &[AtomicU64]) {
-    assert_eq!(
-        src.len(),
-        dst.len(),
-        "copy between slices of different lengths"
-    );
-    assert_eq!(src.len() % 8, 0, "copy of a partial cache line");
+pub(crate) fn stream_frames<'a>(pairs: impl IntoIterator<Item = (&'a FrameWords, &'a FrameWords)>) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
-        const GROUP: usize = 4 * WORDS_PER_FRAME;
-        let grouped = src.len() / GROUP * GROUP;
-        // Both pointers of each call come from live `&[AtomicU64]` of equal lengths, and
-        // the accesses are atomic as argued above.
-        if grouped > 0 {
-            // SAFETY: `grouped / GROUP` groups of four frames lie inside both slices.
-            unsafe { stream_groups(src.as_ptr(), dst.as_ptr(), grouped / GROUP) };
+        let mut quad: [(&FrameWords, &FrameWords); 4] = [(&EMPTY, &EMPTY); 4];
+        let mut n = 0;
+        for pair in pairs {
+            quad[n] = pair;
+            n += 1;
+            if n == 4 {
+                let (s, d) = (quad.map(|p| p.0.as_ptr()), quad.map(|p| p.1.as_ptr()));
+                // SAFETY: four live frames of atomics on each side; accesses atomic as
+                // argued above.
+                unsafe { stream_quad(s, d) };
+                n = 0;
+            }
         }
-        if grouped < src.len() {
-            let lines = (src.len() - grouped) / 8;
-            // SAFETY: the `lines > 0` whole lines after the groups end both slices.
-            unsafe { stream_lines(src[grouped..].as_ptr(), dst[grouped..].as_ptr(), lines) };
+        for (s, d) in &quad[..n] {
+            // SAFETY: one live frame of atomics on each side, `WORDS_PER_FRAME / 8` lines.
+            unsafe { stream_lines(s.as_ptr(), d.as_ptr(), WORDS_PER_FRAME / 8) };
         }
         // SAFETY: a store fence touches no memory and no register.
         unsafe { std::arch::asm!("sfence", options(nostack, preserves_flags)) };
     }
     #[cfg(not(all(target_arch = "x86_64", not(miri))))]
-    for (s, d) in src.iter().zip(dst) {
-        d.store(s.load(Relaxed), Relaxed);
+    for (s, d) in pairs {
+        for (s, d) in s.iter().zip(d) {
+            d.store(s.load(Relaxed), Relaxed);
+        }
     }
 }
 
-/// The assembly of one 64-byte line at byte offset `$off` from `{s}` to `{d}`: eight
-/// aligned 8-byte loads and eight streaming stores, through four registers.
+/// A placeholder for unfilled slots of a group of four.
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+static EMPTY: FrameWords = [const { AtomicU64::new(0) }; WORDS_PER_FRAME];
+
+/// The assembly of one 64-byte line from `[{s}]` to `[{d}]`: eight aligned 8-byte loads
+/// and eight streaming stores, through two registers.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 macro_rules! stream_line {
-    ($off:literal) => {
+    ($s:literal, $d:literal) => {
         concat!(
-            "mov {t0}, [{s} + ",
-            $off,
-            "]\n",
-            "mov {t1}, [{s} + ",
-            $off,
-            " + 8]\n",
-            "mov {t2}, [{s} + ",
-            $off,
-            " + 16]\n",
-            "mov {t3}, [{s} + ",
-            $off,
-            " + 24]\n",
-            "movnti [{d} + ",
-            $off,
-            "], {t0}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 8], {t1}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 16], {t2}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 24], {t3}\n",
-            "mov {t0}, [{s} + ",
-            $off,
-            " + 32]\n",
-            "mov {t1}, [{s} + ",
-            $off,
-            " + 40]\n",
-            "mov {t2}, [{s} + ",
-            $off,
-            " + 48]\n",
-            "mov {t3}, [{s} + ",
-            $off,
-            " + 56]\n",
-            "movnti [{d} + ",
-            $off,
-            " + 32], {t0}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 40], {t1}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 48], {t2}\n",
-            "movnti [{d} + ",
-            $off,
-            " + 56], {t3}\n",
+            "mov {t0}, [{",
+            $s,
+            "}]\n",
+            "mov {t1}, [{",
+            $s,
+            "} + 8]\n",
+            "movnti [{",
+            $d,
+            "}], {t0}\n",
+            "movnti [{",
+            $d,
+            "} + 8], {t1}\n",
+            "mov {t0}, [{",
+            $s,
+            "} + 16]\n",
+            "mov {t1}, [{",
+            $s,
+            "} + 24]\n",
+            "movnti [{",
+            $d,
+            "} + 16], {t0}\n",
+            "movnti [{",
+            $d,
+            "} + 24], {t1}\n",
+            "mov {t0}, [{",
+            $s,
+            "} + 32]\n",
+            "mov {t1}, [{",
+            $s,
+            "} + 40]\n",
+            "movnti [{",
+            $d,
+            "} + 32], {t0}\n",
+            "movnti [{",
+            $d,
+            "} + 40], {t1}\n",
+            "mov {t0}, [{",
+            $s,
+            "} + 48]\n",
+            "mov {t1}, [{",
+            $s,
+            "} + 56]\n",
+            "movnti [{",
+            $d,
+            "} + 48], {t0}\n",
+            "movnti [{",
+            $d,
+            "} + 56], {t1}\n",
+            "add {",
+            $s,
+            "}, 64\n",
+            "add {",
+            $d,
+            "}, 64\n",
         )
     };
 }
 
-/// Streams `groups` groups of four 4 KiB frames from `s` to `d`, line `k` of each of the
-/// four frames in turn. No fence. The block touches no stack and clobbers only the
-/// registers it declares.
+/// Streams four 4 KiB frames, `s[k]` to `d[k]`, line `j` of each in turn. No fence. The
+/// block touches no stack and clobbers only the registers it declares.
 ///
 /// # Safety
 ///
-/// `s` and `d` point to `groups * 4` frames of atomics each.
+/// Each pointer points to one frame of atomics.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
-unsafe fn stream_groups(s: *const AtomicU64, d: *const AtomicU64, groups: usize) {
-    // SAFETY: the caller's contract; see `stream_copy`.
+unsafe fn stream_quad(s: [*const AtomicU64; 4], d: [*const AtomicU64; 4]) {
+    // SAFETY: the caller's contract; see `stream_frames`.
     unsafe {
         std::arch::asm!(
-            "3:",
-            "mov {lines:e}, 64",
             "2:",
-            stream_line!("0"),
-            stream_line!("4096"),
-            stream_line!("8192"),
-            stream_line!("12288"),
-            "add {s}, 64",
-            "add {d}, 64",
+            stream_line!("s0", "d0"),
+            stream_line!("s1", "d1"),
+            stream_line!("s2", "d2"),
+            stream_line!("s3", "d3"),
             "dec {lines:e}",
             "jnz 2b",
-            "add {s}, 12288",
-            "add {d}, 12288",
-            "dec {groups}",
-            "jnz 3b",
-            s = inout(reg) s => _,
-            d = inout(reg) d => _,
-            groups = inout(reg) groups => _,
-            lines = out(reg) _,
+            s0 = inout(reg) s[0] => _,
+            s1 = inout(reg) s[1] => _,
+            s2 = inout(reg) s[2] => _,
+            s3 = inout(reg) s[3] => _,
+            d0 = inout(reg) d[0] => _,
+            d1 = inout(reg) d[1] => _,
+            d2 = inout(reg) d[2] => _,
+            d3 = inout(reg) d[3] => _,
+            lines = inout(reg) WORDS_PER_FRAME / 8 => _,
             t0 = out(reg) _,
             t1 = out(reg) _,
-            t2 = out(reg) _,
-            t3 = out(reg) _,
             options(nostack),
         );
     }
@@ -297,13 +292,11 @@ unsafe fn stream_groups(s: *const AtomicU64, d: *const AtomicU64, groups: usize)
 /// `s` and `d` point to `lines * 8` atomics each, and `lines > 0`.
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 unsafe fn stream_lines(s: *const AtomicU64, d: *const AtomicU64, lines: usize) {
-    // SAFETY: the caller's contract; see `stream_copy`.
+    // SAFETY: the caller's contract; see `stream_frames`.
     unsafe {
         std::arch::asm!(
             "2:",
-            stream_line!("0"),
-            "add {s}, 64",
-            "add {d}, 64",
+            stream_line!("s", "d"),
             "dec {lines}",
             "jnz 2b",
             s = inout(reg) s => _,
@@ -311,8 +304,6 @@ unsafe fn stream_lines(s: *const AtomicU64, d: *const AtomicU64, lines: usize) {
             lines = inout(reg) lines => _,
             t0 = out(reg) _,
             t1 = out(reg) _,
-            t2 = out(reg) _,
-            t3 = out(reg) _,
             options(nostack),
         );
     }
@@ -355,19 +346,26 @@ mod tests {
     }
 
     #[test]
-    fn stream_copy_copies_exactly_the_frames_asked_for() {
-        // Nine frames: two groups of four, then one frame line by line.
+    fn streaming_copies_exactly_the_frames_asked_for() {
         let a = Arena::new(20).unwrap();
-        for (i, w) in a.frames(0, 9).iter().enumerate() {
-            w.store(
-                (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                Ordering::Relaxed,
-            );
+        for f in 0..9 {
+            for (i, w) in a.frame(f).iter().enumerate() {
+                let v = ((f * 512 + i) as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                w.store(v, Ordering::Relaxed);
+            }
         }
         a.frame(19)[0].store(5, Ordering::Relaxed);
-        stream_copy(a.frames(0, 9), a.frames(10, 9));
-        for (s, d) in a.frames(0, 9).iter().zip(a.frames(10, 9)) {
-            assert_eq!(s.load(Ordering::Relaxed), d.load(Ordering::Relaxed));
+        // Nine pairs, scattered: two groups of four, then one frame alone.
+        let order = [3, 0, 8, 5, 1, 7, 2, 6, 4];
+        stream_frames(order.iter().map(|&f| (a.frame(f), a.frame(18 - f))));
+        for f in 0..9 {
+            for (s, d) in a.frame(f).iter().zip(a.frame(18 - f)) {
+                assert_eq!(
+                    s.load(Ordering::Relaxed),
+                    d.load(Ordering::Relaxed),
+                    "frame {f}"
+                );
+            }
         }
         assert_eq!(
             a.frame(19)[0].load(Ordering::Relaxed),
@@ -375,46 +373,36 @@ mod tests {
             "the frame after untouched"
         );
         assert!(a.frame(9).iter().all(|w| w.load(Ordering::Relaxed) == 0));
-        // Part of a frame (whole lines), and nothing at all.
-        stream_copy(&a.frame(0)[..16], &a.frame(9)[..16]);
-        assert_eq!(
-            a.frame(9)[15].load(Ordering::Relaxed),
-            a.frame(0)[15].load(Ordering::Relaxed)
-        );
-        assert_eq!(a.frame(9)[16].load(Ordering::Relaxed), 0);
-        stream_copy(&a.frame(0)[..0], &a.frame(1)[..0]);
-    }
-
-    #[test]
-    #[should_panic(expected = "different lengths")]
-    fn stream_copy_of_unequal_slices_panics() {
-        let a = Arena::new(2).unwrap();
-        stream_copy(a.frames(0, 1), &a.frames(1, 1)[..8]);
+        stream_frames([]);
     }
 
     /// A writer flips every source word between two values while frames are copied: each
     /// copied word is one of them, never a mix (the copy's accesses are whole words).
     #[test]
-    fn stream_copy_racing_a_writer_never_tears_a_word() {
+    fn streaming_racing_a_writer_never_tears_a_word() {
         const OLD: u64 = 0x1111_1111_1111_1111;
         const NEW: u64 = 0xeeee_eeee_eeee_eeee;
-        let a = Arena::new(2).unwrap();
+        let a = Arena::new(8).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
                 let mut v = OLD;
                 while !stop.load(Ordering::Relaxed) {
                     v = if v == OLD { NEW } else { OLD };
-                    a.frame(0)
-                        .iter()
-                        .for_each(|w| w.store(v, Ordering::Relaxed));
+                    for f in 0..3 {
+                        a.frame(f)
+                            .iter()
+                            .for_each(|w| w.store(v, Ordering::Relaxed));
+                    }
                 }
             });
-            for _ in 0..if cfg!(miri) { 2 } else { 2000 } {
-                stream_copy(a.frames(0, 1), a.frames(1, 1));
-                for w in a.frame(1) {
-                    let v = w.load(Ordering::Relaxed);
-                    assert!([0, OLD, NEW].contains(&v), "torn word {v:#x}");
+            for _ in 0..if cfg!(miri) { 2 } else { 1000 } {
+                stream_frames((0..5).map(|f| (a.frame(f % 3), a.frame(3 + f))));
+                for f in 3..8 {
+                    for w in a.frame(f) {
+                        let v = w.load(Ordering::Relaxed);
+                        assert!([0, OLD, NEW].contains(&v), "torn word {v:#x}");
+                    }
                 }
             }
             stop.store(true, Ordering::Relaxed);

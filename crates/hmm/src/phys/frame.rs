@@ -166,12 +166,8 @@ impl<'a> FrameRef<'a> {
         io::copy(src.words(), self.words());
     }
 
-    /// Copies the folio `src` heads into the folio this frame heads, as a device's copy
-    /// engine would (`folio_copy`, the copy of a migration): streaming stores that leave
-    /// the destination out of the CPU caches, all of them visible before the call returns.
-    /// On this machine that is about 1.3× the speed of [`copy_from`](Self::copy_from) per
-    /// byte (`hmm bench migrate`); it suits a destination nobody reads soon (a page moving
-    /// to a device, or back), not a page its faulting CPU is about to write (a COW copy).
+    /// Copies the folio `src` heads into the folio this frame heads (`folio_copy`): see
+    /// [`copy_folios`], which copies many pairs at once.
     ///
     /// # Panics
     ///
@@ -179,15 +175,7 @@ impl<'a> FrameRef<'a> {
     #[doc(alias = "folio_copy")]
     #[track_caller]
     pub fn copy_folio_from(&self, src: &FrameRef<'_>) {
-        assert_eq!(self.folio().nr, self.nr, "destination is not a folio head");
-        assert_eq!(src.folio().nr, src.nr, "source is not a folio head");
-        let order = self.meta().order();
-        assert_eq!(order, src.meta().order(), "folios of different orders");
-        let n = 1 << order;
-        arena::stream_copy(
-            src.region.frames_words(src.index(), n),
-            self.region.frames_words(self.index(), n),
-        );
+        copy_folios(&[(*self, *src)]);
     }
 
     /// Zero-fills the frame.
@@ -204,6 +192,41 @@ impl<'a> FrameRef<'a> {
     fn words(&self) -> &'a io::FrameWords {
         self.region.words(self.index())
     }
+}
+
+/// Copies every `(dst, src)` pair of folios as a device's copy engine would (the copy of a
+/// migration, `folio_copy` of each): streaming stores that leave the destinations out of
+/// the CPU caches, four pages at a time across the pairs, all of them visible before the
+/// call returns. Batching a migration's pages into one call lets pages that are not
+/// contiguous be copied four at a time too. This suits a destination nobody reads soon (a
+/// page moving to a device, or back); a page its faulting CPU is about to write (a COW
+/// copy) wants [`FrameRef::copy_from`], which leaves it in the cache.
+///
+/// # Panics
+///
+/// Panics if a frame is not a folio head or the orders of a pair differ; nothing is copied
+/// then.
+#[doc(alias = "folio_copy")]
+#[track_caller]
+pub fn copy_folios(pairs: &[(FrameRef<'_>, FrameRef<'_>)]) {
+    for (dst, src) in pairs {
+        assert_eq!(dst.folio().nr, dst.nr, "destination is not a folio head");
+        assert_eq!(src.folio().nr, src.nr, "source is not a folio head");
+        assert_eq!(
+            dst.meta().order(),
+            src.meta().order(),
+            "folios of different orders"
+        );
+    }
+    arena::stream_frames(pairs.iter().flat_map(|(dst, src)| {
+        (0..1u64 << dst.meta().order()).map(move |k| {
+            let (s, d) = (src.region, dst.region);
+            (
+                s.words(src.index() + k as usize),
+                d.words(dst.index() + k as usize),
+            )
+        })
+    }));
 }
 
 impl fmt::Debug for FrameRef<'_> {

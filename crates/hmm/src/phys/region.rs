@@ -102,11 +102,6 @@ impl Region {
         self.arena.frame(i)
     }
 
-    /// The words of the `n` frames from `i`.
-    pub(crate) fn frames_words(&self, i: usize, n: usize) -> &[std::sync::atomic::AtomicU64] {
-        self.arena.frames(i, n)
-    }
-
     /// Commits the whole arena on the host now.
     pub(crate) fn prefault(&self) {
         self.arena.prefault();

@@ -136,6 +136,35 @@ fn folio_copy_moves_every_page_of_a_folio() {
     let mut t = [0u8; 6];
     z.read(4090, &mut t);
     assert_eq!(&t, b"tail!!");
+    // One call for a THP and seven scattered pages, back the other way.
+    let pages: Vec<_> = (0..14)
+        .map(|_| p.alloc(0, FrameFlags::empty()).unwrap())
+        .collect();
+    for (k, f) in pages[..7].iter().enumerate() {
+        f.write(8 * k, &[k as u8 + 1; 8]);
+    }
+    let mut pairs = vec![(*src, *dst)];
+    pairs.extend((0..7).map(|k| (*pages[13 - k], *pages[k])));
+    dst.folio_page(3).write(0, b"changed!");
+    copy_folios(&pairs);
+    src.folio_page(3).read(0, &mut b);
+    assert_eq!(&b, b"changed!");
+    for k in 0..7 {
+        pages[13 - k].read(8 * k, &mut b);
+        assert_eq!(b, [k as u8 + 1; 8], "page {k}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "not a folio head")]
+fn folio_copies_check_every_pair_first() {
+    let p = ram(16);
+    let big = p.alloc(PMD_ORDER, FrameFlags::empty()).unwrap();
+    let (a, b) = (
+        p.alloc(0, FrameFlags::empty()).unwrap(),
+        p.alloc(0, FrameFlags::empty()).unwrap(),
+    );
+    copy_folios(&[(*a, *b), (*a, big.folio_page(7))]);
 }
 
 #[test]
