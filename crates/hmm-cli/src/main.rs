@@ -65,6 +65,10 @@ enum Command {
         /// 50): every operation must then fail cleanly or succeed, and no byte may be lost.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
         fail_alloc: u32,
+        /// 2 MiB THP areas of slots besides `--pages`, moved whole between RAM and the
+        /// devices as well as page by page.
+        #[arg(long, default_value_t = 2)]
+        thps: u64,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -302,6 +306,7 @@ fn main() -> std::process::ExitCode {
             seed,
             pages,
             fail_alloc,
+            thps,
             json,
         } => stress::run(stress::Config {
             seconds,
@@ -309,6 +314,7 @@ fn main() -> std::process::ExitCode {
             seed,
             pages,
             fail_alloc,
+            thps,
             json,
         })
         .and_then(|r| {

@@ -215,7 +215,7 @@ fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
         assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
     }
     let kinds = r["ops_by_kind"].as_object().unwrap();
-    assert_eq!(kinds.len(), 12);
+    assert_eq!(kinds.len(), 14);
     for (kind, n) in kinds {
         assert!(n.as_u64().unwrap() > 0, "no {kind} in {r}");
     }
@@ -224,6 +224,26 @@ fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
         kinds.values().map(|n| n.as_u64().unwrap()).sum::<u64>()
     );
     assert_eq!(r["config"]["seed"], 7);
+
+    // Without injected failures, the THP areas are collapsed again and again, and split.
+    // (How many reach a device whole depends on the interleaving: forks and the writes
+    // after them split THPs too; `tests/thp_migrate.rs` moves them whole
+    // deterministically.)
+    let (ok, out) = hmm(&[
+        "stress",
+        "--seconds",
+        "2",
+        "--seed",
+        "7",
+        "--pages",
+        "256",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    for key in ["thp_collapses", "thp_splits"] {
+        assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
+    }
 
     for args in [
         &["stress", "--threads", "0"][..],

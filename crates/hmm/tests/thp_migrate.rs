@@ -606,3 +606,53 @@ fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
     check(&r, a, NR, 70);
     r.m.mm.audit().unwrap();
 }
+
+/// A CPU access to a device THP that is migrating back waits on its PMD migration entry
+/// and then reads the bytes from the new THP (the wait once released the device folio's
+/// reference as if it were a CPU frame, and panicked; found by `hmm stress`).
+#[test]
+fn a_cpu_access_waits_on_a_device_thps_pmd_migration_entry() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 80);
+    let mut waited = false;
+    // The reader must reach the entry while the migration holds it: try a few times.
+    for _ in 0..5 {
+        {
+            let mmap = r.m.mm.mmap_read();
+            let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
+            assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
+        }
+        assert!(on_device(&r, a, NR, 9));
+        let audit = r.m.mm.audit().unwrap();
+        assert_eq!(
+            (audit.frames_referenced, audit.device_frames_referenced),
+            (0, NR),
+            "a device THP is 512 device frames"
+        );
+        let before = r.m.mm.stats().faults.migration_wait;
+        std::thread::scope(|s| {
+            let mmap = r.m.mm.mmap_read();
+            let mig = migrate_vma_setup(&mmap, args(&r, a, NR, DEV)).unwrap();
+            assert_eq!(mig.src()[0].npages(), NR);
+            let reader = s.spawn(|| r.m.mm.read_val::<u64>(page(a, 3)).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(migrate(&r, mig, Dst::System(PMD_ORDER)), NR);
+            drop(mmap);
+            assert_eq!(reader.join().unwrap(), 83);
+        });
+        waited |= r.m.mm.stats().faults.migration_wait > before;
+        if waited {
+            break;
+        }
+    }
+    assert!(waited, "the reader never met the migration entry");
+    check(&r, a, NR, 80);
+    assert_eq!(r.dev.nr_in_use(), 0);
+    let audit = r.m.mm.audit().unwrap();
+    assert_eq!(
+        (audit.frames_referenced, audit.device_frames_referenced),
+        (NR, 0),
+        "a THP is 512 frames of RAM"
+    );
+}

@@ -10,6 +10,11 @@
 //!   writes them (dmirror WRITE), checking and bumping versions the same way;
 //! - a migration thread moves runs of pages to either device (MIGRATE_TO_DEV and
 //!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
+//! - with `--thps N`, N more 2 MiB of slots sit in a THP-enabled mapping: the CPU and
+//!   device threads use their pages like any other (splitting THPs, faulting device THPs
+//!   back 2 MiB at a time), and the migration thread also moves each 2 MiB whole
+//!   (`SELECT_COMPOUND`: a device THP there, a THP back, or 512 pages when memory is
+//!   short); fork shares them; the churn thread leaves them alone, so they stay aligned;
 //! - a churn thread takes a slot for itself and write-protects it (a CPU store must
 //!   fail), moves it (`mremap`), unmaps and re-maps it (rewriting its pages), or forks the
 //!   process, checks the slot in the child, writes there, and exits the child;
@@ -44,9 +49,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
 use hmm::fault_inject::{FaultAttr, FaultConfig};
-use hmm::mm::{Advice, FaultError, MapFlags, Mm, MremapFlags, Prot, SwapKind};
+use hmm::mm::{Advice, FaultError, MapFlags, Mm, MmError, MremapFlags, Prot, SwapKind};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
@@ -75,6 +80,8 @@ pub(crate) struct Config {
     pub(crate) pages: u64,
     /// Percent of allocations made to fail.
     pub(crate) fail_alloc: u32,
+    /// 2 MiB THP areas of slots, after the `pages`.
+    pub(crate) thps: u64,
     /// Print JSON (also what a deadlock report is printed as).
     #[serde(skip)]
     pub(crate) json: bool,
@@ -104,6 +111,14 @@ pub(crate) struct Report {
     injected_failures: u64,
     /// Operations that failed for lack of memory, each checked to have lost nothing.
     oom_failures: u64,
+    /// Device commands that gave up with `Busy` after the range-fault timeout, each
+    /// checked to have lost nothing.
+    busy_failures: u64,
+    /// THP-area migrations to a device after which the area was one device THP.
+    thp_areas_moved_whole: u64,
+    /// THPs made by `MADV_COLLAPSE`, and large folios split (the address space's counters).
+    thp_collapses: u64,
+    thp_splits: u64,
     deadlocks: u64,
     /// The first failures, in words.
     failures: Vec<String>,
@@ -141,8 +156,12 @@ impl Report {
             println!("  {kind:>18} {n}");
         }
         println!(
-            "{} checks; {} allocations failed by injection, {} operations failed for lack of memory",
-            self.checks, self.injected_failures, self.oom_failures
+            "{} checks; {} allocations failed by injection, {} operations failed for lack of memory, {} device commands timed out on invalidations",
+            self.checks, self.injected_failures, self.oom_failures, self.busy_failures
+        );
+        println!(
+            "THP areas moved whole to a device {}, THPs collapsed {}, large folios split {}",
+            self.thp_areas_moved_whole, self.thp_collapses, self.thp_splits
         );
         println!(
             "corrupted bytes {}, leaked frames {}, stale mirror entries {}, invariant failures {}, unexpected errors {}, deadlocks {}",
@@ -169,6 +188,8 @@ enum Op {
     MigrateToDev,
     MigrateOnFault,
     MigrateToSys,
+    MigrateThp,
+    Collapse,
     Release,
     Mprotect,
     Mremap,
@@ -176,7 +197,7 @@ enum Op {
     ForkExit,
 }
 
-const OPS: [(&str, Op); 12] = [
+const OPS: [(&str, Op); 14] = [
     ("cpu_read", Op::CpuRead),
     ("cpu_write", Op::CpuWrite),
     ("device_read", Op::DeviceRead),
@@ -184,6 +205,8 @@ const OPS: [(&str, Op); 12] = [
     ("migrate_to_dev", Op::MigrateToDev),
     ("migrate_on_fault", Op::MigrateOnFault),
     ("migrate_to_sys", Op::MigrateToSys),
+    ("migrate_thp", Op::MigrateThp),
+    ("thp_collapse", Op::Collapse),
     ("device_removal", Op::Release),
     ("mprotect", Op::Mprotect),
     ("mremap", Op::Mremap),
@@ -212,6 +235,13 @@ struct Shared {
     mm: Arc<Mm>,
     devs: [Arc<Dmirror>; 2],
     region: Region,
+    /// Slots below this one are the churn thread's to move; the rest are the THP areas.
+    churn_slots: usize,
+    /// The first THP area (2 MiB aligned) and how many follow it.
+    thp_base: VirtAddr,
+    thps: u64,
+    /// THP-area migrations to a device after which the area was one device THP.
+    thps_whole: AtomicU64,
     world: RwLock<()>,
     stop: AtomicBool,
     ops: [AtomicU64; OPS.len()],
@@ -221,6 +251,8 @@ struct Shared {
     errors: AtomicU64,
     /// Operations that failed for lack of memory.
     oom: AtomicU64,
+    /// Device commands that timed out on colliding invalidations.
+    busy: AtomicU64,
     failures: Mutex<Vec<String>>,
     /// Frames allocated before the process existed (the zero pages).
     baseline_allocated: u64,
@@ -274,6 +306,18 @@ impl Shared {
     }
 
     /// Counts an operation's failure for lack of memory; false for any other error.
+    /// Whether a device command's error is one it may give: out of memory (counted as
+    /// such), or `Busy`, invalidations colliding with its range fault for the whole
+    /// timeout (`HMM_RANGE_DEFAULT_TIMEOUT`, as the kernel's driver), which THP-area
+    /// migrations and collapses can cause for a command that shares their 2 MiB.
+    fn gave_up(&self, e: DmirrorError) -> bool {
+        if e == DmirrorError::Busy {
+            self.busy.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.out_of_memory(e == DmirrorError::NoMem)
+    }
+
     fn out_of_memory(&self, oom: bool) -> bool {
         if oom {
             self.oom.fetch_add(1, Ordering::Relaxed);
@@ -381,9 +425,10 @@ fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
                         *sh.last_writer[index as usize].lock() = writer;
                     }
                 }
-                Ok(Err(e)) if sh.out_of_memory(e == DmirrorError::NoMem) => {
-                    // The write stopped at a page it could not fault in; the pages
-                    // before it may hold the new version.
+                Ok(Err(e)) if sh.gave_up(e) => {
+                    // The write stopped at a page it could not fault in (or whose range
+                    // kept being invalidated); the pages before it may hold the new
+                    // version.
                     for (j, v) in versions.iter_mut().enumerate() {
                         let k = k0 + j as u64;
                         let index = Region::index(s, k);
@@ -415,7 +460,7 @@ fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
                         sh.check(&data[j * PAGE..(j + 1) * PAGE], index, **v, "device read");
                     }
                 }
-                Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
+                Err(e) if sh.gave_up(e) => {}
                 Err(e) => sh.error(format!("device {d} read of slot {s}: {e}")),
                 Ok(Err(e)) => sh.error(format!("device {d} read of slot {s}: {e}")),
             }
@@ -429,6 +474,10 @@ fn device(sh: &Shared, d: usize, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
 fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
     while !sh.stop.load(Ordering::Relaxed) {
         let _world = sh.world.read();
+        if sh.thps > 0 && rng.below(4) == 0 {
+            migrate_thp(sh, buf, heart, &mut rng);
+            continue;
+        }
         let s = rng.below(sh.region.slots.len() as u64) as usize;
         let n = 1 + rng.below(RUN);
         let k0 = rng.below(SLOT_PAGES - n + 1);
@@ -457,12 +506,86 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
             Ok(()) | Err(DmirrorError::NoEnt) => {}
             // A page the migration (or the eviction) found no memory for stays where it
             // is, bytes intact.
-            Err(e) if sh.out_of_memory(e == DmirrorError::NoMem) => {}
+            Err(e) if sh.gave_up(e) => {}
             Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
         }
         sh.count(op);
         heart.beat();
     }
+}
+
+/// One THP area moved whole: to a device (MIGRATE_TO_DEV or MIGRATE_ON_FAULT_TO_DEV) or
+/// back (MIGRATE_TO_SYS). Half the time the area is first brought back to RAM and
+/// collapsed into one THP again (MADV_COLLAPSE; 4 KiB accesses and migrations split it,
+/// and nothing else makes it whole), then moved to a device. Its slots never move, so no
+/// slot lock is taken.
+fn migrate_thp(sh: &Shared, buf: VirtAddr, heart: &Heart, rng: &mut Rng) {
+    let u = rng.below(sh.thps);
+    let area = sh
+        .thp_base
+        .checked_add(u * PMD_SIZE)
+        .expect("inside the THP areas");
+    let d = rng.below(2) as usize;
+    let to_dev = if rng.below(2) == 0 {
+        DmirrorCmd::MigrateToDev
+    } else {
+        DmirrorCmd::MigrateOnFaultToDev
+    };
+    let cmds = if rng.below(2) == 0 {
+        thp_command(sh, d, DmirrorCmd::MigrateToSys, area, buf, heart);
+        heart.doing("collapse a THP area");
+        // Fails while a page of it is on a device again, locked or pinned by a migration
+        // or a fork, or memory is short.
+        match sh.mm.madvise(area, PMD_SIZE, Advice::Collapse) {
+            Ok(()) | Err(MmError::Inval { .. } | MmError::Again { .. }) => {}
+            Err(e) if sh.out_of_memory(matches!(e, MmError::NoMem { .. })) => {}
+            Err(e) => sh.error(format!("collapse of THP area {u}: {e}")),
+        }
+        sh.count(Op::Collapse);
+        [to_dev]
+    } else if rng.below(3) == 0 {
+        [DmirrorCmd::MigrateToSys]
+    } else {
+        [to_dev]
+    };
+    for which in cmds {
+        thp_command(sh, d, which, area, buf, heart);
+        // Whether the area is one device THP now (it may have come back already).
+        if which != DmirrorCmd::MigrateToSys
+            && sh.mm.pagemap(area, 1).is_ok_and(|e| {
+                e[0].order == PMD_ORDER as u8 && e[0].swap == Some(SwapKind::DevicePrivate)
+            })
+        {
+            sh.thps_whole.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    heart.beat();
+}
+
+/// Device `d` runs `which` over the THP area at `area`.
+fn thp_command(
+    sh: &Shared,
+    d: usize,
+    which: DmirrorCmd,
+    area: VirtAddr,
+    buf: VirtAddr,
+    heart: &Heart,
+) {
+    heart.doing("migrate a THP area");
+    let mut cmd = HmmDmirrorCmd {
+        addr: area.as_u64(),
+        ptr: buf.as_u64(),
+        npages: PMD_NR,
+        ..HmmDmirrorCmd::default()
+    };
+    match sh.devs[d].ioctl(which, &mut cmd) {
+        Ok(()) | Err(DmirrorError::NoEnt) => {}
+        Err(e) if sh.gave_up(e) => {}
+        Err(e) => sh.error(format!(
+            "device {d} {which:?} of the THP area at {area:?}: {e}"
+        )),
+    }
+    sh.count(Op::MigrateThp);
 }
 
 /// Reads every page of slot `s` at `base` in `mm` and checks it.
@@ -484,7 +607,7 @@ fn check_slot(sh: &Shared, mm: &Mm, s: usize, base: VirtAddr, versions: &[u64], 
 fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
     while !sh.stop.load(Ordering::Relaxed) {
         let _world = sh.world.read();
-        let s = rng.below(sh.region.slots.len() as u64) as usize;
+        let s = rng.below(sh.churn_slots as u64) as usize;
         let slot = &sh.region.slots[s];
         let mut base = slot.base.write();
         let versions: Vec<u64> = slot.pages.iter().map(|v| *v.lock()).collect();
@@ -613,7 +736,7 @@ fn check_world(sh: &Shared, _world: RwLockWriteGuard<'_, ()>) {
         Ok(report) => {
             // Device-private pages are the devices' memory, not RAM.
             let allocated = sh.allocated() - sh.baseline_allocated;
-            let in_ram = report.frames_referenced - report.device_private_entries;
+            let in_ram = report.frames_referenced;
             if allocated != in_ram {
                 sh.invariants.fetch_add(1, Ordering::Relaxed);
                 sh.note(format!(
@@ -653,6 +776,10 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
         unexpected_errors: sh.errors.load(Ordering::Relaxed),
         injected_failures: sh.fault_attrs().iter().map(|a| a.stats().injected).sum(),
         oom_failures: sh.oom.load(Ordering::Relaxed),
+        busy_failures: sh.busy.load(Ordering::Relaxed),
+        thp_areas_moved_whole: sh.thps_whole.load(Ordering::Relaxed),
+        thp_collapses: sh.mm.stats().thp_collapse,
+        thp_splits: sh.mm.stats().thp_split_folio,
         deadlocks: u64::from(!stuck.is_empty()),
         failures,
     }
@@ -663,7 +790,8 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
 fn build(
     cfg: &Config,
 ) -> Result<(Shared, DmirrorDriver, Vec<VirtAddr>), Box<dyn std::error::Error>> {
-    let nslots = cfg.pages.div_ceil(SLOT_PAGES).max(1);
+    let churn_slots = cfg.pages.div_ceil(SLOT_PAGES).max(1);
+    let nslots = churn_slots + cfg.thps * (PMD_NR / SLOT_PAGES);
     let bytes = nslots * SLOT_BYTES;
     let phys = PhysMem::new(PhysConfig::with_size(
         (2 * bytes).div_ceil(2 << 20) * (2 << 20) + (64 << 20),
@@ -675,14 +803,27 @@ fn build(
     let driver = DmirrorDriver::new(
         &phys,
         DmirrorConfig {
-            chunk_bytes: bytes.div_ceil(2 << 20) * (2 << 20),
+            // Room for the whole region and as much again, so that free 2 MiB blocks
+            // for device THPs remain among the scattered 4 KiB pages.
+            chunk_bytes: 2 * bytes.div_ceil(2 << 20) * (2 << 20),
             max_chunks: 2,
         },
     );
     let mm = Mm::new(phys.clone());
-    let base = mm.mmap(None, bytes, RW, MapFlags::PRIVATE)?;
-    mm.madvise(base, bytes, Advice::NoHugePage)?;
-    let bases = (0..nslots).map(|s| base.checked_add(s * SLOT_BYTES).expect("inside"));
+    let small = churn_slots * SLOT_BYTES;
+    let base = mm.mmap(None, small, RW, MapFlags::PRIVATE)?;
+    mm.madvise(base, small, Advice::NoHugePage)?;
+    // A mapping of at least 2 MiB is 2 MiB aligned; one more page keeps it non-empty.
+    let thp_bytes = cfg.thps * PMD_SIZE;
+    let thp_base = mm.mmap(None, thp_bytes.max(PAGE_SIZE), RW, MapFlags::PRIVATE)?;
+    if cfg.thps > 0 {
+        assert!(thp_base.is_aligned(PMD_SIZE), "THP areas are 2 MiB aligned");
+        mm.madvise(thp_base, thp_bytes, Advice::HugePage)?;
+    }
+    let at = |b: VirtAddr, s: u64| b.checked_add(s * SLOT_BYTES).expect("inside");
+    let bases = (0..churn_slots)
+        .map(|s| at(base, s))
+        .chain((0..nslots - churn_slots).map(|s| at(thp_base, s)));
     let region = Region::new(nslots, bases);
     for (s, slot) in region.slots.iter().enumerate() {
         for k in 0..SLOT_PAGES {
@@ -695,12 +836,16 @@ fn build(
     // One buffer per device thread and one for the migrator, left out of forks
     // (`MADV_DONTFORK`, as drivers ask of their transfer buffers): a fork never makes the
     // driver's copy to or from them fault, so they never run out of memory.
-    let bufs: Vec<VirtAddr> = (0..3)
-        .map(|_| mm.mmap(None, RUN * PAGE_SIZE, RW, MapFlags::PRIVATE))
+    // The migrator's is large enough for the read-back of a whole THP area.
+    let lens = [RUN, RUN, if cfg.thps > 0 { PMD_NR } else { RUN }].map(|n| n * PAGE_SIZE);
+    let bufs: Vec<VirtAddr> = lens
+        .iter()
+        .map(|&len| mm.mmap(None, len, RW, MapFlags::PRIVATE))
         .collect::<Result<_, _>>()?;
-    for b in &bufs {
-        mm.madvise(*b, RUN * PAGE_SIZE, Advice::DontFork)?;
-        mm.write(*b, &vec![0u8; (RUN * PAGE_SIZE) as usize])?;
+    for (b, len) in bufs.iter().zip(lens) {
+        mm.madvise(*b, len, Advice::NoHugePage)?;
+        mm.madvise(*b, len, Advice::DontFork)?;
+        mm.write(*b, &vec![0u8; len as usize])?;
     }
     let devs = [
         Dmirror::open(driver.device(0), &mm)?,
@@ -711,6 +856,10 @@ fn build(
         mm,
         devs,
         region,
+        churn_slots: churn_slots as usize,
+        thp_base,
+        thps: cfg.thps,
+        thps_whole: AtomicU64::new(0),
         world: RwLock::new(()),
         stop: AtomicBool::new(false),
         ops: Default::default(),
@@ -719,6 +868,7 @@ fn build(
         invariants: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         oom: AtomicU64::new(0),
+        busy: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
         baseline_allocated,
         last_writer: (0..nslots * SLOT_PAGES)
@@ -845,6 +995,7 @@ mod tests {
             seed: 1,
             pages: 32,
             fail_alloc: 0,
+            thps: 1,
             json: false,
         };
         let (sh, _driver, _bufs) = build(&cfg).unwrap();

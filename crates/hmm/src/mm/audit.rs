@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PMD_ORDER, PMD_SIZE, USER_VA_END};
 use crate::pgtable::{Huge, Pte, PteFlags, Slot, WalkMode};
-use crate::phys::FrameFlags;
+use crate::phys::{FrameFlags, Zone};
 use crate::prot::VmFlags;
 
 use super::vma::Backing;
@@ -25,9 +25,12 @@ pub struct AuditReport {
     pub zero_page_entries: u64,
     /// Device-private entries (PTEs and PMDs).
     pub device_private_entries: u64,
-    /// Folios this address space holds references on: mapped anonymous folios and pages
-    /// of its shared objects.
+    /// RAM frames (4 KiB each) of the folios this address space holds references on: its
+    /// mapped anonymous folios (a THP counts its 512 frames) and the pages of its shared
+    /// objects.
     pub frames_referenced: u64,
+    /// Device frames (private or coherent) of the anonymous folios it maps, likewise.
+    pub device_frames_referenced: u64,
 }
 
 /// The invariants an audit found broken.
@@ -166,12 +169,15 @@ impl Mm {
                 }
             }
         }
-        let mut anon_folios = 0u64;
+        let (mut anon_frames, mut device_frames) = (0u64, 0u64);
         for (&head, ours) in &folios {
             let fm = phys.frame_nr(head).meta();
             let nr = 1u64 << fm.order();
             if fm.flags().contains(FrameFlags::ANON) {
-                anon_folios += 1;
+                match phys.frame_nr(head).zone() {
+                    Zone::System => anon_frames += nr,
+                    _ => device_frames += nr,
+                }
             }
             let everywhere = rmap::collect(phys.frame_nr(head), Some((self, &st)));
             for (va, pte) in ours {
@@ -237,7 +243,8 @@ impl Mm {
                 ));
             }
         }
-        report.frames_referenced = anon_folios + object_pages;
+        report.frames_referenced = anon_frames + object_pages;
+        report.device_frames_referenced = device_frames;
         if problems.is_empty() {
             Ok(report)
         } else {

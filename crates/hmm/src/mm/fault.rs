@@ -20,7 +20,7 @@ use bitflags::bitflags;
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{Cursor, Pte, PteFlags, Slot, WalkMode};
-use crate::phys::FrameFlags;
+use crate::phys::{FrameFlags, FrameRef};
 use crate::stats::FaultKind;
 
 use super::driver::VmFault;
@@ -129,13 +129,11 @@ pub(super) fn handle_mm_fault(
             }
         }
         Pte::Migration { pfn, .. } => {
-            // migration_entry_wait: pin the folio under the PTL, sleep on its lock.
-            let frame = mm.phys().frame_nr(pfn.nr());
-            let pinned = frame.try_get();
+            // migration_entry_wait_on_locked: find the folio under the PTL, sleep on its
+            // lock without a reference (see `wait_on_migration`).
+            let folio = mm.phys().frame_nr(pfn.nr()).folio();
             c.unlock();
-            if let Ok(pinned) = pinned {
-                pinned.folio().meta().wait_unlocked();
-            }
+            wait_on_migration(folio);
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())
         }
@@ -459,4 +457,14 @@ impl Fault<'_> {
         mm.release_frame(folio);
         Ok(())
     }
+}
+
+/// Sleeps until the migration that locked `folio` (found behind a migration entry) is
+/// done (`migration_entry_wait_on_locked`). No reference is taken: one would be a reference
+/// the migration does not expect, and it would back off and put every page back. Frame
+/// metadata lives as long as the machine, so if the folio was freed and reused meanwhile
+/// the wait is at worst spurious, and the fault is retried either way.
+#[doc(alias = "migration_entry_wait_on_locked")]
+pub(crate) fn wait_on_migration(folio: FrameRef<'_>) {
+    folio.meta().wait_unlocked();
 }

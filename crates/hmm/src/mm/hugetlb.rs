@@ -74,10 +74,7 @@ pub(super) fn fault(
         }
         PmdEntry::Leaf(Pte::Migration { pfn, .. }) => {
             drop(pmd);
-            if let Ok(pinned) = mm.phys().frame_nr(pfn.nr()).try_get() {
-                pinned.folio().meta().wait_unlocked();
-                mm.release_frame(pinned);
-            }
+            super::fault::wait_on_migration(mm.phys().frame_nr(pfn.nr()).folio());
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())
         }

@@ -56,6 +56,7 @@ pub use audit::{AuditError, AuditReport};
 pub use device::DeviceFault;
 pub use driver::{VmFault, VmOps};
 pub use error::{FaultError, MmError, SegvCause};
+pub(crate) use fault::wait_on_migration;
 pub use fault::FaultFlags;
 pub use file::MemFile;
 pub use gup::{GupFlags, UserPages};
@@ -291,8 +292,7 @@ impl Mm {
 
     /// Drops a reference taken for the mm, counting a free.
     pub(crate) fn release_frame(&self, frame: Frame<'_>) {
-        let pfn = frame.into_raw();
-        if self.phys.frame(pfn).put() == Freed::Yes {
+        if frame.release() == Freed::Yes {
             self.counters.frames_freed(1);
         }
     }

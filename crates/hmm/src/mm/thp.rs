@@ -227,10 +227,7 @@ pub(super) fn huge_pmd_fault(
             Ok(())
         }
         Pte::Migration { pfn, .. } => {
-            if let Ok(pinned) = phys.frame_nr(pfn.nr()).try_get() {
-                pinned.folio().meta().wait_unlocked();
-                mm.release_frame(pinned);
-            }
+            super::fault::wait_on_migration(phys.frame_nr(pfn.nr()).folio());
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())
         }

@@ -282,6 +282,13 @@ impl<'a> Frame<'a> {
         pfn
     }
 
+    /// Drops the reference now (`folio_put`), saying whether it was the last; any zone.
+    pub fn release(self) -> Freed {
+        let r = self.r;
+        std::mem::forget(self);
+        r.put()
+    }
+
     /// Takes back a reference previously moved out with [`into_raw`](Self::into_raw).
     ///
     /// This is not `unsafe`: frame contents are atomics, so a wrong call cannot cause

@@ -562,7 +562,5 @@ fn migration_wait(mmap: &MmapReadGuard<'_>, entry: Pte) {
     let Pte::Migration { pfn, .. } = entry else {
         unreachable!("only migration entries are waited on")
     };
-    if let Ok(page) = mmap.mm().phys().frame_nr(pfn.nr()).try_get() {
-        page.folio().meta().wait_unlocked();
-    }
+    crate::mm::wait_on_migration(mmap.mm().phys().frame_nr(pfn.nr()).folio());
 }
