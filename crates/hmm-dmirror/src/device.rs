@@ -133,6 +133,17 @@ struct DeviceOps {
     cfree: AtomicU64,
 }
 
+impl DeviceOps {
+    /// Every open mirror of the device.
+    fn open_mirrors(&self) -> Vec<Arc<Shared>> {
+        self.mirrors
+            .lock()
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
 impl DevPagemapOps for DeviceOps {
     fn folio_free(&self, _folio: FrameRef<'_>, order: u32) {
         self.cfree.fetch_add(1 << order, Ordering::Relaxed);
@@ -145,6 +156,7 @@ impl DevPagemapOps for DeviceOps {
         let phys = vmf.mmap().mm().phys();
         let id = phys.device_frame(vmf.page()).meta().zone_device_data();
         let mirror = self.mirrors.lock().get(&id).and_then(Weak::upgrade);
+        let open = self.open_mirrors();
         let (start, len, flags) = match vmf.level() {
             Huge::Pte => (
                 vmf.address().page_down(),
@@ -165,7 +177,8 @@ impl DevPagemapOps for DeviceOps {
             fault_page: Some(vmf.page()),
         };
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
-        let copied = alloc_and_copy_to_system(&mut m, mirror.as_deref().map(|s| &s.pt), || {
+        let pts: Vec<_> = open.iter().map(|s| &s.pt).collect();
+        let copied = alloc_and_copy_to_system(&mut m, &pts, || {
             mirror.as_deref().is_some_and(Shared::take_fail_alloc)
         });
         if let (Some(s), Ok(c)) = (&mirror, copied) {
@@ -205,6 +218,11 @@ impl DmirrorDevice {
     /// Registers an open mirror, so faults on the device pages it migrated find it.
     pub(crate) fn register_mirror(&self, id: u64, mirror: Weak<Shared>) {
         self.ops.mirrors.lock().insert(id, mirror);
+    }
+
+    /// Every open mirror of the device (whose tables may map its pages).
+    pub(crate) fn open_mirrors(&self) -> Vec<Arc<Shared>> {
+        self.ops.open_mirrors()
     }
 
     /// Forgets a mirror that is closing.

@@ -177,14 +177,18 @@ pub(crate) fn alloc_locked(phys: &PhysMem, order: u32) -> Option<Frame<'_>> {
 pub(crate) struct OutOfMemory;
 
 /// `dmirror_devmem_fault_alloc_and_copy`: a system page for every migrating device page,
-/// the device's entry erased first (under `pt`), then the bytes copied back. A device THP
+/// the entries of the device's tables (`pts`, every open mirror) that map it erased first,
+/// then the bytes copied back. (The kernel's driver erases the entry of the mirror that
+/// migrated the page only; a process forked from it maps the page too, with a mirror of
+/// its own that skips the migration's invalidation as its own device's, and would keep
+/// reading the page after it left.) A device THP
 /// gets one system THP; if that allocation fails (or the one-shot `fail_alloc` fires) it
 /// falls back to 512 pages, and the core splits the device folio. An order-0 allocation
 /// failure (or `fail_alloc` on a single page) stops with `OutOfMemory`; the entries left
 /// without a destination stay on the device.
 pub(crate) fn alloc_and_copy_to_system(
     m: &mut Migration<'_, '_>,
-    pt: Option<&parking_lot::Mutex<DevicePageTable>>,
+    pts: &[&parking_lot::Mutex<DevicePageTable>],
     mut fail_alloc: impl FnMut() -> bool,
 ) -> Result<CopyCounts, OutOfMemory> {
     let phys = std::sync::Arc::clone(m.mmap().mm().phys());
@@ -199,9 +203,15 @@ pub(crate) fn alloc_and_copy_to_system(
             i += n;
             continue;
         }
-        if let Some(pt) = pt {
-            let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
-            pt.lock().erase(vpn, vpn + n as u64);
+        let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
+        for pt in pts {
+            let mut pt = pt.lock();
+            for k in 0..n {
+                let nr = m.src_page(i + k).map(frame_nr);
+                if pt.get(vpn + k as u64).map(|e| e.frame_nr) == nr {
+                    pt.erase(vpn + k as u64, vpn + k as u64 + 1);
+                }
+            }
         }
         let write = w.flags().contains(MigratePfnFlags::WRITE);
         let large = (n > 1 && !fail_alloc()).then(|| alloc(PMD_ORDER)).flatten();
@@ -224,4 +234,12 @@ pub(crate) fn alloc_and_copy_to_system(
     // whether or not the pass stopped early.
     let counts = copier.finish();
     out.map(|()| counts)
+}
+
+/// The frame number a device table stores for `page`.
+fn frame_nr(page: FrameRef<'_>) -> u64 {
+    match page.zone() {
+        Zone::DevicePrivate { .. } => page.device_pfn().as_u64(),
+        _ => page.pfn().as_u64(),
+    }
 }

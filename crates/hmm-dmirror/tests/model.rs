@@ -879,3 +879,52 @@ fn random_operations_agree_with_the_reference_model() {
         panic!("{e}");
     }
 }
+
+/// Found by the property: the parent migrates pages to device 1 and exits after a fork;
+/// the child reads them through its own mirror of device 1 and writes one from the CPU.
+/// The page leaves the device, and the child's mirror, which skips its own device's
+/// MIGRATE invalidation, must not keep mapping it (dmirror erased the entry of the
+/// parent's mirror only, which had closed).
+#[test]
+fn a_page_leaving_the_device_leaves_every_mirror_of_it() {
+    let s = |proc, op| Step { proc, op };
+    let steps = vec![
+        s(
+            0,
+            Op::Migrate {
+                dev: 1,
+                at: 1,
+                n: 8,
+                how: Migration::ToDev,
+            },
+        ),
+        s(0, Op::Fork),
+        s(2, Op::Exit),
+        s(
+            0,
+            Op::DevRead {
+                dev: 1,
+                at: 2,
+                n: 7,
+            },
+        ),
+        s(
+            0,
+            Op::Write {
+                at: 4,
+                off: 1601,
+                len: 2496,
+                byte: 1,
+            },
+        ),
+        s(
+            0,
+            Op::DevRead {
+                dev: 1,
+                at: 2,
+                n: 3,
+            },
+        ),
+    ];
+    run(steps, false, true).unwrap();
+}
