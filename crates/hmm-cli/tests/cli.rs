@@ -184,22 +184,16 @@ fn bench_bad_arguments_are_errors() {
 
 #[test]
 fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
-    let (ok, out) = hmm(&[
-        "stress",
-        "--fail-alloc",
-        "10",
-        "--seconds",
-        "2",
-        "--threads",
-        "2",
-        "--seed",
-        "7",
-        "--pages",
-        "256",
-        "--json",
-    ]);
-    assert!(ok, "{out}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    // A clean run: `hmm stress` fails when an invariant breaks.
+    let stress = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["stress", "--seconds", "2", "--seed", "7", "--pages", "256"];
+        args.extend(extra);
+        args.push("--json");
+        let (ok, out) = hmm(&args);
+        assert!(ok, "{out}");
+        serde_json::from_str(&out).expect("one JSON object")
+    };
+    let r = stress(&["--fail-alloc", "10", "--threads", "2"]);
     for key in [
         "corrupted_bytes",
         "leaked_frames",
@@ -229,18 +223,7 @@ fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
     // (How many reach a device whole depends on the interleaving: forks and the writes
     // after them split THPs too; `tests/thp_migrate.rs` moves them whole
     // deterministically.)
-    let (ok, out) = hmm(&[
-        "stress",
-        "--seconds",
-        "2",
-        "--seed",
-        "7",
-        "--pages",
-        "256",
-        "--json",
-    ]);
-    assert!(ok, "{out}");
-    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    let r = stress(&[]);
     for key in ["thp_collapses", "thp_splits"] {
         assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
     }

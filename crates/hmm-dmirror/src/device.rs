@@ -19,11 +19,11 @@ use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
 use hmm::pgtable::Huge;
-use hmm::phys::{copy_folios, AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
 
-use crate::migrate::{alloc_and_copy_to_system, alloc_locked};
+use crate::migrate::{alloc_and_copy_to_system, alloc_locked, Copier};
 use crate::mirror::Shared;
 use crate::DmirrorError;
 
@@ -337,8 +337,7 @@ impl DmirrorDevice {
     fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
         let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
         let alloc = |order| alloc_locked(&self.phys, order);
-        // Whole folios go to the copy engine in one batch, before the commit.
-        let mut pairs = Vec::new();
+        let mut copier = Copier::default();
         let mut i = 0;
         while i < m.src().len() {
             let w = m.src()[i];
@@ -348,24 +347,18 @@ impl DmirrorDevice {
                 continue;
             }
             if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
-                pairs.push((*folio, m.src_page(i).expect("a device THP")));
+                copier.fill(*folio, m.src_page(i));
                 m.set_dst(i, folio, true);
             } else {
                 for k in i..i + n {
-                    let src = m.src_page(k).expect("a migrating page");
                     let page = alloc(0).ok_or(DmirrorError::NoMem)?;
-                    if n == 1 {
-                        pairs.push((*page, src));
-                    } else {
-                        // A page of a device THP the migration will split.
-                        page.copy_from(&src);
-                    }
+                    copier.fill(*page, m.src_page(k));
                     m.set_dst(k, page, true);
                 }
             }
             i += n;
         }
-        copy_folios(&pairs);
+        copier.finish();
         Ok(m.pages().finalize().migrated)
     }
 

@@ -91,10 +91,11 @@ pub(crate) fn alloc_and_copy_to_device(
     copier.finish()
 }
 
-/// The copies of one allocate-and-copy pass, handed to the device's copy engine as one
-/// batch ([`copy_folios`]) before the migration commits; holes are zero-filled at once.
+/// The copies of one allocate-and-copy (or eviction) pass, handed to the device's copy
+/// engine as one batch ([`copy_folios`]) before the migration commits; holes are
+/// zero-filled at once.
 #[derive(Default)]
-struct Copier<'p> {
+pub(crate) struct Copier<'p> {
     pairs: Vec<(FrameRef<'p>, FrameRef<'p>)>,
     counts: CopyCounts,
 }
@@ -103,7 +104,7 @@ impl<'p> Copier<'p> {
     /// Fills the folio `dst` (a page or a THP) from `src` (a folio of its order, or a page
     /// of a unit the migration will split, which is copied at once), or zero-fills it for
     /// a hole.
-    fn fill(&mut self, dst: FrameRef<'p>, src: Option<FrameRef<'p>>) {
+    pub(crate) fn fill(&mut self, dst: FrameRef<'p>, src: Option<FrameRef<'p>>) {
         let n = 1 << dst.meta().order();
         match src {
             Some(s)
@@ -125,7 +126,7 @@ impl<'p> Copier<'p> {
     }
 
     /// Runs the batch; every destination holds its bytes when this returns.
-    fn finish(self) -> CopyCounts {
+    pub(crate) fn finish(self) -> CopyCounts {
         copy_folios(&self.pairs);
         self.counts
     }

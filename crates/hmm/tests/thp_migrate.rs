@@ -174,6 +174,13 @@ fn migrate(r: &Rig, mut mig: Migration<'_, '_>, dst: Dst) -> u64 {
     mig.pages().finalize().migrated
 }
 
+/// Moves the THP at `a` to the device whole (one device THP).
+fn to_device_whole(r: &Rig, a: VirtAddr) {
+    let mmap = r.m.mm.mmap_read();
+    let mig = migrate_vma_setup(&mmap, args(r, a, NR, SYS)).unwrap();
+    assert_eq!(migrate(r, mig, Dst::Device(PMD_ORDER)), NR);
+}
+
 /// The MIGRATE ranges recorded since the last look, with their owners.
 fn migrate_events(r: &Rig) -> Vec<(u64, u64, Option<Owner>)> {
     r.m.rec
@@ -531,11 +538,7 @@ fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
         let r = rig();
         let a = huge_map(&r, 1);
         fill(&r, a, NR, 60);
-        {
-            let mmap = r.m.mm.mmap_read();
-            let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
-            assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
-        }
+        to_device_whole(&r, a);
         let child = r.m.mm.fork().unwrap();
         assert!(on_device(&r, a, NR, 9));
         assert_eq!(evict(&r, order), NR, "order {order}");
@@ -562,11 +565,7 @@ fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
     let r = rig();
     let a = huge_map(&r, 1);
     fill(&r, a, NR, 70);
-    {
-        let mmap = r.m.mm.mmap_read();
-        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
-        assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
-    }
+    to_device_whole(&r, a);
     let head = r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap();
     assert_eq!(
         head % NR,
@@ -618,11 +617,7 @@ fn a_cpu_access_waits_on_a_device_thps_pmd_migration_entry() {
     let mut waited = false;
     // The reader must reach the entry while the migration holds it: try a few times.
     for _ in 0..5 {
-        {
-            let mmap = r.m.mm.mmap_read();
-            let mig = migrate_vma_setup(&mmap, args(&r, a, NR, SYS)).unwrap();
-            assert_eq!(migrate(&r, mig, Dst::Device(PMD_ORDER)), NR);
-        }
+        to_device_whole(&r, a);
         assert!(on_device(&r, a, NR, 9));
         let audit = r.m.mm.audit().unwrap();
         assert_eq!(

@@ -494,23 +494,40 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
             Op::Release => "remove a device's memory",
             _ => "migrate to a device",
         });
-        let mut cmd = HmmDmirrorCmd {
-            addr: page_va(*base, k0).as_u64(),
-            ptr: buf.as_u64(),
-            npages: n,
-            ..HmmDmirrorCmd::default()
-        };
-        match sh.devs[d].ioctl(which, &mut cmd) {
-            // A CPU access may take pages back before the read-back: ENOENT, as the
-            // kernel's test driver says.
-            Ok(()) | Err(DmirrorError::NoEnt) => {}
-            // A page the migration (or the eviction) found no memory for stays where it
-            // is, bytes intact.
-            Err(e) if sh.gave_up(e) => {}
-            Err(e) => sh.error(format!("device {d} {which:?} of slot {s}: {e}")),
-        }
+        migration_command(sh, d, which, page_va(*base, k0), n, buf, || {
+            format!("slot {s}")
+        });
         sh.count(op);
         heart.beat();
+    }
+}
+
+/// Device `d` runs the migration (or removal) command `which` over `npages` pages from
+/// `addr`; an error it may give is counted, any other is reported with `what` (the pages'
+/// name).
+fn migration_command(
+    sh: &Shared,
+    d: usize,
+    which: DmirrorCmd,
+    addr: VirtAddr,
+    npages: u64,
+    buf: VirtAddr,
+    what: impl Fn() -> String,
+) {
+    let mut cmd = HmmDmirrorCmd {
+        addr: addr.as_u64(),
+        ptr: buf.as_u64(),
+        npages,
+        ..HmmDmirrorCmd::default()
+    };
+    match sh.devs[d].ioctl(which, &mut cmd) {
+        // A CPU access may take pages back before the read-back: ENOENT, as the kernel's
+        // test driver says.
+        Ok(()) | Err(DmirrorError::NoEnt) => {}
+        // A page the migration (or the eviction) found no memory for stays where it is,
+        // bytes intact.
+        Err(e) if sh.gave_up(e) => {}
+        Err(e) => sh.error(format!("device {d} {which:?} of {}: {e}", what())),
     }
 }
 
@@ -526,66 +543,42 @@ fn migrate_thp(sh: &Shared, buf: VirtAddr, heart: &Heart, rng: &mut Rng) {
         .checked_add(u * PMD_SIZE)
         .expect("inside the THP areas");
     let d = rng.below(2) as usize;
+    let what = || format!("THP area {u}");
     let to_dev = if rng.below(2) == 0 {
         DmirrorCmd::MigrateToDev
     } else {
         DmirrorCmd::MigrateOnFaultToDev
     };
-    let cmds = if rng.below(2) == 0 {
-        thp_command(sh, d, DmirrorCmd::MigrateToSys, area, buf, heart);
-        heart.doing("collapse a THP area");
+    let which = if rng.below(2) == 0 {
+        heart.doing("gather and collapse a THP area");
+        migration_command(sh, d, DmirrorCmd::MigrateToSys, area, PMD_NR, buf, what);
+        sh.count(Op::MigrateThp);
         // Fails while a page of it is on a device again, locked or pinned by a migration
         // or a fork, or memory is short.
         match sh.mm.madvise(area, PMD_SIZE, Advice::Collapse) {
             Ok(()) | Err(MmError::Inval { .. } | MmError::Again { .. }) => {}
             Err(e) if sh.out_of_memory(matches!(e, MmError::NoMem { .. })) => {}
-            Err(e) => sh.error(format!("collapse of THP area {u}: {e}")),
+            Err(e) => sh.error(format!("collapse of {}: {e}", what())),
         }
         sh.count(Op::Collapse);
-        [to_dev]
+        to_dev
     } else if rng.below(3) == 0 {
-        [DmirrorCmd::MigrateToSys]
+        DmirrorCmd::MigrateToSys
     } else {
-        [to_dev]
+        to_dev
     };
-    for which in cmds {
-        thp_command(sh, d, which, area, buf, heart);
-        // Whether the area is one device THP now (it may have come back already).
-        if which != DmirrorCmd::MigrateToSys
-            && sh.mm.pagemap(area, 1).is_ok_and(|e| {
-                e[0].order == PMD_ORDER as u8 && e[0].swap == Some(SwapKind::DevicePrivate)
-            })
-        {
-            sh.thps_whole.fetch_add(1, Ordering::Relaxed);
-        }
+    heart.doing("migrate a THP area");
+    migration_command(sh, d, which, area, PMD_NR, buf, what);
+    sh.count(Op::MigrateThp);
+    // Whether the area is one device THP now (it may have come back already).
+    if which != DmirrorCmd::MigrateToSys
+        && sh.mm.pagemap(area, 1).is_ok_and(|e| {
+            e[0].order == PMD_ORDER as u8 && e[0].swap == Some(SwapKind::DevicePrivate)
+        })
+    {
+        sh.thps_whole.fetch_add(1, Ordering::Relaxed);
     }
     heart.beat();
-}
-
-/// Device `d` runs `which` over the THP area at `area`.
-fn thp_command(
-    sh: &Shared,
-    d: usize,
-    which: DmirrorCmd,
-    area: VirtAddr,
-    buf: VirtAddr,
-    heart: &Heart,
-) {
-    heart.doing("migrate a THP area");
-    let mut cmd = HmmDmirrorCmd {
-        addr: area.as_u64(),
-        ptr: buf.as_u64(),
-        npages: PMD_NR,
-        ..HmmDmirrorCmd::default()
-    };
-    match sh.devs[d].ioctl(which, &mut cmd) {
-        Ok(()) | Err(DmirrorError::NoEnt) => {}
-        Err(e) if sh.gave_up(e) => {}
-        Err(e) => sh.error(format!(
-            "device {d} {which:?} of the THP area at {area:?}: {e}"
-        )),
-    }
-    sh.count(Op::MigrateThp);
 }
 
 /// Reads every page of slot `s` at `base` in `mm` and checks it.

@@ -49,27 +49,14 @@ pub(crate) fn collect_pte<'g>(
         }
         Pte::Present { pfn, flags } => {
             let page = phys.frame(pfn);
-            let wanted = match page.zone() {
-                Zone::System => s.flags.contains(MigrateVmaFlags::SELECT_SYSTEM),
-                Zone::DeviceCoherent { pagemap } => {
-                    s.flags.contains(MigrateVmaFlags::SELECT_DEVICE_COHERENT)
-                        && s.owner_of(pagemap) == s.owner
-                }
-                Zone::DevicePrivate { .. } => unreachable!("present entries map CPU pages"),
-            };
-            if !wanted {
+            if !s.selects(page.zone()) {
                 return Next::Go;
             }
             (page, flags.contains(PteFlags::WRITE), flags)
         }
         Pte::DevicePrivate { pfn, flags } => {
             let page = phys.device_frame(pfn);
-            let Zone::DevicePrivate { pagemap } = page.zone() else {
-                unreachable!("a device pfn names device-private memory")
-            };
-            if !s.flags.contains(MigrateVmaFlags::SELECT_DEVICE_PRIVATE)
-                || s.owner_of(pagemap) != s.owner
-            {
+            if !s.selects(page.zone()) {
                 return Next::Go;
             }
             (page, flags.contains(PteFlags::WRITE), flags)

@@ -103,6 +103,18 @@ impl<'g, 'a> State<'g, 'a> {
         self.phys().pagemap(id).map(|p| p.owner())
     }
 
+    /// Whether the flags and the owner select a page of `zone` (`migrate_vma_collect_pmd`'s
+    /// checks, the same for a page and a PMD-mapped folio): system memory with
+    /// `SELECT_SYSTEM`, device memory of the owner with its kind's flag.
+    pub(super) fn selects(&self, zone: Zone) -> bool {
+        let (flag, pagemap) = match zone {
+            Zone::System => return self.flags.contains(MigrateVmaFlags::SELECT_SYSTEM),
+            Zone::DeviceCoherent { pagemap } => (MigrateVmaFlags::SELECT_DEVICE_COHERENT, pagemap),
+            Zone::DevicePrivate { pagemap } => (MigrateVmaFlags::SELECT_DEVICE_PRIVATE, pagemap),
+        };
+        self.flags.contains(flag) && self.owner_of(pagemap) == self.owner
+    }
+
     pub(super) fn index(&self, va: VirtAddr) -> usize {
         ((va.as_u64() - self.range.start().as_u64()) >> PAGE_SHIFT) as usize
     }

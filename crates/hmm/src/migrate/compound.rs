@@ -43,7 +43,7 @@ use crate::mm::{split_pmd, Mm, MmState};
 use crate::pgtable::{
     Huge, MigrationKind, MigrationPfn, PmdEntry, PmdSlot, Pte, PteFlags, WalkMode,
 };
-use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
+use crate::phys::{FrameFlags, FrameRef, PhysMem};
 
 use super::collect::Refused;
 use super::commit::{map_new_anon, State};
@@ -119,15 +119,7 @@ impl State<'_, '_> {
         let leaf = p.get();
         let (head, writable, flags, target, present) = match leaf {
             Pte::Present { pfn, flags } => {
-                let wanted = match phys.frame(pfn).zone() {
-                    Zone::System => self.flags.contains(MigrateVmaFlags::SELECT_SYSTEM),
-                    Zone::DeviceCoherent { pagemap } => {
-                        self.flags.contains(MigrateVmaFlags::SELECT_DEVICE_COHERENT)
-                            && self.owner_of(pagemap) == self.owner
-                    }
-                    Zone::DevicePrivate { .. } => unreachable!("present entries map CPU pages"),
-                };
-                if !wanted {
+                if !self.selects(phys.frame(pfn).zone()) {
                     return PmdNext::Skip;
                 }
                 (
@@ -139,12 +131,7 @@ impl State<'_, '_> {
                 )
             }
             Pte::DevicePrivate { pfn, flags } => {
-                let Zone::DevicePrivate { pagemap } = phys.device_frame(pfn).zone() else {
-                    unreachable!("a device pfn names device-private memory")
-                };
-                if !self.flags.contains(MigrateVmaFlags::SELECT_DEVICE_PRIVATE)
-                    || self.owner_of(pagemap) != self.owner
-                {
+                if !self.selects(phys.device_frame(pfn).zone()) {
                     return PmdNext::Skip;
                 }
                 (

@@ -155,22 +155,20 @@ impl Arena {
 pub(crate) fn stream_frames<'a>(pairs: impl IntoIterator<Item = (&'a FrameWords, &'a FrameWords)>) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
-        let mut quad: [(&FrameWords, &FrameWords); 4] = [(&EMPTY, &EMPTY); 4];
-        let mut n = 0;
-        for pair in pairs {
-            quad[n] = pair;
-            n += 1;
-            if n == 4 {
-                let (s, d) = (quad.map(|p| p.0.as_ptr()), quad.map(|p| p.1.as_ptr()));
-                // SAFETY: four live frames of atomics on each side; accesses atomic as
-                // argued above.
-                unsafe { stream_quad(s, d) };
-                n = 0;
-            }
+        let pairs: Vec<_> = pairs
+            .into_iter()
+            .map(|(s, d)| (s.as_ptr(), d.as_ptr()))
+            .collect();
+        let mut quads = pairs.chunks_exact(4);
+        for q in &mut quads {
+            let (s, d) = ([0, 1, 2, 3].map(|k| q[k].0), [0, 1, 2, 3].map(|k| q[k].1));
+            // SAFETY: four live frames of atomics on each side; accesses atomic as argued
+            // above.
+            unsafe { stream_quad(s, d) };
         }
-        for (s, d) in &quad[..n] {
+        for &(s, d) in quads.remainder() {
             // SAFETY: one live frame of atomics on each side, `WORDS_PER_FRAME / 8` lines.
-            unsafe { stream_lines(s.as_ptr(), d.as_ptr(), WORDS_PER_FRAME / 8) };
+            unsafe { stream_lines(s, d, WORDS_PER_FRAME / 8) };
         }
         // SAFETY: a store fence touches no memory and no register.
         unsafe { std::arch::asm!("sfence", options(nostack, preserves_flags)) };
@@ -182,10 +180,6 @@ pub(crate) fn stream_frames<'a>(pairs: impl IntoIterator<Item = (&'a FrameWords,
         }
     }
 }
-
-/// A placeholder for unfilled slots of a group of four.
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-static EMPTY: FrameWords = [const { AtomicU64::new(0) }; WORDS_PER_FRAME];
 
 /// The assembly of one 64-byte line from `[{s}]` to `[{d}]`: eight aligned 8-byte loads
 /// and eight streaming stores, through two registers.
