@@ -7,7 +7,9 @@ mod common;
 use common::{page, Machine, RW};
 use hmm::addr::{VaRange, PAGE_SIZE, PMD_SIZE};
 use hmm::mm::{Advice, GupFlags, MapFlags, MmError, Prot, ThpMode};
-use hmm::notifier::NotifierEvent;
+use hmm::notifier::{
+    IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent, NotifierRange,
+};
 
 const NR: u64 = PMD_SIZE / PAGE_SIZE;
 
@@ -294,6 +296,46 @@ fn collapse_makes_one_thp_with_the_same_bytes() {
     // Already huge: nothing to do.
     m.mm.madvise(a, PMD_SIZE, Advice::Collapse).unwrap();
     assert_eq!(m.mm.stats().thp_collapse, 1);
+}
+
+/// A device that maps one small page writable and writes it until it is told to stop:
+/// its write lands in the frame while the invalidation runs, before the callback returns.
+struct LateWriter {
+    phys: std::sync::Arc<hmm::phys::PhysMem>,
+    pfn: hmm::addr::Pfn,
+    wrote: std::sync::atomic::AtomicBool,
+}
+
+impl IntervalNotifierOps for LateWriter {
+    fn invalidate(&self, sub: &IntervalSub, _: &NotifierRange, seq: InvalidateSeq) -> bool {
+        sub.set_seq(seq);
+        if !self.wrote.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.phys.frame(self.pfn).write(0, &77u64.to_le_bytes());
+        }
+        true
+    }
+}
+
+#[test]
+fn collapse_keeps_a_device_write_made_before_its_invalidation_returned() {
+    let m = Machine::new(32);
+    let a = m.map(NR, RW, MapFlags::PRIVATE);
+    fill(&m, a, NR, 100);
+    let pfn = m.mm.pagemap(page(a, 7), 1).unwrap()[0].pfn.unwrap();
+    let dev = std::sync::Arc::new(LateWriter {
+        phys: m.phys.clone(),
+        pfn: hmm::addr::Pfn::new(pfn),
+        wrote: Default::default(),
+    });
+    let _sub =
+        m.mm.interval_notifier_insert(a, PMD_SIZE, dev.clone())
+            .unwrap();
+    m.mm.madvise(a, PMD_SIZE, Advice::Collapse).unwrap();
+    assert_eq!(m.mm.stats().thp_collapse, 1);
+    // The copy into the THP came after the device's last write (collapse_huge_page).
+    assert_eq!(m.mm.read_val::<u64>(page(a, 7)).unwrap(), 77);
+    check(&m, a, (0..NR).filter(|&i| i != 7), 100);
+    m.mm.audit().unwrap();
 }
 
 #[test]

@@ -429,6 +429,81 @@ fn a_unit_without_a_destination_or_dropped_is_put_back_whole() {
     r.m.mm.audit().unwrap();
 }
 
+/// Takes a reference on a device folio when the first CLEAR reaches it: a transient
+/// reference (an eviction's scan, a GUP) that lands between the split of a unit's PMD
+/// migration entry and the split of its folio.
+struct GrabOnClear {
+    phys: Arc<hmm::phys::PhysMem>,
+    head: DevicePfn,
+    grabbed: std::sync::atomic::AtomicBool,
+}
+
+impl hmm::notifier::IntervalNotifierOps for GrabOnClear {
+    fn invalidate(
+        &self,
+        sub: &hmm::notifier::IntervalSub,
+        r: &hmm::notifier::NotifierRange,
+        seq: hmm::notifier::InvalidateSeq,
+    ) -> bool {
+        sub.set_seq(seq);
+        if r.event == NotifierEvent::Clear && !self.grabbed.swap(true, Ordering::Relaxed) {
+            self.phys.device_frame(self.head).meta().get();
+        }
+        true
+    }
+}
+
+#[test]
+fn a_unit_whose_folio_split_fails_after_its_pmd_split_goes_back_whole() {
+    let r = rig();
+    let a = huge_map(&r, 1);
+    fill(&r, a, NR, 70);
+    to_device_whole(&r, a);
+    let head = DevicePfn::new(r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap());
+    let grab = Arc::new(GrabOnClear {
+        phys: r.m.phys.clone(),
+        head,
+        grabbed: Default::default(),
+    });
+    let _sub =
+        r.m.mm
+            .interval_notifier_insert(a, PMD_SIZE, grab.clone())
+            .unwrap();
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, DEV)).unwrap();
+        assert_eq!(mig.cpages(), 1, "one unit");
+        assert_eq!(
+            migrate(&r, mig, Dst::System(0)),
+            0,
+            "the folio could not split"
+        );
+    }
+    assert!(
+        grab.grabbed.load(Ordering::Relaxed),
+        "the PMD entry was split"
+    );
+    // Every page maps its device page again, as 512 PTEs of the whole device THP: none
+    // is left behind a migration entry of an unlocked folio.
+    let map = r.m.mm.pagemap(a, NR).unwrap();
+    for (i, e) in map.iter().enumerate() {
+        assert_eq!(e.swap, Some(SwapKind::DevicePrivate), "page {i}");
+        assert_eq!(e.pfn, Some(head.as_u64() + i as u64), "page {i}");
+    }
+    assert_eq!(r.ops.split_tails.load(Ordering::Relaxed), 0);
+    let _ = r.m.phys.device_frame(head).put();
+    r.m.mm.audit().unwrap();
+    // With the reference gone the same migration goes through.
+    {
+        let mmap = r.m.mm.mmap_read();
+        let mig = migrate_vma_setup(&mmap, args(&r, a, NR, DEV)).unwrap();
+        assert_eq!(migrate(&r, mig, Dst::System(0)), NR);
+    }
+    check(&r, a, NR, 70);
+    assert_eq!(r.dev.nr_in_use(), 0);
+    r.m.mm.audit().unwrap();
+}
+
 #[test]
 fn a_pinned_thp_is_not_collected() {
     let r = rig();

@@ -943,13 +943,29 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
                     }
                 }
             }
-            if dog.is_finished() {
-                // Deadlocked threads can be neither joined nor torn down: report and leave.
-                let stuck = dog.join().expect("watchdog");
+            // Deadlocked threads can be neither joined nor torn down: report and leave.
+            let give_up = |stuck: Vec<String>| -> ! {
                 report(sh, cfg.clone(), checks, started, &stuck).emit();
+                if std::env::var_os("HMM_STRESS_HOLD").is_some() {
+                    eprintln!("holding process {} for a debugger", std::process::id());
+                    loop {
+                        std::thread::park();
+                    }
+                }
                 std::process::exit(2);
+            };
+            if dog.is_finished() {
+                give_up(dog.join().expect("watchdog"));
             }
             sh.stop.store(true, Ordering::Relaxed);
+            // The workers finish their operation in hand; one that never does is the
+            // watchdog's to report, so wait for either.
+            while !workers.iter().all(|w| w.is_finished()) {
+                if dog.is_finished() {
+                    give_up(dog.join().expect("watchdog"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             for w in workers {
                 w.join().expect("a stress thread panicked");
             }

@@ -158,15 +158,18 @@ impl<'g, 'a> State<'g, 'a> {
     }
 
     /// Replaces the migration entries at the given entries' addresses in the migrating
-    /// range with mappings of the given targets, in one walk.
+    /// range with mappings of the given targets, in one walk. A unit's entry (`COMPOUND`)
+    /// covers its 512 addresses: one PMD migration entry, or 512 PTE ones where the PMD
+    /// was split for a folio split that then failed; each page's entry maps the same page
+    /// of the target.
     fn remap_own(&self, targets: &[(usize, FrameRef<'_>)]) {
-        let Some(&(first, _)) = targets.first() else {
+        let (Some(&(first, _)), Some(&(last, _))) = (targets.first(), targets.last()) else {
             return;
         };
-        let last = targets.last().expect("non-empty").0;
+        let end = last + self.src[last].npages() as usize;
         let span = VaRange::new(
             self.addr(first),
-            self.addr(last)
+            self.addr(end - 1)
                 .checked_add(1 << PAGE_SHIFT)
                 .expect("inside the range"),
         )
@@ -182,20 +185,26 @@ impl<'g, 'a> State<'g, 'a> {
             if va < self.range.start() {
                 continue;
             }
-            let i = self.index(va);
-            while k < targets.len() && targets[k].0 < i {
+            let j = self.index(va);
+            while k < targets.len() && targets[k].0 + self.src[targets[k].0].npages() as usize <= j
+            {
                 k += 1;
             }
-            if k == targets.len() {
+            let Some(&(i, target)) = targets.get(k) else {
                 break;
-            }
-            if targets[k].0 != i {
+            };
+            if j < i {
                 continue;
             }
-            let src_nr = self.src[i].frame_nr();
+            let off = (j - i) as u64;
+            let page = match level {
+                Huge::Pte => self.frame(target.nr() + off),
+                Huge::Pmd => target,
+            };
             // A concurrent MADV_DONTNEED may have zapped the migration entry.
+            let src_nr = self.src[i].frame_nr() + off;
             if matches!(entry, Pte::Migration { pfn, .. } if pfn.nr() == src_nr) {
-                let new = remap_entry(self.vma, entry, targets[k].1, level);
+                let new = remap_entry(self.vma, entry, page, level);
                 match slot {
                     Slot::Pte(p) => p.set(new),
                     Slot::Pmd(p) => p.set(new),
@@ -288,8 +297,10 @@ pub(super) fn pages(s: &mut State<'_, '_>) {
         if w.is_valid() {
             if unit && !dst_unit {
                 if !split_unmapped(s, i) {
-                    s.src[i] = w.without(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND);
-                    i += 1;
+                    // The unit stays one folio and goes back whole; its PMD migration
+                    // entry may be 512 PTE migration entries by now (see `remap_own`).
+                    s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+                    i = next;
                     continue;
                 }
                 (i..next).for_each(|k| commit_page(s, k));

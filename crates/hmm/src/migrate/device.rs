@@ -177,8 +177,9 @@ impl<'p> DeviceMigration<'p> {
             if unit && !dst_unit {
                 let head = s.phys.frame_nr(w.frame_nr());
                 if !split_unmapped_folio(s.phys, None, head, 1) {
-                    s.src[i] = w.without(MigratePfnFlags::MIGRATE | MigratePfnFlags::COMPOUND);
-                    i += 1;
+                    // Back whole, wherever its entries are now (finalize's reverse map).
+                    s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+                    i += PMD_NR as usize;
                     continue;
                 }
                 expand_unit(&mut s.src, i);

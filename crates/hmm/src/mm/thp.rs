@@ -410,6 +410,15 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
         })?;
     mm.counters.frame_allocated();
     mm.new_anon_rmap(&new, vma, range.start());
+    // The invalidation comes before the copy, as in collapse_huge_page: a device mapping
+    // the small pages may write them until it returns (the mmap lock keeps CPUs out, not
+    // devices), and a write copied too early would be lost.
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        range,
+        NotifierEvent::Clear,
+        Some(vma.info()),
+    ));
     // __collapse_huge_page_copy: every byte, zeros for empty entries.
     let mut flags = dirty_flags();
     for (i, pte) in ptes.iter().enumerate() {
@@ -419,12 +428,6 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
             _ => dst.zero(),
         }
     }
-    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
-        mm.id,
-        range,
-        NotifierEvent::Clear,
-        Some(vma.info()),
-    ));
     let pmd = st
         .pt
         .lock_pmd(range.start(), WalkMode::Populate)
