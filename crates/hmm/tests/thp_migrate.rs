@@ -181,6 +181,16 @@ fn to_device_whole(r: &Rig, a: VirtAddr) {
     assert_eq!(migrate(r, mig, Dst::Device(PMD_ORDER)), NR);
 }
 
+/// A 2 MiB area written by `fill` with `tag` and moved to the device whole; returns it
+/// and the head of its device THP.
+fn device_thp(r: &Rig, tag: u64) -> (VirtAddr, DevicePfn) {
+    let a = huge_map(r, 1);
+    fill(r, a, NR, tag);
+    to_device_whole(r, a);
+    let head = r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap();
+    (a, DevicePfn::new(head))
+}
+
 /// The MIGRATE ranges recorded since the last look, with their owners.
 fn migrate_events(r: &Rig) -> Vec<(u64, u64, Option<Owner>)> {
     r.m.rec
@@ -456,10 +466,7 @@ impl hmm::notifier::IntervalNotifierOps for GrabOnClear {
 #[test]
 fn a_unit_whose_folio_split_fails_after_its_pmd_split_goes_back_whole() {
     let r = rig();
-    let a = huge_map(&r, 1);
-    fill(&r, a, NR, 70);
-    to_device_whole(&r, a);
-    let head = DevicePfn::new(r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap());
+    let (a, head) = device_thp(&r, 70);
     let grab = Arc::new(GrabOnClear {
         phys: r.m.phys.clone(),
         head,
@@ -611,9 +618,7 @@ fn evict(r: &Rig, order: u32) -> u64 {
 fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
     for order in [PMD_ORDER, 0] {
         let r = rig();
-        let a = huge_map(&r, 1);
-        fill(&r, a, NR, 60);
-        to_device_whole(&r, a);
+        let (a, _) = device_thp(&r, 60);
         let child = r.m.mm.fork().unwrap();
         assert!(on_device(&r, a, NR, 9));
         assert_eq!(evict(&r, order), NR, "order {order}");
@@ -638,10 +643,8 @@ fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
 #[test]
 fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
     let r = rig();
-    let a = huge_map(&r, 1);
-    fill(&r, a, NR, 70);
-    to_device_whole(&r, a);
-    let head = r.m.mm.pagemap(a, 1).unwrap()[0].pfn.unwrap();
+    let (a, head) = device_thp(&r, 70);
+    let head = head.as_u64();
     assert_eq!(
         head % NR,
         0,

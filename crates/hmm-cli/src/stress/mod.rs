@@ -305,7 +305,6 @@ impl Shared {
         }
     }
 
-    /// Counts an operation's failure for lack of memory; false for any other error.
     /// Whether a device command's error is one it may give: out of memory (counted as
     /// such), or `Busy`, invalidations colliding with its range fault for the whole
     /// timeout (`HMM_RANGE_DEFAULT_TIMEOUT`, as the kernel's driver), which THP-area
@@ -318,6 +317,7 @@ impl Shared {
         self.out_of_memory(e == DmirrorError::NoMem)
     }
 
+    /// Counts an operation's failure for lack of memory; false for any other error.
     fn out_of_memory(&self, oom: bool) -> bool {
         if oom {
             self.oom.fetch_add(1, Ordering::Relaxed);
@@ -943,26 +943,22 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
                     }
                 }
             }
-            // Deadlocked threads can be neither joined nor torn down: report and leave.
-            let give_up = |stuck: Vec<String>| -> ! {
-                report(sh, cfg.clone(), checks, started, &stuck).emit();
-                if std::env::var_os("HMM_STRESS_HOLD").is_some() {
-                    eprintln!("holding process {} for a debugger", std::process::id());
-                    loop {
-                        std::thread::park();
-                    }
-                }
-                std::process::exit(2);
-            };
-            if dog.is_finished() {
-                give_up(dog.join().expect("watchdog"));
-            }
             sh.stop.store(true, Ordering::Relaxed);
-            // The workers finish their operation in hand; one that never does is the
-            // watchdog's to report, so wait for either.
+            // The workers finish their operation in hand; one that never does (or already
+            // did not) is the watchdog's to report, so wait for either.
             while !workers.iter().all(|w| w.is_finished()) {
                 if dog.is_finished() {
-                    give_up(dog.join().expect("watchdog"));
+                    // Deadlocked threads can be neither joined nor torn down: report and
+                    // leave (or wait for a debugger).
+                    let stuck = dog.join().expect("watchdog");
+                    report(sh, cfg.clone(), checks, started, &stuck).emit();
+                    if std::env::var_os("HMM_STRESS_HOLD").is_some() {
+                        eprintln!("holding process {} for a debugger", std::process::id());
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    std::process::exit(2);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
