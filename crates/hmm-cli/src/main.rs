@@ -119,8 +119,8 @@ enum Bench {
         /// Fractions of the pages held by another device.
         #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.01, 0.1, 0.25, 0.5, 1.0])]
         fractions: Vec<f64>,
-        /// Rounds per figure (the fastest and the median are reported).
-        #[arg(long, default_value_t = 15)]
+        /// Rounds per figure (the fastest and the median are reported, and the paired ratios).
+        #[arg(long, default_value_t = 40)]
         iters: usize,
     },
     /// Fault latency: first-touch anonymous faults and the CPU fault on a device-private

@@ -1,5 +1,6 @@
 //! The `hmm` command end to end: `selftest` reports and exits as documented, and
-//! `bench walks` counts one pass for one walk and more for the two-step recipes.
+//! `bench walks` counts one pass for one walk and more for the two-step recipes, and
+//! compares the recipes' times with one walk's round by round.
 
 use std::process::Command;
 
@@ -52,11 +53,17 @@ fn bench_walks_counts_one_pass_for_one_walk() {
             "one_walk" => (1, false),
             m => panic!("unknown method {m}"),
         };
+        let ratio = &r["one_walk_time_ratio"];
         if two_step {
             // Plus one pass per Busy retry.
             assert_eq!(walks, least + r["busy_retries"].as_u64().unwrap(), "{r}");
+            // Compared with one_walk round by round: one round here.
+            assert_eq!(ratio["rounds"], 1, "{r}");
+            let [lo, mid, hi] = ["low", "median", "high"].map(|k| ratio[k].as_f64().unwrap());
+            assert!(0.0 < lo && lo <= mid && mid <= hi, "{r}");
         } else {
             assert_eq!(walks, 1, "{r}");
+            assert!(ratio.is_null(), "{r}");
         }
     }
     // Bad input is an error, not a panic.

@@ -56,7 +56,7 @@ impl Plan {
             migrate_iters: 3,
             walk_pages: 2048,
             walk_fractions: vec![0.0, 0.01, 0.1, 0.25, 0.5, 1.0],
-            walk_iters: 15,
+            walk_iters: 40,
             fault_pages: 4096,
             fault_thps: 64,
             range_fault_pages: 16384,

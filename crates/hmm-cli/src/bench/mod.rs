@@ -8,15 +8,17 @@
 //! | [`range_fault`] | `hmm_range_fault` per page | the host kernel's `/proc/self/pagemap` walk |
 //!
 //! [`all`] runs them in turn and names the machine and the build ([`machine`]); [`plot`]
-//! draws the charts; [`progress`] is the progress bar shown on a terminal. This machine is
-//! shared and noisy, so each scenario reports a ratio to its baseline next to the raw
-//! figure, and the rows say how many rounds they took.
+//! draws the charts; [`paired`] compares two methods round by round; [`progress`] is the
+//! progress bar shown on a terminal. This machine is shared and noisy, so each scenario
+//! reports a ratio to its baseline next to the raw figure, and the rows say how many
+//! rounds they took.
 
 pub(crate) mod all;
 pub(crate) mod fault;
 pub(crate) mod host;
 pub(crate) mod machine;
 pub(crate) mod migrate;
+pub(crate) mod paired;
 pub(crate) mod plot;
 pub(crate) mod progress;
 pub(crate) mod range_fault;

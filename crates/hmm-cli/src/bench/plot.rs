@@ -3,7 +3,8 @@
 //! - `migrate-threads-N`: throughput against region size, one line per direction and page
 //!   kind, and the memcpy baseline of the same run (log-scale sizes);
 //! - `walks`: page-table passes per method against the fraction of pages held by another
-//!   device (left), and ns per page (right);
+//!   device (left), and `one_walk`'s time over each other method's, round by round, with
+//!   its 95% interval (right);
 //! - `fault`: fault latency per scenario, the model's against the host kernel's baseline,
 //!   median bars with a whisker to the 99th percentile (log scale);
 //! - `range-fault`: `hmm_range_fault` ns per page per scenario, with the kernel's pagemap
@@ -21,6 +22,7 @@ use plotters::style::{register_font, FontStyle};
 
 use super::fault::FaultRow;
 use super::migrate::{human, MigrateRow};
+use super::paired::PairedRatio;
 use super::range_fault::RangeFaultRow;
 use super::walks::{WalkRow, METHODS};
 use super::Result;
@@ -252,6 +254,61 @@ impl Walks<'_> {
         }
         legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)
     }
+
+    /// `one_walk`'s time over each other method's: the median of the paired rounds, a
+    /// whisker over its 95% interval, and a line at 1 (below it `one_walk` is faster).
+    fn ratio_panel<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()> {
+        let ratios = || self.rows.iter().filter_map(|r| r.one_walk_time_ratio());
+        let lo = ratios().map(|p| p.low).fold(1.0, f64::min);
+        let hi = ratios().map(|p| p.high).fold(1.0, f64::max);
+        // Headroom above for the legend.
+        let pad = (hi - lo).max(0.01);
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                "one_walk's time / the method's (paired rounds)",
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.02..1.02, (lo - pad * 0.1)..(hi + pad * 0.6))
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("fraction of pages held by device 1")
+            .y_desc("ratio (median, 95% interval)")
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new([(-0.02, 1.0), (1.02, 1.0)], BLACK.mix(0.5)))
+            .map_err(err)?;
+        for (i, method) in METHODS.iter().enumerate() {
+            let pts: Vec<(f64, PairedRatio)> = self
+                .rows
+                .iter()
+                .filter(|r| r.method() == *method)
+                .filter_map(|r| Some((r.fraction(), *r.one_walk_time_ratio()?)))
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let s = style(i);
+            chart
+                .draw_series(LineSeries::new(pts.iter().map(|(x, p)| (*x, p.median)), s))
+                .map_err(err)?
+                .label(*method)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], s));
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|(x, p)| ErrorBar::new_vertical(*x, p.low, p.median, p.high, s, 8)),
+                )
+                .map_err(err)?;
+        }
+        legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)
+    }
 }
 
 impl Chart for Walks<'_> {
@@ -266,12 +323,7 @@ impl Chart for Walks<'_> {
             .map_err(err)?;
         let (left, right) = root.split_horizontally(SIZE.0 / 2);
         self.panel(&left, "page-table passes", "passes", |r| r.walks() as f64)?;
-        self.panel(
-            &right,
-            "time (fastest round)",
-            "ns per page",
-            WalkRow::ns_per_page,
-        )
+        self.ratio_panel(&right)
     }
 }
 

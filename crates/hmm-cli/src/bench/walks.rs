@@ -21,8 +21,10 @@
 //! Every round starts from the same state (the range filled with a fresh pattern, the
 //! chosen pages moved to device 1), times the method alone (faults, copies, walks), then
 //! checks that every page is on device 0 with its bytes, and moves everything back
-//! untimed. Methods take turns round by round; `ns_per_page` is the fastest round (the
-//! median is given too).
+//! untimed. Methods take turns round by round, each round starting with the next method
+//! so that none always runs first; `ns_per_page` is the fastest round (the median is given
+//! too), and `one_walk_time_ratio` compares `one_walk` with the row's method round by
+//! round ([`PairedRatio`]), which cancels most of the shared machine's noise.
 
 use std::error::Error;
 use std::sync::Arc;
@@ -47,6 +49,7 @@ use serde::Serialize;
 
 use super::median;
 use super::migrate::copy_and_commit;
+use super::paired::PairedRatio;
 
 /// The methods, in the order they take turns.
 pub(crate) const METHODS: [&str; 3] = ["fault_then_migrate", "migrate_fault_migrate", "one_walk"];
@@ -73,6 +76,10 @@ pub(crate) struct WalkRow {
     /// The baseline of the same run: one pass (`hmm_range_fault` snapshot) over the range,
     /// all pages present, per page: what each extra walk costs.
     pass_ns_per_page: f64,
+    /// `one_walk`'s time over this method's in the same round (below 1: `one_walk` is
+    /// faster), the median of the rounds with its 95% interval; absent on `one_walk`'s row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    one_walk_time_ratio: Option<PairedRatio>,
 }
 
 impl WalkRow {
@@ -88,12 +95,12 @@ impl WalkRow {
         self.walks
     }
 
-    pub(crate) fn ns_per_page(&self) -> f64 {
-        self.ns_per_page
-    }
-
     pub(crate) fn pass_ns_per_page(&self) -> f64 {
         self.pass_ns_per_page
+    }
+
+    pub(crate) fn one_walk_time_ratio(&self) -> Option<&PairedRatio> {
+        self.one_walk_time_ratio.as_ref()
     }
 }
 
@@ -330,9 +337,9 @@ impl Rig {
 
     /// Runs `method`; returns the Busy retries.
     fn run(&self, method: &str) -> Result<u64, Box<dyn Error>> {
-        let all = vec![HmmPfn::request(HmmPfnFlags::REQ_FAULT); self.npages as usize];
         match method {
             "fault_then_migrate" => {
+                let all = vec![HmmPfn::request(HmmPfnFlags::REQ_FAULT); self.npages as usize];
                 let retries = self.fault(&all)?;
                 self.migrate()?;
                 Ok(retries)
@@ -417,18 +424,20 @@ pub(crate) fn walk_rows(
         let held = held(npages, fraction);
         let mut tallies: Vec<Tally> = METHODS.iter().map(|_| Tally::default()).collect();
         // One untimed round of each method first (warm caches, device memory touched).
-        for timed in (0..=iters).map(|r| r > 0) {
-            for (method, tally) in METHODS.iter().zip(&mut tallies) {
+        for r in 0..=iters {
+            for k in 0..METHODS.len() {
+                let m = (r + k) % METHODS.len();
+                let tally = &mut tallies[m];
                 round += 1;
                 rig.prepare(round, &held)?;
                 let before = rig.mm.stats();
                 let t = Instant::now();
-                let retries = rig.run(method)?;
+                let retries = rig.run(METHODS[m])?;
                 let elapsed = t.elapsed();
                 let d = rig.mm.stats().since(&before);
                 let migrated = rig.verify(round)?;
                 rig.reset()?;
-                if timed {
+                if r > 0 {
                     tally.times.push(elapsed);
                     tally.walks = d.range_walks.total();
                     tally.busy_retries = retries;
@@ -437,7 +446,8 @@ pub(crate) fn walk_rows(
                 }
             }
         }
-        for (method, tally) in METHODS.iter().zip(tallies) {
+        let one_walk = &tallies[METHODS.len() - 1].times;
+        for (method, tally) in METHODS.iter().zip(&tallies) {
             let row = WalkRow {
                 method,
                 nonpresent_fraction: fraction,
@@ -448,8 +458,11 @@ pub(crate) fn walk_rows(
                 copies: tally.migrated + tally.faults,
                 ns_per_page: tally.times.iter().min().expect("iters > 0").as_nanos() as f64
                     / npages as f64,
-                median_ns_per_page: median(tally.times).as_nanos() as f64 / npages as f64,
+                median_ns_per_page: median(tally.times.clone()).as_nanos() as f64 / npages as f64,
                 pass_ns_per_page: pass_ns,
+                one_walk_time_ratio: (*method != "one_walk")
+                    .then(|| PairedRatio::new(one_walk, &tally.times))
+                    .flatten(),
             };
             progress(&row);
             rows.push(row);
@@ -461,12 +474,15 @@ pub(crate) fn walk_rows(
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[WalkRow]) {
     println!(
-        "{:>22} {:>9} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8} {:>8}",
-        "method", "fraction", "walks", "busy", "faults", "migrated", "copies", "ns/page", "median"
+        "{:>22} {:>9} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8} {:>8}  one_walk/this [95%]",
+        "method", "fraction", "walks", "busy", "faults", "migrated", "copies", "ns/page", "median",
     );
     for r in rows {
+        let ratio = r.one_walk_time_ratio.map_or(String::new(), |p| {
+            format!("{:.3} [{:.3}, {:.3}]", p.median, p.low, p.high)
+        });
         println!(
-            "{:>22} {:>9.2} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8.0} {:>8.0}",
+            "{:>22} {:>9.2} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8.0} {:>8.0}  {}",
             r.method,
             r.nonpresent_fraction,
             r.walks,
@@ -475,7 +491,8 @@ pub(crate) fn print_table(rows: &[WalkRow]) {
             r.pages_migrated,
             r.copies,
             r.ns_per_page,
-            r.median_ns_per_page
+            r.median_ns_per_page,
+            ratio
         );
     }
     if let Some(r) = rows.first() {
