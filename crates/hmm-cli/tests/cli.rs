@@ -102,6 +102,17 @@ fn bench_all_quick_reports_every_scenario_and_plots_it() {
             (row["ratio"].as_f64().unwrap() - g / m).abs() < 1e-9,
             "{row}"
         );
+        // Two-thread rows compare with one thread round by round; one-thread rows don't.
+        for key in ["speedup", "memcpy_speedup"] {
+            if row["threads"] == 1 {
+                assert!(row[key].is_null(), "{row}");
+            } else {
+                // The memcpy takes at least 9 rounds, the migration the plan's one.
+                let rounds = row[key]["rounds"].as_u64().unwrap();
+                assert_eq!(rounds, if key == "speedup" { 1 } else { 9 }, "{row}");
+                assert!(row[key]["median"].as_f64().unwrap() > 0.0, "{row}");
+            }
+        }
     }
     assert!(migrate.iter().any(|row| row["threads"] == 2));
 

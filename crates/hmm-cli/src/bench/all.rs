@@ -30,6 +30,9 @@ pub(crate) struct Plan {
     /// Sizes also measured on two threads (the scaling goal).
     migrate_sizes_two_threads: Vec<u64>,
     migrate_iters: usize,
+    /// Rounds on two threads: each also runs one thread, and the paired speedup's
+    /// interval needs six rounds or more for 95%.
+    migrate_iters_two_threads: usize,
     walk_pages: u64,
     walk_fractions: Vec<f64>,
     walk_iters: usize,
@@ -54,6 +57,7 @@ impl Plan {
             ],
             migrate_sizes_two_threads: vec![64 * MIB, 128 * MIB, 256 * MIB],
             migrate_iters: 3,
+            migrate_iters_two_threads: 9,
             walk_pages: 2048,
             walk_fractions: vec![0.0, 0.01, 0.1, 0.25, 0.5, 1.0],
             walk_iters: 40,
@@ -70,6 +74,7 @@ impl Plan {
             migrate_sizes: vec![512 * KIB, 2 * MIB],
             migrate_sizes_two_threads: vec![4 * MIB],
             migrate_iters: 1,
+            migrate_iters_two_threads: 1,
             walk_pages: 256,
             walk_fractions: vec![0.0, 0.5],
             walk_iters: 1,
@@ -108,17 +113,18 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
     let start = Instant::now();
     let bar = Progress::new("bench all", plan.rows());
     let mut migrate = Vec::new();
-    for (threads, sizes) in [
-        (1, &plan.migrate_sizes),
-        (2, &plan.migrate_sizes_two_threads),
+    for (threads, sizes, iters) in [
+        (1, &plan.migrate_sizes, plan.migrate_iters),
+        (
+            2,
+            &plan.migrate_sizes_two_threads,
+            plan.migrate_iters_two_threads,
+        ),
     ] {
         bar.doing(format!("migrate, {threads} thread(s)"));
-        migrate.extend(migrate::migrate_rows(
-            sizes,
-            threads,
-            plan.migrate_iters,
-            |_| bar.step(),
-        )?);
+        migrate.extend(migrate::migrate_rows(sizes, threads, iters, |_| {
+            bar.step()
+        })?);
     }
     bar.doing("walks");
     let walks = walks::walk_rows(

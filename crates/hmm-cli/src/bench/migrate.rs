@@ -10,7 +10,11 @@
 //! memory is as warm as the memcpy buffers. Each figure is the median of the iterations
 //! (at least 9 for the memcpy, which costs little); every byte is checked after every
 //! round trip. `--threads N` migrates N slices of the region concurrently (and copies N
-//! slices for the baseline).
+//! slices for the baseline); each round then also migrates the same region, and copies the
+//! same bytes, on one thread, first or second in turn, and the row's `speedup` and
+//! `memcpy_speedup` are the medians of the rounds' ratios of the one-thread time to the
+//! N-thread time, with their intervals ([`PairedRatio`]): the machine's drift between
+//! runs does not enter them, and the memcpy's says how far the machine itself scales.
 
 use std::error::Error;
 use std::sync::Arc;
@@ -25,6 +29,7 @@ use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, Pa
 use serde::Serialize;
 
 use super::median;
+use super::paired::PairedRatio;
 
 /// Pages per `migrate_vma` call.
 const CHUNK_PAGES: u64 = 512;
@@ -39,6 +44,13 @@ pub(crate) struct MigrateRow {
     gbps: f64,
     memcpy_gbps: f64,
     ratio: f64,
+    /// With more than one thread: one thread's time over this row's, round by round on
+    /// the same region (the median of the rounds and its interval).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    speedup: Option<PairedRatio>,
+    /// The same for the memcpy baseline: how far the machine itself scales.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memcpy_speedup: Option<PairedRatio>,
 }
 
 impl MigrateRow {
@@ -239,25 +251,43 @@ fn migrate_all(
     Ok((t, total))
 }
 
-/// Median time of copying `size` bytes between two warm buffers on `threads` threads.
-fn memcpy_time(size: u64, threads: usize, iters: usize) -> Duration {
+/// Times of copying `size` bytes between two warm buffers, round by round: on `threads`
+/// threads and, when that is more than one, on one thread in the same round (first or
+/// second in turn).
+fn memcpy_times(size: u64, threads: usize, iters: usize) -> (Vec<Duration>, Vec<Duration>) {
     let src: Vec<u8> = (0..size).map(byte).collect();
     let per = (size as usize).div_ceil(threads);
     let dst: Vec<std::sync::Mutex<Vec<u8>>> = src
         .chunks(per)
         .map(|c| std::sync::Mutex::new(vec![1u8; c.len()]))
         .collect();
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let (t, _) = timed_parallel(dst.len(), |k| {
-            let mut d = dst[k].lock().expect("one thread per slice");
-            let len = d.len();
-            d.copy_from_slice(&src[k * per..k * per + len]);
-        });
-        times.push(t);
+    let copy = |k: usize| {
+        let mut d = dst[k].lock().expect("one thread per slice");
+        let len = d.len();
+        d.copy_from_slice(&src[k * per..k * per + len]);
+    };
+    let (mut many, mut one) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for round in 0..iters {
+        for n in runs(threads, round) {
+            if n == threads {
+                many.push(timed_parallel(dst.len(), copy).0);
+            } else {
+                one.push(timed_parallel(1, |_| (0..dst.len()).for_each(copy)).0);
+            }
+        }
     }
     std::hint::black_box(&dst);
-    median(times)
+    (many, one)
+}
+
+/// The thread counts of a round, in order: `threads` alone, or `threads` and one, the
+/// first of them alternating from round to round.
+fn runs(threads: usize, round: usize) -> Vec<usize> {
+    match (threads, round % 2) {
+        (1, _) => vec![1],
+        (_, 0) => vec![threads, 1],
+        _ => vec![1, threads],
+    }
 }
 
 fn gbps(bytes: u64, t: Duration) -> f64 {
@@ -285,11 +315,14 @@ pub(crate) fn migrate_rows(
             .into());
         }
         // The copy is cheap next to the migrations: more rounds for a steadier baseline.
-        let memcpy = gbps(size, memcpy_time(size, threads, iters.max(9)));
+        let (copies, one_copy) = memcpy_times(size, threads, iters.max(9));
+        let memcpy = gbps(size, median(copies.clone()));
+        let memcpy_speedup = PairedRatio::new(&one_copy, &copies);
         for thp in [false, true] {
-            let mut to_dev = Vec::new();
-            let mut to_sys = Vec::new();
-            for _ in 0..iters {
+            // Per direction, the times on `threads` threads and (when more) on one.
+            let mut to_dev = (Vec::new(), Vec::new());
+            let mut to_sys = (Vec::new(), Vec::new());
+            for round in 0..iters {
                 let s = setup(size, thp)?;
                 let data: Vec<u8> = (0..size).map(byte).collect();
                 s.mm.write(s.base, &data)?;
@@ -297,26 +330,37 @@ pub(crate) fn migrate_rows(
                 // buffers are.
                 migrate_all(&s, threads, true)?;
                 migrate_all(&s, threads, false)?;
-                let (t, n) = migrate_all(&s, threads, true)?;
-                if n != size / PAGE_SIZE {
-                    return Err(
-                        format!("{n} of {} pages reached the device", size / PAGE_SIZE).into(),
-                    );
+                for n in runs(threads, round) {
+                    let (t, moved) = migrate_all(&s, n, true)?;
+                    if moved != size / PAGE_SIZE {
+                        return Err(format!(
+                            "{moved} of {} pages reached the device",
+                            size / PAGE_SIZE
+                        )
+                        .into());
+                    }
+                    let (t_back, moved) = migrate_all(&s, n, false)?;
+                    if moved != size / PAGE_SIZE {
+                        return Err(
+                            format!("{moved} of {} pages came back", size / PAGE_SIZE).into()
+                        );
+                    }
+                    let (dev, sys) = if n == threads {
+                        (&mut to_dev.0, &mut to_sys.0)
+                    } else {
+                        (&mut to_dev.1, &mut to_sys.1)
+                    };
+                    dev.push(t);
+                    sys.push(t_back);
                 }
-                to_dev.push(t);
-                let (t, n) = migrate_all(&s, threads, false)?;
-                if n != size / PAGE_SIZE {
-                    return Err(format!("{n} of {} pages came back", size / PAGE_SIZE).into());
-                }
-                to_sys.push(t);
                 let mut back = vec![0u8; size as usize];
                 s.mm.read(s.base, &mut back)?;
                 if back != data {
                     return Err("bytes changed across a round trip".into());
                 }
             }
-            for (direction, times) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
-                let g = gbps(size, median(times));
+            for (direction, (times, one)) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
+                let g = gbps(size, median(times.clone()));
                 let row = MigrateRow {
                     size_bytes: size,
                     thp,
@@ -325,6 +369,8 @@ pub(crate) fn migrate_rows(
                     gbps: g,
                     memcpy_gbps: memcpy,
                     ratio: g / memcpy,
+                    speedup: PairedRatio::new(&one, &times),
+                    memcpy_speedup,
                 };
                 progress(&row);
                 rows.push(row);
@@ -337,19 +383,39 @@ pub(crate) fn migrate_rows(
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[MigrateRow]) {
     println!(
-        "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}",
-        "size", "thp", "direction", "threads", "GB/s", "memcpy GB/s", "ratio"
+        "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}  {:<26} memcpy's speedup",
+        "size",
+        "thp",
+        "direction",
+        "threads",
+        "GB/s",
+        "memcpy GB/s",
+        "ratio",
+        "speedup over 1 thread"
     );
+    let show = |p: Option<PairedRatio>| {
+        p.map_or(String::new(), |p| {
+            format!(
+                "{:.2} [{:.2}, {:.2}] {:.0}%",
+                p.median,
+                p.low,
+                p.high,
+                100.0 * p.confidence
+            )
+        })
+    };
     for r in rows {
         println!(
-            "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}",
+            "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}  {:<26} {}",
             human(r.size_bytes),
             r.thp,
             r.direction,
             r.threads,
             r.gbps,
             r.memcpy_gbps,
-            r.ratio
+            r.ratio,
+            show(r.speedup),
+            show(r.memcpy_speedup)
         );
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! [`PhysMem`] is the system RAM of one simulated machine: an arena of 4 KiB frames lazily
 //! committed by the host, a [`FrameMeta`] per frame, and an allocator for order-0 and order-9
-//! (2 MiB) folios. Frames are named by [`Pfn`]s and handled through [`FrameRef`] (borrowed,
+//! (2 MiB) folios, with per-CPU lists of free order-0 frames in front of it (`pcp`). Frames are named by [`Pfn`]s and handled through [`FrameRef`] (borrowed,
 //! no reference held) and [`Frame`] (owns one reference, dropped on `Drop`).
 //!
 //! Two frames are reserved at start: the *huge zero page* (the order-9 folio at pfn 0) and
@@ -22,16 +22,19 @@
 //! space, which only device-private entries hold. Looking up a RAM frame is one compare;
 //! a device frame adds one load of its section's slot.
 //!
-//! This module is the only place with `unsafe` code (in `arena`); every block carries its
-//! `// SAFETY:` argument.
+//! This module is the only place with `unsafe` code (in `arena`, and `cpu`'s call of
+//! `sched_getcpu`); every block carries its `// SAFETY:` argument.
 
 mod alloc;
 #[allow(unsafe_code)]
 mod arena;
+#[allow(unsafe_code)]
+mod cpu;
 mod frame;
 mod hugetlb;
 mod io;
 mod meta;
+mod pcp;
 mod region;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,8 +6,6 @@
 //! of the machine's one physical frame-number space, and every frame in it is of one
 //! [`Zone`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::sync::Mutex;
 
 use super::alloc::{AllocError, BlockAllocator, BLOCK_FRAMES};
@@ -15,6 +13,7 @@ use super::arena::Arena;
 use super::hugetlb::{HugetlbPool, HugetlbStats};
 use super::io::FrameWords;
 use super::meta::{FrameFlags, FrameMeta};
+use super::pcp::PcpLists;
 use super::FrameRef;
 use super::Zone;
 use crate::addr::PMD_ORDER;
@@ -31,9 +30,9 @@ pub(crate) struct Region {
     arena: Arena,
     meta: Box<[FrameMeta]>,
     alloc: Mutex<BlockAllocator>,
+    /// Free order-0 frames per CPU, in front of `alloc`.
+    pcp: PcpLists,
     hugetlb: Mutex<HugetlbPool>,
-    nr_alloc_ops: AtomicU64,
-    nr_free_ops: AtomicU64,
 }
 
 impl Region {
@@ -52,9 +51,8 @@ impl Region {
             arena: Arena::new(frames)?,
             meta: (0..frames).map(|_| FrameMeta::default()).collect(),
             alloc: Mutex::new(BlockAllocator::new(blocks)),
+            pcp: PcpLists::new(frames),
             hugetlb: Mutex::new(HugetlbPool::default()),
-            nr_alloc_ops: AtomicU64::new(0),
-            nr_free_ops: AtomicU64::new(0),
         })
     }
 
@@ -75,17 +73,14 @@ impl Region {
         self.meta.len()
     }
 
-    /// Number of free frames.
+    /// Number of free frames: the block allocator's and those on the per-CPU lists.
     pub(crate) fn nr_free(&self) -> usize {
-        self.alloc.lock().free_frames()
+        self.pcp.count() + self.alloc.lock().free_frames()
     }
 
     /// Folios handed out and folios returned since creation.
     pub(crate) fn alloc_free_ops(&self) -> (u64, u64) {
-        (
-            self.nr_alloc_ops.load(Ordering::Relaxed),
-            self.nr_free_ops.load(Ordering::Relaxed),
-        )
+        self.pcp.ops()
     }
 
     /// Metadata of frame `i`.
@@ -120,10 +115,28 @@ impl Region {
     /// Allocates a folio of `2^order` frames with refcount 1 and `flags`; contents are
     /// whatever the previous user left.
     pub(crate) fn alloc(&self, order: u32, flags: FrameFlags) -> Result<usize, AllocError> {
-        let first = self.alloc.lock().alloc(order)?;
+        let first = self.take(order)?;
+        if order > 0 {
+            self.pcp.count_op(true);
+        }
         self.init_folio(first, order, flags);
-        self.nr_alloc_ops.fetch_add(1, Ordering::Relaxed);
         Ok(first)
+    }
+
+    /// Takes `2^order` free frames: order 0 from this CPU's list, order 9 from the block
+    /// allocator. When that fails, the per-CPU lists may be holding the frames (or
+    /// keeping blocks split): they are drained and the request tried once more.
+    fn take(&self, order: u32) -> Result<usize, AllocError> {
+        let try_once = || match order {
+            0 => self.pcp.alloc(&self.alloc),
+            _ => self.alloc.lock().alloc(order),
+        };
+        try_once().or_else(|e| {
+            if self.pcp.drain_all(&self.alloc) == 0 {
+                return Err(e);
+            }
+            try_once()
+        })
     }
 
     fn init_folio(&self, first: usize, order: u32, flags: FrameFlags) {
@@ -180,8 +193,12 @@ impl Region {
             }
             m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
             m.clear_mapping();
-            self.alloc.lock().free(head, order);
-            self.nr_free_ops.fetch_add(1, Ordering::Relaxed);
+            if order == 0 {
+                self.pcp.free(head, &self.alloc);
+            } else {
+                self.alloc.lock().free(head, order);
+                self.pcp.count_op(false);
+            }
             if let Some(hook) = &self.on_free {
                 hook(FrameRef::new(self, self.base + head as u64), order);
             }
@@ -222,7 +239,7 @@ impl Region {
     pub(crate) fn hugetlb_resize(&self, target: u64) -> u64 {
         let mut pool = self.hugetlb.lock();
         while pool.total < target {
-            let Ok(head) = self.alloc.lock().alloc(PMD_ORDER) else {
+            let Ok(head) = self.take(PMD_ORDER) else {
                 break;
             };
             self.init_folio(head, PMD_ORDER, FrameFlags::HUGETLB);
@@ -276,7 +293,7 @@ impl Region {
         let head = pool.free.pop().expect("reserved pages are free");
         drop(pool);
         self.init_folio(head, PMD_ORDER, flags | FrameFlags::HUGETLB);
-        self.nr_alloc_ops.fetch_add(1, Ordering::Relaxed);
+        self.pcp.count_op(true);
         Some(head)
     }
 

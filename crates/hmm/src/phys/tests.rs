@@ -185,3 +185,29 @@ fn folio_copy_between_orders_panics() {
     let small = p.alloc(0, FrameFlags::empty()).unwrap();
     small.copy_folio_from(&big);
 }
+
+/// Frames freed to the per-CPU lists stay free, count as free, and do not keep their
+/// blocks from going out whole: an order-9 allocation that finds no whole block drains
+/// the lists and tries again, and so does an order-0 one that finds nothing.
+#[test]
+fn frames_on_per_cpu_lists_are_free_and_drained_for_huge_allocations() {
+    let p = ram(64);
+    let free_at_start = p.stats().nr_free;
+    // Every frame as order 0, then all of them back: some stay on this CPU's list.
+    let small: Vec<_> = std::iter::from_fn(|| p.alloc(0, FrameFlags::empty()).ok()).collect();
+    assert_eq!(small.len() as u64, free_at_start);
+    assert_eq!(p.stats().nr_free, 0);
+    drop(small);
+    assert_eq!(p.stats().nr_free, free_at_start);
+    assert_eq!(p.nr_in_use(), 0);
+    // Every free block goes out whole (the two reserved blocks hold the zero pages).
+    let huge: Vec<_> =
+        std::iter::from_fn(|| p.alloc(PMD_ORDER, FrameFlags::empty()).ok()).collect();
+    assert_eq!(huge.len() as u64, free_at_start / PMD_NR);
+    drop(huge);
+    // Order-0 allocations can again take every frame after the huge churn.
+    let small: Vec<_> = std::iter::from_fn(|| p.alloc(0, FrameFlags::empty()).ok()).collect();
+    assert_eq!(small.len() as u64, free_at_start);
+    let s = p.stats();
+    assert_eq!(s.nr_alloc_ops, 2 * free_at_start + free_at_start / PMD_NR);
+}
