@@ -30,25 +30,31 @@ pub(crate) struct CopyCounts {
 /// splits the source. A source already in device memory is skipped; an order-0
 /// allocation failure skips the entry.
 ///
-/// The mirror skipped the migration's own MIGRATE invalidation, so its table may still map
-/// the system pages being moved: those entries are erased (under `pt`) before any byte is
-/// copied, or a device write through them between the copy and the commit would be lost.
-/// The pages already on this device are not collected and keep their entries.
+/// Every mirror of this device skipped the migration's MIGRATE invalidation (it carries the
+/// device's owner), so their tables (`pts`, every open mirror) may still map the system
+/// pages being moved: the entries that map them are erased, under each mirror's lock,
+/// before any byte is copied, or a device write through one between the copy and the
+/// commit would be lost, and a mirror other than the migrating one would keep mapping the
+/// freed page. (The kernel's driver erases nothing here; its migrating mirror's entries are
+/// replaced when the new pages are mapped, and a second mirror of the same device on the
+/// same process keeps the stale one.) The pages already on this device are not collected
+/// and keep their entries.
 pub(crate) fn alloc_and_copy_to_device(
     m: &mut Migration<'_, '_>,
     device: &DmirrorDevice,
     mirror_id: u64,
     vm_write: bool,
-    pt: &parking_lot::Mutex<DevicePageTable>,
+    pts: &[&parking_lot::Mutex<DevicePageTable>],
     mut fail_alloc: impl FnMut() -> bool,
 ) -> CopyCounts {
-    {
+    for pt in pts {
         let mut pt = pt.lock();
         for i in 0..m.src().len() {
-            if m.src_page(i)
-                .is_some_and(|p| matches!(p.zone(), Zone::System))
-            {
-                let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
+            let Some(p) = m.src_page(i).filter(|p| matches!(p.zone(), Zone::System)) else {
+                continue;
+            };
+            let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
+            if pt.get(vpn).map(|e| e.frame_nr) == Some(frame_nr(p)) {
                 pt.erase(vpn, vpn + 1);
             }
         }

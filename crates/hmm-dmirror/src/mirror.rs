@@ -550,14 +550,12 @@ impl Dmirror {
     /// `dmirror_migrate_finalize_and_map`).
     fn finish_to_device(&self, mut m: Migration<'_, '_>, vma: &hmm::mm::Vma, piece: VaRange) {
         let vm_write = vma.flags().contains(VmFlags::WRITE);
-        let counts = alloc_and_copy_to_device(
-            &mut m,
-            &self.device,
-            self.shared.id,
-            vm_write,
-            &self.shared.pt,
-            || self.shared.take_fail_alloc(),
-        );
+        let open = self.device.open_mirrors();
+        let pts: Vec<_> = open.iter().map(|s| &s.pt).collect();
+        let counts =
+            alloc_and_copy_to_device(&mut m, &self.device, self.shared.id, vm_write, &pts, || {
+                self.shared.take_fail_alloc()
+            });
         self.shared.count_copies(counts.copied, 0);
         self.shared
             .counters

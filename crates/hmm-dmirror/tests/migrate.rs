@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{page, pattern, rig, Rig, RW};
+use common::{assert_maps_only_what_the_process_maps, page, pattern, rig, Rig, RW};
 use hmm::addr::PAGE_SIZE;
 use hmm::mm::{GupFlags, MapFlags, MemFile, Prot, SwapKind};
 use hmm::notifier::NotifierEvent;
@@ -440,4 +440,38 @@ fn cow_copies_in_a_private_file_mapping_migrate() {
     assert_eq!(file.pread(0, &mut f), data.len());
     assert_eq!(f, data, "the file never changed");
     r.mm.audit().unwrap();
+}
+
+/// Two mirrors of one device on one process: the second maps the pages by reading them,
+/// then the first migrates them to the device. Both skip the migration's MIGRATE event as
+/// their device's own, so the driver itself erases, from every mirror of the device, the
+/// entries that map the system pages leaving; the second mirror then faults the pages in
+/// again through `hmm_range_fault` and reads the device's copies, not the freed frames.
+#[test]
+fn migrating_to_a_device_erases_the_pages_from_its_other_mirrors() {
+    let r = rig();
+    let (a_mirror, b_mirror) = (r.open(0), r.open(0));
+    let a = r.map(8);
+    let data = pattern(8, 3);
+    r.mm.write(a, &data).unwrap();
+    r.run(&b_mirror, DmirrorCmd::Read, a, 8).unwrap();
+    assert_eq!(b_mirror.nr_mapped(), 8);
+    let c = r.run(&a_mirror, DmirrorCmd::MigrateToDev, a, 8).unwrap();
+    assert_eq!(c.cpages, 8);
+    assert_eq!(b_mirror.stats().invalidations, 0, "B skipped the MIGRATE");
+    for i in 0..8 {
+        assert_eq!(b_mirror.lookup(page(a, i)), None, "page {i} left B's table");
+    }
+    assert_maps_only_what_the_process_maps(&a_mirror, &r.mm, a, 8);
+    // The freed frames go to new pages with other bytes; B reads the device's copies.
+    let other = r.map(8);
+    r.mm.write(other, &pattern(8, 4)).unwrap();
+    r.run(&b_mirror, DmirrorCmd::Read, a, 8).unwrap();
+    assert_eq!(r.buf_bytes(data.len()), data);
+    assert_maps_only_what_the_process_maps(&b_mirror, &r.mm, a, 8);
+    assert_eq!(
+        r.mm.pagemap(a, 8).unwrap()[0].swap,
+        Some(SwapKind::DevicePrivate),
+        "B's read mapped the device page, it did not bring it home"
+    );
 }
