@@ -346,10 +346,13 @@ fn exclusive_entries_and_unsplittable_thps_are_not_collected() {
     }
     let src = to_device(&m, &dev, a, 2);
     assert!(src[0].is_empty() && src[1].is_migrating());
-    // A THP that cannot be split (a pin) stops the walk: the rest of the range is skipped.
+    // A THP that cannot be split (a pin) ends collection in its PMD
+    // (`migrate_vma_collect_skip` to the PMD's end); the next PMD's THP splits and moves.
     m.mm.set_thp_mode(ThpMode::Always);
-    let t = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
-    fill(&m, t, 512, 10);
+    let t =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let data = fill(&m, t, 1024, 10);
     let pin =
         m.mm.pin_user_pages(page(t, 300), 1, GupFlags::empty())
             .unwrap();
@@ -357,12 +360,28 @@ fn exclusive_entries_and_unsplittable_thps_are_not_collected() {
     let src = to_device(&m, &dev, page(t, 8), 16);
     assert!(
         src.iter().all(|w| w.is_empty()),
-        "nothing after the failed split"
+        "nothing after the failed split in its PMD"
     );
     assert_eq!(dev.nr_in_use(), before);
+    let src = to_device(&m, &dev, page(t, 504), 16);
+    assert!(
+        src[..8].iter().all(|w| w.is_empty()),
+        "the pinned THP's PMD"
+    );
+    assert!(src[8..].iter().all(|w| w.is_migrating()), "the next PMD");
+    assert_eq!(dev.nr_in_use(), before + 8);
     drop(pin);
-    let mut b = vec![0u8; 16 * PAGE_SIZE as usize];
-    m.mm.read(page(t, 8), &mut b).unwrap();
+    // Every byte survived: in system memory around the eight pages on the device, whose
+    // first bytes the device's frames hold.
+    let at = |k: u64| (k * PAGE_SIZE) as usize;
+    for (from, to) in [(0, 512), (520, 1024)] {
+        let mut b = vec![0u8; at(to - from)];
+        m.mm.read(page(t, from), &mut b).unwrap();
+        assert!(b == data[at(from)..at(to)], "pages {from}..{to}");
+    }
+    for k in 512..520 {
+        assert_eq!(device_byte(&m, &m.mm, page(t, k)), Some(data[at(k)]));
+    }
     m.mm.audit().unwrap();
 }
 

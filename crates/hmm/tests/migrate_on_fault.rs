@@ -13,7 +13,7 @@ use hmm::migrate::{
     hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigratePfn, MigrateVma,
     MigrateVmaFlags,
 };
-use hmm::mm::{MapFlags, Mm, Prot, SwapKind};
+use hmm::mm::{MapFlags, Mm, Prot, SwapKind, ThpMode};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
     NotifierRange, Owner,
@@ -422,5 +422,53 @@ fn pages_the_walk_does_not_select_get_plain_words() {
         .iter()
         .all(|e| e.present));
     assert!(!any_locked(&m, page(a, 2), 2));
+    m.mm.audit().unwrap();
+}
+
+/// A THP that cannot be split (a pin) is left alone to the end of its PMD, as
+/// `migrate_vma_collect_skip` does, and the one walk goes on collecting in the next PMD.
+#[test]
+fn an_unsplittable_thp_ends_collection_in_its_pmd_only() {
+    let m = Machine::new(64);
+    let owner = Owner::new_unique();
+    let dev = device(&m, owner);
+    let (_mirror, n) = watch(&m.mm, owner);
+    m.mm.set_thp_mode(ThpMode::Always);
+    let t =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let data = fill(&m, t, 1024, 12);
+    let pin =
+        m.mm.pin_user_pages(page(t, 300), 1, hmm::mm::GupFlags::empty())
+            .unwrap();
+    let a = page(t, 504);
+    let mmap = m.mm.mmap_read();
+    let mut pfns = vec![HmmPfn::default(); 16];
+    let mut r = range(
+        &n,
+        a,
+        &mut pfns,
+        MIGRATE_FAULT,
+        HmmPfnFlags::empty(),
+        Some(owner),
+    );
+    let before = m.mm.stats();
+    let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
+    for (i, w) in r.hmm_pfns.iter().enumerate() {
+        assert!(w.is_valid(), "page {i}: {w:?}");
+        assert_eq!(w.is_migrating(), i >= 8, "page {i}: {w:?}");
+    }
+    assert_eq!(delta(&m, &before).range_walks.total(), 1, "one walk");
+    let mig = migrate_hmm_range_setup(c);
+    assert_eq!(copy_to(&dev, mig), 8);
+    drop(mmap);
+    drop(pin);
+    let at = |k: u64| (k * PAGE_SIZE) as usize;
+    for k in 512..520 {
+        assert_eq!(device_page(&m, page(t, k)).unwrap(), data[at(k)..at(k + 1)]);
+    }
+    let mut b = vec![0u8; at(512)];
+    m.mm.read(t, &mut b).unwrap();
+    assert!(b == data[..at(512)], "the pinned THP's bytes");
     m.mm.audit().unwrap();
 }

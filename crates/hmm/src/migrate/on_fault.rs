@@ -2,7 +2,7 @@
 //! of `migrate_vma_setup`, and the public `hmm_range_fault_migrate` /
 //! `migrate_hmm_range_setup` (see the `migrate` module's documentation).
 
-use crate::addr::{VaRange, VirtAddr};
+use crate::addr::{VaRange, VirtAddr, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_folio, split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
@@ -24,8 +24,9 @@ pub(crate) struct Collector<'g, 'a> {
     tlb: TlbGather<'g>,
     inv: Invalidation<'g>,
     state: State<'g, 'a>,
-    /// A folio could not be split: nothing more is collected in this walk.
-    stopped: bool,
+    /// A folio could not be split: nothing below this address is collected (the rest of
+    /// that folio's PMD, as `migrate_vma_collect_skip` does).
+    skip_until: VirtAddr,
 }
 
 impl<'g, 'a> Collector<'g, 'a> {
@@ -42,13 +43,14 @@ impl<'g, 'a> Collector<'g, 'a> {
             tlb: TlbGather::new(mm),
             inv,
             state: State::new(mmap, vma, range, args),
-            stopped: false,
+            skip_until: range.start(),
         }
     }
 
-    /// Whether collection stopped at a folio that could not be split.
-    pub(crate) fn stopped(&self) -> bool {
-        self.stopped
+    /// Whether the page at `va` is left alone because a folio before it in its PMD could
+    /// not be split.
+    pub(crate) fn skips(&self, va: VirtAddr) -> bool {
+        va < self.skip_until
     }
 
     /// Entry `i`'s source word.
@@ -106,12 +108,17 @@ impl<'g, 'a> Collector<'g, 'a> {
         split_pmd(mm, &st.pt, Some(self.state.vma.info()), base, &mut self.tlb);
     }
 
-    /// Splits the large folio one of the range's pages belongs to (no page-table lock
-    /// held); if it cannot be split, collection stops.
-    pub(crate) fn split_folio(&mut self, folio: FrameRef<'_>) {
+    /// Splits the large folio that the page at `va` belongs to (no page-table lock held);
+    /// if it cannot be split, the rest of `va`'s PMD is not collected, and collection
+    /// goes on at the next PMD (`migrate_vma_collect_skip` to the end of the PMD's range).
+    pub(crate) fn split_folio(&mut self, folio: FrameRef<'_>, va: VirtAddr) {
         let mm = self.state.mmap.mm();
         if !split_folio(mm, self.state.mmap.state(), folio.get()) {
-            self.stopped = true;
+            let end = self.state.range.end();
+            self.skip_until = va
+                .align_down(PMD_SIZE)
+                .checked_add(PMD_SIZE)
+                .map_or(end, |pmd_end| pmd_end.min(end));
         }
     }
 

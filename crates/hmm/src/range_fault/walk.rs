@@ -11,8 +11,9 @@
 //! fault; any other page is collected by the rules of `migrate_vma_collect_pmd`
 //! (selection by flags and owner, trylock, the anon-exclusive pin rule, a migration entry
 //! in place of the PTE). A PMD-mapped THP is split first, a PTE-mapped one too, and a
-//! folio that cannot be split stops collection for the rest of the pass (the kernel gives
-//! up on the rest of the range).
+//! folio that cannot be split ends collection in its PMD: the pages from it to the PMD's
+//! end are reported but not collected, and collection goes on at the next PMD (the
+//! kernel's `migrate_vma_collect_skip(addr, end)` in `migrate_vma_collect_pmd`).
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use crate::migrate::{Collector, Next, PmdNext};
@@ -114,7 +115,10 @@ impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
 
     /// Whether page `i` is to be prepared for migration.
     fn migrating(&self, i: usize) -> bool {
-        self.collect.as_ref().is_some_and(|c| !c.stopped())
+        let va = self.start.checked_add((i as u64) << PAGE_SHIFT);
+        self.collect
+            .as_ref()
+            .is_some_and(|c| va.is_some_and(|va| !c.skips(va)))
             && self.request(i).contains(HmmPfnFlags::REQ_MIGRATE)
     }
 
@@ -384,7 +388,7 @@ fn walk(
                     Some(RunStop::Split(folio)) => {
                         c.unlock();
                         let col = w.collect.as_deref_mut().expect("migrating");
-                        col.split_folio(folio);
+                        col.split_folio(folio, w.last);
                         c.seek(w.last);
                     }
                     // The VMA ends inside the run: go on from its end.
