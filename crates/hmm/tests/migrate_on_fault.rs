@@ -10,10 +10,10 @@ use common::{copy_to, device, fill, hmm_range as range, page, Machine, RW};
 use hmm::addr::{DevicePfn, Pfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::exclusive::make_device_exclusive;
 use hmm::migrate::{
-    hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigratePfn, MigrateVma,
-    MigrateVmaFlags,
+    hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, HmmMigrate, MigratePfn,
+    MigrateVma, MigrateVmaFlags,
 };
-use hmm::mm::{MapFlags, Mm, Prot, SwapKind, ThpMode};
+use hmm::mm::{MapFlags, Mm, MmapReadGuard, Prot, SwapKind, ThpMode};
 use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
     NotifierRange, Owner,
@@ -87,6 +87,20 @@ fn any_locked(m: &Machine, a: VirtAddr, npages: u64) -> bool {
                 .meta()
                 .is_locked()
     })
+}
+
+/// One walk over `pfns.len()` pages at `a` watched by `n`: every page `REQ_FAULT |
+/// REQ_MIGRATE`, system pages selected, `owner`'s device pages reported as they are; the
+/// words are left in `pfns`.
+fn one_walk<'g, 'a>(
+    mmap: &'g MmapReadGuard<'a>,
+    n: &IntervalSub,
+    a: VirtAddr,
+    pfns: &mut [HmmPfn],
+    owner: Owner,
+) -> HmmMigrate<'g, 'a> {
+    let mut r = range(n, a, pfns, MIGRATE_FAULT, HmmPfnFlags::empty(), Some(owner));
+    hmm_range_fault_migrate(mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).expect("one walk")
 }
 
 fn delta(m: &Machine, before: &MmStats) -> MmStats {
@@ -335,15 +349,7 @@ fn dropping_the_collected_pages_puts_them_back() {
     {
         let mmap = m.mm.mmap_read();
         let mut pfns = vec![HmmPfn::default(); 8];
-        let mut r = range(
-            &n,
-            a,
-            &mut pfns,
-            MIGRATE_FAULT,
-            HmmPfnFlags::empty(),
-            Some(owner),
-        );
-        let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
+        let c = one_walk(&mmap, &n, a, &mut pfns, owner);
         assert_eq!(c.cpages(), 8);
         assert!(m.mm.pagemap(a, 8).unwrap().iter().all(|e| !e.present));
     }
@@ -384,22 +390,14 @@ fn pages_the_walk_does_not_select_get_plain_words() {
             .unwrap();
     let mmap = m.mm.mmap_read();
     let mut pfns = vec![HmmPfn::default(); 4];
-    let mut r = range(
-        &n,
-        a,
-        &mut pfns,
-        MIGRATE_FAULT,
-        HmmPfnFlags::empty(),
-        Some(owner),
-    );
-    let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
+    let c = one_walk(&mmap, &n, a, &mut pfns, owner);
     // The device's own pages are reported as they are, for the caller to keep mapped.
-    for w in &r.hmm_pfns[..2] {
+    for w in &pfns[..2] {
         assert!(w.is_valid() && !w.is_migrating(), "{w:?}");
         assert!(m.phys.contains_device(DevicePfn::new(w.frame_nr())));
     }
-    assert!(r.hmm_pfns[2].is_valid() && !r.hmm_pfns[2].is_migrating());
-    assert!(r.hmm_pfns[3].is_migrating());
+    assert!(pfns[2].is_valid() && !pfns[2].is_migrating());
+    assert!(pfns[3].is_migrating());
     // The pin check runs in migrate_hmm_range_setup: the referenced page goes back there.
     assert_eq!(c.cpages(), 1);
     let mig = migrate_hmm_range_setup(c);
@@ -444,17 +442,9 @@ fn an_unsplittable_thp_ends_collection_in_its_pmd_only() {
     let a = page(t, 504);
     let mmap = m.mm.mmap_read();
     let mut pfns = vec![HmmPfn::default(); 16];
-    let mut r = range(
-        &n,
-        a,
-        &mut pfns,
-        MIGRATE_FAULT,
-        HmmPfnFlags::empty(),
-        Some(owner),
-    );
     let before = m.mm.stats();
-    let c = hmm_range_fault_migrate(&mmap, &mut r, MigrateVmaFlags::SELECT_SYSTEM).unwrap();
-    for (i, w) in r.hmm_pfns.iter().enumerate() {
+    let c = one_walk(&mmap, &n, a, &mut pfns, owner);
+    for (i, w) in pfns.iter().enumerate() {
         assert!(w.is_valid(), "page {i}: {w:?}");
         assert_eq!(w.is_migrating(), i >= 8, "page {i}: {w:?}");
     }
