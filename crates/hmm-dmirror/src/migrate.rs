@@ -47,18 +47,7 @@ pub(crate) fn alloc_and_copy_to_device(
     pts: &[&parking_lot::Mutex<DevicePageTable>],
     mut fail_alloc: impl FnMut() -> bool,
 ) -> CopyCounts {
-    for pt in pts {
-        let mut pt = pt.lock();
-        for i in 0..m.src().len() {
-            let Some(p) = m.src_page(i).filter(|p| matches!(p.zone(), Zone::System)) else {
-                continue;
-            };
-            let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
-            if pt.get(vpn).map(|e| e.frame_nr) == Some(frame_nr(p)) {
-                pt.erase(vpn, vpn + 1);
-            }
-        }
-    }
+    erase_sources(m, pts, 0..m.src().len());
     let mut copier = Copier::default();
     let mut i = 0;
     while i < m.src().len() {
@@ -210,16 +199,7 @@ pub(crate) fn alloc_and_copy_to_system(
             i += n;
             continue;
         }
-        let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
-        for pt in pts {
-            let mut pt = pt.lock();
-            for k in 0..n {
-                let nr = m.src_page(i + k).map(frame_nr);
-                if pt.get(vpn + k as u64).map(|e| e.frame_nr) == nr {
-                    pt.erase(vpn + k as u64, vpn + k as u64 + 1);
-                }
-            }
-        }
+        erase_sources(m, pts, i..i + n);
         let write = w.flags().contains(MigratePfnFlags::WRITE);
         let large = (n > 1 && !fail_alloc()).then(|| alloc(PMD_ORDER)).flatten();
         if let Some(folio) = large {
@@ -241,6 +221,27 @@ pub(crate) fn alloc_and_copy_to_system(
     // whether or not the pass stopped early.
     let counts = copier.finish();
     out.map(|()| counts)
+}
+
+/// Erases, from every table in `pts`, the entries at `m`'s entries `entries` that map
+/// those entries' source pages. The mirrors skipped the migration's MIGRATE event (it
+/// carries their device's owner), so this is their invalidation, done before any byte of
+/// the sources is copied.
+fn erase_sources(
+    m: &Migration<'_, '_>,
+    pts: &[&parking_lot::Mutex<DevicePageTable>],
+    entries: std::ops::Range<usize>,
+) {
+    for pt in pts {
+        let mut pt = pt.lock();
+        for i in entries.clone() {
+            let Some(src) = m.src_page(i) else { continue };
+            let vpn = m.addr(i).as_u64() >> PAGE_SHIFT;
+            if pt.get(vpn).map(|e| e.frame_nr) == Some(frame_nr(src)) {
+                pt.erase(vpn, vpn + 1);
+            }
+        }
+    }
 }
 
 /// The frame number a device table stores for `page`.

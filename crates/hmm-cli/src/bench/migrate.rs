@@ -393,17 +393,7 @@ pub(crate) fn print_table(rows: &[MigrateRow]) {
         "ratio",
         "speedup over 1 thread"
     );
-    let show = |p: Option<PairedRatio>| {
-        p.map_or(String::new(), |p| {
-            format!(
-                "{:.2} [{:.2}, {:.2}] {:.0}%",
-                p.median,
-                p.low,
-                p.high,
-                100.0 * p.confidence
-            )
-        })
-    };
+    let show = |p: Option<PairedRatio>| p.map_or(String::new(), |p| format!("{p:.2}"));
     for r in rows {
         println!(
             "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}  {:<26} {}",

@@ -10,6 +10,7 @@
 //! rounds no such `j` exists; the interval is then the whole range and `confidence` says
 //! how much less than 95% it is.
 
+use std::fmt;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -51,6 +52,23 @@ impl PairedRatio {
             confidence: 1.0 - 2.0 * tail,
             rounds: n,
         })
+    }
+}
+
+impl fmt::Display for PairedRatio {
+    /// `median [low, high]` to the formatter's precision (3 decimals unless given), then
+    /// the confidence if it is under 95%.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = f.precision().unwrap_or(3);
+        write!(
+            f,
+            "{:.d$} [{:.d$}, {:.d$}]",
+            self.median, self.low, self.high
+        )?;
+        if self.confidence < 0.95 {
+            write!(f, " ({:.0}%)", 100.0 * self.confidence)?;
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +136,14 @@ mod tests {
         assert!((p.median - 1.01).abs() < 1e-9);
         assert!((p.low - 0.95).abs() < 1e-9);
         assert!((p.high - 1.08).abs() < 1e-9);
+    }
+
+    #[test]
+    fn it_prints_the_interval_and_a_confidence_under_95_percent() {
+        let p = PairedRatio::new(&ns(&[90, 100, 110]), &ns(&[100; 3])).expect("rounds");
+        assert_eq!(format!("{p:.2}"), "1.00 [0.90, 1.10] (75%)");
+        let p = PairedRatio::new(&ns(&[100; 6]), &ns(&[100; 6])).expect("rounds");
+        assert_eq!(format!("{p}"), "1.000 [1.000, 1.000]");
     }
 
     #[test]

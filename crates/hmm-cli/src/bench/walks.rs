@@ -478,9 +478,9 @@ pub(crate) fn print_table(rows: &[WalkRow]) {
         "method", "fraction", "walks", "busy", "faults", "migrated", "copies", "ns/page", "median",
     );
     for r in rows {
-        let ratio = r.one_walk_time_ratio.map_or(String::new(), |p| {
-            format!("{:.3} [{:.3}, {:.3}]", p.median, p.low, p.high)
-        });
+        let ratio = r
+            .one_walk_time_ratio
+            .map_or(String::new(), |p| format!("{p:.3}"));
         println!(
             "{:>22} {:>9.2} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8.0} {:>8.0}  {}",
             r.method,

@@ -24,9 +24,9 @@ pub(crate) struct Collector<'g, 'a> {
     tlb: TlbGather<'g>,
     inv: Invalidation<'g>,
     state: State<'g, 'a>,
-    /// A folio could not be split: nothing below this address is collected (the rest of
+    /// A folio could not be split: no entry below this index is collected (the rest of
     /// that folio's PMD, as `migrate_vma_collect_skip` does).
-    skip_until: VirtAddr,
+    skip_until: usize,
 }
 
 impl<'g, 'a> Collector<'g, 'a> {
@@ -43,14 +43,14 @@ impl<'g, 'a> Collector<'g, 'a> {
             tlb: TlbGather::new(mm),
             inv,
             state: State::new(mmap, vma, range, args),
-            skip_until: range.start(),
+            skip_until: 0,
         }
     }
 
-    /// Whether the page at `va` is left alone because a folio before it in its PMD could
-    /// not be split.
-    pub(crate) fn skips(&self, va: VirtAddr) -> bool {
-        va < self.skip_until
+    /// Whether entry `i` is left alone because a folio before it in its PMD could not be
+    /// split.
+    pub(crate) fn skips(&self, i: usize) -> bool {
+        i < self.skip_until
     }
 
     /// Entry `i`'s source word.
@@ -115,10 +115,11 @@ impl<'g, 'a> Collector<'g, 'a> {
         let mm = self.state.mmap.mm();
         if !split_folio(mm, self.state.mmap.state(), folio.get()) {
             let end = self.state.range.end();
-            self.skip_until = va
+            let pmd_end = va
                 .align_down(PMD_SIZE)
                 .checked_add(PMD_SIZE)
-                .map_or(end, |pmd_end| pmd_end.min(end));
+                .map_or(end, |e| e.min(end));
+            self.skip_until = self.state.index(pmd_end);
         }
     }
 

@@ -115,10 +115,7 @@ impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
 
     /// Whether page `i` is to be prepared for migration.
     fn migrating(&self, i: usize) -> bool {
-        let va = self.start.checked_add((i as u64) << PAGE_SHIFT);
-        self.collect
-            .as_ref()
-            .is_some_and(|c| va.is_some_and(|va| !c.skips(va)))
+        self.collect.as_ref().is_some_and(|c| !c.skips(i))
             && self.request(i).contains(HmmPfnFlags::REQ_MIGRATE)
     }
 
