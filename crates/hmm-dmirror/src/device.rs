@@ -19,11 +19,11 @@ use hmm::mm::{DeviceFault, VmFault};
 
 use hmm::notifier::Owner;
 use hmm::pgtable::Huge;
-use hmm::phys::{AllocError, Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::phys::{AllocError, FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
 
-use crate::migrate::{alloc_and_copy_to_system, alloc_locked, Copier};
+use crate::migrate::{alloc_and_copy_to_system, alloc_locked, Copier, HANDED_ONCE};
 use crate::mirror::Shared;
 use crate::DmirrorError;
 
@@ -266,7 +266,7 @@ impl DmirrorDevice {
     /// as `zone_device_folio_init` leaves it, from the first chunk with room, creating a
     /// chunk when none has (`dmirror_allocate_chunk`). Fails when the device is at its
     /// capacity, or when [`fail_alloc`](Self::fail_alloc) says so.
-    pub fn alloc(&self, order: u32) -> Result<Frame<'_>, AllocError> {
+    pub fn alloc(&self, order: u32) -> Result<LockedFolio<'_>, AllocError> {
         if self.fail_alloc.should_fail() {
             return Err(AllocError { order });
         }
@@ -335,7 +335,8 @@ impl DmirrorDevice {
     /// system THP, or 512 pages if none can be had (the core then splits the device
     /// folio).
     fn evict_chunk(&self, chunk: &DevPagemap) -> Result<u64, DmirrorError> {
-        let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames());
+        let mut m = migrate_device_range(&self.phys, chunk.frame(0), chunk.nr_frames())
+            .expect("a chunk's own frames");
         let alloc = |order| alloc_locked(&self.phys, order);
         let mut copier = Copier::default();
         let mut i = 0;
@@ -348,12 +349,12 @@ impl DmirrorDevice {
             }
             if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
                 copier.fill(*folio, m.src_page(i));
-                m.set_dst(i, folio, true);
+                m.set_dst(i, folio, true).expect(HANDED_ONCE);
             } else {
                 for k in i..i + n {
                     let page = alloc(0).ok_or(DmirrorError::NoMem)?;
                     copier.fill(*page, m.src_page(k));
-                    m.set_dst(k, page, true);
+                    m.set_dst(k, page, true).expect(HANDED_ONCE);
                 }
             }
             i += n;

@@ -131,6 +131,29 @@ impl DevicePageTable {
         erased
     }
 
+    /// Whether any mapped page in `[start, end)` satisfies `pred`. Visits the populated
+    /// leaves only, so its cost is bounded by what is mapped, not by the range.
+    pub(crate) fn any_in(
+        &self,
+        start: u64,
+        end: u64,
+        mut pred: impl FnMut(DptEntry) -> bool,
+    ) -> bool {
+        if start >= end {
+            return false;
+        }
+        let (first, last) = (start >> LEAF_SHIFT, (end - 1) >> LEAF_SHIFT);
+        self.leaves.range(first..=last).any(|(&k, leaf)| {
+            let base = k << LEAF_SHIFT;
+            let lo = (start.max(base) - base) as usize;
+            let hi = (end.min(base + LEAF_LEN as u64) - base) as usize;
+            leaf[lo..hi]
+                .iter()
+                .filter_map(|&w| DptEntry::decode(w))
+                .any(&mut pred)
+        })
+    }
+
     /// Number of mapped pages.
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -157,6 +180,12 @@ mod tests {
         assert_eq!(t.get(5), Some(e(7, DptTag::Write)));
         assert_eq!(t.get(512), Some(e(1536, DptTag::Atomic)));
         assert_eq!(t.get(6), None);
+        let atomic = |e: DptEntry| e.tag == DptTag::Atomic;
+        assert!(t.any_in(0, u64::MAX >> 12, atomic));
+        assert!(t.any_in(512, 513, atomic));
+        assert!(!t.any_in(0, 512, atomic), "exclusive end");
+        assert!(!t.any_in(513, u64::MAX >> 12, atomic));
+        assert!(!t.any_in(7, 7, |_| true));
         assert_eq!(t.erase(6, 512), 1, "exclusive end: 512 stays");
         assert_eq!(t.get(511), None);
         assert_eq!(t.get(512).map(|x| x.tag), Some(DptTag::Atomic));

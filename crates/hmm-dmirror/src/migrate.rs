@@ -9,7 +9,7 @@
 
 use hmm::addr::{VirtAddr, PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{MigratePfnFlags, Migration, MigrationPages};
-use hmm::phys::{copy_folios, Frame, FrameFlags, FrameRef, PhysMem, Zone};
+use hmm::phys::{copy_folios, FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
 
 use crate::device::DmirrorDevice;
 use crate::dpt::{DevicePageTable, DptEntry, DptTag};
@@ -67,7 +67,7 @@ pub(crate) fn alloc_and_copy_to_device(
         if let Some(folio) = large {
             copier.fill(*folio, m.src_page(i));
             folio.meta().set_zone_device_data(mirror_id);
-            m.set_dst(i, folio, write);
+            m.set_dst(i, folio, write).expect(HANDED_ONCE);
         } else {
             for k in i..i + n {
                 if n == 1 && fail_alloc() {
@@ -78,7 +78,7 @@ pub(crate) fn alloc_and_copy_to_device(
                 };
                 copier.fill(*dpage, m.src_page(k));
                 dpage.meta().set_zone_device_data(mirror_id);
-                m.set_dst(k, dpage, write);
+                m.set_dst(k, dpage, write).expect(HANDED_ONCE);
             }
         }
         i += n;
@@ -162,11 +162,13 @@ pub(crate) fn map_migrated(
 }
 
 /// A system folio of `2^order` pages, locked, as a migration destination must be.
-pub(crate) fn alloc_locked(phys: &PhysMem, order: u32) -> Option<Frame<'_>> {
-    let folio = phys.alloc(order, FrameFlags::empty()).ok()?;
-    assert!(folio.meta().trylock(), "a fresh folio is unlocked");
-    Some(folio)
+pub(crate) fn alloc_locked(phys: &PhysMem, order: u32) -> Option<LockedFolio<'_>> {
+    Some(phys.alloc(order, FrameFlags::empty()).ok()?.lock())
 }
+
+/// The `expect` of every `set_dst` of the driver's: each loop hands one destination to
+/// each migrating entry it visits, once.
+pub(crate) const HANDED_ONCE: &str = "one destination for a migrating entry";
 
 /// Why copying back to system memory stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +206,7 @@ pub(crate) fn alloc_and_copy_to_system(
         let large = (n > 1 && !fail_alloc()).then(|| alloc(PMD_ORDER)).flatten();
         if let Some(folio) = large {
             copier.fill(*folio, m.src_page(i));
-            m.set_dst(i, folio, write);
+            m.set_dst(i, folio, write).expect(HANDED_ONCE);
         } else {
             for k in i..i + n {
                 let Some(page) = (n > 1 || !fail_alloc()).then(|| alloc(0)).flatten() else {
@@ -212,7 +214,7 @@ pub(crate) fn alloc_and_copy_to_system(
                     break;
                 };
                 copier.fill(*page, m.src_page(k));
-                m.set_dst(k, page, write);
+                m.set_dst(k, page, write).expect(HANDED_ONCE);
             }
         }
         i += n;

@@ -20,7 +20,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, USER_VA_END};
+use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE, USER_VA_END};
 use hmm::exclusive::{make_device_exclusive, ExclusiveError};
 use hmm::migrate::{
     hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigrateVma,
@@ -47,7 +47,10 @@ use crate::uapi::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd, HMM_DMIRROR_FLA
 /// Pages per `hmm_range_fault` call of the device fault and snapshot paths.
 const RANGE_CHUNK: u64 = 32;
 
-/// Pages per migration (`PTRS_PER_PTE`, as the kernel driver's loop).
+/// Pages per migration (`PTRS_PER_PTE`, as the kernel driver's loop), and the most pages
+/// any command handles under one hold of the mirror lock or the mmap lock: a command over
+/// a huge range lets invalidations (and `munmap`) in between pieces, so they wait
+/// microseconds, not for the whole range.
 const MIGRATE_CHUNK: u64 = 512;
 
 /// What a mirror has done, counted.
@@ -299,7 +302,7 @@ impl Dmirror {
     /// the first page it lacks, then copy to the user buffer.
     fn cmd_read(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        let mut bounce = bounce(range)?;
         self.access_loop(&mm, range, cmd, DeviceAccess::Read(&mut bounce))?;
         mm.write(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
@@ -312,7 +315,7 @@ impl Dmirror {
     /// mappings, faulting with write at the first page it cannot write.
     fn cmd_write(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let mut bounce = vec![0u8; range.len_bytes() as usize];
+        let mut bounce = bounce(range)?;
         mm.read(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
             &mut bounce,
@@ -330,11 +333,7 @@ impl Dmirror {
     ) -> Result<(), DmirrorError> {
         let write = matches!(access, DeviceAccess::Write(_));
         loop {
-            let r = {
-                let pt = self.shared.pt.lock();
-                self.device_access(&pt, range, &mut cmd.cpages, &mut access)
-            };
-            match r {
+            match self.device_access(range, &mut cmd.cpages, &mut access) {
                 Err(DmirrorError::NoEnt) => {}
                 other => return other,
             }
@@ -348,34 +347,41 @@ impl Dmirror {
     }
 
     /// Copies pages from `*cpages` on between the device's mappings and the bounce buffer,
-    /// under the mirror lock; `NoEnt` at the first page it cannot use.
+    /// under the mirror lock, taken for at most [`MIGRATE_CHUNK`] pages at a time; `NoEnt`
+    /// at the first page it cannot use. A page the device writes is marked dirty
+    /// (`set_page_dirty`): no CPU entry records the write, and reclaim must not discard a
+    /// lazy-free page that holds it.
     fn device_access(
         &self,
-        pt: &DevicePageTable,
         range: VaRange,
         cpages: &mut u64,
         access: &mut DeviceAccess<'_>,
     ) -> Result<(), DmirrorError> {
         let first = range.start().as_u64() >> PAGE_SHIFT;
         while *cpages < range.npages() {
-            let entry = pt.get(first + *cpages).ok_or(DmirrorError::NoEnt)?;
-            let frame = self.phys().frame_nr(entry.frame_nr);
-            let off = (*cpages * PAGE_SIZE) as usize;
-            let page = off..off + PAGE_SIZE as usize;
-            match access {
-                DeviceAccess::Read(buf) => frame.read(0, &mut buf[page]),
-                DeviceAccess::Write(buf) => {
-                    if !entry.tag.is_writable() {
-                        return Err(DmirrorError::NoEnt);
+            let pt = self.shared.pt.lock();
+            let stop = range.npages().min(*cpages + MIGRATE_CHUNK);
+            while *cpages < stop {
+                let entry = pt.get(first + *cpages).ok_or(DmirrorError::NoEnt)?;
+                let frame = self.phys().frame_nr(entry.frame_nr);
+                let off = (*cpages * PAGE_SIZE) as usize;
+                let page = off..off + PAGE_SIZE as usize;
+                match access {
+                    DeviceAccess::Read(buf) => frame.read(0, &mut buf[page]),
+                    DeviceAccess::Write(buf) => {
+                        if !entry.tag.is_writable() {
+                            return Err(DmirrorError::NoEnt);
+                        }
+                        frame.write(0, &buf[page]);
+                        frame.mark_dirty();
                     }
-                    frame.write(0, &buf[page]);
                 }
+                *cpages += 1;
+                self.shared
+                    .counters
+                    .pages_accessed
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            *cpages += 1;
-            self.shared
-                .counters
-                .pages_accessed
-                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -442,15 +448,17 @@ impl Dmirror {
 
     /// Calls `f` with the mmap lock and each piece of `range` a migration may cover: one
     /// VMA, at most 512 pages (`-EINVAL` for a hole or a VMA without read permission).
+    /// The mmap lock is taken for each piece (the kernel driver holds it for the whole
+    /// range), so a `munmap` racing a huge command waits for one piece at most.
     fn for_each_piece(
         &self,
         mm: &Mm,
         range: VaRange,
         mut f: impl FnMut(&MmapReadGuard<'_>, &hmm::mm::Vma, VaRange) -> Result<(), DmirrorError>,
     ) -> Result<(), DmirrorError> {
-        let mmap = mm.mmap_read();
         let mut at = range.start();
         while at < range.end() {
+            let mmap = mm.mmap_read();
             let vma = mmap
                 .vma_lookup(at)
                 .filter(|v| v.flags().contains(VmFlags::READ))
@@ -476,6 +484,8 @@ impl Dmirror {
         cmd: &mut HmmDmirrorCmd,
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
+        // The read-back's buffer first: a range too large for it fails before any page moves.
+        let mut bounce = bounce(range)?;
         self.for_each_piece(&mm, range, |mmap, vma, piece| {
             let args = MigrateVma {
                 start: piece.start(),
@@ -488,7 +498,7 @@ impl Dmirror {
             self.finish_to_device(m, vma, piece);
             Ok(())
         })?;
-        self.read_back(&mm, range, cmd)
+        self.read_back(&mm, range, cmd, &mut bounce)
     }
 
     /// `dmirror_migrate_on_fault_to_device` (the migrate-on-fault series): one walk per
@@ -506,6 +516,8 @@ impl Dmirror {
         cmd: &mut HmmDmirrorCmd,
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
+        // The read-back's buffer first: a range too large for it fails before any page moves.
+        let mut bounce = bounce(range)?;
         let mut pfns = Vec::new();
         self.for_each_piece(&mm, range, |mmap, vma, piece| {
             pfns.clear();
@@ -542,7 +554,7 @@ impl Dmirror {
             self.finish_to_device(migrate_hmm_range_setup(collected), vma, piece);
             Ok(())
         })?;
-        self.read_back(&mm, range, cmd)
+        self.read_back(&mm, range, cmd, &mut bounce)
     }
 
     /// The rest of a migration to this device once collected: allocate and copy, commit,
@@ -613,20 +625,12 @@ impl Dmirror {
         mm: &Mm,
         range: VaRange,
         cmd: &mut HmmDmirrorCmd,
+        bounce: &mut [u8],
     ) -> Result<(), DmirrorError> {
-        let mut bounce = vec![0u8; range.len_bytes() as usize];
-        {
-            let pt = self.shared.pt.lock();
-            self.device_access(
-                &pt,
-                range,
-                &mut cmd.cpages,
-                &mut DeviceAccess::Read(&mut bounce),
-            )?;
-        }
+        self.device_access(range, &mut cmd.cpages, &mut DeviceAccess::Read(bounce))?;
         mm.write(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
-            &bounce,
+            bounce,
         )
         .map_err(|_| DmirrorError::Fault)
     }
@@ -635,9 +639,11 @@ impl Dmirror {
     /// atomics, then the range read back from the device's table without faulting.
     fn cmd_exclusive(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        {
+        // The read-back's buffer first: a range too large for it fails before any page moves.
+        let mut bounce = bounce(range)?;
+        for piece in range.pieces(PMD_SIZE) {
             let mmap = mm.mmap_read();
-            for va in range.pages() {
+            for va in piece.pages() {
                 // dmirror passes no owner: its own EXCLUSIVE event clears the entry, which
                 // it stores again, tagged atomic.
                 let page = make_device_exclusive(&mmap, va, None).map_err(|e| match e {
@@ -654,16 +660,19 @@ impl Dmirror {
                 );
             }
         }
-        self.read_back(&mm, range, cmd)
+        self.read_back(&mm, range, cmd, &mut bounce)
     }
 
     /// `dmirror_check_atomic`: `Perm` while a page of the range is still mapped for
-    /// atomics.
+    /// atomics. Looks at the mapped pages only, so the mirror lock is held for a time
+    /// bounded by what the device maps, whatever the range.
     fn cmd_check_exclusive(&self, range: VaRange) -> Result<(), DmirrorError> {
-        let pt = self.shared.pt.lock();
         let first = range.start().as_u64() >> PAGE_SHIFT;
-        let atomic = (first..first + range.npages())
-            .any(|vpn| pt.get(vpn).is_some_and(|e| e.tag == DptTag::Atomic));
+        let atomic = self
+            .shared
+            .pt
+            .lock()
+            .any_in(first, first + range.npages(), |e| e.tag == DptTag::Atomic);
         if atomic {
             Err(DmirrorError::Perm)
         } else {
@@ -672,10 +681,13 @@ impl Dmirror {
     }
 
     /// `dmirror_snapshot`: one byte per page describing the CPU mapping, 32 pages at a
-    /// time under a temporary interval notifier, no faults; copied to the user buffer.
+    /// time under a temporary interval notifier, no faults; each chunk's bytes are copied
+    /// to the user buffer as they are made, as the kernel's loop does, so the memory used
+    /// is one chunk whatever the range.
     fn cmd_snapshot(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let mut bytes = vec![0u8; range.npages() as usize];
+        let user = VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?;
+        let mut bytes = [0u8; RANGE_CHUNK as usize];
         let mut pfns = [HmmPfn::default(); RANGE_CHUNK as usize];
         let mut at = range.start();
         while at < range.end() {
@@ -694,26 +706,24 @@ impl Dmirror {
                 pfn_flags_mask: HmmPfnFlags::empty(),
                 dev_private_owner: Some(self.device.owner()),
             };
-            let done = cmd.cpages as usize;
             fault_and_commit(
                 &mm,
                 &mut r,
                 HMM_RANGE_DEFAULT_TIMEOUT,
                 &self.shared.pt,
                 |_, r| {
-                    for (i, p) in r.hmm_pfns.iter().enumerate() {
-                        bytes[done + i] = self.prot_byte(*p);
+                    for (b, p) in bytes.iter_mut().zip(r.hmm_pfns.iter()) {
+                        *b = self.prot_byte(*p);
                     }
                 },
             )?;
+            let to = user.checked_add(cmd.cpages).ok_or(DmirrorError::Fault)?;
+            mm.write(to, &bytes[..n as usize])
+                .map_err(|_| DmirrorError::Fault)?;
             cmd.cpages += n;
             at = next;
         }
-        mm.write(
-            VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
-            &bytes,
-        )
-        .map_err(|_| DmirrorError::Fault)
+        Ok(())
     }
 
     /// `dmirror_mkentry`: the snapshot byte of one word.
@@ -747,6 +757,12 @@ impl Dmirror {
     /// `len` bytes with a zeroed page of the driver's inserted at every address.
     pub fn mmap(&self, len: u64, prot: Prot, flags: MapFlags) -> Result<VirtAddr, DmirrorError> {
         let mm = self.mm()?;
+        // Checked before a page is taken: the driver allocates one page per page mapped.
+        if len == 0 || len > USER_VA_END {
+            return Err(DmirrorError::Inval {
+                what: "length zero or beyond the address space",
+            });
+        }
         let npages = len.div_ceil(PAGE_SIZE);
         let phys = Arc::clone(self.device.phys());
         // All or nothing: on a failure the frames taken so far go back as they drop.
@@ -859,4 +875,11 @@ fn mm_error(e: MmError) -> DmirrorError {
             what: "mapping exists",
         },
     }
+}
+
+/// The bounce buffer of a device read or write (`dmirror_bounce_init`): `kvmalloc` of the
+/// range's bytes, so a range above `INT_MAX` bytes (or more than the host can give) is
+/// `-ENOMEM` before anything happens, as in the kernel.
+fn bounce(range: VaRange) -> Result<Vec<u8>, DmirrorError> {
+    hmm::kvmalloc::kvmalloc_array(range.len_bytes(), 0u8).map_err(|_| DmirrorError::NoMem)
 }

@@ -696,7 +696,7 @@ fn migrations_and_exclusive_access() {
         let mut m = args(page(a, 6), page(a, 7));
         m.flags = MigrateVmaFlags::SELECT_DEVICE_PRIVATE;
         m.fault_page = Some(f.device_pfn());
-        f.meta().unlock();
+        let f = f.unlock();
         assert!(inval(setup(m)), "unlocked fault page");
         drop(f);
         // make_device_exclusive: unaligned is rounded by the kernel's callers, not here.
@@ -709,19 +709,39 @@ fn migrations_and_exclusive_access() {
             Err(ExclusiveError::Fault { .. })
         ));
     });
-    // VMA-less eviction of frames that are not in-use device memory collects nothing.
+    // VMA-less eviction: a range that is not device memory, or runs past its pagemap, is
+    // refused before any array is allocated; pfns that are not in-use device memory
+    // collect nothing.
     let phys = &w.r.phys;
+    let dev_page = w.r.driver.device(0).alloc(0).unwrap().unlock();
+    let pgmap = phys.pagemap_of(dev_page.device_pfn().as_u64()).unwrap();
     w.unchanged(|| {
         let ram = phys.frame(phys.zero_pfn());
-        let m = migrate_device_range(phys, ram, 4);
-        assert!(m.src().iter().all(|s| !s.is_migrating()));
-        drop(m);
+        assert!(matches!(
+            migrate_device_range(phys, ram, 4),
+            Err(MigrateError::Inval { .. })
+        ));
+        for (start, n) in [
+            (0, u64::MAX),
+            (0, 1 << 40),
+            (0, pgmap.nr_frames() + 1),
+            (pgmap.nr_frames() - 1, 2),
+        ] {
+            assert!(
+                matches!(
+                    migrate_device_range(phys, pgmap.frame(start), n),
+                    Err(MigrateError::Inval { .. })
+                ),
+                "{start} + {n}"
+            );
+        }
         let m = migrate_device_pfns(phys, &[DevicePfn::new(12345), DevicePfn::new(1)]);
         assert!(m.src().iter().all(|s| !s.is_migrating()));
         drop(m);
         let m = migrate_device_pfns(phys, &[]);
         assert!(m.src().is_empty());
     });
+    drop(dev_page);
 }
 
 #[test]

@@ -56,12 +56,16 @@ fn migrate(mm: &Mm, dev: &DevPagemap, a: VirtAddr, to_device: bool) {
             dev.alloc(order, FrameFlags::empty())
                 .expect("device memory")
         } else {
-            let f = mm.phys().alloc(order, FrameFlags::empty()).expect("RAM");
-            assert!(f.meta().trylock());
+            let f = mm
+                .phys()
+                .alloc(order, FrameFlags::empty())
+                .expect("RAM")
+                .lock();
             f
         };
         pairs.push((*dst, m.src_page(i).expect("a page or THP")));
-        m.set_dst(i, dst, w.flags().contains(MigratePfnFlags::WRITE));
+        m.set_dst(i, dst, w.flags().contains(MigratePfnFlags::WRITE))
+            .unwrap();
     }
     copy_folios(&pairs);
     let out = m.pages().finalize();

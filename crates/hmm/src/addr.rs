@@ -370,6 +370,36 @@ impl VaRange {
             .map(VirtAddr)
     }
 
+    /// The range cut at every multiple of `align` (a power of two, at least a page): the
+    /// pieces a walk that must not hold a lock for the whole range takes one at a time
+    /// (`PMD_SIZE` for the kernel's `PAGEMAP_WALK_SIZE`).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `align` is not a power of two of at least [`PAGE_SIZE`].
+    #[track_caller]
+    pub fn pieces(&self, align: u64) -> impl Iterator<Item = VaRange> {
+        assert!(
+            align.is_power_of_two() && align >= PAGE_SIZE,
+            "bad alignment {align}"
+        );
+        let end = self.end;
+        let mut at = self.start;
+        std::iter::from_fn(move || {
+            (at < end).then(|| {
+                let next = VirtAddr(at.0 & !(align - 1))
+                    .checked_add(align)
+                    .map_or(end, |e| e.min(end));
+                let piece = VaRange {
+                    start: at,
+                    end: next,
+                };
+                at = next;
+                piece
+            })
+        })
+    }
+
     /// Index of the page containing `addr`, counted from `start`.
     ///
     /// # Panics

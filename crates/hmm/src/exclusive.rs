@@ -61,7 +61,8 @@ impl<'a> ExclusivePage<'a> {
 
 impl Drop for ExclusivePage<'_> {
     fn drop(&mut self) {
-        self.page.folio().meta().unlock();
+        let page = &self.page;
+        crate::sync::drop_work(|| page.folio().meta().unlock());
     }
 }
 

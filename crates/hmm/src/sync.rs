@@ -34,6 +34,20 @@ pub fn retry_point() {
     shuttle::thread::yield_now();
 }
 
+/// Runs the work of a `Drop` so that it cannot turn a panic into an abort: normally it
+/// just runs `work`; while the thread is already unwinding from a panic, `work` runs under
+/// `catch_unwind`, and a second panic inside it (a consistency check that fails because
+/// the first panic left a structure half done) is reported by the panic hook and
+/// swallowed, leaking what `work` did not finish instead of aborting the process. Every
+/// `Drop` in this crate that can reach an assertion goes through here.
+pub fn drop_work(work: impl FnOnce()) {
+    if std::thread::panicking() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    } else {
+        work();
+    }
+}
+
 /// How long [`read_unqueued`] stays parked before it looks at the lock again.
 #[cfg(not(feature = "shuttle"))]
 const UNQUEUED_PARK: std::time::Duration = std::time::Duration::from_millis(1);

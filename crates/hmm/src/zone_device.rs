@@ -34,7 +34,9 @@ use thiserror::Error;
 use crate::addr::{DevicePfn, Pfn, PAGE_SHIFT, PMD_SIZE};
 use crate::mm::{DeviceFault, VmFault};
 use crate::notifier::Owner;
-use crate::phys::{AllocError, Frame, FrameFlags, FrameRef, FreeHook, PhysMem, Region, Zone};
+use crate::phys::{
+    AllocError, Frame, FrameFlags, FrameRef, FreeHook, LockedFolio, PhysMem, Region, Zone,
+};
 use crate::phys::{NR_SECTIONS, SECTION_SHIFT};
 
 /// The kind of device memory (`enum memory_type`).
@@ -292,7 +294,7 @@ impl DevPagemap {
     /// which wants destination pages locked). Contents are whatever the previous user left.
     #[doc(alias = "zone_device_folio_init")]
     #[doc(alias = "zone_device_page_init")]
-    pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
+    pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<LockedFolio<'_>, AllocError> {
         if !self.is_live() {
             return Err(AllocError { order });
         }
@@ -302,8 +304,7 @@ impl DevPagemap {
             // memunmap raced with this allocation and won: give the folio back.
             return Err(AllocError { order });
         }
-        assert!(frame.meta().trylock(), "a fresh folio is unlocked");
-        Ok(frame)
+        Ok(LockedFolio::fresh(frame))
     }
 
     /// Retires the pagemap (`memunmap_pages`): no more allocations, and its frames are no

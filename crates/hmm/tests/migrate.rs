@@ -83,7 +83,7 @@ fn bad_arguments_are_einval() {
     let f = dev.alloc(0, FrameFlags::empty()).unwrap();
     let mut fp = args(a, 1, owner, MigrateVmaFlags::SELECT_DEVICE_PRIVATE);
     fp.fault_page = Some(f.device_pfn());
-    f.meta().unlock();
+    let f = f.unlock();
     assert!(
         inval(migrate_vma_setup(&mmap, fp).map(|_| ())),
         "unlocked fault page"
@@ -226,7 +226,7 @@ fn dropping_a_stage_loses_nothing() {
         // Destinations for some entries, then the migration is dropped before pages().
         for i in [0usize, 6] {
             let d = dev.alloc(0, FrameFlags::empty()).unwrap();
-            mig.set_dst(i, d, true);
+            mig.set_dst(i, d, true).unwrap();
         }
     }
     assert_eq!(dev.nr_in_use(), 0, "the destinations were freed");
@@ -242,7 +242,7 @@ fn dropping_a_stage_loses_nothing() {
             migrate_vma_setup(&mmap, args(a, 2, owner, MigrateVmaFlags::SELECT_SYSTEM)).unwrap();
         let d = dev.alloc(0, FrameFlags::empty()).unwrap();
         d.copy_from(&mig.src_page(0).unwrap());
-        mig.set_dst(0, d, true);
+        mig.set_dst(0, d, true).unwrap();
         let _pages = mig.pages();
     }
     assert_eq!(device_byte(&m, &m.mm, a), Some(data[0]));
@@ -271,7 +271,7 @@ fn a_cpu_fault_in_a_hole_wins_over_the_insertion() {
     for i in 0..2 {
         let d = dev.alloc(0, FrameFlags::empty()).unwrap();
         d.zero();
-        mig.set_dst(i, d, true);
+        mig.set_dst(i, d, true).unwrap();
     }
     let p = mig.pages();
     assert!(!p.src()[0].is_migrating(), "the insertion lost the race");
@@ -408,7 +408,7 @@ fn a_fork_during_a_device_eviction_leaves_the_page_shared() {
 
     // The eviction unmaps the page; a fork copies its migration entry; the eviction then
     // fails (no destination) and puts the page back in both.
-    let eviction = migrate_device_range(&m.phys, dev.frame(0), dev.nr_frames());
+    let eviction = migrate_device_range(&m.phys, dev.frame(0), dev.nr_frames()).unwrap();
     let child = m.mm.fork().unwrap();
     drop(eviction);
     assert!(!exclusive(m.phys.device_frame(dpfn)));
@@ -428,10 +428,9 @@ fn a_fork_during_a_device_eviction_leaves_the_page_shared() {
         args(a, 1, owner, MigrateVmaFlags::SELECT_DEVICE_PRIVATE),
     )
     .unwrap();
-    let sys = m.phys.alloc(0, FrameFlags::empty()).unwrap();
-    assert!(sys.meta().trylock());
+    let sys = m.phys.alloc(0, FrameFlags::empty()).unwrap().lock();
     sys.copy_from(&mig.src_page(0).unwrap());
-    mig.set_dst(0, sys, false);
+    mig.set_dst(0, sys, false).unwrap();
     assert_eq!(mig.pages().finalize().migrated, 1);
     drop(mmap);
     child.write_val(a, 0xeeee_u64).unwrap();

@@ -156,7 +156,7 @@ impl World {
         a: VirtAddr,
         npages: u64,
         flags: MigrateVmaFlags,
-        alloc: impl FnMut() -> Option<hmm::phys::Frame<'p>>,
+        alloc: impl FnMut() -> Option<hmm::phys::LockedFolio<'p>>,
     ) -> u64 {
         let mmap = self.mm.mmap_read();
         migrate_vma_setup(&mmap, self.args(a, npages, flags)).map_or(0, |m| copy_into(m, alloc))
@@ -185,9 +185,8 @@ impl World {
 }
 
 /// A fresh system page, locked, as a migration destination must be.
-fn system_page(phys: &PhysMem) -> Option<hmm::phys::Frame<'_>> {
-    let page = phys.alloc(0, FrameFlags::empty()).ok()?;
-    assert!(page.meta().trylock(), "a fresh page is unlocked");
+fn system_page(phys: &PhysMem) -> Option<hmm::phys::LockedFolio<'_>> {
+    let page = phys.alloc(0, FrameFlags::empty()).ok()?.lock();
     Some(page)
 }
 
@@ -200,7 +199,7 @@ fn page(base: VirtAddr, i: u64) -> VirtAddr {
 /// and finalizes; returns the pages migrated.
 fn copy_into<'p>(
     mut mig: Migration<'_, '_>,
-    alloc: impl FnMut() -> Option<hmm::phys::Frame<'p>>,
+    alloc: impl FnMut() -> Option<hmm::phys::LockedFolio<'p>>,
 ) -> u64 {
     fill_dst(&mut mig, alloc);
     mig.pages().finalize().migrated
@@ -209,7 +208,7 @@ fn copy_into<'p>(
 /// Gives every migrating entry a page from `alloc` holding the source's bytes.
 fn fill_dst<'p>(
     mig: &mut Migration<'_, '_>,
-    mut alloc: impl FnMut() -> Option<hmm::phys::Frame<'p>>,
+    mut alloc: impl FnMut() -> Option<hmm::phys::LockedFolio<'p>>,
 ) {
     for i in 0..mig.src().len() {
         let w = mig.src()[i];
@@ -222,7 +221,7 @@ fn fill_dst<'p>(
             None => d.zero(),
         }
         let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
-        mig.set_dst(i, d, write);
+        mig.set_dst(i, d, write).unwrap();
     }
 }
 
@@ -557,12 +556,12 @@ fn exclusive_access_is_revoked_before_the_cpu_touches_the_page() {
 /// Evicts every page of the device to system memory, as a driver removing its memory
 /// does; returns the pages evicted.
 fn evict(w: &World) -> u64 {
-    let mut m = migrate_device_range(&w.phys, w.dev.frame(0), w.dev.nr_frames());
+    let mut m = migrate_device_range(&w.phys, w.dev.frame(0), w.dev.nr_frames()).unwrap();
     for i in 0..m.src().len() {
         let Some(src) = m.src_page(i) else { continue };
         let page = system_page(&w.phys).expect("RAM for the eviction");
         page.copy_from(&src);
-        m.set_dst(i, page, true);
+        m.set_dst(i, page, true).unwrap();
     }
     m.pages().finalize().migrated
 }

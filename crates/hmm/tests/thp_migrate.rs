@@ -14,7 +14,7 @@ use hmm::migrate::{
 };
 use hmm::mm::{Advice, GupFlags, MapFlags, SwapKind};
 use hmm::notifier::{NotifierEvent, Owner};
-use hmm::phys::{Frame, FrameFlags, FrameRef};
+use hmm::phys::{FrameFlags, FrameRef, LockedFolio};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
 const NR: u64 = PMD_NR;
@@ -122,14 +122,10 @@ enum Dst {
     System(u32),
 }
 
-fn alloc<'a>(r: &'a Rig, dst: Dst, order: u32) -> Frame<'a> {
+fn alloc<'a>(r: &'a Rig, dst: Dst, order: u32) -> LockedFolio<'a> {
     match dst {
         Dst::Device(_) => r.dev.alloc(order, FrameFlags::empty()).unwrap(),
-        Dst::System(_) => {
-            let f = r.m.phys.alloc(order, FrameFlags::empty()).unwrap();
-            assert!(f.meta().trylock());
-            f
-        }
+        Dst::System(_) => r.m.phys.alloc(order, FrameFlags::empty()).unwrap().lock(),
     }
 }
 
@@ -157,7 +153,7 @@ fn migrate(r: &Rig, mut mig: Migration<'_, '_>, dst: Dst) -> u64 {
                     None => p.zero(),
                 }
             }
-            mig.set_dst(i, d, write);
+            mig.set_dst(i, d, write).unwrap();
         } else {
             let n = if unit { NR as usize } else { 1 };
             for k in i..i + n {
@@ -166,7 +162,7 @@ fn migrate(r: &Rig, mut mig: Migration<'_, '_>, dst: Dst) -> u64 {
                     Some(s) => d.copy_from(&s),
                     None => d.zero(),
                 }
-                mig.set_dst(k, d, write);
+                mig.set_dst(k, d, write).unwrap();
             }
         }
         i += if unit { NR as usize } else { 1 };
@@ -359,12 +355,12 @@ fn an_empty_pmd_and_the_huge_zero_page_are_one_empty_unit() {
         if order == PMD_ORDER {
             let d = r.dev.alloc(PMD_ORDER, FrameFlags::empty()).unwrap();
             (0..NR).for_each(|k| d.folio_page(k).zero());
-            mig.set_dst(h, d, true);
+            mig.set_dst(h, d, true).unwrap();
         } else {
             for k in h..h + NR as usize {
                 let d = r.dev.alloc(0, FrameFlags::empty()).unwrap();
                 d.zero();
-                mig.set_dst(k, d, true);
+                mig.set_dst(k, d, true).unwrap();
             }
         }
     }
@@ -586,7 +582,7 @@ fn a_thp_shared_by_fork_moves_whole_in_both_address_spaces() {
 /// Evicts every page of the device (`migrate_device_range`) to system memory, giving a
 /// device THP one order-9 folio or, with `order` 0, 512 pages; returns pages migrated.
 fn evict(r: &Rig, order: u32) -> u64 {
-    let mut m = migrate_device_range(&r.m.phys, r.dev.frame(0), r.dev.nr_frames());
+    let mut m = migrate_device_range(&r.m.phys, r.dev.frame(0), r.dev.nr_frames()).unwrap();
     let mut i = 0;
     while i < m.src().len() {
         let w = m.src()[i];
@@ -601,12 +597,12 @@ fn evict(r: &Rig, order: u32) -> u64 {
                 d.folio_page(k)
                     .copy_from(&m.src_page(i + k as usize).unwrap());
             }
-            m.set_dst(i, d, true);
+            m.set_dst(i, d, true).unwrap();
         } else {
             for k in i..i + if unit { NR as usize } else { 1 } {
                 let d = alloc(r, Dst::System(0), 0);
                 d.copy_from(&m.src_page(k).unwrap());
-                m.set_dst(k, d, true);
+                m.set_dst(k, d, true).unwrap();
             }
         }
         i += if unit { NR as usize } else { 1 };
@@ -653,7 +649,7 @@ fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
     let pfns = |list: &[u64]| list.iter().map(|&p| DevicePfn::new(p)).collect::<Vec<_>>();
     // A range ending inside the THP, a list with the head but not its pages after it, a
     // list with them out of order: nothing collected, nothing moved, nothing lost.
-    let partial = migrate_device_range(&r.m.phys, r.dev.frame(0), NR - 1);
+    let partial = migrate_device_range(&r.m.phys, r.dev.frame(0), NR - 1).unwrap();
     assert!(partial.src().iter().all(|w| w.is_empty()));
     drop(partial);
     let mut list: Vec<u64> = (head..head + NR).collect();

@@ -96,8 +96,7 @@ fn private_frames_hold_bytes_and_are_freed_through_the_driver() {
     assert_eq!(&back, b"device bytes");
     assert_eq!(pgmap.nr_in_use(), 1);
 
-    f.meta().unlock();
-    drop(f);
+    drop(f.unlock());
     assert_eq!(ops.freed_pages.load(Ordering::Relaxed), 1);
     assert_eq!(ops.last_free.load(Ordering::Relaxed), dpfn.as_u64());
     assert_eq!(pgmap.nr_in_use(), 0);
@@ -125,8 +124,7 @@ fn thp_sized_device_folios_and_exhaustion() {
         "4 MiB are used up"
     );
     for f in [big, big2] {
-        f.meta().unlock();
-        drop(f);
+        drop(f.unlock());
     }
     assert_eq!(ops.freed_pages.load(Ordering::Relaxed), 2 * PMD_NR);
     assert_eq!(pgmap.nr_in_use(), 0);
@@ -155,7 +153,7 @@ fn coherent_frames_are_cpu_addressable() {
     let mut b = [0u8; 16];
     f.read(0, &mut b);
     assert_eq!(b, [7; 16]);
-    f.meta().unlock();
+    drop(f.unlock());
 }
 
 #[test]
@@ -172,7 +170,7 @@ fn pagemaps_get_distinct_sections_and_owners_stay_apart() {
     assert_eq!(phys.pagemap_of(d0.as_u64()).unwrap().owner(), a);
     assert_eq!(phys.pagemap_of(d1.as_u64()).unwrap().owner(), b);
     for f in [f0, f1] {
-        f.meta().unlock();
+        drop(f.unlock());
     }
 }
 
@@ -192,8 +190,7 @@ fn memunmap_waits_for_frames_and_retires_the_pagemap() {
         Err(PagemapError::Busy { in_use: 1 })
     ));
     assert!(pgmap.is_live(), "a refused memunmap changes nothing");
-    f.meta().unlock();
-    drop(f);
+    drop(f.unlock());
     pgmap.memunmap().unwrap();
     assert!(!pgmap.is_live());
     assert!(!phys.contains_device(dpfn));

@@ -30,6 +30,8 @@ use serde::Serialize;
 
 use super::median;
 use super::paired::PairedRatio;
+use crate::interrupt;
+use crate::limits::{round_2m, Need, MIB};
 
 /// Pages per `migrate_vma` call.
 const CHUNK_PAGES: u64 = 512;
@@ -91,10 +93,32 @@ struct Setup {
     size: u64,
 }
 
+/// Simulated RAM for a region of `size` bytes: the region, room to bring it back from
+/// the device, and some to spare.
+fn ram_bytes(size: u64) -> u64 {
+    round_2m(size) * 2 + 16 * MIB
+}
+
+/// What one size needs: the RAM and the device memory (both committed up front), the
+/// data and its read-back, and the memcpy baseline's two buffers; about 5 times the
+/// size measured, counted as 7.
+pub(crate) fn need(size: u64) -> Need {
+    Need {
+        ram: ram_bytes(size),
+        host: 7 * size + 64 * MIB,
+    }
+}
+
+/// Whether a region of `size` bytes splits into `threads` slices of whole 2 MiB units
+/// (threads sharing a THP would race to split it, and the loser would skip pages).
+pub(crate) fn splits(size: u64, threads: usize) -> bool {
+    threads == 1 || ((size / PAGE_SIZE).div_ceil(threads as u64) * PAGE_SIZE) % (2 << 20) == 0
+}
+
 fn setup(size: u64, thp: bool) -> Result<Setup, Box<dyn Error>> {
-    let rounded = size.div_ceil(2 << 20) * (2 << 20);
+    let rounded = round_2m(size);
     let phys = PhysMem::new(PhysConfig {
-        size_bytes: rounded * 2 + (16 << 20),
+        size_bytes: ram_bytes(size),
         prefault: true,
     })?;
     let dev = memremap_pages(
@@ -171,11 +195,7 @@ pub(crate) fn copy_and_commit(
     let alloc = |order| -> Result<_, Box<dyn Error>> {
         Ok(match device {
             Some(dev) => dev.alloc(order, FrameFlags::empty())?,
-            None => {
-                let f = phys.alloc(order, FrameFlags::empty())?;
-                assert!(f.meta().trylock(), "a fresh folio is unlocked");
-                f
-            }
+            None => phys.alloc(order, FrameFlags::empty())?.lock(),
         })
     };
     // One batched copy of the sources (whole folios: a page or a unit's head), as a
@@ -195,7 +215,8 @@ pub(crate) fn copy_and_commit(
             i,
             dst,
             w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid(),
-        );
+        )
+        .map_err(|e| e.to_string())?;
     }
     copy_folios(&pairs);
     Ok(m.pages().finalize().migrated)
@@ -294,7 +315,8 @@ fn gbps(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
 }
 
-/// `hmm bench migrate`: one row per size, page kind and direction.
+/// `hmm bench migrate`: one row per size, page kind and direction. After a Ctrl-C
+/// ([`interrupt`]), the row in hand ends after the round in hand and no more are measured.
 pub(crate) fn migrate_rows(
     sizes: &[u64],
     threads: usize,
@@ -302,15 +324,20 @@ pub(crate) fn migrate_rows(
     mut progress: impl FnMut(&MigrateRow),
 ) -> Result<Vec<MigrateRow>, Box<dyn Error>> {
     let mut rows = Vec::new();
+    if threads == 0 || iters == 0 {
+        return Err("--threads and --iters must be at least 1".into());
+    }
     for &size in sizes {
-        if size == 0 || size % PAGE_SIZE != 0 {
-            return Err(format!("size {size} is not a positive multiple of 4 KiB").into());
+        if interrupt::requested() {
+            break;
         }
-        // Threads sharing a THP would race to split it, and the loser would skip pages.
-        let slice = (size / PAGE_SIZE).div_ceil(threads as u64) * PAGE_SIZE;
-        if threads > 1 && slice % (2 << 20) != 0 {
+        let kib = size >> 10;
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(format!("size {kib} KiB is not a positive multiple of 4 KiB").into());
+        }
+        if !splits(size, threads) {
             return Err(format!(
-                "size {size} does not split into {threads} slices of whole 2 MiB units"
+                "size {kib} KiB does not split into {threads} slices of whole 2 MiB units"
             )
             .into());
         }
@@ -323,6 +350,9 @@ pub(crate) fn migrate_rows(
             let mut to_dev = (Vec::new(), Vec::new());
             let mut to_sys = (Vec::new(), Vec::new());
             for round in 0..iters {
+                if round > 0 && interrupt::requested() {
+                    break;
+                }
                 let s = setup(size, thp)?;
                 let data: Vec<u8> = (0..size).map(byte).collect();
                 s.mm.write(s.base, &data)?;
@@ -382,7 +412,7 @@ pub(crate) fn migrate_rows(
 
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[MigrateRow]) {
-    println!(
+    outln!(
         "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}  {:<26} memcpy's speedup",
         "size",
         "thp",
@@ -395,7 +425,7 @@ pub(crate) fn print_table(rows: &[MigrateRow]) {
     );
     let show = |p: Option<PairedRatio>| p.map_or(String::new(), |p| format!("{p:.2}"));
     for r in rows {
-        println!(
+        outln!(
             "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}  {:<26} {}",
             human(r.size_bytes),
             r.thp,

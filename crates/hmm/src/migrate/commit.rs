@@ -218,7 +218,9 @@ impl<'g, 'a> State<'g, 'a> {
 impl Drop for State<'_, '_> {
     fn drop(&mut self) {
         if self.stage != Stage::Done {
-            finalize(self);
+            crate::sync::drop_work(|| {
+                finalize(self);
+            });
         }
     }
 }

@@ -12,12 +12,12 @@
 //! address space's lock for reading.
 
 use crate::addr::{DevicePfn, PMD_NR};
-use crate::phys::{Frame, FrameFlags, FrameRef, PhysMem};
+use crate::phys::{FrameFlags, FrameRef, LockedFolio, PhysMem};
 
 use super::collect::{remove_migration_ptes, try_to_migrate};
 use super::compound::{expand_unit, folio_mapped, split_unmapped_folio};
-use super::pfn::{MigratePfn, MigratePfnFlags};
-use super::MigrateOutcome;
+use super::pfn::{DstRefused, MigratePfn, MigratePfnFlags};
+use super::{MigrateError, MigrateOutcome};
 
 /// Collected device pages, waiting for destinations.
 #[must_use = "dropping a migration puts every page back; call pages() and finalize()"]
@@ -44,13 +44,29 @@ struct DevState<'p> {
 /// Collects the in-use pages of the `npages` device frames from `start` (private or
 /// coherent) (`migrate_device_range`). Free frames, tails of large folios and locked
 /// pages give 0, and so does a device THP whose 2 MiB the range does not hold whole.
+///
+/// Errors: `Inval` when `start` is not a frame of a device pagemap or the range runs past
+/// the end of that pagemap (a kernel driver passes the pfns of its own memory; the arrays
+/// are then bounded by the device's size).
 pub fn migrate_device_range<'p>(
     phys: &'p PhysMem,
     start: FrameRef<'_>,
     npages: u64,
-) -> DeviceMigration<'p> {
+) -> Result<DeviceMigration<'p>, MigrateError> {
     let first = start.nr();
-    collect(phys, (0..npages).map(|i| first + i))
+    let pgmap = phys.pagemap_of(first).ok_or(MigrateError::Inval {
+        what: "start is not a device frame",
+    })?;
+    let inside = npages == 0
+        || first
+            .checked_add(npages - 1)
+            .is_some_and(|last| pgmap.contains_nr(last));
+    if !inside {
+        return Err(MigrateError::Inval {
+            what: "the range runs past its device pagemap",
+        });
+    }
+    Ok(collect(phys, (0..npages).map(|i| first + i)))
 }
 
 /// Collects the in-use device pages `pfns` (`migrate_device_pfns`). A device THP is
@@ -126,6 +142,60 @@ fn collect_one(phys: &PhysMem, nr: u64, unit_fits: bool) -> MigratePfn {
     MigratePfn::new(nr, flags)
 }
 
+/// Why [`migrate_device_coherent_folio`] could not move a folio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CoherentMigrateError {
+    /// The folio could not be collected (locked, referenced beyond its mappings, freed
+    /// meanwhile) or did not commit (`-EBUSY`).
+    Busy,
+    /// No system memory to move it to.
+    NoMem,
+}
+
+/// Moves the device-coherent folio headed by frame `head` to system memory
+/// (`migrate_device_coherent_folio`), as a long-term pin must before it pins: collected by
+/// frame number like an eviction, copied to a system folio of its order (or to 512 pages
+/// for a device THP when no system THP can be had), committed and remapped wherever it
+/// was mapped. The caller holds no reference and no mmap lock.
+pub(crate) fn migrate_device_coherent_folio(
+    phys: &PhysMem,
+    head: u64,
+) -> Result<(), CoherentMigrateError> {
+    let npages = phys.frame_nr(head).meta().order();
+    let npages = 1u64 << npages.min(crate::addr::PMD_ORDER);
+    let mut m = collect(phys, (0..npages).map(|i| head + i));
+    let w = m.state.src[0];
+    if !w.is_migrating() {
+        return Err(CoherentMigrateError::Busy);
+    }
+    let alloc = |order| {
+        phys.alloc(order, FrameFlags::empty())
+            .ok()
+            .map(|f| f.lock())
+    };
+    let large = (w.npages() > 1)
+        .then(|| alloc(crate::addr::PMD_ORDER))
+        .flatten();
+    if let Some(folio) = large {
+        folio.copy_folio_from(&m.src_page(0).expect("migrating"));
+        m.set_dst(0, folio, true)
+            .expect("the head of a migrating unit");
+    } else {
+        for k in 0..w.npages() as usize {
+            let page = alloc(0).ok_or(CoherentMigrateError::NoMem)?;
+            page.copy_from(&m.src_page(k).expect("migrating"));
+            m.set_dst(k, page, true)
+                .expect("a page of a migrating unit");
+        }
+    }
+    let out = m.pages().finalize();
+    if out.migrated == w.npages() {
+        Ok(())
+    } else {
+        Err(CoherentMigrateError::Busy)
+    }
+}
+
 impl<'p> DeviceMigration<'p> {
     /// One word per frame asked for: `MIGRATE` for each page being migrated.
     pub fn src(&self) -> &[MigratePfn] {
@@ -146,15 +216,21 @@ impl<'p> DeviceMigration<'p> {
     /// folio at its head, or order-0 pages at its 512 entries (the source is then split
     /// when the migration commits).
     ///
-    /// # Panics
-    ///
-    /// Panics if entry `i` is neither migrating nor inside a migrating device THP, has a
-    /// destination, or `dst` is not locked.
-    #[track_caller]
-    pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
+    /// Errors: [`DstRefused`], with the folio given back, if `i` is outside the
+    /// migration, the entry is neither migrating nor inside a migrating device THP, or it
+    /// has a destination.
+    pub fn set_dst<'f>(
+        &mut self,
+        i: usize,
+        dst: LockedFolio<'f>,
+        write: bool,
+    ) -> Result<(), DstRefused<'f>> {
         let s = &mut self.state;
-        let src = s.src[s.unit_head(i).unwrap_or(i)];
-        s.dst[i] = MigratePfn::destination(src, s.dst[i], dst, write);
+        let src = (i < s.src.len()).then(|| s.src[s.unit_head(i).unwrap_or(i)]);
+        let dst_word = s.dst.get(i).copied().unwrap_or_default();
+        let word = MigratePfn::destination(i, src, dst_word, dst, write)?;
+        s.dst[i] = word;
+        Ok(())
     }
 
     /// Moves the metadata of every entry that has a destination (`migrate_device_pages`).
@@ -285,7 +361,9 @@ impl DevState<'_> {
 impl Drop for DevState<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.finalize();
+            crate::sync::drop_work(|| {
+                self.finalize();
+            });
         }
     }
 }

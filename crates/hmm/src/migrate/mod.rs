@@ -93,19 +93,20 @@ use thiserror::Error;
 use crate::addr::{DevicePfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::mm::{MmapReadGuard, Vma};
 use crate::notifier::Owner;
-use crate::phys::{Frame, FrameRef};
+use crate::phys::{FrameRef, LockedFolio};
 use crate::prot::VmFlags;
 use crate::range_fault::HmmError;
 
 pub(crate) use collect::Next;
 pub(crate) use commit::remap_entry;
 pub(crate) use compound::PmdNext;
+pub(crate) use device::{migrate_device_coherent_folio, CoherentMigrateError};
 pub use device::{
     migrate_device_pfns, migrate_device_range, DeviceMigration, DeviceMigrationPages,
 };
 pub(crate) use on_fault::Collector;
 pub use on_fault::{hmm_range_fault_migrate, migrate_hmm_range_setup, HmmMigrate};
-pub use pfn::{MigratePfn, MigratePfnFlags, MigrateVmaFlags, MIGRATE_PFN_SHIFT};
+pub use pfn::{DstRefused, MigratePfn, MigratePfnFlags, MigrateVmaFlags, MIGRATE_PFN_SHIFT};
 
 /// What to migrate (the caller's fields of `struct migrate_vma`).
 #[doc(alias = "migrate_vma")]
@@ -144,8 +145,10 @@ pub enum MigrateError {
         addr: VirtAddr,
     },
     /// Bad arguments: unaligned or empty range, no VMA, a range leaving its VMA, a
-    /// hugetlb or driver (`VM_MIXEDMAP`) VMA, or a fault page that is not a locked
-    /// device-private page.
+    /// hugetlb or driver (`VM_MIXEDMAP`) VMA, a fault page that is not a locked
+    /// device-private page, or a range longer than
+    /// [`kvmalloc::max_len`](crate::kvmalloc::max_len) of [`MigratePfn`] (the `src` and
+    /// `dst` arrays a kernel driver would `kvcalloc`).
     #[error("invalid migrate_vma: {what}")]
     Inval {
         /// What was wrong.
@@ -183,6 +186,9 @@ pub fn migrate_vma_setup<'g, 'a>(
     let inval = |what| MigrateError::Inval { what };
     let range =
         VaRange::new(args.start, args.end).map_err(|_| inval("unaligned or empty range"))?;
+    // The driver's src and dst arrays: kvmalloc'd by a kernel driver, so bounded the same.
+    crate::kvmalloc::check_array::<MigratePfn>(range.npages())
+        .map_err(|_| inval("more pages than a kvmalloc'd src array holds"))?;
     let vma: &'g Vma = mmap.vma_lookup(range.start()).ok_or(inval("no VMA"))?;
     if !vma.range().contains_range(&range) {
         return Err(inval("the range leaves its VMA"));
@@ -261,24 +267,51 @@ impl<'g, 'a> Migration<'g, 'a> {
         (w.is_valid() && w.is_migrating()).then(|| s.frame(w.frame_nr() + (i - head) as u64))
     }
 
-    /// Gives entry `i` its destination: a folio the caller allocated, filled and locked.
-    /// `write` asks for a writable mapping (`MIGRATE_PFN_WRITE`). The migration owns the
-    /// reference from now on and unlocks the page when it finalizes.
+    /// Gives entry `i` its destination: a folio the caller allocated, filled and locked
+    /// (the type says so: [`Frame::lock`](crate::phys::Frame::lock) makes one). `write`
+    /// asks for a writable mapping (`MIGRATE_PFN_WRITE`). The migration owns the lock and
+    /// the reference from now on and unlocks the page when it finalizes.
     ///
     /// A unit (`COMPOUND` source) takes one order-9 folio at its first entry (the word
     /// gets `COMPOUND`), or order-0 pages at any of its 512 entries (the source is then
     /// split when the migration commits). An order-9 folio for an entry that is not a
     /// unit is accepted here and refused by [`pages`](Self::pages).
     ///
-    /// # Panics
+    /// Errors: [`DstRefused`], with the folio given back, if `i` is outside the range,
+    /// the entry is neither migrating nor inside a migrating unit, or it already has a
+    /// destination. (The kernel takes a destination for an entry that is not migrating
+    /// and frees it at finalize; giving it back at once is the same outcome, sooner.)
     ///
-    /// Panics if entry `i` is neither migrating nor inside a migrating unit, already has
-    /// a destination, or `dst` is not locked.
-    #[track_caller]
-    pub fn set_dst(&mut self, i: usize, dst: Frame<'_>, write: bool) {
+    /// An unlocked page does not type-check:
+    ///
+    /// ```compile_fail
+    /// fn hand_over<'f>(m: &mut hmm::migrate::Migration<'_, '_>, page: hmm::phys::Frame<'f>) {
+    ///     let _ = m.set_dst(0, page, true);
+    /// }
+    /// ```
+    ///
+    /// Lock it first:
+    ///
+    /// ```
+    /// fn hand_over<'f>(
+    ///     m: &mut hmm::migrate::Migration<'_, '_>,
+    ///     page: hmm::phys::Frame<'f>,
+    /// ) -> Result<(), hmm::migrate::DstRefused<'f>> {
+    ///     m.set_dst(0, page.lock(), true)
+    /// }
+    /// ```
+    pub fn set_dst<'f>(
+        &mut self,
+        i: usize,
+        dst: LockedFolio<'f>,
+        write: bool,
+    ) -> Result<(), DstRefused<'f>> {
         let s = &mut self.state;
-        let src = s.src[s.unit_head(i).unwrap_or(i)];
-        s.dst[i] = MigratePfn::destination(src, s.dst[i], dst, write);
+        let src = (i < s.src.len()).then(|| s.src[s.unit_head(i).unwrap_or(i)]);
+        let dst_word = s.dst.get(i).copied().unwrap_or_default();
+        let word = MigratePfn::destination(i, src, dst_word, dst, write)?;
+        s.dst[i] = word;
+        Ok(())
     }
 
     /// Commits the entries that have a destination (`migrate_vma_pages`); the others stop

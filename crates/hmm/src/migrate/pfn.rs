@@ -3,6 +3,8 @@
 
 use bitflags::bitflags;
 
+use crate::phys::LockedFolio;
+
 bitflags! {
     /// Which pages `migrate_vma_setup` selects (`enum migrate_vma_direction`). Holes and
     /// the zero page of anonymous memory are selected whatever the flags.
@@ -110,22 +112,29 @@ impl MigratePfn {
         self.0 == 0
     }
 
-    /// The destination word for `dst` (locked), taking over its reference: the
-    /// `set_dst` of both migration kinds. An order-9 folio gets `COMPOUND`.
-    ///
-    /// # Panics
-    ///
-    /// Panics if `src` is not migrating, `dst_word` is already set, or `dst` is unlocked.
-    #[track_caller]
-    pub(crate) fn destination(
-        src: MigratePfn,
+    /// The destination word for `dst`, taking over its lock and reference: the `set_dst`
+    /// of both migration kinds. An order-9 folio gets `COMPOUND`. `src` is the word of the
+    /// entry (or of its unit's head), `None` when the index is outside the migration.
+    pub(crate) fn destination<'f>(
+        index: usize,
+        src: Option<MigratePfn>,
         dst_word: MigratePfn,
-        dst: crate::phys::Frame<'_>,
+        dst: LockedFolio<'f>,
         write: bool,
-    ) -> MigratePfn {
-        assert!(src.is_migrating(), "the entry is not migrating");
-        assert!(dst_word.is_empty(), "the entry has a destination");
-        assert!(dst.meta().is_locked(), "destination pages must be locked");
+    ) -> Result<MigratePfn, DstRefused<'f>> {
+        let refuse = |reason, folio| {
+            Err(DstRefused {
+                index,
+                reason,
+                folio,
+            })
+        };
+        match src {
+            None => return refuse("no such entry", dst),
+            Some(w) if !w.is_migrating() => return refuse("the entry is not migrating", dst),
+            Some(_) if !dst_word.is_empty() => return refuse("the entry has a destination", dst),
+            Some(_) => {}
+        }
         let mut flags = MigratePfnFlags::VALID;
         if write {
             flags |= MigratePfnFlags::WRITE;
@@ -133,9 +142,7 @@ impl MigratePfn {
         if dst.meta().order() == crate::addr::PMD_ORDER {
             flags |= MigratePfnFlags::COMPOUND;
         }
-        let nr = dst.nr();
-        std::mem::forget(dst);
-        MigratePfn::new(nr, flags)
+        Ok(MigratePfn::new(dst.into_raw_nr(), flags))
     }
 
     /// The `src` word a migrating `hmm_range_fault` output word stands for (the
@@ -218,4 +225,19 @@ mod tests {
             MigratePfn::default()
         );
     }
+}
+
+/// A destination [`Migration::set_dst`](super::Migration::set_dst) (or
+/// [`DeviceMigration::set_dst`](super::DeviceMigration::set_dst)) would not take: the folio
+/// comes back, still locked and referenced, and dropping the error unlocks and frees it, so
+/// nothing leaks whatever the caller does with it.
+#[derive(Debug, thiserror::Error)]
+#[error("entry {index} refuses a destination: {reason}")]
+pub struct DstRefused<'f> {
+    /// The entry asked for.
+    pub index: usize,
+    /// Why: no such entry, the entry is not migrating, or it has a destination already.
+    pub reason: &'static str,
+    /// The folio handed over, given back.
+    pub folio: LockedFolio<'f>,
 }

@@ -283,8 +283,7 @@ mod tests {
         let sys = r.mm.phys().frame(pfn);
         dev.copy_from(&sys);
         dev.meta().inc_mapcount();
-        dev.meta().unlock();
-        let dpfn = dev.into_raw_device();
+        let dpfn = dev.unlock().into_raw_device();
         p.set(Pte::DevicePrivate {
             pfn: dpfn,
             flags: PteFlags::WRITE,
@@ -365,8 +364,7 @@ mod tests {
         let st = guard.state();
         r.mm.new_anon_rmap(&dev, st.vmas.find(base).unwrap(), base);
         dev.meta().inc_entire_mapcount();
-        dev.meta().unlock();
-        let dpfn = dev.into_raw_device();
+        let dpfn = dev.unlock().into_raw_device();
         st.pt
             .lock_pmd(base, WalkMode::Populate)
             .unwrap()

@@ -12,8 +12,13 @@
 //!   pinned page must be anon-exclusive, or a later COW would leave the pin holder looking
 //!   at a page the process no longer maps.
 //! * Pins are what later operations check: `fork` copies pinned exclusive pages instead of
-//!   sharing them, `MADV_COLLAPSE` and `MADV_FREE` reclaim skip them, and migration will
-//!   refuse them.
+//!   sharing them, `MADV_COLLAPSE` and `MADV_FREE` reclaim skip them, and migration
+//!   refuses them.
+//! * A long-term pin (`FOLL_LONGTERM`) never holds device-coherent memory: such pages are
+//!   migrated to system memory first, then the walk is retried
+//!   (`migrate_longterm_unpinnable_folios`), so the pin holds the system copy.
+//! * The mmap lock is taken per PMD-sized piece of the range, so no caller-sized range
+//!   holds it long; the page list is bounded by `kvmalloc`'s limit before anything is taken.
 //!
 //! Unlike the kernel, which returns how many pages it got before the first failure, a
 //! failure here releases what was taken and returns the error (see DESIGN.md).
@@ -22,9 +27,9 @@ use std::sync::Arc;
 
 use bitflags::bitflags;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE};
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE};
 use crate::pgtable::{Pte, Slot, WalkMode};
-use crate::phys::{FrameFlags, PhysMem};
+use crate::phys::{PhysMem, Zone};
 
 use super::error::{FaultError, MmError};
 use super::fault::{check_access, handle_mm_fault, must_unshare, FaultFlags};
@@ -99,7 +104,7 @@ impl UserPages {
         );
         let f = self.phys.frame(self.pfns[i]);
         f.write(offset, data);
-        f.folio().meta().set_flags(FrameFlags::DIRTY);
+        f.mark_dirty();
     }
 
     /// Releases the pages now (the same as dropping).
@@ -110,13 +115,15 @@ impl UserPages {
 
 impl Drop for UserPages {
     fn drop(&mut self) {
-        for pfn in self.pfns.drain(..) {
-            let f = self.phys.frame(pfn);
-            if self.flags.contains(GupFlags::PIN) {
-                f.folio().meta().dec_pincount();
+        crate::sync::drop_work(|| {
+            for pfn in self.pfns.drain(..) {
+                let f = self.phys.frame(pfn);
+                if self.flags.contains(GupFlags::PIN) {
+                    f.folio().meta().dec_pincount();
+                }
+                let _ = f.put();
             }
-            let _ = f.put();
-        }
+        });
     }
 }
 
@@ -133,10 +140,18 @@ impl Mm {
     /// Faults in and references `npages` pages from `start` (`get_user_pages`; with
     /// [`GupFlags::PIN`], `pin_user_pages`).
     ///
+    /// The walk takes the mmap lock for one PMD-sized piece of the range at a time (as
+    /// the kernel's pagemap read does), so a concurrent `munmap` never waits for more
+    /// than 512 pages. With `LONGTERM`, device-coherent pages are first migrated to
+    /// system memory and the walk is retried (`check_and_migrate_movable_folios`): a
+    /// long-term pin must not hold device memory.
+    ///
     /// Errors: `Inval` for an unaligned start, zero pages, a range beyond the address
-    /// space, or `LONGTERM` without `PIN`; `Fault` (EFAULT) where a page is not mapped or
-    /// does not allow the access; `NoMem` when a fault runs out of memory. Nothing is held
-    /// after an error.
+    /// space, or `LONGTERM` without `PIN`; `NoMem` for more pages than a kvmalloc'd page
+    /// array holds ([`kvmalloc::max_len`](crate::kvmalloc::max_len)), checked before
+    /// anything is taken, or when a fault runs out of memory; `Fault` (EFAULT) where a
+    /// page is not mapped or does not allow the access; `Busy` when a device-coherent page
+    /// could not be migrated for a long-term pin. Nothing is held after an error.
     #[doc(alias = "get_user_pages_remote")]
     pub fn get_user_pages(
         &self,
@@ -150,13 +165,53 @@ impl Mm {
             });
         }
         let range = super::page_range(start, npages)?;
+        crate::kvmalloc::check_array::<Pfn>(npages).map_err(|_| MmError::NoMem {
+            what: "more pages than a kvmalloc'd page array holds",
+        })?;
+        loop {
+            let mut held = UserPages {
+                phys: self.phys.clone(),
+                pfns: Vec::new(),
+                flags,
+            };
+            let mut coherent = Vec::new();
+            for piece in range.pieces(PMD_SIZE) {
+                self.gup_piece(piece, flags, &mut held, &mut coherent)?;
+            }
+            if coherent.is_empty() {
+                return Ok(held);
+            }
+            // The pins go first: a pinned page cannot migrate.
+            drop(held);
+            coherent.dedup();
+            for head in coherent {
+                crate::migrate::migrate_device_coherent_folio(self.phys(), head).map_err(|e| {
+                    match e {
+                        crate::migrate::CoherentMigrateError::Busy => MmError::Busy {
+                            what: "a device-coherent page could not be migrated for FOLL_LONGTERM",
+                        },
+                        crate::migrate::CoherentMigrateError::NoMem => MmError::NoMem {
+                            what: "no system memory to migrate a device-coherent page to",
+                        },
+                    }
+                })?;
+            }
+        }
+    }
+
+    /// One piece of [`get_user_pages`](Self::get_user_pages) under the mmap lock: appends
+    /// to `held`, and with `LONGTERM` records the head of every device-coherent folio met
+    /// in `coherent`.
+    fn gup_piece(
+        &self,
+        range: VaRange,
+        flags: GupFlags,
+        held: &mut UserPages,
+        coherent: &mut Vec<u64>,
+    ) -> Result<(), MmError> {
         let write = flags.contains(GupFlags::WRITE);
         let pin = flags.contains(GupFlags::PIN);
-        let mut held = UserPages {
-            phys: self.phys.clone(),
-            pfns: Vec::with_capacity(npages as usize),
-            flags,
-        };
+        let longterm = flags.contains(GupFlags::LONGTERM);
         let guard = self.mmap_read();
         let st = &*guard.state;
         let phys = self.phys();
@@ -187,6 +242,9 @@ impl Mm {
             match head {
                 Some(pfn) if !(pin && !write && must_unshare(self, vma, pfn)) => {
                     let folio = phys.frame(pfn).folio();
+                    if longterm && matches!(folio.zone(), Zone::DeviceCoherent { .. }) {
+                        coherent.push(folio.nr());
+                    }
                     for page in VaRange::new(va, end).expect("non-empty").pages() {
                         let off = page.offset_from(base).expect("inside the leaf") / PAGE_SIZE;
                         folio.meta().get();
@@ -204,7 +262,7 @@ impl Mm {
                 }
             }
         }
-        Ok(held)
+        Ok(())
     }
 
     /// Pins `npages` pages from `start` (`pin_user_pages`): [`get_user_pages`] with

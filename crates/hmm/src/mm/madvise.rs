@@ -180,8 +180,15 @@ impl Mm {
     /// Discards lazy-free pages (`MADV_FREE`) that have not been written since, as reclaim
     /// would under memory pressure: each such entry is cleared under a one-entry CLEAR
     /// invalidation and the folio freed; later reads see zeros. Returns the pages
-    /// discarded. A page written after `MADV_FREE` (dirty entry) loses its lazy-free mark
-    /// and is kept.
+    /// discarded. A page written after `MADV_FREE` (a dirty entry, or a dirty folio: a
+    /// device wrote it and its driver called [`FrameRef::mark_dirty`]) or pinned loses its
+    /// lazy-free mark and is kept.
+    ///
+    /// As in `try_to_unmap_one`, the decision is made after the invalidation has begun:
+    /// from then on no mirror can map the page or write it, so a device write that lands
+    /// before the check is seen and one after it is impossible.
+    ///
+    /// [`FrameRef::mark_dirty`]: crate::phys::FrameRef::mark_dirty
     #[doc(alias = "shrink_folio_list")]
     pub fn reclaim_lazyfree(&self) -> u64 {
         let guard = self.mmap_read();
@@ -207,10 +214,12 @@ impl Mm {
                 if !fm.flags().contains(FrameFlags::LAZYFREE) {
                     continue;
                 }
-                let discard = !flags.contains(PteFlags::DIRTY)
-                    && !fm.flags().contains(FrameFlags::DIRTY)
-                    && fm.pincount() == 0;
-                if !discard {
+                let discardable = || {
+                    !flags.contains(PteFlags::DIRTY)
+                        && !fm.flags().contains(FrameFlags::DIRTY)
+                        && fm.pincount() == 0
+                };
+                if !discardable() {
                     fm.clear_flags(FrameFlags::LAZYFREE);
                     continue;
                 }
@@ -228,7 +237,10 @@ impl Mm {
                         Slot::Pmd(p) => (p.get(), true),
                         Slot::Hole(_) => (Pte::None, false),
                     };
-                    if now == entry {
+                    if now == entry && !discardable() {
+                        // Written (by a device) or pinned since the first look.
+                        fm.clear_flags(FrameFlags::LAZYFREE);
+                    } else if now == entry {
                         match slot {
                             Slot::Pte(p) => p.set(Pte::None),
                             Slot::Pmd(p) => p.set(Pte::None),

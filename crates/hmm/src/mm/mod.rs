@@ -302,6 +302,12 @@ impl Drop for Mm {
     /// Tears the address space down (`exit_mmap`): RELEASE to notifiers, then every
     /// mapping is zapped and every frame released.
     fn drop(&mut self) {
+        crate::sync::drop_work(|| self.exit_mmap());
+    }
+}
+
+impl Mm {
+    fn exit_mmap(&mut self) {
         self.notifiers.release();
         let state = self.lock.get_mut();
         let vmas = state.vmas.take_all();

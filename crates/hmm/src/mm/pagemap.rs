@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, USER_VA_END};
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, USER_VA_END};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
@@ -90,15 +90,33 @@ impl Mm {
     /// The pagemap entries of `npages` pages from `addr` (`/proc/pid/pagemap`). Pages
     /// outside VMAs read as all-zero entries, as the kernel reports them.
     ///
+    /// As the kernel's `pagemap_read` (`PAGEMAP_WALK_SIZE`), the walk takes the mmap lock
+    /// for one PMD-sized piece at a time, so a long read never holds off a `munmap`.
+    ///
     /// Errors: `Inval` for an unaligned address, zero pages, or a range beyond the
-    /// address space.
+    /// address space; `NoMem` for more entries than a kvmalloc'd array holds
+    /// ([`kvmalloc::max_len`](crate::kvmalloc::max_len)), before anything is read.
     #[doc(alias = "pagemap_read")]
     pub fn pagemap(&self, addr: VirtAddr, npages: u64) -> Result<Vec<PagemapEntry>, MmError> {
         let range = super::page_range(addr, npages)?;
+        let mut out =
+            crate::kvmalloc::kvmalloc_array(npages, PagemapEntry::default()).map_err(|_| {
+                MmError::NoMem {
+                    what: "more pagemap entries than a kvmalloc'd array holds",
+                }
+            })?;
+        for piece in range.pieces(PMD_SIZE) {
+            let first = range.page_index(piece.start());
+            self.pagemap_piece(piece, &mut out[first..first + piece.npages() as usize]);
+        }
+        Ok(out)
+    }
+
+    /// The entries of `range` into `out` (one per page), under the mmap lock.
+    fn pagemap_piece(&self, range: VaRange, out: &mut [PagemapEntry]) {
         let guard = self.mmap_read();
         let st = &*guard.state;
         let phys = self.phys();
-        let mut out = vec![PagemapEntry::default(); npages as usize];
         for v in st.vmas.overlapping(range) {
             let seg = v.range().intersect(&range).expect("overlapping");
             let vma_dirty = v.flags().contains(VmFlags::SOFTDIRTY);
@@ -161,7 +179,6 @@ impl Mm {
                 }
             }
         }
-        Ok(out)
     }
 
     /// Clears soft-dirty state for the whole address space (`echo 4 >

@@ -260,13 +260,15 @@ impl ShmemObject {
 
 impl Drop for ShmemObject {
     fn drop(&mut self) {
-        for (_, pfn) in std::mem::take(self.pages.get_mut()) {
-            let _ = self.phys.frame(pfn).put();
-        }
-        if let Some(resv) = &self.hugetlb {
-            self.phys
-                .hugetlb_unreserve(resv.reserved.lock().len() as u64);
-        }
+        crate::sync::drop_work(|| {
+            for (_, pfn) in std::mem::take(self.pages.get_mut()) {
+                let _ = self.phys.frame(pfn).put();
+            }
+            if let Some(resv) = &self.hugetlb {
+                self.phys
+                    .hugetlb_unreserve(resv.reserved.lock().len() as u64);
+            }
+        });
     }
 }
 

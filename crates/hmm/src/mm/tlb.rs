@@ -53,6 +53,12 @@ impl<'a> TlbGather<'a> {
 
 impl Drop for TlbGather<'_> {
     fn drop(&mut self) {
+        crate::sync::drop_work(|| self.flush_and_release());
+    }
+}
+
+impl TlbGather<'_> {
+    fn flush_and_release(&mut self) {
         if let Some((s, e)) = self.span.take() {
             let pages = (e.as_u64() - s.as_u64()) >> PAGE_SHIFT;
             self.mm.counters.tlb_flush(pages);

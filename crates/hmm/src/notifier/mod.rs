@@ -316,7 +316,7 @@ impl Invalidation<'_> {
 
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
-        self.finish();
+        crate::sync::drop_work(|| self.finish());
     }
 }
 

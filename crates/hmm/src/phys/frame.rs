@@ -178,6 +178,16 @@ impl<'a> FrameRef<'a> {
         copy_folios(&[(*self, *src)]);
     }
 
+    /// Marks the folio dirty (`folio_mark_dirty`, `set_page_dirty`): its bytes are newer
+    /// than anything that backs them, so reclaim must keep them (a lazy-free page written
+    /// this way is no longer discarded). A driver calls it for every page its device
+    /// writes, which no CPU page-table entry records.
+    #[doc(alias = "folio_mark_dirty")]
+    #[doc(alias = "set_page_dirty")]
+    pub fn mark_dirty(&self) {
+        self.folio().meta().set_flags(super::FrameFlags::DIRTY);
+    }
+
     /// Zero-fills the frame.
     #[doc(alias = "clear_highpage")]
     pub fn zero(&self) {
@@ -326,7 +336,97 @@ impl<'a> std::ops::Deref for Frame<'a> {
 
 impl Drop for Frame<'_> {
     fn drop(&mut self) {
-        let _ = self.r.put();
+        let r = self.r;
+        crate::sync::drop_work(|| {
+            let _ = r.put();
+        });
+    }
+}
+
+/// One owned reference to a folio whose folio lock this handle holds (`folio_lock`): what
+/// a migration takes as a destination, so an unlocked page cannot be handed over.
+///
+/// Dropping it unlocks the folio, then drops the reference.
+#[doc(alias = "folio_lock")]
+#[must_use = "dropping a LockedFolio unlocks it and drops its reference"]
+pub struct LockedFolio<'a> {
+    r: FrameRef<'a>,
+}
+
+impl<'a> Frame<'a> {
+    /// Takes the folio lock, sleeping while someone else holds it (`folio_lock`).
+    #[doc(alias = "folio_lock")]
+    pub fn lock(self) -> LockedFolio<'a> {
+        self.r.folio().meta().lock();
+        let r = self.r;
+        std::mem::forget(self);
+        LockedFolio { r }
+    }
+
+    /// Takes the folio lock if it is free (`folio_trylock`); gives the handle back if not.
+    #[doc(alias = "folio_trylock")]
+    pub fn try_lock(self) -> Result<LockedFolio<'a>, Frame<'a>> {
+        if !self.r.folio().meta().trylock() {
+            return Err(self);
+        }
+        let r = self.r;
+        std::mem::forget(self);
+        Ok(LockedFolio { r })
+    }
+}
+
+impl<'a> LockedFolio<'a> {
+    /// Locks a folio nobody else can see yet (a fresh allocation).
+    ///
+    /// # Panics
+    ///
+    /// Panics if the folio is locked: a fresh folio never is.
+    #[track_caller]
+    pub(crate) fn fresh(frame: Frame<'a>) -> Self {
+        frame
+            .try_lock()
+            .unwrap_or_else(|f| panic!("fresh folio {} is locked", f.nr()))
+    }
+
+    /// Releases the folio lock (`folio_unlock`) and keeps the reference.
+    #[doc(alias = "folio_unlock")]
+    pub fn unlock(self) -> Frame<'a> {
+        let r = self.r;
+        std::mem::forget(self);
+        r.folio().meta().unlock();
+        Frame { r }
+    }
+
+    /// Moves the lock and the reference out of the handle, to be owned by a migration's
+    /// `dst` word (released by its finalize).
+    pub(crate) fn into_raw_nr(self) -> u64 {
+        let nr = self.r.nr();
+        std::mem::forget(self);
+        nr
+    }
+}
+
+impl<'a> std::ops::Deref for LockedFolio<'a> {
+    type Target = FrameRef<'a>;
+
+    fn deref(&self) -> &FrameRef<'a> {
+        &self.r
+    }
+}
+
+impl Drop for LockedFolio<'_> {
+    fn drop(&mut self) {
+        let r = self.r;
+        crate::sync::drop_work(|| {
+            r.folio().meta().unlock();
+            let _ = r.put();
+        });
+    }
+}
+
+impl fmt::Debug for LockedFolio<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("LockedFolio").field(&self.r).finish()
     }
 }
 

@@ -43,7 +43,7 @@ use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 
 pub use alloc::AllocError;
-pub use frame::{copy_folios, Frame, FrameRef, Freed};
+pub use frame::{copy_folios, Frame, FrameRef, Freed, LockedFolio};
 pub use hugetlb::HugetlbStats;
 pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
 

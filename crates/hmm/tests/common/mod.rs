@@ -96,7 +96,7 @@ pub fn copy_to(dev: &DevPagemap, mut mig: Migration<'_, '_>) -> u64 {
             None => d.zero(),
         }
         let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
-        mig.set_dst(i, d, write);
+        mig.set_dst(i, d, write).unwrap();
     }
     mig.pages().finalize().migrated
 }
