@@ -45,7 +45,7 @@ use hmm::mm::{
 use hmm::notifier::{
     IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierError, NotifierRange, Owner, Recorder,
 };
-use hmm::phys::{PhysConfig, PhysError, PhysMem};
+use hmm::phys::{PhysConfig, PhysError, PhysMem, MAX_SECTION_BYTES};
 use hmm::range_fault::{hmm_range_fault, HmmError, HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig, PagemapError};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorError, HmmDmirrorCmd};
@@ -746,18 +746,31 @@ fn migrations_and_exclusive_access() {
 
 #[test]
 fn machines_pagemaps_and_fault_injection() {
-    for size in [0, 1 << 20, (4 << 20) + 4096, u64::MAX] {
+    for size in [
+        0,
+        1 << 20,
+        (4 << 20) + 4096,
+        MAX_SECTION_BYTES + PMD_SIZE,
+        u64::MAX - (PMD_SIZE - 1),
+    ] {
+        let e = PhysMem::new(PhysConfig::with_size(size)).unwrap_err();
+        assert!(matches!(e, PhysError::Inval { .. }), "{size}");
+        // The message names every limit, the one hit included.
+        let msg = e.to_string();
         assert!(
-            matches!(
-                PhysMem::new(PhysConfig::with_size(size)),
-                Err(PhysError::Inval { .. })
-            ),
-            "{size}"
+            msg.contains("2 MiB") && msg.contains("4 MiB") && msg.contains("256 GiB"),
+            "{msg}"
         );
     }
     let w = world();
     w.unchanged(|| {
-        for size in [0, PAGE_SIZE, PMD_SIZE + PAGE_SIZE, u64::MAX] {
+        for size in [
+            0,
+            PAGE_SIZE,
+            PMD_SIZE + PAGE_SIZE,
+            MAX_SECTION_BYTES + PMD_SIZE,
+            u64::MAX,
+        ] {
             let config = PagemapConfig {
                 kind: MemoryType::DevicePrivate,
                 owner: Owner::new_unique(),

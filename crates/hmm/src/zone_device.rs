@@ -95,7 +95,11 @@ pub struct PagemapConfig {
 #[derive(Debug, Error)]
 pub enum PagemapError {
     /// The size is zero, not a multiple of 2 MiB, or larger than a section (`-EINVAL`).
-    #[error("invalid pagemap size {size_bytes:#x}")]
+    #[error(
+        "invalid pagemap size {size_bytes:#x}: it must be a non-zero multiple of 2 MiB of at \
+         most {} GiB (one section)",
+        crate::phys::MAX_SECTION_BYTES >> 30
+    )]
     Inval {
         /// The rejected size.
         size_bytes: u64,
@@ -110,8 +114,8 @@ pub enum PagemapError {
         /// Frames not yet freed.
         in_use: u64,
     },
-    /// The host refused the arena mapping.
-    #[error("mapping the device arena failed: {0}")]
+    /// The host refused the arena mapping or the frames' metadata.
+    #[error("allocating the device arena or its metadata failed: {0}")]
     Map(#[from] std::io::Error),
 }
 

@@ -396,3 +396,18 @@ fn the_driver_loop_gives_up_with_busy_after_its_timeout() {
     assert_eq!(r, Err(HmmError::Busy));
     assert_eq!(m.mm.stats().faults.total(), 0);
 }
+
+/// A timeout too long to be added to the clock (`Duration::MAX`) means "no timeout"; it
+/// used to overflow `Instant + Duration` and panic.
+#[test]
+fn a_timeout_too_long_to_represent_never_expires() {
+    let m = Machine::new(16);
+    let w = watch(&m.mm);
+    let a = m.map(4, RW, MapFlags::PRIVATE);
+    let mut pfns = vec![HmmPfn::default(); 4];
+    let mut r = range(&w.1, a, &mut pfns, HmmPfnFlags::REQ_FAULT);
+    fault_and_commit(&m.mm, &mut r, Duration::MAX, &w.0.lock, |_, r| {
+        assert!(r.hmm_pfns.iter().all(|p| p.is_valid()));
+    })
+    .unwrap();
+}

@@ -56,6 +56,8 @@ pub(crate) use region::{FreeHook, Region};
 /// Frames per section of the frame-number space: 2^26 frames, 256 GiB. System RAM and each
 /// device pagemap are at most one section.
 pub const SECTION_SHIFT: u32 = 26;
+/// The largest RAM or device pagemap: one section, 256 GiB.
+pub const MAX_SECTION_BYTES: u64 = (1 << SECTION_SHIFT) << crate::addr::PAGE_SHIFT;
 /// Sections of the frame-number space: section 0 is RAM, the others hold one pagemap each.
 pub const NR_SECTIONS: usize = 1024;
 
@@ -107,14 +109,19 @@ impl Default for PhysConfig {
 /// Errors creating physical memory.
 #[derive(Debug, Error)]
 pub enum PhysError {
-    /// The size is not a multiple of 2 MiB or is below 4 MiB.
-    #[error("RAM size {size_bytes:#x} must be a multiple of 2 MiB and at least 4 MiB")]
+    /// The size is not a multiple of 2 MiB, is below 4 MiB, or is above one section
+    /// ([`MAX_SECTION_BYTES`]).
+    #[error(
+        "RAM size {size_bytes:#x} must be a multiple of 2 MiB, at least 4 MiB and at most \
+         {} GiB (one section of the frame-number space)",
+        MAX_SECTION_BYTES >> 30
+    )]
     Inval {
         /// The rejected size.
         size_bytes: u64,
     },
-    /// The host refused the arena mapping.
-    #[error("mapping the frame arena failed: {0}")]
+    /// The host refused the arena mapping or the frames' metadata.
+    #[error("allocating the frame arena or its metadata failed: {0}")]
     Map(#[from] std::io::Error),
 }
 

@@ -44,12 +44,25 @@ impl Region {
         on_free: Option<FreeHook>,
     ) -> std::io::Result<Region> {
         let frames = blocks * BLOCK_FRAMES;
+        // The metadata is allocated up front: ask the host, so a size it cannot back is an
+        // error rather than an abort.
+        let mut meta = Vec::new();
+        meta.try_reserve_exact(frames).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!(
+                    "{} MiB of frame metadata",
+                    (frames * std::mem::size_of::<FrameMeta>()) >> 20
+                ),
+            )
+        })?;
+        meta.extend((0..frames).map(|_| FrameMeta::default()));
         Ok(Region {
             base,
             zone,
             on_free,
             arena: Arena::new(frames)?,
-            meta: (0..frames).map(|_| FrameMeta::default()).collect(),
+            meta: meta.into_boxed_slice(),
             alloc: Mutex::new(BlockAllocator::new(blocks)),
             pcp: PcpLists::new(frames),
             hugetlb: Mutex::new(HugetlbPool::default()),

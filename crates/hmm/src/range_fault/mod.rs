@@ -348,9 +348,10 @@ pub fn fault_and_commit<T, R>(
     driver_lock: &Mutex<T>,
     commit: impl FnOnce(&mut T, &HmmRange<'_>) -> R,
 ) -> Result<R, HmmError> {
-    let deadline = Instant::now() + timeout;
+    // A timeout too long to represent never expires.
+    let deadline = Instant::now().checked_add(timeout);
     loop {
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(HmmError::Busy);
         }
         range.notifier_seq = range.notifier.read_begin();
