@@ -21,6 +21,8 @@ use hmm_dmirror::{
 };
 use serde::Serialize;
 
+use crate::limits::{round_2m, Need, MIB};
+
 #[derive(Serialize)]
 struct Event {
     event: &'static str,
@@ -79,12 +81,27 @@ struct Stage {
     pages: u64,
 }
 
+/// Simulated RAM for a buffer of `pages` pages: the buffer, the user buffer the device
+/// reads into, room for the pages coming back, and some to spare.
+fn ram_bytes(pages: u64) -> u64 {
+    round_2m(pages * PAGE_SIZE) * 3 + 8 * MIB
+}
+
+/// What a demo of `pages` pages needs: the buffer and the user buffer in RAM, device 0's
+/// copy, and the pattern and read-backs the check compares; about 5.2 times the buffer
+/// measured, counted as 6.
+pub(crate) fn need(pages: u64) -> Need {
+    Need {
+        ram: ram_bytes(pages),
+        host: 6 * pages * PAGE_SIZE + 64 * MIB,
+    }
+}
+
 impl Stage {
     fn new(pages: u64) -> Result<Stage, Box<dyn Error>> {
         let len = pages * PAGE_SIZE;
-        let ram = len.div_ceil(2 << 20) * (2 << 20) * 3 + (8 << 20);
-        let phys = PhysMem::new(PhysConfig::with_size(ram))?;
-        let chunk = len.div_ceil(2 << 20) * (2 << 20);
+        let phys = PhysMem::new(PhysConfig::with_size(ram_bytes(pages)))?;
+        let chunk = round_2m(len);
         let driver = DmirrorDriver::new(
             &phys,
             DmirrorConfig {
@@ -275,7 +292,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
         total: s.mm.stats(),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
@@ -291,7 +308,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
 }
 
 fn print_report(r: &Report) {
-    println!(
+    outln!(
         "hmm demo: the seed story, {} pages ({} KiB), devices 0 and 1 (device-private)\n",
         r.pages,
         r.pages * PAGE_SIZE / 1024
@@ -300,22 +317,25 @@ fn print_report(r: &Report) {
         let c = &s.cost;
         let d = &s.device0;
         if s.outcome.is_empty() {
-            println!("== {}", s.step);
+            outln!("== {}", s.step);
         } else {
-            println!("== {}: {}", s.step, s.outcome);
+            outln!("== {}: {}", s.step, s.outcome);
         }
         const SHOWN: usize = 3;
         for e in s.events.iter().take(SHOWN) {
             let owner = e.owner.map_or(String::new(), |o| format!(" owner {o}"));
-            println!(
+            outln!(
                 "   notifier: {:<22} [{}, {}) {} pages{owner}",
-                e.event, e.start, e.end, e.pages
+                e.event,
+                e.start,
+                e.end,
+                e.pages
             );
         }
         if s.events.len() > SHOWN {
-            println!("   notifier: ... and {} more", s.events.len() - SHOWN);
+            outln!("   notifier: ... and {} more", s.events.len() - SHOWN);
         }
-        println!(
+        outln!(
             "   cpu: {} walks, {} faults ({} on device pages), {} TLB flushes; migrate: {} collected, {} migrated, {} restored",
             c.walk.walks,
             c.faults.total(),
@@ -325,7 +345,7 @@ fn print_report(r: &Report) {
             c.migrate.pages_migrated,
             c.migrate.pages_restored,
         );
-        println!(
+        outln!(
             "   device 0: {} invalidations ({} pages), {} own MIGRATE skipped, {} pages copied in, {} out, {} zero-filled",
             d.invalidations,
             d.pages_invalidated,
@@ -335,8 +355,8 @@ fn print_report(r: &Report) {
             d.pages_zero_filled,
         );
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "second migration: {} pages migrated; pages already on device 0: {} invalidated, {} copied (baseline without the owner filter: {} invalidated)",
         r.remigrate_pages_migrated,
         r.remigrate_device_invalidations,
@@ -349,8 +369,8 @@ fn print_report(r: &Report) {
         .filter(|e| t.notifier.of(**e) > 0)
         .map(|e| format!("{} {}", e.kernel_name(), t.notifier.of(*e)))
         .collect();
-    println!("invalidations by event: {}", by_event.join(", "));
-    println!(
+    outln!("invalidations by event: {}", by_event.join(", "));
+    outln!(
         "bytes verified: {}, corrupted: {}, frames in use after munmap: {} (device: {})",
         r.bytes_verified,
         r.corrupted_bytes,

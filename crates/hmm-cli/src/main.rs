@@ -4,23 +4,56 @@
 //! device 0, half of it read back by the CPU, the whole range migrated again (which must
 //! cost no device invalidation and no copy for the pages already there), device 1 trying
 //! the same range; it prints the notifier events and counters of each step and checks
-//! every byte. `hmm selftest` runs the driver conformance scenarios; `hmm bench` measures.
+//! every byte. `hmm selftest` runs the driver conformance scenarios; `hmm stress` runs
+//! everything at once on real threads; `hmm bench` measures.
+//!
+//! Every argument is checked before any work starts ([`limits`]): a bad one is a one-line
+//! usage error naming the option and its limit, with exit status 2. Output to a closed
+//! pipe ends the command quietly ([`output`]); Ctrl-C during `stress` or `bench` prints
+//! the partial report ([`interrupt`]).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+/// `println!` that never panics: see [`output`].
+macro_rules! outln {
+    () => {
+        $crate::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that never panics: see [`output`].
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::diagnostic(format_args!($($arg)*))
+    };
+}
 
 mod bench;
 mod demo;
+#[allow(unsafe_code)]
+mod interrupt;
+mod limits;
+mod output;
 mod selftest;
 mod stress;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
 use bench::plot::{plot, Figures};
 use bench::progress::Progress;
 use bench::{all, fault, machine, migrate, range_fault, walks};
+use limits::{
+    fraction, seconds, size_kib, sized, whole, MAX_FAULT_PAGES, MAX_FAULT_THPS, MAX_ITERS,
+    MAX_PAGES, MAX_THPS, MAX_THREADS,
+};
 
 /// hmm-rs: Linux HMM device-memory management as a real userspace system.
 #[derive(Debug, Parser)]
@@ -37,8 +70,9 @@ enum Command {
         /// Print one JSON object instead of the narrated walk-through.
         #[arg(long)]
         json: bool,
-        /// Pages in the demo buffer.
-        #[arg(long, default_value_t = 512)]
+        /// Pages in the demo buffer (at least 2).
+        #[arg(long, default_value_t = 512, allow_hyphen_values = true,
+              value_parser = sized::<u64>(2, MAX_PAGES, demo::need))]
         pages: u64,
     },
     /// Run the driver conformance scenarios on the built-in simulated devices (private and
@@ -46,34 +80,40 @@ enum Command {
     Selftest,
     /// Everything at once on real threads (CPU and device accesses, migrations, munmap,
     /// mprotect, mremap, fork and exit), with the invariants checked while it runs and at
-    /// the end; fails if any is broken.
+    /// the end; fails if any is broken. Ctrl-C stops it early with the report so far.
     Stress {
-        /// How long the workload runs.
-        #[arg(long, default_value_t = 10.0)]
+        /// How long the workload runs, in seconds (above 0, at most a year).
+        #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = seconds)]
         seconds: f64,
         /// CPU threads reading and writing (device, migration and churn threads come on
         /// top).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_THREADS))]
         threads: usize,
         /// Seed of every thread's choice of operations.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true,
+              value_parser = whole::<u64>(0, u64::MAX))]
         seed: u64,
         /// Pages in the stressed region (rounded up to whole 16-page slots).
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, allow_hyphen_values = true,
+              value_parser = sized::<u64>(1, MAX_PAGES, |p| stress::need(p, 0)))]
         pages: u64,
         /// Percent of RAM and device-memory allocations that fail (fault injection, 0 to
         /// 50): every operation must then fail cleanly or succeed, and no byte may be lost.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50))]
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true,
+              value_parser = whole::<u32>(0, 50))]
         fail_alloc: u32,
         /// 2 MiB THP areas of slots besides `--pages`, moved whole between RAM and the
-        /// devices as well as page by page.
-        #[arg(long, default_value_t = 2)]
+        /// devices as well as page by page (0 for none).
+        #[arg(long, default_value_t = 2, allow_hyphen_values = true,
+              value_parser = sized::<u64>(0, MAX_THPS, |t| stress::need(1, t)))]
         thps: u64,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
-    /// Measure, against a baseline taken in the same run.
+    /// Measure, against a baseline taken in the same run. Ctrl-C stops after the round in
+    /// hand and prints the rows measured so far.
     Bench {
         #[command(subcommand)]
         what: Bench,
@@ -86,7 +126,8 @@ struct Output {
     /// Print JSON instead of a table (the machine and build go to standard error).
     #[arg(long)]
     json: bool,
-    /// Write charts (SVG and PNG) into this folder.
+    /// Write charts (SVG and PNG) into this folder (created if missing; checked before
+    /// the run).
     #[arg(long, value_name = "DIR")]
     plot: Option<PathBuf>,
 }
@@ -98,14 +139,18 @@ enum Bench {
     Migrate {
         #[command(flatten)]
         out: Output,
-        /// Threads migrating slices of the region at once.
-        #[arg(long, default_value_t = 1)]
+        /// Threads migrating slices of the region at once; each size must split into
+        /// this many slices of whole 2 MiB units.
+        #[arg(long, default_value_t = 1, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_THREADS))]
         threads: usize,
-        /// Sizes in KiB.
-        #[arg(long, value_delimiter = ',', default_values_t = [512, 2048, 8192, 32768, 65536, 131072, 262144])]
-        sizes_kib: Vec<u64>,
+        /// Sizes in KiB, comma-separated [default: 512,2048,8192,32768,65536,131072,262144;
+        /// with `--threads N` above 1, each rounded up to a multiple of N × 2048 KiB].
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true, value_parser = size_kib(migrate::need))]
+        sizes_kib: Option<Vec<u64>>,
         /// Rounds per figure (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_ITERS))]
         iters: usize,
     },
     /// Page-table passes and time per page to bring a range to a device when part of it
@@ -114,13 +159,16 @@ enum Bench {
         #[command(flatten)]
         out: Output,
         /// Pages in the range.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, allow_hyphen_values = true,
+              value_parser = sized::<u64>(1, MAX_PAGES, walks::need))]
         pages: u64,
-        /// Fractions of the pages held by another device.
-        #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.01, 0.1, 0.25, 0.5, 1.0])]
+        /// Fractions of the pages held by another device (each from 0 to 1).
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true, value_parser = fraction,
+              default_values_t = [0.0, 0.01, 0.1, 0.25, 0.5, 1.0])]
         fractions: Vec<f64>,
         /// Rounds per figure (the fastest and the median are reported, and the paired ratios).
-        #[arg(long, default_value_t = 40)]
+        #[arg(long, default_value_t = 40, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_ITERS))]
         iters: usize,
     },
     /// Fault latency: first-touch anonymous faults and the CPU fault on a device-private
@@ -129,10 +177,12 @@ enum Bench {
         #[command(flatten)]
         out: Output,
         /// Faults per 4 KiB scenario.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, allow_hyphen_values = true,
+              value_parser = whole::<u64>(1, MAX_FAULT_PAGES))]
         pages: u64,
         /// THP faults (2 MiB each).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, allow_hyphen_values = true,
+              value_parser = whole::<u64>(1, MAX_FAULT_THPS))]
         thps: u64,
     },
     /// `hmm_range_fault` in ns per page (snapshot and fault modes, 4 KiB and THP), against
@@ -141,10 +191,12 @@ enum Bench {
         #[command(flatten)]
         out: Output,
         /// Pages in the region.
-        #[arg(long, default_value_t = 16384)]
+        #[arg(long, default_value_t = 16384, allow_hyphen_values = true,
+              value_parser = sized::<u64>(1, MAX_PAGES, range_fault::need))]
         pages: u64,
         /// Rounds per figure (the median and the fastest are reported).
-        #[arg(long, default_value_t = 9)]
+        #[arg(long, default_value_t = 9, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_ITERS))]
         iters: usize,
     },
     /// Every scenario in turn, with the machine and the build named: the README's figures.
@@ -155,6 +207,35 @@ enum Bench {
         #[arg(long)]
         quick: bool,
     },
+}
+
+/// Ends the process with clap's usage error (status 2) saying `msg`, with the usage of
+/// the subcommand at `path` (`["bench", "migrate"]`): for limits that depend on several
+/// options or on the host, found after parsing and before any work.
+fn usage_error(path: &[&str], msg: impl std::fmt::Display) -> ! {
+    let mut cli = Cli::command();
+    cli.build();
+    let mut cmd = &cli;
+    for name in path {
+        if let Some(sub) = cmd.find_subcommand(name) {
+            cmd = sub;
+        }
+    }
+    cmd.clone().error(ErrorKind::ValueValidation, msg).exit()
+}
+
+/// Exits with a usage error of the subcommand at `path` if `check` refused.
+fn require(path: &[&str], check: Result<(), String>) {
+    if let Err(msg) = check {
+        usage_error(path, msg);
+    }
+}
+
+/// Checks a benchmark's `--plot` folder before the run.
+fn check_output(path: &[&str], out: &Output) {
+    if let Some(dir) = &out.plot {
+        require(path, limits::check_plot_dir(dir));
+    }
 }
 
 /// Measures one scenario with a progress bar of `steps` (name, total), then prints its
@@ -170,9 +251,9 @@ fn scenario<T: Serialize>(
     let rows = measure(&bar)?;
     drop(bar);
     if out.json {
-        eprintln!("{}", machine::Machine::this().line());
-        eprintln!("{}", machine::Build::this().line());
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        errln!("{}", machine::Machine::this().line());
+        errln!("{}", machine::Build::this().line());
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         machine::print_header();
         table(&rows);
@@ -183,10 +264,44 @@ fn scenario<T: Serialize>(
 fn write_plots(out: &Output, figures: &Figures<'_>) -> bench::Result<()> {
     if let Some(dir) = &out.plot {
         for f in plot(dir, figures)? {
-            eprintln!("wrote {}", f.display());
+            errln!("wrote {}", f.display());
         }
     }
     Ok(())
+}
+
+/// The sizes of `bench migrate`, in bytes: those given, each of which must split into
+/// `threads` slices of whole 2 MiB units, or the default ones rounded up so that they do.
+fn migrate_sizes(sizes_kib: Option<Vec<u64>>, threads: usize) -> Vec<u64> {
+    const DEFAULT_KIB: [u64; 7] = [512, 2048, 8192, 32768, 65536, 131072, 262144];
+    let unit_kib = 2048 * threads as u64;
+    let Some(given) = sizes_kib else {
+        let mut sizes: Vec<u64> = DEFAULT_KIB
+            .iter()
+            .map(|&k| {
+                let kib = if threads > 1 {
+                    k.div_ceil(unit_kib) * unit_kib
+                } else {
+                    k
+                };
+                kib << 10
+            })
+            .collect();
+        sizes.dedup();
+        return sizes;
+    };
+    for &k in &given {
+        if !migrate::splits(k << 10, threads) {
+            usage_error(
+                &["bench", "migrate"],
+                format!(
+                    "--sizes-kib {k} does not split into {threads} slices of whole 2 MiB units \
+                 (with --threads {threads}, use multiples of {unit_kib} KiB)"
+                ),
+            );
+        }
+    }
+    given.iter().map(|k| k << 10).collect()
 }
 
 fn bench(what: Bench) -> bench::Result<()> {
@@ -197,16 +312,21 @@ fn bench(what: Bench) -> bench::Result<()> {
             sizes_kib,
             iters,
         } => {
-            if threads == 0 || iters == 0 {
-                return Err("--threads and --iters must be at least 1".into());
-            }
-            let sizes: Vec<u64> = sizes_kib.iter().map(|k| k << 10).collect();
+            const PATH: &[&str] = &["bench", "migrate"];
+            let sizes = migrate_sizes(sizes_kib, threads);
+            let largest = sizes.iter().copied().max().unwrap_or(0);
+            require(
+                PATH,
+                limits::check_memory("--sizes-kib", largest >> 10, 4, |k| migrate::need(k << 10)),
+            );
+            check_output(PATH, &out);
+            interrupt::catch();
             scenario(
                 &out,
                 ("migrate", 4 * sizes.len() as u64),
                 |bar| {
                     migrate::migrate_rows(&sizes, threads, iters, |r| {
-                        bar.doing(format!("{} bytes, thp {}", r.size_bytes(), r.thp()));
+                        bar.doing(format!("{} KiB, thp {}", r.size_bytes() >> 10, r.thp()));
                         bar.step();
                     })
                 },
@@ -222,59 +342,89 @@ fn bench(what: Bench) -> bench::Result<()> {
             pages,
             fractions,
             iters,
-        } => scenario(
-            &out,
-            ("walks", (walks::METHODS.len() * fractions.len()) as u64),
-            |bar| {
-                walks::walk_rows(pages, &fractions, iters, |r| {
-                    bar.doing(format!("fraction {}", r.fraction()));
-                    bar.step();
-                })
-            },
-            walks::print_table,
-            |walks| Figures {
-                walks,
-                ..Figures::default()
-            },
-        ),
-        Bench::Fault { out, pages, thps } => scenario(
-            &out,
-            ("fault", fault::ROWS),
-            |bar| {
-                fault::fault_rows(pages, thps, |r| {
-                    bar.doing(r.scenario());
-                    bar.step();
-                })
-            },
-            fault::print_table,
-            |fault| Figures {
-                fault,
-                ..Figures::default()
-            },
-        ),
-        Bench::RangeFault { out, pages, iters } => scenario(
-            &out,
-            ("range-fault", range_fault::ROWS),
-            |bar| {
-                range_fault::range_fault_rows(pages, iters, |r| {
-                    bar.doing(r.scenario());
-                    bar.step();
-                })
-            },
-            range_fault::print_table,
-            |range_fault| Figures {
-                range_fault,
-                ..Figures::default()
-            },
-        ),
+        } => {
+            const PATH: &[&str] = &["bench", "walks"];
+            require(PATH, limits::check_memory("--pages", pages, 1, walks::need));
+            check_output(PATH, &out);
+            interrupt::catch();
+            scenario(
+                &out,
+                ("walks", (walks::METHODS.len() * fractions.len()) as u64),
+                |bar| {
+                    walks::walk_rows(pages, &fractions, iters, |r| {
+                        bar.doing(format!("fraction {}", r.fraction()));
+                        bar.step();
+                    })
+                },
+                walks::print_table,
+                |walks| Figures {
+                    walks,
+                    ..Figures::default()
+                },
+            )
+        }
+        Bench::Fault { out, pages, thps } => {
+            const PATH: &[&str] = &["bench", "fault"];
+            require(
+                PATH,
+                limits::check_memory("--pages", pages, 1, |p| fault::need(p, 1)),
+            );
+            require(
+                PATH,
+                limits::check_memory("--thps", thps, 1, |t| fault::need(pages, t)),
+            );
+            check_output(PATH, &out);
+            interrupt::catch();
+            scenario(
+                &out,
+                ("fault", fault::ROWS),
+                |bar| {
+                    fault::fault_rows(pages, thps, |r| {
+                        bar.doing(r.scenario());
+                        bar.step();
+                    })
+                },
+                fault::print_table,
+                |fault| Figures {
+                    fault,
+                    ..Figures::default()
+                },
+            )
+        }
+        Bench::RangeFault { out, pages, iters } => {
+            const PATH: &[&str] = &["bench", "range-fault"];
+            require(
+                PATH,
+                limits::check_memory("--pages", pages, 1, range_fault::need),
+            );
+            check_output(PATH, &out);
+            interrupt::catch();
+            scenario(
+                &out,
+                ("range-fault", range_fault::ROWS),
+                |bar| {
+                    range_fault::range_fault_rows(pages, iters, |r| {
+                        bar.doing(r.scenario());
+                        bar.step();
+                    })
+                },
+                range_fault::print_table,
+                |range_fault| Figures {
+                    range_fault,
+                    ..Figures::default()
+                },
+            )
+        }
         Bench::All { out, quick } => {
+            check_output(&["bench", "all"], &out);
+            interrupt::catch();
             let r = all::run(if quick {
                 all::Plan::quick()
             } else {
                 all::Plan::full()
             })?;
             if out.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 all::print(&r);
             }
@@ -291,10 +441,36 @@ fn bench(what: Bench) -> bench::Result<()> {
     }
 }
 
-fn main() -> std::process::ExitCode {
+fn stress(cfg: stress::Config) -> bench::Result<()> {
+    // The region alone first, so that a refusal of --thps is about the THP areas; the
+    // model's limit before the host's, which depends on the machine.
+    const PATH: &[&str] = &["stress"];
+    let pages = |p| stress::need(p, 0);
+    let thps = |t| stress::need(cfg.pages, t);
+    require(PATH, limits::check_ram("--pages", cfg.pages, 1, pages));
+    require(PATH, limits::check_ram("--thps", cfg.thps, 1, thps));
+    require(PATH, limits::check_host("--pages", cfg.pages, 1, pages));
+    require(PATH, limits::check_host("--thps", cfg.thps, 1, thps));
+    interrupt::catch();
+    let r = stress::run(cfg)?;
+    r.emit();
+    if r.clean() {
+        Ok(())
+    } else {
+        Err("the stress run broke an invariant".into())
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { json, pages } => demo::run(pages, json),
+        Command::Demo { json, pages } => {
+            require(
+                &["demo"],
+                limits::check_memory("--pages", pages, 1, demo::need),
+            );
+            demo::run(pages, json)
+        }
         Command::Selftest => match selftest::run() {
             0 => Ok(()),
             n => Err(format!("{n} scenarios failed").into()),
@@ -308,7 +484,7 @@ fn main() -> std::process::ExitCode {
             fail_alloc,
             thps,
             json,
-        } => stress::run(stress::Config {
+        } => stress(stress::Config {
             seconds,
             threads,
             seed,
@@ -316,21 +492,45 @@ fn main() -> std::process::ExitCode {
             fail_alloc,
             thps,
             json,
-        })
-        .and_then(|r| {
-            r.emit();
-            if r.clean() {
-                Ok(())
-            } else {
-                Err("the stress run broke an invariant".into())
-            }
         }),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hmm: {e}");
-            std::process::ExitCode::FAILURE
+        Ok(()) if interrupt::requested() => {
+            errln!("hmm: interrupted: the report above is partial");
+            ExitCode::from(interrupt::EXIT_STATUS)
         }
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            errln!("hmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_migrate_sizes_split_for_any_thread_count() {
+        let one = migrate_sizes(None, 1);
+        assert_eq!(one.len(), 7);
+        assert_eq!(one[0], 512 << 10);
+        for threads in 1..=16 {
+            let sizes = migrate_sizes(None, threads);
+            assert!(!sizes.is_empty());
+            for size in sizes {
+                assert!(migrate::splits(size, threads), "{size} on {threads}");
+            }
+        }
+        assert_eq!(
+            migrate_sizes(None, 2),
+            [4, 8, 32, 64, 128, 256].map(|m: u64| m << 20)
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -25,16 +25,16 @@ pub(crate) fn run() -> usize {
             match result {
                 Ok(()) => {
                     passed += 1;
-                    println!("ok      {label:<8} {:<48} {ms:>7.1} ms", s.name);
+                    outln!("ok      {label:<8} {:<48} {ms:>7.1} ms", s.name);
                 }
                 Err(why) => {
                     failed += 1;
-                    println!("FAILED  {label:<8} {:<48} {ms:>7.1} ms: {why}", s.name);
+                    outln!("FAILED  {label:<8} {:<48} {ms:>7.1} ms: {why}", s.name);
                 }
             }
         }
     }
-    println!("{passed} passed, {failed} failed");
+    outln!("{passed} passed, {failed} failed");
     failed
 }
 

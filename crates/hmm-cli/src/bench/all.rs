@@ -19,6 +19,7 @@ use super::progress::Progress;
 use super::range_fault::{self, RangeFaultRow};
 use super::walks::{self, WalkRow, METHODS};
 use super::Result;
+use crate::interrupt;
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -102,13 +103,16 @@ pub(crate) struct Report {
     plan: Plan,
     /// Wall-clock time of the whole run.
     seconds: f64,
+    /// Whether a Ctrl-C cut the run short: the rows are those measured before it.
+    interrupted: bool,
     pub(crate) migrate: Vec<MigrateRow>,
     pub(crate) walks: Vec<WalkRow>,
     pub(crate) fault: Vec<FaultRow>,
     pub(crate) range_fault: Vec<RangeFaultRow>,
 }
 
-/// Runs `plan`, showing progress on a terminal.
+/// Runs `plan`, showing progress on a terminal. After a Ctrl-C ([`interrupt`]) the
+/// scenario in hand stops early and the others are skipped.
 pub(crate) fn run(plan: Plan) -> Result<Report> {
     let start = Instant::now();
     let bar = Progress::new("bench all", plan.rows());
@@ -126,27 +130,41 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
             bar.step()
         })?);
     }
+    // Each scenario sets up before it checks for an interrupt: skip it instead.
+    let go = || !interrupt::requested();
     bar.doing("walks");
-    let walks = walks::walk_rows(
-        plan.walk_pages,
-        &plan.walk_fractions,
-        plan.walk_iters,
-        |_| bar.step(),
-    )?;
-    let fault = fault::fault_rows(plan.fault_pages, plan.fault_thps, |r| {
-        bar.doing(format!("fault: {}", r.scenario()));
-        bar.step();
-    })?;
-    let range_fault =
+    let walks = if go() {
+        walks::walk_rows(
+            plan.walk_pages,
+            &plan.walk_fractions,
+            plan.walk_iters,
+            |_| bar.step(),
+        )?
+    } else {
+        Vec::new()
+    };
+    let fault = if go() {
+        fault::fault_rows(plan.fault_pages, plan.fault_thps, |r| {
+            bar.doing(format!("fault: {}", r.scenario()));
+            bar.step();
+        })?
+    } else {
+        Vec::new()
+    };
+    let range_fault = if go() {
         range_fault::range_fault_rows(plan.range_fault_pages, plan.range_fault_iters, |r| {
             bar.doing(format!("range-fault: {}", r.scenario()));
             bar.step();
-        })?;
+        })?
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         machine: Machine::this(),
         build: Build::this(),
         plan,
         seconds: start.elapsed().as_secs_f64(),
+        interrupted: interrupt::requested(),
         migrate,
         walks,
         fault,
@@ -156,15 +174,22 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
 
 /// Prints every table of `report`, headed by the machine and the build.
 pub(crate) fn print(report: &Report) {
-    println!("{}", report.machine.line());
-    println!("{}", report.build.line());
-    println!("run took {:.0} s\n", report.seconds);
-    println!("== migrate: migrate_vma against memcpy of the same bytes");
+    outln!("{}", report.machine.line());
+    outln!("{}", report.build.line());
+    if report.interrupted {
+        outln!(
+            "run took {:.0} s, interrupted: the rows are those measured before\n",
+            report.seconds
+        );
+    } else {
+        outln!("run took {:.0} s\n", report.seconds);
+    }
+    outln!("== migrate: migrate_vma against memcpy of the same bytes");
     migrate::print_table(&report.migrate);
-    println!("\n== walks: bringing a partly-faulted range to a device");
+    outln!("\n== walks: bringing a partly-faulted range to a device");
     walks::print_table(&report.walks);
-    println!("\n== fault: latency against the host kernel's first-touch fault");
+    outln!("\n== fault: latency against the host kernel's first-touch fault");
     fault::print_table(&report.fault);
-    println!("\n== range-fault: hmm_range_fault against the host kernel's pagemap walk");
+    outln!("\n== range-fault: hmm_range_fault against the host kernel's pagemap walk");
     range_fault::print_table(&report.range_fault);
 }

@@ -26,6 +26,8 @@ use serde::Serialize;
 
 use super::host::{self, Touch};
 use super::{ns_per, percentile, Result};
+use crate::interrupt;
+use crate::limits::{Need, MIB};
 
 /// 4 KiB pages per fresh mapping.
 const BATCH: u64 = 1024;
@@ -224,8 +226,30 @@ fn model_device_private(mm: &Arc<Mm>, d0: &Dmirror, n: u64) -> Result<Vec<Durati
 /// Rows measured per [`fault_rows`] call.
 pub(crate) const ROWS: u64 = 4;
 
+/// What `pages` faults of each 4 KiB scenario and `thps` THP faults need: the model's
+/// RAM is the same for any count (fresh mappings come in batches), the host's memory grows
+/// with the latencies kept (some 26 bytes per fault measured, counted as 80).
+pub(crate) fn need(pages: u64, thps: u64) -> Need {
+    Need {
+        ram: RAM_BYTES,
+        host: 80 * pages + 80 * thps + 256 * MIB,
+    }
+}
+
+/// The model's RAM: room for a batch of either kind twice, and some to spare.
+const RAM_BYTES: u64 = const_max(BATCH * PAGE_SIZE, THP_BATCH * PMD_SIZE) * 2 + 32 * MIB;
+
+const fn const_max(a: u64, b: u64) -> u64 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
 /// `hmm bench fault`: `pages` faults of each 4 KiB scenario and `thps` of the THP one;
-/// `progress` sees each row as it is measured.
+/// `progress` sees each row as it is measured. After a Ctrl-C ([`interrupt`]), no more
+/// rows are measured.
 pub(crate) fn fault_rows(
     pages: u64,
     thps: u64,
@@ -235,7 +259,7 @@ pub(crate) fn fault_rows(
         return Err("--pages and --thps must be at least 1".into());
     }
     let phys = PhysMem::new(PhysConfig {
-        size_bytes: (BATCH * PAGE_SIZE).max(THP_BATCH * PMD_SIZE) * 2 + (32 << 20),
+        size_bytes: RAM_BYTES,
         prefault: true,
     })?;
     let driver = DmirrorDriver::new(
@@ -252,51 +276,58 @@ pub(crate) fn fault_rows(
     model_first_touch_thp(&mm, THP_BATCH.min(thps))?;
     model_device_private(&mm, &d0, BATCH.min(pages))?;
 
+    let kernel_write = host::first_touch(Touch::Write, pages, BATCH)?;
     let mut rows = Vec::with_capacity(ROWS as usize);
-    let mut push = |r: FaultRow| {
+    for k in 0..ROWS {
+        if interrupt::requested() {
+            break;
+        }
+        let r = match k {
+            0 => row(
+                "anon_write_4k",
+                PAGE_SIZE,
+                model_first_touch(&mm, Touch::Write, pages)?,
+                "first_touch_write_4k",
+                kernel_write.clone(),
+                None,
+            ),
+            1 => row(
+                "anon_read_zero_page_4k",
+                PAGE_SIZE,
+                model_first_touch(&mm, Touch::Read, pages)?,
+                "first_touch_read_4k",
+                host::first_touch(Touch::Read, pages, BATCH)?,
+                None,
+            ),
+            2 => {
+                let (kernel_thp, mapped) = host::first_touch_thp(thps, THP_BATCH)?;
+                row(
+                    "anon_write_thp",
+                    PMD_SIZE,
+                    model_first_touch_thp(&mm, thps)?,
+                    "first_touch_write_thp",
+                    kernel_thp,
+                    Some(mapped),
+                )
+            }
+            _ => row(
+                "device_private_read_4k",
+                PAGE_SIZE,
+                model_device_private(&mm, &d0, pages)?,
+                "first_touch_write_4k",
+                kernel_write.clone(),
+                None,
+            ),
+        };
         progress(&r);
         rows.push(r);
-    };
-    let kernel_write = host::first_touch(Touch::Write, pages, BATCH)?;
-    push(row(
-        "anon_write_4k",
-        PAGE_SIZE,
-        model_first_touch(&mm, Touch::Write, pages)?,
-        "first_touch_write_4k",
-        kernel_write.clone(),
-        None,
-    ));
-    push(row(
-        "anon_read_zero_page_4k",
-        PAGE_SIZE,
-        model_first_touch(&mm, Touch::Read, pages)?,
-        "first_touch_read_4k",
-        host::first_touch(Touch::Read, pages, BATCH)?,
-        None,
-    ));
-    let (kernel_thp, mapped) = host::first_touch_thp(thps, THP_BATCH)?;
-    push(row(
-        "anon_write_thp",
-        PMD_SIZE,
-        model_first_touch_thp(&mm, thps)?,
-        "first_touch_write_thp",
-        kernel_thp,
-        Some(mapped),
-    ));
-    push(row(
-        "device_private_read_4k",
-        PAGE_SIZE,
-        model_device_private(&mm, &d0, pages)?,
-        "first_touch_write_4k",
-        kernel_write,
-        None,
-    ));
+    }
     Ok(rows)
 }
 
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[FaultRow]) {
-    println!(
+    outln!(
         "{:>24} {:>7} {:>10} {:>10} {:>10} {:>22} {:>10} {:>10} {:>6}",
         "scenario",
         "faults",
@@ -309,7 +340,7 @@ pub(crate) fn print_table(rows: &[FaultRow]) {
         "ratio"
     );
     for r in rows {
-        println!(
+        outln!(
             "{:>24} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>22} {:>10.0} {:>10.0} {:>6.2}",
             r.scenario,
             r.faults,
@@ -323,7 +354,7 @@ pub(crate) fn print_table(rows: &[FaultRow]) {
         );
         if let Some(m) = r.kernel_thp_mapped {
             if m < r.faults {
-                println!("  note: the host kernel mapped {m} of {} as THPs", r.faults);
+                outln!("  note: the host kernel mapped {m} of {} as THPs", r.faults);
             }
         }
     }

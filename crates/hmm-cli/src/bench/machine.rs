@@ -105,8 +105,8 @@ impl Build {
 
 /// Prints the machine and build lines that head every table.
 pub(crate) fn print_header() {
-    println!("{}", Machine::this().line());
-    println!("{}", Build::this().line());
+    outln!("{}", Machine::this().line());
+    outln!("{}", Build::this().line());
 }
 
 #[cfg(test)]

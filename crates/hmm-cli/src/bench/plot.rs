@@ -55,15 +55,21 @@ fn save(dir: &Path, name: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
     }
     let svg = dir.join(format!("{name}.svg"));
     let png = dir.join(format!("{name}.png"));
+    let writing = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: Box<dyn std::error::Error>| -> Box<dyn std::error::Error> {
+            format!("writing {path}: {e}").into()
+        }
+    };
     {
         let root = SVGBackend::new(&svg, SIZE).into_drawing_area();
-        chart.draw(&root)?;
-        root.present().map_err(err)?;
+        chart.draw(&root).map_err(writing(&svg))?;
+        root.present().map_err(err).map_err(writing(&svg))?;
     }
     {
         let root = BitMapBackend::new(&png, SIZE).into_drawing_area();
-        chart.draw(&root)?;
-        root.present().map_err(err)?;
+        chart.draw(&root).map_err(writing(&png))?;
+        root.present().map_err(err).map_err(writing(&png))?;
     }
     Ok(vec![svg, png])
 }
@@ -436,7 +442,8 @@ pub(crate) struct Figures<'a> {
 
 /// Writes the charts of `figures` into `dir` (created if missing); returns the files.
 pub(crate) fn plot(dir: &Path, figures: &Figures<'_>) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("creating the folder {}: {e}", dir.display()))?;
     let mut files = Vec::new();
     let mut threads: Vec<usize> = figures.migrate.iter().map(MigrateRow::threads).collect();
     threads.sort_unstable();

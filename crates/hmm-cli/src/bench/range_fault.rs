@@ -27,6 +27,8 @@ use hmm::range_fault::{hmm_range_fault, HmmError, HmmPfn, HmmPfnFlags, HmmRange}
 use serde::Serialize;
 
 use super::{host, median, ns_per, Result};
+use crate::interrupt;
+use crate::limits::{round_2m, Need, MIB};
 
 /// One scenario.
 #[derive(Debug, Clone, Serialize)]
@@ -76,11 +78,26 @@ struct Region {
     len: u64,
 }
 
+/// Simulated RAM for a region of `pages` pages.
+fn ram_bytes(pages: u64) -> u64 {
+    round_2m(pages * PAGE_SIZE) + 16 * MIB
+}
+
+/// What `pages` pages need: two regions' RAM at once (committed up front), the host's
+/// own region for its walk, the result arrays; about 2.2 times the region measured,
+/// counted as 3.
+pub(crate) fn need(pages: u64) -> Need {
+    Need {
+        ram: ram_bytes(pages),
+        host: 3 * pages * PAGE_SIZE + 16 * pages + 64 * MIB,
+    }
+}
+
 impl Region {
     fn new(pages: u64, thp: bool) -> Result<Region> {
-        let len = (pages * PAGE_SIZE).div_ceil(PMD_SIZE) * PMD_SIZE;
+        let len = round_2m(pages * PAGE_SIZE);
         let phys = PhysMem::new(PhysConfig {
-            size_bytes: len + (16 << 20),
+            size_bytes: ram_bytes(pages),
             prefault: true,
         })?;
         let mm = Mm::new(phys);
@@ -165,7 +182,9 @@ const SCENARIOS: [(&str, bool, HmmPfnFlags); 4] = [
 /// Rows measured per [`range_fault_rows`] call.
 pub(crate) const ROWS: u64 = 2 * SCENARIOS.len() as u64;
 
-/// `hmm bench range-fault`: every scenario over `pages` pages, `iters` rounds each.
+/// `hmm bench range-fault`: every scenario over `pages` pages, `iters` rounds each. After
+/// a Ctrl-C ([`interrupt`]), the scenario in hand ends after the round in hand and no more
+/// are measured.
 pub(crate) fn range_fault_rows(
     pages: u64,
     iters: usize,
@@ -178,15 +197,26 @@ pub(crate) fn range_fault_rows(
     let mut pfns = vec![HmmPfn::default(); pages as usize];
     let mut rows = Vec::with_capacity(ROWS as usize);
     for thp in [false, true] {
+        if interrupt::requested() {
+            break;
+        }
         let populated = Region::new(pages, thp)?;
         populated.populate(thp)?;
         let empty = Region::new(pages, thp)?;
         for (name, on_populated, flags) in SCENARIOS {
+            if interrupt::requested() {
+                break;
+            }
             let scenario = format!("{name}_{}", if thp { "thp" } else { "4k" });
             let region = if on_populated { &populated } else { &empty };
             let mut times = Vec::with_capacity(iters);
             // One untimed round first: caches and the model's allocator warm.
-            for timed in (0..=iters).map(|r| r > 0) {
+            for r in 0..=iters {
+                // At least one timed round.
+                if r > 1 && interrupt::requested() {
+                    break;
+                }
+                let timed = r > 0;
                 if !on_populated {
                     region
                         .mm
@@ -216,18 +246,28 @@ pub(crate) fn range_fault_rows(
 
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[RangeFaultRow]) {
-    println!(
+    outln!(
         "{:>22} {:>8} {:>9} {:>9} {:>16} {:>7}",
-        "scenario", "pages", "ns/page", "min", "kernel pagemap", "ratio"
+        "scenario",
+        "pages",
+        "ns/page",
+        "min",
+        "kernel pagemap",
+        "ratio"
     );
     for r in rows {
         let (k, ratio) = match (r.kernel_pagemap_ns_per_page, r.ratio) {
             (Some(k), Some(x)) => (format!("{k:.1}"), format!("{x:.2}")),
             _ => ("n/a".into(), "n/a".into()),
         };
-        println!(
+        outln!(
             "{:>22} {:>8} {:>9.1} {:>9.1} {:>16} {:>7}",
-            r.scenario, r.pages, r.ns_per_page, r.min_ns_per_page, k, ratio
+            r.scenario,
+            r.pages,
+            r.ns_per_page,
+            r.min_ns_per_page,
+            k,
+            ratio
         );
     }
 }

@@ -50,6 +50,8 @@ use serde::Serialize;
 use super::median;
 use super::migrate::copy_and_commit;
 use super::paired::PairedRatio;
+use crate::interrupt;
+use crate::limits::{round_2m, Need, MIB};
 
 /// The methods, in the order they take turns.
 pub(crate) const METHODS: [&str; 3] = ["fault_then_migrate", "migrate_fault_migrate", "one_walk"];
@@ -140,12 +142,28 @@ struct Rig {
     buf: VirtAddr,
 }
 
+/// Simulated RAM for a range of `npages` pages: the range, device 1's copies coming
+/// home, device 0's migrations back, and some to spare.
+fn ram_bytes(npages: u64) -> u64 {
+    3 * round_2m(npages * PAGE_SIZE) + 32 * MIB
+}
+
+/// What a range of `npages` pages needs: the RAM and device 0's memory (committed up
+/// front), device 1's, and a round's patterns; about 5.7 times the range measured,
+/// counted as 7.
+pub(crate) fn need(npages: u64) -> Need {
+    Need {
+        ram: ram_bytes(npages),
+        host: 7 * npages * PAGE_SIZE + 96 * MIB,
+    }
+}
+
 impl Rig {
     fn new(npages: u64) -> Result<Rig, Box<dyn Error>> {
         let bytes = npages * PAGE_SIZE;
-        let chunk = bytes.div_ceil(2 << 20) * (2 << 20);
+        let chunk = round_2m(bytes);
         let phys = PhysMem::new(PhysConfig {
-            size_bytes: 3 * chunk + (32 << 20),
+            size_bytes: ram_bytes(npages),
             prefault: true,
         })?;
         let driver = DmirrorDriver::new(
@@ -403,7 +421,8 @@ struct Tally {
     migrated: u64,
 }
 
-/// `hmm bench walks`: one row per fraction and method.
+/// `hmm bench walks`: one row per fraction and method. After a Ctrl-C ([`interrupt`]),
+/// the fraction in hand ends after the round in hand and no more are measured.
 pub(crate) fn walk_rows(
     npages: u64,
     fractions: &[f64],
@@ -421,10 +440,17 @@ pub(crate) fn walk_rows(
     let mut rows = Vec::new();
     let mut round = 0;
     for &fraction in fractions {
+        if interrupt::requested() {
+            break;
+        }
         let held = held(npages, fraction);
         let mut tallies: Vec<Tally> = METHODS.iter().map(|_| Tally::default()).collect();
         // One untimed round of each method first (warm caches, device memory touched).
         for r in 0..=iters {
+            // Every method has at least one timed round.
+            if r > 1 && interrupt::requested() {
+                break;
+            }
             for k in 0..METHODS.len() {
                 let m = (r + k) % METHODS.len();
                 let tally = &mut tallies[m];
@@ -473,15 +499,23 @@ pub(crate) fn walk_rows(
 
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[WalkRow]) {
-    println!(
+    outln!(
         "{:>22} {:>9} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8} {:>8}  one_walk/this [95%]",
-        "method", "fraction", "walks", "busy", "faults", "migrated", "copies", "ns/page", "median",
+        "method",
+        "fraction",
+        "walks",
+        "busy",
+        "faults",
+        "migrated",
+        "copies",
+        "ns/page",
+        "median",
     );
     for r in rows {
         let ratio = r
             .one_walk_time_ratio
             .map_or(String::new(), |p| format!("{p:.3}"));
-        println!(
+        outln!(
             "{:>22} {:>9.2} {:>6} {:>6} {:>7} {:>9} {:>7} {:>8.0} {:>8.0}  {}",
             r.method,
             r.nonpresent_fraction,
@@ -496,7 +530,7 @@ pub(crate) fn print_table(rows: &[WalkRow]) {
         );
     }
     if let Some(r) = rows.first() {
-        println!(
+        outln!(
             "one pass over the range, all pages present: {:.1} ns/page",
             r.pass_ns_per_page
         );

@@ -39,7 +39,9 @@
 //! watchdog (see [`watchdog`]) reports threads that stop making progress.
 //!
 //! The run is seeded: `--seed` fixes each thread's choice of operations (the interleaving
-//! is the machine's).
+//! is the machine's). A Ctrl-C ends the workload early (see [`crate::interrupt`]): the
+//! threads finish their operation in hand, the final check and the teardown run, and the
+//! report says `interrupted`. A deadlock is reported and ends the process with status 1.
 
 mod region;
 mod watchdog;
@@ -57,6 +59,8 @@ use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorErro
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use serde::Serialize;
 
+use crate::interrupt;
+use crate::limits::{round_2m, Need, MAX_SECONDS, MIB};
 use region::{content, mix, page_va, wrong_bytes, Region, SLOT_BYTES, SLOT_PAGES};
 use watchdog::Heart;
 
@@ -93,6 +97,8 @@ pub(crate) struct Report {
     config: Config,
     /// Wall-clock time of the workload (set-up and teardown excluded).
     seconds: f64,
+    /// Whether a Ctrl-C stopped the workload before `--seconds` (the checks still ran).
+    interrupted: bool,
     ops: u64,
     ops_by_kind: BTreeMap<&'static str, u64>,
     /// Stop-the-world checks run (the final one included).
@@ -109,8 +115,15 @@ pub(crate) struct Report {
     unexpected_errors: u64,
     /// Allocations made to fail (RAM and both devices' memory).
     injected_failures: u64,
-    /// Operations that failed for lack of memory, each checked to have lost nothing.
+    /// Operations that failed for lack of memory, each checked to have lost nothing: with
+    /// `--fail-alloc`, the injected failures; without, only if the simulated RAM or a
+    /// device's memory ran out (the harness sizes them to hold everything, so 0).
     oom_failures: u64,
+    /// `MADV_COLLAPSE` calls on a THP area that found no free 2 MiB block of RAM for the
+    /// THP (the 4 KiB pages of the other threads fragment RAM, as in the kernel, where
+    /// the call fails with `ENOMEM` too) or whose allocation was failed by injection. Not
+    /// in `oom_failures`: they happen without `--fail-alloc`.
+    thp_collapse_no_memory: u64,
     /// Device commands that gave up with `Busy` after the range-fault timeout, each
     /// checked to have lost nothing.
     busy_failures: u64,
@@ -138,7 +151,7 @@ impl Report {
     /// Prints the report: one JSON object, or lines for a person.
     pub(crate) fn emit(&self) {
         if self.config.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(self).expect("a report serializes")
             );
@@ -148,22 +161,33 @@ impl Report {
     }
 
     fn print(&self) {
-        println!(
-            "{} ops in {:.1} s on {} CPU threads, 2 device threads, a migrator and a churner (seed {})",
-            self.ops, self.seconds, self.config.threads, self.config.seed
+        outln!(
+            "{} ops in {:.1} s{} on {} CPU threads, 2 device threads, a migrator and a churner (seed {})",
+            self.ops,
+            self.seconds,
+            if self.interrupted {
+                " (interrupted)"
+            } else {
+                ""
+            },
+            self.config.threads,
+            self.config.seed
         );
         for (kind, n) in &self.ops_by_kind {
-            println!("  {kind:>18} {n}");
+            outln!("  {kind:>18} {n}");
         }
-        println!(
+        outln!(
             "{} checks; {} allocations failed by injection, {} operations failed for lack of memory, {} device commands timed out on invalidations",
             self.checks, self.injected_failures, self.oom_failures, self.busy_failures
         );
-        println!(
-            "THP areas moved whole to a device {}, THPs collapsed {}, large folios split {}",
-            self.thp_areas_moved_whole, self.thp_collapses, self.thp_splits
+        outln!(
+            "THP areas moved whole to a device {}, THPs collapsed {} ({} collapses found no free 2 MiB block), large folios split {}",
+            self.thp_areas_moved_whole,
+            self.thp_collapses,
+            self.thp_collapse_no_memory,
+            self.thp_splits
         );
-        println!(
+        outln!(
             "corrupted bytes {}, leaked frames {}, stale mirror entries {}, invariant failures {}, unexpected errors {}, deadlocks {}",
             self.corrupted_bytes,
             self.leaked_frames,
@@ -173,7 +197,7 @@ impl Report {
             self.deadlocks
         );
         for f in &self.failures {
-            println!("  {f}");
+            outln!("  {f}");
         }
     }
 }
@@ -251,6 +275,8 @@ struct Shared {
     errors: AtomicU64,
     /// Operations that failed for lack of memory.
     oom: AtomicU64,
+    /// `MADV_COLLAPSE` calls that found no memory for the THP.
+    collapse_no_memory: AtomicU64,
     /// Device commands that timed out on colliding invalidations.
     busy: AtomicU64,
     failures: Mutex<Vec<String>>,
@@ -557,7 +583,10 @@ fn migrate_thp(sh: &Shared, buf: VirtAddr, heart: &Heart, rng: &mut Rng) {
         // or a fork, or memory is short.
         match sh.mm.madvise(area, PMD_SIZE, Advice::Collapse) {
             Ok(()) | Err(MmError::Inval { .. } | MmError::Again { .. }) => {}
-            Err(e) if sh.out_of_memory(matches!(e, MmError::NoMem { .. })) => {}
+            // No free 2 MiB block: fragmentation, counted apart (see the report).
+            Err(MmError::NoMem { .. }) => {
+                sh.collapse_no_memory.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => sh.error(format!("collapse of {}: {e}", what())),
         }
         sh.count(Op::Collapse);
@@ -769,12 +798,38 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
         unexpected_errors: sh.errors.load(Ordering::Relaxed),
         injected_failures: sh.fault_attrs().iter().map(|a| a.stats().injected).sum(),
         oom_failures: sh.oom.load(Ordering::Relaxed),
+        thp_collapse_no_memory: sh.collapse_no_memory.load(Ordering::Relaxed),
         busy_failures: sh.busy.load(Ordering::Relaxed),
         thp_areas_moved_whole: sh.thps_whole.load(Ordering::Relaxed),
         thp_collapses: sh.mm.stats().thp_collapse,
         thp_splits: sh.mm.stats().thp_split_folio,
+        interrupted: interrupt::requested(),
         deadlocks: u64::from(!stuck.is_empty()),
         failures,
+    }
+}
+
+/// The slots for `pages` pages and `thps` THP areas: those the churn thread moves (at
+/// least one), and all of them.
+fn slots(pages: u64, thps: u64) -> (u64, u64) {
+    let churn_slots = pages.div_ceil(SLOT_PAGES).max(1);
+    (churn_slots, churn_slots + thps * (PMD_NR / SLOT_PAGES))
+}
+
+/// Simulated RAM for a region of `bytes`: the region, as much again for forks' copies and
+/// pages coming back from the devices, and some to spare.
+fn ram_bytes(bytes: u64) -> u64 {
+    round_2m(2 * bytes) + 64 * MIB
+}
+
+/// What a run over `pages` pages and `thps` THP areas needs: the region in RAM and on the
+/// devices, forks' copies, the harness's records; about 2.4 times the region measured,
+/// counted as 4.
+pub(crate) fn need(pages: u64, thps: u64) -> Need {
+    let bytes = slots(pages, thps).1 * SLOT_BYTES;
+    Need {
+        ram: ram_bytes(bytes),
+        host: 4 * bytes + 128 * MIB,
     }
 }
 
@@ -783,12 +838,9 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
 fn build(
     cfg: &Config,
 ) -> Result<(Shared, DmirrorDriver, Vec<VirtAddr>), Box<dyn std::error::Error>> {
-    let churn_slots = cfg.pages.div_ceil(SLOT_PAGES).max(1);
-    let nslots = churn_slots + cfg.thps * (PMD_NR / SLOT_PAGES);
+    let (churn_slots, nslots) = slots(cfg.pages, cfg.thps);
     let bytes = nslots * SLOT_BYTES;
-    let phys = PhysMem::new(PhysConfig::with_size(
-        (2 * bytes).div_ceil(2 << 20) * (2 << 20) + (64 << 20),
-    ))?;
+    let phys = PhysMem::new(PhysConfig::with_size(ram_bytes(bytes)))?;
     let baseline_allocated = {
         let s = phys.stats();
         s.nr_frames - s.nr_free
@@ -798,7 +850,7 @@ fn build(
         DmirrorConfig {
             // Room for the whole region and as much again, so that free 2 MiB blocks
             // for device THPs remain among the scattered 4 KiB pages.
-            chunk_bytes: 2 * bytes.div_ceil(2 << 20) * (2 << 20),
+            chunk_bytes: 2 * round_2m(bytes),
             max_chunks: 2,
         },
     );
@@ -861,6 +913,7 @@ fn build(
         invariants: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         oom: AtomicU64::new(0),
+        collapse_no_memory: AtomicU64::new(0),
         busy: AtomicU64::new(0),
         failures: Mutex::new(Vec::new()),
         baseline_allocated,
@@ -874,8 +927,8 @@ fn build(
 
 /// Runs the stress for `cfg`; returns its report (`Err` only if set-up fails).
 pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
-    if cfg.threads == 0 || cfg.seconds.is_nan() || cfg.seconds <= 0.0 {
-        return Err("--threads and --seconds must be positive".into());
+    if cfg.threads == 0 || !(cfg.seconds > 0.0 && cfg.seconds <= MAX_SECONDS) {
+        return Err("--threads and --seconds must be positive (--seconds at most a year)".into());
     }
     if cfg.fail_alloc > 50 {
         return Err("--fail-alloc is a percent from 0 to 50".into());
@@ -898,83 +951,113 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
     let done = AtomicBool::new(false);
     let started = Instant::now();
     let mut checks = 0u64;
-    let stuck =
-        std::thread::scope(|scope| {
-            let (sh, hearts, done) = (&sh, &hearts, &done);
-            let dog = scope.spawn(move || watchdog::watch(hearts, done, STALL));
-            let t = cfg.threads;
-            let mut workers = Vec::new();
-            for (i, heart) in hearts[..t].iter().enumerate() {
-                workers.push(scope.spawn(move || cpu(sh, heart, Rng::new(cfg.seed, i as u64))));
-            }
-            for d in 0..2 {
-                let buf = bufs[d];
-                workers.push(scope.spawn(move || {
-                    device(
-                        sh,
-                        d,
-                        buf,
-                        &hearts[t + d],
-                        Rng::new(cfg.seed, (t + d) as u64),
-                    )
-                }));
-            }
-            let mbuf = bufs[2];
-            workers.push(scope.spawn(move || {
-                migrator(sh, mbuf, &hearts[t + 2], Rng::new(cfg.seed, (t + 2) as u64))
+    let stuck = std::thread::scope(|scope| {
+        let (sh, hearts, done) = (&sh, &hearts, &done);
+        let dog = std::thread::Builder::new()
+            .spawn_scoped(scope, move || watchdog::watch(hearts, done, STALL))?;
+        let t = cfg.threads;
+        let mut jobs: Vec<Box<dyn FnOnce() + Send + '_>> = Vec::new();
+        for (i, heart) in hearts[..t].iter().enumerate() {
+            jobs.push(Box::new(move || {
+                cpu(sh, heart, Rng::new(cfg.seed, i as u64))
             }));
-            workers.push(
-                scope.spawn(move || churn(sh, &hearts[t + 3], Rng::new(cfg.seed, (t + 3) as u64))),
-            );
-            let checker = &hearts[t + 4];
-            let deadline = started + Duration::from_secs_f64(cfg.seconds);
-            let mut next = Instant::now() + CHECK_EVERY;
-            while Instant::now() < deadline && !dog.is_finished() {
-                std::thread::sleep(Duration::from_millis(50));
-                checker.beat();
-                if Instant::now() >= next {
-                    checker.doing("stop-the-world check");
-                    // Waits for the world in slices, so that a thread stuck while holding
-                    // it for reading is reported by the watchdog instead of hanging here.
-                    if let Some(world) = sh.world.try_write_for(Duration::from_millis(100)) {
-                        check_world(sh, world);
-                        checks += 1;
-                        next = Instant::now() + CHECK_EVERY;
-                    }
+        }
+        for d in 0..2 {
+            let buf = bufs[d];
+            jobs.push(Box::new(move || {
+                device(
+                    sh,
+                    d,
+                    buf,
+                    &hearts[t + d],
+                    Rng::new(cfg.seed, (t + d) as u64),
+                )
+            }));
+        }
+        let mbuf = bufs[2];
+        jobs.push(Box::new(move || {
+            migrator(sh, mbuf, &hearts[t + 2], Rng::new(cfg.seed, (t + 2) as u64))
+        }));
+        jobs.push(Box::new(move || {
+            churn(sh, &hearts[t + 3], Rng::new(cfg.seed, (t + 3) as u64))
+        }));
+        // A thread the host will not start stops the run before it begins: the
+        // threads already started finish their operation in hand and are joined.
+        let mut workers = Vec::new();
+        let mut refused = None;
+        for job in jobs {
+            match std::thread::Builder::new().spawn_scoped(scope, job) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
                 }
             }
-            sh.stop.store(true, Ordering::Relaxed);
-            // The workers finish their operation in hand; one that never does (or already
-            // did not) is the watchdog's to report, so wait for either.
-            while !workers.iter().all(|w| w.is_finished()) {
-                if dog.is_finished() {
-                    // Deadlocked threads can be neither joined nor torn down: report and
-                    // leave (or wait for a debugger).
-                    let stuck = dog.join().expect("watchdog");
-                    report(sh, cfg.clone(), checks, started, &stuck).emit();
-                    if std::env::var_os("HMM_STRESS_HOLD").is_some() {
-                        eprintln!("holding process {} for a debugger", std::process::id());
-                        loop {
-                            std::thread::park();
-                        }
-                    }
-                    std::process::exit(2);
+        }
+        let checker = &hearts[t + 4];
+        let deadline = match refused {
+            None => started + Duration::from_secs_f64(cfg.seconds),
+            Some(_) => started,
+        };
+        let mut next = Instant::now() + CHECK_EVERY;
+        while Instant::now() < deadline && !dog.is_finished() && !interrupt::requested() {
+            std::thread::sleep(Duration::from_millis(50));
+            checker.beat();
+            if Instant::now() >= next {
+                checker.doing("stop-the-world check");
+                // Waits for the world in slices, so that a thread stuck while holding
+                // it for reading is reported by the watchdog instead of hanging here.
+                if let Some(world) = sh.world.try_write_for(Duration::from_millis(100)) {
+                    check_world(sh, world);
+                    checks += 1;
+                    next = Instant::now() + CHECK_EVERY;
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
-            for w in workers {
-                w.join().expect("a stress thread panicked");
+        }
+        sh.stop.store(true, Ordering::Relaxed);
+        // The workers finish their operation in hand; one that never does (or already
+        // did not) is the watchdog's to report, so wait for either.
+        while !workers.iter().all(|w| w.is_finished()) {
+            if dog.is_finished() {
+                // Deadlocked threads can be neither joined nor torn down: report and
+                // leave (or wait for a debugger).
+                let stuck = dog.join().expect("watchdog");
+                report(sh, cfg.clone(), checks, started, &stuck).emit();
+                if std::env::var_os("HMM_STRESS_HOLD").is_some() {
+                    errln!("holding process {} for a debugger", std::process::id());
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                std::process::exit(1);
             }
-            // The final check and the teardown run with every allocation succeeding.
-            for attr in sh.fault_attrs() {
-                attr.disable();
-            }
-            checker.doing("final check");
-            check_world(sh, sh.world.write());
-            checks += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for w in workers {
+            w.join().expect("a stress thread panicked");
+        }
+        if let Some(e) = refused {
             done.store(true, Ordering::Release);
-            dog.join().expect("watchdog")
-        });
+            dog.join().expect("watchdog");
+            return Err(e);
+        }
+        // The final check and the teardown run with every allocation succeeding.
+        for attr in sh.fault_attrs() {
+            attr.disable();
+        }
+        checker.doing("final check");
+        check_world(sh, sh.world.write());
+        checks += 1;
+        done.store(true, Ordering::Release);
+        Ok(dog.join().expect("watchdog"))
+    })
+    .map_err(|e| {
+        format!(
+            "cannot start the {} threads of the run (--threads {} and 5 more): {e}",
+            cfg.threads + 5,
+            cfg.threads
+        )
+    })?;
     debug_assert!(stuck.is_empty(), "a deadlock exits above");
     let mut report = report(&sh, cfg, checks, started, &stuck);
     // Teardown: the mirrors, the process, the devices' memory; then every frame must be

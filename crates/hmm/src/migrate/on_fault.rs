@@ -279,7 +279,7 @@ impl std::fmt::Debug for HmmMigrate<'_, '_> {
 ///         Some(src) => d.copy_from(&src),
 ///         None => d.zero(),
 ///     }
-///     m.set_dst(i, d, true);
+///     m.set_dst(i, d, true).expect("a migrating entry");
 /// }
 /// assert_eq!(m.pages().finalize().migrated, 8);
 /// assert_eq!(mm.stats().range_walks.hmm, 1);
