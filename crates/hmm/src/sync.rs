@@ -294,6 +294,19 @@ mod model {
                 _gate: gate,
             }
         }
+
+        /// Takes the lock for writing if nobody holds it; never waits.
+        pub fn try_write(&self) -> Option<RwLockWriteGuard<'_, T>> {
+            let gate = match self.gate.try_write() {
+                Ok(gate) => gate,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return None,
+            };
+            Some(RwLockWriteGuard {
+                data: self.data.write().unwrap_or_else(PoisonError::into_inner),
+                _gate: gate,
+            })
+        }
     }
 
     impl<T> Deref for RwLockReadGuard<'_, T> {

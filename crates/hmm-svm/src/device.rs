@@ -1,0 +1,231 @@
+//! A simulated GPU: its device memory (one device-private pagemap with the GPU's owner),
+//! its configuration, its counters, and the `dev_pagemap_ops` the core calls when a CPU
+//! touches one of its pages.
+//!
+//! Every device page a migration to this GPU fills carries, in `zone_device_data`, the id
+//! of the [`GpuVm`](crate::GpuVm) that migrated it (the kernel drivers' "zdd"), so a CPU
+//! fault finds the GPU page table whose entries it must zap.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use hmm::addr::{PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::mm::{DeviceFault, VmFault};
+use hmm::notifier::Owner;
+use hmm::pgtable::Huge;
+use hmm::phys::{FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
+use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
+use parking_lot::Mutex;
+
+use crate::error::SvmError;
+use crate::migrate::{copy_to_system, zap_sources};
+use crate::stats::{add, Counters, SvmStats};
+use crate::vm::VmShared;
+
+/// Sizes and knobs of one GPU (the anchors' defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// Device memory in bytes (a multiple of 2 MiB).
+    pub vram_bytes: u64,
+    /// Entries of the fault buffer.
+    pub fault_buffer_entries: usize,
+    /// Faults serviced per batch (UVM: 256).
+    pub batch_max: usize,
+    /// Bytes covered by one interval notifier (drm_gpusvm: 512 MiB), a power of two of at
+    /// least 2 MiB.
+    pub notifier_bytes: u64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            vram_bytes: 64 << 20,
+            fault_buffer_entries: 4096,
+            batch_max: crate::fault::FAULT_BATCH_MAX,
+            notifier_bytes: 512 << 20,
+        }
+    }
+}
+
+/// One GPU.
+pub struct GpuDevice {
+    phys: Arc<PhysMem>,
+    owner: Owner,
+    vram: Arc<DevPagemap>,
+    ops: Arc<DeviceOps>,
+    config: GpuConfig,
+}
+
+/// The pagemap callbacks, and what they need: the registry of GPU VMs by id.
+pub(crate) struct DeviceOps {
+    owner: Owner,
+    vms: Mutex<HashMap<u64, Weak<VmShared>>>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
+
+impl GpuDevice {
+    /// A GPU on `phys` with `config`, its device memory registered as a device-private
+    /// pagemap with a fresh owner.
+    ///
+    /// Errors: `Inval` for a device-memory size the pagemap refuses or a notifier size
+    /// that is not a power of two of at least 2 MiB; `NoMem` when no section is left.
+    pub fn new(phys: &Arc<PhysMem>, config: GpuConfig) -> Result<Arc<GpuDevice>, SvmError> {
+        if !config.notifier_bytes.is_power_of_two() || config.notifier_bytes < PMD_SIZE {
+            return Err(SvmError::Inval {
+                what: "notifier size must be a power of two of at least 2 MiB",
+            });
+        }
+        let owner = Owner::new_unique();
+        let counters = Arc::new(Counters::default());
+        let ops = Arc::new(DeviceOps {
+            owner,
+            vms: Mutex::new(HashMap::new()),
+            counters,
+        });
+        let pagemap_ops: Arc<dyn DevPagemapOps> = ops.clone();
+        let vram = memremap_pages(
+            phys,
+            PagemapConfig {
+                kind: MemoryType::DevicePrivate,
+                owner,
+                size_bytes: config.vram_bytes,
+            },
+            pagemap_ops,
+        )
+        .map_err(|e| match e {
+            hmm::zone_device::PagemapError::Inval { .. } => SvmError::Inval {
+                what: "device memory must be a non-zero multiple of 2 MiB of at most 256 GiB",
+            },
+            _ => SvmError::NoMem,
+        })?;
+        Ok(Arc::new(GpuDevice {
+            phys: Arc::clone(phys),
+            owner,
+            vram,
+            ops,
+            config,
+        }))
+    }
+
+    /// The owner cookie of the GPU's memory (`pgmap->owner`).
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// The machine.
+    pub fn phys(&self) -> &Arc<PhysMem> {
+        &self.phys
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GpuConfig {
+        &self.config
+    }
+
+    /// Device-memory pages in use.
+    pub fn vram_pages_in_use(&self) -> u64 {
+        self.vram.nr_in_use()
+    }
+
+    /// Device-memory pages in all.
+    pub fn vram_pages(&self) -> u64 {
+        self.vram.nr_frames()
+    }
+
+    /// Whether `frame` is this GPU's memory.
+    pub fn owns(&self, frame: &FrameRef<'_>) -> bool {
+        matches!(frame.zone(), Zone::DevicePrivate { pagemap } if pagemap == self.vram.id())
+    }
+
+    /// The counters of every VM on this GPU.
+    pub fn stats(&self) -> SvmStats {
+        self.ops.counters.snapshot()
+    }
+
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.ops.counters
+    }
+
+    /// A device folio of `2^order` pages (0 or 9), locked, tagged with `vm_id`.
+    pub(crate) fn alloc(&self, order: u32, vm_id: u64) -> Option<LockedFolio<'_>> {
+        let f = self.vram.alloc(order, FrameFlags::empty()).ok()?;
+        f.meta().set_zone_device_data(vm_id);
+        Some(f)
+    }
+
+    /// Registers a VM so CPU faults on its pages can find it; returns its id.
+    pub(crate) fn register_vm(&self, vm: Weak<VmShared>) -> u64 {
+        let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
+        self.ops.vms.lock().insert(id, vm);
+        id
+    }
+
+    pub(crate) fn unregister_vm(&self, id: u64) {
+        self.ops.vms.lock().remove(&id);
+    }
+}
+
+impl DevPagemapOps for DeviceOps {
+    /// A CPU touched one of this GPU's pages: migrate the page (or, for a device-private
+    /// PMD, its 2 MiB unit) back to system memory, zapping the GPU entries of the VM that
+    /// migrated it first (its notifier skips this device's own MIGRATE events).
+    fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
+        let phys = vmf.mmap().mm().phys();
+        let vm_id = phys
+            .device_frame(vmf.page())
+            .folio()
+            .meta()
+            .zone_device_data();
+        let vm = self.vms.lock().get(&vm_id).and_then(Weak::upgrade);
+        let (start, len, flags) = match vmf.level() {
+            Huge::Pte => (
+                vmf.address().page_down(),
+                PAGE_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            ),
+            Huge::Pmd => (
+                vmf.address().align_down(PMD_SIZE),
+                PMD_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
+            ),
+        };
+        let args = MigrateVma {
+            start,
+            end: start.checked_add(len).ok_or(VmFault::Sigbus)?,
+            pgmap_owner: Some(self.owner),
+            flags,
+            fault_page: Some(vmf.page()),
+        };
+        let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
+        if let Some(vm) = &vm {
+            zap_sources(vm, &m);
+        }
+        let copied = copy_to_system(&mut m, phys);
+        let out = m.pages().finalize();
+        add(&self.counters.pages_d2h, out.migrated);
+        copied.map(|_| ()).map_err(|_| VmFault::Oom)
+    }
+}
+
+/// The order of a unit of `n` pages.
+pub(crate) fn order_of(n: u64) -> u32 {
+    if n > 1 {
+        PMD_ORDER
+    } else {
+        0
+    }
+}
+
+impl std::fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuDevice")
+            .field("owner", &self.owner)
+            .field("vram_pages", &self.vram_pages())
+            .field("vram_in_use", &self.vram_pages_in_use())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,145 @@
+//! What the driver did, counted, with the anchors' names: UVM's fault-buffer and migration
+//! counters (`num_replayable_faults`, `num_duplicate_faults`, `num_replays`,
+//! `num_buffer_overflows`, `num_pages_in`/`out`), Xe's per-size-class GT statistics
+//! (`svm_4K_pagefault_count`, `svm_2M_migrate_count`, ...), drm_gpusvm's range life
+//! cycle.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::addr::GpuPageSize;
+
+/// A snapshot of one GPU's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct SvmStats {
+    /// GPU faults raised (accesses that missed the GPU page table), duplicates included.
+    pub gpu_faults: u64,
+    /// Faults the buffer had no room for (the access retries: replayable faults).
+    pub buffer_overflows: u64,
+    /// Batches serviced.
+    pub fault_batches: u64,
+    /// Faults dropped from a batch as duplicates of another fault on the same page.
+    pub duplicate_faults: u64,
+    /// Faults that needed no work: the page was mapped by the time the batch ran
+    /// (Xe's "valid" faults).
+    pub valid_faults: u64,
+    /// Replays issued (one per batch, UVM's batch-flush policy).
+    pub replays: u64,
+    /// Faults that could not be resolved (no VMA, no permission): cancelled.
+    pub fatal_faults: u64,
+    /// Pages migrated host to device.
+    pub pages_h2d: u64,
+    /// Pages migrated device to host (CPU faults, eviction, destroyed ranges).
+    pub pages_d2h: u64,
+    /// Pages a migration to the device could not place (device memory full), left in
+    /// system memory and mapped remotely.
+    pub vram_alloc_failures: u64,
+    /// Pages the GPU maps in system memory (remote mappings made).
+    pub remote_mapped_pages: u64,
+    /// Pages the GPU maps in its own memory (local mappings made).
+    pub local_mapped_pages: u64,
+    /// GPU accesses that went to system memory over the link.
+    pub remote_accesses: u64,
+    /// GPU accesses served from device memory.
+    pub local_accesses: u64,
+    /// GPU page-table zaps by the notifier (device TLB invalidations).
+    pub invalidations: u64,
+    /// GPU pages those zaps unmapped.
+    pub pages_invalidated: u64,
+    /// This device's own MIGRATE events the notifier skipped (the owner filter).
+    pub own_migrate_skips: u64,
+    /// SVM ranges created.
+    pub ranges_created: u64,
+    /// SVM ranges destroyed by the garbage collector (unmapped, or partly unmapped).
+    pub ranges_destroyed: u64,
+    /// `hmm_range_fault` passes run to map pages (drm_gpusvm's `get_pages`).
+    pub get_pages: u64,
+    /// Faults per size class of the range they hit (4K, 64K, 2M).
+    pub faults_by_size: [u64; 3],
+    /// Migrations to the device per size class of the range.
+    pub migrations_by_size: [u64; 3],
+    /// GPU entries made per size class.
+    pub binds_by_size: [u64; 3],
+}
+
+impl SvmStats {
+    /// Bytes migrated host to device.
+    pub fn bytes_h2d(&self) -> u64 {
+        self.pages_h2d * hmm::addr::PAGE_SIZE
+    }
+
+    /// Bytes migrated device to host.
+    pub fn bytes_d2h(&self) -> u64 {
+        self.pages_d2h * hmm::addr::PAGE_SIZE
+    }
+}
+
+/// The live counters: relaxed atomics, read with [`Counters::snapshot`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) gpu_faults: AtomicU64,
+    pub(crate) buffer_overflows: AtomicU64,
+    pub(crate) fault_batches: AtomicU64,
+    pub(crate) duplicate_faults: AtomicU64,
+    pub(crate) valid_faults: AtomicU64,
+    pub(crate) replays: AtomicU64,
+    pub(crate) fatal_faults: AtomicU64,
+    pub(crate) pages_h2d: AtomicU64,
+    pub(crate) pages_d2h: AtomicU64,
+    pub(crate) vram_alloc_failures: AtomicU64,
+    pub(crate) remote_mapped_pages: AtomicU64,
+    pub(crate) local_mapped_pages: AtomicU64,
+    pub(crate) remote_accesses: AtomicU64,
+    pub(crate) local_accesses: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) pages_invalidated: AtomicU64,
+    pub(crate) own_migrate_skips: AtomicU64,
+    pub(crate) ranges_created: AtomicU64,
+    pub(crate) ranges_destroyed: AtomicU64,
+    pub(crate) get_pages: AtomicU64,
+    pub(crate) faults_by_size: [AtomicU64; 3],
+    pub(crate) migrations_by_size: [AtomicU64; 3],
+    pub(crate) binds_by_size: [AtomicU64; 3],
+}
+
+/// Adds `n` to a counter.
+pub(crate) fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    pub(crate) fn by_size(c: &[AtomicU64; 3], size: GpuPageSize, n: u64) {
+        add(&c[size.index()], n);
+    }
+
+    pub(crate) fn snapshot(&self) -> SvmStats {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let r3 = |c: &[AtomicU64; 3]| [r(&c[0]), r(&c[1]), r(&c[2])];
+        SvmStats {
+            gpu_faults: r(&self.gpu_faults),
+            buffer_overflows: r(&self.buffer_overflows),
+            fault_batches: r(&self.fault_batches),
+            duplicate_faults: r(&self.duplicate_faults),
+            valid_faults: r(&self.valid_faults),
+            replays: r(&self.replays),
+            fatal_faults: r(&self.fatal_faults),
+            pages_h2d: r(&self.pages_h2d),
+            pages_d2h: r(&self.pages_d2h),
+            vram_alloc_failures: r(&self.vram_alloc_failures),
+            remote_mapped_pages: r(&self.remote_mapped_pages),
+            local_mapped_pages: r(&self.local_mapped_pages),
+            remote_accesses: r(&self.remote_accesses),
+            local_accesses: r(&self.local_accesses),
+            invalidations: r(&self.invalidations),
+            pages_invalidated: r(&self.pages_invalidated),
+            own_migrate_skips: r(&self.own_migrate_skips),
+            ranges_created: r(&self.ranges_created),
+            ranges_destroyed: r(&self.ranges_destroyed),
+            get_pages: r(&self.get_pages),
+            faults_by_size: r3(&self.faults_by_size),
+            migrations_by_size: r3(&self.migrations_by_size),
+            binds_by_size: r3(&self.binds_by_size),
+        }
+    }
+}

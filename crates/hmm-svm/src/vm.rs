@@ -1,0 +1,281 @@
+//! A GPU VM: one process's address space as one GPU sees it (`drm_gpusvm`, UVM's
+//! `va_space`), and the GPU's loads and stores through it.
+//!
+//! # State and locking
+//!
+//! [`VmShared::state`] is drm_gpusvm's *notifier lock*, an rw-lock over the GPU page table
+//! and the range tree:
+//!
+//! * a GPU access holds it for reading while it looks up its pages and moves their bytes,
+//!   so a page it reaches cannot be freed under it;
+//! * the interval notifiers take it for writing before any CPU entry in their window
+//!   changes, and zap the GPU entries of the range (except for this device's own MIGRATE
+//!   events, whose pages the migrating path zaps itself, page by page);
+//! * the fault path takes it for writing to insert ranges and, after `read_retry`, to
+//!   commit GPU entries.
+//!
+//! It is never held across a call into `hmm` that can fault or invalidate: lock order is
+//! mmap lock → (notifier) → notifier lock, as for dmirror's mirror lock.
+//!
+//! # Accesses
+//!
+//! [`GpuVm::try_read`] / [`GpuVm::try_write`] are what a GPU thread does: an access whose
+//! pages are all mapped (with write permission for a store) completes, local memory or
+//! remote over the link; the first page that is not raises a [`GpuFault`] into the fault
+//! buffer and the access stalls (the caller retries after the replay). [`GpuVm::read`] and
+//! [`GpuVm::write`] are the blocking form: raise, service the buffer on the calling thread
+//! (a simulated GPU must not sleep and wake per page), replay.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+
+use hmm::addr::{VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+use hmm::mm::Mm;
+use hmm::notifier::{IntervalNotifier, Owner};
+use hmm::sync::{Mutex, RwLock};
+
+use crate::device::GpuDevice;
+use crate::error::SvmError;
+use crate::fault::{Access, FaultBuffer, GpuFault};
+use crate::gpt::{GpuPageTable, GpuPte, Location};
+use crate::policy::{FirstTouch, MigrationPolicy};
+use crate::range::SvmRange;
+use crate::stats::{add, Counters, SvmStats};
+
+/// Replays a blocking access waits through before it gives up with `Busy`.
+const MAX_REPLAYS: u32 = 1000;
+
+/// What the notifiers, the fault path and the device's CPU-fault handler share.
+pub(crate) struct VmShared {
+    pub(crate) owner: Owner,
+    pub(crate) state: RwLock<VmState>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// Under the notifier lock.
+#[derive(Default)]
+pub(crate) struct VmState {
+    pub(crate) gpt: GpuPageTable,
+    /// SVM ranges by first virtual page number.
+    pub(crate) ranges: BTreeMap<u64, SvmRange>,
+    /// Ranges an UNMAP reached, for the garbage collector (first page numbers).
+    pub(crate) gc: Vec<u64>,
+    /// Pages whose last fault was fatal, and why: the next access to one fails once.
+    pub(crate) fatal: HashMap<u64, &'static str>,
+}
+
+/// One process's address space on one GPU.
+pub struct GpuVm {
+    pub(crate) id: u64,
+    pub(crate) device: Arc<GpuDevice>,
+    pub(crate) mm: Weak<Mm>,
+    pub(crate) shared: Arc<VmShared>,
+    /// The interval notifiers, one per window of `notifier_bytes`, by window index.
+    pub(crate) windows: Mutex<BTreeMap<u64, Arc<IntervalNotifier>>>,
+    pub(crate) buffer: FaultBuffer,
+    pub(crate) policy: Box<dyn MigrationPolicy>,
+}
+
+/// Which way an access moves bytes.
+enum Op<'b> {
+    Read(&'b mut [u8]),
+    Write(&'b [u8]),
+}
+
+impl Op<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Op::Read(b) => b.len(),
+            Op::Write(b) => b.len(),
+        }
+    }
+
+    fn access(&self) -> Access {
+        match self {
+            Op::Read(_) => Access::Read,
+            Op::Write(_) => Access::Write,
+        }
+    }
+}
+
+impl GpuVm {
+    /// Binds `mm` to `device` with the default policy (migrate on first touch). The VM
+    /// holds the address space weakly, as a driver holds no `mm_users`.
+    pub fn new(device: &Arc<GpuDevice>, mm: &Arc<Mm>) -> Arc<GpuVm> {
+        GpuVm::with_policy(device, mm, Box::new(FirstTouch))
+    }
+
+    /// [`new`](Self::new) with a migration policy.
+    pub fn with_policy(
+        device: &Arc<GpuDevice>,
+        mm: &Arc<Mm>,
+        policy: Box<dyn MigrationPolicy>,
+    ) -> Arc<GpuVm> {
+        let shared = Arc::new(VmShared {
+            owner: device.owner(),
+            state: RwLock::new(VmState::default()),
+            counters: Arc::clone(device.counters()),
+        });
+        let id = device.register_vm(Arc::downgrade(&shared));
+        Arc::new(GpuVm {
+            id,
+            device: Arc::clone(device),
+            mm: Arc::downgrade(mm),
+            shared,
+            windows: Mutex::new(BTreeMap::new()),
+            buffer: FaultBuffer::new(device.config().fault_buffer_entries),
+            policy,
+        })
+    }
+
+    /// The GPU.
+    pub fn device(&self) -> &Arc<GpuDevice> {
+        &self.device
+    }
+
+    /// The fault buffer.
+    pub fn fault_buffer(&self) -> &FaultBuffer {
+        &self.buffer
+    }
+
+    /// The GPU's counters (shared by every VM of the device).
+    pub fn stats(&self) -> SvmStats {
+        self.device.stats()
+    }
+
+    /// The GPU entry for the page at `addr`.
+    pub fn lookup(&self, addr: VirtAddr) -> Option<GpuPte> {
+        self.shared
+            .state
+            .read()
+            .gpt
+            .lookup(addr.as_u64() >> PAGE_SHIFT)
+    }
+
+    /// GPU pages mapped.
+    pub fn mapped_pages(&self) -> u64 {
+        self.shared.state.read().gpt.mapped()
+    }
+
+    /// SVM ranges alive.
+    pub fn nr_ranges(&self) -> usize {
+        self.shared.state.read().ranges.len()
+    }
+
+    /// A GPU load of `buf.len()` bytes at `addr`: `Ok(None)` when it completed, or the
+    /// fault it raised (pushed into the fault buffer, or dropped on overflow) when a page
+    /// was not mapped. Errors: `Inval` for a range past the address space, `Fatal` when
+    /// the last fault on the page was cancelled.
+    pub fn try_read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<Option<GpuFault>, SvmError> {
+        self.try_op(addr, &mut Op::Read(buf))
+    }
+
+    /// A GPU store of `data` at `addr`; see [`try_read`](Self::try_read). A store needs a
+    /// writable entry: a read-only one raises a write fault.
+    pub fn try_write(&self, addr: VirtAddr, data: &[u8]) -> Result<Option<GpuFault>, SvmError> {
+        self.try_op(addr, &mut Op::Write(data))
+    }
+
+    /// A GPU load that faults, services the fault buffer on the calling thread and replays
+    /// until it completes. Errors: those of [`try_read`](Self::try_read) and
+    /// [`service_faults`](Self::service_faults), and `Busy` when it kept faulting.
+    pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), SvmError> {
+        self.blocking(addr, &mut Op::Read(buf))
+    }
+
+    /// A GPU store; see [`read`](Self::read).
+    pub fn write(&self, addr: VirtAddr, data: &[u8]) -> Result<(), SvmError> {
+        self.blocking(addr, &mut Op::Write(data))
+    }
+
+    fn blocking(&self, addr: VirtAddr, op: &mut Op<'_>) -> Result<(), SvmError> {
+        for _ in 0..MAX_REPLAYS {
+            match self.try_op(addr, op)? {
+                None => return Ok(()),
+                Some(_) => {
+                    self.service_faults()?;
+                }
+            }
+        }
+        Err(SvmError::Busy { addr })
+    }
+
+    fn try_op(&self, addr: VirtAddr, op: &mut Op<'_>) -> Result<Option<GpuFault>, SvmError> {
+        let len = op.len() as u64;
+        let end = addr
+            .checked_add(len)
+            .filter(|e| e.as_u64() <= hmm::addr::USER_VA_END)
+            .ok_or(SvmError::Inval {
+                what: "access past the address space",
+            })?;
+        let access = op.access();
+        let phys = self.device.phys();
+        let c = &self.shared.counters;
+        let st = self.shared.state.read();
+        let mut at = addr;
+        let mut done = 0usize;
+        while at < end {
+            let vpn = at.as_u64() >> PAGE_SHIFT;
+            let off = (at.as_u64() & (PAGE_SIZE - 1)) as usize;
+            let n = (PAGE_SIZE as usize - off).min((end.as_u64() - at.as_u64()) as usize);
+            let pte = st
+                .gpt
+                .lookup(vpn)
+                .filter(|p| access == Access::Read || p.writable);
+            let Some(pte) = pte else {
+                drop(st);
+                if let Some(why) = self.shared.state.write().fatal.remove(&vpn) {
+                    return Err(SvmError::Fatal { addr: at, why });
+                }
+                let fault = GpuFault { addr: at, access };
+                self.raise(fault);
+                return Ok(Some(fault));
+            };
+            let frame = phys.frame_nr(pte.frame_nr);
+            match op {
+                Op::Read(buf) => frame.read(off, &mut buf[done..done + n]),
+                Op::Write(data) => {
+                    frame.write(off, &data[done..done + n]);
+                    frame.mark_dirty();
+                }
+            }
+            match pte.location {
+                Location::Vram => add(&c.local_accesses, 1),
+                Location::System => add(&c.remote_accesses, 1),
+            }
+            at = at.checked_add(n as u64).expect("inside the access");
+            done += n;
+        }
+        Ok(None)
+    }
+
+    /// The GPU writes `fault` into the fault buffer (or drops it when full).
+    fn raise(&self, fault: GpuFault) {
+        let c = &self.shared.counters;
+        add(&c.gpu_faults, 1);
+        if self.buffer.push(fault).is_err() {
+            add(&c.buffer_overflows, 1);
+        }
+    }
+
+    /// The address space, if the process is still alive.
+    pub(crate) fn mm(&self) -> Result<Arc<Mm>, SvmError> {
+        self.mm.upgrade().ok_or(SvmError::Exited)
+    }
+}
+
+impl Drop for GpuVm {
+    fn drop(&mut self) {
+        self.device.unregister_vm(self.id);
+    }
+}
+
+impl std::fmt::Debug for GpuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuVm")
+            .field("id", &self.id)
+            .field("mapped_pages", &self.mapped_pages())
+            .field("ranges", &self.nr_ranges())
+            .finish_non_exhaustive()
+    }
+}
