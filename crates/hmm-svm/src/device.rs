@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{PAGE_SIZE, PMD_ORDER, PMD_SIZE};
-use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::addr::{PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
+use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
 use hmm::notifier::Owner;
 use hmm::pgtable::Huge;
@@ -21,8 +21,10 @@ use parking_lot::Mutex;
 
 use crate::error::SvmError;
 use crate::migrate::{copy_to_system, zap_sources};
+use crate::policy::eviction::{EvictionPolicy, Lru};
 use crate::stats::{add, Counters, SvmStats};
 use crate::vm::VmShared;
+use crate::vram::ChunkTracker;
 
 /// Sizes and knobs of one GPU (the anchors' defaults).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,14 +57,16 @@ pub struct GpuDevice {
     owner: Owner,
     vram: Arc<DevPagemap>,
     ops: Arc<DeviceOps>,
+    eviction: Box<dyn EvictionPolicy>,
     config: GpuConfig,
 }
 
-/// The pagemap callbacks, and what they need: the registry of GPU VMs by id.
+/// The pagemap callbacks, and what they need: the registry of GPU VMs by id, the chunks.
 pub(crate) struct DeviceOps {
     owner: Owner,
     vms: Mutex<HashMap<u64, Weak<VmShared>>>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) chunks: ChunkTracker,
 }
 
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
@@ -74,6 +78,15 @@ impl GpuDevice {
     /// Errors: `Inval` for a device-memory size the pagemap refuses or a notifier size
     /// that is not a power of two of at least 2 MiB; `NoMem` when no section is left.
     pub fn new(phys: &Arc<PhysMem>, config: GpuConfig) -> Result<Arc<GpuDevice>, SvmError> {
+        GpuDevice::with_eviction(phys, config, Box::new(Lru))
+    }
+
+    /// [`new`](Self::new) with an eviction policy (the default is [`Lru`]).
+    pub fn with_eviction(
+        phys: &Arc<PhysMem>,
+        config: GpuConfig,
+        eviction: Box<dyn EvictionPolicy>,
+    ) -> Result<Arc<GpuDevice>, SvmError> {
         if !config.notifier_bytes.is_power_of_two() || config.notifier_bytes < PMD_SIZE {
             return Err(SvmError::Inval {
                 what: "notifier size must be a power of two of at least 2 MiB",
@@ -81,10 +94,13 @@ impl GpuDevice {
         }
         let owner = Owner::new_unique();
         let counters = Arc::new(Counters::default());
+        // CAST: a pagemap is at most 256 GiB, 2^17 chunks.
+        let nchunks = (config.vram_bytes / PMD_SIZE) as usize;
         let ops = Arc::new(DeviceOps {
             owner,
             vms: Mutex::new(HashMap::new()),
             counters,
+            chunks: ChunkTracker::new(nchunks),
         });
         let pagemap_ops: Arc<dyn DevPagemapOps> = ops.clone();
         let vram = memremap_pages(
@@ -102,11 +118,13 @@ impl GpuDevice {
             },
             _ => SvmError::NoMem,
         })?;
+        ops.chunks.set_base(vram.frame(0).device_pfn().as_u64());
         Ok(Arc::new(GpuDevice {
             phys: Arc::clone(phys),
             owner,
             vram,
             ops,
+            eviction,
             config,
         }))
     }
@@ -150,11 +168,65 @@ impl GpuDevice {
         &self.ops.counters
     }
 
-    /// A device folio of `2^order` pages (0 or 9), locked, tagged with `vm_id`.
+    /// Device-memory pages free.
+    pub fn vram_pages_free(&self) -> u64 {
+        self.vram_pages() - self.vram_pages_in_use()
+    }
+
+    /// A device folio of `2^order` pages (0 or 9), locked, tagged with `vm_id`; its chunk
+    /// is busy until [`migration_done`](Self::migration_done) is called with its frame.
     pub(crate) fn alloc(&self, order: u32, vm_id: u64) -> Option<LockedFolio<'_>> {
         let f = self.vram.alloc(order, FrameFlags::empty()).ok()?;
         f.meta().set_zone_device_data(vm_id);
+        self.ops
+            .chunks
+            .allocated(f.device_pfn().as_u64(), 1 << order);
         Some(f)
+    }
+
+    /// The migration that allocated the device frames `frames` finished.
+    pub(crate) fn migration_done(&self, frames: &[u64]) {
+        for &nr in frames {
+            self.ops.chunks.done(nr);
+        }
+    }
+
+    /// The GPU mapped the device frame `nr`.
+    pub(crate) fn used(&self, nr: u64) {
+        self.ops.chunks.used(nr);
+    }
+
+    /// Evicts chunks chosen by the eviction policy until `npages` pages are free, or no
+    /// chunk gives anything more (every candidate tried once). Returns whether there is
+    /// room now.
+    pub(crate) fn make_room(&self, npages: u64) -> bool {
+        let mut tried = Vec::new();
+        while self.vram_pages_free() < npages {
+            let candidates = self.ops.chunks.candidates(&tried);
+            if candidates.is_empty() {
+                return false;
+            }
+            let victim = self.eviction.victim(&candidates);
+            tried.push(victim);
+            self.evict_chunk(victim);
+        }
+        true
+    }
+
+    /// Moves every in-use page of chunk `index` it can take to system memory
+    /// (`migrate_device_range`); returns the pages moved.
+    fn evict_chunk(&self, index: u32) -> u64 {
+        let first = u64::from(index) * PMD_NR;
+        let mut m = migrate_device_range(&self.phys, self.vram.frame(first), PMD_NR)
+            .expect("a chunk lies inside its pagemap");
+        // Out of system memory: what had no destination stays on the device.
+        let _ = copy_to_system(&mut m, &self.phys);
+        let moved = m.pages().finalize().migrated;
+        let c = &self.ops.counters;
+        add(&c.evictions, 1);
+        add(&c.evicted_pages, moved);
+        add(&c.pages_d2h, moved);
+        moved
     }
 
     /// Registers a VM so CPU faults on its pages can find it; returns its id.
@@ -170,6 +242,10 @@ impl GpuDevice {
 }
 
 impl DevPagemapOps for DeviceOps {
+    fn folio_free(&self, folio: FrameRef<'_>, order: u32) {
+        self.chunks.freed(folio.device_pfn().as_u64(), 1 << order);
+    }
+
     /// A CPU touched one of this GPU's pages: migrate the page (or, for a device-private
     /// PMD, its 2 MiB unit) back to system memory, zapping the GPU entries of the VM that
     /// migrated it first (its notifier skips this device's own MIGRATE events).

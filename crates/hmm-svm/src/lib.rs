@@ -79,6 +79,7 @@ mod range;
 mod service;
 mod stats;
 mod vm;
+mod vram;
 
 pub use addr::GpuPageSize;
 pub use device::{GpuConfig, GpuDevice};

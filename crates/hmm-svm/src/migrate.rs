@@ -8,8 +8,8 @@
 //! migration commits.
 
 use hmm::addr::{PAGE_SHIFT, PMD_ORDER};
-use hmm::migrate::{MigratePfnFlags, Migration};
-use hmm::phys::{copy_folios, FrameFlags, FrameRef, PhysMem};
+use hmm::migrate::{DeviceMigration, DstRefused, MigratePfn, MigratePfnFlags, Migration};
+use hmm::phys::{copy_folios, FrameFlags, FrameRef, LockedFolio, PhysMem};
 
 use crate::device::{order_of, GpuDevice};
 use crate::stats::add;
@@ -37,16 +37,23 @@ pub(crate) fn zap_sources(vm: &VmShared, m: &Migration<'_, '_>) {
     }
 }
 
+/// What [`copy_to_vram`] placed.
+#[derive(Debug, Default)]
+pub(crate) struct VramFill {
+    /// Pages given a destination.
+    pub(crate) placed: u64,
+    /// Pages left in system memory: device memory ran out.
+    pub(crate) failed: u64,
+    /// The device folios handed over (their chunks are busy until the migration ends).
+    pub(crate) frames: Vec<u64>,
+}
+
 /// Gives every migrating system page (and hole) of `m` a page of `device`'s memory,
-/// tagged with `vm_id`, filled from its source; one batched copy. Returns the pages given
-/// a destination and the pages left in system memory because device memory ran out.
-pub(crate) fn copy_to_vram(
-    m: &mut Migration<'_, '_>,
-    device: &GpuDevice,
-    vm_id: u64,
-) -> (u64, u64) {
+/// tagged with `vm_id`, filled from its source; one batched copy. A unit of 512 gets one
+/// device THP, or 512 pages when there is none.
+pub(crate) fn copy_to_vram(m: &mut Migration<'_, '_>, device: &GpuDevice, vm_id: u64) -> VramFill {
     let mut pairs: Vec<(FrameRef<'_>, FrameRef<'_>)> = Vec::new();
-    let (mut placed, mut failed) = (0, 0);
+    let mut fill = VramFill::default();
     let mut i = 0;
     while i < m.src().len() {
         let w = m.src()[i];
@@ -66,12 +73,13 @@ pub(crate) fn copy_to_vram(
                 Some(src) => pairs.push((*folio, src)),
                 None => (0..n).for_each(|k| folio.folio_page(k).zero()),
             }
+            fill.frames.push(folio.device_pfn().as_u64());
             m.set_dst(i, folio, write).expect(HANDED_ONCE);
-            placed += n;
+            fill.placed += n;
         } else {
             for k in i..i + n as usize {
                 let Some(page) = device.alloc(order_of(1), vm_id) else {
-                    failed += 1;
+                    fill.failed += 1;
                     continue;
                 };
                 match m.src_page(k) {
@@ -85,23 +93,63 @@ pub(crate) fn copy_to_vram(
                     }
                     None => page.zero(),
                 }
+                fill.frames.push(page.device_pfn().as_u64());
                 m.set_dst(k, page, write).expect(HANDED_ONCE);
-                placed += 1;
+                fill.placed += 1;
             }
         }
         i += n as usize;
     }
     copy_folios(&pairs);
-    (placed, failed)
+    fill
+}
+
+/// A collected migration a driver fills, by VMA ([`Migration`]) or by frame number
+/// ([`DeviceMigration`]): the words, the sources (borrowed for `'s`, the migration's
+/// own lifetime), and the hand-over of destinations.
+pub(crate) trait Collected<'s> {
+    fn words(&self) -> &[MigratePfn];
+    fn source(&self, i: usize) -> Option<FrameRef<'s>>;
+    fn hand_over<'f>(&mut self, i: usize, dst: LockedFolio<'f>) -> Result<(), DstRefused<'f>>;
+}
+
+impl<'g> Collected<'g> for Migration<'g, '_> {
+    fn words(&self) -> &[MigratePfn] {
+        self.src()
+    }
+
+    fn source(&self, i: usize) -> Option<FrameRef<'g>> {
+        self.src_page(i)
+    }
+
+    fn hand_over<'f>(&mut self, i: usize, dst: LockedFolio<'f>) -> Result<(), DstRefused<'f>> {
+        let write = self.src()[i].flags().contains(MigratePfnFlags::WRITE);
+        self.set_dst(i, dst, write)
+    }
+}
+
+impl<'p> Collected<'p> for DeviceMigration<'p> {
+    fn words(&self) -> &[MigratePfn] {
+        self.src()
+    }
+
+    fn source(&self, i: usize) -> Option<FrameRef<'p>> {
+        self.src_page(i)
+    }
+
+    fn hand_over<'f>(&mut self, i: usize, dst: LockedFolio<'f>) -> Result<(), DstRefused<'f>> {
+        // The mapping's permission comes from the migration entry it replaces.
+        self.set_dst(i, dst, true)
+    }
 }
 
 /// Gives every migrating device page of `m` a system folio filled from it; one batched
 /// copy. A device THP gets a system THP, or 512 pages when none can be had.
 /// `OutOfMemory` when an order-0 page cannot be had: the entries left without a
 /// destination stay on the device (the pairs given so far are copied).
-pub(crate) fn copy_to_system(
-    m: &mut Migration<'_, '_>,
-    phys: &PhysMem,
+pub(crate) fn copy_to_system<'s>(
+    m: &mut impl Collected<'s>,
+    phys: &'s PhysMem,
 ) -> Result<u64, OutOfMemory> {
     let alloc = |order| {
         phys.alloc(order, FrameFlags::empty())
@@ -112,17 +160,16 @@ pub(crate) fn copy_to_system(
     let mut copied = 0;
     let mut out = Ok(());
     let mut i = 0;
-    while i < m.src().len() && out.is_ok() {
-        let w = m.src()[i];
+    while i < m.words().len() && out.is_ok() {
+        let w = m.words()[i];
         let n = w.npages();
-        let Some(src) = m.src_page(i).filter(|_| w.is_migrating()) else {
+        let Some(src) = m.source(i).filter(|_| w.is_migrating()) else {
             i += n as usize;
             continue;
         };
-        let write = w.flags().contains(MigratePfnFlags::WRITE);
         if let Some(folio) = (n > 1).then(|| alloc(PMD_ORDER)).flatten() {
             pairs.push((*folio, src));
-            m.set_dst(i, folio, write).expect(HANDED_ONCE);
+            m.hand_over(i, folio).expect(HANDED_ONCE);
             copied += n;
         } else {
             for k in i..i + n as usize {
@@ -130,13 +177,13 @@ pub(crate) fn copy_to_system(
                     out = Err(OutOfMemory);
                     break;
                 };
-                let s = m.src_page(k).expect("a page of a migrating unit");
+                let s = m.source(k).expect("a page of a migrating unit");
                 if n > 1 {
                     page.copy_from(&s);
                 } else {
                     pairs.push((*page, s));
                 }
-                m.set_dst(k, page, write).expect(HANDED_ONCE);
+                m.hand_over(k, page).expect(HANDED_ONCE);
                 copied += 1;
             }
         }

@@ -135,6 +135,10 @@ impl GpuVm {
                 vram_free_pages: self.device.vram_pages() - self.device.vram_pages_in_use(),
             };
             if self.policy.place(&q) == Placement::Device {
+                // Room first, with no lock held and no page collected (UVM preallocates
+                // its chunks for the same reason): eviction takes folio locks and mmap
+                // locks of its own. Without room, what does not fit is mapped remotely.
+                self.device.make_room(range.size.pages());
                 self.migrate_to_vram(mm, range, access)?;
             }
             if let Err(fatal) = self.get_pages(mm, range, access)? {
@@ -234,10 +238,11 @@ impl GpuVm {
         };
         let mut m = migrate_hmm_range_setup(collected);
         zap_sources(&self.shared, &m);
-        let (_, failed) = copy_to_vram(&mut m, &self.device, self.id);
+        let fill = copy_to_vram(&mut m, &self.device, self.id);
         let out = m.pages().finalize();
+        self.device.migration_done(&fill.frames);
         let c = &self.shared.counters;
-        add(&c.vram_alloc_failures, failed);
+        add(&c.vram_alloc_failures, fill.failed);
         add(&c.pages_h2d, out.migrated);
         if out.migrated > 0 {
             Counters::by_size(&c.migrations_by_size, range.size, 1);
@@ -341,7 +346,10 @@ impl GpuVm {
                 st.fatal.remove(&(first + (i + k) as u64));
             }
             match ptes[i].location {
-                Location::Vram => add(&c.local_mapped_pages, n as u64),
+                Location::Vram => {
+                    add(&c.local_mapped_pages, n as u64);
+                    self.device.used(ptes[i].frame_nr);
+                }
                 Location::System => add(&c.remote_mapped_pages, n as u64),
             }
             Counters::by_size(&c.binds_by_size, size, 1);

@@ -32,6 +32,10 @@ pub struct SvmStats {
     pub pages_h2d: u64,
     /// Pages migrated device to host (CPU faults, eviction, destroyed ranges).
     pub pages_d2h: u64,
+    /// Chunks of device memory evicted (UVM's `num_evictions` of root chunks).
+    pub evictions: u64,
+    /// Pages those evictions moved to system memory (included in `pages_d2h`).
+    pub evicted_pages: u64,
     /// Pages a migration to the device could not place (device memory full), left in
     /// system memory and mapped remotely.
     pub vram_alloc_failures: u64,
@@ -87,6 +91,8 @@ pub(crate) struct Counters {
     pub(crate) fatal_faults: AtomicU64,
     pub(crate) pages_h2d: AtomicU64,
     pub(crate) pages_d2h: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) evicted_pages: AtomicU64,
     pub(crate) vram_alloc_failures: AtomicU64,
     pub(crate) remote_mapped_pages: AtomicU64,
     pub(crate) local_mapped_pages: AtomicU64,
@@ -126,6 +132,8 @@ impl Counters {
             fatal_faults: r(&self.fatal_faults),
             pages_h2d: r(&self.pages_h2d),
             pages_d2h: r(&self.pages_d2h),
+            evictions: r(&self.evictions),
+            evicted_pages: r(&self.evicted_pages),
             vram_alloc_failures: r(&self.vram_alloc_failures),
             remote_mapped_pages: r(&self.remote_mapped_pages),
             local_mapped_pages: r(&self.local_mapped_pages),

@@ -167,18 +167,21 @@ impl GpuVm {
     /// was not mapped. Errors: `Inval` for a range past the address space, `Fatal` when
     /// the last fault on the page was cancelled.
     pub fn try_read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<Option<GpuFault>, SvmError> {
-        self.try_op(addr, &mut Op::Read(buf))
+        self.try_op(addr, &mut Op::Read(buf), &mut 0)
     }
 
     /// A GPU store of `data` at `addr`; see [`try_read`](Self::try_read). A store needs a
     /// writable entry: a read-only one raises a write fault.
     pub fn try_write(&self, addr: VirtAddr, data: &[u8]) -> Result<Option<GpuFault>, SvmError> {
-        self.try_op(addr, &mut Op::Write(data))
+        self.try_op(addr, &mut Op::Write(data), &mut 0)
     }
 
     /// A GPU load that faults, services the fault buffer on the calling thread and replays
-    /// until it completes. Errors: those of [`try_read`](Self::try_read) and
-    /// [`service_faults`](Self::service_faults), and `Busy` when it kept faulting.
+    /// until it completes. A long access is many GPU accesses, one per page: a replay
+    /// resumes at the page that faulted, so pages moved out again meanwhile (device
+    /// memory smaller than the access) do not make it start over. Errors: those of
+    /// [`try_read`](Self::try_read) and [`service_faults`](Self::service_faults), and
+    /// `Busy` when one page kept faulting.
     pub fn read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<(), SvmError> {
         self.blocking(addr, &mut Op::Read(buf))
     }
@@ -189,18 +192,31 @@ impl GpuVm {
     }
 
     fn blocking(&self, addr: VirtAddr, op: &mut Op<'_>) -> Result<(), SvmError> {
-        for _ in 0..MAX_REPLAYS {
-            match self.try_op(addr, op)? {
+        let mut done = 0;
+        let mut replays = 0;
+        loop {
+            let before = done;
+            match self.try_op(addr, op, &mut done)? {
                 None => return Ok(()),
-                Some(_) => {
+                Some(fault) => {
+                    // The budget is per page: progress resets it.
+                    replays = if done > before { 1 } else { replays + 1 };
+                    if replays > MAX_REPLAYS {
+                        return Err(SvmError::Busy { addr: fault.addr });
+                    }
                     self.service_faults()?;
                 }
             }
         }
-        Err(SvmError::Busy { addr })
     }
 
-    fn try_op(&self, addr: VirtAddr, op: &mut Op<'_>) -> Result<Option<GpuFault>, SvmError> {
+    /// The access from byte `*done` on; `*done` advances past every page it completes.
+    fn try_op(
+        &self,
+        addr: VirtAddr,
+        op: &mut Op<'_>,
+        done: &mut usize,
+    ) -> Result<Option<GpuFault>, SvmError> {
         let len = op.len() as u64;
         let end = addr
             .checked_add(len)
@@ -212,8 +228,7 @@ impl GpuVm {
         let phys = self.device.phys();
         let c = &self.shared.counters;
         let st = self.shared.state.read();
-        let mut at = addr;
-        let mut done = 0usize;
+        let mut at = addr.checked_add(*done as u64).expect("inside the access");
         while at < end {
             let vpn = at.as_u64() >> PAGE_SHIFT;
             let off = (at.as_u64() & (PAGE_SIZE - 1)) as usize;
@@ -232,10 +247,11 @@ impl GpuVm {
                 return Ok(Some(fault));
             };
             let frame = phys.frame_nr(pte.frame_nr);
+            let bytes = *done..*done + n;
             match op {
-                Op::Read(buf) => frame.read(off, &mut buf[done..done + n]),
+                Op::Read(buf) => frame.read(off, &mut buf[bytes]),
                 Op::Write(data) => {
-                    frame.write(off, &data[done..done + n]);
+                    frame.write(off, &data[bytes]);
                     frame.mark_dirty();
                 }
             }
@@ -244,7 +260,7 @@ impl GpuVm {
                 Location::System => add(&c.remote_accesses, 1),
             }
             at = at.checked_add(n as u64).expect("inside the access");
-            done += n;
+            *done += n;
         }
         Ok(None)
     }

@@ -208,24 +208,69 @@ fn the_remote_policy_maps_system_memory_over_the_link() {
     assert!(s.remote_mapped_pages >= 64);
 }
 
+/// Oversubscription: working sets of 1.5x, 2x and 4x the device memory, touched by the
+/// GPU in passes with the CPU writing between them. Chunks are evicted to make room (by
+/// each eviction policy in turn); every byte is checked after every pass.
 #[test]
-fn a_working_set_larger_than_device_memory_keeps_every_byte() {
-    // 4 MiB of device memory, 8 MiB of data: what does not fit stays in system memory
-    // and is mapped remotely (eviction is not built yet).
-    let r = rig_with(4, 4096);
-    let n = 4 * 512;
-    let a = r.map(n);
-    let data = pattern(n, 7);
-    r.mm.write(a, &data).unwrap();
-    assert_eq!(r.gpu_bytes(a, n), data);
-    let s = r.vm.stats();
-    assert_eq!(s.pages_h2d, 1024);
-    assert_eq!(s.vram_alloc_failures, 1024);
-    let new = pattern(n, 8);
-    r.vm.write(a, &new).unwrap();
-    assert_eq!(r.cpu_bytes(a, n), new);
-    assert_eq!(r.gpu.vram_pages_in_use(), 0);
-    r.mm.audit().unwrap();
+fn working_sets_larger_than_device_memory_keep_every_byte() {
+    use hmm_svm::policy::eviction::{EvictionPolicy, Fifo, Lfu, Lru, RandomEviction};
+    let vram_mib = 4;
+    for (factor_x2, policy) in [
+        (3, Box::new(Lru) as Box<dyn EvictionPolicy>),
+        (4, Box::new(Fifo)),
+        (8, Box::new(Lfu)),
+        (4, Box::new(RandomEviction::new(5))),
+    ] {
+        let name = policy.name();
+        let phys = PhysMem::new(PhysConfig::with_size(128 << 20)).unwrap();
+        let config = GpuConfig {
+            vram_bytes: vram_mib << 20,
+            ..GpuConfig::default()
+        };
+        let gpu = GpuDevice::with_eviction(&phys, config, policy).unwrap();
+        let mm = Mm::new(phys.clone());
+        let vm = GpuVm::new(&gpu, &mm);
+        let n = vram_mib * 256 * factor_x2 / 2;
+        let a = mm.mmap(None, n * PAGE_SIZE, RW, MapFlags::PRIVATE).unwrap();
+        let mut want = pattern(n, 7);
+        mm.write(a, &want).unwrap();
+        for pass in 0..3u8 {
+            let mut got = vec![0u8; want.len()];
+            vm.read(a, &mut got).unwrap();
+            assert!(
+                got == want,
+                "{name} x{}/2, pass {pass}: GPU read",
+                factor_x2
+            );
+            // The GPU rewrites every other page, the CPU every third.
+            for i in (0..n).step_by(2) {
+                let at = (i * PAGE_SIZE) as usize;
+                want[at..at + 8].copy_from_slice(&(i << 8 | u64::from(pass)).to_le_bytes());
+                vm.write(page(a, i), &want[at..at + 8]).unwrap();
+            }
+            for i in (0..n).step_by(3) {
+                let at = (i * PAGE_SIZE) as usize + 100;
+                want[at] = pass ^ 0x5a;
+                mm.write(page(a, i).checked_add(100).unwrap(), &[want[at]])
+                    .unwrap();
+            }
+            let mut cpu = vec![0u8; want.len()];
+            mm.read(a, &mut cpu).unwrap();
+            assert!(
+                cpu == want,
+                "{name} x{}/2, pass {pass}: CPU read",
+                factor_x2
+            );
+        }
+        let s = vm.stats();
+        assert!(s.evictions > 0 && s.evicted_pages > 0, "{name}: {s:?}");
+        assert!(gpu.vram_pages_in_use() <= gpu.vram_pages());
+        mm.audit().unwrap();
+        drop(vm);
+        drop(mm);
+        assert_eq!(gpu.vram_pages_in_use(), 0, "{name}: device frames leaked");
+        assert_eq!(phys.nr_in_use(), 0, "{name}: frames leaked");
+    }
 }
 
 #[test]

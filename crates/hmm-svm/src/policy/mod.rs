@@ -1,6 +1,11 @@
-//! Policies: where a faulting range goes. A policy is a pure decision over what the
-//! driver tells it ([`PlacementQuery`]); the driver carries it out, so the same policy
-//! code decides in a simulated run and in a real one.
+//! Policies, behind traits with the anchors' defaults. A policy is a pure decision over
+//! what the driver tells it; the driver carries it out, so the same policy code decides in
+//! a simulated run and in a real one.
+//!
+//! * where a faulting range goes ([`MigrationPolicy`]: [`FirstTouch`], [`RemoteMap`]);
+//! * which chunk of device memory to evict ([`eviction`]).
+
+pub mod eviction;
 
 use hmm::addr::VaRange;
 
