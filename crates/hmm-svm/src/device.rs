@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
+use hmm::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
 use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
 use hmm::notifier::Owner;
@@ -283,6 +283,11 @@ impl DevPagemapOps for DeviceOps {
         let copied = copy_to_system(&mut m, phys);
         let out = m.pages().finalize();
         add(&self.counters.pages_d2h, out.migrated);
+        if let Some(vm) = &vm {
+            // A thrashing event for each page that came back.
+            let first = start.as_u64() >> PAGE_SHIFT;
+            vm.migrated((first..).take(out.migrated as usize));
+        }
         copied.map(|_| ()).map_err(|_| VmFault::Oom)
     }
 }

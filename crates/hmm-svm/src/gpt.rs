@@ -11,6 +11,7 @@
 //! which takes the notifier lock that guards this table and zaps the range.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::Serialize;
 
@@ -73,10 +74,28 @@ impl GpuPte {
     }
 }
 
+/// One 2 MiB leaf: the entries, and the block's access counter (UVM's hardware access
+/// counters count remote accesses per 2 MiB region; bumped under the notifier lock held
+/// for reading, hence atomic).
+#[derive(Debug)]
+struct Leaf {
+    words: [u64; LEAF_LEN],
+    remote_accesses: AtomicU32,
+}
+
+impl Leaf {
+    fn new() -> Box<Leaf> {
+        Box::new(Leaf {
+            words: [0; LEAF_LEN],
+            remote_accesses: AtomicU32::new(0),
+        })
+    }
+}
+
 /// The table, indexed by virtual page number.
 #[derive(Debug, Default)]
 pub(crate) struct GpuPageTable {
-    leaves: BTreeMap<u64, Box<[u64; LEAF_LEN]>>,
+    leaves: BTreeMap<u64, Box<Leaf>>,
     mapped: u64,
 }
 
@@ -84,7 +103,21 @@ impl GpuPageTable {
     /// The entry for virtual page `vpn`.
     pub(crate) fn lookup(&self, vpn: u64) -> Option<GpuPte> {
         let leaf = self.leaves.get(&(vpn >> LEAF_SHIFT))?;
-        GpuPte::decode(leaf[(vpn as usize) & (LEAF_LEN - 1)])
+        GpuPte::decode(leaf.words[(vpn as usize) & (LEAF_LEN - 1)])
+    }
+
+    /// Counts one remote access in the block of `vpn`; returns the count now.
+    pub(crate) fn count_remote(&self, vpn: u64) -> u32 {
+        self.leaves
+            .get(&(vpn >> LEAF_SHIFT))
+            .map_or(0, |l| l.remote_accesses.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Clears the access counter of `block` (after its notification was serviced).
+    pub(crate) fn clear_remote(&self, block: u64) {
+        if let Some(l) = self.leaves.get(&block) {
+            l.remote_accesses.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Maps page `vpn`; returns whether it was unmapped before.
@@ -92,8 +125,8 @@ impl GpuPageTable {
         let leaf = self
             .leaves
             .entry(vpn >> LEAF_SHIFT)
-            .or_insert_with(|| Box::new([0; LEAF_LEN]));
-        let slot = &mut leaf[(vpn as usize) & (LEAF_LEN - 1)];
+            .or_insert_with(Leaf::new);
+        let slot = &mut leaf.words[(vpn as usize) & (LEAF_LEN - 1)];
         let new = *slot & VALID == 0;
         if new {
             self.mapped += 1;
@@ -114,13 +147,13 @@ impl GpuPageTable {
             let base = k << LEAF_SHIFT;
             let lo = (start.max(base) - base) as usize;
             let hi = (end.min(base + LEAF_LEN as u64) - base) as usize;
-            for w in &mut leaf[lo..hi] {
+            for w in &mut leaf.words[lo..hi] {
                 if *w & VALID != 0 {
                     *w = 0;
                     erased += 1;
                 }
             }
-            if leaf.iter().all(|&w| w == 0) {
+            if leaf.words.iter().all(|&w| w == 0) {
                 empty.push(k);
             }
         }
@@ -169,6 +202,16 @@ mod tests {
         assert_eq!(t.lookup(6), None);
         assert_eq!(t.unmap(6, 520), 8, "exclusive end");
         assert_eq!(t.lookup(5).map(|p| p.frame_nr), Some(8));
+        assert_eq!(
+            (
+                t.count_remote(5),
+                t.count_remote(6),
+                t.count_remote(1 << 20)
+            ),
+            (1, 2, 0)
+        );
+        t.clear_remote(0);
+        assert_eq!(t.count_remote(5), 1);
         assert_eq!(t.unmap(0, u64::MAX >> 12), 9);
         assert_eq!(t.mapped(), 0);
         assert!(t.leaves.is_empty(), "empty leaves are freed");

@@ -69,6 +69,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod clock;
 mod device;
 mod error;
 pub mod fault;
@@ -86,6 +87,7 @@ pub use device::{GpuConfig, GpuDevice};
 pub use error::SvmError;
 pub use fault::{Access, FaultBuffer, GpuFault};
 pub use gpt::{GpuPte, Location};
+pub use policy::{Advice, Placement, VmPolicies};
 pub use service::ServiceReport;
 pub use stats::SvmStats;
 pub use vm::GpuVm;

@@ -1,4 +1,6 @@
-//! Servicing the fault buffer: batches, ranges, migration, `get_pages`, bind, replay.
+//! Servicing the fault buffer: batches, ranges, migration, `get_pages`, bind, replay; and
+//! the access-counter notifications and explicit prefetches, which reuse the same
+//! "make resident" path with another cause.
 //!
 //! ```text
 //! service_faults: while the buffer has entries
@@ -7,21 +9,23 @@
 //!     per block:
 //!         drop faults whose page is mapped by now                  ("valid" faults)
 //!         per fault: window notifier, VMA check, find or insert the range
-//!         per range: policy -> Device: migrate in one walk         (hmm_range_fault_migrate)
-//!                    get_pages: hmm_range_fault under the window's sequence, then, under
-//!                    the notifier lock and after read_retry, bind GPU entries
+//!         per range: placement (policy, advice) -> Device:
+//!                        region = prefetch(resident, faulted, range) minus thrashing pages
+//!                        make room (eviction), migrate each run in one walk
+//!                    get_pages over what to map (the region, or the whole range when
+//!                    it stays in system memory), bind under the notifier lock
 //!     replay (batch flush)
 //! ```
 //!
 //! The migration to the device is the seed series' migrate on fault: one walk faults in
-//! what is missing and collects every system page of the range, a second walk
+//! what is missing and collects every system page of the run, a second walk
 //! (`get_pages`) maps what the range holds now; drm_gpusvm and UVM need a third when
 //! pages are absent.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use hmm::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR};
+use hmm::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SHIFT};
 use hmm::migrate::{hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup};
 use hmm::migrate::{MigrateVma, MigrateVmaFlags};
 use hmm::mm::Mm;
@@ -34,10 +38,11 @@ use crate::error::SvmError;
 use crate::fault::{Access, BlockFaults, FaultBatch, GpuFault};
 use crate::gpt::{GpuPte, Location};
 use crate::migrate::{copy_to_system, copy_to_vram, zap_sources};
-use crate::policy::{Placement, PlacementQuery};
+use crate::policy::prefetch::{BlockMask, BlockView};
+use crate::policy::{Cause, Placement, PlacementQuery};
 use crate::range::{choose_chunk, find, SvmRange, Window};
 use crate::stats::{add, Counters};
-use crate::vm::{GpuVm, VmState};
+use crate::vm::{user_range, GpuVm, VmState};
 
 /// What one [`GpuVm::service_faults`] call did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,16 +57,17 @@ pub struct ServiceReport {
 
 impl GpuVm {
     /// Drains the fault buffer batch by batch and services every fault (see the module
-    /// documentation); each batch ends with one replay. Fatal faults are reported and
-    /// recorded for their access; errors that are not about one fault (`Exited`, `NoMem`)
-    /// end the call.
+    /// documentation); each batch ends with one replay. Pending access-counter
+    /// notifications are serviced after the faults. Fatal faults are reported and recorded
+    /// for their access; errors that are not about one fault (`Exited`, `NoMem`) end the
+    /// call.
     pub fn service_faults(&self) -> Result<ServiceReport, SvmError> {
         let mut report = ServiceReport::default();
         let batch_max = self.device.config().batch_max.max(1);
         loop {
             let faults = self.buffer.fetch(batch_max);
             if faults.is_empty() {
-                return Ok(report);
+                break;
             }
             let mm = self.mm()?;
             let batch = FaultBatch::new(faults);
@@ -76,6 +82,77 @@ impl GpuVm {
             add(&c.replays, 1);
             report.batches += 1;
         }
+        self.service_access_counters()?;
+        Ok(report)
+    }
+
+    /// Services the access-counter notifications: each block whose remote accesses
+    /// reached the threshold has its ranges placed again with cause `AccessCounter`, and
+    /// migrated if the policy says so; its counter starts again from zero.
+    pub fn service_access_counters(&self) -> Result<(), SvmError> {
+        let blocks = {
+            let mut n = self.notifications.lock();
+            self.notified
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            std::mem::take(&mut *n)
+        };
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let mm = self.mm()?;
+        for block in blocks {
+            let ranges: Vec<SvmRange> = {
+                let st = self.shared.state.read();
+                st.gpt.clear_remote(block);
+                let first = block * PMD_NR;
+                st.ranges
+                    .range(first..first + PMD_NR)
+                    .map(|(_, r)| *r)
+                    .filter(|r| !r.unmapped && !r.partial_unmap)
+                    .collect()
+            };
+            for range in ranges {
+                let all = range_mask(range);
+                // A range that cannot be mapped any more is left to the next fault in it.
+                let _ = self.make_resident(&mm, range, Access::Read, Cause::AccessCounter, all)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Migrates `[addr, addr + len)` to the device and maps it, as the driver would for
+    /// `cudaMemPrefetchAsync` (Xe's VM_BIND prefetch): every range over it is created if
+    /// needed and its pages in the span moved, whatever the migration policy says (the
+    /// prefetch is the decision); counted as prefetched pages.
+    ///
+    /// Errors: `Inval` for a bad span, `Fatal` for a page no VMA maps, `Exited`, `NoMem`.
+    pub fn prefetch(&self, addr: VirtAddr, len: u64) -> Result<(), SvmError> {
+        let span = user_range(addr, len)?;
+        let mm = self.mm()?;
+        let mut at = span.start();
+        while at < span.end() {
+            self.ensure_window(&mm, at)?;
+            let range = {
+                let mmap = mm.mmap_read();
+                let vma = mmap.vma_lookup(at).ok_or(SvmError::Fatal {
+                    addr: at,
+                    why: "no VMA",
+                })?;
+                self.range_for(at, vma.range())
+            };
+            let part = range
+                .range()
+                .intersect(&span)
+                .expect("the range holds `at`");
+            let want = span_mask(range, part);
+            let moved = self.migrate_region(&mm, range, Access::Read, want)?;
+            add(&self.shared.counters.prefetched_pages, moved.count() as u64);
+            if let Err(why) = self.get_pages(&mm, range, Access::Read, want)? {
+                return Err(SvmError::Fatal { addr: at, why });
+            }
+            at = part.end();
+        }
+        Ok(())
     }
 
     fn service_block(
@@ -99,10 +176,11 @@ impl GpuVm {
                 .collect()
         };
         add(&c.valid_faults, (block.faults.len() - pending.len()) as u64);
-        let mut todo: Vec<(SvmRange, Access)> = Vec::new();
         for f in &pending {
             self.ensure_window(mm, f.addr)?;
         }
+        // The faults of each range: (range, strongest access, faulted pages).
+        let mut todo: Vec<(SvmRange, Access, BlockMask)> = Vec::new();
         {
             let mmap = mm.mmap_read();
             for f in pending {
@@ -114,9 +192,17 @@ impl GpuVm {
                     }
                     Some(v) => {
                         let range = self.range_for(f.addr, v.range());
-                        match todo.iter_mut().find(|(r, _)| r.start == range.start) {
-                            Some((_, a)) => *a = (*a).max(f.access),
-                            None => todo.push((range, f.access)),
+                        let page = page_in_block(f.vpn());
+                        match todo.iter_mut().find(|(r, _, _)| r.start == range.start) {
+                            Some((_, a, m)) => {
+                                *a = (*a).max(f.access);
+                                m.set(page);
+                            }
+                            None => {
+                                let mut m = BlockMask::EMPTY;
+                                m.set(page);
+                                todo.push((range, f.access, m));
+                            }
                         }
                         None
                     }
@@ -126,33 +212,176 @@ impl GpuVm {
                 }
             }
         }
-        for (range, access) in todo {
+        for (range, access, faulted) in todo {
             Counters::by_size(&c.faults_by_size, range.size, 1);
-            let q = PlacementQuery {
-                range: range.range(),
-                size: range.size,
-                access,
-                vram_free_pages: self.device.vram_pages() - self.device.vram_pages_in_use(),
-            };
-            if self.policy.place(&q) == Placement::Device {
-                // Room first, with no lock held and no page collected (UVM preallocates
-                // its chunks for the same reason): eviction takes folio locks and mmap
-                // locks of its own. Without room, what does not fit is mapped remotely.
-                self.device.make_room(range.size.pages());
-                self.migrate_to_vram(mm, range, access)?;
-            }
-            if let Err(fatal) = self.get_pages(mm, range, access)? {
+            if let Err(why) = self.make_resident(mm, range, access, Cause::Fault, faulted)? {
                 self.cancel(
                     GpuFault {
                         addr: range.start,
                         access,
                     },
-                    fatal,
+                    why,
                     report,
                 );
             }
         }
         Ok(())
+    }
+
+    /// UVM's "make resident" for one range: place it (policy, advice); for the device,
+    /// migrate the prefetch region around `faulted` except the pages the thrashing
+    /// detector holds, and map that region; for system memory, map the whole range
+    /// remotely. `Ok(Err(why))` when the range cannot be mapped: the fault is fatal.
+    fn make_resident(
+        &self,
+        mm: &Mm,
+        range: SvmRange,
+        access: Access,
+        cause: Cause,
+        faulted: BlockMask,
+    ) -> Result<Result<(), &'static str>, SvmError> {
+        let all = range_mask(range);
+        let (resident, advice) = {
+            let st = self.shared.state.read();
+            (resident_mask(&st, range), st.advice_for(&range.range()))
+        };
+        let q = PlacementQuery {
+            range: range.range(),
+            size: range.size,
+            access,
+            cause,
+            advice,
+            vram_free_pages: self.device.vram_pages_free(),
+        };
+        let map = match self.migration.place(&q) {
+            Placement::System => all,
+            Placement::Device => {
+                let region = self
+                    .prefetch
+                    .region(&BlockView {
+                        resident,
+                        faulted,
+                        range: all,
+                    })
+                    .or(&faulted.and(&all));
+                let migrated = self.migrate_region(mm, range, access, region.minus(&resident))?;
+                let extra = migrated.minus(&faulted).count() as u64;
+                add(&self.shared.counters.prefetched_pages, extra);
+                region
+            }
+        };
+        self.get_pages(mm, range, access, map)
+    }
+
+    /// Migrates the pages of `want` (within `range`'s block) to the device, run by run,
+    /// after making room; pages the thrashing detector holds stay where they are. Returns
+    /// the pages that moved.
+    fn migrate_region(
+        &self,
+        mm: &Mm,
+        range: SvmRange,
+        access: Access,
+        want: BlockMask,
+    ) -> Result<BlockMask, SvmError> {
+        let base = block_base(range);
+        let held = self.shared.held(
+            (0..PMD_NR as usize)
+                .filter(|&p| want.get(p))
+                .map(|p| base + p as u64),
+        );
+        let mut want = want;
+        if !held.is_empty() {
+            let mut h = BlockMask::EMPTY;
+            held.iter().for_each(|&v| h.set(page_in_block(v)));
+            add(&self.shared.counters.thrash_held_pages, h.count() as u64);
+            want = want.minus(&h);
+        }
+        let mut moved = BlockMask::EMPTY;
+        if want.is_empty() {
+            return Ok(moved);
+        }
+        // Room first, with no lock held and no page collected (UVM preallocates its
+        // chunks for the same reason): eviction takes folio locks and mmap locks of its
+        // own. Without room, what does not fit stays and is mapped remotely.
+        self.device.make_room(want.count() as u64);
+        for (s, e) in want.runs() {
+            let start = VirtAddr::new((base + s as u64) << PAGE_SHIFT);
+            let end = VirtAddr::new((base + e as u64) << PAGE_SHIFT);
+            let unit = range.size == GpuPageSize::Size2M && e - s == PMD_NR as usize;
+            for i in self.migrate_run(mm, VaRange::new(start, end).expect("a run"), access, unit)? {
+                moved.set(s + i);
+            }
+        }
+        self.shared.migrated(
+            (0..PMD_NR as usize)
+                .filter(|&p| moved.get(p))
+                .map(|p| base + p as u64),
+        );
+        if !moved.is_empty() {
+            Counters::by_size(&self.shared.counters.migrations_by_size, range.size, 1);
+        }
+        Ok(moved)
+    }
+
+    /// Moves `run` to device memory in one walk: faults in what is missing and collects
+    /// every system page (as one unit when `unit`), zaps the GPU entries of what it
+    /// collected, copies to device pages, commits. Returns the indexes (in the run) of the
+    /// pages that moved.
+    fn migrate_run(
+        &self,
+        mm: &Mm,
+        run: VaRange,
+        access: Access,
+        unit: bool,
+    ) -> Result<Vec<usize>, SvmError> {
+        let window = self.ensure_window(mm, run.start())?;
+        let mut pfns = vec![HmmPfn::default(); run.npages() as usize];
+        let mut flags = HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE;
+        if access == Access::Write {
+            flags |= HmmPfnFlags::REQ_WRITE;
+        }
+        let mut select = MigrateVmaFlags::SELECT_SYSTEM;
+        if unit {
+            select |= MigrateVmaFlags::SELECT_COMPOUND;
+        }
+        let mmap = mm.mmap_read();
+        let mut r = HmmRange {
+            notifier: &window,
+            notifier_seq: window.read_begin(),
+            start: run.start(),
+            end: run.end(),
+            hmm_pfns: &mut pfns,
+            default_flags: flags,
+            pfn_flags_mask: HmmPfnFlags::empty(),
+            dev_private_owner: Some(self.device.owner()),
+        };
+        let collected = match hmm_range_fault_migrate(&mmap, &mut r, select) {
+            Ok(c) => c,
+            Err(HmmError::NoMem { .. }) => return Err(SvmError::NoMem),
+            // What cannot migrate (no VMA any more, a VMA that cannot migrate, a page
+            // that cannot be faulted) is left to get_pages, which maps it or cancels.
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut m = migrate_hmm_range_setup(collected);
+        zap_sources(&self.shared, &m);
+        let fill = copy_to_vram(&mut m, &self.device, self.id);
+        let pages = m.pages();
+        let mut moved = Vec::new();
+        let mut i = 0;
+        while i < pages.src().len() {
+            let w = pages.src()[i];
+            let n = w.npages() as usize;
+            if w.is_migrating() {
+                moved.extend(i..i + n);
+            }
+            i += n;
+        }
+        let out = pages.finalize();
+        self.device.migration_done(&fill.frames);
+        let c = &self.shared.counters;
+        add(&c.vram_alloc_failures, fill.failed);
+        add(&c.pages_h2d, out.migrated);
+        Ok(moved)
     }
 
     /// Cancels a fault: counted, reported, and recorded so the access sees it.
@@ -202,72 +431,35 @@ impl GpuVm {
         r
     }
 
-    /// Moves `range` to device memory in one walk: faults in what is missing and
-    /// collects every system page (a 2 MiB range as one unit where it can), zaps the GPU
-    /// entries of what it collected, copies to device pages, commits. Pages the device
-    /// has no room for stay in system memory.
-    fn migrate_to_vram(&self, mm: &Mm, range: SvmRange, access: Access) -> Result<(), SvmError> {
-        let window = self.ensure_window(mm, range.start)?;
-        let n = range.size.pages() as usize;
-        let mut pfns = vec![HmmPfn::default(); n];
-        let mut flags = HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE;
-        if access == Access::Write {
-            flags |= HmmPfnFlags::REQ_WRITE;
-        }
-        let mut select = MigrateVmaFlags::SELECT_SYSTEM;
-        if range.size == GpuPageSize::Size2M {
-            select |= MigrateVmaFlags::SELECT_COMPOUND;
-        }
-        let mmap = mm.mmap_read();
-        let mut r = HmmRange {
-            notifier: &window,
-            notifier_seq: window.read_begin(),
-            start: range.start,
-            end: range.range().end(),
-            hmm_pfns: &mut pfns,
-            default_flags: flags,
-            pfn_flags_mask: HmmPfnFlags::empty(),
-            dev_private_owner: Some(self.device.owner()),
-        };
-        let collected = match hmm_range_fault_migrate(&mmap, &mut r, select) {
-            Ok(c) => c,
-            Err(HmmError::NoMem { .. }) => return Err(SvmError::NoMem),
-            // What cannot migrate (no VMA any more, a VMA that cannot migrate, a page
-            // that cannot be faulted) is left to get_pages, which maps it or cancels.
-            Err(_) => return Ok(()),
-        };
-        let mut m = migrate_hmm_range_setup(collected);
-        zap_sources(&self.shared, &m);
-        let fill = copy_to_vram(&mut m, &self.device, self.id);
-        let out = m.pages().finalize();
-        self.device.migration_done(&fill.frames);
-        let c = &self.shared.counters;
-        add(&c.vram_alloc_failures, fill.failed);
-        add(&c.pages_h2d, out.migrated);
-        if out.migrated > 0 {
-            Counters::by_size(&c.migrations_by_size, range.size, 1);
-        }
-        Ok(())
-    }
-
-    /// drm_gpusvm's `get_pages` and the bind: `hmm_range_fault` over the range (this
-    /// device's pages as they are, everything else faulted to system memory) under the
-    /// window's sequence, then under the notifier lock, if no invalidation came in
-    /// between, GPU entries for every page. `Ok(Err(why))` when the range cannot be
-    /// mapped (its VMA went, or does not allow the access): the fault is fatal.
+    /// drm_gpusvm's `get_pages` and the bind: `hmm_range_fault` over the pages of `map`
+    /// (this device's pages as they are, everything else faulted to system memory) under
+    /// the window's sequence, then under the notifier lock, if no invalidation came in
+    /// between, GPU entries for them. `Ok(Err(why))` when they cannot be mapped (the VMA
+    /// went, or does not allow the access): the fault is fatal.
     fn get_pages(
         &self,
         mm: &Mm,
         range: SvmRange,
         access: Access,
+        map: BlockMask,
     ) -> Result<Result<(), &'static str>, SvmError> {
         let window = self.ensure_window(mm, range.start)?;
         let n = range.size.pages() as usize;
-        let mut pfns = vec![HmmPfn::default(); n];
-        let mut flags = HmmPfnFlags::REQ_FAULT;
+        let offset = page_in_block(range.vpns().0);
+        let mut request = HmmPfnFlags::REQ_FAULT;
         if access == Access::Write {
-            flags |= HmmPfnFlags::REQ_WRITE;
+            request |= HmmPfnFlags::REQ_WRITE;
         }
+        let wanted = |i: usize| map.get(offset + i);
+        let mut pfns: Vec<HmmPfn> = (0..n)
+            .map(|i| {
+                if wanted(i) {
+                    HmmPfn::request(request)
+                } else {
+                    HmmPfn::default()
+                }
+            })
+            .collect();
         // TIMEOUT: the kernel's HMM_RANGE_DEFAULT_TIMEOUT budget for collisions.
         let deadline = Instant::now().checked_add(HMM_RANGE_DEFAULT_TIMEOUT);
         loop {
@@ -275,14 +467,21 @@ impl GpuVm {
                 return Err(SvmError::Busy { addr: range.start });
             }
             let seq = window.read_begin();
+            for (i, p) in pfns.iter_mut().enumerate() {
+                *p = if wanted(i) {
+                    HmmPfn::request(request)
+                } else {
+                    HmmPfn::default()
+                };
+            }
             let mut r = HmmRange {
                 notifier: &window,
                 notifier_seq: seq,
                 start: range.start,
                 end: range.range().end(),
                 hmm_pfns: &mut pfns,
-                default_flags: flags,
-                pfn_flags_mask: HmmPfnFlags::empty(),
+                default_flags: HmmPfnFlags::empty(),
+                pfn_flags_mask: HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_WRITE,
                 dev_private_owner: Some(self.device.owner()),
             };
             add(&self.shared.counters.get_pages, 1);
@@ -304,51 +503,64 @@ impl GpuVm {
             if window.read_retry(seq) {
                 continue;
             }
-            self.bind(&mut st, range, &pfns);
+            self.bind(&mut st, range, &pfns, &wanted);
             return Ok(Ok(()));
         }
     }
 
-    /// Writes the GPU entries of `range` from `pfns` (every word valid), with the largest
-    /// entry size each run allows: 2 MiB for a whole range of one contiguous, aligned
-    /// folio with one location and permission, else 64 KiB per such aligned 16 pages,
-    /// else 4 KiB.
-    fn bind(&self, st: &mut VmState, range: SvmRange, pfns: &[HmmPfn]) {
+    /// Writes the GPU entries of the pages of `range` that `wanted` names from `pfns`
+    /// (each of them valid), with the largest entry size each run allows: 2 MiB for a
+    /// whole range of one contiguous, aligned folio with one location and permission, else
+    /// 64 KiB per such aligned 16 pages, else 4 KiB.
+    fn bind(
+        &self,
+        st: &mut VmState,
+        range: SvmRange,
+        pfns: &[HmmPfn],
+        wanted: &dyn Fn(usize) -> bool,
+    ) {
         let phys = self.device.phys();
         let (first, _) = range.vpns();
-        let ptes: Vec<GpuPte> = pfns
+        let ptes: Vec<Option<GpuPte>> = pfns
             .iter()
-            .map(|p| {
-                debug_assert!(p.is_valid(), "a fault was requested for every page");
-                let frame = phys.frame_nr(p.frame_nr());
-                GpuPte {
-                    frame_nr: p.frame_nr(),
-                    writable: p.is_writable(),
-                    location: if self.device.owns(&frame) {
-                        Location::Vram
-                    } else {
-                        Location::System
-                    },
-                    size: GpuPageSize::Size4K,
-                }
+            .enumerate()
+            .map(|(i, p)| {
+                (wanted(i) && p.is_valid()).then(|| {
+                    let frame = phys.frame_nr(p.frame_nr());
+                    GpuPte {
+                        frame_nr: p.frame_nr(),
+                        writable: p.is_writable(),
+                        location: if self.device.owns(&frame) {
+                            Location::Vram
+                        } else {
+                            Location::System
+                        },
+                        size: GpuPageSize::Size4K,
+                    }
+                })
             })
             .collect();
         let c = &self.shared.counters;
         let mut i = 0;
         while i < ptes.len() {
+            let Some(head) = ptes[i] else {
+                i += 1;
+                continue;
+            };
             let size = [GpuPageSize::Size2M, GpuPageSize::Size64K]
                 .into_iter()
                 .find(|s| fits(&ptes[i..], first + i as u64, *s))
                 .unwrap_or(GpuPageSize::Size4K);
             let n = size.pages() as usize;
             for (k, pte) in ptes[i..i + n].iter().enumerate() {
-                st.gpt.set(first + (i + k) as u64, GpuPte { size, ..*pte });
+                let pte = pte.expect("a run of valid entries");
+                st.gpt.set(first + (i + k) as u64, GpuPte { size, ..pte });
                 st.fatal.remove(&(first + (i + k) as u64));
             }
-            match ptes[i].location {
+            match head.location {
                 Location::Vram => {
                     add(&c.local_mapped_pages, n as u64);
-                    self.device.used(ptes[i].frame_nr);
+                    self.device.used(head.frame_nr);
                 }
                 Location::System => add(&c.remote_mapped_pages, n as u64),
             }
@@ -391,7 +603,7 @@ impl GpuVm {
         let mut at = r.start();
         while at < r.end() {
             let Some(vma) = mmap.vma_lookup(at) else {
-                at = next_vma_start(&mmap, at, r.end());
+                at = at.checked_add(PAGE_SIZE).expect("inside the range");
                 continue;
             };
             let end = vma.range().end().min(r.end());
@@ -414,33 +626,63 @@ impl GpuVm {
     }
 }
 
+/// The first virtual page number of `range`'s 2 MiB block.
+fn block_base(range: SvmRange) -> u64 {
+    (range.start.as_u64() >> PMD_SHIFT) * PMD_NR
+}
+
+/// Page `vpn`'s index in its 2 MiB block.
+fn page_in_block(vpn: u64) -> usize {
+    // CAST: below 512.
+    (vpn % PMD_NR) as usize
+}
+
+/// The pages of its block `range` covers.
+fn range_mask(range: SvmRange) -> BlockMask {
+    span_mask(range, range.range())
+}
+
+/// The pages of `range`'s block that `span` (inside the block) covers.
+fn span_mask(range: SvmRange, span: VaRange) -> BlockMask {
+    let base = block_base(range);
+    let s = (span.start().as_u64() >> PAGE_SHIFT) - base;
+    let e = (span.end().as_u64() >> PAGE_SHIFT) - base;
+    // CAST: both within the block, at most 512.
+    BlockMask::range(s as usize, e as usize)
+}
+
+/// The pages of `range` the GPU maps in its own memory.
+fn resident_mask(st: &VmState, range: SvmRange) -> BlockMask {
+    let (first, end) = range.vpns();
+    let mut m = BlockMask::EMPTY;
+    for vpn in first..end {
+        if st
+            .gpt
+            .lookup(vpn)
+            .is_some_and(|p| p.location == Location::Vram)
+        {
+            m.set(page_in_block(vpn));
+        }
+    }
+    m
+}
+
 /// Whether `ptes` (from virtual page `vpn`) start a run that one entry of `size` can map:
-/// `vpn` aligned, the run long enough, one contiguous run of frames aligned the same way,
-/// one location and one permission.
-fn fits(ptes: &[GpuPte], vpn: u64, size: GpuPageSize) -> bool {
+/// `vpn` aligned, the run long enough and all present, one contiguous run of frames
+/// aligned the same way, one location and one permission.
+fn fits(ptes: &[Option<GpuPte>], vpn: u64, size: GpuPageSize) -> bool {
     let n = size.pages();
     let Some(run) = ptes.get(..n as usize) else {
         return false;
     };
-    let head = run[0];
+    let Some(head) = run[0] else { return false };
     vpn % n == 0
         && head.frame_nr % n == 0
-        && n <= PMD_NR
         && run.iter().enumerate().all(|(k, p)| {
-            p.frame_nr == head.frame_nr + k as u64
-                && p.location == head.location
-                && p.writable == head.writable
+            p.is_some_and(|p| {
+                p.frame_nr == head.frame_nr + k as u64
+                    && p.location == head.location
+                    && p.writable == head.writable
+            })
         })
-}
-
-/// The start of the first VMA after `at` (before `end`), or `end`.
-fn next_vma_start(mmap: &hmm::mm::MmapReadGuard<'_>, at: VirtAddr, end: VirtAddr) -> VirtAddr {
-    let mut p = at;
-    while p < end {
-        if mmap.vma_lookup(p).is_some() {
-            return p;
-        }
-        p = p.checked_add(hmm::addr::PAGE_SIZE).unwrap_or(end);
-    }
-    end
 }

@@ -47,6 +47,18 @@ pub struct SvmStats {
     pub remote_accesses: u64,
     /// GPU accesses served from device memory.
     pub local_accesses: u64,
+    /// Pages migrated that had not faulted (the prefetcher's, and explicit prefetches).
+    pub prefetched_pages: u64,
+    /// Access-counter notifications (a block's remote accesses reached the threshold).
+    pub access_counter_notifications: u64,
+    /// Thrashing detected (a page's events reached the threshold).
+    pub thrash_detections: u64,
+    /// Of those, pages throttled (left where they were for a lapse).
+    pub thrash_throttles: u64,
+    /// Of those, pages pinned (left where they were, mapped remotely, for the pin time).
+    pub thrash_pins: u64,
+    /// Pages a thrashing hint kept from migrating.
+    pub thrash_held_pages: u64,
     /// GPU page-table zaps by the notifier (device TLB invalidations).
     pub invalidations: u64,
     /// GPU pages those zaps unmapped.
@@ -98,6 +110,12 @@ pub(crate) struct Counters {
     pub(crate) local_mapped_pages: AtomicU64,
     pub(crate) remote_accesses: AtomicU64,
     pub(crate) local_accesses: AtomicU64,
+    pub(crate) prefetched_pages: AtomicU64,
+    pub(crate) access_counter_notifications: AtomicU64,
+    pub(crate) thrash_detections: AtomicU64,
+    pub(crate) thrash_throttles: AtomicU64,
+    pub(crate) thrash_pins: AtomicU64,
+    pub(crate) thrash_held_pages: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) pages_invalidated: AtomicU64,
     pub(crate) own_migrate_skips: AtomicU64,
@@ -139,6 +157,12 @@ impl Counters {
             local_mapped_pages: r(&self.local_mapped_pages),
             remote_accesses: r(&self.remote_accesses),
             local_accesses: r(&self.local_accesses),
+            prefetched_pages: r(&self.prefetched_pages),
+            access_counter_notifications: r(&self.access_counter_notifications),
+            thrash_detections: r(&self.thrash_detections),
+            thrash_throttles: r(&self.thrash_throttles),
+            thrash_pins: r(&self.thrash_pins),
+            thrash_held_pages: r(&self.thrash_held_pages),
             invalidations: r(&self.invalidations),
             pages_invalidated: r(&self.pages_invalidated),
             own_migrate_skips: r(&self.own_migrate_skips),

@@ -27,18 +27,22 @@
 //! (a simulated GPU must not sleep and wake per page), replay.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{VirtAddr, PAGE_SHIFT, PAGE_SIZE};
+use hmm::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT};
 use hmm::mm::Mm;
 use hmm::notifier::{IntervalNotifier, Owner};
 use hmm::sync::{Mutex, RwLock};
 
+use crate::clock::Clock;
 use crate::device::GpuDevice;
 use crate::error::SvmError;
 use crate::fault::{Access, FaultBuffer, GpuFault};
 use crate::gpt::{GpuPageTable, GpuPte, Location};
-use crate::policy::{FirstTouch, MigrationPolicy};
+use crate::policy::prefetch::PrefetchPolicy;
+use crate::policy::thrashing::{PageHistory, ThrashHint, ThrashingDetector};
+use crate::policy::{Advice, MigrationPolicy, VmPolicies};
 use crate::range::SvmRange;
 use crate::stats::{add, Counters, SvmStats};
 
@@ -50,6 +54,48 @@ pub(crate) struct VmShared {
     pub(crate) owner: Owner,
     pub(crate) state: RwLock<VmState>,
     pub(crate) counters: Arc<Counters>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) thrashing: Option<ThrashingDetector>,
+    /// Thrashing histories by virtual page number (a leaf lock: nothing is taken under it).
+    pub(crate) history: Mutex<HashMap<u64, PageHistory>>,
+}
+
+/// Histories kept before old ones are pruned.
+const HISTORY_PRUNE_AT: usize = 1 << 16;
+
+impl VmShared {
+    /// Records a migration (either way) of each page in `vpns` with the thrashing detector.
+    pub(crate) fn migrated(&self, vpns: impl Iterator<Item = u64>) {
+        let Some(d) = &self.thrashing else { return };
+        let now = self.clock.now_ns();
+        let mut h = self.history.lock();
+        for vpn in vpns {
+            let e = d.on_migration(h.entry(vpn).or_default(), now);
+            if e.detected {
+                add(&self.counters.thrash_detections, 1);
+                match e.hint {
+                    ThrashHint::Pin { .. } => add(&self.counters.thrash_pins, 1),
+                    ThrashHint::Throttle { .. } => add(&self.counters.thrash_throttles, 1),
+                    ThrashHint::None => {}
+                }
+            }
+        }
+        if h.len() > HISTORY_PRUNE_AT {
+            let epoch = d.config.lapse_ns.saturating_mul(d.config.epoch_lapses);
+            h.retain(|_, p| now.saturating_sub(p.last_event) <= epoch || p.pinned_until > now);
+        }
+    }
+
+    /// The pages of `vpns` the detector says to leave where they are now.
+    pub(crate) fn held(&self, vpns: impl Iterator<Item = u64>) -> Vec<u64> {
+        let Some(d) = &self.thrashing else {
+            return Vec::new();
+        };
+        let now = self.clock.now_ns();
+        let h = self.history.lock();
+        vpns.filter(|v| h.get(v).is_some_and(|p| d.hint(p, now) != ThrashHint::None))
+            .collect()
+    }
 }
 
 /// Under the notifier lock.
@@ -62,6 +108,19 @@ pub(crate) struct VmState {
     pub(crate) gc: Vec<u64>,
     /// Pages whose last fault was fatal, and why: the next access to one fails once.
     pub(crate) fatal: HashMap<u64, &'static str>,
+    /// Advice by range, the latest last.
+    pub(crate) advice: Vec<(VaRange, Advice)>,
+}
+
+impl VmState {
+    /// The latest advice that covers any of `range`.
+    pub(crate) fn advice_for(&self, range: &VaRange) -> Option<Advice> {
+        self.advice
+            .iter()
+            .rev()
+            .find(|(r, _)| r.overlaps(range))
+            .map(|&(_, a)| a)
+    }
 }
 
 /// One process's address space on one GPU.
@@ -73,7 +132,12 @@ pub struct GpuVm {
     /// The interval notifiers, one per window of `notifier_bytes`, by window index.
     pub(crate) windows: Mutex<BTreeMap<u64, Arc<IntervalNotifier>>>,
     pub(crate) buffer: FaultBuffer,
-    pub(crate) policy: Box<dyn MigrationPolicy>,
+    pub(crate) migration: Box<dyn MigrationPolicy>,
+    pub(crate) prefetch: Box<dyn PrefetchPolicy>,
+    pub(crate) counter_threshold: Option<u32>,
+    /// Blocks whose access counter fired, waiting for service (UVM's notification buffer).
+    pub(crate) notifications: Mutex<Vec<u64>>,
+    pub(crate) notified: AtomicBool,
 }
 
 /// Which way an access moves bytes.
@@ -99,22 +163,34 @@ impl Op<'_> {
 }
 
 impl GpuVm {
-    /// Binds `mm` to `device` with the default policy (migrate on first touch). The VM
-    /// holds the address space weakly, as a driver holds no `mm_users`.
+    /// Binds `mm` to `device` with the default policies ([`VmPolicies::default`]: migrate
+    /// on first touch, the whole range, UVM's thrashing detector and access counters on
+    /// the wall clock). The VM holds the address space weakly, as a driver holds no
+    /// `mm_users`.
     pub fn new(device: &Arc<GpuDevice>, mm: &Arc<Mm>) -> Arc<GpuVm> {
-        GpuVm::with_policy(device, mm, Box::new(FirstTouch))
+        GpuVm::with_policies(device, mm, VmPolicies::default())
     }
 
-    /// [`new`](Self::new) with a migration policy.
-    pub fn with_policy(
+    /// [`new`](Self::new) with other policies.
+    pub fn with_policies(
         device: &Arc<GpuDevice>,
         mm: &Arc<Mm>,
-        policy: Box<dyn MigrationPolicy>,
+        policies: VmPolicies,
     ) -> Arc<GpuVm> {
+        let VmPolicies {
+            migration,
+            prefetch,
+            thrashing,
+            access_counter_threshold,
+            clock,
+        } = policies;
         let shared = Arc::new(VmShared {
             owner: device.owner(),
             state: RwLock::new(VmState::default()),
             counters: Arc::clone(device.counters()),
+            clock,
+            thrashing,
+            history: Mutex::new(HashMap::new()),
         });
         let id = device.register_vm(Arc::downgrade(&shared));
         Arc::new(GpuVm {
@@ -124,8 +200,23 @@ impl GpuVm {
             shared,
             windows: Mutex::new(BTreeMap::new()),
             buffer: FaultBuffer::new(device.config().fault_buffer_entries),
-            policy,
+            migration,
+            prefetch,
+            counter_threshold: access_counter_threshold.filter(|&t| t > 0),
+            notifications: Mutex::new(Vec::new()),
+            notified: AtomicBool::new(false),
         })
+    }
+
+    /// Gives `advice` on `[addr, addr + len)` (`cudaMemAdvise`); later advice wins where
+    /// ranges overlap. It is read when a range faults or its counter fires.
+    ///
+    /// Errors: `Inval` for an unaligned address, zero length or a range past the address
+    /// space.
+    pub fn advise(&self, addr: VirtAddr, len: u64, advice: Advice) -> Result<(), SvmError> {
+        let range = user_range(addr, len)?;
+        self.shared.state.write().advice.push((range, advice));
+        Ok(())
     }
 
     /// The GPU.
@@ -197,7 +288,12 @@ impl GpuVm {
         loop {
             let before = done;
             match self.try_op(addr, op, &mut done)? {
-                None => return Ok(()),
+                None => {
+                    if self.notified.load(Ordering::Relaxed) {
+                        self.service_access_counters()?;
+                    }
+                    return Ok(());
+                }
                 Some(fault) => {
                     // The budget is per page: progress resets it.
                     replays = if done > before { 1 } else { replays + 1 };
@@ -257,7 +353,19 @@ impl GpuVm {
             }
             match pte.location {
                 Location::Vram => add(&c.local_accesses, 1),
-                Location::System => add(&c.remote_accesses, 1),
+                Location::System => {
+                    add(&c.remote_accesses, 1);
+                    if self
+                        .counter_threshold
+                        .is_some_and(|t| st.gpt.count_remote(vpn) == t)
+                    {
+                        self.notifications
+                            .lock()
+                            .push(vpn >> (PMD_SHIFT - PAGE_SHIFT));
+                        self.notified.store(true, Ordering::Relaxed);
+                        add(&c.access_counter_notifications, 1);
+                    }
+                }
             }
             at = at.checked_add(n as u64).expect("inside the access");
             *done += n;
@@ -294,4 +402,14 @@ impl std::fmt::Debug for GpuVm {
             .field("ranges", &self.nr_ranges())
             .finish_non_exhaustive()
     }
+}
+
+/// `[addr, addr + len)` checked: page aligned, not empty, inside the address space.
+pub(crate) fn user_range(addr: VirtAddr, len: u64) -> Result<VaRange, SvmError> {
+    VaRange::from_len(addr, len)
+        .ok()
+        .filter(|r| r.end().as_u64() <= hmm::addr::USER_VA_END)
+        .ok_or(SvmError::Inval {
+            what: "unaligned, empty or past the address space",
+        })
 }

@@ -8,7 +8,7 @@ use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_svm::policy::RemoteMap;
-use hmm_svm::{GpuConfig, GpuDevice, GpuPageSize, GpuVm, Location, SvmError};
+use hmm_svm::{GpuConfig, GpuDevice, GpuPageSize, GpuVm, Location, SvmError, VmPolicies};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 
@@ -31,7 +31,8 @@ fn rig_with(vram_mib: u64, fault_buffer_entries: usize) -> Rig {
     )
     .unwrap();
     let mm = Mm::new(phys.clone());
-    let vm = GpuVm::new(&gpu, &mm);
+    // Exact counts below: no thrashing detector on the wall clock, no access counters.
+    let vm = GpuVm::with_policies(&gpu, &mm, VmPolicies::plain());
     Rig { phys, gpu, mm, vm }
 }
 
@@ -186,7 +187,11 @@ fn the_remote_policy_maps_system_memory_over_the_link() {
     let phys = PhysMem::new(PhysConfig::with_size(64 << 20)).unwrap();
     let gpu = GpuDevice::new(&phys, GpuConfig::default()).unwrap();
     let mm = Mm::new(phys.clone());
-    let vm = GpuVm::with_policy(&gpu, &mm, Box::new(RemoteMap));
+    let policies = VmPolicies {
+        migration: Box::new(RemoteMap),
+        ..VmPolicies::plain()
+    };
+    let vm = GpuVm::with_policies(&gpu, &mm, policies);
     let a = mm
         .mmap(None, 64 * PAGE_SIZE, RW, MapFlags::PRIVATE)
         .unwrap();
@@ -229,7 +234,7 @@ fn working_sets_larger_than_device_memory_keep_every_byte() {
         };
         let gpu = GpuDevice::with_eviction(&phys, config, policy).unwrap();
         let mm = Mm::new(phys.clone());
-        let vm = GpuVm::new(&gpu, &mm);
+        let vm = GpuVm::with_policies(&gpu, &mm, VmPolicies::plain());
         let n = vram_mib * 256 * factor_x2 / 2;
         let a = mm.mmap(None, n * PAGE_SIZE, RW, MapFlags::PRIVATE).unwrap();
         let mut want = pattern(n, 7);
