@@ -2,22 +2,25 @@
 //! its configuration, its counters, and the `dev_pagemap_ops` the core calls when a CPU
 //! touches one of its pages.
 //!
-//! Every device page a migration to this GPU fills carries, in `zone_device_data`, the id
-//! of the [`GpuVm`](crate::GpuVm) that migrated it (the kernel drivers' "zdd"), so a CPU
-//! fault finds the GPU page table whose entries it must zap.
+//! Every VM of the device shares the device's owner, so every one of them skips the
+//! device's own MIGRATE events; whoever migrates therefore zaps the sources in **every**
+//! VM of the device bound to the address space being migrated ([`GpuDevice::vms_of`]).
+//! Mappings of the same page in other address spaces (after fork) are taken by the
+//! reverse map with CLEAR events, which their VMs do not skip.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
+use hmm::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE};
 use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{DeviceFault, VmFault};
-use hmm::notifier::Owner;
+use hmm::notifier::{MmId, Owner};
 use hmm::pgtable::Huge;
+use hmm::phys::MAX_SECTION_BYTES;
 use hmm::phys::{FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
+use hmm::sync::Mutex;
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
-use parking_lot::Mutex;
 
 use crate::error::SvmError;
 use crate::migrate::{copy_to_system, zap_sources};
@@ -31,7 +34,7 @@ use crate::vram::ChunkTracker;
 pub struct GpuConfig {
     /// Device memory in bytes (a multiple of 2 MiB).
     pub vram_bytes: u64,
-    /// Entries of the fault buffer.
+    /// Entries of the fault buffer (1 to 2^20).
     pub fault_buffer_entries: usize,
     /// Faults serviced per batch (UVM: 256).
     pub batch_max: usize,
@@ -64,12 +67,15 @@ pub struct GpuDevice {
 /// The pagemap callbacks, and what they need: the registry of GPU VMs by id, the chunks.
 pub(crate) struct DeviceOps {
     owner: Owner,
-    vms: Mutex<HashMap<u64, Weak<VmShared>>>,
+    vms: Mutex<HashMap<u64, (MmId, Weak<VmShared>)>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) chunks: ChunkTracker,
 }
 
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The largest fault buffer a configuration may ask for.
+const MAX_FAULT_BUFFER: usize = 1 << 20;
 
 impl GpuDevice {
     /// A GPU on `phys` with `config`, its device memory registered as a device-private
@@ -90,6 +96,25 @@ impl GpuDevice {
         if !config.notifier_bytes.is_power_of_two() || config.notifier_bytes < PMD_SIZE {
             return Err(SvmError::Inval {
                 what: "notifier size must be a power of two of at least 2 MiB",
+            });
+        }
+        // Checked before anything is sized by them.
+        if config.vram_bytes == 0
+            || config.vram_bytes % PMD_SIZE != 0
+            || config.vram_bytes > MAX_SECTION_BYTES
+        {
+            return Err(SvmError::Inval {
+                what: "device memory must be a non-zero multiple of 2 MiB of at most 256 GiB",
+            });
+        }
+        if !(1..=MAX_FAULT_BUFFER).contains(&config.fault_buffer_entries) {
+            return Err(SvmError::Inval {
+                what: "the fault buffer holds from 1 to 2^20 entries",
+            });
+        }
+        if config.batch_max == 0 {
+            return Err(SvmError::Inval {
+                what: "a batch holds at least one fault",
             });
         }
         let owner = Owner::new_unique();
@@ -173,11 +198,10 @@ impl GpuDevice {
         self.vram_pages() - self.vram_pages_in_use()
     }
 
-    /// A device folio of `2^order` pages (0 or 9), locked, tagged with `vm_id`; its chunk
-    /// is busy until [`migration_done`](Self::migration_done) is called with its frame.
-    pub(crate) fn alloc(&self, order: u32, vm_id: u64) -> Option<LockedFolio<'_>> {
+    /// A device folio of `2^order` pages (0 or 9), locked; its chunk is busy until
+    /// [`migration_done`](Self::migration_done) is called with its frame.
+    pub(crate) fn alloc(&self, order: u32) -> Option<LockedFolio<'_>> {
         let f = self.vram.alloc(order, FrameFlags::empty()).ok()?;
-        f.meta().set_zone_device_data(vm_id);
         self.ops
             .chunks
             .allocated(f.device_pfn().as_u64(), 1 << order);
@@ -196,9 +220,15 @@ impl GpuDevice {
         self.ops.chunks.used(nr);
     }
 
-    /// Evicts chunks chosen by the eviction policy until `npages` pages are free, or no
-    /// chunk gives anything more (every candidate tried once). Returns whether there is
-    /// room now.
+    /// Evicts chunks chosen by the eviction policy until `npages` pages of device memory
+    /// are free, or no chunk gives anything more (every candidate tried once), as memory
+    /// pressure from outside (another allocation of the device) would. Returns whether
+    /// there is room now.
+    pub fn reclaim(&self, npages: u64) -> bool {
+        self.make_room(npages)
+    }
+
+    /// [`reclaim`](Self::reclaim), for a migration about to allocate.
     pub(crate) fn make_room(&self, npages: u64) -> bool {
         let mut tried = Vec::new();
         while self.vram_pages_free() < npages {
@@ -206,7 +236,11 @@ impl GpuDevice {
             if candidates.is_empty() {
                 return false;
             }
+            // A policy's answer is checked: one that is not a candidate ends the pass.
             let victim = self.eviction.victim(&candidates);
+            if !candidates.iter().any(|c| c.index == victim) {
+                return false;
+            }
             tried.push(victim);
             self.evict_chunk(victim);
         }
@@ -229,15 +263,31 @@ impl GpuDevice {
         moved
     }
 
-    /// Registers a VM so CPU faults on its pages can find it; returns its id.
-    pub(crate) fn register_vm(&self, vm: Weak<VmShared>) -> u64 {
+    /// Registers a VM of the address space `mm`; returns its id.
+    pub(crate) fn register_vm(&self, mm: MmId, vm: Weak<VmShared>) -> u64 {
         let id = NEXT_VM_ID.fetch_add(1, Ordering::Relaxed);
-        self.ops.vms.lock().insert(id, vm);
+        self.ops.vms.lock().insert(id, (mm, vm));
         id
+    }
+
+    /// Every live VM of this device bound to the address space `mm`.
+    pub(crate) fn vms_of(&self, mm: MmId) -> Vec<Arc<VmShared>> {
+        self.ops.vms_of(mm)
     }
 
     pub(crate) fn unregister_vm(&self, id: u64) {
         self.ops.vms.lock().remove(&id);
+    }
+}
+
+impl DeviceOps {
+    fn vms_of(&self, mm: MmId) -> Vec<Arc<VmShared>> {
+        self.vms
+            .lock()
+            .values()
+            .filter(|(m, _)| *m == mm)
+            .filter_map(|(_, v)| v.upgrade())
+            .collect()
     }
 }
 
@@ -247,16 +297,13 @@ impl DevPagemapOps for DeviceOps {
     }
 
     /// A CPU touched one of this GPU's pages: migrate the page (or, for a device-private
-    /// PMD, its 2 MiB unit) back to system memory, zapping the GPU entries of the VM that
-    /// migrated it first (its notifier skips this device's own MIGRATE events).
+    /// PMD, its 2 MiB unit) back to system memory, zapping the GPU entries of every VM of
+    /// this device on the faulting address space first (their notifiers skip this
+    /// device's own MIGRATE events).
     fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
-        let phys = vmf.mmap().mm().phys();
-        let vm_id = phys
-            .device_frame(vmf.page())
-            .folio()
-            .meta()
-            .zone_device_data();
-        let vm = self.vms.lock().get(&vm_id).and_then(Weak::upgrade);
+        let mm = vmf.mmap().mm();
+        let phys = mm.phys();
+        let vms = self.vms_of(mm.id());
         let (start, len, flags) = match vmf.level() {
             Huge::Pte => (
                 vmf.address().page_down(),
@@ -277,27 +324,16 @@ impl DevPagemapOps for DeviceOps {
             fault_page: Some(vmf.page()),
         };
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
-        if let Some(vm) = &vm {
-            zap_sources(vm, &m);
-        }
+        vms.iter().for_each(|vm| zap_sources(vm, &m));
         let copied = copy_to_system(&mut m, phys);
         let out = m.pages().finalize();
         add(&self.counters.pages_d2h, out.migrated);
-        if let Some(vm) = &vm {
-            // A thrashing event for each page that came back.
-            let first = start.as_u64() >> PAGE_SHIFT;
+        // A thrashing event for each page that came back.
+        let first = start.as_u64() >> PAGE_SHIFT;
+        for vm in &vms {
             vm.migrated((first..).take(out.migrated as usize));
         }
         copied.map(|_| ()).map_err(|_| VmFault::Oom)
-    }
-}
-
-/// The order of a unit of `n` pages.
-pub(crate) fn order_of(n: u64) -> u32 {
-    if n > 1 {
-        PMD_ORDER
-    } else {
-        0
     }
 }
 

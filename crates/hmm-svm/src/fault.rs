@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 
-use parking_lot::Mutex;
+use hmm::sync::Mutex;
 use serde::Serialize;
 
 use hmm::addr::{VirtAddr, PAGE_SHIFT, PMD_SHIFT};

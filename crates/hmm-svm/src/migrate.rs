@@ -11,7 +11,7 @@ use hmm::addr::{PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{DeviceMigration, DstRefused, MigratePfn, MigratePfnFlags, Migration};
 use hmm::phys::{copy_folios, FrameFlags, FrameRef, LockedFolio, PhysMem};
 
-use crate::device::{order_of, GpuDevice};
+use crate::device::GpuDevice;
 use crate::stats::add;
 use crate::vm::VmShared;
 
@@ -19,8 +19,9 @@ use crate::vm::VmShared;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OutOfMemory;
 
-/// Zaps `vm`'s GPU entries for every source `m` collected, under the notifier lock,
-/// before a byte is copied: the GPU must not write a page after its copy was taken.
+/// Zaps `vm`'s GPU entries for every entry `m` collected (pages, and holes and zero pages,
+/// whose entries change too), under the notifier lock, before a byte is copied: the GPU
+/// must not write a page after its copy was taken, nor keep reading the zero page.
 pub(crate) fn zap_sources(vm: &VmShared, m: &Migration<'_, '_>) {
     let first = m.start().as_u64() >> PAGE_SHIFT;
     let mut st = vm.state.write();
@@ -28,7 +29,7 @@ pub(crate) fn zap_sources(vm: &VmShared, m: &Migration<'_, '_>) {
     while i < m.src().len() {
         let w = m.src()[i];
         let n = w.npages();
-        if w.is_migrating() && w.is_valid() {
+        if w.is_migrating() {
             let vpn = first + i as u64;
             let zapped = st.gpt.unmap(vpn, vpn + n);
             add(&vm.counters.pages_invalidated, zapped);
@@ -49,9 +50,14 @@ pub(crate) struct VramFill {
 }
 
 /// Gives every migrating system page (and hole) of `m` a page of `device`'s memory,
-/// tagged with `vm_id`, filled from its source; one batched copy. A unit of 512 gets one
-/// device THP, or 512 pages when there is none.
-pub(crate) fn copy_to_vram(m: &mut Migration<'_, '_>, device: &GpuDevice, vm_id: u64) -> VramFill {
+/// filled from its source (zeroed for a hole); one batched copy. A unit of 512 gets one
+/// device THP, or 512 pages when there is none. A hole is mapped writable if the VMA is
+/// (`vm_write`), a page if its CPU mapping was.
+pub(crate) fn copy_to_vram(
+    m: &mut Migration<'_, '_>,
+    device: &GpuDevice,
+    vm_write: bool,
+) -> VramFill {
     let mut pairs: Vec<(FrameRef<'_>, FrameRef<'_>)> = Vec::new();
     let mut fill = VramFill::default();
     let mut i = 0;
@@ -66,8 +72,8 @@ pub(crate) fn copy_to_vram(m: &mut Migration<'_, '_>, device: &GpuDevice, vm_id:
             i += n as usize;
             continue;
         }
-        let write = w.flags().contains(MigratePfnFlags::WRITE) || !w.is_valid();
-        let whole = (n > 1).then(|| device.alloc(PMD_ORDER, vm_id)).flatten();
+        let write = w.flags().contains(MigratePfnFlags::WRITE) || (!w.is_valid() && vm_write);
+        let whole = (n > 1).then(|| device.alloc(PMD_ORDER)).flatten();
         if let Some(folio) = whole {
             match m.src_page(i) {
                 Some(src) => pairs.push((*folio, src)),
@@ -78,7 +84,7 @@ pub(crate) fn copy_to_vram(m: &mut Migration<'_, '_>, device: &GpuDevice, vm_id:
             fill.placed += n;
         } else {
             for k in i..i + n as usize {
-                let Some(page) = device.alloc(order_of(1), vm_id) else {
+                let Some(page) = device.alloc(0) else {
                     fill.failed += 1;
                     continue;
                 };

@@ -38,12 +38,20 @@ pub(crate) struct SvmRange {
     pub(crate) unmapped: bool,
     /// An UNMAP covered part of it.
     pub(crate) partial_unmap: bool,
+    /// It no longer fits the CPU's mappings (a `get_pages` over it failed): the garbage
+    /// collector drops it and the next fault makes a new one.
+    pub(crate) stale: bool,
 }
 
 impl SvmRange {
     /// The addresses it covers.
     pub(crate) fn range(&self) -> VaRange {
         VaRange::from_len(self.start, self.size.bytes()).expect("an aligned chunk")
+    }
+
+    /// Whether it waits for the garbage collector.
+    pub(crate) fn is_dead(&self) -> bool {
+        self.unmapped || self.partial_unmap || self.stale
     }
 
     /// First and end virtual page numbers.
@@ -76,6 +84,7 @@ pub(crate) fn choose_chunk(
             size,
             unmapped: false,
             partial_unmap: false,
+            stale: false,
         })
     })
 }
@@ -134,7 +143,7 @@ impl IntervalNotifierOps for Window {
                 .collect();
             for k in hit {
                 let s = st.ranges.get_mut(&k).expect("just found");
-                let newly = !s.unmapped && !s.partial_unmap;
+                let newly = !s.is_dead();
                 if r.contains_range(&s.range()) {
                     s.unmapped = true;
                 } else {
@@ -185,6 +194,7 @@ mod tests {
             size: GpuPageSize::Size4K,
             unmapped: false,
             partial_unmap: false,
+            stale: false,
         };
         ranges.insert(four_k.vpns().0, four_k);
         let r = choose_chunk(va(0x4000_0000), vma, &ranges).unwrap();

@@ -55,15 +55,40 @@ pub struct ServiceReport {
     pub fatal: Vec<GpuFault>,
 }
 
+/// The faults of one range in a batch, and what the VMA allows.
+#[derive(Debug, Clone, Copy)]
+struct RangeFaults {
+    range: SvmRange,
+    /// The strongest access.
+    access: Access,
+    /// Pages (in the block) that faulted.
+    faulted: BlockMask,
+    /// Of those, the pages that faulted for write.
+    written: BlockMask,
+    /// Whether the VMA's pages may migrate (private anonymous memory).
+    migratable: bool,
+    /// Whether the VMA is writable (holes migrate to writable pages).
+    vm_write: bool,
+}
+
+/// Whether `get_pages` mapped the range, or found it no longer fits the CPU's mappings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mapped {
+    Yes,
+    Stale,
+}
+
 impl GpuVm {
     /// Drains the fault buffer batch by batch and services every fault (see the module
     /// documentation); each batch ends with one replay. Pending access-counter
     /// notifications are serviced after the faults. Fatal faults are reported and recorded
-    /// for their access; errors that are not about one fault (`Exited`, `NoMem`) end the
-    /// call.
+    /// for their access; errors that are not about one fault (`Exited`, `NoMem`, `Busy`)
+    /// end the call, and the faults of the batch not serviced yet are raised again by
+    /// their replays.
     pub fn service_faults(&self) -> Result<ServiceReport, SvmError> {
+        let _serial = self.service_lock.lock();
         let mut report = ServiceReport::default();
-        let batch_max = self.device.config().batch_max.max(1);
+        let batch_max = self.device.config().batch_max;
         loop {
             let faults = self.buffer.fetch(batch_max);
             if faults.is_empty() {
@@ -74,7 +99,7 @@ impl GpuVm {
             let c = &self.shared.counters;
             add(&c.fault_batches, 1);
             add(&c.duplicate_faults, batch.duplicates);
-            self.collect_garbage(&mm)?;
+            self.collect_garbage(&mm);
             for block in &batch.blocks {
                 report.faults += block.faults.len() as u64;
                 self.service_block(&mm, block, &mut report)?;
@@ -82,7 +107,7 @@ impl GpuVm {
             add(&c.replays, 1);
             report.batches += 1;
         }
-        self.service_access_counters()?;
+        self.access_counters_locked()?;
         Ok(report)
     }
 
@@ -90,6 +115,11 @@ impl GpuVm {
     /// reached the threshold has its ranges placed again with cause `AccessCounter`, and
     /// migrated if the policy says so; its counter starts again from zero.
     pub fn service_access_counters(&self) -> Result<(), SvmError> {
+        let _serial = self.service_lock.lock();
+        self.access_counters_locked()
+    }
+
+    fn access_counters_locked(&self) -> Result<(), SvmError> {
         let blocks = {
             let mut n = self.notifications.lock();
             self.notified
@@ -108,13 +138,25 @@ impl GpuVm {
                 st.ranges
                     .range(first..first + PMD_NR)
                     .map(|(_, r)| *r)
-                    .filter(|r| !r.unmapped && !r.partial_unmap)
+                    .filter(|r| !r.is_dead())
                     .collect()
             };
             for range in ranges {
-                let all = range_mask(range);
-                // A range that cannot be mapped any more is left to the next fault in it.
-                let _ = self.make_resident(&mm, range, Access::Read, Cause::AccessCounter, all)?;
+                let Some((migratable, vm_write)) = vma_traits(&mm, range.start) else {
+                    continue;
+                };
+                let rf = RangeFaults {
+                    range,
+                    access: Access::Read,
+                    faulted: range_mask(range),
+                    written: BlockMask::EMPTY,
+                    migratable,
+                    vm_write,
+                };
+                // A range that no longer fits is left to the next fault in it.
+                if self.make_resident(&mm, &rf, Cause::AccessCounter)? == Mapped::Stale {
+                    self.mark_stale(range);
+                }
             }
         }
         Ok(())
@@ -123,32 +165,47 @@ impl GpuVm {
     /// Migrates `[addr, addr + len)` to the device and maps it, as the driver would for
     /// `cudaMemPrefetchAsync` (Xe's VM_BIND prefetch): every range over it is created if
     /// needed and its pages in the span moved, whatever the migration policy says (the
-    /// prefetch is the decision); counted as prefetched pages.
+    /// prefetch is the decision); counted as prefetched pages. Memory that cannot migrate
+    /// (shared, file-backed) is mapped where it is.
     ///
     /// Errors: `Inval` for a bad span, `Fatal` for a page no VMA maps, `Exited`, `NoMem`.
     pub fn prefetch(&self, addr: VirtAddr, len: u64) -> Result<(), SvmError> {
         let span = user_range(addr, len)?;
+        let _serial = self.service_lock.lock();
         let mm = self.mm()?;
         let mut at = span.start();
         while at < span.end() {
-            self.ensure_window(&mm, at)?;
-            let range = {
-                let mmap = mm.mmap_read();
-                let vma = mmap.vma_lookup(at).ok_or(SvmError::Fatal {
-                    addr: at,
-                    why: "no VMA",
-                })?;
-                self.range_for(at, vma.range())
+            let (range, migratable, vm_write) = loop {
+                let found = {
+                    let mmap = mm.mmap_read();
+                    let vma = mmap.vma_lookup(at).ok_or(SvmError::Fatal {
+                        addr: at,
+                        why: "no VMA",
+                    })?;
+                    let traits = traits_of(vma);
+                    self.range_for(at, vma.range())
+                        .map(|r| (r, traits.0, traits.1))
+                };
+                match found {
+                    Some(r) => break r,
+                    // A dead range in the way: collect it, then look again.
+                    None => self.collect_garbage(&mm),
+                }
             };
             let part = range
                 .range()
                 .intersect(&span)
                 .expect("the range holds `at`");
             let want = span_mask(range, part);
-            let moved = self.migrate_region(&mm, range, Access::Read, want)?;
-            add(&self.shared.counters.prefetched_pages, moved.count() as u64);
-            if let Err(why) = self.get_pages(&mm, range, Access::Read, want)? {
-                return Err(SvmError::Fatal { addr: at, why });
+            if migratable {
+                let moved = self.migrate_region(&mm, range, Access::Read, want, vm_write)?;
+                add(&self.shared.counters.prefetched_pages, moved.count() as u64);
+            }
+            if self.get_pages(&mm, range, want, BlockMask::EMPTY)? == Mapped::Stale {
+                // The range no longer fits: drop it and make the span's pages again.
+                self.mark_stale(range);
+                self.collect_garbage(&mm);
+                continue;
             }
             at = part.end();
         }
@@ -176,11 +233,7 @@ impl GpuVm {
                 .collect()
         };
         add(&c.valid_faults, (block.faults.len() - pending.len()) as u64);
-        for f in &pending {
-            self.ensure_window(mm, f.addr)?;
-        }
-        // The faults of each range: (range, strongest access, faulted pages).
-        let mut todo: Vec<(SvmRange, Access, BlockMask)> = Vec::new();
+        let mut todo: Vec<RangeFaults> = Vec::new();
         {
             let mmap = mm.mmap_read();
             for f in pending {
@@ -191,18 +244,32 @@ impl GpuVm {
                         Some("write to read-only memory")
                     }
                     Some(v) => {
-                        let range = self.range_for(f.addr, v.range());
+                        // A dead range in the way: left for the replay, after the
+                        // garbage collector of the next batch.
+                        let Some(range) = self.range_for(f.addr, v.range()) else {
+                            continue;
+                        };
                         let page = page_in_block(f.vpn());
-                        match todo.iter_mut().find(|(r, _, _)| r.start == range.start) {
-                            Some((_, a, m)) => {
-                                *a = (*a).max(f.access);
-                                m.set(page);
-                            }
+                        let i = match todo.iter().position(|t| t.range.start == range.start) {
+                            Some(i) => i,
                             None => {
-                                let mut m = BlockMask::EMPTY;
-                                m.set(page);
-                                todo.push((range, f.access, m));
+                                let (migratable, vm_write) = traits_of(v);
+                                todo.push(RangeFaults {
+                                    range,
+                                    access: Access::Read,
+                                    faulted: BlockMask::EMPTY,
+                                    written: BlockMask::EMPTY,
+                                    migratable,
+                                    vm_write,
+                                });
+                                todo.len() - 1
                             }
+                        };
+                        let t = &mut todo[i];
+                        t.access = t.access.max(f.access);
+                        t.faulted.set(page);
+                        if f.access == Access::Write {
+                            t.written.set(page);
                         }
                         None
                     }
@@ -212,34 +279,33 @@ impl GpuVm {
                 }
             }
         }
-        for (range, access, faulted) in todo {
-            Counters::by_size(&c.faults_by_size, range.size, 1);
-            if let Err(why) = self.make_resident(mm, range, access, Cause::Fault, faulted)? {
-                self.cancel(
-                    GpuFault {
-                        addr: range.start,
-                        access,
-                    },
-                    why,
-                    report,
-                );
+        for t in todo {
+            Counters::by_size(&c.faults_by_size, t.range.size, 1);
+            if self.make_resident(mm, &t, Cause::Fault)? == Mapped::Stale {
+                // The faults replay once the garbage collector has dropped the range and
+                // the next fault makes one that fits what the CPU maps now.
+                self.mark_stale(t.range);
             }
         }
         Ok(())
     }
 
-    /// UVM's "make resident" for one range: place it (policy, advice); for the device,
-    /// migrate the prefetch region around `faulted` except the pages the thrashing
-    /// detector holds, and map that region; for system memory, map the whole range
-    /// remotely. `Ok(Err(why))` when the range cannot be mapped: the fault is fatal.
-    fn make_resident(
-        &self,
-        mm: &Mm,
-        range: SvmRange,
-        access: Access,
-        cause: Cause,
-        faulted: BlockMask,
-    ) -> Result<Result<(), &'static str>, SvmError> {
+    /// Flags `range` for the garbage collector: it no longer fits the CPU's mappings.
+    fn mark_stale(&self, range: SvmRange) {
+        let mut st = self.shared.state.write();
+        let first = range.vpns().0;
+        if let Some(r) = st.ranges.get_mut(&first).filter(|r| !r.is_dead()) {
+            r.stale = true;
+            st.gc.push(first);
+        }
+    }
+
+    /// UVM's "make resident" for one range: place it (policy, advice; memory that cannot
+    /// migrate stays in system memory); for the device, migrate the prefetch region around
+    /// the faulted pages except those the thrashing detector holds, and map that region;
+    /// for system memory, map the whole range remotely.
+    fn make_resident(&self, mm: &Mm, t: &RangeFaults, cause: Cause) -> Result<Mapped, SvmError> {
+        let range = t.range;
         let all = range_mask(range);
         let (resident, advice) = {
             let st = self.shared.state.read();
@@ -248,29 +314,35 @@ impl GpuVm {
         let q = PlacementQuery {
             range: range.range(),
             size: range.size,
-            access,
+            access: t.access,
             cause,
             advice,
             vram_free_pages: self.device.vram_pages_free(),
         };
-        let map = match self.migration.place(&q) {
+        let place = if t.migratable {
+            self.migration.place(&q)
+        } else {
+            Placement::System
+        };
+        let map = match place {
             Placement::System => all,
             Placement::Device => {
                 let region = self
                     .prefetch
                     .region(&BlockView {
                         resident,
-                        faulted,
+                        faulted: t.faulted,
                         range: all,
                     })
-                    .or(&faulted.and(&all));
-                let migrated = self.migrate_region(mm, range, access, region.minus(&resident))?;
-                let extra = migrated.minus(&faulted).count() as u64;
+                    .or(&t.faulted.and(&all));
+                let want = region.minus(&resident);
+                let migrated = self.migrate_region(mm, range, t.access, want, t.vm_write)?;
+                let extra = migrated.minus(&t.faulted).count() as u64;
                 add(&self.shared.counters.prefetched_pages, extra);
                 region
             }
         };
-        self.get_pages(mm, range, access, map)
+        self.get_pages(mm, range, map, t.written)
     }
 
     /// Migrates the pages of `want` (within `range`'s block) to the device, run by run,
@@ -282,6 +354,7 @@ impl GpuVm {
         range: SvmRange,
         access: Access,
         want: BlockMask,
+        vm_write: bool,
     ) -> Result<BlockMask, SvmError> {
         let base = block_base(range);
         let held = self.shared.held(
@@ -307,8 +380,9 @@ impl GpuVm {
         for (s, e) in want.runs() {
             let start = VirtAddr::new((base + s as u64) << PAGE_SHIFT);
             let end = VirtAddr::new((base + e as u64) << PAGE_SHIFT);
+            let run = VaRange::new(start, end).expect("a run");
             let unit = range.size == GpuPageSize::Size2M && e - s == PMD_NR as usize;
-            for i in self.migrate_run(mm, VaRange::new(start, end).expect("a run"), access, unit)? {
+            for i in self.migrate_run(mm, run, access, unit, vm_write)? {
                 moved.set(s + i);
             }
         }
@@ -325,14 +399,15 @@ impl GpuVm {
 
     /// Moves `run` to device memory in one walk: faults in what is missing and collects
     /// every system page (as one unit when `unit`), zaps the GPU entries of what it
-    /// collected, copies to device pages, commits. Returns the indexes (in the run) of the
-    /// pages that moved.
+    /// collected in every VM of this device on this address space, copies to device
+    /// pages, commits. Returns the indexes (in the run) of the pages that moved.
     fn migrate_run(
         &self,
         mm: &Mm,
         run: VaRange,
         access: Access,
         unit: bool,
+        vm_write: bool,
     ) -> Result<Vec<usize>, SvmError> {
         let window = self.ensure_window(mm, run.start())?;
         let mut pfns = vec![HmmPfn::default(); run.npages() as usize];
@@ -344,10 +419,12 @@ impl GpuVm {
         if unit {
             select |= MigrateVmaFlags::SELECT_COMPOUND;
         }
+        // A migrating walk checks no sequence; the words it returns are not mirrored.
+        let seq = window.read_begin();
         let mmap = mm.mmap_read();
         let mut r = HmmRange {
             notifier: &window,
-            notifier_seq: window.read_begin(),
+            notifier_seq: seq,
             start: run.start(),
             end: run.end(),
             hmm_pfns: &mut pfns,
@@ -359,12 +436,15 @@ impl GpuVm {
             Ok(c) => c,
             Err(HmmError::NoMem { .. }) => return Err(SvmError::NoMem),
             // What cannot migrate (no VMA any more, a VMA that cannot migrate, a page
-            // that cannot be faulted) is left to get_pages, which maps it or cancels.
+            // that cannot be faulted) is left to get_pages, which maps it or finds the
+            // range stale.
             Err(_) => return Ok(Vec::new()),
         };
         let mut m = migrate_hmm_range_setup(collected);
-        zap_sources(&self.shared, &m);
-        let fill = copy_to_vram(&mut m, &self.device, self.id);
+        for vm in self.device.vms_of(mm.id()) {
+            zap_sources(&vm, &m);
+        }
+        let fill = copy_to_vram(&mut m, &self.device, vm_write);
         let pages = m.pages();
         let mut moved = Vec::new();
         let mut i = 0;
@@ -417,49 +497,47 @@ impl GpuVm {
     }
 
     /// The range holding `addr`, inserted with the chunk [`choose_chunk`] picks if none
-    /// does.
-    fn range_for(&self, addr: VirtAddr, vma: VaRange) -> SvmRange {
+    /// does; `None` while an UNMAP left a dead range there that the garbage collector has
+    /// not removed yet (the fault is replayed, and the next batch collects it first).
+    fn range_for(&self, addr: VirtAddr, vma: VaRange) -> Option<SvmRange> {
         let vpn = addr.as_u64() >> PAGE_SHIFT;
         let mut st = self.shared.state.write();
-        if let Some(r) = find(&st.ranges, vpn).filter(|r| !r.unmapped && !r.partial_unmap) {
-            return r;
+        if let Some(r) = find(&st.ranges, vpn) {
+            return (!r.is_dead()).then_some(r);
         }
         let r = choose_chunk(addr, vma, &st.ranges)
-            .expect("a page inside a VMA and no range always fits a 4 KiB chunk");
+            .expect("a page inside a VMA and in no range fits at least a 4 KiB chunk");
         st.ranges.insert(r.vpns().0, r);
         add(&self.shared.counters.ranges_created, 1);
-        r
+        Some(r)
     }
 
     /// drm_gpusvm's `get_pages` and the bind: `hmm_range_fault` over the pages of `map`
-    /// (this device's pages as they are, everything else faulted to system memory) under
-    /// the window's sequence, then under the notifier lock, if no invalidation came in
-    /// between, GPU entries for them. `Ok(Err(why))` when they cannot be mapped (the VMA
-    /// went, or does not allow the access): the fault is fatal.
+    /// (write requested for those in `written`; this device's pages as they are,
+    /// everything else faulted to system memory) under the window's sequence, then under
+    /// the notifier lock, if no invalidation came in between and the range is still
+    /// alive, GPU entries for them. `Stale` when the range no longer fits the CPU's
+    /// mappings (a VMA under it went or changed).
     fn get_pages(
         &self,
         mm: &Mm,
         range: SvmRange,
-        access: Access,
         map: BlockMask,
-    ) -> Result<Result<(), &'static str>, SvmError> {
+        written: BlockMask,
+    ) -> Result<Mapped, SvmError> {
         let window = self.ensure_window(mm, range.start)?;
         let n = range.size.pages() as usize;
         let offset = page_in_block(range.vpns().0);
-        let mut request = HmmPfnFlags::REQ_FAULT;
-        if access == Access::Write {
-            request |= HmmPfnFlags::REQ_WRITE;
-        }
-        let wanted = |i: usize| map.get(offset + i);
-        let mut pfns: Vec<HmmPfn> = (0..n)
-            .map(|i| {
-                if wanted(i) {
-                    HmmPfn::request(request)
-                } else {
-                    HmmPfn::default()
-                }
-            })
-            .collect();
+        let request = |i: usize| {
+            if !map.get(offset + i) {
+                HmmPfn::default()
+            } else if written.get(offset + i) {
+                HmmPfn::request(HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_WRITE)
+            } else {
+                HmmPfn::request(HmmPfnFlags::REQ_FAULT)
+            }
+        };
+        let mut pfns: Vec<HmmPfn> = (0..n).map(request).collect();
         // TIMEOUT: the kernel's HMM_RANGE_DEFAULT_TIMEOUT budget for collisions.
         let deadline = Instant::now().checked_add(HMM_RANGE_DEFAULT_TIMEOUT);
         loop {
@@ -468,11 +546,7 @@ impl GpuVm {
             }
             let seq = window.read_begin();
             for (i, p) in pfns.iter_mut().enumerate() {
-                *p = if wanted(i) {
-                    HmmPfn::request(request)
-                } else {
-                    HmmPfn::default()
-                };
+                *p = request(i);
             }
             let mut r = HmmRange {
                 notifier: &window,
@@ -493,18 +567,21 @@ impl GpuVm {
                 Ok(()) => {}
                 Err(HmmError::Busy) => continue,
                 Err(HmmError::NoMem { .. }) => return Err(SvmError::NoMem),
-                Err(HmmError::Fault { .. }) | Err(HmmError::Range { .. }) => {
-                    return Ok(Err("the range is no longer mapped"))
-                }
-                Err(HmmError::Perm { .. }) => return Ok(Err("access not allowed")),
-                Err(HmmError::Inval { what }) => return Ok(Err(what)),
+                Err(HmmError::Fault { .. })
+                | Err(HmmError::Perm { .. })
+                | Err(HmmError::Range { .. })
+                | Err(HmmError::Inval { .. }) => return Ok(Mapped::Stale),
             }
             let mut st = self.shared.state.write();
             if window.read_retry(seq) {
                 continue;
             }
-            self.bind(&mut st, range, &pfns, &wanted);
-            return Ok(Ok(()));
+            if st.ranges.get(&range.vpns().0) != Some(&range) {
+                // Dropped or flagged meanwhile: nothing to bind to.
+                return Ok(Mapped::Stale);
+            }
+            self.bind(&mut st, range, &pfns, &|i| map.get(offset + i));
+            return Ok(Mapped::Yes);
         }
     }
 
@@ -570,15 +647,16 @@ impl GpuVm {
     }
 
     /// The garbage collector (`drm_gpusvm_range_remove` from Xe's GC worker): ranges
-    /// an UNMAP covered are dropped; a range an UNMAP covered in part first has its
-    /// remaining device pages moved to system memory, then its GPU entries zapped and the
-    /// range dropped.
-    pub(crate) fn collect_garbage(&self, mm: &Mm) -> Result<(), SvmError> {
+    /// an UNMAP covered, or found stale, are dropped; a range an UNMAP covered in part
+    /// first has its remaining device pages moved to system memory, then its GPU entries
+    /// are zapped and the range dropped.
+    pub(crate) fn collect_garbage(&self, mm: &Mm) {
         let gc: Vec<SvmRange> = {
             let mut st = self.shared.state.write();
             let keys = std::mem::take(&mut st.gc);
             keys.into_iter()
                 .filter_map(|k| st.ranges.get(&k).copied())
+                .filter(SvmRange::is_dead)
                 .collect()
         };
         for range in gc {
@@ -591,13 +669,13 @@ impl GpuVm {
             st.ranges.remove(&first);
             add(&self.shared.counters.ranges_destroyed, 1);
         }
-        Ok(())
     }
 
     /// Moves this device's pages of what is still mapped of `range` to system memory
     /// (MIGRATE events with this device's owner; the GPU entries of the pages taken are
-    /// zapped first).
+    /// zapped first, in every VM of the device on this address space).
     fn evict_range(&self, mm: &Mm, range: SvmRange) {
+        let vms = self.device.vms_of(mm.id());
         let mmap = mm.mmap_read();
         let r = range.range();
         let mut at = r.start();
@@ -615,7 +693,7 @@ impl GpuVm {
                 fault_page: None,
             };
             if let Ok(mut m) = migrate_vma_setup(&mmap, args) {
-                zap_sources(&self.shared, &m);
+                vms.iter().for_each(|vm| zap_sources(vm, &m));
                 // Out of system memory: what had no destination stays on the device.
                 let _ = copy_to_system(&mut m, mm.phys());
                 let out = m.pages().finalize();
@@ -624,6 +702,22 @@ impl GpuVm {
             at = end;
         }
     }
+}
+
+/// Whether a VMA's pages may migrate (private anonymous memory: Xe migrates nothing
+/// else, and `migrate_vma_pages` would put shared and file pages back) and whether it is
+/// writable.
+fn traits_of(vma: &hmm::mm::Vma) -> (bool, bool) {
+    let f = vma.flags();
+    let migratable =
+        vma.is_anonymous() && !f.intersects(VmFlags::SHARED | VmFlags::HUGETLB | VmFlags::MIXEDMAP);
+    (migratable, f.contains(VmFlags::WRITE))
+}
+
+/// [`traits_of`] the VMA at `addr`, if any.
+fn vma_traits(mm: &Mm, addr: VirtAddr) -> Option<(bool, bool)> {
+    let mmap = mm.mmap_read();
+    mmap.vma_lookup(addr).map(traits_of)
 }
 
 /// The first virtual page number of `range`'s 2 MiB block.

@@ -132,6 +132,10 @@ pub struct GpuVm {
     /// The interval notifiers, one per window of `notifier_bytes`, by window index.
     pub(crate) windows: Mutex<BTreeMap<u64, Arc<IntervalNotifier>>>,
     pub(crate) buffer: FaultBuffer,
+    /// Serialises fault servicing, prefetch and garbage collection of this VM (Xe's
+    /// `vm->lock`): range lookup, migration and bind of one fault never interleave with
+    /// another's on the same VM.
+    pub(crate) service_lock: Mutex<()>,
     pub(crate) migration: Box<dyn MigrationPolicy>,
     pub(crate) prefetch: Box<dyn PrefetchPolicy>,
     pub(crate) counter_threshold: Option<u32>,
@@ -192,7 +196,7 @@ impl GpuVm {
             thrashing,
             history: Mutex::new(HashMap::new()),
         });
-        let id = device.register_vm(Arc::downgrade(&shared));
+        let id = device.register_vm(mm.id(), Arc::downgrade(&shared));
         Arc::new(GpuVm {
             id,
             device: Arc::clone(device),
@@ -200,6 +204,7 @@ impl GpuVm {
             shared,
             windows: Mutex::new(BTreeMap::new()),
             buffer: FaultBuffer::new(device.config().fault_buffer_entries),
+            service_lock: Mutex::new(()),
             migration,
             prefetch,
             counter_threshold: access_counter_threshold.filter(|&t| t > 0),
@@ -215,7 +220,10 @@ impl GpuVm {
     /// space.
     pub fn advise(&self, addr: VirtAddr, len: u64, advice: Advice) -> Result<(), SvmError> {
         let range = user_range(addr, len)?;
-        self.shared.state.write().advice.push((range, advice));
+        let mut st = self.shared.state.write();
+        // Advice that the new one covers entirely can never be read again.
+        st.advice.retain(|(r, _)| !range.contains_range(r));
+        st.advice.push((range, advice));
         Ok(())
     }
 
@@ -323,9 +331,17 @@ impl GpuVm {
         let access = op.access();
         let phys = self.device.phys();
         let c = &self.shared.counters;
-        let st = self.shared.state.read();
         let mut at = addr.checked_add(*done as u64).expect("inside the access");
+        // The notifier lock is held for one 2 MiB block at a time, so a long access never
+        // holds off an invalidation for long.
+        let mut st = self.shared.state.read();
+        let mut block = at.as_u64() >> PMD_SHIFT;
         while at < end {
+            if at.as_u64() >> PMD_SHIFT != block {
+                drop(st);
+                st = self.shared.state.read();
+                block = at.as_u64() >> PMD_SHIFT;
+            }
             let vpn = at.as_u64() >> PAGE_SHIFT;
             let off = (at.as_u64() & (PAGE_SIZE - 1)) as usize;
             let n = (PAGE_SIZE as usize - off).min((end.as_u64() - at.as_u64()) as usize);

@@ -308,7 +308,11 @@ impl DevPagemap {
             // memunmap raced with this allocation and won: give the folio back.
             return Err(AllocError { order });
         }
-        Ok(LockedFolio::fresh(frame))
+        // lock_page, which may sleep: a scan by frame number (an eviction's
+        // migrate_device_range) can hold a speculative reference and the lock of a folio
+        // the moment it is allocated; it finds the folio referenced, puts it back and
+        // unlocks it.
+        Ok(frame.lock())
     }
 
     /// Retires the pagemap (`memunmap_pages`): no more allocations, and its frames are no

@@ -376,18 +376,6 @@ impl<'a> Frame<'a> {
 }
 
 impl<'a> LockedFolio<'a> {
-    /// Locks a folio nobody else can see yet (a fresh allocation).
-    ///
-    /// # Panics
-    ///
-    /// Panics if the folio is locked: a fresh folio never is.
-    #[track_caller]
-    pub(crate) fn fresh(frame: Frame<'a>) -> Self {
-        frame
-            .try_lock()
-            .unwrap_or_else(|f| panic!("fresh folio {} is locked", f.nr()))
-    }
-
     /// Releases the folio lock (`folio_unlock`) and keeps the reference.
     #[doc(alias = "folio_unlock")]
     pub fn unlock(self) -> Frame<'a> {
