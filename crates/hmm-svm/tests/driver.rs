@@ -464,3 +464,87 @@ fn nothing_leaks_when_the_process_exits_with_pages_on_the_gpu() {
     drop(gpu);
     assert_eq!(phys.nr_in_use(), 0, "no frame left in use");
 }
+
+/// Two VMs of one GPU on one process (Xe allows several): both skip the device's own
+/// MIGRATE events, so a migration by one, and a CPU fault on a page the other maps, must
+/// zap the other's entries too.
+#[test]
+fn a_second_vm_of_the_same_device_never_keeps_a_stale_entry() {
+    let r = rig();
+    let remote = VmPolicies {
+        migration: Box::new(RemoteMap),
+        ..VmPolicies::plain()
+    };
+    let vm2 = GpuVm::with_policies(&r.gpu, &r.mm, remote);
+    let a = r.map(16);
+    r.mm.write(a, &pattern(16, 13)).unwrap();
+    // vm2 maps the system pages remotely, then vm1 moves them to the device.
+    let mut b = [0u8; 8];
+    vm2.read(a, &mut b).unwrap();
+    assert_eq!(vm2.lookup(a).unwrap().location, Location::System);
+    r.vm.read(a, &mut b).unwrap();
+    assert_eq!(
+        vm2.lookup(a),
+        None,
+        "vm2's entry for the page that left was zapped"
+    );
+    // vm2 maps the device page now (its own device's page, as it is); the CPU takes it
+    // back, and vm2 must not write the freed device page.
+    vm2.read(a, &mut b).unwrap();
+    assert_eq!(vm2.lookup(a).unwrap().location, Location::Vram);
+    let mut cpu = [0u8; 8];
+    r.mm.read(a, &mut cpu).unwrap();
+    assert_eq!(vm2.lookup(a), None);
+    vm2.write(a, b"from vm2").unwrap();
+    r.mm.read(a, &mut cpu).unwrap();
+    assert_eq!(&cpu, b"from vm2");
+    r.mm.audit().unwrap();
+}
+
+#[test]
+fn shared_memory_is_mapped_where_it_is() {
+    let r = rig();
+    let s =
+        r.mm.mmap(None, 16 * PAGE_SIZE, RW, MapFlags::SHARED)
+            .unwrap();
+    r.mm.write(s, &pattern(16, 14)).unwrap();
+    assert_eq!(r.gpu_bytes(s, 16), pattern(16, 14));
+    assert_eq!(r.vm.lookup(s).unwrap().location, Location::System);
+    let st = r.vm.stats();
+    assert_eq!(
+        (st.pages_h2d, st.own_migrate_skips),
+        (0, 0),
+        "no migration was tried"
+    );
+}
+
+/// A range whose VMA was split under it (mprotect) no longer fits: the next fault finds
+/// it stale, the garbage collector drops it and a range that fits is made; a prefetch
+/// over a partly unmapped range collects it first.
+#[test]
+fn ranges_that_no_longer_fit_are_rebuilt() {
+    let r = rig();
+    let a = r.map(512);
+    let data = pattern(512, 15);
+    r.mm.write(a, &data).unwrap();
+    r.gpu_bytes(a, 512);
+    r.mm.mprotect(page(a, 511), PAGE_SIZE, Prot::READ).unwrap();
+    let mut b = [0u8; 8];
+    r.mm.read(page(a, 2), &mut b).unwrap(); // the CPU takes page 2 back
+    r.vm.write(page(a, 2), b"rebuilt!").unwrap();
+    r.mm.read(page(a, 2), &mut b).unwrap();
+    assert_eq!(&b, b"rebuilt!");
+    assert!(matches!(
+        r.vm.write(page(a, 511), b"no"),
+        Err(SvmError::Fatal { .. })
+    ));
+    // Prefetch after a partial unmap.
+    let c = r.map(512);
+    r.mm.write(c, &data).unwrap();
+    r.gpu_bytes(c, 8);
+    r.mm.munmap(c, PAGE_SIZE).unwrap();
+    r.vm.prefetch(page(c, 8), 4 * PAGE_SIZE).unwrap();
+    assert_eq!(r.vm.lookup(page(c, 8)).unwrap().location, Location::Vram);
+    assert_eq!(r.cpu_bytes(page(c, 1), 511), data[PAGE_SIZE as usize..]);
+    r.mm.audit().unwrap();
+}
