@@ -49,7 +49,7 @@ use serde::Serialize;
 
 use bench::plot::{plot, Figures};
 use bench::progress::Progress;
-use bench::{all, fault, machine, migrate, range_fault, walks};
+use bench::{all, driver, fault, machine, migrate, range_fault, walks};
 use limits::{
     fraction, seconds, size_kib, sized, whole, MAX_FAULT_PAGES, MAX_FAULT_THPS, MAX_ITERS,
     MAX_PAGES, MAX_THPS, MAX_THREADS,
@@ -196,6 +196,21 @@ enum Bench {
         pages: u64,
         /// Rounds per figure (the median and the fastest are reported).
         #[arg(long, default_value_t = 9, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_ITERS))]
+        iters: usize,
+    },
+    /// The SVM driver (hmm-svm): GPU faults serviced per second (remote mapping, and
+    /// migrating a page or a 2 MiB range, against memcpy of the bytes moved), evictions per
+    /// second under pressure, and the cost of each policy hook.
+    Driver {
+        #[command(flatten)]
+        out: Output,
+        /// Pages in the buffer (rounded up to whole 2 MiB).
+        #[arg(long, default_value_t = 4096, allow_hyphen_values = true,
+              value_parser = sized::<u64>(1, MAX_PAGES, driver::need))]
+        pages: u64,
+        /// Rounds per figure (the median is reported).
+        #[arg(long, default_value_t = 3, allow_hyphen_values = true,
               value_parser = whole::<usize>(1, MAX_ITERS))]
         iters: usize,
     },
@@ -413,6 +428,27 @@ fn bench(what: Bench) -> bench::Result<()> {
                     range_fault,
                     ..Figures::default()
                 },
+            )
+        }
+        Bench::Driver { out, pages, iters } => {
+            const PATH: &[&str] = &["bench", "driver"];
+            require(
+                PATH,
+                limits::check_memory("--pages", pages, 1, driver::need),
+            );
+            check_output(PATH, &out);
+            interrupt::catch();
+            scenario(
+                &out,
+                ("driver", driver::ROWS),
+                |bar| {
+                    driver::driver_rows(pages, iters, |r| {
+                        bar.doing(r.scenario());
+                        bar.step();
+                    })
+                },
+                driver::print_table,
+                |_| Figures::default(),
             )
         }
         Bench::All { out, quick } => {

@@ -234,6 +234,17 @@ fn bench_walks_fault_and_range_fault_refuse_bad_arguments() {
             "from 1 to 100000",
         );
     }
+    for bad in ["0", "-1", "100000000"] {
+        refused(&["bench", "driver", "--pages", bad], "--pages", PAGES);
+    }
+    refused(&["bench", "driver", "--pages", "20000000"], "--pages", HOST);
+    for bad in ["0", "nan", "18446744073709551615"] {
+        refused(
+            &["bench", "driver", "--iters", bad],
+            "--iters",
+            "from 1 to 100000",
+        );
+    }
 }
 
 #[test]
@@ -244,7 +255,7 @@ fn a_plot_folder_that_cannot_be_written_is_refused_before_the_run() {
     let under_a_file = file.join("plots");
     let under_a_file = under_a_file.to_str().unwrap();
     for dir in [not_a_dir, under_a_file, "/proc/hmm-no-such-folder"] {
-        for bench in ["walks", "fault", "range-fault", "migrate", "all"] {
+        for bench in ["walks", "fault", "range-fault", "migrate", "driver", "all"] {
             // Refused before the run, which would take seconds to minutes.
             let line = refused(&["bench", bench, "--plot", dir], "--plot", dir);
             assert!(line.contains("cannot create the folder"), "{line}");

@@ -193,6 +193,12 @@ impl GpuDevice {
         &self.ops.counters
     }
 
+    /// Commits the host memory behind device memory now (a benchmark's set-up, so that
+    /// the host's first touch is not timed).
+    pub fn prefault(&self) {
+        self.vram.prefault();
+    }
+
     /// Device-memory pages free.
     pub fn vram_pages_free(&self) -> u64 {
         self.vram_pages() - self.vram_pages_in_use()

@@ -5,13 +5,14 @@
 //! at six fractions, 4096 faults of each 4 KiB kind and 64 THP faults, and
 //! `hmm_range_fault` over 64 MiB. `--quick` runs every scenario small, as CI does, to
 //! show that it works, not to measure. `--json` prints one object:
-//! `{machine, build, plan, seconds, migrate, walks, fault, range_fault}`, the last four
-//! being the row arrays of the single scenarios.
+//! `{machine, build, plan, seconds, migrate, walks, fault, range_fault, driver}`, the last
+//! five being the row arrays of the single scenarios.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
+use super::driver::{self, DriverRow};
 use super::fault::{self, FaultRow};
 use super::machine::{Build, Machine};
 use super::migrate::{self, MigrateRow};
@@ -41,6 +42,8 @@ pub(crate) struct Plan {
     fault_thps: u64,
     range_fault_pages: u64,
     range_fault_iters: usize,
+    driver_pages: u64,
+    driver_iters: usize,
 }
 
 impl Plan {
@@ -66,6 +69,8 @@ impl Plan {
             fault_thps: 64,
             range_fault_pages: 16384,
             range_fault_iters: 9,
+            driver_pages: 4096,
+            driver_iters: 3,
         }
     }
 
@@ -83,6 +88,8 @@ impl Plan {
             fault_thps: 4,
             range_fault_pages: 1024,
             range_fault_iters: 1,
+            driver_pages: 1024,
+            driver_iters: 1,
         }
     }
 
@@ -92,6 +99,7 @@ impl Plan {
             + (METHODS.len() * self.walk_fractions.len()) as u64
             + fault::ROWS
             + range_fault::ROWS
+            + driver::ROWS
     }
 }
 
@@ -109,6 +117,7 @@ pub(crate) struct Report {
     pub(crate) walks: Vec<WalkRow>,
     pub(crate) fault: Vec<FaultRow>,
     pub(crate) range_fault: Vec<RangeFaultRow>,
+    pub(crate) driver: Vec<DriverRow>,
 }
 
 /// Runs `plan`, showing progress on a terminal. After a Ctrl-C ([`interrupt`]) the
@@ -159,6 +168,14 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
     } else {
         Vec::new()
     };
+    let driver = if go() {
+        driver::driver_rows(plan.driver_pages, plan.driver_iters, |r| {
+            bar.doing(format!("driver: {}", r.scenario()));
+            bar.step();
+        })?
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         machine: Machine::this(),
         build: Build::this(),
@@ -169,6 +186,7 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
         walks,
         fault,
         range_fault,
+        driver,
     })
 }
 
@@ -192,4 +210,6 @@ pub(crate) fn print(report: &Report) {
     fault::print_table(&report.fault);
     outln!("\n== range-fault: hmm_range_fault against the host kernel's pagemap walk");
     range_fault::print_table(&report.range_fault);
+    outln!("\n== driver: the SVM driver's GPU faults, evictions and policy hooks");
+    driver::print_table(&report.driver);
 }

@@ -6,6 +6,7 @@
 //! | [`walks`] | bringing a partly-faulted range to a device, three ways | one snapshot pass |
 //! | [`fault`] | first-touch faults and the device-private fault (`migrate_to_ram`) | the host kernel's first-touch fault |
 //! | [`range_fault`] | `hmm_range_fault` per page | the host kernel's `/proc/self/pagemap` walk |
+//! | [`driver`] | the SVM driver: GPU faults serviced, evictions, policy hooks | `memcpy` of the bytes moved |
 //!
 //! [`all`] runs them in turn and names the machine and the build ([`machine`]); [`plot`]
 //! draws the charts; [`paired`] compares two methods round by round; [`progress`] is the
@@ -14,6 +15,7 @@
 //! rounds they took.
 
 pub(crate) mod all;
+pub(crate) mod driver;
 pub(crate) mod fault;
 pub(crate) mod host;
 pub(crate) mod machine;

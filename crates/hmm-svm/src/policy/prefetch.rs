@@ -27,9 +27,8 @@ impl BlockMask {
 
     /// Pages `[start, end)`.
     pub fn range(start: usize, end: usize) -> BlockMask {
-        let mut m = BlockMask::EMPTY;
-        (start..end.min(BLOCK_PAGES)).for_each(|p| m.set(p));
-        m
+        let end = end.min(BLOCK_PAGES);
+        BlockMask(std::array::from_fn(|i| word_bits(i, start, end)))
     }
 
     /// Adds page `p`.
@@ -49,7 +48,13 @@ impl BlockMask {
 
     /// Pages in among `[start, end)`.
     pub fn count_in(&self, start: usize, end: usize) -> usize {
-        (start..end).filter(|&p| self.get(p)).count()
+        let end = end.min(BLOCK_PAGES);
+        if start >= end {
+            return 0;
+        }
+        (start / 64..=(end - 1) / 64)
+            .map(|i| (self.0[i] & word_bits(i, start, end)).count_ones() as usize)
+            .sum()
     }
 
     /// Pages in either.
@@ -76,19 +81,43 @@ impl BlockMask {
     pub fn runs(&self) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         let mut p = 0;
-        while p < BLOCK_PAGES {
-            if !self.get(p) {
-                p += 1;
-                continue;
-            }
-            let s = p;
-            while p < BLOCK_PAGES && self.get(p) {
-                p += 1;
-            }
-            out.push((s, p));
+        while let Some(s) = self.next_from(p, true) {
+            let e = self.next_from(s, false).unwrap_or(BLOCK_PAGES);
+            out.push((s, e));
+            p = e;
         }
         out
     }
+
+    /// The first page from `p` on that is in (`set`) or out (`!set`), a word at a time.
+    fn next_from(&self, p: usize, set: bool) -> Option<usize> {
+        if p >= BLOCK_PAGES {
+            return None;
+        }
+        let mut i = p / 64;
+        let first = *self.0.get(i)?;
+        let mut w = if set { first } else { !first } & (u64::MAX << (p % 64));
+        loop {
+            if w != 0 {
+                return Some(i * 64 + w.trailing_zeros() as usize);
+            }
+            i += 1;
+            let next = *self.0.get(i)?;
+            w = if set { next } else { !next };
+        }
+    }
+}
+
+/// The bits of word `i` (pages `64 i .. 64 i + 64`) that fall in `[start, end)`.
+fn word_bits(i: usize, start: usize, end: usize) -> u64 {
+    let (lo, hi) = (i * 64, i * 64 + 64);
+    let (s, e) = (start.max(lo), end.min(hi));
+    if s >= e {
+        return 0;
+    }
+    let n = e - s;
+    let ones = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+    ones << (s - lo)
 }
 
 impl std::fmt::Debug for BlockMask {
@@ -169,7 +198,9 @@ impl PrefetchPolicy for TreePrefetch {
     fn region(&self, view: &BlockView) -> BlockMask {
         let occupied = view.resident.or(&view.faulted);
         let mut region = view.faulted;
-        for p in (0..BLOCK_PAGES).filter(|&p| view.faulted.get(p)) {
+        let mut next = view.faulted.next_from(0, true);
+        while let Some(p) = next {
+            next = view.faulted.next_from(p + 1, true);
             // The largest subtree around p whose occupancy exceeds the threshold.
             let mut best = None;
             let mut size = 2;
@@ -219,6 +250,10 @@ mod tests {
 
     #[test]
     fn masks() {
+        assert_eq!(BlockMask::range(0, 512).count(), 512);
+        assert_eq!(BlockMask::range(60, 130).runs(), [(60, 130)]);
+        assert_eq!(BlockMask::range(60, 130).count_in(63, 129), 66);
+        assert_eq!(BlockMask::range(5, 5).count(), 0);
         let m = BlockMask::range(3, 7).or(&BlockMask::range(100, 101));
         assert_eq!(m.count(), 5);
         assert_eq!(m.runs(), [(3, 7), (100, 101)]);
