@@ -269,6 +269,16 @@ fn working_sets_larger_than_device_memory_keep_every_byte() {
         }
         let s = vm.stats();
         assert!(s.evictions > 0 && s.evicted_pages > 0, "{name}: {s:?}");
+        eprintln!(
+            "{name}: working set {}x device memory, {} chunks evicted ({} pages), {} pages \
+             migrated to the device, {} home, {} bytes verified 6 times",
+            factor_x2 as f64 / 2.0,
+            s.evictions,
+            s.evicted_pages,
+            s.pages_h2d,
+            s.pages_d2h,
+            want.len()
+        );
         assert!(gpu.vram_pages_in_use() <= gpu.vram_pages());
         mm.audit().unwrap();
         drop(vm);
