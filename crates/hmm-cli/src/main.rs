@@ -37,6 +37,7 @@ mod demo;
 mod interrupt;
 mod limits;
 mod output;
+mod run;
 mod selftest;
 mod stress;
 
@@ -111,6 +112,27 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Run a scenario (a TOML file, or a shipped scenario by name) on the SVM driver under
+    /// the deterministic engine, and print its metrics; fails if a byte was lost or a frame
+    /// leaked.
+    Run {
+        /// A scenario file, or the name of a shipped scenario (see --list).
+        #[arg(required_unless_present = "list")]
+        scenario: Option<String>,
+        /// List the shipped scenarios, a line each.
+        #[arg(long)]
+        list: bool,
+        /// Print one JSON object (an array with --compare).
+        #[arg(long)]
+        json: bool,
+        /// Override a field of the scenario: `policy.eviction=fifo` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Run one variant per value, on the host's cores at once, and print them side by
+        /// side: `policy.eviction=lru,fifo,random`.
+        #[arg(long, value_name = "KEY=A,B,...")]
+        compare: Option<String>,
     },
     /// Measure, against a baseline taken in the same run. Ctrl-C stops after the round in
     /// hand and prints the rows measured so far.
@@ -512,6 +534,32 @@ fn main() -> ExitCode {
             n => Err(format!("{n} scenarios failed").into()),
         },
         Command::Bench { what } => bench(what),
+        Command::Run {
+            scenario,
+            list,
+            json,
+            set,
+            compare,
+        } => {
+            // Every scenario error is the user's input: refused like a bad argument.
+            if let Some(name) = scenario.as_deref().filter(|_| !list) {
+                if let Some(c) = &compare {
+                    if let Err(e) = run::variants(c) {
+                        usage_error(&["run"], e);
+                    }
+                }
+                if let Err(e) = run::load(name, &set) {
+                    usage_error(&["run"], e);
+                }
+            }
+            run::main(run::Request {
+                scenario,
+                list,
+                json,
+                set,
+                compare,
+            })
+        }
         Command::Stress {
             seconds,
             threads,

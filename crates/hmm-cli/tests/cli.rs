@@ -1,6 +1,7 @@
-//! The `hmm` command end to end: `selftest` reports and exits as documented, and
+//! The `hmm` command end to end: `selftest` reports and exits as documented,
 //! `bench walks` counts one pass for one walk and more for the two-step recipes, and
-//! compares the recipes' times with one walk's round by round.
+//! compares the recipes' times with one walk's round by round, and `run` lists, runs and
+//! compares scenarios and refuses bad ones naming the line.
 
 use std::process::Command;
 
@@ -256,4 +257,109 @@ fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
         let (ok, out) = hmm(args);
         assert!(!ok, "{args:?} succeeded: {out}");
     }
+}
+
+/// The binary, to run with arguments of its own.
+fn cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hmm"))
+}
+
+#[test]
+fn run_lists_runs_and_compares_scenarios() {
+    let out = cmd().args(["run", "--list"]).output().unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8(out.stdout).unwrap();
+    for name in [
+        "stream",
+        "stream-oversubscribed",
+        "random",
+        "cpu-gpu-pingpong",
+    ] {
+        assert!(list.lines().any(|l| l.starts_with(name)), "{list}");
+    }
+    let out = cmd()
+        .args(["run", "stream", "--json", "--set", "buffer.0.mib=4"])
+        .output()
+        .unwrap();
+    // An array index is not a key: the override is refused as a bad argument.
+    assert_eq!(out.status.code(), Some(2));
+    let out = cmd().args(["run", "stream", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "scenario",
+        "seed",
+        "sim_time_ns",
+        "wall_seconds",
+        "events",
+        "events_per_second",
+        "gpu_faults",
+        "fault_batches",
+        "bytes_h2d",
+        "bytes_d2h",
+        "bytes_d2d",
+        "evictions",
+        "prefetched_pages",
+        "thrash_detections",
+        "remote_accesses",
+        "corrupted_bytes",
+        "leaked_frames",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing");
+    }
+    assert_eq!(v["corrupted_bytes"], 0);
+    assert_eq!(v["leaked_frames"], 0);
+    let out = cmd()
+        .args([
+            "run",
+            "stream-oversubscribed",
+            "--json",
+            "--compare",
+            "policy.eviction=lru,random",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.len(), 2);
+    assert_ne!(
+        v[0]["evictions"], v[1]["evictions"],
+        "the eviction policies differ"
+    );
+}
+
+#[test]
+fn run_refuses_bad_scenarios_naming_the_line() {
+    let dir = std::env::temp_dir().join(format!("hmm-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[machine]\nram_mib = 64\n[[buffer]]\nname = \"a\"\nmib = 2\n\
+         [[phase]]\nagents = [{ on = \"gpu0\", buffer = \"a\" }]\n",
+    )
+    .unwrap();
+    let out = cmd().arg("run").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("line 8") && err.contains("phase[0].agents[0].on"),
+        "{err}"
+    );
+    for args in [
+        vec!["run", "no-such-scenario"],
+        vec!["run", "stream", "--compare", "seed"],
+        vec!["run", "stream", "--compare", "seed=1"],
+        vec!["run", "stream", "--set", "policy.eviction=mru"],
+        vec!["run"],
+    ] {
+        let out = cmd().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,175 @@
+//! `hmm run`: a scenario file (or a shipped scenario) on the SVM driver under the
+//! deterministic engine (`hmm-sim`), with its metrics as a table or one JSON object.
+//! `--set key=value` overrides any field of the file; `--compare key=a,b,...` runs one
+//! variant per value, on the host's cores at once, and prints them side by side. Each run
+//! is one process's worth of work writing one object, so sweeps bigger than one machine
+//! are farmed out by the usual tools (a Slurm array or GNU parallel running `hmm run --json`
+//! with different `--set`s).
+
+use std::path::Path;
+
+use hmm_sim::engine::{run, Metrics};
+use hmm_sim::scenario::{parse, Scenario, SHIPPED};
+
+use crate::bench::Result;
+
+/// What `hmm run` was asked.
+pub(crate) struct Request {
+    pub(crate) scenario: Option<String>,
+    pub(crate) list: bool,
+    pub(crate) json: bool,
+    pub(crate) set: Vec<String>,
+    pub(crate) compare: Option<String>,
+}
+
+/// The text of `name_or_path`: a shipped scenario's, or a file's.
+fn text_of(name_or_path: &str) -> std::result::Result<String, String> {
+    if let Some(t) = hmm_sim::scenario::shipped(name_or_path) {
+        return Ok(t.to_string());
+    }
+    std::fs::read_to_string(Path::new(name_or_path)).map_err(|e| {
+        format!("{name_or_path}: {e} (not a file, nor a shipped scenario: see `hmm run --list`)")
+    })
+}
+
+/// Reads and checks the scenario with `set`, or says why not (naming the file).
+pub(crate) fn load(name_or_path: &str, set: &[String]) -> std::result::Result<Scenario, String> {
+    let text = text_of(name_or_path)?;
+    parse(&text, set).map_err(|e| format!("{name_or_path}: {e}"))
+}
+
+/// The variants of `--compare key=a,b,...`: one `--set` each.
+pub(crate) fn variants(compare: &str) -> std::result::Result<(String, Vec<String>), String> {
+    let (key, values) = compare
+        .split_once('=')
+        .ok_or_else(|| format!("--compare {compare}: expected key=a,b,..."))?;
+    let values: Vec<String> = values
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.len() < 2 {
+        return Err(format!("--compare {compare}: give at least two values"));
+    }
+    Ok((key.trim().to_string(), values))
+}
+
+pub(crate) fn main(r: Request) -> Result<()> {
+    if r.list {
+        for (name, text) in SHIPPED {
+            let about = parse(text, &[]).map(|s| s.about).unwrap_or_default();
+            outln!("{name:<24} {about}");
+        }
+        return Ok(());
+    }
+    let name = r.scenario.expect("clap requires a scenario without --list");
+    let runs: Vec<(String, Scenario)> = match &r.compare {
+        None => vec![(String::new(), load(&name, &r.set)?)],
+        Some(c) => {
+            let (key, values) = variants(c)?;
+            values
+                .iter()
+                .map(|v| {
+                    let mut set = r.set.clone();
+                    set.push(format!("{key}={v}"));
+                    load(&name, &set).map(|s| (format!("{key}={v}"), s))
+                })
+                .collect::<std::result::Result<_, _>>()?
+        }
+    };
+    // The variants in parallel, at most one per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut results: Vec<(String, Metrics)> = Vec::new();
+    for group in runs.chunks(cores) {
+        let done: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|(label, sc)| s.spawn(move || (label.clone(), run(sc))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a run does not panic"))
+                .collect()
+        });
+        for (label, m) in done {
+            results.push((label, m?));
+        }
+    }
+    if r.json {
+        if r.compare.is_some() {
+            let all: Vec<&Metrics> = results.iter().map(|(_, m)| m).collect();
+            outln!("{}", serde_json::to_string_pretty(&all)?);
+        } else {
+            outln!("{}", serde_json::to_string_pretty(&results[0].1)?);
+        }
+    } else {
+        print_table(&results);
+    }
+    let bad: Vec<&str> = results
+        .iter()
+        .filter(|(_, m)| m.corrupted_bytes > 0 || m.leaked_frames > 0)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        errln!("hmm: corrupted bytes or leaked frames in {bad:?}");
+        Err("a run lost bytes or leaked frames".into())
+    }
+}
+
+/// The metrics of each run in a column.
+fn print_table(results: &[(String, Metrics)]) {
+    type Row = (&'static str, fn(&Metrics) -> String);
+    let rows: [Row; 16] = [
+        ("scenario", |m| m.scenario.clone()),
+        ("sim time (ms)", |m| {
+            format!("{:.3}", m.sim_time_ns as f64 / 1e6)
+        }),
+        ("wall time (s)", |m| format!("{:.3}", m.wall_seconds)),
+        ("events", |m| m.events.to_string()),
+        ("events/s", |m| format!("{:.0}", m.events_per_second)),
+        ("gpu faults", |m| m.gpu_faults.to_string()),
+        ("fault batches", |m| m.fault_batches.to_string()),
+        ("MiB host->device", |m| {
+            format!("{:.1}", m.bytes_h2d as f64 / 1048576.0)
+        }),
+        ("MiB device->host", |m| {
+            format!("{:.1}", m.bytes_d2h as f64 / 1048576.0)
+        }),
+        ("evictions", |m| m.evictions.to_string()),
+        ("prefetched pages", |m| m.prefetched_pages.to_string()),
+        ("thrashing", |m| m.thrash_detections.to_string()),
+        ("remote accesses", |m| m.remote_accesses.to_string()),
+        ("policy", |m| {
+            format!(
+                "{}/{}/{}",
+                m.policy.migration, m.policy.prefetch, m.policy.eviction
+            )
+        }),
+        ("corrupted bytes", |m| m.corrupted_bytes.to_string()),
+        ("leaked frames", |m| m.leaked_frames.to_string()),
+    ];
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(_, f)| results.iter().map(|(_, m)| f(m)).collect())
+        .collect();
+    let width = results
+        .iter()
+        .map(|(l, _)| l.len())
+        .chain(cells.iter().flatten().map(String::len))
+        .max()
+        .unwrap_or(0)
+        + 2;
+    if results.len() > 1 {
+        let head: Vec<String> = results
+            .iter()
+            .map(|(l, _)| format!("{l:>width$}"))
+            .collect();
+        outln!("{:<18}{}", "", head.join(""));
+    }
+    for ((name, _), row) in rows.iter().zip(&cells) {
+        let row: Vec<String> = row.iter().map(|c| format!("{c:>width$}")).collect();
+        outln!("{name:<18}{}", row.join(""));
+    }
+}

@@ -1,0 +1,416 @@
+//! The deterministic engine: every agent of a phase advances in simulated-time order on
+//! one OS thread, so a scenario and its seed give the same counters, bit for bit.
+//!
+//! Each step takes the agent with the earliest time (ties: the lower agent index), makes
+//! its next access on the real system (a GPU load or store through `hmm-svm`, a CPU load or
+//! store through the address space), and charges it from the cost model: a hit costs an
+//! access (local or remote), a GPU fault costs the batch the agent's thread services
+//! (batch, faults, bytes moved over the link) and the access is made again at the agent's
+//! new time, a CPU access that brought a device page home costs a CPU fault and the bytes.
+//! The policies' clock is the simulated one. Bytes are real: every write is also made in a
+//! shadow copy of the buffer, and the run ends with the byte check (the CPU reads every
+//! buffer back and compares) and the frame audit (nothing in use once all is torn down).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::mm::{Advice, MapFlags, Mm, Prot};
+use hmm::phys::{PhysConfig, PhysMem};
+use hmm_svm::clock::ManualClock;
+use hmm_svm::policy::eviction::{EvictionPolicy, Fifo, Lfu, Lru, RandomEviction};
+use hmm_svm::policy::prefetch::{NoPrefetch, PrefetchPolicy, TreePrefetch, WholeRange};
+use hmm_svm::policy::thrashing::ThrashingDetector;
+use hmm_svm::policy::{CounterDriven, FirstTouch, MigrationPolicy, RemoteMap, VmPolicies};
+use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Location, SvmStats};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::pattern::Pattern;
+use crate::scenario::Scenario;
+
+/// What a run measured (`hmm run --json` prints it).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metrics {
+    /// The scenario's name.
+    pub scenario: String,
+    /// Its seed.
+    pub seed: u64,
+    /// Simulated time at the end of the last phase, ns.
+    pub sim_time_ns: u64,
+    /// Wall time of the run (set-up and the final checks excluded), s.
+    pub wall_seconds: f64,
+    /// Accesses made.
+    pub events: u64,
+    /// `events / wall_seconds`.
+    pub events_per_second: f64,
+    /// GPU faults raised (all GPUs).
+    pub gpu_faults: u64,
+    /// Fault batches serviced.
+    pub fault_batches: u64,
+    /// Bytes migrated host to device.
+    pub bytes_h2d: u64,
+    /// Bytes migrated device to host.
+    pub bytes_d2h: u64,
+    /// Bytes migrated device to device (no peer migration yet: 0).
+    pub bytes_d2d: u64,
+    /// Chunks of device memory evicted.
+    pub evictions: u64,
+    /// Pages migrated that had not faulted.
+    pub prefetched_pages: u64,
+    /// Thrashing detected.
+    pub thrash_detections: u64,
+    /// GPU accesses that went over the link.
+    pub remote_accesses: u64,
+    /// Bytes that differed from the shadow copy at the end.
+    pub corrupted_bytes: u64,
+    /// Frames still in use after everything was torn down.
+    pub leaked_frames: u64,
+    /// The policies, by name.
+    pub policy: crate::scenario::Policy,
+}
+
+/// Why a run failed (not a wrong byte: that is `corrupted_bytes`).
+#[derive(Debug, Error)]
+pub enum RunError {
+    /// The machine could not be made.
+    #[error("setting up the machine: {0}")]
+    Setup(String),
+    /// An access failed that should not (the model refused a valid access).
+    #[error("{agent} at {addr}: {why}")]
+    Access {
+        /// The agent (`phase 0, agent 1 on gpu0`).
+        agent: String,
+        /// The address.
+        addr: VirtAddr,
+        /// The error.
+        why: String,
+    },
+}
+
+/// One agent of the running phase.
+struct Running {
+    gpu: Option<usize>,
+    base: VirtAddr,
+    buffer: usize,
+    pattern: Pattern,
+    bytes: usize,
+    /// Accesses made, for the values written.
+    seq: u64,
+    name: String,
+}
+
+fn migration_policy(name: &str) -> Box<dyn MigrationPolicy> {
+    match name {
+        "remote" => Box::new(RemoteMap),
+        "counters" => Box::new(CounterDriven),
+        _ => Box::new(FirstTouch),
+    }
+}
+
+fn prefetch_policy(name: &str) -> Box<dyn PrefetchPolicy> {
+    match name {
+        "none" => Box::new(NoPrefetch),
+        "tree" => Box::new(TreePrefetch::default()),
+        _ => Box::new(WholeRange),
+    }
+}
+
+fn eviction_policy(name: &str, seed: u64) -> Box<dyn EvictionPolicy> {
+    match name {
+        "fifo" => Box::new(Fifo),
+        "lfu" => Box::new(Lfu),
+        "random" => Box::new(RandomEviction::new(seed)),
+        _ => Box::new(Lru),
+    }
+}
+
+/// The sum of every GPU's counters.
+fn total(vms: &[Arc<GpuVm>]) -> SvmStats {
+    let mut t = SvmStats::default();
+    for v in vms {
+        let s = v.stats();
+        t.gpu_faults += s.gpu_faults;
+        t.fault_batches += s.fault_batches;
+        t.duplicate_faults += s.duplicate_faults;
+        t.pages_h2d += s.pages_h2d;
+        t.pages_d2h += s.pages_d2h;
+        t.evictions += s.evictions;
+        t.prefetched_pages += s.prefetched_pages;
+        t.thrash_detections += s.thrash_detections;
+        t.remote_accesses += s.remote_accesses;
+    }
+    t
+}
+
+/// Runs `s` (already validated) and returns what it measured.
+pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
+    let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
+    let phys =
+        PhysMem::new(PhysConfig::with_size(s.machine.ram_mib << 20)).map_err(|e| setup(&e))?;
+    let clock = Arc::new(ManualClock::new(0));
+    let gpus: Vec<Arc<GpuDevice>> = s
+        .machine
+        .gpus
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let config = GpuConfig {
+                vram_bytes: g.vram_mib << 20,
+                ..GpuConfig::default()
+            };
+            GpuDevice::with_eviction(
+                &phys,
+                config,
+                eviction_policy(&s.policy.eviction, s.seed + i as u64),
+            )
+            .map_err(|e| setup(&e))
+        })
+        .collect::<Result<_, _>>()?;
+    let mm = Mm::new(Arc::clone(&phys));
+    let vms: Vec<Arc<GpuVm>> = gpus
+        .iter()
+        .map(|g| {
+            let policies = VmPolicies {
+                migration: migration_policy(&s.policy.migration),
+                prefetch: prefetch_policy(&s.policy.prefetch),
+                thrashing: s.policy.thrashing.then(ThrashingDetector::default),
+                access_counter_threshold: (s.policy.access_counters > 0)
+                    .then_some(s.policy.access_counters),
+                clock: clock.clone(),
+            };
+            GpuVm::with_policies(g, &mm, policies)
+        })
+        .collect();
+    // The buffers, written by the CPU (untimed), and their shadows.
+    let mut bases = Vec::new();
+    let mut shadows = Vec::new();
+    for (i, b) in s.buffers.iter().enumerate() {
+        let len = b.mib << 20;
+        let a = mm
+            .mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+            .map_err(|e| setup(&e))?;
+        let advice = if b.thp {
+            Advice::HugePage
+        } else {
+            Advice::NoHugePage
+        };
+        mm.madvise(a, len, advice).map_err(|e| setup(&e))?;
+        let data: Vec<u8> = (0..len)
+            .map(|k| (k / PAGE_SIZE) as u8 ^ (k as u8).wrapping_mul(29) ^ i as u8)
+            .collect();
+        mm.write(a, &data).map_err(|e| setup(&e))?;
+        bases.push(a);
+        shadows.push(data);
+    }
+    let cost = s.cost;
+    let start = Instant::now();
+    let mut now = 0u64;
+    let mut events = 0u64;
+    for (p, phase) in s.phases.iter().enumerate() {
+        // Explicit prefetches first, from the phase's start.
+        for f in &phase.prefetch {
+            let b = s
+                .buffers
+                .iter()
+                .position(|b| &b.name == f.buffer.get_ref())
+                .expect("validated");
+            let g: usize = f.to.get_ref()[3..].parse().expect("validated");
+            let before = total(&vms);
+            clock.set(now);
+            vms[g]
+                .prefetch(bases[b], s.buffers[b].mib << 20)
+                .map_err(|e| RunError::Access {
+                    agent: format!("phase {p}, prefetch to {}", f.to.get_ref()),
+                    addr: bases[b],
+                    why: e.to_string(),
+                })?;
+            let after = total(&vms);
+            now += cost.transfer_ns((after.pages_h2d - before.pages_h2d) * PAGE_SIZE);
+        }
+        let mut agents: Vec<Running> = phase
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(k, a)| {
+                let b = s
+                    .buffers
+                    .iter()
+                    .position(|b| &b.name == a.buffer.get_ref())
+                    .expect("validated");
+                let on = a.on.get_ref();
+                Running {
+                    gpu: on
+                        .strip_prefix("gpu")
+                        .map(|n| n.parse().expect("validated")),
+                    base: bases[b],
+                    buffer: b,
+                    pattern: Pattern::new(
+                        a,
+                        s.buffers[b].mib << 20,
+                        s.seed ^ ((p as u64) << 32) ^ k as u64,
+                    ),
+                    bytes: a.access_bytes as usize,
+                    seq: 0,
+                    name: format!("phase {p}, agent {k} on {on}"),
+                }
+            })
+            .collect();
+        let mut queue: BinaryHeap<Reverse<(u64, usize)>> =
+            (0..agents.len()).map(|k| Reverse((now, k))).collect();
+        let mut pending: Vec<Option<crate::pattern::Access>> = vec![None; agents.len()];
+        let mut end = now;
+        let mut buf = vec![0u8; 4096];
+        while let Some(Reverse((t, k))) = queue.pop() {
+            let a = &mut agents[k];
+            let Some(acc) = pending[k].take().or_else(|| a.pattern.next_access()) else {
+                end = end.max(t);
+                continue;
+            };
+            clock.set(t);
+            let addr = a.base.checked_add(acc.offset).expect("inside the buffer");
+            let data = &mut buf[..a.bytes];
+            if acc.write {
+                let v = ((k as u64) << 48 | (p as u64) << 40 | a.seq).to_le_bytes();
+                data[..8].copy_from_slice(&v);
+            }
+            let fail = |why: String| RunError::Access {
+                agent: a.name.clone(),
+                addr,
+                why,
+            };
+            let spent = match a.gpu {
+                Some(g) => {
+                    let vm = &vms[g];
+                    let r = if acc.write {
+                        vm.try_write(addr, data)
+                    } else {
+                        vm.try_read(addr, data)
+                    }
+                    .map_err(|e| fail(e.to_string()))?;
+                    if r.is_some() {
+                        // Faulted: the agent services the batch, then makes the access again.
+                        let before = total(&vms);
+                        let report = vm.service_faults().map_err(|e| fail(e.to_string()))?;
+                        let after = total(&vms);
+                        let moved = (after.pages_h2d - before.pages_h2d)
+                            + (after.pages_d2h - before.pages_d2h);
+                        pending[k] = Some(acc);
+                        queue.push(Reverse((
+                            t + cost.fault_batch_ns * report.batches
+                                + cost.fault_ns * report.faults
+                                + cost.transfer_ns(moved * PAGE_SIZE),
+                            k,
+                        )));
+                        continue;
+                    }
+                    match vm.lookup(addr).map(|p| p.location) {
+                        Some(Location::Vram) => cost.local_access_ns,
+                        _ => cost.remote_access_ns,
+                    }
+                }
+                None => {
+                    let before = total(&vms).pages_d2h;
+                    let r = if acc.write {
+                        mm.write(addr, data)
+                    } else {
+                        mm.read(addr, data)
+                    };
+                    r.map_err(|e| fail(e.to_string()))?;
+                    let home = total(&vms).pages_d2h - before;
+                    if home > 0 {
+                        cost.cpu_fault_ns + cost.transfer_ns(home * PAGE_SIZE)
+                    } else {
+                        cost.cpu_access_ns
+                    }
+                }
+            };
+            if acc.write {
+                let at = acc.offset as usize;
+                shadows[a.buffer][at..at + data.len()].copy_from_slice(data);
+                a.seq += 1;
+            }
+            events += 1;
+            queue.push(Reverse((t + spent.max(1), k)));
+        }
+        now = end;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let t = total(&vms);
+    // The byte check: the CPU reads every buffer back.
+    let mut corrupted = 0u64;
+    for (b, shadow) in shadows.iter().enumerate() {
+        let mut back = vec![0u8; shadow.len()];
+        mm.read(bases[b], &mut back).map_err(|e| setup(&e))?;
+        corrupted += back.iter().zip(shadow).filter(|(x, y)| x != y).count() as u64;
+    }
+    mm.audit().map_err(|e| setup(&e))?;
+    drop(vms);
+    drop(mm);
+    let leaked = phys.nr_in_use() + gpus.iter().map(|g| g.vram_pages_in_use()).sum::<u64>();
+    Ok(Metrics {
+        scenario: s.name.clone(),
+        seed: s.seed,
+        sim_time_ns: now,
+        wall_seconds: wall,
+        events,
+        events_per_second: events as f64 / wall.max(1e-9),
+        gpu_faults: t.gpu_faults,
+        fault_batches: t.fault_batches,
+        bytes_h2d: t.pages_h2d * PAGE_SIZE,
+        bytes_d2h: t.pages_d2h * PAGE_SIZE,
+        bytes_d2d: 0,
+        evictions: t.evictions,
+        prefetched_pages: t.prefetched_pages,
+        thrash_detections: t.thrash_detections,
+        remote_accesses: t.remote_accesses,
+        corrupted_bytes: corrupted,
+        leaked_frames: leaked,
+        policy: s.policy.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::parse;
+
+    const SMALL: &str = r#"
+name = "small"
+seed = 5
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 2 }]
+[[buffer]]
+name = "a"
+mib = 4
+[[phase]]
+agents = [
+  { on = "gpu0", buffer = "a", pattern = "random", access = "rw", count = 1000 },
+  { on = "cpu", buffer = "a", pattern = "strided", stride = 65536, access = "write", passes = 3 },
+]
+"#;
+
+    #[test]
+    fn the_same_seed_gives_the_same_counters_and_no_byte_is_lost() {
+        let s = parse(SMALL, &[]).unwrap();
+        let a = run(&s).unwrap();
+        let b = run(&s).unwrap();
+        let strip = |m: &Metrics| Metrics {
+            wall_seconds: 0.0,
+            events_per_second: 0.0,
+            ..m.clone()
+        };
+        assert_eq!(strip(&a), strip(&b), "deterministic");
+        assert_eq!((a.corrupted_bytes, a.leaked_frames), (0, 0));
+        assert!(
+            a.gpu_faults > 0 && a.evictions > 0 && a.sim_time_ns > 0,
+            "{a:?}"
+        );
+        assert_eq!(a.events, 1000 + 3 * 64);
+        let other = run(&parse(SMALL, &["seed=6".into()]).unwrap()).unwrap();
+        assert_ne!(strip(&other), strip(&a), "another seed, another run");
+    }
+}

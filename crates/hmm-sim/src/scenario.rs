@@ -1,0 +1,536 @@
+//! Scenario files: the machine, the buffers, the phases of work, the policies (TOML; the
+//! schema is `docs/scenarios.md`).
+//!
+//! ```toml
+//! name = "stream"
+//! about = "a GPU kernel streams through a buffer twice"
+//! seed = 1
+//!
+//! [machine]
+//! ram_mib = 128
+//! gpus = [{ vram_mib = 32 }]
+//!
+//! [policy]
+//! migration = "first-touch"    # remote, counters
+//! prefetch = "range"           # none, tree
+//! eviction = "lru"             # fifo, lfu, random
+//!
+//! [[buffer]]
+//! name = "a"
+//! mib = 16
+//!
+//! [[phase]]
+//! agents = [{ on = "gpu0", buffer = "a", pattern = "sequential", access = "read", passes = 2 }]
+//! ```
+//!
+//! A file is read in three steps: TOML syntax and types (`toml`'s errors name the line and
+//! column), unknown keys refused (`deny_unknown_fields`), then the meaning (a buffer that
+//! does not exist, a GPU that is not there, a zero size), whose errors name the field's
+//! path and the line it is on. `--set key=value` overrides any field before the file is
+//! read ([`apply_override`]).
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::{Spanned, Table, Value};
+
+/// A scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// One line of what it shows.
+    #[serde(default)]
+    pub about: String,
+    /// The seed of every random choice (access patterns, random eviction).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The machine.
+    pub machine: Machine,
+    /// The policies.
+    #[serde(default)]
+    pub policy: Policy,
+    /// The cost model's parameters, where they differ from the defaults.
+    #[serde(default)]
+    pub cost: crate::cost::CostModel,
+    /// The buffers, all in one process.
+    #[serde(rename = "buffer", default)]
+    pub buffers: Vec<Buffer>,
+    /// The phases, one after the other (a barrier between each two).
+    #[serde(rename = "phase", default)]
+    pub phases: Vec<Phase>,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+/// The simulated machine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// System RAM, MiB (a multiple of 2).
+    pub ram_mib: u64,
+    /// The GPUs: `gpu0`, `gpu1`, ... in order.
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
+}
+
+/// One GPU.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gpu {
+    /// Device memory, MiB (a multiple of 2).
+    pub vram_mib: u64,
+}
+
+/// The policies, by name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// `first-touch`, `remote` or `counters`.
+    pub migration: String,
+    /// `range`, `none` or `tree`.
+    pub prefetch: String,
+    /// `lru`, `fifo`, `lfu` or `random`.
+    pub eviction: String,
+    /// UVM's thrashing detector on or off.
+    pub thrashing: bool,
+    /// Remote accesses per 2 MiB block that migrate it (0: access counters off).
+    pub access_counters: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            migration: "first-touch".into(),
+            prefetch: "range".into(),
+            eviction: "lru".into(),
+            thrashing: true,
+            access_counters: 256,
+        }
+    }
+}
+
+/// A buffer of the process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    /// Its name, for the agents.
+    pub name: String,
+    /// Size, MiB.
+    pub mib: u64,
+    /// `MADV_HUGEPAGE` on it.
+    #[serde(default)]
+    pub thp: bool,
+}
+
+/// One phase: agents that run at once; the next phase starts when all are done.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Phase {
+    /// Its name, for reports.
+    #[serde(default)]
+    pub name: String,
+    /// Explicit prefetches to a GPU before the agents start (`cudaMemPrefetchAsync`).
+    #[serde(default)]
+    pub prefetch: Vec<Prefetch>,
+    /// The agents.
+    pub agents: Vec<Agent>,
+}
+
+/// An explicit prefetch of a whole buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prefetch {
+    /// The buffer.
+    pub buffer: Spanned<String>,
+    /// The GPU (`gpu0`, ...).
+    pub to: Spanned<String>,
+}
+
+/// A CPU thread or a GPU kernel, accessing one buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    /// `cpu` or `gpuN`.
+    pub on: Spanned<String>,
+    /// The buffer.
+    pub buffer: Spanned<String>,
+    /// `sequential`, `strided` or `random`.
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// `read`, `write` or `rw` (a write every other access).
+    #[serde(default = "default_access")]
+    pub access: String,
+    /// Bytes per access (at least 8, at most 4096).
+    #[serde(default = "default_access_bytes")]
+    pub access_bytes: u64,
+    /// Bytes between accesses of `strided`.
+    #[serde(default)]
+    pub stride: u64,
+    /// Accesses of `random` (default: one per `access_bytes` of the buffer).
+    #[serde(default)]
+    pub count: u64,
+    /// Times over the pattern.
+    #[serde(default = "default_passes")]
+    pub passes: u64,
+}
+
+fn default_pattern() -> String {
+    "sequential".into()
+}
+
+fn default_access() -> String {
+    "read".into()
+}
+
+fn default_access_bytes() -> u64 {
+    64
+}
+
+fn default_passes() -> u64 {
+    1
+}
+
+/// Why a scenario cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ScenarioError {
+    /// Bad TOML, a bad type or an unknown key (the message names the line).
+    #[error("{0}")]
+    Toml(String),
+    /// A value that means nothing here.
+    #[error("{}{field}: {why}", at_line(*line))]
+    Invalid {
+        /// The line (1-based), 0 when unknown.
+        line: usize,
+        /// The field's path.
+        field: String,
+        /// What is wrong and what would be right.
+        why: String,
+    },
+    /// A `--set` that cannot be applied.
+    #[error("--set {0}")]
+    Override(String),
+}
+
+/// `line N: `, or nothing for line 0 (unknown).
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!("line {line}: ")
+    }
+}
+
+/// The scenarios shipped in `scenarios/`, by name, with their text.
+pub const SHIPPED: [(&str, &str); 4] = [
+    ("stream", include_str!("../scenarios/stream.toml")),
+    (
+        "stream-oversubscribed",
+        include_str!("../scenarios/stream-oversubscribed.toml"),
+    ),
+    ("random", include_str!("../scenarios/random.toml")),
+    (
+        "cpu-gpu-pingpong",
+        include_str!("../scenarios/cpu-gpu-pingpong.toml"),
+    ),
+];
+
+/// The text of the shipped scenario `name`.
+pub fn shipped(name: &str) -> Option<&'static str> {
+    SHIPPED.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+/// Sets `key` (a dotted path, `policy.eviction`) to `value` in the document `doc` (TOML:
+/// `value` is read as a TOML value, or as a string if it is not one).
+pub fn apply_override(doc: &mut Table, key: &str, value: &str) -> Result<(), ScenarioError> {
+    let bad = |why: &str| ScenarioError::Override(format!("{key}={value}: {why}"));
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad("the key is empty or has an empty part"));
+    }
+    let parsed: Value = toml::from_str::<Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| Value::String(value.to_string()));
+    let (last, path) = parts.split_last().expect("at least one part");
+    let mut table = doc;
+    for p in path {
+        let entry = table
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("`{p}` is not a table")))?;
+    }
+    table.insert(last.to_string(), parsed);
+    Ok(())
+}
+
+/// Reads a scenario from `text` with the `overrides` (`key=value`) applied, and checks
+/// what it means.
+pub fn parse(text: &str, overrides: &[String]) -> Result<Scenario, ScenarioError> {
+    let toml_error = |e: toml::de::Error| ScenarioError::Toml(e.to_string());
+    let scenario: Scenario = if overrides.is_empty() {
+        toml::from_str(text).map_err(toml_error)?
+    } else {
+        let mut doc: Table = toml::from_str(text).map_err(toml_error)?;
+        for o in overrides {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| ScenarioError::Override(format!("{o}: expected key=value")))?;
+            apply_override(&mut doc, k.trim(), v.trim())?;
+        }
+        let text = toml::to_string(&doc).map_err(|e| ScenarioError::Toml(e.to_string()))?;
+        toml::from_str(&text).map_err(toml_error)?
+    };
+    validate(&scenario, text)?;
+    Ok(scenario)
+}
+
+/// The line of byte `offset` in `text` (1-based).
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The limits a scenario is checked against.
+const MAX_MIB: u64 = 256 * 1024;
+const MAX_GPUS: usize = 8;
+
+fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
+    let invalid =
+        |line: usize, field: String, why: String| ScenarioError::Invalid { line, field, why };
+    let at = |sp: std::ops::Range<usize>| line_of(text, sp.start);
+    let mib = |v: u64, field: &str| {
+        if v == 0 || v % 2 != 0 || v > MAX_MIB {
+            Err(invalid(
+                0,
+                field.into(),
+                format!("{v} MiB: must be a non-zero even number of MiB, at most {MAX_MIB}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    mib(s.machine.ram_mib, "machine.ram_mib")?;
+    if s.machine.gpus.len() > MAX_GPUS {
+        return Err(invalid(
+            0,
+            "machine.gpus".into(),
+            format!("at most {MAX_GPUS} GPUs"),
+        ));
+    }
+    for (i, g) in s.machine.gpus.iter().enumerate() {
+        mib(g.vram_mib, &format!("machine.gpus[{i}].vram_mib"))?;
+    }
+    let one_of = |v: &str, field: &str, names: &[&str]| {
+        if names.contains(&v) {
+            Ok(())
+        } else {
+            Err(invalid(
+                0,
+                field.into(),
+                format!("`{v}`: one of {}", names.join(", ")),
+            ))
+        }
+    };
+    one_of(
+        &s.policy.migration,
+        "policy.migration",
+        &["first-touch", "remote", "counters"],
+    )?;
+    one_of(
+        &s.policy.prefetch,
+        "policy.prefetch",
+        &["range", "none", "tree"],
+    )?;
+    one_of(
+        &s.policy.eviction,
+        "policy.eviction",
+        &["lru", "fifo", "lfu", "random"],
+    )?;
+    let mut total = 0;
+    for (i, b) in s.buffers.iter().enumerate() {
+        if b.mib == 0 || b.mib > MAX_MIB {
+            return Err(invalid(
+                0,
+                format!("buffer[{i}].mib"),
+                "from 1 to 262144 MiB".into(),
+            ));
+        }
+        if s.buffers[..i].iter().any(|o| o.name == b.name) {
+            return Err(invalid(
+                0,
+                format!("buffer[{i}].name"),
+                format!("`{}` twice", b.name),
+            ));
+        }
+        total += b.mib;
+    }
+    if total > s.machine.ram_mib {
+        return Err(invalid(
+            0,
+            "buffer".into(),
+            format!(
+                "{total} MiB of buffers do not fit machine.ram_mib = {}",
+                s.machine.ram_mib
+            ),
+        ));
+    }
+    let buffer = |name: &Spanned<String>, field: String| {
+        if s.buffers.iter().any(|b| &b.name == name.get_ref()) {
+            Ok(())
+        } else {
+            Err(invalid(
+                at(name.span()),
+                field,
+                format!("no buffer `{}`", name.get_ref()),
+            ))
+        }
+    };
+    let gpu = |on: &Spanned<String>, field: String, cpu_too: bool| {
+        let v = on.get_ref();
+        let ok = (cpu_too && v == "cpu")
+            || v.strip_prefix("gpu")
+                .and_then(|n| n.parse::<usize>().ok())
+                .is_some_and(|n| n < s.machine.gpus.len());
+        if ok {
+            Ok(())
+        } else {
+            let what = if cpu_too { "`cpu` or " } else { "" };
+            Err(invalid(
+                at(on.span()),
+                field,
+                format!(
+                    "`{v}`: {what}one of the {} GPUs (gpu0, ...)",
+                    s.machine.gpus.len()
+                ),
+            ))
+        }
+    };
+    for (p, phase) in s.phases.iter().enumerate() {
+        for (k, f) in phase.prefetch.iter().enumerate() {
+            buffer(&f.buffer, format!("phase[{p}].prefetch[{k}].buffer"))?;
+            gpu(&f.to, format!("phase[{p}].prefetch[{k}].to"), false)?;
+        }
+        for (k, a) in phase.agents.iter().enumerate() {
+            let f = |x: &str| format!("phase[{p}].agents[{k}].{x}");
+            let line = at(a.on.span());
+            gpu(&a.on, f("on"), true)?;
+            buffer(&a.buffer, f("buffer"))?;
+            one_of(
+                &a.pattern,
+                &f("pattern"),
+                &["sequential", "strided", "random"],
+            )
+            .map_err(|e| relined(e, line))?;
+            one_of(&a.access, &f("access"), &["read", "write", "rw"])
+                .map_err(|e| relined(e, line))?;
+            if !(8..=4096).contains(&a.access_bytes) {
+                return Err(invalid(line, f("access_bytes"), "from 8 to 4096".into()));
+            }
+            if a.pattern == "strided" && a.stride < a.access_bytes {
+                return Err(invalid(line, f("stride"), "at least access_bytes".into()));
+            }
+            if a.passes == 0 || a.passes > 1_000_000 {
+                return Err(invalid(line, f("passes"), "from 1 to 1000000".into()));
+            }
+            if a.count > 1 << 32 {
+                return Err(invalid(line, f("count"), "at most 2^32".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `e` with the line of its agent.
+fn relined(e: ScenarioError, line: usize) -> ScenarioError {
+    match e {
+        ScenarioError::Invalid { field, why, .. } => ScenarioError::Invalid { line, field, why },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+name = "t"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 8 }]
+[[buffer]]
+name = "a"
+mib = 4
+[[phase]]
+agents = [
+  { on = "gpu0", buffer = "a" },
+]
+"#;
+
+    #[test]
+    fn every_shipped_scenario_parses() {
+        for (name, text) in SHIPPED {
+            let s = parse(text, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.name, name);
+            assert!(!s.about.is_empty(), "{name} says what it shows");
+        }
+        assert!(shipped("stream").is_some() && shipped("nope").is_none());
+    }
+
+    #[test]
+    fn bad_files_name_the_line_and_the_field() {
+        let e = parse(&OK.replace("buffer = \"a\" }", "buffer = \"b\" }"), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 11: phase[0].agents[0].buffer: no buffer `b`"
+        );
+        let e = parse(&OK.replace("on = \"gpu0\"", "on = \"gpu3\""), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("line 11: phase[0].agents[0].on: `gpu3`"),
+            "{e}"
+        );
+        let e = parse(&OK.replace("mib = 4", "mib = 4\ncolour = 1"), &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("colour") && e.to_string().contains("line 9"),
+            "{e}"
+        );
+        let e = parse(&OK.replace("ram_mib = 64", "ram_mib = \"x\""), &[]).unwrap_err();
+        assert!(e.to_string().contains("line 4"), "{e}");
+        let e = parse(&OK.replace("ram_mib = 64", "ram_mib = 3"), &[]).unwrap_err();
+        assert!(e.to_string().contains("machine.ram_mib"), "{e}");
+        let e = parse(&OK.replace("mib = 4", "mib = 100"), &[]).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("../../../docs/scenarios.md");
+        let start = doc.find("```toml\n").expect("an example") + 8;
+        let end = start + doc[start..].find("```").expect("its end");
+        let s = parse(&doc[start..end], &[]).unwrap();
+        assert_eq!(s.name, "stream-oversubscribed");
+        assert_eq!(s.cost.cpu_access_ns, 2000);
+        assert_eq!(s.phases[0].prefetch.len(), 1);
+    }
+
+    #[test]
+    fn overrides_set_any_field() {
+        let s = parse(OK, &["policy.eviction=fifo".into(), "seed=7".into()]).unwrap();
+        assert_eq!((s.policy.eviction.as_str(), s.seed), ("fifo", 7));
+        let e = parse(OK, &["policy.eviction=mru".into()]).unwrap_err();
+        assert!(e.to_string().contains("policy.eviction"), "{e}");
+        assert!(parse(OK, &["noequals".into()]).is_err());
+        assert!(
+            parse(OK, &["name.x=1".into()]).is_err(),
+            "name is not a table"
+        );
+        assert!(
+            parse(OK, &["colour=1".into()]).is_err(),
+            "unknown keys stay refused"
+        );
+    }
+}
