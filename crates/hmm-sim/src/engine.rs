@@ -24,7 +24,7 @@ use hmm_svm::policy::eviction::{EvictionPolicy, Fifo, Lfu, Lru, RandomEviction};
 use hmm_svm::policy::prefetch::{NoPrefetch, PrefetchPolicy, TreePrefetch, WholeRange};
 use hmm_svm::policy::thrashing::ThrashingDetector;
 use hmm_svm::policy::{CounterDriven, FirstTouch, MigrationPolicy, RemoteMap, VmPolicies};
-use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Location, SvmStats};
+use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, SvmStats};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -284,13 +284,13 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
             let spent = match a.gpu {
                 Some(g) => {
                     let vm = &vms[g];
-                    let r = if acc.write {
-                        vm.try_write(addr, data)
+                    let r = vm
+                        .try_access(addr, acc.write, data)
+                        .map_err(|e| fail(e.to_string()))?;
+                    if let Outcome::Done { local, remote } = r {
+                        u64::from(local) * cost.local_access_ns
+                            + u64::from(remote) * cost.remote_access_ns
                     } else {
-                        vm.try_read(addr, data)
-                    }
-                    .map_err(|e| fail(e.to_string()))?;
-                    if r.is_some() {
                         // Faulted: the agent services the batch, then makes the access again.
                         let before = total(&vms);
                         let report = vm.service_faults().map_err(|e| fail(e.to_string()))?;
@@ -306,22 +306,19 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
                         )));
                         continue;
                     }
-                    match vm.lookup(addr).map(|p| p.location) {
-                        Some(Location::Vram) => cost.local_access_ns,
-                        _ => cost.remote_access_ns,
-                    }
                 }
                 None => {
-                    let before = total(&vms).pages_d2h;
+                    let home = || gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
+                    let before = home();
                     let r = if acc.write {
                         mm.write(addr, data)
                     } else {
                         mm.read(addr, data)
                     };
                     r.map_err(|e| fail(e.to_string()))?;
-                    let home = total(&vms).pages_d2h - before;
-                    if home > 0 {
-                        cost.cpu_fault_ns + cost.transfer_ns(home * PAGE_SIZE)
+                    let came = home() - before;
+                    if came > 0 {
+                        cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE)
                     } else {
                         cost.cpu_access_ns
                     }

@@ -199,6 +199,15 @@ impl GpuDevice {
         self.vram.prefault();
     }
 
+    /// Pages this device's VMs have migrated home so far (CPU faults, evictions, ranges
+    /// destroyed): one counter, cheaper than [`stats`](Self::stats).
+    pub fn pages_d2h(&self) -> u64 {
+        self.ops
+            .counters
+            .pages_d2h
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Device-memory pages free.
     pub fn vram_pages_free(&self) -> u64 {
         self.vram_pages() - self.vram_pages_in_use()

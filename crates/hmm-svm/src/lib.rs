@@ -90,4 +90,4 @@ pub use gpt::{GpuPte, Location};
 pub use policy::{Advice, Placement, VmPolicies};
 pub use service::ServiceReport;
 pub use stats::SvmStats;
-pub use vm::GpuVm;
+pub use vm::{GpuVm, Outcome};

@@ -144,6 +144,31 @@ pub struct GpuVm {
     pub(crate) notified: AtomicBool,
 }
 
+/// What one GPU access did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It completed: this many of its pages were in device memory, this many remote.
+    Done {
+        /// Pages in the GPU's memory.
+        local: u32,
+        /// Pages in system memory, over the link.
+        remote: u32,
+    },
+    /// A page was not mapped (or not writable for a store): this fault was raised and the
+    /// access stalls until the replay.
+    Faulted(GpuFault),
+}
+
+impl Outcome {
+    /// The fault, if it faulted.
+    pub fn fault(self) -> Option<GpuFault> {
+        match self {
+            Outcome::Faulted(f) => Some(f),
+            Outcome::Done { .. } => None,
+        }
+    }
+}
+
 /// Which way an access moves bytes.
 enum Op<'b> {
     Read(&'b mut [u8]),
@@ -267,12 +292,30 @@ impl GpuVm {
     /// the last fault on the page was cancelled.
     pub fn try_read(&self, addr: VirtAddr, buf: &mut [u8]) -> Result<Option<GpuFault>, SvmError> {
         self.try_op(addr, &mut Op::Read(buf), &mut 0)
+            .map(Outcome::fault)
     }
 
     /// A GPU store of `data` at `addr`; see [`try_read`](Self::try_read). A store needs a
     /// writable entry: a read-only one raises a write fault.
     pub fn try_write(&self, addr: VirtAddr, data: &[u8]) -> Result<Option<GpuFault>, SvmError> {
         self.try_op(addr, &mut Op::Write(data), &mut 0)
+            .map(Outcome::fault)
+    }
+
+    /// [`try_read`](Self::try_read) (or, with `write`, [`try_write`](Self::try_write) of
+    /// `buf`), saying how many of the pages it touched were local and how many remote: what
+    /// a workload engine charges an access for.
+    pub fn try_access(
+        &self,
+        addr: VirtAddr,
+        write: bool,
+        buf: &mut [u8],
+    ) -> Result<Outcome, SvmError> {
+        if write {
+            self.try_op(addr, &mut Op::Write(buf), &mut 0)
+        } else {
+            self.try_op(addr, &mut Op::Read(buf), &mut 0)
+        }
     }
 
     /// A GPU load that faults, services the fault buffer on the calling thread and replays
@@ -295,7 +338,7 @@ impl GpuVm {
         let mut replays = 0;
         loop {
             let before = done;
-            match self.try_op(addr, op, &mut done)? {
+            match self.try_op(addr, op, &mut done)?.fault() {
                 None => {
                     if self.notified.load(Ordering::Relaxed) {
                         self.service_access_counters()?;
@@ -320,7 +363,7 @@ impl GpuVm {
         addr: VirtAddr,
         op: &mut Op<'_>,
         done: &mut usize,
-    ) -> Result<Option<GpuFault>, SvmError> {
+    ) -> Result<Outcome, SvmError> {
         let len = op.len() as u64;
         let end = addr
             .checked_add(len)
@@ -336,6 +379,7 @@ impl GpuVm {
         // holds off an invalidation for long.
         let mut st = self.shared.state.read();
         let mut block = at.as_u64() >> PMD_SHIFT;
+        let (mut local, mut remote) = (0, 0);
         while at < end {
             if at.as_u64() >> PMD_SHIFT != block {
                 drop(st);
@@ -356,7 +400,7 @@ impl GpuVm {
                 }
                 let fault = GpuFault { addr: at, access };
                 self.raise(fault);
-                return Ok(Some(fault));
+                return Ok(Outcome::Faulted(fault));
             };
             let frame = phys.frame_nr(pte.frame_nr);
             let bytes = *done..*done + n;
@@ -368,8 +412,12 @@ impl GpuVm {
                 }
             }
             match pte.location {
-                Location::Vram => add(&c.local_accesses, 1),
+                Location::Vram => {
+                    local += 1;
+                    add(&c.local_accesses, 1);
+                }
                 Location::System => {
+                    remote += 1;
                     add(&c.remote_accesses, 1);
                     if self
                         .counter_threshold
@@ -386,7 +434,7 @@ impl GpuVm {
             at = at.checked_add(n as u64).expect("inside the access");
             *done += n;
         }
-        Ok(None)
+        Ok(Outcome::Done { local, remote })
     }
 
     /// The GPU writes `fault` into the fault buffer (or drops it when full).
