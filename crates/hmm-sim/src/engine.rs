@@ -93,7 +93,9 @@ pub enum RunError {
 /// One agent of the running phase.
 struct Running {
     gpu: Option<usize>,
+    /// Where the agent's span starts, and its offset in the buffer.
     base: VirtAddr,
+    offset: u64,
     buffer: usize,
     pattern: Pattern,
     bytes: usize,
@@ -241,17 +243,21 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
                     .position(|b| &b.name == a.buffer.get_ref())
                     .expect("validated");
                 let on = a.on.get_ref();
+                let span = if a.span_mib == 0 {
+                    s.buffers[b].mib - a.offset_mib
+                } else {
+                    a.span_mib
+                };
                 Running {
                     gpu: on
                         .strip_prefix("gpu")
                         .map(|n| n.parse().expect("validated")),
-                    base: bases[b],
+                    base: bases[b]
+                        .checked_add(a.offset_mib << 20)
+                        .expect("inside the buffer"),
+                    offset: a.offset_mib << 20,
                     buffer: b,
-                    pattern: Pattern::new(
-                        a,
-                        s.buffers[b].mib << 20,
-                        s.seed ^ ((p as u64) << 32) ^ k as u64,
-                    ),
+                    pattern: Pattern::new(a, span << 20, s.seed ^ ((p as u64) << 32) ^ k as u64),
                     bytes: a.access_bytes as usize,
                     seq: 0,
                     name: format!("phase {p}, agent {k} on {on}"),
@@ -325,7 +331,8 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
                 }
             };
             if acc.write {
-                let at = acc.offset as usize;
+                // CAST: the buffers are in this process's memory: offsets fit usize.
+                let at = (a.offset + acc.offset) as usize;
                 shadows[a.buffer][at..at + data.len()].copy_from_slice(data);
                 a.seq += 1;
             }

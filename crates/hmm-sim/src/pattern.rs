@@ -25,11 +25,15 @@ pub struct Pattern {
     rng: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Sequential,
     Strided(u64),
     Random,
+    /// Three accesses a step: centre minus `stride`, centre plus `stride`, centre.
+    Stencil(u64),
+    /// The pages in this order (a random cycle), one access each.
+    Chase(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +44,12 @@ enum Write {
 }
 
 impl Pattern {
-    /// The pattern of `agent` over a buffer of `size` bytes; `seed` makes `random` repeat.
+    /// The pattern of `agent` over a span of `size` bytes; `seed` makes `random` and
+    /// `chase` repeat.
     pub fn new(agent: &Agent, size: u64, seed: u64) -> Pattern {
         let ab = agent.access_bytes;
+        // xorshift must not start at 0.
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let (kind, per_pass) = match agent.pattern.as_str() {
             "strided" => (
                 Kind::Strided(agent.stride),
@@ -56,6 +63,18 @@ impl Pattern {
                     size / ab
                 },
             ),
+            "stencil" => (Kind::Stencil(agent.stride), 3 * (size / ab)),
+            "chase" => {
+                // CAST: a span of at most 256 GiB has at most 2^26 pages.
+                let pages = (size / 4096).max(1) as u32;
+                let mut order: Vec<u32> = (0..pages).collect();
+                for i in (1..order.len()).rev() {
+                    // CAST: the remainder is at most i, a usize.
+                    let j = (xorshift(&mut rng) % (i as u64 + 1)) as usize;
+                    order.swap(i, j);
+                }
+                (Kind::Chase(order), u64::from(pages))
+            }
             _ => (Kind::Sequential, size / ab),
         };
         let write = match agent.access.as_str() {
@@ -71,8 +90,7 @@ impl Pattern {
             per_pass: per_pass.max(1),
             passes: agent.passes,
             n: 0,
-            // xorshift must not start at 0.
-            rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+            rng,
         }
     }
 
@@ -92,25 +110,40 @@ impl Pattern {
             return None;
         }
         let i = self.n % self.per_pass;
-        let offset = match self.kind {
-            Kind::Sequential => i * self.access_bytes,
-            Kind::Strided(s) => i * s,
-            Kind::Random => {
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                (self.rng % (self.size / self.access_bytes)) * self.access_bytes
+        let ab = self.access_bytes;
+        let (offset, centre) = match &self.kind {
+            Kind::Sequential => (i * ab, true),
+            Kind::Strided(s) => (i * s, true),
+            Kind::Random => ((xorshift(&mut self.rng) % (self.size / ab)) * ab, true),
+            Kind::Stencil(s) => {
+                let c = (i / 3) * ab;
+                match i % 3 {
+                    0 => (c.saturating_sub(*s), false),
+                    1 => (c + s, false),
+                    _ => (c, true),
+                }
             }
-        }
-        .min(self.size - self.access_bytes);
-        let write = match self.write {
-            Write::Never => false,
-            Write::Always => true,
-            Write::EveryOther => self.n % 2 == 1,
+            // CAST: i is below the number of pages, a u32.
+            Kind::Chase(order) => (u64::from(order[i as usize]) * 4096, true),
         };
+        let offset = offset.min(self.size - ab);
+        let write = centre
+            && match self.write {
+                Write::Never => false,
+                Write::Always => true,
+                Write::EveryOther => self.n % 2 == 1,
+            };
         self.n += 1;
         Some(Access { offset, write })
     }
+}
+
+/// One step of xorshift64.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 #[cfg(test)]
@@ -150,5 +183,28 @@ mod tests {
         assert_eq!(r(3), r(3));
         assert_ne!(r(3), r(4));
         assert!(r(3).iter().all(|&o| o % 64 == 0 && o < 1 << 20));
+        // A stencil step reads both neighbours, then the centre (which it writes).
+        let mut p = Pattern::new(&agent("stencil", "write", 128, 0), 256, 1);
+        let v: Vec<_> = std::iter::from_fn(|| p.next_access()).take(6).collect();
+        assert_eq!(
+            v.iter().map(|a| (a.offset, a.write)).collect::<Vec<_>>(),
+            [
+                (0, false),
+                (128, false),
+                (0, true),
+                (0, false),
+                (192, false),
+                (64, true)
+            ]
+        );
+        // Pointer chasing visits every page once a pass, in a seeded order.
+        let mut p = Pattern::new(&agent("chase", "read", 0, 0), 16 * 4096, 9);
+        let mut pages: Vec<u64> = std::iter::from_fn(|| p.next_access())
+            .take(16)
+            .map(|a| a.offset / 4096)
+            .collect();
+        assert_ne!(pages, (0..16).collect::<Vec<_>>(), "not in order");
+        pages.sort();
+        assert_eq!(pages, (0..16).collect::<Vec<_>>());
     }
 }

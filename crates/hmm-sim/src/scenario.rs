@@ -157,7 +157,15 @@ pub struct Agent {
     pub on: Spanned<String>,
     /// The buffer.
     pub buffer: Spanned<String>,
-    /// `sequential`, `strided` or `random`.
+    /// Where in the buffer the agent works, MiB from its start.
+    #[serde(default)]
+    pub offset_mib: u64,
+    /// How much of the buffer, MiB (0: to its end).
+    #[serde(default)]
+    pub span_mib: u64,
+    /// `sequential`, `strided`, `random`, `stencil` (each step reads the neighbours
+    /// `stride` bytes either side, then the centre) or `chase` (pointer chasing: the pages
+    /// in a random cycle, one access each).
     #[serde(default = "default_pattern")]
     pub pattern: String,
     /// `read`, `write` or `rw` (a write every other access).
@@ -224,17 +232,23 @@ fn at_line(line: usize) -> String {
 }
 
 /// The scenarios shipped in `scenarios/`, by name, with their text.
-pub const SHIPPED: [(&str, &str); 4] = [
+pub const SHIPPED: [(&str, &str); 7] = [
     ("stream", include_str!("../scenarios/stream.toml")),
     (
         "stream-oversubscribed",
         include_str!("../scenarios/stream-oversubscribed.toml"),
     ),
     ("random", include_str!("../scenarios/random.toml")),
+    ("stencil", include_str!("../scenarios/stencil.toml")),
+    (
+        "pointer-chase",
+        include_str!("../scenarios/pointer-chase.toml"),
+    ),
     (
         "cpu-gpu-pingpong",
         include_str!("../scenarios/cpu-gpu-pingpong.toml"),
     ),
+    ("seed-story", include_str!("../scenarios/seed-story.toml")),
 ];
 
 /// The text of the shipped scenario `name`.
@@ -422,15 +436,32 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
             one_of(
                 &a.pattern,
                 &f("pattern"),
-                &["sequential", "strided", "random"],
+                &["sequential", "strided", "random", "stencil", "chase"],
             )
             .map_err(|e| relined(e, line))?;
+            let size = s
+                .buffers
+                .iter()
+                .find(|b| &b.name == a.buffer.get_ref())
+                .map_or(0, |b| b.mib);
+            let span = if a.span_mib == 0 {
+                size.saturating_sub(a.offset_mib)
+            } else {
+                a.span_mib
+            };
+            if span == 0 || a.offset_mib.checked_add(span).map_or(true, |e| e > size) {
+                return Err(invalid(
+                    line,
+                    f("offset_mib"),
+                    format!("offset_mib + span_mib must lie inside the buffer's {size} MiB"),
+                ));
+            }
             one_of(&a.access, &f("access"), &["read", "write", "rw"])
                 .map_err(|e| relined(e, line))?;
             if !(8..=4096).contains(&a.access_bytes) {
                 return Err(invalid(line, f("access_bytes"), "from 8 to 4096".into()));
             }
-            if a.pattern == "strided" && a.stride < a.access_bytes {
+            if matches!(a.pattern.as_str(), "strided" | "stencil") && a.stride < a.access_bytes {
                 return Err(invalid(line, f("stride"), "at least access_bytes".into()));
             }
             if a.passes == 0 || a.passes > 1_000_000 {
