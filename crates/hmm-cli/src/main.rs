@@ -134,6 +134,24 @@ enum Command {
         #[arg(long, value_name = "KEY=A,B,...")]
         compare: Option<String>,
     },
+    /// Replay a recorded trace on a scenario's machine (its machine, buffers and policies)
+    /// and print the metrics; fails if a byte was lost or a frame leaked.
+    Replay {
+        /// The trace file (read as a stream).
+        file: std::path::PathBuf,
+        /// `native` (time_ns,agent,op,buffer,offset,len) or `uvm-eval` (UVM fault logs).
+        #[arg(long, default_value = "native")]
+        format: hmm_sim::trace::Format,
+        /// The scenario whose machine runs the trace (a file or a shipped name).
+        #[arg(long, default_value = "stream")]
+        scenario: String,
+        /// Override a field of the scenario (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure, against a baseline taken in the same run. Ctrl-C stops after the round in
     /// hand and prints the rows measured so far.
     Bench {
@@ -534,6 +552,18 @@ fn main() -> ExitCode {
             n => Err(format!("{n} scenarios failed").into()),
         },
         Command::Bench { what } => bench(what),
+        Command::Replay {
+            file,
+            format,
+            scenario,
+            set,
+            json,
+        } => {
+            let s = run::load(&scenario, &set).unwrap_or_else(|e| usage_error(&["replay"], e));
+            let f = std::fs::File::open(&file)
+                .unwrap_or_else(|e| usage_error(&["replay"], format!("{}: {e}", file.display())));
+            run::replay(&s, &file, std::io::BufReader::new(f), format, json)
+        }
         Command::Run {
             scenario,
             list,

@@ -118,6 +118,27 @@ pub(crate) fn main(r: Request) -> Result<()> {
     }
 }
 
+/// `hmm replay`: the trace from `input` on `s`'s machine.
+pub(crate) fn replay(
+    s: &Scenario,
+    path: &Path,
+    input: impl std::io::BufRead,
+    format: hmm_sim::trace::Format,
+    json: bool,
+) -> Result<()> {
+    let m =
+        hmm_sim::trace::replay(s, input, format).map_err(|e| format!("{}: {e}", path.display()))?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        print_table(&[(String::new(), m.clone())]);
+    }
+    if m.corrupted_bytes > 0 || m.leaked_frames > 0 {
+        return Err("the replay lost bytes or leaked frames".into());
+    }
+    Ok(())
+}
+
 /// The metrics of each run in a column.
 fn print_table(results: &[(String, Metrics)]) {
     type Row = (&'static str, fn(&Metrics) -> String);

@@ -363,3 +363,50 @@ fn run_refuses_bad_scenarios_naming_the_line() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn replay_runs_a_native_trace_and_names_a_bad_line() {
+    let dir = std::env::temp_dir().join(format!("hmm-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.csv");
+    let lines: String = (0..500u64)
+        .map(|i| {
+            let agent = if i % 4 == 0 { "cpu" } else { "gpu0" };
+            format!("{},{agent},w,a,{},64\n", i * 50, (i * 31 % 4096) * 4096)
+        })
+        .collect();
+    std::fs::write(
+        &good,
+        format!("time_ns,agent,op,buffer,offset,len\n{lines}"),
+    )
+    .unwrap();
+    let out = cmd()
+        .arg("replay")
+        .arg(&good)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["events"], 500);
+    assert_eq!(v["corrupted_bytes"], 0);
+    let bad = dir.join("bad.csv");
+    std::fs::write(&bad, "0,gpu0,r,a,0,64\n10,gpu0,r,a,0\n").unwrap();
+    let out = cmd().arg("replay").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("line 2") && err.contains("expected 6 fields"),
+        "{err}"
+    );
+    let out = cmd()
+        .args(["replay", "/no/such/trace.csv"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

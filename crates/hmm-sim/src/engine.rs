@@ -28,6 +28,7 @@ use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, SvmStats};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::cost::CostModel;
 use crate::pattern::Pattern;
 use crate::scenario::Scenario;
 
@@ -92,14 +93,13 @@ pub enum RunError {
 
 /// One agent of the running phase.
 struct Running {
-    gpu: Option<usize>,
-    /// Where the agent's span starts, and its offset in the buffer.
-    base: VirtAddr,
+    who: Actor,
+    /// The agent's span's offset in the buffer.
     offset: u64,
     buffer: usize,
     pattern: Pattern,
     bytes: usize,
-    /// Accesses made, for the values written.
+    /// Writes made, for the values written.
     seq: u64,
     name: String,
 }
@@ -147,101 +147,276 @@ fn total(vms: &[Arc<GpuVm>]) -> SvmStats {
     t
 }
 
+/// The machine a scenario describes, with its buffers written and their shadows: what
+/// both a scenario run and a trace replay drive, one access at a time.
+pub(crate) struct World {
+    phys: Arc<PhysMem>,
+    clock: Arc<ManualClock>,
+    gpus: Vec<Arc<GpuDevice>>,
+    mm: Arc<Mm>,
+    vms: Vec<Arc<GpuVm>>,
+    pub(crate) bases: Vec<VirtAddr>,
+    pub(crate) sizes: Vec<u64>,
+    shadows: Vec<Vec<u8>>,
+    cost: CostModel,
+    buf: Vec<u8>,
+    events: u64,
+}
+
+/// Who makes an access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Actor {
+    Cpu,
+    Gpu(usize),
+}
+
+/// What one access did: completed (at this cost), or faulted (the batch it serviced cost
+/// this; the access must be made again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Done(u64),
+    Faulted(u64),
+}
+
+impl World {
+    /// Builds the machine of `s` (already validated).
+    pub(crate) fn new(s: &Scenario) -> Result<World, RunError> {
+        let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
+        let phys =
+            PhysMem::new(PhysConfig::with_size(s.machine.ram_mib << 20)).map_err(|e| setup(&e))?;
+        let clock = Arc::new(ManualClock::new(0));
+        let gpus: Vec<Arc<GpuDevice>> = s
+            .machine
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let config = GpuConfig {
+                    vram_bytes: g.vram_mib << 20,
+                    ..GpuConfig::default()
+                };
+                GpuDevice::with_eviction(
+                    &phys,
+                    config,
+                    eviction_policy(&s.policy.eviction, s.seed + i as u64),
+                )
+                .map_err(|e| setup(&e))
+            })
+            .collect::<Result<_, _>>()?;
+        let mm = Mm::new(Arc::clone(&phys));
+        let vms: Vec<Arc<GpuVm>> = gpus
+            .iter()
+            .map(|g| {
+                let policies = VmPolicies {
+                    migration: migration_policy(&s.policy.migration),
+                    prefetch: prefetch_policy(&s.policy.prefetch),
+                    thrashing: s.policy.thrashing.then(ThrashingDetector::default),
+                    access_counter_threshold: (s.policy.access_counters > 0)
+                        .then_some(s.policy.access_counters),
+                    clock: clock.clone(),
+                };
+                GpuVm::with_policies(g, &mm, policies)
+            })
+            .collect();
+        // The buffers, written by the CPU (untimed), and their shadows.
+        let mut bases = Vec::new();
+        let mut sizes = Vec::new();
+        let mut shadows = Vec::new();
+        for (i, b) in s.buffers.iter().enumerate() {
+            let len = b.mib << 20;
+            let a = mm
+                .mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
+                .map_err(|e| setup(&e))?;
+            let advice = if b.thp {
+                Advice::HugePage
+            } else {
+                Advice::NoHugePage
+            };
+            mm.madvise(a, len, advice).map_err(|e| setup(&e))?;
+            let data: Vec<u8> = (0..len)
+                .map(|k| (k / PAGE_SIZE) as u8 ^ (k as u8).wrapping_mul(29) ^ i as u8)
+                .collect();
+            mm.write(a, &data).map_err(|e| setup(&e))?;
+            bases.push(a);
+            sizes.push(len);
+            shadows.push(data);
+        }
+        Ok(World {
+            phys,
+            clock,
+            gpus,
+            mm,
+            vms,
+            bases,
+            sizes,
+            shadows,
+            cost: s.cost,
+            buf: vec![0u8; 4096],
+            events: 0,
+        })
+    }
+
+    /// An explicit prefetch of buffer `b` to GPU `g` at `now`; returns its cost.
+    pub(crate) fn prefetch(&mut self, g: usize, b: usize, now: u64) -> Result<u64, String> {
+        let before = total(&self.vms).pages_h2d;
+        self.clock.set(now);
+        self.vms[g]
+            .prefetch(self.bases[b], self.sizes[b])
+            .map_err(|e| e.to_string())?;
+        let moved = total(&self.vms).pages_h2d - before;
+        Ok(self.cost.transfer_ns(moved * PAGE_SIZE))
+    }
+
+    /// `who` makes an access of `len` bytes (at most 4096) at `offset` in buffer `b` at
+    /// time `now`; a write stores `stamp` (little-endian) in its first 8 bytes and
+    /// whatever the scratch buffer held in the rest, in the shadow too.
+    pub(crate) fn access(
+        &mut self,
+        who: Actor,
+        b: usize,
+        offset: u64,
+        len: usize,
+        write: bool,
+        stamp: u64,
+        now: u64,
+    ) -> Result<Step, String> {
+        self.clock.set(now);
+        let addr = self.bases[b]
+            .checked_add(offset)
+            .expect("inside the buffer");
+        let data = &mut self.buf[..len];
+        if write {
+            let n = len.min(8);
+            data[..n].copy_from_slice(&stamp.to_le_bytes()[..n]);
+        }
+        let cost = &self.cost;
+        let spent = match who {
+            Actor::Gpu(g) => {
+                let vm = &self.vms[g];
+                match vm
+                    .try_access(addr, write, data)
+                    .map_err(|e| e.to_string())?
+                {
+                    Outcome::Done { local, remote } => {
+                        u64::from(local) * cost.local_access_ns
+                            + u64::from(remote) * cost.remote_access_ns
+                    }
+                    Outcome::Faulted(_) => {
+                        // The agent services the batch; the access is made again.
+                        let before = total(&self.vms);
+                        let report = vm.service_faults().map_err(|e| e.to_string())?;
+                        let after = total(&self.vms);
+                        let moved = (after.pages_h2d - before.pages_h2d)
+                            + (after.pages_d2h - before.pages_d2h);
+                        return Ok(Step::Faulted(
+                            cost.fault_batch_ns * report.batches
+                                + cost.fault_ns * report.faults
+                                + cost.transfer_ns(moved * PAGE_SIZE),
+                        ));
+                    }
+                }
+            }
+            Actor::Cpu => {
+                let home =
+                    |gpus: &[Arc<GpuDevice>]| gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
+                let before = home(&self.gpus);
+                if write {
+                    self.mm.write(addr, data)
+                } else {
+                    self.mm.read(addr, data)
+                }
+                .map_err(|e| e.to_string())?;
+                let came = home(&self.gpus) - before;
+                if came > 0 {
+                    cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE)
+                } else {
+                    cost.cpu_access_ns
+                }
+            }
+        };
+        if write {
+            // CAST: the buffers are in this process's memory: offsets fit usize.
+            let at = offset as usize;
+            self.shadows[b][at..at + len].copy_from_slice(data);
+        }
+        self.events += 1;
+        Ok(Step::Done(spent.max(1)))
+    }
+
+    /// The byte check and the frame audit; the metrics of the run.
+    pub(crate) fn finish(
+        self,
+        s: &Scenario,
+        sim_time_ns: u64,
+        wall: f64,
+    ) -> Result<Metrics, RunError> {
+        let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
+        let t = total(&self.vms);
+        let mut corrupted = 0u64;
+        for (b, shadow) in self.shadows.iter().enumerate() {
+            let mut back = vec![0u8; shadow.len()];
+            self.mm
+                .read(self.bases[b], &mut back)
+                .map_err(|e| setup(&e))?;
+            corrupted += back.iter().zip(shadow).filter(|(x, y)| x != y).count() as u64;
+        }
+        self.mm.audit().map_err(|e| setup(&e))?;
+        let World {
+            phys,
+            gpus,
+            mm,
+            vms,
+            events,
+            ..
+        } = self;
+        drop(vms);
+        drop(mm);
+        let leaked = phys.nr_in_use() + gpus.iter().map(|g| g.vram_pages_in_use()).sum::<u64>();
+        Ok(Metrics {
+            scenario: s.name.clone(),
+            seed: s.seed,
+            sim_time_ns,
+            wall_seconds: wall,
+            events,
+            events_per_second: events as f64 / wall.max(1e-9),
+            gpu_faults: t.gpu_faults,
+            fault_batches: t.fault_batches,
+            bytes_h2d: t.pages_h2d * PAGE_SIZE,
+            bytes_d2h: t.pages_d2h * PAGE_SIZE,
+            bytes_d2d: 0,
+            evictions: t.evictions,
+            prefetched_pages: t.prefetched_pages,
+            thrash_detections: t.thrash_detections,
+            remote_accesses: t.remote_accesses,
+            corrupted_bytes: corrupted,
+            leaked_frames: leaked,
+            policy: s.policy.clone(),
+        })
+    }
+}
+
 /// Runs `s` (already validated) and returns what it measured.
 pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
-    let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
-    let phys =
-        PhysMem::new(PhysConfig::with_size(s.machine.ram_mib << 20)).map_err(|e| setup(&e))?;
-    let clock = Arc::new(ManualClock::new(0));
-    let gpus: Vec<Arc<GpuDevice>> = s
-        .machine
-        .gpus
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let config = GpuConfig {
-                vram_bytes: g.vram_mib << 20,
-                ..GpuConfig::default()
-            };
-            GpuDevice::with_eviction(
-                &phys,
-                config,
-                eviction_policy(&s.policy.eviction, s.seed + i as u64),
-            )
-            .map_err(|e| setup(&e))
-        })
-        .collect::<Result<_, _>>()?;
-    let mm = Mm::new(Arc::clone(&phys));
-    let vms: Vec<Arc<GpuVm>> = gpus
-        .iter()
-        .map(|g| {
-            let policies = VmPolicies {
-                migration: migration_policy(&s.policy.migration),
-                prefetch: prefetch_policy(&s.policy.prefetch),
-                thrashing: s.policy.thrashing.then(ThrashingDetector::default),
-                access_counter_threshold: (s.policy.access_counters > 0)
-                    .then_some(s.policy.access_counters),
-                clock: clock.clone(),
-            };
-            GpuVm::with_policies(g, &mm, policies)
-        })
-        .collect();
-    // The buffers, written by the CPU (untimed), and their shadows.
-    let mut bases = Vec::new();
-    let mut shadows = Vec::new();
-    for (i, b) in s.buffers.iter().enumerate() {
-        let len = b.mib << 20;
-        let a = mm
-            .mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)
-            .map_err(|e| setup(&e))?;
-        let advice = if b.thp {
-            Advice::HugePage
-        } else {
-            Advice::NoHugePage
-        };
-        mm.madvise(a, len, advice).map_err(|e| setup(&e))?;
-        let data: Vec<u8> = (0..len)
-            .map(|k| (k / PAGE_SIZE) as u8 ^ (k as u8).wrapping_mul(29) ^ i as u8)
-            .collect();
-        mm.write(a, &data).map_err(|e| setup(&e))?;
-        bases.push(a);
-        shadows.push(data);
-    }
-    let cost = s.cost;
+    let mut w = World::new(s)?;
     let start = Instant::now();
     let mut now = 0u64;
-    let mut events = 0u64;
     for (p, phase) in s.phases.iter().enumerate() {
         // Explicit prefetches first, from the phase's start.
         for f in &phase.prefetch {
-            let b = s
-                .buffers
-                .iter()
-                .position(|b| &b.name == f.buffer.get_ref())
-                .expect("validated");
+            let b = buffer_index(s, f.buffer.get_ref());
             let g: usize = f.to.get_ref()[3..].parse().expect("validated");
-            let before = total(&vms);
-            clock.set(now);
-            vms[g]
-                .prefetch(bases[b], s.buffers[b].mib << 20)
-                .map_err(|e| RunError::Access {
-                    agent: format!("phase {p}, prefetch to {}", f.to.get_ref()),
-                    addr: bases[b],
-                    why: e.to_string(),
-                })?;
-            let after = total(&vms);
-            now += cost.transfer_ns((after.pages_h2d - before.pages_h2d) * PAGE_SIZE);
+            now += w.prefetch(g, b, now).map_err(|why| RunError::Access {
+                agent: format!("phase {p}, prefetch to {}", f.to.get_ref()),
+                addr: w.bases[b],
+                why,
+            })?;
         }
         let mut agents: Vec<Running> = phase
             .agents
             .iter()
             .enumerate()
             .map(|(k, a)| {
-                let b = s
-                    .buffers
-                    .iter()
-                    .position(|b| &b.name == a.buffer.get_ref())
-                    .expect("validated");
+                let b = buffer_index(s, a.buffer.get_ref());
                 let on = a.on.get_ref();
                 let span = if a.span_mib == 0 {
                     s.buffers[b].mib - a.offset_mib
@@ -249,12 +424,9 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
                     a.span_mib
                 };
                 Running {
-                    gpu: on
+                    who: on
                         .strip_prefix("gpu")
-                        .map(|n| n.parse().expect("validated")),
-                    base: bases[b]
-                        .checked_add(a.offset_mib << 20)
-                        .expect("inside the buffer"),
+                        .map_or(Actor::Cpu, |n| Actor::Gpu(n.parse().expect("validated"))),
                     offset: a.offset_mib << 20,
                     buffer: b,
                     pattern: Pattern::new(a, span << 20, s.seed ^ ((p as u64) << 32) ^ k as u64),
@@ -268,112 +440,46 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
             (0..agents.len()).map(|k| Reverse((now, k))).collect();
         let mut pending: Vec<Option<crate::pattern::Access>> = vec![None; agents.len()];
         let mut end = now;
-        let mut buf = vec![0u8; 4096];
         while let Some(Reverse((t, k))) = queue.pop() {
             let a = &mut agents[k];
             let Some(acc) = pending[k].take().or_else(|| a.pattern.next_access()) else {
                 end = end.max(t);
                 continue;
             };
-            clock.set(t);
-            let addr = a.base.checked_add(acc.offset).expect("inside the buffer");
-            let data = &mut buf[..a.bytes];
-            if acc.write {
-                let v = ((k as u64) << 48 | (p as u64) << 40 | a.seq).to_le_bytes();
-                data[..8].copy_from_slice(&v);
-            }
-            let fail = |why: String| RunError::Access {
-                agent: a.name.clone(),
-                addr,
-                why,
-            };
-            let spent = match a.gpu {
-                Some(g) => {
-                    let vm = &vms[g];
-                    let r = vm
-                        .try_access(addr, acc.write, data)
-                        .map_err(|e| fail(e.to_string()))?;
-                    if let Outcome::Done { local, remote } = r {
-                        u64::from(local) * cost.local_access_ns
-                            + u64::from(remote) * cost.remote_access_ns
-                    } else {
-                        // Faulted: the agent services the batch, then makes the access again.
-                        let before = total(&vms);
-                        let report = vm.service_faults().map_err(|e| fail(e.to_string()))?;
-                        let after = total(&vms);
-                        let moved = (after.pages_h2d - before.pages_h2d)
-                            + (after.pages_d2h - before.pages_d2h);
-                        pending[k] = Some(acc);
-                        queue.push(Reverse((
-                            t + cost.fault_batch_ns * report.batches
-                                + cost.fault_ns * report.faults
-                                + cost.transfer_ns(moved * PAGE_SIZE),
-                            k,
-                        )));
-                        continue;
+            let stamp = (k as u64) << 48 | (p as u64) << 40 | a.seq;
+            let offset = a.offset + acc.offset;
+            let step = w
+                .access(a.who, a.buffer, offset, a.bytes, acc.write, stamp, t)
+                .map_err(|why| RunError::Access {
+                    agent: a.name.clone(),
+                    addr: w.bases[a.buffer].checked_add(offset).expect("inside"),
+                    why,
+                })?;
+            match step {
+                Step::Done(spent) => {
+                    if acc.write {
+                        a.seq += 1;
                     }
+                    queue.push(Reverse((t + spent, k)));
                 }
-                None => {
-                    let home = || gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
-                    let before = home();
-                    let r = if acc.write {
-                        mm.write(addr, data)
-                    } else {
-                        mm.read(addr, data)
-                    };
-                    r.map_err(|e| fail(e.to_string()))?;
-                    let came = home() - before;
-                    if came > 0 {
-                        cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE)
-                    } else {
-                        cost.cpu_access_ns
-                    }
+                Step::Faulted(spent) => {
+                    pending[k] = Some(acc);
+                    queue.push(Reverse((t + spent, k)));
                 }
-            };
-            if acc.write {
-                // CAST: the buffers are in this process's memory: offsets fit usize.
-                let at = (a.offset + acc.offset) as usize;
-                shadows[a.buffer][at..at + data.len()].copy_from_slice(data);
-                a.seq += 1;
             }
-            events += 1;
-            queue.push(Reverse((t + spent.max(1), k)));
         }
         now = end;
     }
     let wall = start.elapsed().as_secs_f64();
-    let t = total(&vms);
-    // The byte check: the CPU reads every buffer back.
-    let mut corrupted = 0u64;
-    for (b, shadow) in shadows.iter().enumerate() {
-        let mut back = vec![0u8; shadow.len()];
-        mm.read(bases[b], &mut back).map_err(|e| setup(&e))?;
-        corrupted += back.iter().zip(shadow).filter(|(x, y)| x != y).count() as u64;
-    }
-    mm.audit().map_err(|e| setup(&e))?;
-    drop(vms);
-    drop(mm);
-    let leaked = phys.nr_in_use() + gpus.iter().map(|g| g.vram_pages_in_use()).sum::<u64>();
-    Ok(Metrics {
-        scenario: s.name.clone(),
-        seed: s.seed,
-        sim_time_ns: now,
-        wall_seconds: wall,
-        events,
-        events_per_second: events as f64 / wall.max(1e-9),
-        gpu_faults: t.gpu_faults,
-        fault_batches: t.fault_batches,
-        bytes_h2d: t.pages_h2d * PAGE_SIZE,
-        bytes_d2h: t.pages_d2h * PAGE_SIZE,
-        bytes_d2d: 0,
-        evictions: t.evictions,
-        prefetched_pages: t.prefetched_pages,
-        thrash_detections: t.thrash_detections,
-        remote_accesses: t.remote_accesses,
-        corrupted_bytes: corrupted,
-        leaked_frames: leaked,
-        policy: s.policy.clone(),
-    })
+    w.finish(s, now, wall)
+}
+
+/// The index of the buffer named `name` (validated to exist).
+pub(crate) fn buffer_index(s: &Scenario, name: &str) -> usize {
+    s.buffers
+        .iter()
+        .position(|b| b.name == name)
+        .expect("validated")
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@
 //! assert!(m.gpu_faults > 0 && m.bytes_d2h > 0, "pages went back and forth");
 //! ```
 //!
-//! The format is documented in `docs/scenarios.md`; `hmm run` is the command.
+//! The format is documented in `docs/scenarios.md`; `hmm run` is the command. [`trace`]
+//! replays a recorded trace on a scenario's machine instead (`hmm replay`).
 
 #![forbid(unsafe_code)]
 
@@ -25,3 +26,4 @@ pub mod cost;
 pub mod engine;
 pub mod pattern;
 pub mod scenario;
+pub mod trace;
