@@ -170,6 +170,18 @@ pub(crate) enum Actor {
     Gpu(usize),
 }
 
+/// One access: who, where (buffer and offset), how many bytes, which way, and the stamp a
+/// write stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Req {
+    pub(crate) who: Actor,
+    pub(crate) buffer: usize,
+    pub(crate) offset: u64,
+    pub(crate) len: usize,
+    pub(crate) write: bool,
+    pub(crate) stamp: u64,
+}
+
 /// What one access did: completed (at this cost), or faulted (the batch it serviced cost
 /// this; the access must be made again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,19 +279,18 @@ impl World {
         Ok(self.cost.transfer_ns(moved * PAGE_SIZE))
     }
 
-    /// `who` makes an access of `len` bytes (at most 4096) at `offset` in buffer `b` at
-    /// time `now`; a write stores `stamp` (little-endian) in its first 8 bytes and
-    /// whatever the scratch buffer held in the rest, in the shadow too.
-    pub(crate) fn access(
-        &mut self,
-        who: Actor,
-        b: usize,
-        offset: u64,
-        len: usize,
-        write: bool,
-        stamp: u64,
-        now: u64,
-    ) -> Result<Step, String> {
+    /// `r.who` makes the access `r` at time `now`; a write stores `r.stamp`
+    /// (little-endian) in its first 8 bytes and whatever the scratch buffer held in the
+    /// rest, in the shadow too.
+    pub(crate) fn access(&mut self, r: &Req, now: u64) -> Result<Step, String> {
+        let Req {
+            who,
+            buffer: b,
+            offset,
+            len,
+            write,
+            stamp,
+        } = *r;
         self.clock.set(now);
         let addr = self.bases[b]
             .checked_add(offset)
@@ -449,7 +460,17 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
             let stamp = (k as u64) << 48 | (p as u64) << 40 | a.seq;
             let offset = a.offset + acc.offset;
             let step = w
-                .access(a.who, a.buffer, offset, a.bytes, acc.write, stamp, t)
+                .access(
+                    &Req {
+                        who: a.who,
+                        buffer: a.buffer,
+                        offset,
+                        len: a.bytes,
+                        write: acc.write,
+                        stamp,
+                    },
+                    t,
+                )
                 .map_err(|why| RunError::Access {
                     agent: a.name.clone(),
                     addr: w.bases[a.buffer].checked_add(offset).expect("inside"),

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::engine::{Actor, Metrics, RunError, Step, World};
+use crate::engine::{Actor, Metrics, Req, RunError, Step, World};
 use crate::scenario::Scenario;
 
 /// A trace's format.
@@ -194,7 +194,17 @@ pub fn replay(s: &Scenario, input: impl BufRead, format: Format) -> Result<Metri
         seq += 1;
         loop {
             let step = w
-                .access(ev.who, ev.buffer, ev.offset, ev.len, ev.write, seq, t)
+                .access(
+                    &Req {
+                        who: ev.who,
+                        buffer: ev.buffer,
+                        offset: ev.offset,
+                        len: ev.len,
+                        write: ev.write,
+                        stamp: seq,
+                    },
+                    t,
+                )
                 .map_err(|why| ReplayError::Line { line: n, why })?;
             match step {
                 Step::Done(c) => {
