@@ -131,8 +131,12 @@ enum Command {
         set: Vec<String>,
         /// Run one variant per value, on the host's cores at once, and print them side by
         /// side: `policy.eviction=lru,fifo,random`.
-        #[arg(long, value_name = "KEY=A,B,...")]
+        #[arg(long, value_name = "KEY=A,B,...", conflicts_with = "trace_out")]
         compare: Option<String>,
+        /// Write the run's timeline (Chrome trace-event JSON: open it in ui.perfetto.dev)
+        /// to this file (created before the run).
+        #[arg(long, value_name = "FILE")]
+        trace_out: Option<std::path::PathBuf>,
     },
     /// Replay a recorded trace on a scenario's machine (its machine, buffers and policies)
     /// and print the metrics; fails if a byte was lost or a frame leaked.
@@ -151,6 +155,9 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// Write the replay's timeline (Chrome trace-event JSON) to this file.
+        #[arg(long, value_name = "FILE")]
+        trace_out: Option<std::path::PathBuf>,
     },
     /// Measure, against a baseline taken in the same run. Ctrl-C stops after the round in
     /// hand and prints the rows measured so far.
@@ -558,11 +565,15 @@ fn main() -> ExitCode {
             scenario,
             set,
             json,
+            trace_out,
         } => {
             let s = run::load(&scenario, &set).unwrap_or_else(|e| usage_error(&["replay"], e));
+            let trace = trace_out
+                .as_deref()
+                .map(|p| run::open_trace(p).unwrap_or_else(|e| usage_error(&["replay"], e)));
             let f = std::fs::File::open(&file)
                 .unwrap_or_else(|e| usage_error(&["replay"], format!("{}: {e}", file.display())));
-            run::replay(&s, &file, std::io::BufReader::new(f), format, json)
+            run::replay(&s, &file, std::io::BufReader::new(f), format, json, trace)
         }
         Command::Run {
             scenario,
@@ -570,6 +581,7 @@ fn main() -> ExitCode {
             json,
             set,
             compare,
+            trace_out,
         } => {
             // Every scenario error is the user's input: refused like a bad argument.
             if let Some(name) = scenario.as_deref().filter(|_| !list) {
@@ -582,12 +594,16 @@ fn main() -> ExitCode {
                     usage_error(&["run"], e);
                 }
             }
+            let trace = trace_out
+                .as_deref()
+                .map(|p| run::open_trace(p).unwrap_or_else(|e| usage_error(&["run"], e)));
             run::main(run::Request {
                 scenario,
                 list,
                 json,
                 set,
                 compare,
+                trace,
             })
         }
         Command::Stress {

@@ -28,9 +28,15 @@ use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, SvmStats};
 use serde::Serialize;
 use thiserror::Error;
 
+use std::io::Write;
+
+use hmm::notifier::{MmuNotifierHandle, Recorder};
+use serde_json::{json, Value};
+
 use crate::cost::CostModel;
 use crate::pattern::Pattern;
 use crate::scenario::Scenario;
+use crate::timeline::{self, Timeline};
 
 /// What a run measured (`hmm run --json` prints it).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -79,6 +85,9 @@ pub enum RunError {
     /// The machine could not be made.
     #[error("setting up the machine: {0}")]
     Setup(String),
+    /// The timeline could not be written.
+    #[error("writing the timeline: {0}")]
+    Timeline(std::io::Error),
     /// An access failed that should not (the model refused a valid access).
     #[error("{agent} at {addr}: {why}")]
     Access {
@@ -161,6 +170,8 @@ pub(crate) struct World {
     cost: CostModel,
     buf: Vec<u8>,
     events: u64,
+    /// The timeline being written, and the recorder of invalidations it draws.
+    timeline: Option<(Timeline, Arc<Recorder>, MmuNotifierHandle)>,
 }
 
 /// Who makes an access.
@@ -191,8 +202,12 @@ pub(crate) enum Step {
 }
 
 impl World {
-    /// Builds the machine of `s` (already validated).
-    pub(crate) fn new(s: &Scenario) -> Result<World, RunError> {
+    /// Builds the machine of `s` (already validated), writing a timeline to `trace` if
+    /// given.
+    pub(crate) fn new(
+        s: &Scenario,
+        trace: Option<Box<dyn Write + Send>>,
+    ) -> Result<World, RunError> {
         let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
         let phys =
             PhysMem::new(PhysConfig::with_size(s.machine.ram_mib << 20)).map_err(|e| setup(&e))?;
@@ -253,6 +268,14 @@ impl World {
             sizes.push(len);
             shadows.push(data);
         }
+        let timeline = match trace {
+            None => None,
+            Some(out) => {
+                let rec = Arc::new(Recorder::new());
+                let handle = mm.register_notifier(rec.clone()).map_err(|e| setup(&e))?;
+                Some((Timeline::new(out, gpus.len()), rec, handle))
+            }
+        };
         Ok(World {
             phys,
             clock,
@@ -265,7 +288,33 @@ impl World {
             cost: s.cost,
             buf: vec![0u8; 4096],
             events: 0,
+            timeline,
         })
+    }
+
+    /// Draws a slice on the timeline, if there is one.
+    pub(crate) fn slice(&mut self, track: u32, name: &str, start: u64, dur: u64, args: Value) {
+        if let Some((t, _, _)) = &mut self.timeline {
+            t.slice(track, name, start, dur, args);
+        }
+    }
+
+    /// Draws the invalidations recorded since the last call as instants at `now`.
+    fn invalidations(&mut self, now: u64) {
+        if let Some((t, rec, _)) = &mut self.timeline {
+            for r in rec.take() {
+                t.instant(
+                    timeline::NOTIFIER,
+                    r.event.kernel_name(),
+                    now,
+                    json!({
+                        "owner": r.owner.map(|o| o.as_u64()),
+                        "start": format!("{:#x}", r.start().as_u64()),
+                        "pages": r.range.npages(),
+                    }),
+                );
+            }
+        }
     }
 
     /// An explicit prefetch of buffer `b` to GPU `g` at `now`; returns its cost.
@@ -276,7 +325,16 @@ impl World {
             .prefetch(self.bases[b], self.sizes[b])
             .map_err(|e| e.to_string())?;
         let moved = total(&self.vms).pages_h2d - before;
-        Ok(self.cost.transfer_ns(moved * PAGE_SIZE))
+        let spent = self.cost.transfer_ns(moved * PAGE_SIZE);
+        self.slice(
+            timeline::gpu_driver(g),
+            "prefetch",
+            now,
+            spent,
+            json!({"pages": moved}),
+        );
+        self.invalidations(now);
+        Ok(spent)
     }
 
     /// `r.who` makes the access `r` at time `now`; a write stores `r.stamp`
@@ -295,7 +353,11 @@ impl World {
         let addr = self.bases[b]
             .checked_add(offset)
             .expect("inside the buffer");
-        let data = &mut self.buf[..len];
+        // The scratch bytes leave `self` for the access (whose drawing borrows `self`);
+        // a failed access leaves an empty one behind, refilled here.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(4096, 0);
+        let data = &mut buf[..len];
         if write {
             let n = len.min(8);
             data[..n].copy_from_slice(&stamp.to_le_bytes()[..n]);
@@ -319,11 +381,21 @@ impl World {
                         let after = total(&self.vms);
                         let moved = (after.pages_h2d - before.pages_h2d)
                             + (after.pages_d2h - before.pages_d2h);
-                        return Ok(Step::Faulted(
-                            cost.fault_batch_ns * report.batches
-                                + cost.fault_ns * report.faults
-                                + cost.transfer_ns(moved * PAGE_SIZE),
-                        ));
+                        let spent = cost.fault_batch_ns * report.batches
+                            + cost.fault_ns * report.faults
+                            + cost.transfer_ns(moved * PAGE_SIZE);
+                        self.buf = buf;
+                        if self.timeline.is_some() {
+                            let args = json!({
+                                "faults": report.faults,
+                                "pages_h2d": after.pages_h2d - before.pages_h2d,
+                                "pages_d2h": after.pages_d2h - before.pages_d2h,
+                                "evictions": after.evictions - before.evictions,
+                            });
+                            self.slice(timeline::gpu_driver(g), "fault batch", now, spent, args);
+                            self.invalidations(now);
+                        }
+                        return Ok(Step::Faulted(spent));
                     }
                 }
             }
@@ -339,7 +411,13 @@ impl World {
                 .map_err(|e| e.to_string())?;
                 let came = home(&self.gpus) - before;
                 if came > 0 {
-                    cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE)
+                    let spent = cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE);
+                    if self.timeline.is_some() {
+                        let args = json!({ "pages": came });
+                        self.slice(timeline::CPU, "migrate_to_ram", now, spent, args);
+                        self.invalidations(now);
+                    }
+                    spent
                 } else {
                     cost.cpu_access_ns
                 }
@@ -350,6 +428,7 @@ impl World {
             let at = offset as usize;
             self.shadows[b][at..at + len].copy_from_slice(data);
         }
+        self.buf = buf;
         self.events += 1;
         Ok(Step::Done(spent.max(1)))
     }
@@ -378,8 +457,13 @@ impl World {
             mm,
             vms,
             events,
+            timeline,
             ..
         } = self;
+        if let Some((t, _, handle)) = timeline {
+            drop(handle);
+            t.finish().map_err(RunError::Timeline)?;
+        }
         drop(vms);
         drop(mm);
         let leaked = phys.nr_in_use() + gpus.iter().map(|g| g.vram_pages_in_use()).sum::<u64>();
@@ -408,10 +492,16 @@ impl World {
 
 /// Runs `s` (already validated) and returns what it measured.
 pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
-    let mut w = World::new(s)?;
+    run_traced(s, None)
+}
+
+/// [`run`], writing its timeline (`timeline`'s trace-event JSON) to `trace`.
+pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<Metrics, RunError> {
+    let mut w = World::new(s, trace)?;
     let start = Instant::now();
     let mut now = 0u64;
     for (p, phase) in s.phases.iter().enumerate() {
+        let phase_start = now;
         // Explicit prefetches first, from the phase's start.
         for f in &phase.prefetch {
             let b = buffer_index(s, f.buffer.get_ref());
@@ -489,6 +579,18 @@ pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
                 }
             }
         }
+        let name = if phase.name.is_empty() {
+            format!("phase {p}")
+        } else {
+            phase.name.clone()
+        };
+        w.slice(
+            timeline::PHASES,
+            &name,
+            phase_start,
+            end - phase_start,
+            json!({}),
+        );
         now = end;
     }
     let wall = start.elapsed().as_secs_f64();
@@ -543,5 +645,41 @@ agents = [
         assert_eq!(a.events, 1000 + 3 * 64);
         let other = run(&parse(SMALL, &["seed=6".into()]).unwrap()).unwrap();
         assert_ne!(strip(&other), strip(&a), "another seed, another run");
+    }
+
+    /// A `Write` into memory the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_timeline_draws_batches_cpu_faults_phases_and_invalidations() {
+        let s = parse(SMALL, &[]).unwrap();
+        let sink = Sink::default();
+        let m = run_traced(&s, Some(Box::new(sink.clone()))).unwrap();
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).expect("valid trace-event JSON");
+        let events = v["traceEvents"].as_array().unwrap();
+        let named = |n: &str| events.iter().filter(|e| e["name"] == n).count();
+        assert_eq!(named("fault batch") as u64, m.fault_batches);
+        assert_eq!(named("phase 0"), 1);
+        assert!(named("MMU_NOTIFY_MIGRATE") > 0 && named("MMU_NOTIFY_CLEAR") > 0);
+        assert!(named("migrate_to_ram") > 0, "the CPU agent took pages back");
+        assert!(events.iter().any(|e| e["args"]["name"] == "gpu0 driver"));
+        assert_eq!(
+            run(&s).unwrap().sim_time_ns,
+            m.sim_time_ns,
+            "drawing changes nothing"
+        );
     }
 }

@@ -26,4 +26,5 @@ pub mod cost;
 pub mod engine;
 pub mod pattern;
 pub mod scenario;
+pub mod timeline;
 pub mod trace;

@@ -167,9 +167,15 @@ fn parse_line(
     }
 }
 
-/// Replays the trace read from `input` on the machine of `s`.
-pub fn replay(s: &Scenario, input: impl BufRead, format: Format) -> Result<Metrics, ReplayError> {
-    let mut w = World::new(s)?;
+/// Replays the trace read from `input` on the machine of `s`, writing its timeline to
+/// `trace` if given.
+pub fn replay(
+    s: &Scenario,
+    input: impl BufRead,
+    format: Format,
+    trace: Option<Box<dyn std::io::Write + Send>>,
+) -> Result<Metrics, ReplayError> {
+    let mut w = World::new(s, trace)?;
     let sizes = w.sizes.clone();
     // When each actor (the CPU, then each GPU) is free again.
     let mut free = vec![0u64; 1 + s.machine.gpus.len()];
@@ -251,11 +257,11 @@ mib = 4
                 (i * 37 % 1024) * 4096
             ));
         }
-        let m = replay(&s, t.as_bytes(), Format::Native).unwrap();
+        let m = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
         assert_eq!(m.events, 200);
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
         assert!(m.gpu_faults > 0 && m.sim_time_ns >= 199_000);
-        let again = replay(&s, t.as_bytes(), Format::Native).unwrap();
+        let again = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
         assert_eq!(again.sim_time_ns, m.sim_time_ns, "deterministic");
     }
 
@@ -272,7 +278,7 @@ mib = 4
             ("zero,gpu0,r,a,0,64", "time_ns `zero`"),
         ] {
             let t = format!("0,cpu,r,a,0,8\n{bad}\n");
-            let e = replay(&s, t.as_bytes(), Format::Native).unwrap_err();
+            let e = replay(&s, t.as_bytes(), Format::Native, None).unwrap_err();
             assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
             assert!(e.to_string().contains(want), "{bad}: {e}");
         }
@@ -287,10 +293,10 @@ mib = 4
                    uvm range destroy 0x7f3a00000000\n\
                    b,2\n\
                    4,102,202,-;e,7f3a00201000\n";
-        let m = replay(&s, log.as_bytes(), Format::UvmEval).unwrap();
+        let m = replay(&s, log.as_bytes(), Format::UvmEval, None).unwrap();
         assert_eq!(m.events, 2);
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
-        let e = replay(&s, "f,zz,1\n".as_bytes(), Format::UvmEval).unwrap_err();
+        let e = replay(&s, "f,zz,1\n".as_bytes(), Format::UvmEval, None).unwrap_err();
         assert!(
             e.to_string().starts_with("line 1: fault address `zz`"),
             "{e}"
