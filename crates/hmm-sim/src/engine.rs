@@ -349,7 +349,6 @@ impl World {
             write,
             stamp,
         } = *r;
-        self.clock.set(now);
         let addr = self.bases[b]
             .checked_add(offset)
             .expect("inside the buffer");
@@ -375,7 +374,10 @@ impl World {
                             + u64::from(remote) * cost.remote_access_ns
                     }
                     Outcome::Faulted(_) => {
-                        // The agent services the batch; the access is made again.
+                        // The agent services the batch; the access is made again. The
+                        // policies read the clock only here and in CPU faults: hits do
+                        // not set it.
+                        self.clock.set(now);
                         let before = total(&self.vms);
                         let report = vm.service_faults().map_err(|e| e.to_string())?;
                         let after = total(&self.vms);
@@ -400,6 +402,7 @@ impl World {
                 }
             }
             Actor::Cpu => {
+                self.clock.set(now);
                 let home =
                     |gpus: &[Arc<GpuDevice>]| gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
                 let before = home(&self.gpus);
@@ -541,41 +544,49 @@ pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<
             (0..agents.len()).map(|k| Reverse((now, k))).collect();
         let mut pending: Vec<Option<crate::pattern::Access>> = vec![None; agents.len()];
         let mut end = now;
-        while let Some(Reverse((t, k))) = queue.pop() {
-            let a = &mut agents[k];
-            let Some(acc) = pending[k].take().or_else(|| a.pattern.next_access()) else {
-                end = end.max(t);
-                continue;
-            };
-            let stamp = (k as u64) << 48 | (p as u64) << 40 | a.seq;
-            let offset = a.offset + acc.offset;
-            let step = w
-                .access(
-                    &Req {
-                        who: a.who,
-                        buffer: a.buffer,
-                        offset,
-                        len: a.bytes,
-                        write: acc.write,
-                        stamp,
-                    },
-                    t,
-                )
-                .map_err(|why| RunError::Access {
-                    agent: a.name.clone(),
-                    addr: w.bases[a.buffer].checked_add(offset).expect("inside"),
-                    why,
-                })?;
-            match step {
-                Step::Done(spent) => {
-                    if acc.write {
-                        a.seq += 1;
+        // The earliest agent runs until its time passes the next one's: a run of hits is
+        // not a scheduled event each (the order is the same as one pop per access).
+        while let Some(Reverse((mut t, k))) = queue.pop() {
+            loop {
+                let a = &mut agents[k];
+                let Some(acc) = pending[k].take().or_else(|| a.pattern.next_access()) else {
+                    end = end.max(t);
+                    break;
+                };
+                let stamp = (k as u64) << 48 | (p as u64) << 40 | a.seq;
+                let offset = a.offset + acc.offset;
+                let step = w
+                    .access(
+                        &Req {
+                            who: a.who,
+                            buffer: a.buffer,
+                            offset,
+                            len: a.bytes,
+                            write: acc.write,
+                            stamp,
+                        },
+                        t,
+                    )
+                    .map_err(|why| RunError::Access {
+                        agent: a.name.clone(),
+                        addr: w.bases[a.buffer].checked_add(offset).expect("inside"),
+                        why,
+                    })?;
+                match step {
+                    Step::Done(spent) => {
+                        if acc.write {
+                            a.seq += 1;
+                        }
+                        t += spent;
                     }
-                    queue.push(Reverse((t + spent, k)));
+                    Step::Faulted(spent) => {
+                        pending[k] = Some(acc);
+                        t += spent;
+                    }
                 }
-                Step::Faulted(spent) => {
-                    pending[k] = Some(acc);
-                    queue.push(Reverse((t + spent, k)));
+                if queue.peek().is_some_and(|Reverse(next)| *next < (t, k)) {
+                    queue.push(Reverse((t, k)));
+                    break;
                 }
             }
         }
