@@ -34,6 +34,14 @@ enum Kind {
     Stencil(u64),
     /// The pages in this order (a random cycle), one access each.
     Chase(Vec<u32>),
+    /// A tiled matrix multiply over three matrices (A, B, C: a third of the span each) of
+    /// `t` × `t` tiles of `tile` bytes: for each tile of C, the row of A's tiles and the
+    /// column of B's tiles, in turn, then the tile of C written.
+    Tiled {
+        tile: u64,
+        t: u64,
+        third: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +72,14 @@ impl Pattern {
                 },
             ),
             "stencil" => (Kind::Stencil(agent.stride), 3 * (size / ab)),
+            "tiled" => {
+                let tile = agent.stride.max(ab);
+                let third = size / 3;
+                // CAST: the square root of a tile count that fits u64.
+                let t = (((third / tile) as f64).sqrt() as u64).max(1);
+                let per_cell = (2 * t + 1) * (tile / ab);
+                (Kind::Tiled { tile, t, third }, t * t * per_cell)
+            }
             "chase" => {
                 // CAST: a span of at most 256 GiB has at most 2^26 pages.
                 let pages = (size / 4096).max(1) as u32;
@@ -125,6 +141,24 @@ impl Pattern {
             }
             // CAST: i is below the number of pages, a u32.
             Kind::Chase(order) => (u64::from(order[i as usize]) * 4096, true),
+            Kind::Tiled { tile, t, third } => {
+                let steps = tile / ab;
+                let per_cell = (2 * t + 1) * steps;
+                let (cell, w) = (i / per_cell, i % per_cell);
+                let (row, col) = (cell / t, cell % t);
+                let (step, within) = (w / steps, (w % steps) * ab);
+                if step < 2 * t {
+                    let k = step / 2;
+                    let at = if step % 2 == 0 {
+                        (row * t + k) * tile
+                    } else {
+                        third + (k * t + col) * tile
+                    };
+                    (at + within, false)
+                } else {
+                    (2 * third + (row * t + col) * tile + within, true)
+                }
+            }
         };
         let offset = offset.min(self.size - ab);
         let write = centre
@@ -204,6 +238,29 @@ mod tests {
             .map(|a| a.offset / 4096)
             .collect();
         assert_ne!(pages, (0..16).collect::<Vec<_>>(), "not in order");
+        // A 2 x 2 tiled multiply of 4 KiB tiles (stride) with 4 KiB accesses: per tile of
+        // C, A(i,0) B(0,j) A(i,1) B(1,j), then C(i,j) written.
+        let mut a = agent("tiled", "write", 4096, 0);
+        a.access_bytes = 4096;
+        a.passes = 1;
+        let mut p = Pattern::new(&a, 3 * 4 * 4096, 1);
+        let v: Vec<_> = std::iter::from_fn(|| p.next_access()).collect();
+        let t = |k: u64| k * 4096;
+        assert_eq!(
+            v[..5]
+                .iter()
+                .map(|a| (a.offset, a.write))
+                .collect::<Vec<_>>(),
+            [
+                (t(0), false),
+                (t(4), false),
+                (t(1), false),
+                (t(6), false),
+                (t(8), true)
+            ]
+        );
+        assert_eq!(v.len(), 4 * 5);
+        assert_eq!(v.iter().filter(|a| a.write).count(), 4);
         pages.sort();
         assert_eq!(pages, (0..16).collect::<Vec<_>>());
     }

@@ -164,8 +164,9 @@ pub struct Agent {
     #[serde(default)]
     pub span_mib: u64,
     /// `sequential`, `strided`, `random`, `stencil` (each step reads the neighbours
-    /// `stride` bytes either side, then the centre) or `chase` (pointer chasing: the pages
-    /// in a random cycle, one access each).
+    /// `stride` bytes either side, then the centre), `chase` (pointer chasing: the pages
+    /// in a random cycle, one access each) or `tiled` (a matrix multiply over three
+    /// matrices, a third of the span each, in tiles of `stride` bytes).
     #[serde(default = "default_pattern")]
     pub pattern: String,
     /// `read`, `write` or `rw` (a write every other access).
@@ -232,7 +233,7 @@ fn at_line(line: usize) -> String {
 }
 
 /// The scenarios shipped in `scenarios/`, by name, with their text.
-pub const SHIPPED: [(&str, &str); 7] = [
+pub const SHIPPED: [(&str, &str); 8] = [
     ("stream", include_str!("../scenarios/stream.toml")),
     (
         "stream-oversubscribed",
@@ -240,6 +241,7 @@ pub const SHIPPED: [(&str, &str); 7] = [
     ),
     ("random", include_str!("../scenarios/random.toml")),
     ("stencil", include_str!("../scenarios/stencil.toml")),
+    ("sgemm", include_str!("../scenarios/sgemm.toml")),
     (
         "pointer-chase",
         include_str!("../scenarios/pointer-chase.toml"),
@@ -436,7 +438,14 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
             one_of(
                 &a.pattern,
                 &f("pattern"),
-                &["sequential", "strided", "random", "stencil", "chase"],
+                &[
+                    "sequential",
+                    "strided",
+                    "random",
+                    "stencil",
+                    "chase",
+                    "tiled",
+                ],
             )
             .map_err(|e| relined(e, line))?;
             let size = s
@@ -461,7 +470,9 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
             if !(8..=4096).contains(&a.access_bytes) {
                 return Err(invalid(line, f("access_bytes"), "from 8 to 4096".into()));
             }
-            if matches!(a.pattern.as_str(), "strided" | "stencil") && a.stride < a.access_bytes {
+            if matches!(a.pattern.as_str(), "strided" | "stencil" | "tiled")
+                && a.stride < a.access_bytes
+            {
                 return Err(invalid(line, f("stride"), "at least access_bytes".into()));
             }
             if a.passes == 0 || a.passes > 1_000_000 {
