@@ -43,10 +43,35 @@ fn text_of(name_or_path: &str) -> std::result::Result<String, String> {
     })
 }
 
-/// Reads and checks the scenario with `set`, or says why not (naming the file).
+/// Reads and checks the scenario with `set`, or says why not (naming the file); refuses a
+/// machine the host cannot hold `copies` of at once.
 pub(crate) fn load(name_or_path: &str, set: &[String]) -> std::result::Result<Scenario, String> {
     let text = text_of(name_or_path)?;
-    parse(&text, set).map_err(|e| format!("{name_or_path}: {e}"))
+    let s = parse(&text, set).map_err(|e| format!("{name_or_path}: {e}"))?;
+    let need = host_bytes(&s);
+    if let Some(avail) = crate::limits::mem_available() {
+        if need > avail {
+            return Err(format!(
+                "{name_or_path}: the machine needs about {} of host memory and {} is available \
+                 (MemAvailable in /proc/meminfo)",
+                crate::limits::human(need),
+                crate::limits::human(avail)
+            ));
+        }
+    }
+    Ok(s)
+}
+
+/// Host memory a run of `s` may commit: the RAM and device memory it touches (at most all
+/// of them), their frame metadata (64 bytes a page, allocated up front), and each buffer
+/// twice more (its shadow, and the final read-back).
+fn host_bytes(s: &Scenario) -> u64 {
+    let mib = |m: u64| m << 20;
+    let ram = mib(s.machine.ram_mib);
+    let vram: u64 = s.machine.gpus.iter().map(|g| mib(g.vram_mib)).sum();
+    let buffers: u64 = s.buffers.iter().map(|b| mib(b.mib)).sum();
+    let metadata = (ram + vram) / 4096 * 64;
+    ram.min(buffers + (16 << 20)) + vram.min(buffers) + metadata + 2 * buffers
 }
 
 /// The variants of `--compare key=a,b,...`: one `--set` each.

@@ -55,7 +55,31 @@ impl Default for CostModel {
     }
 }
 
+/// The largest cost of one thing, ns (about 17 minutes): no simulated time overflows.
+const MAX_NS: u64 = 1 << 40;
+
 impl CostModel {
+    /// Checks that every parameter is in range; the field and why not otherwise.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(0.001..=100_000.0).contains(&self.link_gbps) {
+            return Err(("link_gbps", "from 0.001 to 100000 GB/s".into()));
+        }
+        for (name, v) in [
+            ("fault_batch_ns", self.fault_batch_ns),
+            ("fault_ns", self.fault_ns),
+            ("link_latency_ns", self.link_latency_ns),
+            ("local_access_ns", self.local_access_ns),
+            ("remote_access_ns", self.remote_access_ns),
+            ("cpu_access_ns", self.cpu_access_ns),
+            ("cpu_fault_ns", self.cpu_fault_ns),
+        ] {
+            if v > MAX_NS {
+                return Err((name, format!("at most {MAX_NS} ns")));
+            }
+        }
+        Ok(())
+    }
+
     /// Moving `bytes` over the link (0 when nothing moved).
     pub fn transfer_ns(&self, bytes: u64) -> u64 {
         if bytes == 0 {

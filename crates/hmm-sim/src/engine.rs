@@ -71,7 +71,7 @@ pub struct Metrics {
     pub thrash_detections: u64,
     /// GPU accesses that went over the link.
     pub remote_accesses: u64,
-    /// Bytes that differed from the shadow copy at the end.
+    /// Bytes that differed from the shadow copy: read by an agent, or in the final read-back.
     pub corrupted_bytes: u64,
     /// Frames still in use after everything was torn down.
     pub leaked_frames: u64,
@@ -88,6 +88,17 @@ pub enum RunError {
     /// The timeline could not be written.
     #[error("writing the timeline: {0}")]
     Timeline(std::io::Error),
+    /// An access faulted again after every one of its replays: the workload livelocks
+    /// (with thrashing detection off, two agents can take a page from each other for ever).
+    #[error("{agent} at {addr}: faulted {faults} times in a row (livelock)")]
+    Livelock {
+        /// The agent.
+        agent: String,
+        /// The address.
+        addr: VirtAddr,
+        /// Faults in a row.
+        faults: u32,
+    },
     /// An access failed that should not (the model refused a valid access).
     #[error("{agent} at {addr}: {why}")]
     Access {
@@ -170,6 +181,8 @@ pub(crate) struct World {
     cost: CostModel,
     buf: Vec<u8>,
     events: u64,
+    /// Bytes reads returned that differ from the shadow.
+    read_mismatches: u64,
     /// The timeline being written, and the recorder of invalidations it draws.
     timeline: Option<(Timeline, Arc<Recorder>, MmuNotifierHandle)>,
 }
@@ -209,8 +222,13 @@ impl World {
         trace: Option<Box<dyn Write + Send>>,
     ) -> Result<World, RunError> {
         let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
-        let phys =
-            PhysMem::new(PhysConfig::with_size(s.machine.ram_mib << 20)).map_err(|e| setup(&e))?;
+        let phys = PhysMem::new(PhysConfig {
+            // One free list: the frames a run gets do not depend on the host CPU the
+            // engine's thread happens to run on.
+            per_cpu_lists: false,
+            ..PhysConfig::with_size(s.machine.ram_mib << 20)
+        })
+        .map_err(|e| setup(&e))?;
         let clock = Arc::new(ManualClock::new(0));
         let gpus: Vec<Arc<GpuDevice>> = s
             .machine
@@ -260,8 +278,10 @@ impl World {
                 Advice::NoHugePage
             };
             mm.madvise(a, len, advice).map_err(|e| setup(&e))?;
-            let data: Vec<u8> = (0..len)
-                .map(|k| (k / PAGE_SIZE) as u8 ^ (k as u8).wrapping_mul(29) ^ i as u8)
+            // No two 8-byte words of any buffer alike: a page or a buffer mixed up with
+            // another cannot go unseen.
+            let data: Vec<u8> = (0..len / 8)
+                .flat_map(|w| mix((i as u64) << 48 ^ w).to_le_bytes())
                 .collect();
             mm.write(a, &data).map_err(|e| setup(&e))?;
             bases.push(a);
@@ -288,6 +308,7 @@ impl World {
             cost: s.cost,
             buf: vec![0u8; 4096],
             events: 0,
+            read_mismatches: 0,
             timeline,
         })
     }
@@ -358,8 +379,11 @@ impl World {
         buf.resize(4096, 0);
         let data = &mut buf[..len];
         if write {
-            let n = len.min(8);
-            data[..n].copy_from_slice(&stamp.to_le_bytes()[..n]);
+            // Every byte written comes from the stamp, none from an earlier read.
+            for (k, chunk) in data.chunks_mut(8).enumerate() {
+                let v = mix(stamp ^ (k as u64) << 56).to_le_bytes();
+                chunk.copy_from_slice(&v[..chunk.len()]);
+            }
         }
         let cost = &self.cost;
         let spent = match who {
@@ -370,8 +394,18 @@ impl World {
                     .map_err(|e| e.to_string())?
                 {
                     Outcome::Done { local, remote } => {
-                        u64::from(local) * cost.local_access_ns
-                            + u64::from(remote) * cost.remote_access_ns
+                        let mut spent = u64::from(local) * cost.local_access_ns
+                            + u64::from(remote) * cost.remote_access_ns;
+                        if vm.has_notifications() {
+                            // The access counters fired: the driver migrates the hot
+                            // blocks now, and the agent that tripped them waits for it.
+                            self.clock.set(now);
+                            let before = total(&self.vms);
+                            vm.service_access_counters().map_err(|e| e.to_string())?;
+                            let moved = total(&self.vms).pages_h2d - before.pages_h2d;
+                            spent += cost.transfer_ns(moved * PAGE_SIZE);
+                        }
+                        spent
                     }
                     Outcome::Faulted(_) => {
                         // The agent services the batch; the access is made again. The
@@ -426,10 +460,18 @@ impl World {
                 }
             }
         };
+        // CAST: the buffers are in this process's memory: offsets fit usize.
+        let at = offset as usize;
+        let shadow = &mut self.shadows[b][at..at + len];
         if write {
-            // CAST: the buffers are in this process's memory: offsets fit usize.
-            let at = offset as usize;
-            self.shadows[b][at..at + len].copy_from_slice(data);
+            shadow.copy_from_slice(data);
+        } else {
+            // A read must see what was last written there.
+            self.read_mismatches += shadow
+                .iter()
+                .zip(data.iter())
+                .filter(|(x, y)| x != y)
+                .count() as u64;
         }
         self.buf = buf;
         self.events += 1;
@@ -461,6 +503,7 @@ impl World {
             vms,
             events,
             timeline,
+            read_mismatches,
             ..
         } = self;
         if let Some((t, _, handle)) = timeline {
@@ -486,11 +529,22 @@ impl World {
             prefetched_pages: t.prefetched_pages,
             thrash_detections: t.thrash_detections,
             remote_accesses: t.remote_accesses,
-            corrupted_bytes: corrupted,
+            corrupted_bytes: corrupted + read_mismatches,
             leaked_frames: leaked,
             policy: s.policy.clone(),
         })
     }
+}
+
+/// Faults in a row one access may take before the run is called a livelock.
+pub(crate) const MAX_REFAULTS: u32 = 1000;
+
+/// splitmix64's finaliser: a word no other input gives.
+fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Runs `s` (already validated) and returns what it measured.
@@ -543,6 +597,7 @@ pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<
         let mut queue: BinaryHeap<Reverse<(u64, usize)>> =
             (0..agents.len()).map(|k| Reverse((now, k))).collect();
         let mut pending: Vec<Option<crate::pattern::Access>> = vec![None; agents.len()];
+        let mut refaults = vec![0u32; agents.len()];
         let mut end = now;
         // The earliest agent runs until its time passes the next one's: a run of hits is
         // not a scheduled event each (the order is the same as one pop per access).
@@ -577,11 +632,20 @@ pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<
                         if acc.write {
                             a.seq += 1;
                         }
-                        t += spent;
+                        refaults[k] = 0;
+                        t = t.saturating_add(spent);
                     }
                     Step::Faulted(spent) => {
+                        refaults[k] += 1;
+                        if refaults[k] > MAX_REFAULTS {
+                            return Err(RunError::Livelock {
+                                agent: a.name.clone(),
+                                addr: w.bases[a.buffer].checked_add(offset).expect("inside"),
+                                faults: refaults[k],
+                            });
+                        }
                         pending[k] = Some(acc);
-                        t += spent;
+                        t = t.saturating_add(spent);
                     }
                 }
                 if queue.peek().is_some_and(|Reverse(next)| *next < (t, k)) {
@@ -692,5 +756,54 @@ agents = [
             m.sim_time_ns,
             "drawing changes nothing"
         );
+    }
+
+    #[test]
+    fn the_counter_policy_migrates_a_block_read_remotely() {
+        let text = r#"
+name = "counters"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 8 }]
+[policy]
+migration = "counters"
+[[buffer]]
+name = "a"
+mib = 2
+[[phase]]
+agents = [{ on = "gpu0", buffer = "a", access_bytes = 4096, passes = 4 }]
+"#;
+        let m = run(&parse(text, &[]).unwrap()).unwrap();
+        assert!(
+            m.bytes_h2d > 0,
+            "the counters fired and the block moved: {m:?}"
+        );
+        assert!(m.remote_accesses >= 256 && m.remote_accesses < 4 * 512);
+        assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
+    }
+
+    #[test]
+    fn two_agents_taking_one_chunk_from_each_other_are_a_livelock() {
+        let text = r#"
+name = "livelock"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 2 }]
+[policy]
+thrashing = false
+[[buffer]]
+name = "a"
+mib = 4
+[[phase]]
+agents = [
+  { on = "gpu0", buffer = "a", span_mib = 2, access_bytes = 4096, passes = 2 },
+  { on = "gpu0", buffer = "a", offset_mib = 2, span_mib = 2, access_bytes = 4096, passes = 2 },
+]
+"#;
+        match run(&parse(text, &[]).unwrap()) {
+            Err(RunError::Livelock { faults, .. }) => assert!(faults > MAX_REFAULTS),
+            Ok(m) => assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0)),
+            Err(e) => panic!("{e}"),
+        }
     }
 }

@@ -288,33 +288,45 @@ pub fn apply_override(doc: &mut Table, key: &str, value: &str) -> Result<(), Sce
 /// what it means.
 pub fn parse(text: &str, overrides: &[String]) -> Result<Scenario, ScenarioError> {
     let toml_error = |e: toml::de::Error| ScenarioError::Toml(e.to_string());
-    let scenario: Scenario = if overrides.is_empty() {
-        toml::from_str(text).map_err(toml_error)?
-    } else {
-        let mut doc: Table = toml::from_str(text).map_err(toml_error)?;
-        for o in overrides {
-            let (k, v) = o
-                .split_once('=')
-                .ok_or_else(|| ScenarioError::Override(format!("{o}: expected key=value")))?;
-            apply_override(&mut doc, k.trim(), v.trim())?;
-        }
-        let text = toml::to_string(&doc).map_err(|e| ScenarioError::Toml(e.to_string()))?;
-        toml::from_str(&text).map_err(toml_error)?
-    };
-    validate(&scenario, text)?;
+    if overrides.is_empty() {
+        let scenario: Scenario = toml::from_str(text).map_err(toml_error)?;
+        validate(&scenario, Some(text))?;
+        return Ok(scenario);
+    }
+    let mut doc: Table = toml::from_str(text).map_err(toml_error)?;
+    for o in overrides {
+        let (k, v) = o
+            .split_once('=')
+            .ok_or_else(|| ScenarioError::Override(format!("{o}: expected key=value")))?;
+        apply_override(&mut doc, k.trim(), v.trim())?;
+    }
+    // The document is written out and read again with the values set: its spans are
+    // not the file's, so errors name the field without a line.
+    let text = toml::to_string(&doc).map_err(|e| ScenarioError::Toml(e.to_string()))?;
+    let scenario: Scenario = toml::from_str(&text).map_err(toml_error)?;
+    validate(&scenario, None)?;
     Ok(scenario)
 }
 
-/// The line of byte `offset` in `text` (1-based).
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// The line of byte `offset` in `text` (1-based), 0 without a text.
+fn line_of(text: Option<&str>, offset: usize) -> usize {
+    text.map_or(0, |t| {
+        t.as_bytes()[..offset.min(t.len())]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    })
 }
 
 /// The limits a scenario is checked against.
 const MAX_MIB: u64 = 256 * 1024;
 const MAX_GPUS: usize = 8;
 
-fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
+/// The most accesses one agent makes (passes included).
+const MAX_ACCESSES: u64 = 1 << 40;
+
+fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
     let invalid =
         |line: usize, field: String, why: String| ScenarioError::Invalid { line, field, why };
     let at = |sp: std::ops::Range<usize>| line_of(text, sp.start);
@@ -330,6 +342,16 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
         }
     };
     mib(s.machine.ram_mib, "machine.ram_mib")?;
+    if s.machine.ram_mib < 8 {
+        return Err(invalid(
+            0,
+            "machine.ram_mib".into(),
+            "at least 8 MiB".into(),
+        ));
+    }
+    s.cost
+        .validate()
+        .map_err(|(field, why)| invalid(0, format!("cost.{field}"), why))?;
     if s.machine.gpus.len() > MAX_GPUS {
         return Err(invalid(
             0,
@@ -384,12 +406,13 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
         }
         total += b.mib;
     }
-    if total > s.machine.ram_mib {
+    // The zero pages take the first 4 MiB.
+    if total > s.machine.ram_mib - 4 {
         return Err(invalid(
             0,
             "buffer".into(),
             format!(
-                "{total} MiB of buffers do not fit machine.ram_mib = {}",
+                "{total} MiB of buffers do not fit machine.ram_mib = {} (4 MiB of it hold the zero pages)",
                 s.machine.ram_mib
             ),
         ));
@@ -470,16 +493,40 @@ fn validate(s: &Scenario, text: &str) -> Result<(), ScenarioError> {
             if !(8..=4096).contains(&a.access_bytes) {
                 return Err(invalid(line, f("access_bytes"), "from 8 to 4096".into()));
             }
-            if matches!(a.pattern.as_str(), "strided" | "stencil" | "tiled")
-                && a.stride < a.access_bytes
-            {
-                return Err(invalid(line, f("stride"), "at least access_bytes".into()));
+            let span_bytes = span << 20;
+            let strided = matches!(a.pattern.as_str(), "strided" | "stencil" | "tiled");
+            // A tile is a third of the span at most (three matrices).
+            let most = if a.pattern == "tiled" {
+                span_bytes / 3
+            } else {
+                span_bytes
+            };
+            if strided && !(a.access_bytes..=most).contains(&a.stride) {
+                return Err(invalid(
+                    line,
+                    f("stride"),
+                    format!("from access_bytes to {most} bytes (the span allows no more)"),
+                ));
             }
             if a.passes == 0 || a.passes > 1_000_000 {
                 return Err(invalid(line, f("passes"), "from 1 to 1000000".into()));
             }
             if a.count > 1 << 32 {
                 return Err(invalid(line, f("count"), "at most 2^32".into()));
+            }
+            let per_pass = match a.pattern.as_str() {
+                "random" if a.count > 0 => a.count,
+                "stencil" => 3 * span_bytes / a.access_bytes,
+                "tiled" => 3 * span_bytes / a.access_bytes,
+                "strided" => span_bytes / a.stride.max(1),
+                _ => span_bytes / a.access_bytes,
+            };
+            if per_pass.saturating_mul(a.passes) > MAX_ACCESSES {
+                return Err(invalid(
+                    line,
+                    f("passes"),
+                    "at most 2^40 accesses an agent".into(),
+                ));
             }
         }
     }
@@ -557,6 +604,48 @@ agents = [
         assert_eq!(s.name, "stream-oversubscribed");
         assert_eq!(s.cost.cpu_access_ns, 2000);
         assert_eq!(s.phases[0].prefetch.len(), 1);
+    }
+
+    #[test]
+    fn overrides_of_a_file_with_wide_characters_do_not_panic() {
+        let wide = format!("# {}\n{OK}", "\u{2014}".repeat(200));
+        let s = parse(&wide, &["seed=2".into()]).unwrap();
+        assert_eq!(s.seed, 2);
+        // Without a line (the spans are those of the document with the values set).
+        let e = parse(
+            &wide.replace("buffer = \"a\" }", "buffer = \"b\" }"),
+            &["seed=2".into()],
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "phase[0].agents[0].buffer: no buffer `b`");
+    }
+
+    #[test]
+    fn limits_that_would_hang_or_overflow_a_run_are_refused() {
+        for (from, to, field) in [
+            (
+                "{ on = \"gpu0\", buffer = \"a\" }",
+                "{ on = \"gpu0\", buffer = \"a\", pattern = \"tiled\", stride = 1099511627776 }",
+                "stride",
+            ),
+            (
+                "{ on = \"gpu0\", buffer = \"a\" }",
+                "{ on = \"gpu0\", buffer = \"a\", pattern = \"random\", count = 4294967296, passes = 1000 }",
+                "passes",
+            ),
+            ("ram_mib = 64", "ram_mib = 4", "machine.ram_mib"),
+            ("mib = 4", "mib = 62", "buffer"),
+        ] {
+            let e = parse(&OK.replace(from, to), &[]).unwrap_err();
+            assert!(e.to_string().contains(field), "{to}: {e}");
+        }
+        for bad in [
+            "cost.link_gbps=0",
+            "cost.fault_batch_ns=9223372036854775807",
+        ] {
+            let e = parse(OK, &[bad.into()]).unwrap_err();
+            assert!(e.to_string().contains("cost."), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::engine::{Actor, Metrics, Req, RunError, Step, World};
+use crate::engine::{Actor, Metrics, Req, RunError, Step, World, MAX_REFAULTS};
 use crate::scenario::Scenario;
 
 /// A trace's format.
@@ -198,6 +198,7 @@ pub fn replay(
         };
         let mut t = ev.time.saturating_sub(base).max(free[slot]);
         seq += 1;
+        let mut refaults = 0;
         loop {
             let step = w
                 .access(
@@ -214,10 +215,19 @@ pub fn replay(
                 .map_err(|why| ReplayError::Line { line: n, why })?;
             match step {
                 Step::Done(c) => {
-                    t += c;
+                    t = t.saturating_add(c);
                     break;
                 }
-                Step::Faulted(c) => t += c,
+                Step::Faulted(c) => {
+                    refaults += 1;
+                    if refaults > MAX_REFAULTS {
+                        return Err(ReplayError::Line {
+                            line: n,
+                            why: format!("faulted {refaults} times in a row (livelock)"),
+                        });
+                    }
+                    t = t.saturating_add(c);
+                }
             }
         }
         free[slot] = t;

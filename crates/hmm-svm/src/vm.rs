@@ -286,6 +286,12 @@ impl GpuVm {
         self.shared.state.read().ranges.len()
     }
 
+    /// Whether access-counter notifications wait for
+    /// [`service_access_counters`](Self::service_access_counters) (one atomic load).
+    pub fn has_notifications(&self) -> bool {
+        self.notified.load(Ordering::Relaxed)
+    }
+
     /// A GPU load of `buf.len()` bytes at `addr`: `Ok(None)` when it completed, or the
     /// fault it raised (pushed into the fault buffer, or dropped on overflow) when a page
     /// was not mapped. Errors: `Inval` for a range past the address space, `Fatal` when

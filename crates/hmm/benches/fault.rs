@@ -186,6 +186,7 @@ fn first_touch(c: &mut Criterion) {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: 64 << 20,
         prefault: true,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let mm = Mm::new(phys);
@@ -212,6 +213,7 @@ fn first_touch_thp(c: &mut Criterion) {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: (THP_BATCH + 2) * PMD_SIZE,
         prefault: true,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let mm = Mm::new(phys);

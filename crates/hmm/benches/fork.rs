@@ -24,6 +24,7 @@ fn populated(thp: bool) -> std::sync::Arc<Mm> {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: REGION + (8 << 20),
         prefault: false,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let mm = Mm::new(phys);

@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: 32 << 20,
         prefault: true,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let dev = memremap_pages(

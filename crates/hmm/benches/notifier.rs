@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: 4 << 20,
         prefault: false,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let mut g = c.benchmark_group("notifier_fanout");

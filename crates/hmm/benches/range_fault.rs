@@ -43,6 +43,7 @@ fn setup(thp: bool, populate: bool) -> Setup {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: REGION + (16 << 20),
         prefault: true,
+        per_cpu_lists: true,
     })
     .expect("RAM");
     let mm = Mm::new(phys);

@@ -174,7 +174,8 @@ pub fn memremap_pages(
     let hook_ops = Arc::clone(&ops);
     let hook: FreeHook = Box::new(move |folio, order| hook_ops.folio_free(folio, order));
     let blocks = usize::try_from(size / PMD_SIZE).expect("a section's blocks fit usize");
-    let region = Region::new(blocks, (section as u64) << SECTION_SHIFT, zone, Some(hook))?;
+    let base = (section as u64) << SECTION_SHIFT;
+    let region = Region::new(blocks, base, zone, Some(hook), phys.per_cpu_lists())?;
     let pgmap = Arc::new(DevPagemap {
         id,
         kind: config.kind,

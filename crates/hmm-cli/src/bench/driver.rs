@@ -102,6 +102,7 @@ impl Rig {
         let phys = PhysMem::new(PhysConfig {
             size_bytes: ram_bytes(pages),
             prefault: true,
+            per_cpu_lists: true,
         })?;
         let gpu = GpuDevice::new(
             &phys,

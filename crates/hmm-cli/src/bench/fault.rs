@@ -261,6 +261,7 @@ pub(crate) fn fault_rows(
     let phys = PhysMem::new(PhysConfig {
         size_bytes: RAM_BYTES,
         prefault: true,
+        per_cpu_lists: true,
     })?;
     let driver = DmirrorDriver::new(
         &phys,

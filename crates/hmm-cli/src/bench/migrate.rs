@@ -120,6 +120,7 @@ fn setup(size: u64, thp: bool) -> Result<Setup, Box<dyn Error>> {
     let phys = PhysMem::new(PhysConfig {
         size_bytes: ram_bytes(size),
         prefault: true,
+        per_cpu_lists: true,
     })?;
     let dev = memremap_pages(
         &phys,

@@ -99,6 +99,7 @@ impl Region {
         let phys = PhysMem::new(PhysConfig {
             size_bytes: ram_bytes(pages),
             prefault: true,
+            per_cpu_lists: true,
         })?;
         let mm = Mm::new(phys);
         let base = mm.mmap(None, len, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;

@@ -165,6 +165,7 @@ impl Rig {
         let phys = PhysMem::new(PhysConfig {
             size_bytes: ram_bytes(npages),
             prefault: true,
+            per_cpu_lists: true,
         })?;
         let driver = DmirrorDriver::new(
             &phys,

@@ -87,8 +87,9 @@ impl RandomEviction {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> RandomEviction {
         RandomEviction {
-            // xorshift must not start at 0.
-            state: AtomicU64::new(seed | 1),
+            // Spread the seed (splitmix64) so that neighbouring seeds give unrelated
+            // streams; xorshift must not start at 0.
+            state: AtomicU64::new(spread(seed) | 1),
         }
     }
 
@@ -111,6 +112,14 @@ impl EvictionPolicy for RandomEviction {
     fn name(&self) -> &'static str {
         "random"
     }
+}
+
+/// splitmix64's finaliser.
+fn spread(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// The candidate with the smallest `key`.

@@ -87,6 +87,12 @@ pub struct PhysConfig {
     /// Commit the whole arena on the host at creation, so that no host page fault is
     /// measured later.
     pub prefault: bool,
+    /// Per-CPU lists of free frames in front of each region's allocator, one per host CPU
+    /// (the kernel's `per_cpu_pages`: two threads allocating do not meet on one lock).
+    /// `false` keeps one list: which frame an allocation gets then depends on the order of
+    /// allocations only, not on which host CPU the thread ran on, as a deterministic
+    /// simulation needs.
+    pub per_cpu_lists: bool,
 }
 
 impl PhysConfig {
@@ -95,6 +101,7 @@ impl PhysConfig {
         PhysConfig {
             size_bytes,
             prefault: false,
+            per_cpu_lists: true,
         }
     }
 }
@@ -143,6 +150,8 @@ pub struct PhysStats {
 #[derive(Debug)]
 pub struct PhysMem {
     region: Region,
+    /// Whether regions (RAM and pagemaps) keep a free list per host CPU.
+    per_cpu_lists: bool,
     fail_page_alloc: FaultAttr,
     sections: Box<[OnceLock<Arc<DevPagemap>>]>,
     next_section: AtomicUsize,
@@ -168,7 +177,7 @@ impl PhysMem {
             usize::try_from(config.size_bytes / PMD_SIZE).map_err(|_| PhysError::Inval {
                 size_bytes: config.size_bytes,
             })?;
-        let region = Region::new(blocks, 0, Zone::System, None)?;
+        let region = Region::new(blocks, 0, Zone::System, None, config.per_cpu_lists)?;
         region.reserve(HUGE_ZERO_PFN.as_usize(), PMD_ORDER);
         region.reserve(ZERO_PFN.as_usize(), 0);
         if config.prefault {
@@ -176,10 +185,16 @@ impl PhysMem {
         }
         Ok(Arc::new(PhysMem {
             region,
+            per_cpu_lists: config.per_cpu_lists,
             fail_page_alloc: FaultAttr::new(),
             sections: (0..NR_SECTIONS).map(|_| OnceLock::new()).collect(),
             next_section: AtomicUsize::new(1),
         }))
+    }
+
+    /// Whether regions keep a free list per host CPU ([`PhysConfig::per_cpu_lists`]).
+    pub(crate) fn per_cpu_lists(&self) -> bool {
+        self.per_cpu_lists
     }
 
     /// Takes the next free section for a pagemap; `None` when all are used.

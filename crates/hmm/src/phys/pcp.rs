@@ -53,8 +53,8 @@ impl PcpLists {
     /// kernel's `zone_batchsize` for a zone of that many pages (a 256 MiB region gets 15,
     /// 4 GiB and more 63); `high` is six batches (`pageset_set_batch`). With the `shuttle`
     /// feature there is one list, so that a model check's runs do not depend on the CPU.
-    pub(crate) fn new(frames: usize) -> PcpLists {
-        let cpus = if cfg!(feature = "shuttle") {
+    pub(crate) fn new(frames: usize, per_cpu: bool) -> PcpLists {
+        let cpus = if cfg!(feature = "shuttle") || !per_cpu {
             1
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())

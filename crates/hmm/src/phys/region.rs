@@ -42,6 +42,7 @@ impl Region {
         base: u64,
         zone: Zone,
         on_free: Option<FreeHook>,
+        per_cpu_lists: bool,
     ) -> std::io::Result<Region> {
         let frames = blocks * BLOCK_FRAMES;
         // The metadata is allocated up front: ask the host, so a size it cannot back is an
@@ -64,7 +65,7 @@ impl Region {
             arena: Arena::new(frames)?,
             meta: meta.into_boxed_slice(),
             alloc: Mutex::new(BlockAllocator::new(blocks)),
-            pcp: PcpLists::new(frames),
+            pcp: PcpLists::new(frames, per_cpu_lists),
             hugetlb: Mutex::new(HugetlbPool::default()),
         })
     }
