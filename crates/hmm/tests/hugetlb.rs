@@ -218,3 +218,38 @@ fn operations_may_not_cut_a_hugetlb_page() {
     assert_eq!(m.events()[0].0, NotifierEvent::Clear);
     m.mm.audit().unwrap();
 }
+
+#[test]
+fn a_shrinking_mremap_may_not_cut_a_hugetlb_page_in_its_tail() {
+    let m = Machine::new(16);
+    m.phys.set_nr_hugepages(1);
+    let h = huge(&m, 1, false);
+    m.mm.write_val(h, 1u8).unwrap();
+    // Small pages right before the hugetlb page, so a tail can reach into it.
+    let a =
+        m.mm.mmap(
+            Some(page(h, 0).checked_sub(4 * PAGE_SIZE).unwrap()),
+            4 * PAGE_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+        )
+        .unwrap();
+    let r =
+        m.mm.mremap(a, 5 * PAGE_SIZE, 2 * PAGE_SIZE, MremapFlags::empty(), None);
+    assert!(matches!(r, Err(MmError::Inval { .. })), "{r:?}");
+    // Nothing changed: the small pages and the hugetlb page are still mapped.
+    assert_eq!(m.mm.vmas().len(), 2);
+    assert_eq!(m.mm.read_val::<u8>(h).unwrap(), 1);
+    // A tail that covers the hugetlb page whole unmaps it.
+    m.mm.mremap(
+        a,
+        4 * PAGE_SIZE + PMD_SIZE,
+        2 * PAGE_SIZE,
+        MremapFlags::empty(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(m.mm.vmas().len(), 1);
+    assert_eq!(m.phys.hugetlb(), pool(1, 1, 0));
+    m.mm.audit().unwrap();
+}

@@ -286,10 +286,13 @@ fn mremap_bad_input_changes_nothing() {
             libc::EPERM,
         ),
         (
-            mm.mremap(a, 5 * p, 5 * p, MremapFlags::MAYMOVE, None),
+            mm.mremap(a, 5 * p, 6 * p, MremapFlags::MAYMOVE, None),
             libc::EFAULT,
         ),
-        (mm.mremap(page(a, 3), 2 * p, p, f, Some(b)), libc::EFAULT),
+        (
+            mm.mremap(page(a, 3), 2 * p, 2 * p, f, Some(b)),
+            libc::EFAULT,
+        ),
         (
             mm.mremap(a, u64::MAX, p, MremapFlags::MAYMOVE, None),
             libc::EINVAL,
@@ -300,5 +303,76 @@ fn mremap_bad_input_changes_nothing() {
     }
     check(&m, a, (0..4).map(|i| (i, i)));
     check(&m, b, (0..4).map(|i| (i, i)));
+    m.mm.audit().unwrap();
+}
+
+/// The kernel's `mremap_test.c` shrinks over holes: a shrink unmaps its tail as `munmap`
+/// does, whatever the tail covers, and only what is kept of a range that moves must lie in
+/// the VMA at the old address (`vma_to_resize`).
+#[test]
+fn a_shrink_unmaps_a_tail_with_holes_and_other_vmas() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    fill(&m, a, 8);
+    m.mm.munmap(page(a, 5), PAGE_SIZE).unwrap();
+    m.mm.mprotect(page(a, 7), PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(m.mm.vmas().len(), 3);
+    m.events();
+    let r =
+        m.mm.mremap(a, 8 * PAGE_SIZE, 2 * PAGE_SIZE, MremapFlags::empty(), None)
+            .unwrap();
+    assert_eq!(r, a);
+    assert_eq!(m.mm.vmas().len(), 1);
+    assert_eq!(m.mm.vmas()[0].range().len_bytes(), 2 * PAGE_SIZE);
+    assert!(m.events().iter().all(|e| e.0 == NotifierEvent::Unmap));
+    check(&m, a, (0..2).map(|i| (i, i)));
+    for i in 2..8 {
+        assert!(m.mm.read_val::<u8>(page(a, i)).is_err(), "page {i}");
+    }
+    assert_eq!(m.phys.nr_in_use(), 2);
+    // A range the same length needs nothing mapped after its first page.
+    assert_eq!(
+        m.mm.mremap(a, 8 * PAGE_SIZE, 8 * PAGE_SIZE, MremapFlags::empty(), None),
+        Ok(a)
+    );
+    // Nothing mapped at the old address is EFAULT, even for a shrink.
+    let hole = page(a, 4);
+    assert_eq!(
+        m.mm.mremap(hole, 2 * PAGE_SIZE, PAGE_SIZE, MremapFlags::empty(), None),
+        Err(MmError::Fault { addr: hole })
+    );
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_fixed_move_needs_only_the_kept_part_inside_one_vma() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    let b = m.map(8, RW, MapFlags::PRIVATE);
+    fill(&m, a, 8);
+    m.mm.write_val(b, 7u8).unwrap();
+    m.mm.munmap(page(a, 4), PAGE_SIZE).unwrap();
+    let fixed = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    // Keeping pages 0..5 crosses the hole: EFAULT, and the target is still mapped.
+    assert_eq!(
+        m.mm.mremap(a, 8 * PAGE_SIZE, 5 * PAGE_SIZE, fixed, Some(b)),
+        Err(MmError::Fault { addr: a })
+    );
+    assert_eq!(m.mm.read_val::<u8>(b).unwrap(), 7);
+    // So does growing a range with a hole in it.
+    assert_eq!(
+        m.mm.mremap(a, 8 * PAGE_SIZE, 9 * PAGE_SIZE, MremapFlags::MAYMOVE, None),
+        Err(MmError::Fault { addr: a })
+    );
+    // Keeping pages 0..3 moves them; the rest, hole and all, is unmapped.
+    let n =
+        m.mm.mremap(a, 8 * PAGE_SIZE, 3 * PAGE_SIZE, fixed, Some(b))
+            .unwrap();
+    assert_eq!(n, b);
+    check(&m, b, (0..3).map(|i| (i, i)));
+    for i in 0..8 {
+        assert!(m.mm.read_val::<u8>(page(a, i)).is_err(), "page {i}");
+    }
+    assert_eq!(m.phys.nr_in_use(), 3);
     m.mm.audit().unwrap();
 }

@@ -51,10 +51,14 @@ impl Mm {
     /// Errors, as the kernel's: `Inval` for an unaligned address, a zero new length, an
     /// unknown flag combination (`FIXED` or `DONTUNMAP` without `MAYMOVE`, `DONTUNMAP` with
     /// a length change, `FIXED` without `new_addr`), overlapping old and new ranges, or a
-    /// range beyond the address space; `Fault` (EFAULT) if the old range is not inside one
-    /// VMA; `NoMem` if it must move and may not, or there is no room; `Perm` for a fixed
-    /// address below [`MMAP_MIN_ADDR`]. Every check runs before anything changes (the
-    /// kernel unmaps the `FIXED` target before it checks the old VMA).
+    /// range beyond the address space; `Fault` (EFAULT) if nothing is mapped at
+    /// `old_addr`, or if the part that is kept (the first `min(old_len, new_len)` bytes)
+    /// of a range that moves or grows is not inside that VMA; `NoMem` if it must move and
+    /// may not, or there is no room; `Perm` for a fixed address below [`MMAP_MIN_ADDR`].
+    /// A shrink in place unmaps the tail as `munmap` does, holes and further VMAs
+    /// included, as the kernel checks VMA boundaries only when it moves or grows. Every
+    /// check runs before anything changes (the kernel unmaps the `FIXED` target before it
+    /// checks the old VMA).
     #[doc(alias = "do_mremap")]
     pub fn mremap(
         &self,
@@ -115,30 +119,33 @@ impl Mm {
         let vma = st
             .vmas
             .find(old_addr)
-            .filter(|v| v.range().contains_range(&old))
             .cloned()
             .ok_or(MmError::Fault { addr: old_addr })?;
         if hugetlb::is_hugetlb(&vma) {
             return Err(inval("mremap of hugetlb memory"));
         }
+        // What stays mapped must lie in the VMA at `old_addr` (`vma_to_resize`); a
+        // shrinking tail is unmapped as by `munmap`, holes and other VMAs included.
+        let keep = old_len.min(new_len);
+        let kept = VaRange::from_len(old_addr, keep).expect("inside old");
+        let moves_or_grows = target.is_some() || dontunmap || new_len > old_len;
+        if moves_or_grows && !vma.range().contains_range(&kept) {
+            return Err(MmError::Fault { addr: old_addr });
+        }
+        let tail = VaRange::new(kept.end(), old.end()).ok();
+        if let Some(tail) = tail {
+            hugetlb::check_range(&st.vmas, tail)?;
+        }
         if let Some(target) = target {
             hugetlb::check_range(&st.vmas, target)?;
             self.do_munmap(&mut st, target);
-            let keep = old_len.min(new_len);
-            if old_len > new_len {
-                let tail =
-                    VaRange::new(old.start().checked_add(new_len).expect("inside"), old.end())
-                        .expect("non-empty tail");
+            if let Some(tail) = tail {
                 self.do_munmap(&mut st, tail);
             }
-            let moved = VaRange::from_len(old_addr, keep).expect("inside old");
-            return Ok(self.move_vma(&mut st, &vma, moved, target, dontunmap));
+            return Ok(self.move_vma(&mut st, &vma, kept, target, dontunmap));
         }
         if !dontunmap && new_len <= old_len {
-            if new_len < old_len {
-                let tail =
-                    VaRange::new(old.start().checked_add(new_len).expect("inside"), old.end())
-                        .expect("non-empty tail");
+            if let Some(tail) = tail {
                 self.do_munmap(&mut st, tail);
             }
             return Ok(old_addr);
