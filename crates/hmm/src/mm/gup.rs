@@ -22,6 +22,10 @@
 //!
 //! Unlike the kernel, which returns how many pages it got before the first failure, a
 //! failure here releases what was taken and returns the error (see DESIGN.md).
+//!
+//! `MADV_POPULATE_READ`/`WRITE` run the same walk without taking anything
+//! (`faultin_page_range`, `FOLL_MADV_POPULATE`): a read populate needs `VM_READ`, a write
+//! populate `VM_WRITE` and breaks COW; their errors are madvise's (see [`Mm::populate`]).
 
 use std::sync::Arc;
 
@@ -176,7 +180,14 @@ impl Mm {
             };
             let mut coherent = Vec::new();
             for piece in range.pieces(PMD_SIZE) {
-                self.gup_piece(piece, flags, &mut held, &mut coherent)?;
+                self.faultin_piece(
+                    piece,
+                    flags,
+                    Take::Refs {
+                        held: &mut held,
+                        coherent: &mut coherent,
+                    },
+                )?;
             }
             if coherent.is_empty() {
                 return Ok(held);
@@ -199,15 +210,35 @@ impl Mm {
         }
     }
 
-    /// One piece of [`get_user_pages`](Self::get_user_pages) under the mmap lock: appends
-    /// to `held`, and with `LONGTERM` records the head of every device-coherent folio met
-    /// in `coherent`.
-    fn gup_piece(
+    /// Faults in `range` so every page allows a read, or with `write` a write, without
+    /// taking a reference (`faultin_page_range`, for `MADV_POPULATE_READ`/`WRITE`). The
+    /// mmap lock is taken per PMD-sized piece.
+    ///
+    /// Errors, as the kernel's `madvise_populate`: `NoMem` where no VMA maps a page or
+    /// memory runs out; `Inval` for a VMA without `VM_READ` (read) or `VM_WRITE` (write);
+    /// `Fault` where the fault raises SIGBUS or SIGSEGV (past the end of a shared object).
+    /// Pages before the failing one stay populated, as in Linux.
+    #[doc(alias = "faultin_page_range")]
+    pub(super) fn populate(&self, range: VaRange, write: bool) -> Result<(), MmError> {
+        let flags = if write {
+            GupFlags::WRITE
+        } else {
+            GupFlags::empty()
+        };
+        for piece in range.pieces(PMD_SIZE) {
+            self.faultin_piece(piece, flags, Take::Nothing)?;
+        }
+        Ok(())
+    }
+
+    /// One piece of [`get_user_pages`](Self::get_user_pages) or [`populate`](Self::populate)
+    /// under the mmap lock: faults in what does not satisfy the request and does with each
+    /// page what `take` says.
+    fn faultin_piece(
         &self,
         range: VaRange,
         flags: GupFlags,
-        held: &mut UserPages,
-        coherent: &mut Vec<u64>,
+        mut take: Take<'_>,
     ) -> Result<(), MmError> {
         let write = flags.contains(GupFlags::WRITE);
         let pin = flags.contains(GupFlags::PIN);
@@ -215,7 +246,10 @@ impl Mm {
         let guard = self.mmap_read();
         let st = &*guard.state;
         let phys = self.phys();
-        let mut fault = FaultFlags::REMOTE;
+        let mut fault = match take {
+            Take::Refs { .. } => FaultFlags::REMOTE,
+            Take::Nothing => FaultFlags::empty(),
+        };
         if write {
             fault |= FaultFlags::WRITE;
         } else if pin {
@@ -224,7 +258,12 @@ impl Mm {
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         let mut va = range.start();
         while va < range.end() {
-            let vma = check_access(st.vmas.find(va), va, write).map_err(|e| fault_error(va, e))?;
+            let vma = match take {
+                Take::Refs { .. } => {
+                    check_access(st.vmas.find(va), va, write).map_err(|e| fault_error(va, e))?
+                }
+                Take::Nothing => check_populate(st.vmas.find(va), write)?,
+            };
             let slot = c.next().expect("walk covers the range");
             let next_page = va.checked_add(PAGE_SIZE).expect("inside the range");
             // The entry, the address its pfn maps, and the end of what it can serve.
@@ -241,17 +280,19 @@ impl Mm {
             let head = entry.pfn().filter(|_| ok);
             match head {
                 Some(pfn) if !(pin && !write && must_unshare(self, vma, pfn)) => {
-                    let folio = phys.frame(pfn).folio();
-                    if longterm && matches!(folio.zone(), Zone::DeviceCoherent { .. }) {
-                        coherent.push(folio.nr());
-                    }
-                    for page in VaRange::new(va, end).expect("non-empty").pages() {
-                        let off = page.offset_from(base).expect("inside the leaf") / PAGE_SIZE;
-                        folio.meta().get();
-                        if pin {
-                            folio.meta().inc_pincount();
+                    if let Take::Refs { held, coherent } = &mut take {
+                        let folio = phys.frame(pfn).folio();
+                        if longterm && matches!(folio.zone(), Zone::DeviceCoherent { .. }) {
+                            coherent.push(folio.nr());
                         }
-                        held.pfns.push(Pfn::new(pfn.as_u64() + off));
+                        for page in VaRange::new(va, end).expect("non-empty").pages() {
+                            let off = page.offset_from(base).expect("inside the leaf") / PAGE_SIZE;
+                            folio.meta().get();
+                            if pin {
+                                folio.meta().inc_pincount();
+                            }
+                            held.pfns.push(Pfn::new(pfn.as_u64() + off));
+                        }
                     }
                     va = end;
                 }
@@ -276,6 +317,38 @@ impl Mm {
         flags: GupFlags,
     ) -> Result<UserPages, MmError> {
         self.get_user_pages(start, npages, flags | GupFlags::PIN)
+    }
+}
+
+/// What [`Mm::faultin_piece`] does with each page that satisfies the request.
+enum Take<'h> {
+    /// `get_user_pages`: a reference (and a pin with `PIN`) on each page into `held`; with
+    /// `LONGTERM`, the head of each device-coherent folio into `coherent`.
+    Refs {
+        held: &'h mut UserPages,
+        coherent: &'h mut Vec<u64>,
+    },
+    /// `FOLL_MADV_POPULATE`: nothing.
+    Nothing,
+}
+
+/// The VMA checks of `FOLL_MADV_POPULATE` (`check_vma_flags` without `FOLL_FORCE`): no
+/// VMA is ENOMEM, a VMA that does not allow the access EINVAL.
+fn check_populate(vma: Option<&super::Vma>, write: bool) -> Result<&super::Vma, MmError> {
+    let vma = vma.ok_or(MmError::NoMem {
+        what: "range not fully mapped",
+    })?;
+    let need = if write {
+        crate::prot::VmFlags::WRITE
+    } else {
+        crate::prot::VmFlags::READ
+    };
+    if vma.flags().contains(need) {
+        Ok(vma)
+    } else {
+        Err(MmError::Inval {
+            what: "the mapping does not allow the access MADV_POPULATE asks for",
+        })
     }
 }
 

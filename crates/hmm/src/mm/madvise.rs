@@ -1,4 +1,5 @@
-//! `madvise`: DONTNEED, FREE, HUGEPAGE, NOHUGEPAGE, COLLAPSE, DONTFORK, DOFORK.
+//! `madvise`: DONTNEED, FREE, HUGEPAGE, NOHUGEPAGE, COLLAPSE, POPULATE_READ, POPULATE_WRITE,
+//! DONTFORK, DOFORK.
 
 use crate::addr::{VaRange, VirtAddr};
 use crate::notifier::{NotifierEvent, NotifierRange};
@@ -37,6 +38,17 @@ pub enum Advice {
     /// THP can be allocated (the last failure wins; the other ranges are still collapsed).
     #[doc(alias = "MADV_COLLAPSE")]
     Collapse,
+    /// `MADV_POPULATE_READ`: fault every page in readable, as a read would, without
+    /// touching the bytes (the shared zero page for untouched private anonymous memory).
+    /// `Inval` for a mapping without read permission; `Fault` where a read would raise
+    /// SIGBUS. Mmap lock held for reading, one PMD-sized piece at a time.
+    #[doc(alias = "MADV_POPULATE_READ")]
+    PopulateRead,
+    /// `MADV_POPULATE_WRITE`: fault every page in writable, as a write would (COW is
+    /// broken, pages become dirty and soft-dirty), without changing the bytes. `Inval`
+    /// for a mapping without write permission; `Fault` where a write would raise SIGBUS.
+    #[doc(alias = "MADV_POPULATE_WRITE")]
+    PopulateWrite,
     /// `MADV_DONTFORK`: a child created by [`Mm::fork`] does not get the range at all, so
     /// the parent's pages are never shared copy-on-write with it. What drivers ask of
     /// buffers a device writes into: a fork in the middle of a transfer must not leave
@@ -52,7 +64,8 @@ impl Mm {
     /// Gives advice about `[addr, addr + len)` (len rounded up to pages).
     ///
     /// Errors: `Inval` for an unaligned address, a range that overflows, or advice the
-    /// memory does not support; `NoMem` for a range not entirely mapped. Unlike Linux,
+    /// memory does not support; `NoMem` for a range not entirely mapped; for the populate
+    /// advice also `Fault` where the fault raises SIGBUS or SIGSEGV. Unlike Linux,
     /// which applies the advice to the mapped parts and then fails, a range with a hole
     /// changes nothing (see DESIGN.md).
     #[doc(alias = "do_madvise")]
@@ -121,6 +134,12 @@ impl Mm {
                 thp::split_at_vma_bounds(self, &st, range);
                 st.vmas.update_flags(range, |f| (f - clear) | set);
                 Ok(())
+            }
+            Advice::PopulateRead | Advice::PopulateWrite => {
+                if self.mmap_read().state.vmas.first_hole(range).is_some() {
+                    return Err(unmapped);
+                }
+                self.populate(range, advice == Advice::PopulateWrite)
             }
             Advice::Collapse => {
                 let st = self.lock.write();
