@@ -56,9 +56,17 @@ use limits::{
     MAX_PAGES, MAX_THPS, MAX_THREADS,
 };
 
+/// `hmm --version`: the package version and the commit it was built from (`build.rs`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("HMM_BUILD_COMMIT"),
+    ")"
+);
+
 /// hmm-rs: Linux HMM device-memory management as a real userspace system.
 #[derive(Debug, Parser)]
-#[command(name = "hmm", version, about)]
+#[command(name = "hmm", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,6 +84,14 @@ enum Command {
               value_parser = sized::<u64>(2, MAX_PAGES, demo::need))]
         pages: u64,
     },
+    /// Print a completion script for SHELL (bash, elvish, fish, powershell, zsh), e.g.
+    /// `hmm completions bash > ~/.local/share/bash-completion/completions/hmm`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (`hmm man > hmm.1; man ./hmm.1`).
+    Man,
     /// Run the driver conformance scenarios on the built-in simulated devices (private and
     /// coherent); ends with `N passed, M failed` and fails if any failed.
     Selftest,
@@ -553,6 +569,22 @@ fn main() -> ExitCode {
                 limits::check_memory("--pages", pages, 1, demo::need),
             );
             demo::run(pages, json)
+        }
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hmm", &mut buf);
+            output::bytes(&buf);
+            Ok(())
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut buf) {
+                Ok(()) => {
+                    output::bytes(&buf);
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot render the manual page: {e}").into()),
+            }
         }
         Command::Selftest => match selftest::run() {
             0 => Ok(()),

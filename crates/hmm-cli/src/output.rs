@@ -20,6 +20,16 @@ pub(crate) fn line(args: fmt::Arguments<'_>) {
     }
 }
 
+/// Writes `buf` to standard output as it is; see the module documentation for what a
+/// failed write does.
+pub(crate) fn bytes(buf: &[u8]) {
+    let mut out = io::stdout().lock();
+    if let Err(e) = out.write_all(buf).and_then(|()| out.flush()) {
+        drop(out);
+        failed(&e);
+    }
+}
+
 /// Writes `args` and a newline to standard error, dropping it if that fails.
 pub(crate) fn diagnostic(args: fmt::Arguments<'_>) {
     let mut err = io::stderr().lock();

@@ -280,6 +280,15 @@ fn help_names_every_command() {
     }
 }
 
+#[test]
+fn completions_refuse_an_unknown_shell_naming_the_ones_there_are() {
+    let out = hmm().args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("bash, elvish, fish, powershell, zsh"), "{err}");
+    assert!(hmm().arg("completions").output().unwrap().status.code() == Some(2));
+}
+
 /// Whether `status` is a quiet end after a closed pipe: success, or SIGPIPE.
 fn quiet(status: ExitStatus) -> bool {
     status.success() || status.signal() == Some(libc::SIGPIPE)
@@ -321,6 +330,8 @@ fn a_closed_pipe_ends_the_output_quietly() {
             "0",
             "--json",
         ],
+        &["man"],
+        &["completions", "zsh"],
     ] {
         let mut child = hmm()
             .args(args)

@@ -410,3 +410,49 @@ fn replay_runs_a_native_trace_and_names_a_bad_line() {
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The subcommands `hmm --help` lists.
+const COMMANDS: [&str; 9] = [
+    "demo",
+    "completions",
+    "man",
+    "selftest",
+    "stress",
+    "run",
+    "replay",
+    "bench",
+    "help",
+];
+
+#[test]
+fn version_names_the_commit_and_completions_and_the_manual_name_every_command() {
+    let (ok, v) = hmm(&["--version"]);
+    assert!(ok);
+    let commit = v
+        .trim()
+        .strip_prefix(concat!("hmm ", env!("CARGO_PKG_VERSION"), " (commit "))
+        .and_then(|c| c.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(
+        commit == "unknown"
+            || commit.trim_end_matches("-dirty").len() == 12
+                && commit[..12].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{commit}"
+    );
+    for shell in ["bash", "elvish", "fish", "powershell", "zsh"] {
+        let (ok, script) = hmm(&["completions", shell]);
+        assert!(ok, "{shell}");
+        for c in COMMANDS {
+            assert!(script.contains(c), "{shell} does not complete {c}");
+        }
+    }
+    let (ok, man) = hmm(&["man"]);
+    assert!(ok);
+    assert!(man.contains(".TH hmm 1"), "{man}");
+    for c in COMMANDS {
+        assert!(
+            man.contains(&format!("hmm\\-{c}")),
+            "the manual does not name {c}"
+        );
+    }
+}
