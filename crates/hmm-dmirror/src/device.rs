@@ -12,13 +12,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use hmm::addr::PMD_ORDER;
 use hmm::fault_inject::FaultAttr;
-use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::migrate::{migrate_device_range, migrate_vma_setup};
 use hmm::mm::{DeviceFault, VmFault};
-
 use hmm::notifier::Owner;
-use hmm::pgtable::Huge;
 use hmm::phys::{AllocError, FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use parking_lot::Mutex;
@@ -157,26 +155,8 @@ impl DevPagemapOps for DeviceOps {
         let id = phys.device_frame(vmf.page()).meta().zone_device_data();
         let mirror = self.mirrors.lock().get(&id).and_then(Weak::upgrade);
         let open = self.open_mirrors();
-        let (start, len, flags) = match vmf.level() {
-            Huge::Pte => (
-                vmf.address().page_down(),
-                PAGE_SIZE,
-                MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
-            ),
-            Huge::Pmd => (
-                vmf.address().align_down(PMD_SIZE),
-                PMD_SIZE,
-                MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
-            ),
-        };
-        let args = MigrateVma {
-            start,
-            end: start.checked_add(len).ok_or(VmFault::Sigbus)?,
-            pgmap_owner: Some(self.owner),
-            flags,
-            fault_page: Some(vmf.page()),
-        };
-        let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
+        let mut m = migrate_vma_setup(vmf.mmap(), vmf.migrate_args(self.owner))
+            .map_err(|_| VmFault::Sigbus)?;
         let pts: Vec<_> = open.iter().map(|s| &s.pt).collect();
         let copied = alloc_and_copy_to_system(&mut m, &pts, || {
             mirror.as_deref().is_some_and(Shared::take_fail_alloc)

@@ -12,11 +12,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
-use hmm::addr::{PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE};
-use hmm::migrate::{migrate_device_range, migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+use hmm::addr::{PAGE_SHIFT, PMD_NR, PMD_SIZE};
+use hmm::migrate::{migrate_device_range, migrate_vma_setup};
 use hmm::mm::{DeviceFault, VmFault};
 use hmm::notifier::{MmId, Owner};
-use hmm::pgtable::Huge;
 use hmm::phys::MAX_SECTION_BYTES;
 use hmm::phys::{FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
 use hmm::sync::Mutex;
@@ -319,32 +318,14 @@ impl DevPagemapOps for DeviceOps {
         let mm = vmf.mmap().mm();
         let phys = mm.phys();
         let vms = self.vms_of(mm.id());
-        let (start, len, flags) = match vmf.level() {
-            Huge::Pte => (
-                vmf.address().page_down(),
-                PAGE_SIZE,
-                MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
-            ),
-            Huge::Pmd => (
-                vmf.address().align_down(PMD_SIZE),
-                PMD_SIZE,
-                MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
-            ),
-        };
-        let args = MigrateVma {
-            start,
-            end: start.checked_add(len).ok_or(VmFault::Sigbus)?,
-            pgmap_owner: Some(self.owner),
-            flags,
-            fault_page: Some(vmf.page()),
-        };
+        let args = vmf.migrate_args(self.owner);
+        let first = args.start.as_u64() >> PAGE_SHIFT;
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
         vms.iter().for_each(|vm| zap_sources(vm, &m));
         let copied = copy_to_system(&mut m, phys);
         let out = m.pages().finalize();
         add(&self.counters.pages_d2h, out.migrated);
         // A thrashing event for each page that came back.
-        let first = start.as_u64() >> PAGE_SHIFT;
         for vm in &vms {
             vm.migrated((first..).take(out.migrated as usize));
         }

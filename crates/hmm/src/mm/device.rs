@@ -13,7 +13,9 @@
 //! unlocks the folio and drops the reference. `Ok` retries the access; the driver's
 //! `Sigbus`/`Oom` become the access's error.
 
-use crate::addr::{DevicePfn, VirtAddr};
+use crate::addr::{DevicePfn, VirtAddr, PAGE_SIZE, PMD_SIZE};
+use crate::migrate::{MigrateVma, MigrateVmaFlags};
+use crate::notifier::Owner;
 use crate::pgtable::{Cursor, Huge};
 use crate::stats::FaultKind;
 
@@ -66,6 +68,36 @@ impl<'a> DeviceFault<'a> {
     /// Why the access faulted.
     pub fn flags(&self) -> FaultFlags {
         self.flags
+    }
+
+    /// The [`migrate_vma_setup`](crate::migrate::migrate_vma_setup) arguments a
+    /// `migrate_to_ram` handler uses to send the faulting unit home: the faulting page, or
+    /// for a PMD entry the whole 2 MiB device THP (`SELECT_COMPOUND`), selecting the
+    /// device-private pages of `owner` (the device's pagemap owner), with
+    /// [`page`](Self::page) as the fault page that the migration neither locks nor
+    /// unlocks.
+    pub fn migrate_args(&self, owner: Owner) -> MigrateVma {
+        let (start, len, flags) = match self.level {
+            Huge::Pte => (
+                self.address.page_down(),
+                PAGE_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE,
+            ),
+            Huge::Pmd => (
+                self.address.align_down(PMD_SIZE),
+                PMD_SIZE,
+                MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
+            ),
+        };
+        MigrateVma {
+            start,
+            end: start
+                .checked_add(len)
+                .expect("a mapped unit lies inside the address space"),
+            pgmap_owner: Some(owner),
+            flags,
+            fault_page: Some(self.page),
+        }
     }
 }
 
