@@ -102,6 +102,11 @@ enum Command {
         /// How long the workload runs, in seconds (above 0, at most a year).
         #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = seconds)]
         seconds: f64,
+        /// Go on after `--seconds` until every kind of operation ran at least this often
+        /// (so that a run on a loaded host still covers them all; 0: stop on time).
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true,
+              value_parser = whole::<u64>(0, 1_000_000))]
+        min_each: u64,
         /// CPU threads reading and writing (device, migration and churn threads come on
         /// top).
         #[arg(long, default_value_t = 2, allow_hyphen_values = true,
@@ -640,6 +645,7 @@ fn main() -> ExitCode {
         }
         Command::Stress {
             seconds,
+            min_each,
             threads,
             seed,
             pages,
@@ -648,6 +654,7 @@ fn main() -> ExitCode {
             json,
         } => stress(stress::Config {
             seconds,
+            min_each,
             threads,
             seed,
             pages,

@@ -205,7 +205,18 @@ fn bench_bad_arguments_are_errors() {
 fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
     // A clean run: `hmm stress` fails when an invariant breaks.
     let stress = |extra: &[&str]| -> serde_json::Value {
-        let mut args = vec!["stress", "--seconds", "2", "--seed", "7", "--pages", "256"];
+        // `--min-each 1`: however loaded the host, every kind of operation runs.
+        let mut args = vec![
+            "stress",
+            "--seconds",
+            "2",
+            "--min-each",
+            "1",
+            "--seed",
+            "7",
+            "--pages",
+            "256",
+        ];
         args.extend(extra);
         args.push("--json");
         let (ok, out) = hmm(&args);

@@ -136,9 +136,13 @@ fn own_invalidations_race_a_writer_munmap_and_another_device() {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
-        // The CPU writer: bumps each stable page's version and reads it back.
+        // The CPU writer: bumps each stable page's version and reads it back, for
+        // `rounds` rounds and then until device 0 has finished at least one pass (in
+        // a release build the rounds can end before the device thread is scheduled).
         s.spawn(|| {
-            for v in 1..=rounds {
+            let mut v = 0;
+            while v < rounds || moves.load(Ordering::Relaxed) == 0 {
+                v += 1;
                 for i in 0..STABLE {
                     r.mm.write_val(page(a, i), word(i, v)).unwrap();
                     versions[i as usize].store(v, Ordering::Release);

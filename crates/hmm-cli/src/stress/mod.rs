@@ -2,7 +2,8 @@
 //! runs and at the end.
 //!
 //! One process maps a region of slots (16 pages each, every page carrying its index and a
-//! version, see [`region`]), mirrored by two dmirror devices. Then, for `--seconds`:
+//! version, see [`region`]), mirrored by two dmirror devices. Then, for `--seconds` (and on
+//! until every kind of operation ran `--min-each` times):
 //!
 //! - `--threads` CPU threads read pages (all 4096 bytes compared with the version the
 //!   page must have) and write them (the next version);
@@ -79,6 +80,8 @@ const CHECK_EVERY: Duration = Duration::from_millis(1000);
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Config {
     pub(crate) seconds: f64,
+    /// After `seconds`, the run goes on until every kind of operation ran this often.
+    pub(crate) min_each: u64,
     pub(crate) threads: usize,
     pub(crate) seed: u64,
     pub(crate) pages: u64,
@@ -289,6 +292,11 @@ struct Shared {
 impl Shared {
     fn count(&self, op: Op) {
         self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether every kind of operation ran at least `n` times.
+    fn each_ran(&self, n: u64) -> bool {
+        self.ops.iter().all(|c| c.load(Ordering::Relaxed) >= n)
     }
 
     fn note(&self, what: String) {
@@ -1000,7 +1008,9 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
             Some(_) => started,
         };
         let mut next = Instant::now() + CHECK_EVERY;
-        while Instant::now() < deadline && !dog.is_finished() && !interrupt::requested() {
+        let running =
+            || Instant::now() < deadline || (refused.is_none() && !sh.each_ran(cfg.min_each));
+        while running() && !dog.is_finished() && !interrupt::requested() {
             std::thread::sleep(Duration::from_millis(50));
             checker.beat();
             if Instant::now() >= next {
@@ -1079,6 +1089,7 @@ mod tests {
     fn the_check_finds_a_corrupted_page_and_an_unaccounted_frame() {
         let cfg = Config {
             seconds: 1.0,
+            min_each: 0,
             threads: 1,
             seed: 1,
             pages: 32,
