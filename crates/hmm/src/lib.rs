@@ -32,6 +32,7 @@
 pub mod addr;
 pub mod exclusive;
 pub mod fault_inject;
+mod interval_tree;
 pub mod kvmalloc;
 pub mod migrate;
 pub mod mm;

@@ -27,7 +27,6 @@
 //! invalidation ends, after which no callback runs.
 
 use crate::sync::atomic::{AtomicU64, Ordering};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::sync::{Condvar, Mutex};
@@ -35,6 +34,7 @@ use crate::sync::{Condvar, Mutex};
 use super::range::NotifierRange;
 use super::{MmNotifiers, NotifierError};
 use crate::addr::VaRange;
+use crate::interval_tree::IntervalTree;
 
 /// The sequence a mirror read started at ([`IntervalSub::read_begin`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,50 +189,39 @@ impl Drop for IntervalNotifier {
     }
 }
 
-/// The subscriptions by `(start, id)`, with the multiset of their lengths: an interval
-/// that overlaps `[s, e)` starts in `[s - longest, e)`, so a lookup scans only those
-/// (`O(log n + k)` when lengths are alike, as the kernel's augmented interval tree is;
-/// one whole-address-space subscription makes it a scan of everything before `e`).
+/// The subscriptions by `(start, id)` in an augmented interval tree (the kernel's
+/// `mm->notifier_subscriptions->itree`): a lookup costs `O(log n + k)` whatever the
+/// lengths, a whole-address-space subscription included.
 #[derive(Default)]
 struct Intervals {
-    by_start: BTreeMap<(u64, u64), Arc<IntervalSub>>,
-    lens: BTreeMap<u64, usize>,
+    tree: IntervalTree<Arc<IntervalSub>>,
 }
 
 impl Intervals {
     fn insert(&mut self, sub: Arc<IntervalSub>) {
-        *self.lens.entry(sub.range.len_bytes()).or_default() += 1;
-        let old = self.by_start.insert(sub.key(), sub);
-        debug_assert!(old.is_none(), "a subscription is inserted once");
+        let (start, id) = sub.key();
+        let end = sub.range.end().as_u64();
+        self.tree.insert(start, end, id, sub);
     }
 
     fn remove(&mut self, key: &(u64, u64)) -> Option<Arc<IntervalSub>> {
-        let sub = self.by_start.remove(key)?;
-        let len = sub.range.len_bytes();
-        match self.lens.get_mut(&len) {
-            Some(n) if *n > 1 => *n -= 1,
-            _ => {
-                self.lens.remove(&len);
-            }
-        }
-        Some(sub)
+        self.tree.remove(key.0, key.1)
     }
 
     fn contains_key(&self, key: &(u64, u64)) -> bool {
-        self.by_start.contains_key(key)
+        self.tree.contains_key(key.0, key.1)
     }
 
     fn len(&self) -> usize {
-        self.by_start.len()
+        self.tree.len()
     }
 
-    /// The subscriptions overlapping `[s, e)`.
-    fn overlapping(&self, s: u64, e: u64) -> impl Iterator<Item = &Arc<IntervalSub>> {
-        let longest = self.lens.last_key_value().map_or(0, |(l, _)| *l);
-        self.by_start
-            .range((s.saturating_sub(longest), 0)..(e, 0))
-            .map(|(_, sub)| sub)
-            .filter(move |sub| sub.range.end().as_u64() > s)
+    /// The subscriptions overlapping `[s, e)`, in address order.
+    fn overlapping(&self, s: u64, e: u64) -> Vec<Arc<IntervalSub>> {
+        let mut hits = Vec::new();
+        self.tree
+            .for_each_overlapping(s, e, |sub| hits.push(Arc::clone(sub)));
+        hits
     }
 }
 
@@ -317,7 +306,7 @@ impl Itree {
             let mut st = self.state.lock();
             st.active_invalidate_ranges += 1;
             let (s, e) = (range.start().as_u64(), range.end().as_u64());
-            let hits: Vec<Arc<IntervalSub>> = st.tree.overlapping(s, e).map(Arc::clone).collect();
+            let hits = st.tree.overlapping(s, e);
             if !hits.is_empty() {
                 st.invalidate_seq |= 1;
             }
