@@ -157,7 +157,7 @@ pub(super) fn unmap_and_check(s: &mut State<'_, '_>) {
             try_to_migrate(s.held(), page);
         }
         let fm = page.folio().meta();
-        let file = !fm.flags().contains(FrameFlags::ANON) && fm.mapping().is_some();
+        let file = !fm.flags().contains(FrameFlags::ANON) && fm.mapping_id().is_some();
         let expected = 1 + u32::from(s.fault_page == Some(page.nr())) + u32::from(file);
         if folio_mapped(s.phys(), page.folio()) || fm.refcount() > expected || fm.pincount() > 0 {
             s.restore(i);

@@ -15,6 +15,7 @@
 //! address space that maps them; `fork` copies these entries (`VM_MIXEDMAP` is in
 //! `VM_COPY_ON_FORK`).
 
+use crate::phys::MappingHandle;
 use std::sync::{Arc, Weak};
 
 use thiserror::Error;
@@ -51,9 +52,10 @@ pub trait VmOps: Send + Sync {
 /// What backs a driver mapping: the driver's operations and the address spaces mapping
 /// them (the driver file's `address_space`).
 pub(crate) struct DriverMapping {
-    this: Weak<DriverMapping>,
     pub(crate) ops: Arc<dyn VmOps>,
     pub(crate) mappers: MmSet,
+    /// What the pages it adopts store as their mapping.
+    handle: MappingHandle,
 }
 
 impl DriverMapping {
@@ -61,9 +63,8 @@ impl DriverMapping {
     /// belongs somewhere.
     pub(crate) fn adopt(&self, page: &FrameRef<'_>, pgoff: u64) {
         let meta = page.folio().meta();
-        if meta.mapping().is_none() {
-            let owner: Weak<DriverMapping> = self.this.clone();
-            meta.set_mapping(owner, pgoff);
+        if meta.mapping_id().is_none() {
+            meta.set_mapping(self.handle.id(), pgoff);
         }
     }
 }
@@ -84,10 +85,10 @@ impl Mm {
                 what: "MAP_HUGETLB with a driver mapping",
             });
         }
-        let mapping = Arc::new_cyclic(|this| DriverMapping {
-            this: this.clone(),
+        let mapping = Arc::new_cyclic(|this: &Weak<DriverMapping>| DriverMapping {
             ops,
             mappers: MmSet::default(),
+            handle: MappingHandle::register(this.clone()),
         });
         self.do_mmap_driver(addr, len, prot, flags, mapping)
     }

@@ -186,7 +186,7 @@ impl std::fmt::Debug for MmapReadGuard<'_> {
 impl Mm {
     /// A new, empty address space on `phys`.
     pub fn new(phys: Arc<PhysMem>) -> Arc<Mm> {
-        Self::new_in_family(phys, Arc::default())
+        Self::new_in_family(phys, AnonVma::new())
     }
 
     /// A new, empty address space whose anonymous folios belong to `anon_vma`.
@@ -278,9 +278,8 @@ impl Mm {
         vma: &Vma,
         addr: VirtAddr,
     ) {
-        let owner: Weak<AnonVma> = Arc::downgrade(&self.anon_vma);
         frame.meta().set_mapping(
-            owner,
+            self.anon_vma.handle.id(),
             vma.pgoff_of(addr.align_down(PAGE_SIZE << frame.meta().order())),
         );
     }

@@ -53,7 +53,7 @@ use crate::sync::Mutex;
 use crate::addr::{DevicePfn, Pfn, VaRange, VirtAddr, PAGE_SHIFT};
 use crate::notifier::MmId;
 use crate::pgtable::{Huge, MigrationPfn, Pte, Slot, WalkMode};
-use crate::phys::{FrameRef, PhysMem, Zone};
+use crate::phys::{FrameRef, MappingHandle, PhysMem, Zone};
 
 use super::driver::DriverMapping;
 use super::shmem::ShmemObject;
@@ -81,9 +81,20 @@ impl MmSet {
 /// The anonymous-memory family of an address space and its fork descendants (the
 /// kernel's root `anon_vma`).
 #[doc(alias = "anon_vma")]
-#[derive(Default)]
 pub(crate) struct AnonVma {
     pub(crate) mms: MmSet,
+    /// What its folios store as their mapping.
+    pub(crate) handle: MappingHandle,
+}
+
+impl AnonVma {
+    /// A new family with no member yet.
+    pub(crate) fn new() -> Arc<AnonVma> {
+        Arc::new_cyclic(|this: &Weak<AnonVma>| AnonVma {
+            mms: MmSet::default(),
+            handle: MappingHandle::register(this.clone()),
+        })
+    }
 }
 
 /// What a folio belongs to, downcast from its metadata.

@@ -12,6 +12,7 @@
 //! under the page-table lock before they install an entry; truncation stores the new size
 //! before it zaps the mappings, so a fault either sees the new size or is zapped.
 
+use crate::phys::MappingHandle;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -35,7 +36,6 @@ pub(crate) enum PageError {
 
 /// An in-memory file or shared anonymous memory object.
 pub(crate) struct ShmemObject {
-    this: Weak<ShmemObject>,
     phys: Arc<PhysMem>,
     /// Unnamed shared anonymous memory (as opposed to a [`MemFile`](super::MemFile)).
     anonymous: bool,
@@ -45,6 +45,8 @@ pub(crate) struct ShmemObject {
     pub(crate) mappers: MmSet,
     /// For a hugetlbfs file: its reservations.
     hugetlb: Option<HugetlbResv>,
+    /// What its pages store as their mapping.
+    handle: MappingHandle,
 }
 
 /// The reservations of a hugetlb mapping (the kernel's `resv_map`): the 2 MiB indices not
@@ -68,14 +70,14 @@ impl ShmemObject {
         anonymous: bool,
         hugetlb: Option<HugetlbResv>,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|this| ShmemObject {
-            this: this.clone(),
+        Arc::new_cyclic(|this: &Weak<ShmemObject>| ShmemObject {
             phys,
             anonymous,
             size: AtomicU64::new(size),
             pages: Mutex::new(BTreeMap::new()),
             mappers: MmSet::default(),
             hugetlb,
+            handle: MappingHandle::register(this.clone()),
         })
     }
 
@@ -155,8 +157,7 @@ impl ShmemObject {
             self.phys.alloc_zeroed(0, flags).map_err(PageError::NoMem)?
         };
         let pfn = f.pfn();
-        let owner: Weak<ShmemObject> = self.this.clone();
-        f.meta().set_mapping(owner, pgoff);
+        f.meta().set_mapping(self.handle.id(), pgoff);
         // One reference for the object, one for the caller.
         f.meta().get();
         pages.insert(pgoff, f.into_raw());

@@ -23,10 +23,12 @@
 
 use crate::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::any::Any;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crate::sync::{Condvar, Mutex};
 use bitflags::bitflags;
+
+use super::mapping::MappingId;
 
 bitflags! {
     /// Flags of a frame (the kernel's page flags that the model needs).
@@ -67,11 +69,6 @@ bitflags! {
     }
 }
 
-/// What a folio belongs to (the kernel's `folio->mapping`): the anonymous family or the
-/// file whose reverse map finds its mappings. The layer above stores its own types here and
-/// downcasts them; a weak reference, so a folio never keeps its owner alive.
-pub type FolioMapping = Weak<dyn Any + Send + Sync>;
-
 /// The metadata of one frame.
 ///
 /// For a compound folio the head page's `refcount`, `flags`, `pincount` and mapping describe
@@ -86,7 +83,8 @@ pub struct FrameMeta {
     flags: AtomicU32,
     order: AtomicU8,
     index: AtomicU64,
-    mapping: crate::sync::Mutex<Option<FolioMapping>>,
+    /// What the folio belongs to: a [`MappingId`]'s word, 0 for nothing.
+    mapping: AtomicU64,
     zone_device_data: AtomicU64,
 }
 
@@ -144,16 +142,22 @@ impl FrameMeta {
 
     /// Records what the folio belongs to and its page index there (`folio->mapping`,
     /// `folio->index`).
-    pub fn set_mapping(&self, mapping: FolioMapping, index: u64) {
+    pub fn set_mapping(&self, mapping: MappingId, index: u64) {
         self.index.store(index, Ordering::Relaxed);
-        *self.mapping.lock() = Some(mapping);
+        self.mapping.store(mapping.as_u64(), Ordering::Release);
+    }
+
+    /// What the folio belongs to, without looking the owner up (`folio->mapping` as a
+    /// word: cheap, for "does it belong anywhere").
+    pub fn mapping_id(&self) -> Option<MappingId> {
+        MappingId::from_u64(self.mapping.load(Ordering::Acquire))
     }
 
     /// What the folio belongs to, if that still exists, and its page index there.
     #[doc(alias = "folio_mapping")]
     pub fn mapping(&self) -> Option<(Arc<dyn Any + Send + Sync>, u64)> {
-        let m = self.mapping.lock().as_ref()?.upgrade()?;
-        Some((m, self.index.load(Ordering::Relaxed)))
+        let owner = self.mapping_id()?.owner()?;
+        Some((owner, self.index.load(Ordering::Relaxed)))
     }
 
     /// The device driver's word for this page (`page->zone_device_data`); 0 until set.
@@ -170,7 +174,7 @@ impl FrameMeta {
 
     /// Forgets the mapping (the folio is being freed).
     pub(crate) fn clear_mapping(&self) {
-        *self.mapping.lock() = None;
+        self.mapping.store(0, Ordering::Relaxed);
     }
 
     /// Number of pins (`pin_user_pages`).
@@ -213,7 +217,7 @@ impl FrameMeta {
         self.mapcount.store(0, Ordering::Relaxed);
         self.entire_mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
-        *self.mapping.lock() = None;
+        self.mapping.store(0, Ordering::Relaxed);
         self.refcount.store(1, Ordering::Release);
     }
 
@@ -224,7 +228,7 @@ impl FrameMeta {
         self.mapcount.store(0, Ordering::Relaxed);
         self.entire_mapcount.store(0, Ordering::Relaxed);
         self.pincount.store(0, Ordering::Relaxed);
-        *self.mapping.lock() = None;
+        self.mapping.store(0, Ordering::Relaxed);
         self.refcount.store(0, Ordering::Release);
     }
 
@@ -285,12 +289,12 @@ impl FrameMeta {
     /// Copies the mapping of `head`, at `head`'s index plus `offset` (a split page, or the
     /// destination of a migration).
     pub(crate) fn inherit_mapping(&self, head: &FrameMeta, offset: u64) {
-        let m = head.mapping.lock().clone();
+        let m = head.mapping.load(Ordering::Acquire);
         self.index.store(
             head.index.load(Ordering::Relaxed) + offset,
             Ordering::Relaxed,
         );
-        *self.mapping.lock() = m;
+        self.mapping.store(m, Ordering::Release);
     }
 
     /// Drops a reference; returns true when it was the last one and the frame must be freed.

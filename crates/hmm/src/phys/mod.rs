@@ -33,6 +33,7 @@ mod cpu;
 mod frame;
 mod hugetlb;
 mod io;
+mod mapping;
 mod meta;
 mod pcp;
 mod region;
@@ -45,7 +46,8 @@ use thiserror::Error;
 pub use alloc::AllocError;
 pub use frame::{copy_folios, Frame, FrameRef, Freed, LockedFolio};
 pub use hugetlb::HugetlbStats;
-pub use meta::{FolioMapping, FrameFlags, FrameMeta, GetFrameError};
+pub use mapping::{MappingHandle, MappingId};
+pub use meta::{FrameFlags, FrameMeta, GetFrameError};
 
 use crate::addr::{DevicePfn, Pfn, PMD_ORDER, PMD_SIZE};
 use crate::fault_inject::FaultAttr;
