@@ -3,18 +3,25 @@
 //!
 //! For each size, with 4 KiB pages or THPs: a private region is filled, migrated to a
 //! device-private pagemap (`sys_to_dev`) and back (`dev_to_sys`) through `migrate_vma`
-//! (setup, copy, pages, finalize, 512 pages per call as the reference driver does), and
-//! a plain `copy_from_slice` of the same number of bytes between two warm buffers is timed
-//! alongside. THPs migrate as units (`SELECT_COMPOUND`): each 2 MiB goes to one device THP
-//! and comes back as one system THP. An untimed round trip comes first, so the device
-//! memory is as warm as the memcpy buffers. Each figure is the median of the iterations
-//! (at least 9 for the memcpy, which costs little); every byte is checked after every
-//! round trip. `--threads N` migrates N slices of the region concurrently (and copies N
-//! slices for the baseline); each round then also migrates the same region, and copies the
-//! same bytes, on one thread, first or second in turn, and the row's `speedup` and
-//! `memcpy_speedup` are the medians of the rounds' ratios of the one-thread time to the
-//! N-thread time, with their intervals ([`PairedRatio`]): the machine's drift between
-//! runs does not enter them, and the memcpy's says how far the machine itself scales.
+//! (setup, copy, pages, finalize, 512 pages per call as the reference driver does). THPs
+//! migrate as units (`SELECT_COMPOUND`): each 2 MiB goes to one device THP and comes back
+//! as one system THP. An untimed round trip comes first, so the device memory is as warm
+//! as the baseline's buffers; every byte is checked after every round trip.
+//!
+//! The baseline is a plain `copy_from_slice` of the same number of bytes between two warm
+//! buffers, timed in every round next to the migrations (before them in even rounds,
+//! after them in odd ones). A row's `ratio` is the median over the rounds of memcpy's time
+//! over the migration's time *in the same round*, with its interval ([`PairedRatio`]):
+//! memcpy's own speed changes with the size on this host, and the shared machine's
+//! interference changes from one moment to the next, so a ratio of medians taken at
+//! different moments would measure the machine as much as the migration. `gbps` and
+//! `memcpy_gbps` are the median rounds, for reference.
+//!
+//! `--threads N` migrates N slices of the region concurrently (and copies N slices for the
+//! baseline); each round then also migrates the same region, and copies the same bytes, on
+//! one thread, first or second in turn, and the row's `speedup` and `memcpy_speedup` are
+//! the medians of the rounds' ratios of the one-thread time to the N-thread time, with
+//! their intervals: the memcpy's says how far the machine itself scales.
 
 use std::error::Error;
 use std::sync::Arc;
@@ -43,9 +50,13 @@ pub(crate) struct MigrateRow {
     thp: bool,
     direction: &'static str,
     threads: usize,
+    /// The median round.
     gbps: f64,
+    /// The median round of the memcpy baseline paired with this row's rounds.
     memcpy_gbps: f64,
-    ratio: f64,
+    /// Migration's speed over memcpy's (memcpy's time over migration's), round by round:
+    /// the median of the rounds and its interval.
+    ratio: PairedRatio,
     /// With more than one thread: one thread's time over this row's, round by round on
     /// the same region (the median of the rounds and its interval).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -273,33 +284,40 @@ fn migrate_all(
     Ok((t, total))
 }
 
-/// Times of copying `size` bytes between two warm buffers, round by round: on `threads`
-/// threads and, when that is more than one, on one thread in the same round (first or
-/// second in turn).
-fn memcpy_times(size: u64, threads: usize, iters: usize) -> (Vec<Duration>, Vec<Duration>) {
-    let src: Vec<u8> = (0..size).map(byte).collect();
-    let per = (size as usize).div_ceil(threads);
-    let dst: Vec<std::sync::Mutex<Vec<u8>>> = src
-        .chunks(per)
-        .map(|c| std::sync::Mutex::new(vec![1u8; c.len()]))
-        .collect();
-    let copy = |k: usize| {
-        let mut d = dst[k].lock().expect("one thread per slice");
+/// The baseline: `size` bytes copied between two warm buffers, in `threads` slices at
+/// once (one per thread) or all on one thread.
+struct Memcpy {
+    src: Vec<u8>,
+    per: usize,
+    dst: Vec<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Memcpy {
+    fn new(size: u64, threads: usize) -> Memcpy {
+        let src: Vec<u8> = (0..size).map(byte).collect();
+        let per = (size as usize).div_ceil(threads);
+        let dst = src
+            .chunks(per)
+            .map(|c| std::sync::Mutex::new(vec![1u8; c.len()]))
+            .collect();
+        Memcpy { src, per, dst }
+    }
+
+    fn copy(&self, k: usize) {
+        let mut d = self.dst[k].lock().expect("one thread per slice");
         let len = d.len();
-        d.copy_from_slice(&src[k * per..k * per + len]);
-    };
-    let (mut many, mut one) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
-    for round in 0..iters {
-        for n in runs(threads, round) {
-            if n == threads {
-                many.push(timed_parallel(dst.len(), copy).0);
-            } else {
-                one.push(timed_parallel(1, |_| (0..dst.len()).for_each(copy)).0);
-            }
+        d.copy_from_slice(&self.src[k * self.per..k * self.per + len]);
+        std::hint::black_box(&mut *d);
+    }
+
+    /// Times one copy of everything on `threads` threads (the slices) or one.
+    fn time(&self, threads: usize) -> Duration {
+        if threads == 1 {
+            timed_parallel(1, |_| (0..self.dst.len()).for_each(|k| self.copy(k))).0
+        } else {
+            timed_parallel(self.dst.len(), |k| self.copy(k)).0
         }
     }
-    std::hint::black_box(&dst);
-    (many, one)
 }
 
 /// The thread counts of a round, in order: `threads` alone, or `threads` and one, the
@@ -342,14 +360,15 @@ pub(crate) fn migrate_rows(
             )
             .into());
         }
-        // The copy is cheap next to the migrations: more rounds for a steadier baseline.
-        let (copies, one_copy) = memcpy_times(size, threads, iters.max(9));
-        let memcpy = gbps(size, median(copies.clone()));
-        let memcpy_speedup = PairedRatio::new(&one_copy, &copies);
+        let copier = Memcpy::new(size, threads);
+        copier.time(threads); // warms both buffers
         for thp in [false, true] {
-            // Per direction, the times on `threads` threads and (when more) on one.
+            // Per direction and for the memcpy, the times of every round on `threads`
+            // threads and (when more) on one, each memcpy paired with the migrations of
+            // its round.
             let mut to_dev = (Vec::new(), Vec::new());
             let mut to_sys = (Vec::new(), Vec::new());
+            let mut copies = (Vec::new(), Vec::new());
             for round in 0..iters {
                 if round > 0 && interrupt::requested() {
                     break;
@@ -362,6 +381,10 @@ pub(crate) fn migrate_rows(
                 migrate_all(&s, threads, true)?;
                 migrate_all(&s, threads, false)?;
                 for n in runs(threads, round) {
+                    // The memcpy goes before the migrations in even rounds, after them in
+                    // odd ones, so neither always runs on a cache the other warmed.
+                    let memcpy_first = round % 2 == 0;
+                    let copy_before = memcpy_first.then(|| copier.time(n));
                     let (t, moved) = migrate_all(&s, n, true)?;
                     if moved != size / PAGE_SIZE {
                         return Err(format!(
@@ -376,13 +399,15 @@ pub(crate) fn migrate_rows(
                             format!("{moved} of {} pages came back", size / PAGE_SIZE).into()
                         );
                     }
-                    let (dev, sys) = if n == threads {
-                        (&mut to_dev.0, &mut to_sys.0)
+                    let copy = copy_before.unwrap_or_else(|| copier.time(n));
+                    let (dev, sys, cp) = if n == threads {
+                        (&mut to_dev.0, &mut to_sys.0, &mut copies.0)
                     } else {
-                        (&mut to_dev.1, &mut to_sys.1)
+                        (&mut to_dev.1, &mut to_sys.1, &mut copies.1)
                     };
                     dev.push(t);
                     sys.push(t_back);
+                    cp.push(copy);
                 }
                 let mut back = vec![0u8; size as usize];
                 s.mm.read(s.base, &mut back)?;
@@ -390,16 +415,17 @@ pub(crate) fn migrate_rows(
                     return Err("bytes changed across a round trip".into());
                 }
             }
+            let memcpy = gbps(size, median(copies.0.clone()));
+            let memcpy_speedup = PairedRatio::new(&copies.1, &copies.0);
             for (direction, (times, one)) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
-                let g = gbps(size, median(times.clone()));
                 let row = MigrateRow {
                     size_bytes: size,
                     thp,
                     direction,
                     threads,
-                    gbps: g,
+                    gbps: gbps(size, median(times.clone())),
                     memcpy_gbps: memcpy,
-                    ratio: g / memcpy,
+                    ratio: PairedRatio::new(&copies.0, &times).ok_or("no rounds")?,
                     speedup: PairedRatio::new(&one, &times),
                     memcpy_speedup,
                 };
@@ -414,27 +440,27 @@ pub(crate) fn migrate_rows(
 /// Prints rows as a table.
 pub(crate) fn print_table(rows: &[MigrateRow]) {
     outln!(
-        "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11} {:>7}  {:<26} memcpy's speedup",
+        "{:>10} {:>5} {:>11} {:>7} {:>9} {:>11}  {:<24} {:<26} memcpy's speedup",
         "size",
         "thp",
         "direction",
         "threads",
         "GB/s",
         "memcpy GB/s",
-        "ratio",
+        "ratio to memcpy",
         "speedup over 1 thread"
     );
     let show = |p: Option<PairedRatio>| p.map_or(String::new(), |p| format!("{p:.2}"));
     for r in rows {
         outln!(
-            "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2} {:>7.2}  {:<26} {}",
+            "{:>10} {:>5} {:>11} {:>7} {:>9.2} {:>11.2}  {:<24} {:<26} {}",
             human(r.size_bytes),
             r.thp,
             r.direction,
             r.threads,
             r.gbps,
             r.memcpy_gbps,
-            r.ratio,
+            format!("{:.2}", r.ratio),
             show(r.speedup),
             show(r.memcpy_speedup)
         );
