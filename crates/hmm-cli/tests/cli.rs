@@ -99,18 +99,17 @@ fn bench_all_quick_reports_every_scenario_and_plots_it() {
             row["memcpy_gbps"].as_f64().unwrap(),
         );
         assert!(g > 0.0 && m > 0.0, "{row}");
-        assert!(
-            (row["ratio"].as_f64().unwrap() - g / m).abs() < 1e-9,
-            "{row}"
-        );
-        // Two-thread rows compare with one thread round by round; one-thread rows don't.
+        // The ratio to memcpy is paired round by round, as are the speedups of the
+        // two-thread rows (one-thread rows have none); the quick plan runs one round.
+        let ratio = &row["ratio"];
+        assert_eq!(ratio["rounds"], 1, "{row}");
+        let median = ratio["median"].as_f64().unwrap();
+        assert!(median > 0.0 && ratio["low"] == ratio["high"], "{row}");
         for key in ["speedup", "memcpy_speedup"] {
             if row["threads"] == 1 {
                 assert!(row[key].is_null(), "{row}");
             } else {
-                // The memcpy takes at least 9 rounds, the migration the plan's one.
-                let rounds = row[key]["rounds"].as_u64().unwrap();
-                assert_eq!(rounds, if key == "speedup" { 1 } else { 9 }, "{row}");
+                assert_eq!(row[key]["rounds"], 1, "{row}");
                 assert!(row[key]["median"].as_f64().unwrap() > 0.0, "{row}");
             }
         }
