@@ -152,6 +152,10 @@ pub struct MmStats {
     pub thp_collapse: u64,
     /// THPs split into small pages after part of them was unmapped (`thp_split_page`).
     pub thp_split_folio: u64,
+    /// Reverse-map walks that visited this address space (a folio's walk visits the
+    /// address spaces that can map it: see `mm::rmap`).
+    #[doc(alias = "rmap_walk")]
+    pub rmap_visits: u64,
     /// Migrations.
     pub migrate: MigrateStats,
     /// Passes over drivers' ranges.
@@ -196,6 +200,7 @@ impl MmStats {
             thp_split_pmd: d(self.thp_split_pmd, earlier.thp_split_pmd),
             thp_collapse: d(self.thp_collapse, earlier.thp_collapse),
             thp_split_folio: d(self.thp_split_folio, earlier.thp_split_folio),
+            rmap_visits: d(self.rmap_visits, earlier.rmap_visits),
             migrate: MigrateStats {
                 setups: d(self.migrate.setups, earlier.migrate.setups),
                 pages_collected: d(
@@ -234,6 +239,7 @@ pub(crate) struct MmCounters {
     migrate_restored: AtomicU64,
     thp_collapse: AtomicU64,
     thp_split_folio: AtomicU64,
+    rmap_visits: AtomicU64,
     range_walks_hmm: AtomicU64,
     range_walks_migrate: AtomicU64,
     range_walk_restarts: AtomicU64,
@@ -275,6 +281,10 @@ impl MmCounters {
 
     pub(crate) fn thp_split_folio(&self) {
         self.thp_split_folio.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn rmap_visit(&self) {
+        self.rmap_visits.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn migrate_setup(&self, collected: u64) {
@@ -329,6 +339,7 @@ impl MmCounters {
             thp_split_pmd: self.thp_split_pmd.load(Relaxed),
             thp_collapse: self.thp_collapse.load(Relaxed),
             thp_split_folio: self.thp_split_folio.load(Relaxed),
+            rmap_visits: self.rmap_visits.load(Relaxed),
             migrate: MigrateStats {
                 setups: self.migrate_setups.load(Relaxed),
                 pages_collected: self.migrate_collected.load(Relaxed),

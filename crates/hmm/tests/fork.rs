@@ -286,3 +286,63 @@ fn dontfork_leaves_the_range_out_of_the_child_and_the_parent_unprotected() {
     ));
     assert_eq!(m.mm.vmas().len(), 1);
 }
+
+/// The pfn mapped at `a` in `mm`.
+fn pfn_at(mm: &Mm, a: hmm::addr::VirtAddr) -> hmm::addr::Pfn {
+    hmm::addr::Pfn::new(mm.pagemap(a, 1).unwrap()[0].pfn.unwrap())
+}
+
+#[test]
+fn a_walk_visits_the_address_spaces_that_can_map_the_folio_and_no_other() {
+    // A root and three children; the second child forks a grandchild.
+    let m = Machine::new(16);
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    m.mm.write_val(a, 1u64).unwrap();
+    let kids: Vec<Arc<Mm>> = (0..3).map(|_| m.mm.fork().unwrap()).collect();
+    let grandchild = kids[1].fork().unwrap();
+    let family: Vec<&Arc<Mm>> = std::iter::once(&m.mm)
+        .chain(&kids)
+        .chain(std::iter::once(&grandchild))
+        .collect();
+    let visits = || -> Vec<u64> { family.iter().map(|mm| mm.stats().rmap_visits).collect() };
+
+    // The root's page from before the forks: every member can map it.
+    let before = visits();
+    assert_eq!(folio_mappings(&m.phys, pfn_at(&m.mm, a)).len(), 5);
+    let after = visits();
+    assert!(
+        after.iter().zip(&before).all(|(x, y)| x - y == 1),
+        "{after:?}"
+    );
+
+    // A page the second child faulted in after the fork: itself and its grandchild only.
+    let b = page(a, 1);
+    kids[1].write_val(b, 2u64).unwrap();
+    let g2 = kids[1].fork().unwrap(); // one more descendant, after the fault
+    let before = visits();
+    let (b0, g2_before) = (before.clone(), g2.stats().rmap_visits);
+    assert_eq!(folio_mappings(&m.phys, pfn_at(&kids[1], b)).len(), 2);
+    let d: Vec<u64> = visits().iter().zip(&b0).map(|(x, y)| x - y).collect();
+    assert_eq!(d, vec![0, 0, 1, 0, 1], "root, kids 0..3, grandchild");
+    assert_eq!(g2.stats().rmap_visits - g2_before, 1);
+}
+
+#[test]
+fn pages_of_an_exited_parent_keep_their_reverse_map_in_the_child() {
+    let m = Machine::new(16);
+    let a = m.map(1, RW, MapFlags::PRIVATE);
+    m.mm.write_val(a, 0x5eed_u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    let pfn = pfn_at(&child, a);
+    let Machine { phys, mm, .. } = m;
+    drop(mm); // the parent exits; the page stays mapped in the child
+    assert_eq!(phys.nr_in_use(), 1);
+    let maps = folio_mappings(&phys, pfn);
+    assert_eq!(maps.len(), 1, "the child's mapping is still found");
+    // The child's write reuses the page it now maps alone, and a migration (which must
+    // find the mapping through the reverse map to put it back) keeps its bytes.
+    child.write_val(a, 0xfeed_u64).unwrap();
+    assert_eq!(child.stats().faults.wp_reuse, 1);
+    child.audit().unwrap();
+    assert_eq!(child.read_val::<u64>(a).unwrap(), 0xfeed);
+}

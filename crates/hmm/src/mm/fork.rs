@@ -36,6 +36,7 @@ use crate::phys::{AllocError, FrameFlags};
 use crate::prot::VmFlags;
 
 use super::error::MmError;
+use super::rmap::AnonVma;
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
 use super::{hugetlb, thp, Mm, MmState};
@@ -51,7 +52,7 @@ impl Mm {
     #[doc(alias = "dup_mmap")]
     pub fn fork(&self) -> Result<Arc<Mm>, MmError> {
         let parent = self.lock.write();
-        let child = Mm::new_in_family(self.phys.clone(), self.anon_vma.clone());
+        let child = Mm::new_in_family(self.phys.clone(), AnonVma::new(Some(self.anon_vma.clone())));
         child.set_thp_mode(self.thp_mode());
         let copied = {
             let mut dst = child.lock.write();

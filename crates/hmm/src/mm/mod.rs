@@ -101,7 +101,7 @@ pub struct Mm {
     id: MmId,
     /// This address space, weakly (what reverse maps hold).
     this: Weak<Mm>,
-    /// The fork family its anonymous folios belong to.
+    /// What the anonymous folios it faults in belong to (chained to its ancestors').
     anon_vma: Arc<AnonVma>,
     phys: Arc<PhysMem>,
     lock: RwLock<MmState>,
@@ -186,10 +186,11 @@ impl std::fmt::Debug for MmapReadGuard<'_> {
 impl Mm {
     /// A new, empty address space on `phys`.
     pub fn new(phys: Arc<PhysMem>) -> Arc<Mm> {
-        Self::new_in_family(phys, AnonVma::new())
+        Self::new_in_family(phys, AnonVma::new(None))
     }
 
-    /// A new, empty address space whose anonymous folios belong to `anon_vma`.
+    /// A new, empty address space whose anonymous folios belong to `anon_vma`, a new one
+    /// (chained to the parent's for a fork child).
     fn new_in_family(phys: Arc<PhysMem>, anon_vma: Arc<AnonVma>) -> Arc<Mm> {
         let id = MmId::new_unique();
         let mm = Arc::new_cyclic(|this| Mm {
@@ -206,7 +207,7 @@ impl Mm {
             thp: thp::ThpSetting::default(),
             deferred_split: crate::sync::Mutex::new(Vec::new()),
         });
-        mm.anon_vma.mms.add(&mm.this);
+        mm.anon_vma.add_to_chain(&mm.this);
         mm
     }
 

@@ -5,8 +5,8 @@
 //! its page index there (`folio->mapping`, `folio->index`, see
 //! [`FrameMeta::set_mapping`](crate::phys::FrameMeta::set_mapping)):
 //!
-//! * an anonymous folio belongs to the [`AnonVma`] of its address space's fork family (the
-//!   kernel's root `anon_vma`), and its index is the VMA's page offset at the faulting
+//! * an anonymous folio belongs to the [`AnonVma`] of the address space that faulted it
+//!   in (the kernel's `anon_vma`), and its index is the VMA's page offset at the faulting
 //!   address. Anonymous VMAs get `pgoff = start >> PAGE_SHIFT` at `mmap` and keep it across
 //!   splits, `mremap` and `fork`, so `addr = vma.start + (index - vma.pgoff) * PAGE_SIZE`
 //!   holds in every address space that maps the folio;
@@ -14,10 +14,13 @@
 //!   index is its offset in the object (the kernel's `i_mmap` walk).
 //!
 //! A walk visits each live member address space, computes the address in every VMA whose
-//! page offsets cover the folio, and reads the entries there. The family is shared by a
-//! parent and all its fork descendants (the kernel gives each child its own `anon_vma`
-//! chained to the root; sharing the root visits more address spaces but finds the same
-//! mappings, since each candidate is checked against the entry).
+//! page offsets cover the folio, and reads the entries there. Each address space has its
+//! own `AnonVma`, chained to its parent's; a fork adds the child to its own and to every
+//! ancestor's, so the members of a folio's `AnonVma` are the address space that faulted
+//! it in and its descendants: the ones that can map it. The kernel's chain is per VMA
+//! (`anon_vma_chain`) and its members are VMAs in an interval tree; here it is per
+//! address space, and the walk looks through the member's VMAs for the offsets. A
+//! child's own pages cost one visit in a family of any size (`benches/rmap.rs`).
 //!
 //! # Locking
 //!
@@ -78,22 +81,56 @@ impl MmSet {
     }
 }
 
-/// The anonymous-memory family of an address space and its fork descendants (the
-/// kernel's root `anon_vma`).
+/// What the anonymous folios an address space faults in belong to (the kernel's
+/// `anon_vma`): the address spaces that can map them are that one and its fork
+/// descendants, and no other.
+///
+/// Each address space has its own, chained to its parent's (`anon_vma_fork`). A fork adds
+/// the child to its own `AnonVma` and to every ancestor's, so a folio's walk visits the
+/// address space that faulted it in and the ones forked from it since: a child's own pages
+/// cost one visit however large the family, where the parent's pages from before a fork
+/// are visited in every child. The chain holds its ancestors alive (`anon_vma->parent`),
+/// so a folio mapped in a child keeps its owner after the parent exits.
 #[doc(alias = "anon_vma")]
 pub(crate) struct AnonVma {
     pub(crate) mms: MmSet,
+    /// The parent address space's, at the time of the fork.
+    parent: Option<Arc<AnonVma>>,
     /// What its folios store as their mapping.
     pub(crate) handle: MappingHandle,
 }
 
 impl AnonVma {
-    /// A new family with no member yet.
-    pub(crate) fn new() -> Arc<AnonVma> {
+    /// A new one with no member yet, below `parent` (`anon_vma_alloc`).
+    pub(crate) fn new(parent: Option<Arc<AnonVma>>) -> Arc<AnonVma> {
         Arc::new_cyclic(|this: &Weak<AnonVma>| AnonVma {
             mms: MmSet::default(),
+            parent,
             handle: MappingHandle::register(this.clone()),
         })
+    }
+
+    /// Adds `mm` to this one and to every ancestor: the folios of each can now be mapped
+    /// there (`anon_vma_fork`'s chain clone).
+    pub(crate) fn add_to_chain(&self, mm: &Weak<Mm>) {
+        let mut av = Some(self);
+        while let Some(a) = av {
+            a.mms.add(mm);
+            av = a.parent.as_deref();
+        }
+    }
+}
+
+impl Drop for AnonVma {
+    /// Unlinks a long chain one link at a time instead of recursively.
+    fn drop(&mut self) {
+        let mut next = self.parent.take();
+        while let Some(p) = next {
+            next = match Arc::try_unwrap(p) {
+                Ok(mut only) => only.parent.take(),
+                Err(_) => None,
+            };
+        }
     }
 }
 
@@ -185,6 +222,7 @@ pub(crate) fn rmap_walk_range(
         Owner::Unknown => return,
     };
     let mut scan = |mm: &Mm, st: &MmState| {
+        mm.counters().rmap_visit();
         for v in st.vmas.iter() {
             // Anonymous pages live in private VMAs, other pages in VMAs of their owner.
             let ours = match (v.backing(), owner) {
