@@ -57,11 +57,29 @@ pub(crate) struct VmShared {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) thrashing: Option<ThrashingDetector>,
     /// Thrashing histories by virtual page number (a leaf lock: nothing is taken under it).
-    pub(crate) history: Mutex<HashMap<u64, PageHistory>>,
+    pub(crate) history: Mutex<Histories>,
 }
 
-/// Histories kept before old ones are pruned.
+/// Histories kept before old ones are first pruned.
 const HISTORY_PRUNE_AT: usize = 1 << 16;
+
+/// The thrashing detector's per-page histories, pruned of old ones when they grow past
+/// `prune_at`; the mark then moves to twice what is left, so that a working set of recent
+/// pages larger than the first mark is not scanned again at every migration (which made
+/// a run of 262144 recent pages quadratic).
+pub(crate) struct Histories {
+    pages: HashMap<u64, PageHistory>,
+    prune_at: usize,
+}
+
+impl Default for Histories {
+    fn default() -> Self {
+        Histories {
+            pages: HashMap::new(),
+            prune_at: HISTORY_PRUNE_AT,
+        }
+    }
+}
 
 impl VmShared {
     /// Records a migration (either way) of each page in `vpns` with the thrashing detector.
@@ -70,7 +88,7 @@ impl VmShared {
         let now = self.clock.now_ns();
         let mut h = self.history.lock();
         for vpn in vpns {
-            let e = d.on_migration(h.entry(vpn).or_default(), now);
+            let e = d.on_migration(h.pages.entry(vpn).or_default(), now);
             if e.detected {
                 add(&self.counters.thrash_detections, 1);
                 match e.hint {
@@ -80,9 +98,11 @@ impl VmShared {
                 }
             }
         }
-        if h.len() > HISTORY_PRUNE_AT {
+        if h.pages.len() > h.prune_at {
             let epoch = d.config.lapse_ns.saturating_mul(d.config.epoch_lapses);
-            h.retain(|_, p| now.saturating_sub(p.last_event) <= epoch || p.pinned_until > now);
+            h.pages
+                .retain(|_, p| now.saturating_sub(p.last_event) <= epoch || p.pinned_until > now);
+            h.prune_at = HISTORY_PRUNE_AT.max(2 * h.pages.len());
         }
     }
 
@@ -93,8 +113,12 @@ impl VmShared {
         };
         let now = self.clock.now_ns();
         let h = self.history.lock();
-        vpns.filter(|v| h.get(v).is_some_and(|p| d.hint(p, now) != ThrashHint::None))
-            .collect()
+        vpns.filter(|v| {
+            h.pages
+                .get(v)
+                .is_some_and(|p| d.hint(p, now) != ThrashHint::None)
+        })
+        .collect()
     }
 }
 
@@ -219,7 +243,7 @@ impl GpuVm {
             counters: Arc::clone(device.counters()),
             clock,
             thrashing,
-            history: Mutex::new(HashMap::new()),
+            history: Mutex::new(Histories::default()),
         });
         let id = device.register_vm(mm.id(), Arc::downgrade(&shared));
         Arc::new(GpuVm {
