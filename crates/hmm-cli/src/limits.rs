@@ -6,8 +6,8 @@
 //! the command can use. Sizes that depend on several options (a region of `--pages` and
 //! `--thps`, a buffer and its copies) are checked after parsing by [`check_ram`] and
 //! [`check_host`]:
-//! against the model's largest RAM ([`MAX_RAM`]: the simulated RAM is one section of the
-//! frame-number space) and against the host's available memory (`MemAvailable` in
+//! against the model's largest RAM ([`MAX_RAM`]: one section of the frame-number space,
+//! the most a device pagemap can be, since the commands size device memory like RAM) and against the host's available memory (`MemAvailable` in
 //! `/proc/meminfo`), with an estimate of what the command commits measured per command.
 //! The refusal says which limit was hit and the largest value that fits it.
 
@@ -18,8 +18,9 @@ use hmm::phys::MAX_SECTION_BYTES;
 
 /// 1 MiB.
 pub(crate) const MIB: u64 = 1 << 20;
-/// The model's largest simulated RAM (and device memory): one section of its frame-number
-/// space, 2^26 frames of 4 KiB, 256 GiB.
+/// The commands' largest simulated RAM (and device memory): one section of the model's
+/// frame-number space, 2^26 frames of 4 KiB, 256 GiB (the model's RAM alone may be up to
+/// `hmm::phys::MAX_RAM_BYTES`; its pagemaps are one section at most).
 pub(crate) const MAX_RAM: u64 = MAX_SECTION_BYTES;
 /// Pages in the largest RAM: no page count of any command can be more.
 pub(crate) const MAX_PAGES: u64 = MAX_RAM / PAGE_SIZE;

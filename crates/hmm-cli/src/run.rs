@@ -63,15 +63,19 @@ pub(crate) fn load(name_or_path: &str, set: &[String]) -> std::result::Result<Sc
 }
 
 /// Host memory a run of `s` may commit: the RAM and device memory it touches (at most all
-/// of them), their frame metadata (64 bytes a page, allocated up front), and each buffer
-/// twice more (its shadow, and the final read-back).
+/// of them, at most the buffers and the zero pages), the metadata of those frames (48
+/// bytes a page, committed as they are used), the allocators' block tables (72 bytes per
+/// 2 MiB of the machine, allocated up front), and each buffer twice more (its shadow, and
+/// the final read-back).
 fn host_bytes(s: &Scenario) -> u64 {
     let mib = |m: u64| m << 20;
     let ram = mib(s.machine.ram_mib);
     let vram: u64 = s.machine.gpus.iter().map(|g| mib(g.vram_mib)).sum();
     let buffers: u64 = s.buffers.iter().map(|b| mib(b.mib)).sum();
-    let metadata = (ram + vram) / 4096 * 64;
-    ram.min(buffers + (16 << 20)) + vram.min(buffers) + metadata + 2 * buffers
+    let touched = ram.min(buffers + (16 << 20)) + vram.min(buffers);
+    let metadata = touched / 4096 * 48;
+    let block_tables = (ram + vram) / (2 << 20) * 72;
+    touched + metadata + block_tables + 2 * buffers
 }
 
 /// The variants of `--compare key=a,b,...`: one `--set` each.

@@ -45,7 +45,7 @@ use hmm::mm::{
 use hmm::notifier::{
     IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierError, NotifierRange, Owner, Recorder,
 };
-use hmm::phys::{PhysConfig, PhysError, PhysMem, MAX_SECTION_BYTES};
+use hmm::phys::{PhysConfig, PhysError, PhysMem, MAX_RAM_BYTES, MAX_SECTION_BYTES};
 use hmm::range_fault::{hmm_range_fault, HmmError, HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig, PagemapError};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorError, HmmDmirrorCmd};
@@ -750,7 +750,7 @@ fn machines_pagemaps_and_fault_injection() {
         0,
         1 << 20,
         (4 << 20) + 4096,
-        MAX_SECTION_BYTES + PMD_SIZE,
+        MAX_RAM_BYTES + PMD_SIZE,
         u64::MAX - (PMD_SIZE - 1),
     ] {
         let e = PhysMem::new(PhysConfig::with_size(size)).unwrap_err();
@@ -758,7 +758,7 @@ fn machines_pagemaps_and_fault_injection() {
         // The message names every limit, the one hit included.
         let msg = e.to_string();
         assert!(
-            msg.contains("2 MiB") && msg.contains("4 MiB") && msg.contains("256 GiB"),
+            msg.contains("2 MiB") && msg.contains("4 MiB") && msg.contains("4096 GiB"),
             "{msg}"
         );
     }

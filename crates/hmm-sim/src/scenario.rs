@@ -319,8 +319,10 @@ fn line_of(text: Option<&str>, offset: usize) -> usize {
     })
 }
 
-/// The limits a scenario is checked against.
-const MAX_MIB: u64 = 256 * 1024;
+/// The limits a scenario is checked against: RAM up to the model's largest, a GPU's memory
+/// up to one pagemap (both committed on the host only as they are used).
+const MAX_RAM_MIB: u64 = hmm::phys::MAX_RAM_BYTES >> 20;
+const MAX_VRAM_MIB: u64 = hmm::phys::MAX_SECTION_BYTES >> 20;
 const MAX_GPUS: usize = 8;
 
 /// The most accesses one agent makes (passes included).
@@ -330,18 +332,18 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
     let invalid =
         |line: usize, field: String, why: String| ScenarioError::Invalid { line, field, why };
     let at = |sp: std::ops::Range<usize>| line_of(text, sp.start);
-    let mib = |v: u64, field: &str| {
-        if v == 0 || v % 2 != 0 || v > MAX_MIB {
+    let mib = |v: u64, field: &str, max: u64| {
+        if v == 0 || v % 2 != 0 || v > max {
             Err(invalid(
                 0,
                 field.into(),
-                format!("{v} MiB: must be a non-zero even number of MiB, at most {MAX_MIB}"),
+                format!("{v} MiB: must be a non-zero even number of MiB, at most {max}"),
             ))
         } else {
             Ok(())
         }
     };
-    mib(s.machine.ram_mib, "machine.ram_mib")?;
+    mib(s.machine.ram_mib, "machine.ram_mib", MAX_RAM_MIB)?;
     if s.machine.ram_mib < 8 {
         return Err(invalid(
             0,
@@ -360,7 +362,11 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
         ));
     }
     for (i, g) in s.machine.gpus.iter().enumerate() {
-        mib(g.vram_mib, &format!("machine.gpus[{i}].vram_mib"))?;
+        mib(
+            g.vram_mib,
+            &format!("machine.gpus[{i}].vram_mib"),
+            MAX_VRAM_MIB,
+        )?;
     }
     let one_of = |v: &str, field: &str, names: &[&str]| {
         if names.contains(&v) {
@@ -390,7 +396,7 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
     )?;
     let mut total = 0;
     for (i, b) in s.buffers.iter().enumerate() {
-        if b.mib == 0 || b.mib > MAX_MIB {
+        if b.mib == 0 || b.mib > MAX_RAM_MIB {
             return Err(invalid(
                 0,
                 format!("buffer[{i}].mib"),

@@ -1,42 +1,29 @@
-//! The frame arena: one lazily committed anonymous mapping that holds the bytes of every
-//! frame of a memory region.
+//! The frame arena: the bytes of every frame of a memory region, in one lazily committed
+//! zeroed mapping ([`ZeroedArray`]).
 //!
-//! This is the only module of the workspace with `unsafe` code. The arena is viewed as a
-//! slice of `AtomicU64` words and never in any other way, so two threads touching one frame
-//! (a CPU store racing a device read, say) are atomic accesses, not a Rust data race; the
-//! one piece of assembly, the streaming copy of [`stream_copy`], makes only accesses that
-//! are atomic on its target too. The
+//! With [`super::zeroed`] and `cpu`, this is one of the modules of the workspace with
+//! `unsafe` code. The arena is viewed as a slice of `AtomicU64` words and never in any
+//! other way, so two threads touching one frame (a CPU store racing a device read, say)
+//! are atomic accesses, not a Rust data race; the one piece of assembly, the streaming
+//! copy of [`stream_copy`], makes only accesses that are atomic on its target too. The
 //! protocols above (page-table locks, folio locks, migration entries) decide *which* bytes a
 //! reader sees; this layer only guarantees that seeing them is defined behaviour.
 //!
-//! The mapping is `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`: the host commits a page of
-//! it only when a frame is first written, so an arena sized for gigabytes costs nothing until
-//! it is used. Under Miri the arena is a plain heap allocation.
+//! The host commits a page of the arena only when a frame is first written, so an arena
+//! sized for terabytes costs nothing until it is used.
 
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::io::FrameWords;
+use super::zeroed::ZeroedArray;
 
 /// Number of 64-bit words in one 4 KiB frame.
 pub(crate) const WORDS_PER_FRAME: usize = 512;
 
-/// An owned, zero-initialised block of memory seen as `AtomicU64` words.
-///
-/// # Invariants
-///
-/// `ptr` points to `words` properly aligned, initialised (zero-filled) `AtomicU64`s that this
-/// value owns exclusively for its whole lifetime and releases in `drop`.
+/// The words of every frame of a region, zero until written.
 pub(crate) struct Arena {
-    ptr: NonNull<AtomicU64>,
-    words: usize,
+    words: ZeroedArray<AtomicU64>,
 }
-
-// SAFETY: the arena is only ever accessed through `&AtomicU64`, which is `Sync`; the raw
-// pointer is owned and never aliased mutably.
-unsafe impl Send for Arena {}
-// SAFETY: see `Send`: shared access goes through atomics only.
-unsafe impl Sync for Arena {}
 
 impl Arena {
     /// Maps an arena of `frames` 4 KiB frames.
@@ -44,51 +31,15 @@ impl Arena {
         let words = frames
             .checked_mul(WORDS_PER_FRAME)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
-        if words == 0 {
-            return Ok(Arena {
-                ptr: NonNull::dangling(),
-                words: 0,
-            });
-        }
-        let ptr = Self::map(words)?;
-        // INVARIANT: `map` returned `words` zeroed, aligned words owned by us.
-        Ok(Arena { ptr, words })
-    }
-
-    #[cfg(not(miri))]
-    fn map(words: usize) -> std::io::Result<NonNull<AtomicU64>> {
-        let len = words * 8;
-        // SAFETY: an anonymous private mapping with a null hint has no preconditions; the
-        // result is checked against MAP_FAILED before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        // mmap returns page-aligned, zero-filled memory, which is a valid `[AtomicU64]`.
-        NonNull::new(p.cast::<AtomicU64>()).ok_or_else(std::io::Error::last_os_error)
-    }
-
-    #[cfg(miri)]
-    fn map(words: usize) -> std::io::Result<NonNull<AtomicU64>> {
-        let v: Box<[AtomicU64]> = (0..words).map(|_| AtomicU64::new(0)).collect();
-        Ok(NonNull::new(Box::into_raw(v).cast::<AtomicU64>()).expect("box is non-null"))
+        Ok(Arena {
+            words: ZeroedArray::new(words)?,
+        })
     }
 
     /// All words of the arena.
     #[inline]
     pub(crate) fn words(&self) -> &[AtomicU64] {
-        // SAFETY: by the type invariant `ptr` points to `words` initialised, aligned
-        // `AtomicU64`s that live as long as `self`; shared references to atomics may alias.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.words) }
+        self.words.as_slice()
     }
 
     /// The words of frame `index`.
@@ -105,30 +56,23 @@ impl Arena {
             .expect("slice has frame length")
     }
 
+    /// Bytes of the arena the host has committed.
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.words.resident_bytes()
+    }
+
     /// Asks the host to commit the whole arena now, so later first touches of frames cost no
     /// host page fault (benchmarks use this to measure the model, not the host). Contents
     /// do not change.
     pub(crate) fn prefault(&self) {
-        #[cfg(not(miri))]
-        if self.words > 0 {
-            // SAFETY: the range is exactly the mapping made in `new`; MADV_POPULATE_WRITE
-            // only faults its pages in writable, as a write would, without writing.
-            let rc = unsafe {
-                libc::madvise(
-                    self.ptr.as_ptr().cast(),
-                    self.words * 8,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            if rc == 0 {
-                return;
-            }
+        if self.words.populate() {
+            return;
         }
         // A host before Linux 5.14: write every host page, storing back the value just read
         // with a compare-exchange (an atomic OR of 0 is not enough: the compiler turns that
         // idempotent update into a fenced load, which maps the host's shared zero page and
         // commits nothing).
-        for f in 0..self.words / WORDS_PER_FRAME {
+        for f in 0..self.words().len() / WORDS_PER_FRAME {
             let w = &self.frame(f)[0];
             let v = w.load(Relaxed);
             let _ = w.compare_exchange(v, v, Relaxed, Relaxed);
@@ -300,27 +244,6 @@ unsafe fn stream_lines(s: *const AtomicU64, d: *const AtomicU64, lines: usize) {
             t1 = out(reg) _,
             options(nostack),
         );
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        if self.words == 0 {
-            return;
-        }
-        #[cfg(not(miri))]
-        {
-            // SAFETY: `ptr`/`words * 8` is exactly the mapping created in `new`, and no
-            // reference into it outlives `self`.
-            let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.words * 8) };
-            debug_assert_eq!(rc, 0, "munmap of the arena failed");
-        }
-        #[cfg(miri)]
-        {
-            let slice = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.words);
-            // SAFETY: `slice` is the boxed slice leaked in `map`, released exactly once here.
-            drop(unsafe { Box::from_raw(slice) });
-        }
     }
 }
 

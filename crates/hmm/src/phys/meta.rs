@@ -88,6 +88,37 @@ pub struct FrameMeta {
     zone_device_data: AtomicU64,
 }
 
+// A zeroed mapping of `FrameMeta`s is valid (`zeroed`'s `unsafe impl ZeroValid`): no
+// `Drop`, and every field zero-valid, each named here so that a new field must be too.
+#[cfg(not(feature = "shuttle"))]
+const _: () = assert!(!std::mem::needs_drop::<FrameMeta>());
+
+#[cfg(not(feature = "shuttle"))]
+#[allow(dead_code)] // a compile-time check, never called
+fn fields_are_zero_valid(m: &FrameMeta) {
+    fn zero_valid<T: super::zeroed::ZeroValid>(_: &T) {}
+    let FrameMeta {
+        refcount,
+        mapcount,
+        entire_mapcount,
+        pincount,
+        flags,
+        order,
+        index,
+        mapping,
+        zone_device_data,
+    } = m;
+    zero_valid(refcount);
+    zero_valid(mapcount);
+    zero_valid(entire_mapcount);
+    zero_valid(pincount);
+    zero_valid(flags);
+    zero_valid(order);
+    zero_valid(index);
+    zero_valid(mapping);
+    zero_valid(zone_device_data);
+}
+
 impl std::fmt::Debug for FrameMeta {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrameMeta")

@@ -14,16 +14,17 @@
 //!
 //! Device memory ([`crate::zone_device`]) lives in the same machine: each device pagemap is
 //! a region of its own, placed in a *section* of the frame-number space that system RAM
-//! does not use (the kernel's `request_free_mem_region`). Section 0 (frames below
-//! 2^[`SECTION_SHIFT`]) is RAM; sections 1 to [`NR_SECTIONS`]` - 1` are given to pagemaps
-//! in order and never reused, so a frame number found in a stale entry can never name a
+//! does not use (the kernel's `request_free_mem_region`). RAM takes the sections from 0
+//! that its size needs (one up to 256 GiB, up to 16 for [`MAX_RAM_BYTES`]); the sections
+//! after it, up to [`NR_SECTIONS`]` - 1`, are given to pagemaps in order and never reused, so a frame number found in a stale entry can never name a
 //! frame of a newer pagemap. A device-coherent frame has a [`Pfn`] (CPU-addressable,
 //! mapped by present entries); a device-private frame has a [`DevicePfn`] of the same
 //! space, which only device-private entries hold. Looking up a RAM frame is one compare;
 //! a device frame adds one load of its section's slot.
 //!
-//! This module is the only place with `unsafe` code (in `arena`, and `cpu`'s call of
-//! `sched_getcpu`); every block carries its `// SAFETY:` argument.
+//! This module is the only place with `unsafe` code (in `arena` and `zeroed`, the lazily
+//! committed memory of frames and their metadata, and `cpu`'s call of `sched_getcpu`);
+//! every block carries its `// SAFETY:` argument.
 
 mod alloc;
 #[allow(unsafe_code)]
@@ -37,6 +38,8 @@ mod mapping;
 mod meta;
 mod pcp;
 mod region;
+#[allow(unsafe_code)]
+mod zeroed;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -55,12 +58,15 @@ use crate::zone_device::DevPagemap;
 use alloc::BLOCK_FRAMES;
 pub(crate) use region::{FreeHook, Region};
 
-/// Frames per section of the frame-number space: 2^26 frames, 256 GiB. System RAM and each
-/// device pagemap are at most one section.
+/// Frames per section of the frame-number space: 2^26 frames, 256 GiB. Each device pagemap
+/// is at most one section; system RAM takes as many as it needs from section 0.
 pub const SECTION_SHIFT: u32 = 26;
-/// The largest RAM or device pagemap: one section, 256 GiB.
+/// The largest device pagemap: one section, 256 GiB.
 pub const MAX_SECTION_BYTES: u64 = (1 << SECTION_SHIFT) << crate::addr::PAGE_SHIFT;
-/// Sections of the frame-number space: section 0 is RAM, the others hold one pagemap each.
+/// The largest system RAM: 16 sections, 4 TiB (its frames and their metadata are
+/// committed on the host as they are used, so only the working set costs host memory).
+pub const MAX_RAM_BYTES: u64 = 16 * MAX_SECTION_BYTES;
+/// Sections of the frame-number space: RAM's first, then one per pagemap.
 pub const NR_SECTIONS: usize = 1024;
 
 /// Which memory a frame belongs to.
@@ -84,7 +90,8 @@ pub enum Zone {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PhysConfig {
     /// Bytes of RAM: a multiple of 2 MiB, at least 4 MiB (the first 2 MiB block holds the
-    /// huge zero page, the second the zero page).
+    /// huge zero page, the second the zero page), at most [`MAX_RAM_BYTES`]. The host
+    /// commits memory for the frames (and their metadata) a run touches, not for the size.
     pub size_bytes: u64,
     /// Commit the whole arena on the host at creation, so that no host page fault is
     /// measured later.
@@ -118,12 +125,12 @@ impl Default for PhysConfig {
 /// Errors creating physical memory.
 #[derive(Debug, Error)]
 pub enum PhysError {
-    /// The size is not a multiple of 2 MiB, is below 4 MiB, or is above one section
-    /// ([`MAX_SECTION_BYTES`]).
+    /// The size is not a multiple of 2 MiB, is below 4 MiB, or is above
+    /// [`MAX_RAM_BYTES`].
     #[error(
         "RAM size {size_bytes:#x} must be a multiple of 2 MiB, at least 4 MiB and at most \
-         {} GiB (one section of the frame-number space)",
-        MAX_SECTION_BYTES >> 30
+         {} GiB",
+        MAX_RAM_BYTES >> 30
     )]
     Inval {
         /// The rejected size.
@@ -169,7 +176,7 @@ impl PhysMem {
     pub fn new(config: PhysConfig) -> Result<Arc<PhysMem>, PhysError> {
         if config.size_bytes % PMD_SIZE != 0
             || config.size_bytes < 2 * PMD_SIZE
-            || config.size_bytes >> crate::addr::PAGE_SHIFT > 1 << SECTION_SHIFT
+            || config.size_bytes > MAX_RAM_BYTES
         {
             return Err(PhysError::Inval {
                 size_bytes: config.size_bytes,
@@ -180,6 +187,7 @@ impl PhysMem {
                 size_bytes: config.size_bytes,
             })?;
         let region = Region::new(blocks, 0, Zone::System, None, config.per_cpu_lists)?;
+        let ram_sections = (config.size_bytes.div_ceil(MAX_SECTION_BYTES)) as usize;
         region.reserve(HUGE_ZERO_PFN.as_usize(), PMD_ORDER);
         region.reserve(ZERO_PFN.as_usize(), 0);
         if config.prefault {
@@ -190,7 +198,7 @@ impl PhysMem {
             per_cpu_lists: config.per_cpu_lists,
             fail_page_alloc: FaultAttr::new(),
             sections: (0..NR_SECTIONS).map(|_| OnceLock::new()).collect(),
-            next_section: AtomicUsize::new(1),
+            next_section: AtomicUsize::new(ram_sections),
         }))
     }
 
@@ -307,6 +315,17 @@ impl PhysMem {
             nr_alloc_ops: a,
             nr_free_ops: f,
         }
+    }
+
+    /// Host memory committed for the frames' bytes and metadata of RAM and of every
+    /// pagemap installed on it (by `mincore`): what the simulated machine costs the host,
+    /// which follows the frames a run touched, not the machine's size.
+    pub fn host_resident_bytes(&self) -> u64 {
+        self.region.host_resident_bytes()
+            + self
+                .pagemaps()
+                .map(|p| p.region().host_resident_bytes())
+                .sum::<u64>()
     }
 
     /// Number of frames in use: neither free, nor reserved (the zero pages), nor free in

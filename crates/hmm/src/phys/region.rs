@@ -22,13 +22,37 @@ use crate::addr::PMD_ORDER;
 /// back in the allocator (the kernel's `dev_pagemap_ops.folio_free`).
 pub(crate) type FreeHook = Box<dyn Fn(FrameRef<'_>, u32) + Send + Sync>;
 
+/// The frames' metadata: zero bytes until a frame is first used, committed by the host
+/// page as the frames are (`zeroed`).
+#[cfg(not(feature = "shuttle"))]
+type MetaArray = super::zeroed::ZeroedArray<FrameMeta>;
+/// Under the model checker the metadata's atomics are its own types: an ordinary array.
+#[cfg(feature = "shuttle")]
+type MetaArray = Box<[FrameMeta]>;
+
+/// Metadata for `frames` frames; an error (not an abort) if the host refuses it.
+fn new_meta(frames: usize) -> std::io::Result<MetaArray> {
+    #[cfg(not(feature = "shuttle"))]
+    {
+        super::zeroed::ZeroedArray::new(frames)
+    }
+    #[cfg(feature = "shuttle")]
+    {
+        let mut meta = Vec::new();
+        meta.try_reserve_exact(frames)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        meta.extend((0..frames).map(|_| FrameMeta::default()));
+        Ok(meta.into_boxed_slice())
+    }
+}
+
 /// Frames, metadata and allocator of one region. Indices are region-relative frame numbers.
 pub(crate) struct Region {
     base: u64,
     zone: Zone,
     on_free: Option<FreeHook>,
     arena: Arena,
-    meta: Box<[FrameMeta]>,
+    meta: MetaArray,
     alloc: Mutex<BlockAllocator>,
     /// Free order-0 frames per CPU, in front of `alloc`.
     pcp: PcpLists,
@@ -45,25 +69,12 @@ impl Region {
         per_cpu_lists: bool,
     ) -> std::io::Result<Region> {
         let frames = blocks * BLOCK_FRAMES;
-        // The metadata is allocated up front: ask the host, so a size it cannot back is an
-        // error rather than an abort.
-        let mut meta = Vec::new();
-        meta.try_reserve_exact(frames).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::OutOfMemory,
-                format!(
-                    "{} MiB of frame metadata",
-                    (frames * std::mem::size_of::<FrameMeta>()) >> 20
-                ),
-            )
-        })?;
-        meta.extend((0..frames).map(|_| FrameMeta::default()));
         Ok(Region {
             base,
             zone,
             on_free,
             arena: Arena::new(frames)?,
-            meta: meta.into_boxed_slice(),
+            meta: new_meta(frames)?,
             alloc: Mutex::new(BlockAllocator::new(blocks)),
             pcp: PcpLists::new(frames, per_cpu_lists),
             hugetlb: Mutex::new(HugetlbPool::default()),
@@ -109,6 +120,15 @@ impl Region {
     #[track_caller]
     pub(crate) fn words(&self, i: usize) -> &FrameWords {
         self.arena.frame(i)
+    }
+
+    /// Host memory committed for the frames' bytes and their metadata.
+    pub(crate) fn host_resident_bytes(&self) -> u64 {
+        #[cfg(not(feature = "shuttle"))]
+        let meta = self.meta.resident_bytes();
+        #[cfg(feature = "shuttle")]
+        let meta = std::mem::size_of_val(&*self.meta) as u64;
+        self.arena.resident_bytes() + meta
     }
 
     /// Commits the whole arena on the host now.
