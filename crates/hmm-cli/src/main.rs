@@ -50,7 +50,7 @@ use serde::Serialize;
 
 use bench::plot::{plot, Figures};
 use bench::progress::Progress;
-use bench::{all, driver, fault, machine, migrate, range_fault, walks};
+use bench::{all, driver, fault, machine, migrate, range_fault, scale, walks};
 use limits::{
     fraction, seconds, size_kib, sized, whole, MAX_FAULT_PAGES, MAX_FAULT_THPS, MAX_ITERS,
     MAX_PAGES, MAX_THPS, MAX_THREADS,
@@ -280,6 +280,18 @@ enum Bench {
         pages: u64,
         /// Rounds per figure (the median is reported).
         #[arg(long, default_value_t = 3, allow_hyphen_values = true,
+              value_parser = whole::<usize>(1, MAX_ITERS))]
+        iters: usize,
+    },
+    /// Costs that must not grow with what is around them, each timed small and large in
+    /// turns: one page's invalidation among 64 and 16384 interval notifiers (and one long
+    /// one), evicting a process's own pages in a fork family of 1 and 256, first writes on
+    /// an 8 GiB machine and on 2 TiB with eight 80 GiB devices.
+    Scale {
+        #[command(flatten)]
+        out: Output,
+        /// Rounds per row (the paired ratio's interval reaches 95% from 6 rounds up).
+        #[arg(long, default_value_t = 9, allow_hyphen_values = true,
               value_parser = whole::<usize>(1, MAX_ITERS))]
         iters: usize,
     },
@@ -517,6 +529,33 @@ fn bench(what: Bench) -> bench::Result<()> {
                     })
                 },
                 driver::print_table,
+                |_| Figures::default(),
+            )
+        }
+        Bench::Scale { out, iters } => {
+            const PATH: &[&str] = &["bench", "scale"];
+            if let Some(available) = limits::mem_available().filter(|&a| a < scale::HOST_BYTES) {
+                usage_error(
+                    PATH,
+                    format!(
+                        "the scale rows need about {} of host memory, and {} is available",
+                        limits::human(scale::HOST_BYTES),
+                        limits::human(available)
+                    ),
+                );
+            }
+            check_output(PATH, &out);
+            interrupt::catch();
+            scenario(
+                &out,
+                ("scale", scale::ROWS),
+                |bar| {
+                    scale::scale_rows(iters, |r| {
+                        bar.doing(r.scenario());
+                        bar.step();
+                    })
+                },
+                scale::print_table,
                 |_| Figures::default(),
             )
         }

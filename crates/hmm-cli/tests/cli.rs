@@ -154,6 +154,25 @@ fn bench_all_quick_reports_every_scenario_and_plots_it() {
         assert!(row["ns_per_page"].as_f64().unwrap() >= row["min_ns_per_page"].as_f64().unwrap());
     }
 
+    // The scale rows: each a large setting against a small one, paired.
+    let scale = r["scale"].as_array().unwrap();
+    let names: Vec<&str> = scale
+        .iter()
+        .map(|s| s["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["notifier_lookup", "rmap_fork_family", "machine_size"]
+    );
+    for row in scale {
+        assert!(row["small_ns"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["large_ns"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["ratio"]["median"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // The 2.6 TiB machine committed a few MiB on the host.
+    let resident = scale[2]["large_host_resident_bytes"].as_u64().unwrap();
+    assert!(resident > 0 && resident < 256 << 20, "{resident}");
+
     for name in [
         "migrate-threads-1",
         "migrate-threads-2",

@@ -3,10 +3,10 @@
 //! The full plan takes a few minutes on a 2-core machine (the budget is 10):
 //! migration from 512 KiB to 256 MiB on one thread and from 64 MiB up on two, the walks
 //! at six fractions, 4096 faults of each 4 KiB kind and 64 THP faults, and
-//! `hmm_range_fault` over 64 MiB. `--quick` runs every scenario small, as CI does, to
-//! show that it works, not to measure. `--json` prints one object:
-//! `{machine, build, plan, seconds, migrate, walks, fault, range_fault, driver}`, the last
-//! five being the row arrays of the single scenarios.
+//! `hmm_range_fault` over 64 MiB, the driver, and the scale rows. `--quick` runs every
+//! scenario small, as CI does, to show that it works, not to measure. `--json` prints one
+//! object: `{machine, build, plan, seconds, migrate, walks, fault, range_fault, driver,
+//! scale}`, the last six being the row arrays of the single scenarios.
 
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use super::machine::{Build, Machine};
 use super::migrate::{self, MigrateRow};
 use super::progress::Progress;
 use super::range_fault::{self, RangeFaultRow};
+use super::scale::{self, ScaleRow};
 use super::walks::{self, WalkRow, METHODS};
 use super::Result;
 use crate::interrupt;
@@ -44,6 +45,7 @@ pub(crate) struct Plan {
     range_fault_iters: usize,
     driver_pages: u64,
     driver_iters: usize,
+    scale_iters: usize,
 }
 
 impl Plan {
@@ -60,7 +62,7 @@ impl Plan {
                 256 * MIB,
             ],
             migrate_sizes_two_threads: vec![64 * MIB, 128 * MIB, 256 * MIB],
-            migrate_iters: 3,
+            migrate_iters: 6,
             migrate_iters_two_threads: 9,
             walk_pages: 2048,
             walk_fractions: vec![0.0, 0.01, 0.1, 0.25, 0.5, 1.0],
@@ -71,6 +73,7 @@ impl Plan {
             range_fault_iters: 9,
             driver_pages: 4096,
             driver_iters: 3,
+            scale_iters: 9,
         }
     }
 
@@ -90,6 +93,7 @@ impl Plan {
             range_fault_iters: 1,
             driver_pages: 1024,
             driver_iters: 1,
+            scale_iters: 1,
         }
     }
 
@@ -100,6 +104,7 @@ impl Plan {
             + fault::ROWS
             + range_fault::ROWS
             + driver::ROWS
+            + scale::ROWS
     }
 }
 
@@ -118,6 +123,7 @@ pub(crate) struct Report {
     pub(crate) fault: Vec<FaultRow>,
     pub(crate) range_fault: Vec<RangeFaultRow>,
     pub(crate) driver: Vec<DriverRow>,
+    pub(crate) scale: Vec<ScaleRow>,
 }
 
 /// Runs `plan`, showing progress on a terminal. After a Ctrl-C ([`interrupt`]) the
@@ -176,6 +182,14 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
     } else {
         Vec::new()
     };
+    let scale = if go() {
+        scale::scale_rows(plan.scale_iters, |r| {
+            bar.doing(format!("scale: {}", r.scenario()));
+            bar.step();
+        })?
+    } else {
+        Vec::new()
+    };
     Ok(Report {
         machine: Machine::this(),
         build: Build::this(),
@@ -187,6 +201,7 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
         fault,
         range_fault,
         driver,
+        scale,
     })
 }
 
@@ -212,4 +227,6 @@ pub(crate) fn print(report: &Report) {
     range_fault::print_table(&report.range_fault);
     outln!("\n== driver: the SVM driver's GPU faults, evictions and policy hooks");
     driver::print_table(&report.driver);
+    outln!("\n== scale: costs in a large setting against a small one");
+    scale::print_table(&report.scale);
 }

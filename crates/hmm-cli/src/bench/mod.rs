@@ -7,6 +7,7 @@
 //! | [`fault`] | first-touch faults and the device-private fault (`migrate_to_ram`) | the host kernel's first-touch fault |
 //! | [`range_fault`] | `hmm_range_fault` per page | the host kernel's `/proc/self/pagemap` walk |
 //! | [`driver`] | the SVM driver: GPU faults serviced, evictions, policy hooks | `memcpy` of the bytes moved |
+//! | [`scale`] | a notifier lookup, a fork family's eviction, first writes, each in a large setting | the same in a small one |
 //!
 //! [`all`] runs them in turn and names the machine and the build ([`machine`]); [`plot`]
 //! draws the charts; [`paired`] compares two methods round by round; [`progress`] is the
@@ -24,6 +25,7 @@ pub(crate) mod paired;
 pub(crate) mod plot;
 pub(crate) mod progress;
 pub(crate) mod range_fault;
+pub(crate) mod scale;
 pub(crate) mod walks;
 
 use std::time::Duration;
