@@ -6,7 +6,7 @@ use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange, Owner};
 use crate::pgtable::{Huge, MigrationKind, Pte, PteFlags, Slot, WalkMode};
-use crate::phys::{FrameFlags, FrameRef, Freed, PhysMem, Zone};
+use crate::phys::{put_folios, FrameFlags, FrameRef, Freed, PhysMem, Zone};
 use crate::prot::VmFlags;
 
 use super::collect::remove_migration_ptes;
@@ -487,19 +487,32 @@ pub(super) fn finalize(s: &mut State<'_, '_>) -> MigrateOutcome {
         own.push((i, target));
     }
     s.remap_own(&own);
+    // The sources' and destinations' references go in one batch each, by zone (RAM frees
+    // are counted), after every folio is unlocked.
+    let (mut ram, mut device) = (Vec::with_capacity(own.len()), Vec::new());
     for &(i, target) in &own {
         let src = s.frame(s.src[i].frame_nr());
         if s.shared[i] {
             remove_migration_ptes(s.held(), src, target);
         }
-        s.release_src(src);
+        if s.fault_page != Some(src.nr()) {
+            src.meta().unlock();
+        }
         let d = s.dst[i];
-        if !d.is_empty() {
-            let dst = s.frame(d.frame_nr());
+        let dst = (!d.is_empty()).then(|| s.frame(d.frame_nr()));
+        if let Some(dst) = dst {
             dst.meta().unlock();
-            s.put(dst);
+        }
+        for f in std::iter::once(src).chain(dst) {
+            if matches!(f.zone(), Zone::System) {
+                ram.push(f);
+            } else {
+                device.push(f);
+            }
         }
     }
+    s.mmap.mm().counters().frames_freed(put_folios(&ram));
+    put_folios(&device);
     s.mmap
         .mm()
         .counters()

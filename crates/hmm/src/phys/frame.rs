@@ -204,6 +204,27 @@ impl<'a> FrameRef<'a> {
     }
 }
 
+/// Drops one reference on the folio of each of `frames` (`release_pages`, whose small
+/// folios go back through `free_unref_folios`): the folios freed by it are returned to
+/// their allocators a run of frames of one region at a time, under one lock of the
+/// per-CPU list per run instead of one per folio. Returns how many folios were freed.
+#[doc(alias = "release_pages")]
+#[doc(alias = "free_unref_folios")]
+#[track_caller]
+pub fn put_folios(frames: &[FrameRef<'_>]) -> u64 {
+    let mut freed = 0;
+    let mut rest = frames;
+    while let Some(first) = rest.first() {
+        let run = rest
+            .iter()
+            .take_while(|f| std::ptr::eq(f.region, first.region))
+            .count();
+        freed += first.region.put_many(rest[..run].iter().map(|f| f.index()));
+        rest = &rest[run..];
+    }
+    freed
+}
+
 /// Copies every `(dst, src)` pair of folios as a device's copy engine would (the copy of a
 /// migration, `folio_copy` of each): streaming stores that leave the destinations out of
 /// the CPU caches, four pages at a time across the pairs, all of them visible before the

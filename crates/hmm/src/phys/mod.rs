@@ -47,7 +47,7 @@ use std::sync::{Arc, OnceLock};
 use thiserror::Error;
 
 pub use alloc::AllocError;
-pub use frame::{copy_folios, Frame, FrameRef, Freed, LockedFolio};
+pub use frame::{copy_folios, put_folios, Frame, FrameRef, Freed, LockedFolio};
 pub use hugetlb::HugetlbStats;
 pub use mapping::{MappingHandle, MappingId};
 pub use meta::{FrameFlags, FrameMeta, GetFrameError};

@@ -122,6 +122,26 @@ impl PcpLists {
         }
     }
 
+    /// Puts the free order-0 frames `batch` on this CPU's list at once, giving the
+    /// coldest back to `blocks` while the list is over `high` (`free_unref_folios`).
+    pub(crate) fn free_many(&self, batch: &[u32], blocks: &Mutex<BlockAllocator>) {
+        if batch.is_empty() {
+            return;
+        }
+        let list = self.local();
+        let mut frames = list.frames.lock();
+        frames.extend_from_slice(batch);
+        list.frees.fetch_add(batch.len() as u64, Relaxed);
+        if frames.len() > self.high {
+            let excess = (frames.len() - self.high).max(self.batch.max(1));
+            let excess = excess.min(frames.len());
+            let mut b = blocks.lock();
+            for f in frames.drain(..excess) {
+                b.free(f as usize, 0);
+            }
+        }
+    }
+
     /// Gives every list's frames back to `blocks`; returns how many there were.
     #[doc(alias = "drain_all_pages")]
     pub(crate) fn drain_all(&self, blocks: &Mutex<BlockAllocator>) -> usize {

@@ -200,8 +200,45 @@ impl Region {
     #[track_caller]
     pub(crate) fn put(&self, i: usize) -> bool {
         let head = self.head_of(i);
-        let m = &self.meta[head];
-        if m.put_testzero() {
+        if !self.meta[head].put_testzero() {
+            return false;
+        }
+        if let Some(f) = self.release(head, false) {
+            debug_assert!(false, "nothing is deferred: {f}");
+        }
+        true
+    }
+
+    /// Drops one reference on the folio of each frame of `frames`, freeing those whose
+    /// last reference went; the small folios freed go back to this CPU's list in one
+    /// batch, under one lock (`free_unref_folios`). Returns how many folios were freed.
+    #[track_caller]
+    pub(crate) fn put_many(&self, frames: impl IntoIterator<Item = usize>) -> u64 {
+        let mut batch: Vec<u32> = Vec::new();
+        let mut freed = 0;
+        for i in frames {
+            let head = self.head_of(i);
+            if self.meta[head].put_testzero() {
+                freed += 1;
+                batch.extend(self.release(head, true).map(|f| f as u32));
+            }
+        }
+        self.pcp.free_many(&batch, &self.alloc);
+        if let Some(hook) = &self.on_free {
+            for &f in &batch {
+                hook(FrameRef::new(self, self.base + u64::from(f)), 0);
+            }
+        }
+        freed
+    }
+
+    /// Returns the folio at `head`, whose last reference just went, to its allocator; with
+    /// `defer_small`, an order-0 folio is made ready and returned instead, for the caller
+    /// to free in a batch (and to call the free hook on).
+    #[track_caller]
+    fn release(&self, head: usize, defer_small: bool) -> Option<usize> {
+        {
+            let m = &self.meta[head];
             let flags = m.flags();
             assert!(
                 !flags.contains(FrameFlags::RESERVED),
@@ -218,7 +255,7 @@ impl Region {
                 m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
                 m.set_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
                 self.hugetlb.lock().free.push(head);
-                return true;
+                return None;
             }
             if order > 0 {
                 for t in &self.meta[head + 1..head + (1 << order)] {
@@ -227,6 +264,9 @@ impl Region {
             }
             m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
             m.clear_mapping();
+            if order == 0 && defer_small {
+                return Some(head);
+            }
             if order == 0 {
                 self.pcp.free(head, &self.alloc);
             } else {
@@ -236,9 +276,8 @@ impl Region {
             if let Some(hook) = &self.on_free {
                 hook(FrameRef::new(self, self.base + head as u64), order);
             }
-            return true;
+            None
         }
-        false
     }
 }
 
