@@ -7,6 +7,11 @@
 //! range, leaves device 0's pages alone, and reads them through faults. Every byte is
 //! checked. The same story with device 0's owner filter off (the behaviour before the seed
 //! series) gives the baseline invalidation count.
+//!
+//! Each step is printed as it happens, with one line on why it matters and what its
+//! counters show; owners are named by device. `--json` prints one object at the end,
+//! versioned by `schema_version`, with every counter named (notifier invalidations by the
+//! kernel's event name).
 
 use std::error::Error;
 use std::sync::Arc;
@@ -23,10 +28,16 @@ use serde::Serialize;
 
 use crate::limits::{round_2m, Need, MIB};
 
+/// The version of the `--json` object's layout: raised when a field changes meaning or
+/// goes away (fields may be added without it).
+const SCHEMA_VERSION: u32 = 2;
+
 #[derive(Serialize)]
 struct Event {
     event: &'static str,
     owner: Option<u64>,
+    /// The device whose owner cookie `owner` is, if one of the demo's.
+    owner_device: Option<usize>,
     start: String,
     end: String,
     pages: u64,
@@ -37,6 +48,8 @@ struct Step {
     step: &'static str,
     /// What the step's command reported, if it ran one.
     outcome: String,
+    /// Why the step matters, with the figures that show it.
+    why: String,
     events: Vec<Event>,
     cost: MmStats,
     /// Device 0's mirror counters over the step.
@@ -45,7 +58,10 @@ struct Step {
 
 #[derive(Serialize)]
 struct Report {
+    schema_version: u32,
     pages: u64,
+    /// The devices' owner cookies, as the events' `owner` carries them.
+    device_owners: Vec<u64>,
     steps: Vec<Step>,
     /// Device 0 mirror pages invalidated by the second migration (all of them were
     /// already on device 0 or came back from the CPU).
@@ -203,10 +219,30 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     let _rec_handle = s.mm.register_notifier(rec.clone())?;
     let d0 = Dmirror::open(s.driver.device(0), &s.mm)?;
     let d1 = Dmirror::open(s.driver.device(1), &s.mm)?;
-    let mut steps = Vec::new();
+    let owners: Vec<u64> = s
+        .driver
+        .devices()
+        .iter()
+        .map(|d| d.owner().as_u64())
+        .collect();
+    let device_of = |owner: Option<u64>| owner.and_then(|o| owners.iter().position(|&d| d == o));
+    if !json {
+        outln!(
+            "hmm demo: the seed story, {} pages ({} KiB) of one process, devices 0 and 1 (device-private memory)",
+            pages,
+            pages * PAGE_SIZE / 1024
+        );
+        outln!(
+            "(a \"walk\" is one pass of a page-table walker over the range; the seed series is about making fewer of them)\n"
+        );
+    }
+    let mut steps: Vec<Step> = Vec::new();
     let mut last = s.mm.stats();
     let mut last_d0 = d0.stats();
-    let mut step = |name: &'static str, outcome: String, s: &Stage| {
+    let mut step = |name: &'static str,
+                    outcome: String,
+                    s: &Stage,
+                    why: &dyn Fn(&MmStats, &MirrorStats) -> String| {
         let now = s.mm.stats();
         let now_d0 = d0.stats();
         let events = rec
@@ -215,29 +251,64 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             .map(|r| Event {
                 event: r.event.kernel_name(),
                 owner: r.owner.map(|o| o.as_u64()),
+                owner_device: device_of(r.owner.map(|o| o.as_u64())),
                 start: format!("{:#x}", r.start().as_u64()),
                 end: format!("{:#x}", r.end().as_u64()),
                 pages: r.range.npages(),
             })
             .collect();
-        steps.push(Step {
+        let cost = now.since(&last);
+        let device0 = delta(&now_d0, &last_d0);
+        let st = Step {
             step: name,
             outcome,
+            why: why(&cost, &device0),
             events,
-            cost: now.since(&last),
-            device0: delta(&now_d0, &last_d0),
-        });
+            cost,
+            device0,
+        };
+        if !json {
+            print_step(steps.len() + 1, &st);
+        }
+        steps.push(st);
         last = now;
         last_d0 = now_d0;
     };
 
     s.fill()?;
-    step("CPU fills the buffer", String::new(), &s);
+    step("CPU fills the buffer", String::new(), &s, &|c, _| {
+        format!(
+            "the buffer's pages now exist in system RAM ({} write faults); no device has seen them",
+            c.faults.total()
+        )
+    });
     let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
-    step("migrate to device 0", format!("cpages {}", c.cpages), &s);
+    step(
+        "migrate to device 0",
+        format!("cpages {}", c.cpages),
+        &s,
+        &|c, d| {
+            format!(
+                "migrate_vma moved {} pages into device 0's private memory in {} walk(s); the CPU page table now holds device-private entries, and device 0 skipped its own MIGRATE invalidation ({} skipped)",
+                c.migrate.pages_migrated,
+                c.range_walks.total(),
+                d.migrate_skips
+            )
+        },
+    );
     let half = pages / 2;
     s.cpu_read(half)?;
-    step("CPU reads the first half back", String::new(), &s);
+    step(
+        "CPU reads the first half back",
+        String::new(),
+        &s,
+        &|c, d| {
+            format!(
+            "the CPU cannot read device-private memory: each of its {} reads of a device page faulted, and device 0's migrate_to_ram copied that page home ({} copied out)",
+            c.faults.device_private, d.pages_copied_to_system
+        )
+        },
+    );
     let frames = s.device_frames(&d0);
     let before = d0.stats();
     let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
@@ -251,12 +322,31 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
         "migrate to device 0 again",
         format!("cpages {}", c.cpages),
         &s,
+        &|_, d| {
+            format!(
+                "the seed series' point: the {} pages still on device 0 were neither invalidated ({}) nor copied ({}); only the {} the CPU took back moved",
+                pages - half,
+                d.pages_invalidated,
+                moved,
+                d.pages_copied_to_device + d.pages_zero_filled
+            )
+        },
     );
     let device1_migrate = match s.cmd(&d1, DmirrorCmd::MigrateToDev, pages) {
         Ok(c) => format!("cpages {}", c.cpages),
-        Err(e) => format!("{e} ({}): device 0's pages are not device 1's", e.errno()),
+        Err(e) => format!("{e} ({}), as expected", e.errno()),
     };
-    step("device 1 migrates the range", device1_migrate.clone(), &s);
+    step(
+        "device 1 migrates the range",
+        device1_migrate.clone(),
+        &s,
+        &|c, d| {
+            format!(
+                "device 1 selects system pages and its own, and every page is device 0's (owner of device 0), so none moved ({} migrated) and its read-back found none of its own; device 0 still lost its mappings of the range ({} pages invalidated), since device 1's MIGRATE event carries device 1's owner, not its own",
+                c.migrate.pages_migrated, d.pages_invalidated
+            )
+        },
+    );
     let c = s.cmd(&d1, DmirrorCmd::Read, pages)?;
     let mut via_d1 = vec![0u8; (pages * PAGE_SIZE) as usize];
     s.mm.read(s.user, &mut via_d1)?;
@@ -264,9 +354,20 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
         "device 1 reads the range",
         format!("cpages {}, faults {}", c.cpages, c.faults),
         &s,
+        &|c, d| {
+            format!(
+                "device 1 cannot map device 0's private pages: its hmm_range_fault faulted them, and each fault ran device 0's migrate_to_ram, which sent the page home ({} CPU-side faults on device pages, {} pages copied out of device 0)",
+                c.faults.device_private, d.pages_copied_to_system
+            )
+        },
     );
     let cpu = s.cpu_read(pages)?;
-    step("CPU reads the whole range", String::new(), &s);
+    step("CPU reads the whole range", String::new(), &s, &|c, _| {
+        format!(
+            "every page is in system RAM again, so the reads fault nothing ({} faults)",
+            c.faults.total()
+        )
+    });
     let mut corrupted = 0u64;
     for (i, (a, b)) in cpu.iter().zip(&via_d1).enumerate() {
         let want = pattern(i as u64);
@@ -275,10 +376,17 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     let verified = 2 * pages * PAGE_SIZE;
     s.mm.munmap(s.buf, pages * PAGE_SIZE)?;
     s.mm.munmap(s.user, pages * PAGE_SIZE)?;
-    step("munmap", String::new(), &s);
+    step("munmap", String::new(), &s, &|c, _| {
+        format!(
+            "the buffers go away: {} frames freed, and nothing may be left on either device",
+            c.frames_freed
+        )
+    });
     let device_in_use: u64 = s.driver.devices().iter().map(|d| d.nr_in_use()).sum();
     let report = Report {
+        schema_version: SCHEMA_VERSION,
         pages,
+        device_owners: owners,
         steps,
         remigrate_device_invalidations: again.pages_invalidated,
         remigrate_pages_copied: moved,
@@ -294,7 +402,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print_summary(&report);
     }
     if report.corrupted_bytes != 0
         || report.frames_in_use_after_munmap != 0
@@ -307,54 +415,57 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn print_report(r: &Report) {
-    outln!(
-        "hmm demo: the seed story, {} pages ({} KiB), devices 0 and 1 (device-private)\n",
-        r.pages,
-        r.pages * PAGE_SIZE / 1024
-    );
-    for s in &r.steps {
-        let c = &s.cost;
-        let d = &s.device0;
-        if s.outcome.is_empty() {
-            outln!("== {}", s.step);
-        } else {
-            outln!("== {}: {}", s.step, s.outcome);
-        }
-        const SHOWN: usize = 3;
-        for e in s.events.iter().take(SHOWN) {
-            let owner = e.owner.map_or(String::new(), |o| format!(" owner {o}"));
-            outln!(
-                "   notifier: {:<22} [{}, {}) {} pages{owner}",
-                e.event,
-                e.start,
-                e.end,
-                e.pages
-            );
-        }
-        if s.events.len() > SHOWN {
-            outln!("   notifier: ... and {} more", s.events.len() - SHOWN);
-        }
+/// Prints step `n` as it happens.
+fn print_step(n: usize, s: &Step) {
+    let c = &s.cost;
+    let d = &s.device0;
+    if s.outcome.is_empty() {
+        outln!("== {n}. {}", s.step);
+    } else {
+        outln!("== {n}. {}: {}", s.step, s.outcome);
+    }
+    outln!("   why: {}", s.why);
+    const SHOWN: usize = 3;
+    for e in s.events.iter().take(SHOWN) {
+        let owner = match (e.owner_device, e.owner) {
+            (Some(dev), _) => format!(", owner of device {dev}"),
+            (None, Some(o)) => format!(", owner {o:#x}"),
+            (None, None) => String::new(),
+        };
         outln!(
-            "   cpu: {} walks, {} faults ({} on device pages), {} TLB flushes; migrate: {} collected, {} migrated, {} restored",
-            c.walk.walks,
-            c.faults.total(),
-            c.faults.device_private,
-            c.tlb_flush_ops,
-            c.migrate.pages_collected,
-            c.migrate.pages_migrated,
-            c.migrate.pages_restored,
-        );
-        outln!(
-            "   device 0: {} invalidations ({} pages), {} own MIGRATE skipped, {} pages copied in, {} out, {} zero-filled",
-            d.invalidations,
-            d.pages_invalidated,
-            d.migrate_skips,
-            d.pages_copied_to_device,
-            d.pages_copied_to_system,
-            d.pages_zero_filled,
+            "   notifier: {:<22} [{}, {}) {} pages{owner}",
+            e.event,
+            e.start,
+            e.end,
+            e.pages
         );
     }
+    if s.events.len() > SHOWN {
+        outln!("   notifier: ... and {} more", s.events.len() - SHOWN);
+    }
+    outln!(
+        "   cpu: {} walks, {} faults ({} on device pages), {} TLB flushes; migrate: {} collected, {} migrated, {} restored",
+        c.range_walks.total(),
+        c.faults.total(),
+        c.faults.device_private,
+        c.tlb_flush_ops,
+        c.migrate.pages_collected,
+        c.migrate.pages_migrated,
+        c.migrate.pages_restored,
+    );
+    outln!(
+        "   device 0: {} invalidations ({} pages), {} own MIGRATE skipped, {} pages copied in, {} out, {} zero-filled",
+        d.invalidations,
+        d.pages_invalidated,
+        d.migrate_skips,
+        d.pages_copied_to_device,
+        d.pages_copied_to_system,
+        d.pages_zero_filled,
+    );
+}
+
+/// Prints what the story showed, after the steps.
+fn print_summary(r: &Report) {
     outln!();
     outln!(
         "second migration: {} pages migrated; pages already on device 0: {} invalidated, {} copied (baseline without the owner filter: {} invalidated)",

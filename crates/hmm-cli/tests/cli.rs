@@ -485,3 +485,39 @@ fn version_names_the_commit_and_completions_and_the_manual_name_every_command() 
         );
     }
 }
+
+#[test]
+fn the_demo_explains_each_step_and_names_counters_and_owners() {
+    let (ok, out) = hmm(&["demo", "--pages", "64"]);
+    assert!(ok, "{out}");
+    // Eight numbered steps, each with why it matters, printed as they happen.
+    for n in 1..=8 {
+        assert!(out.contains(&format!("== {n}. ")), "step {n}: {out}");
+    }
+    assert_eq!(out.matches("   why: ").count(), 8, "{out}");
+    assert!(out.contains("a \"walk\" is one pass"), "{out}");
+    assert!(out.contains("owner of device 0"), "{out}");
+    assert!(out.contains("as expected"), "device 1's refusal: {out}");
+    assert!(out.contains("migrate_to_ram"), "{out}");
+
+    let (ok, out) = hmm(&["demo", "--pages", "64", "--json"]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(r["schema_version"], 2);
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8);
+    assert!(steps.iter().all(|s| !s["why"].as_str().unwrap().is_empty()));
+    // Counters by event name, every event present.
+    let total = &r["total"]["notifier"]["invalidations"];
+    assert!(total["MMU_NOTIFY_MIGRATE"].as_u64().unwrap() > 0, "{total}");
+    assert_eq!(total.as_object().unwrap().len(), 8, "{total}");
+    // Device 0's migration raised MIGRATE events carrying its owner, named as device 0.
+    let owners = r["device_owners"].as_array().unwrap();
+    assert!(owners.len() >= 2, "{owners:?}");
+    let migrate = &steps[1]["events"].as_array().unwrap()[0];
+    assert_eq!(migrate["event"], "MMU_NOTIFY_MIGRATE");
+    assert_eq!(migrate["owner_device"], 0);
+    assert_eq!(migrate["owner"], owners[0]);
+    assert_eq!(r["remigrate_device_invalidations"], 0);
+    assert_eq!(r["corrupted_bytes"], 0);
+}

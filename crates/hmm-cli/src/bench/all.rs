@@ -108,9 +108,15 @@ impl Plan {
     }
 }
 
+/// The version of the `--json` object's layout: raised when a field changes meaning or
+/// goes away (fields may be added without it). 2: migration rows' `ratio` is a paired
+/// ratio (an object), and the `scale` rows.
+const SCHEMA_VERSION: u32 = 2;
+
 /// The report of `bench all`.
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
+    schema_version: u32,
     machine: Machine,
     build: Build,
     plan: Plan,
@@ -191,6 +197,7 @@ pub(crate) fn run(plan: Plan) -> Result<Report> {
         Vec::new()
     };
     Ok(Report {
+        schema_version: SCHEMA_VERSION,
         machine: Machine::this(),
         build: Build::this(),
         plan,

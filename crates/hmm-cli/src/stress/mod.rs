@@ -94,9 +94,14 @@ pub(crate) struct Config {
     pub(crate) json: bool,
 }
 
+/// The version of the `--json` object's layout: raised when a field changes meaning or
+/// goes away (fields may be added without it).
+const SCHEMA_VERSION: u32 = 1;
+
 /// What a run did and found.
 #[derive(Debug, Serialize)]
 pub(crate) struct Report {
+    schema_version: u32,
     config: Config,
     /// Wall-clock time of the workload (set-up and teardown excluded).
     seconds: f64,
@@ -794,6 +799,7 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
     let mut failures = sh.failures.lock().clone();
     failures.extend(stuck.iter().map(|s| format!("stuck: {s}")));
     Report {
+        schema_version: SCHEMA_VERSION,
         config,
         seconds: started.elapsed().as_secs_f64(),
         ops: ops_by_kind.values().sum(),

@@ -82,12 +82,24 @@ pub trait MmuNotifier: Send + Sync {
 /// Counters of notifier traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct NotifierStats {
-    /// Invalidations started, indexed by [`NotifierEvent`] value.
+    /// Invalidations started, indexed by [`NotifierEvent`] value. Serialized as an object
+    /// keyed by the kernel's event names (`{"MMU_NOTIFY_UNMAP": 1, ...}`, every event).
+    #[serde(serialize_with = "by_event_name")]
     pub invalidations: [u64; 8],
     /// Interval-notifier callbacks made.
     pub interval_callbacks: u64,
     /// Full-mm `invalidate_range_start` callbacks made.
     pub mm_callbacks: u64,
+}
+
+/// Writes per-event counters as `{kernel name: count}`, in [`NotifierEvent::ALL`]'s order.
+fn by_event_name<S: serde::Serializer>(counts: &[u64; 8], ser: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = ser.serialize_map(Some(counts.len()))?;
+    for e in NotifierEvent::ALL {
+        map.serialize_entry(e.kernel_name(), &counts[e as usize])?;
+    }
+    map.end()
 }
 
 impl NotifierStats {
