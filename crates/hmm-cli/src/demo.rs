@@ -178,20 +178,6 @@ impl Stage {
     }
 }
 
-fn delta(a: &MirrorStats, b: &MirrorStats) -> MirrorStats {
-    MirrorStats {
-        invalidations: a.invalidations - b.invalidations,
-        pages_invalidated: a.pages_invalidated - b.pages_invalidated,
-        migrate_skips: a.migrate_skips - b.migrate_skips,
-        device_faults: a.device_faults - b.device_faults,
-        pages_mapped: a.pages_mapped - b.pages_mapped,
-        pages_accessed: a.pages_accessed - b.pages_accessed,
-        pages_copied_to_device: a.pages_copied_to_device - b.pages_copied_to_device,
-        pages_copied_to_system: a.pages_copied_to_system - b.pages_copied_to_system,
-        pages_zero_filled: a.pages_zero_filled - b.pages_zero_filled,
-    }
-}
-
 /// The second migration's device 0 invalidations with the owner filter off: the
 /// behaviour before the seed series, on a machine of its own.
 fn baseline_invalidations(pages: u64) -> Result<u64, Box<dyn Error>> {
@@ -205,7 +191,7 @@ fn baseline_invalidations(pages: u64) -> Result<u64, Box<dyn Error>> {
     // Without the filter the device loses its mappings of the pages it already had, so the
     // read-back fails with ENOENT; only the count matters here.
     let _ = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages);
-    Ok(delta(&d0.stats(), &before).pages_invalidated)
+    Ok(d0.stats().since(&before).pages_invalidated)
 }
 
 pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
@@ -258,7 +244,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             })
             .collect();
         let cost = now.since(&last);
-        let device0 = delta(&now_d0, &last_d0);
+        let device0 = now_d0.since(&last_d0);
         let st = Step {
             step: name,
             outcome,
@@ -312,7 +298,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     let frames = s.device_frames(&d0);
     let before = d0.stats();
     let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
-    let again = delta(&d0.stats(), &before);
+    let again = d0.stats().since(&before);
     let moved = frames
         .iter()
         .zip(&s.device_frames(&d0))
@@ -334,7 +320,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     );
     let device1_migrate = match s.cmd(&d1, DmirrorCmd::MigrateToDev, pages) {
         Ok(c) => format!("cpages {}", c.cpages),
-        Err(e) => format!("{e} ({}), as expected", e.errno()),
+        Err(e) => format!("{e} ({}), as expected", e.ret()),
     };
     step(
         "device 1 migrates the range",

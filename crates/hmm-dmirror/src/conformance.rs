@@ -438,7 +438,7 @@ fn file_mappings_are_coherent_with_the_file(f: &dyn MirrorFactory) -> Result<(),
     let data2 = pattern(4, 18);
     d.write(shared, &data2).map_err(|e| e.to_string())?;
     let mut back = vec![0u8; data2.len()];
-    file.pread(0, &mut back);
+    file.pread(0, &mut back).map_err(|e| e.to_string())?;
     ensure!(back == data2, "the file misses the device's write");
     // A private mapping: the device's write copies, the file keeps its contents.
     let private = mm
@@ -459,7 +459,7 @@ fn file_mappings_are_coherent_with_the_file(f: &dyn MirrorFactory) -> Result<(),
         "private file pages are read-only"
     );
     d.write(private, &data).map_err(|e| e.to_string())?;
-    file.pread(0, &mut back);
+    file.pread(0, &mut back).map_err(|e| e.to_string())?;
     ensure!(back == data2, "a private write reached the file");
     ensure!(cpu_read(&mm, private, data.len())? == data, "private copy");
     // Truncation drops the device's mappings with the CPU's.

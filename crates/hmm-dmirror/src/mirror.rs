@@ -77,6 +77,24 @@ pub struct MirrorStats {
     pub pages_zero_filled: u64,
 }
 
+impl MirrorStats {
+    /// What happened between `earlier` and `self` (as [`MmStats::since`](hmm::stats::MmStats::since)).
+    pub fn since(&self, earlier: &MirrorStats) -> MirrorStats {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        MirrorStats {
+            invalidations: d(self.invalidations, earlier.invalidations),
+            pages_invalidated: d(self.pages_invalidated, earlier.pages_invalidated),
+            migrate_skips: d(self.migrate_skips, earlier.migrate_skips),
+            device_faults: d(self.device_faults, earlier.device_faults),
+            pages_mapped: d(self.pages_mapped, earlier.pages_mapped),
+            pages_accessed: d(self.pages_accessed, earlier.pages_accessed),
+            pages_copied_to_device: d(self.pages_copied_to_device, earlier.pages_copied_to_device),
+            pages_copied_to_system: d(self.pages_copied_to_system, earlier.pages_copied_to_system),
+            pages_zero_filled: d(self.pages_zero_filled, earlier.pages_zero_filled),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     invalidations: AtomicU64,

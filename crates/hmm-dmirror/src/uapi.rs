@@ -143,8 +143,9 @@ pub mod prot {
     pub const DEV_COHERENT_REMOTE: u8 = 0x50;
 }
 
-/// Why a command failed; [`errno`](Self::errno) gives the kernel's value. On failure the
-/// command block is not copied back (its outputs are unchanged), as in the kernel.
+/// Why a command failed; [`errno`](Self::errno) gives its error number and
+/// [`ret`](Self::ret) the kernel's return value. On failure the command block is not
+/// copied back (its outputs are unchanged), as in the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error, serde::Serialize)]
 pub enum DmirrorError {
     /// Bad argument: unaligned address, no pages, overflow, unknown command (`-EINVAL`).
@@ -178,18 +179,24 @@ pub enum DmirrorError {
 }
 
 impl DmirrorError {
-    /// The negative errno the kernel driver returns.
+    /// The error number (`EINVAL`, `ENOENT`, ...), positive as `errno` is and as
+    /// [`MmError::errno`](hmm::mm::MmError::errno) gives it.
     pub fn errno(self) -> i32 {
         match self {
-            DmirrorError::Inval { .. } => -22,
-            DmirrorError::NoEnt => -2,
-            DmirrorError::Fault => -14,
-            DmirrorError::Busy => -16,
-            DmirrorError::Perm => -1,
-            DmirrorError::NoMem => -12,
-            DmirrorError::NotSupported => -95,
-            DmirrorError::Range => -34,
+            DmirrorError::Inval { .. } => 22, // EINVAL
+            DmirrorError::NoEnt => 2,         // ENOENT
+            DmirrorError::Fault => 14,        // EFAULT
+            DmirrorError::Busy => 16,         // EBUSY
+            DmirrorError::Perm => 1,          // EPERM
+            DmirrorError::NoMem => 12,        // ENOMEM
+            DmirrorError::NotSupported => 95, // EOPNOTSUPP
+            DmirrorError::Range => 34,        // ERANGE
         }
+    }
+
+    /// What the kernel driver's ioctl handler returns: `-errno`.
+    pub fn ret(self) -> i32 {
+        -self.errno()
     }
 }
 

@@ -101,7 +101,7 @@ fn errors_leave_the_command_block_unchanged() {
         Err(DmirrorError::Perm)
     );
     assert_eq!(c, stale, "not copied back on failure");
-    assert_eq!(DmirrorError::Perm.errno(), -1);
+    assert_eq!(DmirrorError::Perm.errno(), libc::EPERM);
 
     let inval = |e: Result<(), DmirrorError>| matches!(e, Err(DmirrorError::Inval { .. }));
     for (addr, npages) in [
@@ -134,7 +134,7 @@ fn errors_leave_the_command_block_unchanged() {
         r.mirror.ioctl(DmirrorCmd::Read, &mut c),
         Err(DmirrorError::Fault)
     );
-    assert_eq!(DmirrorError::Fault.errno(), -14);
+    assert_eq!(DmirrorError::Fault.errno(), libc::EFAULT);
 }
 
 #[test]

@@ -229,7 +229,7 @@ fn a_private_file_mappings_cow_copy_can_be_exclusive() {
     );
     r.mm.write_val(a, 6u8).unwrap();
     let mut f = [0u8; 1];
-    file.pread(0, &mut f);
+    file.pread(0, &mut f).unwrap();
     assert_eq!(f[0], 5, "the file page never changed");
     r.mm.audit().unwrap();
 }

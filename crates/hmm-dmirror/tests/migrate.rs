@@ -437,7 +437,7 @@ fn cow_copies_in_a_private_file_mapping_migrate() {
     r.mm.read(a, &mut back).unwrap();
     assert_eq!(back, want, "the CPU reads the copies back from the device");
     let mut f = vec![0u8; data.len()];
-    assert_eq!(file.pread(0, &mut f), data.len());
+    assert_eq!(file.pread(0, &mut f).unwrap(), data.len());
     assert_eq!(f, data, "the file never changed");
     r.mm.audit().unwrap();
 }

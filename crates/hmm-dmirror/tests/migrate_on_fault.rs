@@ -101,7 +101,7 @@ fn bad_input_is_typed_and_moves_nothing() {
         d0.ioctl_raw(DmirrorCmd::MigrateOnFaultToDev.ioctl(), &mut c)
             .unwrap_err()
             .errno(),
-        -22
+        libc::EINVAL
     );
 }
 

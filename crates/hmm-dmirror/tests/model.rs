@@ -389,7 +389,7 @@ impl Proc {
         };
         self.mirror(driver, dev)
             .ioctl(cmd, &mut c)
-            .map_err(|e| e.errno())
+            .map_err(|e| e.ret())
     }
 
     /// Checks that the process's buffer holds the model's bytes of pages `[at, at + n)`,
@@ -671,7 +671,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
                 let start = pgoff * PAGE_SIZE + off;
                 let len = len.min(FILE_PAGES * PAGE_SIZE - start);
                 let mut buf = vec![0u8; len as usize];
-                prop_assert_eq!(file.pread(start, &mut buf), len as usize);
+                prop_assert_eq!(file.pread(start, &mut buf).unwrap(), len as usize);
                 for (i, a) in (start..start + len).enumerate() {
                     let want = objects
                         .bytes

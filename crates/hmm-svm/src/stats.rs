@@ -80,6 +80,54 @@ pub struct SvmStats {
 }
 
 impl SvmStats {
+    /// What happened between `earlier` and `self` (as
+    /// [`MmStats::since`](hmm::stats::MmStats::since)).
+    pub fn since(&self, earlier: &SvmStats) -> SvmStats {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        SvmStats {
+            gpu_faults: d(self.gpu_faults, earlier.gpu_faults),
+            buffer_overflows: d(self.buffer_overflows, earlier.buffer_overflows),
+            fault_batches: d(self.fault_batches, earlier.fault_batches),
+            duplicate_faults: d(self.duplicate_faults, earlier.duplicate_faults),
+            valid_faults: d(self.valid_faults, earlier.valid_faults),
+            replays: d(self.replays, earlier.replays),
+            fatal_faults: d(self.fatal_faults, earlier.fatal_faults),
+            pages_h2d: d(self.pages_h2d, earlier.pages_h2d),
+            pages_d2h: d(self.pages_d2h, earlier.pages_d2h),
+            evictions: d(self.evictions, earlier.evictions),
+            evicted_pages: d(self.evicted_pages, earlier.evicted_pages),
+            vram_alloc_failures: d(self.vram_alloc_failures, earlier.vram_alloc_failures),
+            remote_mapped_pages: d(self.remote_mapped_pages, earlier.remote_mapped_pages),
+            local_mapped_pages: d(self.local_mapped_pages, earlier.local_mapped_pages),
+            remote_accesses: d(self.remote_accesses, earlier.remote_accesses),
+            local_accesses: d(self.local_accesses, earlier.local_accesses),
+            prefetched_pages: d(self.prefetched_pages, earlier.prefetched_pages),
+            access_counter_notifications: d(
+                self.access_counter_notifications,
+                earlier.access_counter_notifications,
+            ),
+            thrash_detections: d(self.thrash_detections, earlier.thrash_detections),
+            thrash_throttles: d(self.thrash_throttles, earlier.thrash_throttles),
+            thrash_pins: d(self.thrash_pins, earlier.thrash_pins),
+            thrash_held_pages: d(self.thrash_held_pages, earlier.thrash_held_pages),
+            invalidations: d(self.invalidations, earlier.invalidations),
+            pages_invalidated: d(self.pages_invalidated, earlier.pages_invalidated),
+            own_migrate_skips: d(self.own_migrate_skips, earlier.own_migrate_skips),
+            ranges_created: d(self.ranges_created, earlier.ranges_created),
+            ranges_destroyed: d(self.ranges_destroyed, earlier.ranges_destroyed),
+            get_pages: d(self.get_pages, earlier.get_pages),
+            faults_by_size: std::array::from_fn(|i| {
+                d(self.faults_by_size[i], earlier.faults_by_size[i])
+            }),
+            migrations_by_size: std::array::from_fn(|i| {
+                d(self.migrations_by_size[i], earlier.migrations_by_size[i])
+            }),
+            binds_by_size: std::array::from_fn(|i| {
+                d(self.binds_by_size[i], earlier.binds_by_size[i])
+            }),
+        }
+    }
+
     /// Bytes migrated host to device.
     pub fn bytes_h2d(&self) -> u64 {
         self.pages_h2d * hmm::addr::PAGE_SIZE

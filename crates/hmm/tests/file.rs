@@ -29,7 +29,7 @@ fn shared_mapping_and_file_io_see_the_same_bytes() {
     assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 0xf002);
     m.mm.write_val(page(a, 1), 7u64).unwrap();
     let mut b = [0u8; 8];
-    assert_eq!(f.pread(PAGE_SIZE, &mut b), 8);
+    assert_eq!(f.pread(PAGE_SIZE, &mut b).unwrap(), 8);
     assert_eq!(u64::from_le_bytes(b), 7);
     f.pwrite(2 * PAGE_SIZE + 8, &9u64.to_le_bytes()).unwrap();
     assert_eq!(
@@ -63,7 +63,7 @@ fn private_mapping_copies_on_write_and_sees_the_file_until_then() {
         [(NotifierEvent::Clear, a.as_u64(), page(a, 1).as_u64())]
     );
     let mut b = [0u8; 8];
-    f.pread(0, &mut b);
+    f.pread(0, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 1, "the file keeps its bytes");
     assert!(
         !m.mm.pagemap(a, 1).unwrap()[0].file,
@@ -71,7 +71,7 @@ fn private_mapping_copies_on_write_and_sees_the_file_until_then() {
     );
     // A first-touch write copies straight away (do_cow_fault), no read-only step.
     m.mm.write_val(page(a, 1), 3u64).unwrap();
-    f.pread(PAGE_SIZE, &mut b);
+    f.pread(PAGE_SIZE, &mut b).unwrap();
     assert_eq!(u64::from_le_bytes(b), 0xf001);
     assert_eq!(m.mm.stats().faults.cow, 2);
     // Fork shares both the copy and the file page copy-on-write.
@@ -115,7 +115,11 @@ fn offsets_and_sigbus_past_the_end() {
     ));
     assert!(f.pwrite(u64::MAX - 2, &[1, 2, 3]).is_err());
     assert!(f.truncate(u64::MAX).is_err());
-    assert_eq!(f.pread(100 * PAGE_SIZE, &mut [0u8; 8]), 0);
+    assert_eq!(f.pread(100 * PAGE_SIZE, &mut [0u8; 8]).unwrap(), 0);
+    assert!(matches!(
+        f.pread(u64::MAX - 4, &mut [0u8; 8]),
+        Err(MmError::Inval { .. })
+    ));
     m.mm.audit().unwrap();
 }
 

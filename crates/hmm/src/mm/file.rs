@@ -54,8 +54,19 @@ impl MemFile {
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; returns how many (0 at or past the end).
-    pub fn pread(&self, offset: u64, buf: &mut [u8]) -> usize {
-        self.obj.read_at(offset, buf)
+    ///
+    /// Errors: `Inval` if `offset`, or `offset + buf.len()`, is past what a file offset
+    /// can be (`loff_t`, `i64::MAX`), as `rw_verify_area` refuses it.
+    pub fn pread(&self, offset: u64, buf: &mut [u8]) -> Result<usize, MmError> {
+        if !offset
+            .checked_add(buf.len() as u64)
+            .is_some_and(|e| e <= i64::MAX as u64)
+        {
+            return Err(MmError::Inval {
+                what: "read past the largest file offset",
+            });
+        }
+        Ok(self.obj.read_at(offset, buf))
     }
 
     /// Writes `data` at `offset`, extending the file; returns the bytes written.

@@ -154,6 +154,18 @@ pub struct PhysStats {
     pub nr_free_ops: u64,
 }
 
+impl PhysStats {
+    /// What happened between `earlier` and `self`: the operations in between, and the
+    /// frame counts as in `self` (as [`MmStats::since`](crate::stats::MmStats::since)).
+    pub fn since(&self, earlier: &PhysStats) -> PhysStats {
+        PhysStats {
+            nr_alloc_ops: self.nr_alloc_ops.saturating_sub(earlier.nr_alloc_ops),
+            nr_free_ops: self.nr_free_ops.saturating_sub(earlier.nr_free_ops),
+            ..*self
+        }
+    }
+}
+
 /// The machine's memory: system RAM (frames with real bytes, metadata and an allocator)
 /// and the device pagemaps registered on it.
 #[derive(Debug)]
