@@ -166,6 +166,59 @@ impl VirtAddr {
     }
 }
 
+/// `addr + bytes`, as pointer arithmetic reads in C (`buf + i * PAGE_SIZE`).
+///
+/// # Panics
+///
+/// Panics past [`USER_VA_END`], as [`VirtAddr::new`] does; use
+/// [`VirtAddr::checked_add`] for untrusted offsets.
+impl std::ops::Add<u64> for VirtAddr {
+    type Output = VirtAddr;
+
+    #[track_caller]
+    fn add(self, bytes: u64) -> VirtAddr {
+        self.checked_add(bytes)
+            .expect("virtual address arithmetic left the user half")
+    }
+}
+
+impl std::ops::AddAssign<u64> for VirtAddr {
+    #[track_caller]
+    fn add_assign(&mut self, bytes: u64) {
+        *self = *self + bytes;
+    }
+}
+
+/// `addr - bytes`.
+///
+/// # Panics
+///
+/// Panics below zero; use [`VirtAddr::checked_sub`] for untrusted offsets.
+impl std::ops::Sub<u64> for VirtAddr {
+    type Output = VirtAddr;
+
+    #[track_caller]
+    fn sub(self, bytes: u64) -> VirtAddr {
+        self.checked_sub(bytes)
+            .expect("virtual address arithmetic went below zero")
+    }
+}
+
+/// The distance in bytes from `base` up to `addr` (`end - start` in C).
+///
+/// # Panics
+///
+/// Panics if `addr < base`; use [`VirtAddr::offset_from`] otherwise.
+impl std::ops::Sub<VirtAddr> for VirtAddr {
+    type Output = u64;
+
+    #[track_caller]
+    fn sub(self, base: VirtAddr) -> u64 {
+        self.offset_from(base)
+            .expect("address difference of a lower address")
+    }
+}
+
 impl fmt::Debug for VirtAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "VirtAddr({:#x})", self.0)

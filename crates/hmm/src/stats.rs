@@ -223,6 +223,94 @@ impl MmStats {
     }
 }
 
+/// A few lines a person can read: what happened, by kind, leaving out what is zero.
+///
+/// ```
+/// # use hmm::stats::MmStats;
+/// let s = MmStats::default();
+/// assert_eq!(s.to_string(), "nothing counted");
+/// ```
+impl std::fmt::Display for MmStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut lines: Vec<String> = Vec::new();
+        let join = |parts: Vec<(&str, u64)>| -> Option<String> {
+            let shown: Vec<String> = parts
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(name, n)| format!("{n} {name}"))
+                .collect();
+            (!shown.is_empty()).then(|| shown.join(", "))
+        };
+        let fl = &self.faults;
+        if let Some(l) = join(vec![
+            ("anonymous write", fl.anon_write),
+            ("zero-page read", fl.anon_read_zero),
+            ("copy-on-write", fl.cow),
+            ("write-protect reuse", fl.wp_reuse),
+            ("shared", fl.shared),
+            ("migration wait", fl.migration_wait),
+            ("device-exclusive", fl.device_exclusive),
+            ("THP", fl.thp_anon),
+            ("huge zero page", fl.thp_zero),
+            ("hugetlb", fl.hugetlb),
+            ("device-private", fl.device_private),
+        ]) {
+            lines.push(format!("faults: {l}"));
+        }
+        let events: Vec<(&str, u64)> = crate::notifier::NotifierEvent::ALL
+            .iter()
+            .map(|e| (e.kernel_name(), self.notifier.of(*e)))
+            .collect();
+        if let Some(l) = join(events) {
+            lines.push(format!("invalidations: {l}"));
+        }
+        let m = &self.migrate;
+        if let Some(l) = join(vec![
+            ("setups", m.setups),
+            ("collected", m.pages_collected),
+            ("migrated", m.pages_migrated),
+            ("restored", m.pages_restored),
+        ]) {
+            lines.push(format!("migration: {l}"));
+        }
+        let r = &self.range_walks;
+        if let Some(l) = join(vec![
+            ("hmm_range_fault", r.hmm),
+            ("migrate_vma", r.migrate),
+            ("restarts", r.restarts),
+            ("in migrate_to_ram", r.fault_handler),
+        ]) {
+            lines.push(format!("range passes: {l}"));
+        }
+        if let Some(l) = join(vec![
+            ("allocated", self.frames_allocated),
+            ("freed", self.frames_freed),
+        ]) {
+            lines.push(format!("frames: {l}"));
+        }
+        if let Some(l) = join(vec![
+            ("flushes", self.tlb_flush_ops),
+            ("pages flushed", self.tlb_flush_pages),
+        ]) {
+            lines.push(format!("TLB: {l}"));
+        }
+        if let Some(l) = join(vec![
+            ("PMD splits", self.thp_split_pmd),
+            ("folio splits", self.thp_split_folio),
+            ("collapses", self.thp_collapse),
+        ]) {
+            lines.push(format!("THP: {l}"));
+        }
+        if self.rmap_visits > 0 {
+            lines.push(format!("reverse-map visits: {}", self.rmap_visits));
+        }
+        if lines.is_empty() {
+            return f.write_str("nothing counted");
+        }
+        f.write_str(&lines.join("\n"))
+    }
+}
+
 /// The live counters of an address space (page-table and notifier counters live with
 /// their owners).
 #[derive(Debug, Default)]

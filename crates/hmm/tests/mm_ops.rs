@@ -295,3 +295,35 @@ fn dropping_the_mm_releases_notifiers_and_every_frame() {
     assert_eq!(phys.nr_in_use(), 0);
     assert_eq!(rec.releases(), [id]);
 }
+
+#[test]
+fn address_arithmetic_typed_slices_and_readable_counters() {
+    let m = Machine::new(16);
+    let a = m.map(4, RW, MapFlags::PRIVATE);
+    // Arithmetic that reads like the C: `a + 2 * PAGE_SIZE`, `end - start`.
+    let b = a + 2 * PAGE_SIZE;
+    assert_eq!(b, page(a, 2));
+    assert_eq!(b - a, 2 * PAGE_SIZE);
+    assert_eq!(b - PAGE_SIZE, page(a, 1));
+    let mut c = a;
+    c += PAGE_SIZE;
+    assert_eq!(c, page(a, 1));
+    assert!(std::panic::catch_unwind(|| VirtAddr::new(hmm::addr::USER_VA_END) + 1).is_err());
+    assert!(std::panic::catch_unwind(|| a - b).is_err());
+
+    // Typed bulk access across a page boundary, all or nothing.
+    let vals: Vec<u32> = (0..1500).collect();
+    m.mm.write_slice(a + 100, &vals).unwrap();
+    let mut back = vec![0u32; vals.len()];
+    m.mm.read_slice(a + 100, &mut back).unwrap();
+    assert_eq!(back, vals);
+    assert_eq!(m.mm.read_val::<u32>(a + 100 + 4 * 1499).unwrap(), 1499);
+    let past = a + 4 * PAGE_SIZE - 8;
+    assert!(m.mm.write_slice(past, &[1u64, 2]).is_err());
+    assert_eq!(m.mm.read_val::<u64>(past).unwrap(), 0, "nothing written");
+
+    // The counters print as lines a person can read.
+    let text = m.mm.stats().to_string();
+    assert!(text.contains("faults: 2 anonymous write"), "{text}");
+    assert!(text.lines().all(|l| !l.contains(" 0 ")), "{text}");
+}

@@ -95,6 +95,27 @@ impl Mm {
         self.write(addr, &b[..T::SIZE])
     }
 
+    /// Loads `out.len()` consecutive values from `addr` (an array of `T` in C), in one
+    /// access: all or nothing, as [`read`](Self::read).
+    pub fn read_slice<T: Scalar>(&self, addr: VirtAddr, out: &mut [T]) -> Result<(), FaultError> {
+        let mut bytes = vec![0u8; std::mem::size_of_val(out)];
+        self.read(addr, &mut bytes)?;
+        for (v, b) in out.iter_mut().zip(bytes.chunks_exact(T::SIZE)) {
+            *v = T::from_le(b);
+        }
+        Ok(())
+    }
+
+    /// Stores the values of `data` consecutively from `addr`, in one access: all or
+    /// nothing, as [`write`](Self::write).
+    pub fn write_slice<T: Scalar>(&self, addr: VirtAddr, data: &[T]) -> Result<(), FaultError> {
+        let mut bytes = vec![0u8; std::mem::size_of_val(data)];
+        for (v, b) in data.iter().zip(bytes.chunks_exact_mut(T::SIZE)) {
+            v.to_le(b);
+        }
+        self.write(addr, &bytes)
+    }
+
     fn access(&self, addr: VirtAddr, mut buf: Buf<'_>) -> Result<(), FaultError> {
         let len = buf.len();
         if len == 0 {
