@@ -21,9 +21,7 @@ use hmm::mm::{MapFlags, Mm, Prot};
 use hmm::notifier::{NotifierEvent, Recorder};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm::stats::MmStats;
-use hmm_dmirror::{
-    Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd, MirrorStats,
-};
+use hmm_dmirror::{Dmirror, DmirrorConfig, DmirrorDriver, MirrorStats};
 use serde::Serialize;
 
 use crate::limits::{round_2m, Need, MIB};
@@ -145,21 +143,6 @@ impl Stage {
         Ok(())
     }
 
-    fn cmd(
-        &self,
-        d: &Dmirror,
-        which: DmirrorCmd,
-        npages: u64,
-    ) -> Result<HmmDmirrorCmd, DmirrorError> {
-        let mut c = HmmDmirrorCmd {
-            addr: self.buf.as_u64(),
-            ptr: self.user.as_u64(),
-            npages,
-            ..HmmDmirrorCmd::default()
-        };
-        d.ioctl(which, &mut c).map(|()| c)
-    }
-
     /// The CPU reads the first `npages` pages back (faulting them out of device memory).
     fn cpu_read(&self, npages: u64) -> Result<Vec<u8>, Box<dyn Error>> {
         let mut b = vec![0u8; (npages * PAGE_SIZE) as usize];
@@ -185,12 +168,12 @@ fn baseline_invalidations(pages: u64) -> Result<u64, Box<dyn Error>> {
     let d0 = Dmirror::open(s.driver.device(0), &s.mm)?;
     d0.set_owner_filter(false);
     s.fill()?;
-    s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    d0.migrate_to_dev(s.buf, pages, s.user)?;
     s.cpu_read(pages / 2)?;
     let before = d0.stats();
     // Without the filter the device loses its mappings of the pages it already had, so the
     // read-back fails with ENOENT; only the count matters here.
-    let _ = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages);
+    let _ = d0.migrate_to_dev(s.buf, pages, s.user);
     Ok(d0.stats().since(&before).pages_invalidated)
 }
 
@@ -268,7 +251,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             c.faults.total()
         )
     });
-    let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    let c = d0.migrate_to_dev(s.buf, pages, s.user)?;
     step(
         "migrate to device 0",
         format!("cpages {}", c.cpages),
@@ -297,7 +280,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
     );
     let frames = s.device_frames(&d0);
     let before = d0.stats();
-    let c = s.cmd(&d0, DmirrorCmd::MigrateToDev, pages)?;
+    let c = d0.migrate_to_dev(s.buf, pages, s.user)?;
     let again = d0.stats().since(&before);
     let moved = frames
         .iter()
@@ -318,7 +301,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             )
         },
     );
-    let device1_migrate = match s.cmd(&d1, DmirrorCmd::MigrateToDev, pages) {
+    let device1_migrate = match d1.migrate_to_dev(s.buf, pages, s.user) {
         Ok(c) => format!("cpages {}", c.cpages),
         Err(e) => format!("{e} ({}), as expected", e.ret()),
     };
@@ -333,7 +316,7 @@ pub(crate) fn run(pages: u64, json: bool) -> Result<(), Box<dyn Error>> {
             )
         },
     );
-    let c = s.cmd(&d1, DmirrorCmd::Read, pages)?;
+    let c = d1.read(s.buf, pages, s.user)?;
     let mut via_d1 = vec![0u8; (pages * PAGE_SIZE) as usize];
     s.mm.read(s.user, &mut via_d1)?;
     step(

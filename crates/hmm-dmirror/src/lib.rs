@@ -49,5 +49,5 @@ pub use device::{
     DmirrorConfig, DmirrorDevice, DmirrorDriver, DEVMEM_CHUNK_SIZE, DMIRROR_NDEVICES,
 };
 pub use dpt::{DptEntry, DptTag};
-pub use mirror::{Dmirror, MirrorStats};
+pub use mirror::{Dmirror, Done, MirrorStats};
 pub use uapi::{prot, DmirrorCmd, DmirrorError, HmmDmirrorCmd, HMM_DMIRROR_FLAG_FAIL_ALLOC};

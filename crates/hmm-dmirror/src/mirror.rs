@@ -53,6 +53,16 @@ const RANGE_CHUNK: u64 = 32;
 /// microseconds, not for the whole range.
 const MIGRATE_CHUNK: u64 = 512;
 
+/// What a typed command ([`Dmirror::read`] and the others) reports: the outputs of the
+/// ioctl form's block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Done {
+    /// Pages processed (`cpages`).
+    pub cpages: u64,
+    /// Device faults taken (`faults`: calls of the fault routine, not pages).
+    pub faults: u64,
+}
+
 /// What a mirror has done, counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct MirrorStats {
@@ -296,6 +306,105 @@ impl Dmirror {
         }
         *cmd = out;
         Ok(())
+    }
+
+    /// Runs `which` over `npages` at `addr` with the user buffer `ptr` (the ioctl form's
+    /// block, built and returned): what the typed methods below share.
+    fn run(
+        &self,
+        which: DmirrorCmd,
+        addr: VirtAddr,
+        npages: u64,
+        ptr: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        let mut c = HmmDmirrorCmd {
+            addr: addr.as_u64(),
+            ptr: ptr.as_u64(),
+            npages,
+            ..HmmDmirrorCmd::default()
+        };
+        self.ioctl(which, &mut c)?;
+        Ok(Done {
+            cpages: c.cpages,
+            faults: c.faults,
+        })
+    }
+
+    /// The device reads `npages` at `addr` into the user buffer `out`, faulting missing
+    /// pages (`HMM_DMIRROR_READ`).
+    #[doc(alias = "HMM_DMIRROR_READ")]
+    pub fn read(&self, addr: VirtAddr, npages: u64, out: VirtAddr) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::Read, addr, npages, out)
+    }
+
+    /// The device writes `npages` from the user buffer `data` at `addr`, faulting pages it
+    /// cannot write (`HMM_DMIRROR_WRITE`).
+    #[doc(alias = "HMM_DMIRROR_WRITE")]
+    pub fn write(&self, addr: VirtAddr, npages: u64, data: VirtAddr) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::Write, addr, npages, data)
+    }
+
+    /// Migrates `npages` at `addr` to device memory, then reads them into `out`
+    /// (`HMM_DMIRROR_MIGRATE_TO_DEV`).
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_TO_DEV")]
+    pub fn migrate_to_dev(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::MigrateToDev, addr, npages, out)
+    }
+
+    /// Migrates this device's pages of `npages` at `addr` back to system memory
+    /// (`HMM_DMIRROR_MIGRATE_TO_SYS`).
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_TO_SYS")]
+    pub fn migrate_to_sys(&self, addr: VirtAddr, npages: u64) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::MigrateToSys, addr, npages, VirtAddr::ZERO)
+    }
+
+    /// Faults and migrates `npages` at `addr` to device memory in one walk, then reads
+    /// them into `out` (`HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV`).
+    #[doc(alias = "HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV")]
+    pub fn migrate_on_fault_to_dev(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::MigrateOnFaultToDev, addr, npages, out)
+    }
+
+    /// Writes one byte per page of `npages` at `addr` into `out`, describing what the CPU
+    /// page table holds (`HMM_DMIRROR_SNAPSHOT`, the bytes of [`prot`](crate::prot)).
+    #[doc(alias = "HMM_DMIRROR_SNAPSHOT")]
+    pub fn snapshot(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::Snapshot, addr, npages, out)
+    }
+
+    /// Takes exclusive device access to `npages` at `addr`, then reads them into `out`
+    /// (`HMM_DMIRROR_EXCLUSIVE`).
+    #[doc(alias = "HMM_DMIRROR_EXCLUSIVE")]
+    pub fn exclusive(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::Exclusive, addr, npages, out)
+    }
+
+    /// Checks that the device still holds exclusive access to `npages` at `addr`
+    /// (`HMM_DMIRROR_CHECK_EXCLUSIVE`).
+    #[doc(alias = "HMM_DMIRROR_CHECK_EXCLUSIVE")]
+    pub fn check_exclusive(&self, addr: VirtAddr, npages: u64) -> Result<(), DmirrorError> {
+        self.run(DmirrorCmd::CheckExclusive, addr, npages, VirtAddr::ZERO)
+            .map(|_| ())
     }
 
     /// [`ioctl`](Self::ioctl) by request number; an unknown number is `Inval`.

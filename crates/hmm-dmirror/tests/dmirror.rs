@@ -333,3 +333,32 @@ fn release_again_and_again_never_runs_out_of_device_memory() {
         assert_eq!(rig.mm.read_val::<u64>(page(a, i)).unwrap(), i);
     }
 }
+
+#[test]
+fn typed_commands_do_what_the_ioctl_form_does() {
+    let phys = hmm::phys::PhysMem::new(hmm::phys::PhysConfig::with_size(16 << 20)).unwrap();
+    let driver = hmm_dmirror::DmirrorDriver::new(&phys, hmm_dmirror::DmirrorConfig::default());
+    let mm = hmm::mm::Mm::new(phys.clone());
+    let d = hmm_dmirror::Dmirror::open(driver.device(0), &mm).unwrap();
+    let rw = hmm::mm::Prot::READ | hmm::mm::Prot::WRITE;
+    let ps = hmm::addr::PAGE_SIZE;
+    let a = mm.mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE).unwrap();
+    let out = mm.mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE).unwrap();
+    mm.write_slice(a, &[7u64; 2048]).unwrap();
+    // READ, as `ioctl(Read, ..)` would: every page, one device fault.
+    let done = d.read(a, 4, out).unwrap();
+    assert_eq!((done.cpages, done.faults), (4, 1));
+    assert_eq!(mm.read_val::<u64>(out + 3 * ps).unwrap(), 7);
+    // To the device and back; the snapshot says where the pages are.
+    assert_eq!(d.migrate_to_dev(a, 4, out).unwrap().cpages, 4);
+    d.snapshot(a, 4, out).unwrap();
+    let mut bytes = [0u8; 4];
+    mm.read(out, &mut bytes).unwrap();
+    assert!(bytes
+        .iter()
+        .all(|&b| b == hmm_dmirror::prot::DEV_PRIVATE_LOCAL | hmm_dmirror::prot::WRITE));
+    assert_eq!(d.migrate_to_sys(a, 4).unwrap().cpages, 4);
+    // Bad input gets the same typed error as the ioctl form.
+    assert_eq!(d.read(a + 1, 4, out).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(d.read(a, 0, out).unwrap_err().ret(), -libc::EINVAL);
+}
