@@ -53,6 +53,32 @@ const RANGE_CHUNK: u64 = 32;
 /// microseconds, not for the whole range.
 const MIGRATE_CHUNK: u64 = 512;
 
+/// One line a person can read, zeros left out (`nothing counted` when all are).
+impl std::fmt::Display for MirrorStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            ("invalidations", self.invalidations),
+            ("pages invalidated", self.pages_invalidated),
+            ("own MIGRATE skipped", self.migrate_skips),
+            ("device faults", self.device_faults),
+            ("pages mapped", self.pages_mapped),
+            ("pages accessed", self.pages_accessed),
+            ("pages copied to the device", self.pages_copied_to_device),
+            ("pages copied to system memory", self.pages_copied_to_system),
+            ("pages zero-filled", self.pages_zero_filled),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(name, n)| format!("{n} {name}"))
+        .collect();
+        if parts.is_empty() {
+            f.write_str("nothing counted")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 /// What a typed command ([`Dmirror::read`] and the others) reports: the outputs of the
 /// ioctl form's block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

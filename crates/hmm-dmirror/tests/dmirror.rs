@@ -342,8 +342,12 @@ fn typed_commands_do_what_the_ioctl_form_does() {
     let d = hmm_dmirror::Dmirror::open(driver.device(0), &mm).unwrap();
     let rw = hmm::mm::Prot::READ | hmm::mm::Prot::WRITE;
     let ps = hmm::addr::PAGE_SIZE;
-    let a = mm.mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE).unwrap();
-    let out = mm.mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE).unwrap();
+    let a = mm
+        .mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE)
+        .unwrap();
+    let out = mm
+        .mmap(None, 4 * ps, rw, hmm::mm::MapFlags::PRIVATE)
+        .unwrap();
     mm.write_slice(a, &[7u64; 2048]).unwrap();
     // READ, as `ioctl(Read, ..)` would: every page, one device fault.
     let done = d.read(a, 4, out).unwrap();
@@ -361,4 +365,17 @@ fn typed_commands_do_what_the_ioctl_form_does() {
     // Bad input gets the same typed error as the ioctl form.
     assert_eq!(d.read(a + 1, 4, out).unwrap_err().errno(), libc::EINVAL);
     assert_eq!(d.read(a, 0, out).unwrap_err().ret(), -libc::EINVAL);
+}
+
+#[test]
+fn mirror_counters_read_as_a_line_and_subtract() {
+    let zero = hmm_dmirror::MirrorStats::default();
+    assert_eq!(zero.to_string(), "nothing counted");
+    let s = hmm_dmirror::MirrorStats {
+        device_faults: 2,
+        pages_mapped: 8,
+        ..zero
+    };
+    assert_eq!(s.to_string(), "2 device faults, 8 pages mapped");
+    assert_eq!(s.since(&s), zero);
 }

@@ -139,6 +139,86 @@ impl SvmStats {
     }
 }
 
+/// A few lines a person can read, zeros left out (`nothing counted` when all are).
+impl std::fmt::Display for SvmStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let groups: [(&str, Vec<(&str, u64)>); 5] = [
+            (
+                "faults",
+                vec![
+                    ("GPU faults", self.gpu_faults),
+                    ("batches", self.fault_batches),
+                    ("duplicates", self.duplicate_faults),
+                    ("already valid", self.valid_faults),
+                    ("fatal", self.fatal_faults),
+                    ("buffer overflows", self.buffer_overflows),
+                    ("replays", self.replays),
+                ],
+            ),
+            (
+                "migration",
+                vec![
+                    ("pages to the device", self.pages_h2d),
+                    ("pages to the host", self.pages_d2h),
+                    ("prefetched", self.prefetched_pages),
+                    ("evictions", self.evictions),
+                    ("evicted pages", self.evicted_pages),
+                    ("placement failures", self.vram_alloc_failures),
+                ],
+            ),
+            (
+                "mappings",
+                vec![
+                    ("local pages", self.local_mapped_pages),
+                    ("remote pages", self.remote_mapped_pages),
+                    ("local accesses", self.local_accesses),
+                    ("remote accesses", self.remote_accesses),
+                    ("invalidations", self.invalidations),
+                    ("pages invalidated", self.pages_invalidated),
+                    ("own MIGRATE skipped", self.own_migrate_skips),
+                ],
+            ),
+            (
+                "policy",
+                vec![
+                    (
+                        "access-counter notifications",
+                        self.access_counter_notifications,
+                    ),
+                    ("thrashing detections", self.thrash_detections),
+                    ("throttles", self.thrash_throttles),
+                    ("pins", self.thrash_pins),
+                    ("pages held", self.thrash_held_pages),
+                ],
+            ),
+            (
+                "ranges",
+                vec![
+                    ("created", self.ranges_created),
+                    ("destroyed", self.ranges_destroyed),
+                    ("get_pages passes", self.get_pages),
+                ],
+            ),
+        ];
+        let lines: Vec<String> = groups
+            .into_iter()
+            .filter_map(|(group, parts)| {
+                let shown: Vec<String> = parts
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(name, n)| format!("{n} {name}"))
+                    .collect();
+                (!shown.is_empty()).then(|| format!("{group}: {}", shown.join(", ")))
+            })
+            .collect();
+        if lines.is_empty() {
+            f.write_str("nothing counted")
+        } else {
+            f.write_str(&lines.join("\n"))
+        }
+    }
+}
+
 /// The live counters: relaxed atomics, read with [`Counters::snapshot`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -221,5 +301,29 @@ impl Counters {
             migrations_by_size: r3(&self.migrations_by_size),
             binds_by_size: r3(&self.binds_by_size),
         }
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::SvmStats;
+
+    #[test]
+    fn counters_read_as_lines_by_group_and_subtract() {
+        let zero = SvmStats::default();
+        assert_eq!(zero.to_string(), "nothing counted");
+        let s = SvmStats {
+            gpu_faults: 3,
+            fault_batches: 1,
+            pages_h2d: 512,
+            faults_by_size: [0, 0, 3],
+            ..zero
+        };
+        assert_eq!(
+            s.to_string(),
+            "faults: 3 GPU faults, 1 batches\nmigration: 512 pages to the device"
+        );
+        assert_eq!(s.since(&zero), s);
+        assert_eq!(s.since(&s), zero);
     }
 }
