@@ -203,9 +203,8 @@ impl Region {
         if !self.meta[head].put_testzero() {
             return false;
         }
-        if let Some(f) = self.release(head, false) {
-            debug_assert!(false, "nothing is deferred: {f}");
-        }
+        let deferred = self.release(head, false);
+        debug_assert!(deferred.is_none(), "nothing is deferred");
         true
     }
 
@@ -237,47 +236,45 @@ impl Region {
     /// to free in a batch (and to call the free hook on).
     #[track_caller]
     fn release(&self, head: usize, defer_small: bool) -> Option<usize> {
-        {
-            let m = &self.meta[head];
-            let flags = m.flags();
-            assert!(
-                !flags.contains(FrameFlags::RESERVED),
-                "last reference dropped on a reserved frame"
-            );
-            assert!(
-                !flags.contains(FrameFlags::LOCKED),
-                "frame {head} freed while locked"
-            );
-            let order = m.order();
-            debug_assert_eq!(m.mapcount(), 0, "frame {head} freed while mapped");
-            if flags.contains(FrameFlags::HUGETLB) {
-                m.clear_mapping();
-                m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
-                m.set_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
-                self.hugetlb.lock().free.push(head);
-                return None;
-            }
-            if order > 0 {
-                for t in &self.meta[head + 1..head + (1 << order)] {
-                    t.clear_flags(FrameFlags::TAIL);
-                }
-            }
-            m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+        let m = &self.meta[head];
+        let flags = m.flags();
+        assert!(
+            !flags.contains(FrameFlags::RESERVED),
+            "last reference dropped on a reserved frame"
+        );
+        assert!(
+            !flags.contains(FrameFlags::LOCKED),
+            "frame {head} freed while locked"
+        );
+        let order = m.order();
+        debug_assert_eq!(m.mapcount(), 0, "frame {head} freed while mapped");
+        if flags.contains(FrameFlags::HUGETLB) {
             m.clear_mapping();
-            if order == 0 && defer_small {
-                return Some(head);
-            }
-            if order == 0 {
-                self.pcp.free(head, &self.alloc);
-            } else {
-                self.alloc.lock().free(head, order);
-                self.pcp.count_op(false);
-            }
-            if let Some(hook) = &self.on_free {
-                hook(FrameRef::new(self, self.base + head as u64), order);
-            }
-            None
+            m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+            m.set_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
+            self.hugetlb.lock().free.push(head);
+            return None;
         }
+        if order > 0 {
+            for t in &self.meta[head + 1..head + (1 << order)] {
+                t.clear_flags(FrameFlags::TAIL);
+            }
+        }
+        m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
+        m.clear_mapping();
+        if order == 0 && defer_small {
+            return Some(head);
+        }
+        if order == 0 {
+            self.pcp.free(head, &self.alloc);
+        } else {
+            self.alloc.lock().free(head, order);
+            self.pcp.count_op(false);
+        }
+        if let Some(hook) = &self.on_free {
+            hook(FrameRef::new(self, self.base + head as u64), order);
+        }
+        None
     }
 }
 
