@@ -145,13 +145,32 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
 
 /// Prints `results` (one object, or an array for a comparison) and fails if any lost a
 /// byte or leaked a frame.
+/// The version of the `--json` objects' layout: raised when a field changes meaning or
+/// goes away (fields may be added without it).
+const SCHEMA_VERSION: u32 = 1;
+
+/// A run's metrics as `--json` prints them: versioned.
+#[derive(serde::Serialize)]
+struct Versioned<'m> {
+    schema_version: u32,
+    #[serde(flatten)]
+    metrics: &'m Metrics,
+}
+
 fn report(json: bool, results: &[(String, Metrics)], array: bool) -> Result<()> {
     if json {
+        let versioned = |m| Versioned {
+            schema_version: SCHEMA_VERSION,
+            metrics: m,
+        };
         if array {
-            let all: Vec<&Metrics> = results.iter().map(|(_, m)| m).collect();
+            let all: Vec<Versioned<'_>> = results.iter().map(|(_, m)| versioned(m)).collect();
             outln!("{}", serde_json::to_string_pretty(&all)?);
         } else {
-            outln!("{}", serde_json::to_string_pretty(&results[0].1)?);
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&versioned(&results[0].1))?
+            );
         }
     } else {
         print_table(results);

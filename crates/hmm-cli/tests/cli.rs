@@ -319,6 +319,7 @@ fn run_lists_runs_and_compares_scenarios() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["schema_version"], 1);
     for key in [
         "scenario",
         "seed",
