@@ -21,7 +21,7 @@ use hmm::mm::{Advice, MapFlags, MemFile, Mm, Prot, ThpMode};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm::zone_device::MemoryType;
 
-use crate::{prot, Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
+use crate::{prot, Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError};
 
 /// What a device can do to the memory of the process it mirrors.
 pub trait DeviceMirror {
@@ -536,15 +536,9 @@ impl DmirrorUnderTest {
         npages: u64,
         ptr: VirtAddr,
     ) -> Result<(), DmirrorError> {
-        let mut cmd = HmmDmirrorCmd {
-            addr: addr.as_u64(),
-            ptr: ptr.as_u64(),
-            npages,
-            ..HmmDmirrorCmd::default()
-        };
-        self.mirror.ioctl(which, &mut cmd)?;
+        let done = self.mirror.run(which, addr, npages, ptr)?;
         assert_eq!(
-            cmd.cpages, npages,
+            done.cpages, npages,
             "a successful command processes every page"
         );
         Ok(())

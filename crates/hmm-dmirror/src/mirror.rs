@@ -334,9 +334,10 @@ impl Dmirror {
         Ok(())
     }
 
-    /// Runs `which` over `npages` at `addr` with the user buffer `ptr` (the ioctl form's
-    /// block, built and returned): what the typed methods below share.
-    fn run(
+    /// Runs `which` over `npages` at `addr` with the user buffer `ptr`: [`ioctl`](Self::ioctl)
+    /// without the command block (built here, its outputs returned). The typed methods
+    /// below are this with the command fixed.
+    pub fn run(
         &self,
         which: DmirrorCmd,
         addr: VirtAddr,
