@@ -4,8 +4,8 @@
 //! device 0, half of it read back by the CPU, the whole range migrated again (which must
 //! cost no device invalidation and no copy for the pages already there), device 1 trying
 //! the same range; it prints the notifier events and counters of each step and checks
-//! every byte. `hmm selftest` runs the driver conformance scenarios; `hmm stress` runs
-//! everything at once on real threads; `hmm bench` measures.
+//! every byte. `hmm selftest` runs the kernel's hmm-tests.c and the driver conformance
+//! scenarios; `hmm stress` runs everything at once on real threads; `hmm bench` measures.
 //!
 //! Every argument is checked before any work starts ([`limits`]): a bad one is a one-line
 //! usage error naming the option and its limit, with exit status 2. Output to a closed
@@ -92,9 +92,25 @@ enum Command {
     },
     /// Print the manual page, in roff (`hmm man > hmm.1; man ./hmm.1`).
     Man,
-    /// Run the driver conformance scenarios on the built-in simulated devices (private and
-    /// coherent); ends with `N passed, M failed` and fails if any failed.
-    Selftest,
+    /// Run the kernel's hmm-tests.c, every case in the private and coherent variants under
+    /// the kselftest names (hmm.hmm_device_private.anon_read, ...), then the driver
+    /// conformance scenarios; TAP output as the kselftest harness prints it, and a failure
+    /// if any test failed.
+    Selftest {
+        /// Run only this test: a full name, FIXTURE.CASE, or a case name (every variant);
+        /// may be given more than once.
+        #[arg(short = 't', long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        /// List the tests (name and what each checks) instead of running them.
+        #[arg(short = 'l', long)]
+        list: bool,
+        /// Print one JSON object (schema_version, tests, totals) instead of TAP.
+        #[arg(long)]
+        json: bool,
+        /// Run the THP migration benchmark at up to 8 MiB instead of the kernel's 256 MiB.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Everything at once on real threads (CPU and device accesses, migrations, munmap,
     /// mprotect, mremap, fork and exit), with the invariants checked while it runs and at
     /// the end; fails if any is broken. Ctrl-C stops it early with the report so far.
@@ -631,10 +647,24 @@ fn main() -> ExitCode {
                 Err(e) => Err(format!("cannot render the manual page: {e}").into()),
             }
         }
-        Command::Selftest => match selftest::run() {
-            0 => Ok(()),
-            n => Err(format!("{n} scenarios failed").into()),
-        },
+        Command::Selftest {
+            tests,
+            list,
+            json,
+            quick,
+        } => {
+            let args = selftest::Args {
+                tests,
+                list,
+                json,
+                quick,
+            };
+            match selftest::run(&args) {
+                Ok(0) => Ok(()),
+                Ok(n) => Err(format!("{n} tests failed").into()),
+                Err(e) => usage_error(&["selftest"], e),
+            }
+        }
         Command::Bench { what } => bench(what),
         Command::Replay {
             file,

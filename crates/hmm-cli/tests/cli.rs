@@ -18,13 +18,101 @@ fn hmm(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn selftest_passes_and_says_so() {
-    let (ok, out) = hmm(&["selftest"]);
-    let last = out.lines().last().expect("a summary line");
+    // The whole run is `hmm_dmirror`'s test and a CI step in release; here, a sample of
+    // each kind of test.
+    let (ok, out) = hmm(&[
+        "selftest",
+        "-t",
+        "hmm.open_close",
+        "-t",
+        "anon_read",
+        "-t",
+        "hmm2.migrate_mixed",
+        "-t",
+        "userfaultfd_read",
+        "-t",
+        "conformance.hugetlb_pages",
+    ]);
     assert!(ok, "{out}");
-    assert!(last.ends_with(" passed, 0 failed"), "{last}");
-    let n: usize = last.split(' ').next().unwrap().parse().unwrap();
-    assert_eq!(n, out.lines().filter(|l| l.starts_with("ok ")).count());
-    assert!(n > 0);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("TAP version 13"));
+    let n: usize = lines
+        .next()
+        .and_then(|l| l.strip_prefix("1.."))
+        .and_then(|n| n.parse().ok())
+        .expect("the plan");
+    let last = out.lines().last().expect("a totals line");
+    assert!(last.starts_with("# Totals: pass:"), "{last}");
+    assert!(last.contains(" fail:0 "), "{last}");
+    // One result line per test, numbered in order, the kernel's names first.
+    let results: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
+        .collect();
+    assert_eq!(results.len(), n);
+    assert_eq!(results[0], "ok 1 hmm.hmm_device_private.open_close");
+    assert!(out.contains("\nok 2 hmm.hmm_device_private.anon_read\n"));
+    assert!(out.contains(" hmm2.hmm2_device_coherent.migrate_mixed\n"));
+    assert!(out.contains(" conformance.device_private.hugetlb_pages\n"));
+    // A skip says why.
+    assert!(out.contains(
+        "hmm.hmm_device_private.userfaultfd_read # SKIP the model has no userfaultfd yet"
+    ));
+}
+
+#[test]
+fn selftest_runs_one_test_by_name_lists_and_prints_json() {
+    let (ok, out) = hmm(&["selftest", "-t", "hmm.hmm_device_coherent.migrate"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1..1\n"), "{out}");
+    assert!(
+        out.contains("ok 1 hmm.hmm_device_coherent.migrate\n"),
+        "{out}"
+    );
+
+    let (ok, out) = hmm(&["selftest", "--list"]);
+    assert!(ok);
+    assert!(
+        out.starts_with("hmm.hmm_device_private.open_close "),
+        "{out}"
+    );
+    assert!(out.contains("hmm.hmm_device_coherent.benchmark_thp_migration "));
+
+    let (ok, out) = hmm(&[
+        "selftest",
+        "--json",
+        "-t",
+        "snapshot",
+        "-t",
+        "userfaultfd_read",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["tests"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        v["tests"][0]["name"],
+        "hmm.hmm_device_private.userfaultfd_read"
+    );
+    assert_eq!(v["tests"][0]["result"], "skip");
+    assert!(v["tests"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("userfaultfd"));
+    assert_eq!(v["totals"]["pass"], 2);
+    assert_eq!(v["totals"]["skip"], 2);
+    assert_eq!(v["totals"]["fail"], 0);
+}
+
+#[test]
+fn selftest_refuses_a_name_that_names_no_test() {
+    let out = Command::new(env!("CARGO_BIN_EXE_hmm"))
+        .args(["selftest", "-t", "hmm.nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no test is named 'hmm.nosuch'"), "{err}");
 }
 
 #[test]

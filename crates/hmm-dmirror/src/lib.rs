@@ -9,7 +9,8 @@
 //! SNAPSHOT, EXCLUSIVE, CHECK_EXCLUSIVE, RELEASE and FLAGS. The device's reads, writes and
 //! migrations move real bytes; a CPU touching a device page faults it back through the
 //! device's `migrate_to_ram`.
-//! [`conformance`] holds driver-independent checks any mirror implementation can run.
+//! [`conformance`] holds driver-independent checks any mirror implementation can run;
+//! [`selftest`] is the kernel's own `hmm-tests.c`, case by case, against this driver.
 //!
 //! ```
 //! use hmm::addr::PAGE_SIZE;
@@ -43,6 +44,7 @@ mod device;
 mod dpt;
 mod migrate;
 mod mirror;
+pub mod selftest;
 mod uapi;
 
 pub use device::{
