@@ -10,6 +10,27 @@
 //!
 //! Any later CPU access revokes it: the fault restores the PTE after a one-page CLEAR
 //! invalidation with no owner (see `mm::fault`); fork restores it before copying.
+//!
+//! ```
+//! use hmm::addr::PAGE_SIZE;
+//! use hmm::exclusive::make_device_exclusive;
+//! use hmm::mm::{MapFlags, Mm, Prot, SwapKind};
+//! use hmm::notifier::Owner;
+//! use hmm::phys::{PhysConfig, PhysMem};
+//!
+//! let mm = Mm::new(PhysMem::new(PhysConfig::with_size(16 << 20))?);
+//! let a = mm.mmap(None, PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+//! mm.write_val(a, 41u64)?;
+//! {
+//!     let mmap = mm.mmap_read();
+//!     let page = make_device_exclusive(&mmap, a, Some(Owner::new_unique()))?;
+//!     page.page().write(0, &42u64.to_le_bytes()); // the device's atomic
+//! } // the page is unlocked; the entry stays device-exclusive
+//! assert_eq!(mm.pagemap(a, 1)?[0].swap, Some(SwapKind::DeviceExclusive));
+//! assert_eq!(mm.read_val::<u64>(a)?, 42); // the CPU's access revokes it
+//! assert!(mm.pagemap(a, 1)?[0].present);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use thiserror::Error;
 

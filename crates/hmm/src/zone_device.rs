@@ -25,6 +25,32 @@
 //! read from a stale entry never names a newer pagemap's frame); [`DevPagemap::memunmap`]
 //! retires it once every frame is free. The ops must not hold a strong reference to the
 //! [`PhysMem`] (the machine owns its pagemaps, and through them their ops).
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hmm::notifier::Owner;
+//! use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+//! use hmm::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig};
+//!
+//! struct Ops; // a driver's callbacks; the defaults refuse CPU faults (SIGBUS)
+//! impl DevPagemapOps for Ops {}
+//!
+//! let phys = PhysMem::new(PhysConfig::with_size(16 << 20))?;
+//! let config = PagemapConfig {
+//!     kind: MemoryType::DevicePrivate,
+//!     owner: Owner::new_unique(),
+//!     size_bytes: 2 << 20,
+//! };
+//! let dev = memremap_pages(&phys, config, Arc::new(Ops))?;
+//! let page = dev.alloc(0, FrameFlags::empty())?; // locked and referenced
+//! page.write(0, b"device bytes");
+//! assert_eq!(dev.nr_in_use(), 1);
+//! drop(page); // the last reference: back to the pagemap's allocator
+//! assert_eq!(dev.nr_in_use(), 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -26,6 +26,59 @@
 //! [`migrate_device_range`] and [`migrate_device_pfns`] are the same stages for a driver
 //! evicting its own memory by frame number, with no VMA (`migrate_device_*`).
 //!
+//! # Example
+//!
+//! Eight pages to device memory and back, the way a driver does it:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hmm::addr::PAGE_SIZE;
+//! use hmm::migrate::{migrate_vma_setup, MigrateVma, MigrateVmaFlags};
+//! use hmm::mm::{MapFlags, Mm, Prot};
+//! use hmm::notifier::Owner;
+//! use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+//! use hmm::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig};
+//!
+//! struct Ops;
+//! impl DevPagemapOps for Ops {}
+//! let phys = PhysMem::new(PhysConfig::with_size(16 << 20))?;
+//! let owner = Owner::new_unique();
+//! let config = PagemapConfig { kind: MemoryType::DevicePrivate, owner, size_bytes: 2 << 20 };
+//! let dev = memremap_pages(&phys, config, Arc::new(Ops))?;
+//! let mm = Mm::new(phys.clone());
+//! let a = mm.mmap(None, 8 * PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+//! mm.write(a, b"on its way to the device")?; // page 0; pages 1..8 are holes
+//!
+//! let args = |flags| MigrateVma { start: a, end: a + 8 * PAGE_SIZE, pgmap_owner: Some(owner), flags, fault_page: None };
+//! let mmap = mm.mmap_read();
+//! // To the device: system pages and holes.
+//! let mut mig = migrate_vma_setup(&mmap, args(MigrateVmaFlags::SELECT_SYSTEM))?;
+//! for i in 0..8 {
+//!     let dst = dev.alloc(0, FrameFlags::empty())?;
+//!     match mig.src_page(i) {
+//!         Some(src) => dst.copy_from(&src),
+//!         None => dst.zero(), // a hole
+//!     }
+//!     mig.set_dst(i, dst, true).expect("a migrating entry");
+//! }
+//! assert_eq!(mig.pages().finalize().migrated, 8);
+//! assert_eq!(dev.nr_in_use(), 8);
+//! // And back: this owner's device-private pages.
+//! let mut mig = migrate_vma_setup(&mmap, args(MigrateVmaFlags::SELECT_DEVICE_PRIVATE))?;
+//! for i in 0..8 {
+//!     let dst = phys.alloc(0, FrameFlags::empty())?.lock();
+//!     dst.copy_from(&mig.src_page(i).expect("a device page"));
+//!     mig.set_dst(i, dst, true).expect("a migrating entry");
+//! }
+//! assert_eq!(mig.pages().finalize().migrated, 8);
+//! drop(mmap);
+//! assert_eq!(dev.nr_in_use(), 0);
+//! let mut back = [0u8; 24];
+//! mm.read(a, &mut back)?;
+//! assert_eq!(&back, b"on its way to the device");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Migrate on fault
 //!
 //! Faulting pages in and preparing them for migration in one walk (`HMM_PFN_REQ_MIGRATE`,

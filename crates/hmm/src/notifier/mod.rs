@@ -19,6 +19,35 @@
 //!
 //! Callbacks may take driver locks; a driver must therefore never hold its mirror lock
 //! while it calls anything that can invalidate (faults, migration, munmap).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use hmm::addr::PAGE_SIZE;
+//! use hmm::mm::{MapFlags, Mm, Prot};
+//! use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent, NotifierRange, Recorder};
+//! use hmm::phys::{PhysConfig, PhysMem};
+//!
+//! struct Mirror;
+//! impl IntervalNotifierOps for Mirror {
+//!     fn invalidate(&self, sub: &IntervalSub, _: &NotifierRange, seq: InvalidateSeq) -> bool {
+//!         sub.set_seq(seq); // under the driver's lock, with its device entries dropped
+//!         true
+//!     }
+//! }
+//!
+//! let mm = Mm::new(PhysMem::new(PhysConfig::with_size(16 << 20))?);
+//! let a = mm.mmap(None, 8 * PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+//! mm.write(a, &[1; 8 * PAGE_SIZE as usize])?;
+//! let n = mm.interval_notifier_insert(a, 8 * PAGE_SIZE, Arc::new(Mirror))?;
+//! let events = Arc::new(Recorder::new()); // a full-mm notifier that records every range
+//! let _h = mm.register_notifier(events.clone())?;
+//! let seq = n.read_begin();
+//! mm.mprotect(a, 8 * PAGE_SIZE, Prot::READ)?;
+//! assert!(n.read_retry(seq)); // a mirror made from before must be made again
+//! let r = events.take();
+//! assert_eq!((r.len(), r[0].event), (1, NotifierEvent::ProtectionVma));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod interval;
 mod range;

@@ -36,6 +36,59 @@
 //!
 //! The same walk, given `REQ_MIGRATE` requests, also prepares pages for migration:
 //! [`hmm_range_fault_migrate`](crate::migrate::hmm_range_fault_migrate).
+//!
+//! # Example
+//!
+//! A device faulting 4 pages in for writing, with the loop [`fault_and_commit`] runs; the
+//! device's table is a map from page to frame under the lock its notifier takes:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::sync::Arc;
+//! use hmm::addr::PAGE_SIZE;
+//! use hmm::mm::{MapFlags, Mm, Prot};
+//! use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierRange};
+//! use hmm::phys::{PhysConfig, PhysMem};
+//! use hmm::range_fault::{fault_and_commit, HmmPfn, HmmPfnFlags, HmmRange, HMM_RANGE_DEFAULT_TIMEOUT};
+//! use hmm::sync::Mutex;
+//!
+//! struct Mirror(Mutex<BTreeMap<u64, u64>>);
+//! impl IntervalNotifierOps for Mirror {
+//!     fn invalidate(&self, sub: &IntervalSub, r: &NotifierRange, seq: InvalidateSeq) -> bool {
+//!         let mut table = self.0.lock();
+//!         sub.set_seq(seq);
+//!         table.retain(|va, _| !r.range.contains(hmm::addr::VirtAddr::new(*va)));
+//!         true
+//!     }
+//! }
+//!
+//! let mm = Mm::new(PhysMem::new(PhysConfig::with_size(16 << 20))?);
+//! let a = mm.mmap(None, 4 * PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+//! let mirror = Arc::new(Mirror(Mutex::new(BTreeMap::new())));
+//! let notifier = mm.interval_notifier_insert(a, 4 * PAGE_SIZE, mirror.clone())?;
+//! let mut pfns = [HmmPfn::default(); 4];
+//! let mut range = HmmRange {
+//!     notifier: &notifier,
+//!     notifier_seq: notifier.read_begin(),
+//!     start: a,
+//!     end: a + 4 * PAGE_SIZE,
+//!     hmm_pfns: &mut pfns,
+//!     default_flags: HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_WRITE,
+//!     pfn_flags_mask: HmmPfnFlags::empty(),
+//!     dev_private_owner: None,
+//! };
+//! fault_and_commit(&mm, &mut range, HMM_RANGE_DEFAULT_TIMEOUT, &mirror.0, |table, range| {
+//!     for (i, w) in range.hmm_pfns.iter().enumerate() {
+//!         assert!(w.is_valid() && w.is_writable());
+//!         table.insert((range.start + i as u64 * PAGE_SIZE).as_u64(), w.frame_nr());
+//!     }
+//! })?;
+//! assert_eq!(mirror.0.lock().len(), 4);
+//! assert_eq!(mm.stats().faults.anon_write, 4); // faulted in through the CPU fault path
+//! mm.munmap(a, PAGE_SIZE)?; // an UNMAP invalidation: the device entry goes
+//! assert_eq!(mirror.0.lock().len(), 3);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::time::{Duration, Instant};
 
