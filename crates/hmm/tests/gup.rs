@@ -1,11 +1,12 @@
 //! `get_user_pages` / `pin_user_pages`: fault-in, references and pins, COW breaking,
-//! unsharing for read-only pins, release, and bad input.
+//! unsharing for read-only pins (anonymous pages, and for long-term pins the zero pages,
+//! page-cache pages and private hugetlb pages), release, and bad input.
 
 mod common;
 
 use common::{page, Machine, RW};
-use hmm::addr::{VirtAddr, PAGE_SIZE};
-use hmm::mm::{GupFlags, MapFlags, MmError, Prot};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
+use hmm::mm::{Advice, GupFlags, MapFlags, MemFile, MmError, Prot};
 
 #[test]
 fn gup_faults_pages_in_and_holds_references() {
@@ -135,4 +136,127 @@ fn gup_bad_input_is_a_typed_error_and_holds_nothing() {
         let f = m.phys.frame(hmm::addr::Pfn::new(pfn));
         assert_eq!(f.meta().refcount(), 1);
     }
+}
+
+/// Writes `v` through the CPU at `a` and checks that the pin `pin` (of page 0 there) sees
+/// it: the process kept the pinned page.
+fn write_reaches_the_pin(m: &Machine, pin: &hmm::mm::UserPages, i: usize, a: VirtAddr, v: u64) {
+    m.mm.write_val(a, v).unwrap();
+    let mut b = [0u8; 8];
+    pin.read(i, 0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), v, "the pin sees the process's write");
+    assert_eq!(
+        m.mm.pagemap(a, 1).unwrap()[0].pfn,
+        Some(pin.pfns()[i].as_u64()),
+        "the process maps the pinned page"
+    );
+}
+
+#[test]
+fn a_long_term_read_pin_of_the_zero_page_pins_an_exclusive_copy() {
+    let m = Machine::new(16);
+    let a = m.map(2, RW, MapFlags::PRIVATE);
+    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 0);
+    assert_eq!(
+        m.mm.pagemap(a, 1).unwrap()[0].pfn,
+        Some(m.phys.zero_pfn().as_u64())
+    );
+    let pin = m.mm.pin_user_pages(a, 1, GupFlags::LONGTERM).unwrap();
+    assert_ne!(pin.pfns()[0], m.phys.zero_pfn(), "unshared before the pin");
+    assert_eq!(m.mm.stats().faults.cow, 1);
+    // The copy is mapped read-only, so the write faults, reuses it, and copies nothing.
+    write_reaches_the_pin(&m, &pin, 0, a, 5);
+    assert_eq!(m.mm.stats().faults.cow, 1);
+    // A short-term read pin of the zero page pins it as it is.
+    let z =
+        m.mm.pin_user_pages(page(a, 1), 1, GupFlags::empty())
+            .unwrap();
+    assert_eq!(z.pfns()[0], m.phys.zero_pfn());
+    drop((pin, z));
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_long_term_read_pin_of_the_huge_zero_page_splits_and_unshares() {
+    let m = Machine::new(16);
+    let a = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    m.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
+    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 0);
+    let e = m.mm.pagemap(a, 1).unwrap()[0];
+    assert_eq!(e.order, 9, "the huge zero page");
+    let p3 = page(a, 3);
+    let pin = m.mm.pin_user_pages(p3, 1, GupFlags::LONGTERM).unwrap();
+    assert!(!m.phys.is_huge_zero_pfn(pin.pfns()[0]) && pin.pfns()[0] != m.phys.zero_pfn());
+    let entries = m.mm.pagemap(a, 512).unwrap();
+    assert!(entries.iter().all(|e| e.order == 0), "the PMD was split");
+    assert_eq!(
+        entries[0].pfn,
+        Some(m.phys.zero_pfn().as_u64()),
+        "the rest is zero pages"
+    );
+    write_reaches_the_pin(&m, &pin, 0, p3, 9);
+    assert_eq!(m.mm.read_val::<u64>(page(a, 4)).unwrap(), 0);
+    drop(pin);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_long_term_read_pin_in_a_private_file_mapping_pins_a_private_copy() {
+    let m = Machine::new(16);
+    let f = MemFile::new(&m.phys);
+    f.pwrite(0, &7u64.to_le_bytes()).unwrap();
+    f.truncate(PAGE_SIZE).unwrap();
+    let a =
+        m.mm.mmap_file(None, PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
+    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 7);
+    let cached = m.mm.pagemap(a, 1).unwrap()[0];
+    assert!(cached.file);
+    let pin = m.mm.pin_user_pages(a, 1, GupFlags::LONGTERM).unwrap();
+    assert_ne!(
+        Some(pin.pfns()[0].as_u64()),
+        cached.pfn,
+        "a private copy is pinned"
+    );
+    let mut b = [0u8; 8];
+    pin.read(0, 0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 7, "with the file's bytes");
+    write_reaches_the_pin(&m, &pin, 0, a, 8);
+    f.pread(0, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 7, "the file is unchanged");
+    // A short-term read pin of a page-cache page pins it as it is.
+    let b2 =
+        m.mm.mmap_file(None, PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
+    m.mm.read_val::<u64>(b2).unwrap();
+    let short = m.mm.pin_user_pages(b2, 1, GupFlags::empty()).unwrap();
+    assert_eq!(Some(short.pfns()[0].as_u64()), cached.pfn);
+    drop((pin, short));
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn a_read_pin_of_a_shared_private_hugetlb_page_unshares_it() {
+    let m = Machine::new(16);
+    assert_eq!(m.phys.set_nr_hugepages(2), 2);
+    let a =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
+    m.mm.write_val(a, 1u64).unwrap();
+    let child = m.mm.fork().unwrap();
+    let shared = m.mm.pagemap(a, 1).unwrap()[0].pfn;
+    let pin = m.mm.pin_user_pages(a, 1, GupFlags::LONGTERM).unwrap();
+    assert_ne!(
+        Some(pin.pfns()[0].as_u64()),
+        shared,
+        "the parent's copy is pinned"
+    );
+    // The parent's write reuses the pinned copy; the child keeps the original.
+    let cows = m.mm.stats().faults.cow;
+    write_reaches_the_pin(&m, &pin, 0, a, 2);
+    assert_eq!(m.mm.stats().faults.cow, cows, "no copy away from the pin");
+    assert_eq!(child.read_val::<u64>(a).unwrap(), 1);
+    drop(pin);
+    m.mm.audit().unwrap();
+    child.audit().unwrap();
 }

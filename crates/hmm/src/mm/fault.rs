@@ -120,7 +120,8 @@ pub(super) fn handle_mm_fault(
     match pte {
         Pte::None => f.do_anonymous_or_shared(&mut c),
         Pte::Present { pfn, flags: pf } => {
-            if (write && !pf.contains(PteFlags::WRITE)) || (f.unshare && must_unshare(mm, vma, pfn))
+            if (write && !pf.contains(PteFlags::WRITE))
+                || (f.unshare && must_unshare(mm, vma, pfn, true))
             {
                 f.do_wp_page(&mut c, pte, pfn)
             } else {
@@ -151,19 +152,26 @@ pub(super) fn handle_mm_fault(
     }
 }
 
-/// Whether a read-only pin of `pfn` in `vma` must first make the page exclusive
-/// (`gup_must_unshare`): an anonymous page that is not anon-exclusive.
-pub(super) fn must_unshare(mm: &Mm, vma: &Vma, pfn: crate::addr::Pfn) -> bool {
+/// Whether a read-only pin of `pfn` in `vma` must first unshare the page
+/// (`gup_must_unshare`). An anonymous page must be anon-exclusive, or a later write fault
+/// would copy it away from the pin. A long-term pin of any other page of a private
+/// writable ("COW") mapping (the shared zero page, the huge zero page, a page-cache page
+/// of a private file mapping) must be of an exclusive anonymous copy made now, so that the
+/// process's later writes reuse the pinned page instead of copying away from it. Whether a
+/// page is anonymous is the folio's flag, not the VMA's kind: a private hugetlb page is
+/// anonymous. The fault path asks with `longterm` set: it runs an unshare only when GUP
+/// asked for one.
+pub(super) fn must_unshare(mm: &Mm, vma: &Vma, pfn: crate::addr::Pfn, longterm: bool) -> bool {
     let phys = mm.phys();
-    vma.is_anonymous()
-        && !phys.is_zero_pfn(pfn)
-        && !phys.is_huge_zero_pfn(pfn)
-        && !phys
-            .frame(pfn)
-            .folio()
-            .meta()
-            .flags()
-            .contains(FrameFlags::ANON_EXCLUSIVE)
+    let flags = if phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn) {
+        FrameFlags::empty()
+    } else {
+        phys.frame(pfn).folio().meta().flags()
+    };
+    if !flags.contains(FrameFlags::ANON) {
+        return longterm && vma.is_cow_mapping();
+    }
+    !flags.contains(FrameFlags::ANON_EXCLUSIVE)
 }
 
 struct Fault<'a> {

@@ -10,7 +10,11 @@
 //! * A write request breaks COW first, so the page held is the one the process sees.
 //! * A read-only pin of a shared anonymous page unshares it first (`gup_must_unshare`): a
 //!   pinned page must be anon-exclusive, or a later COW would leave the pin holder looking
-//!   at a page the process no longer maps.
+//!   at a page the process no longer maps. A read-only *long-term* pin of the shared zero
+//!   page, the huge zero page (whose PMD is split first) or a page-cache page of a private
+//!   writable mapping unshares too: the pin holds an exclusive anonymous copy, which the
+//!   process's next write reuses instead of copying away from it, as the kernel promises
+//!   since 6.2. A short-term read-only pin of those pins them as they are.
 //! * Pins are what later operations check: `fork` copies pinned exclusive pages instead of
 //!   sharing them, `MADV_COLLAPSE` and `MADV_FREE` reclaim skip them, and migration
 //!   refuses them.
@@ -279,7 +283,7 @@ impl Mm {
             };
             let head = entry.pfn().filter(|_| ok);
             match head {
-                Some(pfn) if !(pin && !write && must_unshare(self, vma, pfn)) => {
+                Some(pfn) if !(pin && !write && must_unshare(self, vma, pfn, longterm)) => {
                     if let Take::Refs { held, coherent } = &mut take {
                         let folio = phys.frame(pfn).folio();
                         if longterm && matches!(folio.zone(), Zone::DeviceCoherent { .. }) {

@@ -65,7 +65,7 @@ pub(super) fn fault(
         }
         PmdEntry::Leaf(leaf @ Pte::Present { pfn, flags: pf }) => {
             drop(pmd);
-            let unshare = flags.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn);
+            let unshare = flags.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn, true);
             if (write && !pf.contains(PteFlags::WRITE)) || unshare {
                 wp(mm, st, vma, base, leaf, write, addr)
             } else {

@@ -198,7 +198,7 @@ pub(super) fn huge_pmd_fault(
     match leaf {
         Pte::None => Ok(()),
         Pte::Present { pfn, flags } => {
-            let unshare = fault.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn);
+            let unshare = fault.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn, true);
             if !unshare && (!write || flags.contains(PteFlags::WRITE)) {
                 return Ok(());
             }

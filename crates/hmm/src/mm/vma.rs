@@ -94,6 +94,12 @@ impl Vma {
         self.flags.contains(VmFlags::SHARED)
     }
 
+    /// Whether the mapping is private and may be made writable (`is_cow_mapping`): its
+    /// writes copy the page first.
+    pub fn is_cow_mapping(&self) -> bool {
+        !self.is_shared() && self.flags.contains(VmFlags::MAYWRITE)
+    }
+
     /// Whether the VMA is anonymous memory with no backing object (`vma_is_anonymous`).
     #[doc(alias = "vma_is_anonymous")]
     pub fn is_anonymous(&self) -> bool {
