@@ -260,3 +260,53 @@ fn a_read_pin_of_a_shared_private_hugetlb_page_unshares_it() {
     m.mm.audit().unwrap();
     child.audit().unwrap();
 }
+
+/// Anon-exclusivity is per page (`PageAnonExclusive`): sharing one page of a PTE-mapped
+/// THP with a child leaves the other 511 exclusive, so a long-term pin of one of them stays
+/// the page the process writes through `mprotect` and a second fork, which must copy the
+/// pinned page for its child at once.
+#[test]
+fn sharing_one_page_of_a_thp_leaves_the_others_exclusive() {
+    let m = Machine::new(32);
+    let a = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    m.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
+    m.mm.write(a, &vec![3u8; PMD_SIZE as usize]).unwrap();
+    assert_eq!(m.mm.pagemap(a, 1).unwrap()[0].order, 9, "a THP");
+    // Only page 0 goes to the child: the PMD is split, the folio stays whole.
+    m.mm.madvise(page(a, 1), PMD_SIZE - PAGE_SIZE, Advice::DontFork)
+        .unwrap();
+    let child = m.mm.fork().unwrap();
+    let e = m.mm.pagemap(a, 512).unwrap();
+    assert!(e.iter().all(|e| e.order == 0));
+    assert!(
+        !e[0].exclusive && e[5].exclusive,
+        "page 0 shared, page 5 not"
+    );
+
+    let p5 = page(a, 5);
+    let pin =
+        m.mm.pin_user_pages(p5, 1, GupFlags::WRITE | GupFlags::LONGTERM)
+            .unwrap();
+    assert_eq!(Some(pin.pfns()[0].as_u64()), e[5].pfn, "pinned in place");
+    // mprotect may make the exclusive page writable again: the write reuses it.
+    m.mm.mprotect(a, PMD_SIZE, Prot::READ).unwrap();
+    m.mm.mprotect(a, PMD_SIZE, RW).unwrap();
+    let cows = m.mm.stats().faults.cow;
+    write_reaches_the_pin(&m, &pin, 0, p5, 55);
+    assert_eq!(m.mm.stats().faults.cow, cows, "no copy away from the pin");
+
+    // A fork that takes page 5 must copy it for the child now (it is pinned).
+    m.mm.madvise(page(a, 1), PMD_SIZE - PAGE_SIZE, Advice::DoFork)
+        .unwrap();
+    let second = m.mm.fork().unwrap();
+    let theirs = second.pagemap(p5, 1).unwrap()[0].pfn;
+    assert_ne!(theirs, Some(pin.pfns()[0].as_u64()), "the child got a copy");
+    write_reaches_the_pin(&m, &pin, 0, p5, 56);
+    assert_eq!(second.read_val::<u64>(p5).unwrap(), 55);
+    // The child's page 0 is still the parent's shared one; page 6 was never its.
+    assert_eq!(child.read_val::<u8>(a).unwrap(), 3);
+    drop(pin);
+    for mm in [&m.mm, &child, &second] {
+        mm.audit().unwrap();
+    }
+}

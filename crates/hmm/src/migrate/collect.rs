@@ -125,9 +125,8 @@ impl State<'_, '_> {
             let _ = folio.put();
             return Err(Refused::Locked);
         }
-        let anon_exclusive = fm
-            .flags()
-            .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
+        // The folio is collected whole: a page, or a THP mapped by one PMD (its head).
+        let anon_exclusive = fm.flags().contains(FrameFlags::ANON) && folio.anon_exclusive();
         if anon_exclusive {
             if fm.pincount() > 0 {
                 if !is_fault_page {
@@ -136,7 +135,7 @@ impl State<'_, '_> {
                 let _ = folio.put();
                 return Err(Refused::Pinned);
             }
-            fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+            folio.clear_anon_exclusive();
         }
         Ok(anon_exclusive)
     }
@@ -221,19 +220,18 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
             else {
                 continue;
             };
-            // folio_try_share_anon_rmap_*: exclusivity moves from the folio into the entry
-            // (readable-exclusive or writable), so that a fork copying the entry meanwhile
-            // makes it shared; a pinned exclusive folio stays mapped (and the caller puts
-            // it back).
+            // folio_try_share_anon_rmap_*: exclusivity moves from the mapped page (the head
+            // for a PMD) into the entry (readable-exclusive or writable), so that a fork
+            // copying the entry meanwhile makes it shared; a pinned exclusive page stays
+            // mapped (and the caller puts it back).
             let fm = folio.meta();
-            let anon_exclusive = fm
-                .flags()
-                .contains(FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE);
+            let mapped = mm.phys().frame_nr(target.nr());
+            let anon_exclusive = fm.flags().contains(FrameFlags::ANON) && mapped.anon_exclusive();
             if anon_exclusive {
                 if fm.pincount() > 0 {
                     continue;
                 }
-                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                mapped.clear_anon_exclusive();
             }
             let migration = Pte::Migration {
                 pfn: target,

@@ -245,7 +245,7 @@ pub(crate) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>, level
         }
     }
     if kind != MigrationKind::Read && folio.meta().flags().contains(FrameFlags::ANON) {
-        folio.meta().set_flags(FrameFlags::ANON_EXCLUSIVE);
+        target.set_anon_exclusive();
     }
     let write = kind == MigrationKind::Write;
     match target.zone() {

@@ -120,10 +120,8 @@ impl Mm {
                 if vma.is_anonymous() && !fflags.contains(FrameFlags::ANON) {
                     problems.push(format!("{va}: private page {pfn} not anonymous"));
                 }
-                if !vma.is_shared()
-                    && pte.is_writable()
-                    && !fflags.contains(FrameFlags::ANON_EXCLUSIVE)
-                {
+                // The mapped page's own bit (the head's, for a PMD leaf).
+                if !vma.is_shared() && pte.is_writable() && !phys.frame(pfn).anon_exclusive() {
                     problems.push(format!("{va}: writable page {pfn} not anon-exclusive"));
                 }
             }
@@ -211,14 +209,16 @@ impl Mm {
                 }
             }
             // An anon-exclusive page is mapped by one entry at most (PageAnonExclusive):
-            // a second mapping would let a write through the first reach both.
-            let exclusive = fm.flags().contains(FrameFlags::ANON_EXCLUSIVE);
-            if let Some(i) = pte_maps.iter().position(|&n| n + pmd_maps > 1) {
-                if exclusive {
+            // a second mapping would let a write through the first reach both. The bit is
+            // each page's own; the head's covers every page while a PMD maps the folio.
+            let pmd_exclusive = pmd_maps > 0 && phys.frame_nr(head).anon_exclusive();
+            for (i, &n) in pte_maps.iter().enumerate() {
+                let page = phys.frame_nr(head + i as u64);
+                if n + pmd_maps > 1 && (pmd_exclusive || page.anon_exclusive()) {
                     problems.push(format!(
                         "frame {:#x}: anon-exclusive but mapped {} times",
-                        head + i as u64,
-                        pte_maps[i] + pmd_maps
+                        page.nr(),
+                        n + pmd_maps
                     ));
                 }
             }

@@ -159,19 +159,18 @@ pub(super) fn handle_mm_fault(
 /// of a private file mapping) must be of an exclusive anonymous copy made now, so that the
 /// process's later writes reuse the pinned page instead of copying away from it. Whether a
 /// page is anonymous is the folio's flag, not the VMA's kind: a private hugetlb page is
-/// anonymous. The fault path asks with `longterm` set: it runs an unshare only when GUP
-/// asked for one.
+/// anonymous; exclusivity is the page's own bit (the head's for a PMD mapping). The fault
+/// path asks with `longterm` set: it runs an unshare only when GUP asked for one.
 pub(super) fn must_unshare(mm: &Mm, vma: &Vma, pfn: crate::addr::Pfn, longterm: bool) -> bool {
     let phys = mm.phys();
-    let flags = if phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn) {
-        FrameFlags::empty()
-    } else {
-        phys.frame(pfn).folio().meta().flags()
-    };
-    if !flags.contains(FrameFlags::ANON) {
+    let page = phys.frame(pfn);
+    let anon = !phys.is_zero_pfn(pfn)
+        && !phys.is_huge_zero_pfn(pfn)
+        && page.folio().meta().flags().contains(FrameFlags::ANON);
+    if !anon {
         return longterm && vma.is_cow_mapping();
     }
-    !flags.contains(FrameFlags::ANON_EXCLUSIVE)
+    !page.anon_exclusive()
 }
 
 struct Fault<'a> {
@@ -354,16 +353,16 @@ impl Fault<'_> {
             return Ok(());
         }
         if !phys.is_zero_pfn(pfn) {
-            let folio = phys.frame(pfn).folio();
-            let meta = folio.meta();
-            // wp_can_reuse_anon_folio: exclusive, or the only reference is our mapping. A
-            // file page in a private mapping is always copied.
+            let page = phys.frame(pfn);
+            let meta = page.folio().meta();
+            // The page is anon-exclusive, or wp_can_reuse_anon_folio: the only reference is
+            // our mapping. A file page in a private mapping is always copied.
             let anon = meta.flags().contains(FrameFlags::ANON);
             let reusable = anon
-                && (meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
+                && (page.anon_exclusive()
                     || (meta.refcount() == 1 && meta.mapcount() == 1 && meta.pincount() == 0));
             if reusable {
-                meta.set_flags(FrameFlags::ANON_EXCLUSIVE);
+                page.set_anon_exclusive();
                 make_writable(c);
                 mm.counters.fault(FaultKind::WpReuse);
                 return Ok(());

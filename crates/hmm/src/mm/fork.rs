@@ -13,8 +13,8 @@
 //!   file pages are shared read-only like anonymous ones). If the VMA is a COW mapping (private and
 //!   `MAYWRITE`) and holds any entry, one `PROTECTION_PAGE` invalidation covering the VMA
 //!   brackets the copy, because writable entries become read-only in the parent.
-//! * Present anonymous pages are shared: one more reference and map count, the folio loses
-//!   `ANON_EXCLUSIVE`, and writable entries are write-protected in parent and child, so the
+//! * Present anonymous pages are shared: one more reference and map count, the page (the
+//!   head, for a PMD) loses `ANON_EXCLUSIVE`, and writable entries are write-protected in parent and child, so the
 //!   first write on either side copies (or reuses, once the other side is gone). The child's
 //!   entries start old (not young).
 //! * An anon-exclusive page that may be pinned (`pincount > 0`) is copied into the child at
@@ -219,7 +219,9 @@ impl CopyCtx<'_> {
                 let page = phys.frame(pfn);
                 let folio = page.folio();
                 let fm = folio.meta();
-                if fm.flags().contains(FrameFlags::ANON_EXCLUSIVE) && fm.pincount() > 0 {
+                // folio_try_dup_anon_rmap_pte: an exclusive page of a pinned folio (maybe
+                // pinned for DMA) is copied; otherwise the page, and only it, is shared.
+                if page.anon_exclusive() && fm.pincount() > 0 {
                     // copy_present_page: the child gets its own copy now.
                     let new = phys.alloc(
                         0,
@@ -245,7 +247,7 @@ impl CopyCtx<'_> {
                 }
                 fm.get();
                 page.meta().inc_mapcount();
-                fm.clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                page.clear_anon_exclusive();
                 if self.cow && flags.contains(PteFlags::WRITE) {
                     tlb.add_range(VaRange::page_of(va));
                     let wp = Pte::Present {
@@ -285,7 +287,7 @@ impl CopyCtx<'_> {
                 let page = phys.device_frame(pfn);
                 page.folio().meta().get();
                 page.meta().inc_mapcount();
-                page.folio().meta().clear_flags(FrameFlags::ANON_EXCLUSIVE);
+                page.clear_anon_exclusive();
                 Ok(self.share_device_private(pfn, flags))
             }
         }
@@ -415,13 +417,12 @@ pub(super) fn restore_exclusive(
     pfn: crate::addr::Pfn,
     flags: PteFlags,
 ) -> Pte {
-    let meta = phys.frame(pfn).folio().meta();
+    let page = phys.frame(pfn);
+    let meta = page.folio().meta();
     let mut new = flags & PteFlags::SOFT_DIRTY;
     if !vma.is_accessible() {
         new |= PteFlags::PROTNONE;
-    } else if vma.flags().contains(VmFlags::WRITE)
-        && meta.flags().contains(FrameFlags::ANON_EXCLUSIVE)
-    {
+    } else if vma.flags().contains(VmFlags::WRITE) && page.anon_exclusive() {
         new |= PteFlags::WRITE;
         if meta.flags().contains(FrameFlags::DIRTY) {
             new |= PteFlags::DIRTY;

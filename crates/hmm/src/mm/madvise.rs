@@ -174,9 +174,9 @@ impl Mm {
             if phys.is_zero_pfn(pfn) || phys.is_huge_zero_pfn(pfn) {
                 continue;
             }
-            let folio = phys.frame(pfn).folio();
-            let fm = folio.meta();
-            if !fm.flags().contains(FrameFlags::ANON_EXCLUSIVE) {
+            let page = phys.frame(pfn);
+            let fm = page.folio().meta();
+            if !page.anon_exclusive() {
                 continue;
             }
             fm.clear_flags(FrameFlags::DIRTY);

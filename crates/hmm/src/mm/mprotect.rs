@@ -136,12 +136,7 @@ impl Mm {
                     // can_change_pte_writable: shared pages, or anon-exclusive ones, and
                     // not while soft-dirty tracking waits for this page's first write.
                     let shared = vma.is_shared();
-                    let exclusive = phys
-                        .frame(pfn)
-                        .folio()
-                        .meta()
-                        .flags()
-                        .contains(FrameFlags::ANON_EXCLUSIVE);
+                    let exclusive = phys.frame(pfn).anon_exclusive();
                     let tracking =
                         !flags.contains(VmFlags::SOFTDIRTY) && !f.contains(PteFlags::SOFT_DIRTY);
                     if (shared || exclusive) && !tracking {

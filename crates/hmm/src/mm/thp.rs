@@ -272,8 +272,15 @@ pub(crate) fn split_pmd(
             _ => None,
         };
         if let Some(head) = head {
+            // The head's anon-exclusive bit stood for the whole PMD mapping; each PTE now
+            // has its page's own (`RMAP_EXCLUSIVE` on every page).
+            let exclusive = head.anon_exclusive();
             for i in 0..PMD_NR {
-                phys.frame_nr(head.nr() + i).meta().inc_mapcount();
+                let page = phys.frame_nr(head.nr() + i);
+                page.meta().inc_mapcount();
+                if exclusive {
+                    page.set_anon_exclusive();
+                }
             }
             head.meta().get_many(PMD_NR as u32 - 1);
             head.meta().dec_entire_mapcount();
@@ -586,7 +593,13 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
                     ),
                     Pte::Migration { .. } | Pte::None => continue,
                 };
-                let exclusive = head.meta().flags().contains(FrameFlags::ANON_EXCLUSIVE);
+                // folio_try_share_anon_rmap_pte: the page's exclusivity moves into the
+                // entry (the folio is not pinned, or it would not be split).
+                let page = phys.frame_nr(target.nr());
+                let exclusive = page.anon_exclusive();
+                if exclusive {
+                    page.clear_anon_exclusive();
+                }
                 let kind = MigrationKind::for_mapping(writable, exclusive);
                 let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
                 p.set(Pte::Migration {

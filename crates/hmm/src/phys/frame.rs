@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use super::meta::{FrameMeta, GetFrameError};
+use super::meta::{FrameFlags, FrameMeta, GetFrameError};
 use super::region::Region;
 use super::{arena, io};
 use super::{PhysMem, Zone};
@@ -78,6 +78,26 @@ impl<'a> FrameRef<'a> {
     /// This page's own metadata.
     pub fn meta(&self) -> &'a FrameMeta {
         self.region.meta(self.index())
+    }
+
+    /// Whether this page is anon-exclusive (`PageAnonExclusive`): the one mapping it has
+    /// is the only one that may have it, so a write may reuse it and a pin may hold it.
+    /// The bit is per page, as the kernel's: for a PTE mapping it is the mapped page's,
+    /// for a PMD mapping the head's (the whole 2 MiB); splitting a PMD hands the head's
+    /// bit to every page.
+    #[doc(alias = "PageAnonExclusive")]
+    pub(crate) fn anon_exclusive(&self) -> bool {
+        self.meta().flags().contains(FrameFlags::ANON_EXCLUSIVE)
+    }
+
+    /// Marks this page anon-exclusive (`SetPageAnonExclusive`).
+    pub(crate) fn set_anon_exclusive(&self) {
+        self.meta().set_flags(FrameFlags::ANON_EXCLUSIVE);
+    }
+
+    /// Clears this page's anon-exclusive bit (`ClearPageAnonExclusive`).
+    pub(crate) fn clear_anon_exclusive(&self) {
+        self.meta().clear_flags(FrameFlags::ANON_EXCLUSIVE);
     }
 
     /// The head page of the folio this page belongs to.

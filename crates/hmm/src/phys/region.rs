@@ -289,14 +289,17 @@ impl Region {
         assert_eq!(hm.order(), PMD_ORDER, "split of a small folio");
         assert_eq!(hm.refcount(), 0, "split of an unfrozen folio");
         assert!(hm.is_locked(), "split of an unlocked folio");
+        // The folio's flags go to every page; anon-exclusivity is each page's own.
         let keep = hm.flags()
             - FrameFlags::LOCKED
             - FrameFlags::WAITERS
             - FrameFlags::HEAD
-            - FrameFlags::TAIL;
+            - FrameFlags::TAIL
+            - FrameFlags::ANON_EXCLUSIVE;
         self.alloc.lock().split_allocated(head);
         for (i, m) in self.meta[head + 1..head + BLOCK_FRAMES].iter().enumerate() {
-            m.become_split_page(hm, i as u64 + 1, keep);
+            let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
+            m.become_split_page(hm, i as u64 + 1, keep | own);
         }
         hm.set_order(0);
         hm.clear_flags(FrameFlags::HEAD);
