@@ -376,3 +376,45 @@ fn a_fixed_move_needs_only_the_kept_part_inside_one_vma() {
     assert_eq!(m.phys.nr_in_use(), 3);
     m.mm.audit().unwrap();
 }
+
+/// `copy_vma`: a moved anonymous VMA that never had a page takes the offset of its new
+/// place and merges with its neighbour there; one that had a page (even one since
+/// dropped) keeps its offset, which its pages' reverse-map indexes use, and stays apart.
+#[test]
+fn a_never_faulted_anonymous_vma_is_rebased_when_moved_and_merges() {
+    let move_next_to = |touch: fn(&Machine, VirtAddr)| {
+        let m = Machine::new(16);
+        let r = m.map(12, RW, MapFlags::PRIVATE);
+        m.mm.munmap(page(r, 4), 8 * PAGE_SIZE).unwrap();
+        let b = m.map(4, RW, MapFlags::PRIVATE);
+        assert_ne!(b, page(r, 4), "b starts apart from a");
+        touch(&m, b);
+        let flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+        let to =
+            m.mm.mremap(b, 4 * PAGE_SIZE, 4 * PAGE_SIZE, flags, Some(page(r, 4)))
+                .unwrap();
+        assert_eq!(to, page(r, 4));
+        m.mm.audit().unwrap();
+        let vmas: Vec<_> = m.mm.vmas().iter().map(|v| v.range()).collect();
+        (m, r, vmas)
+    };
+    // Never faulted: one VMA of 8 pages.
+    let (_, r, vmas) = move_next_to(|_, _| {});
+    assert_eq!(vmas.len(), 1, "{vmas:?}");
+    assert_eq!((vmas[0].start(), vmas[0].end()), (r, page(r, 8)));
+    // Faulted: two VMAs, and the page moved with its bytes.
+    let (m, r, vmas) = move_next_to(|m, b| m.mm.write_val(page(b, 1), 77u64).unwrap());
+    assert_eq!(vmas.len(), 2, "{vmas:?}");
+    assert_eq!(m.mm.read_val::<u64>(page(r, 5)).unwrap(), 77);
+    // Faulted, then emptied: it had an anon_vma, so it keeps its offset, as in Linux.
+    let (_, _, vmas) = move_next_to(|m, b| {
+        m.mm.write_val(b, 1u64).unwrap();
+        m.mm.madvise(b, 4 * PAGE_SIZE, Advice::DontNeed).unwrap();
+    });
+    assert_eq!(vmas.len(), 2, "{vmas:?}");
+    // A read of a never-written page maps the zero page and makes no anon_vma.
+    let (_, _, vmas) = move_next_to(|m, b| {
+        m.mm.read_val::<u64>(b).unwrap();
+    });
+    assert_eq!(vmas.len(), 1, "{vmas:?}");
+}

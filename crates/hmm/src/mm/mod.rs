@@ -279,6 +279,7 @@ impl Mm {
         vma: &Vma,
         addr: VirtAddr,
     ) {
+        vma.prepare_anon_vma();
         frame.meta().set_mapping(
             self.anon_vma.handle.id(),
             vma.pgoff_of(addr.align_down(PAGE_SIZE << frame.meta().order())),

@@ -2,6 +2,7 @@
 //! tree). All of it is protected by the mmap lock.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT};
@@ -27,13 +28,28 @@ pub enum VmaKind {
 }
 
 /// A virtual memory area.
-#[derive(Clone)]
 pub struct Vma {
     range: VaRange,
     flags: VmFlags,
     /// Page offset of `range.start()` in the backing object.
     pgoff: u64,
     backing: Backing,
+    /// Whether an anonymous page was ever made here (the kernel's `vma->anon_vma` is set,
+    /// by `anon_vma_prepare` on the first one). Set under the mmap lock for reading, hence
+    /// atomic; kept by splits, merges, moves and fork, as the kernel's pointer is.
+    anon_vma: AtomicBool,
+}
+
+impl Clone for Vma {
+    fn clone(&self) -> Self {
+        Vma {
+            range: self.range,
+            flags: self.flags,
+            pgoff: self.pgoff,
+            backing: self.backing.clone(),
+            anon_vma: AtomicBool::new(self.has_anon_vma()),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -50,6 +66,7 @@ impl Vma {
             flags,
             pgoff,
             backing,
+            anon_vma: AtomicBool::new(false),
         }
     }
 
@@ -126,13 +143,38 @@ impl Vma {
 
     /// A copy of the part starting at `old_start` placed at `target` (`copy_vma`): same
     /// flags and backing, the page offset of `old_start`.
+    ///
+    /// An anonymous VMA that never had a page (no `anon_vma`) is re-based: its offset
+    /// becomes the new start's page number, as `copy_vma` does, so it can merge with a
+    /// neighbour at its new place. Any other keeps the offset of `old_start`, which its
+    /// pages' reverse-map indexes refer to.
+    #[doc(alias = "copy_vma")]
     pub(crate) fn moved(&self, old_start: VirtAddr, target: VaRange) -> Vma {
+        let pgoff = if self.is_anonymous() && !self.has_anon_vma() {
+            target.start().as_u64() >> PAGE_SHIFT
+        } else {
+            self.pgoff_of(old_start)
+        };
         Vma {
             range: target,
             flags: self.flags,
-            pgoff: self.pgoff_of(old_start),
+            pgoff,
             backing: self.backing.clone(),
+            anon_vma: AtomicBool::new(self.has_anon_vma()),
         }
+    }
+
+    /// Records that an anonymous page is being made in this VMA (`anon_vma_prepare`).
+    #[doc(alias = "anon_vma_prepare")]
+    pub(crate) fn prepare_anon_vma(&self) {
+        if !self.anon_vma.load(Ordering::Relaxed) {
+            self.anon_vma.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether an anonymous page was ever made here (`vma->anon_vma != NULL`).
+    pub(crate) fn has_anon_vma(&self) -> bool {
+        self.anon_vma.load(Ordering::Relaxed)
     }
 
     /// Page offset of the VMA's start in its backing object (for anonymous memory, the
@@ -262,6 +304,9 @@ impl VmaTree {
                 let prev = self.map.get_mut(&pk).expect("present");
                 prev.range = VaRange::new(prev.start(), cur.end()).expect("merged range");
                 prev.flags |= cur.flags & VmFlags::SOFTDIRTY;
+                if cur.has_anon_vma() {
+                    prev.prepare_anon_vma();
+                }
                 key = pk;
             }
         }
@@ -272,6 +317,9 @@ impl VmaTree {
                 let cur = self.map.get_mut(&key).expect("present");
                 cur.range = VaRange::new(cur.start(), next.end()).expect("merged range");
                 cur.flags |= next.flags & VmFlags::SOFTDIRTY;
+                if next.has_anon_vma() {
+                    cur.prepare_anon_vma();
+                }
             }
         }
     }
