@@ -289,8 +289,10 @@ fn mremap_bad_input_changes_nothing() {
             mm.mremap(a, 5 * p, 6 * p, MremapFlags::MAYMOVE, None),
             libc::EFAULT,
         ),
+        // A move must begin inside a VMA (one that begins inside and runs on into a
+        // hole moves its part, since Linux 6.17).
         (
-            mm.mremap(page(a, 3), 2 * p, 2 * p, f, Some(b)),
+            mm.mremap(page(a, 4), 2 * p, 2 * p, f, Some(b)),
             libc::EFAULT,
         ),
         (
@@ -417,4 +419,77 @@ fn a_never_faulted_anonymous_vma_is_rebased_when_moved_and_merges() {
         m.mm.read_val::<u64>(b).unwrap();
     });
     assert_eq!(vmas.len(), 1, "{vmas:?}");
+}
+
+/// `remap_move` (Linux 6.17): a `MREMAP_FIXED` move that keeps the length may span several
+/// VMAs and the holes between them; each VMA lands at its own offset in the target, and
+/// what the target holds under the holes stays.
+#[test]
+fn a_fixed_move_of_the_same_length_takes_every_vma_in_the_range() {
+    let setup = || {
+        let m = Machine::new(16);
+        let r = m.map(16, RW, MapFlags::PRIVATE);
+        fill(&m, r, 9);
+        m.mm.munmap(page(r, 4), 2 * PAGE_SIZE).unwrap();
+        m.mm.munmap(page(r, 9), 7 * PAGE_SIZE).unwrap();
+        m.mm.mprotect(page(r, 6), 3 * PAGE_SIZE, Prot::READ)
+            .unwrap();
+        let t = m.map(16, RW, MapFlags::PRIVATE);
+        m.mm.write_val(page(t, 4), 0xeeu8).unwrap();
+        m.mm.write_val(page(t, 12), 0xddu8).unwrap();
+        (m, r, t)
+    };
+    let fixed = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+
+    let (m, r, t) = setup();
+    assert_eq!(
+        m.mm.mremap(r, 16 * PAGE_SIZE, 16 * PAGE_SIZE, fixed, Some(t)),
+        Ok(t)
+    );
+    check(&m, t, (0..4).chain(6..9).map(|i| (i, i)));
+    assert_eq!(
+        m.mm.read_val::<u8>(page(t, 4)).unwrap(),
+        0xee,
+        "the target under a hole"
+    );
+    assert_eq!(
+        m.mm.read_val::<u8>(page(t, 12)).unwrap(),
+        0xdd,
+        "and under the end"
+    );
+    assert!(
+        m.mm.write_val(page(t, 7), 1u8).is_err(),
+        "B is still read-only"
+    );
+    for i in 0..16 {
+        assert!(m.mm.read_val::<u8>(page(r, i)).is_err(), "page {i} left");
+    }
+    m.mm.audit().unwrap();
+
+    // With DONTUNMAP the source VMAs stay, empty.
+    let (m, r, t) = setup();
+    let flags = fixed | MremapFlags::DONTUNMAP;
+    assert_eq!(
+        m.mm.mremap(r, 16 * PAGE_SIZE, 16 * PAGE_SIZE, flags, Some(t)),
+        Ok(t)
+    );
+    check(&m, t, (0..4).chain(6..9).map(|i| (i, i)));
+    assert_eq!(m.mm.read_val::<u64>(page(r, 1)).unwrap(), 0);
+    assert!(
+        m.mm.read_val::<u8>(page(r, 4)).is_err(),
+        "the hole stays a hole"
+    );
+    m.mm.audit().unwrap();
+
+    // A range that begins in a hole is EFAULT, and nothing changes.
+    let (m, r, t) = setup();
+    let from_hole =
+        m.mm.mremap(page(r, 4), 8 * PAGE_SIZE, 8 * PAGE_SIZE, fixed, Some(t));
+    assert_eq!(from_hole, Err(MmError::Fault { addr: page(r, 4) }));
+    check(&m, r, (0..4).chain(6..9).map(|i| (i, i)));
+    assert_eq!(m.mm.read_val::<u8>(page(t, 4)).unwrap(), 0xee);
+    // A length change is not a pure move: the old rule (one VMA) holds.
+    let grow = m.mm.mremap(r, 8 * PAGE_SIZE, 9 * PAGE_SIZE, fixed, Some(t));
+    assert_eq!(grow, Err(MmError::Fault { addr: r }));
+    m.mm.audit().unwrap();
 }

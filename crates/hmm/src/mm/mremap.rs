@@ -4,7 +4,8 @@
 //! # Moving
 //!
 //! A move creates the new VMA (same flags; the page offset of the old start, so the
-//! reverse map still finds every anonymous page), then moves the entries under one UNMAP
+//! reverse map still finds every anonymous page, or for an anonymous VMA that never had a
+//! page the new start's, as `copy_vma` re-bases it), then moves the entries under one UNMAP
 //! invalidation of the old range (`move_page_tables`): every kind of entry moves as it is —
 //! present, PROT_NONE, migration, device-private, device-exclusive — keeping its references
 //! and map counts, and is marked soft-dirty. A PMD leaf that the old range covers whole
@@ -12,6 +13,9 @@
 //! first. One TLB flush covers the old range. Then the old range is unmapped as by
 //! `munmap` (a second UNMAP, now of an empty range), unless `DONTUNMAP` keeps the old VMA,
 //! empty, in place.
+//!
+//! A `MREMAP_FIXED` move of the same length is a batch of such moves, one per VMA in the
+//! old range, each to its own offset in the target (Linux 6.17's multi-VMA `remap_move`).
 //!
 //! Entries are taken from the old range in one walk and installed in a second, so the two
 //! cursors never hold page-table locks at once even when the ranges share a table; the
@@ -56,9 +60,12 @@ impl Mm {
     /// of a range that moves or grows is not inside that VMA; `NoMem` if it must move and
     /// may not, or there is no room; `Perm` for a fixed address below [`MMAP_MIN_ADDR`].
     /// A shrink in place unmaps the tail as `munmap` does, holes and further VMAs
-    /// included, as the kernel checks VMA boundaries only when it moves or grows. Every
-    /// check runs before anything changes (the kernel unmaps the `FIXED` target before it
-    /// checks the old VMA).
+    /// included, as the kernel checks VMA boundaries only when it moves or grows. A
+    /// `FIXED` move that keeps the length may span several VMAs and the holes between
+    /// them, as since Linux 6.17 (`remap_move`): each VMA's part lands at its own offset in
+    /// the target, and the range must begin inside a VMA (`Fault` otherwise). Every check
+    /// runs before anything changes (the kernel unmaps the `FIXED` target before it checks
+    /// the old VMA).
     #[doc(alias = "do_mremap")]
     pub fn mremap(
         &self,
@@ -116,6 +123,9 @@ impl Mm {
             None
         };
         let mut st = self.lock.write();
+        if let Some(target) = target.filter(|_| old_len == new_len) {
+            return self.remap_move(&mut st, old, target, dontunmap);
+        }
         let vma = st
             .vmas
             .find(old_addr)
@@ -186,6 +196,51 @@ impl Mm {
             })?;
         let target = VaRange::from_len(start, new_len).expect("gap");
         Ok(self.move_vma(&mut st, &vma, old, target, dontunmap))
+    }
+
+    /// A `MREMAP_FIXED` move that keeps the length (`remap_move`, Linux 6.17): `old` may
+    /// span several VMAs and the holes between them. The part of each VMA inside `old`
+    /// moves to the same offset in `target`, the part of `target` under it unmapped first;
+    /// the parts of `target` under `old`'s holes are left as they are, so the moved VMAs
+    /// keep their gaps. `old` must begin inside a VMA (`Fault`). Every check runs before
+    /// anything changes (the kernel checks each VMA just before moving it, so an error
+    /// there leaves the VMAs before it moved).
+    fn remap_move(
+        &self,
+        st: &mut MmState,
+        old: VaRange,
+        target: VaRange,
+        dontunmap: bool,
+    ) -> Result<VirtAddr, MmError> {
+        let pieces: Vec<VaRange> = st
+            .vmas
+            .overlapping(old)
+            .filter_map(|v| v.range().intersect(&old))
+            .collect();
+        if pieces.first().map(VaRange::start) != Some(old.start()) {
+            return Err(MmError::Fault { addr: old.start() });
+        }
+        let to = |p: &VaRange| {
+            let offset = p.start().offset_from(old.start()).expect("inside old");
+            VaRange::from_len(target.start() + offset, p.npages() * PAGE_SIZE)
+                .expect("inside target")
+        };
+        for p in &pieces {
+            if st.vmas.find(p.start()).is_some_and(hugetlb::is_hugetlb) {
+                return Err(MmError::Inval {
+                    what: "mremap of hugetlb memory",
+                });
+            }
+            hugetlb::check_range(&st.vmas, to(p))?;
+        }
+        for p in &pieces {
+            let dest = to(p);
+            self.do_munmap(st, dest);
+            // Looked up again: the move before this one may have merged VMAs.
+            let vma = st.vmas.find(p.start()).cloned().expect("a piece is mapped");
+            self.move_vma(st, &vma, *p, dest, dontunmap);
+        }
+        Ok(target.start())
     }
 
     /// Moves `old` (inside `vma`) to the free range `target` (at least as long); see the
