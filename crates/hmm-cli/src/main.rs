@@ -365,7 +365,14 @@ fn scenario<T: Serialize>(
     if out.json {
         errln!("{}", machine::Machine::this().line());
         errln!("{}", machine::Build::this().line());
-        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        // Every row names the layout it follows, as `bench all`'s object does.
+        let mut json = serde_json::to_value(&rows)?;
+        for row in json.as_array_mut().into_iter().flatten() {
+            if let Some(row) = row.as_object_mut() {
+                row.insert("schema_version".into(), all::SCHEMA_VERSION.into());
+            }
+        }
+        outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         machine::print_header();
         table(&rows);

@@ -132,6 +132,7 @@ fn bench_walks_counts_one_pass_for_one_walk() {
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("a JSON array");
     assert_eq!(rows.len(), 6);
     for r in &rows {
+        assert_eq!(r["schema_version"], 2, "every row is versioned");
         let fraction = r["nonpresent_fraction"].as_f64().unwrap();
         let walks = r["walks"].as_u64().unwrap();
         assert_eq!(r["pages_migrated"], 128, "{r}");

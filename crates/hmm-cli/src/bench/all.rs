@@ -111,7 +111,7 @@ impl Plan {
 /// The version of the `--json` object's layout: raised when a field changes meaning or
 /// goes away (fields may be added without it). 2: migration rows' `ratio` is a paired
 /// ratio (an object), and the `scale` rows.
-const SCHEMA_VERSION: u32 = 2;
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 
 /// The report of `bench all`.
 #[derive(Debug, Serialize)]
