@@ -19,6 +19,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE, USER_VA_END};
 use hmm::exclusive::{make_device_exclusive, ExclusiveError};
@@ -34,7 +35,8 @@ use hmm::notifier::{
 use hmm::phys::{FrameFlags, PhysMem, Zone};
 use hmm::prot::VmFlags;
 use hmm::range_fault::{
-    fault_and_commit, HmmPfn, HmmPfnFlags, HmmRange, HMM_RANGE_DEFAULT_TIMEOUT,
+    fault_and_commit, hmm_range_fault_unlocked_timeout, HmmPfn, HmmPfnFlags, HmmRange,
+    HMM_RANGE_DEFAULT_TIMEOUT,
 };
 use hmm::zone_device::MemoryType;
 use parking_lot::Mutex;
@@ -317,7 +319,11 @@ impl Dmirror {
             ..*cmd
         };
         match which {
-            DmirrorCmd::Read => self.cmd_read(range, &mut out)?,
+            DmirrorCmd::Read => self.cmd_read(range, &mut out, FaultPath::Locked)?,
+            // dmirror_read_unlocked with a timeout of 0: retry forever.
+            DmirrorCmd::ReadUnlocked => {
+                self.cmd_read(range, &mut out, FaultPath::Unlocked(Duration::ZERO))?
+            }
             DmirrorCmd::Write => self.cmd_write(range, &mut out)?,
             DmirrorCmd::MigrateToDev => self.cmd_migrate_to_dev(range, &mut out)?,
             DmirrorCmd::MigrateToSys => self.cmd_migrate_to_sys(range, &mut out)?,
@@ -362,6 +368,19 @@ impl Dmirror {
     #[doc(alias = "HMM_DMIRROR_READ")]
     pub fn read(&self, addr: VirtAddr, npages: u64, out: VirtAddr) -> Result<Done, DmirrorError> {
         self.run(DmirrorCmd::Read, addr, npages, out)
+    }
+
+    /// [`read`](Self::read) with the faults through `hmm_range_fault_unlocked_timeout`
+    /// and no timeout (`HMM_DMIRROR_READ_UNLOCKED`); `Intr` if the process has a fatal
+    /// signal pending.
+    #[doc(alias = "HMM_DMIRROR_READ_UNLOCKED")]
+    pub fn read_unlocked(
+        &self,
+        addr: VirtAddr,
+        npages: u64,
+        out: VirtAddr,
+    ) -> Result<Done, DmirrorError> {
+        self.run(DmirrorCmd::ReadUnlocked, addr, npages, out)
     }
 
     /// The device writes `npages` from the user buffer `data` at `addr`, faulting pages it
@@ -454,10 +473,15 @@ impl Dmirror {
 
     /// `dmirror_read`: copy from the device's mappings, faulting the rest of the range at
     /// the first page it lacks, then copy to the user buffer.
-    fn cmd_read(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
+    fn cmd_read(
+        &self,
+        range: VaRange,
+        cmd: &mut HmmDmirrorCmd,
+        path: FaultPath,
+    ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
         let mut bounce = bounce(range)?;
-        self.access_loop(&mm, range, cmd, DeviceAccess::Read(&mut bounce))?;
+        self.access_loop(&mm, range, cmd, DeviceAccess::Read(&mut bounce), path)?;
         mm.write(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
             &bounce,
@@ -475,7 +499,13 @@ impl Dmirror {
             &mut bounce,
         )
         .map_err(|_| DmirrorError::Fault)?;
-        self.access_loop(&mm, range, cmd, DeviceAccess::Write(&bounce))
+        self.access_loop(
+            &mm,
+            range,
+            cmd,
+            DeviceAccess::Write(&bounce),
+            FaultPath::Locked,
+        )
     }
 
     fn access_loop(
@@ -484,6 +514,7 @@ impl Dmirror {
         range: VaRange,
         cmd: &mut HmmDmirrorCmd,
         mut access: DeviceAccess<'_>,
+        path: FaultPath,
     ) -> Result<(), DmirrorError> {
         let write = matches!(access, DeviceAccess::Write(_));
         loop {
@@ -495,7 +526,7 @@ impl Dmirror {
                 .start()
                 .checked_add(cmd.cpages << PAGE_SHIFT)
                 .expect("inside the range");
-            self.device_fault(mm, from, range.end(), write)?;
+            self.device_fault(mm, from, range.end(), write, path)?;
             cmd.faults += 1;
         }
     }
@@ -540,15 +571,16 @@ impl Dmirror {
         Ok(())
     }
 
-    /// The device fault routine (`dmirror_fault`): mirror `[start, end)` in chunks of 32
-    /// pages through the driver loop, storing what `hmm_range_fault` returns in the device
-    /// page table under the mirror lock.
+    /// The device fault routine (`dmirror_fault`, `dmirror_fault_unlocked`): mirror
+    /// `[start, end)` in chunks of 32 pages through the driver loop, storing what
+    /// `hmm_range_fault` returns in the device page table under the mirror lock.
     fn device_fault(
         &self,
         mm: &Mm,
         start: VirtAddr,
         end: VirtAddr,
         write: bool,
+        path: FaultPath,
     ) -> Result<(), DmirrorError> {
         self.shared
             .counters
@@ -573,13 +605,25 @@ impl Dmirror {
                 pfn_flags_mask: HmmPfnFlags::empty(),
                 dev_private_owner: Some(self.device.owner()),
             };
-            fault_and_commit(
-                mm,
-                &mut range,
-                HMM_RANGE_DEFAULT_TIMEOUT,
-                &self.shared.pt,
-                |pt, r| self.store(pt, r),
-            )?;
+            match path {
+                FaultPath::Locked => fault_and_commit(
+                    mm,
+                    &mut range,
+                    HMM_RANGE_DEFAULT_TIMEOUT,
+                    &self.shared.pt,
+                    |pt, r| self.store(pt, r),
+                )?,
+                // dmirror_range_fault_unlocked: the walk retries `Busy` itself; a collision
+                // seen under the mirror lock calls it again.
+                FaultPath::Unlocked(timeout) => loop {
+                    hmm_range_fault_unlocked_timeout(mm, &mut range, timeout)?;
+                    let mut pt = self.shared.pt.lock();
+                    if !self.notifier.read_retry(range.notifier_seq) {
+                        self.store(&mut pt, &range);
+                        break;
+                    }
+                },
+            }
             at = next;
         }
         Ok(())
@@ -955,6 +999,16 @@ impl std::fmt::Debug for Dmirror {
             .field("mapped", &self.nr_mapped())
             .finish_non_exhaustive()
     }
+}
+
+/// How the device fault routine calls `hmm_range_fault`.
+#[derive(Debug, Clone, Copy)]
+enum FaultPath {
+    /// Under the mmap lock, in the driver loop (`dmirror_range_fault`).
+    Locked,
+    /// Through `hmm_range_fault_unlocked_timeout` with this retry budget
+    /// (`dmirror_range_fault_unlocked`).
+    Unlocked(Duration),
 }
 
 /// Which way a device access copies.

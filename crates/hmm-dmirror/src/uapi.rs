@@ -28,6 +28,11 @@ pub enum DmirrorCmd {
     /// The device reads `npages` at `addr` into `ptr`, faulting missing pages.
     #[doc(alias = "HMM_DMIRROR_READ")]
     Read,
+    /// READ whose faults go through `hmm_range_fault_unlocked_timeout` with no timeout
+    /// (Linux 2026): the driver does not hold the mmap lock, `Busy` passes are retried
+    /// inside, and a fatal signal of the process stops it with `-EINTR`. Number 0x09.
+    #[doc(alias = "HMM_DMIRROR_READ_UNLOCKED")]
+    ReadUnlocked,
     /// The device writes `npages` from `ptr` at `addr`, faulting pages it cannot write.
     #[doc(alias = "HMM_DMIRROR_WRITE")]
     Write,
@@ -62,14 +67,14 @@ pub enum DmirrorCmd {
     /// migrate as it is (another device's pages, device-exclusive entries)
     /// (`hmm_range_fault` with `REQ_FAULT | REQ_MIGRATE`, then
     /// `migrate_hmm_range_setup`), then reads it back as MIGRATE_TO_DEV does. Number
-    /// 0x0a: 0x09 is READ_UNLOCKABLE in mm-new.
+    /// 0x0a: 0x09 is READ_UNLOCKED.
     #[doc(alias = "HMM_DMIRROR_MIGRATE_ON_FAULT_TO_DEV")]
     MigrateOnFaultToDev,
 }
 
 impl DmirrorCmd {
     /// Every command, in number order.
-    pub const ALL: [DmirrorCmd; 10] = [
+    pub const ALL: [DmirrorCmd; 11] = [
         DmirrorCmd::Read,
         DmirrorCmd::Write,
         DmirrorCmd::MigrateToDev,
@@ -79,6 +84,7 @@ impl DmirrorCmd {
         DmirrorCmd::CheckExclusive,
         DmirrorCmd::Release,
         DmirrorCmd::Flags,
+        DmirrorCmd::ReadUnlocked,
         DmirrorCmd::MigrateOnFaultToDev,
     ];
 
@@ -94,6 +100,7 @@ impl DmirrorCmd {
             DmirrorCmd::CheckExclusive => 0x06,
             DmirrorCmd::Release => 0x07,
             DmirrorCmd::Flags => 0x08,
+            DmirrorCmd::ReadUnlocked => 0x09,
             DmirrorCmd::MigrateOnFaultToDev => 0x0a,
         }
     }
@@ -176,6 +183,9 @@ pub enum DmirrorError {
     /// A migrate-on-fault piece leaves its VMA (`-ERANGE`).
     #[error("range crosses a VMA boundary")]
     Range,
+    /// The process has a fatal signal pending (`-EINTR`): READ_UNLOCKED gave up.
+    #[error("interrupted by a fatal signal")]
+    Intr,
 }
 
 impl DmirrorError {
@@ -191,6 +201,7 @@ impl DmirrorError {
             DmirrorError::NoMem => 12,        // ENOMEM
             DmirrorError::NotSupported => 95, // EOPNOTSUPP
             DmirrorError::Range => 34,        // ERANGE
+            DmirrorError::Intr => 4,          // EINTR
         }
     }
 
@@ -209,6 +220,7 @@ impl From<HmmError> for DmirrorError {
             HmmError::NoMem { .. } => DmirrorError::NoMem,
             HmmError::Inval { what } => DmirrorError::Inval { what },
             HmmError::Range { .. } => DmirrorError::Range,
+            HmmError::Interrupted => DmirrorError::Intr,
         }
     }
 }

@@ -400,3 +400,59 @@ fn mirror_counters_read_as_a_line_and_subtract() {
     assert_eq!(s.to_string(), "2 device faults, 8 pages mapped");
     assert_eq!(s.since(&s), zero);
 }
+
+/// `HMM_DMIRROR_READ_UNLOCKED` (Linux 2026): READ through
+/// `hmm_range_fault_unlocked_timeout`: the same pages, bytes and counts as READ, retried
+/// through invalidations that collide with it, and `-EINTR` once the process is killed.
+#[test]
+fn read_unlocked_reads_as_read_does_and_stops_on_a_fatal_signal() {
+    let r = rig();
+    let d = r.open(0);
+    let a = r.map(8);
+    let data = common::pattern(8, 3);
+    r.mm.write(a, &data).unwrap();
+    let c = r.run(&d, DmirrorCmd::ReadUnlocked, a, 8).unwrap();
+    assert_eq!((c.cpages, c.faults), (8, 1));
+    assert_eq!(r.buf_bytes(data.len()), data);
+    assert_eq!(d.nr_mapped(), 8);
+    // The typed form, on pages the device already maps: no fault.
+    let done = d.read_unlocked(a, 8, r.buf).unwrap();
+    assert_eq!((done.cpages, done.faults), (8, 0));
+
+    // Invalidations racing the unlocked walk make it retry, never fail.
+    let b = r.map(64);
+    r.mm.write(b, &common::pattern(64, 5)).unwrap();
+    /// Stops the churn however the reader's checks end, so a failed one cannot hang.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                r.mm.mprotect(b, 64 * PAGE_SIZE, Prot::READ).unwrap();
+                r.mm.mprotect(b, 64 * PAGE_SIZE, RW).unwrap();
+            }
+        });
+        let _stop = StopOnDrop(&stop);
+        for _ in 0..20 {
+            let c = r.run(&d, DmirrorCmd::ReadUnlocked, b, 64).unwrap();
+            assert_eq!(c.cpages, 64);
+            assert_eq!(r.buf_bytes(64 * PAGE_SIZE as usize), common::pattern(64, 5));
+        }
+    });
+
+    // A killed process: the fault gives up with EINTR, the block unchanged.
+    let c = r.map(4);
+    r.mm.kill();
+    assert_eq!(
+        r.run(&d, DmirrorCmd::ReadUnlocked, c, 4),
+        Err(DmirrorError::Intr)
+    );
+    assert_eq!(DmirrorError::Intr.ret(), -4);
+    // The locked READ is not killable, as in the kernel's dmirror_fault.
+    assert_eq!(r.run(&d, DmirrorCmd::Read, c, 4).unwrap().cpages, 4);
+}

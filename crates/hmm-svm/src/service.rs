@@ -570,7 +570,8 @@ impl GpuVm {
                 Err(HmmError::Fault { .. })
                 | Err(HmmError::Perm { .. })
                 | Err(HmmError::Range { .. })
-                | Err(HmmError::Inval { .. }) => return Ok(Mapped::Stale),
+                | Err(HmmError::Inval { .. })
+                | Err(HmmError::Interrupted) => return Ok(Mapped::Stale),
             }
             let mut st = self.shared.state.write();
             if window.read_retry(seq) {

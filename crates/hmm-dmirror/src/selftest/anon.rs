@@ -288,7 +288,8 @@ pub(super) fn anon_teardown(s: &mut Fixture) -> Result<(), Stop> {
 }
 
 /// `TEST_F(hmm, userfaultfd_read)` (linux-mm's copy of the file): the device reads memory
-/// whose pages a userfaultfd handler supplies.
+/// whose pages a userfaultfd handler supplies, through `HMM_DMIRROR_READ_UNLOCKED`. The
+/// command exists (`tests/dmirror.rs` tests it); the userfaultfd behind the case does not.
 pub(super) fn userfaultfd_read(_: &mut Fixture) -> Result<(), Stop> {
     skip!("the model has no userfaultfd yet (issue 26)")
 }

@@ -258,7 +258,10 @@ pub fn migrate_vma_setup<'g, 'a>(
     let mut state = on_fault::collect(mmap, vma, args).map_err(|e| match e {
         HmmError::Fault { addr } | HmmError::Perm { addr } => MigrateError::Fault { addr },
         HmmError::NoMem { addr } => MigrateError::NoMem { addr },
-        HmmError::Busy | HmmError::Range { .. } | HmmError::Inval { .. } => {
+        HmmError::Busy
+        | HmmError::Range { .. }
+        | HmmError::Inval { .. }
+        | HmmError::Interrupted => {
             unreachable!("a collect walk checks no sequence and gets checked arguments: {e}")
         }
     })?;

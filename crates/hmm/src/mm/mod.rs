@@ -110,6 +110,8 @@ pub struct Mm {
     thp: thp::ThpSetting,
     /// THPs partly unmapped, to split (`deferred_split_queue`); each holds a reference.
     deferred_split: crate::sync::Mutex<Vec<crate::addr::Pfn>>,
+    /// A fatal signal was sent to the process (`fatal_signal_pending` of its tasks).
+    killed: std::sync::atomic::AtomicBool,
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
@@ -206,9 +208,27 @@ impl Mm {
             counters: MmCounters::default(),
             thp: thp::ThpSetting::default(),
             deferred_split: crate::sync::Mutex::new(Vec::new()),
+            killed: std::sync::atomic::AtomicBool::new(false),
         });
         mm.anon_vma.add_to_chain(&mm.this);
         mm
+    }
+
+    /// Sends the process a fatal signal (`SIGKILL`): from now on every task of it has one
+    /// pending, so the killable waits of work done on its behalf give up
+    /// ([`hmm_range_fault_unlocked_timeout`](crate::range_fault::hmm_range_fault_unlocked_timeout)
+    /// returns `Interrupted`). The address space itself lives until its last user drops
+    /// it.
+    #[doc(alias = "SIGKILL")]
+    pub fn kill(&self) {
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the process has a fatal signal pending (`fatal_signal_pending(current)` for
+    /// a task of it).
+    pub fn fatal_signal_pending(&self) -> bool {
+        self.killed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The address space's id, as carried in notifier ranges.

@@ -349,6 +349,10 @@ pub enum HmmError {
         /// What was wrong.
         what: &'static str,
     },
+    /// The process has a fatal signal pending
+    /// ([`hmm_range_fault_unlocked_timeout`] only) (`-EINTR`).
+    #[error("interrupted: the process has a fatal signal pending")]
+    Interrupted,
 }
 
 /// Fills `range.hmm_pfns` for `[range.start, range.end)` of the address space the mmap
@@ -365,6 +369,85 @@ pub fn hmm_range_fault(mmap: &MmapReadGuard<'_>, range: &mut HmmRange<'_>) -> Re
     }
     let mut w = Walk::of_range(range, None);
     walk::run(mmap, &mut w, RangeWalker::Hmm)
+}
+
+/// `hmm_range_fault_unlocked_timeout` (Linux 2026, mm-stable): [`hmm_range_fault`] for a
+/// caller that does not hold the mmap lock, as drivers now call it. The function takes
+/// the lock itself (killable), starts each pass from a fresh `range.notifier_seq`
+/// (`read_begin`), and retries `Busy` passes until `timeout` has passed since the call
+/// (`Duration::ZERO`: retry forever); it returns with the lock dropped. The caller then
+/// checks `read_retry(range.notifier_seq)` under its driver lock before it uses the result,
+/// as with [`hmm_range_fault`], and calls again if it collided.
+///
+/// Errors: `Interrupted` (`-EINTR`) when the process has a fatal signal pending
+/// ([`Mm::kill`]), checked before each pass; `Busy` when the timeout ran out; the errors
+/// of [`hmm_range_fault`] otherwise.
+///
+/// In the kernel a fault that must sleep outside the mmap lock (userfaultfd, a page under
+/// I/O) drops it and the walk restarts where it was; the model's faults never drop the
+/// lock, so every pass here runs to its end or to `Busy`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use hmm::addr::PAGE_SIZE;
+/// use hmm::mm::{MapFlags, Mm, Prot};
+/// use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierRange};
+/// use hmm::phys::{PhysConfig, PhysMem};
+/// use hmm::range_fault::{hmm_range_fault_unlocked_timeout, HmmError, HmmPfn, HmmPfnFlags, HmmRange};
+///
+/// struct Seq;
+/// impl IntervalNotifierOps for Seq {
+///     fn invalidate(&self, sub: &IntervalSub, _: &NotifierRange, seq: InvalidateSeq) -> bool {
+///         sub.set_seq(seq);
+///         true
+///     }
+/// }
+/// let mm = Mm::new(PhysMem::new(PhysConfig::with_size(16 << 20))?);
+/// let a = mm.mmap(None, 4 * PAGE_SIZE, Prot::READ | Prot::WRITE, MapFlags::PRIVATE)?;
+/// let n = mm.interval_notifier_insert(a, 4 * PAGE_SIZE, Arc::new(Seq))?;
+/// let mut pfns = [HmmPfn::default(); 4];
+/// let mut range = HmmRange {
+///     notifier: &n,
+///     notifier_seq: n.read_begin(),
+///     start: a,
+///     end: a + 4 * PAGE_SIZE,
+///     hmm_pfns: &mut pfns,
+///     default_flags: HmmPfnFlags::REQ_FAULT,
+///     pfn_flags_mask: HmmPfnFlags::empty(),
+///     dev_private_owner: None,
+/// };
+/// hmm_range_fault_unlocked_timeout(&mm, &mut range, Duration::ZERO)?; // no lock held
+/// assert!(range.hmm_pfns.iter().all(|w| w.is_valid()));
+/// assert!(!n.read_retry(range.notifier_seq)); // what a driver checks under its lock
+/// mm.kill();
+/// assert_eq!(hmm_range_fault_unlocked_timeout(&mm, &mut range, Duration::ZERO), Err(HmmError::Interrupted));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[doc(alias = "hmm_range_fault_unlocked")]
+pub fn hmm_range_fault_unlocked_timeout(
+    mm: &Mm,
+    range: &mut HmmRange<'_>,
+    timeout: Duration,
+) -> Result<(), HmmError> {
+    // A timeout too long to represent never expires, as 0 does.
+    let deadline = (!timeout.is_zero())
+        .then(|| Instant::now().checked_add(timeout))
+        .flatten();
+    loop {
+        if mm.fatal_signal_pending() {
+            return Err(HmmError::Interrupted);
+        }
+        range.notifier_seq = range.notifier.read_begin();
+        let result = {
+            let mmap = mm.mmap_read();
+            hmm_range_fault(&mmap, range)
+        };
+        match result {
+            Err(HmmError::Busy) if deadline.map_or(true, |d| Instant::now() < d) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// The argument checks every walk of a range makes (`-EINVAL`).
