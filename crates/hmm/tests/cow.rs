@@ -7,6 +7,8 @@
 //! Each test is one case of the file run on each of its memory kinds, in the file's order;
 //! a failure names the case and the kind. `docs/mm-selftests.md` lists the kinds the model
 //! cannot express (swapped-out memory, THP sizes other than 2 MiB, 1 GiB hugetlb pages).
+//! The non-anonymous cases run on the shared zero page, a memfd page, the huge zero page
+//! and a hugetlb memfd page.
 //!
 //! How the C's kernel interfaces map here: `fork` is [`Mm::fork`], the child's steps run
 //! where the C's pipes order them; `vmsplice` takes GUP references ([`Mm::get_user_pages`],
@@ -440,6 +442,7 @@ enum NonAnon {
     Zeropage,
     Memfd,
     HugeZeropage,
+    MemfdHugetlb,
 }
 
 fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>) {
@@ -462,6 +465,19 @@ fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>
                 .mmap_file(None, PAGE_SIZE, Prot::READ, MapFlags::SHARED, &f, 0)
                 .unwrap();
             (mem, smem, PAGE_SIZE, Some(f))
+        }
+        NonAnon::MemfdHugetlb => {
+            // The file's page and a private copy.
+            assert_eq!(m.phys.set_nr_hugepages(2), 2);
+            let f = MemFile::new_hugetlb(&m.phys);
+            f.fallocate(0, PMD_SIZE).unwrap();
+            let mem = mm
+                .mmap_file(None, PMD_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+                .unwrap();
+            let smem = mm
+                .mmap_file(None, PMD_SIZE, Prot::READ, MapFlags::SHARED, &f, 0)
+                .unwrap();
+            (mem, smem, PMD_SIZE, Some(f))
         }
         NonAnon::HugeZeropage => {
             let aligned = |prot| {
@@ -491,7 +507,13 @@ fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>
 /// Runs a non-anonymous case on every kind the model has (tmpfile is the memfd case: the
 /// model has one kind of file).
 fn run_non_anon(name: &str, case: fn(&Arc<Mm>, VirtAddr, VirtAddr, u64) -> Result<(), String>) {
-    let failed: Vec<String> = [NonAnon::Zeropage, NonAnon::Memfd, NonAnon::HugeZeropage]
+    let kinds = [
+        NonAnon::Zeropage,
+        NonAnon::Memfd,
+        NonAnon::HugeZeropage,
+        NonAnon::MemfdHugetlb,
+    ];
+    let failed: Vec<String> = kinds
         .iter()
         .filter_map(|&kind| {
             let (m, mem, smem, size, _file) = non_anon(kind);

@@ -1,7 +1,7 @@
 //! The kernel's `tools/testing/selftests/mm/gup_longterm.c`, ported: a long-term pin
 //! (`FOLL_PIN | FOLL_LONGTERM`), read-only or read-write, of a file page mapped shared or
-//! private. Every case of the file, in its order, on the memory the model has; the table
-//! in `docs/mm-selftests.md` says which of the file's memory kinds are expressible.
+//! private. Every case of the file, in its order, on a memfd and a 2 MiB hugetlb memfd; the
+//! table in `docs/mm-selftests.md` says which of the file's memory kinds are expressible.
 //!
 //! In the kernel the pin goes through the `gup_test` module (`PIN_LONGTERM_TEST_START`);
 //! here it is [`Mm::pin_user_pages`](hmm::mm::Mm::pin_user_pages) with the same flags.
@@ -11,7 +11,7 @@
 mod common;
 
 use common::{Machine, RW};
-use hmm::addr::PAGE_SIZE;
+use hmm::addr::{PAGE_SIZE, PMD_SIZE};
 use hmm::mm::{GupFlags, MapFlags, MemFile, Prot};
 
 /// `enum test_type`.
@@ -23,15 +23,21 @@ enum TestType {
     RwFast,
 }
 
-/// `do_test(fd, size, type, shared)` on a file of the model's one kind: shmem, as
-/// `memfd_create` makes (the kernel's `TMPFS_MAGIC`, which supports writable long-term
-/// pinning, so every case is expected to work).
+/// `do_test(fd, size, type, shared)` on a memfd (shmem, the kernel's `TMPFS_MAGIC`) or a
+/// hugetlb memfd (`HUGETLBFS_MAGIC`), both of which support writable long-term pinning,
+/// so every case is expected to work.
 fn do_test(size: u64, ty: TestType, shared: bool) {
     let m = Machine::new(16);
-    let file = MemFile::new(&m.phys);
+    let file = if size == PMD_SIZE {
+        // The file's page and a private mapping's copy.
+        assert_eq!(m.phys.set_nr_hugepages(2), 2);
+        MemFile::new_hugetlb(&m.phys)
+    } else {
+        MemFile::new(&m.phys)
+    };
     // ftruncate, then fallocate: every page of the file in the page cache.
     file.truncate(size).unwrap();
-    file.pwrite(0, &vec![0u8; size as usize]).unwrap();
+    file.fallocate(0, size).unwrap();
     let flags = if shared {
         MapFlags::SHARED
     } else {
@@ -71,9 +77,11 @@ fn do_test(size: u64, ty: TestType, shared: bool) {
     m.mm.audit().unwrap();
 }
 
-/// `run_with_memfd`: one page of a memfd.
+/// `run_with_memfd`: one page of a memfd; and `run_with_memfd_hugetlb` with the model's
+/// one hugetlb size, 2 MiB.
 fn run_with_memfd(ty: TestType, shared: bool) {
     do_test(PAGE_SIZE, ty, shared);
+    do_test(PMD_SIZE, ty, shared);
 }
 
 #[test]

@@ -253,3 +253,57 @@ fn a_shrinking_mremap_may_not_cut_a_hugetlb_page_in_its_tail() {
     assert_eq!(m.phys.hugetlb(), pool(1, 1, 0));
     m.mm.audit().unwrap();
 }
+
+/// `memfd_create(MFD_HUGETLB)`: a hugetlbfs file sized in whole 2 MiB pages, not
+/// writable with `write`, filled by `fallocate` from the pool; a shared mapping writes its
+/// page, a private one reads it and copies it on the first write; shrinking gives the
+/// pages back to the pool.
+#[test]
+fn hugetlb_memfds_map_their_pool_pages_shared_and_private() {
+    let m = Machine::new(32);
+    assert_eq!(m.phys.set_nr_hugepages(3), 3);
+    let f = hmm::mm::MemFile::new_hugetlb(&m.phys);
+    assert!(f.is_hugetlb());
+    assert!(matches!(f.truncate(PAGE_SIZE), Err(MmError::Inval { .. })));
+    assert!(matches!(f.pwrite(0, &[1]), Err(MmError::Inval { .. })));
+    f.truncate(PMD_SIZE).unwrap();
+    // fallocate takes the page the range touches from the pool.
+    f.fallocate(0, PAGE_SIZE).unwrap();
+    assert_eq!((m.phys.hugetlb().free, f.nr_cached_pages()), (2, 1));
+    assert!(matches!(
+        m.mm.mmap_file(None, PMD_SIZE, RW, MapFlags::SHARED, &f, PAGE_SIZE),
+        Err(MmError::Inval { .. })
+    ));
+    let shared =
+        m.mm.mmap_file(None, PMD_SIZE, RW, MapFlags::SHARED, &f, 0)
+            .unwrap();
+    let private =
+        m.mm.mmap_file(None, PMD_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
+    m.mm.write_val(page(shared, 7), 0x1234u64).unwrap();
+    let mut b = [0u8; 8];
+    f.pread(7 * PAGE_SIZE, &mut b).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(b),
+        0x1234,
+        "the shared mapping wrote the file"
+    );
+    // The private mapping reads the file's page, then copies it on a write.
+    assert_eq!(m.mm.read_val::<u64>(page(private, 7)).unwrap(), 0x1234);
+    let cached = m.mm.pagemap(shared, 1).unwrap()[0].pfn;
+    assert_eq!(m.mm.pagemap(private, 1).unwrap()[0].pfn, cached);
+    m.mm.write_val(page(private, 7), 0x5678u64).unwrap();
+    assert_ne!(m.mm.pagemap(private, 1).unwrap()[0].pfn, cached);
+    assert_eq!(m.mm.read_val::<u64>(page(shared, 7)).unwrap(), 0x1234);
+    assert_eq!(m.phys.hugetlb().free, 1, "the copy took a pool page");
+    m.mm.audit().unwrap();
+    // Shrinking zaps the shared mapping and gives the file's page back.
+    m.mm.munmap(private, PMD_SIZE).unwrap();
+    f.truncate(0).unwrap();
+    assert!(
+        m.mm.read_val::<u8>(shared).is_err(),
+        "past the end of file: SIGBUS"
+    );
+    assert_eq!(m.phys.hugetlb().free, 3);
+    m.mm.audit().unwrap();
+}

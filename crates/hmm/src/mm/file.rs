@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crate::addr::{VaRange, PAGE_SHIFT, PAGE_SIZE};
+use crate::addr::{VaRange, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::phys::PhysMem;
 
@@ -37,6 +37,26 @@ impl MemFile {
         MemFile {
             obj: ShmemObject::new(phys.clone(), 0, false),
         }
+    }
+
+    /// A new, empty hugetlbfs file (`memfd_create` with `MFD_HUGETLB`): its pages are
+    /// 2 MiB pages of the hugetlb pool
+    /// ([`PhysMem::set_nr_hugepages`](crate::phys::PhysMem::set_nr_hugepages)), taken by
+    /// [`fallocate`](Self::fallocate) or by a fault of a mapping. Its size moves in whole
+    /// 2 MiB pages, it cannot be written with [`pwrite`](Self::pwrite) (hugetlbfs has no
+    /// `write`), and [`Mm::mmap_file`](super::Mm::mmap_file) maps it with PMD leaves from
+    /// 2 MiB aligned offsets. Unlike Linux, a mapping of it reserves no pool pages: a
+    /// fault the pool cannot serve gets SIGBUS.
+    #[doc(alias = "MFD_HUGETLB")]
+    pub fn new_hugetlb(phys: &Arc<PhysMem>) -> MemFile {
+        MemFile {
+            obj: ShmemObject::new_hugetlb_file(phys.clone()),
+        }
+    }
+
+    /// Whether this is a hugetlbfs file.
+    pub fn is_hugetlb(&self) -> bool {
+        self.obj.is_hugetlb()
     }
 
     pub(crate) fn object(&self) -> &Arc<ShmemObject> {
@@ -83,6 +103,11 @@ impl MemFile {
                 what: "write past the largest file size",
             });
         }
+        if self.obj.is_hugetlb() {
+            return Err(MmError::Inval {
+                what: "hugetlbfs files cannot be written, only mapped",
+            });
+        }
         if data.is_empty() {
             return Ok(0);
         }
@@ -102,6 +127,11 @@ impl MemFile {
         if size > MAX_FILE_SIZE {
             return Err(MmError::Inval {
                 what: "size past the largest file size",
+            });
+        }
+        if self.obj.is_hugetlb() && size % PMD_SIZE != 0 {
+            return Err(MmError::Inval {
+                what: "a hugetlbfs file's size is whole 2 MiB pages",
             });
         }
         let old = self.obj.set_size(size);
@@ -141,6 +171,30 @@ impl MemFile {
             let _ = self.obj.phys().frame(pfn).put();
         }
         Ok(())
+    }
+
+    /// Puts every page of `[offset, offset + len)` in the page cache, zero-filled where
+    /// missing, and extends the size to cover it (`fallocate` with mode 0); a hugetlbfs
+    /// file takes the whole 2 MiB pages the range touches.
+    ///
+    /// Errors: `Inval` for a zero length or a range past the largest file size; `NoMem`
+    /// when RAM (or, for a hugetlbfs file, the pool: the kernel's `ENOSPC`) has no page
+    /// left, the pages before it staying in the cache.
+    pub fn fallocate(&self, offset: u64, len: u64) -> Result<(), MmError> {
+        let end = offset.checked_add(len).filter(|&e| e <= MAX_FILE_SIZE);
+        let Some(mut end) = end.filter(|_| len != 0) else {
+            return Err(MmError::Inval {
+                what: "zero length or past the largest file size",
+            });
+        };
+        if self.obj.is_hugetlb() {
+            end = end.div_ceil(PMD_SIZE) * PMD_SIZE;
+        }
+        self.obj
+            .fallocate(offset, end - offset)
+            .map_err(|_| MmError::NoMem {
+                what: "no page for the file",
+            })
     }
 }
 

@@ -14,6 +14,12 @@
 //!   the access gets SIGBUS, as in Linux.
 //! * Operations must not cut a hugetlb page: `munmap`, `mprotect` and `madvise` ranges that
 //!   end inside one fail with EINVAL; `mremap` of hugetlb memory is EINVAL.
+//! * A hugetlbfs file ([`MemFile::new_hugetlb`](super::MemFile::new_hugetlb), `MFD_HUGETLB`)
+//!   maps the same way: a shared mapping's fault takes the file's page (from the pool if
+//!   the file has none there yet), a private mapping's read maps the file's page read-only
+//!   and its first write copies it (`hugetlb_no_page` then `hugetlb_wp`). Mappings of a
+//!   file reserve nothing (unlike Linux, whose mmap reserves the pages); a fault the pool
+//!   cannot serve gets SIGBUS.
 
 use crate::addr::{VaRange, VirtAddr, PMD_NR, PMD_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
@@ -95,9 +101,12 @@ fn no_page(
         unreachable!("a hugetlb VMA has its hugetlbfs file")
     };
     let shared = vma.is_shared();
+    // A private mapping of a hugetlbfs file (not MAP_HUGETLB's own object) reads the
+    // file's page; a write copies it (`hugetlb_wp` below).
+    let file_private = !shared && !obj.is_anonymous();
     let pgoff = vma.pgoff_of(base);
     let bus = FaultError::Bus { addr };
-    let page = if shared {
+    let page = if shared || file_private {
         let (pfn, allocated) = obj.get_page(pgoff).map_err(|_| bus)?;
         if allocated {
             mm.counters.frame_allocated();
@@ -119,10 +128,11 @@ fn no_page(
     }
     let mut pf = PteFlags::YOUNG;
     let tracking = !vma.flags().contains(VmFlags::SOFTDIRTY);
-    if vma.flags().contains(VmFlags::WRITE) && (write || (shared && !tracking)) {
+    let map_write = write && !file_private;
+    if vma.flags().contains(VmFlags::WRITE) && (map_write || (shared && !tracking)) {
         pf |= PteFlags::WRITE;
     }
-    if write {
+    if map_write {
         pf |= dirty_flags();
     }
     page.meta().inc_entire_mapcount();
@@ -136,7 +146,11 @@ fn no_page(
     } else {
         pmd.set_leaf(leaf);
     }
+    drop(pmd);
     mm.counters.fault(FaultKind::Hugetlb);
+    if write && file_private {
+        return wp(mm, st, vma, base, leaf, true, addr);
+    }
     Ok(())
 }
 

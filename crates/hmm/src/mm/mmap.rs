@@ -4,7 +4,7 @@ use bitflags::bitflags;
 
 use std::sync::Arc;
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
 use super::driver::DriverMapping;
@@ -135,7 +135,21 @@ impl Mm {
                 what: "MAP_HUGETLB with a file or driver",
             });
         }
-        let page = if hugetlb { PMD_SIZE } else { PAGE_SIZE };
+        // A hugetlbfs file (a `MFD_HUGETLB` memfd) maps in 2 MiB pages from a 2 MiB
+        // aligned offset.
+        let huge_file = matches!(source, Source::File(obj, _) if obj.is_hugetlb());
+        if let Source::File(_, pgoff) = source {
+            if huge_file && pgoff % PMD_NR != 0 {
+                return Err(MmError::Inval {
+                    what: "hugetlb file offset not 2 MiB aligned",
+                });
+            }
+        }
+        let page = if hugetlb || huge_file {
+            PMD_SIZE
+        } else {
+            PAGE_SIZE
+        };
         let len = len
             .checked_add(page - 1)
             .map(|l| l & !(page - 1))
@@ -221,6 +235,9 @@ impl Mm {
             vm_flags |= VmFlags::HUGETLB;
             Some(obj)
         } else {
+            if huge_file {
+                vm_flags |= VmFlags::HUGETLB;
+            }
             None
         };
         if occupied.is_some() {

@@ -100,6 +100,35 @@ impl ShmemObject {
         Some(Self::build(phys, size, true, Some(resv)))
     }
 
+    /// An empty hugetlbfs file (`memfd_create` with `MFD_HUGETLB`): its pages come from the
+    /// pool when first used, with no reservation (a mapping of it reserves nothing).
+    pub(crate) fn new_hugetlb_file(phys: Arc<PhysMem>) -> Arc<Self> {
+        let resv = HugetlbResv {
+            reserved: Mutex::new(BTreeSet::new()),
+            owner: None,
+        };
+        Self::build(phys, 0, false, Some(resv))
+    }
+
+    /// Puts every page of `[offset, offset + len)` in the cache (`fallocate` mode 0),
+    /// extending the size to cover it; a hugetlbfs file takes whole 2 MiB pages.
+    pub(crate) fn fallocate(&self, offset: u64, len: u64) -> Result<(), PageError> {
+        let end = offset + len;
+        if end > self.size() {
+            self.set_size(end);
+        }
+        let step = if self.is_hugetlb() { PMD_NR } else { 1 };
+        let first = (offset >> PAGE_SHIFT) / step * step;
+        let mut pgoff = first;
+        while pgoff < end.div_ceil(PAGE_SIZE) {
+            let (pfn, _) = self.get_page(pgoff)?;
+            // The cache keeps its reference; the caller's goes.
+            drop(Frame::from_raw(&self.phys, pfn));
+            pgoff += step;
+        }
+        Ok(())
+    }
+
     /// Whether this is a hugetlbfs file.
     pub(crate) fn is_hugetlb(&self) -> bool {
         self.hugetlb.is_some()
@@ -177,9 +206,15 @@ impl ShmemObject {
             let at = offset + done as u64;
             let in_page = (at % PAGE_SIZE) as usize;
             let k = (PAGE_SIZE as usize - in_page).min(n - done);
-            let held = self.lookup(at >> PAGE_SHIFT);
-            match held {
-                Some(page) => page.read(in_page, &mut buf[done..done + k]),
+            // A hugetlbfs file's cache holds 2 MiB pages, by their first index.
+            let pgoff = at >> PAGE_SHIFT;
+            let sub = if self.is_hugetlb() { pgoff % PMD_NR } else { 0 };
+            match self.lookup(pgoff - sub) {
+                // The folio's reference keeps its page alive while it is read.
+                Some(folio) => self
+                    .phys
+                    .frame(Pfn::new(folio.pfn().as_u64() + sub))
+                    .read(in_page, &mut buf[done..done + k]),
                 None => buf[done..done + k].fill(0),
             }
             done += k;
