@@ -267,6 +267,13 @@ fn hugetlb_memfds_map_their_pool_pages_shared_and_private() {
     assert!(matches!(f.truncate(PAGE_SIZE), Err(MmError::Inval { .. })));
     assert!(matches!(f.pwrite(0, &[1]), Err(MmError::Inval { .. })));
     f.truncate(PMD_SIZE).unwrap();
+    // Bad ranges change nothing.
+    assert!(matches!(f.fallocate(0, 0), Err(MmError::Inval { .. })));
+    assert!(matches!(
+        f.fallocate(u64::MAX - 1, 10),
+        Err(MmError::Inval { .. })
+    ));
+    assert_eq!(f.nr_cached_pages(), 0);
     // fallocate takes the page the range touches from the pool.
     f.fallocate(0, PAGE_SIZE).unwrap();
     assert_eq!((m.phys.hugetlb().free, f.nr_cached_pages()), (2, 1));
@@ -305,5 +312,18 @@ fn hugetlb_memfds_map_their_pool_pages_shared_and_private() {
         "past the end of file: SIGBUS"
     );
     assert_eq!(m.phys.hugetlb().free, 3);
+    // A pool too small: ENOSPC (NoMem here), the pages before it kept.
+    let g = hmm::mm::MemFile::new_hugetlb(&m.phys);
+    assert!(matches!(
+        g.fallocate(0, 4 * PMD_SIZE),
+        Err(MmError::NoMem { .. })
+    ));
+    assert_eq!((g.nr_cached_pages(), m.phys.hugetlb().free), (3, 0));
+    drop(g);
+    assert_eq!(
+        m.phys.hugetlb().free,
+        3,
+        "a dropped file gives its pages back"
+    );
     m.mm.audit().unwrap();
 }
