@@ -159,6 +159,8 @@ pub(crate) struct Shared {
     /// behaviour). Off, they invalidate like any other event: how drivers behaved before
     /// `pgmap_owner` reached the notifier, kept to measure the difference.
     filter_own_migrate: AtomicBool,
+    /// The largest bounce buffer given back so far, reused by the next command.
+    bounce_cache: Mutex<Vec<u8>>,
 }
 
 impl Shared {
@@ -248,6 +250,7 @@ impl Dmirror {
             counters: Counters::default(),
             flags: AtomicU64::new(0),
             filter_own_migrate: AtomicBool::new(true),
+            bounce_cache: Mutex::new(Vec::new()),
         });
         let ops: Arc<dyn IntervalNotifierOps> = shared.clone();
         let notifier = mm
@@ -298,6 +301,23 @@ impl Dmirror {
     /// The device's entry for the page at `addr`, if it maps it.
     pub fn lookup(&self, addr: VirtAddr) -> Option<DptEntry> {
         self.shared.pt.lock().get(addr.as_u64() >> PAGE_SHIFT)
+    }
+
+    /// The bounce buffer of a command over `range` ([`Bounce`]): a range above the
+    /// `kvmalloc` bound (or more than the host can give) is `-ENOMEM` before anything
+    /// happens, as in the kernel.
+    fn bounce(&self, range: VaRange) -> Result<Bounce<'_>, DmirrorError> {
+        let len = range.len_bytes();
+        hmm::kvmalloc::check_array::<u8>(len).map_err(|_| DmirrorError::NoMem)?;
+        let n = usize::try_from(len).map_err(|_| DmirrorError::NoMem)?;
+        let mut buf = std::mem::take(&mut *self.shared.bounce_cache.lock());
+        buf.clear();
+        buf.try_reserve_exact(n).map_err(|_| DmirrorError::NoMem)?;
+        buf.resize(n, 0);
+        Ok(Bounce {
+            buf,
+            cache: &self.shared.bounce_cache,
+        })
     }
 
     /// The test flags set by [`DmirrorCmd::Flags`].
@@ -480,7 +500,7 @@ impl Dmirror {
         path: FaultPath,
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let mut bounce = bounce(range)?;
+        let mut bounce = self.bounce(range)?;
         self.access_loop(&mm, range, cmd, DeviceAccess::Read(&mut bounce), path)?;
         mm.write(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
@@ -493,7 +513,7 @@ impl Dmirror {
     /// mappings, faulting with write at the first page it cannot write.
     fn cmd_write(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
-        let mut bounce = bounce(range)?;
+        let mut bounce = self.bounce(range)?;
         mm.read(
             VirtAddr::try_new(cmd.ptr).map_err(|_| DmirrorError::Fault)?,
             &mut bounce,
@@ -683,7 +703,7 @@ impl Dmirror {
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
         // The read-back's buffer first: a range too large for it fails before any page moves.
-        let mut bounce = bounce(range)?;
+        let mut bounce = self.bounce(range)?;
         self.for_each_piece(&mm, range, |mmap, vma, piece| {
             let args = MigrateVma {
                 start: piece.start(),
@@ -715,7 +735,7 @@ impl Dmirror {
     ) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
         // The read-back's buffer first: a range too large for it fails before any page moves.
-        let mut bounce = bounce(range)?;
+        let mut bounce = self.bounce(range)?;
         let mut pfns = Vec::new();
         self.for_each_piece(&mm, range, |mmap, vma, piece| {
             pfns.clear();
@@ -838,7 +858,7 @@ impl Dmirror {
     fn cmd_exclusive(&self, range: VaRange, cmd: &mut HmmDmirrorCmd) -> Result<(), DmirrorError> {
         let mm = self.mm()?;
         // The read-back's buffer first: a range too large for it fails before any page moves.
-        let mut bounce = bounce(range)?;
+        let mut bounce = self.bounce(range)?;
         for piece in range.pieces(PMD_SIZE) {
             let mmap = mm.mmap_read();
             for va in piece.pages() {
@@ -1085,9 +1105,35 @@ fn mm_error(e: MmError) -> DmirrorError {
     }
 }
 
-/// The bounce buffer of a device read or write (`dmirror_bounce_init`): `kvmalloc` of the
-/// range's bytes, so a range above `INT_MAX` bytes (or more than the host can give) is
-/// `-ENOMEM` before anything happens, as in the kernel.
-fn bounce(range: VaRange) -> Result<Vec<u8>, DmirrorError> {
-    hmm::kvmalloc::kvmalloc_array(range.len_bytes(), 0u8).map_err(|_| DmirrorError::NoMem)
+/// The bounce buffer of a device read or write (`dmirror_bounce_init`), zeroed. It comes
+/// from the mirror's cache when one is there: the kernel `kvmalloc`s one per command,
+/// which costs a kernel little, but a fresh host allocation of a large range costs one
+/// host page fault per 4 KiB on first touch (65536 per 256 MiB command). Concurrent
+/// commands take their own. Dropping it gives it back, the larger buffer being kept.
+struct Bounce<'m> {
+    buf: Vec<u8>,
+    cache: &'m Mutex<Vec<u8>>,
+}
+
+impl std::ops::Deref for Bounce<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl std::ops::DerefMut for Bounce<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buf
+    }
+}
+
+impl Drop for Bounce<'_> {
+    fn drop(&mut self) {
+        let mut cached = self.cache.lock();
+        if self.buf.capacity() > cached.capacity() {
+            *cached = std::mem::take(&mut self.buf);
+        }
+    }
 }
