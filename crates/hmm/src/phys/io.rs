@@ -24,26 +24,62 @@ fn check(offset: usize, len: usize) {
     );
 }
 
-/// Reads `buf.len()` bytes at `offset`.
+/// Reads `buf.len()` bytes at `offset`: a partial word at either end, the whole words
+/// between them in one tight loop.
 #[track_caller]
 pub(crate) fn read(words: &FrameWords, offset: usize, buf: &mut [u8]) {
     check(offset, buf.len());
     let mut off = offset;
     let mut out = buf;
-    while !out.is_empty() {
-        let w = words[off / 8].load(Relaxed).to_le_bytes();
+    // Up to the first word boundary.
+    if off % 8 != 0 && !out.is_empty() {
         let in_word = off % 8;
         let n = (8 - in_word).min(out.len());
+        let w = words[off / 8].load(Relaxed).to_le_bytes();
         out[..n].copy_from_slice(&w[in_word..in_word + n]);
         off += n;
         out = &mut out[n..];
     }
+    // Whole words.
+    let whole = out.len() / 8;
+    let (body, tail) = out.split_at_mut(whole * 8);
+    for (chunk, w) in body
+        .chunks_exact_mut(8)
+        .zip(&words[off / 8..off / 8 + whole])
+    {
+        chunk.copy_from_slice(&w.load(Relaxed).to_le_bytes());
+    }
+    off += whole * 8;
+    // The rest of the last word.
+    if !tail.is_empty() {
+        let w = words[off / 8].load(Relaxed).to_le_bytes();
+        let n = tail.len();
+        tail.copy_from_slice(&w[..n]);
+    }
 }
 
-/// Writes `data` at `offset`.
+/// Writes `data` at `offset`: a partial word at either end with a compare-and-swap, the
+/// whole words between them in one tight loop.
 #[track_caller]
 pub(crate) fn write(words: &FrameWords, offset: usize, data: &[u8]) {
     check(offset, data.len());
+    let head = ((8 - offset % 8) % 8).min(data.len());
+    write_words(words, offset, &data[..head]);
+    let rest = &data[head..];
+    let (body, tail) = rest.split_at(rest.len() / 8 * 8);
+    let first = (offset + head) / 8;
+    for (chunk, w) in body
+        .chunks_exact(8)
+        .zip(&words[first..first + body.len() / 8])
+    {
+        let bytes: [u8; 8] = chunk.try_into().expect("eight bytes");
+        w.store(u64::from_le_bytes(bytes), Relaxed);
+    }
+    write_words(words, offset + head + body.len(), tail);
+}
+
+/// [`write`] a word at a time.
+fn write_words(words: &FrameWords, offset: usize, data: &[u8]) {
     let mut off = offset;
     let mut d = data;
     while !d.is_empty() {
@@ -108,6 +144,31 @@ mod tests {
         let mut last = [0u8];
         read(&f, FRAME_BYTES - 1, &mut last);
         assert_eq!(last, [9]);
+    }
+
+    /// Every offset and length near the word boundaries and the frame's ends, against a
+    /// plain byte array.
+    #[test]
+    fn reads_and_writes_agree_with_a_byte_array_at_every_alignment() {
+        let f = frame();
+        let mut model = vec![0u8; FRAME_BYTES];
+        let mut stamp = 1u8;
+        let offsets = (0..24).chain(FRAME_BYTES - 24..FRAME_BYTES);
+        for off in offsets {
+            for len in (0..=40).chain([FRAME_BYTES - off]) {
+                let len = len.min(FRAME_BYTES - off);
+                let data: Vec<u8> = (0..len).map(|i| stamp.wrapping_add(i as u8)).collect();
+                stamp = stamp.wrapping_add(7);
+                write(&f, off, &data);
+                model[off..off + len].copy_from_slice(&data);
+                let mut back = vec![0u8; len];
+                read(&f, off, &mut back);
+                assert_eq!(back, data, "offset {off}, length {len}");
+            }
+        }
+        let mut all = vec![0u8; FRAME_BYTES];
+        read(&f, 0, &mut all);
+        assert_eq!(all, model);
     }
 
     #[test]
