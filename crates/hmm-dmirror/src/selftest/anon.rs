@@ -1,8 +1,10 @@
 //! The device reading and writing anonymous memory: `open_close`, the `anon_*` cases, and
 //! `userfaultfd_read`.
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 
@@ -243,16 +245,10 @@ pub(super) fn anon_read_multiple(s: &mut Fixture) -> Result<(), Stop> {
     Ok(())
 }
 
-/// A random number of nanoseconds below `bound` (`hmm_random() % bound`).
+/// A random number below `bound` (`hmm_random() % bound`, from `/dev/urandom` in the C):
+/// std's randomly keyed hasher, fresh keys each call, hashing nothing.
 fn random_below(bound: u64) -> u64 {
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    // splitmix64's finalizer.
-    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) % bound
+    RandomState::new().build_hasher().finish() % bound
 }
 
 /// `TEST_F(hmm, anon_teardown)`: the device reads while another thread unmaps the upper

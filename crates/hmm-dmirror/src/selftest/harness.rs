@@ -321,15 +321,19 @@ pub(crate) fn fill(
     r: Range<u64>,
     f: impl Fn(u64) -> i32,
 ) -> Result<(), Stop> {
-    const PIECE: u64 = 1 << 14;
-    let mut i = r.start;
-    while i < r.end {
-        let end = (i + PIECE).min(r.end);
-        let vals: Vec<i32> = (i..end).map(&f).collect();
-        check_ok!(mm.write_slice(base + i * 4, &vals));
-        i = end;
+    for p in pieces(r) {
+        let vals: Vec<i32> = p.clone().map(&f).collect();
+        check_ok!(mm.write_slice(base + p.start * 4, &vals));
     }
     Ok(())
+}
+
+/// `r` in pieces of at most 16384 ints (64 KiB), so no host buffer grows with the range.
+fn pieces(r: Range<u64>) -> impl Iterator<Item = Range<u64>> {
+    const PIECE: u64 = 1 << 14;
+    r.clone()
+        .step_by(PIECE as usize)
+        .map(move |i| i..(i + PIECE).min(r.end))
 }
 
 /// `for (i = r.start; i < r.end; ++i) ASSERT_EQ(ptr[i], f(i));` with `ptr` named `what`:
@@ -341,17 +345,13 @@ pub(crate) fn expect(
     r: Range<u64>,
     f: impl Fn(u64) -> i32,
 ) -> Result<(), Stop> {
-    const PIECE: u64 = 1 << 14;
-    let mut i = r.start;
     let mut vals = Vec::new();
-    while i < r.end {
-        let end = (i + PIECE).min(r.end);
-        vals.resize((end - i) as usize, 0);
-        if let Err(e) = mm.read_slice(base + i * 4, &mut vals) {
-            return Err(Stop::Fail(format!("reading {what}[{i}..{end}]: {e}")));
+    for p in pieces(r) {
+        vals.resize((p.end - p.start) as usize, 0);
+        if let Err(e) = mm.read_slice(base + p.start * 4, &mut vals) {
+            return Err(Stop::Fail(format!("reading {what}[{p:?}]: {e}")));
         }
-        for (k, &got) in vals.iter().enumerate() {
-            let j = i + k as u64;
+        for (j, &got) in p.zip(&vals) {
             if got != f(j) {
                 return Err(Stop::Fail(format!(
                     "Expected {what}[{j}] ({got}) == {}",
@@ -359,7 +359,6 @@ pub(crate) fn expect(
                 )));
             }
         }
-        i = end;
     }
     Ok(())
 }
