@@ -205,7 +205,7 @@ pub(crate) fn replay(
 /// The metrics of each run in a column.
 fn print_table(results: &[(String, Metrics)]) {
     type Row = (&'static str, fn(&Metrics) -> String);
-    let rows: [Row; 16] = [
+    let rows: [Row; 19] = [
         ("scenario", |m| m.scenario.clone()),
         ("sim time (ms)", |m| {
             format!("{:.3}", m.sim_time_ns as f64 / 1e6)
@@ -221,23 +221,53 @@ fn print_table(results: &[(String, Metrics)]) {
         ("MiB device->host", |m| {
             format!("{:.1}", m.bytes_d2h as f64 / 1048576.0)
         }),
+        ("MiB device->device", |m| {
+            format!("{:.1}", m.bytes_d2d as f64 / 1048576.0)
+        }),
+        ("MiB bounced", |m| {
+            format!("{:.1}", m.bytes_bounced as f64 / 1048576.0)
+        }),
         ("evictions", |m| m.evictions.to_string()),
         ("prefetched pages", |m| m.prefetched_pages.to_string()),
         ("thrashing", |m| m.thrash_detections.to_string()),
         ("remote accesses", |m| m.remote_accesses.to_string()),
+        ("peer accesses", |m| m.peer_accesses.to_string()),
         ("policy", |m| {
             format!(
-                "{}/{}/{}",
-                m.policy.migration, m.policy.prefetch, m.policy.eviction
+                "{}/{}/{}/{}",
+                m.policy.migration, m.policy.prefetch, m.policy.eviction, m.policy.peer
             )
         }),
         ("corrupted bytes", |m| m.corrupted_bytes.to_string()),
         ("leaked frames", |m| m.leaked_frames.to_string()),
     ];
-    let cells: Vec<Vec<String>> = rows
+    let mut names: Vec<String> = rows.iter().map(|(n, _)| n.to_string()).collect();
+    let mut cells: Vec<Vec<String>> = rows
         .iter()
         .map(|(_, f)| results.iter().map(|(_, m)| f(m)).collect())
         .collect();
+    // Bytes per link, where a machine has more than one GPU's links.
+    let links: std::collections::BTreeSet<&String> = results
+        .iter()
+        .flat_map(|(_, m)| m.bytes_by_link.keys())
+        .collect();
+    if links
+        .iter()
+        .any(|l| !matches!(l.as_str(), "host-gpu0" | "gpu0-host"))
+    {
+        for l in links {
+            names.push(format!("MiB {l}"));
+            cells.push(
+                results
+                    .iter()
+                    .map(|(_, m)| {
+                        let b = m.bytes_by_link.get(l).copied().unwrap_or(0);
+                        format!("{:.1}", b as f64 / 1048576.0)
+                    })
+                    .collect(),
+            );
+        }
+    }
     let width = results
         .iter()
         .map(|(l, _)| l.len())
@@ -252,7 +282,7 @@ fn print_table(results: &[(String, Metrics)]) {
             .collect();
         outln!("{:<18}{}", "", head.join(""));
     }
-    for ((name, _), row) in rows.iter().zip(&cells) {
+    for (name, row) in names.iter().zip(&cells) {
         let row: Vec<String> = row.iter().map(|c| format!("{c:>width$}")).collect();
         outln!("{name:<18}{}", row.join(""));
     }

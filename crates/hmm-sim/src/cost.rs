@@ -8,13 +8,16 @@
 //! | `fault_ns` | 2 000 | per coalesced fault of a batch: the service path's own work, measured by `hmm bench driver` (about 8 µs for a 4 KiB fault on this host, which includes the copy) and rounded down |
 //! | `link_gbps` | 16 | PCIe 3.0 x16, one direction (UVM Smart) |
 //! | `link_latency_ns` | 1 000 | a PCIe round trip |
+//! | `peer_gbps` | 25 | one NVLink 2.0 link, one direction (a DGX-1V joins its GPU pairs with one or two) |
+//! | `peer_latency_ns` | 1 000 | a GPU-to-GPU copy's start over NVLink or PCIe peer-to-peer, about a PCIe round trip |
+//! | `peer_access_ns` | 250 | a GPU access to a peer's memory: taken as half of `remote_access_ns` (NVLink's loads against PCIe's) |
 //! | `local_access_ns` | 1 | a GPU access that hits device memory, amortised over a warp |
 //! | `remote_access_ns` | 500 | a GPU access that crosses the link (about half a PCIe round trip, pipelined) |
 //! | `cpu_access_ns` | 1 | a CPU access that hits |
 //! | `cpu_fault_ns` | 5 000 | a CPU fault that migrates a device page home (the kernel's `migrate_to_ram` path, before the copy) |
 //!
-//! Bytes moved cost `bytes / link_gbps` plus one `link_latency_ns` per operation that moved
-//! any.
+//! Bytes moved cost `bytes / gbps` plus one latency per link and operation that moved any
+//! (the links of a machine: [`crate::topology`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +33,12 @@ pub struct CostModel {
     pub link_gbps: f64,
     /// Link latency per transfer.
     pub link_latency_ns: u64,
+    /// Link bandwidth between two GPUs of one group, GB/s.
+    pub peer_gbps: f64,
+    /// Latency per transfer between two GPUs of one group.
+    pub peer_latency_ns: u64,
+    /// A GPU access to a peer's memory over the peer link.
+    pub peer_access_ns: u64,
     /// A GPU access that hits device memory.
     pub local_access_ns: u64,
     /// A GPU access to system memory over the link.
@@ -47,6 +56,9 @@ impl Default for CostModel {
             fault_ns: 2_000,
             link_gbps: 16.0,
             link_latency_ns: 1_000,
+            peer_gbps: 25.0,
+            peer_latency_ns: 1_000,
+            peer_access_ns: 250,
             local_access_ns: 1,
             remote_access_ns: 500,
             cpu_access_ns: 1,
@@ -56,18 +68,22 @@ impl Default for CostModel {
 }
 
 /// The largest cost of one thing, ns (about 17 minutes): no simulated time overflows.
-const MAX_NS: u64 = 1 << 40;
+pub(crate) const MAX_NS: u64 = 1 << 40;
 
 impl CostModel {
     /// Checks that every parameter is in range; the field and why not otherwise.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if !(0.001..=100_000.0).contains(&self.link_gbps) {
-            return Err(("link_gbps", "from 0.001 to 100000 GB/s".into()));
+        for (name, v) in [("link_gbps", self.link_gbps), ("peer_gbps", self.peer_gbps)] {
+            if !(0.001..=100_000.0).contains(&v) {
+                return Err((name, "from 0.001 to 100000 GB/s".into()));
+            }
         }
         for (name, v) in [
             ("fault_batch_ns", self.fault_batch_ns),
             ("fault_ns", self.fault_ns),
             ("link_latency_ns", self.link_latency_ns),
+            ("peer_latency_ns", self.peer_latency_ns),
+            ("peer_access_ns", self.peer_access_ns),
             ("local_access_ns", self.local_access_ns),
             ("remote_access_ns", self.remote_access_ns),
             ("cpu_access_ns", self.cpu_access_ns),
@@ -78,27 +94,5 @@ impl CostModel {
             }
         }
         Ok(())
-    }
-
-    /// Moving `bytes` over the link (0 when nothing moved).
-    pub fn transfer_ns(&self, bytes: u64) -> u64 {
-        if bytes == 0 {
-            return 0;
-        }
-        // CAST: nanoseconds of a transfer fit u64 for any size a run can move.
-        self.link_latency_ns + (bytes as f64 / self.link_gbps.max(1e-9)) as u64
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transfers_cost_latency_and_bandwidth() {
-        let c = CostModel::default();
-        assert_eq!(c.transfer_ns(0), 0);
-        // 2 MiB at 16 GB/s: 131 072 ns, plus the latency.
-        assert_eq!(c.transfer_ns(2 << 20), 1_000 + 131_072);
     }
 }

@@ -24,7 +24,7 @@ use hmm_svm::policy::eviction::{EvictionPolicy, Fifo, Lfu, Lru, RandomEviction};
 use hmm_svm::policy::prefetch::{NoPrefetch, PrefetchPolicy, TreePrefetch, WholeRange};
 use hmm_svm::policy::thrashing::ThrashingDetector;
 use hmm_svm::policy::{CounterDriven, FirstTouch, MigrationPolicy, RemoteMap, VmPolicies};
-use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, SvmStats};
+use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, PeerGroup, PeerPolicy, SvmStats};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -37,6 +37,7 @@ use crate::cost::CostModel;
 use crate::pattern::Pattern;
 use crate::scenario::Scenario;
 use crate::timeline::{self, Timeline};
+use crate::topology::{Links, Traffic};
 
 /// What a run measured (`hmm run --json` prints it).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -61,8 +62,14 @@ pub struct Metrics {
     pub bytes_h2d: u64,
     /// Bytes migrated device to host.
     pub bytes_d2h: u64,
-    /// Bytes migrated device to device (no peer migration yet: 0).
+    /// Bytes migrated device to device directly (between peers).
     pub bytes_d2d: u64,
+    /// Bytes that went from one GPU to another through system memory (counted in
+    /// `bytes_d2h` and `bytes_h2d` too).
+    pub bytes_bounced: u64,
+    /// Bytes each link carried: `host-gpu0`, `gpu0-host`, `gpu0-gpu1` (links that
+    /// carried none left out).
+    pub bytes_by_link: std::collections::BTreeMap<String, u64>,
     /// Chunks of device memory evicted.
     pub evictions: u64,
     /// Pages migrated that had not faulted.
@@ -71,6 +78,8 @@ pub struct Metrics {
     pub thrash_detections: u64,
     /// GPU accesses that went over the link.
     pub remote_accesses: u64,
+    /// GPU accesses to a peer's memory over the peer link.
+    pub peer_accesses: u64,
     /// Bytes that differed from the shadow copy: read by an agent, or in the final read-back.
     pub corrupted_bytes: u64,
     /// Frames still in use after everything was torn down.
@@ -140,6 +149,14 @@ fn prefetch_policy(name: &str) -> Box<dyn PrefetchPolicy> {
     }
 }
 
+fn peer_policy(name: &str) -> PeerPolicy {
+    match name {
+        "bounce" => PeerPolicy::Bounce,
+        "remote" => PeerPolicy::RemoteMap,
+        _ => PeerPolicy::SourceCopy,
+    }
+}
+
 fn eviction_policy(name: &str, seed: u64) -> Box<dyn EvictionPolicy> {
     match name {
         "fifo" => Box::new(Fifo),
@@ -159,10 +176,12 @@ fn total(vms: &[Arc<GpuVm>]) -> SvmStats {
         t.duplicate_faults += s.duplicate_faults;
         t.pages_h2d += s.pages_h2d;
         t.pages_d2h += s.pages_d2h;
+        t.pages_bounced += s.pages_bounced;
         t.evictions += s.evictions;
         t.prefetched_pages += s.prefetched_pages;
         t.thrash_detections += s.thrash_detections;
         t.remote_accesses += s.remote_accesses;
+        t.peer_accesses += s.peer_accesses;
     }
     t
 }
@@ -179,6 +198,7 @@ pub(crate) struct World {
     pub(crate) sizes: Vec<u64>,
     shadows: Vec<Vec<u8>>,
     cost: CostModel,
+    links: Links,
     buf: Vec<u8>,
     events: u64,
     /// Bytes reads returned that differ from the shadow.
@@ -230,6 +250,8 @@ impl World {
         })
         .map_err(|e| setup(&e))?;
         let clock = Arc::new(ManualClock::new(0));
+        // One peer group per group name, in the order the names first appear.
+        let mut groups: Vec<(&str, Arc<PeerGroup>)> = Vec::new();
         let gpus: Vec<Arc<GpuDevice>> = s
             .machine
             .gpus
@@ -240,9 +262,21 @@ impl World {
                     vram_bytes: g.vram_mib << 20,
                     ..GpuConfig::default()
                 };
-                GpuDevice::with_eviction(
+                let group = match g.group.as_deref() {
+                    None => PeerGroup::new(),
+                    Some(name) => match groups.iter().find(|(n, _)| *n == name) {
+                        Some((_, grp)) => Arc::clone(grp),
+                        None => {
+                            let grp = PeerGroup::new();
+                            groups.push((name, Arc::clone(&grp)));
+                            grp
+                        }
+                    },
+                };
+                GpuDevice::in_group_with_eviction(
                     &phys,
                     config,
+                    &group,
                     eviction_policy(&s.policy.eviction, s.seed + i as u64),
                 )
                 .map_err(|e| setup(&e))
@@ -259,6 +293,7 @@ impl World {
                     access_counter_threshold: (s.policy.access_counters > 0)
                         .then_some(s.policy.access_counters),
                     clock: clock.clone(),
+                    peer: peer_policy(&s.policy.peer),
                 };
                 GpuVm::with_policies(g, &mm, policies)
             })
@@ -306,6 +341,7 @@ impl World {
             sizes,
             shadows,
             cost: s.cost,
+            links: Links::new(&s.machine, &s.cost),
             buf: vec![0u8; 4096],
             events: 0,
             read_mismatches: 0,
@@ -340,13 +376,14 @@ impl World {
 
     /// An explicit prefetch of buffer `b` to GPU `g` at `now`; returns its cost.
     pub(crate) fn prefetch(&mut self, g: usize, b: usize, now: u64) -> Result<u64, String> {
-        let before = total(&self.vms).pages_h2d;
+        let before = self.traffic();
         self.clock.set(now);
         self.vms[g]
             .prefetch(self.bases[b], self.sizes[b])
             .map_err(|e| e.to_string())?;
-        let moved = total(&self.vms).pages_h2d - before;
-        let spent = self.cost.transfer_ns(moved * PAGE_SIZE);
+        let after = self.traffic();
+        let moved = after.h2d[g] - before.h2d[g];
+        let spent = self.links.cost_ns(&after, &before);
         self.slice(
             timeline::gpu_driver(g),
             "prefetch",
@@ -356,6 +393,11 @@ impl World {
         );
         self.invalidations(now);
         Ok(spent)
+    }
+
+    /// The pages every link has carried so far.
+    fn traffic(&self) -> Traffic {
+        Traffic::of(&self.gpus)
     }
 
     /// `r.who` makes the access `r` at time `now`; a write stores `r.stamp`
@@ -393,17 +435,21 @@ impl World {
                     .try_access(addr, write, data)
                     .map_err(|e| e.to_string())?
                 {
-                    Outcome::Done { local, remote } => {
+                    Outcome::Done {
+                        local,
+                        remote,
+                        peer,
+                    } => {
                         let mut spent = u64::from(local) * cost.local_access_ns
-                            + u64::from(remote) * cost.remote_access_ns;
+                            + u64::from(remote) * cost.remote_access_ns
+                            + u64::from(peer) * cost.peer_access_ns;
                         if vm.has_notifications() {
                             // The access counters fired: the driver migrates the hot
                             // blocks now, and the agent that tripped them waits for it.
                             self.clock.set(now);
-                            let before = total(&self.vms);
+                            let before = Traffic::of(&self.gpus);
                             vm.service_access_counters().map_err(|e| e.to_string())?;
-                            let moved = total(&self.vms).pages_h2d - before.pages_h2d;
-                            spent += cost.transfer_ns(moved * PAGE_SIZE);
+                            spent += self.links.cost_ns(&Traffic::of(&self.gpus), &before);
                         }
                         spent
                     }
@@ -413,19 +459,20 @@ impl World {
                         // not set it.
                         self.clock.set(now);
                         let before = total(&self.vms);
+                        let moved_before = Traffic::of(&self.gpus);
                         let report = vm.service_faults().map_err(|e| e.to_string())?;
                         let after = total(&self.vms);
-                        let moved = (after.pages_h2d - before.pages_h2d)
-                            + (after.pages_d2h - before.pages_d2h);
+                        let moved = Traffic::of(&self.gpus);
                         let spent = cost.fault_batch_ns * report.batches
                             + cost.fault_ns * report.faults
-                            + cost.transfer_ns(moved * PAGE_SIZE);
+                            + self.links.cost_ns(&moved, &moved_before);
                         self.buf = buf;
                         if self.timeline.is_some() {
                             let args = json!({
                                 "faults": report.faults,
                                 "pages_h2d": after.pages_h2d - before.pages_h2d,
                                 "pages_d2h": after.pages_d2h - before.pages_d2h,
+                                "pages_d2d": moved.d2d_pages() - moved_before.d2d_pages(),
                                 "evictions": after.evictions - before.evictions,
                             });
                             self.slice(timeline::gpu_driver(g), "fault batch", now, spent, args);
@@ -437,8 +484,15 @@ impl World {
             }
             Actor::Cpu => {
                 self.clock.set(now);
-                let home =
-                    |gpus: &[Arc<GpuDevice>]| gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
+                // A CPU fault moves pages home only: each GPU's over its host link. At
+                // most 8 GPUs (validated): no allocation per access.
+                let home = |gpus: &[Arc<GpuDevice>]| {
+                    let mut d2h = [0u64; crate::scenario::MAX_GPUS];
+                    gpus.iter()
+                        .zip(&mut d2h)
+                        .for_each(|(g, n)| *n = g.pages_d2h());
+                    d2h
+                };
                 let before = home(&self.gpus);
                 if write {
                     self.mm.write(addr, data)
@@ -446,9 +500,13 @@ impl World {
                     self.mm.read(addr, data)
                 }
                 .map_err(|e| e.to_string())?;
-                let came = home(&self.gpus) - before;
+                let after = home(&self.gpus);
+                let came: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
                 if came > 0 {
-                    let spent = cost.cpu_fault_ns + cost.transfer_ns(came * PAGE_SIZE);
+                    let moved: u64 = (0..self.gpus.len())
+                        .map(|g| self.links.host[g].transfer_ns((after[g] - before[g]) * PAGE_SIZE))
+                        .sum();
+                    let spent = cost.cpu_fault_ns + moved;
                     if self.timeline.is_some() {
                         let args = json!({ "pages": came });
                         self.slice(timeline::CPU, "migrate_to_ram", now, spent, args);
@@ -487,6 +545,7 @@ impl World {
     ) -> Result<Metrics, RunError> {
         let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
         let t = total(&self.vms);
+        let traffic = self.traffic();
         let mut corrupted = 0u64;
         for (b, shadow) in self.shadows.iter().enumerate() {
             let mut back = vec![0u8; shadow.len()];
@@ -524,11 +583,14 @@ impl World {
             fault_batches: t.fault_batches,
             bytes_h2d: t.pages_h2d * PAGE_SIZE,
             bytes_d2h: t.pages_d2h * PAGE_SIZE,
-            bytes_d2d: 0,
+            bytes_d2d: traffic.d2d_pages() * PAGE_SIZE,
+            bytes_bounced: t.pages_bounced * PAGE_SIZE,
+            bytes_by_link: traffic.by_link(),
             evictions: t.evictions,
             prefetched_pages: t.prefetched_pages,
             thrash_detections: t.thrash_detections,
             remote_accesses: t.remote_accesses,
+            peer_accesses: t.peer_accesses,
             corrupted_bytes: corrupted + read_mismatches,
             leaked_frames: leaked,
             policy: s.policy.clone(),
@@ -755,6 +817,68 @@ agents = [
             run(&s).unwrap().sim_time_ns,
             m.sim_time_ns,
             "drawing changes nothing"
+        );
+    }
+
+    /// Two GPUs of one group take turns on one buffer; a third, outside the group, reads
+    /// it last.
+    const PEERS: &str = r#"
+name = "peers"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 8, group = "x" }, { vram_mib = 8, group = "x" }, { vram_mib = 8 }]
+[policy]
+prefetch = "none"
+thrashing = false
+[[buffer]]
+name = "a"
+mib = 2
+[[phase]]
+agents = [{ on = "gpu0", buffer = "a", access = "write", access_bytes = 4096 }]
+[[phase]]
+agents = [{ on = "gpu1", buffer = "a", access = "rw", access_bytes = 4096 }]
+[[phase]]
+agents = [{ on = "gpu2", buffer = "a", access = "read", access_bytes = 4096 }]
+"#;
+
+    #[test]
+    fn each_peer_policy_moves_the_bytes_its_own_way() {
+        let run_with = |peer: &str| {
+            let s = parse(PEERS, &[format!("policy.peer={peer}")]).unwrap();
+            let m = run(&s).unwrap();
+            assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0), "{peer}");
+            assert_eq!(
+                m,
+                Metrics {
+                    wall_seconds: m.wall_seconds,
+                    events_per_second: m.events_per_second,
+                    ..run(&s).unwrap()
+                },
+                "{peer}: deterministic"
+            );
+            m
+        };
+        let mib2 = 2 << 20;
+        let copy = run_with("copy");
+        assert_eq!(copy.bytes_d2d, mib2, "gpu0 copied its pages to gpu1");
+        assert_eq!(copy.bytes_by_link.get("gpu0-gpu1"), Some(&mib2));
+        assert_eq!(copy.bytes_bounced, 0);
+        let bounce = run_with("bounce");
+        assert_eq!((bounce.bytes_d2d, bounce.bytes_bounced), (0, mib2));
+        assert_eq!(bounce.bytes_by_link.get("gpu0-host"), Some(&mib2));
+        let remote = run_with("remote");
+        assert_eq!((remote.bytes_d2d, remote.bytes_bounced), (0, 0));
+        assert_eq!(
+            remote.peer_accesses, 512,
+            "gpu1 reached every page over the peer link"
+        );
+        for m in [&copy, &bounce, &remote] {
+            // gpu2 is outside the group: whoever holds the pages moves them home first.
+            assert!(m.bytes_by_link.get("host-gpu2") == Some(&mib2), "{m:?}");
+        }
+        assert!(
+            copy.sim_time_ns < bounce.sim_time_ns,
+            "one copy over a faster link beats two"
         );
     }
 

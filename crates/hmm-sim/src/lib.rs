@@ -27,4 +27,5 @@ pub mod engine;
 pub mod pattern;
 pub mod scenario;
 pub mod timeline;
+pub mod topology;
 pub mod trace;

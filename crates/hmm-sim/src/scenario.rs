@@ -74,6 +74,10 @@ pub struct Machine {
     /// The GPUs: `gpu0`, `gpu1`, ... in order.
     #[serde(default)]
     pub gpus: Vec<Gpu>,
+    /// Direct links between two GPUs of one group whose bandwidth or latency differ from
+    /// the cost model's `peer_gbps` / `peer_latency_ns`.
+    #[serde(rename = "link", default)]
+    pub links: Vec<LinkSpec>,
 }
 
 /// One GPU.
@@ -82,6 +86,35 @@ pub struct Machine {
 pub struct Gpu {
     /// Device memory, MiB (a multiple of 2).
     pub vram_mib: u64,
+    /// Its peer group: GPUs with the same group name share a pagemap owner and a direct
+    /// link between each two (none: a group of its own).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Its host link's bandwidth, GB/s (default: the cost model's `link_gbps`).
+    #[serde(default)]
+    pub host_gbps: Option<f64>,
+    /// Its host link's latency, ns (default: the cost model's `link_latency_ns`).
+    #[serde(default)]
+    pub host_latency_ns: Option<u64>,
+}
+
+/// A direct link between two GPUs of one group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// The two GPUs (`gpu0`, `gpu3`).
+    pub between: Spanned<[String; 2]>,
+    /// Bandwidth, GB/s, each direction.
+    pub gbps: f64,
+    /// Latency per transfer, ns.
+    pub latency_ns: u64,
+}
+
+impl LinkSpec {
+    /// The index of end `k` (0 or 1) of a validated link.
+    pub fn gpu_index(&self, k: usize) -> usize {
+        self.between.get_ref()[k][3..].parse().expect("validated")
+    }
 }
 
 /// The policies, by name.
@@ -98,6 +131,10 @@ pub struct Policy {
     pub thrashing: bool,
     /// Remote accesses per 2 MiB block that migrate it (0: access counters off).
     pub access_counters: u32,
+    /// How a GPU takes pages a peer of its group holds: `copy` (directly, the source
+    /// copying: Xe), `bounce` (through system memory: amdkfd) or `remote` (it maps them
+    /// over the peer link).
+    pub peer: String,
 }
 
 impl Default for Policy {
@@ -108,6 +145,7 @@ impl Default for Policy {
             eviction: "lru".into(),
             thrashing: true,
             access_counters: 256,
+            peer: "copy".into(),
         }
     }
 }
@@ -233,7 +271,7 @@ fn at_line(line: usize) -> String {
 }
 
 /// The scenarios shipped in `scenarios/`, by name, with their text.
-pub const SHIPPED: [(&str, &str); 8] = [
+pub const SHIPPED: [(&str, &str); 12] = [
     ("stream", include_str!("../scenarios/stream.toml")),
     (
         "stream-oversubscribed",
@@ -251,6 +289,19 @@ pub const SHIPPED: [(&str, &str); 8] = [
         include_str!("../scenarios/cpu-gpu-pingpong.toml"),
     ),
     ("seed-story", include_str!("../scenarios/seed-story.toml")),
+    (
+        "multi-gpu-halo",
+        include_str!("../scenarios/multi-gpu-halo.toml"),
+    ),
+    (
+        "multi-gpu-halo-2",
+        include_str!("../scenarios/multi-gpu-halo-2.toml"),
+    ),
+    ("all-to-all", include_str!("../scenarios/all-to-all.toml")),
+    (
+        "prefetch-multi-gpu",
+        include_str!("../scenarios/prefetch-multi-gpu.toml"),
+    ),
 ];
 
 /// The text of the shipped scenario `name`.
@@ -323,7 +374,7 @@ fn line_of(text: Option<&str>, offset: usize) -> usize {
 /// up to one pagemap (both committed on the host only as they are used).
 const MAX_RAM_MIB: u64 = hmm::phys::MAX_RAM_BYTES >> 20;
 const MAX_VRAM_MIB: u64 = hmm::phys::MAX_SECTION_BYTES >> 20;
-const MAX_GPUS: usize = 8;
+pub(crate) const MAX_GPUS: usize = 8;
 
 /// The most accesses one agent makes (passes included).
 const MAX_ACCESSES: u64 = 1 << 40;
@@ -361,12 +412,71 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
             format!("at most {MAX_GPUS} GPUs"),
         ));
     }
+    let link_ok = |gbps: f64, latency_ns: u64, field: String| {
+        if !(0.001..=100_000.0).contains(&gbps) {
+            Err(invalid(
+                0,
+                field,
+                "bandwidth from 0.001 to 100000 GB/s".into(),
+            ))
+        } else if latency_ns > crate::cost::MAX_NS {
+            Err(invalid(
+                0,
+                field,
+                format!("latency at most {} ns", crate::cost::MAX_NS),
+            ))
+        } else {
+            Ok(())
+        }
+    };
     for (i, g) in s.machine.gpus.iter().enumerate() {
         mib(
             g.vram_mib,
             &format!("machine.gpus[{i}].vram_mib"),
             MAX_VRAM_MIB,
         )?;
+        link_ok(
+            g.host_gbps.unwrap_or(s.cost.link_gbps),
+            g.host_latency_ns.unwrap_or(s.cost.link_latency_ns),
+            format!("machine.gpus[{i}].host_gbps"),
+        )?;
+        if g.group.as_ref().is_some_and(|n| n.is_empty()) {
+            return Err(invalid(
+                0,
+                format!("machine.gpus[{i}].group"),
+                "a group needs a name".into(),
+            ));
+        }
+    }
+    for (i, l) in s.machine.links.iter().enumerate() {
+        let field = format!("machine.link[{i}].between");
+        let line = at(l.between.span());
+        let [a, b] = l.between.get_ref();
+        let index = |v: &str| {
+            v.strip_prefix("gpu")
+                .and_then(|n| n.parse::<usize>().ok())
+                .filter(|&n| n < s.machine.gpus.len() && v == format!("gpu{n}"))
+        };
+        let (Some(x), Some(y)) = (index(a), index(b)) else {
+            return Err(invalid(
+                line,
+                field,
+                format!(
+                    "`{a}`, `{b}`: two of the {} GPUs (gpu0, ...)",
+                    s.machine.gpus.len()
+                ),
+            ));
+        };
+        let group = &s.machine.gpus[x].group;
+        if x == y || group.is_none() || *group != s.machine.gpus[y].group {
+            return Err(invalid(
+                line,
+                field,
+                format!("`{a}` and `{b}`: a direct link joins two GPUs of one group"),
+            ));
+        }
+        link_ok(l.gbps, l.latency_ns, format!("machine.link[{i}]"))
+            .map_err(|e| relined(e, line))?;
     }
     let one_of = |v: &str, field: &str, names: &[&str]| {
         if names.contains(&v) {
@@ -394,6 +504,7 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
         "policy.eviction",
         &["lru", "fifo", "lfu", "random"],
     )?;
+    one_of(&s.policy.peer, "policy.peer", &["copy", "bounce", "remote"])?;
     let mut total = 0;
     for (i, b) in s.buffers.iter().enumerate() {
         if b.mib == 0 || b.mib > MAX_RAM_MIB {
@@ -599,6 +710,81 @@ agents = [
         assert!(e.to_string().contains("machine.ram_mib"), "{e}");
         let e = parse(&OK.replace("mib = 4", "mib = 100"), &[]).unwrap_err();
         assert!(e.to_string().contains("do not fit"), "{e}");
+    }
+
+    const PEERS: &str = r#"
+name = "t"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 8, group = "x" }, { vram_mib = 8, group = "x" }, { vram_mib = 8, host_gbps = 32.0 }]
+[[machine.link]]
+between = ["gpu0", "gpu1"]
+gbps = 100.0
+latency_ns = 500
+[[buffer]]
+name = "a"
+mib = 4
+[[phase]]
+agents = [{ on = "gpu2", buffer = "a" }]
+"#;
+
+    #[test]
+    fn groups_and_links_make_the_topology() {
+        let s = parse(PEERS, &[]).unwrap();
+        let links = crate::topology::Links::new(&s.machine, &s.cost);
+        assert_eq!(links.peer[0][1].unwrap().gbps, 100.0);
+        assert_eq!(links.peer[1][0].unwrap().latency_ns, 500);
+        assert_eq!((links.peer[0][2], links.peer[2][1]), (None, None));
+        assert_eq!(links.host[2].gbps, 32.0);
+        assert_eq!(links.host[0].gbps, s.cost.link_gbps);
+        // Two GPUs of one group without a `link` entry get the cost model's peer link.
+        let bare = PEERS.replace(
+            "[[machine.link]]\nbetween = [\"gpu0\", \"gpu1\"]\ngbps = 100.0\nlatency_ns = 500\n",
+            "",
+        );
+        let s = parse(&bare, &[]).unwrap();
+        assert!(s.machine.links.is_empty());
+        let peer = crate::topology::Links::new(&s.machine, &s.cost).peer[0][1].unwrap();
+        assert_eq!(
+            (peer.gbps, peer.latency_ns),
+            (s.cost.peer_gbps, s.cost.peer_latency_ns)
+        );
+        let e = parse(
+            &PEERS.replace("[\"gpu0\", \"gpu1\"]", "[\"gpu0\", \"gpu2\"]"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 7: machine.link[0].between: `gpu0` and `gpu2`: a direct link joins two GPUs of one group"
+        );
+        let e = parse(
+            &PEERS.replace("[\"gpu0\", \"gpu1\"]", "[\"gpu0\", \"gpu9\"]"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("line 7: machine.link[0].between: `gpu0`, `gpu9`"),
+            "{e}"
+        );
+        let e = parse(&PEERS.replace("gbps = 100.0", "gbps = 0.0"), &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("line 7: machine.link[0]: bandwidth"),
+            "{e}"
+        );
+        let e = parse(PEERS, &["policy.peer=teleport".into()]).unwrap_err();
+        assert!(e.to_string().contains("policy.peer: `teleport`"), "{e}");
+        let e = parse(
+            &PEERS.replace(
+                "group = \"x\" }, { vram_mib = 8, group",
+                "group = \"\" }, { vram_mib = 8, group",
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("machine.gpus[0].group"), "{e}");
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! its configuration, its counters, and the `dev_pagemap_ops` the core calls when a CPU
 //! touches one of its pages.
 //!
-//! Every VM of the device shares the device's owner, so every one of them skips the
-//! device's own MIGRATE events; whoever migrates therefore zaps the sources in **every**
-//! VM of the device bound to the address space being migrated ([`GpuDevice::vms_of`]).
-//! Mappings of the same page in other address spaces (after fork) are taken by the
-//! reverse map with CLEAR events, which their VMs do not skip.
+//! Every VM of the device, and of every device of its [`PeerGroup`], shares the group's
+//! owner, so every one of them skips the group's MIGRATE events; whoever migrates
+//! therefore zaps the sources in **every** VM of the group bound to the address space
+//! being migrated ([`GpuDevice::vms_of`]). Mappings of the same page in other address
+//! spaces (after fork) are taken by the reverse map with CLEAR events, which their VMs do
+//! not skip.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, Pa
 
 use crate::error::SvmError;
 use crate::migrate::{copy_to_system, zap_sources};
+use crate::peer::PeerGroup;
 use crate::policy::eviction::{EvictionPolicy, Lru};
 use crate::stats::{add, Counters, SvmStats};
 use crate::vm::VmShared;
@@ -57,6 +59,7 @@ impl Default for GpuConfig {
 pub struct GpuDevice {
     phys: Arc<PhysMem>,
     owner: Owner,
+    group: Arc<PeerGroup>,
     vram: Arc<DevPagemap>,
     ops: Arc<DeviceOps>,
     eviction: Box<dyn EvictionPolicy>,
@@ -66,9 +69,13 @@ pub struct GpuDevice {
 /// The pagemap callbacks, and what they need: the registry of GPU VMs by id, the chunks.
 pub(crate) struct DeviceOps {
     owner: Owner,
+    group: Arc<PeerGroup>,
     vms: Mutex<HashMap<u64, (MmId, Weak<VmShared>)>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) chunks: ChunkTracker,
+    /// Pages copied into this device from each peer, by the peer's pagemap id (a leaf
+    /// lock).
+    pub(crate) peer_in: Mutex<Vec<(u32, u64)>>,
 }
 
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
@@ -78,7 +85,7 @@ const MAX_FAULT_BUFFER: usize = 1 << 20;
 
 impl GpuDevice {
     /// A GPU on `phys` with `config`, its device memory registered as a device-private
-    /// pagemap with a fresh owner.
+    /// pagemap with a fresh owner (a group of its own).
     ///
     /// Errors: `Inval` for a device-memory size the pagemap refuses or a notifier size
     /// that is not a power of two of at least 2 MiB; `NoMem` when no section is left.
@@ -90,6 +97,25 @@ impl GpuDevice {
     pub fn with_eviction(
         phys: &Arc<PhysMem>,
         config: GpuConfig,
+        eviction: Box<dyn EvictionPolicy>,
+    ) -> Result<Arc<GpuDevice>, SvmError> {
+        GpuDevice::in_group_with_eviction(phys, config, &PeerGroup::new(), eviction)
+    }
+
+    /// [`new`](Self::new), a member of `group`: its memory carries the group's owner.
+    pub fn in_group(
+        phys: &Arc<PhysMem>,
+        config: GpuConfig,
+        group: &Arc<PeerGroup>,
+    ) -> Result<Arc<GpuDevice>, SvmError> {
+        GpuDevice::in_group_with_eviction(phys, config, group, Box::new(Lru))
+    }
+
+    /// [`in_group`](Self::in_group) with an eviction policy.
+    pub fn in_group_with_eviction(
+        phys: &Arc<PhysMem>,
+        config: GpuConfig,
+        group: &Arc<PeerGroup>,
         eviction: Box<dyn EvictionPolicy>,
     ) -> Result<Arc<GpuDevice>, SvmError> {
         if !config.notifier_bytes.is_power_of_two() || config.notifier_bytes < PMD_SIZE {
@@ -116,15 +142,17 @@ impl GpuDevice {
                 what: "a batch holds at least one fault",
             });
         }
-        let owner = Owner::new_unique();
+        let owner = group.owner();
         let counters = Arc::new(Counters::default());
         // CAST: a pagemap is at most 256 GiB, 2^17 chunks.
         let nchunks = (config.vram_bytes / PMD_SIZE) as usize;
         let ops = Arc::new(DeviceOps {
             owner,
+            group: Arc::clone(group),
             vms: Mutex::new(HashMap::new()),
             counters,
             chunks: ChunkTracker::new(nchunks),
+            peer_in: Mutex::new(Vec::new()),
         });
         let pagemap_ops: Arc<dyn DevPagemapOps> = ops.clone();
         let vram = memremap_pages(
@@ -143,9 +171,11 @@ impl GpuDevice {
             _ => SvmError::NoMem,
         })?;
         ops.chunks.set_base(vram.frame(0).device_pfn().as_u64());
+        group.join(vram.id(), &ops);
         Ok(Arc::new(GpuDevice {
             phys: Arc::clone(phys),
             owner,
+            group: Arc::clone(group),
             vram,
             ops,
             eviction,
@@ -153,9 +183,26 @@ impl GpuDevice {
         }))
     }
 
-    /// The owner cookie of the GPU's memory (`pgmap->owner`).
+    /// The owner cookie of the GPU's memory (`pgmap->owner`): its group's.
     pub fn owner(&self) -> Owner {
         self.owner
+    }
+
+    /// The GPU's peer group.
+    pub fn group(&self) -> &Arc<PeerGroup> {
+        &self.group
+    }
+
+    /// The id of the GPU's device memory (its pagemap's, as [`Zone::DevicePrivate`]
+    /// names it).
+    pub fn pagemap_id(&self) -> u32 {
+        self.vram.id()
+    }
+
+    /// Pages copied into this GPU's memory directly from each peer, by the peer's
+    /// [`pagemap_id`](Self::pagemap_id), in the order the peers first sent any.
+    pub fn peer_pages_in(&self) -> Vec<(u32, u64)> {
+        self.ops.peer_in.lock().clone()
     }
 
     /// The machine.
@@ -181,6 +228,16 @@ impl GpuDevice {
     /// Whether `frame` is this GPU's memory.
     pub fn owns(&self, frame: &FrameRef<'_>) -> bool {
         matches!(frame.zone(), Zone::DevicePrivate { pagemap } if pagemap == self.vram.id())
+    }
+
+    /// The pagemap id of the peer (another member of the group) whose memory `frame` is.
+    pub(crate) fn peer_of(&self, frame: &FrameRef<'_>) -> Option<u32> {
+        match frame.zone() {
+            Zone::DevicePrivate { pagemap } if pagemap != self.vram.id() => {
+                self.group.member(pagemap).is_some().then_some(pagemap)
+            }
+            _ => None,
+        }
     }
 
     /// The counters of every VM on this GPU.
@@ -268,7 +325,7 @@ impl GpuDevice {
         let mut m = migrate_device_range(&self.phys, self.vram.frame(first), PMD_NR)
             .expect("a chunk lies inside its pagemap");
         // Out of system memory: what had no destination stays on the device.
-        let _ = copy_to_system(&mut m, &self.phys);
+        let _ = copy_to_system(&mut m, &self.phys, &|_| true);
         let moved = m.pages().finalize().migrated;
         let c = &self.ops.counters;
         add(&c.evictions, 1);
@@ -284,9 +341,37 @@ impl GpuDevice {
         id
     }
 
-    /// Every live VM of this device bound to the address space `mm`.
+    /// Every live VM of this device's group bound to the address space `mm`: those a
+    /// migration with the group's owner must zap itself.
     pub(crate) fn vms_of(&self, mm: MmId) -> Vec<Arc<VmShared>> {
-        self.ops.vms_of(mm)
+        self.group.vms_of(mm)
+    }
+
+    /// `pages` came into this device's memory from the peer `from` (a pagemap id),
+    /// copied by the peer: counted on both sides.
+    pub(crate) fn received_from_peer(&self, from: u32, pages: u64) {
+        if pages == 0 {
+            return;
+        }
+        add(&self.ops.counters.pages_d2d_in, pages);
+        if let Some(src) = self.group.member(from) {
+            add(&src.counters.pages_d2d_out, pages);
+        }
+        let mut m = self.ops.peer_in.lock();
+        match m.iter_mut().find(|(p, _)| *p == from) {
+            Some((_, n)) => *n += pages,
+            None => m.push((from, pages)),
+        }
+    }
+
+    /// `pages` of the peer `from` (a pagemap id) went to system memory on their way to
+    /// this device (the peer's copy engine moved them): counted as the peer's pages
+    /// migrated home, and as this device's bounced pages.
+    pub(crate) fn bounced_from_peer(&self, from: u32, pages: u64) {
+        add(&self.ops.counters.pages_bounced, pages);
+        if let Some(src) = self.group.member(from) {
+            add(&src.counters.pages_d2h, pages);
+        }
     }
 
     pub(crate) fn unregister_vm(&self, id: u64) {
@@ -295,7 +380,8 @@ impl GpuDevice {
 }
 
 impl DeviceOps {
-    fn vms_of(&self, mm: MmId) -> Vec<Arc<VmShared>> {
+    /// This device's own live VMs bound to `mm` (the group gathers its members').
+    pub(crate) fn own_vms_of(&self, mm: MmId) -> Vec<Arc<VmShared>> {
         self.vms
             .lock()
             .values()
@@ -312,17 +398,17 @@ impl DevPagemapOps for DeviceOps {
 
     /// A CPU touched one of this GPU's pages: migrate the page (or, for a device-private
     /// PMD, its 2 MiB unit) back to system memory, zapping the GPU entries of every VM of
-    /// this device on the faulting address space first (their notifiers skip this
-    /// device's own MIGRATE events).
+    /// this device's group on the faulting address space first (their notifiers skip the
+    /// group's MIGRATE events, and a peer may map the page over its link).
     fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
         let mm = vmf.mmap().mm();
         let phys = mm.phys();
-        let vms = self.vms_of(mm.id());
+        let vms = self.group.vms_of(mm.id());
         let args = vmf.migrate_args(self.owner);
         let first = args.start.as_u64() >> PAGE_SHIFT;
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
         vms.iter().for_each(|vm| zap_sources(vm, &m));
-        let copied = copy_to_system(&mut m, phys);
+        let copied = copy_to_system(&mut m, phys, &|_| true);
         let out = m.pages().finalize();
         add(&self.counters.pages_d2h, out.migrated);
         // A thrashing event for each page that came back.

@@ -24,6 +24,7 @@ const VALID: u64 = 1 << 0;
 const WRITE: u64 = 1 << 1;
 const VRAM: u64 = 1 << 2;
 const SIZE_SHIFT: u32 = 3;
+const PEER: u64 = 1 << 5;
 const FRAME_SHIFT: u32 = 6;
 
 /// Where a GPU entry points.
@@ -33,6 +34,8 @@ pub enum Location {
     Vram,
     /// System memory, reached over the link (a remote mapping).
     System,
+    /// A peer's memory (another device of the group), reached over the peer link.
+    Peer,
 }
 
 /// One GPU page-table entry, as seen for one 4 KiB page.
@@ -54,8 +57,10 @@ impl GpuPte {
         if self.writable {
             w |= WRITE;
         }
-        if self.location == Location::Vram {
-            w |= VRAM;
+        match self.location {
+            Location::Vram => w |= VRAM,
+            Location::Peer => w |= PEER,
+            Location::System => {}
         }
         w
     }
@@ -66,6 +71,8 @@ impl GpuPte {
             writable: w & WRITE != 0,
             location: if w & VRAM != 0 {
                 Location::Vram
+            } else if w & PEER != 0 {
+                Location::Peer
             } else {
                 Location::System
             },
@@ -178,10 +185,10 @@ mod tests {
         GpuPte {
             frame_nr,
             writable: frame_nr % 2 == 0,
-            location: if frame_nr > 100 {
-                Location::Vram
-            } else {
-                Location::System
+            location: match frame_nr {
+                0..=50 => Location::System,
+                51..=100 => Location::Peer,
+                _ => Location::Vram,
             },
             size,
         }
@@ -199,6 +206,9 @@ mod tests {
         assert_eq!(t.lookup(5), Some(pte(8, GpuPageSize::Size4K)));
         assert_eq!(t.lookup(520).unwrap().size, GpuPageSize::Size64K);
         assert_eq!(t.lookup(520).unwrap().location, Location::Vram);
+        t.set(7, pte(60, GpuPageSize::Size4K));
+        assert_eq!(t.lookup(7).unwrap().location, Location::Peer);
+        t.unmap(7, 8);
         assert_eq!(t.lookup(6), None);
         assert_eq!(t.unmap(6, 520), 8, "exclusive end");
         assert_eq!(t.lookup(5).map(|p| p.frame_nr), Some(8));

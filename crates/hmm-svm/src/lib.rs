@@ -18,6 +18,9 @@
 //! * the device skipping its own MIGRATE invalidations by owner (the seed series' point),
 //!   the CPU faulting device pages back through `migrate_to_ram`, unmapped ranges garbage
 //!   collected and partly unmapped ones evicted and destroyed;
+//! * peer groups ([`PeerGroup`]): devices sharing one pagemap owner map each other's
+//!   memory, and take a peer's pages by the [`PeerPolicy`] (bounce through system
+//!   memory, a direct copy by the source device, or a peer mapping);
 //! * counters with the anchors' names ([`SvmStats`]).
 //!
 //! The fault path in ten lines:
@@ -75,6 +78,7 @@ mod error;
 pub mod fault;
 pub mod gpt;
 mod migrate;
+mod peer;
 pub mod policy;
 mod range;
 mod service;
@@ -87,6 +91,7 @@ pub use device::{GpuConfig, GpuDevice};
 pub use error::SvmError;
 pub use fault::{Access, FaultBuffer, GpuFault};
 pub use gpt::{GpuPte, Location};
+pub use peer::{PeerGroup, PeerPolicy};
 pub use policy::{Advice, Placement, VmPolicies};
 pub use service::ServiceReport;
 pub use stats::SvmStats;

@@ -9,7 +9,7 @@
 
 use hmm::addr::{PAGE_SHIFT, PMD_ORDER};
 use hmm::migrate::{DeviceMigration, DstRefused, MigratePfn, MigratePfnFlags, Migration};
-use hmm::phys::{copy_folios, FrameFlags, FrameRef, LockedFolio, PhysMem};
+use hmm::phys::{copy_folios, FrameFlags, FrameRef, LockedFolio, PhysMem, Zone};
 
 use crate::device::GpuDevice;
 use crate::stats::add;
@@ -49,7 +49,17 @@ pub(crate) struct VramFill {
     pub(crate) frames: Vec<u64>,
 }
 
-/// Gives every migrating system page (and hole) of `m` a page of `device`'s memory,
+/// Which collected entries a migration to device memory takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sources {
+    /// System pages and holes (what `SELECT_SYSTEM` collects).
+    System,
+    /// Pages of the device's peers (what `SELECT_DEVICE_PRIVATE` with the group's owner
+    /// collects, less the device's own pages).
+    Peers,
+}
+
+/// Gives every migrating entry of `m` that `from` takes a page of `device`'s memory,
 /// filled from its source (zeroed for a hole); one batched copy. A unit of 512 gets one
 /// device THP, or 512 pages when there is none. A hole is mapped writable if the VMA is
 /// (`vm_write`), a page if its CPU mapping was.
@@ -57,6 +67,7 @@ pub(crate) fn copy_to_vram(
     m: &mut Migration<'_, '_>,
     device: &GpuDevice,
     vm_write: bool,
+    from: Sources,
 ) -> VramFill {
     let mut pairs: Vec<(FrameRef<'_>, FrameRef<'_>)> = Vec::new();
     let mut fill = VramFill::default();
@@ -64,11 +75,12 @@ pub(crate) fn copy_to_vram(
     while i < m.src().len() {
         let w = m.src()[i];
         let n = w.npages();
-        // System pages and holes only (SELECT_SYSTEM collects nothing else).
-        let system = m
-            .src_page(i)
-            .map_or(true, |p| p.zone() == hmm::phys::Zone::System);
-        if !w.is_migrating() || !system {
+        let src = m.src_page(i);
+        let take = match from {
+            Sources::System => src.map_or(true, |p| p.zone() == Zone::System),
+            Sources::Peers => src.is_some_and(|p| device.peer_of(&p).is_some()),
+        };
+        if !w.is_migrating() || !take {
             i += n as usize;
             continue;
         }
@@ -149,13 +161,36 @@ impl<'p> Collected<'p> for DeviceMigration<'p> {
     }
 }
 
-/// Gives every migrating device page of `m` a system folio filled from it; one batched
-/// copy. A device THP gets a system THP, or 512 pages when none can be had.
-/// `OutOfMemory` when an order-0 page cannot be had: the entries left without a
+/// The migrating entries of `words` (a migration past `pages()`) whose source is the memory
+/// of one of `device`'s peers: pages by the peer's pagemap id.
+pub(crate) fn by_peer(words: &[MigratePfn], device: &GpuDevice) -> Vec<(u32, u64)> {
+    let phys = device.phys();
+    let mut out: Vec<(u32, u64)> = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i];
+        i += w.npages() as usize;
+        if !w.is_migrating() || !w.is_valid() {
+            continue;
+        }
+        if let Some(p) = device.peer_of(&phys.frame_nr(w.frame_nr())) {
+            match out.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, n)) => *n += w.npages(),
+                None => out.push((p, w.npages())),
+            }
+        }
+    }
+    out
+}
+
+/// Gives every migrating device page of `m` that `take` accepts a system folio filled
+/// from it; one batched copy. A device THP gets a system THP, or 512 pages when none can
+/// be had. `OutOfMemory` when an order-0 page cannot be had: the entries left without a
 /// destination stay on the device (the pairs given so far are copied).
 pub(crate) fn copy_to_system<'s>(
     m: &mut impl Collected<'s>,
     phys: &'s PhysMem,
+    take: &dyn Fn(&FrameRef<'_>) -> bool,
 ) -> Result<u64, OutOfMemory> {
     let alloc = |order| {
         phys.alloc(order, FrameFlags::empty())
@@ -169,7 +204,7 @@ pub(crate) fn copy_to_system<'s>(
     while i < m.words().len() && out.is_ok() {
         let w = m.words()[i];
         let n = w.npages();
-        let Some(src) = m.source(i).filter(|_| w.is_migrating()) else {
+        let Some(src) = m.source(i).filter(|s| w.is_migrating() && take(s)) else {
             i += n as usize;
             continue;
         };

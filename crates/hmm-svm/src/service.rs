@@ -37,7 +37,8 @@ use crate::addr::GpuPageSize;
 use crate::error::SvmError;
 use crate::fault::{Access, BlockFaults, FaultBatch, GpuFault};
 use crate::gpt::{GpuPte, Location};
-use crate::migrate::{copy_to_system, copy_to_vram, zap_sources};
+use crate::migrate::{by_peer, copy_to_system, copy_to_vram, zap_sources, Sources};
+use crate::peer::PeerPolicy;
 use crate::policy::prefetch::{BlockMask, BlockView};
 use crate::policy::{Cause, Placement, PlacementQuery};
 use crate::range::{choose_chunk, find, SvmRange, Window};
@@ -70,6 +71,9 @@ struct RangeFaults {
     /// Whether the VMA is writable (holes migrate to writable pages).
     vm_write: bool,
 }
+
+/// A run of page indexes, `[start, end)`.
+type Run = (usize, usize);
 
 /// Whether `get_pages` mapped the range, or found it no longer fits the CPU's mappings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,10 +401,10 @@ impl GpuVm {
         Ok(moved)
     }
 
-    /// Moves `run` to device memory in one walk: faults in what is missing and collects
-    /// every system page (as one unit when `unit`), zaps the GPU entries of what it
-    /// collected in every VM of this device on this address space, copies to device
-    /// pages, commits. Returns the indexes (in the run) of the pages that moved.
+    /// Moves `run` to device memory: its system pages in one walk
+    /// ([`migrate_system_run`](Self::migrate_system_run)), then the pages a peer of the
+    /// group holds, by the VM's [`PeerPolicy`]. Returns the indexes (in the run) of the
+    /// pages that moved.
     fn migrate_run(
         &self,
         mm: &Mm,
@@ -409,6 +413,50 @@ impl GpuVm {
         unit: bool,
         vm_write: bool,
     ) -> Result<Vec<usize>, SvmError> {
+        let (mut moved, peers) = self.migrate_system_run(mm, run, access, unit, vm_write)?;
+        if self.peer == PeerPolicy::RemoteMap {
+            return Ok(moved);
+        }
+        for (s, e) in peers {
+            let sub = VaRange::new(
+                run.start()
+                    .checked_add((s as u64) << PAGE_SHIFT)
+                    .expect("in the run"),
+                run.start()
+                    .checked_add((e as u64) << PAGE_SHIFT)
+                    .expect("in the run"),
+            )
+            .expect("a run of pages");
+            let sub_unit = unit && s == 0 && e as u64 == run.npages();
+            let taken = match self.peer {
+                PeerPolicy::SourceCopy => self.migrate_from_peers(mm, sub, sub_unit, vm_write)?,
+                PeerPolicy::Bounce => {
+                    self.bounce_from_peers(mm, sub, sub_unit)?;
+                    self.migrate_system_run(mm, sub, access, sub_unit, vm_write)?
+                        .0
+                }
+                PeerPolicy::RemoteMap => unreachable!("returned above"),
+            };
+            moved.extend(taken.into_iter().map(|i| s + i));
+        }
+        moved.sort_unstable();
+        Ok(moved)
+    }
+
+    /// Moves `run`'s system pages to device memory in one walk: faults in what is missing
+    /// and collects every system page (as one unit when `unit`), zaps the GPU entries of
+    /// what it collected in every VM of this device's group on this address space, copies
+    /// to device pages, commits. Returns the indexes (in the run) of the pages that moved,
+    /// and the runs of indexes whose pages a peer holds (the walk hands them over as they
+    /// are: they carry the group's owner).
+    fn migrate_system_run(
+        &self,
+        mm: &Mm,
+        run: VaRange,
+        access: Access,
+        unit: bool,
+        vm_write: bool,
+    ) -> Result<(Vec<usize>, Vec<Run>), SvmError> {
         let window = self.ensure_window(mm, run.start())?;
         let mut pfns = vec![HmmPfn::default(); run.npages() as usize];
         let mut flags = HmmPfnFlags::REQ_FAULT | HmmPfnFlags::REQ_MIGRATE;
@@ -438,30 +486,110 @@ impl GpuVm {
             // What cannot migrate (no VMA any more, a VMA that cannot migrate, a page
             // that cannot be faulted) is left to get_pages, which maps it or finds the
             // range stale.
-            Err(_) => return Ok(Vec::new()),
+            Err(_) => return Ok((Vec::new(), Vec::new())),
         };
         let mut m = migrate_hmm_range_setup(collected);
         for vm in self.device.vms_of(mm.id()) {
             zap_sources(&vm, &m);
         }
-        let fill = copy_to_vram(&mut m, &self.device, vm_write);
+        let fill = copy_to_vram(&mut m, &self.device, vm_write, Sources::System);
         let pages = m.pages();
-        let mut moved = Vec::new();
-        let mut i = 0;
-        while i < pages.src().len() {
-            let w = pages.src()[i];
-            let n = w.npages() as usize;
-            if w.is_migrating() {
-                moved.extend(i..i + n);
-            }
-            i += n;
-        }
+        let moved = migrating(pages.src());
         let out = pages.finalize();
+        drop(mmap);
         self.device.migration_done(&fill.frames);
         let c = &self.shared.counters;
         add(&c.vram_alloc_failures, fill.failed);
         add(&c.pages_h2d, out.migrated);
+        // The pages not collected that a peer holds, in runs.
+        let phys = self.device.phys();
+        let mut peers: Vec<Run> = Vec::new();
+        for (i, p) in pfns.iter().enumerate() {
+            let held = p.is_valid()
+                && !p.is_migrating()
+                && self.device.peer_of(&phys.frame_nr(p.frame_nr())).is_some();
+            match peers.last_mut() {
+                Some((_, e)) if held && *e == i => *e = i + 1,
+                _ if held => peers.push((i, i + 1)),
+                _ => {}
+            }
+        }
+        Ok((moved, peers))
+    }
+
+    /// Moves the pages of `run` that peers hold to this device directly, each peer
+    /// copying its own (Xe's source-side peer migration): one `migrate_vma` with the
+    /// group's owner and `SELECT_DEVICE_PRIVATE`, the group's GPU entries of what it
+    /// collected zapped first. This device's own pages, collected too, stay where they are.
+    /// Returns the indexes (in the run) of the pages that moved.
+    fn migrate_from_peers(
+        &self,
+        mm: &Mm,
+        run: VaRange,
+        unit: bool,
+        vm_write: bool,
+    ) -> Result<Vec<usize>, SvmError> {
+        let mmap = mm.mmap_read();
+        let Some(mut m) = self.collect_peers(&mmap, run, unit) else {
+            return Ok(Vec::new());
+        };
+        let fill = copy_to_vram(&mut m, &self.device, vm_write, Sources::Peers);
+        let pages = m.pages();
+        let from = by_peer(pages.src(), &self.device);
+        let moved = migrating(pages.src());
+        pages.finalize();
+        drop(mmap);
+        self.device.migration_done(&fill.frames);
+        add(&self.shared.counters.vram_alloc_failures, fill.failed);
+        for (peer, n) in from {
+            self.device.received_from_peer(peer, n);
+        }
         Ok(moved)
+    }
+
+    /// Moves the pages of `run` that peers hold to system memory, each peer copying its
+    /// own: the first half of a bounce (amdkfd's VRAM to VRAM through RAM).
+    fn bounce_from_peers(&self, mm: &Mm, run: VaRange, unit: bool) -> Result<(), SvmError> {
+        let mmap = mm.mmap_read();
+        let Some(mut m) = self.collect_peers(&mmap, run, unit) else {
+            return Ok(());
+        };
+        let device = &self.device;
+        let copied = copy_to_system(&mut m, mm.phys(), &|f| device.peer_of(f).is_some());
+        let pages = m.pages();
+        let from = by_peer(pages.src(), device);
+        pages.finalize();
+        for (peer, n) in from {
+            device.bounced_from_peer(peer, n);
+        }
+        copied.map(|_| ()).map_err(|_| SvmError::NoMem)
+    }
+
+    /// Collects the device-private pages of `run` that carry the group's owner (as one
+    /// unit when `unit`) and zaps the group's GPU entries of what it collected; `None`
+    /// when the range cannot be collected any more (the fault path finds out later).
+    fn collect_peers<'g, 'a>(
+        &self,
+        mmap: &'g hmm::mm::MmapReadGuard<'a>,
+        run: VaRange,
+        unit: bool,
+    ) -> Option<hmm::migrate::Migration<'g, 'a>> {
+        let mut flags = MigrateVmaFlags::SELECT_DEVICE_PRIVATE;
+        if unit {
+            flags |= MigrateVmaFlags::SELECT_COMPOUND;
+        }
+        let args = MigrateVma {
+            start: run.start(),
+            end: run.end(),
+            pgmap_owner: Some(self.device.owner()),
+            flags,
+            fault_page: None,
+        };
+        let m = migrate_vma_setup(mmap, args).ok()?;
+        for vm in self.device.vms_of(mmap.mm().id()) {
+            zap_sources(&vm, &m);
+        }
+        Some(m)
     }
 
     /// Cancels a fault: counted, reported, and recorded so the access sees it.
@@ -610,6 +738,8 @@ impl GpuVm {
                         writable: p.is_writable(),
                         location: if self.device.owns(&frame) {
                             Location::Vram
+                        } else if self.device.peer_of(&frame).is_some() {
+                            Location::Peer
                         } else {
                             Location::System
                         },
@@ -640,6 +770,7 @@ impl GpuVm {
                     add(&c.local_mapped_pages, n as u64);
                     self.device.used(head.frame_nr);
                 }
+                Location::Peer => add(&c.peer_mapped_pages, n as u64),
                 Location::System => add(&c.remote_mapped_pages, n as u64),
             }
             Counters::by_size(&c.binds_by_size, size, 1);
@@ -696,7 +827,9 @@ impl GpuVm {
             if let Ok(mut m) = migrate_vma_setup(&mmap, args) {
                 vms.iter().for_each(|vm| zap_sources(vm, &m));
                 // Out of system memory: what had no destination stays on the device.
-                let _ = copy_to_system(&mut m, mm.phys());
+                // Peers' pages, collected with the group's owner, stay where they are.
+                let device = &self.device;
+                let _ = copy_to_system(&mut m, mm.phys(), &|f| device.owns(f));
                 let out = m.pages().finalize();
                 add(&self.shared.counters.pages_d2h, out.migrated);
             }
@@ -730,6 +863,20 @@ fn block_base(range: SvmRange) -> u64 {
 fn page_in_block(vpn: u64) -> usize {
     // CAST: below 512.
     (vpn % PMD_NR) as usize
+}
+
+/// The indexes of the entries of `words` that are migrating (a migration past `pages()`).
+fn migrating(words: &[hmm::migrate::MigratePfn]) -> Vec<usize> {
+    let mut moved = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let n = words[i].npages() as usize;
+        if words[i].is_migrating() {
+            moved.extend(i..i + n);
+        }
+        i += n;
+    }
+    moved
 }
 
 /// The pages of its block `range` covers.

@@ -30,8 +30,16 @@ pub struct SvmStats {
     pub fatal_faults: u64,
     /// Pages migrated host to device.
     pub pages_h2d: u64,
-    /// Pages migrated device to host (CPU faults, eviction, destroyed ranges).
+    /// Pages migrated device to host (CPU faults, eviction, destroyed ranges, and this
+    /// device's pages bounced home on their way to a peer).
     pub pages_d2h: u64,
+    /// Pages copied into this device's memory directly from a peer's.
+    pub pages_d2d_in: u64,
+    /// Pages this device copied directly into a peer's memory (the source copies).
+    pub pages_d2d_out: u64,
+    /// Pages that came to this device from a peer through system memory (the peer's
+    /// `pages_d2h`, then this device's `pages_h2d`).
+    pub pages_bounced: u64,
     /// Chunks of device memory evicted (UVM's `num_evictions` of root chunks).
     pub evictions: u64,
     /// Pages those evictions moved to system memory (included in `pages_d2h`).
@@ -43,8 +51,12 @@ pub struct SvmStats {
     pub remote_mapped_pages: u64,
     /// Pages the GPU maps in its own memory (local mappings made).
     pub local_mapped_pages: u64,
+    /// Pages the GPU maps in a peer's memory (peer mappings made).
+    pub peer_mapped_pages: u64,
     /// GPU accesses that went to system memory over the link.
     pub remote_accesses: u64,
+    /// GPU accesses that went to a peer's memory over the peer link.
+    pub peer_accesses: u64,
     /// GPU accesses served from device memory.
     pub local_accesses: u64,
     /// Pages migrated that had not faulted (the prefetcher's, and explicit prefetches).
@@ -94,12 +106,17 @@ impl SvmStats {
             fatal_faults: d(self.fatal_faults, earlier.fatal_faults),
             pages_h2d: d(self.pages_h2d, earlier.pages_h2d),
             pages_d2h: d(self.pages_d2h, earlier.pages_d2h),
+            pages_d2d_in: d(self.pages_d2d_in, earlier.pages_d2d_in),
+            pages_d2d_out: d(self.pages_d2d_out, earlier.pages_d2d_out),
+            pages_bounced: d(self.pages_bounced, earlier.pages_bounced),
             evictions: d(self.evictions, earlier.evictions),
             evicted_pages: d(self.evicted_pages, earlier.evicted_pages),
             vram_alloc_failures: d(self.vram_alloc_failures, earlier.vram_alloc_failures),
             remote_mapped_pages: d(self.remote_mapped_pages, earlier.remote_mapped_pages),
             local_mapped_pages: d(self.local_mapped_pages, earlier.local_mapped_pages),
+            peer_mapped_pages: d(self.peer_mapped_pages, earlier.peer_mapped_pages),
             remote_accesses: d(self.remote_accesses, earlier.remote_accesses),
+            peer_accesses: d(self.peer_accesses, earlier.peer_accesses),
             local_accesses: d(self.local_accesses, earlier.local_accesses),
             prefetched_pages: d(self.prefetched_pages, earlier.prefetched_pages),
             access_counter_notifications: d(
@@ -160,6 +177,9 @@ impl std::fmt::Display for SvmStats {
                 vec![
                     ("pages to the device", self.pages_h2d),
                     ("pages to the host", self.pages_d2h),
+                    ("pages from peers", self.pages_d2d_in),
+                    ("pages to peers", self.pages_d2d_out),
+                    ("pages bounced", self.pages_bounced),
                     ("prefetched", self.prefetched_pages),
                     ("evictions", self.evictions),
                     ("evicted pages", self.evicted_pages),
@@ -171,8 +191,10 @@ impl std::fmt::Display for SvmStats {
                 vec![
                     ("local pages", self.local_mapped_pages),
                     ("remote pages", self.remote_mapped_pages),
+                    ("peer pages", self.peer_mapped_pages),
                     ("local accesses", self.local_accesses),
                     ("remote accesses", self.remote_accesses),
+                    ("peer accesses", self.peer_accesses),
                     ("invalidations", self.invalidations),
                     ("pages invalidated", self.pages_invalidated),
                     ("own MIGRATE skipped", self.own_migrate_skips),
@@ -231,12 +253,17 @@ pub(crate) struct Counters {
     pub(crate) fatal_faults: AtomicU64,
     pub(crate) pages_h2d: AtomicU64,
     pub(crate) pages_d2h: AtomicU64,
+    pub(crate) pages_d2d_in: AtomicU64,
+    pub(crate) pages_d2d_out: AtomicU64,
+    pub(crate) pages_bounced: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) evicted_pages: AtomicU64,
     pub(crate) vram_alloc_failures: AtomicU64,
     pub(crate) remote_mapped_pages: AtomicU64,
     pub(crate) local_mapped_pages: AtomicU64,
+    pub(crate) peer_mapped_pages: AtomicU64,
     pub(crate) remote_accesses: AtomicU64,
+    pub(crate) peer_accesses: AtomicU64,
     pub(crate) local_accesses: AtomicU64,
     pub(crate) prefetched_pages: AtomicU64,
     pub(crate) access_counter_notifications: AtomicU64,
@@ -278,12 +305,17 @@ impl Counters {
             fatal_faults: r(&self.fatal_faults),
             pages_h2d: r(&self.pages_h2d),
             pages_d2h: r(&self.pages_d2h),
+            pages_d2d_in: r(&self.pages_d2d_in),
+            pages_d2d_out: r(&self.pages_d2d_out),
+            pages_bounced: r(&self.pages_bounced),
             evictions: r(&self.evictions),
             evicted_pages: r(&self.evicted_pages),
             vram_alloc_failures: r(&self.vram_alloc_failures),
             remote_mapped_pages: r(&self.remote_mapped_pages),
             local_mapped_pages: r(&self.local_mapped_pages),
+            peer_mapped_pages: r(&self.peer_mapped_pages),
             remote_accesses: r(&self.remote_accesses),
+            peer_accesses: r(&self.peer_accesses),
             local_accesses: r(&self.local_accesses),
             prefetched_pages: r(&self.prefetched_pages),
             access_counter_notifications: r(&self.access_counter_notifications),

@@ -40,6 +40,7 @@ use crate::device::GpuDevice;
 use crate::error::SvmError;
 use crate::fault::{Access, FaultBuffer, GpuFault};
 use crate::gpt::{GpuPageTable, GpuPte, Location};
+use crate::peer::PeerPolicy;
 use crate::policy::prefetch::PrefetchPolicy;
 use crate::policy::thrashing::{PageHistory, ThrashHint, ThrashingDetector};
 use crate::policy::{Advice, MigrationPolicy, VmPolicies};
@@ -163,6 +164,7 @@ pub struct GpuVm {
     pub(crate) migration: Box<dyn MigrationPolicy>,
     pub(crate) prefetch: Box<dyn PrefetchPolicy>,
     pub(crate) counter_threshold: Option<u32>,
+    pub(crate) peer: PeerPolicy,
     /// Blocks whose access counter fired, waiting for service (UVM's notification buffer).
     pub(crate) notifications: Mutex<Vec<u64>>,
     pub(crate) notified: AtomicBool,
@@ -171,12 +173,15 @@ pub struct GpuVm {
 /// What one GPU access did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// It completed: this many of its pages were in device memory, this many remote.
+    /// It completed: this many of its pages were in device memory, this many remote,
+    /// this many in a peer's memory.
     Done {
         /// Pages in the GPU's memory.
         local: u32,
         /// Pages in system memory, over the link.
         remote: u32,
+        /// Pages in a peer's memory, over the peer link.
+        peer: u32,
     },
     /// A page was not mapped (or not writable for a store): this fault was raised and the
     /// access stalls until the replay.
@@ -236,6 +241,7 @@ impl GpuVm {
             thrashing,
             access_counter_threshold,
             clock,
+            peer,
         } = policies;
         let shared = Arc::new(VmShared {
             owner: device.owner(),
@@ -257,6 +263,7 @@ impl GpuVm {
             migration,
             prefetch,
             counter_threshold: access_counter_threshold.filter(|&t| t > 0),
+            peer,
             notifications: Mutex::new(Vec::new()),
             notified: AtomicBool::new(false),
         })
@@ -409,7 +416,7 @@ impl GpuVm {
         // holds off an invalidation for long.
         let mut st = self.shared.state.read();
         let mut block = at.as_u64() >> PMD_SHIFT;
-        let (mut local, mut remote) = (0, 0);
+        let (mut local, mut remote, mut peer) = (0, 0, 0);
         while at < end {
             if at.as_u64() >> PMD_SHIFT != block {
                 drop(st);
@@ -446,6 +453,10 @@ impl GpuVm {
                     local += 1;
                     add(&c.local_accesses, 1);
                 }
+                Location::Peer => {
+                    peer += 1;
+                    add(&c.peer_accesses, 1);
+                }
                 Location::System => {
                     remote += 1;
                     add(&c.remote_accesses, 1);
@@ -464,7 +475,11 @@ impl GpuVm {
             at = at.checked_add(n as u64).expect("inside the access");
             *done += n;
         }
-        Ok(Outcome::Done { local, remote })
+        Ok(Outcome::Done {
+            local,
+            remote,
+            peer,
+        })
     }
 
     /// The GPU writes `fault` into the fault buffer (or drops it when full).

@@ -23,6 +23,7 @@ use hmm::addr::VaRange;
 use crate::addr::GpuPageSize;
 use crate::clock::{Clock, WallClock};
 use crate::fault::Access;
+use crate::peer::PeerPolicy;
 use prefetch::{PrefetchPolicy, WholeRange};
 use thrashing::ThrashingDetector;
 
@@ -149,6 +150,9 @@ pub struct VmPolicies {
     pub access_counter_threshold: Option<u32>,
     /// Where the times of the thrashing detector come from.
     pub clock: Arc<dyn Clock>,
+    /// How pages a peer of the device's group holds come to the device
+    /// ([`PeerPolicy::SourceCopy`] by default, as Xe).
+    pub peer: PeerPolicy,
 }
 
 impl Default for VmPolicies {
@@ -159,6 +163,7 @@ impl Default for VmPolicies {
             thrashing: Some(ThrashingDetector::default()),
             access_counter_threshold: Some(256),
             clock: Arc::new(WallClock::new()),
+            peer: PeerPolicy::default(),
         }
     }
 }
@@ -183,6 +188,7 @@ impl std::fmt::Debug for VmPolicies {
             .field("prefetch", &self.prefetch.name())
             .field("thrashing", &self.thrashing)
             .field("access_counter_threshold", &self.access_counter_threshold)
+            .field("peer", &self.peer.name())
             .finish_non_exhaustive()
     }
 }

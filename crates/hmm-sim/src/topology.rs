@@ -1,0 +1,186 @@
+//! The machine's links and the bytes that cross them.
+//!
+//! Every GPU has a host link (the scenario's `host_gbps` / `host_latency_ns`, or the cost
+//! model's `link_gbps` / `link_latency_ns`). GPUs of one peer group (`group = "..."` in the
+//! scenario) share a pagemap owner and have a direct link between each two of them: the
+//! cost model's `peer_gbps` / `peer_latency_ns`, or a `[[machine.link]]` entry for that
+//! pair. GPUs of different groups have no direct link: what moves between them goes
+//! through system memory, over both host links.
+//!
+//! [`Traffic`] is a snapshot of the pages every link has carried, read from the devices'
+//! counters; the difference of two snapshots is charged link by link, one transfer each
+//! ([`Links::cost_ns`]): the copy engines of one batch work one after the other.
+
+use std::sync::Arc;
+
+use hmm::addr::PAGE_SIZE;
+use hmm_svm::GpuDevice;
+
+use crate::cost::CostModel;
+use crate::scenario::Machine;
+
+/// One link: bandwidth and latency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// GB/s, one direction.
+    pub gbps: f64,
+    /// Per transfer.
+    pub latency_ns: u64,
+}
+
+impl Link {
+    /// Moving `bytes` over the link (0 when nothing moved).
+    pub fn transfer_ns(&self, bytes: u64) -> u64 {
+        if bytes == 0 {
+            return 0;
+        }
+        // CAST: nanoseconds of a transfer fit u64 for any size a run can move.
+        self.latency_ns + (bytes as f64 / self.gbps.max(1e-9)) as u64
+    }
+}
+
+/// The links of a machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Links {
+    /// Each GPU's host link.
+    pub host: Vec<Link>,
+    /// `peer[a][b]`: the direct link between GPUs `a` and `b`, if they share a group.
+    pub peer: Vec<Vec<Option<Link>>>,
+}
+
+impl Links {
+    /// The links of `machine` (validated) under `cost`.
+    pub fn new(machine: &Machine, cost: &CostModel) -> Links {
+        let host = machine
+            .gpus
+            .iter()
+            .map(|g| Link {
+                gbps: g.host_gbps.unwrap_or(cost.link_gbps),
+                latency_ns: g.host_latency_ns.unwrap_or(cost.link_latency_ns),
+            })
+            .collect();
+        let default_peer = Link {
+            gbps: cost.peer_gbps,
+            latency_ns: cost.peer_latency_ns,
+        };
+        let gpus = &machine.gpus;
+        let mut peer: Vec<Vec<Option<Link>>> = gpus
+            .iter()
+            .enumerate()
+            .map(|(a, ga)| {
+                gpus.iter()
+                    .enumerate()
+                    .map(|(b, gb)| {
+                        (a != b && ga.group.is_some() && ga.group == gb.group)
+                            .then_some(default_peer)
+                    })
+                    .collect()
+            })
+            .collect();
+        for l in &machine.links {
+            let (a, b) = (l.gpu_index(0), l.gpu_index(1));
+            let link = Link {
+                gbps: l.gbps,
+                latency_ns: l.latency_ns,
+            };
+            peer[a][b] = Some(link);
+            peer[b][a] = Some(link);
+        }
+        Links { host, peer }
+    }
+
+    /// What carrying the traffic `now - before` costs: one transfer per link that carried
+    /// any (a bounce crosses two host links, and each is charged).
+    pub fn cost_ns(&self, now: &Traffic, before: &Traffic) -> u64 {
+        let n = self.host.len();
+        let mut ns = 0;
+        for g in 0..n {
+            let h2d = now.h2d[g] - before.h2d[g];
+            let d2h = now.d2h[g] - before.d2h[g];
+            ns += self.host[g].transfer_ns(h2d * PAGE_SIZE);
+            ns += self.host[g].transfer_ns(d2h * PAGE_SIZE);
+            for src in 0..n {
+                let pages = now.d2d[src * n + g] - before.d2d[src * n + g];
+                if pages > 0 {
+                    let link = self.peer[src][g].expect("pages move directly only between peers");
+                    ns += link.transfer_ns(pages * PAGE_SIZE);
+                }
+            }
+        }
+        ns
+    }
+}
+
+/// The pages each link has carried so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traffic {
+    /// Host to GPU `g`.
+    pub h2d: Vec<u64>,
+    /// GPU `g` to host.
+    pub d2h: Vec<u64>,
+    /// `d2d[src * n + dst]`: GPU `src` to GPU `dst`, directly.
+    pub d2d: Vec<u64>,
+}
+
+impl Traffic {
+    /// Reads the counters of `gpus`.
+    pub fn of(gpus: &[Arc<GpuDevice>]) -> Traffic {
+        let n = gpus.len();
+        let mut d2d = vec![0; n * n];
+        for (dst, g) in gpus.iter().enumerate() {
+            for (pagemap, pages) in g.peer_pages_in() {
+                if let Some(src) = gpus.iter().position(|s| s.pagemap_id() == pagemap) {
+                    d2d[src * n + dst] += pages;
+                }
+            }
+        }
+        let stats: Vec<_> = gpus.iter().map(|g| g.stats()).collect();
+        Traffic {
+            h2d: stats.iter().map(|s| s.pages_h2d).collect(),
+            d2h: stats.iter().map(|s| s.pages_d2h).collect(),
+            d2d,
+        }
+    }
+
+    /// Pages moved between GPUs directly, all pairs.
+    pub fn d2d_pages(&self) -> u64 {
+        self.d2d.iter().sum()
+    }
+
+    /// Bytes per link that carried any, named `host-gpu0`, `gpu0-host`, `gpu0-gpu1`.
+    pub fn by_link(&self) -> std::collections::BTreeMap<String, u64> {
+        let n = self.h2d.len();
+        let mut m = std::collections::BTreeMap::new();
+        for g in 0..n {
+            if self.h2d[g] > 0 {
+                m.insert(format!("host-gpu{g}"), self.h2d[g] * PAGE_SIZE);
+            }
+            if self.d2h[g] > 0 {
+                m.insert(format!("gpu{g}-host"), self.d2h[g] * PAGE_SIZE);
+            }
+            for dst in 0..n {
+                let p = self.d2d[g * n + dst];
+                if p > 0 {
+                    m.insert(format!("gpu{g}-gpu{dst}"), p * PAGE_SIZE);
+                }
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_costs_latency_and_bandwidth() {
+        let l = Link {
+            gbps: 16.0,
+            latency_ns: 1_000,
+        };
+        assert_eq!(l.transfer_ns(0), 0);
+        // 2 MiB at 16 GB/s: 131 072 ns, plus the latency.
+        assert_eq!(l.transfer_ns(2 << 20), 1_000 + 131_072);
+    }
+}
