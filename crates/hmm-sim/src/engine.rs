@@ -24,7 +24,7 @@ use hmm_svm::policy::eviction::{EvictionPolicy, Fifo, Lfu, Lru, RandomEviction};
 use hmm_svm::policy::prefetch::{NoPrefetch, PrefetchPolicy, TreePrefetch, WholeRange};
 use hmm_svm::policy::thrashing::ThrashingDetector;
 use hmm_svm::policy::{CounterDriven, FirstTouch, MigrationPolicy, RemoteMap, VmPolicies};
-use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Outcome, PeerGroup, PeerPolicy, SvmStats};
+use hmm_svm::{EvictTarget, GpuConfig, GpuDevice, GpuVm, Outcome, PeerGroup, PeerPolicy, SvmStats};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -260,6 +260,11 @@ impl World {
             .map(|(i, g)| {
                 let config = GpuConfig {
                     vram_bytes: g.vram_mib << 20,
+                    evict_to: if s.policy.evict_to == "peer" {
+                        EvictTarget::Peer
+                    } else {
+                        EvictTarget::Host
+                    },
                     ..GpuConfig::default()
                 };
                 let group = match g.group.as_deref() {

@@ -135,6 +135,9 @@ pub struct Policy {
     /// copying: Xe), `bounce` (through system memory: amdkfd) or `remote` (it maps them
     /// over the peer link).
     pub peer: String,
+    /// Where a GPU's evicted chunks go: `host`, or `peer` (a GPU of its group with room,
+    /// else the host).
+    pub evict_to: String,
 }
 
 impl Default for Policy {
@@ -146,6 +149,7 @@ impl Default for Policy {
             thrashing: true,
             access_counters: 256,
             peer: "copy".into(),
+            evict_to: "host".into(),
         }
     }
 }
@@ -271,7 +275,7 @@ fn at_line(line: usize) -> String {
 }
 
 /// The scenarios shipped in `scenarios/`, by name, with their text.
-pub const SHIPPED: [(&str, &str); 12] = [
+pub const SHIPPED: [(&str, &str); 13] = [
     ("stream", include_str!("../scenarios/stream.toml")),
     (
         "stream-oversubscribed",
@@ -301,6 +305,10 @@ pub const SHIPPED: [(&str, &str); 12] = [
     (
         "prefetch-multi-gpu",
         include_str!("../scenarios/prefetch-multi-gpu.toml"),
+    ),
+    (
+        "peer-eviction",
+        include_str!("../scenarios/peer-eviction.toml"),
     ),
 ];
 
@@ -505,6 +513,7 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
         &["lru", "fifo", "lfu", "random"],
     )?;
     one_of(&s.policy.peer, "policy.peer", &["copy", "bounce", "remote"])?;
+    one_of(&s.policy.evict_to, "policy.evict_to", &["host", "peer"])?;
     let mut total = 0;
     for (i, b) in s.buffers.iter().enumerate() {
         if b.mib == 0 || b.mib > MAX_RAM_MIB {

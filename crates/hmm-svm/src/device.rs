@@ -10,7 +10,7 @@
 //! not skip.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use hmm::addr::{PAGE_SHIFT, PMD_NR, PMD_SIZE};
@@ -23,7 +23,7 @@ use hmm::sync::Mutex;
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
 use crate::error::SvmError;
-use crate::migrate::{copy_to_system, zap_sources};
+use crate::migrate::{copy_to_device, copy_to_system, zap_sources};
 use crate::peer::PeerGroup;
 use crate::policy::eviction::{EvictionPolicy, Lru};
 use crate::stats::{add, Counters, SvmStats};
@@ -42,6 +42,30 @@ pub struct GpuConfig {
     /// Bytes covered by one interval notifier (drm_gpusvm: 512 MiB), a power of two of at
     /// least 2 MiB.
     pub notifier_bytes: u64,
+    /// Where evicted chunks go.
+    pub evict_to: EvictTarget,
+}
+
+/// Where the pages of an evicted chunk go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+pub enum EvictTarget {
+    /// System memory (UVM, drm_pagemap's `evict_to_ram`).
+    #[default]
+    Host,
+    /// A peer of the device's group with room for the whole chunk, copied there by this
+    /// device; system memory when no peer has room.
+    Peer,
+}
+
+/// What [`GpuDevice::offline`] moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct OfflineReport {
+    /// Pages moved to system memory.
+    pub pages_home: u64,
+    /// Pages moved to peers.
+    pub pages_to_peers: u64,
+    /// GPU entries its VMs dropped.
+    pub entries_dropped: u64,
 }
 
 impl Default for GpuConfig {
@@ -51,6 +75,7 @@ impl Default for GpuConfig {
             fault_buffer_entries: 4096,
             batch_max: crate::fault::FAULT_BATCH_MAX,
             notifier_bytes: 512 << 20,
+            evict_to: EvictTarget::Host,
         }
     }
 }
@@ -76,9 +101,23 @@ pub(crate) struct DeviceOps {
     /// Pages copied into this device from each peer, by the peer's pagemap id (a leaf
     /// lock).
     pub(crate) peer_in: Mutex<Vec<(u32, u64)>>,
+    /// Cleared while the device is offline: its VMs refuse accesses and faults.
+    online: AtomicBool,
 }
 
 static NEXT_VM_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What one chunk's eviction moved.
+#[derive(Debug, Default)]
+struct Evicted {
+    home: u64,
+    peers: u64,
+    /// System memory ran out: pages stayed.
+    out_of_memory: bool,
+}
+
+/// Passes over device memory that move nothing before [`GpuDevice::offline`] gives up.
+const OFFLINE_IDLE_PASSES: u32 = 10_000;
 
 /// The largest fault buffer a configuration may ask for.
 const MAX_FAULT_BUFFER: usize = 1 << 20;
@@ -153,6 +192,7 @@ impl GpuDevice {
             counters,
             chunks: ChunkTracker::new(nchunks),
             peer_in: Mutex::new(Vec::new()),
+            online: AtomicBool::new(true),
         });
         let pagemap_ops: Arc<dyn DevPagemapOps> = ops.clone();
         let vram = memremap_pages(
@@ -171,16 +211,121 @@ impl GpuDevice {
             _ => SvmError::NoMem,
         })?;
         ops.chunks.set_base(vram.frame(0).device_pfn().as_u64());
-        group.join(vram.id(), &ops);
-        Ok(Arc::new(GpuDevice {
+        let id = vram.id();
+        let device = Arc::new(GpuDevice {
             phys: Arc::clone(phys),
             owner,
             group: Arc::clone(group),
             vram,
-            ops,
+            ops: Arc::clone(&ops),
             eviction,
             config,
-        }))
+        });
+        group.join(id, &ops, &device);
+        Ok(device)
+    }
+
+    /// Whether the device is online (it is from its creation until
+    /// [`offline`](Self::offline)).
+    pub fn is_online(&self) -> bool {
+        self.ops.online.load(Ordering::Acquire)
+    }
+
+    /// Takes the device away (hot unplug, driver unbind: the multi-device SVM RFC's
+    /// revoke), while CPU threads and other devices go on using the same memory:
+    ///
+    /// 1. every access, fault service and prefetch of its VMs fails with `Offline` from
+    ///    now on; each VM's service lock is taken to wait for those in flight, then all its
+    ///    GPU entries and ranges are dropped;
+    /// 2. every page of its memory moves out by [`migrate_device_range`] (each mapping
+    ///    invalidated with CLEAR, so peers mapping a page over the link drop it): to a peer
+    ///    of the group with room when `to` is [`EvictTarget::Peer`], else to system memory;
+    /// 3. its pagemap is revoked (`memunmap_pages`): no frame of it is valid any more.
+    ///
+    /// Errors: `InUse` when pages kept being held by someone else (the device stays
+    /// offline: call again); `NoMem` when system memory ran out (the pages that found no
+    /// room stay, and the device stays offline). [`online`](Self::online) brings it back.
+    pub fn offline(&self, to: EvictTarget) -> Result<OfflineReport, SvmError> {
+        self.ops.online.store(false, Ordering::Release);
+        let mut report = OfflineReport::default();
+        let vms: Vec<Arc<VmShared>> = self
+            .ops
+            .vms
+            .lock()
+            .values()
+            .filter_map(|(_, v)| v.upgrade())
+            .collect();
+        for vm in vms {
+            let _serial = vm.service_lock.lock();
+            let before = vm.counters.pages_invalidated.load(Ordering::Relaxed);
+            vm.forget_all();
+            report.entries_dropped +=
+                vm.counters.pages_invalidated.load(Ordering::Relaxed) - before;
+        }
+        // Pages still held by a migration in flight (a peer collecting them, a CPU fault)
+        // are waited for; a pass that moves nothing yields first.
+        let mut idle = 0;
+        while self.vram.nr_in_use() > 0 {
+            let mut moved = 0;
+            let mut oom = false;
+            for chunk in self.ops.chunks.candidates(&[]) {
+                let e = self.evict_chunk(chunk.index, to);
+                report.pages_home += e.home;
+                report.pages_to_peers += e.peers;
+                moved += e.home + e.peers;
+                oom |= e.out_of_memory;
+            }
+            if oom {
+                return Err(SvmError::NoMem);
+            }
+            if moved > 0 {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle > OFFLINE_IDLE_PASSES {
+                return Err(SvmError::InUse {
+                    pages: self.vram.nr_in_use(),
+                });
+            }
+            hmm::sync::yield_now();
+        }
+        self.vram.memunmap().map_err(|_| SvmError::InUse {
+            pages: self.vram.nr_in_use(),
+        })?;
+        Ok(report)
+    }
+
+    /// Brings an offline device back: its memory is registered again (the pagemap it
+    /// had, all of it free) and its VMs fault again from nothing. Errors: `NoMem` when the
+    /// pagemap cannot be had; `InUse` when the device was not taken offline completely
+    /// (call [`offline`](Self::offline) again first). Online already: nothing to do.
+    pub fn online(&self) -> Result<(), SvmError> {
+        if self.is_online() {
+            return Ok(());
+        }
+        if self.vram.is_live() {
+            return Err(SvmError::InUse {
+                pages: self.vram.nr_in_use(),
+            });
+        }
+        let ops: Arc<dyn DevPagemapOps> = self.ops.clone();
+        let again = memremap_pages(
+            &self.phys,
+            PagemapConfig {
+                kind: MemoryType::DevicePrivate,
+                owner: self.owner,
+                size_bytes: self.config.vram_bytes,
+            },
+            ops,
+        )
+        .map_err(|_| SvmError::NoMem)?;
+        debug_assert!(
+            Arc::ptr_eq(&again, &self.vram),
+            "the retired pagemap comes back"
+        );
+        self.ops.online.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The owner cookie of the GPU's memory (`pgmap->owner`): its group's.
@@ -270,8 +415,12 @@ impl GpuDevice {
     }
 
     /// A device folio of `2^order` pages (0 or 9), locked; its chunk is busy until
-    /// [`migration_done`](Self::migration_done) is called with its frame.
+    /// [`migration_done`](Self::migration_done) is called with its frame. None while the
+    /// device is offline.
     pub(crate) fn alloc(&self, order: u32) -> Option<LockedFolio<'_>> {
+        if !self.is_online() {
+            return None;
+        }
         let f = self.vram.alloc(order, FrameFlags::empty()).ok()?;
         self.ops
             .chunks
@@ -313,25 +462,48 @@ impl GpuDevice {
                 return false;
             }
             tried.push(victim);
-            self.evict_chunk(victim);
+            self.evict_chunk(victim, self.config.evict_to);
         }
         true
     }
 
-    /// Moves every in-use page of chunk `index` it can take to system memory
-    /// (`migrate_device_range`); returns the pages moved.
-    fn evict_chunk(&self, index: u32) -> u64 {
+    /// Moves every in-use page of chunk `index` it can take out of device memory
+    /// (`migrate_device_range`): to a peer with room for all of them when `to` says so and
+    /// there is one, else to system memory.
+    fn evict_chunk(&self, index: u32, to: EvictTarget) -> Evicted {
         let first = u64::from(index) * PMD_NR;
         let mut m = migrate_device_range(&self.phys, self.vram.frame(first), PMD_NR)
             .expect("a chunk lies inside its pagemap");
-        // Out of system memory: what had no destination stays on the device.
-        let _ = copy_to_system(&mut m, &self.phys, &|_| true);
-        let moved = m.pages().finalize().migrated;
         let c = &self.ops.counters;
         add(&c.evictions, 1);
+        let wanted = m.src().iter().filter(|w| w.is_migrating()).count() as u64;
+        let peer = match to {
+            EvictTarget::Peer if wanted > 0 => self.group.devices().into_iter().find(|d| {
+                !std::ptr::eq(d.as_ref(), self) && d.is_online() && d.vram_pages_free() >= wanted
+            }),
+            _ => None,
+        };
+        if let Some(peer) = peer {
+            let frames = copy_to_device(&mut m, &peer);
+            let moved = m.pages().finalize().migrated;
+            peer.migration_done(&frames);
+            add(&c.evicted_pages, moved);
+            peer.received_from_peer(self.pagemap_id(), moved);
+            return Evicted {
+                peers: moved,
+                ..Evicted::default()
+            };
+        }
+        // Out of system memory: what had no destination stays on the device.
+        let copied = copy_to_system(&mut m, &self.phys, &|_| true);
+        let moved = m.pages().finalize().migrated;
         add(&c.evicted_pages, moved);
         add(&c.pages_d2h, moved);
-        moved
+        Evicted {
+            home: moved,
+            out_of_memory: copied.is_err(),
+            ..Evicted::default()
+        }
     }
 
     /// Registers a VM of the address space `mm`; returns its id.

@@ -27,6 +27,16 @@ pub enum SvmError {
     /// No memory to resolve a fault (`-ENOMEM`).
     #[error("out of memory")]
     NoMem,
+    /// The device is offline (`-ENODEV`): taken away by [`GpuDevice::offline`](crate::GpuDevice::offline); its VMs map nothing until it is back.
+    #[error("the device is offline")]
+    Offline,
+    /// Device memory stayed in use: pages kept being held by others while the device went
+    /// offline, or it is back before its pages all left (`-EBUSY`).
+    #[error("{pages} pages of device memory still in use")]
+    InUse {
+        /// Pages in use.
+        pages: u64,
+    },
     /// The access kept faulting: every replay found its page unmapped again
     /// (invalidations kept winning).
     #[error("the access kept faulting at {addr}")]

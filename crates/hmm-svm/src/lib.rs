@@ -87,7 +87,7 @@ mod vm;
 mod vram;
 
 pub use addr::GpuPageSize;
-pub use device::{GpuConfig, GpuDevice};
+pub use device::{EvictTarget, GpuConfig, GpuDevice, OfflineReport};
 pub use error::SvmError;
 pub use fault::{Access, FaultBuffer, GpuFault};
 pub use gpt::{GpuPte, Location};

@@ -234,6 +234,44 @@ pub(crate) fn copy_to_system<'s>(
     out.map(|()| copied)
 }
 
+/// Gives every migrating page of `m` a page of `device`'s memory filled from it (a unit of
+/// 512 one device THP, or 512 pages when there is none); one batched copy, made by the
+/// source device. Entries left without a destination (`device` full) stay where they are.
+/// Returns the device frames handed over (their chunks are busy until the migration ends).
+pub(crate) fn copy_to_device<'s>(m: &mut impl Collected<'s>, device: &GpuDevice) -> Vec<u64> {
+    let mut pairs = Vec::new();
+    let mut frames = Vec::new();
+    let mut i = 0;
+    while i < m.words().len() {
+        let w = m.words()[i];
+        let n = w.npages();
+        let Some(src) = m.source(i).filter(|_| w.is_migrating()) else {
+            i += n as usize;
+            continue;
+        };
+        if let Some(folio) = (n > 1).then(|| device.alloc(PMD_ORDER)).flatten() {
+            pairs.push((*folio, src));
+            frames.push(folio.device_pfn().as_u64());
+            m.hand_over(i, folio).expect(HANDED_ONCE);
+        } else {
+            for k in i..i + n as usize {
+                let Some(page) = device.alloc(0) else { break };
+                let s = m.source(k).expect("a page of a migrating unit");
+                if n > 1 {
+                    page.copy_from(&s);
+                } else {
+                    pairs.push((*page, s));
+                }
+                frames.push(page.device_pfn().as_u64());
+                m.hand_over(k, page).expect(HANDED_ONCE);
+            }
+        }
+        i += n as usize;
+    }
+    copy_folios(&pairs);
+    frames
+}
+
 /// The `expect` of every `set_dst` here: each loop hands one destination to each migrating
 /// entry it visits, once.
 const HANDED_ONCE: &str = "one destination for a migrating entry";

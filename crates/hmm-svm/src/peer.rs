@@ -35,7 +35,7 @@ use std::sync::{Arc, Weak};
 use hmm::notifier::{MmId, Owner};
 use hmm::sync::Mutex;
 
-use crate::device::DeviceOps;
+use crate::device::{DeviceOps, GpuDevice};
 use crate::vm::VmShared;
 
 /// How a device takes pages a peer of its group holds when its placement says *device*.
@@ -84,7 +84,15 @@ impl PeerPolicy {
 pub struct PeerGroup {
     owner: Owner,
     /// Members by pagemap id (a leaf lock).
-    members: Mutex<Vec<(u32, Weak<DeviceOps>)>>,
+    members: Mutex<Vec<Member>>,
+}
+
+/// One member: its pagemap's id, its pagemap callbacks (alive as long as its memory is)
+/// and the device (alive as long as the driver holds it).
+struct Member {
+    pagemap: u32,
+    ops: Weak<DeviceOps>,
+    device: Weak<GpuDevice>,
 }
 
 impl PeerGroup {
@@ -106,8 +114,17 @@ impl PeerGroup {
         self.members
             .lock()
             .iter()
-            .filter(|(_, m)| m.strong_count() > 0)
+            .filter(|m| m.device.strong_count() > 0)
             .count()
+    }
+
+    /// The live members, in the order they joined.
+    pub fn devices(&self) -> Vec<Arc<GpuDevice>> {
+        self.members
+            .lock()
+            .iter()
+            .filter_map(|m| m.device.upgrade())
+            .collect()
     }
 
     /// Whether no member is alive.
@@ -115,19 +132,24 @@ impl PeerGroup {
         self.len() == 0
     }
 
-    pub(crate) fn join(&self, pagemap: u32, ops: &Arc<DeviceOps>) {
+    pub(crate) fn join(&self, pagemap: u32, ops: &Arc<DeviceOps>, device: &Arc<GpuDevice>) {
         let mut m = self.members.lock();
-        m.retain(|(_, o)| o.strong_count() > 0);
-        m.push((pagemap, Arc::downgrade(ops)));
+        m.retain(|m| m.device.strong_count() > 0);
+        m.push(Member {
+            pagemap,
+            ops: Arc::downgrade(ops),
+            device: Arc::downgrade(device),
+        });
     }
 
-    /// The member whose device memory is the pagemap `id`.
+    /// The member whose device memory is the pagemap `id`: its callbacks, alive while
+    /// its memory is (a device dropped with pages still in use keeps them).
     pub(crate) fn member(&self, id: u32) -> Option<Arc<DeviceOps>> {
         self.members
             .lock()
             .iter()
-            .find(|(p, _)| *p == id)
-            .and_then(|(_, o)| o.upgrade())
+            .find(|m| m.pagemap == id)
+            .and_then(|m| m.ops.upgrade())
     }
 
     /// Every live VM of every member bound to the address space `mm`: the VMs whose
@@ -137,7 +159,7 @@ impl PeerGroup {
             .members
             .lock()
             .iter()
-            .filter_map(|(_, o)| o.upgrade())
+            .filter_map(|m| m.ops.upgrade())
             .collect();
         members.iter().flat_map(|m| m.own_vms_of(mm)).collect()
     }

@@ -90,7 +90,12 @@ impl GpuVm {
     /// end the call, and the faults of the batch not serviced yet are raised again by
     /// their replays.
     pub fn service_faults(&self) -> Result<ServiceReport, SvmError> {
-        let _serial = self.service_lock.lock();
+        let _serial = self.shared.service_lock.lock();
+        if !self.device.is_online() {
+            // The faults of a device that went away are dropped with it.
+            self.buffer.fetch(usize::MAX);
+            return Err(SvmError::Offline);
+        }
         let mut report = ServiceReport::default();
         let batch_max = self.device.config().batch_max;
         loop {
@@ -119,11 +124,15 @@ impl GpuVm {
     /// reached the threshold has its ranges placed again with cause `AccessCounter`, and
     /// migrated if the policy says so; its counter starts again from zero.
     pub fn service_access_counters(&self) -> Result<(), SvmError> {
-        let _serial = self.service_lock.lock();
+        let _serial = self.shared.service_lock.lock();
         self.access_counters_locked()
     }
 
     fn access_counters_locked(&self) -> Result<(), SvmError> {
+        if !self.device.is_online() {
+            self.notifications.lock().clear();
+            return Err(SvmError::Offline);
+        }
         let blocks = {
             let mut n = self.notifications.lock();
             self.notified
@@ -175,7 +184,10 @@ impl GpuVm {
     /// Errors: `Inval` for a bad span, `Fatal` for a page no VMA maps, `Exited`, `NoMem`.
     pub fn prefetch(&self, addr: VirtAddr, len: u64) -> Result<(), SvmError> {
         let span = user_range(addr, len)?;
-        let _serial = self.service_lock.lock();
+        let _serial = self.shared.service_lock.lock();
+        if !self.device.is_online() {
+            return Err(SvmError::Offline);
+        }
         let mm = self.mm()?;
         let mut at = span.start();
         while at < span.end() {

@@ -59,6 +59,10 @@ pub(crate) struct VmShared {
     pub(crate) thrashing: Option<ThrashingDetector>,
     /// Thrashing histories by virtual page number (a leaf lock: nothing is taken under it).
     pub(crate) history: Mutex<Histories>,
+    /// Serialises fault servicing, prefetch and garbage collection of this VM (Xe's
+    /// `vm->lock`): range lookup, migration and bind of one fault never interleave with
+    /// another's on the same VM; taking a device offline takes it to wait for them.
+    pub(crate) service_lock: Mutex<()>,
 }
 
 /// Histories kept before old ones are first pruned.
@@ -105,6 +109,17 @@ impl VmShared {
                 .retain(|_, p| now.saturating_sub(p.last_event) <= epoch || p.pinned_until > now);
             h.prune_at = HISTORY_PRUNE_AT.max(2 * h.pages.len());
         }
+    }
+
+    /// Forgets everything the GPU maps through this VM (its device went away): every GPU
+    /// entry zapped, every range dropped. Called with the service lock held.
+    pub(crate) fn forget_all(&self) {
+        let mut st = self.state.write();
+        let zapped = st.gpt.unmap(0, hmm::addr::USER_VA_END >> PAGE_SHIFT);
+        st.ranges.clear();
+        st.gc.clear();
+        st.fatal.clear();
+        add(&self.counters.pages_invalidated, zapped);
     }
 
     /// The pages of `vpns` the detector says to leave where they are now.
@@ -157,10 +172,6 @@ pub struct GpuVm {
     /// The interval notifiers, one per window of `notifier_bytes`, by window index.
     pub(crate) windows: Mutex<BTreeMap<u64, Arc<IntervalNotifier>>>,
     pub(crate) buffer: FaultBuffer,
-    /// Serialises fault servicing, prefetch and garbage collection of this VM (Xe's
-    /// `vm->lock`): range lookup, migration and bind of one fault never interleave with
-    /// another's on the same VM.
-    pub(crate) service_lock: Mutex<()>,
     pub(crate) migration: Box<dyn MigrationPolicy>,
     pub(crate) prefetch: Box<dyn PrefetchPolicy>,
     pub(crate) counter_threshold: Option<u32>,
@@ -250,6 +261,7 @@ impl GpuVm {
             clock,
             thrashing,
             history: Mutex::new(Histories::default()),
+            service_lock: Mutex::new(()),
         });
         let id = device.register_vm(mm.id(), Arc::downgrade(&shared));
         Arc::new(GpuVm {
@@ -259,7 +271,6 @@ impl GpuVm {
             shared,
             windows: Mutex::new(BTreeMap::new()),
             buffer: FaultBuffer::new(device.config().fault_buffer_entries),
-            service_lock: Mutex::new(()),
             migration,
             prefetch,
             counter_threshold: access_counter_threshold.filter(|&t| t > 0),
@@ -408,6 +419,9 @@ impl GpuVm {
             .ok_or(SvmError::Inval {
                 what: "access past the address space",
             })?;
+        if !self.device.is_online() {
+            return Err(SvmError::Offline);
+        }
         let access = op.access();
         let phys = self.device.phys();
         let c = &self.shared.counters;

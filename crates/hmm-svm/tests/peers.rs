@@ -1,7 +1,7 @@
-//! Peer groups: devices sharing one pagemap owner map each other's pages, take them by
-//! the peer policy (a direct copy by the source, a bounce through system memory, or a
-//! peer mapping), and the seed series' owner filter stays right across groups. Every test
-//! checks bytes and frames.
+//! Many devices: peer groups (devices sharing one pagemap owner map each other's pages,
+//! take them by the peer policy: a direct copy by the source, a bounce through system
+//! memory, or a peer mapping), the seed series' owner filter across groups, eviction to a
+//! peer, and devices going offline and coming back. Every test checks bytes and frames.
 
 use std::sync::Arc;
 
@@ -11,7 +11,9 @@ use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::{NotifierEvent, Recorder};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_svm::policy::prefetch::NoPrefetch;
-use hmm_svm::{GpuConfig, GpuDevice, GpuVm, Location, PeerGroup, PeerPolicy, VmPolicies};
+use hmm_svm::{
+    EvictTarget, GpuConfig, GpuDevice, GpuVm, Location, PeerGroup, PeerPolicy, SvmError, VmPolicies,
+};
 
 const RW: Prot = Prot::READ.union(Prot::WRITE);
 /// Pages per part of a buffer.
@@ -26,11 +28,17 @@ struct Machine {
 /// GPUs with 8 MiB each, `groups[i]` naming GPU `i`'s group (the same number, the same
 /// group).
 fn machine(groups: &[u32]) -> Machine {
+    machine_with(groups, &[8; 8], EvictTarget::Host)
+}
+
+/// [`machine`] with GPU `i` holding `vram_mib[i]` MiB and evicting to `evict_to`.
+fn machine_with(groups: &[u32], vram_mib: &[u64], evict_to: EvictTarget) -> Machine {
     let phys = PhysMem::new(PhysConfig::with_size(128 << 20)).unwrap();
     let mut made: Vec<(u32, Arc<PeerGroup>)> = Vec::new();
     let gpus = groups
         .iter()
-        .map(|&g| {
+        .zip(vram_mib)
+        .map(|(&g, &mib)| {
             let group = match made.iter().find(|(n, _)| *n == g) {
                 Some((_, grp)) => Arc::clone(grp),
                 None => {
@@ -39,7 +47,8 @@ fn machine(groups: &[u32]) -> Machine {
                 }
             };
             let config = GpuConfig {
-                vram_bytes: 8 << 20,
+                vram_bytes: mib << 20,
+                evict_to,
                 ..GpuConfig::default()
             };
             GpuDevice::in_group(&phys, config, &group).unwrap()
@@ -323,4 +332,113 @@ fn a_cpu_fault_zaps_the_peers_mapping() {
     assert_eq!(reader.lookup(at(a, 3)).unwrap().location, Location::Peer);
     m.check(a, &data);
     m.finish(vec![holder, reader]);
+}
+
+/// A device taken offline moves every page home while a peer maps some of them: the peer's
+/// mappings go, the CPU and the peer read every byte, the device's VMs fail cleanly; back
+/// online, it faults from nothing and migrates again.
+#[test]
+fn a_device_goes_offline_and_comes_back() {
+    let m = machine(&[0, 0]);
+    let (a, mut data) = m.buffer(4 * PART);
+    let gone = m.vm(0, PeerPolicy::SourceCopy);
+    let peer = m.vm(1, PeerPolicy::RemoteMap);
+    gpu_read(&gone, a, 0, 4 * PART, &data);
+    gpu_read(&peer, a, 0, PART, &data);
+    assert_eq!(peer.lookup(a).unwrap().location, Location::Peer);
+    let report = m.gpus[0].offline(EvictTarget::Host).unwrap();
+    assert_eq!(report.pages_home, 4 * PART);
+    assert_eq!(report.entries_dropped, 4 * PART);
+    assert!(!m.gpus[0].is_online());
+    assert_eq!(m.gpus[0].vram_pages_in_use(), 0);
+    assert_eq!(
+        peer.lookup(a),
+        None,
+        "the peer's mappings went with the pages"
+    );
+    assert_eq!(gone.mapped_pages(), 0);
+    assert_eq!(gone.nr_ranges(), 0);
+    let mut buf = [0u8; 8];
+    assert_eq!(gone.read(a, &mut buf), Err(SvmError::Offline));
+    assert_eq!(gone.prefetch(a, PAGE_SIZE), Err(SvmError::Offline));
+    assert_eq!(gone.service_faults(), Err(SvmError::Offline));
+    // The others go on.
+    m.mm.write(at(a, 1), b"cpu").unwrap();
+    data[PAGE_SIZE as usize..][..3].copy_from_slice(b"cpu");
+    gpu_read(&peer, a, 0, 4 * PART, &data);
+    m.check(a, &data);
+    // Twice is nothing more.
+    assert_eq!(m.gpus[0].offline(EvictTarget::Host).unwrap().pages_home, 0);
+    m.gpus[0].online().unwrap();
+    m.gpus[0].online().unwrap();
+    let before = gone.stats();
+    gpu_read(&gone, a, 0, 4 * PART, &data);
+    assert_eq!(gone.lookup(a).unwrap().location, Location::Vram);
+    // The CPU's read-back left every page in system memory.
+    assert_eq!(gone.stats().since(&before).pages_h2d, 4 * PART);
+    m.check(a, &data);
+    m.finish(vec![gone, peer]);
+}
+
+/// Offline to a peer: the pages move over the link, not home.
+#[test]
+fn a_device_going_offline_hands_its_pages_to_a_peer() {
+    let m = machine(&[0, 0, 1]);
+    let (a, data) = m.buffer(2 * PART);
+    let gone = m.vm(0, PeerPolicy::SourceCopy);
+    gpu_read(&gone, a, 0, 2 * PART, &data);
+    let report = m.gpus[0].offline(EvictTarget::Peer).unwrap();
+    assert_eq!((report.pages_to_peers, report.pages_home), (2 * PART, 0));
+    assert_eq!(
+        m.gpus[1].vram_pages_in_use(),
+        2 * PART,
+        "the peer of the group"
+    );
+    assert_eq!(
+        m.gpus[2].vram_pages_in_use(),
+        0,
+        "not the device of another group"
+    );
+    assert_eq!(
+        m.gpus[1].peer_pages_in(),
+        vec![(m.gpus[0].pagemap_id(), 2 * PART)]
+    );
+    m.check(a, &data);
+    assert_eq!(
+        m.gpus[1].vram_pages_in_use(),
+        0,
+        "the CPU took them from the peer"
+    );
+    m.finish(vec![gone]);
+}
+
+/// Device memory full on one GPU while its peer has room: evicting to the peer moves no
+/// page home; evicting home does.
+#[test]
+fn eviction_goes_to_a_peer_with_room_when_asked() {
+    for target in [EvictTarget::Host, EvictTarget::Peer] {
+        let m = machine_with(&[0, 0], &[2, 8], target);
+        let (a, data) = m.buffer(4 * 512);
+        let small = m.vm(0, PeerPolicy::SourceCopy);
+        gpu_read(&small, a, 0, 4 * 512, &data);
+        let s = small.stats();
+        assert!(
+            s.evictions > 0,
+            "{target:?}: 8 MiB through 2 MiB of device memory"
+        );
+        match target {
+            EvictTarget::Host => {
+                assert_eq!(s.pages_d2h, s.evicted_pages);
+                assert_eq!(m.gpus[1].vram_pages_in_use(), 0);
+            }
+            EvictTarget::Peer => {
+                assert_eq!(s.pages_d2h, 0, "nothing went home");
+                assert_eq!(s.pages_d2d_out, s.evicted_pages, "this device copied them");
+                assert_eq!(m.gpus[1].stats().pages_d2d_in, s.evicted_pages);
+                assert_eq!(m.gpus[1].vram_pages_in_use(), s.evicted_pages);
+            }
+        }
+        m.check(a, &data);
+        m.finish(vec![small]);
+    }
 }

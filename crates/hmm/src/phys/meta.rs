@@ -426,7 +426,7 @@ impl FrameMeta {
         let addr = std::ptr::from_ref(self) as usize;
         // Fibonacci hashing of the metadata address, like the kernel's hash_ptr.
         let h = (addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - WAIT_TABLE_BITS);
-        &WAIT_TABLE[h as usize]
+        &wait_table()[h as usize]
     }
 }
 
@@ -437,12 +437,37 @@ struct WaitBucket {
     cond: Condvar,
 }
 
-static WAIT_TABLE: [WaitBucket; 1 << WAIT_TABLE_BITS] = [const {
-    WaitBucket {
-        mutex: Mutex::new(()),
-        cond: Condvar::new(),
+type WaitTable = [WaitBucket; 1 << WAIT_TABLE_BITS];
+
+/// A table with every queue empty.
+const fn empty_table() -> WaitTable {
+    [const {
+        WaitBucket {
+            mutex: Mutex::new(()),
+            cond: Condvar::new(),
+        }
+    }; 1 << WAIT_TABLE_BITS]
+}
+
+/// The hashed wait queues of folio locks (the kernel's `folio_wait_table`), one for the
+/// process.
+#[cfg(not(feature = "shuttle"))]
+fn wait_table() -> &'static WaitTable {
+    static WAIT_TABLE: WaitTable = empty_table();
+    &WAIT_TABLE
+}
+
+/// Under shuttle the queues' locks are shuttle's, which belong to one execution at a
+/// time, and the tests of one binary run their executions at once, each on its own OS
+/// thread (an execution's tasks all run on that thread): one table per OS thread, so two
+/// tests never wait on each other's locks.
+#[cfg(feature = "shuttle")]
+fn wait_table() -> &'static WaitTable {
+    thread_local! {
+        static WAIT_TABLE: &'static WaitTable = Box::leak(Box::new(empty_table()));
     }
-}; 1 << WAIT_TABLE_BITS];
+    WAIT_TABLE.with(|t| *t)
+}
 
 #[cfg(test)]
 mod tests {
