@@ -174,6 +174,10 @@ enum Command {
         /// to this file (created before the run).
         #[arg(long, value_name = "FILE")]
         trace_out: Option<std::path::PathBuf>,
+        /// With --compare: draw the variants' simulated time and bytes moved per direction
+        /// into this folder (compare-SCENARIO.svg and .png).
+        #[arg(long, value_name = "DIR", requires = "compare")]
+        plot: Option<PathBuf>,
     },
     /// Replay a recorded trace on a scenario's machine (its machine, buffers and policies)
     /// and print the metrics; fails if a byte was lost or a frame leaked.
@@ -696,6 +700,7 @@ fn main() -> ExitCode {
             set,
             compare,
             trace_out,
+            plot,
         } => {
             // Every scenario error is the user's input: refused like a bad argument.
             if let Some(name) = scenario.as_deref().filter(|_| !list) {
@@ -711,6 +716,9 @@ fn main() -> ExitCode {
             let trace = trace_out
                 .as_deref()
                 .map(|p| run::open_trace(p).unwrap_or_else(|e| usage_error(&["run"], e)));
+            if let Some(dir) = &plot {
+                require(&["run"], limits::check_plot_dir(dir));
+            }
             run::main(run::Request {
                 scenario,
                 list,
@@ -718,6 +726,7 @@ fn main() -> ExitCode {
                 set,
                 compare,
                 trace,
+                plot,
             })
         }
         Command::Stress {

@@ -22,6 +22,8 @@ pub(crate) struct Request {
     pub(crate) compare: Option<String>,
     /// Where the timeline goes (one run only).
     pub(crate) trace: Option<Box<dyn std::io::Write + Send>>,
+    /// Where the comparison's chart goes (with `compare` only).
+    pub(crate) plot: Option<std::path::PathBuf>,
 }
 
 /// Creates the timeline file at `path` (before the run, so a bad path fails at once).
@@ -140,11 +142,15 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
             results.push((label, m?));
         }
     }
+    if let Some(dir) = &r.plot {
+        let scenario = results.first().map_or("", |(_, m)| m.scenario.as_str());
+        for f in crate::bench::plot::compare(dir, scenario, &results)? {
+            errln!("wrote {}", f.display());
+        }
+    }
     report(r.json, &results, r.compare.is_some())
 }
 
-/// Prints `results` (one object, or an array for a comparison) and fails if any lost a
-/// byte or leaked a frame.
 /// The version of the `--json` objects' layout: raised when a field changes meaning or
 /// goes away (fields may be added without it).
 const SCHEMA_VERSION: u32 = 1;
@@ -157,6 +163,8 @@ struct Versioned<'m> {
     metrics: &'m Metrics,
 }
 
+/// Prints `results` (one object, or an array for a comparison) and fails if any lost a
+/// byte or leaked a frame.
 fn report(json: bool, results: &[(String, Metrics)], array: bool) -> Result<()> {
     if json {
         let versioned = |m| Versioned {

@@ -260,6 +260,9 @@ fn a_plot_folder_that_cannot_be_written_is_refused_before_the_run() {
             let line = refused(&["bench", bench, "--plot", dir], "--plot", dir);
             assert!(line.contains("cannot create the folder"), "{line}");
         }
+        let run = ["run", "stream", "--compare", "seed=1,2", "--plot", dir];
+        let line = refused(&run, "--plot", dir);
+        assert!(line.contains("cannot create the folder"), "{line}");
     }
     refused(&["bench", "all", "--plot", ""], "--plot", "");
     std::fs::remove_file(&file).unwrap();

@@ -452,6 +452,75 @@ fn run_lists_runs_and_compares_scenarios() {
 }
 
 #[test]
+fn run_compares_peer_policies_and_draws_them() {
+    let dir = std::env::temp_dir().join(format!("hmm-run-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two GPUs of one group take turns on one buffer.
+    let file = dir.join("peers.toml");
+    std::fs::write(
+        &file,
+        "name = \"peers\"\n[machine]\nram_mib = 32\n\
+         gpus = [{ vram_mib = 4, group = \"x\" }, { vram_mib = 4, group = \"x\" }]\n\
+         [policy]\nprefetch = \"none\"\n[[buffer]]\nname = \"a\"\nmib = 2\n\
+         [[phase]]\nagents = [{ on = \"gpu0\", buffer = \"a\", access = \"write\" }]\n\
+         [[phase]]\nagents = [{ on = \"gpu1\", buffer = \"a\", passes = 2 }]\n",
+    )
+    .unwrap();
+    let out = cmd()
+        .arg("run")
+        .arg(&file)
+        .args([
+            "--json",
+            "--compare",
+            "policy.peer=copy,bounce,remote",
+            "--plot",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let field = |i: usize, k: &str| v[i][k].as_u64().unwrap();
+    assert!(
+        field(0, "bytes_d2d") > 0 && field(0, "bytes_bounced") == 0,
+        "copy"
+    );
+    assert!(
+        field(1, "bytes_d2d") == 0 && field(1, "bytes_bounced") > 0,
+        "bounce"
+    );
+    assert!(
+        field(2, "bytes_d2d") == 0 && field(2, "peer_accesses") > 0,
+        "remote"
+    );
+    assert!(v[0]["bytes_by_link"]["gpu0-gpu1"].as_u64().unwrap() > 0);
+    for ext in ["svg", "png"] {
+        let f = dir.join(format!("compare-peers.{ext}"));
+        assert!(
+            std::fs::metadata(&f).unwrap().len() > 1000,
+            "{}",
+            f.display()
+        );
+    }
+    let svg = std::fs::read_to_string(dir.join("compare-peers.svg")).unwrap();
+    for label in ["copy", "bounce", "remote", "GPU to GPU", "simulated time"] {
+        assert!(svg.contains(label), "the chart names {label}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    // --plot draws a comparison only.
+    let out = cmd()
+        .args(["run", "stream", "--plot"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn run_refuses_bad_scenarios_naming_the_line() {
     let dir = std::env::temp_dir().join(format!("hmm-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
