@@ -108,6 +108,14 @@ pub enum RunError {
         /// Faults in a row.
         faults: u32,
     },
+    /// A GPU could not go offline or come back.
+    #[error("{what}: {why}")]
+    Device {
+        /// What was asked (`phase 1, gpu3 offline`).
+        what: String,
+        /// The error.
+        why: String,
+    },
     /// An access failed that should not (the model refused a valid access).
     #[error("{agent} at {addr}: {why}")]
     Access {
@@ -154,6 +162,13 @@ fn peer_policy(name: &str) -> PeerPolicy {
         "bounce" => PeerPolicy::Bounce,
         "remote" => PeerPolicy::RemoteMap,
         _ => PeerPolicy::SourceCopy,
+    }
+}
+
+fn evict_target(name: &str) -> EvictTarget {
+    match name {
+        "peer" => EvictTarget::Peer,
+        _ => EvictTarget::Host,
     }
 }
 
@@ -260,11 +275,7 @@ impl World {
             .map(|(i, g)| {
                 let config = GpuConfig {
                     vram_bytes: g.vram_mib << 20,
-                    evict_to: if s.policy.evict_to == "peer" {
-                        EvictTarget::Peer
-                    } else {
-                        EvictTarget::Host
-                    },
+                    evict_to: evict_target(&s.policy.evict_to),
                     ..GpuConfig::default()
                 };
                 let group = match g.group.as_deref() {
@@ -398,6 +409,27 @@ impl World {
         );
         self.invalidations(now);
         Ok(spent)
+    }
+
+    /// GPU `g` goes offline at `now` (its pages to a peer with `to`, else home); returns
+    /// what moving them cost.
+    pub(crate) fn offline(&mut self, g: usize, to: EvictTarget, now: u64) -> Result<u64, String> {
+        let before = self.traffic();
+        self.clock.set(now);
+        let report = self.gpus[g].offline(to).map_err(|e| e.to_string())?;
+        let spent = self.links.cost_ns(&self.traffic(), &before);
+        let args =
+            json!({"pages_home": report.pages_home, "pages_to_peers": report.pages_to_peers});
+        self.slice(timeline::gpu_driver(g), "offline", now, spent, args);
+        self.invalidations(now);
+        Ok(spent)
+    }
+
+    /// GPU `g` comes back online.
+    pub(crate) fn online(&mut self, g: usize, now: u64) -> Result<(), String> {
+        self.gpus[g].online().map_err(|e| e.to_string())?;
+        self.slice(timeline::gpu_driver(g), "online", now, 0, json!({}));
+        Ok(())
     }
 
     /// The pages every link has carried so far.
@@ -626,7 +658,23 @@ pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<
     let mut now = 0u64;
     for (p, phase) in s.phases.iter().enumerate() {
         let phase_start = now;
-        // Explicit prefetches first, from the phase's start.
+        // GPUs come back, then go away, then the explicit prefetches, from the phase's
+        // start.
+        for g in &phase.online {
+            let i = crate::scenario::Phase::gpu_index(g);
+            w.online(i, now).map_err(|why| RunError::Device {
+                what: format!("phase {p}, {} online", g.get_ref()),
+                why,
+            })?;
+        }
+        for g in &phase.offline {
+            let i = crate::scenario::Phase::gpu_index(g);
+            let to = evict_target(&s.policy.evict_to);
+            now += w.offline(i, to, now).map_err(|why| RunError::Device {
+                what: format!("phase {p}, {} offline", g.get_ref()),
+                why,
+            })?;
+        }
         for f in &phase.prefetch {
             let b = buffer_index(s, f.buffer.get_ref());
             let g: usize = f.to.get_ref()[3..].parse().expect("validated");
@@ -885,6 +933,22 @@ agents = [{ on = "gpu2", buffer = "a", access = "read", access_bytes = 4096 }]
             copy.sim_time_ns < bounce.sim_time_ns,
             "one copy over a faster link beats two"
         );
+    }
+
+    #[test]
+    fn a_gpu_goes_offline_and_its_pages_go_home_or_to_a_peer() {
+        let text = crate::scenario::shipped("gpu-offline").unwrap();
+        for to in ["host", "peer"] {
+            let s = parse(text, &[format!("policy.evict_to={to}")]).unwrap();
+            let m = run(&s).unwrap();
+            assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0), "{to}");
+            let out = |k: &str| m.bytes_by_link.get(k).copied().unwrap_or(0);
+            let to_peers: u64 = (0..3).map(|g| out(&format!("gpu3-gpu{g}"))).sum();
+            match to {
+                "host" => assert!(out("gpu3-host") >= 8 << 20 && to_peers == 0, "{m:?}"),
+                _ => assert!(to_peers >= 8 << 20 && out("gpu3-host") == 0, "{m:?}"),
+            }
+        }
     }
 
     #[test]

@@ -174,11 +174,26 @@ pub struct Phase {
     /// Its name, for reports.
     #[serde(default)]
     pub name: String,
+    /// GPUs brought back online when the phase starts (before `offline`).
+    #[serde(default)]
+    pub online: Vec<Spanned<String>>,
+    /// GPUs taken offline when the phase starts: every page of their memory moves out (to
+    /// a peer of the group with room when `policy.evict_to = "peer"`, else home) and they
+    /// take no part until a phase brings them back.
+    #[serde(default)]
+    pub offline: Vec<Spanned<String>>,
     /// Explicit prefetches to a GPU before the agents start (`cudaMemPrefetchAsync`).
     #[serde(default)]
     pub prefetch: Vec<Prefetch>,
     /// The agents.
     pub agents: Vec<Agent>,
+}
+
+impl Phase {
+    /// The index of GPU `name` (`gpuN`, validated).
+    pub fn gpu_index(name: &Spanned<String>) -> usize {
+        name.get_ref()[3..].parse().expect("validated")
+    }
 }
 
 /// An explicit prefetch of a whole buffer.
@@ -275,7 +290,7 @@ fn at_line(line: usize) -> String {
 }
 
 /// The scenarios shipped in `scenarios/`, by name, with their text.
-pub const SHIPPED: [(&str, &str); 13] = [
+pub const SHIPPED: [(&str, &str); 14] = [
     ("stream", include_str!("../scenarios/stream.toml")),
     (
         "stream-oversubscribed",
@@ -310,6 +325,7 @@ pub const SHIPPED: [(&str, &str); 13] = [
         "peer-eviction",
         include_str!("../scenarios/peer-eviction.toml"),
     ),
+    ("gpu-offline", include_str!("../scenarios/gpu-offline.toml")),
 ];
 
 /// The text of the shipped scenario `name`.
@@ -574,15 +590,49 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
             ))
         }
     };
+    // Which GPUs are offline, phase by phase.
+    let mut offline = vec![false; s.machine.gpus.len()];
+    let online_now = |on: &Spanned<String>, field: String, offline: &[bool]| {
+        let g = on
+            .get_ref()
+            .strip_prefix("gpu")
+            .and_then(|n| n.parse::<usize>().ok());
+        match g {
+            Some(g) if offline[g] => Err(invalid(
+                at(on.span()),
+                field,
+                format!("`{}` is offline in this phase", on.get_ref()),
+            )),
+            _ => Ok(()),
+        }
+    };
     for (p, phase) in s.phases.iter().enumerate() {
+        for (k, g) in phase.online.iter().enumerate() {
+            let field = format!("phase[{p}].online[{k}]");
+            gpu(g, field.clone(), false)?;
+            let i = Phase::gpu_index(g);
+            if !offline[i] {
+                let why = format!("`{}` is online already", g.get_ref());
+                return Err(invalid(at(g.span()), field, why));
+            }
+            offline[i] = false;
+        }
+        for (k, g) in phase.offline.iter().enumerate() {
+            let field = format!("phase[{p}].offline[{k}]");
+            gpu(g, field.clone(), false)?;
+            online_now(g, field, &offline)?;
+            offline[Phase::gpu_index(g)] = true;
+        }
         for (k, f) in phase.prefetch.iter().enumerate() {
             buffer(&f.buffer, format!("phase[{p}].prefetch[{k}].buffer"))?;
             gpu(&f.to, format!("phase[{p}].prefetch[{k}].to"), false)?;
+            online_now(&f.to, format!("phase[{p}].prefetch[{k}].to"), &offline)?;
         }
         for (k, a) in phase.agents.iter().enumerate() {
             let f = |x: &str| format!("phase[{p}].agents[{k}].{x}");
             let line = at(a.on.span());
             gpu(&a.on, f("on"), true)?;
+            online_now(&a.on, f("on"), &offline)?;
             buffer(&a.buffer, f("buffer"))?;
             one_of(
                 &a.pattern,
@@ -794,6 +844,50 @@ agents = [{ on = "gpu2", buffer = "a" }]
         )
         .unwrap_err();
         assert!(e.to_string().contains("machine.gpus[0].group"), "{e}");
+    }
+
+    #[test]
+    fn gpus_go_offline_and_come_back_between_phases() {
+        let text = r#"
+name = "t"
+[machine]
+ram_mib = 64
+gpus = [{ vram_mib = 8 }, { vram_mib = 8 }]
+[[buffer]]
+name = "a"
+mib = 4
+[[phase]]
+offline = ["gpu1"]
+agents = [{ on = "gpu0", buffer = "a" }]
+[[phase]]
+online = ["gpu1"]
+agents = [{ on = "gpu1", buffer = "a" }]
+"#;
+        parse(text, &[]).unwrap();
+        let e = parse(&text.replace("on = \"gpu0\"", "on = \"gpu1\""), &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 11: phase[0].agents[0].on: `gpu1` is offline in this phase"
+        );
+        let e = parse(
+            &text.replace("online = [\"gpu1\"]", "online = [\"gpu0\"]"),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "line 13: phase[1].online[0]: `gpu0` is online already"
+        );
+        let e = parse(
+            &text.replace("offline = [\"gpu1\"]", "offline = [\"gpu7\"]"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("line 10: phase[0].offline[0]: `gpu7`"),
+            "{e}"
+        );
     }
 
     #[test]
