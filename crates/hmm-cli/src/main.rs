@@ -184,7 +184,8 @@ enum Command {
     Replay {
         /// The trace file (read as a stream).
         file: std::path::PathBuf,
-        /// `native` (time_ns,agent,op,buffer,offset,len) or `uvm-eval` (UVM fault logs).
+        /// `native` (CSV time_ns,agent,op,buffer,offset,len, or one JSON object a line),
+        /// `uvm-eval` (UVM fault logs) or `gpu-ext` (gpu_ext chunk traces).
         #[arg(long, default_value = "native")]
         format: hmm_sim::trace::Format,
         /// The scenario whose machine runs the trace (a file or a shipped name).

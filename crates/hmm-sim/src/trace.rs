@@ -6,12 +6,21 @@
 //! * **native** CSV, one access a line: `time_ns,agent,op,buffer,offset,len`, with `agent`
 //!   `cpu` or `gpuN`, `op` `r` or `w` (or `read`, `write`), `offset` and `len` in bytes inside
 //!   the named buffer (`len` 1 to 4096). Blank lines, `#` comments and a header line
-//!   starting with `time` are skipped.
+//!   starting with `time` are skipped. A line that starts with `{` is the same access as
+//!   one JSON object (JSONL): `{"time_ns": 0, "agent": "gpu0", "op": "r", "buffer": "a",
+//!   "offset": 4096, "len": 64}`; the two may be mixed.
 //! * **uvm-eval** fault logs (Allen & Ge, SC'21): the kernel log prefix up to the first `;`
 //!   is dropped; `f,<hex VA>,<timestamp>,...` is a GPU fault of `gpu0`, replayed as a 64-byte
 //!   read; the other lines (`s,`, `b,`, `p,`, `e,`, noise) are skipped. A real process's
 //!   addresses are folded into the scenario's first buffer: the offset is the address
 //!   modulo the buffer's size, so pages stay pages and neighbours stay neighbours.
+//! * **gpu-ext** chunk traces (gpu_ext, arXiv 2512.12615): CSV `time_ms, hook_type,
+//!   owner_pid, va_block_start, va_block_end, page_index` (addresses in hex with `0x`, or
+//!   decimal; `time_ms` may have a fraction). A `block_access` or `block_activate` hook
+//!   (or `access`, `activate`) is a read of 64 bytes of page `page_index` of the block, by
+//!   `gpu0`, folded into the first buffer as uvm-eval's addresses are; `evict_prepare` and
+//!   the prefetch hooks record the driver's own decisions, which the model makes itself, and
+//!   are skipped, as are a header line starting with `time`, blank lines and `#` comments.
 //!
 //! The reader streams (a trace may be larger than memory) and stops at the first malformed
 //! line with its number. Each access starts at its recorded time or when its agent is free,
@@ -33,6 +42,8 @@ pub enum Format {
     Native,
     /// NVIDIA UVM fault logs as uvm-eval records them.
     UvmEval,
+    /// gpu_ext's chunk traces of UVM's policy hooks.
+    GpuExt,
 }
 
 impl std::str::FromStr for Format {
@@ -42,7 +53,8 @@ impl std::str::FromStr for Format {
         match s {
             "native" => Ok(Format::Native),
             "uvm-eval" => Ok(Format::UvmEval),
-            _ => Err(format!("`{s}`: native or uvm-eval")),
+            "gpu-ext" => Ok(Format::GpuExt),
+            _ => Err(format!("`{s}`: native, uvm-eval or gpu-ext")),
         }
     }
 }
@@ -86,6 +98,19 @@ fn parse_line(
 ) -> Result<Option<Event>, String> {
     let line = line.trim();
     match format {
+        Format::Native if line.starts_with('{') => {
+            let a: JsonAccess =
+                serde_json::from_str(line).map_err(|e| format!("not an access: {e}"))?;
+            let ops = ["r", "w", "read", "write"];
+            let op = ops
+                .iter()
+                .find(|o| **o == a.op)
+                .ok_or_else(|| format!("op `{}`: r or w", a.op))?;
+            native(
+                s, sizes, a.time_ns, &a.agent, op, &a.buffer, a.offset, a.len,
+            )
+            .map(Some)
+        }
         Format::Native => {
             if line.is_empty() || line.starts_with('#') || line.starts_with("time") {
                 return Ok(None);
@@ -101,42 +126,67 @@ fn parse_line(
                 v.parse::<u64>()
                     .map_err(|_| format!("{what} `{v}` is not a whole number"))
             };
-            let who = match agent {
-                "cpu" => Actor::Cpu,
-                g => match g.strip_prefix("gpu").and_then(|n| n.parse::<usize>().ok()) {
-                    Some(n) if n < s.machine.gpus.len() => Actor::Gpu(n),
-                    _ => {
-                        return Err(format!(
-                            "agent `{agent}`: cpu or one of the scenario's GPUs"
-                        ))
-                    }
-                },
-            };
-            let write = match op {
-                "r" | "read" => false,
-                "w" | "write" => true,
-                _ => return Err(format!("op `{op}`: r or w")),
-            };
-            let b = s
-                .buffers
-                .iter()
-                .position(|x| x.name == buffer)
-                .ok_or_else(|| format!("no buffer `{buffer}` in the scenario"))?;
-            let (offset, len) = (num(offset, "offset")?, num(len, "len")?);
-            if len == 0 || len > 4096 || offset.checked_add(len).map_or(true, |e| e > sizes[b]) {
+            let (time, offset, len) = (
+                num(time, "time_ns")?,
+                num(offset, "offset")?,
+                num(len, "len")?,
+            );
+            native(s, sizes, time, agent, op, buffer, offset, len).map(Some)
+        }
+        Format::GpuExt => {
+            if line.is_empty() || line.starts_with('#') || line.starts_with("time") {
+                return Ok(None);
+            }
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [time_ms, hook, _pid, start, end, page] = f[..] else {
                 return Err(format!(
-                    "offset {offset} and len {len}: len from 1 to 4096, inside the buffer's {} bytes",
-                    sizes[b]
+                    "expected 6 fields (time_ms,hook_type,owner_pid,va_block_start,\
+                     va_block_end,page_index), found {}",
+                    f.len()
                 ));
+            };
+            let access = match hook {
+                "block_access" | "access" | "block_activate" | "activate" => true,
+                "evict_prepare" | "prefetch" | "prefetch_iter" => false,
+                _ => return Err(format!("hook `{hook}`: one of gpu_ext's hooks")),
+            };
+            let ms = time_ms
+                .parse::<f64>()
+                .ok()
+                .filter(|t| t.is_finite() && *t >= 0.0 && *t < 1e12)
+                .ok_or_else(|| format!("time_ms `{time_ms}` is not a time"))?;
+            let addr = |v: &str, what: &str| {
+                match v.strip_prefix("0x") {
+                    Some(h) => u64::from_str_radix(h, 16).ok(),
+                    None => v.parse::<u64>().ok(),
+                }
+                .ok_or_else(|| format!("{what} `{v}` is not an address"))
+            };
+            let (start, end) = (addr(start, "va_block_start")?, addr(end, "va_block_end")?);
+            let page = page
+                .parse::<u64>()
+                .map_err(|_| format!("page_index `{page}` is not a whole number"))?;
+            let va = page
+                .checked_mul(4096)
+                .and_then(|o| start.checked_add(o))
+                .filter(|va| start < end && *va < end)
+                .ok_or_else(|| {
+                    format!("page {page} is not inside the block {start:#x}..{end:#x}")
+                })?;
+            if !access {
+                return Ok(None);
+            }
+            if s.machine.gpus.is_empty() || sizes.is_empty() {
+                return Err("a gpu-ext trace needs a GPU and a buffer in the scenario".into());
             }
             Ok(Some(Event {
-                time: num(time, "time_ns")?,
-                who,
-                write,
-                buffer: b,
-                offset,
-                // CAST: at most 4096.
-                len: len as usize,
+                // CAST: below 10^18 ns (checked above).
+                time: (ms * 1e6) as u64,
+                who: Actor::Gpu(0),
+                write: false,
+                buffer: 0,
+                offset: (va % sizes[0]) / 64 * 64,
+                len: 64,
             }))
         }
         Format::UvmEval => {
@@ -165,6 +215,68 @@ fn parse_line(
             }))
         }
     }
+}
+
+/// A native access as one JSON object (a JSONL line).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonAccess {
+    time_ns: u64,
+    agent: String,
+    op: String,
+    buffer: String,
+    offset: u64,
+    len: u64,
+}
+
+/// A native access (from CSV or JSON) checked against the scenario.
+#[allow(clippy::too_many_arguments)]
+fn native(
+    s: &Scenario,
+    sizes: &[u64],
+    time: u64,
+    agent: &str,
+    op: &str,
+    buffer: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Event, String> {
+    let who = match agent {
+        "cpu" => Actor::Cpu,
+        g => match g.strip_prefix("gpu").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n < s.machine.gpus.len() => Actor::Gpu(n),
+            _ => {
+                return Err(format!(
+                    "agent `{agent}`: cpu or one of the scenario's GPUs"
+                ))
+            }
+        },
+    };
+    let write = match op {
+        "r" | "read" => false,
+        "w" | "write" => true,
+        _ => return Err(format!("op `{op}`: r or w")),
+    };
+    let b = s
+        .buffers
+        .iter()
+        .position(|x| x.name == buffer)
+        .ok_or_else(|| format!("no buffer `{buffer}` in the scenario"))?;
+    if len == 0 || len > 4096 || offset.checked_add(len).map_or(true, |e| e > sizes[b]) {
+        return Err(format!(
+            "offset {offset} and len {len}: len from 1 to 4096, inside the buffer's {} bytes",
+            sizes[b]
+        ));
+    }
+    Ok(Event {
+        time,
+        who,
+        write,
+        buffer: b,
+        offset,
+        // CAST: at most 4096.
+        len: len as usize,
+    })
 }
 
 /// Replays the trace read from `input` on the machine of `s`, writing its timeline to
@@ -289,6 +401,69 @@ mib = 4
         ] {
             let t = format!("0,cpu,r,a,0,8\n{bad}\n");
             let e = replay(&s, t.as_bytes(), Format::Native, None).unwrap_err();
+            assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn jsonl_lines_are_native_accesses_too() {
+        let s = parse(MACHINE, &[]).unwrap();
+        let mut t = String::new();
+        for i in 0..100u64 {
+            let op = if i % 2 == 0 { "w" } else { "read" };
+            t.push_str(&format!(
+                "{{\"time_ns\": {}, \"agent\": \"gpu0\", \"op\": \"{op}\", \"buffer\": \"a\", \"offset\": {}, \"len\": 128}}\n",
+                i * 500,
+                (i * 13 % 1024) * 4096
+            ));
+        }
+        t.push_str("99999,cpu,r,a,0,8\n");
+        let m = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
+        assert_eq!(m.events, 101);
+        assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
+        for (bad, want) in [
+            ("{\"time_ns\": 0}", "missing field"),
+            ("{\"time_ns\": 0, \"agent\": \"gpu0\", \"op\": \"r\", \"buffer\": \"a\", \"offset\": 0, \"len\": 8, \"x\": 1}", "unknown field"),
+            ("{\"time_ns\": -1, \"agent\": \"gpu0\", \"op\": \"r\", \"buffer\": \"a\", \"offset\": 0, \"len\": 8}", "not an access"),
+            ("{\"time_ns\": 0, \"agent\": \"gpu0\", \"op\": \"x\", \"buffer\": \"a\", \"offset\": 0, \"len\": 8}", "op `x`"),
+            ("{\"time_ns\": 0, \"agent\": \"gpu0\", \"op\": \"r\", \"buffer\": \"a\", \"offset\": 0, \"len\": 0}", "len from 1"),
+            ("{not json", "not an access"),
+        ] {
+            let t = format!("0,cpu,r,a,0,8\n{bad}\n");
+            let e = replay(&s, t.as_bytes(), Format::Native, None).unwrap_err();
+            assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_gpu_ext_chunk_trace_replays_its_accesses() {
+        let s = parse(MACHINE, &[]).unwrap();
+        let t = "time_ms,hook_type,owner_pid,va_block_start,va_block_end,page_index\n\
+                 0.5,block_activate,4242,0x7f0000200000,0x7f0000400000,0\n\
+                 0.75,block_access,4242,0x7f0000200000,0x7f0000400000,17\n\
+                 1,prefetch,4242,0x7f0000200000,0x7f0000400000,18\n\
+                 2.25,evict_prepare,4243,139637976727552,139637978824704,3\n\
+                 3,access,4243,139637976727552,139637978824704,511\n";
+        let m = replay(&s, t.as_bytes(), Format::GpuExt, None).unwrap();
+        assert_eq!(m.events, 3, "activate, access, access");
+        assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
+        assert!(m.sim_time_ns >= 2_500_000, "from 0.5 ms to 3 ms");
+        for (bad, want) in [
+            ("1,block_access,1,0x1000", "expected 6 fields"),
+            ("1,block_smash,1,0x200000,0x400000,0", "hook `block_smash`"),
+            ("-1,block_access,1,0x200000,0x400000,0", "time_ms `-1`"),
+            ("nan,block_access,1,0x200000,0x400000,0", "time_ms `nan`"),
+            ("1,block_access,1,0xzz,0x400000,0", "va_block_start `0xzz`"),
+            (
+                "1,block_access,1,0x200000,0x400000,512",
+                "not inside the block",
+            ),
+            ("1,block_access,1,0x200000,0x400000,x", "page_index `x`"),
+        ] {
+            let t = format!("0,access,1,0x200000,0x400000,0\n{bad}\n");
+            let e = replay(&s, t.as_bytes(), Format::GpuExt, None).unwrap_err();
             assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
             assert!(e.to_string().contains(want), "{bad}: {e}");
         }
