@@ -32,11 +32,13 @@ macro_rules! errln {
 }
 
 mod bench;
+mod charts;
 mod demo;
 #[allow(unsafe_code)]
 mod interrupt;
 mod limits;
 mod output;
+mod report;
 mod run;
 mod selftest;
 mod stress;
@@ -174,10 +176,16 @@ enum Command {
         /// to this file (created before the run).
         #[arg(long, value_name = "FILE")]
         trace_out: Option<std::path::PathBuf>,
-        /// With --compare: draw the variants' simulated time and bytes moved per direction
-        /// into this folder (compare-SCENARIO.svg and .png).
-        #[arg(long, value_name = "DIR", requires = "compare")]
+        /// Draw into this folder (SVG and PNG): with --compare, the variants' simulated
+        /// time and bytes moved (compare-SCENARIO); else the run's bytes migrated over
+        /// simulated time, fault-batch sizes and each GPU's memory in use (bytes-,
+        /// batches-, residency-SCENARIO).
+        #[arg(long, value_name = "DIR")]
         plot: Option<PathBuf>,
+        /// Write one self-contained HTML page of the run (scenario, metrics, charts) to
+        /// this file (created before the run).
+        #[arg(long, value_name = "FILE.html", conflicts_with = "compare")]
+        report: Option<PathBuf>,
     },
     /// Replay a recorded trace on a scenario's machine (its machine, buffers and policies)
     /// and print the metrics; fails if a byte was lost or a frame leaked.
@@ -702,6 +710,7 @@ fn main() -> ExitCode {
             compare,
             trace_out,
             plot,
+            report,
         } => {
             // Every scenario error is the user's input: refused like a bad argument.
             if let Some(name) = scenario.as_deref().filter(|_| !list) {
@@ -720,6 +729,10 @@ fn main() -> ExitCode {
             if let Some(dir) = &plot {
                 require(&["run"], limits::check_plot_dir(dir));
             }
+            let report = report.map(|p| {
+                let f = run::open_report(&p).unwrap_or_else(|e| usage_error(&["run"], e));
+                (p, f)
+            });
             run::main(run::Request {
                 scenario,
                 list,
@@ -728,6 +741,7 @@ fn main() -> ExitCode {
                 compare,
                 trace,
                 plot,
+                report,
             })
         }
         Command::Stress {

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use hmm_sim::engine::{run, Metrics};
+use hmm_sim::engine::{run, run_with, Metrics, Outputs};
 use hmm_sim::scenario::{parse, Scenario, SHIPPED};
 
 use crate::bench::Result;
@@ -22,8 +22,15 @@ pub(crate) struct Request {
     pub(crate) compare: Option<String>,
     /// Where the timeline goes (one run only).
     pub(crate) trace: Option<Box<dyn std::io::Write + Send>>,
-    /// Where the comparison's chart goes (with `compare` only).
+    /// Where the charts go: the comparison's, or the run's.
     pub(crate) plot: Option<std::path::PathBuf>,
+    /// Where the run's HTML report goes (one run only; created before the run).
+    pub(crate) report: Option<(std::path::PathBuf, std::fs::File)>,
+}
+
+/// Creates the report file at `path` (before the run, so a bad path fails at once).
+pub(crate) fn open_report(path: &Path) -> std::result::Result<std::fs::File, String> {
+    std::fs::File::create(path).map_err(|e| format!("--report {}: {e}", path.display()))
 }
 
 /// Creates the timeline file at `path` (before the run, so a bad path fails at once).
@@ -105,25 +112,36 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
         return Ok(());
     }
     let name = r.scenario.expect("clap requires a scenario without --list");
-    if let Some(trace) = r.trace.take() {
+    if r.compare.is_none() {
         let s = load(&name, &r.set)?;
-        let m = hmm_sim::engine::run_traced(&s, Some(trace))?;
+        let out = Outputs {
+            trace: r.trace.take(),
+            record: r.plot.is_some() || r.report.is_some(),
+        };
+        let (m, rec) = run_with(&s, out)?;
+        if let (Some(dir), Some(rec)) = (&r.plot, &rec) {
+            for f in crate::charts::run(dir, &m, rec)? {
+                errln!("wrote {}", f.display());
+            }
+        }
+        if let (Some((path, mut file)), Some(rec)) = (r.report.take(), &rec) {
+            let json = serde_json::to_string_pretty(&versioned(&m))?;
+            let page = crate::report::page(&text_of(&name)?, &r.set, &m, &json, rec)?;
+            std::io::Write::write_all(&mut file, page.as_bytes())
+                .map_err(|e| format!("--report {}: {e}", path.display()))?;
+            errln!("wrote {}", path.display());
+        }
         return report(r.json, &[(String::new(), m)], false);
     }
-    let runs: Vec<(String, Scenario)> = match &r.compare {
-        None => vec![(String::new(), load(&name, &r.set)?)],
-        Some(c) => {
-            let (key, values) = variants(c)?;
-            values
-                .iter()
-                .map(|v| {
-                    let mut set = r.set.clone();
-                    set.push(format!("{key}={v}"));
-                    load(&name, &set).map(|s| (format!("{key}={v}"), s))
-                })
-                .collect::<std::result::Result<_, _>>()?
-        }
-    };
+    let (key, values) = variants(r.compare.as_deref().expect("one run returned above"))?;
+    let runs: Vec<(String, Scenario)> = values
+        .iter()
+        .map(|v| {
+            let mut set = r.set.clone();
+            set.push(format!("{key}={v}"));
+            load(&name, &set).map(|s| (format!("{key}={v}"), s))
+        })
+        .collect::<std::result::Result<_, _>>()?;
     // The variants in parallel, at most one per core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut results: Vec<(String, Metrics)> = Vec::new();
@@ -144,11 +162,11 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
     }
     if let Some(dir) = &r.plot {
         let scenario = results.first().map_or("", |(_, m)| m.scenario.as_str());
-        for f in crate::bench::plot::compare(dir, scenario, &results)? {
+        for f in crate::charts::compare(dir, scenario, &results)? {
             errln!("wrote {}", f.display());
         }
     }
-    report(r.json, &results, r.compare.is_some())
+    report(r.json, &results, true)
 }
 
 /// The version of the `--json` objects' layout: raised when a field changes meaning or
@@ -165,12 +183,16 @@ struct Versioned<'m> {
 
 /// Prints `results` (one object, or an array for a comparison) and fails if any lost a
 /// byte or leaked a frame.
+/// `m` as `--json` prints it.
+fn versioned(m: &Metrics) -> Versioned<'_> {
+    Versioned {
+        schema_version: SCHEMA_VERSION,
+        metrics: m,
+    }
+}
+
 fn report(json: bool, results: &[(String, Metrics)], array: bool) -> Result<()> {
     if json {
-        let versioned = |m| Versioned {
-            schema_version: SCHEMA_VERSION,
-            metrics: m,
-        };
         if array {
             let all: Vec<Versioned<'_>> = results.iter().map(|(_, m)| versioned(m)).collect();
             outln!("{}", serde_json::to_string_pretty(&all)?);
@@ -205,7 +227,11 @@ pub(crate) fn replay(
     json: bool,
     trace: Option<Box<dyn std::io::Write + Send>>,
 ) -> Result<()> {
-    let m = hmm_sim::trace::replay(s, input, format, trace)
+    let out = Outputs {
+        trace,
+        record: false,
+    };
+    let (m, _) = hmm_sim::trace::replay(s, input, format, out)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     report(json, &[(String::new(), m)], false)
 }

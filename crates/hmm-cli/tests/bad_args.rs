@@ -263,6 +263,9 @@ fn a_plot_folder_that_cannot_be_written_is_refused_before_the_run() {
         let run = ["run", "stream", "--compare", "seed=1,2", "--plot", dir];
         let line = refused(&run, "--plot", dir);
         assert!(line.contains("cannot create the folder"), "{line}");
+        // The report's file is created before the run too.
+        let page = format!("{dir}/report.html");
+        refused(&["run", "stream", "--report", &page], "--report", &page);
     }
     refused(&["bench", "all", "--plot", ""], "--plot", "");
     std::fs::remove_file(&file).unwrap();

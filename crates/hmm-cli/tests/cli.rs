@@ -511,13 +511,130 @@ fn run_compares_peer_policies_and_draws_them() {
         assert!(svg.contains(label), "the chart names {label}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
-    // --plot draws a comparison only.
+    // A report is of one run.
     let out = cmd()
-        .args(["run", "stream", "--plot"])
-        .arg(&dir)
+        .args(["run", "stream", "--compare", "seed=1,2", "--report"])
+        .arg(dir.join("r.html"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Headless Chromium as Debian packages it, with the flags a closed network needs; `None`
+/// when it is not installed (CI installs it and sets `HMM_REQUIRE_CHROMIUM`, which makes
+/// its absence a failure).
+fn chromium() -> Option<std::process::Command> {
+    let path = std::path::Path::new("/usr/bin/chromium");
+    if !path.exists() {
+        assert!(
+            std::env::var_os("HMM_REQUIRE_CHROMIUM").is_none(),
+            "HMM_REQUIRE_CHROMIUM is set and /usr/bin/chromium is missing"
+        );
+        eprintln!("skipped: no /usr/bin/chromium (apt-get install chromium)");
+        return None;
+    }
+    let profile = std::env::temp_dir().join(format!("hmm-chromium-{}", std::process::id()));
+    let mut c = std::process::Command::new(path);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    Some(c)
+}
+
+#[test]
+fn run_draws_its_charts_and_a_report_a_browser_shows() {
+    let dir = std::env::temp_dir().join(format!("hmm-run-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("small.toml");
+    std::fs::write(
+        &file,
+        "name = \"small <&>\"\nabout = \"a GPU and the CPU on one buffer\"\n\
+         [machine]\nram_mib = 32\ngpus = [{ vram_mib = 2 }]\n\
+         [[buffer]]\nname = \"a\"\nmib = 4\n\
+         [[phase]]\nagents = [{ on = \"gpu0\", buffer = \"a\", access = \"rw\" },\
+         { on = \"cpu\", buffer = \"a\", pattern = \"strided\", stride = 65536 }]\n",
+    )
+    .unwrap();
+    let report = dir.join("report.html");
+    let out = cmd()
+        .arg("run")
+        .arg(&file)
+        .arg("--json")
+        .arg("--plot")
+        .arg(&dir)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for chart in ["bytes", "batches", "residency"] {
+        for ext in ["svg", "png"] {
+            // The name's characters that are no file name's become `_`.
+            let f = dir.join(format!("{chart}-small____.{ext}"));
+            assert!(
+                std::fs::metadata(&f).unwrap().len() > 1000,
+                "{}",
+                f.display()
+            );
+        }
+    }
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(html.matches("<svg").count(), 3, "three charts inline");
+    assert!(
+        html.contains("<h1>small &lt;&amp;&gt;</h1>"),
+        "the name is escaped"
+    );
+    assert!(
+        !html.contains("src=\"http") && !html.contains("href=\"http"),
+        "self-contained: nothing is fetched"
+    );
+    let Some(mut browser) = chromium() else {
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    };
+    // What the page shows once its script has run: the metrics table it builds.
+    let dom = browser
+        .arg("--dump-dom")
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .unwrap();
+    assert!(dom.status.success());
+    let dom = String::from_utf8(dom.stdout).unwrap();
+    let row = |key: &str| {
+        let at = dom
+            .find(&format!("id=\"metric-{key}\""))
+            .unwrap_or_else(|| panic!("the page shows no {key}"));
+        let end = at + dom[at..].find("</tr>").unwrap();
+        dom[at..end].to_string()
+    };
+    let faults = m["gpu_faults"].as_u64().unwrap();
+    assert!(faults > 0);
+    let shown = row("gpu_faults");
+    let digits: String = shown
+        .rsplit("<td")
+        .next()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect();
+    assert_eq!(digits, faults.to_string(), "{shown}");
+    assert!(row("corrupted_bytes").contains(">0</td>"));
+    assert!(row("scenario").contains("small &lt;&amp;&gt;"));
+    assert!(dom.contains("every byte checked, no frame leaked"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -35,6 +35,7 @@ use serde_json::{json, Value};
 
 use crate::cost::CostModel;
 use crate::pattern::Pattern;
+use crate::record::{Recording, Sample};
 use crate::scenario::Scenario;
 use crate::timeline::{self, Timeline};
 use crate::topology::{Links, Traffic};
@@ -220,6 +221,17 @@ pub(crate) struct World {
     read_mismatches: u64,
     /// The timeline being written, and the recorder of invalidations it draws.
     timeline: Option<(Timeline, Arc<Recorder>, MmuNotifierHandle)>,
+    /// The samples for plots and reports, if asked for.
+    recording: Option<Recording>,
+}
+
+/// What a run writes or keeps besides its metrics.
+#[derive(Default)]
+pub struct Outputs {
+    /// Where the timeline goes (`timeline`'s trace-event JSON).
+    pub trace: Option<Box<dyn Write + Send>>,
+    /// Whether to keep a [`Recording`] of the run.
+    pub record: bool,
 }
 
 /// Who makes an access.
@@ -252,10 +264,8 @@ pub(crate) enum Step {
 impl World {
     /// Builds the machine of `s` (already validated), writing a timeline to `trace` if
     /// given.
-    pub(crate) fn new(
-        s: &Scenario,
-        trace: Option<Box<dyn Write + Send>>,
-    ) -> Result<World, RunError> {
+    pub(crate) fn new(s: &Scenario, out: Outputs) -> Result<World, RunError> {
+        let Outputs { trace, record } = out;
         let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
         let phys = PhysMem::new(PhysConfig {
             // One free list: the frames a run gets do not depend on the host CPU the
@@ -362,7 +372,30 @@ impl World {
             events: 0,
             read_mismatches: 0,
             timeline,
+            recording: record.then(Recording::new),
         })
+    }
+
+    /// Samples the run at `t` for its recording, if it keeps one; `batches` fault batches
+    /// of `faults` faults in all were serviced just before.
+    fn note(&mut self, t: u64, batches: u64, faults: u64) {
+        if self.recording.is_none() {
+            return;
+        }
+        let traffic = self.traffic();
+        let resident = self.gpus.iter().map(|g| g.vram_pages_in_use()).collect();
+        let r = self.recording.as_mut().expect("checked");
+        for b in 0..batches {
+            // The faults shared out among the batches, the first ones taking the rest.
+            r.batch(faults / batches + u64::from(b < faults % batches));
+        }
+        r.sample(Sample {
+            t_ns: t,
+            h2d_pages: traffic.h2d.iter().sum(),
+            d2h_pages: traffic.d2h.iter().sum(),
+            d2d_pages: traffic.d2d_pages(),
+            resident_pages: resident,
+        });
     }
 
     /// Draws a slice on the timeline, if there is one.
@@ -400,6 +433,7 @@ impl World {
         let after = self.traffic();
         let moved = after.h2d[g] - before.h2d[g];
         let spent = self.links.cost_ns(&after, &before);
+        self.note(now + spent, 0, 0);
         self.slice(
             timeline::gpu_driver(g),
             "prefetch",
@@ -418,6 +452,7 @@ impl World {
         self.clock.set(now);
         let report = self.gpus[g].offline(to).map_err(|e| e.to_string())?;
         let spent = self.links.cost_ns(&self.traffic(), &before);
+        self.note(now + spent, 0, 0);
         let args =
             json!({"pages_home": report.pages_home, "pages_to_peers": report.pages_to_peers});
         self.slice(timeline::gpu_driver(g), "offline", now, spent, args);
@@ -487,6 +522,7 @@ impl World {
                             let before = Traffic::of(&self.gpus);
                             vm.service_access_counters().map_err(|e| e.to_string())?;
                             spent += self.links.cost_ns(&Traffic::of(&self.gpus), &before);
+                            self.note(now + spent, 0, 0);
                         }
                         spent
                     }
@@ -504,6 +540,7 @@ impl World {
                             + cost.fault_ns * report.faults
                             + self.links.cost_ns(&moved, &moved_before);
                         self.buf = buf;
+                        self.note(now + spent, report.batches, report.faults);
                         if self.timeline.is_some() {
                             let args = json!({
                                 "faults": report.faults,
@@ -544,6 +581,7 @@ impl World {
                         .map(|g| self.links.host[g].transfer_ns((after[g] - before[g]) * PAGE_SIZE))
                         .sum();
                     let spent = cost.cpu_fault_ns + moved;
+                    self.note(now + spent, 0, 0);
                     if self.timeline.is_some() {
                         let args = json!({ "pages": came });
                         self.slice(timeline::CPU, "migrate_to_ram", now, spent, args);
@@ -573,13 +611,19 @@ impl World {
         Ok(Step::Done(spent.max(1)))
     }
 
-    /// The byte check and the frame audit; the metrics of the run.
+    /// The byte check and the frame audit; the metrics of the run, and its recording if
+    /// it kept one.
     pub(crate) fn finish(
-        self,
+        mut self,
         s: &Scenario,
         sim_time_ns: u64,
         wall: f64,
-    ) -> Result<Metrics, RunError> {
+    ) -> Result<(Metrics, Option<Recording>), RunError> {
+        self.note(sim_time_ns, 0, 0);
+        let recording = self.recording.take().map(|mut r| {
+            r.finish();
+            r
+        });
         let setup = |e: &dyn std::fmt::Display| RunError::Setup(e.to_string());
         let t = total(&self.vms);
         let traffic = self.traffic();
@@ -609,7 +653,7 @@ impl World {
         drop(vms);
         drop(mm);
         let leaked = phys.nr_in_use() + gpus.iter().map(|g| g.vram_pages_in_use()).sum::<u64>();
-        Ok(Metrics {
+        let metrics = Metrics {
             scenario: s.name.clone(),
             seed: s.seed,
             sim_time_ns,
@@ -631,7 +675,8 @@ impl World {
             corrupted_bytes: corrupted + read_mismatches,
             leaked_frames: leaked,
             policy: s.policy.clone(),
-        })
+        };
+        Ok((metrics, recording))
     }
 }
 
@@ -648,12 +693,12 @@ fn mix(x: u64) -> u64 {
 
 /// Runs `s` (already validated) and returns what it measured.
 pub fn run(s: &Scenario) -> Result<Metrics, RunError> {
-    run_traced(s, None)
+    run_with(s, Outputs::default()).map(|(m, _)| m)
 }
 
-/// [`run`], writing its timeline (`timeline`'s trace-event JSON) to `trace`.
-pub fn run_traced(s: &Scenario, trace: Option<Box<dyn Write + Send>>) -> Result<Metrics, RunError> {
-    let mut w = World::new(s, trace)?;
+/// [`run`], writing its timeline and keeping its recording as `out` asks.
+pub fn run_with(s: &Scenario, out: Outputs) -> Result<(Metrics, Option<Recording>), RunError> {
+    let mut w = World::new(s, out)?;
     let start = Instant::now();
     let mut now = 0u64;
     for (p, phase) in s.phases.iter().enumerate() {
@@ -856,7 +901,11 @@ agents = [
     fn the_timeline_draws_batches_cpu_faults_phases_and_invalidations() {
         let s = parse(SMALL, &[]).unwrap();
         let sink = Sink::default();
-        let m = run_traced(&s, Some(Box::new(sink.clone()))).unwrap();
+        let out = Outputs {
+            trace: Some(Box::new(sink.clone())),
+            record: false,
+        };
+        let (m, _) = run_with(&s, out).unwrap();
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&text).expect("valid trace-event JSON");
         let events = v["traceEvents"].as_array().unwrap();

@@ -25,6 +25,7 @@
 pub mod cost;
 pub mod engine;
 pub mod pattern;
+pub mod record;
 pub mod scenario;
 pub mod timeline;
 pub mod topology;

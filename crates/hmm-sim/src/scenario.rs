@@ -575,7 +575,7 @@ fn validate(s: &Scenario, text: Option<&str>) -> Result<(), ScenarioError> {
         let ok = (cpu_too && v == "cpu")
             || v.strip_prefix("gpu")
                 .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| n < s.machine.gpus.len());
+                .is_some_and(|n| n < s.machine.gpus.len() && *v == format!("gpu{n}"));
         if ok {
             Ok(())
         } else {

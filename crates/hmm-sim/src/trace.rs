@@ -32,7 +32,8 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use crate::engine::{Actor, Metrics, Req, RunError, Step, World, MAX_REFAULTS};
+use crate::engine::{Actor, Metrics, Outputs, Req, RunError, Step, World, MAX_REFAULTS};
+use crate::record::Recording;
 use crate::scenario::Scenario;
 
 /// A trace's format.
@@ -244,7 +245,7 @@ fn native(
     let who = match agent {
         "cpu" => Actor::Cpu,
         g => match g.strip_prefix("gpu").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) if n < s.machine.gpus.len() => Actor::Gpu(n),
+            Some(n) if n < s.machine.gpus.len() && g == format!("gpu{n}") => Actor::Gpu(n),
             _ => {
                 return Err(format!(
                     "agent `{agent}`: cpu or one of the scenario's GPUs"
@@ -279,15 +280,15 @@ fn native(
     })
 }
 
-/// Replays the trace read from `input` on the machine of `s`, writing its timeline to
-/// `trace` if given.
+/// Replays the trace read from `input` on the machine of `s`, writing its timeline and
+/// keeping its recording as `out` asks.
 pub fn replay(
     s: &Scenario,
     input: impl BufRead,
     format: Format,
-    trace: Option<Box<dyn std::io::Write + Send>>,
-) -> Result<Metrics, ReplayError> {
-    let mut w = World::new(s, trace)?;
+    out: Outputs,
+) -> Result<(Metrics, Option<Recording>), ReplayError> {
+    let mut w = World::new(s, out)?;
     let sizes = w.sizes.clone();
     // When each actor (the CPU, then each GPU) is free again.
     let mut free = vec![0u64; 1 + s.machine.gpus.len()];
@@ -379,11 +380,11 @@ mib = 4
                 (i * 37 % 1024) * 4096
             ));
         }
-        let m = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
+        let (m, _) = replay(&s, t.as_bytes(), Format::Native, Outputs::default()).unwrap();
         assert_eq!(m.events, 200);
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
         assert!(m.gpu_faults > 0 && m.sim_time_ns >= 199_000);
-        let again = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
+        let (again, _) = replay(&s, t.as_bytes(), Format::Native, Outputs::default()).unwrap();
         assert_eq!(again.sim_time_ns, m.sim_time_ns, "deterministic");
     }
 
@@ -400,7 +401,7 @@ mib = 4
             ("zero,gpu0,r,a,0,64", "time_ns `zero`"),
         ] {
             let t = format!("0,cpu,r,a,0,8\n{bad}\n");
-            let e = replay(&s, t.as_bytes(), Format::Native, None).unwrap_err();
+            let e = replay(&s, t.as_bytes(), Format::Native, Outputs::default()).unwrap_err();
             assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
             assert!(e.to_string().contains(want), "{bad}: {e}");
         }
@@ -419,7 +420,7 @@ mib = 4
             ));
         }
         t.push_str("99999,cpu,r,a,0,8\n");
-        let m = replay(&s, t.as_bytes(), Format::Native, None).unwrap();
+        let (m, _) = replay(&s, t.as_bytes(), Format::Native, Outputs::default()).unwrap();
         assert_eq!(m.events, 101);
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
         for (bad, want) in [
@@ -431,7 +432,7 @@ mib = 4
             ("{not json", "not an access"),
         ] {
             let t = format!("0,cpu,r,a,0,8\n{bad}\n");
-            let e = replay(&s, t.as_bytes(), Format::Native, None).unwrap_err();
+            let e = replay(&s, t.as_bytes(), Format::Native, Outputs::default()).unwrap_err();
             assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
             assert!(e.to_string().contains(want), "{bad}: {e}");
         }
@@ -446,7 +447,7 @@ mib = 4
                  1,prefetch,4242,0x7f0000200000,0x7f0000400000,18\n\
                  2.25,evict_prepare,4243,139637976727552,139637978824704,3\n\
                  3,access,4243,139637976727552,139637978824704,511\n";
-        let m = replay(&s, t.as_bytes(), Format::GpuExt, None).unwrap();
+        let (m, _) = replay(&s, t.as_bytes(), Format::GpuExt, Outputs::default()).unwrap();
         assert_eq!(m.events, 3, "activate, access, access");
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
         assert!(m.sim_time_ns >= 2_500_000, "from 0.5 ms to 3 ms");
@@ -463,7 +464,7 @@ mib = 4
             ("1,block_access,1,0x200000,0x400000,x", "page_index `x`"),
         ] {
             let t = format!("0,access,1,0x200000,0x400000,0\n{bad}\n");
-            let e = replay(&s, t.as_bytes(), Format::GpuExt, None).unwrap_err();
+            let e = replay(&s, t.as_bytes(), Format::GpuExt, Outputs::default()).unwrap_err();
             assert!(matches!(e, ReplayError::Line { line: 2, .. }), "{bad}: {e}");
             assert!(e.to_string().contains(want), "{bad}: {e}");
         }
@@ -478,10 +479,16 @@ mib = 4
                    uvm range destroy 0x7f3a00000000\n\
                    b,2\n\
                    4,102,202,-;e,7f3a00201000\n";
-        let m = replay(&s, log.as_bytes(), Format::UvmEval, None).unwrap();
+        let (m, _) = replay(&s, log.as_bytes(), Format::UvmEval, Outputs::default()).unwrap();
         assert_eq!(m.events, 2);
         assert_eq!((m.corrupted_bytes, m.leaked_frames), (0, 0));
-        let e = replay(&s, "f,zz,1\n".as_bytes(), Format::UvmEval, None).unwrap_err();
+        let e = replay(
+            &s,
+            "f,zz,1\n".as_bytes(),
+            Format::UvmEval,
+            Outputs::default(),
+        )
+        .unwrap_err();
         assert!(
             e.to_string().starts_with("line 1: fault address `zz`"),
             "{e}"

@@ -263,9 +263,17 @@ impl GpuDevice {
                 vm.counters.pages_invalidated.load(Ordering::Relaxed) - before;
         }
         // Pages still held by a migration in flight (a peer collecting them, a CPU fault)
-        // are waited for; a pass that moves nothing yields first.
+        // are waited for; a pass that moves nothing yields first. An allocation that passed
+        // the online check just before the flag fell can still land a page: the pagemap is
+        // retired only once it is empty.
         let mut idle = 0;
-        while self.vram.nr_in_use() > 0 {
+        loop {
+            if self.vram.nr_in_use() == 0 {
+                match self.vram.memunmap() {
+                    Ok(()) => return Ok(report),
+                    Err(_) => continue,
+                }
+            }
             let mut moved = 0;
             let mut oom = false;
             for chunk in self.ops.chunks.candidates(&[]) {
@@ -290,10 +298,6 @@ impl GpuDevice {
             }
             hmm::sync::yield_now();
         }
-        self.vram.memunmap().map_err(|_| SvmError::InUse {
-            pages: self.vram.nr_in_use(),
-        })?;
-        Ok(report)
     }
 
     /// Brings an offline device back: its memory is registered again (the pagemap it
@@ -474,35 +478,52 @@ impl GpuDevice {
         let first = u64::from(index) * PMD_NR;
         let mut m = migrate_device_range(&self.phys, self.vram.frame(first), PMD_NR)
             .expect("a chunk lies inside its pagemap");
-        let c = &self.ops.counters;
-        add(&c.evictions, 1);
-        let wanted = m.src().iter().filter(|w| w.is_migrating()).count() as u64;
+        let wanted: u64 = m
+            .src()
+            .iter()
+            .filter(|w| w.is_migrating())
+            .map(|w| w.npages())
+            .sum();
         let peer = match to {
             EvictTarget::Peer if wanted > 0 => self.group.devices().into_iter().find(|d| {
                 !std::ptr::eq(d.as_ref(), self) && d.is_online() && d.vram_pages_free() >= wanted
             }),
             _ => None,
         };
-        if let Some(peer) = peer {
-            let frames = copy_to_device(&mut m, &peer);
-            let moved = m.pages().finalize().migrated;
-            peer.migration_done(&frames);
-            add(&c.evicted_pages, moved);
-            peer.received_from_peer(self.pagemap_id(), moved);
-            return Evicted {
-                peers: moved,
-                ..Evicted::default()
-            };
-        }
-        // Out of system memory: what had no destination stays on the device.
+        let frames = peer
+            .as_ref()
+            .map_or_else(Vec::new, |p| copy_to_device(&mut m, p));
+        // What the peer could not take (it filled meanwhile) goes home; out of system
+        // memory, what had no destination stays on the device.
         let copied = copy_to_system(&mut m, &self.phys, &|_| true);
-        let moved = m.pages().finalize().migrated;
+        let pages = m.pages();
+        let to_peer = peer.as_ref().map_or(0, |p| {
+            let phys = &self.phys;
+            pages
+                .src()
+                .iter()
+                .zip(pages.dst())
+                .filter(|(w, d)| w.is_migrating() && !d.is_empty())
+                .filter(|(_, d)| p.owns(&phys.frame_nr(d.frame_nr())))
+                .map(|(w, _)| w.npages())
+                .sum()
+        });
+        let moved = pages.finalize().migrated;
+        if let Some(p) = &peer {
+            p.migration_done(&frames);
+            p.received_from_peer(self.pagemap_id(), to_peer);
+        }
+        let home = moved - to_peer;
+        let c = &self.ops.counters;
+        if moved > 0 {
+            add(&c.evictions, 1);
+        }
         add(&c.evicted_pages, moved);
-        add(&c.pages_d2h, moved);
+        add(&c.pages_d2h, home);
         Evicted {
-            home: moved,
+            home,
+            peers: to_peer,
             out_of_memory: copied.is_err(),
-            ..Evicted::default()
         }
     }
 
@@ -575,10 +596,12 @@ impl DevPagemapOps for DeviceOps {
     fn migrate_to_ram(&self, vmf: &DeviceFault<'_>) -> Result<(), VmFault> {
         let mm = vmf.mmap().mm();
         let phys = mm.phys();
-        let vms = self.group.vms_of(mm.id());
         let args = vmf.migrate_args(self.owner);
         let first = args.start.as_u64() >> PAGE_SHIFT;
         let mut m = migrate_vma_setup(vmf.mmap(), args).map_err(|_| VmFault::Sigbus)?;
+        // The VMs are gathered once the pages are collected: a VM made meanwhile may have
+        // mapped them (its notifier skips the group's MIGRATE).
+        let vms = self.group.vms_of(mm.id());
         vms.iter().for_each(|vm| zap_sources(vm, &m));
         let copied = copy_to_system(&mut m, phys, &|_| true);
         let out = m.pages().finalize();

@@ -127,6 +127,7 @@ pub(crate) fn copy_to_vram(
 /// own lifetime), and the hand-over of destinations.
 pub(crate) trait Collected<'s> {
     fn words(&self) -> &[MigratePfn];
+    fn dst_words(&self) -> &[MigratePfn];
     fn source(&self, i: usize) -> Option<FrameRef<'s>>;
     fn hand_over<'f>(&mut self, i: usize, dst: LockedFolio<'f>) -> Result<(), DstRefused<'f>>;
 }
@@ -134,6 +135,10 @@ pub(crate) trait Collected<'s> {
 impl<'g> Collected<'g> for Migration<'g, '_> {
     fn words(&self) -> &[MigratePfn] {
         self.src()
+    }
+
+    fn dst_words(&self) -> &[MigratePfn] {
+        self.dst()
     }
 
     fn source(&self, i: usize) -> Option<FrameRef<'g>> {
@@ -149,6 +154,10 @@ impl<'g> Collected<'g> for Migration<'g, '_> {
 impl<'p> Collected<'p> for DeviceMigration<'p> {
     fn words(&self) -> &[MigratePfn] {
         self.src()
+    }
+
+    fn dst_words(&self) -> &[MigratePfn] {
+        self.dst()
     }
 
     fn source(&self, i: usize) -> Option<FrameRef<'p>> {
@@ -183,8 +192,8 @@ pub(crate) fn by_peer(words: &[MigratePfn], device: &GpuDevice) -> Vec<(u32, u64
     out
 }
 
-/// Gives every migrating device page of `m` that `take` accepts a system folio filled
-/// from it; one batched copy. A device THP gets a system THP, or 512 pages when none can
+/// Gives every migrating device page of `m` that `take` accepts and that has no
+/// destination yet a system folio filled from it; one batched copy. A device THP gets a system THP, or 512 pages when none can
 /// be had. `OutOfMemory` when an order-0 page cannot be had: the entries left without a
 /// destination stay on the device (the pairs given so far are copied).
 pub(crate) fn copy_to_system<'s>(
@@ -204,7 +213,13 @@ pub(crate) fn copy_to_system<'s>(
     while i < m.words().len() && out.is_ok() {
         let w = m.words()[i];
         let n = w.npages();
-        let Some(src) = m.source(i).filter(|s| w.is_migrating() && take(s)) else {
+        let given = m.dst_words()[i..i + n as usize]
+            .iter()
+            .any(|d| !d.is_empty());
+        let Some(src) = m
+            .source(i)
+            .filter(|s| w.is_migrating() && !given && take(s))
+        else {
             i += n as usize;
             continue;
         };
@@ -235,8 +250,9 @@ pub(crate) fn copy_to_system<'s>(
 }
 
 /// Gives every migrating page of `m` a page of `device`'s memory filled from it (a unit of
-/// 512 one device THP, or 512 pages when there is none); one batched copy, made by the
-/// source device. Entries left without a destination (`device` full) stay where they are.
+/// 512 one device THP, or 512 pages when there is none and they all fit); one batched
+/// copy, made by the source device. Entries left without a destination (`device` full)
+/// are for the caller to place elsewhere.
 /// Returns the device frames handed over (their chunks are busy until the migration ends).
 pub(crate) fn copy_to_device<'s>(m: &mut impl Collected<'s>, device: &GpuDevice) -> Vec<u64> {
     let mut pairs = Vec::new();
@@ -253,7 +269,8 @@ pub(crate) fn copy_to_device<'s>(m: &mut impl Collected<'s>, device: &GpuDevice)
             pairs.push((*folio, src));
             frames.push(folio.device_pfn().as_u64());
             m.hand_over(i, folio).expect(HANDED_ONCE);
-        } else {
+        } else if device.vram_pages_free() >= n {
+            // A unit in pages only if all of them fit: else it is left whole for the host.
             for k in i..i + n as usize {
                 let Some(page) = device.alloc(0) else { break };
                 let s = m.source(k).expect("a page of a migrating unit");

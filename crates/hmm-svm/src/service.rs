@@ -443,7 +443,7 @@ impl GpuVm {
             let taken = match self.peer {
                 PeerPolicy::SourceCopy => self.migrate_from_peers(mm, sub, sub_unit, vm_write)?,
                 PeerPolicy::Bounce => {
-                    self.bounce_from_peers(mm, sub, sub_unit)?;
+                    self.bounce_from_peers(mm, sub, sub_unit);
                     self.migrate_system_run(mm, sub, access, sub_unit, vm_write)?
                         .0
                 }
@@ -560,21 +560,21 @@ impl GpuVm {
     }
 
     /// Moves the pages of `run` that peers hold to system memory, each peer copying its
-    /// own: the first half of a bounce (amdkfd's VRAM to VRAM through RAM).
-    fn bounce_from_peers(&self, mm: &Mm, run: VaRange, unit: bool) -> Result<(), SvmError> {
+    /// own: the first half of a bounce (amdkfd's VRAM to VRAM through RAM). Out of system
+    /// memory, what found no room stays on the peer, and `get_pages` maps it there.
+    fn bounce_from_peers(&self, mm: &Mm, run: VaRange, unit: bool) {
         let mmap = mm.mmap_read();
         let Some(mut m) = self.collect_peers(&mmap, run, unit) else {
-            return Ok(());
+            return;
         };
         let device = &self.device;
-        let copied = copy_to_system(&mut m, mm.phys(), &|f| device.peer_of(f).is_some());
+        let _ = copy_to_system(&mut m, mm.phys(), &|f| device.peer_of(f).is_some());
         let pages = m.pages();
         let from = by_peer(pages.src(), device);
         pages.finalize();
         for (peer, n) in from {
             device.bounced_from_peer(peer, n);
         }
-        copied.map(|_| ()).map_err(|_| SvmError::NoMem)
     }
 
     /// Collects the device-private pages of `run` that carry the group's owner (as one
@@ -819,7 +819,6 @@ impl GpuVm {
     /// (MIGRATE events with this device's owner; the GPU entries of the pages taken are
     /// zapped first, in every VM of the device on this address space).
     fn evict_range(&self, mm: &Mm, range: SvmRange) {
-        let vms = self.device.vms_of(mm.id());
         let mmap = mm.mmap_read();
         let r = range.range();
         let mut at = r.start();
@@ -837,7 +836,10 @@ impl GpuVm {
                 fault_page: None,
             };
             if let Ok(mut m) = migrate_vma_setup(&mmap, args) {
-                vms.iter().for_each(|vm| zap_sources(vm, &m));
+                // Gathered once the pages are collected (a VM made meanwhile may map them).
+                for vm in self.device.vms_of(mm.id()) {
+                    zap_sources(&vm, &m);
+                }
                 // Out of system memory: what had no destination stays on the device.
                 // Peers' pages, collected with the group's owner, stay where they are.
                 let device = &self.device;

@@ -37,12 +37,15 @@ pub struct SvmStats {
     pub pages_d2d_in: u64,
     /// Pages this device copied directly into a peer's memory (the source copies).
     pub pages_d2d_out: u64,
-    /// Pages that came to this device from a peer through system memory (the peer's
-    /// `pages_d2h`, then this device's `pages_h2d`).
+    /// Pages that left a peer for system memory on their way to this device (the first
+    /// half of a bounce: the peer's `pages_d2h`; the second half, when device memory has
+    /// room, is this device's `pages_h2d`).
     pub pages_bounced: u64,
-    /// Chunks of device memory evicted (UVM's `num_evictions` of root chunks).
+    /// Chunks of device memory evicted (UVM's `num_evictions` of root chunks): those that
+    /// gave up at least one page.
     pub evictions: u64,
-    /// Pages those evictions moved to system memory (included in `pages_d2h`).
+    /// Pages those evictions moved: to system memory (also counted in `pages_d2h`) or to a
+    /// peer (also counted in `pages_d2d_out`).
     pub evicted_pages: u64,
     /// Pages a migration to the device could not place (device memory full), left in
     /// system memory and mapped remotely.

@@ -636,6 +636,38 @@ fn eviction_moves_a_device_thp_whole_or_split_wherever_it_is_mapped() {
     }
 }
 
+/// A device THP that cannot be split (someone took a reference after it was collected)
+/// goes back whole when an eviction gave its pages 4 KiB destinations, and the 511
+/// destinations of its tail pages go back to their allocator (they were leaked: found by
+/// review).
+#[test]
+fn an_eviction_that_cannot_split_a_device_thp_frees_every_destination() {
+    let r = rig();
+    let (a, head) = device_thp(&r, 90);
+    let before = r.m.phys.nr_in_use();
+    let mut m = migrate_device_range(&r.m.phys, r.dev.frame(0), r.dev.nr_frames()).unwrap();
+    let i = m.src().iter().position(|w| w.is_migrating()).unwrap();
+    assert!(m.src()[i].flags().contains(MigratePfnFlags::COMPOUND));
+    for k in i..i + NR as usize {
+        let d = alloc(&r, Dst::System(0), 0);
+        d.copy_from(&m.src_page(k).unwrap());
+        m.set_dst(k, d, true).unwrap();
+    }
+    assert_eq!(r.m.phys.nr_in_use(), before + NR);
+    let held = r.dev.device_frame(head).get();
+    assert_eq!(
+        m.pages().finalize().migrated,
+        0,
+        "referenced: not split, not moved"
+    );
+    assert_eq!(r.m.phys.nr_in_use(), before, "every destination went back");
+    drop(held);
+    assert!(on_device(&r, a, NR, 9));
+    assert_eq!(evict(&r, 0), NR);
+    check(&r, a, NR, 90);
+    r.m.mm.audit().unwrap();
+}
+
 #[test]
 fn eviction_takes_a_device_thp_only_with_all_its_pages_asked_for() {
     let r = rig();

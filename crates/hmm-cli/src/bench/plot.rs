@@ -8,9 +8,9 @@
 //! - `fault`: fault latency per scenario, the model's against the host kernel's baseline,
 //!   median bars with a whisker to the 99th percentile (log scale);
 //! - `range-fault`: `hmm_range_fault` ns per page per scenario, with the kernel's pagemap
-//!   walk as a line (log scale);
-//! - `compare-SCENARIO` (`hmm run --compare ... --plot DIR`): each variant's simulated time, and the
-//!   MiB it moved host to GPU, GPU to host and GPU to GPU.
+//!   walk as a line (log scale).
+//!
+//! `hmm run`'s charts are in `crate::charts`, drawn with the helpers here.
 //!
 //! Text is drawn with DejaVu Sans, compiled into the binary (`assets/`, Bitstream Vera
 //! licence), so plotting needs no system fonts.
@@ -29,10 +29,10 @@ use super::range_fault::RangeFaultRow;
 use super::walks::{WalkRow, METHODS};
 use super::Result;
 
-const SIZE: (u32, u32) = (1024, 576);
+pub(crate) const SIZE: (u32, u32) = (1024, 576);
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 /// Colours of the series, in order: readable on white and for the common colour-blindness.
-const PALETTE: [RGBColor; 5] = [
+pub(crate) const PALETTE: [RGBColor; 5] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
@@ -40,21 +40,40 @@ const PALETTE: [RGBColor; 5] = [
     RGBColor(86, 180, 233),
 ];
 
-fn err(e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
+pub(crate) fn err(e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
     e.to_string().into()
 }
 
 /// A chart that can draw itself on any backend.
-trait Chart {
+pub(crate) trait Chart {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>;
 }
 
-/// Writes `chart` as `DIR/NAME.svg` and `DIR/NAME.png`; returns the two paths.
-fn save(dir: &Path, name: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
+/// Registers the built-in font once.
+fn font() -> Result<()> {
     static FONT_OK: OnceLock<bool> = OnceLock::new();
-    if !*FONT_OK.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok()) {
-        return Err("the built-in font does not load".into());
+    if *FONT_OK.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok()) {
+        Ok(())
+    } else {
+        Err("the built-in font does not load".into())
     }
+}
+
+/// `chart` as an SVG document, for a page that embeds it.
+pub(crate) fn svg(chart: &impl Chart) -> Result<String> {
+    font()?;
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+        chart.draw(&root)?;
+        root.present().map_err(err)?;
+    }
+    Ok(out)
+}
+
+/// Writes `chart` as `DIR/NAME.svg` and `DIR/NAME.png`; returns the two paths.
+pub(crate) fn save(dir: &Path, name: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
+    font()?;
     let svg = dir.join(format!("{name}.svg"));
     let png = dir.join(format!("{name}.png"));
     let writing = |path: &Path| {
@@ -76,7 +95,7 @@ fn save(dir: &Path, name: &str, chart: &impl Chart) -> Result<Vec<PathBuf>> {
     Ok(vec![svg, png])
 }
 
-fn style(i: usize) -> ShapeStyle {
+pub(crate) fn style(i: usize) -> ShapeStyle {
     PALETTE[i % PALETTE.len()].stroke_width(2)
 }
 
@@ -97,7 +116,7 @@ fn ns_label(ns: f64) -> String {
 }
 
 /// Draws the series labels of `chart` at `position` in a framed box.
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+pub(crate) fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
     position: SeriesLabelPosition,
     font_size: u32,
@@ -431,138 +450,6 @@ impl Chart for Bars {
         }
         legend(&mut chart, SeriesLabelPosition::UpperRight, 16)
     }
-}
-
-/// `hmm run --compare`: simulated time per variant (left), MiB moved per direction per
-/// variant (right).
-struct Compare<'a> {
-    scenario: &'a str,
-    results: &'a [(String, hmm_sim::engine::Metrics)],
-}
-
-impl Compare<'_> {
-    /// The variants' labels, the value after `=` when every label is `key=value`.
-    fn labels(&self) -> Vec<String> {
-        self.results
-            .iter()
-            .map(|(l, _)| l.split_once('=').map_or(l.as_str(), |(_, v)| v).to_string())
-            .collect()
-    }
-
-    /// Bars of `values[variant][series]` over the variants, a group per variant.
-    fn panel<DB: DrawingBackend>(
-        &self,
-        area: &DrawingArea<DB, Shift>,
-        title: &str,
-        y_desc: &str,
-        series: &[&str],
-        values: &[Vec<f64>],
-    ) -> Result<()> {
-        let labels = self.labels();
-        let n = labels.len();
-        let hi = values.iter().flatten().fold(0.0f64, |a, &b| a.max(b)) * 1.15;
-        let mut chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 20))
-            .margin(14)
-            .x_label_area_size(40)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..hi.max(1e-9))
-            .map_err(err)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|v| {
-                let i = v.round();
-                if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
-                    labels[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .y_desc(y_desc)
-            .light_line_style(TRANSPARENT)
-            .label_style(("sans-serif", 15))
-            .draw()
-            .map_err(err)?;
-        let k = series.len() as f64;
-        let band = 0.8 / k;
-        for (si, name) in series.iter().enumerate() {
-            let color = PALETTE[si % PALETTE.len()];
-            let x = |vi: usize| vi as f64 - 0.4 + band * si as f64;
-            let bars = chart
-                .draw_series(values.iter().enumerate().map(|(vi, v)| {
-                    Rectangle::new([(x(vi), 0.0), (x(vi) + band * 0.9, v[si])], color.filled())
-                }))
-                .map_err(err)?;
-            if series.len() > 1 {
-                bars.label(*name).legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled())
-                });
-            }
-        }
-        if series.len() > 1 {
-            legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
-        }
-        Ok(())
-    }
-}
-
-impl Chart for Compare<'_> {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        root.fill(&WHITE).map_err(err)?;
-        let key = self.results[0].0.split_once('=').map_or("", |(k, _)| k);
-        let root = root
-            .titled(&format!("{} by {key}", self.scenario), ("sans-serif", 24))
-            .map_err(err)?;
-        let (left, right) = root.split_horizontally(SIZE.0 * 2 / 5);
-        let ms: Vec<Vec<f64>> = self
-            .results
-            .iter()
-            .map(|(_, m)| vec![m.sim_time_ns as f64 / 1e6])
-            .collect();
-        self.panel(&left, "simulated time", "ms", &["time"], &ms)?;
-        let mib = |b: u64| b as f64 / 1048576.0;
-        let moved: Vec<Vec<f64>> = self
-            .results
-            .iter()
-            .map(|(_, m)| vec![mib(m.bytes_h2d), mib(m.bytes_d2h), mib(m.bytes_d2d)])
-            .collect();
-        self.panel(
-            &right,
-            "bytes moved",
-            "MiB",
-            &["host to GPU", "GPU to host", "GPU to GPU"],
-            &moved,
-        )
-    }
-}
-
-/// Writes the chart of a `hmm run --compare` into `dir` (created if missing) as
-/// `compare-SCENARIO.svg` and `.png`; returns the files.
-pub(crate) fn compare(
-    dir: &Path,
-    scenario: &str,
-    results: &[(String, hmm_sim::engine::Metrics)],
-) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("creating the folder {}: {e}", dir.display()))?;
-    // A scenario's name is the user's: only its plain characters name the files.
-    let name: String = scenario
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    save(
-        dir,
-        &format!("compare-{name}"),
-        &Compare { scenario, results },
-    )
 }
 
 /// The rows of a run, any of which may be absent.

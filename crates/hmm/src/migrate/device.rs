@@ -202,6 +202,11 @@ impl<'p> DeviceMigration<'p> {
         &self.state.src
     }
 
+    /// One word per frame asked for: the destination given to it (`set_dst`), or 0.
+    pub fn dst(&self) -> &[MigratePfn] {
+        &self.state.dst
+    }
+
     /// The source page of entry `i`, if it is migrating; inside a device THP (a
     /// `COMPOUND` word and the 511 empty words after it), its page `i - head`.
     pub fn src_page(&self, i: usize) -> Option<FrameRef<'p>> {
@@ -254,7 +259,17 @@ impl<'p> DeviceMigration<'p> {
                 let head = s.phys.frame_nr(w.frame_nr());
                 if !split_unmapped_folio(s.phys, None, head, 1) {
                     // Back whole, wherever its entries are now (finalize's reverse map).
+                    // Finalize releases the head's destination; the tails' words are 0,
+                    // so their destinations are released here.
                     s.src[i] = w.without(MigratePfnFlags::MIGRATE);
+                    for k in i + 1..i + PMD_NR as usize {
+                        let d = std::mem::take(&mut s.dst[k]);
+                        if !d.is_empty() {
+                            let f = s.phys.frame_nr(d.frame_nr());
+                            f.meta().unlock();
+                            let _ = f.put();
+                        }
+                    }
                     i += PMD_NR as usize;
                     continue;
                 }
@@ -288,6 +303,11 @@ impl DeviceMigrationPages<'_> {
     /// The source words: `MIGRATE` still set on the entries that will migrate.
     pub fn src(&self) -> &[MigratePfn] {
         &self.state.src
+    }
+
+    /// The destination words.
+    pub fn dst(&self) -> &[MigratePfn] {
+        &self.state.dst
     }
 
     /// Maps the destinations where the sources were mapped (or the sources back), unlocks
