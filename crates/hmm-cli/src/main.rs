@@ -643,6 +643,14 @@ fn stress(cfg: stress::Config) -> bench::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs of the main paths (fault batches, migrations, evictions, invalidations) on
+    // stderr, filtered by RUST_LOG (`RUST_LOG=hmm_svm=debug`); none without it.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
         Command::Demo { json, pages } => {
             require(

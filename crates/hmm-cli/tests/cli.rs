@@ -638,6 +638,45 @@ fn run_draws_its_charts_and_a_report_a_browser_shows() {
 }
 
 #[test]
+fn rust_log_turns_on_the_logs_of_the_main_paths() {
+    let run = |log: Option<&str>| {
+        let mut c = cmd();
+        c.args([
+            "run",
+            "peer-eviction",
+            "--json",
+            "--set",
+            "policy.evict_to=peer",
+        ]);
+        c.env_remove("RUST_LOG");
+        if let Some(l) = log {
+            c.env("RUST_LOG", l);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success());
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            m["corrupted_bytes"], 0,
+            "the logs go to stderr, not into the JSON"
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert_eq!(run(None), "", "no log without RUST_LOG");
+    let logs = run(Some("hmm_svm=debug"));
+    for line in [
+        "hmm_svm::fault: fault batch",
+        "hmm_svm::migrate: to device",
+        "hmm_svm::evict: evict chunk",
+    ] {
+        assert!(logs.contains(line), "{line} missing");
+    }
+    assert!(
+        !logs.contains("hmm::notifier"),
+        "the filter keeps other targets out"
+    );
+}
+
+#[test]
 fn run_refuses_bad_scenarios_naming_the_line() {
     let dir = std::env::temp_dir().join(format!("hmm-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

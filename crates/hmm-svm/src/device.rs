@@ -246,6 +246,7 @@ impl GpuDevice {
     /// offline: call again); `NoMem` when system memory ran out (the pages that found no
     /// room stay, and the device stays offline). [`online`](Self::online) brings it back.
     pub fn offline(&self, to: EvictTarget) -> Result<OfflineReport, SvmError> {
+        tracing::info!(target: "hmm_svm::device", pagemap = self.pagemap_id(), to = ?to, "offline");
         self.ops.online.store(false, Ordering::Release);
         let mut report = OfflineReport::default();
         let vms: Vec<Arc<VmShared>> = self
@@ -328,6 +329,7 @@ impl GpuDevice {
             Arc::ptr_eq(&again, &self.vram),
             "the retired pagemap comes back"
         );
+        tracing::info!(target: "hmm_svm::device", pagemap = self.pagemap_id(), "online");
         self.ops.online.store(true, Ordering::Release);
         Ok(())
     }
@@ -514,6 +516,14 @@ impl GpuDevice {
             p.received_from_peer(self.pagemap_id(), to_peer);
         }
         let home = moved - to_peer;
+        tracing::debug!(
+            target: "hmm_svm::evict",
+            pagemap = self.pagemap_id(),
+            chunk = index,
+            home,
+            to_peer,
+            "evict chunk"
+        );
         let c = &self.ops.counters;
         if moved > 0 {
             add(&c.evictions, 1);
@@ -606,6 +616,12 @@ impl DevPagemapOps for DeviceOps {
         let copied = copy_to_system(&mut m, phys, &|_| true);
         let out = m.pages().finalize();
         add(&self.counters.pages_d2h, out.migrated);
+        tracing::debug!(
+            target: "hmm_svm::migrate",
+            start = %format_args!("{:#x}", first << PAGE_SHIFT),
+            pages = out.migrated,
+            "migrate_to_ram"
+        );
         // A thrashing event for each page that came back.
         for vm in &vms {
             vm.migrated((first..).take(out.migrated as usize));

@@ -105,6 +105,14 @@ impl GpuVm {
             }
             let mm = self.mm()?;
             let batch = FaultBatch::new(faults);
+            tracing::debug!(
+                target: "hmm_svm::fault",
+                vm = self.id,
+                faults = batch.blocks.iter().map(|b| b.faults.len()).sum::<usize>(),
+                duplicates = batch.duplicates,
+                blocks = batch.blocks.len(),
+                "fault batch"
+            );
             let c = &self.shared.counters;
             add(&c.fault_batches, 1);
             add(&c.duplicate_faults, batch.duplicates);
@@ -340,6 +348,14 @@ impl GpuVm {
         } else {
             Placement::System
         };
+        tracing::trace!(
+            target: "hmm_svm::fault",
+            start = %format_args!("{:#x}", range.start.as_u64()),
+            size = ?range.size,
+            cause = ?cause,
+            placement = ?place,
+            "make resident"
+        );
         let map = match place {
             Placement::System => all,
             Placement::Device => {
@@ -513,6 +529,13 @@ impl GpuVm {
         let c = &self.shared.counters;
         add(&c.vram_alloc_failures, fill.failed);
         add(&c.pages_h2d, out.migrated);
+        tracing::debug!(
+            target: "hmm_svm::migrate",
+            start = %format_args!("{:#x}", run.start().as_u64()),
+            pages = out.migrated,
+            failed = fill.failed,
+            "to device"
+        );
         // The pages not collected that a peer holds, in runs.
         let phys = self.device.phys();
         let mut peers: Vec<Run> = Vec::new();
@@ -554,6 +577,7 @@ impl GpuVm {
         self.device.migration_done(&fill.frames);
         add(&self.shared.counters.vram_alloc_failures, fill.failed);
         for (peer, n) in from {
+            tracing::debug!(target: "hmm_svm::migrate", from = peer, pages = n, "from a peer");
             self.device.received_from_peer(peer, n);
         }
         Ok(moved)
@@ -573,6 +597,7 @@ impl GpuVm {
         let from = by_peer(pages.src(), device);
         pages.finalize();
         for (peer, n) in from {
+            tracing::debug!(target: "hmm_svm::migrate", from = peer, pages = n, "bounced home");
             device.bounced_from_peer(peer, n);
         }
     }

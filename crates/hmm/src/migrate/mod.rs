@@ -268,6 +268,14 @@ pub fn migrate_vma_setup<'g, 'a>(
     collect::unmap_and_check(&mut state);
     let m = mmap.mm();
     m.counters().migrate_setup(state.collected_pages());
+    tracing::debug!(
+        target: "hmm::migrate",
+        start = %format_args!("{:#x}", range.start().as_u64()),
+        pages = range.npages(),
+        collected = state.collected_pages(),
+        owner = args.pgmap_owner.map(|o| o.as_u64()),
+        "migrate_vma_setup"
+    );
     Ok(Migration { state })
 }
 

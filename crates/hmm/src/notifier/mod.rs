@@ -257,6 +257,14 @@ impl MmNotifiers {
     }
 
     fn start(&self, range: NotifierRange) -> Result<Invalidation<'_>, NotifierError> {
+        tracing::trace!(
+            target: "hmm::notifier",
+            event = range.event.kernel_name(),
+            owner = range.owner.map(|o| o.as_u64()),
+            start = %format_args!("{:#x}", range.range.start().as_u64()),
+            pages = range.range.npages(),
+            "invalidate_range_start"
+        );
         self.by_event[range.event as usize].fetch_add(1, Ordering::Relaxed);
         self.itree.invalidate_start(&range, &self.interval_calls)?;
         let list = self.list.read_recursive();
