@@ -186,6 +186,10 @@ enum Command {
         /// this file (created before the run).
         #[arg(long, value_name = "FILE.html", conflicts_with = "compare")]
         report: Option<PathBuf>,
+        /// Run every agent of a phase on a thread of its own, all at once, for races: the
+        /// counters and simulated time may differ from run to run, the bytes may not.
+        #[arg(long, conflicts_with_all = ["trace_out", "plot", "report"])]
+        threads: bool,
     },
     /// Replay a recorded trace on a scenario's machine (its machine, buffers and policies)
     /// and print the metrics; fails if a byte was lost or a frame leaked.
@@ -719,6 +723,7 @@ fn main() -> ExitCode {
             trace_out,
             plot,
             report,
+            threads,
         } => {
             // Every scenario error is the user's input: refused like a bad argument.
             if let Some(name) = scenario.as_deref().filter(|_| !list) {
@@ -750,6 +755,7 @@ fn main() -> ExitCode {
                 trace,
                 plot,
                 report,
+                threads,
             })
         }
         Command::Stress {

@@ -26,6 +26,17 @@ pub(crate) struct Request {
     pub(crate) plot: Option<std::path::PathBuf>,
     /// Where the run's HTML report goes (one run only; created before the run).
     pub(crate) report: Option<(std::path::PathBuf, std::fs::File)>,
+    /// Every agent on a thread of its own (`hmm_sim::threads`).
+    pub(crate) threads: bool,
+}
+
+/// Runs `s` under the deterministic engine, or on real threads.
+fn run_one(s: &Scenario, threads: bool) -> std::result::Result<Metrics, hmm_sim::engine::RunError> {
+    if threads {
+        hmm_sim::threads::run_threads(s)
+    } else {
+        run(s)
+    }
 }
 
 /// Creates the report file at `path` (before the run, so a bad path fails at once).
@@ -112,6 +123,11 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
         return Ok(());
     }
     let name = r.scenario.expect("clap requires a scenario without --list");
+    if r.compare.is_none() && r.threads {
+        let s = load(&name, &r.set)?;
+        let m = run_one(&s, true)?;
+        return report(r.json, &[(String::new(), m)], false);
+    }
     if r.compare.is_none() {
         let s = load(&name, &r.set)?;
         let out = Outputs {
@@ -149,7 +165,7 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
         let done: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = group
                 .iter()
-                .map(|(label, sc)| s.spawn(move || (label.clone(), run(sc))))
+                .map(|(label, sc)| s.spawn(move || (label.clone(), run_one(sc, r.threads))))
                 .collect();
             handles
                 .into_iter()

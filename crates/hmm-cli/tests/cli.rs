@@ -638,6 +638,33 @@ fn run_draws_its_charts_and_a_report_a_browser_shows() {
 }
 
 #[test]
+fn run_on_real_threads_keeps_every_byte() {
+    let out = cmd()
+        .args(["run", "cpu-gpu-pingpong", "--threads", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (m["corrupted_bytes"].as_u64(), m["leaked_frames"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(m["events"], 20480, "every access of both agents");
+    // Threads have no one timeline, recording or report.
+    for extra in ["--trace-out", "--plot", "--report"] {
+        let out = cmd()
+            .args(["run", "cpu-gpu-pingpong", "--threads", extra, "/tmp/x"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{extra}");
+    }
+}
+
+#[test]
 fn rust_log_turns_on_the_logs_of_the_main_paths() {
     let run = |log: Option<&str>| {
         let mut c = cmd();

@@ -130,16 +130,16 @@ pub enum RunError {
 }
 
 /// One agent of the running phase.
-struct Running {
-    who: Actor,
+pub(crate) struct Running {
+    pub(crate) who: Actor,
     /// The agent's span's offset in the buffer.
-    offset: u64,
-    buffer: usize,
-    pattern: Pattern,
-    bytes: usize,
+    pub(crate) offset: u64,
+    pub(crate) buffer: usize,
+    pub(crate) pattern: Pattern,
+    pub(crate) bytes: usize,
     /// Writes made, for the values written.
-    seq: u64,
-    name: String,
+    pub(crate) seq: u64,
+    pub(crate) name: String,
 }
 
 fn migration_policy(name: &str) -> Box<dyn MigrationPolicy> {
@@ -206,19 +206,19 @@ fn total(vms: &[Arc<GpuVm>]) -> SvmStats {
 /// both a scenario run and a trace replay drive, one access at a time.
 pub(crate) struct World {
     phys: Arc<PhysMem>,
-    clock: Arc<ManualClock>,
-    gpus: Vec<Arc<GpuDevice>>,
-    mm: Arc<Mm>,
-    vms: Vec<Arc<GpuVm>>,
+    pub(crate) clock: Arc<ManualClock>,
+    pub(crate) gpus: Vec<Arc<GpuDevice>>,
+    pub(crate) mm: Arc<Mm>,
+    pub(crate) vms: Vec<Arc<GpuVm>>,
     pub(crate) bases: Vec<VirtAddr>,
     pub(crate) sizes: Vec<u64>,
-    shadows: Vec<Vec<u8>>,
-    cost: CostModel,
-    links: Links,
+    pub(crate) shadows: Vec<Vec<u8>>,
+    pub(crate) cost: CostModel,
+    pub(crate) links: Links,
     buf: Vec<u8>,
-    events: u64,
+    pub(crate) events: u64,
     /// Bytes reads returned that differ from the shadow.
-    read_mismatches: u64,
+    pub(crate) read_mismatches: u64,
     /// The timeline being written, and the recorder of invalidations it draws.
     timeline: Option<(Timeline, Arc<Recorder>, MmuNotifierHandle)>,
     /// The samples for plots and reports, if asked for.
@@ -467,6 +467,42 @@ impl World {
         Ok(())
     }
 
+    /// What phase `p` does at its start, at `now`: GPUs come back, then go away, then the
+    /// explicit prefetches; returns the time the agents start.
+    pub(crate) fn start_phase(
+        &mut self,
+        s: &Scenario,
+        p: usize,
+        mut now: u64,
+    ) -> Result<u64, RunError> {
+        let phase = &s.phases[p];
+        for g in &phase.online {
+            let i = crate::scenario::Phase::gpu_index(g);
+            self.online(i, now).map_err(|why| RunError::Device {
+                what: format!("phase {p}, {} online", g.get_ref()),
+                why,
+            })?;
+        }
+        for g in &phase.offline {
+            let i = crate::scenario::Phase::gpu_index(g);
+            let to = evict_target(&s.policy.evict_to);
+            now += self.offline(i, to, now).map_err(|why| RunError::Device {
+                what: format!("phase {p}, {} offline", g.get_ref()),
+                why,
+            })?;
+        }
+        for f in &phase.prefetch {
+            let b = buffer_index(s, f.buffer.get_ref());
+            let g = crate::scenario::Phase::gpu_index(&f.to);
+            now += self.prefetch(g, b, now).map_err(|why| RunError::Access {
+                agent: format!("phase {p}, prefetch to {}", f.to.get_ref()),
+                addr: self.bases[b],
+                why,
+            })?;
+        }
+        Ok(now)
+    }
+
     /// The pages every link has carried so far.
     fn traffic(&self) -> Traffic {
         Traffic::of(&self.gpus)
@@ -494,10 +530,7 @@ impl World {
         let data = &mut buf[..len];
         if write {
             // Every byte written comes from the stamp, none from an earlier read.
-            for (k, chunk) in data.chunks_mut(8).enumerate() {
-                let v = mix(stamp ^ (k as u64) << 56).to_le_bytes();
-                chunk.copy_from_slice(&v[..chunk.len()]);
-            }
+            fill(data, stamp);
         }
         let cost = &self.cost;
         let spent = match who {
@@ -687,6 +720,15 @@ impl World {
 pub(crate) const MAX_REFAULTS: u32 = 1000;
 
 /// splitmix64's finaliser: a word no other input gives.
+/// Fills `data` with the bytes a write stamped `stamp` stores: every 8 bytes from the
+/// stamp, none from an earlier read.
+pub(crate) fn fill(data: &mut [u8], stamp: u64) {
+    for (k, chunk) in data.chunks_mut(8).enumerate() {
+        let v = mix(stamp ^ (k as u64) << 56).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
 fn mix(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -706,57 +748,8 @@ pub fn run_with(s: &Scenario, out: Outputs) -> Result<(Metrics, Option<Recording
     let mut now = 0u64;
     for (p, phase) in s.phases.iter().enumerate() {
         let phase_start = now;
-        // GPUs come back, then go away, then the explicit prefetches, from the phase's
-        // start.
-        for g in &phase.online {
-            let i = crate::scenario::Phase::gpu_index(g);
-            w.online(i, now).map_err(|why| RunError::Device {
-                what: format!("phase {p}, {} online", g.get_ref()),
-                why,
-            })?;
-        }
-        for g in &phase.offline {
-            let i = crate::scenario::Phase::gpu_index(g);
-            let to = evict_target(&s.policy.evict_to);
-            now += w.offline(i, to, now).map_err(|why| RunError::Device {
-                what: format!("phase {p}, {} offline", g.get_ref()),
-                why,
-            })?;
-        }
-        for f in &phase.prefetch {
-            let b = buffer_index(s, f.buffer.get_ref());
-            let g: usize = f.to.get_ref()[3..].parse().expect("validated");
-            now += w.prefetch(g, b, now).map_err(|why| RunError::Access {
-                agent: format!("phase {p}, prefetch to {}", f.to.get_ref()),
-                addr: w.bases[b],
-                why,
-            })?;
-        }
-        let mut agents: Vec<Running> = phase
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(k, a)| {
-                let b = buffer_index(s, a.buffer.get_ref());
-                let on = a.on.get_ref();
-                let span = if a.span_mib == 0 {
-                    s.buffers[b].mib - a.offset_mib
-                } else {
-                    a.span_mib
-                };
-                Running {
-                    who: on
-                        .strip_prefix("gpu")
-                        .map_or(Actor::Cpu, |n| Actor::Gpu(n.parse().expect("validated"))),
-                    offset: a.offset_mib << 20,
-                    buffer: b,
-                    pattern: Pattern::new(a, span << 20, s.seed ^ ((p as u64) << 32) ^ k as u64),
-                    bytes: a.access_bytes as usize,
-                    seq: 0,
-                    name: format!("phase {p}, agent {k} on {on}"),
-                }
-            })
-            .collect();
+        now = w.start_phase(s, p, now)?;
+        let mut agents = agents_of(s, p);
         let mut queue: BinaryHeap<Reverse<(u64, usize)>> =
             (0..agents.len()).map(|k| Reverse((now, k))).collect();
         let mut pending: Vec<Option<crate::pattern::Access>> = vec![None; agents.len()];
@@ -833,6 +826,36 @@ pub fn run_with(s: &Scenario, out: Outputs) -> Result<(Metrics, Option<Recording
     }
     let wall = start.elapsed().as_secs_f64();
     w.finish(s, now, wall)
+}
+
+/// The agents of phase `p`, each with its pattern seeded from the scenario's seed, the phase
+/// and its index.
+pub(crate) fn agents_of(s: &Scenario, p: usize) -> Vec<Running> {
+    s.phases[p]
+        .agents
+        .iter()
+        .enumerate()
+        .map(|(k, a)| {
+            let b = buffer_index(s, a.buffer.get_ref());
+            let on = a.on.get_ref();
+            let span = if a.span_mib == 0 {
+                s.buffers[b].mib - a.offset_mib
+            } else {
+                a.span_mib
+            };
+            Running {
+                who: on
+                    .strip_prefix("gpu")
+                    .map_or(Actor::Cpu, |n| Actor::Gpu(n.parse().expect("validated"))),
+                offset: a.offset_mib << 20,
+                buffer: b,
+                pattern: Pattern::new(a, span << 20, s.seed ^ ((p as u64) << 32) ^ k as u64),
+                bytes: a.access_bytes as usize,
+                seq: 0,
+                name: format!("phase {p}, agent {k} on {on}"),
+            }
+        })
+        .collect()
 }
 
 /// The index of the buffer named `name` (validated to exist).

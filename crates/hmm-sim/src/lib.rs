@@ -27,6 +27,7 @@ pub mod engine;
 pub mod pattern;
 pub mod record;
 pub mod scenario;
+pub mod threads;
 pub mod timeline;
 pub mod topology;
 pub mod trace;
