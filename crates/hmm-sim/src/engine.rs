@@ -196,6 +196,8 @@ fn total(vms: &[Arc<GpuVm>]) -> SvmStats {
         t.evictions += s.evictions;
         t.prefetched_pages += s.prefetched_pages;
         t.thrash_detections += s.thrash_detections;
+        t.thrash_pins += s.thrash_pins;
+        t.thrash_throttles += s.thrash_throttles;
         t.remote_accesses += s.remote_accesses;
         t.peer_accesses += s.peer_accesses;
     }
@@ -405,6 +407,27 @@ impl World {
         }
     }
 
+    /// Draws the transfers of the traffic `after - before` on their copy engines' tracks,
+    /// one after the other from `start`.
+    fn transfers(&mut self, start: u64, after: &Traffic, before: &Traffic) {
+        if self.timeline.is_none() {
+            return;
+        }
+        let mut t = start;
+        for x in self.links.transfers(after, before) {
+            let args = json!({ "bytes": x.bytes });
+            self.slice(timeline::gpu_copy(x.engine), &x.name, t, x.ns, args);
+            t += x.ns;
+        }
+    }
+
+    /// Draws an instant on the timeline, if there is one.
+    fn instant(&mut self, track: u32, name: &str, at: u64, args: Value) {
+        if let Some((t, _, _)) = &mut self.timeline {
+            t.instant(track, name, at, args);
+        }
+    }
+
     /// Draws the invalidations recorded since the last call as instants at `now`.
     fn invalidations(&mut self, now: u64) {
         if let Some((t, rec, _)) = &mut self.timeline {
@@ -434,6 +457,7 @@ impl World {
         let moved = after.h2d[g] - before.h2d[g];
         let spent = self.links.cost_ns(&after, &before);
         self.note(now + spent, 0, 0);
+        self.transfers(now, &after, &before);
         self.slice(
             timeline::gpu_driver(g),
             "prefetch",
@@ -451,8 +475,10 @@ impl World {
         let before = self.traffic();
         self.clock.set(now);
         let report = self.gpus[g].offline(to).map_err(|e| e.to_string())?;
-        let spent = self.links.cost_ns(&self.traffic(), &before);
+        let after = self.traffic();
+        let spent = self.links.cost_ns(&after, &before);
         self.note(now + spent, 0, 0);
+        self.transfers(now, &after, &before);
         let args =
             json!({"pages_home": report.pages_home, "pages_to_peers": report.pages_to_peers});
         self.slice(timeline::gpu_driver(g), "offline", now, spent, args);
@@ -554,7 +580,9 @@ impl World {
                             self.clock.set(now);
                             let before = Traffic::of(&self.gpus);
                             vm.service_access_counters().map_err(|e| e.to_string())?;
-                            spent += self.links.cost_ns(&Traffic::of(&self.gpus), &before);
+                            let after = Traffic::of(&self.gpus);
+                            self.transfers(now + spent, &after, &before);
+                            spent += self.links.cost_ns(&after, &before);
                             self.note(now + spent, 0, 0);
                         }
                         spent
@@ -569,20 +597,35 @@ impl World {
                         let report = vm.service_faults().map_err(|e| e.to_string())?;
                         let after = total(&self.vms);
                         let moved = Traffic::of(&self.gpus);
-                        let spent = cost.fault_batch_ns * report.batches
-                            + cost.fault_ns * report.faults
-                            + self.links.cost_ns(&moved, &moved_before);
+                        let overhead =
+                            cost.fault_batch_ns * report.batches + cost.fault_ns * report.faults;
+                        let spent = overhead + self.links.cost_ns(&moved, &moved_before);
                         self.buf = buf;
                         self.note(now + spent, report.batches, report.faults);
                         if self.timeline.is_some() {
+                            let d = after.since(&before);
                             let args = json!({
                                 "faults": report.faults,
-                                "pages_h2d": after.pages_h2d - before.pages_h2d,
-                                "pages_d2h": after.pages_d2h - before.pages_d2h,
+                                "pages_h2d": d.pages_h2d,
+                                "pages_d2h": d.pages_d2h,
                                 "pages_d2d": moved.d2d_pages() - moved_before.d2d_pages(),
-                                "evictions": after.evictions - before.evictions,
+                                "evictions": d.evictions,
                             });
-                            self.slice(timeline::gpu_driver(g), "fault batch", now, spent, args);
+                            let track = timeline::gpu_driver(g);
+                            self.slice(track, "fault batch", now, spent, args);
+                            self.transfers(now + overhead, &moved, &moved_before);
+                            if d.evictions > 0 {
+                                let args = json!({ "chunks": d.evictions });
+                                self.instant(track, "eviction", now + overhead, args);
+                            }
+                            if d.thrash_detections > 0 {
+                                let args = json!({
+                                    "detections": d.thrash_detections,
+                                    "pins": d.thrash_pins,
+                                    "throttles": d.thrash_throttles,
+                                });
+                                self.instant(track, "thrashing", now, args);
+                            }
                             self.invalidations(now);
                         }
                         return Ok(Step::Faulted(spent));
@@ -614,10 +657,22 @@ impl World {
                         .map(|g| self.links.host[g].transfer_ns((after[g] - before[g]) * PAGE_SIZE))
                         .sum();
                     let spent = cost.cpu_fault_ns + moved;
+                    let fault_ns = cost.cpu_fault_ns;
                     self.note(now + spent, 0, 0);
                     if self.timeline.is_some() {
                         let args = json!({ "pages": came });
                         self.slice(timeline::CPU, "migrate_to_ram", now, spent, args);
+                        let mut t = now + fault_ns;
+                        for (g, (a, b)) in after.iter().zip(&before).enumerate() {
+                            if a > b {
+                                let bytes = (a - b) * PAGE_SIZE;
+                                let ns = self.links.host[g].transfer_ns(bytes);
+                                let args = json!({ "bytes": bytes });
+                                let name = format!("gpu{g} to host");
+                                self.slice(timeline::gpu_copy(g), &name, t, ns, args);
+                                t += ns;
+                            }
+                        }
                         self.invalidations(now);
                     }
                     spent
@@ -941,6 +996,18 @@ agents = [
         assert!(named("MMU_NOTIFY_MIGRATE") > 0 && named("MMU_NOTIFY_CLEAR") > 0);
         assert!(named("migrate_to_ram") > 0, "the CPU agent took pages back");
         assert!(events.iter().any(|e| e["args"]["name"] == "gpu0 driver"));
+        assert!(events.iter().any(|e| e["args"]["name"] == "gpu0 copy"));
+        // Every byte moved is drawn on a copy engine's track.
+        let drawn = |n: &str| -> u64 {
+            events
+                .iter()
+                .filter(|e| e["name"] == n && e["tid"] == timeline::gpu_copy(0))
+                .map(|e| e["args"]["bytes"].as_u64().unwrap())
+                .sum()
+        };
+        assert_eq!(drawn("host to gpu0"), m.bytes_h2d);
+        assert_eq!(drawn("gpu0 to host"), m.bytes_d2h);
+        assert_eq!(named("eviction") > 0, m.evictions > 0);
         assert_eq!(
             run(&s).unwrap().sim_time_ns,
             m.sim_time_ns,

@@ -5,7 +5,8 @@
 //! |---|---|
 //! | 0 `phases` | one slice per phase |
 //! | 1 `cpu` | CPU faults that brought device pages home (`migrate_to_ram`), with the pages |
-//! | 10 + N `gpuN driver` | fault batches (faults, pages host to device and back, evictions) and explicit prefetches |
+//! | 10 + N `gpuN driver` | fault batches (faults, pages each way, evictions), explicit prefetches, the device going offline or back; instants for evictions and thrashing detections |
+//! | 20 + N `gpuN copy` | the transfers GPU N's copy engine made: each link's bytes (`host to gpuN`, `gpuN to host`, `gpuN to gpuM`) and time |
 //! | 100 `notifier` | every invalidation, an instant with its event (`MMU_NOTIFY_*`), owner and pages |
 //!
 //! Hits are not drawn (a run makes millions). Events are written as they happen, so a
@@ -24,6 +25,11 @@ pub const CPU: u32 = 1;
 pub const fn gpu_driver(n: usize) -> u32 {
     // CAST: at most 8 GPUs.
     10 + n as u32
+}
+/// The track of GPU `n`'s copy engine.
+pub const fn gpu_copy(n: usize) -> u32 {
+    // CAST: at most 8 GPUs.
+    20 + n as u32
 }
 /// The track of the invalidations.
 pub const NOTIFIER: u32 = 100;
@@ -48,6 +54,7 @@ impl Timeline {
         t.name(CPU, "cpu");
         for g in 0..gpus {
             t.name(gpu_driver(g), &format!("gpu{g} driver"));
+            t.name(gpu_copy(g), &format!("gpu{g} copy"));
         }
         t.name(NOTIFIER, "notifier");
         t

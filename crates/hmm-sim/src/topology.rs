@@ -89,26 +89,66 @@ impl Links {
         Links { host, peer }
     }
 
-    /// What carrying the traffic `now - before` costs: one transfer per link that carried
-    /// any (a bounce crosses two host links, and each is charged).
-    pub fn cost_ns(&self, now: &Traffic, before: &Traffic) -> u64 {
+    /// The transfers that carried the traffic `now - before`: one per link that carried
+    /// any, with the GPU whose copy engine made it (the destination's for host to GPU, the
+    /// source's otherwise: a peer copy is the source's), its bytes and what it costs.
+    pub fn transfers(&self, now: &Traffic, before: &Traffic) -> Vec<Transfer> {
         let n = self.host.len();
-        let mut ns = 0;
+        let mut out = Vec::new();
+        let mut push = |name: String, engine: usize, link: &Link, pages: u64| {
+            if pages > 0 {
+                let bytes = pages * PAGE_SIZE;
+                out.push(Transfer {
+                    name,
+                    engine,
+                    bytes,
+                    ns: link.transfer_ns(bytes),
+                });
+            }
+        };
         for g in 0..n {
-            let h2d = now.h2d[g] - before.h2d[g];
-            let d2h = now.d2h[g] - before.d2h[g];
-            ns += self.host[g].transfer_ns(h2d * PAGE_SIZE);
-            ns += self.host[g].transfer_ns(d2h * PAGE_SIZE);
+            let host = &self.host[g];
+            push(
+                format!("host to gpu{g}"),
+                g,
+                host,
+                now.h2d[g] - before.h2d[g],
+            );
+            push(
+                format!("gpu{g} to host"),
+                g,
+                host,
+                now.d2h[g] - before.d2h[g],
+            );
             for src in 0..n {
                 let pages = now.d2d[src * n + g] - before.d2d[src * n + g];
                 if pages > 0 {
                     let link = self.peer[src][g].expect("pages move directly only between peers");
-                    ns += link.transfer_ns(pages * PAGE_SIZE);
+                    push(format!("gpu{src} to gpu{g}"), src, &link, pages);
                 }
             }
         }
-        ns
+        out
     }
+
+    /// What carrying the traffic `now - before` costs: its transfers one after the other
+    /// (a bounce crosses two host links, and each is charged).
+    pub fn cost_ns(&self, now: &Traffic, before: &Traffic) -> u64 {
+        self.transfers(now, before).iter().map(|t| t.ns).sum()
+    }
+}
+
+/// One transfer over one link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    /// `host to gpu0`, `gpu0 to host`, `gpu1 to gpu0`.
+    pub name: String,
+    /// The GPU whose copy engine made it.
+    pub engine: usize,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// What it costs, ns.
+    pub ns: u64,
 }
 
 /// The pages each link has carried so far.
