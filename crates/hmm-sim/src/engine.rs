@@ -239,7 +239,8 @@ pub struct Outputs {
 /// Who makes an access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Actor {
-    Cpu,
+    /// A CPU thread (its number: the agent's index in its phase, each its own track).
+    Cpu(usize),
     Gpu(usize),
 }
 
@@ -632,7 +633,7 @@ impl World {
                     }
                 }
             }
-            Actor::Cpu => {
+            Actor::Cpu(k) => {
                 self.clock.set(now);
                 // A CPU fault moves pages home only: each GPU's over its host link. At
                 // most 8 GPUs (validated): no allocation per access.
@@ -661,7 +662,10 @@ impl World {
                     self.note(now + spent, 0, 0);
                     if self.timeline.is_some() {
                         let args = json!({ "pages": came });
-                        self.slice(timeline::CPU, "migrate_to_ram", now, spent, args);
+                        if let Some((t, _, _)) = &mut self.timeline {
+                            let track = t.cpu(k);
+                            t.slice(track, "migrate_to_ram", now, spent, args);
+                        }
                         let mut t = now + fault_ns;
                         for (g, (a, b)) in after.iter().zip(&before).enumerate() {
                             if a > b {
@@ -901,7 +905,7 @@ pub(crate) fn agents_of(s: &Scenario, p: usize) -> Vec<Running> {
             Running {
                 who: on
                     .strip_prefix("gpu")
-                    .map_or(Actor::Cpu, |n| Actor::Gpu(n.parse().expect("validated"))),
+                    .map_or(Actor::Cpu(k), |n| Actor::Gpu(n.parse().expect("validated"))),
                 offset: a.offset_mib << 20,
                 buffer: b,
                 pattern: Pattern::new(a, span << 20, s.seed ^ ((p as u64) << 32) ^ k as u64),
@@ -997,6 +1001,11 @@ agents = [
         assert!(named("migrate_to_ram") > 0, "the CPU agent took pages back");
         assert!(events.iter().any(|e| e["args"]["name"] == "gpu0 driver"));
         assert!(events.iter().any(|e| e["args"]["name"] == "gpu0 copy"));
+        // The CPU agent (agent 1 of its phase) has its own track.
+        assert!(events.iter().any(|e| e["args"]["name"] == "cpu thread 1"));
+        assert!(events
+            .iter()
+            .any(|e| e["name"] == "migrate_to_ram" && e["tid"] == 201));
         // Every byte moved is drawn on a copy engine's track.
         let drawn = |n: &str| -> u64 {
             events

@@ -226,7 +226,7 @@ fn agent(
                         }
                     }
                 }
-                Actor::Cpu => {
+                Actor::Cpu(_) => {
                     w.clock.set(t);
                     let home = |w: &View<'_>| w.gpus.iter().map(|g| g.pages_d2h()).sum::<u64>();
                     let before = home(w);

@@ -4,7 +4,7 @@
 //! | track (`tid`) | what |
 //! |---|---|
 //! | 0 `phases` | one slice per phase |
-//! | 1 `cpu` | CPU faults that brought device pages home (`migrate_to_ram`), with the pages |
+//! | 200 + K `cpu thread K` | CPU faults of the CPU agent K of its phase that brought device pages home (`migrate_to_ram`), with the pages (a trace replay's CPU is thread 0) |
 //! | 10 + N `gpuN driver` | fault batches (faults, pages each way, evictions), explicit prefetches, the device going offline or back; instants for evictions and thrashing detections |
 //! | 20 + N `gpuN copy` | the transfers GPU N's copy engine made: each link's bytes (`host to gpuN`, `gpuN to host`, `gpuN to gpuM`) and time |
 //! | 100 `notifier` | every invalidation, an instant with its event (`MMU_NOTIFY_*`), owner and pages |
@@ -19,8 +19,6 @@ use serde_json::{json, Value};
 
 /// The track of the phases.
 pub const PHASES: u32 = 0;
-/// The track of the CPU.
-pub const CPU: u32 = 1;
 /// The track of GPU `n`'s driver.
 pub const fn gpu_driver(n: usize) -> u32 {
     // CAST: at most 8 GPUs.
@@ -39,6 +37,8 @@ pub struct Timeline {
     out: Box<dyn Write + Send>,
     first: bool,
     error: Option<io::Error>,
+    /// The CPU threads whose tracks are named.
+    cpus: Vec<bool>,
 }
 
 impl Timeline {
@@ -48,10 +48,10 @@ impl Timeline {
             out,
             first: true,
             error: None,
+            cpus: Vec::new(),
         };
         t.raw("{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n");
         t.name(PHASES, "phases");
-        t.name(CPU, "cpu");
         for g in 0..gpus {
             t.name(gpu_driver(g), &format!("gpu{g} driver"));
             t.name(gpu_copy(g), &format!("gpu{g} copy"));
@@ -78,6 +78,20 @@ impl Timeline {
         self.event(
             json!({"ph": "M", "name": "thread_name", "pid": 0, "tid": tid, "args": {"name": name}}),
         );
+    }
+
+    /// The track of CPU thread `k` (named the first time).
+    pub fn cpu(&mut self, k: usize) -> u32 {
+        // CAST: agents of a phase fit u32; far more than a trace viewer shows.
+        let track = 200u32.saturating_add(k as u32);
+        if self.cpus.len() <= k {
+            self.cpus.resize(k + 1, false);
+        }
+        if !self.cpus[k] {
+            self.cpus[k] = true;
+            self.name(track, &format!("cpu thread {k}"));
+        }
+        track
     }
 
     /// A slice on `track` from `start_ns` for `dur_ns`.

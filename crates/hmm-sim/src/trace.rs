@@ -243,7 +243,7 @@ fn native(
     len: u64,
 ) -> Result<Event, String> {
     let who = match agent {
-        "cpu" => Actor::Cpu,
+        "cpu" => Actor::Cpu(0),
         g => match g.strip_prefix("gpu").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) if n < s.machine.gpus.len() && g == format!("gpu{n}") => Actor::Gpu(n),
             _ => {
@@ -306,7 +306,7 @@ pub fn replay(
         };
         let base = *first.get_or_insert(ev.time);
         let slot = match ev.who {
-            Actor::Cpu => 0,
+            Actor::Cpu(_) => 0,
             Actor::Gpu(g) => 1 + g,
         };
         let mut t = ev.time.saturating_sub(base).max(free[slot]);
