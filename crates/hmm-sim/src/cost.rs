@@ -11,6 +11,7 @@
 //! | `peer_gbps` | 25 | one NVLink 2.0 link, one direction (a DGX-1V joins its GPU pairs with one or two) |
 //! | `peer_latency_ns` | 1 000 | a GPU-to-GPU copy's start over NVLink or PCIe peer-to-peer, about a PCIe round trip |
 //! | `peer_access_ns` | 250 | a GPU access to a peer's memory: taken as half of `remote_access_ns` (NVLink's loads against PCIe's) |
+//! | `copy_engines` | 1 | per GPU: one queue of transfers (the conservative choice; a GPU has several engines, and with 2 or more the transfers into it and out of it overlap over the full-duplex link) |
 //! | `local_access_ns` | 1 | a GPU access that hits device memory, amortised over a warp |
 //! | `remote_access_ns` | 500 | a GPU access that crosses the link (about half a PCIe round trip, pipelined) |
 //! | `cpu_access_ns` | 1 | a CPU access that hits |
@@ -39,6 +40,9 @@ pub struct CostModel {
     pub peer_latency_ns: u64,
     /// A GPU access to a peer's memory over the peer link.
     pub peer_access_ns: u64,
+    /// Copy engines per GPU: with one, a GPU's transfers of one batch run one after the
+    /// other; with two or more, those into it and those out of it overlap.
+    pub copy_engines: u32,
     /// A GPU access that hits device memory.
     pub local_access_ns: u64,
     /// A GPU access to system memory over the link.
@@ -59,6 +63,7 @@ impl Default for CostModel {
             peer_gbps: 25.0,
             peer_latency_ns: 1_000,
             peer_access_ns: 250,
+            copy_engines: 1,
             local_access_ns: 1,
             remote_access_ns: 500,
             cpu_access_ns: 1,
@@ -73,6 +78,9 @@ pub(crate) const MAX_NS: u64 = 1 << 40;
 impl CostModel {
     /// Checks that every parameter is in range; the field and why not otherwise.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=64).contains(&self.copy_engines) {
+            return Err(("copy_engines", "from 1 to 64".into()));
+        }
         for (name, v) in [("link_gbps", self.link_gbps), ("peer_gbps", self.peer_gbps)] {
             if !(0.001..=100_000.0).contains(&v) {
                 return Err((name, "from 0.001 to 100000 GB/s".into()));

@@ -409,16 +409,20 @@ impl World {
     }
 
     /// Draws the transfers of the traffic `after - before` on their copy engines' tracks,
-    /// one after the other from `start`.
+    /// as [`Links::schedule`] places them from `start`.
     fn transfers(&mut self, start: u64, after: &Traffic, before: &Traffic) {
         if self.timeline.is_none() {
             return;
         }
-        let mut t = start;
-        for x in self.links.transfers(after, before) {
+        for x in self.links.schedule(after, before) {
             let args = json!({ "bytes": x.bytes });
-            self.slice(timeline::gpu_copy(x.engine), &x.name, t, x.ns, args);
-            t += x.ns;
+            self.slice(
+                timeline::gpu_copy(x.engine),
+                &x.name,
+                start + x.start_ns,
+                x.ns,
+                args,
+            );
         }
     }
 

@@ -9,7 +9,12 @@
 //!
 //! [`Traffic`] is a snapshot of the pages every link has carried, read from the devices'
 //! counters; the difference of two snapshots is charged link by link, one transfer each
-//! ([`Links::cost_ns`]): the copy engines of one batch work one after the other.
+//! ([`Links::cost_ns`]), made by a GPU's copy engine (the destination's from the host, the
+//! source's otherwise). The GPUs' parts are charged one after the other (a bounce's legs
+//! depend on each other, and one agent services the batch); within one GPU, with one copy
+//! engine (`copy_engines = 1`, the default) its transfers are one after the other too, with
+//! two or more the transfers into the GPU and those out of it overlap (a link is full
+//! duplex), and the GPU's part costs the longer of the two.
 
 use std::sync::Arc;
 
@@ -46,6 +51,8 @@ pub struct Links {
     pub host: Vec<Link>,
     /// `peer[a][b]`: the direct link between GPUs `a` and `b`, if they share a group.
     pub peer: Vec<Vec<Option<Link>>>,
+    /// Copy engines per GPU (the cost model's `copy_engines`).
+    pub copy_engines: u32,
 }
 
 impl Links {
@@ -86,7 +93,11 @@ impl Links {
             peer[a][b] = Some(link);
             peer[b][a] = Some(link);
         }
-        Links { host, peer }
+        Links {
+            host,
+            peer,
+            copy_engines: cost.copy_engines,
+        }
     }
 
     /// The transfers that carried the traffic `now - before`: one per link that carried
@@ -95,46 +106,64 @@ impl Links {
     pub fn transfers(&self, now: &Traffic, before: &Traffic) -> Vec<Transfer> {
         let n = self.host.len();
         let mut out = Vec::new();
-        let mut push = |name: String, engine: usize, link: &Link, pages: u64| {
+        let mut push = |name: String, engine: usize, inbound: bool, link: &Link, pages: u64| {
             if pages > 0 {
                 let bytes = pages * PAGE_SIZE;
                 out.push(Transfer {
                     name,
                     engine,
+                    inbound,
                     bytes,
                     ns: link.transfer_ns(bytes),
+                    start_ns: 0,
                 });
             }
         };
         for g in 0..n {
             let host = &self.host[g];
-            push(
-                format!("host to gpu{g}"),
-                g,
-                host,
-                now.h2d[g] - before.h2d[g],
-            );
-            push(
-                format!("gpu{g} to host"),
-                g,
-                host,
-                now.d2h[g] - before.d2h[g],
-            );
+            let (h2d, d2h) = (now.h2d[g] - before.h2d[g], now.d2h[g] - before.d2h[g]);
+            push(format!("host to gpu{g}"), g, true, host, h2d);
+            push(format!("gpu{g} to host"), g, false, host, d2h);
             for src in 0..n {
                 let pages = now.d2d[src * n + g] - before.d2d[src * n + g];
                 if pages > 0 {
                     let link = self.peer[src][g].expect("pages move directly only between peers");
-                    push(format!("gpu{src} to gpu{g}"), src, &link, pages);
+                    push(format!("gpu{src} to gpu{g}"), src, false, &link, pages);
                 }
             }
         }
         out
     }
 
-    /// What carrying the traffic `now - before` costs: its transfers one after the other
-    /// (a bounce crosses two host links, and each is charged).
+    /// What carrying the traffic `now - before` costs: each GPU's transfers ([`Transfer::start_ns`]
+    /// from the first), the GPUs one after the other.
     pub fn cost_ns(&self, now: &Traffic, before: &Traffic) -> u64 {
-        self.transfers(now, before).iter().map(|t| t.ns).sum()
+        self.schedule(now, before)
+            .iter()
+            .map(|t| t.start_ns + t.ns)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The transfers of `now - before` with their start times (from 0): per GPU, in and
+    /// out one after the other with one copy engine, at once with more; GPU after GPU.
+    pub fn schedule(&self, now: &Traffic, before: &Traffic) -> Vec<Transfer> {
+        let mut all = self.transfers(now, before);
+        let mut at = 0;
+        for g in 0..self.host.len() {
+            let (mut inbound, mut outbound) = (at, at);
+            for t in all.iter_mut().filter(|t| t.engine == g) {
+                let clock = if self.copy_engines >= 2 && !t.inbound {
+                    &mut outbound
+                } else {
+                    &mut inbound
+                };
+                t.start_ns = *clock;
+                *clock += t.ns;
+            }
+            at = inbound.max(outbound);
+        }
+        all
     }
 }
 
@@ -145,10 +174,15 @@ pub struct Transfer {
     pub name: String,
     /// The GPU whose copy engine made it.
     pub engine: usize,
+    /// Whether it came into that GPU (from the host) rather than out of it.
+    pub inbound: bool,
     /// Bytes moved.
     pub bytes: u64,
     /// What it costs, ns.
     pub ns: u64,
+    /// When it starts, ns from the start of the traffic ([`Links::schedule`]; 0 from
+    /// [`Links::transfers`]).
+    pub start_ns: u64,
 }
 
 /// The pages each link has carried so far.
@@ -212,6 +246,62 @@ impl Traffic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_engines_overlap_a_gpus_transfers_in_and_out() {
+        let link = Link {
+            gbps: 1.0,
+            latency_ns: 0,
+        };
+        let mut links = Links {
+            host: vec![link, link],
+            peer: vec![vec![None, Some(link)], vec![Some(link), None]],
+            copy_engines: 1,
+        };
+        let before = Traffic {
+            h2d: vec![0, 0],
+            d2h: vec![0, 0],
+            d2d: vec![0; 4],
+        };
+        // gpu0: 1 page in, 2 out; gpu1: 1 page from gpu0 (gpu0's engine).
+        let now = Traffic {
+            h2d: vec![1, 0],
+            d2h: vec![2, 0],
+            d2d: vec![0, 1, 0, 0],
+        };
+        let page = 4096;
+        assert_eq!(
+            links.cost_ns(&now, &before),
+            (1 + 2 + 1) * page,
+            "one queue"
+        );
+        links.copy_engines = 2;
+        // In: 1 page; out: 2 pages to the host, then 1 to gpu1.
+        assert_eq!(links.cost_ns(&now, &before), 3 * page, "in and out at once");
+        let s = links.schedule(&now, &before);
+        assert_eq!(
+            s.iter()
+                .find(|t| t.name == "host to gpu0")
+                .unwrap()
+                .start_ns,
+            0
+        );
+        assert_eq!(
+            s.iter()
+                .find(|t| t.name == "gpu0 to host")
+                .unwrap()
+                .start_ns,
+            0
+        );
+        assert_eq!(
+            s.iter()
+                .find(|t| t.name == "gpu0 to gpu1")
+                .unwrap()
+                .start_ns,
+            2 * page
+        );
+        assert_eq!(links.cost_ns(&before, &before), 0);
+    }
 
     #[test]
     fn a_transfer_costs_latency_and_bandwidth() {
