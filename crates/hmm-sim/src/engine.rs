@@ -38,7 +38,7 @@ use crate::pattern::Pattern;
 use crate::record::{Recording, Sample};
 use crate::scenario::Scenario;
 use crate::timeline::{self, Timeline};
-use crate::topology::{Links, Traffic};
+use crate::topology::{Engines, Links, Traffic};
 
 /// What a run measured (`hmm run --json` prints it).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -217,6 +217,8 @@ pub(crate) struct World {
     pub(crate) shadows: Vec<Vec<u8>>,
     pub(crate) cost: CostModel,
     pub(crate) links: Links,
+    /// When each GPU's copy engines are free again.
+    engines: Engines,
     buf: Vec<u8>,
     pub(crate) events: u64,
     /// Bytes reads returned that differ from the shadow.
@@ -371,6 +373,7 @@ impl World {
             shadows,
             cost: s.cost,
             links: Links::new(&s.machine, &s.cost),
+            engines: Engines::new(s.machine.gpus.len()),
             buf: vec![0u8; 4096],
             events: 0,
             read_mismatches: 0,
@@ -408,22 +411,24 @@ impl World {
         }
     }
 
-    /// Draws the transfers of the traffic `after - before` on their copy engines' tracks,
-    /// as [`Links::schedule`] places them from `start`.
-    fn transfers(&mut self, start: u64, after: &Traffic, before: &Traffic) {
-        if self.timeline.is_none() {
-            return;
+    /// Places the transfers of the traffic `after - before` on the copy engines from `start`
+    /// (waiting for engines earlier transfers hold) and draws them on the engines' tracks;
+    /// returns how long after `start` the last one ends.
+    fn transfers(&mut self, start: u64, after: &Traffic, before: &Traffic) -> u64 {
+        let (placed, end) = self.links.place(&mut self.engines, start, after, before);
+        if self.timeline.is_some() {
+            for x in placed {
+                let args = json!({ "bytes": x.bytes });
+                self.slice(
+                    timeline::gpu_copy(x.engine),
+                    &x.name,
+                    x.start_ns,
+                    x.ns,
+                    args,
+                );
+            }
         }
-        for x in self.links.schedule(after, before) {
-            let args = json!({ "bytes": x.bytes });
-            self.slice(
-                timeline::gpu_copy(x.engine),
-                &x.name,
-                start + x.start_ns,
-                x.ns,
-                args,
-            );
-        }
+        end - start
     }
 
     /// Draws an instant on the timeline, if there is one.
@@ -460,9 +465,8 @@ impl World {
             .map_err(|e| e.to_string())?;
         let after = self.traffic();
         let moved = after.h2d[g] - before.h2d[g];
-        let spent = self.links.cost_ns(&after, &before);
+        let spent = self.transfers(now, &after, &before);
         self.note(now + spent, 0, 0);
-        self.transfers(now, &after, &before);
         self.slice(
             timeline::gpu_driver(g),
             "prefetch",
@@ -481,9 +485,8 @@ impl World {
         self.clock.set(now);
         let report = self.gpus[g].offline(to).map_err(|e| e.to_string())?;
         let after = self.traffic();
-        let spent = self.links.cost_ns(&after, &before);
+        let spent = self.transfers(now, &after, &before);
         self.note(now + spent, 0, 0);
-        self.transfers(now, &after, &before);
         let args =
             json!({"pages_home": report.pages_home, "pages_to_peers": report.pages_to_peers});
         self.slice(timeline::gpu_driver(g), "offline", now, spent, args);
@@ -586,8 +589,7 @@ impl World {
                             let before = Traffic::of(&self.gpus);
                             vm.service_access_counters().map_err(|e| e.to_string())?;
                             let after = Traffic::of(&self.gpus);
-                            self.transfers(now + spent, &after, &before);
-                            spent += self.links.cost_ns(&after, &before);
+                            spent += self.transfers(now + spent, &after, &before);
                             self.note(now + spent, 0, 0);
                         }
                         spent
@@ -604,7 +606,8 @@ impl World {
                         let moved = Traffic::of(&self.gpus);
                         let overhead =
                             cost.fault_batch_ns * report.batches + cost.fault_ns * report.faults;
-                        let spent = overhead + self.links.cost_ns(&moved, &moved_before);
+                        let spent =
+                            overhead + self.transfers(now + overhead, &moved, &moved_before);
                         self.buf = buf;
                         self.note(now + spent, report.batches, report.faults);
                         if self.timeline.is_some() {
@@ -618,7 +621,6 @@ impl World {
                             });
                             let track = timeline::gpu_driver(g);
                             self.slice(track, "fault batch", now, spent, args);
-                            self.transfers(now + overhead, &moved, &moved_before);
                             if d.evictions > 0 {
                                 let args = json!({ "chunks": d.evictions });
                                 self.instant(track, "eviction", now + overhead, args);
@@ -658,28 +660,22 @@ impl World {
                 let after = home(&self.gpus);
                 let came: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
                 if came > 0 {
-                    let moved: u64 = (0..self.gpus.len())
-                        .map(|g| self.links.host[g].transfer_ns((after[g] - before[g]) * PAGE_SIZE))
-                        .sum();
-                    let spent = cost.cpu_fault_ns + moved;
+                    // Pages home only: each GPU's, out over its host link.
+                    let n = self.gpus.len();
+                    let traffic = |d2h: &[u64]| Traffic {
+                        h2d: vec![0; n],
+                        d2h: d2h[..n].to_vec(),
+                        d2d: vec![0; n * n],
+                    };
                     let fault_ns = cost.cpu_fault_ns;
+                    let moved = self.transfers(now + fault_ns, &traffic(&after), &traffic(&before));
+                    let spent = fault_ns + moved;
                     self.note(now + spent, 0, 0);
                     if self.timeline.is_some() {
                         let args = json!({ "pages": came });
                         if let Some((t, _, _)) = &mut self.timeline {
                             let track = t.cpu(k);
                             t.slice(track, "migrate_to_ram", now, spent, args);
-                        }
-                        let mut t = now + fault_ns;
-                        for (g, (a, b)) in after.iter().zip(&before).enumerate() {
-                            if a > b {
-                                let bytes = (a - b) * PAGE_SIZE;
-                                let ns = self.links.host[g].transfer_ns(bytes);
-                                let args = json!({ "bytes": bytes });
-                                let name = format!("gpu{g} to host");
-                                self.slice(timeline::gpu_copy(g), &name, t, ns, args);
-                                t += ns;
-                            }
                         }
                         self.invalidations(now);
                     }

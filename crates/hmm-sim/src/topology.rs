@@ -135,35 +135,83 @@ impl Links {
         out
     }
 
-    /// What carrying the traffic `now - before` costs: each GPU's transfers ([`Transfer::start_ns`]
-    /// from the first), the GPUs one after the other.
+    /// What carrying the traffic `now - before` costs on idle copy engines: each GPU's
+    /// transfers as [`place`](Self::place) queues them, the GPUs one after the other.
     pub fn cost_ns(&self, now: &Traffic, before: &Traffic) -> u64 {
-        self.schedule(now, before)
-            .iter()
-            .map(|t| t.start_ns + t.ns)
-            .max()
-            .unwrap_or(0)
+        let mut idle = Engines::new(self.host.len());
+        self.place(&mut idle, 0, now, before).1
     }
 
-    /// The transfers of `now - before` with their start times (from 0): per GPU, in and
-    /// out one after the other with one copy engine, at once with more; GPU after GPU.
-    pub fn schedule(&self, now: &Traffic, before: &Traffic) -> Vec<Transfer> {
+    /// Places the transfers of `now - before` on the GPUs' copy engines from time `at`:
+    /// GPU after GPU (a bounce's legs depend on each other); within a GPU, in one queue, or
+    /// with two copy engines or more one queue into it and one out of it; a transfer also
+    /// waits for its queue to be free of earlier transfers (`engines`, which it then
+    /// occupies). Returns the transfers with their start times, and when the last ends.
+    pub fn place(
+        &self,
+        engines: &mut Engines,
+        at: u64,
+        now: &Traffic,
+        before: &Traffic,
+    ) -> (Vec<Transfer>, u64) {
         let mut all = self.transfers(now, before);
-        let mut at = 0;
+        let mut cursor = at;
         for g in 0..self.host.len() {
-            let (mut inbound, mut outbound) = (at, at);
+            let mut queue = [cursor, cursor];
             for t in all.iter_mut().filter(|t| t.engine == g) {
-                let clock = if self.copy_engines >= 2 && !t.inbound {
-                    &mut outbound
-                } else {
-                    &mut inbound
-                };
-                t.start_ns = *clock;
-                *clock += t.ns;
+                let q = usize::from(self.copy_engines >= 2 && !t.inbound);
+                t.start_ns = engines.reserve(g, q, queue[q], t.ns);
+                queue[q] = t.start_ns + t.ns;
             }
-            at = inbound.max(outbound);
+            cursor = queue[0].max(queue[1]);
         }
-        all
+        (all, cursor)
+    }
+}
+
+/// What each GPU's copy-engine queues hold, in simulated time: per GPU `[into the GPU, out
+/// of it]` (with one copy engine only the first is used), the latest reservations of each
+/// ([`KEPT`] of them, in time order).
+///
+/// Transfers are asked for in the order agents reach them, which is simulated-time order,
+/// but a fault batch asks for its transfers to start after its own overhead: a transfer
+/// asked for later may start earlier. Each goes in the first gap, from the time it asks
+/// for, that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engines {
+    busy: Vec<[Vec<(u64, u64)>; 2]>,
+}
+
+/// Reservations kept per queue: older ones are long past the times agents ask for.
+pub const KEPT: usize = 64;
+
+impl Engines {
+    /// The engines of `gpus` GPUs, all free.
+    pub fn new(gpus: usize) -> Engines {
+        Engines {
+            busy: vec![[Vec::new(), Vec::new()]; gpus],
+        }
+    }
+
+    /// Reserves queue `q` of GPU `g` for `ns` from `at` or the earliest time after it that
+    /// is free; returns the start.
+    fn reserve(&mut self, g: usize, q: usize, at: u64, ns: u64) -> u64 {
+        let busy = &mut self.busy[g][q];
+        let mut start = at;
+        let mut i = 0;
+        while i < busy.len() {
+            let (s, e) = busy[i];
+            if start + ns <= s {
+                break;
+            }
+            start = start.max(e);
+            i += 1;
+        }
+        busy.insert(i, (start, start + ns));
+        if busy.len() > KEPT {
+            busy.remove(0);
+        }
+        start
     }
 }
 
@@ -180,8 +228,7 @@ pub struct Transfer {
     pub bytes: u64,
     /// What it costs, ns.
     pub ns: u64,
-    /// When it starts, ns from the start of the traffic ([`Links::schedule`]; 0 from
-    /// [`Links::transfers`]).
+    /// When it starts ([`Links::place`]; 0 from [`Links::transfers`]).
     pub start_ns: u64,
 }
 
@@ -278,29 +325,37 @@ mod tests {
         links.copy_engines = 2;
         // In: 1 page; out: 2 pages to the host, then 1 to gpu1.
         assert_eq!(links.cost_ns(&now, &before), 3 * page, "in and out at once");
-        let s = links.schedule(&now, &before);
+        let mut engines = Engines::new(2);
+        let (s, end) = links.place(&mut engines, 100, &now, &before);
+        let at = |n: &str| s.iter().find(|t| t.name == n).unwrap().start_ns;
+        assert_eq!((at("host to gpu0"), at("gpu0 to host")), (100, 100));
+        assert_eq!(at("gpu0 to gpu1"), 100 + 2 * page);
+        assert_eq!(end, 100 + 3 * page);
+        // A second batch at 100 waits for the engines the first holds.
+        let (s, end) = links.place(&mut engines, 100, &now, &before);
         assert_eq!(
             s.iter()
                 .find(|t| t.name == "host to gpu0")
                 .unwrap()
                 .start_ns,
-            0
+            100 + page
         );
-        assert_eq!(
-            s.iter()
-                .find(|t| t.name == "gpu0 to host")
-                .unwrap()
-                .start_ns,
-            0
-        );
-        assert_eq!(
-            s.iter()
-                .find(|t| t.name == "gpu0 to gpu1")
-                .unwrap()
-                .start_ns,
-            2 * page
-        );
+        assert_eq!(end, 100 + 6 * page);
         assert_eq!(links.cost_ns(&before, &before), 0);
+    }
+
+    #[test]
+    fn a_transfer_takes_the_first_gap_that_holds_it() {
+        let mut e = Engines::new(1);
+        assert_eq!(e.reserve(0, 0, 100, 100), 100);
+        assert_eq!(e.reserve(0, 0, 0, 50), 0, "before, in the gap");
+        assert_eq!(e.reserve(0, 0, 60, 50), 200, "too long for the gap left");
+        assert_eq!(e.reserve(0, 0, 50, 50), 50, "exactly the gap");
+        assert_eq!(e.reserve(0, 1, 60, 50), 60, "the other queue is free");
+        for k in 0..2 * KEPT as u64 {
+            e.reserve(0, 0, 1000 + 10 * k, 5);
+        }
+        assert_eq!(e.busy[0][0].len(), KEPT);
     }
 
     #[test]
