@@ -384,8 +384,11 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
     let ptes = match st.pt.lock_pmd(range.start(), WalkMode::Lookup) {
         None => return Err(not_present),
         Some(pmd) => match pmd.get() {
-            PmdEntry::Leaf(_) => return Ok(()),
-            PmdEntry::None => return Err(not_present),
+            // Already a THP (SCAN_PMD_MAPPED).
+            PmdEntry::Leaf(Pte::Present { .. }) => return Ok(()),
+            // A device-private or migration PMD is not present (`find_pmd_or_thp_or_none`:
+            // SCAN_PMD_NULL, EINVAL); it is no THP of this address space to keep.
+            PmdEntry::Leaf(_) | PmdEntry::None => return Err(not_present),
             PmdEntry::Table => pmd.ptes().expect("table"),
         },
     };
