@@ -67,89 +67,99 @@ fn rig() -> (Rig, VirtAddr) {
 /// `TAG + first`; `None` when the walker dropped them.
 type Kept = Option<(VirtAddr, u64, u64)>;
 
-type Walker = fn(&Rig, VirtAddr) -> Kept;
+/// A walker over the `len` bytes at `a` (a whole device THP, or what is left of one).
+type Walker = fn(&Rig, VirtAddr, u64) -> Kept;
 
 const WALKERS: [(&str, Walker); 15] = [
-    ("mprotect read-only and back", |r, a| {
-        r.mm.mprotect(a, PMD_SIZE, Prot::READ).unwrap();
-        r.mm.mprotect(a, PMD_SIZE, RW).unwrap();
-        Some((a, NR, 0))
+    ("mprotect read-only and back", |r, a, len| {
+        r.mm.mprotect(a, len, Prot::READ).unwrap();
+        r.mm.mprotect(a, len, RW).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("mprotect of one half", |r, a| {
-        r.mm.mprotect(a, PMD_SIZE / 2, Prot::READ).unwrap();
-        Some((a, NR, 0))
+    ("mprotect of one half", |r, a, len| {
+        r.mm.mprotect(a, len / 2, Prot::READ).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("MADV_FREE, then lazy-free reclaim", |r, a| {
-        r.mm.madvise(a, PMD_SIZE, Advice::Free).unwrap();
+    ("MADV_FREE, then lazy-free reclaim", |r, a, len| {
+        r.mm.madvise(a, len, Advice::Free).unwrap();
         r.mm.reclaim_lazyfree();
-        Some((a, NR, 0))
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("MADV_DONTNEED", |r, a| {
-        r.mm.madvise(a, PMD_SIZE, Advice::DontNeed).unwrap();
+    ("MADV_DONTNEED", |r, a, len| {
+        r.mm.madvise(a, len, Advice::DontNeed).unwrap();
         None
     }),
-    ("MADV_COLLAPSE (refused: not present)", |r, a| {
-        assert!(r.mm.madvise(a, PMD_SIZE, Advice::Collapse).is_err());
-        Some((a, NR, 0))
+    ("MADV_COLLAPSE (refused: not present)", |r, a, len| {
+        assert!(r.mm.madvise(a, len, Advice::Collapse).is_err());
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("MADV_NOHUGEPAGE and MADV_HUGEPAGE", |r, a| {
-        r.mm.madvise(a, PMD_SIZE, Advice::NoHugePage).unwrap();
-        r.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
-        Some((a, NR, 0))
+    ("MADV_NOHUGEPAGE and MADV_HUGEPAGE", |r, a, len| {
+        r.mm.madvise(a, len, Advice::NoHugePage).unwrap();
+        r.mm.madvise(a, len, Advice::HugePage).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("MADV_POPULATE_READ", |r, a| {
-        r.mm.madvise(a, PMD_SIZE, Advice::PopulateRead).unwrap();
-        Some((a, NR, 0))
+    ("MADV_POPULATE_READ", |r, a, len| {
+        r.mm.madvise(a, len, Advice::PopulateRead).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("MADV_POPULATE_WRITE", |r, a| {
-        r.mm.madvise(a, PMD_SIZE, Advice::PopulateWrite).unwrap();
-        Some((a, NR, 0))
+    ("MADV_POPULATE_WRITE", |r, a, len| {
+        r.mm.madvise(a, len, Advice::PopulateWrite).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("fork, the child reads", |r, a| {
+    ("fork, the child reads", |r, a, len| {
         let child = r.mm.fork().unwrap();
-        for i in 0..NR {
+        for i in 0..len / PAGE_SIZE {
             assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), TAG + i);
         }
         child.audit().unwrap();
-        Some((a, NR, 0))
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("mremap to another place", |r, a| {
+    ("mremap to another place", |r, a, len| {
         let to =
-            r.mm.mremap(a, PMD_SIZE, PMD_SIZE, MremapFlags::MAYMOVE, None)
+            r.mm.mremap(a, len, len, MremapFlags::MAYMOVE, None)
                 .unwrap();
-        Some((to, NR, 0))
+        Some((to, len / PAGE_SIZE, 0))
     }),
-    ("get_user_pages", |r, a| {
-        drop(r.mm.get_user_pages(a, NR, GupFlags::empty()).unwrap());
-        Some((a, NR, 0))
+    ("get_user_pages", |r, a, len| {
+        drop(
+            r.mm.get_user_pages(a, len / PAGE_SIZE, GupFlags::empty())
+                .unwrap(),
+        );
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("pin_user_pages, long-term", |r, a| {
-        drop(r.mm.pin_user_pages(a, NR, GupFlags::LONGTERM).unwrap());
-        Some((a, NR, 0))
+    ("pin_user_pages, long-term", |r, a, len| {
+        drop(
+            r.mm.pin_user_pages(a, len / PAGE_SIZE, GupFlags::LONGTERM)
+                .unwrap(),
+        );
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("pagemap", |r, a| {
-        let map = r.mm.pagemap(a, NR).unwrap();
+    ("pagemap", |r, a, len| {
+        let map = r.mm.pagemap(a, len / PAGE_SIZE).unwrap();
         assert!(
             map.iter().all(|e| !e.present),
             "device pages are not present"
         );
-        Some((a, NR, 0))
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("clear_refs (soft-dirty)", |r, a| {
+    ("clear_refs (soft-dirty)", |r, a, len| {
         r.mm.clear_soft_dirty();
-        Some((a, NR, 0))
+        Some((a, len / PAGE_SIZE, 0))
     }),
-    ("munmap of one half", |r, a| {
-        r.mm.munmap(a, PMD_SIZE / 2).unwrap();
-        Some((page(a, NR / 2), NR / 2, NR / 2))
+    ("munmap of one half", |r, a, len| {
+        r.mm.munmap(a, len / 2).unwrap();
+        let n = len / PAGE_SIZE;
+        Some((page(a, n / 2), n / 2, n / 2))
     }),
 ];
 
-#[test]
-fn every_walker_meets_a_device_private_thp() {
+/// Runs every walker over the device THP of a fresh machine, after `prepare` made what the
+/// walkers get of it (`len` bytes from the buffer's start); checks what `Kept` says.
+fn every_walker(prepare: fn(&Rig, VirtAddr) -> u64) {
     for (name, walk) in WALKERS {
         let (r, a) = rig();
-        let kept = walk(&r, a);
+        let len = prepare(&r, a);
+        let kept = walk(&r, a, len);
         r.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
         match kept {
             Some((at, pages, first)) => {
@@ -160,7 +170,7 @@ fn every_walker_meets_a_device_private_thp() {
             }
             None => {
                 assert_eq!(r.gpu.vram_pages_in_use(), 0, "{name}: the memory is free");
-                for i in 0..NR {
+                for i in 0..len / PAGE_SIZE {
                     assert_eq!(r.mm.read_val::<u64>(page(a, i)), Ok(0), "{name}");
                 }
             }
@@ -172,4 +182,24 @@ fn every_walker_meets_a_device_private_thp() {
         assert_eq!(gpu.vram_pages_in_use(), 0, "{name}: no device frame leaked");
         assert_eq!(phys.nr_in_use(), 0, "{name}: no frame leaked");
     }
+}
+
+#[test]
+fn every_walker_meets_a_device_private_thp() {
+    every_walker(|_, _| PMD_SIZE);
+}
+
+/// The same over what is left of a device THP whose upper half was unmapped (its PMD split
+/// into 256 device-private PTEs of a folio partly unmapped).
+#[test]
+fn every_walker_meets_a_partly_unmapped_device_thp() {
+    every_walker(|r, a| {
+        r.mm.munmap(page(a, NR / 2), PMD_SIZE / 2).unwrap();
+        let map = r.mm.pagemap(a, NR / 2).unwrap();
+        assert!(
+            map.iter().all(|e| !e.present && e.swap.is_some()),
+            "still on the device"
+        );
+        PMD_SIZE / 2
+    });
 }
