@@ -1,0 +1,227 @@
+//! Every page walker meets a device THP (issue 26, item 4).
+//!
+//! The 2026 fixes after device THP landed were all one class: ordinary page walkers meeting
+//! a device-private PMD (`page_vma_mapped_walk`, the COLD/PAGEOUT walks, `MADV_FREE`'s
+//! `madvise_free_huge_pmd`, the write-protect bit on a downgrade). Here every walker the
+//! model has runs over a range holding a device THP made by dmirror's MIGRATE_TO_DEV of a
+//! THP (one PMD entry for 512 device pages): a device-private one (device 0), what is left
+//! of one whose upper half was unmapped, and a device-coherent one (device 2), each walker
+//! on a fresh machine; then every byte, the audit and the frames are checked. Where the
+//! walker keeps the data, the CPU reads it back (faulting device-private pages home through
+//! dmirror's `migrate_to_ram`; device-coherent ones are read in place); where it drops it,
+//! the device's memory must be free.
+
+mod common;
+
+use common::{page, rig, Rig, RW};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use hmm::mm::{Advice, GupFlags, MremapFlags, Prot};
+use hmm_dmirror::{Dmirror, DmirrorCmd, HmmDmirrorCmd};
+use std::sync::Arc;
+
+const NR: u64 = PMD_NR;
+/// The first page's word; page `i` holds `TAG + i`.
+const TAG: u64 = 200;
+
+/// The device kinds a walker meets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Private,
+    Coherent,
+}
+
+/// A machine with a 2 MiB THP buffer written with `TAG + i` per page and migrated whole to
+/// device `kind` (one device THP).
+fn machine(kind: Kind) -> (Rig, Arc<Dmirror>, usize, VirtAddr) {
+    let r = rig();
+    let minor = match kind {
+        Kind::Private => 0,
+        Kind::Coherent => 2,
+    };
+    let d = r.open(minor);
+    let a = r.map(NR);
+    assert!(a.is_aligned(PMD_SIZE));
+    r.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
+    for i in 0..NR {
+        r.mm.write_val(page(a, i), TAG + i).unwrap();
+    }
+    // A user buffer for the command's read-back of 512 pages.
+    let buf = r.map(NR);
+    let mut c = HmmDmirrorCmd {
+        addr: a.as_u64(),
+        ptr: buf.as_u64(),
+        npages: NR,
+        ..HmmDmirrorCmd::default()
+    };
+    d.ioctl(DmirrorCmd::MigrateToDev, &mut c).unwrap();
+    r.mm.munmap(buf, NR * PAGE_SIZE).unwrap();
+    assert_eq!(c.cpages, NR);
+    let map = r.mm.pagemap(a, NR).unwrap();
+    assert!(
+        map.iter().all(|e| e.order == 9),
+        "one device THP to start with"
+    );
+    assert_eq!(r.driver.device(minor).nr_in_use(), NR);
+    (r, d, minor, a)
+}
+
+/// Where the bytes are after a walker: `pages` pages from `at`, the first holding
+/// `TAG + first`; `None` when the walker dropped them.
+type Kept = Option<(VirtAddr, u64, u64)>;
+
+/// A walker over the `len` bytes at `a` (a whole device THP, or what is left of one), on a
+/// device of `kind`.
+type Walker = fn(&Rig, VirtAddr, u64, Kind) -> Kept;
+
+const WALKERS: [(&str, Walker); 15] = [
+    ("mprotect read-only and back", |r, a, len, _| {
+        r.mm.mprotect(a, len, Prot::READ).unwrap();
+        r.mm.mprotect(a, len, RW).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("mprotect of one half", |r, a, len, _| {
+        r.mm.mprotect(a, len / 2, Prot::READ).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_FREE, then lazy-free reclaim", |r, a, len, kind| {
+        r.mm.madvise(a, len, Advice::Free).unwrap();
+        r.mm.reclaim_lazyfree();
+        // A device-private PMD is skipped (the kernel's fix to madvise_free_huge_pmd); a
+        // device-coherent THP is present, clean anonymous memory: discarded.
+        (kind == Kind::Private).then_some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_DONTNEED", |r, a, len, _| {
+        r.mm.madvise(a, len, Advice::DontNeed).unwrap();
+        None
+    }),
+    ("MADV_COLLAPSE", |r, a, len, kind| {
+        let whole_coherent = kind == Kind::Coherent && len == PMD_SIZE;
+        // Not present (SCAN_PMD_NULL, EINVAL); a coherent THP is one already.
+        let done = r.mm.madvise(a, len, Advice::Collapse);
+        assert_eq!(done.is_ok(), whole_coherent, "{done:?}");
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_NOHUGEPAGE and MADV_HUGEPAGE", |r, a, len, _| {
+        r.mm.madvise(a, len, Advice::NoHugePage).unwrap();
+        r.mm.madvise(a, len, Advice::HugePage).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_POPULATE_READ", |r, a, len, _| {
+        r.mm.madvise(a, len, Advice::PopulateRead).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_POPULATE_WRITE", |r, a, len, _| {
+        r.mm.madvise(a, len, Advice::PopulateWrite).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("fork, the child reads", |r, a, len, _| {
+        let child = r.mm.fork().unwrap();
+        for i in 0..len / PAGE_SIZE {
+            assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), TAG + i);
+        }
+        child.audit().unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("mremap to another place", |r, a, len, _| {
+        let to =
+            r.mm.mremap(a, len, len, MremapFlags::MAYMOVE, None)
+                .unwrap();
+        Some((to, len / PAGE_SIZE, 0))
+    }),
+    ("get_user_pages", |r, a, len, _| {
+        drop(
+            r.mm.get_user_pages(a, len / PAGE_SIZE, GupFlags::empty())
+                .unwrap(),
+        );
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("pin_user_pages, long-term", |r, a, len, _| {
+        drop(
+            r.mm.pin_user_pages(a, len / PAGE_SIZE, GupFlags::LONGTERM)
+                .unwrap(),
+        );
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("pagemap", |r, a, len, kind| {
+        let map = r.mm.pagemap(a, len / PAGE_SIZE).unwrap();
+        // Device-private pages are not present; device-coherent ones are mapped.
+        let present = kind == Kind::Coherent;
+        assert!(map.iter().all(|e| e.present == present), "{kind:?}");
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("clear_refs (soft-dirty)", |r, a, len, _| {
+        r.mm.clear_soft_dirty();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("munmap of one half", |r, a, len, _| {
+        r.mm.munmap(a, len / 2).unwrap();
+        let n = len / PAGE_SIZE;
+        Some((page(a, n / 2), n / 2, n / 2))
+    }),
+];
+
+/// Runs every walker over the device THP of a fresh machine of `kind`, after `prepare` made
+/// what the walkers get of it (`len` bytes from the buffer's start); checks what `Kept`
+/// says.
+fn every_walker(kind: Kind, prepare: fn(&Rig, VirtAddr) -> u64) {
+    for (name, walk) in WALKERS {
+        let (r, d, minor, a) = machine(kind);
+        let len = prepare(&r, a);
+        let kept = walk(&r, a, len, kind);
+        r.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
+        match kept {
+            Some((at, pages, first)) => {
+                for i in 0..pages {
+                    let got = r.mm.read_val::<u64>(page(at, i));
+                    assert_eq!(got, Ok(TAG + first + i), "{kind:?} {name}: page {i}");
+                }
+            }
+            None => {
+                for i in 0..len / PAGE_SIZE {
+                    let got = r.mm.read_val::<u64>(page(a, i));
+                    assert_eq!(got, Ok(0), "{kind:?} {name}: page {i}");
+                }
+                let left = r.driver.device(minor).nr_in_use();
+                assert_eq!(left, 0, "{kind:?} {name}: the memory is free");
+            }
+        }
+        r.mm.audit()
+            .unwrap_or_else(|e| panic!("{kind:?} {name}: {e}"));
+        drop(d);
+        let Rig {
+            phys, driver, mm, ..
+        } = r;
+        drop(mm);
+        assert_eq!(
+            driver.device(minor).nr_in_use(),
+            0,
+            "{kind:?} {name}: device frames"
+        );
+        assert_eq!(phys.nr_in_use(), 0, "{kind:?} {name}: no frame leaked");
+    }
+}
+
+#[test]
+fn every_walker_meets_a_device_private_thp() {
+    every_walker(Kind::Private, |_, _| PMD_SIZE);
+}
+
+/// The same over what is left of a device THP whose upper half was unmapped (its PMD split
+/// into 256 device-private PTEs of a folio partly unmapped).
+#[test]
+fn every_walker_meets_a_partly_unmapped_device_thp() {
+    every_walker(Kind::Private, |r, a| {
+        r.mm.munmap(page(a, NR / 2), PMD_SIZE / 2).unwrap();
+        let map = r.mm.pagemap(a, NR / 2).unwrap();
+        assert!(
+            map.iter().all(|e| !e.present && e.swap.is_some()),
+            "still on the device"
+        );
+        PMD_SIZE / 2
+    });
+}
+
+#[test]
+fn every_walker_meets_a_device_coherent_thp() {
+    every_walker(Kind::Coherent, |_, _| PMD_SIZE);
+}
