@@ -757,3 +757,126 @@ fn a_cpu_access_waits_on_a_device_thps_pmd_migration_entry() {
         "a THP is 512 frames of RAM"
     );
 }
+
+/// Every walker meets a PMD migration entry: a THP is collected for migration (one PMD
+/// migration entry) on another thread, which holds it a while and then puts it back
+/// (`migrate_vma_finalize` with no destination); meanwhile a walker runs on this thread.
+/// Walkers under the mmap read lock meet the entry (or wait on it: a fault, GUP); those
+/// that need the lock for writing run once the migration let go. Bytes, audit and frames
+/// are checked after each.
+#[test]
+fn every_walker_meets_a_pmd_migration_entry() {
+    use hmm::mm::{MremapFlags, Prot};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    /// Where the bytes are afterwards: (start, pages, first page's index), or `None`
+    /// when the walker dropped them.
+    type Walker = fn(&Rig, VirtAddr) -> Option<(VirtAddr, u64, u64)>;
+    let walkers: [(&str, Walker); 13] = [
+        ("pagemap", |r, a| {
+            let map = r.m.mm.pagemap(a, NR).unwrap();
+            // The entry, or the THP again if the migration let go first.
+            assert!(map
+                .iter()
+                .all(|e| e.present || e.swap == Some(SwapKind::Migration)));
+            Some((a, NR, 0))
+        }),
+        ("MADV_FREE, then lazy-free reclaim", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::Free).unwrap();
+            r.m.mm.reclaim_lazyfree();
+            None
+        }),
+        ("MADV_DONTNEED", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::DontNeed).unwrap();
+            None
+        }),
+        ("MADV_POPULATE_READ", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::PopulateRead).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("MADV_POPULATE_WRITE", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::PopulateWrite).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("get_user_pages", |r, a| {
+            drop(r.m.mm.get_user_pages(a, NR, GupFlags::empty()).unwrap());
+            Some((a, NR, 0))
+        }),
+        ("clear_refs (soft-dirty)", |r, a| {
+            r.m.mm.clear_soft_dirty();
+            Some((a, NR, 0))
+        }),
+        ("mprotect read-only and back", |r, a| {
+            r.m.mm.mprotect(a, PMD_SIZE, Prot::READ).unwrap();
+            r.m.mm.mprotect(a, PMD_SIZE, RW).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("mprotect of one half", |r, a| {
+            r.m.mm.mprotect(a, PMD_SIZE / 2, Prot::READ).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("fork, the child reads", |r, a| {
+            let child = r.m.mm.fork().unwrap();
+            for i in 0..NR {
+                assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), 300 + i);
+            }
+            child.audit().unwrap();
+            Some((a, NR, 0))
+        }),
+        ("mremap to another place", |r, a| {
+            let to =
+                r.m.mm
+                    .mremap(a, PMD_SIZE, PMD_SIZE, MremapFlags::MAYMOVE, None)
+                    .unwrap();
+            Some((to, NR, 0))
+        }),
+        ("munmap of one half", |r, a| {
+            r.m.mm.munmap(a, PMD_SIZE / 2).unwrap();
+            Some((page(a, NR / 2), NR / 2, NR / 2))
+        }),
+        ("MADV_NOHUGEPAGE and MADV_HUGEPAGE", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::NoHugePage).unwrap();
+            r.m.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
+            Some((a, NR, 0))
+        }),
+    ];
+    for (name, walk) in walkers {
+        let r = rig();
+        let a = huge_map(&r, 1);
+        fill(&r, a, NR, 300);
+        assert!(r
+            .m
+            .mm
+            .pagemap(a, NR)
+            .unwrap()
+            .iter()
+            .all(|e| e.present && e.order == 9));
+        let (tx, rx) = mpsc::channel();
+        let kept = std::thread::scope(|s| {
+            let r = &r;
+            s.spawn(move || {
+                let mmap = r.m.mm.mmap_read();
+                let mig = migrate_vma_setup(&mmap, args(r, a, NR, SYS)).unwrap();
+                assert_eq!(mig.src()[0].npages(), NR, "{name}: one unit");
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+                // No destination: the THP goes back where it was.
+                assert_eq!(mig.pages().finalize().restored, NR, "{name}");
+            });
+            rx.recv().unwrap();
+            walk(r, a)
+        });
+        r.m.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
+        match kept {
+            Some((at, pages, first)) => check(&r, at, pages, 300 + first),
+            None => {
+                // Dropped, or kept if the walker ran after the THP was back and free
+                // (MADV_FREE's pages are discarded only when clean).
+                let v = r.m.mm.read_val::<u64>(a).unwrap();
+                let dropped = name == "MADV_DONTNEED";
+                assert!(v == 0 || (v == 300 && !dropped), "{name}: {v}");
+            }
+        }
+        r.m.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
