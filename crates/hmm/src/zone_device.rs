@@ -165,7 +165,12 @@ pub struct DevPagemap {
 /// `request_free_mem_region` hands out the range `release_mem_region` gave back. A driver
 /// that removes and re-creates its memory (dmirror's RELEASE) therefore never runs out of
 /// sections.
+///
+/// A device-private pagemap's frames are numbered past RAM's in their own section, so this
+/// is also what the mm tree's `memremap_device_private_pagemap` does (no physical range is
+/// reserved first); see DESIGN.md, "The device memory index".
 #[doc(alias = "devm_memremap_pages")]
+#[doc(alias = "memremap_device_private_pagemap")]
 pub fn memremap_pages(
     phys: &PhysMem,
     config: PagemapConfig,
