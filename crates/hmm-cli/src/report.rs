@@ -44,10 +44,11 @@ const r=t.insertRow();r.id='metric-'+k;r.insertCell().textContent=k;\
 const c=r.insertCell();c.className='n';\
 c.textContent=typeof v==='number'?v.toLocaleString('en-US'):String(v);}";
 
-/// The page for the run of `scenario_text` (with the `--set` values `set`) that measured
-/// `metrics` (`json`: its `--json` object) and recorded `rec`.
+/// The page for the run of `scenario_text` (which says it shows `about`, with the `--set`
+/// values `set`) that measured `metrics` (`json`: its `--json` object) and recorded `rec`.
 pub(crate) fn page(
     scenario_text: &str,
+    about: &str,
     set: &[String],
     metrics: &Metrics,
     json: &str,
@@ -65,10 +66,7 @@ pub(crate) fn page(
         "<title>hmm run: {name}</title><style>{STYLE}</style></head><body>"
     )?;
     writeln!(h, "<h1>{name}</h1>")?;
-    let about = hmm_sim::scenario::parse(scenario_text, &[])
-        .map(|s| s.about)
-        .unwrap_or_default();
-    writeln!(h, "<p class=\"about\">{}</p>", escape(&about))?;
+    writeln!(h, "<p class=\"about\">{}</p>", escape(about))?;
     let verdict = if metrics.corrupted_bytes == 0 && metrics.leaked_frames == 0 {
         "every byte checked, no frame leaked"
     } else {

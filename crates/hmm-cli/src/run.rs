@@ -123,18 +123,18 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
         return Ok(());
     }
     let name = r.scenario.expect("clap requires a scenario without --list");
-    if r.compare.is_none() && r.threads {
-        let s = load(&name, &r.set)?;
-        let m = run_one(&s, true)?;
-        return report(r.json, &[(String::new(), m)], false);
-    }
     if r.compare.is_none() {
         let s = load(&name, &r.set)?;
-        let out = Outputs {
-            trace: r.trace.take(),
-            record: r.plot.is_some() || r.report.is_some(),
+        // Threads keep no timeline and no recording (clap refuses them together).
+        let (m, rec) = if r.threads {
+            (run_one(&s, true)?, None)
+        } else {
+            let out = Outputs {
+                trace: r.trace.take(),
+                record: r.plot.is_some() || r.report.is_some(),
+            };
+            run_with(&s, out)?
         };
-        let (m, rec) = run_with(&s, out)?;
         if let (Some(dir), Some(rec)) = (&r.plot, &rec) {
             for f in crate::charts::run(dir, &m, rec)? {
                 errln!("wrote {}", f.display());
@@ -142,7 +142,7 @@ pub(crate) fn main(mut r: Request) -> Result<()> {
         }
         if let (Some((path, mut file)), Some(rec)) = (r.report.take(), &rec) {
             let json = serde_json::to_string_pretty(&versioned(&m))?;
-            let page = crate::report::page(&text_of(&name)?, &r.set, &m, &json, rec)?;
+            let page = crate::report::page(&text_of(&name)?, &s.about, &r.set, &m, &json, rec)?;
             std::io::Write::write_all(&mut file, page.as_bytes())
                 .map_err(|e| format!("--report {}: {e}", path.display()))?;
             errln!("wrote {}", path.display());

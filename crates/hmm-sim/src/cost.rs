@@ -76,6 +76,14 @@ impl Default for CostModel {
 pub(crate) const MAX_NS: u64 = 1 << 40;
 
 impl CostModel {
+    /// A GPU access that completed: `local` pages in the GPU's memory, `remote` in system
+    /// memory, `peer` in a peer's.
+    pub fn hit_ns(&self, local: u32, remote: u32, peer: u32) -> u64 {
+        u64::from(local) * self.local_access_ns
+            + u64::from(remote) * self.remote_access_ns
+            + u64::from(peer) * self.peer_access_ns
+    }
+
     /// Checks that every parameter is in range; the field and why not otherwise.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if !(1..=64).contains(&self.copy_engines) {

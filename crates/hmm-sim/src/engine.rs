@@ -579,9 +579,7 @@ impl World {
                         remote,
                         peer,
                     } => {
-                        let mut spent = u64::from(local) * cost.local_access_ns
-                            + u64::from(remote) * cost.remote_access_ns
-                            + u64::from(peer) * cost.peer_access_ns;
+                        let mut spent = cost.hit_ns(local, remote, peer);
                         if vm.has_notifications() {
                             // The access counters fired: the driver migrates the hot
                             // blocks now, and the agent that tripped them waits for it.
@@ -671,12 +669,15 @@ impl World {
                     let moved = self.transfers(now + fault_ns, &traffic(&after), &traffic(&before));
                     let spent = fault_ns + moved;
                     self.note(now + spent, 0, 0);
-                    if self.timeline.is_some() {
-                        let args = json!({ "pages": came });
-                        if let Some((t, _, _)) = &mut self.timeline {
-                            let track = t.cpu(k);
-                            t.slice(track, "migrate_to_ram", now, spent, args);
-                        }
+                    if let Some((t, _, _)) = &mut self.timeline {
+                        let track = t.cpu(k);
+                        t.slice(
+                            track,
+                            "migrate_to_ram",
+                            now,
+                            spent,
+                            json!({ "pages": came }),
+                        );
                         self.invalidations(now);
                     }
                     spent

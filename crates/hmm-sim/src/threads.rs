@@ -198,9 +198,7 @@ fn agent(
                             remote,
                             peer,
                         } => {
-                            t += u64::from(local) * cost.local_access_ns
-                                + u64::from(remote) * cost.remote_access_ns
-                                + u64::from(peer) * cost.peer_access_ns;
+                            t += cost.hit_ns(local, remote, peer);
                             if vm.has_notifications() {
                                 w.clock.set(t);
                                 vm.service_access_counters()

@@ -193,19 +193,52 @@ pub(crate) fn by_peer(words: &[MigratePfn], device: &GpuDevice) -> Vec<(u32, u64
 }
 
 /// Gives every migrating device page of `m` that `take` accepts and that has no
-/// destination yet a system folio filled from it; one batched copy. A device THP gets a system THP, or 512 pages when none can
-/// be had. `OutOfMemory` when an order-0 page cannot be had: the entries left without a
-/// destination stay on the device (the pairs given so far are copied).
+/// destination yet a system folio filled from it; one batched copy. A device THP gets a
+/// system THP, or 512 pages when none can be had. `OutOfMemory` when an order-0 page cannot
+/// be had: the entries left without a destination stay on the device (the pairs given so
+/// far are copied).
 pub(crate) fn copy_to_system<'s>(
     m: &mut impl Collected<'s>,
     phys: &'s PhysMem,
     take: &dyn Fn(&FrameRef<'_>) -> bool,
 ) -> Result<u64, OutOfMemory> {
-    let alloc = |order| {
+    let mut alloc = |order| {
         phys.alloc(order, FrameFlags::empty())
             .ok()
             .map(|f| f.lock())
     };
+    copy_out(m, &mut alloc, take, &|_| true)
+}
+
+/// Gives every migrating page of `m` a page of `device`'s memory filled from it (a unit of
+/// 512 one device THP, or 512 pages when there is none and they all fit); one batched
+/// copy, made by the source device. Entries left without a destination (`device` full)
+/// are for the caller to place elsewhere. Returns the device frames handed over (their
+/// chunks are busy until the migration ends).
+pub(crate) fn copy_to_device<'s>(m: &mut impl Collected<'s>, device: &GpuDevice) -> Vec<u64> {
+    let mut frames = Vec::new();
+    let mut alloc = |order| {
+        let f = device.alloc(order)?;
+        frames.push(f.device_pfn().as_u64());
+        Some(f)
+    };
+    // Out of device memory: the rest is the caller's to place.
+    let _ = copy_out(m, &mut alloc, &|_| true, &|n| device.vram_pages_free() >= n);
+    frames
+}
+
+/// What both directions of a migration out of device memory share: every migrating entry
+/// of `m` whose source `take` accepts and that has no destination yet gets a folio from
+/// `alloc` filled from its source, in one batched copy. A unit of 512 gets one order-9
+/// folio, or, when there is none and `fits` says 512 pages may be had, 512 pages (copied at
+/// once: the core splits the source). The first order-0 page `alloc` cannot give stops it
+/// with `OutOfMemory` (the pairs given so far are copied). Returns the pages given.
+fn copy_out<'s, 'f>(
+    m: &mut impl Collected<'s>,
+    alloc: &mut dyn FnMut(u32) -> Option<LockedFolio<'f>>,
+    take: &dyn Fn(&FrameRef<'_>) -> bool,
+    fits: &dyn Fn(u64) -> bool,
+) -> Result<u64, OutOfMemory> {
     let mut pairs = Vec::new();
     let mut copied = 0;
     let mut out = Ok(());
@@ -227,7 +260,7 @@ pub(crate) fn copy_to_system<'s>(
             pairs.push((*folio, src));
             m.hand_over(i, folio).expect(HANDED_ONCE);
             copied += n;
-        } else {
+        } else if fits(n) {
             for k in i..i + n as usize {
                 let Some(page) = alloc(0) else {
                     out = Err(OutOfMemory);
@@ -247,46 +280,6 @@ pub(crate) fn copy_to_system<'s>(
     }
     copy_folios(&pairs);
     out.map(|()| copied)
-}
-
-/// Gives every migrating page of `m` a page of `device`'s memory filled from it (a unit of
-/// 512 one device THP, or 512 pages when there is none and they all fit); one batched
-/// copy, made by the source device. Entries left without a destination (`device` full)
-/// are for the caller to place elsewhere.
-/// Returns the device frames handed over (their chunks are busy until the migration ends).
-pub(crate) fn copy_to_device<'s>(m: &mut impl Collected<'s>, device: &GpuDevice) -> Vec<u64> {
-    let mut pairs = Vec::new();
-    let mut frames = Vec::new();
-    let mut i = 0;
-    while i < m.words().len() {
-        let w = m.words()[i];
-        let n = w.npages();
-        let Some(src) = m.source(i).filter(|_| w.is_migrating()) else {
-            i += n as usize;
-            continue;
-        };
-        if let Some(folio) = (n > 1).then(|| device.alloc(PMD_ORDER)).flatten() {
-            pairs.push((*folio, src));
-            frames.push(folio.device_pfn().as_u64());
-            m.hand_over(i, folio).expect(HANDED_ONCE);
-        } else if device.vram_pages_free() >= n {
-            // A unit in pages only if all of them fit: else it is left whole for the host.
-            for k in i..i + n as usize {
-                let Some(page) = device.alloc(0) else { break };
-                let s = m.source(k).expect("a page of a migrating unit");
-                if n > 1 {
-                    page.copy_from(&s);
-                } else {
-                    pairs.push((*page, s));
-                }
-                frames.push(page.device_pfn().as_u64());
-                m.hand_over(k, page).expect(HANDED_ONCE);
-            }
-        }
-        i += n as usize;
-    }
-    copy_folios(&pairs);
-    frames
 }
 
 /// The `expect` of every `set_dst` here: each loop hands one destination to each migrating
