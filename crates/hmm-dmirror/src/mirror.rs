@@ -1102,6 +1102,7 @@ fn mm_error(e: MmError) -> DmirrorError {
         MmError::Exists { .. } => DmirrorError::Inval {
             what: "mapping exists",
         },
+        MmError::Intr { .. } => DmirrorError::Intr,
     }
 }
 

@@ -139,7 +139,7 @@ pub fn make_device_exclusive<'g>(
             mmap.handle_mm_fault(addr, FaultFlags::WRITE | FaultFlags::REMOTE)
                 .map_err(|e| match e {
                     FaultError::Oom { .. } => ExclusiveError::NoMem { addr },
-                    FaultError::Segv { .. } | FaultError::Bus { .. } => {
+                    FaultError::Segv { .. } | FaultError::Bus { .. } | FaultError::Killed { .. } => {
                         ExclusiveError::Fault { addr }
                     }
                 })?;
@@ -165,7 +165,7 @@ pub fn make_device_exclusive<'g>(
                     }
                     p.set(Pte::DeviceExclusive {
                         pfn,
-                        flags: flags & PteFlags::SOFT_DIRTY,
+                        flags: flags & PteFlags::STICKY,
                     });
                     true
                 }

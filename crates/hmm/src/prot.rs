@@ -41,6 +41,12 @@ bitflags! {
         const MAYWRITE = 1 << 5;
         /// `mprotect` may add exec.
         const MAYEXEC = 1 << 6;
+        /// Registered with a userfaultfd for missing pages (`VM_UFFD_MISSING`).
+        #[doc(alias = "VM_UFFD_MISSING")]
+        const UFFD_MISSING = 1 << 9;
+        /// Registered with a userfaultfd for write-protection (`VM_UFFD_WP`).
+        #[doc(alias = "VM_UFFD_WP")]
+        const UFFD_WP = 1 << 12;
         /// `MADV_DONTFORK`: `fork` leaves the range out of the child (`VM_DONTCOPY`).
         #[doc(alias = "VM_DONTCOPY")]
         const DONTCOPY = 1 << 17;
@@ -79,6 +85,10 @@ impl VmFlags {
 
     /// The access bits.
     pub const ACCESS: VmFlags = VmFlags::READ.union(VmFlags::WRITE).union(VmFlags::EXEC);
+
+    /// The userfaultfd registration bits (`__VM_UFFD_FLAGS`).
+    #[doc(alias = "__VM_UFFD_FLAGS")]
+    pub const UFFD: VmFlags = VmFlags::UFFD_MISSING.union(VmFlags::UFFD_WP);
 }
 
 #[cfg(test)]

@@ -160,6 +160,19 @@ pub struct MmStats {
     pub migrate: MigrateStats,
     /// Passes over drivers' ranges.
     pub range_walks: RangeWalkStats,
+    /// What userfaultfd handlers were asked and did.
+    pub uffd: UffdStats,
+}
+
+/// What userfaultfd did in an address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct UffdStats {
+    /// Faults handed to a handler (each waited outside the mmap lock).
+    pub faults: u64,
+    /// Pages a handler filled (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`).
+    pub filled: u64,
+    /// Pages a handler moved (`UFFDIO_MOVE`).
+    pub moved: u64,
 }
 
 impl MmStats {
@@ -218,6 +231,11 @@ impl MmStats {
                     self.range_walks.fault_handler,
                     earlier.range_walks.fault_handler,
                 ),
+            },
+            uffd: UffdStats {
+                faults: d(self.uffd.faults, earlier.uffd.faults),
+                filled: d(self.uffd.filled, earlier.uffd.filled),
+                moved: d(self.uffd.moved, earlier.uffd.moved),
             },
         }
     }
@@ -304,6 +322,14 @@ impl std::fmt::Display for MmStats {
         if self.rmap_visits > 0 {
             lines.push(format!("reverse-map visits: {}", self.rmap_visits));
         }
+        let u = &self.uffd;
+        if let Some(l) = join(vec![
+            ("faults", u.faults),
+            ("pages filled", u.filled),
+            ("pages moved", u.moved),
+        ]) {
+            lines.push(format!("userfaultfd: {l}"));
+        }
         if lines.is_empty() {
             return f.write_str("nothing counted");
         }
@@ -328,6 +354,9 @@ pub(crate) struct MmCounters {
     thp_collapse: AtomicU64,
     thp_split_folio: AtomicU64,
     rmap_visits: AtomicU64,
+    uffd_faults: AtomicU64,
+    uffd_filled: AtomicU64,
+    uffd_moved: AtomicU64,
     range_walks_hmm: AtomicU64,
     range_walks_migrate: AtomicU64,
     range_walk_restarts: AtomicU64,
@@ -398,6 +427,18 @@ impl MmCounters {
         self.range_walk_restarts.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn userfault(&self) {
+        self.uffd_faults.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn uffd_filled(&self) {
+        self.uffd_filled.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn uffd_moved(&self) {
+        self.uffd_moved.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn thp_collapse(&self) {
         self.thp_collapse.fetch_add(1, Relaxed);
     }
@@ -439,6 +480,11 @@ impl MmCounters {
                 migrate: self.range_walks_migrate.load(Relaxed),
                 restarts: self.range_walk_restarts.load(Relaxed),
                 fault_handler: self.range_walks_fault_handler.load(Relaxed),
+            },
+            uffd: UffdStats {
+                faults: self.uffd_faults.load(Relaxed),
+                filled: self.uffd_filled.load(Relaxed),
+                moved: self.uffd_moved.load(Relaxed),
             },
         }
     }

@@ -72,7 +72,7 @@ pub(crate) fn collect_pte<'g>(
         return Next::Go;
     };
     let kind = MigrationKind::for_mapping(mpfn_write, anon_exclusive);
-    let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+    let keep = flags & PteFlags::CARRIED;
     let target = match entry {
         Pte::DevicePrivate { pfn, .. } => MigrationPfn::Device(pfn),
         _ => MigrationPfn::Cpu(page.pfn()),
@@ -236,7 +236,7 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
             let migration = Pte::Migration {
                 pfn: target,
                 kind: MigrationKind::for_mapping(writable, anon_exclusive),
-                flags: flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY),
+                flags: flags & PteFlags::CARRIED,
             };
             match &slot {
                 Slot::Pte(p) => {

@@ -252,16 +252,16 @@ pub(crate) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>, level
         Zone::DevicePrivate { .. } => Pte::DevicePrivate {
             pfn: target.device_pfn(),
             flags: if write {
-                PteFlags::WRITE | (flags & PteFlags::SOFT_DIRTY)
+                PteFlags::WRITE | (flags & PteFlags::STICKY)
             } else {
-                flags & PteFlags::SOFT_DIRTY
+                flags & PteFlags::STICKY
             },
         },
         Zone::System | Zone::DeviceCoherent { .. } => {
-            let mut f = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+            let mut f = flags & PteFlags::CARRIED;
             if !vma.is_accessible() {
                 f |= PteFlags::PROTNONE;
-            } else if write {
+            } else if write && !f.contains(PteFlags::UFFD_WP) {
                 f |= PteFlags::WRITE;
             }
             Pte::Present {

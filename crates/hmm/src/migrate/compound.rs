@@ -161,7 +161,7 @@ impl State<'_, '_> {
         p.set(Pte::Migration {
             pfn: target,
             kind: MigrationKind::for_mapping(writable, anon_exclusive),
-            flags: flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY),
+            flags: flags & PteFlags::CARRIED,
         });
         if flags.contains(PteFlags::DIRTY) {
             fm.set_flags(FrameFlags::DIRTY);

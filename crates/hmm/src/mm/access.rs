@@ -12,8 +12,8 @@ use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameRef;
 
 use super::error::{FaultError, SegvCause};
-use super::fault::{check_access, handle_mm_fault, FaultFlags};
-use super::Mm;
+use super::fault::{check_access, handle_mm_fault_retry, FaultFlags, Faulted};
+use super::{Mm, MmState};
 
 /// A plain value that can be loaded from and stored to memory, little-endian.
 pub trait Scalar: Copy + sealed::Sealed {
@@ -121,34 +121,63 @@ impl Mm {
         if len == 0 {
             return Ok(());
         }
-        let write = buf.is_write();
         let end = addr.checked_add(len as u64).ok_or(FaultError::Segv {
             addr: VirtAddr::new(USER_VA_END),
             cause: SegvCause::MapErr,
         })?;
-        let guard = self.mmap_read();
-        let st = &*guard.state;
+        let mut done = 0usize;
+        loop {
+            // A fault that waits for a userfaultfd handler drops the mmap lock; the access
+            // goes on from where it stopped once the handler woke it.
+            let wait = {
+                let guard = self.mmap_read();
+                match self.access_locked(&guard.state, addr, end, &mut buf, &mut done)? {
+                    Faulted::Done => return Ok(()),
+                    Faulted::Retry(wait) => wait,
+                }
+            };
+            wait.wait(self);
+            if self.fatal_signal_pending() {
+                return Err(FaultError::Killed {
+                    addr: addr + done as u64,
+                });
+            }
+        }
+    }
+
+    /// The access from `addr + done` to `end` under the mmap lock; `done` counts the
+    /// bytes copied. Ends with `Retry` if a fault must wait outside the lock.
+    fn access_locked(
+        &self,
+        st: &MmState,
+        addr: VirtAddr,
+        end: VirtAddr,
+        buf: &mut Buf<'_>,
+        done: &mut usize,
+    ) -> Result<Faulted, FaultError> {
+        let len = buf.len();
+        let write = buf.is_write();
+        let from = addr + *done as u64;
         // Permission check over every VMA first: a failing access changes nothing.
-        let mut at = addr;
+        let mut at = from;
         while at < end {
             let vma = check_access(st.vmas.find(at), at, write)?;
             at = vma.end();
         }
         let pages = VaRange::new(
-            addr.page_down(),
+            from.page_down(),
             end.align_up(PAGE_SIZE).expect("end below USER_VA_END"),
         )
         .expect("non-empty access");
         let flags = if write {
-            FaultFlags::WRITE
+            FaultFlags::WRITE | FaultFlags::ALLOW_RETRY
         } else {
-            FaultFlags::empty()
+            FaultFlags::ALLOW_RETRY
         };
         let phys = self.phys();
         let mut c = st.pt.cursor(pages, WalkMode::Lookup);
-        let mut done = 0usize;
-        while done < len {
-            let va = addr.checked_add(done as u64).expect("inside the access");
+        while *done < len {
+            let va = addr.checked_add(*done as u64).expect("inside the access");
             let slot = c.next().expect("walk covers the access");
             // (frame, offset in it, bytes) that this entry can serve, if it satisfies us.
             let served = match slot {
@@ -161,7 +190,7 @@ impl Mm {
                         (
                             pte.pfn().expect("present"),
                             off,
-                            (PAGE_SIZE as usize - off).min(len - done),
+                            (PAGE_SIZE as usize - off).min(len - *done),
                         )
                     })
                 }
@@ -171,7 +200,7 @@ impl Mm {
                         touch(&pte, write, |new| p.set(new));
                         let off = va.offset_from(p.range().start()).expect("in leaf") as usize;
                         let head = pte.pfn().expect("present");
-                        (head, off, (PMD_SIZE as usize - off).min(len - done))
+                        (head, off, (PMD_SIZE as usize - off).min(len - *done))
                     })
                 }
             };
@@ -184,19 +213,21 @@ impl Mm {
                         let pfn = Pfn::new(first.as_u64() + (o as u64 / PAGE_SIZE));
                         let in_page = o % PAGE_SIZE as usize;
                         let k = (PAGE_SIZE as usize - in_page).min(n - copied);
-                        buf.transfer(phys.frame(pfn), in_page, done + copied, k);
+                        buf.transfer(phys.frame(pfn), in_page, *done + copied, k);
                         copied += k;
                     }
-                    done += n;
+                    *done += n;
                 }
                 None => {
                     c.unlock();
-                    handle_mm_fault(self, st, va, flags)?;
+                    if let Faulted::Retry(wait) = handle_mm_fault_retry(self, st, va, flags)? {
+                        return Ok(Faulted::Retry(wait));
+                    }
                     c.again();
                 }
             }
         }
-        Ok(())
+        Ok(Faulted::Done)
     }
 }
 

@@ -44,7 +44,8 @@ pub struct AuditError {
 impl Mm {
     /// Checks, under the mmap lock held for writing (so nothing in this address space
     /// moves): every entry lies in a VMA and agrees with its protection; a writable private
-    /// page is anon-exclusive; a PMD leaf maps a whole THP inside one VMA. Then, for every
+    /// page is anon-exclusive; a uffd-wp entry is write-protected and lies in a VMA
+    /// registered for userfaultfd write-protection; a PMD leaf maps a whole THP inside one VMA. Then, for every
     /// folio this address space maps, across *all* address spaces that map it (found
     /// through the reverse map, which must find this one's entries):
     /// each page's map count equals the PTEs mapping it, the folio's entire map count
@@ -85,6 +86,16 @@ impl Mm {
                 && !VaRange::from_len(va, PMD_SIZE).is_ok_and(|r| vma.range().contains_range(&r))
             {
                 problems.push(format!("{va}: PMD leaf not inside VMA {:?}", vma.range()));
+            }
+            // The uffd-wp bit lives only where write-protection is registered, and
+            // write-protects.
+            if pte.is_uffd_wp() {
+                if !vma.flags().contains(VmFlags::UFFD_WP) {
+                    problems.push(format!("{va}: uffd-wp entry {pte:?} outside a WP-registered VMA"));
+                }
+                if pte.flags().contains(PteFlags::WRITE) {
+                    problems.push(format!("{va}: uffd-wp entry {pte:?} is writable"));
+                }
             }
             if let Pte::Present { pfn, flags } = pte {
                 report.present_entries += 1;

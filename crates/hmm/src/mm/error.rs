@@ -50,6 +50,12 @@ pub enum MmError {
         /// The first address that failed.
         addr: VirtAddr,
     },
+    /// `-EINTR`: the process got a fatal signal while the operation waited.
+    #[error("interrupted (EINTR): {what}")]
+    Intr {
+        /// What was waiting.
+        what: &'static str,
+    },
     /// `-EEXIST`: `MAP_FIXED_NOREPLACE` over an existing mapping.
     #[error("a mapping exists at {addr} (EEXIST)")]
     Exists {
@@ -70,6 +76,7 @@ impl MmError {
             MmError::Fault { .. } => libc::EFAULT,
             MmError::Busy { .. } => libc::EBUSY,
             MmError::Exists { .. } => libc::EEXIST,
+            MmError::Intr { .. } => libc::EINTR,
         }
     }
 }
@@ -105,6 +112,13 @@ pub enum FaultError {
     /// No memory to resolve the fault (`VM_FAULT_OOM`).
     #[error("out of memory resolving a fault at {addr}")]
     Oom {
+        /// The faulting address.
+        addr: VirtAddr,
+    },
+    /// The process got a fatal signal while the fault waited for a userfaultfd handler:
+    /// the access never completes (the task dies).
+    #[error("killed while the fault at {addr} waited for userfaultfd")]
+    Killed {
         /// The faulting address.
         addr: VirtAddr,
     },

@@ -45,7 +45,21 @@ bitflags! {
         /// pin must not see a later copy on write).
         #[doc(alias = "FAULT_FLAG_UNSHARE")]
         const UNSHARE = 1 << 2;
+        /// The caller can drop the mmap lock, so the fault may wait outside it (for a
+        /// userfaultfd handler) and ask to be retried (`VM_FAULT_RETRY`).
+        #[doc(alias = "FAULT_FLAG_ALLOW_RETRY")]
+        const ALLOW_RETRY = 1 << 3;
     }
+}
+
+/// How a fault that did not fail ended.
+#[derive(Debug)]
+pub(crate) enum Faulted {
+    /// The entry now satisfies the access, or a concurrent change won: retry the access.
+    Done,
+    /// `VM_FAULT_RETRY`: the fault waits for a userfaultfd handler. The caller drops the
+    /// mmap lock, waits, and retries the fault with the lock taken again.
+    Retry(super::userfaultfd::UffdWait),
 }
 
 /// Checks the VMA allows the access (`access_error`).
@@ -73,15 +87,47 @@ pub(super) fn check_access(
     }
 }
 
+/// A fault whose caller holds the mmap lock throughout (no `ALLOW_RETRY`): a fault that
+/// would wait for a userfaultfd handler fails with SIGBUS instead.
 pub(super) fn handle_mm_fault(
     mm: &Mm,
     st: &MmState,
     addr: VirtAddr,
     flags: FaultFlags,
 ) -> Result<(), FaultError> {
+    match handle_mm_fault_retry(mm, st, addr, flags - FaultFlags::ALLOW_RETRY)? {
+        Faulted::Done => Ok(()),
+        Faulted::Retry(_) => unreachable!("a fault that may not retry never asks to"),
+    }
+}
+
+/// `handle_mm_fault`: with `ALLOW_RETRY`, a fault that must wait for a userfaultfd handler
+/// returns [`Faulted::Retry`].
+pub(crate) fn handle_mm_fault_retry(
+    mm: &Mm,
+    st: &MmState,
+    addr: VirtAddr,
+    flags: FaultFlags,
+) -> Result<Faulted, FaultError> {
     crate::sync::retry_point();
     let write = flags.contains(FaultFlags::WRITE);
     let vma = check_access(st.vmas.find(addr), addr, write)?;
+    if let Some(ctx) = vma.uffd().filter(|c| !c.is_released()) {
+        if let Some(reason) = super::userfaultfd::must_fault(st, vma, addr, flags) {
+            return super::userfaultfd::handle_userfault(mm, st, vma, ctx, addr, reason, flags);
+        }
+    }
+    handle_mm_fault_inner(mm, st, vma, addr, flags).map(|()| Faulted::Done)
+}
+
+fn handle_mm_fault_inner(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    addr: VirtAddr,
+    flags: FaultFlags,
+) -> Result<(), FaultError> {
+    let write = flags.contains(FaultFlags::WRITE);
     if hugetlb::is_hugetlb(vma) {
         return hugetlb::fault(mm, st, vma, addr, flags);
     }
@@ -403,7 +449,7 @@ impl Fault<'_> {
         }
         new.meta().inc_mapcount();
         let flags = if unshare {
-            PteFlags::YOUNG | (orig.flags() & (PteFlags::DIRTY | PteFlags::SOFT_DIRTY))
+            PteFlags::YOUNG | (orig.flags() & (PteFlags::DIRTY | PteFlags::STICKY))
         } else {
             PteFlags::WRITE | dirty_flags()
         };

@@ -38,6 +38,7 @@ use crate::prot::VmFlags;
 use super::error::MmError;
 use super::rmap::AnonVma;
 use super::tlb::TlbGather;
+use super::userfaultfd::ForkCtxs;
 use super::vma::{Backing, Vma};
 use super::{hugetlb, thp, Mm, MmState};
 
@@ -54,6 +55,7 @@ impl Mm {
         let parent = self.lock.write();
         let child = Mm::new_in_family(self.phys.clone(), AnonVma::new(Some(self.anon_vma.clone())));
         child.set_thp_mode(self.thp_mode());
+        let mut uffds = ForkCtxs::default();
         let copied = {
             let mut dst = child.lock.write();
             let mut tlb = TlbGather::new(self);
@@ -64,7 +66,10 @@ impl Mm {
                 .iter()
                 .filter(|v| !v.flags().contains(VmFlags::DONTCOPY))
             {
-                dst.vmas.insert(v.clone());
+                // dup_userfaultfd: the registration follows only with fork events.
+                let cv = uffds.child_vma(&child, v);
+                let child_wp = cv.flags().contains(VmFlags::UFFD_WP);
+                dst.vmas.insert(cv);
                 match v.backing() {
                     Backing::Shmem(obj) => obj.mappers.add(&child.this),
                     Backing::Driver(d) => d.mappers.add(&child.this),
@@ -72,7 +77,7 @@ impl Mm {
                 }
                 // vma_needs_copy: private memory, and driver mappings (VM_COPY_ON_FORK).
                 if !v.is_shared() || v.flags().contains(VmFlags::MIXEDMAP) {
-                    result = self.copy_page_range(&parent, &child, &dst, v, &mut tlb);
+                    result = self.copy_page_range(&parent, &child, &dst, v, child_wp, &mut tlb);
                     if result.is_err() {
                         break;
                     }
@@ -83,7 +88,11 @@ impl Mm {
         };
         drop(parent);
         match copied {
-            Ok(()) => Ok(child),
+            Ok(()) => {
+                // dup_userfaultfd_complete: with no mmap lock held.
+                uffds.send();
+                Ok(child)
+            }
             Err(_) => Err(MmError::NoMem {
                 what: "no memory to copy a pinned page for the child",
             }),
@@ -97,6 +106,7 @@ impl Mm {
         child: &Mm,
         dst: &MmState,
         vma: &Vma,
+        child_wp: bool,
         tlb: &mut TlbGather<'_>,
     ) -> Result<(), AllocError> {
         // is_cow_mapping: private and may become writable.
@@ -131,6 +141,7 @@ impl Mm {
                 child,
                 vma,
                 cow,
+                child_wp,
             };
             match slot {
                 Slot::Hole(_) => unreachable!(),
@@ -149,7 +160,7 @@ impl Mm {
                     if src_new != entry {
                         p.set(src_new);
                     }
-                    d.set(dst_new);
+                    d.set(copy.child_entry(dst_new, entry));
                 }
                 Slot::Pmd(p) => {
                     let leaf = p.range();
@@ -165,7 +176,8 @@ impl Mm {
                             sc.unlock();
                             dc.unlock();
                             let pmd = dst.pt.lock_pmd(leaf.start(), WalkMode::Populate);
-                            pmd.expect("populated").set_leaf(dst_new);
+                            pmd.expect("populated")
+                                .set_leaf(copy.child_entry(dst_new, entry));
                         }
                         None => {
                             // A pinned THP: split it in the parent and copy its PTEs.
@@ -191,9 +203,18 @@ struct CopyCtx<'a> {
     child: &'a Mm,
     vma: &'a Vma,
     cow: bool,
+    /// The child's VMA is registered for userfaultfd write-protection.
+    child_wp: bool,
 }
 
 impl CopyCtx<'_> {
+    /// The child's entry with the uffd-wp bit of the parent's `src` entry where the
+    /// child's VMA keeps write-protection, and without it elsewhere (`copy_present_pte`,
+    /// `copy_nonpresent_pte`: `pte_clear_uffd_wp` unless `userfaultfd_wp(dst_vma)`).
+    fn child_entry(&self, child: Pte, src: Pte) -> Pte {
+        child.with_uffd_wp(self.child_wp && src.is_uffd_wp())
+    }
+
     /// The new parent entry and the child's entry for one PTE (`copy_present_pte`,
     /// `copy_nonpresent_pte`).
     fn pte(
@@ -419,10 +440,13 @@ pub(super) fn restore_exclusive(
 ) -> Pte {
     let page = phys.frame(pfn);
     let meta = page.folio().meta();
-    let mut new = flags & PteFlags::SOFT_DIRTY;
+    let mut new = flags & PteFlags::STICKY;
     if !vma.is_accessible() {
         new |= PteFlags::PROTNONE;
-    } else if vma.flags().contains(VmFlags::WRITE) && page.anon_exclusive() {
+    } else if vma.flags().contains(VmFlags::WRITE)
+        && page.anon_exclusive()
+        && !new.contains(PteFlags::UFFD_WP)
+    {
         new |= PteFlags::WRITE;
         if meta.flags().contains(FrameFlags::DIRTY) {
             new |= PteFlags::DIRTY;

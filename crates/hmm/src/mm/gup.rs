@@ -40,7 +40,8 @@ use crate::pgtable::{Pte, Slot, WalkMode};
 use crate::phys::{PhysMem, Zone};
 
 use super::error::{FaultError, MmError};
-use super::fault::{check_access, handle_mm_fault, must_unshare, FaultFlags};
+use super::fault::{check_access, handle_mm_fault_retry, must_unshare, FaultFlags, Faulted};
+use super::userfaultfd::UffdWait;
 use super::Mm;
 
 bitflags! {
@@ -184,7 +185,7 @@ impl Mm {
             };
             let mut coherent = Vec::new();
             for piece in range.pieces(PMD_SIZE) {
-                self.faultin_piece(
+                self.faultin(
                     piece,
                     flags,
                     Take::Refs {
@@ -230,20 +231,41 @@ impl Mm {
             GupFlags::empty()
         };
         for piece in range.pieces(PMD_SIZE) {
-            self.faultin_piece(piece, flags, Take::Nothing)?;
+            self.faultin(piece, flags, Take::Nothing)?;
         }
         Ok(())
     }
 
+    /// [`faultin_piece`](Self::faultin_piece) until the piece is done: a fault that waits
+    /// for a userfaultfd handler drops the mmap lock, and the piece goes on from that
+    /// page once it is woken (`FOLL_UNLOCKABLE`).
+    fn faultin(&self, piece: VaRange, flags: GupFlags, mut take: Take<'_>) -> Result<(), MmError> {
+        let mut from = piece.start();
+        loop {
+            let rest = VaRange::new(from, piece.end()).expect("inside the piece");
+            let Some((wait, at)) = self.faultin_piece(rest, flags, take.reborrow())? else {
+                return Ok(());
+            };
+            wait.wait(self);
+            if self.fatal_signal_pending() {
+                return Err(MmError::Intr {
+                    what: "a fatal signal while a fault waited for userfaultfd",
+                });
+            }
+            from = at;
+        }
+    }
+
     /// One piece of [`get_user_pages`](Self::get_user_pages) or [`populate`](Self::populate)
     /// under the mmap lock: faults in what does not satisfy the request and does with each
-    /// page what `take` says.
+    /// page what `take` says. Stops at a fault that must wait for a userfaultfd handler,
+    /// returning the wait and the page it stopped at.
     fn faultin_piece(
         &self,
         range: VaRange,
         flags: GupFlags,
         mut take: Take<'_>,
-    ) -> Result<(), MmError> {
+    ) -> Result<Option<(UffdWait, VirtAddr)>, MmError> {
         let write = flags.contains(GupFlags::WRITE);
         let pin = flags.contains(GupFlags::PIN);
         let longterm = flags.contains(GupFlags::LONGTERM);
@@ -251,8 +273,8 @@ impl Mm {
         let st = &*guard.state;
         let phys = self.phys();
         let mut fault = match take {
-            Take::Refs { .. } => FaultFlags::REMOTE,
-            Take::Nothing => FaultFlags::empty(),
+            Take::Refs { .. } => FaultFlags::REMOTE | FaultFlags::ALLOW_RETRY,
+            Take::Nothing => FaultFlags::ALLOW_RETRY,
         };
         if write {
             fault |= FaultFlags::WRITE;
@@ -302,12 +324,16 @@ impl Mm {
                 }
                 _ => {
                     c.unlock();
-                    handle_mm_fault(self, st, va, fault).map_err(|e| fault_error(va, e))?;
+                    let faulted =
+                        handle_mm_fault_retry(self, st, va, fault).map_err(|e| fault_error(va, e))?;
+                    if let Faulted::Retry(wait) = faulted {
+                        return Ok(Some((wait, va)));
+                    }
                     c.again();
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Pins `npages` pages from `start` (`pin_user_pages`): [`get_user_pages`] with
@@ -336,6 +362,15 @@ enum Take<'h> {
     Nothing,
 }
 
+impl Take<'_> {
+    fn reborrow(&mut self) -> Take<'_> {
+        match self {
+            Take::Refs { held, coherent } => Take::Refs { held, coherent },
+            Take::Nothing => Take::Nothing,
+        }
+    }
+}
+
 /// The VMA checks of `FOLL_MADV_POPULATE` (`check_vma_flags` without `FOLL_FORCE`): no
 /// VMA is ENOMEM, a VMA that does not allow the access EINVAL.
 fn check_populate(vma: Option<&super::Vma>, write: bool) -> Result<&super::Vma, MmError> {
@@ -362,5 +397,8 @@ fn fault_error(addr: VirtAddr, e: FaultError) -> MmError {
             what: "out of memory while faulting pages in",
         },
         FaultError::Segv { .. } | FaultError::Bus { .. } => MmError::Fault { addr },
+        FaultError::Killed { .. } => MmError::Intr {
+            what: "a fatal signal while faulting pages in",
+        },
     }
 }

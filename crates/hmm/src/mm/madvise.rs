@@ -88,6 +88,9 @@ impl Mm {
         };
         match advice {
             Advice::DontNeed | Advice::Free => {
+                // userfaultfd_remove: the handlers that asked read of it first, with no
+                // mmap lock held.
+                super::userfaultfd::userfaultfd_remove(self, range);
                 let guard = self.mmap_read();
                 let st = &*guard.state;
                 if st.vmas.first_hole(range).is_some() {

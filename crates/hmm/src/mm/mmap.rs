@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
+use super::userfaultfd::UffdEvents;
 use super::driver::DriverMapping;
 use super::error::MmError;
 use super::shmem::ShmemObject;
@@ -117,6 +118,23 @@ impl Mm {
         prot: Prot,
         flags: MapFlags,
         source: Source<'_>,
+    ) -> Result<VirtAddr, MmError> {
+        let mut uf = UffdEvents::default();
+        let r = self.do_mmap_locked(addr, len, prot, flags, source, &mut uf);
+        uf.send();
+        r
+    }
+
+    /// [`do_mmap`](Self::do_mmap) with the userfaultfd events of a `MAP_FIXED` unmap
+    /// collected, to send once the mmap lock is dropped.
+    fn do_mmap_locked(
+        &self,
+        addr: Option<VirtAddr>,
+        len: u64,
+        prot: Prot,
+        flags: MapFlags,
+        source: Source<'_>,
+        uf: &mut UffdEvents,
     ) -> Result<VirtAddr, MmError> {
         let shared = flags.contains(MapFlags::SHARED);
         if shared == flags.contains(MapFlags::PRIVATE) {
@@ -241,7 +259,7 @@ impl Mm {
             None
         };
         if occupied.is_some() {
-            self.do_munmap(&mut st, range);
+            self.do_munmap(&mut st, range, uf);
         }
         let source = match (&huge_obj, source) {
             (Some(obj), _) => Source::File(obj, 0),

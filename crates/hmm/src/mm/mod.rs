@@ -44,6 +44,7 @@ mod rmap;
 mod shmem;
 mod thp;
 pub(crate) mod tlb;
+pub mod userfaultfd;
 mod vma;
 mod zap;
 
@@ -56,7 +57,7 @@ pub use audit::{AuditError, AuditReport};
 pub use device::DeviceFault;
 pub use driver::{VmFault, VmOps};
 pub use error::{FaultError, MmError, SegvCause};
-pub(crate) use fault::wait_on_migration;
+pub(crate) use fault::{handle_mm_fault_retry, wait_on_migration, Faulted};
 pub use fault::FaultFlags;
 pub use file::MemFile;
 pub use gup::{GupFlags, UserPages};
@@ -112,6 +113,8 @@ pub struct Mm {
     deferred_split: crate::sync::Mutex<Vec<crate::addr::Pfn>>,
     /// A fatal signal was sent to the process (`fatal_signal_pending` of its tasks).
     killed: std::sync::atomic::AtomicBool,
+    /// The userfaultfds opened on it, whose sleepers a fatal signal wakes.
+    uffds: crate::sync::Mutex<Vec<Weak<userfaultfd::UffdCtx>>>,
 }
 
 /// The mmap lock held for reading; VMAs and page table can be read through it.
@@ -160,8 +163,13 @@ impl<'a> MmapReadGuard<'a> {
 
     /// Resolves a fault at `addr` (`handle_mm_fault`): afterwards the entry satisfies the
     /// access, or a concurrent change won and the caller retries.
+    ///
+    /// The caller holds the lock across the fault, so the fault may not drop it:
+    /// `ALLOW_RETRY` is ignored, and a fault a userfaultfd handler would resolve fails
+    /// with `Bus`, as in the kernel. [`Mm::fixup_user_fault`] takes the lock itself and
+    /// waits for the handler.
     pub fn handle_mm_fault(&self, addr: VirtAddr, flags: FaultFlags) -> Result<(), FaultError> {
-        fault::handle_mm_fault(self.mm, &self.state, addr, flags)
+        fault::handle_mm_fault(self.mm, &self.state, addr, flags - FaultFlags::ALLOW_RETRY)
     }
 
     /// A guard standing for the lock a caller up the stack holds over `state`.
@@ -209,6 +217,7 @@ impl Mm {
             thp: thp::ThpSetting::default(),
             deferred_split: crate::sync::Mutex::new(Vec::new()),
             killed: std::sync::atomic::AtomicBool::new(false),
+            uffds: crate::sync::Mutex::new(Vec::new()),
         });
         mm.anon_vma.add_to_chain(&mm.this);
         mm
@@ -223,6 +232,37 @@ impl Mm {
     pub fn kill(&self) {
         self.killed
             .store(true, std::sync::atomic::Ordering::Release);
+        // Threads asleep on a userfaultfd wake to die.
+        let uffds: Vec<_> = self.uffds.lock().iter().filter_map(Weak::upgrade).collect();
+        for c in uffds {
+            c.wake_all();
+        }
+    }
+
+    /// Resolves a fault at `addr` as a thread of the process would, taking the mmap lock
+    /// itself and dropping it where the fault must wait (`fixup_user_fault` with
+    /// `unlocked`): a fault a userfaultfd handler resolves is waited for, and retried.
+    /// Returns whether the lock was dropped on the way.
+    ///
+    /// Errors: those of [`MmapReadGuard::handle_mm_fault`]; `Killed` if the process got a
+    /// fatal signal while it waited.
+    pub fn fixup_user_fault(&self, addr: VirtAddr, flags: FaultFlags) -> Result<bool, FaultError> {
+        let mut unlocked = false;
+        loop {
+            let wait = {
+                let guard = self.mmap_read();
+                let flags = flags | FaultFlags::ALLOW_RETRY;
+                match fault::handle_mm_fault_retry(self, &guard.state, addr, flags)? {
+                    fault::Faulted::Done => return Ok(unlocked),
+                    fault::Faulted::Retry(w) => w,
+                }
+            };
+            unlocked = true;
+            wait.wait(self);
+            if self.fatal_signal_pending() {
+                return Err(FaultError::Killed { addr });
+            }
+        }
     }
 
     /// Whether the process has a fatal signal pending (`fatal_signal_pending(current)` for

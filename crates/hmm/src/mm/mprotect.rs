@@ -59,16 +59,16 @@ impl Mm {
             .vmas
             .update_flags(range, |f| (f - VmFlags::ACCESS) | want);
         for v in &changed {
-            self.change_protection(&st.pt, v);
+            self.change_protection(&st.pt, v, v.range(), CpMode::Prot);
         }
         Ok(())
     }
 
-    /// `change_protection` over one VMA (already carrying its new flags). The
+    /// `change_protection` over `range` of one VMA (already carrying its new flags). The
     /// PROTECTION_VMA invalidation starts at the first populated slot, as the kernel starts
-    /// it at the first non-empty PMD. A PMD leaf the VMA covers only in part is split.
-    fn change_protection(&self, pt: &PageTable, vma: &Vma) {
-        let mut c = pt.cursor(vma.range(), WalkMode::Lookup);
+    /// it at the first non-empty PMD. A PMD leaf the range covers only in part is split.
+    pub(super) fn change_protection(&self, pt: &PageTable, vma: &Vma, part: VaRange, mode: CpMode) {
+        let mut c = pt.cursor(part, WalkMode::Lookup);
         let mut inv = None;
         let mut tlb = TlbGather::new(self);
         while let Some(slot) = c.next() {
@@ -82,9 +82,9 @@ impl Mm {
             }
             if inv.is_none() {
                 // Start the invalidation with no page-table lock held, then re-take the slot.
-                let start = range.start().max(vma.start());
+                let start = range.start().max(part.start());
                 c.unlock();
-                let r = VaRange::new(start, vma.end()).expect("inside VMA");
+                let r = VaRange::new(start, part.end()).expect("inside the range");
                 inv = Some(self.notifiers.invalidate_range_start(NotifierRange::new(
                     self.id,
                     r,
@@ -94,13 +94,13 @@ impl Mm {
                 c.again();
                 continue;
             }
-            if matches!(slot, Slot::Pmd(_)) && !vma.range().contains_range(&range) {
+            if matches!(slot, Slot::Pmd(_)) && !part.contains_range(&range) {
                 c.unlock();
                 thp::split_pmd(self, pt, Some(vma.info()), range.start(), &mut tlb);
                 c.again();
                 continue;
             }
-            let new = self.protect_entry(vma, old);
+            let new = self.protect_entry(vma, old, mode);
             if new != old {
                 match slot {
                     Slot::Pte(p) => p.set(new),
@@ -119,17 +119,28 @@ impl Mm {
         }
     }
 
-    /// The entry `old` becomes under `vma`'s new protection.
-    fn protect_entry(&self, vma: &Vma, old: Pte) -> Pte {
+    /// The entry `old` becomes under `vma`'s protection, with its uffd-wp bit set,
+    /// cleared or kept as `mode` says. An entry with the bit is never made writable
+    /// (`can_change_pte_writable`).
+    fn protect_entry(&self, vma: &Vma, old: Pte, mode: CpMode) -> Pte {
         let phys = self.phys();
         let flags = vma.flags();
+        let wp = match mode {
+            CpMode::Prot => old.is_uffd_wp(),
+            CpMode::UffdWp => true,
+            CpMode::UffdWpResolve => false,
+        };
         match old {
             Pte::None => old,
             Pte::Present { pfn, flags: f } => {
-                let mut nf = f - PteFlags::WRITE - PteFlags::PROTNONE;
+                let mut nf = f - PteFlags::WRITE - PteFlags::PROTNONE - PteFlags::UFFD_WP;
+                if wp {
+                    nf |= PteFlags::UFFD_WP;
+                }
                 if !vma.is_accessible() {
                     nf |= PteFlags::PROTNONE;
-                } else if flags.contains(VmFlags::WRITE)
+                } else if !wp
+                    && flags.contains(VmFlags::WRITE)
                     && !phys.is_zero_pfn(pfn)
                     && !phys.is_huge_zero_pfn(pfn)
                 {
@@ -162,12 +173,26 @@ impl Mm {
                     kind,
                     flags: f,
                 }
+                .with_uffd_wp(wp)
             }
             Pte::DevicePrivate { pfn, flags: f } => Pte::DevicePrivate {
                 pfn,
                 flags: f - PteFlags::WRITE,
-            },
-            Pte::Migration { .. } | Pte::DeviceExclusive { .. } => old,
+            }
+            .with_uffd_wp(wp),
+            Pte::Migration { .. } | Pte::DeviceExclusive { .. } => old.with_uffd_wp(wp),
         }
     }
+}
+
+/// What [`Mm::change_protection`] does to the entries (`MM_CP_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CpMode {
+    /// Apply the VMA's protection (`mprotect`); uffd-wp bits stay.
+    Prot,
+    /// Set the uffd-wp bit, write-protecting (`MM_CP_UFFD_WP`).
+    UffdWp,
+    /// Clear the uffd-wp bit and make writable where allowed
+    /// (`MM_CP_UFFD_WP_RESOLVE | MM_CP_TRY_CHANGE_WRITABLE`).
+    UffdWpResolve,
 }

@@ -26,9 +26,11 @@ use bitflags::bitflags;
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{Huge, PmdEntry, Pte, PteFlags, Slot, WalkMode};
+use crate::prot::VmFlags;
 
 use super::error::MmError;
 use super::tlb::TlbGather;
+use super::userfaultfd::{remap_prep, UffdEvents};
 use super::vma::Vma;
 use super::{hugetlb, page_align_len, thp, Mm, MmState, MMAP_BASE, MMAP_MIN_ADDR};
 
@@ -74,6 +76,23 @@ impl Mm {
         new_len: u64,
         flags: MremapFlags,
         new_addr: Option<VirtAddr>,
+    ) -> Result<VirtAddr, MmError> {
+        let mut uf = UffdEvents::default();
+        let r = self.mremap_locked(old_addr, old_len, new_len, flags, new_addr, &mut uf);
+        uf.send();
+        r
+    }
+
+    /// [`mremap`](Self::mremap) with its userfaultfd events (remap, unmap) collected, to
+    /// send once the mmap lock is dropped.
+    fn mremap_locked(
+        &self,
+        old_addr: VirtAddr,
+        old_len: u64,
+        new_len: u64,
+        flags: MremapFlags,
+        new_addr: Option<VirtAddr>,
+        uf: &mut UffdEvents,
     ) -> Result<VirtAddr, MmError> {
         let inval = |what| MmError::Inval { what };
         let maymove = flags.contains(MremapFlags::MAYMOVE);
@@ -124,7 +143,7 @@ impl Mm {
         };
         let mut st = self.lock.write();
         if let Some(target) = target.filter(|_| old_len == new_len) {
-            return self.remap_move(&mut st, old, target, dontunmap);
+            return self.remap_move(&mut st, old, target, dontunmap, uf);
         }
         let vma = st
             .vmas
@@ -148,15 +167,15 @@ impl Mm {
         }
         if let Some(target) = target {
             hugetlb::check_range(&st.vmas, target)?;
-            self.do_munmap(&mut st, target);
+            self.do_munmap(&mut st, target, uf);
             if let Some(tail) = tail {
-                self.do_munmap(&mut st, tail);
+                self.do_munmap(&mut st, tail, uf);
             }
-            return Ok(self.move_vma(&mut st, &vma, kept, target, dontunmap));
+            return Ok(self.move_vma(&mut st, &vma, kept, target, dontunmap, uf));
         }
         if !dontunmap && new_len <= old_len {
             if let Some(tail) = tail {
-                self.do_munmap(&mut st, tail);
+                self.do_munmap(&mut st, tail, uf);
             }
             return Ok(old_addr);
         }
@@ -195,7 +214,7 @@ impl Mm {
                 what: "no free gap in the address space",
             })?;
         let target = VaRange::from_len(start, new_len).expect("gap");
-        Ok(self.move_vma(&mut st, &vma, old, target, dontunmap))
+        Ok(self.move_vma(&mut st, &vma, old, target, dontunmap, uf))
     }
 
     /// A `MREMAP_FIXED` move that keeps the length (`remap_move`, Linux 6.17): `old` may
@@ -211,6 +230,7 @@ impl Mm {
         old: VaRange,
         target: VaRange,
         dontunmap: bool,
+        uf: &mut UffdEvents,
     ) -> Result<VirtAddr, MmError> {
         let pieces: Vec<VaRange> = st
             .vmas
@@ -235,10 +255,10 @@ impl Mm {
         }
         for p in &pieces {
             let dest = to(p);
-            self.do_munmap(st, dest);
+            self.do_munmap(st, dest, uf);
             // Looked up again: the move before this one may have merged VMAs.
             let vma = st.vmas.find(p.start()).cloned().expect("a piece is mapped");
-            self.move_vma(st, &vma, *p, dest, dontunmap);
+            self.move_vma(st, &vma, *p, dest, dontunmap, uf);
         }
         Ok(target.start())
     }
@@ -252,8 +272,14 @@ impl Mm {
         old: VaRange,
         target: VaRange,
         dontunmap: bool,
+        uf: &mut UffdEvents,
     ) -> VirtAddr {
-        st.vmas.insert(vma.moved(old.start(), target));
+        let mut new = vma.moved(old.start(), target);
+        // mremap_userfaultfd_prep: without remap events the moved VMA leaves its
+        // userfaultfd, and its entries lose the uffd-wp bit.
+        let remap = remap_prep(&mut new);
+        let keep_wp = new.flags().contains(VmFlags::UFFD_WP);
+        st.vmas.insert(new);
         let inv = self.notifiers.invalidate_range_start(NotifierRange::new(
             self.id,
             old,
@@ -262,11 +288,14 @@ impl Mm {
         ));
         let mut tlb = TlbGather::new(self);
         let taken = take_entries(self, st, vma, old, target.start(), &mut tlb);
-        put_entries(st, target, taken);
+        put_entries(st, target, taken, keep_wp);
         tlb.finish();
         inv.end();
+        if let Some(ctx) = remap {
+            uf.remap(ctx, old, target.start());
+        }
         if !dontunmap {
-            self.do_munmap(st, old);
+            self.do_munmap(st, old, uf);
         }
         target.start()
     }
@@ -324,12 +353,14 @@ fn take_entries(
     out
 }
 
-/// Installs the taken entries at the same offsets in `target`.
-fn put_entries(st: &MmState, target: VaRange, taken: Vec<(u64, Pte, Huge)>) {
+/// Installs the taken entries at the same offsets in `target`, without their uffd-wp
+/// bits unless `keep_wp`.
+fn put_entries(st: &MmState, target: VaRange, taken: Vec<(u64, Pte, Huge)>, keep_wp: bool) {
     let mut c = st.pt.cursor(target, WalkMode::Populate);
     for (off, e, level) in taken {
         let to = target.start().checked_add(off).expect("inside target");
         let e = soft_dirty(e);
+        let e = if keep_wp { e } else { e.with_uffd_wp(false) };
         match level {
             Huge::Pte => {
                 c.seek(to);

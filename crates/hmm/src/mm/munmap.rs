@@ -5,6 +5,7 @@ use crate::notifier::{NotifierEvent, NotifierRange};
 
 use super::error::MmError;
 use super::tlb::TlbGather;
+use super::userfaultfd::UffdEvents;
 use super::{hugetlb, page_align_len, zap, Mm, MmState};
 
 impl Mm {
@@ -15,19 +16,25 @@ impl Mm {
     #[doc(alias = "do_munmap")]
     pub fn munmap(&self, addr: VirtAddr, len: u64) -> Result<(), MmError> {
         let range = user_range(addr, len)?;
-        let mut st = self.lock.write();
-        hugetlb::check_range(&st.vmas, range)?;
-        self.do_munmap(&mut st, range);
+        let mut uf = UffdEvents::default();
+        {
+            let mut st = self.lock.write();
+            hugetlb::check_range(&st.vmas, range)?;
+            self.do_munmap(&mut st, range, &mut uf);
+        }
+        uf.send();
         Ok(())
     }
 
     /// Unmaps `range` with the mmap lock held for writing. The order is the kernel's: one
     /// UNMAP invalidation for the whole range, zap, end, flush and free, then the VMAs go
-    /// and the page tables of the gap they leave are freed.
-    pub(super) fn do_munmap(&self, st: &mut MmState, range: VaRange) {
+    /// and the page tables of the gap they leave are freed. The userfaultfds that asked
+    /// for unmap events are added to `uf`.
+    pub(super) fn do_munmap(&self, st: &mut MmState, range: VaRange, uf: &mut UffdEvents) {
         let Some(first) = st.vmas.overlapping(range).next() else {
             return;
         };
+        uf.unmap(st.vmas.overlapping(range), range);
         let info = first.info();
         let segments: Vec<_> = st
             .vmas

@@ -44,6 +44,8 @@ pub struct PagemapEntry {
     pub pfn: Option<u64>,
     /// Soft-dirty: written since the last [`Mm::clear_soft_dirty`] (`PM_SOFT_DIRTY`).
     pub soft_dirty: bool,
+    /// The entry is userfaultfd write-protected (`PM_UFFD_WP`).
+    pub uffd_wp: bool,
     /// The page is mapped exactly once (`PM_MMAP_EXCLUSIVE`).
     pub exclusive: bool,
     /// A page of a file or shared memory rather than anonymous memory (`PM_FILE`).
@@ -54,8 +56,8 @@ pub struct PagemapEntry {
 }
 
 impl PagemapEntry {
-    /// The kernel's 64-bit encoding: bit 63 present, 62 swap, 61 file, 56 exclusive,
-    /// 55 soft-dirty, bits 0..55 the frame (or, for swap, type in bits 0..5 and offset
+    /// The kernel's 64-bit encoding: bit 63 present, 62 swap, 61 file, 57 uffd-wp,
+    /// 56 exclusive, 55 soft-dirty, bits 0..55 the frame (or, for swap, type in bits 0..5 and offset
     /// above).
     pub fn to_bits(&self) -> u64 {
         let mut w = 0u64;
@@ -75,6 +77,9 @@ impl PagemapEntry {
         }
         if self.file {
             w |= 1 << 61;
+        }
+        if self.uffd_wp {
+            w |= 1 << 57;
         }
         if self.exclusive {
             w |= 1 << 56;
@@ -147,6 +152,7 @@ impl Mm {
                     let e = &mut out[range.page_index(va)];
                     e.order = if huge { 9 } else { 0 };
                     e.soft_dirty |= entry.flags().contains(PteFlags::SOFT_DIRTY);
+                    e.uffd_wp = entry.is_uffd_wp();
                     match entry {
                         Pte::None => {}
                         Pte::Present { pfn, .. } => {

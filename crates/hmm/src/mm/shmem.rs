@@ -34,6 +34,17 @@ pub(crate) enum PageError {
     NoMem(AllocError),
 }
 
+/// Why [`ShmemObject::add_page`] added nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddPageError {
+    /// A page is there.
+    Exists,
+    /// At or beyond the end of file.
+    Eof,
+    /// No memory for the page.
+    NoMem,
+}
+
 /// An in-memory file or shared anonymous memory object.
 pub(crate) struct ShmemObject {
     phys: Arc<PhysMem>,
@@ -247,6 +258,43 @@ impl ShmemObject {
             done += k;
         }
         Ok(allocated)
+    }
+
+    /// Whether the object holds a page at `pgoff`.
+    pub(crate) fn has_page(&self, pgoff: u64) -> bool {
+        self.pages.lock().contains_key(&pgoff)
+    }
+
+    /// Adds a new page at `pgoff`, filled by `fill` before anyone can see it, unless one
+    /// is there (`shmem_mfill_atomic_pte`); the caller receives one new reference.
+    pub(crate) fn add_page(
+        &self,
+        pgoff: u64,
+        fill: impl FnOnce(&Frame<'_>),
+    ) -> Result<Pfn, AddPageError> {
+        debug_assert!(!self.is_hugetlb(), "userfaultfd fills no hugetlb file");
+        let f = self
+            .phys
+            .alloc_zeroed(0, FrameFlags::UPTODATE | FrameFlags::DIRTY)
+            .map_err(|_| AddPageError::NoMem)?;
+        fill(&f);
+        let mut pages = self.pages.lock();
+        if !self.in_size(pgoff) || pages.contains_key(&pgoff) {
+            let eof = !self.in_size(pgoff);
+            drop(pages);
+            let _ = f.release();
+            return Err(if eof {
+                AddPageError::Eof
+            } else {
+                AddPageError::Exists
+            });
+        }
+        let pfn = f.pfn();
+        f.meta().set_mapping(self.handle.id(), pgoff);
+        // One reference for the object, one for the caller.
+        f.meta().get();
+        pages.insert(pgoff, f.into_raw());
+        Ok(pfn)
     }
 
     /// A reference on the cached page at `pgoff`, if any.

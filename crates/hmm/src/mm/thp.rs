@@ -392,7 +392,20 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
             PmdEntry::Table => pmd.ptes().expect("table"),
         },
     };
+    let uffd_missing = vma.flags().contains(VmFlags::UFFD_MISSING);
     for pte in &ptes {
+        // A userfaultfd owns the missing pages of an armed VMA, and write-protected pages
+        // keep their trap (SCAN_EXCEED_NONE_PTE is EBUSY, SCAN_PTE_UFFD_WP EINVAL).
+        if uffd_missing && pte.is_none() {
+            return Err(MmError::Busy {
+                what: "an empty page of a userfaultfd-armed VMA",
+            });
+        }
+        if pte.is_uffd_wp() {
+            return Err(MmError::Inval {
+                what: "a userfaultfd write-protected page",
+            });
+        }
         match *pte {
             Pte::None => {}
             Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {}
@@ -604,7 +617,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
                     page.clear_anon_exclusive();
                 }
                 let kind = MigrationKind::for_mapping(writable, exclusive);
-                let keep = flags & (PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY);
+                let keep = flags & PteFlags::CARRIED;
                 p.set(Pte::Migration {
                     pfn: target,
                     kind,

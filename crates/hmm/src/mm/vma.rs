@@ -11,6 +11,7 @@ use crate::prot::{Prot, VmFlags};
 
 use super::driver::DriverMapping;
 use super::shmem::ShmemObject;
+use super::userfaultfd::UffdCtx;
 
 /// What backs a VMA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -38,6 +39,9 @@ pub struct Vma {
     /// by `anon_vma_prepare` on the first one). Set under the mmap lock for reading, hence
     /// atomic; kept by splits, merges, moves and fork, as the kernel's pointer is.
     anon_vma: AtomicBool,
+    /// The userfaultfd the VMA is registered with (`vm_userfaultfd_ctx`); set exactly
+    /// when `flags` has a [`VmFlags::UFFD`] bit.
+    uffd: Option<Arc<UffdCtx>>,
 }
 
 impl Clone for Vma {
@@ -48,6 +52,7 @@ impl Clone for Vma {
             pgoff: self.pgoff,
             backing: self.backing.clone(),
             anon_vma: AtomicBool::new(self.has_anon_vma()),
+            uffd: self.uffd.clone(),
         }
     }
 }
@@ -67,6 +72,7 @@ impl Vma {
             pgoff,
             backing,
             anon_vma: AtomicBool::new(false),
+            uffd: None,
         }
     }
 
@@ -161,7 +167,30 @@ impl Vma {
             pgoff,
             backing: self.backing.clone(),
             anon_vma: AtomicBool::new(self.has_anon_vma()),
+            uffd: self.uffd.clone(),
         }
+    }
+
+    /// The userfaultfd the VMA is registered with.
+    pub(crate) fn uffd(&self) -> Option<&Arc<UffdCtx>> {
+        self.uffd.as_ref()
+    }
+
+    /// Sets the registration: `flags` (whose [`VmFlags::UFFD`] bits must agree with
+    /// `ctx`) and the userfaultfd. Returns whether anything changed.
+    pub(crate) fn set_uffd(&mut self, flags: VmFlags, ctx: Option<Arc<UffdCtx>>) -> bool {
+        debug_assert_eq!(flags.intersects(VmFlags::UFFD), ctx.is_some());
+        let same_ctx = match (&self.uffd, &ctx) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if same_ctx && flags == self.flags {
+            return false;
+        }
+        self.flags = flags;
+        self.uffd = ctx;
+        true
     }
 
     /// Records that an anonymous page is being made in this VMA (`anon_vma_prepare`).
@@ -193,6 +222,11 @@ impl Vma {
         self.end() == next.start()
             && self.flags - VmFlags::SOFTDIRTY == next.flags - VmFlags::SOFTDIRTY
             && self.pgoff + self.range.npages() == next.pgoff
+            && match (&self.uffd, &next.uffd) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
             && match (&self.backing, &next.backing) {
                 (Backing::Anon, Backing::Anon) => true,
                 (Backing::Shmem(a), Backing::Shmem(b)) => Arc::ptr_eq(a, b),
@@ -341,15 +375,21 @@ impl VmaTree {
         range: VaRange,
         update: impl Fn(VmFlags) -> VmFlags,
     ) -> Vec<Vma> {
+        self.update(range, |v| {
+            let new = update(v.flags);
+            let changed = new != v.flags;
+            v.flags = new;
+            changed
+        })
+    }
+
+    /// Applies `update` to every VMA part inside `range` (it returns whether it changed
+    /// the part), splitting at the ends and merging afterwards. Returns the parts that
+    /// changed, as they were made, before merging.
+    pub(crate) fn update(&mut self, range: VaRange, update: impl Fn(&mut Vma) -> bool) -> Vec<Vma> {
         let changed: Vec<Vma> = self
             .isolate(range)
-            .filter_map(|v| {
-                let new = update(v.flags);
-                (new != v.flags).then(|| {
-                    v.flags = new;
-                    v.clone()
-                })
-            })
+            .filter_map(|v| update(v).then(|| v.clone()))
             .collect();
         let mut starts: Vec<VirtAddr> = self.overlapping(range).map(Vma::start).collect();
         starts.extend(self.find(range.end()).map(Vma::start));

@@ -5,8 +5,8 @@
 //! additionally carries `PSE`).
 //!
 //! ```text
-//! present / PROT_NONE:   pfn[12..52] | SOFT_DIRTY 11 | PROTNONE 8 | PSE 7 | DIRTY 6 | YOUNG 5 | WRITE 1 | PRESENT 0
-//! non-present (swap-like): pfn[12..52] | SOFT_DIRTY 11 | PSE 7 | DIRTY 6 | YOUNG 5 | type[1..5] | 0
+//! present / PROT_NONE:   pfn[12..52] | SOFT_DIRTY 11 | UFFD_WP 10 | PROTNONE 8 | PSE 7 | DIRTY 6 | YOUNG 5 | WRITE 1 | PRESENT 0
+//! non-present (swap-like): pfn[12..52] | SOFT_DIRTY 11 | UFFD_WP 10 | PSE 7 | DIRTY 6 | YOUNG 5 | type[1..5] | 0
 //! none:                  0
 //! ```
 //!
@@ -26,8 +26,9 @@
 //! | 8 | migration of a device-private page, readable-exclusive | [`DevicePfn`] |
 //! | 9 | migration of a device-private page, writable | [`DevicePfn`] |
 //!
-//! Migration entries keep `YOUNG`, `DIRTY` and `SOFT_DIRTY` of the entry they replaced
-//! (the kernel's `SWP_MIG_YOUNG`/`SWP_MIG_DIRTY`, `pte_swp_soft_dirty`).
+//! Migration entries keep `YOUNG`, `DIRTY`, `SOFT_DIRTY` and `UFFD_WP` of the entry they
+//! replaced (the kernel's `SWP_MIG_YOUNG`/`SWP_MIG_DIRTY`, `pte_swp_soft_dirty`,
+//! `pte_swp_uffd_wp`); device-private entries keep `SOFT_DIRTY` and `UFFD_WP`.
 
 use bitflags::bitflags;
 
@@ -48,10 +49,27 @@ bitflags! {
         /// Present but inaccessible (PROT_NONE); present entries only.
         #[doc(alias = "_PAGE_PROTNONE")]
         const PROTNONE = 1 << 8;
+        /// userfaultfd write-protected: a write faults to the handler even where the VMA
+        /// allows it (present entries: `_PAGE_UFFD_WP`; non-present ones:
+        /// `_PAGE_SWP_UFFD_WP`). A present entry with it is never writable.
+        #[doc(alias = "_PAGE_UFFD_WP")]
+        const UFFD_WP = 1 << 10;
         /// Soft-dirty tracking bit.
         #[doc(alias = "_PAGE_SOFT_DIRTY")]
         const SOFT_DIRTY = 1 << 11;
     }
+}
+
+impl PteFlags {
+    /// The bits that belong to the mapping rather than to the entry's kind: every change
+    /// of an entry that keeps the mapping (migration and back, device-private and back,
+    /// device-exclusive, a THP split, mprotect, mremap) carries them over.
+    pub const STICKY: PteFlags = PteFlags::SOFT_DIRTY.union(PteFlags::UFFD_WP);
+    /// [`STICKY`](Self::STICKY) plus the accessed and dirty bits, which migration entries
+    /// and PMD splits keep too.
+    pub const CARRIED: PteFlags = PteFlags::STICKY
+        .union(PteFlags::YOUNG)
+        .union(PteFlags::DIRTY);
 }
 
 const PRESENT: u64 = 1 << 0;
@@ -60,9 +78,7 @@ const TYPE_SHIFT: u32 = 1;
 const TYPE_MASK: u64 = 0xf << TYPE_SHIFT;
 const PFN_MASK: u64 = ((1u64 << 40) - 1) << PAGE_SHIFT;
 /// Flags a non-present entry may carry.
-const SWP_FLAGS: PteFlags = PteFlags::YOUNG
-    .union(PteFlags::DIRTY)
-    .union(PteFlags::SOFT_DIRTY);
+const SWP_FLAGS: PteFlags = PteFlags::CARRIED;
 
 /// The access a migration entry remembers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,7 +160,7 @@ pub enum Pte {
     Present {
         /// The mapped frame (for a PMD leaf: the head of the 2 MiB folio).
         pfn: Pfn,
-        /// Write, young, dirty, soft-dirty, protnone.
+        /// Write, young, dirty, soft-dirty, uffd-wp, protnone.
         flags: PteFlags,
     },
     /// The page is being migrated; CPU accesses wait for the migration to end.
@@ -153,7 +169,7 @@ pub enum Pte {
         pfn: MigrationPfn,
         /// The access the entry had before.
         kind: MigrationKind,
-        /// Young, dirty, soft-dirty of the entry it replaced.
+        /// Young, dirty, soft-dirty, uffd-wp of the entry it replaced.
         flags: PteFlags,
     },
     /// The page lives in device-private memory; a CPU access faults into the owner's
@@ -161,14 +177,14 @@ pub enum Pte {
     DevicePrivate {
         /// The device frame.
         pfn: DevicePfn,
-        /// `WRITE` if the entry is writable; soft-dirty.
+        /// `WRITE` if the entry is writable; soft-dirty, uffd-wp.
         flags: PteFlags,
     },
     /// A device holds the page for exclusive (atomic) access; a CPU access revokes it.
     DeviceExclusive {
         /// The page.
         pfn: Pfn,
-        /// Young, dirty, soft-dirty.
+        /// Young, dirty, soft-dirty, uffd-wp.
         flags: PteFlags,
     },
 }
@@ -211,11 +227,11 @@ impl Pte {
             9 => migration(MigrationKind::Write, true),
             4 => Pte::DevicePrivate {
                 pfn: DevicePfn::new(target),
-                flags: flags & PteFlags::SOFT_DIRTY,
+                flags: flags & PteFlags::STICKY,
             },
             5 => Pte::DevicePrivate {
                 pfn: DevicePfn::new(target),
-                flags: (flags & PteFlags::SOFT_DIRTY) | PteFlags::WRITE,
+                flags: (flags & PteFlags::STICKY) | PteFlags::WRITE,
             },
             6 => Pte::DeviceExclusive {
                 pfn: Pfn::new(target),
@@ -259,7 +275,7 @@ impl Pte {
                 } else {
                     4
                 };
-                swp(ty, pfn.as_u64(), flags & PteFlags::SOFT_DIRTY)
+                swp(ty, pfn.as_u64(), flags & PteFlags::STICKY)
             }
             Pte::DeviceExclusive { pfn, flags } => swp(6, pfn.as_u64(), flags),
         }
@@ -308,6 +324,49 @@ impl Pte {
         }
     }
 
+    /// The entry with its userfaultfd write-protect bit set or cleared
+    /// (`pte_mkuffd_wp`/`pte_clear_uffd_wp` and their `pte_swp_` forms). Setting it
+    /// write-protects a present or device-private entry (it loses `WRITE`); a migration
+    /// entry keeps its kind (whoever write-protects one downgrades it first, knowing its
+    /// folio). None is returned as is.
+    #[doc(alias = "pte_mkuffd_wp")]
+    pub fn with_uffd_wp(self, wp: bool) -> Pte {
+        let set = |flags: PteFlags| {
+            if wp {
+                (flags | PteFlags::UFFD_WP) - PteFlags::WRITE
+            } else {
+                flags - PteFlags::UFFD_WP
+            }
+        };
+        match self {
+            Pte::None => Pte::None,
+            Pte::Present { pfn, flags } => Pte::Present {
+                pfn,
+                flags: set(flags),
+            },
+            Pte::Migration { pfn, kind, flags } => Pte::Migration {
+                pfn,
+                kind,
+                flags: set(flags) & SWP_FLAGS,
+            },
+            Pte::DevicePrivate { pfn, flags } => Pte::DevicePrivate {
+                pfn,
+                flags: set(flags),
+            },
+            Pte::DeviceExclusive { pfn, flags } => Pte::DeviceExclusive {
+                pfn,
+                flags: set(flags) & SWP_FLAGS,
+            },
+        }
+    }
+
+    /// Whether the entry carries the userfaultfd write-protect bit (`pte_uffd_wp`,
+    /// `pte_swp_uffd_wp`).
+    #[doc(alias = "pte_uffd_wp")]
+    pub fn is_uffd_wp(&self) -> bool {
+        self.flags().contains(PteFlags::UFFD_WP)
+    }
+
     /// The flags of the entry.
     pub fn flags(&self) -> PteFlags {
         match *self {
@@ -339,7 +398,7 @@ mod tests {
     use super::*;
 
     fn all_flag_sets() -> impl Iterator<Item = PteFlags> {
-        (0..32u32).map(|bits| {
+        (0..64u32).map(|bits| {
             let mut f = PteFlags::empty();
             for (i, flag) in [
                 PteFlags::WRITE,
@@ -347,6 +406,7 @@ mod tests {
                 PteFlags::DIRTY,
                 PteFlags::PROTNONE,
                 PteFlags::SOFT_DIRTY,
+                PteFlags::UFFD_WP,
             ]
             .into_iter()
             .enumerate()
@@ -385,7 +445,7 @@ mod tests {
             entries.push(Pte::DeviceExclusive { pfn, flags: swp });
             entries.push(Pte::DevicePrivate {
                 pfn: DevicePfn::new(Pfn::LIMIT - 1),
-                flags: flags & (PteFlags::WRITE | PteFlags::SOFT_DIRTY),
+                flags: flags & (PteFlags::WRITE | PteFlags::STICKY),
             });
         }
         for e in entries {

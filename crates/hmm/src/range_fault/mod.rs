@@ -383,9 +383,11 @@ pub fn hmm_range_fault(mmap: &MmapReadGuard<'_>, range: &mut HmmRange<'_>) -> Re
 /// ([`Mm::kill`]), checked before each pass; `Busy` when the timeout ran out; the errors
 /// of [`hmm_range_fault`] otherwise.
 ///
-/// In the kernel a fault that must sleep outside the mmap lock (userfaultfd, a page under
-/// I/O) drops it and the walk restarts where it was; the model's faults never drop the
-/// lock, so every pass here runs to its end or to `Busy`.
+/// A fault that must sleep outside the mmap lock (a userfaultfd handler supplies the
+/// page) drops it; the function waits, takes the lock again and starts a new pass with a
+/// fresh sequence, and the retry budget starts again, since the handler made progress
+/// (v8 of the series). The locked [`hmm_range_fault`] cannot drop the lock: there the
+/// same fault fails with `Fault` (`-EFAULT`).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -431,18 +433,35 @@ pub fn hmm_range_fault_unlocked_timeout(
     timeout: Duration,
 ) -> Result<(), HmmError> {
     // A timeout too long to represent never expires, as 0 does.
-    let deadline = (!timeout.is_zero())
-        .then(|| Instant::now().checked_add(timeout))
-        .flatten();
+    let budget = || {
+        (!timeout.is_zero())
+            .then(|| Instant::now().checked_add(timeout))
+            .flatten()
+    };
+    let mut deadline = budget();
     loop {
         if mm.fatal_signal_pending() {
             return Err(HmmError::Interrupted);
         }
         range.notifier_seq = range.notifier.read_begin();
-        let result = {
+        let (result, dropped) = {
             let mmap = mm.mmap_read();
-            hmm_range_fault(&mmap, range)
+            check(&mmap, range)?;
+            if (range.default_flags | range.pfn_flags_mask).contains(HmmPfnFlags::REQ_MIGRATE) {
+                return Err(HmmError::Inval {
+                    what: "REQ_MIGRATE needs hmm_range_fault_migrate",
+                });
+            }
+            let mut w = Walk::of_range(range, None);
+            w.allow_retry = true;
+            let result = walk::run(&mmap, &mut w, RangeWalker::Hmm);
+            (result, w.dropped.take())
         };
+        if let Some(wait) = dropped {
+            wait.wait(mm);
+            deadline = budget();
+            continue;
+        }
         match result {
             Err(HmmError::Busy) if deadline.map_or(true, |d| Instant::now() < d) => continue,
             other => return other,

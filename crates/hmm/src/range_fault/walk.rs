@@ -17,7 +17,8 @@
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use crate::migrate::{Collector, Next, PmdNext};
-use crate::mm::{FaultError, FaultFlags, MmapReadGuard, Vma};
+use crate::mm::userfaultfd::UffdWait;
+use crate::mm::{handle_mm_fault_retry, FaultError, FaultFlags, Faulted, MmapReadGuard, Vma};
 use crate::notifier::{IntervalSub, Owner, ReadSeq};
 use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::PhysMem;
@@ -50,6 +51,12 @@ pub(crate) struct Walk<'r, 'g, 'a> {
     pub(crate) collect: Option<&'r mut Collector<'g, 'a>>,
     /// The first page whose word still holds its input.
     last: VirtAddr,
+    /// The caller can drop the mmap lock: faults may wait outside it
+    /// (`hmm_range_fault_unlocked_timeout`).
+    pub(crate) allow_retry: bool,
+    /// Set when a fault must wait outside the mmap lock; the pass then ends with `Busy`,
+    /// and the caller drops the lock, waits, and starts a new pass.
+    pub(crate) dropped: Option<UffdWait>,
 }
 
 impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
@@ -74,6 +81,8 @@ impl<'r, 'g, 'a> Walk<'r, 'g, 'a> {
             seq,
             collect,
             last: start,
+            allow_retry: false,
+            dropped: None,
         }
     }
 
@@ -207,30 +216,46 @@ pub(crate) fn run(
             Step::Again => {}
             Step::Fault { range: r, write } => {
                 for va in r.pages() {
-                    fault(mmap, va, write)?;
+                    fault(mmap, w, va, write)?;
                 }
             }
             Step::FaultPages(pages) => {
                 for (va, write) in pages {
-                    fault(mmap, va, write)?;
+                    fault(mmap, w, va, write)?;
                 }
             }
         }
     }
 }
 
-/// Faults the page at `va` for the walk (`handle_mm_fault` with `REMOTE`).
-fn fault(mmap: &MmapReadGuard<'_>, va: VirtAddr, write: bool) -> Result<(), HmmError> {
+/// Faults the page at `va` for the walk (`handle_mm_fault` with `REMOTE`, and
+/// `ALLOW_RETRY` when the caller can drop the lock: a fault that must wait outside it
+/// ends the pass with `Busy` and leaves the wait in `w.dropped`).
+fn fault(
+    mmap: &MmapReadGuard<'_>,
+    w: &mut Walk<'_, '_, '_>,
+    va: VirtAddr,
+    write: bool,
+) -> Result<(), HmmError> {
     let mut flags = FaultFlags::REMOTE;
     if write {
         flags |= FaultFlags::WRITE;
     }
-    mmap.handle_mm_fault(va, flags)
-        .map(|_| ())
-        .map_err(|e| match e {
-            FaultError::Oom { addr } => HmmError::NoMem { addr },
-            FaultError::Segv { addr, .. } | FaultError::Bus { addr } => HmmError::Fault { addr },
-        })
+    if w.allow_retry {
+        flags |= FaultFlags::ALLOW_RETRY;
+    }
+    let faulted = handle_mm_fault_retry(mmap.mm(), mmap.state(), va, flags).map_err(|e| match e {
+        FaultError::Oom { addr } => HmmError::NoMem { addr },
+        FaultError::Killed { .. } => HmmError::Interrupted,
+        FaultError::Segv { addr, .. } | FaultError::Bus { addr } => HmmError::Fault { addr },
+    })?;
+    match faulted {
+        Faulted::Done => Ok(()),
+        Faulted::Retry(wait) => {
+            w.dropped = Some(wait);
+            Err(HmmError::Busy)
+        }
+    }
 }
 
 /// One page-table walk over `todo` (`walk_page_range` with `hmm_walk_ops`).
