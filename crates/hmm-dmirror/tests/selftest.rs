@@ -1,5 +1,5 @@
 //! The kernel's `hmm-tests.c`, every case in every variant (`hmm_dmirror::selftest`):
-//! each passes, or skips for the one reason the model allows (no userfaultfd yet).
+//! each passes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,9 +25,6 @@ fn every_kernel_case_passes_in_both_variants() {
                     while let Some(test) = tests.get(next.fetch_add(1, Ordering::Relaxed)) {
                         match selftest::run(test, &opts).outcome {
                             Outcome::Pass => {}
-                            Outcome::Skip(why) if test.case.name == "userfaultfd_read" => {
-                                assert!(why.contains("userfaultfd"), "{why}");
-                            }
                             other => failed.push(format!("{}: {other:?}", test.name())),
                         }
                     }

@@ -15,6 +15,9 @@ mod common;
 
 use common::{page, rig, Rig, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use hmm::mm::userfaultfd::{
+    MoveMode, PageFaultFlags, RegisterMode, UffdError, UffdFeatures, UffdMsg, Userfaultfd,
+};
 use hmm::mm::{Advice, GupFlags, MremapFlags, Prot};
 use hmm_dmirror::{Dmirror, DmirrorCmd, HmmDmirrorCmd};
 use std::sync::Arc;
@@ -73,7 +76,7 @@ type Kept = Option<(VirtAddr, u64, u64)>;
 /// device of `kind`.
 type Walker = fn(&Rig, VirtAddr, u64, Kind) -> Kept;
 
-const WALKERS: [(&str, Walker); 15] = [
+const WALKERS: [(&str, Walker); 17] = [
     ("mprotect read-only and back", |r, a, len, _| {
         r.mm.mprotect(a, len, Prot::READ).unwrap();
         r.mm.mprotect(a, len, RW).unwrap();
@@ -153,6 +156,43 @@ const WALKERS: [(&str, Walker); 15] = [
         r.mm.clear_soft_dirty();
         Some((a, len / PAGE_SIZE, 0))
     }),
+    (
+        "userfaultfd registration, write-protect, release",
+        |r, a, len, _| {
+            let uffd = Userfaultfd::new(&r.mm, UffdFeatures::empty()).unwrap();
+            uffd.register(a, len, RegisterMode::WP | RegisterMode::MISSING)
+                .unwrap();
+            uffd.writeprotect(a, len, true, false).unwrap();
+            let map = r.mm.pagemap(a, len / PAGE_SIZE).unwrap();
+            assert!(map.iter().all(|e| e.uffd_wp));
+            r.mm.audit().unwrap();
+            uffd.writeprotect(a, len, false, false).unwrap();
+            uffd.writeprotect(a, len, true, false).unwrap();
+            // Closing it takes the bits away with the registration.
+            drop(uffd);
+            let map = r.mm.pagemap(a, len / PAGE_SIZE).unwrap();
+            assert!(map.iter().all(|e| !e.uffd_wp));
+            Some((a, len / PAGE_SIZE, 0))
+        },
+    ),
+    ("UFFDIO_MOVE of the pages", |r, a, len, kind| {
+        let to = r.map(len / PAGE_SIZE);
+        let uffd = Userfaultfd::new(&r.mm, UffdFeatures::empty()).unwrap();
+        uffd.register(to, len, RegisterMode::MISSING).unwrap();
+        // Device pages do not move (-EFAULT); device-coherent ones are present system
+        // pages to the CPU and move like them, after a THP split.
+        let moved = uffd.move_pages(to, a, len, MoveMode::empty());
+        match kind {
+            Kind::Private => {
+                assert_eq!(moved, Err(UffdError::Fault { addr: a }));
+                Some((a, len / PAGE_SIZE, 0))
+            }
+            Kind::Coherent => {
+                assert_eq!(moved, Ok(len));
+                Some((to, len / PAGE_SIZE, 0))
+            }
+        }
+    }),
     ("munmap of one half", |r, a, len, _| {
         r.mm.munmap(a, len / 2).unwrap();
         let n = len / PAGE_SIZE;
@@ -224,4 +264,73 @@ fn every_walker_meets_a_partly_unmapped_device_thp() {
 #[test]
 fn every_walker_meets_a_device_coherent_thp() {
     every_walker(Kind::Coherent, |_, _| PMD_SIZE);
+}
+
+/// The write-protect bit on a device THP (the 2026 fix: `pmd_swp_uffd_wp` lost on a
+/// device-private PMD downgrade, so mprotect over a write-protect-armed device THP dropped
+/// the trap): it survives mprotect of the whole PMD and of half of it (a split), the
+/// migration home of a page the CPU reads, and fork with fork events; a CPU write then
+/// still goes to the handler, and the handler's release lets it through.
+#[test]
+fn write_protect_on_a_device_thp_survives_every_change() {
+    let (r, d, minor, a) = machine(Kind::Private);
+    let uffd = Userfaultfd::new(&r.mm, UffdFeatures::EVENT_FORK).unwrap();
+    uffd.register(a, PMD_SIZE, RegisterMode::WP).unwrap();
+    uffd.writeprotect(a, PMD_SIZE, true, false).unwrap();
+    let all_wp = |mm: &hmm::mm::Mm| mm.pagemap(a, NR).unwrap().iter().all(|e| e.uffd_wp);
+    assert!(all_wp(&r.mm));
+    r.mm.mprotect(a, PMD_SIZE, Prot::READ).unwrap();
+    r.mm.mprotect(a, PMD_SIZE, RW).unwrap();
+    assert!(
+        all_wp(&r.mm),
+        "a device-private PMD downgrade keeps the bit"
+    );
+    assert!(r.mm.pagemap(a, NR).unwrap().iter().all(|e| e.order == 9));
+    r.mm.mprotect(a, PMD_SIZE / 2, Prot::READ).unwrap();
+    r.mm.mprotect(a, PMD_SIZE / 2, RW).unwrap();
+    assert!(all_wp(&r.mm), "a split of the device PMD keeps the bit");
+    r.mm.audit().unwrap();
+    // A CPU read brings page 5 home, still write-protected.
+    assert_eq!(r.mm.read_val::<u64>(page(a, 5)).unwrap(), TAG + 5);
+    let pm = r.mm.pagemap(page(a, 5), 1).unwrap()[0];
+    assert!(pm.present && pm.uffd_wp, "{pm:?}");
+    assert!(all_wp(&r.mm));
+    // The child of a fork with fork events keeps every bit.
+    let (child, child_uffd) = std::thread::scope(|s| {
+        let h = s.spawn(|| r.mm.fork().unwrap());
+        let UffdMsg::Fork { child } = uffd.read() else {
+            panic!("not a fork event")
+        };
+        (h.join().unwrap(), child)
+    });
+    assert!(all_wp(&child));
+    child.audit().unwrap();
+    drop(child_uffd);
+    drop(child);
+    // Writes to a page at home and to a page still on the device both trap.
+    for i in [5, 300] {
+        std::thread::scope(|s| {
+            let h = s.spawn(|| r.mm.write_val(page(a, i), 7 + i));
+            let UffdMsg::PageFault { address, flags } = uffd.read() else {
+                panic!("not a page fault")
+            };
+            assert_eq!(address, page(a, i));
+            assert!(flags.contains(PageFaultFlags::WP | PageFaultFlags::WRITE));
+            uffd.writeprotect(address, PAGE_SIZE, false, false).unwrap();
+            h.join().unwrap().unwrap();
+        });
+        assert_eq!(r.mm.read_val::<u64>(page(a, i)).unwrap(), 7 + i);
+    }
+    r.mm.audit().unwrap();
+    drop(uffd);
+    for i in (0..NR).filter(|i| ![5, 300].contains(i)) {
+        assert_eq!(r.mm.read_val::<u64>(page(a, i)).unwrap(), TAG + i);
+    }
+    drop(d);
+    let Rig {
+        phys, driver, mm, ..
+    } = r;
+    drop(mm);
+    assert_eq!(driver.device(minor).nr_in_use(), 0);
+    assert_eq!(phys.nr_in_use(), 0);
 }

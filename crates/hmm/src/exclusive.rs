@@ -139,9 +139,9 @@ pub fn make_device_exclusive<'g>(
             mmap.handle_mm_fault(addr, FaultFlags::WRITE | FaultFlags::REMOTE)
                 .map_err(|e| match e {
                     FaultError::Oom { .. } => ExclusiveError::NoMem { addr },
-                    FaultError::Segv { .. } | FaultError::Bus { .. } | FaultError::Killed { .. } => {
-                        ExclusiveError::Fault { addr }
-                    }
+                    FaultError::Segv { .. }
+                    | FaultError::Bus { .. }
+                    | FaultError::Killed { .. } => ExclusiveError::Fault { addr },
                 })?;
             continue;
         };

@@ -12,10 +12,12 @@ use std::time::Duration;
 use common::{page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
 use hmm::mm::userfaultfd::{
-    CopyMode, MoveMode, PageFaultFlags, RegisterMode, UffdError, UffdFeatures, UffdIoctls,
-    UffdMsg, Userfaultfd,
+    CopyMode, MoveMode, PageFaultFlags, RegisterMode, UffdError, UffdFeatures, UffdIoctls, UffdMsg,
+    Userfaultfd,
 };
-use hmm::mm::{Advice, FaultError, FaultFlags, GupFlags, MapFlags, MemFile, MmError, MremapFlags, Prot};
+use hmm::mm::{
+    Advice, FaultError, FaultFlags, GupFlags, MapFlags, MemFile, MmError, MremapFlags, Prot,
+};
 use hmm::notifier::{IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierRange};
 use hmm::range_fault::{
     hmm_range_fault, hmm_range_fault_unlocked_timeout, HmmError, HmmPfn, HmmPfnFlags, HmmRange,
@@ -58,7 +60,9 @@ fn serve<'s>(
 fn missing(m: &Machine, pages: u64) -> (VirtAddr, Userfaultfd) {
     let a = m.map(pages, RW, MapFlags::PRIVATE);
     let uffd = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
-    let ioctls = uffd.register(a, pages * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    let ioctls = uffd
+        .register(a, pages * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     assert!(ioctls.contains(UffdIoctls::COPY | UffdIoctls::ZEROPAGE | UffdIoctls::WAKE));
     assert!(!ioctls.contains(UffdIoctls::WRITEPROTECT));
     (a, uffd)
@@ -104,14 +108,16 @@ fn exact_address_reports_the_faulting_byte() {
     let m = Machine::new(16);
     let a = m.map(2, RW, MapFlags::PRIVATE);
     let uffd = Userfaultfd::new(&m.mm, UffdFeatures::EXACT_ADDRESS).unwrap();
-    uffd.register(a, 2 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    uffd.register(a, 2 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     std::thread::scope(|s| {
         let h = s.spawn(|| m.mm.read_val::<u32>(page(a, 1) + 100).unwrap());
         let UffdMsg::PageFault { address, .. } = uffd.read() else {
             panic!()
         };
         assert_eq!(address, page(a, 1) + 100);
-        uffd.zeropage(page(a, 1), PAGE_SIZE, CopyMode::empty()).unwrap();
+        uffd.zeropage(page(a, 1), PAGE_SIZE, CopyMode::empty())
+            .unwrap();
         assert_eq!(h.join().unwrap(), 0);
     });
     // The zero page, read-only: a write faults again, now as a normal COW.
@@ -127,15 +133,19 @@ fn shared_memory_fills_go_into_the_object_and_cached_pages_never_fault() {
     let m = Machine::new(16);
     let a = m.map(4, RW, MapFlags::SHARED);
     let uffd = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
-    uffd.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    uffd.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     // A page put there before registration is in the object: no fault for it.
-    uffd.copy(page(a, 0), &[0x11; PG], CopyMode::empty()).unwrap();
-    m.mm.madvise(page(a, 0), PAGE_SIZE, Advice::DontNeed).unwrap();
+    uffd.copy(page(a, 0), &[0x11; PG], CopyMode::empty())
+        .unwrap();
+    m.mm.madvise(page(a, 0), PAGE_SIZE, Advice::DontNeed)
+        .unwrap();
     assert_eq!(m.mm.read_val::<u8>(page(a, 0)).unwrap(), 0x11);
     assert_eq!(m.mm.stats().uffd.faults, 0);
     // A child sharing the object sees the handler's page.
     let child = m.mm.fork().unwrap();
-    uffd.zeropage(page(a, 1), PAGE_SIZE, CopyMode::empty()).unwrap();
+    uffd.zeropage(page(a, 1), PAGE_SIZE, CopyMode::empty())
+        .unwrap();
     assert_eq!(child.read_val::<u8>(page(a, 0)).unwrap(), 0x11);
     assert_eq!(
         uffd.copy(page(a, 1), &[1; PG], CopyMode::empty()),
@@ -156,7 +166,11 @@ fn copy_and_zeropage_refuse_bad_arguments_and_stop_at_a_populated_page() {
     assert!(inval(uffd.copy(a, &[], CopyMode::empty())));
     assert!(inval(uffd.zeropage(a, PAGE_SIZE, CopyMode::WP)));
     assert!(inval(uffd.copy(a, &[0; PG], CopyMode::WP)));
-    assert!(inval(uffd.copy(VirtAddr::new(hmm::addr::TASK_SIZE - PAGE_SIZE), &[0; 2 * PG], CopyMode::empty())));
+    assert!(inval(uffd.copy(
+        VirtAddr::new(hmm::addr::TASK_SIZE - PAGE_SIZE),
+        &[0; 2 * PG],
+        CopyMode::empty()
+    )));
     assert!(matches!(
         uffd.copy(other, &[0; PG], CopyMode::empty()),
         Err(UffdError::NoEnt { .. })
@@ -167,9 +181,17 @@ fn copy_and_zeropage_refuse_bad_arguments_and_stop_at_a_populated_page() {
         Err(UffdError::NoEnt { .. })
     ));
     // Page 2 populated: a copy of 0..4 does two pages, then stops.
-    assert_eq!(uffd.zeropage(page(a, 2), PAGE_SIZE, CopyMode::empty()), Ok(PAGE_SIZE));
+    assert_eq!(
+        uffd.zeropage(page(a, 2), PAGE_SIZE, CopyMode::empty()),
+        Ok(PAGE_SIZE)
+    );
     let r = uffd.copy(a, &[5; 4 * PG], CopyMode::empty());
-    assert_eq!(r, Err(UffdError::Again { done: 2 * PAGE_SIZE }));
+    assert_eq!(
+        r,
+        Err(UffdError::Again {
+            done: 2 * PAGE_SIZE
+        })
+    );
     assert_eq!(r.unwrap_err().errno(), libc::EAGAIN);
     assert_eq!(
         uffd.copy(page(a, 2), &[5; PG], CopyMode::empty()),
@@ -186,27 +208,42 @@ fn registration_checks_the_memory_and_the_owner() {
     let a = m.map(4, RW, MapFlags::PRIVATE);
     let inval = |r: Result<UffdIoctls, UffdError>| matches!(r, Err(UffdError::Inval { .. }));
     assert!(inval(uffd.register(a, 0, RegisterMode::MISSING)));
-    assert!(inval(uffd.register(a + 1, PAGE_SIZE, RegisterMode::MISSING)));
+    assert!(inval(uffd.register(
+        a + 1,
+        PAGE_SIZE,
+        RegisterMode::MISSING
+    )));
     assert!(inval(uffd.register(a, PAGE_SIZE, RegisterMode::empty())));
     // Nothing mapped there.
-    assert!(inval(uffd.register(VirtAddr::new(0x1000_0000), PAGE_SIZE, RegisterMode::MISSING)));
+    assert!(inval(uffd.register(
+        VirtAddr::new(0x1000_0000),
+        PAGE_SIZE,
+        RegisterMode::MISSING
+    )));
     // Shared memory takes missing mode only; hugetlb none.
     let sh = m.map(2, RW, MapFlags::SHARED);
     assert!(inval(uffd.register(sh, 2 * PAGE_SIZE, RegisterMode::WP)));
-    uffd.register(sh, 2 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    uffd.register(sh, 2 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     // A second userfaultfd cannot take a registered range.
     let second = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
-    uffd.register(page(a, 1), PAGE_SIZE, RegisterMode::WP).unwrap();
+    uffd.register(page(a, 1), PAGE_SIZE, RegisterMode::WP)
+        .unwrap();
     assert!(matches!(
         second.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING),
         Err(UffdError::Busy { .. })
     ));
     // Registration split the VMA at the page; unregistering merges it back.
-    assert_eq!(m.mm.vmas().iter().filter(|v| v.range().contains(a)).count(), 1);
+    assert_eq!(
+        m.mm.vmas().iter().filter(|v| v.range().contains(a)).count(),
+        1
+    );
     let before = m.mm.vmas().len();
     uffd.unregister(a, 4 * PAGE_SIZE).unwrap();
     assert!(m.mm.vmas().len() < before);
-    second.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    second
+        .register(a, 4 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     m.mm.audit().unwrap();
 }
 
@@ -221,7 +258,9 @@ fn the_locked_hmm_range_fault_fails_where_the_unlocked_one_waits() {
     }
     let m = Machine::new(16);
     let (a, uffd) = missing(&m, 4);
-    let n = m.mm.interval_notifier_insert(a, 4 * PAGE_SIZE, Arc::new(Seq)).unwrap();
+    let n =
+        m.mm.interval_notifier_insert(a, 4 * PAGE_SIZE, Arc::new(Seq))
+            .unwrap();
     let mut pfns = [HmmPfn::default(); 4];
     let mut range = HmmRange {
         notifier: &n,
@@ -253,7 +292,8 @@ fn the_locked_hmm_range_fault_fails_where_the_unlocked_one_waits() {
     assert!(buf.iter().all(|&b| b == 0xab));
     // The same through GUP, which takes the lock itself: it waits too.
     let b = m.map(2, RW, MapFlags::PRIVATE);
-    uffd.register(b, 2 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    uffd.register(b, 2 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let h = serve(s, &uffd, &stop, |_| 0xcd);
@@ -281,7 +321,11 @@ fn closing_the_userfaultfd_lets_the_waiting_fault_go_on_without_it() {
         // Unregistered now: the retried fault maps the zero page.
         assert_eq!(h.join().unwrap(), Ok(0));
     });
-    assert!(m.mm.vmas().iter().all(|v| !v.flags().intersects(hmm::prot::VmFlags::UFFD)));
+    assert!(m
+        .mm
+        .vmas()
+        .iter()
+        .all(|v| !v.flags().intersects(hmm::prot::VmFlags::UFFD)));
     m.mm.audit().unwrap();
 }
 
@@ -295,7 +339,10 @@ fn a_fatal_signal_ends_the_wait() {
             std::thread::yield_now();
         }
         m.mm.kill();
-        assert_eq!(h.join().unwrap(), Err(FaultError::Killed { addr: page(a, 1) }));
+        assert_eq!(
+            h.join().unwrap(),
+            Err(FaultError::Killed { addr: page(a, 1) })
+        );
     });
     assert_eq!(
         m.mm.fixup_user_fault(a, FaultFlags::empty()),
@@ -325,7 +372,10 @@ fn write_protect_traps_writes_until_the_handler_releases_the_page() {
     let before = m.mm.stats();
     uffd.writeprotect(a, 4 * PAGE_SIZE, true, false).unwrap();
     let d = m.mm.stats().since(&before);
-    assert_eq!(d.notifier.of(hmm::notifier::NotifierEvent::ProtectionVma), 1);
+    assert_eq!(
+        d.notifier.of(hmm::notifier::NotifierEvent::ProtectionVma),
+        1
+    );
     assert!(m.mm.pagemap(a, 4).unwrap().iter().all(|e| e.uffd_wp));
     // Reads go on; a write waits for the handler.
     assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 2);
@@ -342,7 +392,10 @@ fn write_protect_traps_writes_until_the_handler_releases_the_page() {
     );
     assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 42);
     let pm = m.mm.pagemap(a, 4).unwrap();
-    assert_eq!(pm.iter().map(|e| e.uffd_wp).collect::<Vec<_>>(), [true, true, false, true]);
+    assert_eq!(
+        pm.iter().map(|e| e.uffd_wp).collect::<Vec<_>>(),
+        [true, true, false, true]
+    );
     // Released, the exclusive page was made writable again: no COW, no new frame.
     assert_eq!(m.mm.stats().since(&before).frames_allocated, 0);
     // Unregistering clears the bits; writes go through.
@@ -357,7 +410,9 @@ fn the_uffd_wp_bit_survives_mprotect_thp_splits_fork_and_mremap() {
     let m = Machine::new(64);
     m.mm.set_thp_mode(hmm::mm::ThpMode::Always);
     // Two PMDs: a THP and small pages.
-    let a = m.mm.mmap(None, 3 * PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    let a =
+        m.mm.mmap(None, 3 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
     let a = a.align_up(PMD_SIZE).unwrap();
     m.mm.munmap(a + 2 * PMD_SIZE, PMD_SIZE).ok();
     for i in 0..2 * PMD_NR {
@@ -398,8 +453,13 @@ fn the_uffd_wp_bit_survives_mprotect_thp_splits_fork_and_mremap() {
         let UffdMsg::PageFault { address, flags } = child_uffd.read() else {
             panic!()
         };
-        assert_eq!((address, flags), (page(a, 7), PageFaultFlags::WRITE | PageFaultFlags::WP));
-        child_uffd.writeprotect(page(a, 7), PAGE_SIZE, false, false).unwrap();
+        assert_eq!(
+            (address, flags),
+            (page(a, 7), PageFaultFlags::WRITE | PageFaultFlags::WP)
+        );
+        child_uffd
+            .writeprotect(page(a, 7), PAGE_SIZE, false, false)
+            .unwrap();
         h.join().unwrap().unwrap();
     });
     assert_eq!(uffd.try_read().unwrap_err(), UffdError::Again { done: 0 });
@@ -409,13 +469,23 @@ fn the_uffd_wp_bit_survives_mprotect_thp_splits_fork_and_mremap() {
     plain.register(a, PMD_SIZE, RegisterMode::WP).unwrap();
     plain.writeprotect(a, PMD_SIZE, true, false).unwrap();
     let grandchild = child.fork().unwrap();
-    assert!(grandchild.pagemap(a, PMD_NR).unwrap().iter().all(|e| !e.uffd_wp));
+    assert!(grandchild
+        .pagemap(a, PMD_NR)
+        .unwrap()
+        .iter()
+        .all(|e| !e.uffd_wp));
     grandchild.audit().unwrap();
     // mremap with remap events: the moved entries keep the bit, and the handler is told.
     let to = VirtAddr::new(0x5000_0000_0000);
     let moved = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            m.mm.mremap(page(a, PMD_NR), 16 * PAGE_SIZE, 16 * PAGE_SIZE, MremapFlags::MAYMOVE | MremapFlags::FIXED, Some(to))
+            m.mm.mremap(
+                page(a, PMD_NR),
+                16 * PAGE_SIZE,
+                16 * PAGE_SIZE,
+                MremapFlags::MAYMOVE | MremapFlags::FIXED,
+                Some(to),
+            )
         });
         let UffdMsg::Remap { from, to: got, len } = uffd.read() else {
             panic!()
@@ -429,7 +499,15 @@ fn the_uffd_wp_bit_survives_mprotect_thp_splits_fork_and_mremap() {
     // Without remap events the moved VMA leaves the userfaultfd and the bits go.
     let to2 = VirtAddr::new(0x5100_0000_0000);
     plain.writeprotect(a, PMD_SIZE, true, false).unwrap();
-    child.mremap(a, 16 * PAGE_SIZE, 16 * PAGE_SIZE, MremapFlags::MAYMOVE | MremapFlags::FIXED, Some(to2)).unwrap();
+    child
+        .mremap(
+            a,
+            16 * PAGE_SIZE,
+            16 * PAGE_SIZE,
+            MremapFlags::MAYMOVE | MremapFlags::FIXED,
+            Some(to2),
+        )
+        .unwrap();
     assert!(child.pagemap(to2, 16).unwrap().iter().all(|e| !e.uffd_wp));
     child.write_val(to2, 1u64).unwrap();
     child.audit().unwrap();
@@ -439,8 +517,13 @@ fn the_uffd_wp_bit_survives_mprotect_thp_splits_fork_and_mremap() {
 fn remove_and_unmap_events_come_before_fills_go_on() {
     let m = Machine::new(16);
     let a = m.map(8, RW, MapFlags::PRIVATE);
-    let uffd = Userfaultfd::new(&m.mm, UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_UNMAP).unwrap();
-    uffd.register(a, 8 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    let uffd = Userfaultfd::new(
+        &m.mm,
+        UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_UNMAP,
+    )
+    .unwrap();
+    uffd.register(a, 8 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     uffd.copy(a, &[3; 8 * PG], CopyMode::empty()).unwrap();
     std::thread::scope(|s| {
         let h = s.spawn(|| m.mm.madvise(a, 2 * PAGE_SIZE, Advice::DontNeed));
@@ -480,7 +563,12 @@ fn move_pages_moves_frames_and_refuses_shared_ones() {
     for i in 0..3 {
         m.mm.write_val(page(src, i), 100 + i).unwrap();
     }
-    let frames: Vec<_> = m.mm.pagemap(src, 3).unwrap().iter().map(|e| e.pfn).collect();
+    let frames: Vec<_> =
+        m.mm.pagemap(src, 3)
+            .unwrap()
+            .iter()
+            .map(|e| e.pfn)
+            .collect();
     let before = m.mm.stats();
     // Page 3 of the source is a hole.
     assert!(matches!(
@@ -490,7 +578,12 @@ fn move_pages_moves_frames_and_refuses_shared_ones() {
     let d = m.mm.stats().since(&before);
     assert_eq!((d.uffd.moved, d.frames_allocated), (3, 0));
     assert_eq!(d.notifier.of(hmm::notifier::NotifierEvent::Clear), 3);
-    let moved: Vec<_> = m.mm.pagemap(dst, 3).unwrap().iter().map(|e| e.pfn).collect();
+    let moved: Vec<_> =
+        m.mm.pagemap(dst, 3)
+            .unwrap()
+            .iter()
+            .map(|e| e.pfn)
+            .collect();
     assert_eq!(moved, frames);
     for i in 0..3 {
         assert_eq!(m.mm.read_val::<u64>(page(dst, i)).unwrap(), 100 + i);
@@ -562,9 +655,12 @@ fn private_file_mappings_fill_anonymous_pages_and_collapse_skips_armed_ranges() 
     let f = MemFile::new(&m.phys);
     f.pwrite(0, &[1; 2 * PG]).unwrap();
     f.truncate(4 * PAGE_SIZE).unwrap();
-    let a = m.mm.mmap_file(None, 4 * PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0).unwrap();
+    let a =
+        m.mm.mmap_file(None, 4 * PAGE_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
     let uffd = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
-    uffd.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING).unwrap();
+    uffd.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
     // Pages 0-1 are in the file: no fault. Page 2 is missing: a private copy fills it.
     assert_eq!(m.mm.read_val::<u8>(page(a, 1)).unwrap(), 1);
     uffd.copy(page(a, 2), &[2; PG], CopyMode::empty()).unwrap();
@@ -574,7 +670,9 @@ fn private_file_mappings_fill_anonymous_pages_and_collapse_skips_armed_ranges() 
     assert_eq!(back[0], 0, "the file did not get the private page");
     m.mm.audit().unwrap();
     // MADV_COLLAPSE leaves an armed VMA's missing pages to the handler.
-    let b = m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    let b =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
     let b = b.align_up(PMD_SIZE).unwrap();
     m.mm.write_val(b, 1u8).unwrap();
     uffd.register(b, PMD_SIZE, RegisterMode::MISSING).unwrap();

@@ -3,14 +3,16 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hmm::mm::userfaultfd::{CopyMode, RegisterMode, UffdFeatures, UffdMsg, Userfaultfd};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 
 use super::harness::{
-    align, cmd, expect, fill, load, migrate_sys_to_dev, Buffer, EFAULT, EPERM, HMM_BUFFER_SIZE,
-    NTIMES, PRIVATE, RW,
+    align, bytes, cmd, expect, fill, load, migrate_sys_to_dev, Buffer, EFAULT, EPERM,
+    HMM_BUFFER_SIZE, NTIMES, PRIVATE, RW,
 };
 use super::{Fixture, Stop};
 use crate::DmirrorCmd;
@@ -283,9 +285,56 @@ pub(super) fn anon_teardown(s: &mut Fixture) -> Result<(), Stop> {
     Ok(())
 }
 
-/// `TEST_F(hmm, userfaultfd_read)` (linux-mm's copy of the file): the device reads memory
-/// whose pages a userfaultfd handler supplies, through `HMM_DMIRROR_READ_UNLOCKED`. The
-/// command exists (`tests/dmirror.rs` tests it); the userfaultfd behind the case does not.
-pub(super) fn userfaultfd_read(_: &mut Fixture) -> Result<(), Stop> {
-    skip!("the model has no userfaultfd yet (issue 26)")
+/// `TEST_F(hmm, userfaultfd_read)` (linux-mm, the `hmm_range_fault_unlocked_timeout`
+/// series): four pages registered with userfaultfd for missing pages; a handler thread
+/// answers each fault with `UFFDIO_COPY` of a page of 0xAB; the device reads them through
+/// `HMM_DMIRROR_READ_UNLOCKED`, whose faults drop the mmap lock while they wait. The
+/// eventfd that stops the handler is an atomic flag its `poll` loop looks at.
+pub(super) fn userfaultfd_read(s: &mut Fixture) -> Result<(), Stop> {
+    let npages = 4;
+    let size = npages << s.page_shift;
+    // userfaultfd(O_CLOEXEC | O_NONBLOCK), then UFFDIO_API with no features.
+    let uffd = check_ok!(Userfaultfd::new(&s.mm, UffdFeatures::empty()));
+    let mut b = anon_buffer(s, size, RW)?;
+    check_ok!(uffd.register(b.ptr, size, RegisterMode::MISSING));
+
+    let stop = AtomicBool::new(false);
+    let page_size = s.page_size;
+    let fd = s.fd();
+    let (ret, served) = std::thread::scope(|sc| {
+        let handler = sc.spawn(|| {
+            let mut served = 0;
+            while !stop.load(Ordering::Acquire) {
+                let Some(msg) = uffd.read_timeout(Duration::from_millis(10)) else {
+                    continue;
+                };
+                let UffdMsg::PageFault { address, .. } = msg else {
+                    break;
+                };
+                let dst = address.align_down(page_size);
+                let page = vec![0xABu8; page_size as usize];
+                if uffd.copy(dst, &page, CopyMode::empty()).is_err() {
+                    break;
+                }
+                served += 1;
+            }
+            served
+        });
+        let ret = cmd(fd, DmirrorCmd::ReadUnlocked, &mut b, npages);
+        stop.store(true, Ordering::Release);
+        (ret, handler.join())
+    });
+    check_eq!(ret, 0);
+    check_eq!(b.cpages, npages);
+    let served = served.map_err(|_| Stop::Fail("the handler thread panicked".into()))?;
+    check_eq!(served, npages);
+    // The device read the data the handler supplied.
+    let mirror = bytes(&s.mm, b.mirror, size)?;
+    for (i, &v) in mirror.iter().enumerate() {
+        if v != 0xAB {
+            return Err(Stop::Fail(format!("mirror[{i}] = {v:#x}, expected 0xab")));
+        }
+    }
+    drop(uffd);
+    s.free(b)
 }

@@ -91,7 +91,9 @@ impl Mm {
             // write-protects.
             if pte.is_uffd_wp() {
                 if !vma.flags().contains(VmFlags::UFFD_WP) {
-                    problems.push(format!("{va}: uffd-wp entry {pte:?} outside a WP-registered VMA"));
+                    problems.push(format!(
+                        "{va}: uffd-wp entry {pte:?} outside a WP-registered VMA"
+                    ));
                 }
                 if pte.flags().contains(PteFlags::WRITE) {
                     problems.push(format!("{va}: uffd-wp entry {pte:?} is writable"));

@@ -324,8 +324,8 @@ impl Mm {
                 }
                 _ => {
                     c.unlock();
-                    let faulted =
-                        handle_mm_fault_retry(self, st, va, fault).map_err(|e| fault_error(va, e))?;
+                    let faulted = handle_mm_fault_retry(self, st, va, fault)
+                        .map_err(|e| fault_error(va, e))?;
                     if let Faulted::Retry(wait) = faulted {
                         return Ok(Some((wait, va)));
                     }

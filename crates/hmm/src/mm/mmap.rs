@@ -7,10 +7,10 @@ use std::sync::Arc;
 use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE, TASK_SIZE};
 use crate::prot::{Prot, VmFlags};
 
-use super::userfaultfd::UffdEvents;
 use super::driver::DriverMapping;
 use super::error::MmError;
 use super::shmem::ShmemObject;
+use super::userfaultfd::UffdEvents;
 use super::vma::{Backing, Vma};
 use super::{hugetlb, Mm, MMAP_BASE, MMAP_MIN_ADDR};
 

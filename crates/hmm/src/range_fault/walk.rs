@@ -244,11 +244,12 @@ fn fault(
     if w.allow_retry {
         flags |= FaultFlags::ALLOW_RETRY;
     }
-    let faulted = handle_mm_fault_retry(mmap.mm(), mmap.state(), va, flags).map_err(|e| match e {
-        FaultError::Oom { addr } => HmmError::NoMem { addr },
-        FaultError::Killed { .. } => HmmError::Interrupted,
-        FaultError::Segv { addr, .. } | FaultError::Bus { addr } => HmmError::Fault { addr },
-    })?;
+    let faulted =
+        handle_mm_fault_retry(mmap.mm(), mmap.state(), va, flags).map_err(|e| match e {
+            FaultError::Oom { addr } => HmmError::NoMem { addr },
+            FaultError::Killed { .. } => HmmError::Interrupted,
+            FaultError::Segv { addr, .. } | FaultError::Bus { addr } => HmmError::Fault { addr },
+        })?;
     match faulted {
         Faulted::Done => Ok(()),
         Faulted::Retry(wait) => {

@@ -30,7 +30,11 @@ impl UffdCtx {
         q.next_id += 1;
         q.events.push_back((id, msg));
         self.cond.notify_all();
-        let killed = || self.mm.upgrade().map_or(true, |mm| mm.fatal_signal_pending());
+        let killed = || {
+            self.mm
+                .upgrade()
+                .map_or(true, |mm| mm.fatal_signal_pending())
+        };
         while q.events.iter().any(|(i, _)| *i == id) && !self.is_released() && !killed() {
             self.cond.wait(&mut q);
         }
@@ -48,10 +52,7 @@ impl UffdCtx {
 }
 
 /// The userfaultfds of the VMAs in `range` that asked for `feature`, each once.
-fn ctxs_with<'v>(
-    vmas: impl Iterator<Item = &'v Vma>,
-    feature: UffdFeatures,
-) -> Vec<Arc<UffdCtx>> {
+fn ctxs_with<'v>(vmas: impl Iterator<Item = &'v Vma>, feature: UffdFeatures) -> Vec<Arc<UffdCtx>> {
     let mut out: Vec<Arc<UffdCtx>> = Vec::new();
     for c in vmas.filter_map(Vma::uffd) {
         if c.features.contains(feature) && !out.iter().any(|o| Arc::ptr_eq(o, c)) {
@@ -67,7 +68,10 @@ fn ctxs_with<'v>(
 pub(crate) fn userfaultfd_remove(mm: &Mm, range: VaRange) {
     let ctxs = {
         let guard = mm.mmap_read();
-        ctxs_with(guard.state().vmas.overlapping(range), UffdFeatures::EVENT_REMOVE)
+        ctxs_with(
+            guard.state().vmas.overlapping(range),
+            UffdFeatures::EVENT_REMOVE,
+        )
     };
     for c in ctxs {
         c.raise(UffdMsg::Remove {

@@ -95,7 +95,13 @@ impl Userfaultfd {
         self.fill(dst, len, Fill::Zero, mode)
     }
 
-    fn fill(&self, dst: VirtAddr, len: u64, what: Fill<'_>, mode: CopyMode) -> Result<u64, UffdError> {
+    fn fill(
+        &self,
+        dst: VirtAddr,
+        len: u64,
+        what: Fill<'_>,
+        mode: CopyMode,
+    ) -> Result<u64, UffdError> {
         let range = user_range(dst, len)?;
         let mm = self.mm()?;
         let wp = mode.contains(CopyMode::WP);
@@ -267,9 +273,12 @@ impl Userfaultfd {
         };
         let inval = |what| UffdError::Inval { what };
         let svma = within(src).ok_or(inval("the source is not in one private anonymous VMA"))?;
-        let dvma = within(dst).ok_or(inval("the destination is not in one private anonymous VMA"))?;
+        let dvma =
+            within(dst).ok_or(inval("the destination is not in one private anonymous VMA"))?;
         if !dvma.uffd().is_some_and(|c| Arc::ptr_eq(c, &self.ctx)) {
-            return Err(inval("the destination is not registered with this userfaultfd"));
+            return Err(inval(
+                "the destination is not registered with this userfaultfd",
+            ));
         }
         Ok((svma, dvma))
     }
@@ -429,8 +438,10 @@ fn move_page(
         }
         if fm.order() > 0 {
             drop(sc);
-            let split = thp::split_folio(mm, st, folio.get());
+            // The split takes the one reference the caller may hold: this one.
+            let head = folio.get();
             mm.release_frame(held.expect("held"));
+            let split = thp::split_folio(mm, st, head);
             return if split {
                 Ok(Moved::Retry)
             } else {

@@ -320,7 +320,9 @@ impl Userfaultfd {
     /// Reads the next message, waiting for one (a blocking `read(2)`). Page faults come
     /// before events, each in the order they happened.
     pub fn read(&self) -> UffdMsg {
-        self.ctx.read(None).expect("a read with no deadline returns a message")
+        self.ctx
+            .read(None)
+            .expect("a read with no deadline returns a message")
     }
 
     /// Reads the next message, waiting at most `timeout` (`poll(2)` then `read(2)`).
@@ -453,7 +455,9 @@ impl UffdCtx {
         self.released.store(true, Ordering::Release);
         if let Some(mm) = self.mm.upgrade() {
             mm.uffd_release(self);
-            mm.uffds.lock().retain(|w| w.strong_count() > 0 && !w.ptr_eq(&Arc::downgrade(self)));
+            mm.uffds
+                .lock()
+                .retain(|w| w.strong_count() > 0 && !w.ptr_eq(&Arc::downgrade(self)));
         }
         // Fork messages never read hold the children's files: close them outside the lock.
         let unread: Vec<_> = {
