@@ -38,9 +38,11 @@ pub(crate) enum FaultKind {
     Hugetlb,
     /// Fault on a device-private entry that called the owner's `migrate_to_ram`.
     DevicePrivate,
+    /// Fault on a swap entry that read the page back (`do_swap_page`).
+    SwapIn,
 }
 
-const NR_FAULT_KINDS: usize = 11;
+const NR_FAULT_KINDS: usize = 12;
 
 /// Faults by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -67,6 +69,8 @@ pub struct FaultStats {
     pub hugetlb: u64,
     /// Faults on device-private entries that called the owner's `migrate_to_ram`.
     pub device_private: u64,
+    /// Faults on swap entries that read the page back (`pgmajfault`).
+    pub swap_in: u64,
 }
 
 impl FaultStats {
@@ -83,6 +87,7 @@ impl FaultStats {
             + self.thp_zero
             + self.hugetlb
             + self.device_private
+            + self.swap_in
     }
 }
 
@@ -205,6 +210,7 @@ impl MmStats {
                 thp_zero: d(f.thp_zero, ef.thp_zero),
                 hugetlb: d(f.hugetlb, ef.hugetlb),
                 device_private: d(f.device_private, ef.device_private),
+                swap_in: d(f.swap_in, ef.swap_in),
             },
             tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
             tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
@@ -272,6 +278,7 @@ impl std::fmt::Display for MmStats {
             ("huge zero page", fl.thp_zero),
             ("hugetlb", fl.hugetlb),
             ("device-private", fl.device_private),
+            ("swap-in", fl.swap_in),
         ]) {
             lines.push(format!("faults: {l}"));
         }
@@ -460,6 +467,7 @@ impl MmCounters {
                 thp_zero: f(FaultKind::ThpZero),
                 hugetlb: f(FaultKind::Hugetlb),
                 device_private: f(FaultKind::DevicePrivate),
+                swap_in: f(FaultKind::SwapIn),
             },
             tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
             tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),

@@ -61,7 +61,8 @@ pub(crate) fn collect_pte<'g>(
             }
             (page, flags.contains(PteFlags::WRITE), flags)
         }
-        Pte::Migration { .. } | Pte::DeviceExclusive { .. } => return Next::Go,
+        // migrate_vma_collect_pmd: a swap entry is neither a hole nor a page to move.
+        Pte::Migration { .. } | Pte::DeviceExclusive { .. } | Pte::Swap { .. } => return Next::Go,
     };
     let folio = page.folio();
     let fm = folio.meta();
@@ -197,7 +198,7 @@ fn migration_of(
 /// its exclusivity to the entry (writable or readable-exclusive) and loses the flag, as
 /// in the kernel; a pinned one stays mapped. `held` is an address space whose mmap lock
 /// the caller holds.
-pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) {
+pub(crate) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) {
     let folio = page.folio();
     let (head, nr) = (folio.nr(), 1u64 << folio.meta().order());
     let private = matches!(page.zone(), Zone::DevicePrivate { .. });
@@ -264,10 +265,23 @@ pub(super) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
 /// `target` heads (the same page within it), wherever the reverse map finds them
 /// (`remove_migration_ptes`): PTE entries as PTEs, a PMD entry as a PMD leaf. `held` is
 /// an address space whose mmap lock the caller holds.
-pub(super) fn remove_migration_ptes(
+pub(crate) fn remove_migration_ptes(
     held: Option<(&Mm, &MmState)>,
     page: FrameRef<'_>,
     target: FrameRef<'_>,
+) {
+    replace_migration_ptes(held, page, |mm, vma, entry, level, off| {
+        let to = mm.phys().frame_nr(target.nr() + off);
+        remap_entry(vma, entry, to, level)
+    });
+}
+
+/// Replaces every migration entry of the folio `page` heads, wherever the reverse map
+/// finds them, with `new(mm, vma, entry, level, offset of the page in the folio)`.
+pub(crate) fn replace_migration_ptes(
+    held: Option<(&Mm, &MmState)>,
+    page: FrameRef<'_>,
+    mut new: impl FnMut(&Mm, &crate::mm::Vma, Pte, Huge, u64) -> Pte,
 ) {
     let folio = page.folio();
     let (head, nr) = (folio.nr(), 1u64 << folio.meta().order());
@@ -286,11 +300,10 @@ pub(super) fn remove_migration_ptes(
             if n < head || n >= head + nr || (level == Huge::Pmd && n != head) {
                 continue;
             }
-            let to = mm.phys().frame_nr(target.nr() + (n - head));
-            let new = remap_entry(vma, entry, to, level);
+            let e = new(mm, vma, entry, level, n - head);
             match slot {
-                Slot::Pte(p) => p.set(new),
-                Slot::Pmd(p) => p.set(new),
+                Slot::Pte(p) => p.set(e),
+                Slot::Pmd(p) => p.set(e),
                 Slot::Hole(_) => unreachable!(),
             }
         }

@@ -142,7 +142,7 @@ impl State<'_, '_> {
                     false,
                 )
             }
-            Pte::Migration { .. } | Pte::None | Pte::DeviceExclusive { .. } => {
+            Pte::Migration { .. } | Pte::None | Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
                 return PmdNext::Skip
             }
         };

@@ -150,8 +150,9 @@ use crate::phys::{FrameRef, LockedFolio};
 use crate::prot::VmFlags;
 use crate::range_fault::HmmError;
 
-pub(crate) use collect::Next;
+pub(crate) use collect::{remove_migration_ptes, replace_migration_ptes, try_to_migrate, Next};
 pub(crate) use commit::remap_entry;
+pub(crate) use compound::folio_mapped;
 pub(crate) use compound::PmdNext;
 pub(crate) use device::{migrate_device_coherent_folio, CoherentMigrateError};
 pub use device::{

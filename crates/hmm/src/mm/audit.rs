@@ -25,6 +25,8 @@ pub struct AuditReport {
     pub zero_page_entries: u64,
     /// Device-private entries (PTEs and PMDs).
     pub device_private_entries: u64,
+    /// Swap entries.
+    pub swap_entries: u64,
     /// RAM frames (4 KiB each) of the folios this address space holds references on: its
     /// mapped anonymous folios (a THP counts its 512 frames) and the pages of its shared
     /// objects.
@@ -97,6 +99,15 @@ impl Mm {
                 }
                 if pte.flags().contains(PteFlags::WRITE) {
                     problems.push(format!("{va}: uffd-wp entry {pte:?} is writable"));
+                }
+            }
+            if let Pte::Swap { slot, .. } = pte {
+                report.swap_entries += 1;
+                if huge {
+                    problems.push(format!("{va}: a swap entry at PMD level"));
+                }
+                if phys.swap().map_or(0, |s| s.count(slot)) == 0 {
+                    problems.push(format!("{va}: swap entry names free slot {slot:?}"));
                 }
             }
             if let Pte::Present { pfn, flags } = pte {

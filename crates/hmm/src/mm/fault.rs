@@ -185,6 +185,7 @@ fn handle_mm_fault_inner(
             Ok(())
         }
         Pte::DeviceExclusive { pfn, flags } => f.restore_exclusive(&mut c, pte, pfn, flags),
+        Pte::Swap { .. } => mm.do_swap_page(vma, addr, write, &mut c, pte),
         Pte::DevicePrivate { pfn, .. } => super::device::do_device_private_fault(
             mm,
             st,

@@ -311,6 +311,17 @@ impl CopyCtx<'_> {
                 page.clear_anon_exclusive();
                 Ok(self.share_device_private(pfn, flags))
             }
+            Pte::Swap { slot, flags, .. } => {
+                // copy_nonpresent_pte: swap_duplicate, and the page is exclusive to
+                // neither side any more (pte_swp_clear_exclusive in both).
+                phys.swap().expect("a swap entry has a device").dup(slot);
+                let e = Pte::Swap {
+                    slot,
+                    exclusive: false,
+                    flags,
+                };
+                Ok((e, e))
+            }
         }
     }
 
@@ -397,7 +408,9 @@ impl CopyCtx<'_> {
                 p.set(e);
                 Some(child)
             }
-            Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
+            Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
+                unreachable!("device-exclusive and swap entries are PTEs")
+            }
         })
     }
 

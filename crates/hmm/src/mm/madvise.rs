@@ -58,6 +58,15 @@ pub enum Advice {
     /// `MADV_DOFORK`: undoes [`DontFork`](Self::DontFork).
     #[doc(alias = "MADV_DOFORK")]
     DoFork,
+    /// `MADV_COLD`: the range's pages are aged (their accessed bits cleared), so reclaim
+    /// writes them out first. `Inval` on hugetlb memory. Mmap lock held for reading.
+    #[doc(alias = "MADV_COLD")]
+    Cold,
+    /// `MADV_PAGEOUT`: the range's anonymous pages that only this address space maps are
+    /// written to swap now (a THP split first); with no swap device, nothing happens.
+    /// `Inval` on hugetlb memory. Mmap lock held for reading.
+    #[doc(alias = "MADV_PAGEOUT")]
+    PageOut,
 }
 
 impl Mm {
@@ -120,6 +129,20 @@ impl Mm {
                 }
                 tlb.finish();
                 self.deferred_split_scan(st);
+                Ok(())
+            }
+            Advice::Cold | Advice::PageOut => {
+                let guard = self.mmap_read();
+                let st = &*guard.state;
+                if st.vmas.first_hole(range).is_some() {
+                    return Err(unmapped);
+                }
+                super::vmscan::check_lru_range(st, range)?;
+                if advice == Advice::Cold {
+                    self.madvise_cold(st, range);
+                } else {
+                    self.madvise_pageout(st, range);
+                }
                 Ok(())
             }
             Advice::HugePage | Advice::NoHugePage | Advice::DontFork | Advice::DoFork => {

@@ -46,6 +46,7 @@ mod thp;
 pub(crate) mod tlb;
 pub mod userfaultfd;
 mod vma;
+mod vmscan;
 mod zap;
 
 use std::sync::{Arc, Weak};
@@ -70,6 +71,7 @@ pub use rmap::{device_folio_mappings, folio_mappings, RmapEntry};
 pub use thp::ThpMode;
 pub(crate) use thp::{split_folio, split_frozen_folio, split_pmd};
 pub use vma::{Vma, VmaKind};
+pub use vmscan::{reclaim, Kswapd, ReclaimStats};
 
 pub use crate::prot::{Prot, VmFlags};
 

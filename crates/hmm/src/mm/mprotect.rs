@@ -180,7 +180,9 @@ impl Mm {
                 flags: f - PteFlags::WRITE,
             }
             .with_uffd_wp(wp),
-            Pte::Migration { .. } | Pte::DeviceExclusive { .. } => old.with_uffd_wp(wp),
+            Pte::Migration { .. } | Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
+                old.with_uffd_wp(wp)
+            }
         }
     }
 }

@@ -405,5 +405,14 @@ fn soft_dirty(e: Pte) -> Pte {
             pfn,
             flags: flags | sd,
         },
+        Pte::Swap {
+            slot,
+            exclusive,
+            flags,
+        } => Pte::Swap {
+            slot,
+            exclusive,
+            flags: flags | sd,
+        },
     }
 }

@@ -29,6 +29,8 @@ pub enum SwapKind {
     DevicePrivate,
     /// A device-exclusive entry.
     DeviceExclusive,
+    /// A page written to swap; the entry's frame number is its slot.
+    Swap,
 }
 
 /// One page as `/proc/pid/pagemap` describes it.
@@ -67,6 +69,7 @@ impl PagemapEntry {
         if let Some(kind) = self.swap {
             w |= 1 << 62;
             let ty = match kind {
+                SwapKind::Swap => 0,
                 SwapKind::Migration => 1,
                 SwapKind::DevicePrivate => 2,
                 SwapKind::DeviceExclusive => 3,
@@ -181,6 +184,10 @@ impl Mm {
                             e.swap = Some(SwapKind::DeviceExclusive);
                             e.pfn = Some(pfn.as_u64() + sub);
                         }
+                        Pte::Swap { slot, .. } => {
+                            e.swap = Some(SwapKind::Swap);
+                            e.pfn = Some(slot.as_u64());
+                        }
                     }
                 }
             }
@@ -225,6 +232,15 @@ impl Mm {
                 },
                 Pte::DeviceExclusive { pfn, flags } => Pte::DeviceExclusive {
                     pfn,
+                    flags: flags - PteFlags::SOFT_DIRTY,
+                },
+                Pte::Swap {
+                    slot,
+                    exclusive,
+                    flags,
+                } => Pte::Swap {
+                    slot,
+                    exclusive,
                     flags: flags - PteFlags::SOFT_DIRTY,
                 },
             };

@@ -294,7 +294,7 @@ pub(crate) fn entry_refers_to(entry: Pte, first: FrameRef<'_>, nr: u64) -> bool 
             ..
         } => private,
         Pte::Present { .. } | Pte::Migration { .. } | Pte::DeviceExclusive { .. } => !private,
-        Pte::None => false,
+        Pte::None | Pte::Swap { .. } => false,
     };
     kind_matches
         && entry

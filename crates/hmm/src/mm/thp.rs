@@ -232,7 +232,9 @@ pub(super) fn huge_pmd_fault(
             Ok(())
         }
         Pte::DevicePrivate { .. } => unreachable!("handled by the device fault path"),
-        Pte::DeviceExclusive { .. } => unreachable!("device-exclusive entries are PTEs"),
+        Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
+            unreachable!("device-exclusive and swap entries are PTEs")
+        }
     }
 }
 
@@ -303,7 +305,9 @@ pub(crate) fn split_pmd(
                 pfn: DevicePfn::new(pfn.as_u64() + i as u64),
                 flags,
             },
-            Pte::None | Pte::DeviceExclusive { .. } => unreachable!("no such PMD leaf"),
+            Pte::None | Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
+                unreachable!("no such PMD leaf")
+            }
         });
         if let Some(Pte::Present { flags, .. }) = old {
             if !flags.contains(PteFlags::PROTNONE) {
@@ -418,9 +422,10 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
                     return Err(again);
                 }
             }
-            Pte::Migration { .. } | Pte::DevicePrivate { .. } | Pte::DeviceExclusive { .. } => {
-                return Err(not_present)
-            }
+            Pte::Migration { .. }
+            | Pte::DevicePrivate { .. }
+            | Pte::DeviceExclusive { .. }
+            | Pte::Swap { .. } => return Err(not_present),
         }
     }
     let new = phys
@@ -493,7 +498,16 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
 /// entries become present (or device-private) entries of the new folios.
 #[doc(alias = "split_huge_page")]
 pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
-    let phys = mm.phys();
+    split_folio_held(mm.phys(), Some((mm, st)), folio)
+}
+
+/// [`split_folio`] by a caller that may hold no mmap lock (`held` is the address space
+/// whose lock it holds, if any); the split is counted in that address space.
+pub(crate) fn split_folio_held(
+    phys: &PhysMem,
+    held: Option<(&Mm, &MmState)>,
+    folio: crate::phys::Frame<'_>,
+) -> bool {
     let head = folio.folio();
     let fm = head.meta();
     let splittable = fm.order() == PMD_ORDER
@@ -507,7 +521,6 @@ pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
         fm.unlock();
         return false;
     };
-    let held = Some((mm, st));
     rmap::rmap_walk_range(&range, held, |m, s, vma, r| {
         unmap_for_split(m, s, vma, r, head)
     });
@@ -532,8 +545,10 @@ pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) 
             freed += 1;
         }
     }
-    mm.counters.frames_freed(freed);
-    mm.counters.thp_split_folio();
+    if let Some((mm, _)) = held {
+        mm.counters.frames_freed(freed);
+        mm.counters.thp_split_folio();
+    }
     true
 }
 
@@ -607,7 +622,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
                         flags.contains(PteFlags::WRITE),
                         false,
                     ),
-                    Pte::Migration { .. } | Pte::None => continue,
+                    Pte::Migration { .. } | Pte::None | Pte::Swap { .. } => continue,
                 };
                 // folio_try_share_anon_rmap_pte: the page's exclusivity moves into the
                 // entry (the folio is not pinned, or it would not be split).

@@ -70,6 +70,11 @@ pub(crate) fn zap_range(
                         phys.device_frame(pfn).meta().dec_mapcount();
                         tlb.defer_put_device(pfn);
                     }
+                    Pte::Swap { slot, .. } => {
+                        // free_swap_and_cache: the entry's count on the slot goes.
+                        p.set(Pte::None);
+                        phys.swap().expect("a swap entry has a device").free(slot);
+                    }
                 }
             }
             Slot::Pmd(p) => {
@@ -100,8 +105,8 @@ pub(crate) fn zap_range(
                         phys.device_frame(pfn).meta().dec_entire_mapcount();
                         tlb.defer_put_device(pfn);
                     }
-                    Pte::DeviceExclusive { .. } => {
-                        unreachable!("device-exclusive entries are PTEs")
+                    Pte::DeviceExclusive { .. } | Pte::Swap { .. } => {
+                        unreachable!("device-exclusive and swap entries are PTEs")
                     }
                 }
             }

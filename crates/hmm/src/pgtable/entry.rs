@@ -25,14 +25,17 @@
 //! | 7 | migration of a device-private page, readable | [`DevicePfn`] |
 //! | 8 | migration of a device-private page, readable-exclusive | [`DevicePfn`] |
 //! | 9 | migration of a device-private page, writable | [`DevicePfn`] |
+//! | 10 | swap | [`SwapSlot`] |
+//! | 11 | swap, anon-exclusive (`SWP_EXCLUSIVE`) | [`SwapSlot`] |
 //!
 //! Migration entries keep `YOUNG`, `DIRTY`, `SOFT_DIRTY` and `UFFD_WP` of the entry they
 //! replaced (the kernel's `SWP_MIG_YOUNG`/`SWP_MIG_DIRTY`, `pte_swp_soft_dirty`,
-//! `pte_swp_uffd_wp`); device-private entries keep `SOFT_DIRTY` and `UFFD_WP`.
+//! `pte_swp_uffd_wp`); device-private and swap entries keep `SOFT_DIRTY` and `UFFD_WP`.
 
 use bitflags::bitflags;
 
 use crate::addr::{DevicePfn, Pfn, PAGE_SHIFT};
+use crate::phys::SwapSlot;
 
 bitflags! {
     /// Flag bits of an entry, at their bit positions in the encoded word.
@@ -187,6 +190,16 @@ pub enum Pte {
         /// Young, dirty, soft-dirty, uffd-wp.
         flags: PteFlags,
     },
+    /// The page was written to swap; a CPU access reads it back (`do_swap_page`).
+    Swap {
+        /// The slot holding its bytes.
+        slot: SwapSlot,
+        /// The page was anon-exclusive (`SWP_EXCLUSIVE`): swapping it in may map it
+        /// writable at once.
+        exclusive: bool,
+        /// Soft-dirty, uffd-wp.
+        flags: PteFlags,
+    },
 }
 
 impl Pte {
@@ -237,6 +250,11 @@ impl Pte {
                 pfn: Pfn::new(target),
                 flags,
             },
+            10 | 11 => Pte::Swap {
+                slot: SwapSlot::new(target),
+                exclusive: (word & TYPE_MASK) >> TYPE_SHIFT == 11,
+                flags: flags & PteFlags::STICKY,
+            },
             t => panic!("corrupt page-table entry {word:#x} (type {t})"),
         }
     }
@@ -278,6 +296,15 @@ impl Pte {
                 swp(ty, pfn.as_u64(), flags & PteFlags::STICKY)
             }
             Pte::DeviceExclusive { pfn, flags } => swp(6, pfn.as_u64(), flags),
+            Pte::Swap {
+                slot,
+                exclusive,
+                flags,
+            } => swp(
+                if exclusive { 11 } else { 10 },
+                slot.as_u64(),
+                flags & PteFlags::STICKY,
+            ),
         }
     }
 
@@ -309,7 +336,9 @@ impl Pte {
                 ..
             }
             | Pte::DeviceExclusive { pfn, .. } => Some(pfn),
-            Pte::None | Pte::DevicePrivate { .. } | Pte::Migration { .. } => None,
+            Pte::None | Pte::DevicePrivate { .. } | Pte::Migration { .. } | Pte::Swap { .. } => {
+                None
+            }
         }
     }
 
@@ -320,7 +349,7 @@ impl Pte {
             Pte::Present { pfn, .. } | Pte::DeviceExclusive { pfn, .. } => Some(pfn.as_u64()),
             Pte::Migration { pfn, .. } => Some(pfn.nr()),
             Pte::DevicePrivate { pfn, .. } => Some(pfn.as_u64()),
-            Pte::None => None,
+            Pte::None | Pte::Swap { .. } => None,
         }
     }
 
@@ -357,6 +386,15 @@ impl Pte {
                 pfn,
                 flags: set(flags) & SWP_FLAGS,
             },
+            Pte::Swap {
+                slot,
+                exclusive,
+                flags,
+            } => Pte::Swap {
+                slot,
+                exclusive,
+                flags: set(flags) & PteFlags::STICKY,
+            },
         }
     }
 
@@ -374,7 +412,8 @@ impl Pte {
             Pte::Present { flags, .. }
             | Pte::Migration { flags, .. }
             | Pte::DevicePrivate { flags, .. }
-            | Pte::DeviceExclusive { flags, .. } => flags,
+            | Pte::DeviceExclusive { flags, .. }
+            | Pte::Swap { flags, .. } => flags,
         }
     }
 }
@@ -443,6 +482,13 @@ mod tests {
                 });
             }
             entries.push(Pte::DeviceExclusive { pfn, flags: swp });
+            for exclusive in [false, true] {
+                entries.push(Pte::Swap {
+                    slot: SwapSlot::new(pfn.as_u64()),
+                    exclusive,
+                    flags: flags & PteFlags::STICKY,
+                });
+            }
             entries.push(Pte::DevicePrivate {
                 pfn: DevicePfn::new(Pfn::LIMIT - 1),
                 flags: flags & (PteFlags::WRITE | PteFlags::STICKY),
@@ -484,6 +530,6 @@ mod tests {
     #[test]
     #[should_panic(expected = "corrupt page-table entry")]
     fn unknown_type_panics() {
-        Pte::decode(10 << TYPE_SHIFT);
+        Pte::decode(12 << TYPE_SHIFT);
     }
 }

@@ -38,6 +38,8 @@ mod mapping;
 mod meta;
 mod pcp;
 mod region;
+mod swap;
+mod watermark;
 #[allow(unsafe_code)]
 mod zeroed;
 
@@ -51,6 +53,8 @@ pub use frame::{copy_folios, put_folios, Frame, FrameRef, Freed, LockedFolio};
 pub use hugetlb::HugetlbStats;
 pub use mapping::{MappingHandle, MappingId};
 pub use meta::{FrameFlags, FrameMeta, GetFrameError};
+pub use swap::{SwapDevice, SwapSlot, SwapStats};
+pub use watermark::Watermarks;
 
 use crate::addr::{DevicePfn, Pfn, PMD_ORDER, PMD_SIZE};
 use crate::fault_inject::FaultAttr;
@@ -141,6 +145,17 @@ pub enum PhysError {
     Map(#[from] std::io::Error),
 }
 
+/// Why `swapon` refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum SwapError {
+    /// A size that is zero or not whole pages (`-EINVAL`).
+    #[error("a swap device is a non-zero number of whole pages")]
+    Inval,
+    /// The machine has a swap device already (`-EBUSY`).
+    #[error("the machine has a swap device already")]
+    Busy,
+}
+
 /// Counters of the frame allocator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct PhysStats {
@@ -176,6 +191,12 @@ pub struct PhysMem {
     fail_page_alloc: FaultAttr,
     sections: Box<[OnceLock<Arc<DevPagemap>>]>,
     next_section: AtomicUsize,
+    /// The swap device, once `swapon` gave one.
+    swap: OnceLock<SwapDevice>,
+    /// When kswapd reclaims, and how it is woken.
+    watermarks: Watermarks,
+    /// Where the reclaim clock stands (`mm::vmscan`).
+    reclaim_hand: std::sync::atomic::AtomicU64,
 }
 
 /// The pfn of the zero page.
@@ -211,7 +232,44 @@ impl PhysMem {
             fail_page_alloc: FaultAttr::new(),
             sections: (0..NR_SECTIONS).map(|_| OnceLock::new()).collect(),
             next_section: AtomicUsize::new(ram_sections),
+            swap: OnceLock::new(),
+            watermarks: Watermarks::default(),
+            reclaim_hand: std::sync::atomic::AtomicU64::new(0),
         }))
+    }
+
+    /// Adds a swap device of `bytes` (whole pages) (`swapon`): from now on reclaim can
+    /// write anonymous pages out.
+    ///
+    /// Errors: `Inval` for a size that is zero or not whole pages; `Busy` if the machine
+    /// has a swap device already (the model has one).
+    pub fn swapon(&self, bytes: u64) -> Result<(), SwapError> {
+        if bytes == 0 || bytes % crate::addr::PAGE_SIZE != 0 {
+            return Err(SwapError::Inval);
+        }
+        self.swap
+            .set(SwapDevice::new(bytes))
+            .map_err(|_| SwapError::Busy)
+    }
+
+    /// The swap device, if there is one.
+    pub fn swap(&self) -> Option<&SwapDevice> {
+        self.swap.get()
+    }
+
+    /// The watermarks kswapd keeps free frames between.
+    pub fn watermarks(&self) -> &Watermarks {
+        &self.watermarks
+    }
+
+    /// Free frames of RAM (the hugetlb pool's excluded).
+    pub fn nr_free(&self) -> u64 {
+        self.region.nr_free() as u64
+    }
+
+    /// The reclaim clock's hand: the next frame number reclaim looks at.
+    pub(crate) fn reclaim_hand(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.reclaim_hand
     }
 
     /// Whether regions keep a free list per host CPU ([`PhysConfig::per_cpu_lists`]).
@@ -389,6 +447,9 @@ impl PhysMem {
             return Err(AllocError { order });
         }
         let first = self.region.alloc(order, flags)?;
+        if self.watermarks.armed() {
+            self.watermarks.check(self.region.nr_free() as u64);
+        }
         Ok(Frame::adopt(&self.region, first as u64))
     }
 

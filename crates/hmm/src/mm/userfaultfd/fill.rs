@@ -19,6 +19,7 @@ use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{Frame, FrameFlags};
 use crate::prot::VmFlags;
 
+use super::super::fault::FaultFlags;
 use super::super::mprotect::CpMode;
 use super::super::shmem::AddPageError;
 use super::super::thp::{self, dirty_flags};
@@ -420,6 +421,15 @@ fn move_page(
         Pte::Migration { pfn, .. } => {
             drop(sc);
             super::super::wait_on_migration(phys.frame_nr(pfn.nr()).folio());
+            return Ok(Moved::Retry);
+        }
+        Pte::Swap { .. } => {
+            // The kernel moves the swap entry itself under both page-table locks
+            // (move_swap_pte); the model's cursors hold one, so the page is read back
+            // first and moved as a present page.
+            drop(sc);
+            super::super::fault::handle_mm_fault(mm, st, s, FaultFlags::empty())
+                .map_err(|_| UffdError::NoMem)?;
             return Ok(Moved::Retry);
         }
         _ => return Err(UffdError::Fault { addr: s }),
