@@ -114,8 +114,9 @@ enum Command {
         quick: bool,
     },
     /// Everything at once on real threads (CPU and device accesses, migrations, munmap,
-    /// mprotect, mremap, fork and exit), with the invariants checked while it runs and at
-    /// the end; fails if any is broken. Ctrl-C stops it early with the report so far.
+    /// mprotect, mremap, fork and exit, pageout, reclaim and swap-in), with the invariants
+    /// checked while it runs and at the end; fails if any is broken. Ctrl-C stops it early
+    /// with the report so far.
     Stress {
         /// How long the workload runs, in seconds (above 0, at most a year).
         #[arg(long, default_value_t = 10.0, allow_hyphen_values = true, value_parser = seconds)]

@@ -344,7 +344,7 @@ fn stress_runs_every_operation_and_breaks_nothing_even_when_allocations_fail() {
         assert!(r[key].as_u64().unwrap() > 0, "{key}: {r}");
     }
     let kinds = r["ops_by_kind"].as_object().unwrap();
-    assert_eq!(kinds.len(), 14);
+    assert_eq!(kinds.len(), 17);
     for (kind, n) in kinds {
         assert!(n.as_u64().unwrap() > 0, "no {kind} in {r}");
     }

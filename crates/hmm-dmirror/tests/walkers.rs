@@ -1,4 +1,4 @@
-//! Every page walker meets a device THP (issue 26, item 4).
+//! Every page walker meets a device THP (issue 26, item 4), on a machine with swap.
 //!
 //! The 2026 fixes after device THP landed were all one class: ordinary page walkers meeting
 //! a device-private PMD (`page_vma_mapped_walk`, the COLD/PAGEOUT walks, `MADV_FREE`'s
@@ -37,6 +37,7 @@ enum Kind {
 /// device `kind` (one device THP).
 fn machine(kind: Kind) -> (Rig, Arc<Dmirror>, usize, VirtAddr) {
     let r = rig();
+    r.phys.swapon(4 * PMD_SIZE).unwrap();
     let minor = match kind {
         Kind::Private => 0,
         Kind::Coherent => 2,
@@ -76,7 +77,7 @@ type Kept = Option<(VirtAddr, u64, u64)>;
 /// device of `kind`.
 type Walker = fn(&Rig, VirtAddr, u64, Kind) -> Kept;
 
-const WALKERS: [(&str, Walker); 17] = [
+const WALKERS: [(&str, Walker); 20] = [
     ("mprotect read-only and back", |r, a, len, _| {
         r.mm.mprotect(a, len, Prot::READ).unwrap();
         r.mm.mprotect(a, len, RW).unwrap();
@@ -192,6 +193,23 @@ const WALKERS: [(&str, Walker); 17] = [
                 Some((to, len / PAGE_SIZE, 0))
             }
         }
+    }),
+    ("MADV_COLD", |r, a, len, _| {
+        // The 2026 fix: the COLD walk skips a device-private PMD.
+        r.mm.madvise(a, len, Advice::Cold).unwrap();
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("MADV_PAGEOUT", |r, a, len, _| {
+        // Device memory is not on the LRU: nothing is written out (the PAGEOUT walk
+        // skips a device-private PMD; device-coherent pages are not system RAM).
+        r.mm.madvise(a, len, Advice::PageOut).unwrap();
+        let map = r.mm.pagemap(a, len / PAGE_SIZE).unwrap();
+        assert!(map.iter().all(|e| e.swap != Some(hmm::mm::SwapKind::Swap)));
+        Some((a, len / PAGE_SIZE, 0))
+    }),
+    ("reclaim", |r, a, len, _| {
+        hmm::mm::reclaim(&r.phys, 4 * NR);
+        Some((a, len / PAGE_SIZE, 0))
     }),
     ("munmap of one half", |r, a, len, _| {
         r.mm.munmap(a, len / 2).unwrap();
@@ -333,4 +351,57 @@ fn write_protect_on_a_device_thp_survives_every_change() {
     drop(mm);
     assert_eq!(driver.device(minor).nr_in_use(), 0);
     assert_eq!(phys.nr_in_use(), 0);
+}
+
+/// A page the device wrote reaches the swap with the device's bytes: the mirror's write
+/// goes to the system page and marks it dirty; reclaim unmaps it under a CLEAR
+/// invalidation (the mirror drops its entry), writes it out, and a CPU read brings the
+/// device's bytes back; the device reads them again through a fresh fault.
+#[test]
+fn device_written_pages_reach_the_swap_with_their_bytes() {
+    let r = rig();
+    r.phys.swapon(64 * PAGE_SIZE).unwrap();
+    let d = r.open(0);
+    let a = r.map(8);
+    for i in 0..8 {
+        r.mm.write_val(page(a, i), 1u64).unwrap();
+    }
+    // The device writes TAG + i to each page (WRITE from the user buffer).
+    for i in 0..8 {
+        r.mm.write_val(page(r.buf, i), TAG + i).unwrap();
+    }
+    let mut c = HmmDmirrorCmd {
+        addr: a.as_u64(),
+        ptr: r.buf.as_u64(),
+        npages: 8,
+        ..HmmDmirrorCmd::default()
+    };
+    d.ioctl(DmirrorCmd::Write, &mut c).unwrap();
+    assert_eq!(c.cpages, 8);
+    let before = r.mm.stats();
+    r.mm.madvise(a, 8 * PAGE_SIZE, Advice::PageOut).unwrap();
+    let map = r.mm.pagemap(a, 8).unwrap();
+    assert!(map.iter().all(|e| e.swap == Some(hmm::mm::SwapKind::Swap)));
+    assert!(
+        r.mm.stats()
+            .since(&before)
+            .notifier
+            .of(hmm::notifier::NotifierEvent::Clear)
+            >= 1
+    );
+    r.mm.audit().unwrap();
+    // The device reads them back: its READ faults them in from swap.
+    let mut c = HmmDmirrorCmd {
+        addr: a.as_u64(),
+        ptr: r.buf.as_u64(),
+        npages: 8,
+        ..HmmDmirrorCmd::default()
+    };
+    d.ioctl(DmirrorCmd::Read, &mut c).unwrap();
+    for i in 0..8 {
+        assert_eq!(r.mm.read_val::<u64>(page(r.buf, i)).unwrap(), TAG + i);
+        assert_eq!(r.mm.read_val::<u64>(page(a, i)).unwrap(), TAG + i);
+    }
+    assert_eq!(r.mm.stats().since(&before).faults.swap_in, 8);
+    r.mm.audit().unwrap();
 }

@@ -772,7 +772,7 @@ fn every_walker_meets_a_pmd_migration_entry() {
     /// Where the bytes are afterwards: (start, pages, first page's index), or `None`
     /// when the walker dropped them.
     type Walker = fn(&Rig, VirtAddr) -> Option<(VirtAddr, u64, u64)>;
-    let walkers: [(&str, Walker); 13] = [
+    let walkers: [(&str, Walker); 16] = [
         ("pagemap", |r, a| {
             let map = r.m.mm.pagemap(a, NR).unwrap();
             // The entry, or the THP again if the migration let go first.
@@ -839,9 +839,23 @@ fn every_walker_meets_a_pmd_migration_entry() {
             r.m.mm.madvise(a, PMD_SIZE, Advice::HugePage).unwrap();
             Some((a, NR, 0))
         }),
+        ("MADV_COLD", |r, a| {
+            r.m.mm.madvise(a, PMD_SIZE, Advice::Cold).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("MADV_PAGEOUT", |r, a| {
+            // The migration holds the folio locked: nothing is written until it is back.
+            r.m.mm.madvise(a, PMD_SIZE, Advice::PageOut).unwrap();
+            Some((a, NR, 0))
+        }),
+        ("reclaim", |r, _| {
+            hmm::mm::reclaim(&r.m.phys, 2 * NR);
+            None
+        }),
     ];
     for (name, walk) in walkers {
         let r = rig();
+        r.m.phys.swapon(4 * PMD_SIZE).unwrap();
         let a = huge_map(&r, 1);
         fill(&r, a, NR, 300);
         assert!(r
@@ -869,6 +883,7 @@ fn every_walker_meets_a_pmd_migration_entry() {
         r.m.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
         match kept {
             Some((at, pages, first)) => check(&r, at, pages, 300 + first),
+            None if name == "reclaim" => check(&r, a, NR, 300),
             None => {
                 // Dropped, or kept if the walker ran after the THP was back and free
                 // (MADV_FREE's pages are discarded only when clean).

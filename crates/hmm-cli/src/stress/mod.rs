@@ -21,7 +21,11 @@
 //!   process, checks the slot in the child, writes there, and exits the child;
 //! - now and then the migration thread removes a device's memory instead (RELEASE: every
 //!   page of the device is evicted to RAM and its chunks unregistered, as device removal
-//!   or module unload does), while the other threads go on using it.
+//!   or module unload does), while the other threads go on using it;
+//! - the machine has swap as large as the region, and the migration thread also writes
+//!   runs of pages out (`MADV_PAGEOUT`) or runs the reclaim clock over the whole machine
+//!   (which unmaps pages a fork's child shares too, under CLEAR invalidations the mirrors
+//!   see); every access to such a page reads it back (swap-in, counted).
 //!
 //! With `--fail-alloc P`, P percent of RAM and device-memory allocations fail (fault
 //! injection, see [`hmm::fault_inject`]). An operation may then fail for lack of memory,
@@ -54,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_ORDER, PMD_SIZE};
 use hmm::fault_inject::{FaultAttr, FaultConfig};
-use hmm::mm::{Advice, FaultError, MapFlags, Mm, MmError, MremapFlags, Prot, SwapKind};
+use hmm::mm::{Advice, FaultError, GupFlags, MapFlags, Mm, MmError, MremapFlags, Prot, SwapKind};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, DmirrorError, HmmDmirrorCmd};
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
@@ -227,9 +231,12 @@ enum Op {
     Mremap,
     Remap,
     ForkExit,
+    PageOut,
+    Reclaim,
+    SwapIn,
 }
 
-const OPS: [(&str, Op); 14] = [
+const OPS: [(&str, Op); 17] = [
     ("cpu_read", Op::CpuRead),
     ("cpu_write", Op::CpuWrite),
     ("device_read", Op::DeviceRead),
@@ -244,6 +251,9 @@ const OPS: [(&str, Op); 14] = [
     ("mremap", Op::Mremap),
     ("munmap_mmap", Op::Remap),
     ("fork_exit", Op::ForkExit),
+    ("pageout", Op::PageOut),
+    ("reclaim", Op::Reclaim),
+    ("swap_in", Op::SwapIn),
 ];
 
 /// A seeded generator (SplitMix64): each thread its own, so a seed fixes every thread's
@@ -265,6 +275,8 @@ impl Rng {
 struct Shared {
     phys: Arc<PhysMem>,
     mm: Arc<Mm>,
+    /// The pins on the transfer buffers (see `build`).
+    buffer_pins: Vec<hmm::mm::UserPages>,
     devs: [Arc<Dmirror>; 2],
     region: Region,
     /// Slots below this one are the churn thread's to move; the rest are the THP areas.
@@ -522,10 +534,14 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
         let k0 = rng.below(SLOT_PAGES - n + 1);
         let base = sh.region.slots[s].base.read();
         let d = rng.below(2) as usize;
-        let (which, op) = match rng.below(49) {
+        let (which, op) = match rng.below(57) {
             0 => (DmirrorCmd::Release, Op::Release),
             1..=16 => (DmirrorCmd::MigrateToDev, Op::MigrateToDev),
             17..=32 => (DmirrorCmd::MigrateOnFaultToDev, Op::MigrateOnFault),
+            49..=56 => {
+                reclaim_some(sh, heart, &mut rng, page_va(*base, k0), n);
+                continue;
+            }
             _ => (DmirrorCmd::MigrateToSys, Op::MigrateToSys),
         };
         heart.doing(match op {
@@ -539,6 +555,28 @@ fn migrator(sh: &Shared, buf: VirtAddr, heart: &Heart, mut rng: Rng) {
         sh.count(op);
         heart.beat();
     }
+}
+
+/// Writes pages to swap: the run of `npages` from `addr` (`MADV_PAGEOUT`, which leaves
+/// pages on a device, shared with a fork's child or pinned), or the coldest pages of the
+/// whole machine (the reclaim clock, which unmaps shared pages everywhere). The pages come
+/// back when the CPU or a device touches them; the swap-ins are counted from the address
+/// space's counters.
+fn reclaim_some(sh: &Shared, heart: &Heart, rng: &mut Rng, addr: VirtAddr, npages: u64) {
+    if rng.below(2) == 0 {
+        heart.doing("MADV_PAGEOUT");
+        if let Err(e) = sh.mm.madvise(addr, npages * PAGE_SIZE, Advice::PageOut) {
+            sh.error(format!("MADV_PAGEOUT of {npages} pages at {addr}: {e}"));
+        }
+        sh.count(Op::PageOut);
+    } else {
+        heart.doing("reclaim");
+        hmm::mm::reclaim(&sh.phys, RUN);
+        sh.count(Op::Reclaim);
+    }
+    let swap_ins = sh.mm.stats().faults.swap_in;
+    sh.ops[Op::SwapIn as usize].fetch_max(swap_ins, Ordering::Relaxed);
+    heart.beat();
 }
 
 /// Device `d` runs the migration (or removal) command `which` over `npages` pages from
@@ -855,6 +893,8 @@ fn build(
     let (churn_slots, nslots) = slots(cfg.pages, cfg.thps);
     let bytes = nslots * SLOT_BYTES;
     let phys = PhysMem::new(PhysConfig::with_size(ram_bytes(bytes)))?;
+    // Swap as large as the region: reclaim can write every page of it out.
+    phys.swapon(round_2m(bytes))?;
     let baseline_allocated = {
         let s = phys.stats();
         s.nr_frames - s.nr_free
@@ -893,8 +933,9 @@ fn build(
         }
     }
     // One buffer per device thread and one for the migrator, left out of forks
-    // (`MADV_DONTFORK`, as drivers ask of their transfer buffers): a fork never makes the
-    // driver's copy to or from them fault, so they never run out of memory.
+    // (`MADV_DONTFORK`, as drivers ask of their transfer buffers) and pinned (as a driver
+    // registers a DMA buffer): neither a fork nor reclaim makes the driver's copy to or
+    // from them fault, so they never run out of memory.
     // The migrator's is large enough for the read-back of a whole THP area.
     let lens = [RUN, RUN, if cfg.thps > 0 { PMD_NR } else { RUN }].map(|n| n * PAGE_SIZE);
     let bufs: Vec<VirtAddr> = lens
@@ -906,6 +947,13 @@ fn build(
         mm.madvise(*b, len, Advice::DontFork)?;
         mm.write(*b, &vec![0u8; len as usize])?;
     }
+    let buffer_pins = bufs
+        .iter()
+        .zip(lens)
+        .map(|(b, len)| {
+            mm.pin_user_pages(*b, len / PAGE_SIZE, GupFlags::WRITE | GupFlags::LONGTERM)
+        })
+        .collect::<Result<_, _>>()?;
     let devs = [
         Dmirror::open(driver.device(0), &mm)?,
         Dmirror::open(driver.device(1), &mm)?,
@@ -913,6 +961,7 @@ fn build(
     let sh = Shared {
         phys,
         mm,
+        buffer_pins,
         devs,
         region,
         churn_slots: churn_slots as usize,
@@ -1078,7 +1127,13 @@ pub(crate) fn run(cfg: Config) -> Result<Report, Box<dyn std::error::Error>> {
     let mut report = report(&sh, cfg, checks, started, &stuck);
     // Teardown: the mirrors, the process, the devices' memory; then every frame must be
     // free again.
-    let Shared { mm, devs, .. } = sh;
+    let Shared {
+        mm,
+        devs,
+        buffer_pins,
+        ..
+    } = sh;
+    drop(buffer_pins);
     drop(devs);
     drop(mm);
     drop(driver);
