@@ -772,7 +772,7 @@ fn every_walker_meets_a_pmd_migration_entry() {
     /// Where the bytes are afterwards: (start, pages, first page's index), or `None`
     /// when the walker dropped them.
     type Walker = fn(&Rig, VirtAddr) -> Option<(VirtAddr, u64, u64)>;
-    let walkers: [(&str, Walker); 16] = [
+    let walkers: [(&str, Walker); 17] = [
         ("pagemap", |r, a| {
             let map = r.m.mm.pagemap(a, NR).unwrap();
             // The entry, or the THP again if the migration let go first.
@@ -852,6 +852,20 @@ fn every_walker_meets_a_pmd_migration_entry() {
             hmm::mm::reclaim(&r.m.phys, 2 * NR);
             None
         }),
+        ("userfaultfd registration and write-protect", |r, a| {
+            use hmm::mm::userfaultfd::{RegisterMode, UffdFeatures, Userfaultfd};
+            let uffd = Userfaultfd::new(&r.m.mm, UffdFeatures::empty()).unwrap();
+            uffd.register(a, PMD_SIZE, RegisterMode::WP).unwrap();
+            // Meets the PMD migration entry (or the THP once it is back): the bit goes on
+            // the entry and comes back with the mapping.
+            uffd.writeprotect(a, PMD_SIZE, true, false).unwrap();
+            let map = r.m.mm.pagemap(a, NR).unwrap();
+            assert!(map.iter().all(|e| e.uffd_wp));
+            r.m.mm.audit().unwrap();
+            drop(uffd);
+            assert!(r.m.mm.pagemap(a, NR).unwrap().iter().all(|e| !e.uffd_wp));
+            Some((a, NR, 0))
+        }),
     ];
     for (name, walk) in walkers {
         let r = rig();
@@ -893,5 +907,69 @@ fn every_walker_meets_a_pmd_migration_entry() {
             }
         }
         r.m.mm.audit().unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
+
+/// The 2026 fix to `page_vma_mapped_walk`: it found a device-private PMD, locked it and
+/// returned it without checking it was still the same PMD, so a walk racing a split (or a
+/// zap) of that PMD worked on an entry that had changed. Here the reverse-map walks of an
+/// eviction (`migrate_device_range` of the device THP, in this address space and a fork
+/// child's) race another thread that splits the same device PMD (mprotect of half of it),
+/// moves it (mremap back and forth) or zaps half of it, round after round: every walk
+/// must act on the entry it read under the lock, so no byte, frame or map count is lost.
+#[test]
+fn an_eviction_racing_changes_of_the_device_pmd_loses_nothing() {
+    use hmm::mm::{MremapFlags, Prot};
+    for round in 0..12u64 {
+        let r = rig();
+        let (a, _) = device_thp(&r, 500 + round);
+        let child = r.m.mm.fork().unwrap();
+        let spare =
+            r.m.mm
+                .mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+                .unwrap();
+        let spare = spare.align_up(PMD_SIZE).unwrap();
+        let moved = std::thread::scope(|s| {
+            let r = &r;
+            let changer = s.spawn(move || match round % 3 {
+                0 => {
+                    r.m.mm.mprotect(a, PMD_SIZE / 2, Prot::READ).unwrap();
+                    a
+                }
+                1 => {
+                    r.m.mm
+                        .mremap(
+                            a,
+                            PMD_SIZE,
+                            PMD_SIZE,
+                            MremapFlags::MAYMOVE | MremapFlags::FIXED,
+                            Some(spare),
+                        )
+                        .unwrap()
+                }
+                _ => {
+                    r.m.mm.munmap(page(a, NR / 2), PMD_SIZE / 2).unwrap();
+                    a
+                }
+            });
+            let evicted = evict(r, if round % 2 == 0 { PMD_ORDER } else { 0 });
+            assert!(evicted <= NR);
+            changer.join().unwrap()
+        });
+        r.m.mm
+            .audit()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        child
+            .audit()
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let kept = if round % 3 == 2 { NR / 2 } else { NR };
+        check(&r, moved, kept, 500 + round);
+        for i in 0..NR {
+            assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), 500 + round + i);
+        }
+        drop(child);
+        let Rig { m, dev, .. } = r;
+        drop(m.mm);
+        assert_eq!(dev.nr_in_use(), 0, "round {round}: device frames");
     }
 }
