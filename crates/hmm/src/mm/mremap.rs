@@ -385,34 +385,5 @@ fn put_entries(st: &MmState, target: VaRange, taken: Vec<(u64, Pte, Huge)>, keep
 
 /// The entry with its soft-dirty bit set (`move_soft_dirty_pte`).
 fn soft_dirty(e: Pte) -> Pte {
-    let sd = PteFlags::SOFT_DIRTY;
-    match e {
-        Pte::None => e,
-        Pte::Present { pfn, flags } => Pte::Present {
-            pfn,
-            flags: flags | sd,
-        },
-        Pte::Migration { pfn, kind, flags } => Pte::Migration {
-            pfn,
-            kind,
-            flags: flags | sd,
-        },
-        Pte::DevicePrivate { pfn, flags } => Pte::DevicePrivate {
-            pfn,
-            flags: flags | sd,
-        },
-        Pte::DeviceExclusive { pfn, flags } => Pte::DeviceExclusive {
-            pfn,
-            flags: flags | sd,
-        },
-        Pte::Swap {
-            slot,
-            exclusive,
-            flags,
-        } => Pte::Swap {
-            slot,
-            exclusive,
-            flags: flags | sd,
-        },
-    }
+    e.map_flags(|f| f | PteFlags::SOFT_DIRTY)
 }

@@ -217,32 +217,11 @@ impl Mm {
             };
             let new = match old {
                 Pte::None => continue,
-                Pte::Present { pfn, flags } => Pte::Present {
-                    pfn,
-                    flags: flags - PteFlags::SOFT_DIRTY - PteFlags::WRITE,
-                },
-                Pte::Migration { pfn, kind, flags } => Pte::Migration {
-                    pfn,
-                    kind,
-                    flags: flags - PteFlags::SOFT_DIRTY,
-                },
-                Pte::DevicePrivate { pfn, flags } => Pte::DevicePrivate {
-                    pfn,
-                    flags: flags - PteFlags::SOFT_DIRTY,
-                },
-                Pte::DeviceExclusive { pfn, flags } => Pte::DeviceExclusive {
-                    pfn,
-                    flags: flags - PteFlags::SOFT_DIRTY,
-                },
-                Pte::Swap {
-                    slot,
-                    exclusive,
-                    flags,
-                } => Pte::Swap {
-                    slot,
-                    exclusive,
-                    flags: flags - PteFlags::SOFT_DIRTY,
-                },
+                // Present entries are write-protected too, to see the next write.
+                Pte::Present { .. } => {
+                    old.map_flags(|f| f - PteFlags::SOFT_DIRTY - PteFlags::WRITE)
+                }
+                _ => old.map_flags(|f| f - PteFlags::SOFT_DIRTY),
             };
             if new == old {
                 continue;

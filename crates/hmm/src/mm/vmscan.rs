@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::addr::VaRange;
+use crate::addr::{Pfn, VaRange};
 use crate::migrate::{folio_mapped, remove_migration_ptes, replace_migration_ptes, try_to_migrate};
 use crate::pgtable::{Huge, MigrationKind, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
@@ -142,41 +142,37 @@ pub(crate) fn pageout_folio(phys: &PhysMem, held: Option<(&Mm, &MmState)>, nr: u
 /// many were set (`folio_referenced` with `ptep_clear_flush_young`: no invalidation, as
 /// the kernel's young-clearing is a notifier's `clear_flush_young`, not a range event).
 pub(crate) fn folio_referenced(head: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> u32 {
-    let (first, nr) = (head.nr(), 1u64 << head.meta().order());
+    let folio = head.nr()..head.nr() + (1u64 << head.meta().order());
     let mut referenced = 0;
     crate::mm::rmap_walk(head, held, |_, st, _, range| {
-        let mut c = st.pt.cursor(range, WalkMode::Lookup);
-        while let Some(slot) = c.next() {
-            let clear = |e: Pte| match e {
-                Pte::Present { pfn, flags }
-                    if (first..first + nr).contains(&pfn.as_u64())
-                        && flags.contains(PteFlags::YOUNG) =>
-                {
-                    Some(Pte::Present {
-                        pfn,
-                        flags: flags - PteFlags::YOUNG,
-                    })
-                }
-                _ => None,
-            };
-            match slot {
-                Slot::Pte(p) => {
-                    if let Some(new) = clear(p.get()) {
-                        p.set(new);
-                        referenced += 1;
-                    }
-                }
-                Slot::Pmd(p) => {
-                    if let Some(new) = clear(p.get()) {
-                        p.set(new);
-                        referenced += 1;
-                    }
-                }
-                Slot::Hole(_) => {}
-            }
-        }
+        referenced += clear_young(st, range, |pfn| folio.contains(&pfn.as_u64()));
     });
     referenced
+}
+
+/// Clears the accessed bit of every present entry (PTE or PMD leaf) in `range` mapping a
+/// frame `pick` accepts; returns how many had it (`ptep_test_and_clear_young`).
+fn clear_young(st: &MmState, range: VaRange, pick: impl Fn(Pfn) -> bool) -> u32 {
+    let mut young = 0;
+    let mut c = st.pt.cursor(range, WalkMode::Lookup);
+    while let Some(slot) = c.next() {
+        let aged = |e: Pte| match e {
+            Pte::Present { pfn, flags } if flags.contains(PteFlags::YOUNG) && pick(pfn) => {
+                Some(Pte::Present {
+                    pfn,
+                    flags: flags - PteFlags::YOUNG,
+                })
+            }
+            _ => None,
+        };
+        let new = match &slot {
+            Slot::Pte(p) => aged(p.get()).inspect(|&n| p.set(n)),
+            Slot::Pmd(p) => aged(p.get()).inspect(|&n| p.set(n)),
+            Slot::Hole(_) => None,
+        };
+        young += u32::from(new.is_some());
+    }
+    young
 }
 
 /// Reclaims up to `nr_to_reclaim` pages of anonymous memory to swap by the clock over RAM
@@ -224,35 +220,9 @@ impl Mm {
     /// entries, PMD ones included, are left alone.
     pub(super) fn madvise_cold(&self, st: &MmState, range: VaRange) {
         let phys = self.phys();
-        let mut c = st.pt.cursor(range, WalkMode::Lookup);
-        while let Some(slot) = c.next() {
-            let old = |e: Pte| match e {
-                Pte::Present { pfn, flags }
-                    if flags.contains(PteFlags::YOUNG)
-                        && !phys.is_zero_pfn(pfn)
-                        && !phys.is_huge_zero_pfn(pfn) =>
-                {
-                    Some(Pte::Present {
-                        pfn,
-                        flags: flags - PteFlags::YOUNG,
-                    })
-                }
-                _ => None,
-            };
-            match slot {
-                Slot::Pte(p) => {
-                    if let Some(new) = old(p.get()) {
-                        p.set(new);
-                    }
-                }
-                Slot::Pmd(p) => {
-                    if let Some(new) = old(p.get()) {
-                        p.set(new);
-                    }
-                }
-                Slot::Hole(_) => {}
-            }
-        }
+        clear_young(st, range, |pfn| {
+            !phys.is_zero_pfn(pfn) && !phys.is_huge_zero_pfn(pfn)
+        });
     }
 
     /// `MADV_PAGEOUT`: writes the range's anonymous pages that only this address space

@@ -360,31 +360,37 @@ impl Pte {
     /// folio). None is returned as is.
     #[doc(alias = "pte_mkuffd_wp")]
     pub fn with_uffd_wp(self, wp: bool) -> Pte {
-        let set = |flags: PteFlags| {
+        self.map_flags(|flags| {
             if wp {
                 (flags | PteFlags::UFFD_WP) - PteFlags::WRITE
             } else {
                 flags - PteFlags::UFFD_WP
             }
-        };
+        })
+    }
+
+    /// The entry with its flags replaced by `f(flags)`, kept to what its kind can carry
+    /// (a migration or device-exclusive entry the swap flags, a device-private entry
+    /// `WRITE` and the sticky bits, a swap entry the sticky bits). None stays none.
+    pub fn map_flags(self, f: impl FnOnce(PteFlags) -> PteFlags) -> Pte {
         match self {
             Pte::None => Pte::None,
             Pte::Present { pfn, flags } => Pte::Present {
                 pfn,
-                flags: set(flags),
+                flags: f(flags),
             },
             Pte::Migration { pfn, kind, flags } => Pte::Migration {
                 pfn,
                 kind,
-                flags: set(flags) & SWP_FLAGS,
+                flags: f(flags) & SWP_FLAGS,
             },
             Pte::DevicePrivate { pfn, flags } => Pte::DevicePrivate {
                 pfn,
-                flags: set(flags),
+                flags: f(flags) & (PteFlags::WRITE | PteFlags::STICKY),
             },
             Pte::DeviceExclusive { pfn, flags } => Pte::DeviceExclusive {
                 pfn,
-                flags: set(flags) & SWP_FLAGS,
+                flags: f(flags) & SWP_FLAGS,
             },
             Pte::Swap {
                 slot,
@@ -393,7 +399,7 @@ impl Pte {
             } => Pte::Swap {
                 slot,
                 exclusive,
-                flags: set(flags) & PteFlags::STICKY,
+                flags: f(flags) & PteFlags::STICKY,
             },
         }
     }
