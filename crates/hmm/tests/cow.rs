@@ -5,8 +5,9 @@
 //! writes.
 //!
 //! Each test is one case of the file run on each of its memory kinds, in the file's order;
-//! a failure names the case and the kind. `docs/mm-selftests.md` lists the kinds the model
-//! cannot express (swapped-out memory, THP sizes other than 2 MiB, 1 GiB hugetlb pages).
+//! a failure names the case and the kind, swapped-out kinds included. `docs/mm-selftests.md`
+//! lists the kinds the model cannot express (THP sizes other than 2 MiB, 1 GiB hugetlb
+//! pages).
 //! The non-anonymous cases run on the shared zero page, a memfd page, the huge zero page
 //! and a hugetlb memfd page.
 //!
@@ -67,22 +68,57 @@ enum Kind {
     PartiallyMremappedThp,
     PartiallySharedThp,
     Hugetlb,
+    /// `run_with_base_page_swap`: a base page written out by `MADV_PAGEOUT`.
+    SwappedBasePage,
+    /// `THP_RUN_PMD_SWAPOUT`: a THP written out (split first: no THP swap).
+    SwappedThp,
+    /// `THP_RUN_PTE_SWAPOUT`: a PTE-mapped THP written out.
+    SwappedPteMappedThp,
+    /// `THP_RUN_SINGLE_PTE_SWAPOUT`: the one PTE left of a THP written out.
+    SwappedSinglePteOfThp,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 11] = [
     Kind::BasePage,
+    Kind::SwappedBasePage,
     Kind::Thp,
+    Kind::SwappedThp,
     Kind::PteMappedThp,
+    Kind::SwappedPteMappedThp,
     Kind::SinglePteOfThp,
+    Kind::SwappedSinglePteOfThp,
     Kind::PartiallyMremappedThp,
     Kind::PartiallySharedThp,
     Kind::Hugetlb,
 ];
 
-/// `do_run_with_base_page`, `do_run_with_thp` and `run_with_hugetlb`: the memory of `kind`,
-/// filled with ones.
+/// The memory of `kind`, filled with ones; the swapped kinds are their base kind written
+/// out by `MADV_PAGEOUT`, every page of it checked to be swapped (the C skips otherwise).
 fn anon(kind: Kind) -> Anon {
+    let (base, swapout) = match kind {
+        Kind::SwappedBasePage => (Kind::BasePage, true),
+        Kind::SwappedThp => (Kind::Thp, true),
+        Kind::SwappedPteMappedThp => (Kind::PteMappedThp, true),
+        Kind::SwappedSinglePteOfThp => (Kind::SinglePteOfThp, true),
+        k => (k, false),
+    };
+    let a = populated(base);
+    if swapout {
+        a.m.mm.madvise(a.mem, a.size, Advice::PageOut).unwrap();
+        let map = a.m.mm.pagemap(a.mem, npages(a.size)).unwrap();
+        assert!(
+            map.iter().all(|e| e.swap == Some(hmm::mm::SwapKind::Swap)),
+            "{kind:?}: not swapped out"
+        );
+    }
+    a
+}
+
+/// `do_run_with_base_page`, `do_run_with_thp` and `run_with_hugetlb`: the memory of `kind`,
+/// filled with ones, on a machine with swap.
+fn populated(kind: Kind) -> Anon {
     let m = Machine::new(32);
+    m.phys.swapon(8 << 20).unwrap();
     let mm = &m.mm;
     match kind {
         Kind::BasePage => {

@@ -506,3 +506,61 @@ fn mremap_move_multiple_vmas_split_plain() {
 fn mremap_move_multiple_vmas_split_dontunmap() {
     mremap_move_multiple_vmas_split(true);
 }
+
+/// `mremap_move_multi_invalid_vmas` (Linux 6.17): a userfaultfd-armed VMA cannot be part
+/// of a move over several VMAs (`EFAULT`); the VMAs before it move, none if it is the
+/// first; one armed VMA alone moves.
+#[test]
+fn mremap_move_multiple_invalid_vmas() {
+    use hmm::mm::userfaultfd::{RegisterMode, UffdFeatures, Userfaultfd};
+    let m = Machine::new(16);
+    let size = 10 * PAGE_SIZE;
+    let uffd = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
+    let ptr = m.map(10, RW, MapFlags::PRIVATE);
+    let tgt = m.map(10, Prot::NONE, MapFlags::PRIVATE);
+    m.mm.munmap(tgt, size).unwrap();
+    let mapped = |at: VirtAddr| m.mm.vmas().iter().any(|v| v.range().contains(at));
+    // |*| |*| |*| |*| |*|, each page registered with the userfaultfd.
+    for i in (0..10).step_by(2) {
+        uffd.register(page(ptr, i), PAGE_SIZE, RegisterMode::MISSING)
+            .unwrap();
+        m.mm.munmap(page(ptr, i + 1), PAGE_SIZE).unwrap();
+    }
+    // The whole range: fails, and nothing moved (the first VMA is checked first).
+    assert_eq!(
+        m.mm.mremap(ptr, size, size, FIXED, Some(tgt)),
+        Err(MmError::Fault { addr: ptr })
+    );
+    assert!(
+        !mapped(tgt),
+        "invalid uffd-armed VMA at start of multi range moved"
+    );
+    // A single VMA moves.
+    assert_eq!(
+        m.mm.mremap(ptr, PAGE_SIZE, PAGE_SIZE, FIXED, Some(tgt)),
+        Ok(tgt)
+    );
+    // A valid VMA first: it moves, the next fails.
+    m.mm.munmap(tgt, PAGE_SIZE).unwrap();
+    let fixed = MapFlags::PRIVATE | MapFlags::FIXED;
+    m.mm.mmap(Some(ptr), PAGE_SIZE, RW, fixed).unwrap();
+    assert!(matches!(
+        m.mm.mremap(ptr, size, size, FIXED, Some(tgt)),
+        Err(MmError::Fault { .. })
+    ));
+    assert!(mapped(tgt), "valid VMA not moved");
+    // Four valid VMAs and an armed one last: four move.
+    m.mm.munmap(tgt, PAGE_SIZE).unwrap();
+    m.mm.munmap(ptr, size - 2 * PAGE_SIZE).unwrap();
+    for i in (0..8).step_by(2) {
+        m.mm.mmap(Some(page(ptr, i)), PAGE_SIZE, RW, fixed).unwrap();
+    }
+    assert!(matches!(
+        m.mm.mremap(ptr, size, size, FIXED, Some(tgt)),
+        Err(MmError::Fault { .. })
+    ));
+    for i in (0..10).step_by(2) {
+        assert_eq!(mapped(page(tgt, i)), i < 8, "VMA at {i}");
+    }
+    m.mm.audit().unwrap();
+}

@@ -223,7 +223,11 @@ impl Mm {
     /// the parts of `target` under `old`'s holes are left as they are, so the moved VMAs
     /// keep their gaps. `old` must begin inside a VMA (`Fault`). Every check runs before
     /// anything changes (the kernel checks each VMA just before moving it, so an error
-    /// there leaves the VMAs before it moved).
+    /// there leaves the VMAs before it moved), except the kernel's own per-VMA check of a
+    /// move over several VMAs, kept as the kernel has it because its selftest asserts the
+    /// partial move: a userfaultfd-armed VMA cannot be part of one (`vma_multi_allowed`:
+    /// its remap event would need the lock dropped between VMAs), so the move stops there
+    /// with `Fault`, the VMAs before it moved (none if it is the first).
     fn remap_move(
         &self,
         st: &mut MmState,
@@ -253,7 +257,15 @@ impl Mm {
             }
             hugetlb::check_range(&st.vmas, to(p))?;
         }
+        let multi = pieces.len() > 1;
         for p in &pieces {
+            let armed = st
+                .vmas
+                .find(p.start())
+                .is_some_and(|v| v.flags().intersects(VmFlags::UFFD));
+            if multi && armed {
+                return Err(MmError::Fault { addr: p.start() });
+            }
             let dest = to(p);
             self.do_munmap(st, dest, uf);
             // Looked up again: the move before this one may have merged VMAs.
