@@ -354,3 +354,35 @@ fn bad_arguments_are_typed_errors() {
     }
     m.mm.audit().unwrap();
 }
+
+/// `khugepaged.c`'s swap cases in the `MADV_COLLAPSE` context (`collapse_swapin_single_pte`,
+/// `collapse_max_ptes_swap`, which has no limit there): the swapped-out pages are read
+/// back and the range becomes one THP, every byte kept.
+#[test]
+fn madv_collapse_reads_swapped_pages_back() {
+    let m = swap_machine(32, 1024);
+    m.mm.set_thp_mode(ThpMode::Madvise);
+    let a =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let a = a.align_up(PMD_SIZE).unwrap();
+    fill(&m, a, PMD_NR, 9);
+    for (out, first) in [(1, 0), (65, 100)] {
+        m.mm.madvise(page(a, first), out * PAGE_SIZE, Advice::PageOut)
+            .unwrap();
+        // Only the pages asked for: the THP is split, the rest stay in memory.
+        assert_eq!(swapped(&m.mm, a, PMD_NR), out as usize);
+        m.mm.madvise(a, PMD_SIZE, Advice::Collapse).unwrap();
+        let map = m.mm.pagemap(a, PMD_NR).unwrap();
+        assert!(
+            map.iter().all(|e| e.present && e.order == 9),
+            "{out} swapped"
+        );
+        check(&m.mm, a, PMD_NR, 9);
+        m.mm.audit().unwrap();
+        // Split it again for the next round.
+        m.mm.mprotect(a, PAGE_SIZE, Prot::READ).unwrap();
+        m.mm.mprotect(a, PAGE_SIZE, RW).unwrap();
+    }
+    assert_eq!(m.phys.swap().unwrap().stats().used, 0);
+}

@@ -385,17 +385,35 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
     };
     // Scan (hpage_collapse_scan_pmd). Nothing in this address space changes meanwhile: the
     // mmap lock is held for writing.
-    let ptes = match st.pt.lock_pmd(range.start(), WalkMode::Lookup) {
-        None => return Err(not_present),
+    let scan = || match st.pt.lock_pmd(range.start(), WalkMode::Lookup) {
+        None => Err(not_present),
         Some(pmd) => match pmd.get() {
             // Already a THP (SCAN_PMD_MAPPED).
-            PmdEntry::Leaf(Pte::Present { .. }) => return Ok(()),
+            PmdEntry::Leaf(Pte::Present { .. }) => Ok(None),
             // A device-private or migration PMD is not present (`find_pmd_or_thp_or_none`:
             // SCAN_PMD_NULL, EINVAL); it is no THP of this address space to keep.
-            PmdEntry::Leaf(_) | PmdEntry::None => return Err(not_present),
-            PmdEntry::Table => pmd.ptes().expect("table"),
+            PmdEntry::Leaf(_) | PmdEntry::None => Err(not_present),
+            PmdEntry::Table => Ok(Some(pmd.ptes().expect("table"))),
         },
     };
+    let Some(mut ptes) = scan()? else {
+        return Ok(());
+    };
+    // __collapse_huge_page_swapin: swapped-out pages are read back first (MADV_COLLAPSE
+    // has no max_ptes_swap limit).
+    if ptes.iter().any(|p| matches!(p, Pte::Swap { .. })) {
+        for (i, p) in ptes.iter().enumerate() {
+            if matches!(p, Pte::Swap { .. }) {
+                let va = range.start() + i as u64 * crate::addr::PAGE_SIZE;
+                super::fault::handle_mm_fault(mm, st, va, FaultFlags::empty()).map_err(|_| {
+                    MmError::NoMem {
+                        what: "no memory to read a page back from swap",
+                    }
+                })?;
+            }
+        }
+        ptes = scan()?.ok_or(not_present)?;
+    }
     let uffd_missing = vma.flags().contains(VmFlags::UFFD_MISSING);
     for pte in &ptes {
         // A userfaultfd owns the missing pages of an armed VMA, and write-protected pages

@@ -61,36 +61,47 @@ pub struct ReclaimStats {
     pub reclaimed: u64,
 }
 
-/// Writes the anonymous folio whose head is frame `nr` to swap, if nothing holds it
-/// beyond its mappings (see the module docs); returns the pages freed. `held` is the
-/// address space whose mmap lock the caller holds, if any.
-pub(crate) fn pageout_folio(phys: &PhysMem, held: Option<(&Mm, &MmState)>, nr: u64) -> u64 {
+/// Writes the anonymous page `nr` to swap, if nothing holds it beyond its mappings (see
+/// the module docs); returns the pages freed. A page of a large folio splits the folio
+/// first, and with `whole` every page of it goes, as `shrink_folio_list` puts the split
+/// pages on its list; without, only page `nr` (what `MADV_PAGEOUT` asked for). `held` is
+/// the address space whose mmap lock the caller holds, if any.
+pub(crate) fn pageout_folio(
+    phys: &PhysMem,
+    held: Option<(&Mm, &MmState)>,
+    nr: u64,
+    whole: bool,
+) -> u64 {
     let Some(swap) = phys.swap() else { return 0 };
     let page = phys.frame_nr(nr);
     if !matches!(page.zone(), Zone::System) {
         return 0;
     }
-    let fm = page.meta();
-    let flags = fm.flags();
-    if flags.contains(FrameFlags::TAIL)
-        || !flags.contains(FrameFlags::ANON)
-        || flags.contains(FrameFlags::HUGETLB)
-    {
+    let folio = page.folio();
+    let flags = folio.meta().flags();
+    if !flags.contains(FrameFlags::ANON) || flags.contains(FrameFlags::HUGETLB) {
         return 0;
     }
-    let Ok(held_ref) = page.try_get() else {
+    let Ok(held_ref) = folio.try_get() else {
         return 0;
     };
-    if fm.order() > 0 {
-        // Split first (no THP swap): the split takes the reference, and each page goes
-        // on as a folio of its own (split_folio_to_list).
-        let pages = 1u64 << fm.order();
+    if folio.meta().order() > 0 {
+        // Split first (no THP swap): the split takes the reference, and each page goes on
+        // as a folio of its own (split_folio_to_list).
+        let (head, pages) = (folio.nr(), 1u64 << folio.meta().order());
         if !thp::split_folio_held(phys, held, held_ref) {
             return 0;
         }
-        return (nr..nr + pages).map(|p| pageout_folio(phys, held, p)).sum();
+        return if whole {
+            (head..head + pages)
+                .map(|p| pageout_folio(phys, held, p, false))
+                .sum()
+        } else {
+            pageout_folio(phys, held, nr, false)
+        };
     }
-    if !fm.trylock() {
+    let fm = page.meta();
+    if folio.nr() != page.nr() || !fm.trylock() {
         return 0;
     }
     let skip = |restore: bool| {
@@ -206,7 +217,7 @@ pub fn reclaim(phys: &PhysMem, nr_to_reclaim: u64) -> ReclaimStats {
             out.referenced += 1;
             continue;
         }
-        out.reclaimed += pageout_folio(phys, None, nr);
+        out.reclaimed += pageout_folio(phys, None, nr, true);
         if out.reclaimed >= nr_to_reclaim {
             break;
         }
@@ -256,13 +267,14 @@ impl Mm {
             tlb.finish();
         }
         let phys = self.phys();
-        let mut heads: Vec<u64> = Vec::new();
+        let mut pages: Vec<u64> = Vec::new();
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
-            let entry = match &slot {
+            let (entry, n) = match &slot {
                 Slot::Hole(_) => continue,
-                Slot::Pte(p) => p.get(),
-                Slot::Pmd(p) => p.get(),
+                Slot::Pte(p) => (p.get(), 1),
+                // Inside the range whole: the edges were split above.
+                Slot::Pmd(p) => (p.get(), crate::addr::PMD_NR),
             };
             let Pte::Present { pfn, .. } = entry else {
                 continue;
@@ -273,16 +285,15 @@ impl Mm {
             let folio = phys.frame(pfn).folio();
             let fm = folio.meta();
             // folio_likely_mapped_shared: leave pages other address spaces map too.
-            let shared = fm.mapcount() + fm.entire_mapcount() > 1;
-            if fm.flags().contains(FrameFlags::ANON) && !shared && heads.last() != Some(&folio.nr())
-            {
-                heads.push(folio.nr());
+            let shared = phys.frame(pfn).meta().mapcount() + fm.entire_mapcount() > 1;
+            if fm.flags().contains(FrameFlags::ANON) && !shared {
+                pages.extend(pfn.as_u64()..pfn.as_u64() + n);
             }
         }
         drop(c);
-        heads
+        pages
             .into_iter()
-            .map(|h| pageout_folio(phys, Some((self, st)), h))
+            .map(|p| pageout_folio(phys, Some((self, st)), p, false))
             .sum()
     }
 
