@@ -108,7 +108,9 @@ pub(super) fn fault_range(mm: &Mm, vma: &Vma, addr: VirtAddr) -> Option<VaRange>
 
 /// The aligned 2 MiB range around `addr`, if it lies inside a private anonymous VMA.
 fn suitable_range(vma: &Vma, addr: VirtAddr) -> Option<VaRange> {
-    if !matches!(vma.backing(), Backing::Anon) {
+    // MADV_COLLAPSE ignores the THP mode and MADV_HUGEPAGE but not MADV_NOHUGEPAGE
+    // (`vma_thp_disabled`).
+    if !matches!(vma.backing(), Backing::Anon) || vma.flags().contains(VmFlags::NOHUGEPAGE) {
         return None;
     }
     let r = VaRange::from_len(addr.align_down(PMD_SIZE), PMD_SIZE).ok()?;

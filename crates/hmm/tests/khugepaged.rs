@@ -1,0 +1,492 @@
+//! The kernel's `tools/testing/selftests/mm/khugepaged.c`, ported: its anonymous-memory
+//! cases in the `madvise` context (`MADV_COLLAPSE`, which ignores the khugepaged scan
+//! limits), a test per case, with the C's expected results, `fill_memory` /
+//! `validate_memory` contents (`i + 0xdead0000` in the first word of page `i`) and
+//! `check_huge` (how many PMD-mapped THPs the range holds). The machine has swap, as the
+//! swap cases need. `docs/mm-selftests.md` lists what is not ported and why.
+//!
+//! `fork` is [`Mm::fork`](hmm::mm::Mm::fork) with the child's steps run on this thread
+//! (or, for the CoW race, alongside the parent's writes on another).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{page, Machine, RW};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use hmm::mm::{Advice, MapFlags, Mm, MmError, MremapFlags, SwapKind, ThpMode};
+
+/// The C's `BASE_ADDR`.
+const BASE: VirtAddr = VirtAddr::new(1 << 30);
+/// The C's default `khugepaged/max_ptes_swap` and `max_ptes_shared`.
+const MAX_PTES_SWAP: u64 = 64;
+const MAX_PTES_SHARED: u64 = PMD_NR / 2;
+
+fn machine() -> Machine {
+    machine_of(96)
+}
+
+fn machine_of(mib: u64) -> Machine {
+    let m = Machine::new(mib);
+    m.phys.swapon(64 << 20).unwrap();
+    // The C's default settings: THPs on fault only where MADV_HUGEPAGE asks.
+    m.mm.set_thp_mode(ThpMode::Madvise);
+    m
+}
+
+/// `alloc_mapping`/`anon_setup_area`: `nr` PMDs of private anonymous memory at `BASE`.
+fn setup_area(m: &Machine, nr: u64) -> VirtAddr {
+    let p =
+        m.mm.mmap(
+            Some(BASE),
+            nr * PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+        )
+        .unwrap();
+    assert_eq!(p, BASE);
+    p
+}
+
+/// `fill_memory`/`anon_fault`: page `i` of `[start, end)` gets `i + 0xdead0000`.
+fn fault(mm: &Mm, p: VirtAddr, start: u64, end: u64) {
+    for i in start / PAGE_SIZE..end / PAGE_SIZE {
+        mm.write_val(page(p, i), i as u32 + 0xdead_0000).unwrap();
+    }
+}
+
+/// `validate_memory`.
+fn validate(mm: &Mm, p: VirtAddr, start: u64, end: u64) {
+    for i in start / PAGE_SIZE..end / PAGE_SIZE {
+        let v = mm.read_val::<u32>(page(p, i)).unwrap();
+        assert_eq!(v, i as u32 + 0xdead_0000, "page {i} is corrupted");
+    }
+}
+
+/// `check_huge_anon`: the range holds exactly `nr` PMD-mapped THPs.
+fn check_huge(mm: &Mm, p: VirtAddr, len: u64, nr: u64) -> bool {
+    let huge = (0..len / PMD_SIZE)
+        .filter(|k| {
+            let e = mm.pagemap(p + k * PMD_SIZE, 1).unwrap()[0];
+            e.present && e.order == 9
+        })
+        .count() as u64;
+    huge == nr
+}
+
+/// `madvise_collapse`: no THP before; `MADV_HUGEPAGE` (to clear `VM_NOHUGEPAGE`), then
+/// `MADV_COLLAPSE` (retried once on `EAGAIN`); its result and the THPs as `expect` says.
+fn collapse(mm: &Mm, msg: &str, p: VirtAddr, nr: u64, expect: bool) {
+    let len = nr * PMD_SIZE;
+    assert!(check_huge(mm, p, len, 0), "{msg}: unexpected huge page");
+    madvise_collapse(mm, msg, p, nr, expect);
+}
+
+/// `__madvise_collapse`.
+fn madvise_collapse(mm: &Mm, msg: &str, p: VirtAddr, nr: u64, expect: bool) {
+    let len = nr * PMD_SIZE;
+    mm.madvise(p, len, Advice::HugePage).unwrap();
+    let mut r = mm.madvise(p, len, Advice::Collapse);
+    if matches!(r, Err(MmError::Again { .. })) {
+        r = mm.madvise(p, len, Advice::Collapse);
+    }
+    assert_eq!(r.is_ok(), expect, "{msg}: bad return value {r:?}");
+    let want = if expect { nr } else { 0 };
+    assert!(check_huge(mm, p, len, want), "{msg}: check_huge()");
+}
+
+/// `alloc_hpage`: one PMD, faulted, collapsed into a THP, then `MADV_HUGEPAGE`.
+fn alloc_hpage(m: &Machine) -> VirtAddr {
+    let p = setup_area(m, 1);
+    fault(&m.mm, p, 0, PMD_SIZE);
+    m.mm.madvise(p, PMD_SIZE, Advice::Collapse).unwrap();
+    assert!(check_huge(&m.mm, p, PMD_SIZE, 1), "allocate huge page");
+    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    p
+}
+
+/// `swapout_range`: `MADV_PAGEOUT`, then every page must be swapped.
+fn swapout(mm: &Mm, p: VirtAddr, len: u64) {
+    mm.madvise(p, len, Advice::PageOut).unwrap();
+    let map = mm.pagemap(p, len / PAGE_SIZE).unwrap();
+    assert!(
+        map.iter().all(|e| e.swap == Some(SwapKind::Swap)),
+        "could not swap out"
+    );
+}
+
+#[test]
+fn alloc_at_fault() {
+    let m = machine();
+    m.mm.set_thp_mode(ThpMode::Always);
+    let p = setup_area(&m, 1);
+    m.mm.write_val(p, 1u8).unwrap();
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 1),
+        "allocate huge page on fault"
+    );
+    m.mm.set_thp_mode(ThpMode::Madvise);
+    m.mm.madvise(p, PAGE_SIZE, Advice::DontNeed).unwrap();
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 0),
+        "split huge PMD on MADV_DONTNEED"
+    );
+}
+
+#[test]
+fn collapse_full() {
+    let m = machine();
+    let p = setup_area(&m, 4);
+    fault(&m.mm, p, 0, 4 * PMD_SIZE);
+    collapse(
+        &m.mm,
+        "Collapse multiple fully populated PTE table",
+        p,
+        4,
+        true,
+    );
+    validate(&m.mm, p, 0, 4 * PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_empty() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    collapse(&m.mm, "Do not collapse empty PTE table", p, 1, false);
+}
+
+#[test]
+fn collapse_single_pte_entry() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PAGE_SIZE);
+    collapse(
+        &m.mm,
+        "Collapse PTE table with single PTE entry present",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, PAGE_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_max_ptes_none() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    // max_ptes_none = 256; one page fewer than the limit allows.
+    let n = PMD_NR - PMD_NR / 2 - 1;
+    fault(&m.mm, p, 0, n * PAGE_SIZE);
+    collapse(
+        &m.mm,
+        "Maybe collapse with max_ptes_none exceeded",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, n * PAGE_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_swapin_single_pte() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PMD_SIZE);
+    swapout(&m.mm, p, PAGE_SIZE);
+    collapse(
+        &m.mm,
+        "Collapse with swapping in single PTE entry",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_max_ptes_swap() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PMD_SIZE);
+    swapout(&m.mm, p, (MAX_PTES_SWAP + 1) * PAGE_SIZE);
+    collapse(
+        &m.mm,
+        "Maybe collapse with max_ptes_swap exceeded",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_single_pte_entry_compound() {
+    let m = machine();
+    let p = alloc_hpage(&m);
+    m.mm.madvise(p, PMD_SIZE, Advice::NoHugePage).unwrap();
+    m.mm.madvise(p + PAGE_SIZE, PMD_SIZE - PAGE_SIZE, Advice::DontNeed)
+        .unwrap();
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 0),
+        "split huge page leaving single PTE mapping compound page"
+    );
+    collapse(
+        &m.mm,
+        "Collapse PTE table with single PTE mapping compound page",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, PAGE_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_full_of_compound() {
+    let m = machine();
+    let p = alloc_hpage(&m);
+    m.mm.madvise(p, PAGE_SIZE, Advice::NoHugePage).unwrap();
+    m.mm.madvise(p, PMD_SIZE, Advice::NoHugePage).unwrap();
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 0),
+        "split huge page leaving single PTE page table full of compound pages"
+    );
+    collapse(
+        &m.mm,
+        "Collapse PTE table full of compound pages",
+        p,
+        1,
+        true,
+    );
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+/// The model has no compaction: a page left of each THP keeps its 2 MiB block from the
+/// next THP, so the machine has a block for each of the 512 (the kernel compacts).
+#[test]
+fn collapse_compound_extreme() {
+    let m = machine_of(2 * PMD_NR + 64);
+    let mm = &m.mm;
+    let mut p = setup_area(&m, 1);
+    let fixed = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    // A PTE table full of pages of 512 different PTE-mapped THPs.
+    for i in 0..PMD_NR {
+        mm.madvise(BASE, PMD_SIZE, Advice::HugePage).unwrap();
+        fault(mm, BASE, 0, PMD_SIZE);
+        assert!(
+            check_huge(mm, BASE, PMD_SIZE, 1),
+            "failed to allocate huge page {i}"
+        );
+        mm.madvise(BASE, PMD_SIZE, Advice::NoHugePage).unwrap();
+        let from = BASE - i * PAGE_SIZE;
+        let tmp = BASE + 2 * PMD_SIZE;
+        p = mm
+            .mremap(
+                from,
+                i * PAGE_SIZE + PMD_SIZE,
+                (i + 1) * PAGE_SIZE,
+                fixed,
+                Some(tmp),
+            )
+            .unwrap();
+        p = mm
+            .mremap(
+                p,
+                (i + 1) * PAGE_SIZE,
+                (i + 1) * PAGE_SIZE + PMD_SIZE,
+                fixed,
+                Some(BASE - (i + 1) * PAGE_SIZE),
+            )
+            .unwrap();
+    }
+    mm.munmap(BASE, PMD_SIZE).unwrap();
+    fault(mm, p, 0, PMD_SIZE);
+    assert!(check_huge(mm, p, PMD_SIZE, 0));
+    collapse(
+        mm,
+        "Collapse PTE table full of different compound pages",
+        p,
+        1,
+        true,
+    );
+    validate(mm, p, 0, PMD_SIZE);
+    mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_fork() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PAGE_SIZE);
+    assert!(check_huge(&m.mm, p, PMD_SIZE, 0), "allocate small page");
+    let child = m.mm.fork().unwrap();
+    assert!(
+        check_huge(&child, p, PMD_SIZE, 0),
+        "share small page over fork()"
+    );
+    fault(&child, p, PAGE_SIZE, 2 * PAGE_SIZE);
+    collapse(
+        &child,
+        "Collapse PTE table with single page shared with parent process",
+        p,
+        1,
+        true,
+    );
+    validate(&child, p, 0, PAGE_SIZE);
+    child.audit().unwrap();
+    drop(child);
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 0),
+        "parent still has small page"
+    );
+    validate(&m.mm, p, 0, PAGE_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_fork_compound() {
+    let m = machine();
+    let p = alloc_hpage(&m);
+    let child = m.mm.fork().unwrap();
+    assert!(
+        check_huge(&child, p, PMD_SIZE, 1),
+        "share huge page over fork()"
+    );
+    child.madvise(p, PAGE_SIZE, Advice::NoHugePage).unwrap();
+    child.madvise(p, PMD_SIZE, Advice::NoHugePage).unwrap();
+    assert!(
+        check_huge(&child, p, PMD_SIZE, 0),
+        "split huge page PMD in child"
+    );
+    fault(&child, p, 0, PAGE_SIZE);
+    collapse(
+        &child,
+        "Collapse PTE table full of compound pages in child",
+        p,
+        1,
+        true,
+    );
+    validate(&child, p, 0, PMD_SIZE);
+    child.audit().unwrap();
+    drop(child);
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 1),
+        "parent still has huge page"
+    );
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn collapse_max_ptes_shared() {
+    let m = machine();
+    let p = alloc_hpage(&m);
+    let child = m.mm.fork().unwrap();
+    assert!(
+        check_huge(&child, p, PMD_SIZE, 1),
+        "share huge page over fork()"
+    );
+    let n = PMD_NR - MAX_PTES_SHARED - 1;
+    fault(&child, p, 0, n * PAGE_SIZE);
+    assert!(
+        check_huge(&child, p, PMD_SIZE, 0),
+        "trigger CoW on page {n}"
+    );
+    collapse(
+        &child,
+        "Maybe collapse with max_ptes_shared exceeded",
+        p,
+        1,
+        true,
+    );
+    validate(&child, p, 0, PMD_SIZE);
+    child.audit().unwrap();
+    drop(child);
+    assert!(
+        check_huge(&m.mm, p, PMD_SIZE, 1),
+        "parent still has huge page"
+    );
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+/// The parent writes the fork-shared range while the child collapses it: copy-on-write
+/// keeps the two apart.
+#[test]
+fn collapse_fork_cow_race() {
+    let m = machine();
+    let n = 64;
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, n * PAGE_SIZE);
+    let child = m.mm.fork().unwrap();
+    fault(&child, p, n * PAGE_SIZE, PMD_SIZE);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let parent = s.spawn(|| {
+            let mut i = 0;
+            while !done.load(Ordering::Acquire) {
+                if i < n {
+                    m.mm.write_val(page(p, i), i as u32 + 0xbeef_0000).unwrap();
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            for i in i.min(n)..n {
+                m.mm.write_val(page(p, i), i as u32 + 0xbeef_0000).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(1));
+        madvise_collapse(
+            &child,
+            "Collapse a range the parent is writing to",
+            p,
+            1,
+            true,
+        );
+        done.store(true, Ordering::Release);
+        parent.join().unwrap();
+    });
+    validate(&child, p, 0, PMD_SIZE);
+    for i in 0..n {
+        let v = m.mm.read_val::<u32>(page(p, i)).unwrap();
+        assert_eq!(v, i as u32 + 0xbeef_0000, "parent page {i}");
+    }
+    child.audit().unwrap();
+    m.mm.audit().unwrap();
+}
+
+#[test]
+fn madvise_collapse_existing_thps() {
+    let m = machine();
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PMD_SIZE);
+    collapse(&m.mm, "Collapse fully populated PTE table...", p, 1, true);
+    validate(&m.mm, p, 0, PMD_SIZE);
+    madvise_collapse(&m.mm, "Re-collapse PMD-mapped hugepage", p, 1, true);
+    validate(&m.mm, p, 0, PMD_SIZE);
+    m.mm.audit().unwrap();
+}
+
+/// What `__madvise_collapse`'s "Clear VM_NOHUGEPAGE" relies on: `MADV_COLLAPSE` ignores the
+/// THP mode but refuses a `MADV_NOHUGEPAGE` range (`EINVAL`, `vma_thp_disabled`).
+#[test]
+fn madvise_collapse_refuses_a_nohugepage_range() {
+    let m = machine();
+    m.mm.set_thp_mode(ThpMode::Never);
+    let p = setup_area(&m, 1);
+    fault(&m.mm, p, 0, PMD_SIZE);
+    m.mm.madvise(p, PMD_SIZE, Advice::NoHugePage).unwrap();
+    assert!(matches!(
+        m.mm.madvise(p, PMD_SIZE, Advice::Collapse),
+        Err(MmError::Inval { .. })
+    ));
+    madvise_collapse(&m.mm, "Collapse with THPs off", p, 1, true);
+    validate(&m.mm, p, 0, PMD_SIZE);
+}
