@@ -1,6 +1,8 @@
 //! The kernel's `tools/testing/selftests/mm/khugepaged.c`, ported: its anonymous-memory
-//! cases in the `madvise` context (`MADV_COLLAPSE`, which ignores the khugepaged scan
-//! limits), a test per case, with the C's expected results, `fill_memory` /
+//! cases in the `khugepaged` context (two full scans of [`Mm::khugepaged_scan`] with the
+//! default limits, the C's "wait for the second full scan") and the `madvise` context
+//! (`MADV_COLLAPSE`, which ignores the scan limits), a test per case run in each context,
+//! with the C's expected results, `fill_memory` /
 //! `validate_memory` contents (`i + 0xdead0000` in the first word of page `i`) and
 //! `check_huge` (how many PMD-mapped THPs the range holds). The machine has swap, as the
 //! swap cases need. `docs/mm-selftests.md` lists what is not ported and why.
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use common::{page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
-use hmm::mm::{Advice, MapFlags, Mm, MmError, MremapFlags, SwapKind, ThpMode};
+use hmm::mm::{Advice, KhugepagedLimits, MapFlags, Mm, MmError, MremapFlags, SwapKind, ThpMode};
 
 /// The C's `BASE_ADDR`.
 const BASE: VirtAddr = VirtAddr::new(1 << 30);
@@ -75,12 +77,72 @@ fn check_huge(mm: &Mm, p: VirtAddr, len: u64, nr: u64) -> bool {
     huge == nr
 }
 
-/// `madvise_collapse`: no THP before; `MADV_HUGEPAGE` (to clear `VM_NOHUGEPAGE`), then
-/// `MADV_COLLAPSE` (retried once on `EAGAIN`); its result and the THPs as `expect` says.
-fn collapse(mm: &Mm, msg: &str, p: VirtAddr, nr: u64, expect: bool) {
-    let len = nr * PMD_SIZE;
-    assert!(check_huge(mm, p, len, 0), "{msg}: unexpected huge page");
-    madvise_collapse(mm, msg, p, nr, expect);
+/// The C's collapse contexts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    /// `khugepaged_collapse` with these limits.
+    Khugepaged(KhugepagedLimits),
+    /// `madvise_collapse`.
+    Madvise,
+}
+
+const CONTEXTS: [Ctx; 2] = [
+    Ctx::Khugepaged(KhugepagedLimits {
+        max_ptes_none: 511,
+        max_ptes_swap: MAX_PTES_SWAP,
+        max_ptes_shared: MAX_PTES_SHARED,
+    }),
+    Ctx::Madvise,
+];
+
+impl Ctx {
+    /// `enforce_pte_scan_limits`.
+    fn enforces_limits(self) -> bool {
+        matches!(self, Ctx::Khugepaged(_))
+    }
+
+    /// The same context with other limits (the C's `thp_push_settings`).
+    fn with(self, f: impl FnOnce(&mut KhugepagedLimits)) -> Ctx {
+        match self {
+            Ctx::Khugepaged(mut l) => {
+                f(&mut l);
+                Ctx::Khugepaged(l)
+            }
+            Ctx::Madvise => Ctx::Madvise,
+        }
+    }
+
+    /// `c->collapse`: no THP before, then the context's collapse; the THPs as `expect`
+    /// says.
+    fn collapse(self, mm: &Mm, msg: &str, p: VirtAddr, nr: u64, expect: bool) {
+        let len = nr * PMD_SIZE;
+        assert!(
+            check_huge(mm, p, len, 0),
+            "{self:?} {msg}: unexpected huge page"
+        );
+        match self {
+            Ctx::Madvise => madvise_collapse(mm, msg, p, nr, expect),
+            Ctx::Khugepaged(limits) => {
+                // wait_for_scan: MADV_HUGEPAGE, then until the second full scan.
+                mm.madvise(p, len, Advice::HugePage).unwrap();
+                for _ in 0..2 {
+                    mm.khugepaged_scan(&limits);
+                }
+                let want = if expect { nr } else { 0 };
+                assert!(
+                    check_huge(mm, p, len, want),
+                    "khugepaged {msg}: check_huge()"
+                );
+            }
+        }
+    }
+}
+
+/// Runs `case` in each context, each on a fresh machine.
+fn in_each_context(case: fn(Ctx)) {
+    for c in CONTEXTS {
+        case(c);
+    }
 }
 
 /// `__madvise_collapse`.
@@ -136,10 +198,14 @@ fn alloc_at_fault() {
 
 #[test]
 fn collapse_full() {
+    in_each_context(collapse_full_in);
+}
+
+fn collapse_full_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 4);
     fault(&m.mm, p, 0, 4 * PMD_SIZE);
-    collapse(
+    c.collapse(
         &m.mm,
         "Collapse multiple fully populated PTE table",
         p,
@@ -152,17 +218,25 @@ fn collapse_full() {
 
 #[test]
 fn collapse_empty() {
+    in_each_context(collapse_empty_in);
+}
+
+fn collapse_empty_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 1);
-    collapse(&m.mm, "Do not collapse empty PTE table", p, 1, false);
+    c.collapse(&m.mm, "Do not collapse empty PTE table", p, 1, false);
 }
 
 #[test]
 fn collapse_single_pte_entry() {
+    in_each_context(collapse_single_pte_entry_in);
+}
+
+fn collapse_single_pte_entry_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 1);
     fault(&m.mm, p, 0, PAGE_SIZE);
-    collapse(
+    c.collapse(
         &m.mm,
         "Collapse PTE table with single PTE entry present",
         p,
@@ -175,29 +249,40 @@ fn collapse_single_pte_entry() {
 
 #[test]
 fn collapse_max_ptes_none() {
+    in_each_context(collapse_max_ptes_none_in);
+}
+
+fn collapse_max_ptes_none_in(c: Ctx) {
+    let max_ptes_none = PMD_NR / 2;
+    let c = c.with(|l| l.max_ptes_none = max_ptes_none);
     let m = machine();
-    let p = setup_area(&m, 1);
-    // max_ptes_none = 256; one page fewer than the limit allows.
-    let n = PMD_NR - PMD_NR / 2 - 1;
+    let mut p = setup_area(&m, 1);
+    let n = PMD_NR - max_ptes_none - 1;
     fault(&m.mm, p, 0, n * PAGE_SIZE);
-    collapse(
-        &m.mm,
-        "Maybe collapse with max_ptes_none exceeded",
-        p,
-        1,
-        true,
-    );
+    let msg = "Maybe collapse with max_ptes_none exceeded";
+    c.collapse(&m.mm, msg, p, 1, !c.enforces_limits());
     validate(&m.mm, p, 0, n * PAGE_SIZE);
+    if c.enforces_limits() {
+        m.mm.munmap(p, PMD_SIZE).unwrap();
+        p = setup_area(&m, 1);
+        fault(&m.mm, p, 0, (n + 1) * PAGE_SIZE);
+        c.collapse(&m.mm, "Collapse with max_ptes_none PTEs empty", p, 1, true);
+        validate(&m.mm, p, 0, (n + 1) * PAGE_SIZE);
+    }
     m.mm.audit().unwrap();
 }
 
 #[test]
 fn collapse_swapin_single_pte() {
+    in_each_context(collapse_swapin_single_pte_in);
+}
+
+fn collapse_swapin_single_pte_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 1);
     fault(&m.mm, p, 0, PMD_SIZE);
     swapout(&m.mm, p, PAGE_SIZE);
-    collapse(
+    c.collapse(
         &m.mm,
         "Collapse with swapping in single PTE entry",
         p,
@@ -210,23 +295,38 @@ fn collapse_swapin_single_pte() {
 
 #[test]
 fn collapse_max_ptes_swap() {
+    in_each_context(collapse_max_ptes_swap_in);
+}
+
+fn collapse_max_ptes_swap_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 1);
     fault(&m.mm, p, 0, PMD_SIZE);
     swapout(&m.mm, p, (MAX_PTES_SWAP + 1) * PAGE_SIZE);
-    collapse(
-        &m.mm,
-        "Maybe collapse with max_ptes_swap exceeded",
-        p,
-        1,
-        true,
-    );
+    let msg = "Maybe collapse with max_ptes_swap exceeded";
+    c.collapse(&m.mm, msg, p, 1, !c.enforces_limits());
     validate(&m.mm, p, 0, PMD_SIZE);
+    if c.enforces_limits() {
+        fault(&m.mm, p, 0, PMD_SIZE);
+        swapout(&m.mm, p, MAX_PTES_SWAP * PAGE_SIZE);
+        c.collapse(
+            &m.mm,
+            "Collapse with max_ptes_swap pages swapped out",
+            p,
+            1,
+            true,
+        );
+        validate(&m.mm, p, 0, PMD_SIZE);
+    }
     m.mm.audit().unwrap();
 }
 
 #[test]
 fn collapse_single_pte_entry_compound() {
+    in_each_context(collapse_single_pte_entry_compound_in);
+}
+
+fn collapse_single_pte_entry_compound_in(c: Ctx) {
     let m = machine();
     let p = alloc_hpage(&m);
     m.mm.madvise(p, PMD_SIZE, Advice::NoHugePage).unwrap();
@@ -236,7 +336,7 @@ fn collapse_single_pte_entry_compound() {
         check_huge(&m.mm, p, PMD_SIZE, 0),
         "split huge page leaving single PTE mapping compound page"
     );
-    collapse(
+    c.collapse(
         &m.mm,
         "Collapse PTE table with single PTE mapping compound page",
         p,
@@ -249,6 +349,10 @@ fn collapse_single_pte_entry_compound() {
 
 #[test]
 fn collapse_full_of_compound() {
+    in_each_context(collapse_full_of_compound_in);
+}
+
+fn collapse_full_of_compound_in(c: Ctx) {
     let m = machine();
     let p = alloc_hpage(&m);
     m.mm.madvise(p, PAGE_SIZE, Advice::NoHugePage).unwrap();
@@ -257,7 +361,7 @@ fn collapse_full_of_compound() {
         check_huge(&m.mm, p, PMD_SIZE, 0),
         "split huge page leaving single PTE page table full of compound pages"
     );
-    collapse(
+    c.collapse(
         &m.mm,
         "Collapse PTE table full of compound pages",
         p,
@@ -272,6 +376,10 @@ fn collapse_full_of_compound() {
 /// next THP, so the machine has a block for each of the 512 (the kernel compacts).
 #[test]
 fn collapse_compound_extreme() {
+    in_each_context(collapse_compound_extreme_in);
+}
+
+fn collapse_compound_extreme_in(c: Ctx) {
     let m = machine_of(2 * PMD_NR + 64);
     let mm = &m.mm;
     let mut p = setup_area(&m, 1);
@@ -309,7 +417,7 @@ fn collapse_compound_extreme() {
     mm.munmap(BASE, PMD_SIZE).unwrap();
     fault(mm, p, 0, PMD_SIZE);
     assert!(check_huge(mm, p, PMD_SIZE, 0));
-    collapse(
+    c.collapse(
         mm,
         "Collapse PTE table full of different compound pages",
         p,
@@ -322,6 +430,10 @@ fn collapse_compound_extreme() {
 
 #[test]
 fn collapse_fork() {
+    in_each_context(collapse_fork_in);
+}
+
+fn collapse_fork_in(c: Ctx) {
     let m = machine();
     let p = setup_area(&m, 1);
     fault(&m.mm, p, 0, PAGE_SIZE);
@@ -332,7 +444,7 @@ fn collapse_fork() {
         "share small page over fork()"
     );
     fault(&child, p, PAGE_SIZE, 2 * PAGE_SIZE);
-    collapse(
+    c.collapse(
         &child,
         "Collapse PTE table with single page shared with parent process",
         p,
@@ -352,6 +464,10 @@ fn collapse_fork() {
 
 #[test]
 fn collapse_fork_compound() {
+    in_each_context(collapse_fork_compound_in);
+}
+
+fn collapse_fork_compound_in(c: Ctx) {
     let m = machine();
     let p = alloc_hpage(&m);
     let child = m.mm.fork().unwrap();
@@ -366,7 +482,8 @@ fn collapse_fork_compound() {
         "split huge page PMD in child"
     );
     fault(&child, p, 0, PAGE_SIZE);
-    collapse(
+    let c = c.with(|l| l.max_ptes_shared = PMD_NR - 1);
+    c.collapse(
         &child,
         "Collapse PTE table full of compound pages in child",
         p,
@@ -386,6 +503,10 @@ fn collapse_fork_compound() {
 
 #[test]
 fn collapse_max_ptes_shared() {
+    in_each_context(collapse_max_ptes_shared_in);
+}
+
+fn collapse_max_ptes_shared_in(c: Ctx) {
     let m = machine();
     let p = alloc_hpage(&m);
     let child = m.mm.fork().unwrap();
@@ -399,13 +520,18 @@ fn collapse_max_ptes_shared() {
         check_huge(&child, p, PMD_SIZE, 0),
         "trigger CoW on page {n}"
     );
-    collapse(
-        &child,
-        "Maybe collapse with max_ptes_shared exceeded",
-        p,
-        1,
-        true,
-    );
+    let msg = "Maybe collapse with max_ptes_shared exceeded";
+    c.collapse(&child, msg, p, 1, !c.enforces_limits());
+    if c.enforces_limits() {
+        fault(&child, p, 0, (n + 1) * PAGE_SIZE);
+        c.collapse(
+            &child,
+            "Collapse with max_ptes_shared PTEs shared",
+            p,
+            1,
+            true,
+        );
+    }
     validate(&child, p, 0, PMD_SIZE);
     child.audit().unwrap();
     drop(child);
@@ -421,6 +547,10 @@ fn collapse_max_ptes_shared() {
 /// keeps the two apart.
 #[test]
 fn collapse_fork_cow_race() {
+    in_each_context(collapse_fork_cow_race_in);
+}
+
+fn collapse_fork_cow_race_in(c: Ctx) {
     let m = machine();
     let n = 64;
     let p = setup_area(&m, 1);
@@ -443,7 +573,7 @@ fn collapse_fork_cow_race() {
             }
         });
         std::thread::sleep(Duration::from_millis(1));
-        madvise_collapse(
+        c.collapse(
             &child,
             "Collapse a range the parent is writing to",
             p,
@@ -467,7 +597,7 @@ fn madvise_collapse_existing_thps() {
     let m = machine();
     let p = setup_area(&m, 1);
     fault(&m.mm, p, 0, PMD_SIZE);
-    collapse(&m.mm, "Collapse fully populated PTE table...", p, 1, true);
+    Ctx::Madvise.collapse(&m.mm, "Collapse fully populated PTE table...", p, 1, true);
     validate(&m.mm, p, 0, PMD_SIZE);
     madvise_collapse(&m.mm, "Re-collapse PMD-mapped hugepage", p, 1, true);
     validate(&m.mm, p, 0, PMD_SIZE);

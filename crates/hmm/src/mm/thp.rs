@@ -362,7 +362,7 @@ pub(super) fn collapse(mm: &Mm, st: &MmState, range: VaRange) -> Result<(), MmEr
         match suitable_range(vma, at) {
             Some(r) => {
                 candidates += 1;
-                if let Err(e) = collapse_one(mm, st, vma, r) {
+                if let Err(e) = collapse_one(mm, st, vma, r, None) {
                     last = Some(e);
                 }
             }
@@ -377,7 +377,16 @@ pub(super) fn collapse(mm: &Mm, st: &MmState, range: VaRange) -> Result<(), MmEr
     }
 }
 
-fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), MmError> {
+/// Collapses the 2 MiB `range` of `vma` into one THP; returns whether it made one (false:
+/// a THP is there already). `limits` are khugepaged's scan limits; `MADV_COLLAPSE` has
+/// none.
+pub(super) fn collapse_one(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    range: VaRange,
+    limits: Option<&super::KhugepagedLimits>,
+) -> Result<bool, MmError> {
     let phys = mm.phys();
     let again = MmError::Again {
         what: "a page is pinned, referenced or locked",
@@ -399,8 +408,11 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
         },
     };
     let Some(mut ptes) = scan()? else {
-        return Ok(());
+        return Ok(false);
     };
+    if let Some(limits) = limits {
+        limits.check(phys, &ptes)?;
+    }
     // __collapse_huge_page_swapin: swapped-out pages are read back first (MADV_COLLAPSE
     // has no max_ptes_swap limit).
     if ptes.iter().any(|p| matches!(p, Pte::Swap { .. })) {
@@ -505,7 +517,7 @@ fn collapse_one(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange) -> Result<(), 
     tlb.finish();
     inv.end();
     mm.counters.thp_collapse();
-    Ok(())
+    Ok(true)
 }
 
 /// Splits the anonymous THP or device THP `folio` (the caller's reference) into 512
