@@ -95,9 +95,11 @@ impl KhugepagedLimits {
 }
 
 impl Mm {
-    /// One full scan of this address space by khugepaged (see the
-    /// [module documentation](self)): every eligible 2 MiB that passes `limits` becomes a
-    /// THP. Takes the mmap lock for writing for each range it collapses.
+    /// One full scan of this address space by khugepaged, run when asked rather than on
+    /// the daemon's timer: each aligned 2 MiB of a VMA where THPs are allowed on fault
+    /// ([`ThpMode::Always`] and not `MADV_NOHUGEPAGE`, or [`ThpMode::Madvise`] and
+    /// `MADV_HUGEPAGE`) that passes `limits` becomes a THP, as `MADV_COLLAPSE` makes one.
+    /// Takes the mmap lock for writing for each range it collapses.
     #[doc(alias = "khugepaged_scan_mm_slot")]
     pub fn khugepaged_scan(&self, limits: &KhugepagedLimits) -> KhugepagedStats {
         let mut out = KhugepagedStats::default();
