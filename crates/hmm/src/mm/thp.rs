@@ -90,6 +90,73 @@ impl Mm {
     pub fn thp_mode(&self) -> ThpMode {
         self.thp.get()
     }
+
+    /// Splits every anonymous THP mapped in `[start, end)` into pages of `new_order`
+    /// (`echo pid,start,end,new_order > /sys/kernel/debug/split_huge_pages`), wherever else
+    /// it is mapped too; returns how many it split. A THP that cannot be split now (pinned,
+    /// referenced, locked) is left whole, as the kernel's loop skips it. Under the mmap lock
+    /// for reading.
+    ///
+    /// Errors: `Inval` for an unaligned or empty range, or a `new_order` other than 0 (the
+    /// model's large folios are 2 MiB THPs only).
+    #[doc(alias = "split_huge_pages_pid")]
+    pub fn split_huge_pages(
+        &self,
+        start: VirtAddr,
+        end: VirtAddr,
+        new_order: u32,
+    ) -> Result<u64, MmError> {
+        let range = VaRange::new(start, end).map_err(|_| MmError::Inval {
+            what: "unaligned or empty range",
+        })?;
+        if new_order != 0 {
+            return Err(MmError::Inval {
+                what: "only order-0 splits: the model has no folios between 4 KiB and 2 MiB",
+            });
+        }
+        let guard = self.mmap_read();
+        let st = guard.state();
+        let phys = self.phys();
+        let mut split = 0;
+        let mut at = range.start();
+        while at < range.end() {
+            let next = at + crate::addr::PAGE_SIZE;
+            let anon = st
+                .vmas
+                .find(at)
+                .is_some_and(|v| matches!(v.backing(), Backing::Anon));
+            let pfn = anon
+                .then(|| {
+                    let mut c = st.pt.cursor(VaRange::page_of(at), WalkMode::Lookup);
+                    let e = match c.current()? {
+                        Slot::Pte(p) => p.get(),
+                        Slot::Pmd(p) => p.get(),
+                        Slot::Hole(_) => return None,
+                    };
+                    match e {
+                        Pte::Present { pfn, .. }
+                            if !phys.is_zero_pfn(pfn) && !phys.is_huge_zero_pfn(pfn) =>
+                        {
+                            Some(pfn)
+                        }
+                        _ => None,
+                    }
+                })
+                .flatten();
+            if let Some(pfn) = pfn {
+                let folio = phys.frame(pfn).folio();
+                if folio.meta().order() > 0 {
+                    if let Ok(held) = folio.try_get() {
+                        if split_folio(self, st, held) {
+                            split += 1;
+                        }
+                    }
+                }
+            }
+            at = next;
+        }
+        Ok(split)
+    }
 }
 
 /// The 2 MiB range around `addr` if a fault there may map a THP

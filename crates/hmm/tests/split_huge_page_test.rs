@@ -1,0 +1,153 @@
+//! The kernel's `tools/testing/selftests/mm/split_huge_page_test.c`, ported: the cases on
+//! anonymous memory the model can express, through [`Mm::split_huge_pages`] (the
+//! `/sys/kernel/debug/split_huge_pages` interface). `is_backed_by_folio` (pagemap and
+//! `/proc/kpageflags`) is the order of the folio a page's frame belongs to;
+//! `check_huge_anon` counts PMD mappings. `docs/mm-selftests.md` lists what is not
+//! expressible and why.
+//!
+//! [`Mm::split_huge_pages`]: hmm::mm::Mm::split_huge_pages
+
+mod common;
+
+use common::{page, Machine, RW};
+use hmm::addr::{Pfn, VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use hmm::mm::{Advice, MapFlags, Mm, MmError, MremapFlags, ThpMode};
+
+/// `is_backed_by_folio`: the page at `va` is mapped and its folio has `order`.
+fn backed_by_folio(m: &Machine, va: VirtAddr, order: u32) -> bool {
+    let e = m.mm.pagemap(va, 1).unwrap()[0];
+    e.present
+        && e.pfn
+            .is_some_and(|p| m.phys.frame(Pfn::new(p)).folio().meta().order() == order)
+}
+
+/// `check_huge_anon`: the range holds exactly `nr` PMD mappings.
+fn check_huge_anon(mm: &Mm, p: VirtAddr, len: u64, nr: u64) -> bool {
+    let huge = (0..len / PMD_SIZE)
+        .filter(|k| mm.pagemap(p + k * PMD_SIZE, 1).unwrap()[0].order == 9)
+        .count() as u64;
+    huge == nr
+}
+
+/// Byte `i` of the area holds `(char)i`.
+fn fill(mm: &Mm, p: VirtAddr, len: u64) {
+    let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    mm.write(p, &bytes).unwrap();
+}
+
+fn corrupted(mm: &Mm, p: VirtAddr, len: u64) -> Option<u64> {
+    let mut b = vec![0u8; len as usize];
+    mm.read(p, &mut b).unwrap();
+    (0..len).find(|&i| b[i as usize] != i as u8)
+}
+
+fn machine() -> Machine {
+    let m = Machine::new(64);
+    m.mm.set_thp_mode(ThpMode::Madvise);
+    m
+}
+
+/// `split_pmd_thp_to_order(0)`: four PMD-mapped THPs split to order 0 through the
+/// interface; every byte kept, every page an order-0 folio, no THP left.
+#[test]
+fn split_pmd_thp_to_order_0() {
+    let m = machine();
+    let len = 4 * PMD_SIZE;
+    let raw =
+        m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let p = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.madvise(p, len, Advice::HugePage).unwrap();
+    fill(&m.mm, p, len);
+    assert!(check_huge_anon(&m.mm, p, len, 4), "no THP is allocated");
+    assert_eq!(m.mm.split_huge_pages(p, p + len, 0), Ok(4));
+    assert_eq!(corrupted(&m.mm, p, len), None, "byte corrupted");
+    // check_after_split_folio_orders: 4 << 9 folios of order 0.
+    let order0 = (0..4 * PMD_NR)
+        .filter(|&i| backed_by_folio(&m, page(p, i), 0))
+        .count() as u64;
+    assert_eq!(order0, 4 * PMD_NR, "unexpected THP split");
+    assert!(
+        check_huge_anon(&m.mm, p, len, 0),
+        "still AnonHugePages not split"
+    );
+    m.mm.audit().unwrap();
+}
+
+/// `split_pmd_thp_to_order(order)` for orders 1 to 8: the model has no such folios.
+#[test]
+fn split_to_a_non_zero_order_is_refused() {
+    let m = machine();
+    let p = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
+    for order in 1..9 {
+        assert!(matches!(
+            m.mm.split_huge_pages(p, p + PMD_SIZE, order),
+            Err(MmError::Inval { .. })
+        ));
+    }
+    assert!(matches!(
+        m.mm.split_huge_pages(p + 1, p + PMD_SIZE, 0),
+        Err(MmError::Inval { .. })
+    ));
+}
+
+/// `split_pte_mapped_thp`: one page of each of four THPs is moved by `mremap` into a
+/// page area (the THPs become PTE-mapped, still whole), and the THPs are split through
+/// those pages alone.
+#[test]
+fn split_pte_mapped_thp() {
+    let m = machine();
+    let nr_thps = 4;
+    let thp_area_size = nr_thps * PMD_SIZE;
+    let page_area_size = nr_thps * PAGE_SIZE;
+    let thp_area =
+        m.mm.mmap(
+            Some(VirtAddr::new(1 << 30)),
+            thp_area_size,
+            RW,
+            MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+        )
+        .unwrap();
+    m.mm.madvise(thp_area, thp_area_size, Advice::HugePage)
+        .unwrap();
+    fill(&m.mm, thp_area, thp_area_size);
+    assert!(
+        check_huge_anon(&m.mm, thp_area, thp_area_size, nr_thps),
+        "not all THPs allocated"
+    );
+    let page_area =
+        m.mm.mmap(None, page_area_size, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let fixed = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    for i in 0..nr_thps {
+        let from = thp_area + PMD_SIZE * i + PAGE_SIZE * i;
+        let to = page_area + PAGE_SIZE * i;
+        assert_eq!(
+            m.mm.mremap(from, PAGE_SIZE, PAGE_SIZE, fixed, Some(to)),
+            Ok(to)
+        );
+    }
+    for i in 0..nr_thps {
+        assert!(
+            backed_by_folio(&m, page(page_area, i), 9),
+            "THP {i} missing after mremap"
+        );
+    }
+    // Split all THPs through the remapped pages.
+    assert_eq!(
+        m.mm.split_huge_pages(page_area, page_area + page_area_size, 0),
+        Ok(nr_thps)
+    );
+    assert_eq!(
+        corrupted(&m.mm, page_area, page_area_size),
+        None,
+        "byte corrupted"
+    );
+    for i in 0..nr_thps {
+        assert!(
+            backed_by_folio(&m, page(page_area, i), 0),
+            "THP {i} not split"
+        );
+    }
+    m.mm.audit().unwrap();
+}
