@@ -681,3 +681,139 @@ fn private_file_mappings_fill_anonymous_pages_and_collapse_skips_armed_ranges() 
         Err(MmError::Busy { .. })
     ));
 }
+
+/// Real threads against one handler: writers read and bump per-page versions (faulting
+/// missing pages in, trapping on write-protected ones), a dropper makes pages missing
+/// again with `MADV_DONTNEED` (a `Remove` event each), a protector write-protects pages,
+/// and a pinner reads pages through GUP. The handler serves faults and events in any
+/// order, retrying fills that meet an unread event (`EAGAIN`). Every read checks the
+/// page's version; at the end nothing waits and the audit is clean. Iterations:
+/// `HMM_STRESS_ITERS` (default 300 per thread).
+#[test]
+fn stress_faults_events_and_write_protection_against_one_handler() {
+    use std::sync::Mutex;
+    let iters: u64 = std::env::var("HMM_STRESS_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let pages = 32u64;
+    let m = Machine::new(32);
+    let a = m.map(pages, RW, MapFlags::PRIVATE);
+    let uffd = Userfaultfd::new(&m.mm, UffdFeatures::EVENT_REMOVE).unwrap();
+    uffd.register(
+        a,
+        pages * PAGE_SIZE,
+        RegisterMode::MISSING | RegisterMode::WP,
+    )
+    .unwrap();
+    // What page i must hold: its version; a missing page comes back at version 0.
+    let versions: Vec<Mutex<u64>> = (0..pages).map(|_| Mutex::new(0)).collect();
+    let content = |i: u64, v: u64| -> Vec<u8> {
+        let mut b = vec![(i as u8) ^ (v as u8); PG];
+        b[..8].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let stop = AtomicBool::new(false);
+    let rng = |seed: u64| {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    };
+    std::thread::scope(|s| {
+        // The handler.
+        s.spawn(|| {
+            // Faults to fill and to release: a fill or a release that meets an unread
+            // event (EAGAIN) waits until the handler has read it, so both wait here
+            // while the handler goes on reading.
+            let mut pending: Vec<VirtAddr> = Vec::new();
+            let mut pending_wp: Vec<VirtAddr> = Vec::new();
+            while !stop.load(Ordering::Acquire) || uffd.waiting() > 0 {
+                if let Some(msg) = uffd.read_timeout(Duration::from_millis(2)) {
+                    match msg {
+                        UffdMsg::PageFault { address, flags }
+                            if flags.contains(PageFaultFlags::WP) =>
+                        {
+                            pending_wp.push(address)
+                        }
+                        UffdMsg::PageFault { address, .. } => pending.push(address),
+                        UffdMsg::Remove { .. } => {}
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                pending_wp.retain(|&va| match uffd.writeprotect(va, PAGE_SIZE, false, false) {
+                    Ok(()) => false,
+                    Err(UffdError::Again { .. }) => true,
+                    Err(e) => panic!("writeprotect: {e}"),
+                });
+                pending.retain(|&va| {
+                    let i = (va.as_u64() - a.as_u64()) / PAGE_SIZE;
+                    match uffd.copy(va, &content(i, 0), CopyMode::empty()) {
+                        Ok(_) | Err(UffdError::Exists { .. }) => false,
+                        Err(UffdError::Again { done: 0 }) => true,
+                        Err(e) => panic!("copy: {e}"),
+                    }
+                });
+            }
+        });
+        let workers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (m, versions, uffd, content) = (&m, &versions, &uffd, &content);
+                s.spawn(move || {
+                    let mut r = rng(t + 1);
+                    for _ in 0..iters {
+                        let i = r(pages);
+                        let va = page(a, i);
+                        let mut v = versions[i as usize].lock().unwrap();
+                        match (t, r(4)) {
+                            // The dropper: the page is missing again, at version 0.
+                            (0, 0) => {
+                                m.mm.madvise(va, PAGE_SIZE, Advice::DontNeed).unwrap();
+                                *v = 0;
+                            }
+                            // The protector.
+                            (1, 0) => loop {
+                                match uffd.writeprotect(va, PAGE_SIZE, true, false) {
+                                    Err(UffdError::Again { .. }) => std::thread::yield_now(),
+                                    r => break r.unwrap(),
+                                }
+                            },
+                            // The pinner reads through GUP.
+                            (2, 0) => {
+                                let p = m.mm.pin_user_pages(va, 1, GupFlags::empty()).unwrap();
+                                let mut b = vec![0u8; PG];
+                                p.read(0, 0, &mut b);
+                                assert_eq!(b, content(i, *v), "pinned page {i}");
+                            }
+                            _ => {
+                                let mut b = vec![0u8; PG];
+                                m.mm.read(va, &mut b).unwrap();
+                                assert_eq!(b, content(i, *v), "page {i}");
+                                *v += 1;
+                                m.mm.write(va, &content(i, *v)).unwrap();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::Release);
+    });
+    // Present pages hold their versions (a missing one would wait for the handler, gone).
+    for i in 0..pages {
+        let v = *versions[i as usize].lock().unwrap();
+        if m.mm.pagemap(page(a, i), 1).unwrap()[0].present {
+            let mut b = vec![0u8; PG];
+            m.mm.read(page(a, i), &mut b).unwrap();
+            assert_eq!(b, content(i, v), "page {i} at the end");
+        }
+    }
+    assert_eq!(uffd.waiting(), 0);
+    m.mm.audit().unwrap();
+}
