@@ -480,26 +480,14 @@ pub(super) fn collapse_one(
     if let Some(limits) = limits {
         limits.check(phys, &ptes)?;
     }
-    // __collapse_huge_page_swapin: swapped-out pages are read back first (MADV_COLLAPSE
-    // has no max_ptes_swap limit).
-    if ptes.iter().any(|p| matches!(p, Pte::Swap { .. })) {
-        for (i, p) in ptes.iter().enumerate() {
-            if matches!(p, Pte::Swap { .. }) {
-                let va = range.start() + i as u64 * crate::addr::PAGE_SIZE;
-                super::fault::handle_mm_fault(mm, st, va, FaultFlags::empty()).map_err(|_| {
-                    MmError::NoMem {
-                        what: "no memory to read a page back from swap",
-                    }
-                })?;
-            }
-        }
-        ptes = scan()?.ok_or(not_present)?;
-    }
-    let uffd_missing = vma.flags().contains(VmFlags::UFFD_MISSING);
+    // A userfaultfd owns the empty pages of an armed VMA, and write-protected entries keep
+    // their trap: both refuse before anything is read back (SCAN_EXCEED_NONE_PTE is EBUSY,
+    // SCAN_PTE_UFFD_WP EINVAL).
+    let armed = vma.flags().intersects(VmFlags::UFFD);
     for pte in &ptes {
-        // A userfaultfd owns the missing pages of an armed VMA, and write-protected pages
-        // keep their trap (SCAN_EXCEED_NONE_PTE is EBUSY, SCAN_PTE_UFFD_WP EINVAL).
-        if uffd_missing && pte.is_none() {
+        let empty =
+            pte.is_none() || matches!(pte, Pte::Present { pfn, .. } if phys.is_zero_pfn(*pfn));
+        if armed && empty {
             return Err(MmError::Busy {
                 what: "an empty page of a userfaultfd-armed VMA",
             });
@@ -509,6 +497,21 @@ pub(super) fn collapse_one(
                 what: "a userfaultfd write-protected page",
             });
         }
+    }
+    // __collapse_huge_page_swapin: swapped-out pages are read back first (MADV_COLLAPSE
+    // has no max_ptes_swap limit).
+    if ptes.iter().any(|p| matches!(p, Pte::Swap { .. })) {
+        for (i, p) in ptes.iter().enumerate() {
+            if matches!(p, Pte::Swap { .. }) {
+                let va = range.start() + i as u64 * crate::addr::PAGE_SIZE;
+                super::vmscan::swapin(mm, st, vma, va).map_err(|_| MmError::NoMem {
+                    what: "no memory to read a page back from swap",
+                })?;
+            }
+        }
+        ptes = scan()?.ok_or(not_present)?;
+    }
+    for pte in &ptes {
         match *pte {
             Pte::None => {}
             Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {}

@@ -242,7 +242,6 @@ impl Mm {
     /// stay; device-private and other non-present entries are left alone. Returns the
     /// pages written.
     pub(super) fn madvise_pageout(&self, st: &MmState, range: VaRange) -> u64 {
-        thp::split_at_vma_bounds(self, st, range);
         {
             // A PMD leaf the range covers in part is split (split_huge_pmd).
             let mut tlb = TlbGather::new(self);
@@ -370,6 +369,26 @@ impl Mm {
         self.counters.fault(crate::stats::FaultKind::SwapIn);
         Ok(())
     }
+}
+
+/// Reads the swapped-out page at `va` of `vma` back (`do_swap_page` without the access
+/// check of a fault, as `__collapse_huge_page_swapin` calls it); with the mmap lock held.
+/// Anything else at `va` is left alone.
+pub(super) fn swapin(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    va: crate::addr::VirtAddr,
+) -> Result<(), super::FaultError> {
+    let mut c = st.pt.cursor(VaRange::page_of(va), WalkMode::Lookup);
+    let entry = match c.current() {
+        Some(Slot::Pte(p)) => p.get(),
+        _ => return Ok(()),
+    };
+    if !matches!(entry, Pte::Swap { .. }) {
+        return Ok(());
+    }
+    mm.do_swap_page(vma, va, false, &mut c, entry)
 }
 
 /// The kernel's kswapd: a thread that reclaims when an allocation leaves fewer free frames

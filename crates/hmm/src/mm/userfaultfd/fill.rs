@@ -15,11 +15,10 @@ use bitflags::bitflags;
 
 use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{MigrationKind, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{Frame, FrameFlags};
 use crate::prot::VmFlags;
 
-use super::super::fault::FaultFlags;
 use super::super::mprotect::CpMode;
 use super::super::shmem::AddPageError;
 use super::super::thp::{self, dirty_flags};
@@ -213,7 +212,8 @@ impl Userfaultfd {
     /// Returns the bytes moved (holes skipped with `ALLOW_SRC_HOLES` count as moved).
     ///
     /// Errors: `Inval` for unaligned, empty or overlapping ranges, ranges not each in one
-    /// private anonymous VMA, or a destination not registered with this userfaultfd;
+    /// private anonymous VMA, VMAs that differ in access or are not writable, or a
+    /// destination not registered with this userfaultfd;
     /// `NoEnt` for a missing source page (without `ALLOW_SRC_HOLES`); `Exists` for a
     /// populated destination; `Busy` for a page that is shared (not anon-exclusive),
     /// pinned, or a THP that cannot be split; `Fault` for a device-private or
@@ -276,6 +276,14 @@ impl Userfaultfd {
         let svma = within(src).ok_or(inval("the source is not in one private anonymous VMA"))?;
         let dvma =
             within(dst).ok_or(inval("the destination is not in one private anonymous VMA"))?;
+        // Same access on both sides, and writable (the kernel keeps it simple).
+        if svma.flags() & VmFlags::ACCESS != dvma.flags() & VmFlags::ACCESS
+            || !svma.flags().contains(VmFlags::WRITE)
+        {
+            return Err(inval(
+                "source and destination differ in access, or are not writable",
+            ));
+        }
         if !dvma.uffd().is_some_and(|c| Arc::ptr_eq(c, &self.ctx)) {
             return Err(inval(
                 "the destination is not registered with this userfaultfd",
@@ -378,10 +386,12 @@ enum Moved {
     Retry,
 }
 
-/// Moves the page at `s` of `svma` to `d` of `dvma` (`move_pages_pte`). The destination
-/// entry is installed first and the source cleared after, so the page is never
-/// unreachable: between the two steps it is mapped at both addresses, under its folio
-/// lock.
+/// Moves the page at `s` of `svma` to `d` of `dvma` (`move_pages_pte`). The reference is
+/// taken under the source's page-table lock; with the folio locked, the source entry
+/// becomes a migration entry (under a CLEAR invalidation and a flush) before the
+/// destination is installed, so the page is never mapped at both addresses, and the
+/// source entry goes once the destination maps the page (or comes back if the
+/// destination filled meanwhile).
 fn move_page(
     mm: &Mm,
     st: &MmState,
@@ -392,10 +402,18 @@ fn move_page(
     mode: MoveMode,
 ) -> Result<Moved, UffdError> {
     let phys = mm.phys();
+    let dst_empty = || {
+        let mut dc = st.pt.cursor(VaRange::page_of(d), WalkMode::Populate);
+        matches!(dc.current(), Some(Slot::Pte(p)) if p.get().is_none())
+    };
+    // The kernel looks at the destination first: a populated one is EEXIST whatever the
+    // source holds.
+    if !dst_empty() {
+        return Err(UffdError::Exists { addr: d });
+    }
     let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
-    let entry = match sc.current().expect("a one-page walk yields a slot") {
-        Slot::Hole(_) => Pte::None,
-        Slot::Pte(p) => p.get(),
+    let (entry, held) = match sc.current().expect("a one-page walk yields a slot") {
+        Slot::Hole(_) => (Pte::None, None),
         Slot::Pmd(p) => {
             // move_pages_huge_pmd is not modelled: split and go on page by page.
             let base = p.range().start();
@@ -405,8 +423,29 @@ fn move_page(
             tlb.finish();
             return Ok(Moved::Retry);
         }
+        Slot::Pte(p) => {
+            let e = p.get();
+            match e {
+                Pte::Present { pfn, flags }
+                    if !flags.contains(PteFlags::PROTNONE) && !phys.is_zero_pfn(pfn) =>
+                {
+                    match phys.frame(pfn).try_get() {
+                        Ok(f) => (e, Some(f)),
+                        // Being freed under us: look again.
+                        Err(_) => return Ok(Moved::Retry),
+                    }
+                }
+                Pte::Migration { pfn, .. } => {
+                    let folio = phys.frame_nr(pfn.nr()).folio();
+                    drop(sc);
+                    super::super::wait_on_migration(folio);
+                    return Ok(Moved::Retry);
+                }
+                _ => (e, None),
+            }
+        }
     };
-    sc.unlock();
+    drop(sc);
     let pfn = match entry {
         Pte::None => {
             return if mode.contains(MoveMode::ALLOW_SRC_HOLES) {
@@ -417,118 +456,176 @@ fn move_page(
                 })
             };
         }
-        Pte::Present { pfn, flags } if !flags.contains(PteFlags::PROTNONE) => pfn,
-        Pte::Migration { pfn, .. } => {
-            drop(sc);
-            super::super::wait_on_migration(phys.frame_nr(pfn.nr()).folio());
-            return Ok(Moved::Retry);
-        }
+        Pte::Present { pfn, .. } if !entry.flags().contains(PteFlags::PROTNONE) => pfn,
         Pte::Swap { .. } => {
             // The kernel moves the swap entry itself under both page-table locks
             // (move_swap_pte); the model's cursors hold one, so the page is read back
             // first and moved as a present page.
-            drop(sc);
-            super::super::fault::handle_mm_fault(mm, st, s, FaultFlags::empty())
-                .map_err(|_| UffdError::NoMem)?;
+            super::super::vmscan::swapin(mm, st, svma, s).map_err(|_| UffdError::NoMem)?;
             return Ok(Moved::Retry);
         }
         _ => return Err(UffdError::Fault { addr: s }),
     };
-    let zero = phys.is_zero_pfn(pfn);
-    let held = (!zero).then(|| phys.frame(pfn).get());
-    if let Some(page) = &held {
-        let folio = page.folio();
-        let fm = folio.meta();
-        if !fm.flags().contains(FrameFlags::ANON) || !page.anon_exclusive() || fm.pincount() > 0 {
-            drop(sc);
-            mm.release_frame(held.expect("held"));
-            return Err(UffdError::Busy {
-                what: "the page is shared or pinned",
-            });
-        }
-        if fm.order() > 0 {
-            drop(sc);
-            // The split takes the one reference the caller may hold: this one.
-            let head = folio.get();
-            mm.release_frame(held.expect("held"));
-            let split = thp::split_folio(mm, st, head);
-            return if split {
-                Ok(Moved::Retry)
-            } else {
-                Err(UffdError::Busy {
-                    what: "a THP that cannot be split",
-                })
-            };
-        }
-        fm.lock();
-    }
-    let unlock = |held: Option<Frame<'_>>| {
-        if let Some(page) = held {
-            page.meta().unlock();
-            mm.release_frame(page);
-        }
+    let Some(page) = held else {
+        return move_zero_page(mm, st, svma, s, d, entry);
     };
-    // The source must still map the page (the folio lock keeps migration away).
-    if !matches!(sc.current(), Some(Slot::Pte(p)) if p.get() == entry) {
-        drop(sc);
-        unlock(held);
-        return Ok(Moved::Retry);
+    let folio = page.folio();
+    let fm = folio.meta();
+    let movable = |fm: &crate::phys::FrameMeta| {
+        fm.flags().contains(FrameFlags::ANON) && page.anon_exclusive() && fm.pincount() == 0
+    };
+    if !movable(fm) {
+        drop(page);
+        return Err(UffdError::Busy {
+            what: "the page is shared or pinned",
+        });
     }
-    sc.unlock();
-    // Install the destination.
-    let mut dc = st.pt.cursor(VaRange::page_of(d), WalkMode::Populate);
-    match dc.current().expect("a one-page walk yields a slot") {
-        Slot::Pte(p) if p.get().is_none() => {
-            let new = if zero {
-                Pte::Present {
-                    pfn,
-                    flags: PteFlags::empty(),
-                }
-            } else {
-                let page = held.as_ref().expect("held");
-                page.meta().inc_mapcount();
-                page.meta().get();
-                let mut flags = PteFlags::DIRTY | PteFlags::SOFT_DIRTY;
-                if dvma.flags().contains(VmFlags::WRITE) {
-                    flags |= PteFlags::WRITE;
-                }
-                Pte::Present { pfn, flags }
-            };
-            p.set(new);
-        }
-        _ => {
-            drop(dc);
-            drop(sc);
-            unlock(held);
-            return Err(UffdError::Exists { addr: d });
-        }
+    if fm.order() > 0 {
+        // The split takes the one reference the caller may hold: this one.
+        let head = folio.get();
+        drop(page);
+        return if thp::split_folio(mm, st, head) {
+            Ok(Moved::Retry)
+        } else {
+            Err(UffdError::Busy {
+                what: "a THP that cannot be split",
+            })
+        };
     }
-    drop(dc);
-    if let Some(page) = &held {
-        mm.new_anon_rmap(page, dvma, d);
-    }
-    // Clear the source under a CLEAR invalidation, then flush.
+    fm.lock();
+    let unlock = |page: Frame<'_>| {
+        page.meta().unlock();
+        drop(page);
+    };
+    // Under the folio lock and a CLEAR invalidation, the source becomes a migration
+    // entry: CPUs and devices wait on it while the page changes address.
     let inv = mm.notifiers().invalidate_range_start(NotifierRange::new(
         mm.id(),
         VaRange::page_of(s),
         NotifierEvent::Clear,
         Some(svma.info()),
     ));
-    let mut tlb = TlbGather::new(mm);
-    if let Some(Slot::Pte(p)) = sc.current() {
-        if p.get() == entry {
-            p.set(Pte::None);
-            tlb.add_range(VaRange::page_of(s));
-            if let Some(page) = &held {
-                page.meta().dec_mapcount();
-                let _ = phys.frame(pfn).put();
+    let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
+    let taken = match sc.current() {
+        Some(Slot::Pte(p)) => match p.get() {
+            Pte::Present { pfn: now, flags } if now == pfn && movable(fm) => {
+                p.set(Pte::Migration {
+                    pfn: pfn.into(),
+                    kind: MigrationKind::for_mapping(flags.contains(PteFlags::WRITE), true),
+                    flags: flags & PteFlags::CARRIED,
+                });
+                Some(flags)
             }
-        }
-    }
+            _ => None,
+        },
+        _ => None,
+    };
     drop(sc);
+    let Some(flags) = taken else {
+        inv.end();
+        unlock(page);
+        return Ok(Moved::Retry);
+    };
+    let mut tlb = TlbGather::new(mm);
+    tlb.add_range(VaRange::page_of(s));
     tlb.finish();
+    let mut dc = st.pt.cursor(VaRange::page_of(d), WalkMode::Populate);
+    let installed = match dc.current() {
+        Some(Slot::Pte(p)) if p.get().is_none() => {
+            let mut nf = PteFlags::DIRTY | PteFlags::SOFT_DIRTY;
+            if dvma.flags().contains(VmFlags::WRITE) {
+                nf |= PteFlags::WRITE;
+            }
+            p.set(Pte::Present { pfn, flags: nf });
+            true
+        }
+        _ => false,
+    };
+    drop(dc);
+    // The source's migration entry goes (or the mapping comes back), if no zap took it.
+    // The mapping's reference and map count were kept for whichever entry maps the page
+    // now; a zap of the migration entry while the destination filled leaves none.
+    let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
+    let ours = match sc.current() {
+        Some(Slot::Pte(p)) if matches!(p.get(), Pte::Migration { pfn: m, .. } if m.nr() == pfn.as_u64()) =>
+        {
+            p.set(if installed {
+                Pte::None
+            } else {
+                Pte::Present { pfn, flags }
+            });
+            true
+        }
+        _ => false,
+    };
+    drop(sc);
+    if !installed && !ours {
+        page.meta().dec_mapcount();
+        let _ = phys.frame(pfn).put();
+    }
     inv.end();
-    unlock(held);
+    if !installed {
+        unlock(page);
+        return Err(UffdError::Exists { addr: d });
+    }
+    // The mapping's reference and map count move with it.
+    mm.new_anon_rmap(&page, dvma, d);
+    unlock(page);
     mm.counters().uffd_moved();
     Ok(Moved::Done)
+}
+
+/// The zero page moves as itself (`move_zeropage_pte`): no reference or count to move.
+fn move_zero_page(
+    mm: &Mm,
+    st: &MmState,
+    svma: &Vma,
+    s: VirtAddr,
+    d: VirtAddr,
+    entry: Pte,
+) -> Result<Moved, UffdError> {
+    let inv = mm.notifiers().invalidate_range_start(NotifierRange::new(
+        mm.id(),
+        VaRange::page_of(s),
+        NotifierEvent::Clear,
+        Some(svma.info()),
+    ));
+    let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
+    let cleared = match sc.current() {
+        Some(Slot::Pte(p)) if p.get() == entry => {
+            p.set(Pte::None);
+            true
+        }
+        _ => false,
+    };
+    drop(sc);
+    if cleared {
+        let mut tlb = TlbGather::new(mm);
+        tlb.add_range(VaRange::page_of(s));
+        tlb.finish();
+    }
+    inv.end();
+    if !cleared {
+        return Ok(Moved::Retry);
+    }
+    let mut dc = st.pt.cursor(VaRange::page_of(d), WalkMode::Populate);
+    match dc.current() {
+        Some(Slot::Pte(p)) if p.get().is_none() => {
+            p.set(entry);
+            drop(dc);
+            mm.counters().uffd_moved();
+            Ok(Moved::Done)
+        }
+        _ => {
+            drop(dc);
+            // Put it back where it was if that is still empty.
+            let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
+            if let Some(Slot::Pte(p)) = sc.current() {
+                if p.get().is_none() {
+                    p.set(entry);
+                }
+            }
+            Err(UffdError::Exists { addr: d })
+        }
+    }
 }
