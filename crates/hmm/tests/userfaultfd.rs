@@ -817,3 +817,41 @@ fn stress_faults_events_and_write_protection_against_one_handler() {
     assert_eq!(uffd.waiting(), 0);
     m.mm.audit().unwrap();
 }
+
+/// A `MADV_DONTNEED` that fails its checks (a hole) tells the handler nothing; one that
+/// passes sends a `Remove` per VMA, clipped to it.
+#[test]
+fn remove_events_follow_the_checks_and_the_vmas() {
+    let m = Machine::new(16);
+    let a = m.map(8, RW, MapFlags::PRIVATE);
+    let uffd = Userfaultfd::new(&m.mm, UffdFeatures::EVENT_REMOVE).unwrap();
+    uffd.register(a, 8 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
+    m.mm.munmap(page(a, 4), PAGE_SIZE).unwrap();
+    assert!(matches!(
+        m.mm.madvise(a, 8 * PAGE_SIZE, Advice::DontNeed),
+        Err(MmError::NoMem { .. })
+    ));
+    assert!(!uffd.poll(), "no event for a call that changed nothing");
+    // Filled again by an unregistered VMA: the two registered ones get an event each.
+    m.mm.mmap(
+        Some(page(a, 4)),
+        PAGE_SIZE,
+        RW,
+        MapFlags::PRIVATE | MapFlags::FIXED,
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| m.mm.madvise(a, 8 * PAGE_SIZE, Advice::DontNeed));
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            if let Some(UffdMsg::Remove { start, end }) =
+                uffd.read_timeout(Duration::from_millis(50))
+            {
+                got.push((start, end));
+            }
+        }
+        h.join().unwrap().unwrap();
+        assert_eq!(got, [(a, page(a, 4)), (page(a, 5), page(a, 8))]);
+    });
+}

@@ -97,20 +97,35 @@ impl Mm {
         };
         match advice {
             Advice::DontNeed | Advice::Free => {
-                // userfaultfd_remove: the handlers that asked read of it first, with no
-                // mmap lock held.
-                super::userfaultfd::userfaultfd_remove(self, range);
+                let check = |st: &MmState| -> Result<(), MmError> {
+                    if st.vmas.first_hole(range).is_some() {
+                        return Err(unmapped);
+                    }
+                    hugetlb::check_range(&st.vmas, range)?;
+                    if advice == Advice::Free
+                        && st.vmas.overlapping(range).any(|v| !v.is_anonymous())
+                    {
+                        return Err(MmError::Inval {
+                            what: "MADV_FREE needs private anonymous memory",
+                        });
+                    }
+                    Ok(())
+                };
+                // userfaultfd_remove: once the range checks out, the handlers that asked
+                // read of it, with no mmap lock held; the checks run again after.
+                if self
+                    .mmap_read()
+                    .state
+                    .vmas
+                    .overlapping(range)
+                    .any(|v| v.uffd().is_some())
+                {
+                    check(&self.mmap_read().state)?;
+                    super::userfaultfd::userfaultfd_remove(self, range);
+                }
                 let guard = self.mmap_read();
                 let st = &*guard.state;
-                if st.vmas.first_hole(range).is_some() {
-                    return Err(unmapped);
-                }
-                hugetlb::check_range(&st.vmas, range)?;
-                if advice == Advice::Free && st.vmas.overlapping(range).any(|v| !v.is_anonymous()) {
-                    return Err(MmError::Inval {
-                        what: "MADV_FREE needs private anonymous memory",
-                    });
-                }
+                check(st)?;
                 let mut tlb = TlbGather::new(self);
                 for v in st.vmas.overlapping(range) {
                     let seg = v.range().intersect(&range).expect("overlapping VMA");

@@ -17,26 +17,37 @@ use super::super::vma::Vma;
 use super::super::Mm;
 use super::{UffdCtx, UffdFeatures, UffdMsg, Userfaultfd};
 
-impl UffdCtx {
+/// A non-cooperative event collected and not yet read: `mmap_changing` counts it from
+/// the moment it is collected, under the mmap lock (as the kernel increments it in
+/// `dup_userfaultfd`, `mremap_userfaultfd_prep`, `userfaultfd_unmap_prep` and
+/// `userfaultfd_remove`), until it is read or dropped unsent.
+pub(crate) struct Changing(Arc<UffdCtx>);
+
+impl Changing {
+    fn new(ctx: Arc<UffdCtx>) -> Changing {
+        ctx.mmap_changing.fetch_add(1, Ordering::AcqRel);
+        Changing(ctx)
+    }
+
     /// Queues `msg` and waits until it is read (`userfaultfd_event_wait_completion`).
     /// The caller holds no mmap lock.
-    pub(crate) fn raise(&self, msg: UffdMsg) {
-        if self.is_released() {
+    fn deliver(self, msg: UffdMsg) {
+        let ctx = &self.0;
+        if ctx.is_released() {
             return;
         }
-        self.mmap_changing.fetch_add(1, Ordering::AcqRel);
-        let mut q = self.queue.lock();
+        let mut q = ctx.queue.lock();
         let id = q.next_id;
         q.next_id += 1;
         q.events.push_back((id, msg));
-        self.cond.notify_all();
+        ctx.cond.notify_all();
         let killed = || {
-            self.mm
+            ctx.mm
                 .upgrade()
                 .map_or(true, |mm| mm.fatal_signal_pending())
         };
-        while q.events.iter().any(|(i, _)| *i == id) && !self.is_released() && !killed() {
-            self.cond.wait(&mut q);
+        while q.events.iter().any(|(i, _)| *i == id) && !ctx.is_released() && !killed() {
+            ctx.cond.wait(&mut q);
         }
         // Not read (closed or killed): the event goes, outside the lock (a fork's child
         // userfaultfd closes as it drops).
@@ -47,7 +58,12 @@ impl UffdCtx {
             .and_then(|i| q.events.remove(i));
         drop(q);
         drop(unread);
-        self.mmap_changing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        self.0.mmap_changing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -62,22 +78,34 @@ fn ctxs_with<'v>(vmas: impl Iterator<Item = &'v Vma>, feature: UffdFeatures) -> 
     out
 }
 
-/// `userfaultfd_remove`: before `MADV_DONTNEED` or `MADV_REMOVE` drops `range`, each
-/// userfaultfd of it that asked reads a [`UffdMsg::Remove`]. Takes and drops the mmap lock
-/// for reading; the caller holds none.
+/// `userfaultfd_remove`: before `MADV_DONTNEED` or `MADV_FREE` drops `range`, each
+/// userfaultfd of a VMA in it that asked reads a [`UffdMsg::Remove`] for that VMA's part.
+/// The caller checked the range and holds no lock; this takes and drops the mmap lock for
+/// reading, and the caller takes it again.
 pub(crate) fn userfaultfd_remove(mm: &Mm, range: VaRange) {
-    let ctxs = {
+    let events: Vec<(Changing, UffdMsg)> = {
         let guard = mm.mmap_read();
-        ctxs_with(
-            guard.state().vmas.overlapping(range),
-            UffdFeatures::EVENT_REMOVE,
-        )
+        guard
+            .state()
+            .vmas
+            .overlapping(range)
+            .filter_map(|v| {
+                let ctx = v.uffd()?;
+                let part = v.range().intersect(&range)?;
+                ctx.features.contains(UffdFeatures::EVENT_REMOVE).then(|| {
+                    (
+                        Changing::new(ctx.clone()),
+                        UffdMsg::Remove {
+                            start: part.start(),
+                            end: part.end(),
+                        },
+                    )
+                })
+            })
+            .collect()
     };
-    for c in ctxs {
-        c.raise(UffdMsg::Remove {
-            start: range.start(),
-            end: range.end(),
-        });
+    for (c, msg) in events {
+        c.deliver(msg);
     }
 }
 
@@ -87,7 +115,7 @@ pub(crate) fn userfaultfd_remove(mm: &Mm, range: VaRange) {
 #[derive(Default)]
 #[must_use = "send them once the mmap lock is dropped"]
 pub(crate) struct UffdEvents {
-    events: Vec<(Arc<UffdCtx>, UffdMsg)>,
+    events: Vec<(Changing, UffdMsg)>,
 }
 
 impl UffdEvents {
@@ -96,7 +124,7 @@ impl UffdEvents {
     pub(crate) fn unmap<'v>(&mut self, vmas: impl Iterator<Item = &'v Vma>, range: VaRange) {
         for c in ctxs_with(vmas, UffdFeatures::EVENT_UNMAP) {
             self.events.push((
-                c,
+                Changing::new(c),
                 UffdMsg::Unmap {
                     start: range.start(),
                     end: range.end(),
@@ -108,7 +136,7 @@ impl UffdEvents {
     /// `mremap_userfaultfd_complete`: `ctx` is told that `old` moved to `to`.
     pub(crate) fn remap(&mut self, ctx: Arc<UffdCtx>, old: VaRange, to: crate::addr::VirtAddr) {
         self.events.push((
-            ctx,
+            Changing::new(ctx),
             UffdMsg::Remap {
                 from: old.start(),
                 to,
@@ -120,7 +148,7 @@ impl UffdEvents {
     /// Sends them, each waiting to be read. The caller holds no mmap lock.
     pub(crate) fn send(self) {
         for (c, msg) in self.events {
-            c.raise(msg);
+            c.deliver(msg);
         }
     }
 }
@@ -129,7 +157,8 @@ impl UffdEvents {
 /// userfaultfd that asked for [`UffdFeatures::EVENT_FORK`].
 #[derive(Default)]
 pub(crate) struct ForkCtxs {
-    pairs: Vec<(Arc<UffdCtx>, Arc<UffdCtx>)>,
+    /// The parent's userfaultfd (counted as changing from now) and the child's.
+    pairs: Vec<(Changing, Arc<UffdCtx>)>,
 }
 
 impl ForkCtxs {
@@ -140,11 +169,11 @@ impl ForkCtxs {
         let mut v = vma.clone();
         let Some(parent) = vma.uffd() else { return v };
         if parent.features.contains(UffdFeatures::EVENT_FORK) && !parent.is_released() {
-            let c = match self.pairs.iter().find(|(p, _)| Arc::ptr_eq(p, parent)) {
+            let c = match self.pairs.iter().find(|(p, _)| Arc::ptr_eq(&p.0, parent)) {
                 Some((_, c)) => c.clone(),
                 None => {
                     let c = UffdCtx::new(child, parent.features);
-                    self.pairs.push((parent.clone(), c.clone()));
+                    self.pairs.push((Changing::new(parent.clone()), c.clone()));
                     c
                 }
             };
@@ -159,7 +188,7 @@ impl ForkCtxs {
     /// carrying the child's. The caller holds no mmap lock.
     pub(crate) fn send(self) {
         for (parent, child) in self.pairs {
-            parent.raise(UffdMsg::Fork {
+            parent.deliver(UffdMsg::Fork {
                 child: Userfaultfd { ctx: child },
             });
         }
