@@ -125,7 +125,7 @@ impl Mm {
                 .vmas
                 .find(at)
                 .is_some_and(|v| matches!(v.backing(), Backing::Anon));
-            let pfn = anon
+            let held = anon
                 .then(|| {
                     let mut c = st.pt.cursor(VaRange::page_of(at), WalkMode::Lookup);
                     let e = match c.current()? {
@@ -133,24 +133,23 @@ impl Mm {
                         Slot::Pmd(p) => p.get(),
                         Slot::Hole(_) => return None,
                     };
+                    // The folio, held from under the page-table lock.
                     match e {
                         Pte::Present { pfn, .. }
                             if !phys.is_zero_pfn(pfn) && !phys.is_huge_zero_pfn(pfn) =>
                         {
-                            Some(pfn)
+                            let folio = phys.frame(pfn).folio();
+                            (folio.meta().order() > 0)
+                                .then(|| folio.try_get().ok())
+                                .flatten()
                         }
                         _ => None,
                     }
                 })
                 .flatten();
-            if let Some(pfn) = pfn {
-                let folio = phys.frame(pfn).folio();
-                if folio.meta().order() > 0 {
-                    if let Ok(held) = folio.try_get() {
-                        if split_folio(self, st, held) {
-                            split += 1;
-                        }
-                    }
+            if let Some(held) = held {
+                if split_folio(self, st, held) {
+                    split += 1;
                 }
             }
             at = next;

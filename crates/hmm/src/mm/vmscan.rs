@@ -43,7 +43,7 @@ use serde::Serialize;
 use crate::addr::{Pfn, VaRange};
 use crate::migrate::{folio_mapped, remove_migration_ptes, replace_migration_ptes, try_to_migrate};
 use crate::pgtable::{Huge, MigrationKind, Pte, PteFlags, Slot, WalkMode};
-use crate::phys::{FrameFlags, FrameRef, PhysMem, Zone};
+use crate::phys::{Frame, FrameFlags, FrameRef, PhysMem, Zone};
 
 use super::error::MmError;
 use super::tlb::TlbGather;
@@ -72,7 +72,9 @@ pub(crate) fn pageout_folio(
     nr: u64,
     whole: bool,
 ) -> u64 {
-    let Some(swap) = phys.swap() else { return 0 };
+    if phys.swap().is_none() {
+        return 0;
+    }
     let page = phys.frame_nr(nr);
     if !matches!(page.zone(), Zone::System) {
         return 0;
@@ -85,6 +87,21 @@ pub(crate) fn pageout_folio(
     let Ok(held_ref) = folio.try_get() else {
         return 0;
     };
+    pageout_held(phys, held, nr, held_ref, whole)
+}
+
+/// [`pageout_folio`] with the reference on the page's folio already taken (by a walk
+/// under the page-table lock, as the kernel isolates a folio before it reclaims it).
+fn pageout_held(
+    phys: &PhysMem,
+    held: Option<(&Mm, &MmState)>,
+    nr: u64,
+    held_ref: Frame<'_>,
+    whole: bool,
+) -> u64 {
+    let Some(swap) = phys.swap() else { return 0 };
+    let page = phys.frame_nr(nr);
+    let folio = held_ref.folio();
     if folio.meta().order() > 0 {
         // Split first (no THP swap): the split takes the reference, and each page goes on
         // as a folio of its own (split_folio_to_list).
@@ -266,7 +283,12 @@ impl Mm {
             tlb.finish();
         }
         let phys = self.phys();
-        let mut pages: Vec<u64> = Vec::new();
+        // The pages to write, each with a reference on its folio taken under the
+        // page-table lock (isolate_lru_folio): a frame freed and reused after the walk is
+        // never written out for another process. A large folio is held once, with its
+        // pages in the range.
+        let mut small: Vec<(u64, Frame<'_>)> = Vec::new();
+        let mut large: Vec<(Frame<'_>, Vec<u64>)> = Vec::new();
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
             let (entry, n) = match &slot {
@@ -285,15 +307,35 @@ impl Mm {
             let fm = folio.meta();
             // folio_likely_mapped_shared: leave pages other address spaces map too.
             let shared = phys.frame(pfn).meta().mapcount() + fm.entire_mapcount() > 1;
-            if fm.flags().contains(FrameFlags::ANON) && !shared {
-                pages.extend(pfn.as_u64()..pfn.as_u64() + n);
+            if !fm.flags().contains(FrameFlags::ANON) || shared {
+                continue;
+            }
+            let pages = pfn.as_u64()..pfn.as_u64() + n;
+            if fm.order() == 0 {
+                if let Ok(r) = folio.try_get() {
+                    small.push((pfn.as_u64(), r));
+                }
+            } else if let Some((_, list)) = large.last_mut().filter(|(h, _)| h.nr() == folio.nr()) {
+                list.extend(pages);
+            } else if let Ok(r) = folio.try_get() {
+                large.push((r, pages.collect()));
             }
         }
         drop(c);
-        pages
+        let held = Some((self, st));
+        let mut out: u64 = small
             .into_iter()
-            .map(|p| pageout_folio(phys, Some((self, st)), p, false))
-            .sum()
+            .map(|(nr, r)| pageout_held(phys, held, nr, r, false))
+            .sum();
+        for (head, pages) in large {
+            if thp::split_folio_held(phys, held, head) {
+                out += pages
+                    .into_iter()
+                    .map(|p| pageout_folio(phys, held, p, false))
+                    .sum::<u64>();
+            }
+        }
+        out
     }
 
     /// A CPU fault on a swap entry (`do_swap_page`; see the module docs). `orig` is the
