@@ -344,11 +344,13 @@ fn bad_arguments_are_typed_errors() {
         m.mm.madvise(page(a, 2), 8 * PAGE_SIZE, Advice::PageOut),
         Err(MmError::NoMem { .. })
     ));
+    assert_eq!(m.phys.set_nr_hugepages(1), 1);
     let h =
-        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB);
-    if let Ok(h) = h {
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
+    for advice in [Advice::Cold, Advice::PageOut] {
         assert!(matches!(
-            m.mm.madvise(h, PMD_SIZE, Advice::Cold),
+            m.mm.madvise(h, PMD_SIZE, advice),
             Err(MmError::Inval { .. })
         ));
     }
@@ -385,4 +387,23 @@ fn madv_collapse_reads_swapped_pages_back() {
         m.mm.mprotect(a, PAGE_SIZE, RW).unwrap();
     }
     assert_eq!(m.phys.swap().unwrap().stats().used, 0);
+}
+
+/// `MADV_PAGEOUT` of exactly one 2 MiB leaves the THP after it alone: only leaves the
+/// range covers in part are split.
+#[test]
+fn pageout_of_one_thp_leaves_the_next_one_whole() {
+    let m = swap_machine(32, 1024);
+    m.mm.set_thp_mode(ThpMode::Always);
+    let a =
+        m.mm.mmap(None, 3 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let a = a.align_up(PMD_SIZE).unwrap();
+    fill(&m, a, 2 * PMD_NR, 3);
+    m.mm.madvise(a, PMD_SIZE, Advice::PageOut).unwrap();
+    assert_eq!(swapped(&m.mm, a, PMD_NR), PMD_NR as usize);
+    let next = m.mm.pagemap(a + PMD_SIZE, PMD_NR).unwrap();
+    assert!(next.iter().all(|e| e.present && e.order == 9));
+    check(&m.mm, a, 2 * PMD_NR, 3);
+    m.mm.audit().unwrap();
 }

@@ -113,14 +113,17 @@ impl Mm {
                 };
                 // userfaultfd_remove: once the range checks out, the handlers that asked
                 // read of it, with no mmap lock held; the checks run again after.
-                if self
-                    .mmap_read()
-                    .state
-                    .vmas
-                    .overlapping(range)
-                    .any(|v| v.uffd().is_some())
-                {
-                    check(&self.mmap_read().state)?;
+                let armed = {
+                    let guard = self.mmap_read();
+                    check(&guard.state)?;
+                    let armed = guard
+                        .state
+                        .vmas
+                        .overlapping(range)
+                        .any(|v| v.uffd().is_some());
+                    armed
+                };
+                if armed {
                     super::userfaultfd::userfaultfd_remove(self, range);
                 }
                 let guard = self.mmap_read();

@@ -260,9 +260,11 @@ impl Mm {
     /// pages written.
     pub(super) fn madvise_pageout(&self, st: &MmState, range: VaRange) -> u64 {
         {
-            // A PMD leaf the range covers in part is split (split_huge_pmd).
+            // A present PMD leaf the range covers in part is split (split_huge_pmd): the
+            // leaves holding its first and its last page.
             let mut tlb = TlbGather::new(self);
-            for at in [range.start(), range.end()] {
+            let last = range.end() - crate::addr::PAGE_SIZE;
+            for at in [range.start(), last] {
                 let partial = {
                     let mut c = st.pt.cursor(VaRange::page_of(at), WalkMode::Lookup);
                     match c.current() {
