@@ -158,7 +158,8 @@ impl DevPagemapOps for DeviceOps {
         let mut m = migrate_vma_setup(vmf.mmap(), vmf.migrate_args(self.owner))
             .map_err(|_| VmFault::Sigbus)?;
         let pts: Vec<_> = open.iter().map(|s| &s.pt).collect();
-        let copied = alloc_and_copy_to_system(&mut m, &pts, || {
+        // The CPU reads the page as soon as the fault retries: cached stores.
+        let copied = alloc_and_copy_to_system(&mut m, &pts, true, || {
             mirror.as_deref().is_some_and(Shared::take_fail_alloc)
         });
         if let (Some(s), Ok(c)) = (&mirror, copied) {

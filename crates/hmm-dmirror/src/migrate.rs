@@ -93,9 +93,21 @@ pub(crate) fn alloc_and_copy_to_device(
 pub(crate) struct Copier<'p> {
     pairs: Vec<(FrameRef<'p>, FrameRef<'p>)>,
     counts: CopyCounts,
+    /// The CPU reads the destinations next (a CPU fault's `migrate_to_ram`): copy with
+    /// cached stores (`copy_highpage`), so the read that retries the fault finds the
+    /// bytes in its cache, rather than streaming them past it as a bulk copy does.
+    for_cpu: bool,
 }
 
 impl<'p> Copier<'p> {
+    /// A copier for the destinations of a CPU fault (see `for_cpu`).
+    pub(crate) fn for_cpu() -> Self {
+        Copier {
+            for_cpu: true,
+            ..Copier::default()
+        }
+    }
+
     /// Fills the folio `dst` (a page or a THP) from `src` (a folio of its order, or a page
     /// of a unit the migration will split, which is copied at once), or zero-fills it for
     /// a hole.
@@ -122,7 +134,15 @@ impl<'p> Copier<'p> {
 
     /// Runs the batch; every destination holds its bytes when this returns.
     pub(crate) fn finish(self) -> CopyCounts {
-        copy_folios(&self.pairs);
+        if self.for_cpu {
+            for (dst, src) in &self.pairs {
+                for k in 0..1 << dst.meta().order() {
+                    dst.folio_page(k).copy_from(&src.folio_page(k));
+                }
+            }
+        } else {
+            copy_folios(&self.pairs);
+        }
         self.counts
     }
 }
@@ -183,15 +203,21 @@ pub(crate) struct OutOfMemory;
 /// gets one system THP; if that allocation fails (or the one-shot `fail_alloc` fires) it
 /// falls back to 512 pages, and the core splits the device folio. An order-0 allocation
 /// failure (or `fail_alloc` on a single page) stops with `OutOfMemory`; the entries left
-/// without a destination stay on the device.
+/// without a destination stay on the device. With `for_cpu` (a CPU fault), the bytes are
+/// copied with cached stores ([`Copier::for_cpu`]).
 pub(crate) fn alloc_and_copy_to_system(
     m: &mut Migration<'_, '_>,
     pts: &[&parking_lot::Mutex<DevicePageTable>],
+    for_cpu: bool,
     mut fail_alloc: impl FnMut() -> bool,
 ) -> Result<CopyCounts, OutOfMemory> {
     let phys = std::sync::Arc::clone(m.mmap().mm().phys());
     let alloc = |order| alloc_locked(&phys, order);
-    let mut copier = Copier::default();
+    let mut copier = if for_cpu {
+        Copier::for_cpu()
+    } else {
+        Copier::default()
+    };
     let mut out = Ok(());
     let mut i = 0;
     while i < m.src().len() && out.is_ok() {

@@ -820,7 +820,8 @@ impl Dmirror {
             let mut m = migrate_vma_setup(mmap, args)?;
             let open = self.device.open_mirrors();
             let pts: Vec<_> = open.iter().map(|s| &s.pt).collect();
-            let copied = alloc_and_copy_to_system(&mut m, &pts, || self.shared.take_fail_alloc());
+            let copied =
+                alloc_and_copy_to_system(&mut m, &pts, false, || self.shared.take_fail_alloc());
             if let Ok(c) = copied {
                 self.shared.count_copies(0, c.copied);
             }

@@ -18,7 +18,7 @@ use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
-use hmm::phys::{copy_folios, FrameFlags, PhysConfig, PhysMem};
+use hmm::phys::{copy_folios, Frame, FrameFlags, PhysConfig, PhysMem};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
 const NPAGES: u64 = 512;
@@ -45,23 +45,37 @@ fn migrate(mm: &Mm, dev: &DevPagemap, a: VirtAddr, to_device: bool) {
         },
     )
     .expect("setup");
+    // The pages' destinations in one bulk allocation, the units' one by one.
+    let small = m
+        .src()
+        .iter()
+        .filter(|w| w.is_migrating() && w.npages() == 1)
+        .count();
+    let mut pages = if to_device {
+        dev.alloc_bulk(small, FrameFlags::empty())
+    } else {
+        let frames = mm.phys().alloc_bulk(small, FrameFlags::empty());
+        frames.into_iter().map(Frame::lock).collect()
+    }
+    .into_iter();
     let mut pairs = Vec::new();
     for i in 0..m.src().len() {
         let w = m.src()[i];
         if !w.is_migrating() {
             continue;
         }
-        let order = if w.npages() > 1 { PMD_ORDER } else { 0 };
-        let dst = if to_device {
-            dev.alloc(order, FrameFlags::empty())
-                .expect("device memory")
-        } else {
-            let f = mm
-                .phys()
-                .alloc(order, FrameFlags::empty())
-                .expect("RAM")
-                .lock();
-            f
+        let dst = match (w.npages(), to_device) {
+            (1, _) => pages.next().expect("memory for the pages"),
+            (_, true) => dev
+                .alloc(PMD_ORDER, FrameFlags::empty())
+                .expect("device memory"),
+            (_, false) => {
+                let f = mm
+                    .phys()
+                    .alloc(PMD_ORDER, FrameFlags::empty())
+                    .expect("RAM");
+                f.lock()
+            }
         };
         pairs.push((*dst, m.src_page(i).expect("a page or THP")));
         m.set_dst(i, dst, w.flags().contains(MigratePfnFlags::WRITE))

@@ -347,6 +347,32 @@ impl DevPagemap {
         Ok(frame.lock())
     }
 
+    /// Allocates up to `nr` order-0 device folios at once, locked, each holding one
+    /// reference, with `flags` set: [`alloc`](Self::alloc) for a batch, under one lock of
+    /// this CPU's free list (`alloc_pages_bulk`'s shape, for a driver that fills a
+    /// migration's destinations from its own pool). Returns fewer than `nr` when the
+    /// pagemap runs out, and none once it is retired.
+    #[doc(alias = "alloc_pages_bulk")]
+    pub fn alloc_bulk(&self, nr: usize, flags: FrameFlags) -> Vec<LockedFolio<'_>> {
+        if !self.is_live() {
+            return Vec::new();
+        }
+        let mut got = Vec::new();
+        self.region.alloc_bulk(nr, flags, &mut got);
+        let base = self.region.base();
+        let frames: Vec<Frame<'_>> = got
+            .into_iter()
+            .map(|i| Frame::adopt(&self.region, base + i as u64))
+            .collect();
+        if !self.is_live() {
+            // memunmap raced with this allocation and won: the handles give them back.
+            return Vec::new();
+        }
+        // Locked one by one, as `alloc` does (`lock_page`, which may sleep behind a scan
+        // by frame number).
+        frames.into_iter().map(Frame::lock).collect()
+    }
+
     /// Retires the pagemap (`memunmap_pages`): no more allocations, and its frames are no
     /// longer valid targets. Fails with `Busy` while any frame is allocated; the driver
     /// evicts them first (`migrate_device_range`).

@@ -31,7 +31,7 @@ use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER};
 use hmm::migrate::{migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags, Migration};
 use hmm::mm::{Advice, MapFlags, Mm, Prot};
 use hmm::notifier::Owner;
-use hmm::phys::{copy_folios, FrameFlags, PhysConfig, PhysMem};
+use hmm::phys::{copy_folios, Frame, FrameFlags, PhysConfig, PhysMem};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 use serde::Serialize;
 
@@ -204,10 +204,27 @@ pub(crate) fn copy_and_commit(
     phys: &PhysMem,
     device: Option<&DevPagemap>,
 ) -> Result<u64, Box<dyn Error>> {
-    let alloc = |order| -> Result<_, Box<dyn Error>> {
-        Ok(match device {
-            Some(dev) => dev.alloc(order, FrameFlags::empty())?,
-            None => phys.alloc(order, FrameFlags::empty())?.lock(),
+    // The pages' destinations in one bulk allocation (`alloc_pages_bulk`), the units'
+    // one by one.
+    let small = m
+        .src()
+        .iter()
+        .filter(|w| w.is_migrating() && w.npages() == 1)
+        .count();
+    let mut pages = match device {
+        Some(dev) => dev.alloc_bulk(small, FrameFlags::empty()),
+        None => phys
+            .alloc_bulk(small, FrameFlags::empty())
+            .into_iter()
+            .map(Frame::lock)
+            .collect(),
+    }
+    .into_iter();
+    let mut alloc = |order| -> Result<_, Box<dyn Error>> {
+        Ok(match (order, device) {
+            (0, _) => pages.next().ok_or("out of memory for 4 KiB destinations")?,
+            (_, Some(dev)) => dev.alloc(order, FrameFlags::empty())?,
+            (_, None) => phys.alloc(order, FrameFlags::empty())?.lock(),
         })
     };
     // One batched copy of the sources (whole folios: a page or a unit's head), as a

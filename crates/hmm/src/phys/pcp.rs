@@ -106,6 +106,37 @@ impl PcpLists {
         Ok(i as usize)
     }
 
+    /// Up to `nr` order-0 frames at once, appended to `out` (the kernel's
+    /// `alloc_pages_bulk`): this CPU's list is taken under its lock once, and what it
+    /// lacks comes straight from `blocks` under one lock, not a batch at a time. Returns
+    /// how many were appended: fewer than `nr` when the region runs out.
+    pub(crate) fn alloc_bulk(
+        &self,
+        blocks: &Mutex<BlockAllocator>,
+        nr: usize,
+        out: &mut Vec<usize>,
+    ) -> usize {
+        let list = self.local();
+        let mut frames = list.frames.lock();
+        let from_list = nr.min(frames.len());
+        let rest = frames.len() - from_list;
+        // The top of the list (freed last, warmest) first.
+        out.extend(frames.drain(rest..).rev().map(|i| i as usize));
+        let mut got = from_list;
+        if got < nr {
+            let mut b = blocks.lock();
+            while got < nr {
+                match b.alloc(0) {
+                    Ok(i) => out.push(i),
+                    Err(_) => break,
+                }
+                got += 1;
+            }
+        }
+        list.allocs.fetch_add(got as u64, Relaxed);
+        got
+    }
+
     /// Puts the free order-0 frame `i` on this CPU's list, giving a batch back to
     /// `blocks` when the list is over `high`.
     pub(crate) fn free(&self, i: usize, blocks: &Mutex<BlockAllocator>) {

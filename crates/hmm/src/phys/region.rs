@@ -157,6 +157,22 @@ impl Region {
         Ok(first)
     }
 
+    /// Up to `nr` order-0 folios with refcount 1 and `flags`, their indices appended to
+    /// `out` (`alloc_pages_bulk`); like [`take`](Self::take), drains the per-CPU lists and
+    /// tries once more when short. Returns how many: fewer than `nr` only when the region
+    /// has no more free frames.
+    pub(crate) fn alloc_bulk(&self, nr: usize, flags: FrameFlags, out: &mut Vec<usize>) -> usize {
+        let start = out.len();
+        let mut got = self.pcp.alloc_bulk(&self.alloc, nr, out);
+        if got < nr && self.pcp.drain_all(&self.alloc) > 0 {
+            got += self.pcp.alloc_bulk(&self.alloc, nr - got, out);
+        }
+        for &i in &out[start..] {
+            self.init_folio(i, 0, flags);
+        }
+        got
+    }
+
     /// Takes `2^order` free frames: order 0 from this CPU's list, order 9 from the block
     /// allocator. When that fails, the per-CPU lists may be holding the frames (or
     /// keeping blocks split): they are drained and the request tried once more.

@@ -211,3 +211,90 @@ fn frames_on_per_cpu_lists_are_free_and_drained_for_huge_allocations() {
     let s = p.stats();
     assert_eq!(s.nr_alloc_ops, 2 * free_at_start + free_at_start / PMD_NR);
 }
+
+#[test]
+fn bulk_allocation_hands_out_distinct_fresh_folios() {
+    let p = ram(8);
+    let free = p.nr_free();
+    let frames = p.alloc_bulk(300, FrameFlags::ANON);
+    assert_eq!(frames.len(), 300);
+    let distinct: std::collections::HashSet<_> = frames.iter().map(|f| f.pfn()).collect();
+    assert_eq!(distinct.len(), 300);
+    for f in &frames {
+        assert_eq!(f.meta().refcount(), 1);
+        assert_eq!(f.meta().order(), 0);
+        assert!(f.meta().flags().contains(FrameFlags::ANON));
+        assert!(!p.is_zero_pfn(f.pfn()));
+    }
+    assert_eq!(p.nr_free(), free - 300);
+    assert_eq!(p.stats().nr_alloc_ops - p.stats().nr_free_ops, 300);
+    drop(frames);
+    assert_eq!(p.nr_free(), free);
+    assert_eq!(p.nr_in_use(), 0);
+}
+
+#[test]
+fn bulk_allocation_stops_at_the_end_of_memory_whatever_it_is_asked() {
+    let p = ram(8);
+    let free = p.nr_free();
+    // One frame held by a single allocation, so the bulk one meets a partial block.
+    let one = p.alloc(0, FrameFlags::ANON).unwrap();
+    // Bounded by the free memory, not by the count asked for.
+    let all = p.alloc_bulk(usize::MAX, FrameFlags::ANON);
+    assert_eq!(all.len() as u64, free - 1);
+    assert!(p.alloc_bulk(1, FrameFlags::ANON).is_empty());
+    assert_eq!(p.alloc(0, FrameFlags::ANON).unwrap_err(), AllocError { order: 0 });
+    drop(all);
+    drop(one);
+    assert_eq!(p.nr_free(), free);
+    assert!(p.alloc(PMD_ORDER, FrameFlags::ANON).is_ok(), "blocks whole again");
+    assert!(p.alloc_bulk(0, FrameFlags::ANON).is_empty());
+}
+
+#[test]
+fn bulk_allocation_consults_fail_page_alloc_once_a_page() {
+    let p = ram(8);
+    let free = p.nr_free();
+    p.fail_page_alloc().fail_nth(5);
+    let frames = p.alloc_bulk(10, FrameFlags::ANON);
+    // Four pages passed; the fifth failed, and the ones after it went back.
+    assert_eq!(frames.len(), 4);
+    assert_eq!(p.fail_page_alloc().stats().calls, 5);
+    assert_eq!(p.fail_page_alloc().stats().injected, 1);
+    drop(frames);
+    assert_eq!(p.nr_free(), free);
+    assert_eq!(p.nr_in_use(), 0);
+}
+
+#[test]
+fn device_bulk_allocation_locks_each_folio_and_ends_with_the_pagemap() {
+    use crate::notifier::Owner;
+    use crate::zone_device::{memremap_pages, DevPagemapOps, MemoryType, PagemapConfig};
+    struct Ops;
+    impl DevPagemapOps for Ops {}
+    let p = ram(8);
+    let dev = memremap_pages(
+        &p,
+        PagemapConfig {
+            kind: MemoryType::DevicePrivate,
+            owner: Owner::new_unique(),
+            size_bytes: 4 << 20,
+        },
+        Arc::new(Ops),
+    )
+    .unwrap();
+    let folios = dev.alloc_bulk(100, FrameFlags::empty());
+    assert_eq!(folios.len(), 100);
+    assert!(folios
+        .iter()
+        .all(|f| f.meta().flags().contains(FrameFlags::LOCKED) && f.meta().refcount() == 1));
+    assert_eq!(dev.nr_in_use(), 100);
+    drop(folios);
+    assert_eq!(dev.nr_in_use(), 0);
+    assert_eq!(
+        dev.alloc_bulk(usize::MAX, FrameFlags::empty()).len() as u64,
+        dev.nr_frames()
+    );
+    dev.memunmap().unwrap();
+    assert!(dev.alloc_bulk(1, FrameFlags::empty()).is_empty());
+}
