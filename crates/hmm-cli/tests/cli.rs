@@ -192,6 +192,21 @@ fn bench_all_quick_reports_every_scenario_and_plots_it() {
         assert_eq!(ratio["rounds"], 1, "{row}");
         let median = ratio["median"].as_f64().unwrap();
         assert!(median > 0.0 && ratio["low"] == ratio["high"], "{row}");
+        // Where a page's time goes: every stage timed, and their sum most of the
+        // migration's wall time (threads' times added).
+        let st = &row["stages_ns_per_page"];
+        let stage = |k: &str| st[k].as_f64().unwrap();
+        let total: f64 = ["setup", "alloc", "copy", "pages", "finalize"]
+            .iter()
+            .map(|k| stage(k))
+            .sum();
+        assert!(stage("copy") > 0.0 && stage("setup") > 0.0, "{row}");
+        let wall_ns = 4096.0 / g;
+        assert!(
+            total * 1.05 >= wall_ns * row["threads"].as_f64().unwrap() / 2.0,
+            "{row}"
+        );
+        assert!(row["memcpy_ns_per_page"].as_f64().unwrap() > 0.0, "{row}");
         for key in ["speedup", "memcpy_speedup"] {
             if row["threads"] == 1 {
                 assert!(row[key].is_null(), "{row}");

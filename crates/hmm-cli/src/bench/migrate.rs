@@ -17,6 +17,12 @@
 //! different moments would measure the machine as much as the migration. `gbps` and
 //! `memcpy_gbps` are the median rounds, for reference.
 //!
+//! Each row also says where a page's time goes: the time of each stage as a driver drives
+//! it (`setup`: `migrate_vma_setup`; `alloc`: the destinations, handed over with `set_dst`;
+//! `copy`: the batched copy; `pages`: `migrate_vma_pages`; `finalize`:
+//! `migrate_vma_finalize`), summed over the timed rounds' calls (and threads) and divided
+//! by the pages moved, beside memcpy's time for a page's bytes.
+//!
 //! `--threads N` migrates N slices of the region concurrently (and copies N slices for the
 //! baseline); each round then also migrates the same region, and copies the same bytes, on
 //! one thread, first or second in turn, and the row's `speedup` and `memcpy_speedup` are
@@ -64,6 +70,57 @@ pub(crate) struct MigrateRow {
     /// The same for the memcpy baseline: how far the machine itself scales.
     #[serde(skip_serializing_if = "Option::is_none")]
     memcpy_speedup: Option<PairedRatio>,
+    /// Where a page's time goes, in ns per page (threads' times added).
+    stages_ns_per_page: StageNs,
+    /// The median memcpy round's time for one page's bytes, in ns.
+    memcpy_ns_per_page: f64,
+}
+
+/// The time of each stage of a migration, summed over its `migrate_vma` calls.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stages {
+    setup: Duration,
+    alloc: Duration,
+    copy: Duration,
+    pages: Duration,
+    finalize: Duration,
+}
+
+impl std::ops::AddAssign for Stages {
+    fn add_assign(&mut self, o: Stages) {
+        self.setup += o.setup;
+        self.alloc += o.alloc;
+        self.copy += o.copy;
+        self.pages += o.pages;
+        self.finalize += o.finalize;
+    }
+}
+
+/// [`Stages`] per page, in ns.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct StageNs {
+    setup: f64,
+    alloc: f64,
+    copy: f64,
+    pages: f64,
+    finalize: f64,
+}
+
+impl StageNs {
+    fn new(s: Stages, pages: u64) -> StageNs {
+        let ns = |d: Duration| d.as_nanos() as f64 / pages.max(1) as f64;
+        StageNs {
+            setup: ns(s.setup),
+            alloc: ns(s.alloc),
+            copy: ns(s.copy),
+            pages: ns(s.pages),
+            finalize: ns(s.finalize),
+        }
+    }
+
+    fn total(&self) -> f64 {
+        self.setup + self.alloc + self.copy + self.pages + self.finalize
+    }
 }
 
 impl MigrateRow {
@@ -163,8 +220,15 @@ fn byte(i: u64) -> u8 {
     (i ^ (i >> 12).wrapping_mul(31)) as u8
 }
 
-/// Migrates `[start, start + len)` to the device (`to_device`) or back, in chunks.
-fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64, Box<dyn Error>> {
+/// Migrates `[start, start + len)` to the device (`to_device`) or back, in chunks; returns
+/// the pages moved and the time of each stage.
+fn migrate(
+    s: &Setup,
+    start: VirtAddr,
+    len: u64,
+    to_device: bool,
+) -> Result<(u64, Stages), Box<dyn Error>> {
+    let mut stages = Stages::default();
     let mmap = s.mm.mmap_read();
     let phys = s.mm.phys();
     let mut moved = 0;
@@ -180,6 +244,7 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
             } else {
                 MigrateVmaFlags::SELECT_DEVICE_PRIVATE
             };
+        let t = Instant::now();
         let m = migrate_vma_setup(
             &mmap,
             MigrateVma {
@@ -190,20 +255,32 @@ fn migrate(s: &Setup, start: VirtAddr, len: u64, to_device: bool) -> Result<u64,
                 fault_page: None,
             },
         )?;
-        moved += copy_and_commit(m, phys, to_device.then_some(&*s.dev))?;
+        stages.setup += t.elapsed();
+        moved += copy_and_commit_timed(m, phys, to_device.then_some(&*s.dev), &mut stages)?;
         at = next;
     }
-    Ok(moved)
+    Ok((moved, stages))
 }
 
 /// Gives every migrating entry of `m` a destination, on `device` or (`None`) in system
 /// memory, holding the source's bytes (zeros for a hole), then commits and finalizes;
 /// returns the pages migrated. A unit (`COMPOUND`) gets one order-9 folio.
 pub(crate) fn copy_and_commit(
-    mut m: Migration<'_, '_>,
+    m: Migration<'_, '_>,
     phys: &PhysMem,
     device: Option<&DevPagemap>,
 ) -> Result<u64, Box<dyn Error>> {
+    copy_and_commit_timed(m, phys, device, &mut Stages::default())
+}
+
+/// [`copy_and_commit`], adding the time of each stage after the setup to `stages`.
+fn copy_and_commit_timed(
+    mut m: Migration<'_, '_>,
+    phys: &PhysMem,
+    device: Option<&DevPagemap>,
+    stages: &mut Stages,
+) -> Result<u64, Box<dyn Error>> {
+    let t = Instant::now();
     // The pages' destinations in one bulk allocation (`alloc_pages_bulk`), the units'
     // one by one.
     let small = m
@@ -247,8 +324,21 @@ pub(crate) fn copy_and_commit(
         )
         .map_err(|e| e.to_string())?;
     }
+    let t = lap(t, &mut stages.alloc);
     copy_folios(&pairs);
-    Ok(m.pages().finalize().migrated)
+    let t = lap(t, &mut stages.copy);
+    let p = m.pages();
+    let t = lap(t, &mut stages.pages);
+    let migrated = p.finalize().migrated;
+    lap(t, &mut stages.finalize);
+    Ok(migrated)
+}
+
+/// Adds the time since `t` to `into`; returns now.
+fn lap(t: Instant, into: &mut Duration) -> Instant {
+    let now = Instant::now();
+    *into += now - t;
+    now
 }
 
 /// Runs `work(k)` for `k` in `0..n` on `n` threads started together (a barrier), and
@@ -282,23 +372,25 @@ fn migrate_all(
     s: &Setup,
     threads: usize,
     to_device: bool,
-) -> Result<(Duration, u64), Box<dyn Error>> {
+) -> Result<(Duration, u64, Stages), Box<dyn Error>> {
     let pages = s.size / PAGE_SIZE;
     let per = pages.div_ceil(threads as u64);
     let (t, results) = timed_parallel(threads, |k| {
         let first = (k as u64 * per).min(pages);
         let n = per.min(pages - first);
         if n == 0 {
-            return Ok(0);
+            return Ok((0, Stages::default()));
         }
         let start = s.base.checked_add(first * PAGE_SIZE).expect("inside");
         migrate(s, start, n * PAGE_SIZE, to_device).map_err(|e| e.to_string())
     });
-    let mut total = 0;
+    let (mut total, mut stages) = (0, Stages::default());
     for r in results {
-        total += r?;
+        let (moved, st) = r?;
+        total += moved;
+        stages += st;
     }
-    Ok((t, total))
+    Ok((t, total, stages))
 }
 
 /// The baseline: `size` bytes copied between two warm buffers, in `threads` slices at
@@ -386,6 +478,9 @@ pub(crate) fn migrate_rows(
             let mut to_dev = (Vec::new(), Vec::new());
             let mut to_sys = (Vec::new(), Vec::new());
             let mut copies = (Vec::new(), Vec::new());
+            // The stages of the timed migrations on `threads` threads, and their pages.
+            let (mut dev_stages, mut sys_stages, mut staged) =
+                (Stages::default(), Stages::default(), 0);
             for round in 0..iters {
                 if round > 0 && interrupt::requested() {
                     break;
@@ -402,7 +497,7 @@ pub(crate) fn migrate_rows(
                     // odd ones, so neither always runs on a cache the other warmed.
                     let memcpy_first = round % 2 == 0;
                     let copy_before = memcpy_first.then(|| copier.time(n));
-                    let (t, moved) = migrate_all(&s, n, true)?;
+                    let (t, moved, st_dev) = migrate_all(&s, n, true)?;
                     if moved != size / PAGE_SIZE {
                         return Err(format!(
                             "{moved} of {} pages reached the device",
@@ -410,13 +505,18 @@ pub(crate) fn migrate_rows(
                         )
                         .into());
                     }
-                    let (t_back, moved) = migrate_all(&s, n, false)?;
+                    let (t_back, moved, st_sys) = migrate_all(&s, n, false)?;
                     if moved != size / PAGE_SIZE {
                         return Err(
                             format!("{moved} of {} pages came back", size / PAGE_SIZE).into()
                         );
                     }
                     let copy = copy_before.unwrap_or_else(|| copier.time(n));
+                    if n == threads {
+                        dev_stages += st_dev;
+                        sys_stages += st_sys;
+                        staged += moved;
+                    }
                     let (dev, sys, cp) = if n == threads {
                         (&mut to_dev.0, &mut to_sys.0, &mut copies.0)
                     } else {
@@ -432,9 +532,15 @@ pub(crate) fn migrate_rows(
                     return Err("bytes changed across a round trip".into());
                 }
             }
-            let memcpy = gbps(size, median(copies.0.clone()));
+            let memcpy_time = median(copies.0.clone());
+            let memcpy = gbps(size, memcpy_time);
+            let memcpy_ns_per_page =
+                memcpy_time.as_nanos() as f64 / (size / PAGE_SIZE) as f64 * threads as f64;
             let memcpy_speedup = PairedRatio::new(&copies.1, &copies.0);
-            for (direction, (times, one)) in [("sys_to_dev", to_dev), ("dev_to_sys", to_sys)] {
+            for (direction, (times, one), stages) in [
+                ("sys_to_dev", to_dev, dev_stages),
+                ("dev_to_sys", to_sys, sys_stages),
+            ] {
                 let row = MigrateRow {
                     size_bytes: size,
                     thp,
@@ -445,6 +551,8 @@ pub(crate) fn migrate_rows(
                     ratio: PairedRatio::new(&copies.0, &times).ok_or("no rounds")?,
                     speedup: PairedRatio::new(&one, &times),
                     memcpy_speedup,
+                    stages_ns_per_page: StageNs::new(stages, staged),
+                    memcpy_ns_per_page,
                 };
                 progress(&row);
                 rows.push(row);
@@ -480,6 +588,41 @@ pub(crate) fn print_table(rows: &[MigrateRow]) {
             format!("{:.2}", r.ratio),
             show(r.speedup),
             show(r.memcpy_speedup)
+        );
+    }
+    outln!();
+    outln!(
+        "where a page's time goes, ns per page (the timed rounds' stages, threads' times added):"
+    );
+    outln!(
+        "{:>10} {:>5} {:>11} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7}",
+        "size",
+        "thp",
+        "direction",
+        "threads",
+        "setup",
+        "alloc",
+        "copy",
+        "pages",
+        "finalize",
+        "total",
+        "memcpy"
+    );
+    for r in rows {
+        let st = &r.stages_ns_per_page;
+        outln!(
+            "{:>10} {:>5} {:>11} {:>7} {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>7.0} {:>7.0}",
+            human(r.size_bytes),
+            r.thp,
+            r.direction,
+            r.threads,
+            st.setup,
+            st.alloc,
+            st.copy,
+            st.pages,
+            st.finalize,
+            st.total(),
+            r.memcpy_ns_per_page
         );
     }
 }

@@ -243,11 +243,17 @@ fn bulk_allocation_stops_at_the_end_of_memory_whatever_it_is_asked() {
     let all = p.alloc_bulk(usize::MAX, FrameFlags::ANON);
     assert_eq!(all.len() as u64, free - 1);
     assert!(p.alloc_bulk(1, FrameFlags::ANON).is_empty());
-    assert_eq!(p.alloc(0, FrameFlags::ANON).unwrap_err(), AllocError { order: 0 });
+    assert_eq!(
+        p.alloc(0, FrameFlags::ANON).unwrap_err(),
+        AllocError { order: 0 }
+    );
     drop(all);
     drop(one);
     assert_eq!(p.nr_free(), free);
-    assert!(p.alloc(PMD_ORDER, FrameFlags::ANON).is_ok(), "blocks whole again");
+    assert!(
+        p.alloc(PMD_ORDER, FrameFlags::ANON).is_ok(),
+        "blocks whole again"
+    );
     assert!(p.alloc_bulk(0, FrameFlags::ANON).is_empty());
 }
 
