@@ -87,15 +87,16 @@ pub(crate) fn alloc_and_copy_to_device(
 }
 
 /// The copies of one allocate-and-copy (or eviction) pass, handed to the device's copy
-/// engine as one batch ([`copy_folios`]) before the migration commits; holes are
-/// zero-filled at once.
+/// engine as one batch ([`copy_folios`]) before the migration commits, or copied with
+/// cached stores for a CPU fault ([`Copier::for_cpu`]); holes are zero-filled at once.
 #[derive(Default)]
 pub(crate) struct Copier<'p> {
     pairs: Vec<(FrameRef<'p>, FrameRef<'p>)>,
     counts: CopyCounts,
-    /// The CPU reads the destinations next (a CPU fault's `migrate_to_ram`): copy with
-    /// cached stores (`copy_highpage`), so the read that retries the fault finds the
-    /// bytes in its cache, rather than streaming them past it as a bulk copy does.
+    /// The CPU reads the destinations next (a CPU fault's `migrate_to_ram`): copy single
+    /// pages with cached stores (`copy_highpage`), so the read that retries the fault
+    /// finds the bytes in its cache, rather than streaming them past it as a bulk copy
+    /// does.
     for_cpu: bool,
 }
 
@@ -133,16 +134,19 @@ impl<'p> Copier<'p> {
     }
 
     /// Runs the batch; every destination holds its bytes when this returns.
-    pub(crate) fn finish(self) -> CopyCounts {
+    pub(crate) fn finish(mut self) -> CopyCounts {
         if self.for_cpu {
-            for (dst, src) in &self.pairs {
-                for k in 0..1 << dst.meta().order() {
-                    dst.folio_page(k).copy_from(&src.folio_page(k));
+            // Single pages with cached stores; a 2 MiB folio still streams (cached, it
+            // would push most of the faulting CPU's cache out for the one page it reads).
+            self.pairs.retain(|(dst, src)| {
+                let small = dst.meta().order() == 0;
+                if small {
+                    dst.copy_from(src);
                 }
-            }
-        } else {
-            copy_folios(&self.pairs);
+                !small
+            });
         }
+        copy_folios(&self.pairs);
         self.counts
     }
 }

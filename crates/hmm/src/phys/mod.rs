@@ -456,12 +456,13 @@ impl PhysMem {
     /// Allocates up to `nr` order-0 folios at once, each holding one reference, with
     /// `flags` set (the kernel's `alloc_pages_bulk`): a migration's destinations taken
     /// from this CPU's free list under one lock, with what the list lacks taken from the
-    /// block allocator under one more, instead of one allocation per page. Returns fewer
-    /// than `nr` when memory runs out, or where [`fail_page_alloc`](Self::fail_page_alloc)
-    /// fails a page (it is consulted once per page, in order, as `nr` calls of
-    /// [`alloc`](Self::alloc) would consult it; the pages from the failed one on are
-    /// given back). The vector holds only what was allocated: its size is bounded by the
-    /// machine's free memory, whatever `nr` is.
+    /// block allocator a few blocks at a time, instead of one allocation per page.
+    /// Returns fewer than `nr` when memory runs out, or where
+    /// [`fail_page_alloc`](Self::fail_page_alloc) fails a page: it is consulted once for
+    /// each page obtained, in order, until it fails (the pages from the failed one on are
+    /// given back), so a fail-nth sweep meets the same failure points as one
+    /// [`alloc`](Self::alloc) per page while memory lasts. The vector holds only what was
+    /// allocated: its size is bounded by the machine's free memory, whatever `nr` is.
     #[doc(alias = "alloc_pages_bulk")]
     pub fn alloc_bulk(&self, nr: usize, flags: FrameFlags) -> Vec<Frame<'_>> {
         let mut got = Vec::new();
@@ -470,15 +471,15 @@ impl PhysMem {
             .iter()
             .position(|_| self.fail_page_alloc.should_fail())
             .unwrap_or(got.len());
-        if self.watermarks.armed() {
-            self.watermarks.check(self.region.nr_free() as u64);
-        }
         let mut frames: Vec<Frame<'_>> = got
             .into_iter()
             .map(|i| Frame::adopt(&self.region, i as u64))
             .collect();
         // Dropping the handles frees the pages past the injected failure.
         frames.truncate(kept);
+        if self.watermarks.armed() {
+            self.watermarks.check(self.region.nr_free() as u64);
+        }
         frames
     }
 

@@ -31,6 +31,10 @@ use super::alloc::{AllocError, BlockAllocator};
 use super::cpu;
 use crate::sync::Mutex;
 
+/// Frames a bulk allocation takes from the block allocator per hold of its lock: one
+/// block's worth.
+pub(crate) const BULK_CHUNK: usize = 512;
+
 /// One CPU's list, alone on its cache lines (two, for the adjacent-line prefetcher).
 #[repr(align(128))]
 struct PcpList {
@@ -108,8 +112,9 @@ impl PcpLists {
 
     /// Up to `nr` order-0 frames at once, appended to `out` (the kernel's
     /// `alloc_pages_bulk`): this CPU's list is taken under its lock once, and what it
-    /// lacks comes straight from `blocks` under one lock, not a batch at a time. Returns
-    /// how many were appended: fewer than `nr` when the region runs out.
+    /// lacks comes straight from `blocks`, [`BULK_CHUNK`] frames per hold of its lock (so
+    /// a request as large as memory does not keep other CPUs off the allocator while it
+    /// runs). Returns how many were appended: fewer than `nr` when the region runs out.
     pub(crate) fn alloc_bulk(
         &self,
         blocks: &Mutex<BlockAllocator>,
@@ -117,18 +122,22 @@ impl PcpLists {
         out: &mut Vec<usize>,
     ) -> usize {
         let list = self.local();
-        let mut frames = list.frames.lock();
-        let from_list = nr.min(frames.len());
-        let rest = frames.len() - from_list;
-        // The top of the list (freed last, warmest) first.
-        out.extend(frames.drain(rest..).rev().map(|i| i as usize));
-        let mut got = from_list;
-        if got < nr {
+        let mut got = {
+            let mut frames = list.frames.lock();
+            let from_list = nr.min(frames.len());
+            let rest = frames.len() - from_list;
+            // The top of the list (freed last, warmest) first.
+            out.extend(frames.drain(rest..).rev().map(|i| i as usize));
+            from_list
+        };
+        'refill: while got < nr {
+            let want = (nr - got).min(BULK_CHUNK);
+            out.reserve(want);
             let mut b = blocks.lock();
-            while got < nr {
+            for _ in 0..want {
                 match b.alloc(0) {
                     Ok(i) => out.push(i),
-                    Err(_) => break,
+                    Err(_) => break 'refill,
                 }
                 got += 1;
             }
