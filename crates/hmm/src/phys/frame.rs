@@ -153,8 +153,8 @@ impl<'a> FrameRef<'a> {
         }
     }
 
-    /// Splits this frozen, locked, unmapped order-9 folio head into 512 locked order-0
-    /// folios: each tail gets one reference, the head `head_refs` (see
+    /// Splits this frozen, locked, unmapped large folio head (order 1 to 9) into locked
+    /// order-0 folios: each tail gets one reference, the head `head_refs` (see
     /// `Region::split_frozen`).
     pub(crate) fn split_frozen(&self, head_refs: u32) {
         self.region.split_frozen(self.index(), head_refs);

@@ -82,6 +82,9 @@ pub struct FrameMeta {
     pincount: AtomicU32,
     flags: AtomicU32,
     order: AtomicU8,
+    /// A tail page's folio's order (the kernel's tails point at their head,
+    /// `compound_head`; here the head is the tail's index aligned down to it).
+    folio_order: AtomicU8,
     index: AtomicU64,
     /// What the folio belongs to: a [`MappingId`]'s word, 0 for nothing.
     mapping: AtomicU64,
@@ -104,6 +107,7 @@ fn fields_are_zero_valid(m: &FrameMeta) {
         pincount,
         flags,
         order,
+        folio_order,
         index,
         mapping,
         zone_device_data,
@@ -114,6 +118,7 @@ fn fields_are_zero_valid(m: &FrameMeta) {
     zero_valid(pincount);
     zero_valid(flags);
     zero_valid(order);
+    zero_valid(folio_order);
     zero_valid(index);
     zero_valid(mapping);
     zero_valid(zone_device_data);
@@ -224,6 +229,11 @@ impl FrameMeta {
         u32::from(self.order.load(Ordering::Relaxed))
     }
 
+    /// For a tail page, the order of the folio it belongs to.
+    pub(crate) fn folio_order(&self) -> u32 {
+        u32::from(self.folio_order.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn set_order(&self, order: u32) {
         self.order.store(order as u8, Ordering::Relaxed);
     }
@@ -252,8 +262,10 @@ impl FrameMeta {
         self.refcount.store(1, Ordering::Release);
     }
 
-    /// Resets a tail page of a compound folio: no reference of its own (the head counts).
-    pub(crate) fn init_tail(&self) {
+    /// Resets a tail page of a compound folio of `folio_order`: no reference of its own
+    /// (the head counts).
+    pub(crate) fn init_tail(&self, folio_order: u32) {
+        self.folio_order.store(folio_order as u8, Ordering::Relaxed);
         self.flags.store(FrameFlags::TAIL.bits(), Ordering::Release);
         self.set_order(0);
         self.mapcount.store(0, Ordering::Relaxed);

@@ -438,9 +438,11 @@ impl PhysMem {
         Some(Frame::adopt(&self.region, head as u64))
     }
 
-    /// Allocates a folio of `2^order` frames (`order` 0 or 9) holding one reference, with
-    /// `flags` set. Its contents are whatever its previous user left: use
-    /// [`alloc_zeroed`](Self::alloc_zeroed) or overwrite it.
+    /// Allocates a folio of `2^order` frames (`order` 0 to 9: a page, a multi-size THP of
+    /// 8 KiB to 1 MiB, or a PMD-sized THP), aligned to its size, holding one reference,
+    /// with `flags` set. Its contents are whatever its previous user left: use
+    /// [`alloc_zeroed`](Self::alloc_zeroed) or overwrite it. A larger order is
+    /// `AllocError`.
     #[doc(alias = "folio_alloc")]
     pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
         if self.fail_page_alloc.should_fail() {

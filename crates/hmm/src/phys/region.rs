@@ -194,18 +194,20 @@ impl Region {
             self.meta[first].init(flags, 0);
             return;
         }
-        debug_assert_eq!(order, PMD_ORDER);
+        debug_assert!(order <= PMD_ORDER);
         for m in &self.meta[first + 1..first + (1 << order)] {
-            m.init_tail();
+            m.init_tail(order);
         }
         self.meta[first].init(flags | FrameFlags::HEAD, order);
     }
 
-    /// The head frame of the folio containing frame `i`.
+    /// The head frame of the folio containing frame `i`: folios are aligned to their
+    /// size, so a tail's head is its index aligned down to its folio's order.
     #[inline]
     pub(crate) fn head_of(&self, i: usize) -> usize {
-        if self.meta[i].flags().contains(FrameFlags::TAIL) {
-            i & !(BLOCK_FRAMES - 1)
+        let m = &self.meta[i];
+        if m.flags().contains(FrameFlags::TAIL) {
+            i & !((1 << m.folio_order()) - 1)
         } else {
             i
         }
@@ -295,14 +297,15 @@ impl Region {
 }
 
 impl Region {
-    /// Splits the frozen (refcount 0), locked, unmapped order-9 folio at `head` into 512
-    /// locked order-0 folios, keeping the head's page flags and mapping
+    /// Splits the frozen (refcount 0), locked, unmapped large folio at `head` (order 1 to
+    /// 9) into locked order-0 folios, keeping the head's page flags and mapping
     /// (`__split_huge_page`). Each tail gets one reference, the head `head_refs` (the
     /// references the freeze found). The caller maps them back, then unlocks and drops
     /// the references.
     pub(crate) fn split_frozen(&self, head: usize, head_refs: u32) {
         let hm = &self.meta[head];
-        assert_eq!(hm.order(), PMD_ORDER, "split of a small folio");
+        let order = hm.order();
+        assert!(order > 0, "split of a small folio");
         assert_eq!(hm.refcount(), 0, "split of an unfrozen folio");
         assert!(hm.is_locked(), "split of an unlocked folio");
         // The folio's flags go to every page; anon-exclusivity is each page's own.
@@ -312,8 +315,11 @@ impl Region {
             - FrameFlags::HEAD
             - FrameFlags::TAIL
             - FrameFlags::ANON_EXCLUSIVE;
-        self.alloc.lock().split_allocated(head);
-        for (i, m) in self.meta[head + 1..head + BLOCK_FRAMES].iter().enumerate() {
+        if order == PMD_ORDER {
+            // A whole block becomes 512 frames; a smaller folio's frames already are.
+            self.alloc.lock().split_allocated(head);
+        }
+        for (i, m) in self.meta[head + 1..head + (1 << order)].iter().enumerate() {
             let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
             m.become_split_page(hm, i as u64 + 1, keep | own);
         }

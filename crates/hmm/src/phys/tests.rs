@@ -82,6 +82,55 @@ fn huge_folios_count_on_the_head() {
     assert!(!tail.meta().flags().contains(FrameFlags::TAIL));
 }
 
+/// Folios of every order from 8 KiB to 1 MiB (the multi-size THPs' orders) are aligned,
+/// counted on their head, found from any tail, freed whole, and split into pages.
+#[test]
+fn folios_of_every_small_order_count_on_the_head_and_split() {
+    let p = ram(8);
+    for order in 1..PMD_ORDER {
+        let n = 1u64 << order;
+        let f = p.alloc_zeroed(order, FrameFlags::ANON).unwrap();
+        let head = f.pfn();
+        assert!(head.is_aligned_to_order(order), "order {order}");
+        assert_eq!(f.meta().order(), order);
+        assert_eq!(p.nr_in_use(), n);
+        for k in 1..n {
+            let tail = p.frame(head.checked_add(k).unwrap());
+            assert!(tail.meta().flags().contains(FrameFlags::TAIL));
+            assert_eq!(tail.folio().pfn(), head, "order {order} page {k}");
+        }
+        // The page after the folio is not part of it.
+        let next = p.frame(head.checked_add(n).unwrap());
+        assert_ne!(next.folio().pfn(), head);
+        drop(f);
+        assert_eq!(p.nr_in_use(), 0, "order {order} freed whole");
+    }
+    // Split an order-4 folio: 16 locked pages, each with its own reference.
+    let f = p.alloc(4, FrameFlags::ANON).unwrap().lock();
+    let head = f.pfn();
+    let raw = f.into_raw_nr();
+    let h = p.frame(head);
+    assert!(h.meta().freeze(1));
+    h.split_frozen(1);
+    for k in 0..16 {
+        let page = p.frame(head.checked_add(k).unwrap());
+        assert_eq!(page.folio().pfn(), page.pfn());
+        assert_eq!(page.meta().order(), 0);
+        assert_eq!(page.meta().refcount(), 1);
+        assert!(page.meta().flags().contains(FrameFlags::ANON));
+        page.meta().unlock();
+        assert_eq!(page.put(), Freed::Yes);
+    }
+    assert_eq!(raw, head.as_u64());
+    assert_eq!(p.nr_in_use(), 0);
+    // Both blocks without a zero page are whole again.
+    let blocks: Vec<_> = (0..2)
+        .map(|_| p.alloc(PMD_ORDER, FrameFlags::ANON).unwrap())
+        .collect();
+    assert_eq!(p.nr_in_use(), 2 * PMD_NR);
+    drop(blocks);
+}
+
 #[test]
 fn contents_are_shared_between_threads() {
     let p = ram(8);
