@@ -149,6 +149,11 @@ enum Command {
         #[arg(long, default_value_t = 2, allow_hyphen_values = true,
               value_parser = sized::<u64>(0, MAX_THPS, |t| stress::need(1, t)))]
         thps: u64,
+        /// Multi-size THP in the page slots: every write fault to an empty 16, 32 or 64
+        /// KiB there maps a folio of that size, which fork, migration, pageout and the
+        /// churn then meet.
+        #[arg(long)]
+        mthp: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -767,6 +772,7 @@ fn main() -> ExitCode {
             pages,
             fail_alloc,
             thps,
+            mthp,
             json,
         } => stress(stress::Config {
             seconds,
@@ -776,6 +782,7 @@ fn main() -> ExitCode {
             pages,
             fail_alloc,
             thps,
+            mthp,
             json,
         }),
     };

@@ -40,9 +40,12 @@ pub(crate) enum FaultKind {
     DevicePrivate,
     /// Fault on a swap entry that read the page back (`do_swap_page`).
     SwapIn,
+    /// Write to empty PTEs: allocated a zeroed multi-size THP and mapped all its pages
+    /// (the per-size `anon_fault_alloc`).
+    MthpAnon,
 }
 
-const NR_FAULT_KINDS: usize = 12;
+const NR_FAULT_KINDS: usize = 13;
 
 /// Faults by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -71,6 +74,9 @@ pub struct FaultStats {
     pub device_private: u64,
     /// Faults on swap entries that read the page back (`pgmajfault`).
     pub swap_in: u64,
+    /// Write faults that allocated a zeroed multi-size THP (the per-size
+    /// `anon_fault_alloc`, summed over sizes).
+    pub mthp_anon: u64,
 }
 
 impl FaultStats {
@@ -88,6 +94,7 @@ impl FaultStats {
             + self.hugetlb
             + self.device_private
             + self.swap_in
+            + self.mthp_anon
     }
 }
 
@@ -157,6 +164,9 @@ pub struct MmStats {
     pub thp_collapse: u64,
     /// THPs split into small pages after part of them was unmapped (`thp_split_page`).
     pub thp_split_folio: u64,
+    /// Multi-size THP allocations that failed on a write fault, which then tried the next
+    /// smaller enabled size or a page (the per-size `anon_fault_fallback`, summed).
+    pub mthp_fault_fallback: u64,
     /// Reverse-map walks that visited this address space (a folio's walk visits the
     /// address spaces that can map it: see `mm::rmap`).
     #[doc(alias = "rmap_walk")]
@@ -211,6 +221,7 @@ impl MmStats {
                 hugetlb: d(f.hugetlb, ef.hugetlb),
                 device_private: d(f.device_private, ef.device_private),
                 swap_in: d(f.swap_in, ef.swap_in),
+                mthp_anon: d(f.mthp_anon, ef.mthp_anon),
             },
             tlb_flush_ops: d(self.tlb_flush_ops, earlier.tlb_flush_ops),
             tlb_flush_pages: d(self.tlb_flush_pages, earlier.tlb_flush_pages),
@@ -219,6 +230,7 @@ impl MmStats {
             thp_split_pmd: d(self.thp_split_pmd, earlier.thp_split_pmd),
             thp_collapse: d(self.thp_collapse, earlier.thp_collapse),
             thp_split_folio: d(self.thp_split_folio, earlier.thp_split_folio),
+            mthp_fault_fallback: d(self.mthp_fault_fallback, earlier.mthp_fault_fallback),
             rmap_visits: d(self.rmap_visits, earlier.rmap_visits),
             migrate: MigrateStats {
                 setups: d(self.migrate.setups, earlier.migrate.setups),
@@ -275,6 +287,7 @@ impl std::fmt::Display for MmStats {
             ("migration wait", fl.migration_wait),
             ("device-exclusive", fl.device_exclusive),
             ("THP", fl.thp_anon),
+            ("mTHP", fl.mthp_anon),
             ("huge zero page", fl.thp_zero),
             ("hugetlb", fl.hugetlb),
             ("device-private", fl.device_private),
@@ -323,6 +336,7 @@ impl std::fmt::Display for MmStats {
             ("PMD splits", self.thp_split_pmd),
             ("folio splits", self.thp_split_folio),
             ("collapses", self.thp_collapse),
+            ("mTHP fallbacks", self.mthp_fault_fallback),
         ]) {
             lines.push(format!("THP: {l}"));
         }
@@ -360,6 +374,7 @@ pub(crate) struct MmCounters {
     migrate_restored: AtomicU64,
     thp_collapse: AtomicU64,
     thp_split_folio: AtomicU64,
+    mthp_fault_fallback: AtomicU64,
     rmap_visits: AtomicU64,
     uffd_faults: AtomicU64,
     uffd_filled: AtomicU64,
@@ -446,6 +461,10 @@ impl MmCounters {
         self.uffd_moved.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn mthp_fault_fallback(&self) {
+        self.mthp_fault_fallback.fetch_add(1, Relaxed);
+    }
+
     pub(crate) fn thp_collapse(&self) {
         self.thp_collapse.fetch_add(1, Relaxed);
     }
@@ -468,6 +487,7 @@ impl MmCounters {
                 hugetlb: f(FaultKind::Hugetlb),
                 device_private: f(FaultKind::DevicePrivate),
                 swap_in: f(FaultKind::SwapIn),
+                mthp_anon: f(FaultKind::MthpAnon),
             },
             tlb_flush_ops: self.tlb_flush_ops.load(Relaxed),
             tlb_flush_pages: self.tlb_flush_pages.load(Relaxed),
@@ -476,6 +496,7 @@ impl MmCounters {
             thp_split_pmd: self.thp_split_pmd.load(Relaxed),
             thp_collapse: self.thp_collapse.load(Relaxed),
             thp_split_folio: self.thp_split_folio.load(Relaxed),
+            mthp_fault_fallback: self.mthp_fault_fallback.load(Relaxed),
             rmap_visits: self.rmap_visits.load(Relaxed),
             migrate: MigrateStats {
                 setups: self.migrate_setups.load(Relaxed),

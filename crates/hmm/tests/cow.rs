@@ -5,9 +5,10 @@
 //! writes.
 //!
 //! Each test is one case of the file run on each of its memory kinds, in the file's order;
-//! a failure names the case and the kind, swapped-out kinds included. `docs/mm-selftests.md`
-//! lists the kinds the model cannot express (THP sizes other than 2 MiB, 1 GiB hugetlb
-//! pages).
+//! a failure names the case and the kind, swapped-out kinds included; the THP kinds run at
+//! every size, the PMD size and each multi-size THP from 1 MiB down to 16 KiB, as the C
+//! runs them for every size the kernel offers. `docs/mm-selftests.md` lists the kinds the
+//! model cannot express (1 GiB hugetlb pages).
 //! The non-anonymous cases run on the shared zero page, a memfd page, the huge zero page
 //! and a hugetlb memfd page.
 //!
@@ -23,8 +24,11 @@ mod common;
 use std::sync::Arc;
 
 use common::{page, Machine, RW};
-use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
-use hmm::mm::{Advice, GupFlags, MapFlags, MemFile, Mm, MremapFlags, Prot, UserPages};
+use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use hmm::mm::{
+    Advice, GupFlags, MapFlags, MemFile, Mm, MremapFlags, MthpMode, Prot, ThpMode, UserPages,
+    MTHP_MAX_ORDER, MTHP_MIN_ORDER,
+};
 
 /// The bytes of `len` at `a`.
 fn bytes(mm: &Mm, a: VirtAddr, len: u64) -> Vec<u8> {
@@ -58,48 +62,58 @@ struct Anon {
     size: u64,
 }
 
-/// The C's `run_with_*` of the anonymous cases that the model can express.
+/// The C's `run_with_*` of the anonymous cases that the model can express. The THP kinds
+/// carry the folio's order: 9 for the PMD size, 2 to 8 for the multi-size THPs.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
     BasePage,
-    Thp,
-    PteMappedThp,
-    SinglePteOfThp,
-    PartiallyMremappedThp,
-    PartiallySharedThp,
+    Thp(u32),
+    PteMappedThp(u32),
+    SinglePteOfThp(u32),
+    PartiallyMremappedThp(u32),
+    PartiallySharedThp(u32),
     Hugetlb,
     /// `run_with_base_page_swap`: a base page written out by `MADV_PAGEOUT`.
     SwappedBasePage,
     /// `THP_RUN_PMD_SWAPOUT`: a THP written out (split first: no THP swap).
-    SwappedThp,
+    SwappedThp(u32),
     /// `THP_RUN_PTE_SWAPOUT`: a PTE-mapped THP written out.
-    SwappedPteMappedThp,
+    SwappedPteMappedThp(u32),
     /// `THP_RUN_SINGLE_PTE_SWAPOUT`: the one PTE left of a THP written out.
-    SwappedSinglePteOfThp,
+    SwappedSinglePteOfThp(u32),
 }
 
-const KINDS: [Kind; 11] = [
-    Kind::BasePage,
-    Kind::SwappedBasePage,
-    Kind::Thp,
-    Kind::SwappedThp,
-    Kind::PteMappedThp,
-    Kind::SwappedPteMappedThp,
-    Kind::SinglePteOfThp,
-    Kind::SwappedSinglePteOfThp,
-    Kind::PartiallyMremappedThp,
-    Kind::PartiallySharedThp,
-    Kind::Hugetlb,
-];
+/// The kinds in the C's order (`run_anon_test_case`): base pages, then for each THP size
+/// (the PMD size first, then the multi-size THPs from the largest) the PMD-mapped runs
+/// (PMD size only), the PTE-mapped, single-PTE, partially mremapped and partially shared
+/// runs, then hugetlb.
+fn kinds() -> Vec<Kind> {
+    let mut out = vec![Kind::BasePage, Kind::SwappedBasePage];
+    for order in std::iter::once(PMD_ORDER).chain((MTHP_MIN_ORDER..=MTHP_MAX_ORDER).rev()) {
+        if order == PMD_ORDER {
+            out.extend([Kind::Thp(order), Kind::SwappedThp(order)]);
+        }
+        out.extend([
+            Kind::PteMappedThp(order),
+            Kind::SwappedPteMappedThp(order),
+            Kind::SinglePteOfThp(order),
+            Kind::SwappedSinglePteOfThp(order),
+            Kind::PartiallyMremappedThp(order),
+            Kind::PartiallySharedThp(order),
+        ]);
+    }
+    out.push(Kind::Hugetlb);
+    out
+}
 
 /// The memory of `kind`, filled with ones; the swapped kinds are their base kind written
 /// out by `MADV_PAGEOUT`, every page of it checked to be swapped (the C skips otherwise).
 fn anon(kind: Kind) -> Anon {
     let (base, swapout) = match kind {
         Kind::SwappedBasePage => (Kind::BasePage, true),
-        Kind::SwappedThp => (Kind::Thp, true),
-        Kind::SwappedPteMappedThp => (Kind::PteMappedThp, true),
-        Kind::SwappedSinglePteOfThp => (Kind::SinglePteOfThp, true),
+        Kind::SwappedThp(o) => (Kind::Thp(o), true),
+        Kind::SwappedPteMappedThp(o) => (Kind::PteMappedThp(o), true),
+        Kind::SwappedSinglePteOfThp(o) => (Kind::SinglePteOfThp(o), true),
         k => (k, false),
     };
     let a = populated(base);
@@ -115,21 +129,23 @@ fn anon(kind: Kind) -> Anon {
 }
 
 /// `do_run_with_base_page`, `do_run_with_thp` and `run_with_hugetlb`: the memory of `kind`,
-/// filled with ones, on a machine with swap.
+/// filled with ones, on a machine with swap. A THP kind of order `o` runs with that size
+/// enabled and the PMD size off for a multi-size THP, as the C sets
+/// `hugepages-<size>kB/enabled` for each size it runs.
 fn populated(kind: Kind) -> Anon {
     let m = Machine::new(32);
     m.phys.swapon(8 << 20).unwrap();
     let mm = &m.mm;
-    match kind {
+    let order = match kind {
         Kind::BasePage => {
             let mem = m.map(1, RW, MapFlags::PRIVATE);
             mm.madvise(mem, PAGE_SIZE, Advice::NoHugePage).unwrap();
             mm.write(mem, &[1; PAGE_SIZE as usize]).unwrap();
-            Anon {
+            return Anon {
                 m,
                 mem,
                 size: PAGE_SIZE,
-            }
+            };
         }
         Kind::Hugetlb => {
             // Two pool pages: COW and unsharing need the second.
@@ -138,56 +154,68 @@ fn populated(kind: Kind) -> Anon {
                 .mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
                 .unwrap();
             mm.write(mem, &vec![1; PMD_SIZE as usize]).unwrap();
-            Anon {
+            return Anon {
                 m,
                 mem,
                 size: PMD_SIZE,
-            }
+            };
         }
-        _ => {
-            let raw = mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
-            let mem = VirtAddr::new((raw.as_u64() + PMD_SIZE) & !(PMD_SIZE - 1));
-            mm.madvise(mem, PMD_SIZE, Advice::HugePage).unwrap();
-            mm.write_val(mem, 1u8).unwrap();
-            let last = mm.pagemap(page(mem, 511), 1).unwrap()[0];
-            assert!(last.present, "{kind:?}: did not get a THP populated");
-            mm.write(mem, &vec![1; PMD_SIZE as usize]).unwrap();
-            let mut size = PMD_SIZE;
-            match kind {
-                Kind::PteMappedThp => {
-                    mm.mprotect(page(mem, 1), PAGE_SIZE, Prot::READ).unwrap();
-                    mm.mprotect(page(mem, 1), PAGE_SIZE, RW).unwrap();
-                }
-                Kind::SinglePteOfThp => {
-                    mm.madvise(page(mem, 1), PMD_SIZE - PAGE_SIZE, Advice::DontNeed)
-                        .unwrap();
-                    size = PAGE_SIZE;
-                }
-                Kind::PartiallyMremappedThp => {
-                    let half = PMD_SIZE / 2;
-                    let to = mm.mmap(None, half, Prot::NONE, MapFlags::PRIVATE).unwrap();
-                    let flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
-                    assert_eq!(mm.mremap(mem + half, half, half, flags, Some(to)), Ok(to));
-                    size = half;
-                }
-                Kind::PartiallySharedThp => {
-                    let rest = PMD_SIZE - PAGE_SIZE;
-                    mm.madvise(page(mem, 1), rest, Advice::DontFork).unwrap();
-                    drop(mm.fork().unwrap());
-                    mm.madvise(page(mem, 1), rest, Advice::DoFork).unwrap();
-                }
-                _ => {}
-            }
-            Anon { m, mem, size }
-        }
+        Kind::Thp(o)
+        | Kind::PteMappedThp(o)
+        | Kind::SinglePteOfThp(o)
+        | Kind::PartiallyMremappedThp(o)
+        | Kind::PartiallySharedThp(o) => o,
+        Kind::SwappedBasePage
+        | Kind::SwappedThp(_)
+        | Kind::SwappedPteMappedThp(_)
+        | Kind::SwappedSinglePteOfThp(_) => unreachable!("swapped kinds start from their base"),
+    };
+    let thp_size = PAGE_SIZE << order;
+    if order < PMD_ORDER {
+        mm.set_thp_mode(ThpMode::Never);
+        mm.set_mthp_mode(order, MthpMode::Always).unwrap();
     }
+    let raw = mm.mmap(None, 2 * thp_size, RW, MapFlags::PRIVATE).unwrap();
+    let mem = raw.align_up(thp_size).unwrap();
+    mm.madvise(mem, thp_size, Advice::HugePage).unwrap();
+    mm.write_val(mem, 1u8).unwrap();
+    let last = mm.pagemap(page(mem, npages(thp_size) - 1), 1).unwrap()[0];
+    assert!(last.present, "{kind:?}: did not get a THP populated");
+    mm.write(mem, &vec![1; thp_size as usize]).unwrap();
+    let mut size = thp_size;
+    match kind {
+        Kind::PteMappedThp(_) => {
+            mm.mprotect(page(mem, 1), PAGE_SIZE, Prot::READ).unwrap();
+            mm.mprotect(page(mem, 1), PAGE_SIZE, RW).unwrap();
+        }
+        Kind::SinglePteOfThp(_) => {
+            mm.madvise(page(mem, 1), thp_size - PAGE_SIZE, Advice::DontNeed)
+                .unwrap();
+            size = PAGE_SIZE;
+        }
+        Kind::PartiallyMremappedThp(_) => {
+            let half = thp_size / 2;
+            let to = mm.mmap(None, half, Prot::NONE, MapFlags::PRIVATE).unwrap();
+            let flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+            assert_eq!(mm.mremap(mem + half, half, half, flags, Some(to)), Ok(to));
+            size = half;
+        }
+        Kind::PartiallySharedThp(_) => {
+            let rest = thp_size - PAGE_SIZE;
+            mm.madvise(page(mem, 1), rest, Advice::DontFork).unwrap();
+            drop(mm.fork().unwrap());
+            mm.madvise(page(mem, 1), rest, Advice::DoFork).unwrap();
+        }
+        _ => {}
+    }
+    Anon { m, mem, size }
 }
 
 /// Runs `case` on every kind; panics naming the kinds it failed on.
 fn run_anon(name: &str, case: fn(&Anon) -> Result<(), String>) {
-    let failed: Vec<String> = KINDS
-        .iter()
-        .filter_map(|&kind| {
+    let failed: Vec<String> = kinds()
+        .into_iter()
+        .filter_map(|kind| {
             let a = anon(kind);
             let r = case(&a).map_err(|why| format!("{name} ... with {kind:?}: {why}"));
             a.m.mm.audit().unwrap();
@@ -409,7 +437,7 @@ enum Collapse {
 /// COW-shared (whole, lower or upper half) with a child; the parent's write must not reach
 /// the child.
 fn thp_collapse(test: Collapse) {
-    let a = anon(Kind::Thp);
+    let a = anon(Kind::Thp(PMD_ORDER));
     let (mm, mem, size) = (&a.m.mm, a.mem, a.size);
     let half = size / 2;
     mm.mprotect(page(mem, 1), PAGE_SIZE, Prot::READ).unwrap();

@@ -74,7 +74,8 @@ fn split_pmd_thp_to_order_0() {
     m.mm.audit().unwrap();
 }
 
-/// `split_pmd_thp_to_order(order)` for orders 1 to 8: the model has no such folios.
+/// `split_pmd_thp_to_order(order)` for orders 1 to 8: a split to a smaller large folio is
+/// not modelled (the folios exist: `tests/mthp.rs`).
 #[test]
 fn split_to_a_non_zero_order_is_refused() {
     let m = machine();

@@ -11,6 +11,9 @@
 //!   writes them (dmirror WRITE), checking and bumping versions the same way;
 //! - a migration thread moves runs of pages to either device (MIGRATE_TO_DEV and
 //!   MIGRATE_ON_FAULT_TO_DEV) and back (MIGRATE_TO_SYS), racing every access;
+//! - with `--mthp`, a write fault to an empty 16, 32 or 64 KiB of the page slots maps a
+//!   multi-size THP of that size, which the other threads then meet: copies on write
+//!   after fork, migrations and pageout that split it, partial unmaps;
 //! - with `--thps N`, N more 2 MiB of slots sit in a THP-enabled mapping: the CPU and
 //!   device threads use their pages like any other (splitting THPs, faulting device THPs
 //!   back 2 MiB at a time), and the migration thread also moves each 2 MiB whole
@@ -93,6 +96,8 @@ pub(crate) struct Config {
     pub(crate) fail_alloc: u32,
     /// 2 MiB THP areas of slots, after the `pages`.
     pub(crate) thps: u64,
+    /// Multi-size THPs of 16 to 64 KiB in the page slots.
+    pub(crate) mthp: bool,
     /// Print JSON (also what a deadlock report is printed as).
     #[serde(skip)]
     pub(crate) json: bool,
@@ -144,6 +149,8 @@ pub(crate) struct Report {
     /// THPs made by `MADV_COLLAPSE`, and large folios split (the address space's counters).
     thp_collapses: u64,
     thp_splits: u64,
+    /// Write faults that mapped a multi-size THP (with `--mthp`).
+    mthp_faults: u64,
     deadlocks: u64,
     /// The first failures, in words.
     failures: Vec<String>,
@@ -193,10 +200,11 @@ impl Report {
             self.checks, self.injected_failures, self.oom_failures, self.busy_failures
         );
         outln!(
-            "THP areas moved whole to a device {}, THPs collapsed {} ({} collapses found no free 2 MiB block), large folios split {}",
+            "THP areas moved whole to a device {}, THPs collapsed {} ({} collapses found no free 2 MiB block), multi-size THPs faulted in {}, large folios split {}",
             self.thp_areas_moved_whole,
             self.thp_collapses,
             self.thp_collapse_no_memory,
+            self.mthp_faults,
             self.thp_splits
         );
         outln!(
@@ -284,6 +292,8 @@ struct Shared {
     /// The first THP area (2 MiB aligned) and how many follow it.
     thp_base: VirtAddr,
     thps: u64,
+    /// Multi-size THPs in the page slots (`--mthp`).
+    mthp: bool,
     /// THP-area migrations to a device after which the area was one device THP.
     thps_whole: AtomicU64,
     world: RwLock<()>,
@@ -730,9 +740,11 @@ fn churn(sh: &Shared, heart: &Heart, mut rng: Rng) {
                         .mm
                         .mmap(None, SLOT_BYTES, RW, MapFlags::PRIVATE)
                         .map_err(|e| e.to_string())?;
-                    sh.mm
-                        .madvise(at, SLOT_BYTES, Advice::NoHugePage)
-                        .map_err(|e| e.to_string())?;
+                    if !sh.mthp {
+                        sh.mm
+                            .madvise(at, SLOT_BYTES, Advice::NoHugePage)
+                            .map_err(|e| e.to_string())?;
+                    }
                     *base = at;
                     for (k, v) in versions.iter().enumerate() {
                         let index = Region::index(s, k as u64);
@@ -855,6 +867,7 @@ fn report(sh: &Shared, config: Config, checks: u64, started: Instant, stuck: &[S
         thp_areas_moved_whole: sh.thps_whole.load(Ordering::Relaxed),
         thp_collapses: sh.mm.stats().thp_collapse,
         thp_splits: sh.mm.stats().thp_split_folio,
+        mthp_faults: sh.mm.stats().faults.mthp_anon,
         interrupted: interrupt::requested(),
         deadlocks: u64::from(!stuck.is_empty()),
         failures,
@@ -911,7 +924,15 @@ fn build(
     let mm = Mm::new(phys.clone());
     let small = churn_slots * SLOT_BYTES;
     let base = mm.mmap(None, small, RW, MapFlags::PRIVATE)?;
-    mm.madvise(base, small, Advice::NoHugePage)?;
+    if cfg.mthp {
+        // Folios of up to a slot (64 KiB): the address space's PMD-size mode is madvise,
+        // and these slots are not MADV_HUGEPAGE, so no 2 MiB THP forms here.
+        for order in 2..=4 {
+            mm.set_mthp_mode(order, hmm::mm::MthpMode::Always)?;
+        }
+    } else {
+        mm.madvise(base, small, Advice::NoHugePage)?;
+    }
     // A mapping of at least 2 MiB is 2 MiB aligned; one more page keeps it non-empty.
     let thp_bytes = cfg.thps * PMD_SIZE;
     let thp_base = mm.mmap(None, thp_bytes.max(PAGE_SIZE), RW, MapFlags::PRIVATE)?;
@@ -967,6 +988,7 @@ fn build(
         churn_slots: churn_slots as usize,
         thp_base,
         thps: cfg.thps,
+        mthp: cfg.mthp,
         thps_whole: AtomicU64::new(0),
         world: RwLock::new(()),
         stop: AtomicBool::new(false),
@@ -1156,9 +1178,12 @@ mod tests {
             pages: 32,
             fail_alloc: 0,
             thps: 1,
+            // The page slots start as multi-size THPs: the checks see through them.
+            mthp: true,
             json: false,
         };
         let (sh, _driver, _bufs) = build(&cfg).unwrap();
+        assert!(sh.mm.stats().faults.mthp_anon > 0);
         check_world(&sh, sh.world.write());
         assert_eq!(sh.corrupted.load(Ordering::Relaxed), 0);
         assert_eq!(sh.invariants.load(Ordering::Relaxed), 0);

@@ -158,6 +158,7 @@ fn handle_mm_fault_inner(
     };
     let f = Fault {
         mm,
+        st,
         vma,
         addr,
         write,
@@ -222,6 +223,7 @@ pub(super) fn must_unshare(mm: &Mm, vma: &Vma, pfn: crate::addr::Pfn, longterm: 
 
 struct Fault<'a> {
     mm: &'a Mm,
+    st: &'a MmState,
     vma: &'a Vma,
     addr: VirtAddr,
     write: bool,
@@ -346,6 +348,9 @@ impl Fault<'_> {
             }
             Backing::Anon => {
                 c.unlock();
+                if self.do_anonymous_large()? {
+                    return Ok(());
+                }
                 let frame = mm
                     .phys()
                     .alloc_zeroed(
@@ -372,6 +377,79 @@ impl Fault<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// `alloc_anon_folio` and the large-folio half of `do_anonymous_page`: a write fault
+    /// maps a zeroed multi-size THP when a size is enabled and its aligned range around the
+    /// address is empty (see the `mthp` module). Returns `Ok(true)` when the fault is
+    /// resolved (or the range filled meanwhile: the access retries), `Ok(false)` for the
+    /// one-page path. Called with no page-table lock held.
+    fn do_anonymous_large(&self) -> Result<bool, FaultError> {
+        let mm = self.mm;
+        for (order, range) in super::mthp::fault_orders(mm, self.vma, self.addr) {
+            if !self.range_none(range) {
+                continue;
+            }
+            let Ok(folio) = mm.phys().alloc_zeroed(
+                order,
+                FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+            ) else {
+                mm.counters.mthp_fault_fallback();
+                continue;
+            };
+            mm.counters.frame_allocated();
+            mm.new_anon_rmap(&folio, self.vma, range.start());
+            let n = 1u64 << order;
+            let mut c = self.st.pt.cursor(range, WalkMode::Populate);
+            c.set_batch(true);
+            let Some(Slot::Pte(p)) = c.next() else {
+                unreachable!("an aligned range of at most 1 MiB lies in one PTE table")
+            };
+            debug_assert_eq!(p.len() as u64, n);
+            if (0..n as usize).any(|i| !p.get_at(i).is_none()) {
+                // Filled meanwhile: the access retries (`pte_range_none` failed).
+                drop(c);
+                mm.release_frame(folio);
+                return Ok(true);
+            }
+            // One reference and one map count per PTE; every page anon-exclusive
+            // (`folio_add_new_anon_rmap` with `RMAP_EXCLUSIVE`).
+            folio.meta().get_many(n as u32 - 1);
+            let head = folio.into_raw();
+            for i in 0..n {
+                let page = mm.phys().frame_nr(head.as_u64() + i);
+                page.set_anon_exclusive();
+                page.meta().inc_mapcount();
+                p.set_at(
+                    i as usize,
+                    Pte::Present {
+                        pfn: page.pfn(),
+                        flags: PteFlags::WRITE | dirty_flags(),
+                    },
+                );
+            }
+            mm.counters.fault(FaultKind::MthpAnon);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Whether every PTE of `range` (inside one PTE table) is empty, or has no table yet.
+    fn range_none(&self, range: VaRange) -> bool {
+        let mut c = self.st.pt.cursor(range, WalkMode::Lookup);
+        c.set_batch(true);
+        while let Some(slot) = c.next() {
+            match slot {
+                Slot::Hole(_) => {}
+                Slot::Pmd(_) => return false,
+                Slot::Pte(p) => {
+                    if (0..p.len()).any(|i| !p.get_at(i).is_none()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// `do_wp_page`: a write to a present read-only entry of a writable VMA, or an unshare

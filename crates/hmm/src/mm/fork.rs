@@ -55,6 +55,7 @@ impl Mm {
         let parent = self.lock.write();
         let child = Mm::new_in_family(self.phys.clone(), AnonVma::new(Some(self.anon_vma.clone())));
         child.set_thp_mode(self.thp_mode());
+        child.mthp_settings().copy_from(self.mthp_settings());
         let mut uffds = ForkCtxs::default();
         let copied = {
             let mut dst = child.lock.write();

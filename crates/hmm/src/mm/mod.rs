@@ -39,6 +39,7 @@ mod madvise;
 mod mmap;
 mod mprotect;
 mod mremap;
+mod mthp;
 mod munmap;
 mod pagemap;
 mod rmap;
@@ -67,6 +68,7 @@ pub use khugepaged::{KhugepagedLimits, KhugepagedStats};
 pub use madvise::Advice;
 pub use mmap::MapFlags;
 pub use mremap::MremapFlags;
+pub use mthp::{MthpMode, MTHP_MAX_ORDER, MTHP_MIN_ORDER};
 pub use pagemap::{PagemapEntry, SwapKind};
 pub(crate) use rmap::rmap_walk;
 pub use rmap::{device_folio_mappings, folio_mappings, RmapEntry};
@@ -113,6 +115,7 @@ pub struct Mm {
     notifiers: Arc<MmNotifiers>,
     counters: MmCounters,
     thp: thp::ThpSetting,
+    mthp: mthp::MthpSettings,
     /// THPs partly unmapped, to split (`deferred_split_queue`); each holds a reference.
     deferred_split: crate::sync::Mutex<Vec<crate::addr::Pfn>>,
     /// A fatal signal was sent to the process (`fatal_signal_pending` of its tasks).
@@ -219,6 +222,7 @@ impl Mm {
             notifiers: MmNotifiers::new(id),
             counters: MmCounters::default(),
             thp: thp::ThpSetting::default(),
+            mthp: mthp::MthpSettings::default(),
             deferred_split: crate::sync::Mutex::new(Vec::new()),
             killed: std::sync::atomic::AtomicBool::new(false),
             uffds: crate::sync::Mutex::new(Vec::new()),

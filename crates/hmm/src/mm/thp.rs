@@ -91,14 +91,15 @@ impl Mm {
         self.thp.get()
     }
 
-    /// Splits every anonymous THP mapped in `[start, end)` into pages of `new_order`
+    /// Splits every anonymous large folio (THP or multi-size THP) mapped in `[start, end)`
+    /// into pages of `new_order`
     /// (`echo pid,start,end,new_order > /sys/kernel/debug/split_huge_pages`), wherever else
     /// it is mapped too; returns how many it split. A THP that cannot be split now (pinned,
     /// referenced, locked) is left whole, as the kernel's loop skips it. Under the mmap lock
     /// for reading.
     ///
-    /// Errors: `Inval` for an unaligned or empty range, or a `new_order` other than 0 (the
-    /// model's large folios are 2 MiB THPs only).
+    /// Errors: `Inval` for an unaligned or empty range, or a `new_order` other than 0 (a
+    /// split to a smaller large folio is not modelled).
     #[doc(alias = "split_huge_pages_pid")]
     pub fn split_huge_pages(
         &self,
@@ -111,7 +112,7 @@ impl Mm {
         })?;
         if new_order != 0 {
             return Err(MmError::Inval {
-                what: "only order-0 splits: the model has no folios between 4 KiB and 2 MiB",
+                what: "only splits to order 0 are modelled",
             });
         }
         let guard = self.mmap_read();
@@ -589,8 +590,8 @@ pub(super) fn collapse_one(
     Ok(true)
 }
 
-/// Splits the anonymous THP or device THP `folio` (the caller's reference) into 512
-/// order-0 folios (`split_huge_page`), keeping every mapping and byte; returns whether it
+/// Splits the anonymous large folio (a THP, a multi-size THP or a device THP) `folio`
+/// (the caller's reference) into order-0 folios (`split_huge_page`), keeping every mapping and byte; returns whether it
 /// did. With the folio locked: every mapping in every address space (through the reverse
 /// map) becomes a migration entry under a CLEAR invalidation of its range (PMD leaves are
 /// split first); the reference count must then be the caller's alone
@@ -611,7 +612,7 @@ pub(crate) fn split_folio_held(
 ) -> bool {
     let head = folio.folio();
     let fm = head.meta();
-    let splittable = fm.order() == PMD_ORDER
+    let splittable = fm.order() > 0
         && fm.flags().contains(FrameFlags::ANON)
         && !fm.flags().contains(FrameFlags::HUGETLB)
         && fm.pincount() == 0;
@@ -622,15 +623,16 @@ pub(crate) fn split_folio_held(
         fm.unlock();
         return false;
     };
+    let nr = 1u64 << fm.order();
     rmap::rmap_walk_range(&range, held, |m, s, vma, r| {
-        unmap_for_split(m, s, vma, r, head)
+        unmap_for_split(m, s, vma, r, head, nr)
     });
     let frozen = fm.freeze(1);
     if frozen {
         split_frozen_folio(phys, head, 1);
     }
     rmap::rmap_walk_range(&range, held, |_, s, vma, r| {
-        remap_after_split(phys, s, vma, r, head)
+        remap_after_split(phys, s, vma, r, head, nr)
     });
     if !frozen {
         fm.unlock();
@@ -639,7 +641,7 @@ pub(crate) fn split_folio_held(
     // The caller's reference became the head's; every page has one and is locked.
     std::mem::forget(folio);
     let mut freed = 0;
-    for i in (0..PMD_NR).rev() {
+    for i in (0..nr).rev() {
         let page = phys.frame_nr(head.nr() + i);
         page.meta().unlock();
         if page.put() == crate::phys::Freed::Yes && matches!(page.zone(), Zone::System) {
@@ -653,17 +655,18 @@ pub(crate) fn split_folio_held(
     true
 }
 
-/// Splits the frozen, locked, unmapped order-9 folio `head` into 512 locked order-0
-/// folios (the tails with one reference each, the head with `head_refs`), and for a
-/// device-private folio lets the pagemap's driver split its per-page data in step
-/// (`folio_split` for each new tail, then once for the head).
+/// Splits the frozen, locked, unmapped large folio `head` into locked order-0 folios (the
+/// tails with one reference each, the head with `head_refs`), and for a device-private
+/// folio lets the pagemap's driver split its per-page data in step (`folio_split` for
+/// each new tail, then once for the head).
 pub(crate) fn split_frozen_folio(phys: &PhysMem, head: FrameRef<'_>, head_refs: u32) {
+    let nr = 1u64 << head.meta().order();
     head.split_frozen(head_refs);
     if let Zone::DevicePrivate { .. } = head.zone() {
         let pagemap = phys
             .pagemap_of(head.nr())
             .expect("a device-private frame has a pagemap");
-        for i in 1..PMD_NR {
+        for i in 1..nr {
             pagemap
                 .ops()
                 .folio_split(head, Some(phys.frame_nr(head.nr() + i)));
@@ -672,15 +675,15 @@ pub(crate) fn split_frozen_folio(phys: &PhysMem, head: FrameRef<'_>, head_refs: 
     }
 }
 
-/// Whether the entry refers to one of the 512 pages from `head` (a THP being split, or
-/// just split).
-fn maps_folio(entry: Pte, head: FrameRef<'_>) -> bool {
-    rmap::entry_refers_to(entry, head, PMD_NR)
+/// Whether the entry refers to one of the pages from `head` (a large folio being split,
+/// or just split: `nr` pages).
+fn maps_folio(entry: Pte, head: FrameRef<'_>, nr: u64) -> bool {
+    rmap::entry_refers_to(entry, head, nr)
 }
 
 /// `try_to_migrate_one` for a split: every entry of `range` mapping a page of the folio at
 /// `head` becomes a migration entry; PMD leaves mapping it are split first.
-fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: FrameRef<'_>) {
+fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: FrameRef<'_>, nr: u64) {
     let phys = mm.phys();
     let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
         mm.id,
@@ -695,7 +698,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
             Slot::Hole(_) => {}
             Slot::Pmd(p) => {
                 let leaf = p.get();
-                if !matches!(leaf, Pte::Migration { .. }) && maps_folio(leaf, head) {
+                if !matches!(leaf, Pte::Migration { .. }) && maps_folio(leaf, head, nr) {
                     let base = p.range().start();
                     c.unlock();
                     split_pmd(mm, &st.pt, Some(vma.info()), base, &mut tlb);
@@ -704,7 +707,7 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
             }
             Slot::Pte(p) => {
                 let entry = p.get();
-                if !maps_folio(entry, head) {
+                if !maps_folio(entry, head, nr) {
                     continue;
                 }
                 let (target, flags, writable, present) = match entry {
@@ -767,12 +770,13 @@ fn remap_after_split(
     vma: &Vma,
     range: VaRange,
     head: FrameRef<'_>,
+    nr: u64,
 ) {
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
     while let Some(slot) = c.next() {
         let Slot::Pte(p) = slot else { continue };
         let entry = p.get();
-        if matches!(entry, Pte::Migration { .. }) && maps_folio(entry, head) {
+        if matches!(entry, Pte::Migration { .. }) && maps_folio(entry, head, nr) {
             let page = phys.frame_nr(entry.frame_nr().expect("a migration entry names a frame"));
             p.set(crate::migrate::remap_entry(vma, entry, page, Huge::Pte));
         }
