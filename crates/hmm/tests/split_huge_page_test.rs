@@ -74,13 +74,75 @@ fn split_pmd_thp_to_order_0() {
     m.mm.audit().unwrap();
 }
 
-/// `split_pmd_thp_to_order(order)` for orders 1 to 8: a split to a smaller large folio is
-/// not modelled (the folios exist: `tests/mthp.rs`).
+/// `split_pmd_thp_to_order(order)` for orders 2 to 8 (the C skips 1: no order-1
+/// anonymous folio): four THPs split into `4 << (9 - order)` folios of that order, every
+/// byte kept, no THP left.
 #[test]
-fn split_to_a_non_zero_order_is_refused() {
+fn split_pmd_thp_to_orders_2_to_8() {
+    for order in 2..9u32 {
+        let m = machine();
+        let len = 4 * PMD_SIZE;
+        let raw =
+            m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
+                .unwrap();
+        let p = raw.align_up(PMD_SIZE).unwrap();
+        m.mm.madvise(p, len, Advice::HugePage).unwrap();
+        fill(&m.mm, p, len);
+        assert!(check_huge_anon(&m.mm, p, len, 4), "no THP is allocated");
+        assert_eq!(m.mm.split_huge_pages(p, p + len, order), Ok(4));
+        assert_eq!(
+            corrupted(&m.mm, p, len),
+            None,
+            "order {order}: byte corrupted"
+        );
+        // check_after_split_folio_orders: every folio has the new order and starts where
+        // it should.
+        let folios = (0..4 * PMD_NR)
+            .step_by(1 << order)
+            .filter(|&i| {
+                backed_by_folio(&m, page(p, i), order)
+                    && (0..1u64 << order).all(|k| {
+                        let head = m.mm.pagemap(page(p, i), 1).unwrap()[0].pfn.unwrap();
+                        m.mm.pagemap(page(p, i + k), 1).unwrap()[0].pfn == Some(head + k)
+                    })
+            })
+            .count() as u64;
+        assert_eq!(
+            folios,
+            4 << (9 - order),
+            "order {order}: unexpected THP split"
+        );
+        assert!(
+            check_huge_anon(&m.mm, p, len, 0),
+            "still AnonHugePages not split"
+        );
+        // The new folios work as any: split them further, write, fork.
+        assert_eq!(
+            m.mm.split_huge_pages(p, p + PMD_SIZE, 0),
+            Ok(PMD_NR >> order)
+        );
+        let child = m.mm.fork().unwrap();
+        m.mm.write(p + PMD_SIZE, b"parent").unwrap();
+        assert_eq!(corrupted(&child, p, len), None);
+        m.mm.audit().unwrap();
+        child.audit().unwrap();
+    }
+}
+
+/// The interface refuses a new order of 9 or more and an unaligned range, and leaves an
+/// anonymous THP whole when asked for order 1 (the kernel's split refuses it).
+#[test]
+fn split_to_order_1_or_9_is_refused() {
     let m = machine();
-    let p = m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE).unwrap();
-    for order in 1..9 {
+    let raw =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let p = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    fill(&m.mm, p, PMD_SIZE);
+    assert_eq!(m.mm.split_huge_pages(p, p + PMD_SIZE, 1), Ok(0));
+    assert!(check_huge_anon(&m.mm, p, PMD_SIZE, 1));
+    for order in [9, 10, u32::MAX] {
         assert!(matches!(
             m.mm.split_huge_pages(p, p + PMD_SIZE, order),
             Err(MmError::Inval { .. })
@@ -90,6 +152,7 @@ fn split_to_a_non_zero_order_is_refused() {
         m.mm.split_huge_pages(p + 1, p + PMD_SIZE, 0),
         Err(MmError::Inval { .. })
     ));
+    m.mm.audit().unwrap();
 }
 
 /// `split_pte_mapped_thp`: one page of each of four THPs is moved by `mremap` into a

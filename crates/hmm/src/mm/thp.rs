@@ -98,8 +98,10 @@ impl Mm {
     /// referenced, locked) is left whole, as the kernel's loop skips it. Under the mmap lock
     /// for reading.
     ///
-    /// Errors: `Inval` for an unaligned or empty range, or a `new_order` other than 0 (a
-    /// split to a smaller large folio is not modelled).
+    /// A folio of order `new_order` or below is left alone, and an anonymous folio is
+    /// never split to order 1 (the kernel refuses that split; the interface goes on).
+    ///
+    /// Errors: `Inval` for an unaligned or empty range, or a `new_order` of 9 or more.
     #[doc(alias = "split_huge_pages_pid")]
     pub fn split_huge_pages(
         &self,
@@ -110,9 +112,9 @@ impl Mm {
         let range = VaRange::new(start, end).map_err(|_| MmError::Inval {
             what: "unaligned or empty range",
         })?;
-        if new_order != 0 {
+        if new_order >= PMD_ORDER {
             return Err(MmError::Inval {
-                what: "only splits to order 0 are modelled",
+                what: "a split's new order is below 9",
             });
         }
         let guard = self.mmap_read();
@@ -140,7 +142,7 @@ impl Mm {
                             if !phys.is_zero_pfn(pfn) && !phys.is_huge_zero_pfn(pfn) =>
                         {
                             let folio = phys.frame(pfn).folio();
-                            (folio.meta().order() > 0)
+                            (folio.meta().order() > new_order)
                                 .then(|| folio.try_get().ok())
                                 .flatten()
                         }
@@ -149,7 +151,7 @@ impl Mm {
                 })
                 .flatten();
             if let Some(held) = held {
-                if split_folio(self, st, held) {
+                if split_folio_held(phys, Some((self, st)), held, new_order) {
                     split += 1;
                 }
             }
@@ -600,7 +602,7 @@ pub(super) fn collapse_one(
 /// entries become present (or device-private) entries of the new folios.
 #[doc(alias = "split_huge_page")]
 pub(crate) fn split_folio(mm: &Mm, st: &MmState, folio: crate::phys::Frame<'_>) -> bool {
-    split_folio_held(mm.phys(), Some((mm, st)), folio)
+    split_folio_held(mm.phys(), Some((mm, st)), folio, 0)
 }
 
 /// [`split_folio`] by a caller that may hold no mmap lock (`held` is the address space
@@ -609,10 +611,13 @@ pub(crate) fn split_folio_held(
     phys: &PhysMem,
     held: Option<(&Mm, &MmState)>,
     folio: crate::phys::Frame<'_>,
+    new_order: u32,
 ) -> bool {
     let head = folio.folio();
     let fm = head.meta();
-    let splittable = fm.order() > 0
+    // No order-1 anonymous folio (`split_huge_page_to_list_to_order`'s EINVAL).
+    let splittable = fm.order() > new_order
+        && new_order != 1
         && fm.flags().contains(FrameFlags::ANON)
         && !fm.flags().contains(FrameFlags::HUGETLB)
         && fm.pincount() == 0;
@@ -629,7 +634,12 @@ pub(crate) fn split_folio_held(
     });
     let frozen = fm.freeze(1);
     if frozen {
-        split_frozen_folio(phys, head, 1);
+        if new_order == 0 {
+            split_frozen_folio(phys, head, 1);
+        } else {
+            // Device-private folios are split to pages only (`split_frozen_folio`).
+            head.split_frozen(1, new_order);
+        }
     }
     rmap::rmap_walk_range(&range, held, |_, s, vma, r| {
         remap_after_split(phys, s, vma, r, head, nr)
@@ -638,10 +648,10 @@ pub(crate) fn split_folio_held(
         fm.unlock();
         return false;
     }
-    // The caller's reference became the head's; every page has one and is locked.
+    // The caller's reference became the head's; every new folio has one and is locked.
     std::mem::forget(folio);
     let mut freed = 0;
-    for i in (0..nr).rev() {
+    for i in (0..nr >> new_order).rev().map(|k| k << new_order) {
         let page = phys.frame_nr(head.nr() + i);
         page.meta().unlock();
         if page.put() == crate::phys::Freed::Yes && matches!(page.zone(), Zone::System) {
@@ -661,7 +671,7 @@ pub(crate) fn split_folio_held(
 /// each new tail, then once for the head).
 pub(crate) fn split_frozen_folio(phys: &PhysMem, head: FrameRef<'_>, head_refs: u32) {
     let nr = 1u64 << head.meta().order();
-    head.split_frozen(head_refs);
+    head.split_frozen(head_refs, 0);
     if let Zone::DevicePrivate { .. } = head.zone() {
         let pagemap = phys
             .pagemap_of(head.nr())

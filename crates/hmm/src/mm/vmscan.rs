@@ -106,7 +106,7 @@ fn pageout_held(
         // Split first (no THP swap): the split takes the reference, and each page goes on
         // as a folio of its own (split_folio_to_list).
         let (head, pages) = (folio.nr(), 1u64 << folio.meta().order());
-        if !thp::split_folio_held(phys, held, held_ref) {
+        if !thp::split_folio_held(phys, held, held_ref, 0) {
             return 0;
         }
         return if whole {
@@ -330,7 +330,7 @@ impl Mm {
             .map(|(nr, r)| pageout_held(phys, held, nr, r, false))
             .sum();
         for (head, pages) in large {
-            if thp::split_folio_held(phys, held, head) {
+            if thp::split_folio_held(phys, held, head, 0) {
                 out += pages
                     .into_iter()
                     .map(|p| pageout_folio(phys, held, p, false))

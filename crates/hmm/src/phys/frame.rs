@@ -154,10 +154,10 @@ impl<'a> FrameRef<'a> {
     }
 
     /// Splits this frozen, locked, unmapped large folio head (order 1 to 9) into locked
-    /// order-0 folios: each tail gets one reference, the head `head_refs` (see
+    /// folios of `new_order`: each new head gets one reference, this one `head_refs` (see
     /// `Region::split_frozen`).
-    pub(crate) fn split_frozen(&self, head_refs: u32) {
-        self.region.split_frozen(self.index(), head_refs);
+    pub(crate) fn split_frozen(&self, head_refs: u32, new_order: u32) {
+        self.region.split_frozen(self.index(), head_refs, new_order);
     }
 
     /// Reads `buf.len()` bytes at byte `offset` of the frame.

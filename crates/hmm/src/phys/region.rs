@@ -298,17 +298,20 @@ impl Region {
 
 impl Region {
     /// Splits the frozen (refcount 0), locked, unmapped large folio at `head` (order 1 to
-    /// 9) into locked order-0 folios, keeping the head's page flags and mapping
-    /// (`__split_huge_page`). Each tail gets one reference, the head `head_refs` (the
-    /// references the freeze found). The caller maps them back, then unlocks and drops
-    /// the references.
-    pub(crate) fn split_frozen(&self, head: usize, head_refs: u32) {
+    /// 9) into locked folios of `new_order` (below the folio's), keeping the head's page
+    /// flags and mapping (`__split_huge_page`, `__split_folio_to_order`). Each new folio's
+    /// head gets one reference, the first `head_refs` (the references the freeze found).
+    /// The caller maps them back, then unlocks and drops the references.
+    pub(crate) fn split_frozen(&self, head: usize, head_refs: u32, new_order: u32) {
         let hm = &self.meta[head];
         let order = hm.order();
-        assert!(order > 0, "split of a small folio");
+        assert!(
+            order > new_order,
+            "split of an order-{order} folio to {new_order}"
+        );
         assert_eq!(hm.refcount(), 0, "split of an unfrozen folio");
         assert!(hm.is_locked(), "split of an unlocked folio");
-        // The folio's flags go to every page; anon-exclusivity is each page's own.
+        // The folio's flags go to every new folio; anon-exclusivity is each page's own.
         let keep = hm.flags()
             - FrameFlags::LOCKED
             - FrameFlags::WAITERS
@@ -319,12 +322,31 @@ impl Region {
             // A whole block becomes 512 frames; a smaller folio's frames already are.
             self.alloc.lock().split_allocated(head);
         }
-        for (i, m) in self.meta[head + 1..head + (1 << order)].iter().enumerate() {
-            let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
-            m.become_split_page(hm, i as u64 + 1, keep | own);
+        let step = 1usize << new_order;
+        let head_flag = if new_order > 0 {
+            FrameFlags::HEAD
+        } else {
+            FrameFlags::empty()
+        };
+        // Each new head first (a racing lookup of one of its pages finds the frozen old
+        // head or a live new one), then its tails, which then point at it.
+        for first in (0..1usize << order).step_by(step) {
+            if first > 0 {
+                let m = &self.meta[head + first];
+                let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
+                m.become_split_page(hm, first as u64, keep | own | head_flag);
+                m.set_order(new_order);
+            }
+            for t in &self.meta[head + first + 1..head + first + step] {
+                let own = t.flags() & FrameFlags::ANON_EXCLUSIVE;
+                t.init_tail(new_order);
+                t.set_flags(own);
+            }
         }
-        hm.set_order(0);
-        hm.clear_flags(FrameFlags::HEAD);
+        hm.set_order(new_order);
+        if new_order == 0 {
+            hm.clear_flags(FrameFlags::HEAD);
+        }
         hm.unfreeze(head_refs);
     }
 

@@ -111,7 +111,7 @@ fn folios_of_every_small_order_count_on_the_head_and_split() {
     let raw = f.into_raw_nr();
     let h = p.frame(head);
     assert!(h.meta().freeze(1));
-    h.split_frozen(1);
+    h.split_frozen(1, 0);
     for k in 0..16 {
         let page = p.frame(head.checked_add(k).unwrap());
         assert_eq!(page.folio().pfn(), page.pfn());
