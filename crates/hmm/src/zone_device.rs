@@ -331,7 +331,7 @@ impl DevPagemap {
     #[doc(alias = "zone_device_folio_init")]
     #[doc(alias = "zone_device_page_init")]
     pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<LockedFolio<'_>, AllocError> {
-        if !self.is_live() {
+        if !self.is_live() || (order != 0 && order != crate::addr::PMD_ORDER) {
             return Err(AllocError { order });
         }
         let first = self.region.alloc(order, flags)?;

@@ -497,3 +497,66 @@ fn uffdio_move_splits_the_folio() {
     assert_eq!(read(&m.mm, src, PAGE_SIZE), &data[..PAGE_SIZE as usize]);
     m.mm.audit().unwrap();
 }
+
+/// A GUP reference that is not a pin still keeps `MADV_COLLAPSE` off a large folio (the
+/// kernel's `is_refcount_suitable` for every folio): the holder would keep reading the
+/// old page.
+#[test]
+fn collapse_refuses_a_folio_with_a_stray_reference() {
+    let m = machine();
+    m.mm.set_mthp_mode(8, MthpMode::Always).unwrap();
+    let a = aligned_region(&m, 512, 512);
+    m.mm.write(a, &pattern(512 * PAGE_SIZE, 9)).unwrap();
+    let held =
+        m.mm.get_user_pages(page(a, 300), 1, GupFlags::empty())
+            .unwrap();
+    assert!(matches!(
+        m.mm.madvise(a, 512 * PAGE_SIZE, Advice::Collapse),
+        Err(MmError::Again { .. })
+    ));
+    drop(held);
+    m.mm.madvise(a, 512 * PAGE_SIZE, Advice::Collapse).unwrap();
+    assert_eq!(m.mm.pagemap(a, 1).unwrap()[0].order, 9);
+    m.mm.audit().unwrap();
+}
+
+/// Device memory and migration destinations come in pages and 2 MiB folios only: a
+/// device allocation of another order fails, and a multi-size THP handed to `set_dst`
+/// comes back refused.
+#[test]
+fn migration_destinations_are_pages_or_2_mib() {
+    let m = machine();
+    let dev = common::device(&m, Owner::new_unique());
+    for order in [1, 2, 5, 8, 10] {
+        assert!(dev.alloc(order, hmm::phys::FrameFlags::empty()).is_err());
+    }
+    let a = m.map(1, RW, MapFlags::PRIVATE);
+    m.mm.write(a, b"page").unwrap();
+    let mmap = m.mm.mmap_read();
+    let mut mig = migrate_vma_setup(
+        &mmap,
+        MigrateVma {
+            start: a,
+            end: page(a, 1),
+            pgmap_owner: Some(dev.owner()),
+            flags: MigrateVmaFlags::SELECT_SYSTEM,
+            fault_page: None,
+        },
+    )
+    .unwrap();
+    let big = m
+        .phys
+        .alloc(3, hmm::phys::FrameFlags::empty())
+        .unwrap()
+        .lock();
+    let refused = mig.set_dst(0, big, true).unwrap_err();
+    assert_eq!(refused.index, 0);
+    drop(refused);
+    let d = dev.alloc(0, hmm::phys::FrameFlags::empty()).unwrap();
+    d.copy_from(&mig.src_page(0).unwrap());
+    mig.set_dst(0, d, true).unwrap();
+    assert_eq!(mig.pages().finalize().migrated, 1);
+    drop(mmap);
+    m.mm.audit().unwrap();
+    assert_eq!(m.phys.nr_in_use(), 0, "the refused folio went back");
+}

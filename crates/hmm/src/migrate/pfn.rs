@@ -135,6 +135,10 @@ impl MigratePfn {
             Some(_) if !dst_word.is_empty() => return refuse("the entry has a destination", dst),
             Some(_) => {}
         }
+        let order = dst.meta().order();
+        if order != 0 && order != crate::addr::PMD_ORDER {
+            return refuse("a destination is a page or a 2 MiB folio", dst);
+        }
         let mut flags = MigratePfnFlags::VALID;
         if write {
             flags |= MigratePfnFlags::WRITE;
@@ -236,7 +240,8 @@ mod tests {
 pub struct DstRefused<'f> {
     /// The entry asked for.
     pub index: usize,
-    /// Why: no such entry, the entry is not migrating, or it has a destination already.
+    /// Why: no such entry, the entry is not migrating, it has a destination already, or
+    /// the folio is neither a page nor a 2 MiB folio.
     pub reason: &'static str,
     /// The folio handed over, given back.
     pub folio: LockedFolio<'f>,

@@ -402,8 +402,13 @@ impl Fault<'_> {
             let n = 1u64 << order;
             let mut c = self.st.pt.cursor(range, WalkMode::Populate);
             c.set_batch(true);
+            // The fault's walk installed the PTE table, and under the mmap lock held for
+            // reading nothing replaces a table by a leaf; should it ever, the access
+            // retries (`pte_offset_map_lock` failing).
             let Some(Slot::Pte(p)) = c.next() else {
-                unreachable!("an aligned range of at most 1 MiB lies in one PTE table")
+                drop(c);
+                mm.release_frame(folio);
+                return Ok(true);
             };
             debug_assert_eq!(p.len() as u64, n);
             if (0..n as usize).any(|i| !p.get_at(i).is_none()) {

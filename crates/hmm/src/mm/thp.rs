@@ -513,15 +513,25 @@ pub(super) fn collapse_one(
         }
         ptes = scan()?.ok_or(not_present)?;
     }
+    let mut checked = Vec::new();
     for pte in &ptes {
         match *pte {
             Pte::None => {}
             Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {}
             Pte::Present { pfn, .. } => {
-                let page = phys.frame(pfn);
-                let fm = page.folio().meta();
-                // is_refcount_suitable: every reference is a mapping.
-                let stray = fm.order() == 0 && fm.refcount() as i32 != page.meta().mapcount();
+                let folio = phys.frame(pfn).folio();
+                if checked.contains(&folio.nr()) {
+                    continue;
+                }
+                checked.push(folio.nr());
+                let fm = folio.meta();
+                // is_refcount_suitable: every reference is a mapping (each page's PTE
+                // mappings and the folio's PMD mappings, for a large folio of any order).
+                let mapped = fm.entire_mapcount()
+                    + (0..1u64 << fm.order())
+                        .map(|k| phys.frame_nr(folio.nr() + k).meta().mapcount())
+                        .sum::<i32>();
+                let stray = fm.refcount() as i32 != mapped;
                 if fm.pincount() > 0 || fm.is_locked() || stray {
                     return Err(again);
                 }
@@ -618,6 +628,8 @@ pub(crate) fn split_folio_held(
     // No order-1 anonymous folio (`split_huge_page_to_list_to_order`'s EINVAL).
     let splittable = fm.order() > new_order
         && new_order != 1
+        // A device-private folio's driver splits its data to pages only (`folio_split`).
+        && (new_order == 0 || matches!(head.zone(), Zone::System))
         && fm.flags().contains(FrameFlags::ANON)
         && !fm.flags().contains(FrameFlags::HUGETLB)
         && fm.pincount() == 0;

@@ -196,7 +196,8 @@ impl BlockAllocator {
     ///
     /// # Panics
     ///
-    /// Panics on a double free or an order that does not match the allocation.
+    /// Panics on a double free; the order must be the allocation's (the region always
+    /// frees a folio with its own order).
     #[track_caller]
     pub(crate) fn free(&mut self, first: usize, order: u32) {
         let b = first / BLOCK_FRAMES;

@@ -134,10 +134,22 @@ impl<'a> FrameRef<'a> {
     }
 
     /// Takes a reference unless the folio is free.
+    ///
+    /// The folio is looked up again once the reference is held: a split between the
+    /// lookup and the reference may have moved this page into a new folio, and the
+    /// reference must be on the folio the page belongs to (`folio_try_get`, then the
+    /// kernel's `page_folio(page) != folio` check and retry). Held, it keeps the folio
+    /// whole (a split freezes the count first).
     #[doc(alias = "folio_try_get")]
     pub fn try_get(&self) -> Result<Frame<'a>, GetFrameError> {
-        self.folio().meta().try_get()?;
-        Ok(Frame { r: *self })
+        loop {
+            let folio = self.folio();
+            folio.meta().try_get()?;
+            if self.folio().nr == folio.nr {
+                return Ok(Frame { r: *self });
+            }
+            let _ = folio.put();
+        }
     }
 
     /// Drops a reference the caller owns without a handle (one moved out of an entry).

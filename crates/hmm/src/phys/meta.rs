@@ -224,7 +224,7 @@ impl FrameMeta {
         FrameFlags::from_bits_retain(self.flags.load(Ordering::Acquire))
     }
 
-    /// Folio order (0 or 9); meaningful on the head page.
+    /// Folio order (0 to 9); meaningful on the head page.
     pub fn order(&self) -> u32 {
         u32::from(self.order.load(Ordering::Relaxed))
     }
@@ -325,6 +325,26 @@ impl FrameMeta {
         self.entire_mapcount.store(0, Ordering::Relaxed);
         self.set_order(0);
         self.refcount.store(1, Ordering::Release);
+        self.flags
+            .store((flags | FrameFlags::LOCKED).bits(), Ordering::Release);
+    }
+
+    /// Turns a tail page of a folio being split into the head of a new folio of `order`,
+    /// locked and still frozen (refcount 0: the caller unfreezes it once every new folio
+    /// is set up), with `flags` (which must not hold `LOCKED`/`WAITERS`/`TAIL`) and the
+    /// mapping of `head` at offset `offset`. The order is stored before the flags, so a
+    /// lookup that finds the page no longer a tail finds its right order.
+    pub(crate) fn become_frozen_split_head(
+        &self,
+        head: &FrameMeta,
+        offset: u64,
+        flags: FrameFlags,
+        order: u32,
+    ) {
+        self.inherit_mapping(head, offset);
+        self.pincount.store(0, Ordering::Relaxed);
+        self.entire_mapcount.store(0, Ordering::Relaxed);
+        self.set_order(order);
         self.flags
             .store((flags | FrameFlags::LOCKED).bits(), Ordering::Release);
     }

@@ -322,30 +322,38 @@ impl Region {
             // A whole block becomes 512 frames; a smaller folio's frames already are.
             self.alloc.lock().split_allocated(head);
         }
-        let step = 1usize << new_order;
-        let head_flag = if new_order > 0 {
-            FrameFlags::HEAD
-        } else {
-            FrameFlags::empty()
-        };
-        // Each new head first (a racing lookup of one of its pages finds the frozen old
-        // head or a live new one), then its tails, which then point at it.
-        for first in (0..1usize << order).step_by(step) {
-            if first > 0 {
-                let m = &self.meta[head + first];
+        if new_order == 0 {
+            for (i, m) in self.meta[head + 1..head + (1 << order)].iter().enumerate() {
                 let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
-                m.become_split_page(hm, first as u64, keep | own | head_flag);
-                m.set_order(new_order);
+                m.become_split_page(hm, i as u64 + 1, keep | own);
             }
+            hm.set_order(0);
+            hm.clear_flags(FrameFlags::HEAD);
+            hm.unfreeze(head_refs);
+            return;
+        }
+        // Folios of a larger order (`__split_huge_page_tail`, then the unfreeze loop):
+        // each new folio is set up frozen, its tails first (a lookup through one finds its
+        // new head frozen, as the old one was), then its head, with its order before its
+        // flags; only then is every new head given its reference.
+        let step = 1usize << new_order;
+        let repoint = |first: usize| {
             for t in &self.meta[head + first + 1..head + first + step] {
                 let own = t.flags() & FrameFlags::ANON_EXCLUSIVE;
                 t.init_tail(new_order);
                 t.set_flags(own);
             }
+        };
+        for first in (step..1usize << order).step_by(step) {
+            repoint(first);
+            let m = &self.meta[head + first];
+            let own = m.flags() & FrameFlags::ANON_EXCLUSIVE;
+            m.become_frozen_split_head(hm, first as u64, keep | own | FrameFlags::HEAD, new_order);
         }
+        repoint(0);
         hm.set_order(new_order);
-        if new_order == 0 {
-            hm.clear_flags(FrameFlags::HEAD);
+        for first in (step..1usize << order).step_by(step) {
+            self.meta[head + first].unfreeze(1);
         }
         hm.unfreeze(head_refs);
     }
