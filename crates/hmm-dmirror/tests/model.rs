@@ -22,7 +22,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_SIZE};
-use hmm::mm::{Advice, FaultError, MapFlags, MemFile, Mm, MremapFlags, Prot, SegvCause, ThpMode};
+use hmm::mm::{
+    Advice, FaultError, MapFlags, MemFile, Mm, MremapFlags, MthpMode, Prot, SegvCause, ThpMode,
+};
 use hmm::phys::{PhysConfig, PhysMem};
 use hmm_dmirror::{Dmirror, DmirrorCmd, DmirrorConfig, DmirrorDriver, HmmDmirrorCmd};
 
@@ -45,6 +47,8 @@ static OPS: AtomicU64 = AtomicU64::new(0);
 /// Device commands that succeeded and were compared with the model: READ, WRITE,
 /// migrations, EXCLUSIVE (so that a run whose device commands all failed shows).
 static DEVICE_OK: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Write faults that mapped a multi-size THP, in the processes alive at the end of a run.
+static MTHP_FAULTS: AtomicU64 = AtomicU64::new(0);
 
 fn device_ok(kind: usize) {
     DEVICE_OK[kind].fetch_add(1, Ordering::Relaxed);
@@ -425,8 +429,9 @@ impl Proc {
 }
 
 /// Runs `steps`; with `premap`, process 0 starts with the whole region mapped private and
-/// writable with `MADV_HUGEPAGE`, so that THPs are common.
-fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
+/// writable with `MADV_HUGEPAGE`, so that THPs are common; with `mthp`, write faults map
+/// multi-size THPs of 16 to 256 KiB where their aligned range is empty.
+fn run(steps: Vec<Step>, thp: bool, premap: bool, mthp: bool) -> Result<(), TestCaseError> {
     let phys = PhysMem::new(PhysConfig::with_size(64 << 20)).unwrap();
     let file = MemFile::new(&phys);
     file.truncate(FILE_PAGES * PAGE_SIZE).unwrap();
@@ -434,6 +439,11 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
     let first = Mm::new(phys.clone());
     if thp {
         first.set_thp_mode(ThpMode::Always);
+    }
+    if mthp {
+        for order in 2..=6 {
+            first.set_mthp_mode(order, MthpMode::Always).unwrap();
+        }
     }
     let rw = Prot::READ | Prot::WRITE;
     let out = first.mmap(
@@ -833,6 +843,7 @@ fn run(steps: Vec<Step>, thp: bool, premap: bool) -> Result<(), TestCaseError> {
         pr.mm
             .audit()
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        MTHP_FAULTS.fetch_add(pr.mm.stats().faults.mthp_anon, Ordering::Relaxed);
     }
     drop(procs);
     drop(file);
@@ -858,20 +869,24 @@ fn random_operations_agree_with_the_reference_model() {
         prop::collection::vec(step(), 1..120),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     );
-    let result = runner.run(&cases, |(steps, thp, premap)| run(steps, thp, premap));
+    let result = runner.run(&cases, |(steps, thp, premap, mthp)| {
+        run(steps, thp, premap, mthp)
+    });
     let ok: Vec<u64> = DEVICE_OK
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
         .collect();
     println!(
         "{} operations against the model; device commands that succeeded and were compared: \
-         {} READ, {} WRITE, {} migrations, {} EXCLUSIVE",
+         {} READ, {} WRITE, {} migrations, {} EXCLUSIVE; {} multi-size THP faults",
         OPS.load(Ordering::Relaxed),
         ok[0],
         ok[1],
         ok[2],
-        ok[3]
+        ok[3],
+        MTHP_FAULTS.load(Ordering::Relaxed)
     );
     if let Err(e) = result {
         panic!("{e}");
@@ -924,5 +939,5 @@ fn a_page_leaving_the_device_leaves_every_mirror_of_it() {
             },
         ),
     ];
-    run(steps, false, true).unwrap();
+    run(steps, false, true, false).unwrap();
 }
