@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use common::{page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_NR, PMD_SIZE};
-use hmm::mm::{Advice, KhugepagedLimits, MapFlags, Mm, MmError, MremapFlags, SwapKind, ThpMode};
+use hmm::mm::{
+    Advice, KhugepagedLimits, MapFlags, Mm, MmError, MremapFlags, MthpMode, SwapKind, ThpMode,
+};
 
 /// The C's `BASE_ADDR`.
 const BASE: VirtAddr = VirtAddr::new(1 << 30);
@@ -619,4 +621,154 @@ fn madvise_collapse_refuses_a_nohugepage_range() {
     ));
     madvise_collapse(&m.mm, "Collapse with THPs off", p, 1, true);
     validate(&m.mm, p, 0, PMD_SIZE);
+}
+
+// The `mthp_khugepaged` context (Nico Pache's mTHP khugepaged series): each case runs
+// for every collapse order below the PMD that anonymous memory allows (2 to 8, the C's
+// default `-c`), with that order alone enabled, for `MADV_HUGEPAGE` only, and the PMD
+// size off (`mthp_push_target_order`). `khugepaged_full_pass` is one full scan.
+
+/// A machine set up as `mthp_push_target_order` leaves it for `order`.
+fn mthp_machine(order: u32) -> Machine {
+    let m = machine();
+    m.mm.set_thp_mode(ThpMode::Never);
+    m.mm.set_mthp_mode(order, MthpMode::Madvise).unwrap();
+    m
+}
+
+/// `is_range_backed_by_order`: every page of `[p, p + len)` is mapped and its folio is of
+/// `order`, each folio whole and aligned in the range.
+fn all_windows_at_order(m: &Machine, p: VirtAddr, len: u64, order: u32) -> bool {
+    let n = 1u64 << order;
+    (0..len / PAGE_SIZE).step_by(n as usize).all(|i| {
+        let map = m.mm.pagemap(page(p, i), n).unwrap();
+        let Some(head) = map[0].pfn.filter(|_| map[0].present) else {
+            return false;
+        };
+        head % n == 0
+            && map
+                .iter()
+                .enumerate()
+                .all(|(k, e)| e.present && e.pfn == Some(head + k as u64))
+            && m.phys.frame(hmm::addr::Pfn::new(head)).meta().order() == order
+    })
+}
+
+/// `any_window_at_order`.
+fn any_window_at_order(m: &Machine, p: VirtAddr, len: u64, order: u32) -> bool {
+    let window = PAGE_SIZE << order;
+    (0..len / window).any(|k| all_windows_at_order(m, p + k * window, window, order))
+}
+
+const MTHP_COLLAPSE_ORDERS: std::ops::RangeInclusive<u32> = 2..=8;
+
+/// `khugepaged_full_pass` with the given `max_ptes_none`.
+fn full_pass(m: &Machine, max_ptes_none: u64) -> hmm::mm::KhugepagedStats {
+    m.mm.khugepaged_scan(&KhugepagedLimits {
+        max_ptes_none,
+        ..KhugepagedLimits::default()
+    })
+}
+
+#[test]
+fn mthp_collapse_order_single_window() {
+    for order in MTHP_COLLAPSE_ORDERS {
+        let m = mthp_machine(order);
+        let window = PAGE_SIZE << order;
+        let p = setup_area(&m, 1);
+        fault(&m.mm, p, window, 2 * window);
+        assert!(
+            !any_window_at_order(&m, p, PMD_SIZE, order),
+            "order {order}: large folio after fault"
+        );
+        m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+        let s = full_pass(&m, 511);
+        assert_eq!(s.mthp_collapsed, 1, "order {order}");
+        assert!(
+            all_windows_at_order(&m, p + window, window, order),
+            "order {order}"
+        );
+        assert!(!any_window_at_order(&m, p, window, order));
+        assert!(!any_window_at_order(
+            &m,
+            p + 2 * window,
+            PMD_SIZE - 2 * window,
+            order
+        ));
+        validate(&m.mm, p, window, 2 * window);
+        m.mm.audit().unwrap();
+    }
+}
+
+#[test]
+fn mthp_collapse_order_partial_window() {
+    for order in MTHP_COLLAPSE_ORDERS {
+        let m = mthp_machine(order);
+        let p = setup_area(&m, 1);
+        fault(&m.mm, p, 0, PAGE_SIZE);
+        assert!(!any_window_at_order(&m, p, PMD_SIZE, order));
+        m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+        full_pass(&m, 511);
+        // One page present is enough at the default max_ptes_none (511, scaled).
+        assert!(
+            all_windows_at_order(&m, p, PAGE_SIZE << order, order),
+            "order {order}"
+        );
+        validate(&m.mm, p, 0, PAGE_SIZE);
+        // The rest of the window reads zeros.
+        let rest = m.mm.read_val::<u32>(page(p, 1)).unwrap();
+        assert_eq!(rest, 0);
+        m.mm.audit().unwrap();
+    }
+}
+
+#[test]
+fn mthp_collapse_order_max_ptes_none() {
+    for order in MTHP_COLLAPSE_ORDERS {
+        let m = mthp_machine(order);
+        let window = PAGE_SIZE << order;
+        let p = setup_area(&m, 1);
+        fault(&m.mm, p, 0, 2 * window - PAGE_SIZE);
+        assert!(!any_window_at_order(&m, p, PMD_SIZE, order));
+        m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+        full_pass(&m, 0);
+        assert!(
+            all_windows_at_order(&m, p, window, order),
+            "order {order}: full window"
+        );
+        assert!(
+            !any_window_at_order(&m, p + window, window, order),
+            "order {order}: the window missing a page"
+        );
+        validate(&m.mm, p, 0, 2 * window - PAGE_SIZE);
+        m.mm.audit().unwrap();
+    }
+}
+
+#[test]
+fn mthp_collapse_order_mixed_sources() {
+    for order in MTHP_COLLAPSE_ORDERS {
+        // The C's source order: `-s`, or the smallest mTHP order; skipped when not below.
+        let source = 2;
+        if source >= order {
+            continue;
+        }
+        let m = mthp_machine(order);
+        m.mm.set_mthp_mode(source, MthpMode::Always).unwrap();
+        let p = setup_area(&m, 1);
+        fault(&m.mm, p, 0, PMD_SIZE);
+        m.mm.set_mthp_mode(source, MthpMode::Never).unwrap();
+        assert!(
+            all_windows_at_order(&m, p, PMD_SIZE, source),
+            "order-{source} sources"
+        );
+        m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+        full_pass(&m, 511);
+        assert!(
+            all_windows_at_order(&m, p, PMD_SIZE, order),
+            "order {order}"
+        );
+        validate(&m.mm, p, 0, PMD_SIZE);
+        m.mm.audit().unwrap();
+    }
 }

@@ -6,7 +6,9 @@
 //! [`ThpMode::Always`](super::ThpMode::Always) and not `MADV_NOHUGEPAGE`, or
 //! [`ThpMode::Madvise`](super::ThpMode::Madvise) and `MADV_HUGEPAGE`) that is a table of
 //! PTEs is checked against the limits (`hpage_collapse_scan_pmd`) and collapsed as
-//! `MADV_COLLAPSE` collapses it. The kernel's daemon runs such scans on its own timer; the
+//! `MADV_COLLAPSE` collapses it. Where the PMD size is not allowed but multi-size THPs
+//! are ([`MthpMode`](super::MthpMode)), the range's windows of those sizes collapse
+//! instead (see the `mthp` module). The kernel's daemon runs such scans on its own timer; the
 //! model runs them when asked, so a test or a workload decides when the daemon "woke".
 
 use serde::Serialize;
@@ -50,6 +52,8 @@ pub struct KhugepagedStats {
     pub pmds_scanned: u64,
     /// THPs made (`pages_collapsed` in PMDs).
     pub collapsed: u64,
+    /// Multi-size THPs made where only smaller sizes are allowed (the mTHP collapse).
+    pub mthp_collapsed: u64,
 }
 
 impl KhugepagedLimits {
@@ -98,8 +102,9 @@ impl Mm {
     /// One full scan of this address space by khugepaged, run when asked rather than on
     /// the daemon's timer: each aligned 2 MiB of a VMA where THPs are allowed on fault
     /// ([`ThpMode::Always`] and not `MADV_NOHUGEPAGE`, or [`ThpMode::Madvise`] and
-    /// `MADV_HUGEPAGE`) that passes `limits` becomes a THP, as `MADV_COLLAPSE` makes one.
-    /// Takes the mmap lock for writing for each range it collapses.
+    /// `MADV_HUGEPAGE`) that passes `limits` becomes a THP, as `MADV_COLLAPSE` makes one;
+    /// where only multi-size THPs are allowed, its windows of those sizes become folios
+    /// of them. Takes the mmap lock for writing for each range it collapses.
     #[doc(alias = "khugepaged_scan_mm_slot")]
     pub fn khugepaged_scan(&self, limits: &KhugepagedLimits) -> KhugepagedStats {
         let mut out = KhugepagedStats::default();
@@ -107,7 +112,9 @@ impl Mm {
             let st = self.lock.read();
             st.vmas
                 .iter()
-                .filter(|v| self.khugepaged_eligible(v))
+                .filter(|v| {
+                    self.khugepaged_eligible(v) || !super::mthp::allowed_orders(self, v).is_empty()
+                })
                 .flat_map(|v| {
                     let first = v.start().align_up(PMD_SIZE);
                     let count = first.map_or(0, |f| {
@@ -125,13 +132,37 @@ impl Mm {
             let Some(vma) = st
                 .vmas
                 .find(r.start())
-                .filter(|v| v.range().contains_range(&r) && self.khugepaged_eligible(v))
+                .filter(|v| v.range().contains_range(&r))
             else {
                 continue;
             };
+            if self.khugepaged_eligible(vma) {
+                out.pmds_scanned += 1;
+                if let Ok(true) = thp::collapse_one(self, &st, vma, r, Some(limits)) {
+                    out.collapsed += 1;
+                }
+                continue;
+            }
+            // The PMD size is not allowed here: the enabled smaller sizes, each aligned
+            // window from the largest size down (a window a larger collapse covered is
+            // one folio of that size now, and is left).
+            let orders = super::mthp::allowed_orders(self, vma);
+            if orders.is_empty() {
+                continue;
+            }
             out.pmds_scanned += 1;
-            if let Ok(true) = thp::collapse_one(self, &st, vma, r, Some(limits)) {
-                out.collapsed += 1;
+            for order in orders {
+                let len = crate::addr::PAGE_SIZE << order;
+                for k in 0..PMD_SIZE / len {
+                    let Ok(window) = VaRange::from_len(r.start() + k * len, len) else {
+                        continue;
+                    };
+                    if let Ok(true) =
+                        super::mthp::collapse_window(self, &st, vma, window, order, limits)
+                    {
+                        out.mthp_collapsed += 1;
+                    }
+                }
             }
         }
         out

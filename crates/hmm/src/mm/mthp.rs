@@ -17,6 +17,14 @@
 //!   anon-exclusive with its own map count, and the folio holds one reference per PTE. A
 //!   failed allocation counts a fallback and tries the next size, down to one page. A read
 //!   fault still maps the zero page.
+//! * **khugepaged** ([`Mm::khugepaged_scan`]) collapses into these sizes where the PMD
+//!   size is not allowed but a smaller one is (Nico Pache's mTHP khugepaged series, in
+//!   the mm tree): each naturally aligned window of an enabled size, from the largest,
+//!   whose empty entries are within `max_ptes_none` scaled down to the window
+//!   (`max_ptes_none >> (9 - order)`: 511 allows all but one empty, 0 none), with no swap
+//!   entry, no page another address space maps, and no page of a folio already that
+//!   large, is copied into one new folio of that size under a CLEAR invalidation of the
+//!   window, with the mmap lock held for writing, as a PMD collapse is.
 //! * **Afterwards** the pages are PTE-mapped pages of a large folio, as the pages of a THP
 //!   whose PMD was split are: copy on write copies one page, zap and `munmap` drop
 //!   mappings page by page, fork shares them (copying the pinned ones), `mremap` and
@@ -25,12 +33,17 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SIZE};
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_ORDER};
+use crate::notifier::{NotifierEvent, NotifierRange};
+use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
 use super::error::MmError;
+use super::thp::dirty_flags;
+use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
-use super::{Mm, ThpMode};
+use super::{KhugepagedLimits, Mm, MmState, ThpMode};
 
 /// The smallest multi-size THP order for anonymous memory (16 KiB): the kernel allows no
 /// order-1 anonymous folio.
@@ -113,11 +126,10 @@ impl Mm {
     }
 }
 
-/// The folio orders a write fault at `addr` of `vma` may allocate, largest first, each
-/// with its naturally aligned range (`thp_vma_allowable_orders` with the per-size
-/// settings, then `thp_vma_suitable_order`). Empty for anything but a private anonymous
-/// VMA, for `MADV_NOHUGEPAGE` and for a userfaultfd-registered VMA.
-pub(super) fn fault_orders(mm: &Mm, vma: &Vma, addr: VirtAddr) -> Vec<(u32, VaRange)> {
+/// The multi-size THP orders allowed in `vma`, largest first (`thp_vma_allowable_orders`
+/// with the per-size settings): none for anything but a private anonymous VMA, for
+/// `MADV_NOHUGEPAGE` and for a userfaultfd-registered VMA.
+pub(super) fn allowed_orders(mm: &Mm, vma: &Vma) -> Vec<u32> {
     let flags = vma.flags();
     if !matches!(vma.backing(), Backing::Anon)
         || vma.is_shared()
@@ -140,10 +152,165 @@ pub(super) fn fault_orders(mm: &Mm, vma: &Vma, addr: VirtAddr) -> Vec<(u32, VaRa
             Some(MthpMode::Inherit) => inherited,
             Some(MthpMode::Never) | None => false,
         })
+        .collect()
+}
+
+/// The folio orders a write fault at `addr` of `vma` may allocate, largest first, each
+/// with its naturally aligned range ([`allowed_orders`], then `thp_vma_suitable_order`).
+pub(super) fn fault_orders(mm: &Mm, vma: &Vma, addr: VirtAddr) -> Vec<(u32, VaRange)> {
+    allowed_orders(mm, vma)
+        .into_iter()
         .filter_map(|order| {
             let len = PAGE_SIZE << order;
             let r = VaRange::from_len(addr.align_down(len), len).ok()?;
             vma.range().contains_range(&r).then_some((order, r))
         })
         .collect()
+}
+
+/// khugepaged's collapse of the aligned `window` of `vma` into one folio of `order` (the
+/// mTHP collapse of `collapse_huge_page`), with the mmap lock held for writing: see the
+/// module's notes for when it refuses. Returns whether it made one.
+pub(super) fn collapse_window(
+    mm: &Mm,
+    st: &MmState,
+    vma: &Vma,
+    window: VaRange,
+    order: u32,
+    limits: &KhugepagedLimits,
+) -> Result<bool, MmError> {
+    let phys = mm.phys();
+    let n = 1usize << order;
+    let again = |what| Err(MmError::Again { what });
+    let ptes: Vec<Pte> = {
+        let mut c = st.pt.cursor(window, WalkMode::Lookup);
+        c.set_batch(true);
+        match c.next() {
+            Some(Slot::Pte(p)) if p.len() == n => (0..n).map(|i| p.get_at(i)).collect(),
+            // No table, or a PMD leaf: nothing of this kind to collapse.
+            _ => return Ok(false),
+        }
+    };
+    let mut none = 0u64;
+    let mut present = 0u64;
+    for pte in &ptes {
+        match *pte {
+            Pte::None => none += 1,
+            Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => none += 1,
+            Pte::Present { pfn, .. } => {
+                let page = phys.frame(pfn);
+                let folio = page.folio();
+                let fm = folio.meta();
+                if !fm.flags().contains(FrameFlags::ANON) {
+                    return again("a page that is not anonymous");
+                }
+                if fm.order() >= order {
+                    // Already a folio this large (or larger) here.
+                    return Ok(false);
+                }
+                if page.meta().mapcount() + fm.entire_mapcount() > 1 {
+                    return again("a page mapped elsewhere too (no shared pages in mTHP collapse)");
+                }
+                present += 1;
+            }
+            Pte::Swap { .. } => return again("a swap entry (no swap-in in mTHP collapse)"),
+            _ => return again("a non-present entry"),
+        }
+        if pte.is_uffd_wp() {
+            return again("a userfaultfd write-protected page");
+        }
+    }
+    let max_none = limits.max_ptes_none >> (PMD_ORDER - order);
+    if present == 0 || none > max_none {
+        return again("more empty entries than max_ptes_none allows at this size");
+    }
+    // is_refcount_suitable for each source folio, as the PMD collapse checks it.
+    let mut checked: Vec<u64> = Vec::new();
+    for pte in &ptes {
+        let Pte::Present { pfn, .. } = *pte else {
+            continue;
+        };
+        if phys.is_zero_pfn(pfn) {
+            continue;
+        }
+        let folio = phys.frame(pfn).folio();
+        if checked.contains(&folio.nr()) {
+            continue;
+        }
+        checked.push(folio.nr());
+        let fm = folio.meta();
+        let mapped = fm.entire_mapcount()
+            + (0..1u64 << fm.order())
+                .map(|k| phys.frame_nr(folio.nr() + k).meta().mapcount())
+                .sum::<i32>();
+        if fm.pincount() > 0 || fm.is_locked() || fm.refcount() as i32 != mapped {
+            return again("a page is pinned, referenced or locked");
+        }
+    }
+    let new = phys
+        .alloc(
+            order,
+            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+        )
+        .map_err(|_| MmError::NoMem {
+            what: "no free folio of the size",
+        })?;
+    mm.counters.frame_allocated();
+    mm.new_anon_rmap(&new, vma, window.start());
+    // The invalidation before the copy, as for a PMD collapse: a device may write the
+    // small pages through its mirror until it returns.
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        window,
+        NotifierEvent::Clear,
+        Some(vma.info()),
+    ));
+    for (i, pte) in ptes.iter().enumerate() {
+        let dst = phys.frame(Pfn::new(new.pfn().as_u64() + i as u64));
+        match *pte {
+            Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
+            _ => dst.zero(),
+        }
+    }
+    let mut flags = dirty_flags();
+    if !vma.is_accessible() {
+        flags |= PteFlags::PROTNONE;
+    } else if vma.flags().contains(VmFlags::WRITE) {
+        flags |= PteFlags::WRITE;
+    }
+    let mut tlb = TlbGather::new(mm);
+    new.meta().get_many(n as u32 - 1);
+    let head = new.into_raw();
+    {
+        let mut c = st.pt.cursor(window, WalkMode::Populate);
+        c.set_batch(true);
+        let Some(Slot::Pte(p)) = c.next() else {
+            unreachable!("the window's table was there a moment ago, under the write lock")
+        };
+        for i in 0..n {
+            let page = phys.frame(Pfn::new(head.as_u64() + i as u64));
+            page.set_anon_exclusive();
+            page.meta().inc_mapcount();
+            p.set_at(
+                i,
+                Pte::Present {
+                    pfn: page.pfn(),
+                    flags,
+                },
+            );
+        }
+    }
+    tlb.add_range(window);
+    for pte in ptes {
+        if let Pte::Present { pfn, .. } = pte {
+            if !phys.is_zero_pfn(pfn) {
+                phys.frame(pfn).meta().dec_mapcount();
+                tlb.defer_put(pfn);
+            }
+        }
+    }
+    tlb.finish();
+    inv.end();
+    mm.counters.thp_collapse();
+    Ok(true)
 }

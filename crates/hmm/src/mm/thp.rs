@@ -603,8 +603,8 @@ pub(super) fn collapse_one(
 }
 
 /// Splits the anonymous large folio (a THP, a multi-size THP or a device THP) `folio`
-/// (the caller's reference) into order-0 folios (`split_huge_page`), keeping every mapping and byte; returns whether it
-/// did. With the folio locked: every mapping in every address space (through the reverse
+/// (the caller's reference) into order-0 folios (`split_huge_page`), keeping every
+/// mapping and byte; returns whether it did. With the folio locked: every mapping in every address space (through the reverse
 /// map) becomes a migration entry under a CLEAR invalidation of its range (PMD leaves are
 /// split first); the reference count must then be the caller's alone
 /// (`folio_ref_freeze`), or the entries are restored and the split fails (a pin, a GUP
