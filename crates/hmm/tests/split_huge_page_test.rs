@@ -47,11 +47,8 @@ fn machine() -> Machine {
     m
 }
 
-/// `split_pmd_thp_to_order(0)`: four PMD-mapped THPs split to order 0 through the
-/// interface; every byte kept, every page an order-0 folio, no THP left.
-#[test]
-fn split_pmd_thp_to_order_0() {
-    let m = machine();
+/// `split_pmd_thp_to_order`'s set-up: four PMD-mapped THPs, filled; their start.
+fn four_thps(m: &Machine) -> VirtAddr {
     let len = 4 * PMD_SIZE;
     let raw =
         m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
@@ -60,6 +57,16 @@ fn split_pmd_thp_to_order_0() {
     m.mm.madvise(p, len, Advice::HugePage).unwrap();
     fill(&m.mm, p, len);
     assert!(check_huge_anon(&m.mm, p, len, 4), "no THP is allocated");
+    p
+}
+
+/// `split_pmd_thp_to_order(0)`: four PMD-mapped THPs split to order 0 through the
+/// interface; every byte kept, every page an order-0 folio, no THP left.
+#[test]
+fn split_pmd_thp_to_order_0() {
+    let m = machine();
+    let len = 4 * PMD_SIZE;
+    let p = four_thps(&m);
     assert_eq!(m.mm.split_huge_pages(p, p + len, 0), Ok(4));
     assert_eq!(corrupted(&m.mm, p, len), None, "byte corrupted");
     // check_after_split_folio_orders: 4 << 9 folios of order 0.
@@ -82,13 +89,7 @@ fn split_pmd_thp_to_orders_2_to_8() {
     for order in 2..9u32 {
         let m = machine();
         let len = 4 * PMD_SIZE;
-        let raw =
-            m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
-                .unwrap();
-        let p = raw.align_up(PMD_SIZE).unwrap();
-        m.mm.madvise(p, len, Advice::HugePage).unwrap();
-        fill(&m.mm, p, len);
-        assert!(check_huge_anon(&m.mm, p, len, 4), "no THP is allocated");
+        let p = four_thps(&m);
         assert_eq!(m.mm.split_huge_pages(p, p + len, order), Ok(4));
         assert_eq!(
             corrupted(&m.mm, p, len),

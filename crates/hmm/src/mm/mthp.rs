@@ -35,12 +35,12 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_ORDER};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{Pte, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
 use super::error::MmError;
-use super::thp::dirty_flags;
+use super::thp::{collapsed_flags, collapsible_folio, copy_collapsed, release_collapsed};
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
 use super::{KhugepagedLimits, Mm, MmState, ThpMode};
@@ -225,26 +225,14 @@ pub(super) fn collapse_window(
         return again("more empty entries than max_ptes_none allows at this size");
     }
     // is_refcount_suitable for each source folio, as the PMD collapse checks it.
-    let mut checked: Vec<u64> = Vec::new();
+    let mut checked = Vec::new();
     for pte in &ptes {
-        let Pte::Present { pfn, .. } = *pte else {
-            continue;
-        };
-        if phys.is_zero_pfn(pfn) {
-            continue;
-        }
-        let folio = phys.frame(pfn).folio();
-        if checked.contains(&folio.nr()) {
-            continue;
-        }
-        checked.push(folio.nr());
-        let fm = folio.meta();
-        let mapped = fm.entire_mapcount()
-            + (0..1u64 << fm.order())
-                .map(|k| phys.frame_nr(folio.nr() + k).meta().mapcount())
-                .sum::<i32>();
-        if fm.pincount() > 0 || fm.is_locked() || fm.refcount() as i32 != mapped {
-            return again("a page is pinned, referenced or locked");
+        if let Pte::Present { pfn, .. } = *pte {
+            if !phys.is_zero_pfn(pfn)
+                && !collapsible_folio(phys, phys.frame(pfn).folio(), &mut checked)
+            {
+                return again("a page is pinned, referenced or locked");
+            }
         }
     }
     let new = phys
@@ -265,19 +253,8 @@ pub(super) fn collapse_window(
         NotifierEvent::Clear,
         Some(vma.info()),
     ));
-    for (i, pte) in ptes.iter().enumerate() {
-        let dst = phys.frame(Pfn::new(new.pfn().as_u64() + i as u64));
-        match *pte {
-            Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
-            _ => dst.zero(),
-        }
-    }
-    let mut flags = dirty_flags();
-    if !vma.is_accessible() {
-        flags |= PteFlags::PROTNONE;
-    } else if vma.flags().contains(VmFlags::WRITE) {
-        flags |= PteFlags::WRITE;
-    }
+    copy_collapsed(phys, new.pfn(), &ptes);
+    let flags = collapsed_flags(vma);
     let mut tlb = TlbGather::new(mm);
     new.meta().get_many(n as u32 - 1);
     let head = new.into_raw();
@@ -301,14 +278,7 @@ pub(super) fn collapse_window(
         }
     }
     tlb.add_range(window);
-    for pte in ptes {
-        if let Pte::Present { pfn, .. } = pte {
-            if !phys.is_zero_pfn(pfn) {
-                phys.frame(pfn).meta().dec_mapcount();
-                tlb.defer_put(pfn);
-            }
-        }
-    }
+    release_collapsed(phys, &ptes, &mut tlb);
     tlb.finish();
     inv.end();
     mm.counters.thp_collapse();

@@ -513,26 +513,14 @@ pub(super) fn collapse_one(
         }
         ptes = scan()?.ok_or(not_present)?;
     }
+    // In entry order, as hpage_collapse_scan_pmd reports the first refusal.
     let mut checked = Vec::new();
     for pte in &ptes {
         match *pte {
             Pte::None => {}
             Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => {}
             Pte::Present { pfn, .. } => {
-                let folio = phys.frame(pfn).folio();
-                if checked.contains(&folio.nr()) {
-                    continue;
-                }
-                checked.push(folio.nr());
-                let fm = folio.meta();
-                // is_refcount_suitable: every reference is a mapping (each page's PTE
-                // mappings and the folio's PMD mappings, for a large folio of any order).
-                let mapped = fm.entire_mapcount()
-                    + (0..1u64 << fm.order())
-                        .map(|k| phys.frame_nr(folio.nr() + k).meta().mapcount())
-                        .sum::<i32>();
-                let stray = fm.refcount() as i32 != mapped;
-                if fm.pincount() > 0 || fm.is_locked() || stray {
+                if !collapsible_folio(phys, phys.frame(pfn).folio(), &mut checked) {
                     return Err(again);
                 }
             }
@@ -561,25 +549,13 @@ pub(super) fn collapse_one(
         NotifierEvent::Clear,
         Some(vma.info()),
     ));
-    // __collapse_huge_page_copy: every byte, zeros for empty entries.
-    let mut flags = dirty_flags();
-    for (i, pte) in ptes.iter().enumerate() {
-        let dst = phys.frame(Pfn::new(new.pfn().as_u64() + i as u64));
-        match *pte {
-            Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
-            _ => dst.zero(),
-        }
-    }
+    copy_collapsed(phys, new.pfn(), &ptes);
     let pmd = st
         .pt
         .lock_pmd(range.start(), WalkMode::Populate)
         .expect("populate");
     let mut tlb = TlbGather::new(mm);
-    if !vma.is_accessible() {
-        flags |= PteFlags::PROTNONE;
-    } else if vma.flags().contains(VmFlags::WRITE) {
-        flags |= PteFlags::WRITE;
-    }
+    let flags = collapsed_flags(vma);
     new.meta().inc_entire_mapcount();
     let leaf = Pte::Present {
         pfn: new.into_raw(),
@@ -588,18 +564,72 @@ pub(super) fn collapse_one(
     pmd.collapse(leaf);
     tlb.add_range(range);
     drop(pmd);
+    release_collapsed(phys, &ptes, &mut tlb);
+    tlb.finish();
+    inv.end();
+    mm.counters.thp_collapse();
+    Ok(true)
+}
+
+/// `is_refcount_suitable` and the pin and lock checks of a collapse's source `folio`: not
+/// pinned, not locked, and every reference a mapping (each page's PTE mappings and the
+/// folio's PMD ones, for a folio of any order). A folio in `checked` passed already;
+/// one that passes is added.
+pub(super) fn collapsible_folio(
+    phys: &PhysMem,
+    folio: FrameRef<'_>,
+    checked: &mut Vec<u64>,
+) -> bool {
+    if checked.contains(&folio.nr()) {
+        return true;
+    }
+    let fm = folio.meta();
+    let mapped = fm.entire_mapcount()
+        + (0..1u64 << fm.order())
+            .map(|k| phys.frame_nr(folio.nr() + k).meta().mapcount())
+            .sum::<i32>();
+    let ok = fm.pincount() == 0 && !fm.is_locked() && fm.refcount() as i32 == mapped;
+    if ok {
+        checked.push(folio.nr());
+    }
+    ok
+}
+
+/// `__collapse_huge_page_copy`: the bytes the entries of `ptes` map into the pages from
+/// `first`, zeros for empty entries and the zero page.
+pub(super) fn copy_collapsed(phys: &PhysMem, first: Pfn, ptes: &[Pte]) {
+    for (i, pte) in ptes.iter().enumerate() {
+        let dst = phys.frame(Pfn::new(first.as_u64() + i as u64));
+        match *pte {
+            Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
+            _ => dst.zero(),
+        }
+    }
+}
+
+/// The flags of a collapsed folio's mapping in `vma`: dirty and young, writable if the
+/// VMA is, `PROT_NONE` if it is not accessible.
+pub(super) fn collapsed_flags(vma: &Vma) -> PteFlags {
+    let mut flags = dirty_flags();
+    if !vma.is_accessible() {
+        flags |= PteFlags::PROTNONE;
+    } else if vma.flags().contains(VmFlags::WRITE) {
+        flags |= PteFlags::WRITE;
+    }
+    flags
+}
+
+/// Drops the mappings the collapsed entries `ptes` held: map counts now, references
+/// after the TLB flush.
+pub(super) fn release_collapsed(phys: &PhysMem, ptes: &[Pte], tlb: &mut TlbGather<'_>) {
     for pte in ptes {
-        if let Pte::Present { pfn, .. } = pte {
+        if let Pte::Present { pfn, .. } = *pte {
             if !phys.is_zero_pfn(pfn) {
                 phys.frame(pfn).meta().dec_mapcount();
                 tlb.defer_put(pfn);
             }
         }
     }
-    tlb.finish();
-    inv.end();
-    mm.counters.thp_collapse();
-    Ok(true)
 }
 
 /// Splits the anonymous large folio (a THP, a multi-size THP or a device THP) `folio`
