@@ -772,3 +772,68 @@ fn mthp_collapse_order_mixed_sources() {
         m.mm.audit().unwrap();
     }
 }
+
+/// A source folio that straddles a collapsed window (PTEs `mremap` moved off their
+/// alignment) is left mapped in part when the next window stays: it goes on the
+/// deferred-split queue and is split, as a zap of part of it would have it.
+#[test]
+fn mthp_collapse_splits_a_source_folio_it_maps_in_part() {
+    let m = mthp_machine(3);
+    m.mm.set_mthp_mode(2, MthpMode::Always).unwrap();
+    // Four order-2 folios at the start of the second PMD of a 4 MiB VMA, which then moves
+    // one page up: they sit at pages 1..17 of a whole PMD of the moved VMA.
+    let raw =
+        m.mm.mmap(None, 3 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let src = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.munmap(raw, 3 * PMD_SIZE).unwrap();
+    let src =
+        m.mm.mmap(
+            Some(src),
+            2 * PMD_SIZE,
+            RW,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+        )
+        .unwrap();
+    fault(&m.mm, src + PMD_SIZE, 0, 16 * PAGE_SIZE);
+    m.mm.set_mthp_mode(2, MthpMode::Never).unwrap();
+    let raw =
+        m.mm.mmap(None, 4 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let d = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.munmap(raw, 4 * PMD_SIZE).unwrap();
+    let flags = MremapFlags::MAYMOVE | MremapFlags::FIXED;
+    let moved = page(d, 1);
+    assert_eq!(
+        m.mm.mremap(src, 2 * PMD_SIZE, 2 * PMD_SIZE, flags, Some(moved)),
+        Ok(moved)
+    );
+    let p = d + PMD_SIZE;
+    // The folio at pages 5..9 straddles the windows 0..8 and 8..16; a pin on page 12
+    // keeps the second window as it is.
+    let pins =
+        m.mm.pin_user_pages(page(p, 12), 1, hmm::mm::GupFlags::WRITE)
+            .unwrap();
+    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    let s = full_pass(&m, 511);
+    assert!(s.mthp_collapsed >= 1);
+    assert!(
+        all_windows_at_order(&m, p, 8 * PAGE_SIZE, 3),
+        "the first window collapsed"
+    );
+    let e = m.mm.pagemap(page(p, 8), 1).unwrap()[0];
+    let order = m
+        .phys
+        .frame(hmm::addr::Pfn::new(e.pfn.unwrap()))
+        .folio()
+        .meta()
+        .order();
+    assert_eq!(order, 0, "the straddling folio was split");
+    drop(pins);
+    // `fault` wrote page `i` of the source's second PMD with `i + 0xdead0000`.
+    for i in 1..17 {
+        let v = m.mm.read_val::<u32>(page(p, i)).unwrap();
+        assert_eq!(v, (i - 1) as u32 + 0xdead_0000, "page {i}");
+    }
+    m.mm.audit().unwrap();
+}

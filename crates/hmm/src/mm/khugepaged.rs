@@ -141,6 +141,7 @@ impl Mm {
                 if let Ok(true) = thp::collapse_one(self, &st, vma, r, Some(limits)) {
                     out.collapsed += 1;
                 }
+                self.deferred_split_scan(&st);
                 continue;
             }
             // The PMD size is not allowed here: the enabled smaller sizes, each aligned
@@ -164,6 +165,7 @@ impl Mm {
                     }
                 }
             }
+            self.deferred_split_scan(&st);
         }
         out
     }

@@ -190,7 +190,9 @@ impl Mm {
                 if st.vmas.first_hole(range).is_some() {
                     return Err(unmapped);
                 }
-                thp::collapse(self, &st, range)
+                let r = thp::collapse(self, &st, range);
+                self.deferred_split_scan(&st);
+                r
             }
         }
     }

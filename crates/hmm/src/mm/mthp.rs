@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_ORDER};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{Pte, Slot, WalkMode};
+use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
@@ -193,11 +193,15 @@ pub(super) fn collapse_window(
     };
     let mut none = 0u64;
     let mut present = 0u64;
+    let mut young = 0u64;
     for pte in &ptes {
         match *pte {
             Pte::None => none += 1,
             Pte::Present { pfn, .. } if phys.is_zero_pfn(pfn) => none += 1,
-            Pte::Present { pfn, .. } => {
+            Pte::Present { pfn, flags } => {
+                if flags.contains(PteFlags::YOUNG) {
+                    young += 1;
+                }
                 let page = phys.frame(pfn);
                 let folio = page.folio();
                 let fm = folio.meta();
@@ -223,6 +227,10 @@ pub(super) fn collapse_window(
     let max_none = limits.max_ptes_none >> (PMD_ORDER - order);
     if present == 0 || none > max_none {
         return again("more empty entries than max_ptes_none allows at this size");
+    }
+    // As the PMD scan asks (SCAN_LACK_REFERENCED_PAGE): a page used lately.
+    if young == 0 {
+        return again("no recently accessed page");
     }
     // is_refcount_suitable for each source folio, as the PMD collapse checks it.
     let mut checked = Vec::new();
@@ -278,9 +286,8 @@ pub(super) fn collapse_window(
         }
     }
     tlb.add_range(window);
-    release_collapsed(phys, &ptes, &mut tlb);
+    release_collapsed(mm, &ptes, &mut tlb);
     tlb.finish();
     inv.end();
-    mm.counters.thp_collapse();
     Ok(true)
 }

@@ -564,7 +564,7 @@ pub(super) fn collapse_one(
     pmd.collapse(leaf);
     tlb.add_range(range);
     drop(pmd);
-    release_collapsed(phys, &ptes, &mut tlb);
+    release_collapsed(mm, &ptes, &mut tlb);
     tlb.finish();
     inv.end();
     mm.counters.thp_collapse();
@@ -620,12 +620,21 @@ pub(super) fn collapsed_flags(vma: &Vma) -> PteFlags {
 }
 
 /// Drops the mappings the collapsed entries `ptes` held: map counts now, references
-/// after the TLB flush.
-pub(super) fn release_collapsed(phys: &PhysMem, ptes: &[Pte], tlb: &mut TlbGather<'_>) {
+/// after the TLB flush. A large source folio that lost a page's last mapping goes on the
+/// deferred-split queue, as a zap puts it there: one that straddled the collapsed range
+/// (PTEs moved by `mremap` need not be aligned) is mapped only in part now. The caller
+/// runs the queue.
+pub(super) fn release_collapsed(mm: &Mm, ptes: &[Pte], tlb: &mut TlbGather<'_>) {
+    let phys = mm.phys();
     for pte in ptes {
         if let Pte::Present { pfn, .. } = *pte {
             if !phys.is_zero_pfn(pfn) {
-                phys.frame(pfn).meta().dec_mapcount();
+                let page = phys.frame(pfn);
+                let folio = page.folio();
+                let left = page.meta().dec_mapcount();
+                if folio.meta().order() > 0 && left == 0 && folio.meta().entire_mapcount() == 0 {
+                    mm.defer_split(folio.pfn());
+                }
                 tlb.defer_put(pfn);
             }
         }
