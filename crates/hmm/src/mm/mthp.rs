@@ -21,10 +21,11 @@
 //!   size is not allowed but a smaller one is (Nico Pache's mTHP khugepaged series, in
 //!   the mm tree): each naturally aligned window of an enabled size, from the largest,
 //!   whose empty entries are within `max_ptes_none` scaled down to the window
-//!   (`max_ptes_none >> (9 - order)`: 511 allows all but one empty, 0 none), with no swap
-//!   entry, no page another address space maps, and no page of a folio already that
-//!   large, is copied into one new folio of that size under a CLEAR invalidation of the
-//!   window, with the mmap lock held for writing, as a PMD collapse is.
+//!   (`max_ptes_none >> (9 - order)`: 511 allows all but one empty, 0 none), with a
+//!   recently accessed page, no swap entry, no page another address space maps, and no
+//!   page of a folio already that large, is copied into one new folio of that size under
+//!   a CLEAR invalidation of the window, with the mmap lock held for writing, as a PMD
+//!   collapse is. A source folio left mapped in part goes on the deferred-split queue.
 //! * **Afterwards** the pages are PTE-mapped pages of a large folio, as the pages of a THP
 //!   whose PMD was split are: copy on write copies one page, zap and `munmap` drop
 //!   mappings page by page, fork shares them (copying the pinned ones), `mremap` and
