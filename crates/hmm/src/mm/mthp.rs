@@ -35,13 +35,12 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_ORDER};
-use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
 use super::error::MmError;
-use super::thp::{collapsed_flags, collapsible_folio, copy_collapsed, release_collapsed};
+use super::thp::{collapse_copy, collapsed_flags, collapsible_folio, release_collapsed};
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma};
 use super::{KhugepagedLimits, Mm, MmState, ThpMode};
@@ -244,25 +243,7 @@ pub(super) fn collapse_window(
             }
         }
     }
-    let new = phys
-        .alloc(
-            order,
-            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
-        )
-        .map_err(|_| MmError::NoMem {
-            what: "no free folio of the size",
-        })?;
-    mm.counters.frame_allocated();
-    mm.new_anon_rmap(&new, vma, window.start());
-    // The invalidation before the copy, as for a PMD collapse: a device may write the
-    // small pages through its mirror until it returns.
-    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
-        mm.id,
-        window,
-        NotifierEvent::Clear,
-        Some(vma.info()),
-    ));
-    copy_collapsed(phys, new.pfn(), &ptes);
+    let (new, inv) = collapse_copy(mm, vma, window, order, &ptes)?;
     let flags = collapsed_flags(vma);
     let mut tlb = TlbGather::new(mm);
     new.meta().get_many(n as u32 - 1);

@@ -530,26 +530,7 @@ pub(super) fn collapse_one(
             | Pte::Swap { .. } => return Err(not_present),
         }
     }
-    let new = phys
-        .alloc(
-            PMD_ORDER,
-            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
-        )
-        .map_err(|_| MmError::NoMem {
-            what: "no free 2 MiB folio",
-        })?;
-    mm.counters.frame_allocated();
-    mm.new_anon_rmap(&new, vma, range.start());
-    // The invalidation comes before the copy, as in collapse_huge_page: a device mapping
-    // the small pages may write them until it returns (the mmap lock keeps CPUs out, not
-    // devices), and a write copied too early would be lost.
-    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
-        mm.id,
-        range,
-        NotifierEvent::Clear,
-        Some(vma.info()),
-    ));
-    copy_collapsed(phys, new.pfn(), &ptes);
+    let (new, inv) = collapse_copy(mm, vma, range, PMD_ORDER, &ptes)?;
     let pmd = st
         .pt
         .lock_pmd(range.start(), WalkMode::Populate)
@@ -595,16 +576,44 @@ pub(super) fn collapsible_folio(
     ok
 }
 
-/// `__collapse_huge_page_copy`: the bytes the entries of `ptes` map into the pages from
-/// `first`, zeros for empty entries and the zero page.
-pub(super) fn copy_collapsed(phys: &PhysMem, first: Pfn, ptes: &[Pte]) {
+/// The new folio of a collapse of `range` (order `order`, anonymous to `vma`) holding
+/// the bytes the entries `ptes` map (`__collapse_huge_page_copy`: zeros for empty entries
+/// and the zero page), with the CLEAR invalidation of `range` started before the copy, as
+/// in `collapse_huge_page`: a device mapping the small pages may write them until it
+/// returns (the mmap lock keeps CPUs out, not devices), and a write copied too early would
+/// be lost. The caller maps the folio, then ends the invalidation.
+pub(super) fn collapse_copy<'m>(
+    mm: &'m Mm,
+    vma: &Vma,
+    range: VaRange,
+    order: u32,
+    ptes: &[Pte],
+) -> Result<(crate::phys::Frame<'m>, crate::notifier::Invalidation<'m>), MmError> {
+    let phys = mm.phys();
+    let new = phys
+        .alloc(
+            order,
+            FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE,
+        )
+        .map_err(|_| MmError::NoMem {
+            what: "no free folio for the collapse",
+        })?;
+    mm.counters.frame_allocated();
+    mm.new_anon_rmap(&new, vma, range.start());
+    let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
+        mm.id,
+        range,
+        NotifierEvent::Clear,
+        Some(vma.info()),
+    ));
     for (i, pte) in ptes.iter().enumerate() {
-        let dst = phys.frame(Pfn::new(first.as_u64() + i as u64));
+        let dst = phys.frame(Pfn::new(new.pfn().as_u64() + i as u64));
         match *pte {
             Pte::Present { pfn, .. } if !phys.is_zero_pfn(pfn) => dst.copy_from(&phys.frame(pfn)),
             _ => dst.zero(),
         }
     }
+    Ok((new, inv))
 }
 
 /// The flags of a collapsed folio's mapping in `vma`: dirty and young, writable if the
