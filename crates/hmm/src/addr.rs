@@ -32,6 +32,14 @@ pub const PMD_ORDER: u32 = PMD_SHIFT - PAGE_SHIFT;
 /// Number of base pages in a PMD-sized folio.
 #[doc(alias = "HPAGE_PMD_NR")]
 pub const PMD_NR: u64 = 1 << PMD_ORDER;
+/// Bytes mapped by one PUD leaf (a 1 GiB hugetlb page).
+pub const PUD_SIZE: u64 = 1 << PUD_SHIFT;
+/// Order of a PUD-sized folio (1 GiB).
+#[doc(alias = "HPAGE_PUD_ORDER")]
+pub const PUD_ORDER: u32 = PUD_SHIFT - PAGE_SHIFT;
+/// Base pages per PUD-sized folio.
+#[doc(alias = "HPAGE_PUD_NR")]
+pub const PUD_NR: u64 = 1 << PUD_ORDER;
 /// Entries per page-table node at every level.
 #[doc(alias = "PTRS_PER_PTE")]
 pub const ENTRIES_PER_TABLE: usize = 512;

@@ -125,6 +125,7 @@ pub fn make_device_exclusive<'g>(
                 }
                 _ => None,
             },
+            Some(Slot::Pud(_)) => unreachable!("PUD leaves map only hugetlb VMAs"),
             Some(Slot::Pmd(p)) => {
                 let base = p.range().start();
                 c.unlock();

@@ -7,10 +7,11 @@
 //! Each test is one case of the file run on each of its memory kinds, in the file's order;
 //! a failure names the case and the kind, swapped-out kinds included; the THP kinds run at
 //! every size, the PMD size and each multi-size THP from 1 MiB down to 16 KiB, as the C
-//! runs them for every size the kernel offers. `docs/mm-selftests.md` lists the kinds the
-//! model cannot express (1 GiB hugetlb pages).
+//! runs them for every size the kernel offers; the hugetlb kinds run at each hugetlb size
+//! of [`common::hugetlb_sizes`] (2 MiB, and 1 GiB with `HMM_HUGETLB_1G` set, as CI runs
+//! them in a release build). `docs/mm-selftests.md` lists what the model cannot express.
 //! The non-anonymous cases run on the shared zero page, a memfd page, the huge zero page
-//! and a hugetlb memfd page.
+//! and a hugetlb memfd page of each hugetlb size.
 //!
 //! How the C's kernel interfaces map here: `fork` is [`Mm::fork`], the child's steps run
 //! where the C's pipes order them; `vmsplice` takes GUP references ([`Mm::get_user_pages`],
@@ -23,36 +24,79 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{page, Machine, RW};
+use common::{hugetlb_machine, hugetlb_sizes, page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use hmm::phys::HugetlbSize;
 use hmm::mm::{
     Advice, GupFlags, MapFlags, MemFile, Mm, MremapFlags, MthpMode, Prot, ThpMode, UserPages,
     MTHP_MAX_ORDER, MTHP_MIN_ORDER,
 };
 
-/// The bytes of `len` at `a`.
-fn bytes(mm: &Mm, a: VirtAddr, len: u64) -> Vec<u8> {
-    let mut b = vec![0u8; len as usize];
-    mm.read(a, &mut b).expect("readable");
-    b
+/// What the C's `memcmp` of a snapshot compares, without a copy of the bytes: a digest of
+/// them, taken a piece at a time, so that a 1 GiB kind holds no GiB-sized buffer (every
+/// byte of it is still read and compared through the digest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Digest(u64);
+
+impl Digest {
+    fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+
+    /// Folds in `bytes` (a multiple of 8 bytes long): the same bytes give the same digest
+    /// however they are cut into pieces.
+    fn add(&mut self, bytes: &[u8]) {
+        assert_eq!(bytes.len() % 8, 0, "whole words");
+        for w in bytes.chunks_exact(8) {
+            let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+            self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        }
+    }
 }
 
-/// The bytes the held pages `p` hold (`len` bytes from the first).
-fn held(p: &UserPages, len: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len as usize];
-    for (i, chunk) in out.chunks_mut(PAGE_SIZE as usize).enumerate() {
-        p.read(i, 0, chunk);
+/// The pieces `len` bytes are read and written in.
+const PIECE: u64 = 2 << 20;
+
+/// The digest of the bytes of `len` at `a`.
+fn bytes(mm: &Mm, a: VirtAddr, len: u64) -> Digest {
+    let mut d = Digest::new();
+    let mut buf = vec![0u8; len.min(PIECE) as usize];
+    for off in (0..len).step_by(PIECE as usize) {
+        let n = (len - off).min(PIECE) as usize;
+        mm.read(a + off, &mut buf[..n]).expect("readable");
+        d.add(&buf[..n]);
     }
-    out
+    d
+}
+
+/// The digest of the bytes the held pages `p` hold (`len` bytes from the first).
+fn held(p: &UserPages, len: u64) -> Digest {
+    let mut d = Digest::new();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for i in 0..npages(len) {
+        let n = (len - i * PAGE_SIZE).min(PAGE_SIZE) as usize;
+        p.read(i as usize, 0, &mut page[..n]);
+        d.add(&page[..n]);
+    }
+    d
 }
 
 fn npages(size: u64) -> u64 {
     size.div_ceil(PAGE_SIZE)
 }
 
+/// `memset(mem, byte, size)`, a piece at a time.
+fn fill(mm: &Mm, mem: VirtAddr, size: u64, byte: u8) {
+    let buf = vec![byte; size.min(PIECE) as usize];
+    for off in (0..size).step_by(PIECE as usize) {
+        let n = (size - off).min(PIECE) as usize;
+        mm.write(mem + off, &buf[..n]).expect("writable");
+    }
+}
+
 /// `memset(mem, 0xff, size)`.
 fn modify(mm: &Mm, mem: VirtAddr, size: u64) {
-    mm.write(mem, &vec![0xff; size as usize]).expect("writable");
+    fill(mm, mem, size, 0xff);
 }
 
 /// The memory one run of an anonymous case works on: `size` bytes at `mem`, populated.
@@ -72,7 +116,8 @@ enum Kind {
     SinglePteOfThp(u32),
     PartiallyMremappedThp(u32),
     PartiallySharedThp(u32),
-    Hugetlb,
+    /// `run_with_hugetlb` at one hugetlb size.
+    Hugetlb(HugetlbSize),
     /// `run_with_base_page_swap`: a base page written out by `MADV_PAGEOUT`.
     SwappedBasePage,
     /// `THP_RUN_PMD_SWAPOUT`: a THP written out (split first: no THP swap).
@@ -86,7 +131,7 @@ enum Kind {
 /// The kinds in the C's order (`run_anon_test_case`): base pages, then for each THP size
 /// (the PMD size first, then the multi-size THPs from the largest) the PMD-mapped runs
 /// (PMD size only), the PTE-mapped, single-PTE, partially mremapped and partially shared
-/// runs, then hugetlb.
+/// runs, then hugetlb at each size.
 fn kinds() -> Vec<Kind> {
     let mut out = vec![Kind::BasePage, Kind::SwappedBasePage];
     for order in std::iter::once(PMD_ORDER).chain((MTHP_MIN_ORDER..=MTHP_MAX_ORDER).rev()) {
@@ -102,7 +147,7 @@ fn kinds() -> Vec<Kind> {
             Kind::PartiallySharedThp(order),
         ]);
     }
-    out.push(Kind::Hugetlb);
+    out.extend(hugetlb_sizes().into_iter().map(Kind::Hugetlb));
     out
 }
 
@@ -133,7 +178,11 @@ fn anon(kind: Kind) -> Anon {
 /// enabled and the PMD size off for a multi-size THP, as the C sets
 /// `hugepages-<size>kB/enabled` for each size it runs.
 fn populated(kind: Kind) -> Anon {
-    let m = Machine::new(32);
+    let m = match kind {
+        // Two pool pages: COW and unsharing need the second.
+        Kind::Hugetlb(size) => hugetlb_machine(size, 2),
+        _ => Machine::new(32),
+    };
     m.phys.swapon(8 << 20).unwrap();
     let mm = &m.mm;
     let order = match kind {
@@ -147,17 +196,14 @@ fn populated(kind: Kind) -> Anon {
                 size: PAGE_SIZE,
             };
         }
-        Kind::Hugetlb => {
-            // Two pool pages: COW and unsharing need the second.
-            assert_eq!(m.phys.set_nr_hugepages(2), 2);
-            let mem = mm
-                .mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
-                .unwrap();
-            mm.write(mem, &vec![1; PMD_SIZE as usize]).unwrap();
+        Kind::Hugetlb(size) => {
+            let flags = MapFlags::PRIVATE | MapFlags::HUGETLB | map_huge(size);
+            let mem = mm.mmap(None, size.bytes(), RW, flags).unwrap();
+            fill(mm, mem, size.bytes(), 1);
             return Anon {
                 m,
                 mem,
-                size: PMD_SIZE,
+                size: size.bytes(),
             };
         }
         Kind::Thp(o)
@@ -209,6 +255,14 @@ fn populated(kind: Kind) -> Anon {
         _ => {}
     }
     Anon { m, mem, size }
+}
+
+/// `MAP_HUGE_2MB` or `MAP_HUGE_1GB`.
+fn map_huge(size: HugetlbSize) -> MapFlags {
+    match size {
+        HugetlbSize::Size2M => MapFlags::HUGE_2MB,
+        HugetlbSize::Size1G => MapFlags::HUGE_1GB,
+    }
 }
 
 /// Runs `case` on every kind; panics naming the kinds it failed on.
@@ -506,11 +560,16 @@ enum NonAnon {
     Zeropage,
     Memfd,
     HugeZeropage,
-    MemfdHugetlb,
+    /// A hugetlb memfd of one size.
+    MemfdHugetlb(HugetlbSize),
 }
 
 fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>) {
-    let m = Machine::new(32);
+    let m = match kind {
+        // The file's page and a private copy.
+        NonAnon::MemfdHugetlb(size) => hugetlb_machine(size, 2),
+        _ => Machine::new(32),
+    };
     let mm = &m.mm;
     let (mem, smem, size, file) = match kind {
         NonAnon::Zeropage => {
@@ -530,18 +589,17 @@ fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>
                 .unwrap();
             (mem, smem, PAGE_SIZE, Some(f))
         }
-        NonAnon::MemfdHugetlb => {
-            // The file's page and a private copy.
-            assert_eq!(m.phys.set_nr_hugepages(2), 2);
-            let f = MemFile::new_hugetlb(&m.phys);
-            f.fallocate(0, PMD_SIZE).unwrap();
+        NonAnon::MemfdHugetlb(size) => {
+            let f = MemFile::new_hugetlb_of(&m.phys, size);
+            let len = size.bytes();
+            f.fallocate(0, len).unwrap();
             let mem = mm
-                .mmap_file(None, PMD_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+                .mmap_file(None, len, RW, MapFlags::PRIVATE, &f, 0)
                 .unwrap();
             let smem = mm
-                .mmap_file(None, PMD_SIZE, Prot::READ, MapFlags::SHARED, &f, 0)
+                .mmap_file(None, len, Prot::READ, MapFlags::SHARED, &f, 0)
                 .unwrap();
-            (mem, smem, PMD_SIZE, Some(f))
+            (mem, smem, len, Some(f))
         }
         NonAnon::HugeZeropage => {
             let aligned = |prot| {
@@ -571,15 +629,11 @@ fn non_anon(kind: NonAnon) -> (Machine, VirtAddr, VirtAddr, u64, Option<MemFile>
 /// Runs a non-anonymous case on every kind the model has (tmpfile is the memfd case: the
 /// model has one kind of file).
 fn run_non_anon(name: &str, case: fn(&Arc<Mm>, VirtAddr, VirtAddr, u64) -> Result<(), String>) {
-    let kinds = [
-        NonAnon::Zeropage,
-        NonAnon::Memfd,
-        NonAnon::HugeZeropage,
-        NonAnon::MemfdHugetlb,
-    ];
+    let kinds = [NonAnon::Zeropage, NonAnon::Memfd, NonAnon::HugeZeropage]
+        .into_iter()
+        .chain(hugetlb_sizes().into_iter().map(NonAnon::MemfdHugetlb));
     let failed: Vec<String> = kinds
-        .iter()
-        .filter_map(|&kind| {
+        .filter_map(|kind| {
             let (m, mem, smem, size, _file) = non_anon(kind);
             let r = case(&m.mm, mem, smem, size)
                 .map_err(|why| format!("{name} ... with {kind:?}: {why}"));

@@ -1,7 +1,9 @@
 //! The kernel's `tools/testing/selftests/mm/gup_longterm.c`, ported: a long-term pin
 //! (`FOLL_PIN | FOLL_LONGTERM`), read-only or read-write, of a file page mapped shared or
-//! private. Every case of the file, in its order, on a memfd and a 2 MiB hugetlb memfd; the
-//! table in `docs/mm-selftests.md` says which of the file's memory kinds are expressible.
+//! private. Every case of the file, in its order, on a memfd and a hugetlb memfd of each
+//! hugetlb size of [`common::hugetlb_sizes`] (2 MiB, and 1 GiB with `HMM_HUGETLB_1G` set,
+//! as CI runs them in a release build); the table in `docs/mm-selftests.md` says which of
+//! the file's memory kinds are expressible.
 //!
 //! In the kernel the pin goes through the `gup_test` module (`PIN_LONGTERM_TEST_START`);
 //! here it is [`Mm::pin_user_pages`](hmm::mm::Mm::pin_user_pages) with the same flags.
@@ -10,9 +12,10 @@
 
 mod common;
 
-use common::{Machine, RW};
-use hmm::addr::{PAGE_SIZE, PMD_SIZE};
+use common::{hugetlb_machine, hugetlb_sizes, Machine, RW};
+use hmm::addr::PAGE_SIZE;
 use hmm::mm::{GupFlags, MapFlags, MemFile, Prot};
+use hmm::phys::HugetlbSize;
 
 /// `enum test_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,14 +29,19 @@ enum TestType {
 /// `do_test(fd, size, type, shared)` on a memfd (shmem, the kernel's `TMPFS_MAGIC`) or a
 /// hugetlb memfd (`HUGETLBFS_MAGIC`), both of which support writable long-term pinning,
 /// so every case is expected to work.
-fn do_test(size: u64, ty: TestType, shared: bool) {
-    let m = Machine::new(16);
-    let file = if size == PMD_SIZE {
+fn do_test(hugetlb: Option<HugetlbSize>, ty: TestType, shared: bool) {
+    let (m, file, size) = match hugetlb {
         // The file's page and a private mapping's copy.
-        assert_eq!(m.phys.set_nr_hugepages(2), 2);
-        MemFile::new_hugetlb(&m.phys)
-    } else {
-        MemFile::new(&m.phys)
+        Some(s) => {
+            let m = hugetlb_machine(s, 2);
+            let f = MemFile::new_hugetlb_of(&m.phys, s);
+            (m, f, s.bytes())
+        }
+        None => {
+            let m = Machine::new(16);
+            let f = MemFile::new(&m.phys);
+            (m, f, PAGE_SIZE)
+        }
     };
     // ftruncate, then fallocate: every page of the file in the page cache.
     file.truncate(size).unwrap();
@@ -44,8 +52,11 @@ fn do_test(size: u64, ty: TestType, shared: bool) {
         MapFlags::PRIVATE
     };
     let mem = m.mm.mmap_file(None, size, RW, flags, &file, 0).unwrap();
-    // Fault the pages in, as the C's memset does.
-    m.mm.write(mem, &vec![0u8; size as usize]).unwrap();
+    // Fault the pages in, as the C's memset does (2 MiB at a time).
+    let zeros = vec![0u8; size.min(2 << 20) as usize];
+    for off in (0..size).step_by(zeros.len()) {
+        m.mm.write(mem + off, &zeros).unwrap();
+    }
     let rw = matches!(ty, TestType::Rw | TestType::RwFast);
     if !rw {
         // More unsharing decisions are covered with the page mapped read-only.
@@ -77,11 +88,13 @@ fn do_test(size: u64, ty: TestType, shared: bool) {
     m.mm.audit().unwrap();
 }
 
-/// `run_with_memfd`: one page of a memfd; and `run_with_memfd_hugetlb` with the model's
-/// one hugetlb size, 2 MiB.
+/// `run_with_memfd`: one page of a memfd; and `run_with_memfd_hugetlb` at each hugetlb
+/// size.
 fn run_with_memfd(ty: TestType, shared: bool) {
-    do_test(PAGE_SIZE, ty, shared);
-    do_test(PMD_SIZE, ty, shared);
+    do_test(None, ty, shared);
+    for size in hugetlb_sizes() {
+        do_test(Some(size), ty, shared);
+    }
 }
 
 #[test]

@@ -271,6 +271,38 @@ fn thp_and_hugetlb_pages_carry_the_pmd_order() {
 }
 
 #[test]
+fn gigantic_hugetlb_pages_carry_the_pud_order() {
+    // A 1 GiB hugetlb page (hmm_vma_walk_hugetlb_entry reports huge_page_order).
+    let m = Machine::new(3 << 10);
+    let w = watch(&m.mm);
+    let gig = hmm::phys::HugetlbSize::Size1G;
+    assert_eq!(m.phys.set_nr_hugepages_of(gig, 1), 1);
+    let flags = MapFlags::PRIVATE | MapFlags::HUGETLB | MapFlags::HUGE_1GB;
+    let h = m.mm.mmap(None, 1 << 30, RW, flags).unwrap();
+    // Not present yet: a snapshot reports nothing, and faults nothing in.
+    let out = run(&m.mm, &w, page(h, 5), 2, SNAP).unwrap();
+    assert!(out.iter().all(|p| p.flags().is_empty()));
+    assert_eq!(m.mm.stats().faults.hugetlb, 0);
+    // A read fault maps the whole page read-only; a range across a 2 MiB boundary inside
+    // it reports consecutive frames of the one folio.
+    let at = page(h, PMD_NR - 2);
+    let out = run(&m.mm, &w, at, 4, READ).unwrap();
+    assert_eq!(m.mm.stats().faults.hugetlb, 1);
+    let first = out[0].frame_nr();
+    for (k, p) in out.iter().enumerate() {
+        assert_eq!((p.flags(), p.map_order()), (HmmPfnFlags::VALID, 18));
+        assert_eq!(p.frame_nr(), first + k as u64);
+    }
+    // A write request makes it writable: the private page is exclusive, so it is reused.
+    let out = run(&m.mm, &w, at, 4, WRITE).unwrap();
+    assert!(out
+        .iter()
+        .all(|p| p.map_order() == 18 && p.flags() == HmmPfnFlags::VALID | HmmPfnFlags::WRITE));
+    assert_eq!(out[0].frame_nr(), first);
+    assert_eq!(m.mm.stats().faults.wp_reuse, 1);
+}
+
+#[test]
 fn fork_cow_pages_are_read_only_until_a_write_fault() {
     let m = Machine::new(16);
     let w = watch(&m.mm);

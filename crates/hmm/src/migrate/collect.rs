@@ -213,7 +213,8 @@ pub(crate) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
             let (entry, span) = match &slot {
-                Slot::Hole(_) => continue,
+                // Hugetlb memory (the only PUD leaves) does not migrate here.
+                Slot::Hole(_) | Slot::Pud(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
                 Slot::Pmd(p) => (p.get(), p.range()),
             };
@@ -248,7 +249,7 @@ pub(crate) fn try_to_migrate(held: Option<(&Mm, &MmState)>, page: FrameRef<'_>) 
                     p.set(migration);
                     fm.dec_entire_mapcount();
                 }
-                Slot::Hole(_) => unreachable!(),
+                Slot::Hole(_) | Slot::Pud(_) => unreachable!(),
             }
             if present {
                 tlb.add_range(span);
@@ -289,7 +290,7 @@ pub(crate) fn replace_migration_ptes(
         let mut c = st.pt.cursor(range, WalkMode::Lookup);
         while let Some(slot) = c.next() {
             let (entry, level) = match &slot {
-                Slot::Hole(_) => continue,
+                Slot::Hole(_) | Slot::Pud(_) => continue,
                 Slot::Pte(p) => (p.get(), Huge::Pte),
                 Slot::Pmd(p) => (p.get(), Huge::Pmd),
             };
@@ -304,7 +305,7 @@ pub(crate) fn replace_migration_ptes(
             match slot {
                 Slot::Pte(p) => p.set(e),
                 Slot::Pmd(p) => p.set(e),
-                Slot::Hole(_) => unreachable!(),
+                Slot::Hole(_) | Slot::Pud(_) => unreachable!(),
             }
         }
     });

@@ -178,7 +178,7 @@ impl<'g, 'a> State<'g, 'a> {
         let mut k = 0;
         while let Some(slot) = c.next() {
             let (va, entry, level) = match &slot {
-                Slot::Hole(_) => continue,
+                Slot::Hole(_) | Slot::Pud(_) => continue,
                 Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
                 Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
             };
@@ -200,6 +200,7 @@ impl<'g, 'a> State<'g, 'a> {
             let page = match level {
                 Huge::Pte => self.frame(target.nr() + off),
                 Huge::Pmd => target,
+                Huge::Pud => unreachable!("hugetlb memory does not migrate here"),
             };
             // A concurrent MADV_DONTNEED may have zapped the migration entry.
             let src_nr = self.src[i].frame_nr() + off;
@@ -208,7 +209,7 @@ impl<'g, 'a> State<'g, 'a> {
                 match slot {
                     Slot::Pte(p) => p.set(new),
                     Slot::Pmd(p) => p.set(new),
-                    Slot::Hole(_) => unreachable!(),
+                    Slot::Hole(_) | Slot::Pud(_) => unreachable!(),
                 }
             }
         }
@@ -243,6 +244,7 @@ pub(crate) fn remap_entry(vma: &Vma, migration: Pte, target: FrameRef<'_>, level
             debug_assert_eq!(folio.nr(), target.nr(), "a PMD maps a folio head");
             target.meta().inc_entire_mapcount();
         }
+        Huge::Pud => unreachable!("hugetlb memory does not migrate here"),
     }
     if kind != MigrationKind::Read && folio.meta().flags().contains(FrameFlags::ANON) {
         target.set_anon_exclusive();
@@ -415,6 +417,8 @@ fn insert_page(
                 }
                 return true;
             }
+            // Only hugetlb VMAs, never anonymous ones, hold PUD leaves.
+            Slot::Pud(_) => return false,
             Slot::Hole(_) => unreachable!("populate walks yield no holes"),
         }
     }
@@ -433,6 +437,7 @@ pub(super) fn map_new_anon(s: &State<'_, '_>, va: VirtAddr, dst: FrameRef<'_>, l
     match level {
         Huge::Pte => dst.meta().inc_mapcount(),
         Huge::Pmd => dm.inc_entire_mapcount(),
+        Huge::Pud => unreachable!("hugetlb memory does not migrate here"),
     }
     match dst.zone() {
         Zone::DevicePrivate { .. } => Pte::DevicePrivate {

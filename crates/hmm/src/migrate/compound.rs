@@ -41,7 +41,7 @@ use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, Mm, MmState};
 use crate::pgtable::{
-    Huge, MigrationKind, MigrationPfn, PmdEntry, PmdSlot, Pte, PteFlags, WalkMode,
+    Huge, MigrationKind, MigrationPfn, PmdEntry, LeafSlot, Pte, PteFlags, WalkMode,
 };
 use crate::phys::{FrameFlags, FrameRef, PhysMem};
 
@@ -111,7 +111,7 @@ impl State<'_, '_> {
     /// the huge zero page is left to the caller (an empty unit, or a split).
     pub(super) fn collect_pmd(
         &mut self,
-        p: &PmdSlot<'_>,
+        p: &LeafSlot<'_>,
         whole: bool,
         tlb: &mut TlbGather<'_>,
     ) -> PmdNext {

@@ -6,7 +6,7 @@ use crate::addr::{VaRange, VirtAddr, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_folio, split_pmd, MmapReadGuard, Vma};
 use crate::notifier::{Invalidation, NotifierEvent, NotifierRange};
-use crate::pgtable::{PmdSlot, Pte, PteSlot};
+use crate::pgtable::{LeafSlot, Pte, PteSlot};
 use crate::phys::FrameRef;
 use crate::prot::VmFlags;
 use crate::range_fault::{check, run_walk, HmmError, HmmPfnFlags, HmmRange, Walk};
@@ -97,7 +97,7 @@ impl<'g, 'a> Collector<'g, 'a> {
 
     /// Collects the PMD leaf `p` (under its lock) whole if `whole` and the rules select
     /// it; see [`PmdNext`].
-    pub(crate) fn collect_pmd(&mut self, p: &PmdSlot<'_>, whole: bool) -> PmdNext {
+    pub(crate) fn collect_pmd(&mut self, p: &LeafSlot<'_>, whole: bool) -> PmdNext {
         self.state.collect_pmd(p, whole, &mut self.tlb)
     }
 

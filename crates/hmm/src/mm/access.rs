@@ -194,13 +194,16 @@ impl Mm {
                         )
                     })
                 }
-                Slot::Pmd(p) => {
+                Slot::Pmd(p) | Slot::Pud(p) => {
                     let pte = p.get();
                     satisfies(pte, write).then(|| {
                         touch(&pte, write, |new| p.set(new));
                         let off = va.offset_from(p.range().start()).expect("in leaf") as usize;
                         let head = pte.pfn().expect("present");
-                        (head, off, (PMD_SIZE as usize - off).min(len - *done))
+                        // At most to the next 2 MiB boundary under the leaf's lock, so a
+                        // 1 GiB leaf is not held locked for a whole long access.
+                        let chunk = PMD_SIZE as usize - off % PMD_SIZE as usize;
+                        (head, off, chunk.min(len - *done))
                     })
                 }
             };
@@ -217,6 +220,11 @@ impl Mm {
                         copied += k;
                     }
                     *done += n;
+                    if *done < len {
+                        // A 1 GiB leaf is served a piece at a time: the walk goes on
+                        // from the next byte, in the same leaf or past it.
+                        c.seek(addr.checked_add(*done as u64).expect("inside the access"));
+                    }
                 }
                 None => {
                     c.unlock();

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::addr::{Pfn, VaRange, VirtAddr, PMD_ORDER, PMD_SIZE, USER_VA_END};
+use crate::addr::{Pfn, VaRange, VirtAddr, USER_VA_END};
 use crate::pgtable::{Huge, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::{FrameFlags, Zone};
 use crate::prot::VmFlags;
 
 use super::vma::Backing;
-use super::{rmap, Mm};
+use super::{hugetlb, rmap, Mm};
 
 /// What an audit found in a consistent address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -72,11 +72,12 @@ impl Mm {
         let all = VaRange::new(VirtAddr::ZERO, VirtAddr::new(USER_VA_END)).expect("whole space");
         let mut c = st.pt.cursor(all, WalkMode::Lookup);
         while let Some(slot) = c.next() {
-            let (va, pte, huge) = match slot {
+            let (va, pte, level) = match slot {
                 Slot::Hole(_) => continue,
-                Slot::Pte(p) => (p.va(), p.get(), false),
-                Slot::Pmd(p) => (p.range().start(), p.get(), true),
+                Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
+                Slot::Pmd(p) | Slot::Pud(p) => (p.range().start(), p.get(), p.level()),
             };
+            let huge = level != Huge::Pte;
             if pte.is_none() {
                 continue;
             }
@@ -85,9 +86,13 @@ impl Mm {
                 continue;
             };
             if huge
-                && !VaRange::from_len(va, PMD_SIZE).is_ok_and(|r| vma.range().contains_range(&r))
+                && !VaRange::from_len(va, level.size())
+                    .is_ok_and(|r| vma.range().contains_range(&r))
             {
-                problems.push(format!("{va}: PMD leaf not inside VMA {:?}", vma.range()));
+                problems.push(format!("{va}: {level:?} leaf not inside VMA {:?}", vma.range()));
+            }
+            if level == Huge::Pud && hugetlb::page_size(vma) != level.size() {
+                problems.push(format!("{va}: PUD leaf outside a 1 GiB hugetlb VMA"));
             }
             // The uffd-wp bit lives only where write-protection is registered, and
             // write-protects.
@@ -104,7 +109,7 @@ impl Mm {
             if let Pte::Swap { slot, .. } = pte {
                 report.swap_entries += 1;
                 if huge {
-                    problems.push(format!("{va}: a swap entry at PMD level"));
+                    problems.push(format!("{va}: a swap entry at {level:?} level"));
                 }
                 if phys.swap().map_or(0, |s| s.count(slot)) == 0 {
                     problems.push(format!("{va}: swap entry names free slot {slot:?}"));
@@ -121,7 +126,7 @@ impl Mm {
                 if pte.is_writable() && !vma.flags().contains(VmFlags::WRITE) {
                     problems.push(format!("{va}: writable entry in a read-only VMA"));
                 }
-                let zero = if huge {
+                let zero = if level == Huge::Pmd {
                     phys.is_huge_zero_pfn(pfn)
                 } else {
                     phys.is_zero_pfn(pfn)
@@ -138,8 +143,8 @@ impl Mm {
                 if fflags.contains(FrameFlags::RESERVED) {
                     problems.push(format!("{va}: maps reserved frame {pfn}"));
                 }
-                if huge && (folio.pfn() != pfn || folio.meta().order() != PMD_ORDER) {
-                    problems.push(format!("{va}: PMD leaf maps {pfn}, not a THP head"));
+                if huge && (folio.pfn() != pfn || folio.meta().order() != level.order()) {
+                    problems.push(format!("{va}: {level:?} leaf maps {pfn}, not a folio head"));
                 }
                 if vma.is_anonymous() && !fflags.contains(FrameFlags::ANON) {
                     problems.push(format!("{va}: private page {pfn} not anonymous"));
@@ -218,7 +223,7 @@ impl Mm {
             {
                 let nr = e.entry.frame_nr().expect("a frame entry");
                 match e.level {
-                    Huge::Pmd => pmd_maps += 1,
+                    Huge::Pmd | Huge::Pud => pmd_maps += 1,
                     Huge::Pte => pte_maps[(nr - head) as usize] += 1,
                 }
             }

@@ -88,6 +88,7 @@ impl<'a> DeviceFault<'a> {
                 PMD_SIZE,
                 MigrateVmaFlags::SELECT_DEVICE_PRIVATE | MigrateVmaFlags::SELECT_COMPOUND,
             ),
+            Huge::Pud => unreachable!("device-private memory is never mapped by a PUD"),
         };
         MigrateVma {
             start,

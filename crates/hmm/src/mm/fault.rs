@@ -154,6 +154,7 @@ fn handle_mm_fault_inner(
             drop(c);
             return thp::huge_pmd_fault(mm, st, vma, addr, flags, leaf);
         }
+        Slot::Pud(_) => unreachable!("PUD leaves map only hugetlb VMAs"),
         Slot::Hole(_) => unreachable!("populate walks yield no holes"),
     };
     let f = Fault {
@@ -446,7 +447,7 @@ impl Fault<'_> {
         while let Some(slot) = c.next() {
             match slot {
                 Slot::Hole(_) => {}
-                Slot::Pmd(_) => return false,
+                Slot::Pmd(_) | Slot::Pud(_) => return false,
                 Slot::Pte(p) => {
                     if (0..p.len()).any(|i| !p.get_at(i).is_none()) {
                         return false;

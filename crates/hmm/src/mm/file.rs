@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
-use crate::addr::{VaRange, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
+use crate::addr::{VaRange, PAGE_SHIFT, PAGE_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::phys::PhysMem;
+use crate::phys::{HugetlbSize, PhysMem};
 
 use super::error::MmError;
 use super::shmem::ShmemObject;
@@ -49,14 +49,30 @@ impl MemFile {
     /// fault the pool cannot serve gets SIGBUS.
     #[doc(alias = "MFD_HUGETLB")]
     pub fn new_hugetlb(phys: &Arc<PhysMem>) -> MemFile {
+        Self::new_hugetlb_of(phys, HugetlbSize::Size2M)
+    }
+
+    /// A new, empty hugetlbfs file of pages of `size` (`MFD_HUGETLB` with `MFD_HUGE_2MB`
+    /// or `MFD_HUGE_1GB`), as [`new_hugetlb`](Self::new_hugetlb) is of 2 MiB pages: its
+    /// pages come from the pool of `size`
+    /// ([`PhysMem::set_nr_hugepages_of`](crate::phys::PhysMem::set_nr_hugepages_of)), its
+    /// size moves in whole pages, and it maps from offsets aligned to the page size, by
+    /// PUD leaves for 1 GiB pages.
+    #[doc(alias = "MFD_HUGE_1GB")]
+    pub fn new_hugetlb_of(phys: &Arc<PhysMem>, size: HugetlbSize) -> MemFile {
         MemFile {
-            obj: ShmemObject::new_hugetlb_file(phys.clone()),
+            obj: ShmemObject::new_hugetlb_file(phys.clone(), size),
         }
     }
 
     /// Whether this is a hugetlbfs file.
     pub fn is_hugetlb(&self) -> bool {
         self.obj.is_hugetlb()
+    }
+
+    /// The page size of a hugetlbfs file; `None` for other files.
+    pub fn hugetlb_size(&self) -> Option<HugetlbSize> {
+        self.obj.hugetlb_size()
     }
 
     pub(crate) fn object(&self) -> &Arc<ShmemObject> {
@@ -129,9 +145,9 @@ impl MemFile {
                 what: "size past the largest file size",
             });
         }
-        if self.obj.is_hugetlb() && size % PMD_SIZE != 0 {
+        if self.obj.is_hugetlb() && size % (self.obj.page_nr() * PAGE_SIZE) != 0 {
             return Err(MmError::Inval {
-                what: "a hugetlbfs file's size is whole 2 MiB pages",
+                what: "a hugetlbfs file's size is whole huge pages",
             });
         }
         let old = self.obj.set_size(size);
@@ -188,7 +204,8 @@ impl MemFile {
             });
         };
         if self.obj.is_hugetlb() {
-            end = end.div_ceil(PMD_SIZE) * PMD_SIZE;
+            let page = self.obj.page_nr() * PAGE_SIZE;
+            end = end.div_ceil(page) * page;
         }
         self.obj
             .fallocate(offset, end - offset)

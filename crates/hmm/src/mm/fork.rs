@@ -120,7 +120,7 @@ impl Mm {
             let (va, entry) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.va(), p.get()),
-                Slot::Pmd(p) => (p.range().start(), p.get()),
+                Slot::Pmd(p) | Slot::Pud(p) => (p.range().start(), p.get()),
             };
             if entry.is_none() {
                 continue;
@@ -187,6 +187,24 @@ impl Mm {
                             sc.again();
                         }
                     }
+                }
+                Slot::Pud(p) => {
+                    // A 1 GiB hugetlb page (copy_hugetlb_page_range at PUD level).
+                    let leaf = p.range();
+                    let dst_new = match copy.pmd(&p, tlb) {
+                        Ok(c) => c.expect("a hugetlb page is copied or shared, never split"),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    };
+                    sc.unlock();
+                    dc.unlock();
+                    let pud = dst.pt.lock_pud(leaf.start(), WalkMode::Populate);
+                    let set = pud
+                        .expect("populated")
+                        .set_leaf(copy.child_entry(dst_new, entry));
+                    assert!(set, "the child's new hugetlb VMA maps nothing");
                 }
             }
         }
@@ -345,12 +363,14 @@ impl CopyCtx<'_> {
         (parent, child)
     }
 
-    /// The child's entry for a PMD leaf (`copy_huge_pmd`, `copy_hugetlb_page_range`),
-    /// updating the parent's; `None` when a THP may be pinned and must be split and copied
-    /// by PTE instead. A pinned hugetlb page is copied whole at once.
+    /// The child's entry for a PMD or PUD leaf (`copy_huge_pmd`,
+    /// `copy_hugetlb_page_range`), updating the parent's; `None` when a THP may be pinned
+    /// and must be split and copied by PTE instead. A pinned exclusive hugetlb page is
+    /// copied whole at once; a hugetlb page that is not exclusive is shared, pinned or not
+    /// (`hugetlb_try_dup_anon_rmap` fails only for exclusive pinned pages).
     fn pmd(
         &self,
-        p: &crate::pgtable::PmdSlot<'_>,
+        p: &crate::pgtable::LeafSlot<'_>,
         tlb: &mut TlbGather<'_>,
     ) -> Result<Option<Pte>, AllocError> {
         let phys = self.parent.phys();
@@ -366,10 +386,11 @@ impl CopyCtx<'_> {
                 }
                 let fm = phys.frame(pfn).meta();
                 let exclusive = fm.flags().contains(FrameFlags::ANON_EXCLUSIVE);
-                if fm.pincount() > 0 && exclusive && hugetlb::is_hugetlb(self.vma) {
+                let hugetlb = hugetlb::is_hugetlb(self.vma);
+                if fm.pincount() > 0 && exclusive && hugetlb {
                     return self.copy_hugetlb_page(pfn, p.range().start()).map(Some);
                 }
-                if fm.pincount() > 0 {
+                if fm.pincount() > 0 && !hugetlb {
                     return Ok(None);
                 }
                 fm.get();
@@ -420,15 +441,13 @@ impl CopyCtx<'_> {
     fn copy_hugetlb_page(&self, pfn: crate::addr::Pfn, va: VirtAddr) -> Result<Pte, AllocError> {
         let phys = self.parent.phys();
         let flags = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
+        let order = phys.frame(pfn).meta().order();
+        let size = crate::phys::HugetlbSize::of_order(order).expect("a hugetlb folio");
         let new = phys
-            .hugetlb_alloc(false, flags)
-            .ok_or(AllocError { order: 9 })?;
+            .hugetlb_alloc(size, false, flags)
+            .ok_or(AllocError { order })?;
         self.child.counters.frame_allocated();
-        for i in 0..crate::addr::PMD_NR {
-            let src = phys.frame(crate::addr::Pfn::new(pfn.as_u64() + i));
-            phys.frame(crate::addr::Pfn::new(new.pfn().as_u64() + i))
-                .copy_from(&src);
-        }
+        hugetlb::copy_huge_page(self.parent, pfn, &new, size);
         self.child.new_anon_rmap(&new, self.vma, va);
         new.meta().inc_entire_mapcount();
         let mut nf = PteFlags::YOUNG | PteFlags::DIRTY | PteFlags::SOFT_DIRTY;

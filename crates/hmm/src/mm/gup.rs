@@ -296,7 +296,13 @@ impl Mm {
             let (entry, base, end) = match &slot {
                 Slot::Hole(_) => (Pte::None, va, next_page),
                 Slot::Pte(p) => (p.get(), p.va(), next_page),
-                Slot::Pmd(p) => (p.get(), p.range().start(), p.range().end().min(range.end())),
+                Slot::Pmd(p) | Slot::Pud(p) => {
+                    // At most to the next 2 MiB boundary under the leaf's lock: all of a
+                    // PMD leaf, a 2 MiB piece of a 1 GiB PUD leaf.
+                    let piece = va.align_down(PMD_SIZE).checked_add(PMD_SIZE);
+                    let end = p.range().end().min(range.end());
+                    (p.get(), p.range().start(), piece.map_or(end, |e| e.min(end)))
+                }
             };
             let ok = if write {
                 entry.is_writable()

@@ -1,6 +1,10 @@
 //! hugetlb mappings (`MAP_HUGETLB`): 2 MiB pages from the pool of
 //! [`PhysMem::set_nr_hugepages`](crate::phys::PhysMem::set_nr_hugepages), mapped by PMD
-//! leaves that are never split (the kernel's `mm/hugetlb.c`).
+//! leaves, or 1 GiB pages (`MAP_HUGE_1GB`) from the pool of
+//! [`PhysMem::set_nr_hugepages_of`](crate::phys::PhysMem::set_nr_hugepages_of), mapped by
+//! PUD leaves, as x86-64 maps them; neither is ever split (the kernel's `mm/hugetlb.c`).
+//! Below, "page" is a huge page of the VMA's size (`hstate_vma`), and every operation
+//! goes through the one entry that maps it ([`HugePte`], `huge_pte_offset`).
 //!
 //! * `mmap` reserves every page of the mapping in the pool first; an empty or short pool
 //!   fails it with ENOMEM and changes nothing. The reservations belong to a hugetlbfs file
@@ -13,7 +17,8 @@
 //!   without a reservation (`hugetlb_wp`), under a CLEAR of the 2 MiB; if the pool has none
 //!   the access gets SIGBUS, as in Linux.
 //! * Operations must not cut a hugetlb page: `munmap`, `mprotect` and `madvise` ranges that
-//!   end inside one fail with EINVAL; `mremap` of hugetlb memory is EINVAL.
+//!   end inside one fail with EINVAL (at the VMA's page size: 1 GiB for 1 GiB pages);
+//!   `mremap` of hugetlb memory is EINVAL.
 //! * A hugetlbfs file ([`MemFile::new_hugetlb`](super::MemFile::new_hugetlb), `MFD_HUGETLB`)
 //!   maps the same way: a shared mapping's fault takes the file's page (from the pool if
 //!   the file has none there yet), a private mapping's read maps the file's page read-only
@@ -21,10 +26,10 @@
 //!   file reserve nothing (unlike Linux, whose mmap reserves the pages); a fault the pool
 //!   cannot serve gets SIGBUS.
 
-use crate::addr::{VaRange, VirtAddr, PMD_NR, PMD_SIZE};
+use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{PmdEntry, Pte, PteFlags, WalkMode};
-use crate::phys::{Frame, FrameFlags};
+use crate::pgtable::{PageTable, PmdEntry, PmdGuard, Pte, PteFlags, PudEntry, PudGuard, WalkMode};
+use crate::phys::{Frame, FrameFlags, HugetlbSize};
 use crate::prot::VmFlags;
 use crate::stats::FaultKind;
 
@@ -40,10 +45,27 @@ pub(super) fn is_hugetlb(vma: &Vma) -> bool {
     vma.flags().contains(VmFlags::HUGETLB)
 }
 
+/// The page size of hugetlb `vma` (`hstate_vma`); the base page size for other VMAs.
+pub(super) fn page_size(vma: &Vma) -> u64 {
+    match vma.backing() {
+        Backing::Shmem(obj) if is_hugetlb(vma) => obj.page_nr() * PAGE_SIZE,
+        _ => PAGE_SIZE,
+    }
+}
+
+fn hugetlb_size(vma: &Vma) -> HugetlbSize {
+    match vma.backing() {
+        Backing::Shmem(obj) => obj.hugetlb_size(),
+        _ => None,
+    }
+    .expect("a hugetlb VMA has its hugetlbfs file")
+}
+
 /// Fails with EINVAL if `range` would cut a hugetlb page of any VMA it overlaps.
 pub(super) fn check_range(vmas: &VmaTree, range: VaRange) -> Result<(), MmError> {
     for v in vmas.overlapping(range).filter(|v| is_hugetlb(v)) {
-        let cuts = |at: VirtAddr| at > v.start() && at < v.end() && !at.is_aligned(PMD_SIZE);
+        let size = page_size(v);
+        let cuts = |at: VirtAddr| at > v.start() && at < v.end() && !at.is_aligned(size);
         if cuts(range.start()) || cuts(range.end()) {
             return Err(MmError::Inval {
                 what: "range cuts a hugetlb page",
@@ -51,6 +73,55 @@ pub(super) fn check_range(vmas: &VmaTree, range: VaRange) -> Result<(), MmError>
         }
     }
     Ok(())
+}
+
+/// The locked entry that maps one hugetlb page (`huge_pte_offset` and `huge_pte_lock`):
+/// a PMD for a 2 MiB page, a PUD for a 1 GiB one.
+enum HugePte<'a> {
+    Pmd(PmdGuard<'a>),
+    Pud(PudGuard<'a>),
+}
+
+impl<'a> HugePte<'a> {
+    /// Locks the entry for the page of `size` at `base`, allocating the tables above it.
+    fn lock(pt: &'a PageTable, size: HugetlbSize, base: VirtAddr) -> HugePte<'a> {
+        match size {
+            HugetlbSize::Size2M => HugePte::Pmd(
+                pt.lock_pmd(base, WalkMode::Populate)
+                    .expect("a 2 MiB hugetlb page lies under no PUD leaf"),
+            ),
+            HugetlbSize::Size1G => {
+                HugePte::Pud(pt.lock_pud(base, WalkMode::Populate).expect("populate"))
+            }
+        }
+    }
+
+    /// The leaf, or `None` where nothing (or an empty table) is.
+    fn get(&self) -> Option<Pte> {
+        match self {
+            HugePte::Pmd(g) => match g.get() {
+                PmdEntry::Leaf(l) => Some(l),
+                PmdEntry::None | PmdEntry::Table => None,
+            },
+            HugePte::Pud(g) => match g.get() {
+                PudEntry::Leaf(l) => Some(l),
+                PudEntry::None | PudEntry::Table => None,
+            },
+        }
+    }
+
+    /// Stores the leaf (`set_huge_pte_at`), over nothing, a leaf, or a table that maps
+    /// nothing (one left by small pages unmapped earlier).
+    fn set(&self, leaf: Pte) {
+        match self {
+            HugePte::Pmd(g) if g.get() == PmdEntry::Table => g.collapse(leaf),
+            HugePte::Pmd(g) => g.set_leaf(leaf),
+            HugePte::Pud(g) => {
+                let set = g.set_leaf(leaf);
+                assert!(set, "a hugetlb VMA's PMD table maps nothing");
+            }
+        }
+    }
 }
 
 /// `hugetlb_fault`: resolves a fault at `addr` of hugetlb `vma`.
@@ -62,15 +133,16 @@ pub(super) fn fault(
     flags: FaultFlags,
 ) -> Result<(), FaultError> {
     let write = flags.contains(FaultFlags::WRITE);
-    let base = addr.align_down(PMD_SIZE);
-    let pmd = st.pt.lock_pmd(base, WalkMode::Populate).expect("populate");
-    match pmd.get() {
-        PmdEntry::None | PmdEntry::Table => {
-            drop(pmd);
+    let size = hugetlb_size(vma);
+    let base = addr.align_down(size.bytes());
+    let entry = HugePte::lock(&st.pt, size, base);
+    match entry.get() {
+        None => {
+            drop(entry);
             no_page(mm, st, vma, base, write, addr)
         }
-        PmdEntry::Leaf(leaf @ Pte::Present { pfn, flags: pf }) => {
-            drop(pmd);
+        Some(leaf @ Pte::Present { pfn, flags: pf }) => {
+            drop(entry);
             let unshare = flags.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn, true);
             if (write && !pf.contains(PteFlags::WRITE)) || unshare {
                 wp(mm, st, vma, base, leaf, write, addr)
@@ -78,17 +150,17 @@ pub(super) fn fault(
                 Ok(())
             }
         }
-        PmdEntry::Leaf(Pte::Migration { pfn, .. }) => {
-            drop(pmd);
+        Some(Pte::Migration { pfn, .. }) => {
+            drop(entry);
             super::fault::wait_on_migration(mm.phys().frame_nr(pfn.nr()).folio());
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())
         }
-        PmdEntry::Leaf(other) => unreachable!("hugetlb leaf {other:?}"),
+        Some(other) => unreachable!("hugetlb leaf {other:?}"),
     }
 }
 
-/// `hugetlb_no_page`: a new page for an empty PMD.
+/// `hugetlb_no_page`: a new page for an empty entry.
 fn no_page(
     mm: &Mm,
     st: &MmState,
@@ -100,6 +172,7 @@ fn no_page(
     let Backing::Shmem(obj) = vma.backing() else {
         unreachable!("a hugetlb VMA has its hugetlbfs file")
     };
+    let size = hugetlb_size(vma);
     let shared = vma.is_shared();
     // A private mapping of a hugetlbfs file (not MAP_HUGETLB's own object) reads the
     // file's page; a write copies it (`hugetlb_wp` below).
@@ -114,15 +187,16 @@ fn no_page(
         Frame::from_raw(mm.phys(), pfn)
     } else {
         let anon = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
-        let page = obj.hugetlb_alloc(pgoff / PMD_NR, mm.id, anon).ok_or(bus)?;
+        let page = obj
+            .hugetlb_alloc(pgoff / size.nr_pages(), mm.id, anon)
+            .ok_or(bus)?;
         mm.counters.frame_allocated();
         mm.new_anon_rmap(&page, vma, base);
         page
     };
-    let pmd = st.pt.lock_pmd(base, WalkMode::Populate).expect("populate");
-    let entry = pmd.get();
-    if !matches!(entry, PmdEntry::None | PmdEntry::Table) {
-        drop(pmd);
+    let entry = HugePte::lock(&st.pt, size, base);
+    if entry.get().is_some() {
+        drop(entry);
         mm.release_frame(page);
         return Ok(());
     }
@@ -140,13 +214,8 @@ fn no_page(
         pfn: page.into_raw(),
         flags: pf,
     };
-    if entry == PmdEntry::Table {
-        // An empty table left by earlier small-page memory here.
-        pmd.collapse(leaf);
-    } else {
-        pmd.set_leaf(leaf);
-    }
-    drop(pmd);
+    entry.set(leaf);
+    drop(entry);
     mm.counters.fault(FaultKind::Hugetlb);
     if write && file_private {
         return wp(mm, st, vma, base, leaf, true, addr);
@@ -165,6 +234,7 @@ fn wp(
     addr: VirtAddr,
 ) -> Result<(), FaultError> {
     let phys = mm.phys();
+    let size = hugetlb_size(vma);
     let Pte::Present { pfn, flags } = orig else {
         unreachable!("wp of a present leaf")
     };
@@ -175,13 +245,13 @@ fn wp(
             && (fm.flags().contains(FrameFlags::ANON_EXCLUSIVE)
                 || (fm.refcount() == 1 && fm.pincount() == 0)));
     if reuse {
-        let pmd = st.pt.lock_pmd(base, WalkMode::Lookup).expect("leaf");
-        if pmd.get() == PmdEntry::Leaf(orig) {
+        let entry = HugePte::lock(&st.pt, size, base);
+        if entry.get() == Some(orig) {
             if anon {
                 fm.set_flags(FrameFlags::ANON_EXCLUSIVE);
             }
             if write {
-                pmd.set_leaf(Pte::Present {
+                entry.set(Pte::Present {
                     pfn,
                     flags: flags | PteFlags::WRITE | dirty_flags(),
                 });
@@ -196,25 +266,21 @@ fn wp(
     let old = phys.frame(pfn).get();
     let anon_flags = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
     let new = obj
-        .hugetlb_alloc(vma.pgoff_of(base) / PMD_NR, mm.id, anon_flags)
+        .hugetlb_alloc(vma.pgoff_of(base) / size.nr_pages(), mm.id, anon_flags)
         .ok_or(FaultError::Bus { addr })?;
     mm.counters.frame_allocated();
-    for i in 0..PMD_NR {
-        let src = phys.frame(crate::addr::Pfn::new(pfn.as_u64() + i));
-        phys.frame(crate::addr::Pfn::new(new.pfn().as_u64() + i))
-            .copy_from(&src);
-    }
+    copy_huge_page(mm, pfn, &new, size);
     mm.new_anon_rmap(&new, vma, base);
-    let range = VaRange::from_len(base, PMD_SIZE).expect("aligned");
+    let range = VaRange::from_len(base, size.bytes()).expect("aligned");
     let inv = mm.notifiers.invalidate_range_start(NotifierRange::new(
         mm.id,
         range,
         NotifierEvent::Clear,
         Some(vma.info()),
     ));
-    let pmd = st.pt.lock_pmd(base, WalkMode::Lookup).expect("leaf");
-    if pmd.get() != PmdEntry::Leaf(orig) {
-        drop(pmd);
+    let entry = HugePte::lock(&st.pt, size, base);
+    if entry.get() != Some(orig) {
+        drop(entry);
         inv.end();
         mm.release_frame(new);
         mm.release_frame(old);
@@ -225,11 +291,11 @@ fn wp(
     if write {
         nf |= PteFlags::WRITE | dirty_flags();
     }
-    pmd.set_leaf(Pte::Present {
+    entry.set(Pte::Present {
         pfn: new.into_raw(),
         flags: nf,
     });
-    drop(pmd);
+    drop(entry);
     let mut tlb = TlbGather::new(mm);
     tlb.add_range(range);
     fm.dec_entire_mapcount();
@@ -240,4 +306,13 @@ fn wp(
     inv.end();
     mm.counters.fault(FaultKind::Cow);
     Ok(())
+}
+
+/// Copies the hugetlb page at `src` into `dst`, a page at a time (`copy_user_large_folio`).
+pub(super) fn copy_huge_page(mm: &Mm, src: Pfn, dst: &Frame<'_>, size: HugetlbSize) {
+    let phys = mm.phys();
+    for i in 0..size.nr_pages() {
+        phys.frame(Pfn::new(dst.pfn().as_u64() + i))
+            .copy_from(&phys.frame(Pfn::new(src.as_u64() + i)));
+    }
 }

@@ -207,6 +207,7 @@ impl Mm {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
                 Slot::Pmd(p) => (p.get(), p.range()),
+                Slot::Pud(_) => unreachable!("MADV_FREE is refused on hugetlb memory"),
             };
             if matches!(slot, Slot::Pmd(_)) && !range.contains_range(&r) {
                 c.unlock();
@@ -235,7 +236,7 @@ impl Mm {
                 match slot {
                     Slot::Pte(p) => p.set(new),
                     Slot::Pmd(p) => p.set(new),
-                    Slot::Hole(_) => unreachable!(),
+                    Slot::Hole(_) | Slot::Pud(_) => unreachable!(),
                 }
                 tlb.add_range(r);
             }
@@ -265,7 +266,8 @@ impl Mm {
             let mut c = st.pt.cursor(v.range(), WalkMode::Lookup);
             while let Some(slot) = c.next() {
                 let (entry, r) = match &slot {
-                    Slot::Hole(_) => continue,
+                    // Hugetlb memory (the only PUD leaves) is never lazy-free.
+                    Slot::Hole(_) | Slot::Pud(_) => continue,
                     Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
                     Slot::Pmd(p) => (p.get(), p.range()),
                 };
@@ -300,7 +302,7 @@ impl Mm {
                     let (now, huge) = match &slot {
                         Slot::Pte(p) => (p.get(), false),
                         Slot::Pmd(p) => (p.get(), true),
-                        Slot::Hole(_) => (Pte::None, false),
+                        Slot::Hole(_) | Slot::Pud(_) => (Pte::None, false),
                     };
                     if now == entry && !discardable() {
                         // Written (by a device) or pinned since the first look.
@@ -309,7 +311,7 @@ impl Mm {
                         match slot {
                             Slot::Pte(p) => p.set(Pte::None),
                             Slot::Pmd(p) => p.set(Pte::None),
-                            Slot::Hole(_) => unreachable!(),
+                            Slot::Hole(_) | Slot::Pud(_) => unreachable!(),
                         }
                         if huge {
                             fm.dec_entire_mapcount();

@@ -4,7 +4,8 @@ use bitflags::bitflags;
 
 use std::sync::Arc;
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE, TASK_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, TASK_SIZE};
+use crate::phys::HugetlbSize;
 use crate::prot::{Prot, VmFlags};
 
 use super::driver::DriverMapping;
@@ -26,9 +27,17 @@ bitflags! {
         const FIXED = 1 << 4;
         /// `MAP_FIXED_NOREPLACE`: map exactly at the address, fail if occupied.
         const FIXED_NOREPLACE = 1 << 20;
-        /// `MAP_HUGETLB`: 2 MiB pages from the hugetlb pool, all reserved at `mmap` (the
-        /// length is rounded up to 2 MiB).
+        /// `MAP_HUGETLB`: huge pages from the hugetlb pool, all reserved at `mmap` (the
+        /// length is rounded up to the page size): 2 MiB pages, or 1 GiB ones with
+        /// [`HUGE_1GB`](Self::HUGE_1GB).
         const HUGETLB = 1 << 18;
+        /// `MAP_HUGE_2MB` (`21 << MAP_HUGE_SHIFT`): with `HUGETLB`, 2 MiB pages, the
+        /// default. Ignored without `HUGETLB`, as in Linux.
+        const HUGE_2MB = 1 << 26;
+        /// `MAP_HUGE_1GB` (`30 << MAP_HUGE_SHIFT`): with `HUGETLB`, 1 GiB pages from the
+        /// pool of [`HugetlbSize::Size1G`](crate::phys::HugetlbSize::Size1G), mapped by PUD
+        /// leaves. Ignored without `HUGETLB`, as in Linux.
+        const HUGE_1GB = 1 << 27;
     }
 }
 
@@ -153,20 +162,34 @@ impl Mm {
                 what: "MAP_HUGETLB with a file or driver",
             });
         }
-        // A hugetlbfs file (a `MFD_HUGETLB` memfd) maps in 2 MiB pages from a 2 MiB
-        // aligned offset.
-        let huge_file = matches!(source, Source::File(obj, _) if obj.is_hugetlb());
-        if let Source::File(_, pgoff) = source {
-            if huge_file && pgoff % PMD_NR != 0 {
+        // The page size of MAP_HUGETLB (`hstate_sizelog`): one size flag at most.
+        let map_size = if flags.contains(MapFlags::HUGE_2MB | MapFlags::HUGE_1GB) {
+            return Err(MmError::Inval {
+                what: "two MAP_HUGE_* sizes",
+            });
+        } else if flags.contains(MapFlags::HUGE_1GB) {
+            HugetlbSize::Size1G
+        } else {
+            HugetlbSize::Size2M
+        };
+        // A hugetlbfs file (a `MFD_HUGETLB` memfd) maps in its pages from an offset
+        // aligned to them.
+        let file_size = match source {
+            Source::File(obj, _) => obj.hugetlb_size(),
+            _ => None,
+        };
+        if let (Source::File(_, pgoff), Some(size)) = (&source, file_size) {
+            if pgoff % size.nr_pages() != 0 {
                 return Err(MmError::Inval {
-                    what: "hugetlb file offset not 2 MiB aligned",
+                    what: "hugetlb file offset not aligned to its page size",
                 });
             }
         }
-        let page = if hugetlb || huge_file {
-            PMD_SIZE
-        } else {
-            PAGE_SIZE
+        let huge_file = file_size.is_some();
+        let page = match (hugetlb, file_size) {
+            (true, _) => map_size.bytes(),
+            (false, Some(size)) => size.bytes(),
+            (false, None) => PAGE_SIZE,
         };
         let len = len
             .checked_add(page - 1)
@@ -208,7 +231,9 @@ impl Mm {
             match hint {
                 Some(a) => a,
                 None => {
-                    let align = if len >= PMD_SIZE { PMD_SIZE } else { PAGE_SIZE };
+                    // Hugetlb memory at its page size (`hugetlb_get_unmapped_area`),
+                    // THP-able lengths at 2 MiB.
+                    let align = if len >= PMD_SIZE { page.max(PMD_SIZE) } else { page };
                     st.vmas
                         .find_gap_topdown(
                             len,
@@ -246,10 +271,11 @@ impl Mm {
         // unmaps a MAP_FIXED target first).
         let huge_obj = if hugetlb {
             let owner = (!shared).then_some(self.id);
-            let obj =
-                ShmemObject::new_hugetlb(self.phys.clone(), len, owner).ok_or(MmError::NoMem {
+            let obj = ShmemObject::new_hugetlb(self.phys.clone(), len, map_size, owner).ok_or(
+                MmError::NoMem {
                     what: "not enough free huge pages in the pool",
-                })?;
+                },
+            )?;
             vm_flags |= VmFlags::HUGETLB;
             Some(obj)
         } else {

@@ -75,7 +75,7 @@ impl Mm {
             let (old, range) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
-                Slot::Pmd(p) => (p.get(), p.range()),
+                Slot::Pmd(p) | Slot::Pud(p) => (p.get(), p.range()),
             };
             if old.is_none() {
                 continue;
@@ -104,7 +104,7 @@ impl Mm {
             if new != old {
                 match slot {
                     Slot::Pte(p) => p.set(new),
-                    Slot::Pmd(p) => p.set(new),
+                    Slot::Pmd(p) | Slot::Pud(p) => p.set(new),
                     Slot::Hole(_) => unreachable!(),
                 }
                 if old.is_accessible() {

@@ -360,6 +360,7 @@ fn take_entries(
                     c.again();
                 }
             }
+            Slot::Pud(_) => unreachable!("mremap of hugetlb memory is refused"),
         }
     }
     out
@@ -391,6 +392,7 @@ fn put_entries(st: &MmState, target: VaRange, taken: Vec<(u64, Pte, Huge)>, keep
                     PmdEntry::Leaf(l) => unreachable!("target range holds a leaf {l:?}"),
                 }
             }
+            Huge::Pud => unreachable!("mremap of hugetlb memory is refused"),
         }
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, USER_VA_END};
 use crate::notifier::{NotifierEvent, NotifierRange};
-use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{Huge, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::FrameFlags;
 use crate::prot::VmFlags;
 
@@ -134,26 +134,22 @@ impl Mm {
             }
             let mut c = st.pt.cursor(seg, WalkMode::Lookup);
             while let Some(slot) = c.next() {
-                let (start, entry, huge) = match slot {
+                let (leaf, entry, level) = match slot {
                     Slot::Hole(_) => continue,
-                    Slot::Pte(p) => (p.va(), p.get(), false),
-                    Slot::Pmd(p) => (p.range().start(), p.get(), true),
+                    Slot::Pte(p) => (VaRange::page_of(p.va()), p.get(), Huge::Pte),
+                    Slot::Pmd(p) | Slot::Pud(p) => (p.range(), p.get(), p.level()),
                 };
                 if entry.is_none() {
                     continue;
                 }
-                let leaf = if huge {
-                    VaRange::from_len(start, crate::addr::PMD_SIZE).expect("PMD")
-                } else {
-                    VaRange::page_of(start)
-                };
+                let start = leaf.start();
                 let Some(part) = leaf.intersect(&seg) else {
                     continue;
                 };
                 for va in part.pages() {
                     let sub = va.offset_from(start).expect("inside leaf") / PAGE_SIZE;
                     let e = &mut out[range.page_index(va)];
-                    e.order = if huge { 9 } else { 0 };
+                    e.order = level.order() as u8;
                     e.soft_dirty |= entry.flags().contains(PteFlags::SOFT_DIRTY);
                     e.uffd_wp = entry.is_uffd_wp();
                     match entry {
@@ -213,7 +209,7 @@ impl Mm {
             let (old, r) = match &slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.get(), VaRange::page_of(p.va())),
-                Slot::Pmd(p) => (p.get(), p.range()),
+                Slot::Pmd(p) | Slot::Pud(p) => (p.get(), p.range()),
             };
             let new = match old {
                 Pte::None => continue,
@@ -228,7 +224,7 @@ impl Mm {
             }
             match slot {
                 Slot::Pte(p) => p.set(new),
-                Slot::Pmd(p) => p.set(new),
+                Slot::Pmd(p) | Slot::Pud(p) => p.set(new),
                 Slot::Hole(_) => unreachable!(),
             }
             if old.is_writable() {

@@ -313,7 +313,7 @@ pub(crate) fn collect(page: FrameRef<'_>, held: Option<(&Mm, &MmState)>) -> Vec<
             let (addr, entry, level) = match slot {
                 Slot::Hole(_) => continue,
                 Slot::Pte(p) => (p.va(), p.get(), Huge::Pte),
-                Slot::Pmd(p) => (p.range().start(), p.get(), Huge::Pmd),
+                Slot::Pmd(p) | Slot::Pud(p) => (p.range().start(), p.get(), p.level()),
             };
             if entry_refers_to(entry, head, nr) {
                 out.push(RmapEntry {

@@ -19,9 +19,9 @@ use std::sync::{Arc, Weak};
 
 use crate::sync::Mutex;
 
-use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE, PMD_NR, PMD_SIZE};
+use crate::addr::{Pfn, PAGE_SHIFT, PAGE_SIZE};
 use crate::notifier::MmId;
-use crate::phys::{AllocError, Frame, FrameFlags, PhysMem};
+use crate::phys::{AllocError, Frame, FrameFlags, HugetlbSize, PhysMem};
 
 use super::rmap::MmSet;
 
@@ -60,9 +60,11 @@ pub(crate) struct ShmemObject {
     handle: MappingHandle,
 }
 
-/// The reservations of a hugetlb mapping (the kernel's `resv_map`): the 2 MiB indices not
-/// yet faulted in, each holding one pool reservation.
+/// The reservations of a hugetlb mapping (the kernel's `resv_map`): the huge-page indices
+/// not yet faulted in, each holding one reservation in the pool of `size`.
 struct HugetlbResv {
+    /// The page size of the file (its hugetlbfs mount's, `hstate_inode`).
+    size: HugetlbSize,
     reserved: Mutex<BTreeSet<u64>>,
     /// For a private mapping, the address space whose faults may use them (the
     /// `HPAGE_RESV_OWNER`); a fork child's faults may not.
@@ -92,29 +94,33 @@ impl ShmemObject {
         })
     }
 
-    /// A hugetlbfs file of `size` bytes (a multiple of 2 MiB) with every page reserved in
-    /// the pool (`hugetlb_file_setup` with `hugetlb_reserve_pages`); `owner` for a private
-    /// mapping. `None` if the pool cannot promise the pages.
+    /// A hugetlbfs file of `size` bytes (a multiple of `hsize`) with every page reserved in
+    /// the pool of `hsize` (`hugetlb_file_setup` with `hugetlb_reserve_pages`); `owner` for
+    /// a private mapping. `None` if the pool cannot promise the pages.
     pub(crate) fn new_hugetlb(
         phys: Arc<PhysMem>,
         size: u64,
+        hsize: HugetlbSize,
         owner: Option<MmId>,
     ) -> Option<Arc<Self>> {
-        let n = size / PMD_SIZE;
-        if !phys.hugetlb_reserve(n) {
+        let n = size / hsize.bytes();
+        if !phys.hugetlb_reserve(hsize, n) {
             return None;
         }
         let resv = HugetlbResv {
+            size: hsize,
             reserved: Mutex::new((0..n).collect()),
             owner,
         };
         Some(Self::build(phys, size, true, Some(resv)))
     }
 
-    /// An empty hugetlbfs file (`memfd_create` with `MFD_HUGETLB`): its pages come from the
-    /// pool when first used, with no reservation (a mapping of it reserves nothing).
-    pub(crate) fn new_hugetlb_file(phys: Arc<PhysMem>) -> Arc<Self> {
+    /// An empty hugetlbfs file of pages of `hsize` (`memfd_create` with `MFD_HUGETLB`): its
+    /// pages come from the pool when first used, with no reservation (a mapping of it
+    /// reserves nothing).
+    pub(crate) fn new_hugetlb_file(phys: Arc<PhysMem>, hsize: HugetlbSize) -> Arc<Self> {
         let resv = HugetlbResv {
+            size: hsize,
             reserved: Mutex::new(BTreeSet::new()),
             owner: None,
         };
@@ -122,13 +128,13 @@ impl ShmemObject {
     }
 
     /// Puts every page of `[offset, offset + len)` in the cache (`fallocate` mode 0),
-    /// extending the size to cover it; a hugetlbfs file takes whole 2 MiB pages.
+    /// extending the size to cover it; a hugetlbfs file takes whole huge pages.
     pub(crate) fn fallocate(&self, offset: u64, len: u64) -> Result<(), PageError> {
         let end = offset + len;
         if end > self.size() {
             self.set_size(end);
         }
-        let step = if self.is_hugetlb() { PMD_NR } else { 1 };
+        let step = self.page_nr();
         let first = (offset >> PAGE_SHIFT) / step * step;
         let mut pgoff = first;
         while pgoff < end.div_ceil(PAGE_SIZE) {
@@ -145,13 +151,23 @@ impl ShmemObject {
         self.hugetlb.is_some()
     }
 
+    /// The page size of a hugetlbfs file (`hstate_inode`).
+    pub(crate) fn hugetlb_size(&self) -> Option<HugetlbSize> {
+        self.hugetlb.as_ref().map(|r| r.size)
+    }
+
+    /// Base pages per page of the cache: a huge page's for a hugetlbfs file, else 1.
+    pub(crate) fn page_nr(&self) -> u64 {
+        self.hugetlb_size().map_or(1, HugetlbSize::nr_pages)
+    }
+
     /// A zeroed 2 MiB pool page for the huge index `idx` with `flags`, against its
     /// reservation if `mm` may use it, else from unreserved pages; `None` if there is none.
     pub(crate) fn hugetlb_alloc(&self, idx: u64, mm: MmId, flags: FrameFlags) -> Option<Frame<'_>> {
         let resv = self.hugetlb.as_ref().expect("a hugetlb file");
         let may = resv.owner.map_or(true, |o| o == mm);
         let use_resv = may && resv.reserved.lock().remove(&idx);
-        self.phys.hugetlb_alloc(use_resv, flags)
+        self.phys.hugetlb_alloc(resv.size, use_resv, flags)
     }
 
     /// Whether this is unnamed shared anonymous memory.
@@ -177,11 +193,7 @@ impl ShmemObject {
         if !self.in_size(pgoff) {
             return Err(PageError::Eof);
         }
-        let pgoff = if self.is_hugetlb() {
-            pgoff - pgoff % PMD_NR
-        } else {
-            pgoff
-        };
+        let pgoff = pgoff - pgoff % self.page_nr();
         if let Some(&pfn) = pages.get(&pgoff) {
             self.phys.frame(pfn).meta().get();
             return Ok((pfn, false));
@@ -189,10 +201,12 @@ impl ShmemObject {
         let flags = FrameFlags::UPTODATE | FrameFlags::DIRTY;
         let f = if self.is_hugetlb() {
             let resv = self.hugetlb.as_ref().expect("a hugetlb file");
-            let use_resv = resv.reserved.lock().remove(&(pgoff / PMD_NR));
+            let use_resv = resv.reserved.lock().remove(&(pgoff / self.page_nr()));
             self.phys
-                .hugetlb_alloc(use_resv, flags)
-                .ok_or(PageError::NoMem(AllocError { order: 9 }))?
+                .hugetlb_alloc(resv.size, use_resv, flags)
+                .ok_or(PageError::NoMem(AllocError {
+                    order: resv.size.order(),
+                }))?
         } else {
             self.phys.alloc_zeroed(0, flags).map_err(PageError::NoMem)?
         };
@@ -217,9 +231,9 @@ impl ShmemObject {
             let at = offset + done as u64;
             let in_page = (at % PAGE_SIZE) as usize;
             let k = (PAGE_SIZE as usize - in_page).min(n - done);
-            // A hugetlbfs file's cache holds 2 MiB pages, by their first index.
+            // A hugetlbfs file's cache holds huge pages, by their first index.
             let pgoff = at >> PAGE_SHIFT;
-            let sub = if self.is_hugetlb() { pgoff % PMD_NR } else { 0 };
+            let sub = pgoff % self.page_nr();
             match self.lookup(pgoff - sub) {
                 // The folio's reference keeps its page alive while it is read.
                 Some(folio) => self
@@ -350,7 +364,7 @@ impl Drop for ShmemObject {
             }
             if let Some(resv) = &self.hugetlb {
                 self.phys
-                    .hugetlb_unreserve(resv.reserved.lock().len() as u64);
+                    .hugetlb_unreserve(resv.size, resv.reserved.lock().len() as u64);
             }
         });
     }

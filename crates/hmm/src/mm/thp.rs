@@ -134,7 +134,8 @@ impl Mm {
                     let e = match c.current()? {
                         Slot::Pte(p) => p.get(),
                         Slot::Pmd(p) => p.get(),
-                        Slot::Hole(_) => return None,
+                        // Only anonymous VMAs are looked at, never hugetlb ones.
+                        Slot::Hole(_) | Slot::Pud(_) => return None,
                     };
                     // The folio, held from under the page-table lock.
                     match e {
@@ -765,7 +766,8 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
     while let Some(slot) = c.next() {
         match slot {
-            Slot::Hole(_) => {}
+            // Hugetlb folios (the only ones PUD leaves map) are never split.
+            Slot::Hole(_) | Slot::Pud(_) => {}
             Slot::Pmd(p) => {
                 let leaf = p.get();
                 if !matches!(leaf, Pte::Migration { .. }) && maps_folio(leaf, head, nr) {

@@ -195,7 +195,7 @@ fn clear_young(st: &MmState, range: VaRange, pick: impl Fn(Pfn) -> bool) -> u32 
         };
         let new = match &slot {
             Slot::Pte(p) => aged(p.get()).inspect(|&n| p.set(n)),
-            Slot::Pmd(p) => aged(p.get()).inspect(|&n| p.set(n)),
+            Slot::Pmd(p) | Slot::Pud(p) => aged(p.get()).inspect(|&n| p.set(n)),
             Slot::Hole(_) => None,
         };
         young += u32::from(new.is_some());
@@ -298,6 +298,7 @@ impl Mm {
                 Slot::Pte(p) => (p.get(), 1),
                 // Inside the range whole: the edges were split above.
                 Slot::Pmd(p) => (p.get(), crate::addr::PMD_NR),
+                Slot::Pud(_) => unreachable!("pageout refuses hugetlb memory"),
             };
             let Pte::Present { pfn, .. } = entry else {
                 continue;

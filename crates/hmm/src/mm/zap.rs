@@ -2,7 +2,7 @@
 //! madvise(DONTNEED) and teardown.
 
 use crate::addr::VaRange;
-use crate::pgtable::{PageTable, Pte, PteFlags, Slot};
+use crate::pgtable::{Huge, PageTable, Pte, PteFlags, Slot};
 use crate::phys::FrameFlags;
 
 use super::thp;
@@ -77,9 +77,11 @@ pub(crate) fn zap_range(
                     }
                 }
             }
-            Slot::Pmd(p) => {
+            Slot::Pmd(p) | Slot::Pud(p) => {
                 let leaf = p.range();
                 if !range.contains_range(&leaf) {
+                    // Only a THP is cut: hugetlb ranges are checked whole (`check_range`).
+                    assert_eq!(p.level(), Huge::Pmd, "a zap cuts a PUD leaf");
                     c.unlock();
                     thp::split_pmd(mm, pt, vma, leaf.start(), tlb);
                     c.again();

@@ -1,8 +1,8 @@
 //! The page-table cursor: the one walker every operation uses.
 //!
 //! A [`Cursor`] visits the slots of a virtual range in address order and yields each as a
-//! [`Slot`]: a [`PteSlot`] (a PTE, under its PTE-table lock), a [`PmdSlot`] (a PMD leaf,
-//! under the PMD lock), or a [`Slot::Hole`] (no table there; lookup walks only).
+//! [`Slot`]: a [`PteSlot`] (a PTE, under its PTE-table lock), a [`LeafSlot`] (a PMD leaf
+//! under the PMD lock, or a PUD leaf, a 1 GiB hugetlb mapping, under the PUD lock), or a [`Slot::Hole`] (no table there; lookup walks only).
 //!
 //! # Locking protocol
 //!
@@ -15,8 +15,9 @@
 //!   (allocate, call notifiers, wait on a folio), call [`Cursor::unlock`]; then
 //!   [`Cursor::current`] re-locks the same slot (one walk, not two), and the caller must
 //!   re-check the entry, which may have changed meanwhile (the kernel's `pte_same`).
-//! * After taking a table's lock the cursor re-checks that the PMD word still points to that
-//!   table, so a concurrent PMD change is never missed.
+//! * After taking a table's lock the cursor re-checks that the PMD word (and the PUD word
+//!   above it) still points to that table, so a concurrent PMD or PUD change is never
+//!   missed.
 //!
 //! Every cursor counts one walk; every yielded slot counts one entry visited.
 
@@ -25,10 +26,11 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::MutexGuard;
 
 use super::entry::{word_is_huge, Huge, Pte};
-use super::radix::{PmdTable, PteTable, PMD_TABLE};
+use super::radix::{PmdTable, PteTable, PMD_TABLE, PUD_TABLE};
 use super::PageTable;
 use crate::addr::{
     VaRange, VirtAddr, ENTRIES_PER_TABLE, PAGE_SHIFT, PAGE_SIZE, PGDIR_SHIFT, PMD_SIZE, PUD_SHIFT,
+    PUD_SIZE,
 };
 
 /// Whether a walk allocates missing tables.
@@ -36,7 +38,8 @@ use crate::addr::{
 pub enum WalkMode {
     /// Report missing tables as [`Slot::Hole`].
     Lookup,
-    /// Allocate missing tables down to the PTE level (PMD leaves are still yielded as such).
+    /// Allocate missing tables down to the PTE level (PMD and PUD leaves are still yielded
+    /// as such).
     Populate,
 }
 
@@ -45,8 +48,10 @@ pub enum WalkMode {
 pub enum Slot<'c> {
     /// No page table covers this part of the range (only in [`WalkMode::Lookup`]).
     Hole(VaRange),
+    /// A PUD leaf (a 1 GiB hugetlb mapping), under the PUD lock.
+    Pud(LeafSlot<'c>),
     /// A PMD leaf, under the PMD lock.
-    Pmd(PmdSlot<'c>),
+    Pmd(LeafSlot<'c>),
     /// A PTE, under its table's lock.
     Pte(PteSlot<'c>),
 }
@@ -114,17 +119,24 @@ impl PteSlot<'_> {
     }
 }
 
-/// A PMD leaf under the PMD lock.
+/// A huge leaf under its lock: a PMD leaf (2 MiB, under the PMD lock) or a PUD leaf
+/// (1 GiB, under the PUD lock).
 #[derive(Debug)]
-pub struct PmdSlot<'c> {
+pub struct LeafSlot<'c> {
     base: VirtAddr,
     entry: &'c AtomicU64,
+    level: Huge,
 }
 
-impl PmdSlot<'_> {
-    /// The 2 MiB range the leaf maps (it may extend beyond the walked range).
+impl LeafSlot<'_> {
+    /// The level: [`Huge::Pmd`] or [`Huge::Pud`].
+    pub fn level(&self) -> Huge {
+        self.level
+    }
+
+    /// The range the leaf maps (it may extend beyond the walked range).
     pub fn range(&self) -> VaRange {
-        VaRange::from_len(self.base, PMD_SIZE).expect("PMD range is valid")
+        VaRange::from_len(self.base, self.level.size()).expect("leaf range is valid")
     }
 
     /// The current entry.
@@ -134,14 +146,24 @@ impl PmdSlot<'_> {
 
     /// Stores a leaf entry; [`Pte::None`] clears the slot.
     #[doc(alias = "set_pmd_at")]
+    #[doc(alias = "set_pud_at")]
     pub fn set(&self, pte: Pte) {
-        self.entry.store(pte.encode(Huge::Pmd), Ordering::Release);
+        self.entry.store(self.word(pte), Ordering::Release);
     }
 
     /// Stores a leaf entry and returns the previous one.
     #[doc(alias = "pmdp_huge_get_and_clear")]
+    #[doc(alias = "pudp_huge_get_and_clear")]
     pub fn replace(&self, pte: Pte) -> Pte {
-        Pte::decode(self.entry.swap(pte.encode(Huge::Pmd), Ordering::AcqRel))
+        Pte::decode(self.entry.swap(self.word(pte), Ordering::AcqRel))
+    }
+
+    fn word(&self, pte: Pte) -> u64 {
+        if pte.is_none() {
+            0
+        } else {
+            pte.encode(self.level)
+        }
     }
 }
 
@@ -154,7 +176,8 @@ enum Held<'a> {
         base: VirtAddr,
         _guard: MutexGuard<'a, ()>,
     },
-    Pmd {
+    /// The PMD lock, or the PUD lock for a PUD leaf.
+    Upper {
         _guard: MutexGuard<'a, ()>,
     },
 }
@@ -276,12 +299,45 @@ impl<'a> Cursor<'a> {
                 None if populate => pgd_slot.get_or_init(|| self.pt.new_pud_table()),
                 None => return Some(self.hole(va, PGDIR_SHIFT)),
             };
-            let pud_slot = &pud.tables[va.table_index(3)];
-            let pmdt: &'a PmdTable = match pud_slot.get() {
-                Some(t) => t,
-                None if populate => pud_slot.get_or_init(|| self.pt.new_pmd_table()),
-                None => return Some(self.hole(va, PUD_SHIFT)),
-            };
+            let u = va.table_index(3);
+            let pud_word = &pud.entries[u];
+            let word = pud_word.load(Ordering::Acquire);
+            if word == 0 {
+                if !populate {
+                    return Some(self.hole(va, PUD_SHIFT));
+                }
+                self.held = Held::None;
+                let _pud_lock = pud.lock.lock();
+                if pud_word.load(Ordering::Acquire) == 0 {
+                    pud.tables[u].get_or_init(|| self.pt.new_pmd_table());
+                    pud_word.store(PUD_TABLE, Ordering::Release);
+                }
+                continue;
+            }
+            if word_is_huge(word) {
+                self.held = Held::None;
+                let guard = pud.lock.lock();
+                if !word_is_huge(pud_word.load(Ordering::Acquire)) {
+                    continue;
+                }
+                self.held = Held::Upper { _guard: guard };
+                let base = va.align_down(PUD_SIZE);
+                self.advance(va, base.checked_add(PUD_SIZE).expect("PUD end"));
+                return Some(Slot::Pud(LeafSlot {
+                    base,
+                    entry: pud_word,
+                    level: Huge::Pud,
+                }));
+            }
+            debug_assert_eq!(word, PUD_TABLE, "corrupt PUD word {word:#x}");
+            let pmdt: &'a PmdTable = pud.tables[u]
+                .get()
+                .expect("a PUD_TABLE word has its table installed");
+            // A PUD leaf replaces this table only under the PMD lock and only while every
+            // word of it is none, so a walker that re-checks the PUD word after taking the
+            // PMD lock, or a PTE lock whose PMD word it re-checks too, never works in a
+            // table that a leaf replaced.
+            let still = || pud_word.load(Ordering::Acquire) == PUD_TABLE;
             let i = va.table_index(2);
             let word = pmdt.entries[i].load(Ordering::Acquire);
             if word == 0 {
@@ -290,7 +346,7 @@ impl<'a> Cursor<'a> {
                 }
                 self.held = Held::None;
                 let _pmd_lock = pmdt.lock.lock();
-                if pmdt.entries[i].load(Ordering::Acquire) == 0 {
+                if still() && pmdt.entries[i].load(Ordering::Acquire) == 0 {
                     pmdt.tables[i].get_or_init(|| self.pt.new_pte_table());
                     pmdt.entries[i].store(PMD_TABLE, Ordering::Release);
                 }
@@ -299,15 +355,16 @@ impl<'a> Cursor<'a> {
             if word_is_huge(word) {
                 self.held = Held::None;
                 let guard = pmdt.lock.lock();
-                if !word_is_huge(pmdt.entries[i].load(Ordering::Acquire)) {
+                if !still() || !word_is_huge(pmdt.entries[i].load(Ordering::Acquire)) {
                     continue;
                 }
-                self.held = Held::Pmd { _guard: guard };
+                self.held = Held::Upper { _guard: guard };
                 let base = va.align_down(PMD_SIZE);
                 self.advance(va, base.checked_add(PMD_SIZE).expect("PMD end"));
-                return Some(Slot::Pmd(PmdSlot {
+                return Some(Slot::Pmd(LeafSlot {
                     base,
                     entry: &pmdt.entries[i],
+                    level: Huge::Pmd,
                 }));
             }
             debug_assert_eq!(word, PMD_TABLE, "corrupt PMD word {word:#x}");
@@ -318,7 +375,7 @@ impl<'a> Cursor<'a> {
             if !same {
                 self.held = Held::None;
                 let guard = table.lock.lock();
-                if pmdt.entries[i].load(Ordering::Acquire) != PMD_TABLE {
+                if !still() || pmdt.entries[i].load(Ordering::Acquire) != PMD_TABLE {
                     continue;
                 }
                 self.held = Held::Pte {

@@ -261,7 +261,7 @@ impl Pte {
 
     /// Encodes the entry; `huge` marks a PMD leaf.
     pub fn encode(self, huge: Huge) -> u64 {
-        let pse = if huge == Huge::Pmd { PSE } else { 0 };
+        let pse = if huge == Huge::Pte { 0 } else { PSE };
         let swp = |ty: u64, target: u64, flags: PteFlags| {
             (target << PAGE_SHIFT) | (ty << TYPE_SHIFT) | (flags & SWP_FLAGS).bits() | pse
         };
@@ -424,13 +424,35 @@ impl Pte {
     }
 }
 
-/// Whether an encoded entry is a PMD leaf.
+/// The level an encoded entry is stored at: a PTE, or a PMD or PUD leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Huge {
     /// A PTE.
     Pte,
     /// A 2 MiB PMD leaf.
     Pmd,
+    /// A 1 GiB PUD leaf.
+    Pud,
+}
+
+impl Huge {
+    /// The bytes an entry of this level maps.
+    pub fn size(self) -> u64 {
+        match self {
+            Huge::Pte => crate::addr::PAGE_SIZE,
+            Huge::Pmd => crate::addr::PMD_SIZE,
+            Huge::Pud => crate::addr::PUD_SIZE,
+        }
+    }
+
+    /// The order (log2 of the base pages) an entry of this level maps.
+    pub fn order(self) -> u32 {
+        match self {
+            Huge::Pte => 0,
+            Huge::Pmd => crate::addr::PMD_ORDER,
+            Huge::Pud => crate::addr::PUD_ORDER,
+        }
+    }
 }
 
 /// Whether an encoded PMD word is a leaf (as opposed to none or a table pointer).

@@ -8,18 +8,20 @@
 mod cursor;
 mod entry;
 mod pmd;
+mod pud;
 mod radix;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use cursor::{Cursor, PmdSlot, PteSlot, Slot, WalkMode};
+pub use cursor::{Cursor, LeafSlot, PteSlot, Slot, WalkMode};
 pub use entry::{Huge, MigrationKind, MigrationPfn, Pte, PteFlags};
 pub use pmd::{PmdEntry, PmdGuard};
+pub use pud::{PudEntry, PudGuard};
 
 #[cfg(test)]
 use crate::addr::VirtAddr;
 use crate::addr::{VaRange, ENTRIES_PER_TABLE, PGDIR_SHIFT, PMD_SHIFT, PUD_SHIFT};
-use radix::{Pgd, PmdTable, PteTable, PudTable, PMD_TABLE};
+use radix::{Pgd, PmdTable, PteTable, PudTable, PMD_TABLE, PUD_TABLE};
 
 #[derive(Debug, Default)]
 pub(crate) struct WalkCounters {
@@ -119,7 +121,10 @@ impl PageTable {
             };
             for (u, pmd_slot) in pud.tables.iter_mut().enumerate() {
                 let u_base = g_base + ((u as u64) << PUD_SHIFT);
-                if !overlaps(u_base, PUD_SHIFT, &range) {
+                let pud_word = *pud.entries[u].get_mut();
+                // A PUD leaf keeps whatever table it replaced, as a PMD leaf does.
+                if !overlaps(u_base, PUD_SHIFT, &range) || (pud_word != 0 && pud_word != PUD_TABLE)
+                {
                     continue;
                 }
                 let Some(pmdt) = pmd_slot.get_mut() else {
@@ -147,11 +152,13 @@ impl PageTable {
                     let stale = pmdt.tables.iter().filter(|t| t.get().is_some()).count();
                     c.pte_tables.fetch_sub(stale as u64, Ordering::Relaxed);
                     pmd_slot.take();
+                    *pud.entries[u].get_mut() = 0;
                     c.pmd_tables.fetch_sub(1, Ordering::Relaxed);
                     freed += 1;
                 }
             }
-            let pud_empty = pud.tables.iter().all(|t| t.get().is_none());
+            let pud_empty = pud.tables.iter().all(|t| t.get().is_none())
+                && pud.entries.iter_mut().all(|w| *w.get_mut() == 0);
             if within(g_base, PGDIR_SHIFT) && pud_empty {
                 pud_slot.take();
                 c.pud_tables.fetch_sub(1, Ordering::Relaxed);
@@ -169,6 +176,12 @@ impl PageTable {
         for (g, pud) in self.pgd.tables.iter().enumerate() {
             let Some(pud) = pud.get() else { continue };
             for (u, pmdt) in pud.tables.iter().enumerate() {
+                let w = pud.entries[u].load(Ordering::Acquire);
+                if w != 0 && w != PUD_TABLE {
+                    let base = ((g as u64) << PGDIR_SHIFT) | ((u as u64) << PUD_SHIFT);
+                    out.push((VirtAddr::new(base), Huge::Pud, Pte::decode(w)));
+                    continue;
+                }
                 let Some(pmdt) = pmdt.get() else { continue };
                 for i in 0..ENTRIES_PER_TABLE {
                     let base = ((g as u64) << PGDIR_SHIFT)

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use crate::sync::MutexGuard;
 
 use super::entry::{word_is_huge, Huge, Pte};
-use super::radix::{PmdTable, PMD_TABLE};
+use super::radix::{PmdTable, PMD_TABLE, PUD_TABLE};
 use super::{PageTable, WalkMode};
 use crate::addr::{VaRange, VirtAddr, PMD_SIZE};
 
@@ -41,7 +41,7 @@ pub struct PmdGuard<'a> {
 impl PageTable {
     /// Locks the PMD slot covering `va`. [`WalkMode::Populate`] allocates missing upper
     /// tables (never the PTE table); [`WalkMode::Lookup`] returns `None` where they are
-    /// missing. Counts one walk.
+    /// missing. Both return `None` where a PUD leaf covers `va`. Counts one walk.
     #[doc(alias = "pmd_lock")]
     pub fn lock_pmd(&self, va: VirtAddr, mode: WalkMode) -> Option<PmdGuard<'_>> {
         self.counters.walks.fetch_add(1, Ordering::Relaxed);
@@ -53,19 +53,37 @@ impl PageTable {
             None if populate => pgd_slot.get_or_init(|| self.new_pud_table()),
             None => return None,
         };
-        let pud_slot = &pud.tables[va.table_index(3)];
-        let table = match pud_slot.get() {
-            Some(t) => t,
-            None if populate => pud_slot.get_or_init(|| self.new_pmd_table()),
-            None => return None,
-        };
-        Some(PmdGuard {
-            pt: self,
-            table,
-            index: va.table_index(2),
-            base: va.align_down(PMD_SIZE),
-            _lock: table.lock.lock(),
-        })
+        let u = va.table_index(3);
+        loop {
+            let word = pud.entries[u].load(Ordering::Acquire);
+            if word == 0 {
+                if !populate {
+                    return None;
+                }
+                let _pud_lock = pud.lock.lock();
+                if pud.entries[u].load(Ordering::Acquire) == 0 {
+                    pud.tables[u].get_or_init(|| self.new_pmd_table());
+                    pud.entries[u].store(PUD_TABLE, Ordering::Release);
+                }
+                continue;
+            }
+            if word != PUD_TABLE {
+                return None;
+            }
+            let table = pud.tables[u].get().expect("table installed");
+            let lock = table.lock.lock();
+            // Re-checked under the PMD lock, which a PUD leaf needs to replace the table.
+            if pud.entries[u].load(Ordering::Acquire) != PUD_TABLE {
+                continue;
+            }
+            return Some(PmdGuard {
+                pt: self,
+                table,
+                index: va.table_index(2),
+                base: va.align_down(PMD_SIZE),
+                _lock: lock,
+            });
+        }
     }
 }
 

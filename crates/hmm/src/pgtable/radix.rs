@@ -11,9 +11,17 @@
 //! mapping or a non-present PMD entry). The invariant `word == PMD_TABLE ⇒ table installed`
 //! holds because the table is installed before the word is stored (release/acquire).
 //!
+//! A PUD table works the same way one level up: per slot an entry word (`0` none,
+//! [`PUD_TABLE`] "descend into the PMD table", otherwise a PUD leaf: a 1 GiB hugetlb
+//! mapping or a non-present PUD entry) and a PMD-table slot, with `word == PUD_TABLE ⇒
+//! table installed`. A PUD leaf replaces a table only when the table maps nothing (see
+//! [`PudGuard::set_leaf`](super::PudGuard::set_leaf)).
+//!
 //! Locks: every PTE table has its own lock (the kernel's split PTE lock) guarding its 512
 //! entries; every PMD table has one lock (the split PMD lock, one per 1 GiB) guarding its 512
-//! words. Lock order: PMD lock → PTE lock.
+//! words; every PUD table has one lock guarding its 512 words (the kernel's `pud_lock`,
+//! which is the mm's `page_table_lock`; one per 512 GiB here). Lock order: PUD lock → PMD
+//! lock → PTE lock.
 
 use crate::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -38,8 +46,13 @@ pub(crate) struct PmdTable {
     pub(crate) tables: [OnceLock<Box<PteTable>>; ENTRIES_PER_TABLE],
 }
 
-/// A table of 512 PUD slots.
+/// The PUD word meaning "this slot points to a PMD table".
+pub(crate) const PUD_TABLE: u64 = PMD_TABLE;
+
+/// A table of 512 PUD words, their PMD tables, and the PUD lock.
 pub(crate) struct PudTable {
+    pub(crate) lock: Mutex<()>,
+    pub(crate) entries: [AtomicU64; ENTRIES_PER_TABLE],
     pub(crate) tables: [OnceLock<Box<PmdTable>>; ENTRIES_PER_TABLE],
 }
 
@@ -81,7 +94,11 @@ impl PmdTable {
 
 impl PudTable {
     pub(crate) fn new() -> Box<Self> {
-        Box::new(PudTable { tables: slots() })
+        Box::new(PudTable {
+            lock: Mutex::new(()),
+            entries: words(),
+            tables: slots(),
+        })
     }
 }
 

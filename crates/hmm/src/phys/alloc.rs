@@ -12,7 +12,7 @@
 
 use thiserror::Error;
 
-use crate::addr::PMD_ORDER;
+use crate::addr::{PMD_ORDER, PUD_ORDER};
 
 /// Frames per block.
 pub(crate) const BLOCK_FRAMES: usize = 1 << PMD_ORDER;
@@ -27,6 +27,9 @@ pub struct AllocError {
 
 /// The largest order allocated inside a split block (1 MiB); order 9 is a whole block.
 pub(crate) const MAX_SMALL_ORDER: u32 = PMD_ORDER - 1;
+
+/// Blocks per gigantic (order-18, 1 GiB) folio.
+const GIGANTIC_BLOCKS: usize = 1 << (PUD_ORDER - PMD_ORDER);
 
 #[derive(Debug, Clone)]
 struct BlockState {
@@ -80,8 +83,8 @@ impl BlockAllocator {
         self.free_frames
     }
 
-    /// Allocates `2^order` frames (`order` 0 to 9), aligned to their size; returns the
-    /// first frame index.
+    /// Allocates `2^order` frames (`order` 0 to 9, or 18 for a gigantic hugetlb page),
+    /// aligned to their size; returns the first frame index.
     pub(crate) fn alloc(&mut self, order: u32) -> Result<usize, AllocError> {
         match order {
             0 => self.alloc_small(),
@@ -91,8 +94,27 @@ impl BlockAllocator {
                 self.free_frames -= BLOCK_FRAMES;
                 Ok(b as usize * BLOCK_FRAMES)
             }
+            PUD_ORDER => self.alloc_gigantic(),
             _ => Err(AllocError { order }),
         }
+    }
+
+    /// The lowest run of 512 whole free blocks aligned to 1 GiB (`alloc_contig_pages` for
+    /// a gigantic hugetlb page): linear in the number of blocks, as the kernel's search
+    /// is, and only the hugetlb pool's resizing asks for it.
+    fn alloc_gigantic(&mut self) -> Result<usize, AllocError> {
+        let mut whole = vec![false; self.blocks.len()];
+        for &b in &self.free_blocks {
+            whole[b as usize] = true;
+        }
+        let run = whole
+            .chunks_exact(GIGANTIC_BLOCKS)
+            .position(|c| c.iter().all(|&w| w))
+            .ok_or(AllocError { order: PUD_ORDER })?;
+        let blocks = (run * GIGANTIC_BLOCKS) as u32..((run + 1) * GIGANTIC_BLOCKS) as u32;
+        self.free_blocks.retain(|b| !blocks.contains(b));
+        self.free_frames -= GIGANTIC_BLOCKS * BLOCK_FRAMES;
+        Ok(run * GIGANTIC_BLOCKS * BLOCK_FRAMES)
     }
 
     /// An aligned run of `2^order` frames (`order` 1 to 8) from a split block that has
@@ -201,6 +223,16 @@ impl BlockAllocator {
     #[track_caller]
     pub(crate) fn free(&mut self, first: usize, order: u32) {
         let b = first / BLOCK_FRAMES;
+        if order == PUD_ORDER {
+            assert_eq!(b % GIGANTIC_BLOCKS, 0, "misaligned order-18 free");
+            for b in b..b + GIGANTIC_BLOCKS {
+                assert!(!self.blocks[b].split, "order-18 free of a split block");
+                debug_assert!(!self.free_blocks.contains(&(b as u32)), "double free");
+                self.free_blocks.push(b as u32);
+            }
+            self.free_frames += GIGANTIC_BLOCKS * BLOCK_FRAMES;
+            return;
+        }
         if order == PMD_ORDER {
             assert_eq!(first % BLOCK_FRAMES, 0, "misaligned order-9 free");
             assert!(!self.blocks[b].split, "order-9 free of a split block");

@@ -50,7 +50,7 @@ use thiserror::Error;
 
 pub use alloc::AllocError;
 pub use frame::{copy_folios, put_folios, Frame, FrameRef, Freed, LockedFolio};
-pub use hugetlb::HugetlbStats;
+pub use hugetlb::{HugetlbSize, HugetlbStats};
 pub use mapping::{MappingHandle, MappingId};
 pub use meta::{FrameFlags, FrameMeta, GetFrameError};
 pub use swap::{SwapDevice, SwapSlot, SwapStats};
@@ -401,39 +401,66 @@ impl PhysMem {
     /// Number of frames in use: neither free, nor reserved (the zero pages), nor free in
     /// the hugetlb pool.
     pub fn nr_in_use(&self) -> u64 {
-        let pool_free = self.region.hugetlb_stats().free * BLOCK_FRAMES as u64;
+        let pool_free: u64 = HugetlbSize::ALL
+            .iter()
+            .map(|&s| self.region.hugetlb_stats(s).free * s.nr_pages())
+            .sum();
         self.nr_frames() - self.region.nr_free() as u64 - (BLOCK_FRAMES as u64 + 1) - pool_free
     }
 
-    /// Sets the size of the hugetlb pool of 2 MiB pages (`nr_hugepages`); returns the size
-    /// reached, which is smaller when RAM has no more whole free 2 MiB blocks or when pages
-    /// in use or reserved keep it from shrinking.
+    /// Sets the size of the hugetlb pool of 2 MiB pages (`nr_hugepages`, the default
+    /// size); returns the size reached, which is smaller when RAM has no more whole free
+    /// 2 MiB blocks or when pages in use or reserved keep it from shrinking.
     #[doc(alias = "nr_hugepages")]
     pub fn set_nr_hugepages(&self, n: u64) -> u64 {
-        self.region.hugetlb_resize(n)
+        self.set_nr_hugepages_of(HugetlbSize::Size2M, n)
     }
 
-    /// The hugetlb pool's counts.
+    /// Sets the size of the hugetlb pool of `size`
+    /// (`/sys/kernel/mm/hugepages/hugepages-<size>kB/nr_hugepages`); returns the size
+    /// reached. A 1 GiB page needs 512 free 2 MiB blocks aligned to 1 GiB, as the kernel's
+    /// runtime allocation of gigantic pages needs a free contiguous range.
+    pub fn set_nr_hugepages_of(&self, size: HugetlbSize, n: u64) -> u64 {
+        self.region.hugetlb_resize(size, n)
+    }
+
+    /// The counts of the pool of 2 MiB pages.
     pub fn hugetlb(&self) -> HugetlbStats {
-        self.region.hugetlb_stats()
+        self.hugetlb_of(HugetlbSize::Size2M)
     }
 
-    /// Reserves `n` pool pages for a mapping; false if the pool cannot promise them.
-    pub(crate) fn hugetlb_reserve(&self, n: u64) -> bool {
-        self.region.hugetlb_reserve(n)
+    /// The counts of the pool of `size`.
+    pub fn hugetlb_of(&self, size: HugetlbSize) -> HugetlbStats {
+        self.region.hugetlb_stats(size)
     }
 
-    /// Gives back `n` reservations.
-    pub(crate) fn hugetlb_unreserve(&self, n: u64) {
-        self.region.hugetlb_unreserve(n);
+    /// Reserves `n` pages of the pool of `size` for a mapping; false if the pool cannot
+    /// promise them.
+    pub(crate) fn hugetlb_reserve(&self, size: HugetlbSize, n: u64) -> bool {
+        self.region.hugetlb_reserve(size, n)
     }
 
-    /// Takes a zero-filled pool page with `flags`, against a reservation or from the
-    /// unreserved free pages.
-    pub(crate) fn hugetlb_alloc(&self, reserved: bool, flags: FrameFlags) -> Option<Frame<'_>> {
-        let head = self.region.hugetlb_alloc(reserved, flags)?;
-        for i in 0..BLOCK_FRAMES {
-            io::zero(self.region.words(head + i));
+    /// Gives back `n` reservations of the pool of `size`.
+    pub(crate) fn hugetlb_unreserve(&self, size: HugetlbSize, n: u64) {
+        self.region.hugetlb_unreserve(size, n);
+    }
+
+    /// Takes a zero-filled page of the pool of `size` with `flags`, against a reservation
+    /// or from the unreserved free pages.
+    pub(crate) fn hugetlb_alloc(
+        &self,
+        size: HugetlbSize,
+        reserved: bool,
+        flags: FrameFlags,
+    ) -> Option<Frame<'_>> {
+        let head = self.region.hugetlb_alloc(size, reserved, flags)?;
+        for i in 0..size.nr_pages() as usize {
+            // A frame never written reads as zeros without the host committing it: only
+            // written ones are cleared, so a 1 GiB page costs host memory as it is used.
+            let words = self.region.words(head + i);
+            if !io::is_zero(words) {
+                io::zero(words);
+            }
         }
         Some(Frame::adopt(&self.region, head as u64))
     }

@@ -10,13 +10,13 @@ use crate::sync::Mutex;
 
 use super::alloc::{AllocError, BlockAllocator, BLOCK_FRAMES};
 use super::arena::Arena;
-use super::hugetlb::{HugetlbPool, HugetlbStats};
+use super::hugetlb::{HugetlbPool, HugetlbSize, HugetlbStats};
 use super::io::FrameWords;
 use super::meta::{FrameFlags, FrameMeta};
 use super::pcp::PcpLists;
 use super::FrameRef;
 use super::Zone;
-use crate::addr::PMD_ORDER;
+use crate::addr::{PMD_ORDER, PUD_ORDER};
 
 /// Called with the head and the order of a folio whose last reference went, after it is
 /// back in the allocator (the kernel's `dev_pagemap_ops.folio_free`).
@@ -56,7 +56,8 @@ pub(crate) struct Region {
     alloc: Mutex<BlockAllocator>,
     /// Free order-0 frames per CPU, in front of `alloc`.
     pcp: PcpLists,
-    hugetlb: Mutex<HugetlbPool>,
+    /// One pool per [`HugetlbSize`], by its index.
+    hugetlb: [Mutex<HugetlbPool>; 2],
 }
 
 impl Region {
@@ -77,7 +78,7 @@ impl Region {
             meta: new_meta(frames)?,
             alloc: Mutex::new(BlockAllocator::new(blocks)),
             pcp: PcpLists::new(frames, per_cpu_lists),
-            hugetlb: Mutex::new(HugetlbPool::default()),
+            hugetlb: Default::default(),
         })
     }
 
@@ -179,6 +180,7 @@ impl Region {
     fn take(&self, order: u32) -> Result<usize, AllocError> {
         let try_once = || match order {
             0 => self.pcp.alloc(&self.alloc),
+            // Order 1 to 8 from the bitmaps, 9 a block, 18 a run of blocks.
             _ => self.alloc.lock().alloc(order),
         };
         try_once().or_else(|e| {
@@ -194,7 +196,7 @@ impl Region {
             self.meta[first].init(flags, 0);
             return;
         }
-        debug_assert!(order <= PMD_ORDER);
+        debug_assert!(order <= PMD_ORDER || order == PUD_ORDER);
         for m in &self.meta[first + 1..first + (1 << order)] {
             m.init_tail(order);
         }
@@ -270,7 +272,8 @@ impl Region {
             m.clear_mapping();
             m.clear_flags(FrameFlags::all() - FrameFlags::LOCKED - FrameFlags::WAITERS);
             m.set_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
-            self.hugetlb.lock().free.push(head);
+            let size = HugetlbSize::of_order(order).expect("a hugetlb folio's order");
+            self.hugetlb[size.index()].lock().free.push(head);
             return None;
         }
         if order > 0 {
@@ -358,16 +361,19 @@ impl Region {
         hm.unfreeze(head_refs);
     }
 
-    /// Grows or shrinks the hugetlb pool towards `target` pages; returns the new size.
-    /// Growing stops when no whole free 2 MiB block is left; shrinking frees only free,
+    /// Grows or shrinks the hugetlb pool of `size` towards `target` pages; returns the new
+    /// size. Growing stops when the allocator has no more free memory of the size (whole
+    /// 2 MiB blocks, or runs of them aligned to 1 GiB); shrinking frees only free,
     /// unreserved pages.
-    pub(crate) fn hugetlb_resize(&self, target: u64) -> u64 {
-        let mut pool = self.hugetlb.lock();
+    pub(crate) fn hugetlb_resize(&self, size: HugetlbSize, target: u64) -> u64 {
+        let order = size.order();
+        let nr = size.nr_pages() as usize;
+        let mut pool = self.hugetlb[size.index()].lock();
         while pool.total < target {
-            let Ok(head) = self.take(PMD_ORDER) else {
+            let Ok(head) = self.take(order) else {
                 break;
             };
-            self.init_folio(head, PMD_ORDER, FrameFlags::HUGETLB);
+            self.init_folio(head, order, FrameFlags::HUGETLB);
             // Pool pages are not in use: refcount 0, as the allocator's free pages.
             assert!(self.meta[head].put_testzero());
             pool.free.push(head);
@@ -376,18 +382,19 @@ impl Region {
         while pool.total > target && pool.free.len() as u64 > pool.reserved {
             let head = pool.free.pop().expect("free page");
             self.meta[head].clear_flags(FrameFlags::HUGETLB | FrameFlags::HEAD);
-            for t in &self.meta[head + 1..head + BLOCK_FRAMES] {
+            for t in &self.meta[head + 1..head + nr] {
                 t.clear_flags(FrameFlags::TAIL);
             }
-            self.alloc.lock().free(head, PMD_ORDER);
+            self.alloc.lock().free(head, order);
             pool.total -= 1;
         }
         pool.total
     }
 
-    /// Reserves `n` free pool pages; false (and nothing reserved) if there are not enough.
-    pub(crate) fn hugetlb_reserve(&self, n: u64) -> bool {
-        let mut pool = self.hugetlb.lock();
+    /// Reserves `n` free pages of the pool of `size`; false (and nothing reserved) if there
+    /// are not enough.
+    pub(crate) fn hugetlb_reserve(&self, size: HugetlbSize, n: u64) -> bool {
+        let mut pool = self.hugetlb[size.index()].lock();
         if pool.free.len() as u64 - pool.reserved < n {
             return false;
         }
@@ -395,17 +402,22 @@ impl Region {
         true
     }
 
-    /// Gives back `n` reservations.
-    pub(crate) fn hugetlb_unreserve(&self, n: u64) {
-        let mut pool = self.hugetlb.lock();
+    /// Gives back `n` reservations of the pool of `size`.
+    pub(crate) fn hugetlb_unreserve(&self, size: HugetlbSize, n: u64) {
+        let mut pool = self.hugetlb[size.index()].lock();
         assert!(pool.reserved >= n, "unreserving more than reserved");
         pool.reserved -= n;
     }
 
-    /// Takes a pool page (refcount 1, `flags` set), against a reservation or from the
-    /// unreserved free pages; `None` if there is none.
-    pub(crate) fn hugetlb_alloc(&self, reserved: bool, flags: FrameFlags) -> Option<usize> {
-        let mut pool = self.hugetlb.lock();
+    /// Takes a page of the pool of `size` (refcount 1, `flags` set), against a reservation
+    /// or from the unreserved free pages; `None` if there is none.
+    pub(crate) fn hugetlb_alloc(
+        &self,
+        size: HugetlbSize,
+        reserved: bool,
+        flags: FrameFlags,
+    ) -> Option<usize> {
+        let mut pool = self.hugetlb[size.index()].lock();
         if reserved {
             assert!(
                 pool.reserved > 0,
@@ -417,14 +429,14 @@ impl Region {
         }
         let head = pool.free.pop().expect("reserved pages are free");
         drop(pool);
-        self.init_folio(head, PMD_ORDER, flags | FrameFlags::HUGETLB);
+        self.init_folio(head, size.order(), flags | FrameFlags::HUGETLB);
         self.pcp.count_op(true);
         Some(head)
     }
 
-    /// The pool's counts.
-    pub(crate) fn hugetlb_stats(&self) -> HugetlbStats {
-        self.hugetlb.lock().stats()
+    /// The counts of the pool of `size`.
+    pub(crate) fn hugetlb_stats(&self, size: HugetlbSize) -> HugetlbStats {
+        self.hugetlb[size.index()].lock().stats()
     }
 }
 

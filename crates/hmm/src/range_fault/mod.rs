@@ -214,7 +214,8 @@ impl HmmPfn {
     }
 
     /// The order of the CPU mapping the page belongs to: 0 for a PTE, 9 for a PMD leaf
-    /// (THP, hugetlb, device THP) (`hmm_pfn_to_map_order`). Every page of one large mapping
+    /// (THP, 2 MiB hugetlb, device THP), 18 for a PUD leaf (1 GiB hugetlb)
+    /// (`hmm_pfn_to_map_order`). Every page of one large mapping
     /// carries the same order; the mapping may extend beyond the range.
     #[doc(alias = "hmm_pfn_to_map_order")]
     pub fn map_order(self) -> u32 {

@@ -15,12 +15,12 @@
 //! end are reported but not collected, and collection goes on at the next PMD (the
 //! kernel's `migrate_vma_collect_skip(addr, end)` in `migrate_vma_collect_pmd`).
 
-use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
+use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_SIZE};
 use crate::migrate::{Collector, Next, PmdNext};
 use crate::mm::userfaultfd::UffdWait;
 use crate::mm::{handle_mm_fault_retry, FaultError, FaultFlags, Faulted, MmapReadGuard, Vma};
 use crate::notifier::{IntervalSub, Owner, ReadSeq};
-use crate::pgtable::{Pte, PteFlags, Slot, WalkMode};
+use crate::pgtable::{Huge, Pte, PteFlags, Slot, WalkMode};
 use crate::phys::PhysMem;
 use crate::prot::VmFlags;
 use crate::stats::RangeWalker;
@@ -419,7 +419,9 @@ fn walk(
                     None => {}
                 }
             }
-            Slot::Pmd(p) => {
+            // A PUD leaf is a 1 GiB hugetlb page: reported with its order, as the kernel's
+            // hmm_vma_walk_hugetlb_entry reports huge_page_order(), and never collected.
+            Slot::Pmd(p) | Slot::Pud(p) => {
                 let leaf = p.get();
                 let r = VaRange::new(at, p.range().end().min(todo.end())).expect("leaf from `at`");
                 let (cpu, head) = match usable(phys, owner, leaf) {
@@ -435,6 +437,7 @@ fn walk(
                 };
                 let need = w.need_range(r, cpu);
                 let migrating = w.collect.is_some()
+                    && p.level() == Huge::Pmd
                     && (w.index(r.start())..w.index(r.end())).any(|i| w.migrating(i));
                 if migrating {
                     // A THP or device THP is collected whole as one unit when the unit
@@ -476,7 +479,7 @@ fn walk(
                 match need {
                     Need::None => {
                         let first = (at.as_u64() - p.range().start().as_u64()) >> PAGE_SHIFT;
-                        let order = if cpu.is_empty() { 0 } else { PMD_ORDER };
+                        let order = if cpu.is_empty() { 0 } else { p.level().order() };
                         w.fill(r, |k, i| {
                             let nr = if cpu.is_empty() { 0 } else { head + first + k };
                             HmmPfn::output(nr, cpu, order, i)

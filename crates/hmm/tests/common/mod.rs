@@ -9,7 +9,7 @@ use hmm::mm::{MapFlags, Mm, Prot};
 use hmm::notifier::{
     IntervalSub, MmuNotifierHandle, NotifierEvent, NotifierRange, Owner, Recorder,
 };
-use hmm::phys::{FrameFlags, PhysConfig, PhysMem};
+use hmm::phys::{FrameFlags, HugetlbSize, PhysConfig, PhysMem};
 use hmm::range_fault::{HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::zone_device::{memremap_pages, DevPagemap, DevPagemapOps, MemoryType, PagemapConfig};
 
@@ -49,6 +49,33 @@ impl Machine {
 }
 
 pub const RW: Prot = Prot::READ.union(Prot::WRITE);
+
+/// The hugetlb sizes the ports of the kernel's selftests run their hugetlb kinds at, as
+/// the C runs them at every size the kernel offers: 2 MiB, and 1 GiB too when
+/// `HMM_HUGETLB_1G` is set. A 1 GiB case moves gigabytes of real bytes, so CI runs those
+/// in a release build, one at a time:
+/// `HMM_HUGETLB_1G=1 cargo test --release -p hmm --test cow --test gup_longterm -- --test-threads 1`.
+pub fn hugetlb_sizes() -> Vec<HugetlbSize> {
+    let mut sizes = vec![HugetlbSize::Size2M];
+    if std::env::var_os("HMM_HUGETLB_1G").is_some() {
+        sizes.push(HugetlbSize::Size1G);
+    }
+    sizes
+}
+
+/// A machine with `pages` free pages of `size` in its hugetlb pool: 32 MiB of RAM for
+/// 2 MiB pages; for 1 GiB pages, a GiB per page and one more (the first GiB holds the zero
+/// pages, so it is never a gigantic page). RAM is sparse: only the bytes written cost host
+/// memory.
+pub fn hugetlb_machine(size: HugetlbSize, pages: u64) -> Machine {
+    let mib = match size {
+        HugetlbSize::Size2M => 32,
+        HugetlbSize::Size1G => (pages + 1) << 10,
+    };
+    let m = Machine::new(mib);
+    assert_eq!(m.phys.set_nr_hugepages_of(size, pages), pages);
+    m
+}
 
 #[track_caller]
 pub fn page(base: VirtAddr, i: u64) -> VirtAddr {

@@ -29,7 +29,7 @@ pub(crate) fn must_fault(
     let entry = match c.current()? {
         Slot::Hole(_) => Pte::None,
         Slot::Pte(p) => p.get(),
-        Slot::Pmd(p) => p.get(),
+        Slot::Pmd(p) | Slot::Pud(p) => p.get(),
     };
     drop(c);
     let wflag = if write {

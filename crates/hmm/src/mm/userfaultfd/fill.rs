@@ -414,6 +414,7 @@ fn move_page(
     let mut sc = st.pt.cursor(VaRange::page_of(s), WalkMode::Lookup);
     let (entry, held) = match sc.current().expect("a one-page walk yields a slot") {
         Slot::Hole(_) => (Pte::None, None),
+        Slot::Pud(_) => unreachable!("UFFDIO_MOVE refuses hugetlb memory"),
         Slot::Pmd(p) => {
             // move_pages_huge_pmd is not modelled: split and go on page by page.
             let base = p.range().start();
