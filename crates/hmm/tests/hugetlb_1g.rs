@@ -338,3 +338,48 @@ fn a_1g_memfd_maps_its_pool_pages_shared_and_private() {
     drop(f);
     assert_eq!(m.phys.hugetlb_of(GIG), pool(2, 2, 0));
 }
+
+#[test]
+fn concurrent_first_faults_of_a_page_map_it_once() {
+    // Threads race to fault in the same page, private and shared, at both sizes, with a
+    // pool of exactly one page: the faults are serialized (`hugetlb_fault_mutex`), so none
+    // finds the reservation gone and the pool empty, and every write is kept.
+    for size in HugetlbSize::ALL {
+        for shared in [false, true] {
+            let m = Machine::new(3 << 10);
+            assert_eq!(m.phys.set_nr_hugepages_of(size, 1), 1);
+            let kind = if shared {
+                MapFlags::SHARED
+            } else {
+                MapFlags::PRIVATE
+            };
+            let huge = match size {
+                HugetlbSize::Size2M => MapFlags::HUGE_2MB,
+                HugetlbSize::Size1G => MapFlags::HUGE_1GB,
+            };
+            let a =
+                m.mm.mmap(None, size.bytes(), RW, kind | MapFlags::HUGETLB | huge)
+                    .unwrap();
+            let stride = size.nr_pages() / 256;
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let mm = &m.mm;
+                    s.spawn(move || {
+                        for k in 0..64 {
+                            let i = (t * 64 + k) * stride;
+                            mm.write_val(page(a, i), i + 1).unwrap();
+                        }
+                    });
+                }
+            });
+            for i in (0..256).map(|j| j * stride) {
+                assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i + 1);
+            }
+            assert_eq!(m.phys.hugetlb_of(size).free, 0);
+            assert_eq!(m.mm.stats().faults.hugetlb, 1, "{size:?} shared={shared}");
+            m.mm.audit().unwrap();
+            m.mm.munmap(a, size.bytes()).unwrap();
+            assert_eq!(m.phys.hugetlb_of(size), pool(1, 1, 0));
+        }
+    }
+}

@@ -135,6 +135,10 @@ pub(super) fn fault(
     let write = flags.contains(FaultFlags::WRITE);
     let size = hugetlb_size(vma);
     let base = addr.align_down(size.bytes());
+    let Backing::Shmem(obj) = vma.backing() else {
+        unreachable!("a hugetlb VMA has its hugetlbfs file")
+    };
+    let serialized = obj.hugetlb_fault_lock(vma.pgoff_of(base) / size.nr_pages());
     let entry = HugePte::lock(&st.pt, size, base);
     match entry.get() {
         None => {
@@ -151,7 +155,7 @@ pub(super) fn fault(
             }
         }
         Some(Pte::Migration { pfn, .. }) => {
-            drop(entry);
+            drop((entry, serialized));
             super::fault::wait_on_migration(mm.phys().frame_nr(pfn.nr()).folio());
             mm.counters.fault(FaultKind::MigrationWait);
             Ok(())

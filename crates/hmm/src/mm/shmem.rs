@@ -69,6 +69,22 @@ struct HugetlbResv {
     /// For a private mapping, the address space whose faults may use them (the
     /// `HPAGE_RESV_OWNER`); a fork child's faults may not.
     owner: Option<MmId>,
+    /// The fault mutexes, hashed by huge-page index (`hugetlb_fault_mutex_table`).
+    faults: [Mutex<()>; FAULT_MUTEXES],
+}
+
+/// Fault mutexes per hugetlbfs file.
+const FAULT_MUTEXES: usize = 16;
+
+impl HugetlbResv {
+    fn new(size: HugetlbSize, reserved: BTreeSet<u64>, owner: Option<MmId>) -> Self {
+        HugetlbResv {
+            size,
+            reserved: Mutex::new(reserved),
+            owner,
+            faults: std::array::from_fn(|_| Mutex::new(())),
+        }
+    }
 }
 
 impl ShmemObject {
@@ -107,11 +123,7 @@ impl ShmemObject {
         if !phys.hugetlb_reserve(hsize, n) {
             return None;
         }
-        let resv = HugetlbResv {
-            size: hsize,
-            reserved: Mutex::new((0..n).collect()),
-            owner,
-        };
+        let resv = HugetlbResv::new(hsize, (0..n).collect(), owner);
         Some(Self::build(phys, size, true, Some(resv)))
     }
 
@@ -119,11 +131,7 @@ impl ShmemObject {
     /// pages come from the pool when first used, with no reservation (a mapping of it
     /// reserves nothing).
     pub(crate) fn new_hugetlb_file(phys: Arc<PhysMem>, hsize: HugetlbSize) -> Arc<Self> {
-        let resv = HugetlbResv {
-            size: hsize,
-            reserved: Mutex::new(BTreeSet::new()),
-            owner: None,
-        };
+        let resv = HugetlbResv::new(hsize, BTreeSet::new(), None);
         Self::build(phys, 0, false, Some(resv))
     }
 
@@ -154,6 +162,16 @@ impl ShmemObject {
     /// The page size of a hugetlbfs file (`hstate_inode`).
     pub(crate) fn hugetlb_size(&self) -> Option<HugetlbSize> {
         self.hugetlb.as_ref().map(|r| r.size)
+    }
+
+    /// Serializes the faults of one huge page of this file (`hugetlb_fault_mutex_hash`):
+    /// two first faults must not both allocate, or the second would find the page's
+    /// reservation taken and the pool empty, and get SIGBUS where Linux waits. Taken with
+    /// the mmap lock held, before the folio and page-table locks.
+    #[doc(alias = "hugetlb_fault_mutex_table")]
+    pub(crate) fn hugetlb_fault_lock(&self, idx: u64) -> crate::sync::MutexGuard<'_, ()> {
+        let resv = self.hugetlb.as_ref().expect("a hugetlb file");
+        resv.faults[(idx % FAULT_MUTEXES as u64) as usize].lock()
     }
 
     /// Base pages per page of the cache: a huge page's for a hugetlbfs file, else 1.
