@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE, USER_VA_END};
+use hmm::addr::{
+    Pfn, VaRange, VirtAddr, PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_SIZE, PUD_ORDER, USER_VA_END,
+};
 use hmm::exclusive::{make_device_exclusive, ExclusiveError};
 use hmm::migrate::{
     hmm_range_fault_migrate, migrate_hmm_range_setup, migrate_vma_setup, MigrateVma,
@@ -968,6 +970,8 @@ impl Dmirror {
         };
         if p.map_order() == PMD_ORDER {
             b |= prot::PMD;
+        } else if p.map_order() == PUD_ORDER {
+            b |= prot::PUD;
         }
         b
     }

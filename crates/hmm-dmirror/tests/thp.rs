@@ -272,3 +272,31 @@ fn a_coherent_device_takes_a_thp_whole_and_gives_it_back() {
     assert_eq!(r.driver.device(2).nr_in_use(), 0);
     r.mm.audit().unwrap();
 }
+
+#[test]
+fn a_1g_hugetlb_page_is_reported_at_pud_level() {
+    // dmirror_mkentry's HMM_DMIRROR_PROT_PUD: a 1 GiB hugetlb page is mapped by a PUD.
+    let r = common::rig_with_ram(3 << 30);
+    let gig = hmm::phys::HugetlbSize::Size1G;
+    assert_eq!(r.phys.set_nr_hugepages_of(gig, 1), 1);
+    let flags =
+        hmm::mm::MapFlags::PRIVATE | hmm::mm::MapFlags::HUGETLB | hmm::mm::MapFlags::HUGE_1GB;
+    let a = r.mm.mmap(None, 1 << 30, RW, flags).unwrap();
+    fill(&r, a, 4, 9000);
+    let d = r.open(0);
+    let snap = r.snapshot(&d, a, 4);
+    assert!(
+        snap.iter().all(|&b| b == prot::WRITE | prot::PUD),
+        "{snap:?}"
+    );
+    r.mm.mprotect(a, 1 << 30, hmm::mm::Prot::READ).unwrap();
+    let snap = r.snapshot(&d, a, 4);
+    assert!(
+        snap.iter().all(|&b| b == prot::READ | prot::PUD),
+        "{snap:?}"
+    );
+    // A hugetlb VMA does not migrate.
+    assert!(r.run(&d, DmirrorCmd::MigrateToDev, a, 4).is_err());
+    check(&r, a, 0..4, 9000);
+    r.mm.audit().unwrap();
+}

@@ -50,7 +50,7 @@ bitflags! {
         /// `MADV_DONTFORK`: `fork` leaves the range out of the child (`VM_DONTCOPY`).
         #[doc(alias = "VM_DONTCOPY")]
         const DONTCOPY = 1 << 17;
-        /// Mapped with 2 MiB pages of the hugetlb pool (`VM_HUGETLB`).
+        /// Mapped with huge pages of a hugetlb pool, 2 MiB or 1 GiB (`VM_HUGETLB`).
         const HUGETLB = 1 << 26;
         /// Every page counts as soft-dirty (set on new VMAs, cleared by
         /// [`Mm::clear_soft_dirty`](crate::mm::Mm::clear_soft_dirty)); ignored when merging.

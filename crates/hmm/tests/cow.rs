@@ -26,11 +26,11 @@ use std::sync::Arc;
 
 use common::{hugetlb_machine, hugetlb_sizes, page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
-use hmm::phys::HugetlbSize;
 use hmm::mm::{
     Advice, GupFlags, MapFlags, MemFile, Mm, MremapFlags, MthpMode, Prot, ThpMode, UserPages,
     MTHP_MAX_ORDER, MTHP_MIN_ORDER,
 };
+use hmm::phys::HugetlbSize;
 
 /// What the C's `memcmp` of a snapshot compares, without a copy of the bytes: a digest of
 /// them, taken a piece at a time, so that a 1 GiB kind holds no GiB-sized buffer (every
@@ -49,7 +49,9 @@ impl Digest {
         assert_eq!(bytes.len() % 8, 0, "whole words");
         for w in bytes.chunks_exact(8) {
             let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-            self.0 = (self.0 ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+            self.0 = (self.0 ^ w)
+                .wrapping_mul(0x0000_0100_0000_01b3)
+                .rotate_left(29);
         }
     }
 }

@@ -90,7 +90,11 @@ fn a_1g_mapping_reserves_faults_one_pud_leaf_and_frees_it_back() {
     assert!(a.is_aligned(PUD_SIZE));
     assert_eq!(m.mm.vmas()[0].range().npages(), PUD_NR);
     assert_eq!(m.phys.hugetlb_of(GIG), pool(1, 1, 1));
-    assert_eq!(m.phys.hugetlb(), pool(0, 0, 0), "the 2 MiB pool is not touched");
+    assert_eq!(
+        m.phys.hugetlb(),
+        pool(0, 0, 0),
+        "the 2 MiB pool is not touched"
+    );
     // The pool has no second page: a second mapping fails cleanly.
     assert!(matches!(
         m.mm.mmap(
@@ -126,7 +130,11 @@ fn a_1g_mapping_reserves_faults_one_pud_leaf_and_frees_it_back() {
         assert_eq!(e.order, 18);
         assert_eq!(e.pfn, Some(first + k as u64));
     }
-    assert_eq!(first % PUD_NR, PUD_NR - 4, "a gigantic folio is 1 GiB aligned");
+    assert_eq!(
+        first % PUD_NR,
+        PUD_NR - 4,
+        "a gigantic folio is 1 GiB aligned"
+    );
     // Long reads and writes cross the leaf's 2 MiB pieces.
     let data: Vec<u8> = (0..3 * PMD_SIZE).map(|i| (i % 251) as u8).collect();
     let at = a.checked_add(PMD_SIZE / 2).unwrap();
@@ -139,11 +147,7 @@ fn a_1g_mapping_reserves_faults_one_pud_leaf_and_frees_it_back() {
     m.mm.munmap(a, PUD_SIZE).unwrap();
     assert_eq!(
         m.events(),
-        [(
-            NotifierEvent::Unmap,
-            a.as_u64(),
-            a.as_u64() + PUD_SIZE
-        )]
+        [(NotifierEvent::Unmap, a.as_u64(), a.as_u64() + PUD_SIZE)]
     );
     assert_eq!(m.phys.hugetlb_of(GIG), pool(1, 1, 0));
     assert_eq!(m.phys.nr_in_use(), 0);
@@ -167,15 +171,11 @@ fn map_huge_flags_are_checked() {
     ));
     let at = hmm::addr::VirtAddr::new(64 * PUD_SIZE);
     assert_eq!(m.mm.mmap(Some(at), PUD_SIZE, RW, fixed).unwrap(), at);
-    // Without MAP_HUGETLB a size flag is ignored, as in Linux.
+    // Without MAP_HUGETLB the size flags are ignored, as in Linux.
+    let sizes = MapFlags::HUGE_1GB | MapFlags::HUGE_2MB;
     let plain =
-        m.mm.mmap(
-            None,
-            PAGE_SIZE,
-            RW,
-            MapFlags::PRIVATE | MapFlags::HUGE_1GB,
-        )
-        .unwrap();
+        m.mm.mmap(None, PAGE_SIZE, RW, MapFlags::PRIVATE | sizes)
+            .unwrap();
     assert_eq!(
         m.mm.vmas()
             .iter()
@@ -254,7 +254,10 @@ fn fork_shares_a_1g_page_then_copies_it_whole_and_sigbus_when_the_pool_is_dry() 
     assert_eq!(c2.write_val(a, 1u8), Err(FaultError::Bus { addr: a }));
     drop(child);
     c2.write_val(a, 1u8).unwrap();
-    assert_eq!(m.mm.read_val::<u64>(page(a, PUD_NR - 1)).unwrap(), PUD_NR - 1);
+    assert_eq!(
+        m.mm.read_val::<u64>(page(a, PUD_NR - 1)).unwrap(),
+        PUD_NR - 1
+    );
     drop(c2);
     // The parent's write to its page, shared no more, reuses it.
     m.events();
@@ -315,8 +318,12 @@ fn a_1g_memfd_maps_its_pool_pages_shared_and_private() {
         m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::SHARED, &f, PMD_SIZE),
         Err(MmError::Inval { .. })
     ));
-    let s1 = m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::SHARED, &f, 0).unwrap();
-    let s2 = m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::SHARED, &f, 0).unwrap();
+    let s1 =
+        m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::SHARED, &f, 0)
+            .unwrap();
+    let s2 =
+        m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::SHARED, &f, 0)
+            .unwrap();
     assert!(s1.is_aligned(PUD_SIZE) && s2.is_aligned(PUD_SIZE));
     m.mm.write_val(page(s1, 5), 55u64).unwrap();
     assert_eq!(m.mm.read_val::<u64>(page(s2, 5)).unwrap(), 55);
@@ -324,7 +331,9 @@ fn a_1g_memfd_maps_its_pool_pages_shared_and_private() {
     f.pread(5 * PAGE_SIZE, &mut buf).unwrap();
     assert_eq!(u64::from_le_bytes(buf), 55);
     // A private mapping reads the file's page, and its first write copies it.
-    let p = m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::PRIVATE, &f, 0).unwrap();
+    let p =
+        m.mm.mmap_file(None, PUD_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
     assert_eq!(m.mm.read_val::<u64>(page(p, 5)).unwrap(), 55);
     m.mm.write_val(page(p, 5), 66u64).unwrap();
     assert_eq!(m.phys.hugetlb_of(GIG).free, 0, "the copy took a pool page");

@@ -860,3 +860,27 @@ fn remove_events_follow_the_checks_and_the_vmas() {
         assert_eq!(got, [(a, page(a, 4)), (page(a, 5), page(a, 8))]);
     });
 }
+
+#[test]
+fn unregister_over_the_start_of_a_hugetlb_vma_leaves_its_page_whole() {
+    // An anonymous VMA registered, a 2 MiB hugetlb VMA right after it: unregistering a
+    // range that ends inside the hugetlb page must not split its PMD leaf.
+    let m = Machine::new(32);
+    assert_eq!(m.phys.set_nr_hugepages(1), 1);
+    let h =
+        m.mm.mmap(None, PMD_SIZE, RW, MapFlags::PRIVATE | MapFlags::HUGETLB)
+            .unwrap();
+    let a = h.checked_sub(4 * PAGE_SIZE).unwrap();
+    let fixed = MapFlags::PRIVATE | MapFlags::FIXED;
+    assert_eq!(m.mm.mmap(Some(a), 4 * PAGE_SIZE, RW, fixed).unwrap(), a);
+    m.mm.write_val(page(h, 3), 3u64).unwrap();
+    let uffd = Userfaultfd::new(&m.mm, UffdFeatures::empty()).unwrap();
+    uffd.register(a, 4 * PAGE_SIZE, RegisterMode::MISSING)
+        .unwrap();
+    uffd.unregister(a, 4 * PAGE_SIZE + 8 * PAGE_SIZE).unwrap();
+    let e = m.mm.pagemap(page(h, 3), 1).unwrap()[0];
+    assert_eq!((e.present, e.order), (true, 9));
+    assert_eq!(m.mm.stats().thp_split_pmd, 0);
+    assert_eq!(m.mm.read_val::<u64>(page(h, 3)).unwrap(), 3);
+    m.mm.audit().unwrap();
+}

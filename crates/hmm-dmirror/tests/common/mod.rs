@@ -20,7 +20,12 @@ pub struct Rig {
 }
 
 pub fn rig() -> Rig {
-    let phys = PhysMem::new(PhysConfig::with_size(32 << 20)).unwrap();
+    rig_with_ram(32 << 20)
+}
+
+/// A rig with `bytes` of RAM (sparse: only what is written costs host memory).
+pub fn rig_with_ram(bytes: u64) -> Rig {
+    let phys = PhysMem::new(PhysConfig::with_size(bytes)).unwrap();
     let driver = DmirrorDriver::new(
         &phys,
         DmirrorConfig {

@@ -41,7 +41,7 @@ use crate::addr::{VaRange, VirtAddr, PAGE_SHIFT, PMD_NR, PMD_ORDER, PMD_SIZE};
 use crate::mm::tlb::TlbGather;
 use crate::mm::{split_pmd, Mm, MmState};
 use crate::pgtable::{
-    Huge, MigrationKind, MigrationPfn, PmdEntry, LeafSlot, Pte, PteFlags, WalkMode,
+    Huge, LeafSlot, MigrationKind, MigrationPfn, PmdEntry, Pte, PteFlags, WalkMode,
 };
 use crate::phys::{FrameFlags, FrameRef, PhysMem};
 

@@ -89,7 +89,10 @@ impl Mm {
                 && !VaRange::from_len(va, level.size())
                     .is_ok_and(|r| vma.range().contains_range(&r))
             {
-                problems.push(format!("{va}: {level:?} leaf not inside VMA {:?}", vma.range()));
+                problems.push(format!(
+                    "{va}: {level:?} leaf not inside VMA {:?}",
+                    vma.range()
+                ));
             }
             if level == Huge::Pud && hugetlb::page_size(vma) != level.size() {
                 problems.push(format!("{va}: PUD leaf outside a 1 GiB hugetlb VMA"));

@@ -39,8 +39,8 @@ impl MemFile {
         }
     }
 
-    /// A new, empty hugetlbfs file (`memfd_create` with `MFD_HUGETLB`): its pages are
-    /// 2 MiB pages of the hugetlb pool
+    /// A new, empty hugetlbfs file (`memfd_create` with `MFD_HUGETLB`, the default 2 MiB
+    /// size): its pages are 2 MiB pages of the hugetlb pool
     /// ([`PhysMem::set_nr_hugepages`](crate::phys::PhysMem::set_nr_hugepages)), taken by
     /// [`fallocate`](Self::fallocate) or by a fault of a mapping. Its size moves in whole
     /// 2 MiB pages, it cannot be written with [`pwrite`](Self::pwrite) (hugetlbfs has no
@@ -191,7 +191,7 @@ impl MemFile {
 
     /// Puts every page of `[offset, offset + len)` in the page cache, zero-filled where
     /// missing, and extends the size to cover it (`fallocate` with mode 0); a hugetlbfs
-    /// file takes the whole 2 MiB pages the range touches.
+    /// file takes the whole huge pages the range touches.
     ///
     /// Errors: `Inval` for a zero length or a range past the largest file size; `NoMem`
     /// when RAM (or, for a hugetlbfs file, the pool: the kernel's `ENOSPC`) has no page

@@ -301,7 +301,11 @@ impl Mm {
                     // PMD leaf, a 2 MiB piece of a 1 GiB PUD leaf.
                     let piece = va.align_down(PMD_SIZE).checked_add(PMD_SIZE);
                     let end = p.range().end().min(range.end());
-                    (p.get(), p.range().start(), piece.map_or(end, |e| e.min(end)))
+                    (
+                        p.get(),
+                        p.range().start(),
+                        piece.map_or(end, |e| e.min(end)),
+                    )
                 }
             };
             let ok = if write {

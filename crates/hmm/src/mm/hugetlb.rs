@@ -13,9 +13,11 @@
 //! * A fault of either kind allocates a zeroed pool page (there is no huge zero page for
 //!   hugetlb): a shared mapping's page goes into the file, a private mapping's page is
 //!   anonymous. A private read fault maps it read-only; the write that follows reuses it.
-//! * A write to a shared private page (after `fork`) copies all 2 MiB into a page taken
-//!   without a reservation (`hugetlb_wp`), under a CLEAR of the 2 MiB; if the pool has none
-//!   the access gets SIGBUS, as in Linux.
+//! * A write to a shared private page (after `fork`) copies the whole page into a page
+//!   taken without a reservation (`hugetlb_wp`), under a CLEAR of the page; if the pool
+//!   has none the access gets SIGBUS, as in Linux for a fork child (Linux takes the page
+//!   back from the children for the mapping's owner, `unmap_ref_private`; the model does
+//!   not, and the owner gets SIGBUS too).
 //! * Operations must not cut a hugetlb page: `munmap`, `mprotect` and `madvise` ranges that
 //!   end inside one fail with EINVAL (at the VMA's page size: 1 GiB for 1 GiB pages);
 //!   `mremap` of hugetlb memory is EINVAL.
@@ -146,10 +148,9 @@ pub(super) fn fault(
             no_page(mm, st, vma, base, write, addr)
         }
         Some(leaf @ Pte::Present { pfn, flags: pf }) => {
-            drop(entry);
             let unshare = flags.contains(FaultFlags::UNSHARE) && must_unshare(mm, vma, pfn, true);
             if (write && !pf.contains(PteFlags::WRITE)) || unshare {
-                wp(mm, st, vma, base, leaf, write, addr)
+                wp(mm, st, vma, base, entry, leaf, write, addr)
             } else {
                 Ok(())
             }
@@ -219,20 +220,24 @@ fn no_page(
         flags: pf,
     };
     entry.set(leaf);
-    drop(entry);
     mm.counters.fault(FaultKind::Hugetlb);
     if write && file_private {
-        return wp(mm, st, vma, base, leaf, true, addr);
+        return wp(mm, st, vma, base, entry, leaf, true, addr);
     }
     Ok(())
 }
 
-/// `hugetlb_wp`: a write to a read-only hugetlb leaf, or an unshare request.
+/// `hugetlb_wp`: a write to a read-only hugetlb leaf, or an unshare request, with the
+/// entry still locked and holding `orig`. Whether the page is reused is decided under the
+/// lock, and the reference that keeps the old page while the copy is made is taken under
+/// it too (`folio_get` before the unlock): a zap in between cannot free the page under it.
+#[allow(clippy::too_many_arguments)] // the kernel's hugetlb_wp state, spelled out
 fn wp(
     mm: &Mm,
     st: &MmState,
     vma: &Vma,
     base: VirtAddr,
+    entry: HugePte<'_>,
     orig: Pte,
     write: bool,
     addr: VirtAddr,
@@ -248,30 +253,31 @@ fn wp(
         || (anon
             && (fm.flags().contains(FrameFlags::ANON_EXCLUSIVE)
                 || (fm.refcount() == 1 && fm.pincount() == 0)));
+    debug_assert_eq!(entry.get(), Some(orig), "called with the entry locked");
     if reuse {
-        let entry = HugePte::lock(&st.pt, size, base);
-        if entry.get() == Some(orig) {
-            if anon {
-                fm.set_flags(FrameFlags::ANON_EXCLUSIVE);
-            }
-            if write {
-                entry.set(Pte::Present {
-                    pfn,
-                    flags: flags | PteFlags::WRITE | dirty_flags(),
-                });
-            }
-            mm.counters.fault(FaultKind::WpReuse);
+        if anon {
+            fm.set_flags(FrameFlags::ANON_EXCLUSIVE);
         }
+        if write {
+            entry.set(Pte::Present {
+                pfn,
+                flags: flags | PteFlags::WRITE | dirty_flags(),
+            });
+        }
+        mm.counters.fault(FaultKind::WpReuse);
         return Ok(());
     }
     let Backing::Shmem(obj) = vma.backing() else {
         unreachable!("a hugetlb VMA has its hugetlbfs file")
     };
     let old = phys.frame(pfn).get();
+    drop(entry);
     let anon_flags = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
-    let new = obj
-        .hugetlb_alloc(vma.pgoff_of(base) / size.nr_pages(), mm.id, anon_flags)
-        .ok_or(FaultError::Bus { addr })?;
+    let Some(new) = obj.hugetlb_alloc(vma.pgoff_of(base) / size.nr_pages(), mm.id, anon_flags)
+    else {
+        mm.release_frame(old);
+        return Err(FaultError::Bus { addr });
+    };
     mm.counters.frame_allocated();
     copy_huge_page(mm, pfn, &new, size);
     mm.new_anon_rmap(&new, vma, base);
@@ -312,11 +318,16 @@ fn wp(
     Ok(())
 }
 
-/// Copies the hugetlb page at `src` into `dst`, a page at a time (`copy_user_large_folio`).
+/// Copies the hugetlb page at `src` into `dst`, a fresh zeroed pool page, a page at a time
+/// (`copy_user_large_folio`). Pages of zeros are left as they are, so a copy commits host
+/// memory only for the bytes written.
 pub(super) fn copy_huge_page(mm: &Mm, src: Pfn, dst: &Frame<'_>, size: HugetlbSize) {
     let phys = mm.phys();
     for i in 0..size.nr_pages() {
-        phys.frame(Pfn::new(dst.pfn().as_u64() + i))
-            .copy_from(&phys.frame(Pfn::new(src.as_u64() + i)));
+        let from = phys.frame(Pfn::new(src.as_u64() + i));
+        if !from.is_zero() {
+            phys.frame(Pfn::new(dst.pfn().as_u64() + i))
+                .copy_from(&from);
+        }
     }
 }

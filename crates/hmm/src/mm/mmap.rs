@@ -162,8 +162,9 @@ impl Mm {
                 what: "MAP_HUGETLB with a file or driver",
             });
         }
-        // The page size of MAP_HUGETLB (`hstate_sizelog`): one size flag at most.
-        let map_size = if flags.contains(MapFlags::HUGE_2MB | MapFlags::HUGE_1GB) {
+        // The page size of MAP_HUGETLB (`hstate_sizelog`): one size flag at most; without
+        // MAP_HUGETLB the size flags mean nothing.
+        let map_size = if hugetlb && flags.contains(MapFlags::HUGE_2MB | MapFlags::HUGE_1GB) {
             return Err(MmError::Inval {
                 what: "two MAP_HUGE_* sizes",
             });
@@ -233,7 +234,11 @@ impl Mm {
                 None => {
                     // Hugetlb memory at its page size (`hugetlb_get_unmapped_area`),
                     // THP-able lengths at 2 MiB.
-                    let align = if len >= PMD_SIZE { page.max(PMD_SIZE) } else { page };
+                    let align = if len >= PMD_SIZE {
+                        page.max(PMD_SIZE)
+                    } else {
+                        page
+                    };
                     st.vmas
                         .find_gap_topdown(
                             len,

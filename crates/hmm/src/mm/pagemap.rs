@@ -52,8 +52,8 @@ pub struct PagemapEntry {
     pub exclusive: bool,
     /// A page of a file or shared memory rather than anonymous memory (`PM_FILE`).
     pub file: bool,
-    /// The order of the mapping: 0 for a PTE, 9 for a PMD leaf (not in the kernel's
-    /// pagemap; `/proc/kpageflags` has `THP`).
+    /// The order of the mapping: 0 for a PTE, 9 for a PMD leaf, 18 for a PUD leaf (not in
+    /// the kernel's pagemap; `/proc/kpageflags` has `THP` and `HUGE`).
     pub order: u8,
 }
 

@@ -179,7 +179,7 @@ impl ShmemObject {
         self.hugetlb_size().map_or(1, HugetlbSize::nr_pages)
     }
 
-    /// A zeroed 2 MiB pool page for the huge index `idx` with `flags`, against its
+    /// A zeroed pool page of the file's size for the huge index `idx` with `flags`, against its
     /// reservation if `mm` may use it, else from unreserved pages; `None` if there is none.
     pub(crate) fn hugetlb_alloc(&self, idx: u64, mm: MmId, flags: FrameFlags) -> Option<Frame<'_>> {
         let resv = self.hugetlb.as_ref().expect("a hugetlb file");

@@ -398,7 +398,10 @@ pub(crate) fn split_pmd(
 pub(super) fn split_at_vma_bounds(mm: &Mm, st: &MmState, range: VaRange) {
     let mut tlb = TlbGather::new(mm);
     for at in [range.start(), range.end()] {
-        if at.is_aligned(PMD_SIZE) {
+        // A hugetlb leaf is never split: a bound inside hugetlb memory is refused where
+        // the operation cuts a VMA there (`check_range`), and left alone where it does not
+        // (`UFFDIO_UNREGISTER` over a range that ends in a hugetlb VMA).
+        if at.is_aligned(PMD_SIZE) || st.vmas.find(at).is_some_and(super::hugetlb::is_hugetlb) {
             continue;
         }
         let leaf = st

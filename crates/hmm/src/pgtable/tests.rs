@@ -208,7 +208,9 @@ fn pud_leaves_are_yielded_once_between_tables() {
         };
         p.set(present(7));
     }
-    let pud = pt.lock_pud(VirtAddr::new(PUD_SIZE), WalkMode::Lookup).unwrap();
+    let pud = pt
+        .lock_pud(VirtAddr::new(PUD_SIZE), WalkMode::Lookup)
+        .unwrap();
     assert_eq!(pud.get(), PudEntry::None);
     assert!(pud.set_leaf(gigantic(1 << 18)));
     assert_eq!(pud.get(), PudEntry::Leaf(gigantic(1 << 18)));
@@ -247,7 +249,10 @@ fn pud_leaves_are_yielded_once_between_tables() {
     assert_eq!(pt.stats().walks, walks + 1);
     let oracle = pt.reference_entries();
     assert_eq!(oracle.len(), 3);
-    assert_eq!(oracle[1], (VirtAddr::new(PUD_SIZE), Huge::Pud, gigantic(1 << 18)));
+    assert_eq!(
+        oracle[1],
+        (VirtAddr::new(PUD_SIZE), Huge::Pud, gigantic(1 << 18))
+    );
     // The populating walk allocated nothing under the leaf.
     assert_eq!(pt.stats().nr_pmd_tables, 2);
 }

@@ -224,7 +224,7 @@ impl FrameMeta {
         FrameFlags::from_bits_retain(self.flags.load(Ordering::Acquire))
     }
 
-    /// Folio order (0 to 9); meaningful on the head page.
+    /// Folio order (0 to 9, or 18 for a 1 GiB hugetlb page); meaningful on the head page.
     pub fn order(&self) -> u32 {
         u32::from(self.order.load(Ordering::Relaxed))
     }

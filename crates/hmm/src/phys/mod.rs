@@ -472,7 +472,8 @@ impl PhysMem {
     /// `AllocError`.
     #[doc(alias = "folio_alloc")]
     pub fn alloc(&self, order: u32, flags: FrameFlags) -> Result<Frame<'_>, AllocError> {
-        if self.fail_page_alloc.should_fail() {
+        // Gigantic (order-18) folios are the hugetlb pool's only.
+        if order > PMD_ORDER || self.fail_page_alloc.should_fail() {
             return Err(AllocError { order });
         }
         let first = self.region.alloc(order, flags)?;
