@@ -130,6 +130,78 @@ fn split_pmd_thp_to_orders_2_to_8() {
     }
 }
 
+/// `split_pmd_zero_pages`: four THPs of zeros split to pages through the interface; the
+/// pages of zeros are mapped by the shared zero page afterwards (Linux 6.12's
+/// `RMP_USE_SHARED_ZEROPAGE`), so the anonymous RSS drops: here, every frame goes back.
+#[test]
+fn split_pmd_zero_pages() {
+    let m = machine();
+    let nr_hpages = 4;
+    let len = nr_hpages * PMD_SIZE;
+    // allocate_zero_filled_hugepage: aligned, MADV_HUGEPAGE, memset(0).
+    let raw =
+        m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let p = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.madvise(p, len, Advice::HugePage).unwrap();
+    m.mm.write(p, &vec![0u8; len as usize]).unwrap();
+    assert!(check_huge_anon(&m.mm, p, len, nr_hpages));
+    let rss_anon_before = m.phys.nr_in_use();
+    assert_eq!(rss_anon_before, nr_hpages * PMD_NR);
+    assert_eq!(m.mm.split_huge_pages(p, p + len, 0), Ok(nr_hpages));
+    let mut b = vec![1u8; len as usize];
+    m.mm.read(p, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "byte corrupted");
+    assert!(
+        check_huge_anon(&m.mm, p, PMD_SIZE, 0),
+        "still AnonHugePages not split"
+    );
+    let rss_anon_after = m.phys.nr_in_use();
+    assert!(
+        rss_anon_after < rss_anon_before,
+        "Incorrect RSS anon value. Before: {rss_anon_before} After: {rss_anon_after}"
+    );
+    assert_eq!(rss_anon_after, 0);
+    assert!(m
+        .mm
+        .pagemap(p, len / PAGE_SIZE)
+        .unwrap()
+        .iter()
+        .all(|e| e.pfn.is_some_and(|f| m.phys.is_zero_pfn(Pfn::new(f)))));
+    // A write after the split takes a fresh page, as on any zero-page mapping.
+    m.mm.write_val(p + PAGE_SIZE, 7u8).unwrap();
+    assert_eq!(m.phys.nr_in_use(), 1);
+    m.mm.audit().unwrap();
+}
+
+/// A split to pages keeps the pages that hold data, maps those of zeros by the zero page
+/// with their soft-dirty bit, and does neither for a split to a larger order.
+#[test]
+fn a_split_maps_only_pages_of_zeros_to_the_zero_page() {
+    let m = machine();
+    let raw =
+        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
+            .unwrap();
+    let p = raw.align_up(PMD_SIZE).unwrap();
+    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    m.mm.write_val(page(p, 5), 5u8).unwrap();
+    assert!(check_huge_anon(&m.mm, p, PMD_SIZE, 1));
+    // A split to order 2 keeps every page in a folio.
+    assert_eq!(m.mm.split_huge_pages(p, p + PMD_SIZE, 2), Ok(1));
+    assert_eq!(m.phys.nr_in_use(), PMD_NR);
+    // To pages: only the page with data stays.
+    assert_eq!(m.mm.split_huge_pages(p, p + PMD_SIZE, 0), Ok(PMD_NR / 4));
+    assert_eq!(m.phys.nr_in_use(), 1);
+    let map = m.mm.pagemap(p, PMD_NR).unwrap();
+    for (i, e) in map.iter().enumerate() {
+        let zero = e.pfn.is_some_and(|f| m.phys.is_zero_pfn(Pfn::new(f)));
+        assert_eq!(zero, i != 5, "page {i}");
+        assert!(e.soft_dirty, "page {i} keeps its soft-dirty bit");
+    }
+    assert_eq!(m.mm.read_val::<u8>(page(p, 5)).unwrap(), 5);
+    m.mm.audit().unwrap();
+}
+
 /// The interface refuses a new order of 9 or more and an unaligned range, and leaves an
 /// anonymous THP whole when asked for order 1 (the kernel's split refuses it).
 #[test]

@@ -705,8 +705,12 @@ pub(crate) fn split_folio_held(
             head.split_frozen(1, new_order);
         }
     }
+    // A split to pages maps the pages of zeros to the shared zero page instead
+    // (`RMP_USE_SHARED_ZEROPAGE`, Linux 6.12): they are freed below. Not for device
+    // memory, whose bytes the CPU does not read.
+    let zero_unused = frozen && new_order == 0 && matches!(head.zone(), Zone::System);
     rmap::rmap_walk_range(&range, held, |_, s, vma, r| {
-        remap_after_split(phys, s, vma, r, head, nr)
+        remap_after_split(phys, s, vma, r, head, nr, zero_unused)
     });
     if !frozen {
         fm.unlock();
@@ -838,7 +842,9 @@ fn unmap_for_split(mm: &Mm, st: &MmState, vma: &Vma, range: VaRange, head: Frame
 
 /// `remove_migration_pte`: the migration entries of `range` for the folio at `head`
 /// become mappings again, of the split pages if the split went through, else of the
-/// folio.
+/// folio. With `zero_unused`, a page that holds only zeros is mapped by the shared zero
+/// page instead (`try_to_map_unused_to_zeropage`), keeping the entry's soft-dirty and
+/// uffd-wp bits; it takes no reference, so the split frees the page.
 fn remap_after_split(
     phys: &crate::phys::PhysMem,
     st: &MmState,
@@ -846,15 +852,31 @@ fn remap_after_split(
     range: VaRange,
     head: FrameRef<'_>,
     nr: u64,
+    zero_unused: bool,
 ) {
     let mut c = st.pt.cursor(range, WalkMode::Lookup);
     while let Some(slot) = c.next() {
         let Slot::Pte(p) = slot else { continue };
         let entry = p.get();
-        if matches!(entry, Pte::Migration { .. }) && maps_folio(entry, head, nr) {
-            let page = phys.frame_nr(entry.frame_nr().expect("a migration entry names a frame"));
-            p.set(crate::migrate::remap_entry(vma, entry, page, Huge::Pte));
+        let Pte::Migration { flags, .. } = entry else {
+            continue;
+        };
+        if !maps_folio(entry, head, nr) {
+            continue;
         }
+        let page = phys.frame_nr(entry.frame_nr().expect("a migration entry names a frame"));
+        if zero_unused && page.is_zero() {
+            let mut f = PteFlags::YOUNG | (flags & PteFlags::STICKY);
+            if !vma.is_accessible() {
+                f |= PteFlags::PROTNONE;
+            }
+            p.set(Pte::Present {
+                pfn: phys.zero_pfn(),
+                flags: f,
+            });
+            continue;
+        }
+        p.set(crate::migrate::remap_entry(vma, entry, page, Huge::Pte));
     }
 }
 
