@@ -17,7 +17,10 @@
 //!    revoked before the CPU touches the page, and neither side's write is lost;
 //! 5. a driver evicting its memory (`migrate_device_range`, no mmap lock) against `fork`:
 //!    no migration entry is left behind in the child, whose copy the reverse-map walks
-//!    must find (a missed one waits for ever on a freed page).
+//!    must find (a missed one waits for ever on a freed page);
+//! 6. a 1 GiB PUD leaf going in against walks populating PTEs under it: the leaf replaces
+//!    only a table that maps nothing, and no walk writes into a table the leaf replaced
+//!    (a PTE no walk can reach any more).
 //!
 //! Every schedule ends with `Mm::audit` and a frame count. The budget per check is
 //! `HMM_SHUTTLE_ITERS` schedules per scheduler (default 1000):
@@ -29,7 +32,7 @@
 
 use std::sync::Arc;
 
-use hmm::addr::{VirtAddr, PAGE_SIZE};
+use hmm::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE, PMD_SIZE, PUD_SIZE};
 use hmm::exclusive::make_device_exclusive;
 use hmm::migrate::{
     migrate_device_range, migrate_vma_setup, MigratePfnFlags, MigrateVma, MigrateVmaFlags,
@@ -40,6 +43,7 @@ use hmm::notifier::{
     IntervalNotifier, IntervalNotifierOps, IntervalSub, InvalidateSeq, NotifierEvent,
     NotifierRange, Owner,
 };
+use hmm::pgtable::{PageTable, Pte, PteFlags, Slot, WalkMode};
 use hmm::phys::{FrameFlags, FrameRef, PhysConfig, PhysMem};
 use hmm::range_fault::{fault_and_commit, HmmPfn, HmmPfnFlags, HmmRange};
 use hmm::sync::Mutex;
@@ -590,5 +594,73 @@ fn device_eviction_against_fork_leaves_no_migration_entry() {
         child.audit().unwrap();
         drop(child);
         Arc::into_inner(w).unwrap().teardown(a, 1);
+    });
+}
+
+/// Check 6: `PudGuard::set_leaf` against two populating walks in the same GiB, one into
+/// the PTE table a walk left there before, one into a PMD slot with no table yet.
+#[test]
+fn a_pud_leaf_never_hides_a_pte_written_under_it() {
+    explore(|| {
+        let pt = Arc::new(PageTable::new());
+        let base = VirtAddr::new(PUD_SIZE);
+        let old = base + PAGE_SIZE;
+        let new = base + 3 * PMD_SIZE;
+        let present = |n| Pte::Present {
+            pfn: Pfn::new(n),
+            flags: PteFlags::WRITE,
+        };
+        // A populating walk that left an empty PTE table behind.
+        {
+            let mut c = pt.cursor(VaRange::page_of(old), WalkMode::Populate);
+            assert!(matches!(c.next(), Some(Slot::Pte(_))));
+        }
+        let leaf = present(1 << 18);
+        let placer = {
+            let pt = pt.clone();
+            thread::spawn(move || {
+                let pud = pt.lock_pud(base, WalkMode::Populate).unwrap();
+                pud.set_leaf(leaf)
+            })
+        };
+        let writers: Vec<_> = [old, new]
+            .into_iter()
+            .map(|va| {
+                let pt = pt.clone();
+                thread::spawn(move || {
+                    let mut c = pt.cursor(VaRange::page_of(va), WalkMode::Populate);
+                    match c.next() {
+                        Some(Slot::Pte(p)) => {
+                            p.set(present(7));
+                            true
+                        }
+                        Some(Slot::Pud(p)) => {
+                            assert_eq!(p.get(), leaf);
+                            false
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let placed = placer.join().unwrap();
+        let wrote: Vec<bool> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        assert!(
+            !(placed && wrote.iter().any(|&w| w)),
+            "a PTE was written under the PUD leaf: placed {placed}, wrote {wrote:?}"
+        );
+        // What a walk finds now agrees with what each side did.
+        for (va, wrote) in [old, new].into_iter().zip(wrote) {
+            let mut c = pt.cursor(VaRange::page_of(va), WalkMode::Lookup);
+            match c.next() {
+                Some(Slot::Pud(p)) => assert!(placed && p.get() == leaf),
+                Some(Slot::Pte(p)) => {
+                    assert!(!placed);
+                    assert_eq!(p.get(), if wrote { present(7) } else { Pte::None });
+                }
+                Some(Slot::Hole(_)) => assert!(!placed && !wrote),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     });
 }

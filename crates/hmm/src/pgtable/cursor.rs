@@ -333,10 +333,12 @@ impl<'a> Cursor<'a> {
             let pmdt: &'a PmdTable = pud.tables[u]
                 .get()
                 .expect("a PUD_TABLE word has its table installed");
-            // A PUD leaf replaces this table only under the PMD lock and only while every
-            // word of it is none, so a walker that re-checks the PUD word after taking the
-            // PMD lock, or a PTE lock whose PMD word it re-checks too, never works in a
-            // table that a leaf replaced.
+            // A PUD leaf replaces this table only under the PMD lock, after it has set
+            // every word of it to none (each PTE-table word under that table's lock). So
+            // a walker that re-checks its PMD word after taking a PTE lock already backs
+            // off from a replaced table; re-checking the PUD word too, after the PMD or PTE
+            // lock, makes that local to the cursor. (Shuttle check 6 finds a PTE written
+            // under a leaf only when both are removed.)
             let still = || pud_word.load(Ordering::Acquire) == PUD_TABLE;
             let i = va.table_index(2);
             let word = pmdt.entries[i].load(Ordering::Acquire);
