@@ -220,6 +220,37 @@ fn operations_may_not_cut_a_hugetlb_page() {
 }
 
 #[test]
+fn dontneed_rounds_its_end_down_to_whole_hugetlb_pages() {
+    // madvise_dontneed_free_valid_vma (Linux 6.1): the start must be aligned, the end is
+    // rounded down, so a length rounded up to base pages loses no data.
+    let m = Machine::new(16);
+    m.phys.set_nr_hugepages(2);
+    let a = huge(&m, 2, false);
+    m.mm.write_val(a, 1u8).unwrap();
+    m.mm.write_val(page(a, NR), 2u8).unwrap();
+    m.mm.madvise(a, PMD_SIZE + PAGE_SIZE, Advice::DontNeed)
+        .unwrap();
+    assert_eq!(m.mm.read_val::<u8>(a).unwrap(), 0, "the first page is gone");
+    assert_eq!(
+        m.mm.read_val::<u8>(page(a, NR)).unwrap(),
+        2,
+        "the second is kept"
+    );
+    // Less than a page: nothing at all, and no error.
+    m.events();
+    m.mm.madvise(page(a, NR), PAGE_SIZE, Advice::DontNeed)
+        .unwrap();
+    assert!(m.events().is_empty());
+    assert_eq!(m.mm.read_val::<u8>(page(a, NR)).unwrap(), 2);
+    // A start inside a page is still EINVAL.
+    assert!(matches!(
+        m.mm.madvise(page(a, 1), PMD_SIZE, Advice::DontNeed),
+        Err(MmError::Inval { .. })
+    ));
+    m.mm.audit().unwrap();
+}
+
+#[test]
 fn a_shrinking_mremap_may_not_cut_a_hugetlb_page_in_its_tail() {
     let m = Machine::new(16);
     m.phys.set_nr_hugepages(1);

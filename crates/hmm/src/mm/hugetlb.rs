@@ -19,8 +19,9 @@
 //!   back from the children for the mapping's owner, `unmap_ref_private`; the model does
 //!   not, and the owner gets SIGBUS too).
 //! * Operations must not cut a hugetlb page: `munmap`, `mprotect` and `madvise` ranges that
-//!   end inside one fail with EINVAL (at the VMA's page size: 1 GiB for 1 GiB pages);
-//!   `mremap` of hugetlb memory is EINVAL.
+//!   start or end inside one fail with EINVAL (at the VMA's page size: 1 GiB for 1 GiB
+//!   pages), but `MADV_DONTNEED` rounds its end down to whole pages
+//!   (`madvise_dontneed_free_valid_vma`); `mremap` of hugetlb memory is EINVAL.
 //! * A hugetlbfs file ([`MemFile::new_hugetlb`](super::MemFile::new_hugetlb), `MFD_HUGETLB`)
 //!   maps the same way: a shared mapping's fault takes the file's page (from the pool if
 //!   the file has none there yet), a private mapping's read maps the file's page read-only
@@ -75,6 +76,31 @@ pub(super) fn check_range(vmas: &VmaTree, range: VaRange) -> Result<(), MmError>
         }
     }
     Ok(())
+}
+
+/// `madvise_dontneed_free_valid_vma` for the hugetlb VMAs `range` overlaps: EINVAL if the
+/// part of `range` in one starts inside a hugetlb page. (Its end may: see
+/// [`dontneed_part`].)
+pub(super) fn check_dontneed(vmas: &VmaTree, range: VaRange) -> Result<(), MmError> {
+    for v in vmas.overlapping(range).filter(|v| is_hugetlb(v)) {
+        if !v.start().max(range.start()).is_aligned(page_size(v)) {
+            return Err(MmError::Inval {
+                what: "MADV_DONTNEED starts inside a hugetlb page",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The part of `seg` (inside `vma`) that `MADV_DONTNEED` zaps: all of it, or for hugetlb
+/// memory the whole pages in it, its end rounded down ("Madvise callers expect the length
+/// to be rounded up to PAGE_SIZE boundaries, and may be unaware that this VMA uses huge
+/// pages"); `None` if that is nothing.
+pub(super) fn dontneed_part(vma: &Vma, seg: VaRange) -> Option<VaRange> {
+    if !is_hugetlb(vma) {
+        return Some(seg);
+    }
+    VaRange::new(seg.start(), seg.end().align_down(page_size(vma))).ok()
 }
 
 /// The locked entry that maps one hugetlb page (`huge_pte_offset` and `huge_pte_lock`):

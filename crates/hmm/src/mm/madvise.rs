@@ -101,7 +101,7 @@ impl Mm {
                     if st.vmas.first_hole(range).is_some() {
                         return Err(unmapped);
                     }
-                    hugetlb::check_range(&st.vmas, range)?;
+                    hugetlb::check_dontneed(&st.vmas, range)?;
                     if advice == Advice::Free
                         && st.vmas.overlapping(range).any(|v| !v.is_anonymous())
                     {
@@ -132,6 +132,10 @@ impl Mm {
                 let mut tlb = TlbGather::new(self);
                 for v in st.vmas.overlapping(range) {
                     let seg = v.range().intersect(&range).expect("overlapping VMA");
+                    // Whole hugetlb pages only: the end rounds down.
+                    let Some(seg) = hugetlb::dontneed_part(v, seg) else {
+                        continue;
+                    };
                     let inv = self.notifiers.invalidate_range_start(NotifierRange::new(
                         self.id,
                         seg,
