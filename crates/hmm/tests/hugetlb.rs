@@ -358,3 +358,35 @@ fn hugetlb_memfds_map_their_pool_pages_shared_and_private() {
     );
     m.mm.audit().unwrap();
 }
+
+#[test]
+fn a_private_fault_on_a_hole_of_a_hugetlb_memfd_takes_an_anonymous_page() {
+    // hugetlb_no_page for a private mapping of a file with no page there: one anonymous
+    // pool page, mapped writable on a write, and the file stays empty (Linux does not
+    // put a page in the file and copy it).
+    let m = Machine::new(32);
+    assert_eq!(m.phys.set_nr_hugepages(1), 1);
+    let f = hmm::mm::MemFile::new_hugetlb(&m.phys);
+    f.truncate(2 * PMD_SIZE).unwrap();
+    let p =
+        m.mm.mmap_file(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE, &f, 0)
+            .unwrap();
+    m.mm.write_val(page(p, 3), 3u64).unwrap();
+    assert_eq!(f.nr_cached_pages(), 0);
+    assert_eq!(m.phys.hugetlb().free, 0, "one pool page, not two");
+    let e = m.mm.pagemap(page(p, 3), 1).unwrap()[0];
+    assert!(e.present && !e.file && e.exclusive);
+    let mut b = [0u8; 8];
+    f.pread(3 * PAGE_SIZE, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), 0, "the file did not change");
+    // Past the end of the file: SIGBUS, as for a shared mapping.
+    f.truncate(PMD_SIZE).unwrap();
+    let beyond = page(p, NR + 1);
+    assert_eq!(
+        m.mm.read_val::<u8>(beyond),
+        Err(FaultError::Bus { addr: beyond })
+    );
+    m.mm.audit().unwrap();
+    m.mm.munmap(p, 2 * PMD_SIZE).unwrap();
+    assert_eq!(m.phys.hugetlb(), pool(1, 1, 0));
+}

@@ -25,9 +25,11 @@
 //! * A hugetlbfs file ([`MemFile::new_hugetlb`](super::MemFile::new_hugetlb), `MFD_HUGETLB`)
 //!   maps the same way: a shared mapping's fault takes the file's page (from the pool if
 //!   the file has none there yet), a private mapping's read maps the file's page read-only
-//!   and its first write copies it (`hugetlb_no_page` then `hugetlb_wp`). Mappings of a
-//!   file reserve nothing (unlike Linux, whose mmap reserves the pages); a fault the pool
-//!   cannot serve gets SIGBUS.
+//!   and its first write copies it (`hugetlb_no_page` then `hugetlb_wp`), and where the
+//!   file has no page a private fault takes an anonymous one that stays out of the file.
+//!   Faults past the end of the file get SIGBUS; the size is checked again under the
+//!   entry's lock. Mappings of a file reserve nothing (unlike Linux, whose mmap reserves
+//!   the pages); a fault the pool cannot serve gets SIGBUS.
 
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
@@ -205,31 +207,48 @@ fn no_page(
     };
     let size = hugetlb_size(vma);
     let shared = vma.is_shared();
-    // A private mapping of a hugetlbfs file (not MAP_HUGETLB's own object) reads the
-    // file's page; a write copies it (`hugetlb_wp` below).
-    let file_private = !shared && !obj.is_anonymous();
     let pgoff = vma.pgoff_of(base);
     let bus = FaultError::Bus { addr };
-    let page = if shared || file_private {
+    if !obj.in_size(pgoff) {
+        return Err(bus);
+    }
+    // A private mapping of a hugetlbfs file (not MAP_HUGETLB's own object) maps the
+    // file's page if the file has one, read-only, and a write copies it (`hugetlb_wp`
+    // below); where the file has none it gets an anonymous page of its own, which never
+    // goes into the file (`hugetlb_no_page`).
+    let cached = if shared {
         let (pfn, allocated) = obj.get_page(pgoff).map_err(|_| bus)?;
         if allocated {
             mm.counters.frame_allocated();
         }
-        Frame::from_raw(mm.phys(), pfn)
+        Some(Frame::from_raw(mm.phys(), pfn))
+    } else if obj.is_anonymous() {
+        None
     } else {
-        let anon = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
-        let page = obj
-            .hugetlb_alloc(pgoff / size.nr_pages(), mm.id, anon)
-            .ok_or(bus)?;
-        mm.counters.frame_allocated();
-        mm.new_anon_rmap(&page, vma, base);
-        page
+        obj.lookup(pgoff)
+    };
+    let file_private = !shared && cached.is_some();
+    let page = match cached {
+        Some(page) => page,
+        None => {
+            let anon = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;
+            let page = obj
+                .hugetlb_alloc(pgoff / size.nr_pages(), mm.id, anon)
+                .ok_or(bus)?;
+            mm.counters.frame_allocated();
+            mm.new_anon_rmap(&page, vma, base);
+            page
+        }
     };
     let entry = HugePte::lock(&st.pt, size, base);
-    if entry.get().is_some() {
+    if entry.get().is_some() || !obj.in_size(pgoff) {
+        // Raced with another fault, or a truncation that zapped the mappings before this
+        // page was mapped (it checks the size under this lock, as the truncation unmaps
+        // under it after moving the size).
+        let raced = entry.get().is_some();
         drop(entry);
         mm.release_frame(page);
-        return Ok(());
+        return if raced { Ok(()) } else { Err(bus) };
     }
     let mut pf = PteFlags::YOUNG;
     let tracking = !vma.flags().contains(VmFlags::SOFTDIRTY);

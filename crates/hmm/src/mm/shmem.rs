@@ -330,7 +330,7 @@ impl ShmemObject {
     }
 
     /// A reference on the cached page at `pgoff`, if any.
-    fn lookup(&self, pgoff: u64) -> Option<Frame<'_>> {
+    pub(crate) fn lookup(&self, pgoff: u64) -> Option<Frame<'_>> {
         let pages = self.pages.lock();
         pages.get(&pgoff).map(|&pfn| self.phys.frame(pfn).get())
     }
