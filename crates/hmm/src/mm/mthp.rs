@@ -30,7 +30,7 @@
 //!   whose PMD was split are: copy on write copies one page, zap and `munmap` drop
 //!   mappings page by page, fork shares them (copying the pinned ones), `mremap` and
 //!   `mprotect` move and change PTEs, and whatever must act on a whole folio (migration,
-//!   pageout, `UFFDIO_MOVE`, a `MADV_COLD` of part of it) splits it first (`split_folio`).
+//!   pageout, `UFFDIO_MOVE`) splits it first (`split_folio`).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
