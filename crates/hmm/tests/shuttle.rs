@@ -20,7 +20,10 @@
 //!    must find (a missed one waits for ever on a freed page);
 //! 6. a 1 GiB PUD leaf going in against walks populating PTEs under it: the leaf replaces
 //!    only a table that maps nothing, and no walk writes into a table the leaf replaced
-//!    (a PTE no walk can reach any more).
+//!    (a PTE no walk can reach any more);
+//! 7. pageout of a page a parent and its fork child share, against both reading it: the
+//!    swap slot outlives the walk that installs its entries one address space at a time
+//!    (a swap-in of the first must not free it before the second is installed).
 //!
 //! Every schedule ends with `Mm::audit` and a frame count. The budget per check is
 //! `HMM_SHUTTLE_ITERS` schedules per scheduler (default 1000):
@@ -662,5 +665,45 @@ fn a_pud_leaf_never_hides_a_pte_written_under_it() {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    });
+}
+
+/// Check 7: reclaim of a page shared with a fork child (`MADV_PAGEOUT` leaves shared
+/// pages; the reclaim clock takes them, and its walk installs a swap entry in each address
+/// space in turn) against the parent and the child reading it (a swap-in frees the slot's
+/// counts it holds). `hmm stress` found the slot freed under the walk when the walk held
+/// no count of its own.
+#[test]
+fn pageout_of_a_shared_page_against_swap_ins_keeps_the_slot() {
+    explore(|| {
+        let w = World::new();
+        w.phys.swapon(16 * PAGE_SIZE).unwrap();
+        let a = w.buffer(1);
+        let child = w.mm.fork().unwrap();
+        // Old in both, so the clock takes it at its first look.
+        w.mm.madvise(a, PAGE_SIZE, Advice::Cold).unwrap();
+        child.madvise(a, PAGE_SIZE, Advice::Cold).unwrap();
+        let pageout = {
+            let phys = w.phys.clone();
+            thread::spawn(move || {
+                hmm::mm::reclaim(&phys, 1);
+            })
+        };
+        let readers: Vec<_> = [w.mm.clone(), child.clone()]
+            .into_iter()
+            .map(|mm| thread::spawn(move || mm.read_val::<u64>(a).unwrap()))
+            .collect();
+        pageout.join().unwrap();
+        for r in readers {
+            assert_eq!(r.join().unwrap(), 1);
+        }
+        assert_eq!(w.mm.read_val::<u64>(a).unwrap(), 1);
+        assert_eq!(child.read_val::<u64>(a).unwrap(), 1);
+        w.mm.audit().unwrap();
+        child.audit().unwrap();
+        drop(child);
+        w.mm.munmap(a, PAGE_SIZE).unwrap();
+        let swap = w.phys.swap().unwrap().stats();
+        assert_eq!(swap.used, 0, "a swap slot leaked: {swap:?}");
     });
 }

@@ -142,24 +142,25 @@ fn pageout_held(
     let Some(slot) = swap.alloc(|bytes| page.read(0, bytes)) else {
         return skip(true);
     };
-    let mut installed = 0u32;
+    // The walk's own count on the slot, as the swap cache holds one in Linux: the walk
+    // installs the entries one address space at a time, and a swap-in of an entry it
+    // installed must not free the slot before the walk is through with it.
+    swap.dup(slot);
     replace_migration_ptes(held, page, |_, _, entry, level, _| {
         let Pte::Migration { kind, flags, .. } = entry else {
             unreachable!("only migration entries are replaced")
         };
         debug_assert_eq!(level, Huge::Pte, "a small folio has no PMD entry");
         swap.dup(slot);
-        installed += 1;
         Pte::Swap {
             slot,
             exclusive: kind != MigrationKind::Read,
             flags: flags & PteFlags::STICKY,
         }
     });
-    if installed == 0 {
-        // The mappings went meanwhile (an unmap waited on the folio lock).
-        swap.free(slot);
-    }
+    // The walk's count goes; with no entry installed (the mappings went meanwhile: an
+    // unmap waited on the folio lock) that frees the slot.
+    swap.free(slot);
     fm.unlock();
     // The last reference: the frame is free.
     drop(held_ref);
