@@ -24,7 +24,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{hugetlb_machine, hugetlb_sizes, page, Machine, RW};
+use common::{hugetlb_machine, hugetlb_sizes, map_huge, page, Machine, RW};
 use hmm::addr::{VirtAddr, PAGE_SIZE, PMD_ORDER, PMD_SIZE};
 use hmm::mm::{
     Advice, GupFlags, MapFlags, MemFile, Mm, MremapFlags, MthpMode, Prot, ThpMode, UserPages,
@@ -257,14 +257,6 @@ fn populated(kind: Kind) -> Anon {
         _ => {}
     }
     Anon { m, mem, size }
-}
-
-/// `MAP_HUGE_2MB` or `MAP_HUGE_1GB`.
-fn map_huge(size: HugetlbSize) -> MapFlags {
-    match size {
-        HugetlbSize::Size2M => MapFlags::HUGE_2MB,
-        HugetlbSize::Size1G => MapFlags::HUGE_1GB,
-    }
 }
 
 /// Runs `case` on every kind; panics naming the kinds it failed on.

@@ -1,13 +1,15 @@
 //! hugetlb: the pool, reservations at mmap, faults, COW after fork, pinned pages at fork,
-//! shared hugetlb memory, alignment rules, and pages returning to the pool.
+//! shared hugetlb memory, racing first faults, alignment rules, and pages returning to the
+//! pool. The fork, pin, sharing and racing cases run at both page sizes; `hugetlb_1g.rs`
+//! has what is particular to 1 GiB pages.
 
 mod common;
 
-use common::{page, Machine, RW};
+use common::{hugetlb_machine, map_hugetlb, page, Machine, RW};
 use hmm::addr::{PAGE_SIZE, PMD_SIZE};
 use hmm::mm::{Advice, FaultError, GupFlags, MapFlags, MmError, MremapFlags, Prot};
 use hmm::notifier::NotifierEvent;
-use hmm::phys::HugetlbStats;
+use hmm::phys::{HugetlbSize, HugetlbStats};
 
 const NR: u64 = PMD_SIZE / PAGE_SIZE;
 
@@ -109,77 +111,136 @@ fn faults_map_whole_zeroed_pages_and_free_them_back_to_the_pool() {
     assert_eq!(m.phys.nr_in_use(), 0);
 }
 
+/// The pages a test writes and checks in a hugetlb page of `size`: every one of a 2 MiB
+/// page; the first, last, middle and a few more of a 1 GiB page (a debug build writes
+/// 262,144 pages slowly).
+fn marks(size: HugetlbSize) -> Vec<u64> {
+    let nr = size.nr_pages();
+    if nr <= NR {
+        (0..nr).collect()
+    } else {
+        vec![0, 1, 2, 9, nr / 2, nr - 2, nr - 1]
+    }
+}
+
 #[test]
 fn fork_shares_then_copies_the_whole_page_and_sigbus_when_the_pool_is_dry() {
-    let m = Machine::new(32);
-    m.phys.set_nr_hugepages(2);
-    let a = huge(&m, 1, false);
-    for i in 0..NR {
-        m.mm.write_val(page(a, i), i).unwrap();
+    for size in HugetlbSize::ALL {
+        let m = hugetlb_machine(size, 2);
+        let a = map_hugetlb(&m, size, 1, false);
+        let marks = marks(size);
+        for &i in &marks {
+            m.mm.write_val(page(a, i), i).unwrap();
+        }
+        let child = m.mm.fork().unwrap();
+        m.events();
+        child.write_val(page(a, 3), 33u64).unwrap();
+        assert_eq!(child.stats().faults.cow, 1);
+        assert!(
+            m.events().is_empty(),
+            "the child's CLEAR goes to the child's notifiers"
+        );
+        for &i in &marks {
+            let want = if i == 3 { 33 } else { i };
+            assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), want);
+            assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i);
+        }
+        assert_eq!(child.read_val::<u64>(page(a, 3)).unwrap(), 33);
+        m.mm.audit().unwrap();
+        child.audit().unwrap();
+        // A second child shares the parent's page; the pool has no free page for its copy.
+        let c2 = m.mm.fork().unwrap();
+        assert_eq!(m.phys.hugetlb_of(size).free, 0);
+        assert_eq!(c2.write_val(a, 1u8), Err(FaultError::Bus { addr: a }));
+        drop(child);
+        c2.write_val(a, 1u8).unwrap();
+        assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 0);
+        let last = size.nr_pages() - 1;
+        assert_eq!(m.mm.read_val::<u64>(page(a, last)).unwrap(), last);
+        drop(c2);
+        // The parent's write to its page, shared no more, reuses it.
+        m.events();
+        m.mm.write_val(a, 9u8).unwrap();
+        assert!(m.events().is_empty(), "{size:?}: no copy");
+        m.mm.audit().unwrap();
     }
-    let child = m.mm.fork().unwrap();
-    m.events();
-    child.write_val(page(a, 3), 33u64).unwrap();
-    assert_eq!(child.stats().faults.cow, 1);
-    assert!(
-        m.events().is_empty(),
-        "the child's CLEAR goes to the child's notifiers"
-    );
-    for i in 0..NR {
-        let want = if i == 3 { 33 } else { i };
-        assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), want);
-        assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i);
-    }
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
-    // A second child shares the parent's page; the pool has no free page for its copy.
-    let c2 = m.mm.fork().unwrap();
-    assert_eq!(m.phys.hugetlb().free, 0);
-    assert_eq!(c2.write_val(a, 1u8), Err(FaultError::Bus { addr: a }));
-    drop(child);
-    c2.write_val(a, 1u8).unwrap();
-    assert_eq!(m.mm.read_val::<u64>(a).unwrap(), 0);
-    drop(c2);
-    m.mm.audit().unwrap();
 }
 
 #[test]
 fn pinned_hugetlb_page_is_copied_at_fork() {
-    let m = Machine::new(32);
-    m.phys.set_nr_hugepages(2);
-    let a = huge(&m, 1, false);
-    m.mm.write_val(page(a, 9), 9u64).unwrap();
-    let pin = m.mm.pin_user_pages(page(a, 9), 1, GupFlags::WRITE).unwrap();
-    let child = m.mm.fork().unwrap();
-    assert_eq!(child.stats().frames_allocated, 1);
-    assert_ne!(
-        child.pagemap(a, 1).unwrap()[0].pfn,
-        m.mm.pagemap(a, 1).unwrap()[0].pfn
-    );
-    pin.write(0, 0, &10u64.to_le_bytes());
-    assert_eq!(m.mm.read_val::<u64>(page(a, 9)).unwrap(), 10);
-    assert_eq!(child.read_val::<u64>(page(a, 9)).unwrap(), 9);
-    drop(pin);
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
+    for size in HugetlbSize::ALL {
+        let m = hugetlb_machine(size, 2);
+        let a = map_hugetlb(&m, size, 1, false);
+        m.mm.write_val(page(a, 9), 9u64).unwrap();
+        let pin = m.mm.pin_user_pages(page(a, 9), 1, GupFlags::WRITE).unwrap();
+        let child = m.mm.fork().unwrap();
+        assert_eq!(child.stats().frames_allocated, 1);
+        assert_ne!(
+            child.pagemap(a, 1).unwrap()[0].pfn,
+            m.mm.pagemap(a, 1).unwrap()[0].pfn
+        );
+        pin.write(0, 0, &10u64.to_le_bytes());
+        assert_eq!(m.mm.read_val::<u64>(page(a, 9)).unwrap(), 10);
+        assert_eq!(child.read_val::<u64>(page(a, 9)).unwrap(), 9);
+        drop(pin);
+        m.mm.audit().unwrap();
+        child.audit().unwrap();
+    }
 }
 
 #[test]
 fn shared_hugetlb_is_shared_across_fork() {
-    let m = Machine::new(32);
-    m.phys.set_nr_hugepages(1);
-    let a = huge(&m, 1, true);
-    m.mm.write_val(page(a, 1), 1u64).unwrap();
-    let child = m.mm.fork().unwrap();
-    child.write_val(page(a, 2), 2u64).unwrap();
-    assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 2);
-    assert_eq!(child.read_val::<u64>(page(a, 1)).unwrap(), 1);
-    assert!(m.mm.pagemap(a, 1).unwrap()[0].file);
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
-    drop(child);
-    m.mm.munmap(a, PMD_SIZE).unwrap();
-    assert_eq!(m.phys.hugetlb(), pool(1, 1, 0));
+    for size in HugetlbSize::ALL {
+        let m = hugetlb_machine(size, 1);
+        let a = map_hugetlb(&m, size, 1, true);
+        let last = size.nr_pages() - 2;
+        m.mm.write_val(page(a, 1), 1u64).unwrap();
+        let child = m.mm.fork().unwrap();
+        child.write_val(page(a, 2), 2u64).unwrap();
+        child.write_val(page(a, last), 3u64).unwrap();
+        assert_eq!(m.mm.read_val::<u64>(page(a, 2)).unwrap(), 2);
+        assert_eq!(m.mm.read_val::<u64>(page(a, last)).unwrap(), 3);
+        assert_eq!(child.read_val::<u64>(page(a, 1)).unwrap(), 1);
+        assert!(m.mm.pagemap(a, 1).unwrap()[0].file);
+        m.mm.audit().unwrap();
+        child.audit().unwrap();
+        drop(child);
+        m.mm.munmap(a, size.bytes()).unwrap();
+        assert_eq!(m.phys.hugetlb_of(size), pool(1, 1, 0));
+    }
+}
+
+#[test]
+fn concurrent_first_faults_of_a_page_map_it_once() {
+    // Threads race to fault in the same page, private and shared, at both sizes, with a
+    // pool of exactly one page: the faults are serialized (`hugetlb_fault_mutex`), so none
+    // finds the reservation gone and the pool empty, and every write is kept.
+    for size in HugetlbSize::ALL {
+        for shared in [false, true] {
+            let m = hugetlb_machine(size, 1);
+            let a = map_hugetlb(&m, size, 1, shared);
+            let stride = size.nr_pages() / 256;
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let mm = &m.mm;
+                    s.spawn(move || {
+                        for k in 0..64 {
+                            let i = (t * 64 + k) * stride;
+                            mm.write_val(page(a, i), i + 1).unwrap();
+                        }
+                    });
+                }
+            });
+            for i in (0..256).map(|j| j * stride) {
+                assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i + 1);
+            }
+            assert_eq!(m.phys.hugetlb_of(size).free, 0);
+            assert_eq!(m.mm.stats().faults.hugetlb, 1, "{size:?} shared={shared}");
+            m.mm.audit().unwrap();
+            m.mm.munmap(a, size.bytes()).unwrap();
+            assert_eq!(m.phys.hugetlb_of(size), pool(1, 1, 0));
+        }
+    }
 }
 
 #[test]

@@ -1,14 +1,15 @@
 //! 1 GiB hugetlb pages: the gigantic pool next to the 2 MiB one, `MAP_HUGETLB |
 //! MAP_HUGE_1GB` and `MFD_HUGETLB | MFD_HUGE_1GB` mappings by PUD leaves, their alignment
-//! rules, COW after fork, pinned pages at fork, and pages going back to the pool.
+//! rules, and pages going back to the pool. COW after fork, pinned pages at fork, shared
+//! memory and racing first faults run at both sizes in `hugetlb.rs`.
 //!
 //! RAM is sparse: a machine of a few GiB commits host memory only for the frames written.
 
 mod common;
 
-use common::{page, Machine, RW};
+use common::{hugetlb_machine, map_hugetlb, page, Machine, RW};
 use hmm::addr::{PAGE_SIZE, PMD_SIZE, PUD_NR, PUD_SIZE};
-use hmm::mm::{Advice, FaultError, GupFlags, MapFlags, MemFile, MmError, MremapFlags, Prot};
+use hmm::mm::{Advice, FaultError, MapFlags, MemFile, MmError, MremapFlags, Prot};
 use hmm::notifier::NotifierEvent;
 use hmm::phys::{HugetlbSize, HugetlbStats};
 
@@ -20,29 +21,6 @@ fn pool(total: u64, free: u64, reserved: u64) -> HugetlbStats {
         free,
         reserved,
     }
-}
-
-/// A machine of `gib` GiB of RAM with `pages` 1 GiB pages in the pool.
-fn machine(gib: u64, pages: u64) -> Machine {
-    let m = Machine::new(gib << 10);
-    assert_eq!(m.phys.set_nr_hugepages_of(GIG, pages), pages);
-    m
-}
-
-/// A private or shared `MAP_HUGETLB | MAP_HUGE_1GB` mapping of `n` pages.
-fn gigantic(m: &Machine, n: u64, shared: bool) -> hmm::addr::VirtAddr {
-    let kind = if shared {
-        MapFlags::SHARED
-    } else {
-        MapFlags::PRIVATE
-    };
-    m.mm.mmap(
-        None,
-        n * PUD_SIZE,
-        RW,
-        kind | MapFlags::HUGETLB | MapFlags::HUGE_1GB,
-    )
-    .unwrap()
 }
 
 #[test]
@@ -59,7 +37,7 @@ fn the_gigantic_pool_takes_free_aligned_gigabytes_beside_the_2m_pool() {
     assert_eq!(m.phys.hugetlb(), pool(3, 3, 0));
     assert_eq!(m.phys.hugetlb_of(GIG), pool(2, 2, 0));
     // Reserved pages keep the pool from shrinking; free ones go back whole.
-    let a = gigantic(&m, 1, false);
+    let a = map_hugetlb(&m, GIG, 1, false);
     assert_eq!(m.phys.hugetlb_of(GIG), pool(2, 2, 1));
     assert_eq!(m.phys.set_nr_hugepages_of(GIG, 0), 1);
     m.mm.munmap(a, PUD_SIZE).unwrap();
@@ -77,7 +55,7 @@ fn the_gigantic_pool_takes_free_aligned_gigabytes_beside_the_2m_pool() {
 
 #[test]
 fn a_1g_mapping_reserves_faults_one_pud_leaf_and_frees_it_back() {
-    let m = machine(3, 1);
+    let m = hugetlb_machine(GIG, 1);
     // A length is rounded up to 1 GiB, and the address is 1 GiB aligned.
     let a =
         m.mm.mmap(
@@ -156,7 +134,7 @@ fn a_1g_mapping_reserves_faults_one_pud_leaf_and_frees_it_back() {
 
 #[test]
 fn map_huge_flags_are_checked() {
-    let m = machine(3, 1);
+    let m = hugetlb_machine(GIG, 1);
     let both = MapFlags::PRIVATE | MapFlags::HUGETLB | MapFlags::HUGE_1GB | MapFlags::HUGE_2MB;
     assert!(matches!(
         m.mm.mmap(None, PUD_SIZE, RW, both),
@@ -199,8 +177,8 @@ fn map_huge_flags_are_checked() {
 
 #[test]
 fn operations_may_not_cut_a_1g_page() {
-    let m = machine(3, 1);
-    let a = gigantic(&m, 1, false);
+    let m = hugetlb_machine(GIG, 1);
+    let a = map_hugetlb(&m, GIG, 1, false);
     m.mm.write_val(a, 1u8).unwrap();
     let inside = page(a, PMD_SIZE / PAGE_SIZE);
     let inval = |r: Result<(), MmError>| assert!(matches!(r, Err(MmError::Inval { .. })), "{r:?}");
@@ -231,84 +209,8 @@ fn operations_may_not_cut_a_1g_page() {
 }
 
 #[test]
-fn fork_shares_a_1g_page_then_copies_it_whole_and_sigbus_when_the_pool_is_dry() {
-    let m = machine(4, 2);
-    let a = gigantic(&m, 1, false);
-    let marks = [0, 1, PUD_NR / 2, PUD_NR - 1];
-    for &i in &marks {
-        m.mm.write_val(page(a, i), i).unwrap();
-    }
-    let child = m.mm.fork().unwrap();
-    m.events();
-    child.write_val(page(a, 3), 33u64).unwrap();
-    assert_eq!(child.stats().faults.cow, 1);
-    assert!(m.events().is_empty(), "the child's CLEAR goes to the child");
-    for &i in &marks {
-        assert_eq!(child.read_val::<u64>(page(a, i)).unwrap(), i);
-        assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i);
-    }
-    assert_eq!(child.read_val::<u64>(page(a, 3)).unwrap(), 33);
-    assert_eq!(m.mm.read_val::<u64>(page(a, 3)).unwrap(), 0);
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
-    // A second child shares the parent's page; the pool has no free page for its copy.
-    let c2 = m.mm.fork().unwrap();
-    assert_eq!(m.phys.hugetlb_of(GIG).free, 0);
-    assert_eq!(c2.write_val(a, 1u8), Err(FaultError::Bus { addr: a }));
-    drop(child);
-    c2.write_val(a, 1u8).unwrap();
-    assert_eq!(
-        m.mm.read_val::<u64>(page(a, PUD_NR - 1)).unwrap(),
-        PUD_NR - 1
-    );
-    drop(c2);
-    // The parent's write to its page, shared no more, reuses it.
-    m.events();
-    m.mm.write_val(a, 9u8).unwrap();
-    assert!(m.events().is_empty());
-    m.mm.audit().unwrap();
-}
-
-#[test]
-fn a_pinned_1g_page_is_copied_at_fork_and_the_parent_keeps_it() {
-    let m = machine(4, 2);
-    let a = gigantic(&m, 1, false);
-    m.mm.write_val(page(a, 9), 9u64).unwrap();
-    let pin = m.mm.pin_user_pages(page(a, 9), 1, GupFlags::WRITE).unwrap();
-    let child = m.mm.fork().unwrap();
-    assert_eq!(child.stats().frames_allocated, 1);
-    assert_ne!(
-        child.pagemap(a, 1).unwrap()[0].pfn,
-        m.mm.pagemap(a, 1).unwrap()[0].pfn
-    );
-    pin.write(0, 0, &10u64.to_le_bytes());
-    assert_eq!(m.mm.read_val::<u64>(page(a, 9)).unwrap(), 10);
-    assert_eq!(child.read_val::<u64>(page(a, 9)).unwrap(), 9);
-    drop(pin);
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
-}
-
-#[test]
-fn shared_1g_memory_is_shared_across_fork() {
-    let m = machine(3, 1);
-    let a = gigantic(&m, 1, true);
-    m.mm.write_val(page(a, 1), 1u64).unwrap();
-    let child = m.mm.fork().unwrap();
-    child.write_val(page(a, PUD_NR - 2), 2u64).unwrap();
-    assert_eq!(m.mm.read_val::<u64>(page(a, PUD_NR - 2)).unwrap(), 2);
-    assert_eq!(child.read_val::<u64>(page(a, 1)).unwrap(), 1);
-    assert!(m.mm.pagemap(a, 1).unwrap()[0].file);
-    m.mm.audit().unwrap();
-    child.audit().unwrap();
-    drop(child);
-    m.mm.munmap(a, PUD_SIZE).unwrap();
-    assert_eq!(m.phys.hugetlb_of(GIG), pool(1, 1, 0));
-}
-
-#[test]
 fn a_1g_memfd_maps_its_pool_pages_shared_and_private() {
-    let m = machine(4, 2);
+    let m = hugetlb_machine(GIG, 2);
     let f = MemFile::new_hugetlb_of(&m.phys, GIG);
     assert_eq!(f.hugetlb_size(), Some(GIG));
     // Its size moves in whole 1 GiB pages.
@@ -349,49 +251,4 @@ fn a_1g_memfd_maps_its_pool_pages_shared_and_private() {
     m.mm.munmap(s2, PUD_SIZE).unwrap();
     drop(f);
     assert_eq!(m.phys.hugetlb_of(GIG), pool(2, 2, 0));
-}
-
-#[test]
-fn concurrent_first_faults_of_a_page_map_it_once() {
-    // Threads race to fault in the same page, private and shared, at both sizes, with a
-    // pool of exactly one page: the faults are serialized (`hugetlb_fault_mutex`), so none
-    // finds the reservation gone and the pool empty, and every write is kept.
-    for size in HugetlbSize::ALL {
-        for shared in [false, true] {
-            let m = Machine::new(3 << 10);
-            assert_eq!(m.phys.set_nr_hugepages_of(size, 1), 1);
-            let kind = if shared {
-                MapFlags::SHARED
-            } else {
-                MapFlags::PRIVATE
-            };
-            let huge = match size {
-                HugetlbSize::Size2M => MapFlags::HUGE_2MB,
-                HugetlbSize::Size1G => MapFlags::HUGE_1GB,
-            };
-            let a =
-                m.mm.mmap(None, size.bytes(), RW, kind | MapFlags::HUGETLB | huge)
-                    .unwrap();
-            let stride = size.nr_pages() / 256;
-            std::thread::scope(|s| {
-                for t in 0..4u64 {
-                    let mm = &m.mm;
-                    s.spawn(move || {
-                        for k in 0..64 {
-                            let i = (t * 64 + k) * stride;
-                            mm.write_val(page(a, i), i + 1).unwrap();
-                        }
-                    });
-                }
-            });
-            for i in (0..256).map(|j| j * stride) {
-                assert_eq!(m.mm.read_val::<u64>(page(a, i)).unwrap(), i + 1);
-            }
-            assert_eq!(m.phys.hugetlb_of(size).free, 0);
-            assert_eq!(m.mm.stats().faults.hugetlb, 1, "{size:?} shared={shared}");
-            m.mm.audit().unwrap();
-            m.mm.munmap(a, size.bytes()).unwrap();
-            assert_eq!(m.phys.hugetlb_of(size), pool(1, 1, 0));
-        }
-    }
 }

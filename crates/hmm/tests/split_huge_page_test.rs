@@ -47,14 +47,21 @@ fn machine() -> Machine {
     m
 }
 
-/// `split_pmd_thp_to_order`'s set-up: four PMD-mapped THPs, filled; their start.
-fn four_thps(m: &Machine) -> VirtAddr {
-    let len = 4 * PMD_SIZE;
+/// `len` bytes of private memory, 2 MiB aligned, with `MADV_HUGEPAGE` (the C's mmap of
+/// one more PMD, aligned up, and madvise); their start.
+fn hugepage_area(m: &Machine, len: u64) -> VirtAddr {
     let raw =
         m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
             .unwrap();
     let p = raw.align_up(PMD_SIZE).unwrap();
     m.mm.madvise(p, len, Advice::HugePage).unwrap();
+    p
+}
+
+/// `split_pmd_thp_to_order`'s set-up: four PMD-mapped THPs, filled; their start.
+fn four_thps(m: &Machine) -> VirtAddr {
+    let len = 4 * PMD_SIZE;
+    let p = hugepage_area(m, len);
     fill(&m.mm, p, len);
     assert!(check_huge_anon(&m.mm, p, len, 4), "no THP is allocated");
     p
@@ -139,11 +146,7 @@ fn split_pmd_zero_pages() {
     let nr_hpages = 4;
     let len = nr_hpages * PMD_SIZE;
     // allocate_zero_filled_hugepage: aligned, MADV_HUGEPAGE, memset(0).
-    let raw =
-        m.mm.mmap(None, len + PMD_SIZE, RW, MapFlags::PRIVATE)
-            .unwrap();
-    let p = raw.align_up(PMD_SIZE).unwrap();
-    m.mm.madvise(p, len, Advice::HugePage).unwrap();
+    let p = hugepage_area(&m, len);
     m.mm.write(p, &vec![0u8; len as usize]).unwrap();
     assert!(check_huge_anon(&m.mm, p, len, nr_hpages));
     let rss_anon_before = m.phys.nr_in_use();
@@ -179,11 +182,7 @@ fn split_pmd_zero_pages() {
 #[test]
 fn a_split_maps_only_pages_of_zeros_to_the_zero_page() {
     let m = machine();
-    let raw =
-        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
-            .unwrap();
-    let p = raw.align_up(PMD_SIZE).unwrap();
-    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    let p = hugepage_area(&m, PMD_SIZE);
     m.mm.write_val(page(p, 5), 5u8).unwrap();
     assert!(check_huge_anon(&m.mm, p, PMD_SIZE, 1));
     // A split to order 2 keeps every page in a folio.
@@ -207,11 +206,7 @@ fn a_split_maps_only_pages_of_zeros_to_the_zero_page() {
 #[test]
 fn split_to_order_1_or_9_is_refused() {
     let m = machine();
-    let raw =
-        m.mm.mmap(None, 2 * PMD_SIZE, RW, MapFlags::PRIVATE)
-            .unwrap();
-    let p = raw.align_up(PMD_SIZE).unwrap();
-    m.mm.madvise(p, PMD_SIZE, Advice::HugePage).unwrap();
+    let p = hugepage_area(&m, PMD_SIZE);
     fill(&m.mm, p, PMD_SIZE);
     assert_eq!(m.mm.split_huge_pages(p, p + PMD_SIZE, 1), Ok(0));
     assert!(check_huge_anon(&m.mm, p, PMD_SIZE, 1));

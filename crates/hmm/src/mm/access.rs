@@ -179,6 +179,9 @@ impl Mm {
         while *done < len {
             let va = addr.checked_add(*done as u64).expect("inside the access");
             let slot = c.next().expect("walk covers the access");
+            // A 1 GiB leaf is served a 2 MiB piece at a time, so the walk (which moved past
+            // the leaf) must come back to the next byte.
+            let in_pieces = matches!(slot, Slot::Pud(_));
             // (frame, offset in it, bytes) that this entry can serve, if it satisfies us.
             let served = match slot {
                 Slot::Hole(_) => None,
@@ -220,9 +223,7 @@ impl Mm {
                         copied += k;
                     }
                     *done += n;
-                    if *done < len {
-                        // A 1 GiB leaf is served a piece at a time: the walk goes on
-                        // from the next byte, in the same leaf or past it.
+                    if in_pieces && *done < len {
                         c.seek(addr.checked_add(*done as u64).expect("inside the access"));
                     }
                 }

@@ -31,6 +31,8 @@
 //!   entry's lock. Mappings of a file reserve nothing (unlike Linux, whose mmap reserves
 //!   the pages); a fault the pool cannot serve gets SIGBUS.
 
+use std::sync::Arc;
+
 use crate::addr::{Pfn, VaRange, VirtAddr, PAGE_SIZE};
 use crate::notifier::{NotifierEvent, NotifierRange};
 use crate::pgtable::{PageTable, PmdEntry, PmdGuard, Pte, PteFlags, PudEntry, PudGuard, WalkMode};
@@ -40,6 +42,7 @@ use crate::stats::FaultKind;
 
 use super::error::{FaultError, MmError};
 use super::fault::{must_unshare, FaultFlags};
+use super::shmem::ShmemObject;
 use super::thp::dirty_flags;
 use super::tlb::TlbGather;
 use super::vma::{Backing, Vma, VmaTree};
@@ -58,12 +61,12 @@ pub(super) fn page_size(vma: &Vma) -> u64 {
     }
 }
 
-fn hugetlb_size(vma: &Vma) -> HugetlbSize {
+/// The hugetlbfs file behind hugetlb `vma` and its page size (`hstate_vma`).
+fn hugetlb_file(vma: &Vma) -> (&Arc<ShmemObject>, HugetlbSize) {
     match vma.backing() {
-        Backing::Shmem(obj) => obj.hugetlb_size(),
-        _ => None,
+        Backing::Shmem(obj) => (obj, obj.hugetlb_size().expect("a hugetlbfs file")),
+        _ => unreachable!("a hugetlb VMA has its hugetlbfs file"),
     }
-    .expect("a hugetlb VMA has its hugetlbfs file")
 }
 
 /// Fails with EINVAL if `range` would cut a hugetlb page of any VMA it overlaps.
@@ -163,11 +166,8 @@ pub(super) fn fault(
     flags: FaultFlags,
 ) -> Result<(), FaultError> {
     let write = flags.contains(FaultFlags::WRITE);
-    let size = hugetlb_size(vma);
+    let (obj, size) = hugetlb_file(vma);
     let base = addr.align_down(size.bytes());
-    let Backing::Shmem(obj) = vma.backing() else {
-        unreachable!("a hugetlb VMA has its hugetlbfs file")
-    };
     let serialized = obj.hugetlb_fault_lock(vma.pgoff_of(base) / size.nr_pages());
     let entry = HugePte::lock(&st.pt, size, base);
     match entry.get() {
@@ -202,10 +202,7 @@ fn no_page(
     write: bool,
     addr: VirtAddr,
 ) -> Result<(), FaultError> {
-    let Backing::Shmem(obj) = vma.backing() else {
-        unreachable!("a hugetlb VMA has its hugetlbfs file")
-    };
-    let size = hugetlb_size(vma);
+    let (obj, size) = hugetlb_file(vma);
     let shared = vma.is_shared();
     let pgoff = vma.pgoff_of(base);
     let bus = FaultError::Bus { addr };
@@ -288,7 +285,7 @@ fn wp(
     addr: VirtAddr,
 ) -> Result<(), FaultError> {
     let phys = mm.phys();
-    let size = hugetlb_size(vma);
+    let (obj, size) = hugetlb_file(vma);
     let Pte::Present { pfn, flags } = orig else {
         unreachable!("wp of a present leaf")
     };
@@ -312,9 +309,6 @@ fn wp(
         mm.counters.fault(FaultKind::WpReuse);
         return Ok(());
     }
-    let Backing::Shmem(obj) = vma.backing() else {
-        unreachable!("a hugetlb VMA has its hugetlbfs file")
-    };
     let old = phys.frame(pfn).get();
     drop(entry);
     let anon_flags = FrameFlags::ANON | FrameFlags::ANON_EXCLUSIVE | FrameFlags::UPTODATE;

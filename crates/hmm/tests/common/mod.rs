@@ -63,6 +63,25 @@ pub fn hugetlb_sizes() -> Vec<HugetlbSize> {
     sizes
 }
 
+/// `MAP_HUGE_2MB` or `MAP_HUGE_1GB`.
+pub fn map_huge(size: HugetlbSize) -> MapFlags {
+    match size {
+        HugetlbSize::Size2M => MapFlags::HUGE_2MB,
+        HugetlbSize::Size1G => MapFlags::HUGE_1GB,
+    }
+}
+
+/// A private or shared `MAP_HUGETLB` mapping of `n` pages of `size`.
+pub fn map_hugetlb(m: &Machine, size: HugetlbSize, n: u64, shared: bool) -> VirtAddr {
+    let kind = if shared {
+        MapFlags::SHARED
+    } else {
+        MapFlags::PRIVATE
+    };
+    let flags = kind | MapFlags::HUGETLB | map_huge(size);
+    m.mm.mmap(None, n * size.bytes(), RW, flags).unwrap()
+}
+
 /// A machine with `pages` free pages of `size` in its hugetlb pool: 32 MiB of RAM for
 /// 2 MiB pages; for 1 GiB pages, a GiB per page and one more (the first GiB holds the zero
 /// pages, so it is never a gigantic page). RAM is sparse: only the bytes written cost host
